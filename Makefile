@@ -1,0 +1,38 @@
+# ringpilot: the two commands of the README are `make demo` and `make test`; both set up first.
+#
+# Setup creates .venv and installs torch *before* anything else, pinned, so that no dependency
+# drags in a multi-GB CUDA build on a CPU machine. On a GPU machine pass TORCH_SPEC, e.g.
+#   make demo TORCH_SPEC='torch==2.13.0' EXTRAS='dev,gpu'
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+EXTRAS      ?= dev
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.ringpilot-installed
+RUN         ?= configs/tiny.yaml
+
+export RAY_USAGE_STATS_ENABLED = 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
+export PYTHONUNBUFFERED = 1
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ringpilot validate $(RUN)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""ringpilot Kubernetes operator: StagedTraining objects run as one KubeRay RayJob per stage."""
