@@ -1,0 +1,339 @@
+"""RunSpec: the one document that describes a staged long-context training run.
+
+The same YAML is the `--run` file of `python -m ray_jobs.train` and the `spec` of a Kubernetes
+`StagedTraining` object, so every field here is reference documentation (its `description`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Auto = Literal["auto"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def rope_theta_for(seq_len: int, theta0: float, pretrain_seq_len: int) -> float:
+    """RoPE base for a context of `seq_len` tokens by the RoPE scaling-law rule.
+
+    theta(T) = theta0 ** (ln(T / 2 pi) / ln(T0 / 2 pi)): the base whose longest wavelength covers
+    T tokens as theta0's covered T0. For Llama-3 (theta0 = 500,000, T0 = 8,192) it gives
+    283,461,213 at 262,144 tokens and 3,580,165,449 at 1,048,576, as in the published configs.
+
+    >>> round(rope_theta_for(262_144, 500_000.0, 8_192))
+    283461213
+    """
+    if seq_len <= pretrain_seq_len:
+        return theta0
+    exponent = math.log(seq_len / (2 * math.pi)) / math.log(pretrain_seq_len / (2 * math.pi))
+    return theta0**exponent
+
+
+class ModelSpec(_Spec):
+    """The Llama model to extend: its architecture (always), and where its weights come from."""
+
+    path: str | None = Field(
+        None,
+        description="Local directory of a Hugging Face Llama checkpoint (config.json, weights, "
+        "tokenizer). Null: build a randomly initialised model from the fields below (the tiny "
+        "default). Never fetched from a hub.",
+    )
+    vocab_size: int = Field(gt=0, description="Vocabulary size (LlamaConfig.vocab_size).")
+    hidden_size: int = Field(gt=0, description="Model width (LlamaConfig.hidden_size).")
+    intermediate_size: int = Field(gt=0, description="MLP width (LlamaConfig.intermediate_size).")
+    num_hidden_layers: int = Field(gt=0, description="Decoder layers.")
+    num_attention_heads: int = Field(gt=0, description="Query heads.")
+    num_key_value_heads: int = Field(
+        gt=0, description="Key/value heads (grouped-query attention); divides num_attention_heads."
+    )
+    rope_theta: float = Field(gt=0, description="RoPE base of the model before extension (theta0).")
+    pretrain_seq_len: int = Field(
+        gt=0, description="Context length the model was pretrained at (T0 of the theta rule)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="Parameter and activation dtype for training."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelSpec:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}); pick a divisor, e.g. "
+                f"{_largest_divisor_at_most(self.num_attention_heads, self.num_key_value_heads)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) so every head has the same width"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of a Llama with untied input and output embeddings."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attention = h * h * 2 + h * kv * 2  # q, o ; k, v
+        mlp = 3 * h * self.intermediate_size  # gate, up, down
+        norms = 2 * h
+        return self.num_hidden_layers * (attention + mlp + norms) + 2 * self.vocab_size * h + h
+
+
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, k + 1) if n % d == 0)
+
+
+Degree = Annotated[int, Field(gt=0)] | Auto
+
+
+class StageSpec(_Spec):
+    """One stage of the curriculum; stage k+1 starts from stage k's final checkpoint."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40,
+                      description="Stage name (lowercase letters, digits, '-'), e.g. '65k'.")
+    seq_len: int = Field(gt=0, description="Tokens per training sequence.")
+    steps: int = Field(gt=0, description="Optimizer steps in this stage.")
+    batch_size: int = Field(
+        1, gt=0,
+        description="Sequences per micro-step across all data-parallel replicas (global); a "
+        "multiple of data_parallel_degree.",
+    )
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    lr: float = Field(gt=0, lt=1, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps; then constant.")
+    ring_degree: Degree = Field(
+        "auto", description="GPUs (workers) per ring: the sequence is split over them. 'auto': "
+        "the planner picks the smallest ring that fits memory.",
+    )
+    data_parallel_degree: Degree = Field(
+        "auto", description="Rings trained side by side as data-parallel replicas. 'auto': as "
+        "many as the workers allow.",
+    )
+    rope_theta: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
+        "model's rope_theta and pretrain_seq_len.",
+    )
+
+    @model_validator(mode="after")
+    def _divisibility(self) -> StageSpec:
+        if isinstance(self.ring_degree, int) and self.seq_len % (2 * self.ring_degree):
+            raise ValueError(
+                f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree "
+                f"({2 * self.ring_degree}) for zigzag sharding; use "
+                f"{_round_up(self.seq_len, 2 * self.ring_degree)} or another ring_degree"
+            )
+        if isinstance(self.data_parallel_degree, int) and self.batch_size % self.data_parallel_degree:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of data_parallel_degree "
+                f"({self.data_parallel_degree}); use batch_size "
+                f"{_round_up(self.batch_size, self.data_parallel_degree)}"
+            )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum_steps
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class ResourcesSpec(_Spec):
+    """What the training may use."""
+
+    device: Literal["cpu", "gpu"] = Field("gpu", description="Train on GPUs (NCCL) or CPUs (gloo).")
+    workers: int = Field(gt=0, description="Training workers available: GPUs, or CPU processes.")
+    cpus_per_worker: int = Field(1, gt=0, description="CPU cores reserved for each worker.")
+    cluster: str | None = Field(
+        None, description="ClusterSpec YAML describing the cluster's network (relative to this "
+        "file). Null: plan from the nodes Ray reports.",
+    )
+
+
+class TokenizerSpec(_Spec):
+    """Where the tokenizer comes from."""
+
+    path: str | None = Field(
+        None, description="Local tokenizer (a tokenizer.json or a directory holding one). Null: "
+        "use model.path's tokenizer, or train a byte-level BPE locally on the data.",
+    )
+    vocab_size: int = Field(
+        512, ge=64, description="Vocabulary of a locally trained tokenizer; must not exceed "
+        "model.vocab_size.",
+    )
+
+
+class DataMix(_Spec):
+    """Relative weights of the sample sources (normalised; at least one positive)."""
+
+    documents: float = Field(0.0, ge=0, description="Packed long documents from data.documents.")
+    passkey: float = Field(0.5, ge=0, description="Passkey retrieval over filler text.")
+    kv_retrieval: float = Field(0.5, ge=0, description="Key-value retrieval over filler text.")
+
+    @model_validator(mode="after")
+    def _some(self) -> DataMix:
+        if self.documents + self.passkey + self.kv_retrieval <= 0:
+            raise ValueError("all weights are 0; give at least one source a positive weight")
+        return self
+
+
+class DataSpec(_Spec):
+    """Training samples: a deterministic function of (seed, stage, step)."""
+
+    seed: int = Field(0, ge=0, description="Seed of the sample order and the synthetic tasks.")
+    documents: list[str] = Field(
+        default_factory=list, description="Local text files or globs (relative to this file), "
+        "packed into sequences.",
+    )
+    mix: DataMix = Field(default_factory=DataMix, description="Sample sources and their weights.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer source.")
+
+    @model_validator(mode="after")
+    def _documents_given(self) -> DataSpec:
+        if self.mix.documents > 0 and not self.documents:
+            raise ValueError(
+                f"mix.documents is {self.mix.documents} but documents is empty; list text files "
+                "under data.documents or set mix.documents: 0"
+            )
+        return self
+
+
+EvalTask = Literal[
+    "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
+]
+
+
+class EvalSpec(_Spec):
+    """Evaluation of every committed checkpoint, by actors beside the training."""
+
+    enabled: bool = Field(True, description="Evaluate checkpoints as they land.")
+    tasks: list[EvalTask] = Field(
+        default_factory=lambda: ["niah", "niah_single", "niah_multikey", "vt"],
+        min_length=1, description="NIAH grid and RULER-style tasks (RULER's names).",
+    )
+    context_lengths: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list, description="Context lengths to test; empty: each stage's seq_len "
+        "and the shorter ones before it.",
+    )
+    depths: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0],
+        min_length=1, description="Needle depths in percent of the context.",
+    )
+    samples: int = Field(4, gt=0, description="Samples per (task, length, depth) cell.")
+    seed: int = Field(1234, ge=0, description="Seed of the evaluation prompts.")
+    cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (spare ones, never "
+                        "the training workers').")
+    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor.")
+
+
+class StorageSpec(_Spec):
+    """Where checkpoints, the run ledger and reports go."""
+
+    path: str = Field(description="Run directory root (a local or shared filesystem path).")
+    checkpoint_every: int = Field(
+        50, gt=0, description="Optimizer steps between checkpoints (each stage's last step "
+        "always checkpoints).",
+    )
+    keep_last: int = Field(2, gt=0, description="Committed checkpoints kept per stage.")
+
+
+class FailureSpec(_Spec):
+    """How failures are handled."""
+
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts per stage (Ray Train "
+                              "FailureConfig.max_failures).")
+    stage_retries: int = Field(2, ge=0, description="Resubmissions of a failed stage by the "
+                               "Kubernetes operator.")
+    report_every: int = Field(
+        10, gt=0, description="Optimizer steps between progress reports to Ray Train; reporting "
+        "every step costs ~2 s here.",
+    )
+
+
+class RunSpec(_Spec):
+    """A staged context-extension run."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=50,
+                      description="Run name (lowercase letters, digits, '-'): names the run "
+                      "directory and Kubernetes objects.")
+    model: ModelSpec = Field(description="The model to extend.")
+    stages: list[StageSpec] = Field(min_length=1, description="The curriculum, in order.")
+    resources: ResourcesSpec = Field(description="Workers and the cluster description.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Checkpoint evaluation.")
+    storage: StorageSpec = Field(description="Checkpoints, ledger and reports.")
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunSpec:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"stages: names must be unique, got {dup} twice; rename one")
+        lengths = [s.seq_len for s in self.stages]
+        if lengths != sorted(lengths):
+            raise ValueError(
+                f"stages: seq_len must not decrease from one stage to the next, got {lengths}; "
+                "order the stages by length"
+            )
+        for i, stage in enumerate(self.stages):
+            world = _known_world(stage)
+            if world is not None and world > self.resources.workers:
+                raise ValueError(
+                    f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = "
+                    f"{stage.ring_degree} x {stage.data_parallel_degree} = {world} workers, but "
+                    f"resources.workers is {self.resources.workers}; lower the degrees or raise "
+                    "resources.workers"
+                )
+        if self.data.tokenizer.path is None and self.model.path is None:
+            if self.data.tokenizer.vocab_size > self.model.vocab_size:
+                raise ValueError(
+                    f"data.tokenizer.vocab_size ({self.data.tokenizer.vocab_size}) exceeds "
+                    f"model.vocab_size ({self.model.vocab_size}); lower the tokenizer's or raise "
+                    "the model's"
+                )
+        return self
+
+    def stage_theta(self, index: int) -> float:
+        """RoPE base of stage `index`: as given, or by the scaling-law rule."""
+        stage = self.stages[index]
+        if stage.rope_theta != "auto":
+            return float(stage.rope_theta)
+        return rope_theta_for(stage.seq_len, self.model.rope_theta, self.model.pretrain_seq_len)
+
+    def summary(self) -> str:
+        m = self.model
+        lines = [
+            f"run {self.name}: Llama {m.num_parameters / 1e6:,.1f}M params "
+            f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
+            f"{m.num_attention_heads}/{m.num_key_value_heads} heads, {m.dtype}), "
+            f"{self.resources.workers} {self.resources.device} workers",
+            f"{'stage':<10}{'seq_len':>10}{'steps':>7}{'tokens/step':>13}{'ring x dp':>11}"
+            f"{'rope_theta':>16}{'lr':>9}",
+        ]
+        for i, s in enumerate(self.stages):
+            lines.append(
+                f"{s.name:<10}{s.seq_len:>10,}{s.steps:>7}{s.tokens_per_step:>13,}"
+                f"{f'{s.ring_degree} x {s.data_parallel_degree}':>11}"
+                f"{self.stage_theta(i):>16,.0f}{s.lr:>9.1e}"
+            )
+        lines.append(f"storage {self.storage.path}; eval {'on' if self.eval.enabled else 'off'} "
+                     f"({', '.join(self.eval.tasks)})")
+        return "\n".join(lines)
+
+
+def _known_world(stage: StageSpec) -> int | None:
+    if isinstance(stage.ring_degree, int) and isinstance(stage.data_parallel_degree, int):
+        return stage.ring_degree * stage.data_parallel_degree
+    return None
