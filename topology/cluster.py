@@ -167,6 +167,25 @@ class ClusterSpec(_Spec):
         default_factory=list, description="Nodes without a known network position: listed in "
         "reports, left out of plans.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data):
+        """`preset: {kind: l40s-leaf-spine, nodes: 64, ...}` stands for the whole spec."""
+        if isinstance(data, dict) and "preset" in data:
+            from topology.presets import build_preset
+
+            rest = {k: v for k, v in data.items() if k != "preset"}
+            if set(rest) - {"name", "description", "unknown_topology"}:
+                raise ValueError(f"preset: give only name/description beside it, got "
+                                 f"{sorted(rest)}")
+            args = dict(data["preset"] or {})
+            try:
+                spec = build_preset(args.pop("kind", "l40s-leaf-spine"), **args)
+            except TypeError as e:
+                raise ValueError(f"preset: {e}; see topology.presets") from None
+            return {**spec.model_dump(), **rest}
+        return data
+
     @model_validator(mode="after")
     def _references(self) -> ClusterSpec:
         for tname, nt in self.node_types.items():

@@ -185,6 +185,12 @@ class Router:
                     nearest[i] = min(reach)[1]
             self._nearest_nic[tname] = nearest
 
+    def node_vertices(self, node: str) -> list[str]:
+        """The node's PCIe-tree vertices (GPUs, switches, sockets, NICs) in the graph."""
+        lp = self._local_paths[self.node_type(node)]
+        local = {x for pair in lp for x in pair} | {x for p in lp.values() for x in p}
+        return sorted(f"{node}/{x}" for x in local)
+
     def node_type(self, node: str) -> str:
         return self._node[node].node_type
 

@@ -190,7 +190,7 @@ class Planner:
         if total > len(gpus):
             raise PlanError(f"stage {stage.name!r}: needs {total} GPUs ({ring} x {dp}), the "
                             f"cluster has {len(gpus)}; lower the degrees or add nodes")
-        used = _take_whole_nodes(gpus, total)
+        used = self._choose_gpus(gpus, total)
         cands = self.candidates(used, ring, dp)
         ray = self.ray_default_order()[:total]
         cands["ray-default order"] = [ray[i * ring:(i + 1) * ring] for i in range(dp)]
@@ -204,6 +204,31 @@ class Planner:
                 notes.append("improved by pairwise swaps")
             best = better
         return best, notes
+
+    def node_health(self, node: str) -> float:
+        """Worst ratio of a link's bandwidth in the graph to its link type's in the spec (1.0:
+        as described; < 1: degraded)."""
+        worst = 1.0
+        lt = self.spec.link_types
+        for _, _, data in self.graph.edges(self.router.node_vertices(node), data=True):
+            nominal = lt[data["link_type"]].bandwidth_gb_s if data["link_type"] in lt else None
+            if nominal:
+                worst = min(worst, data["bandwidth"] / nominal)
+        return worst
+
+    def _choose_gpus(self, gpus: list[str], total: int) -> list[str]:
+        """The first `total` GPUs in locality order, after leaving out the most degraded nodes
+        that are not needed."""
+        by_node: dict[str, list[str]] = {}
+        for v in gpus:
+            by_node.setdefault(split_gpu_vertex(v)[0], []).append(v)
+        spare = len(gpus) - total
+        health = {n: self.node_health(n) for n in by_node}
+        for n in sorted(by_node, key=lambda n: (health[n], n)):
+            if health[n] >= 1.0 or len(by_node[n]) > spare:
+                break
+            spare -= len(by_node.pop(n))
+        return [v for vs in by_node.values() for v in vs][:total]
 
     def ring_lower_bound(self, shape: StageShape) -> FlowResult:
         """A bound no placement can beat for the slowest ring hop: the slowest link class every
@@ -236,8 +261,16 @@ class Planner:
         return FlowResult(t, lat * 1e-6, bw, ("bound", "bound"), {}, [t])
 
 
-def _take_whole_nodes(gpus: list[str], total: int) -> list[str]:
-    return gpus[:total]
+def plan_exhaustive(planner: Planner, gpus: list[str], shape: StageShape) -> Evaluated:
+    """The best placement of shape.ring x shape.dp on exactly `gpus` by trying every partition
+    and ring order (the yardstick for small clusters; factorial time)."""
+    best = None
+    for groups in _partitions(tuple(range(len(gpus))), shape.ring, limit=10**7):
+        for orders in itertools.product(*[_cycles(gr) for gr in groups]):
+            ev = planner.evaluate([[gpus[i] for i in o] for o in orders], shape)
+            if best is None or ev.key() < best.key():
+                best = ev
+    return best
 
 
 def _cycles(group: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -37,12 +37,21 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
-def plan_stage(planner: Planner, run, index: int, seed: int = 0) -> StagePlan:
-    """Degrees, rings and order for stage `index`, its prediction, baselines and bound."""
+def plan_stage(planner: Planner, run, index: int, seed: int = 0, relax: bool = False) -> StagePlan:
+    """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
+    `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings."""
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
-    ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+    try:
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+    except PlanError as e:
+        if not relax or stage.data_parallel_degree == "auto":
+            raise
+        stage = stage.model_copy(update={"data_parallel_degree": "auto"})
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+        notes = [f"re-planned with fewer rings: {e}"]
     best, more = planner.plan_rings(run.model, stage, ring, dp)
+    stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
     shape = StageShape.of(run.model, stage, ring, dp)
     alts = []
     ray = planner.ray_default_order(seed)[: ring * dp]
@@ -65,10 +74,11 @@ def plan_stage(planner: Planner, run, index: int, seed: int = 0) -> StagePlan:
                      notes=notes + more)
 
 
-def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None) -> Plan:
+def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None,
+             relax: bool = False) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
     planner = Planner(spec, graph)
-    stages = [plan_stage(planner, run, i) for i in range(len(run.stages))]
+    stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]
     p = planner.profile
     assumptions = [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
     assumptions += [
