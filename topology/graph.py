@@ -115,7 +115,8 @@ def _check_connected(g: nx.Graph) -> None:
         raise TopologyError("the cluster has no GPUs")
     comps = list(nx.connected_components(g))
     if len(comps) > 1:
-        main = max(comps, key=lambda c: (sum(1 for v in c if v in set(gpus)), min(c)))
+        gpu_set = set(gpus)
+        main = sorted(comps, key=lambda c: (-sum(1 for v in c if v in gpu_set), min(c)))[0]
         cut = sorted(v for v in gpus if v not in main)
         raise TopologyError(f"GPUs {cut[:6]}{'...' if len(cut) > 6 else ''} ({len(cut)} in all) "
                             "are disconnected from the rest; connect their node's NICs to a "

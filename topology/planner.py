@@ -148,11 +148,19 @@ class Planner:
         return best
 
     # ---- decisions ----------------------------------------------------------------------------
-    def plan_degrees(self, model, stage, n_gpus: int) -> tuple[int, int, list[str]]:
+    def plan_degrees(self, model, stage, n_gpus: int, strict: bool = True
+                     ) -> tuple[int, int, list[str]]:
         """Honour the stage's ring_degree / data_parallel_degree; pick 'auto' ones: the smallest
-        ring that fits memory, then as many rings as GPUs and batch allow."""
+        ring that fits memory, then as many rings as GPUs and batch allow. `strict`: a given
+        ring_degree with 'auto' rings must divide the GPUs (no GPU left idle unnoticed)."""
         notes = []
         r, d = stage.ring_degree, stage.data_parallel_degree
+        if strict and r != "auto" and d == "auto" and n_gpus % r:
+            divisors = [x for x in range(1, n_gpus + 1) if n_gpus % x == 0
+                        and stage.seq_len % (2 * x) == 0]
+            raise PlanError(f"stage {stage.name!r}: ring_degree {r} does not divide the "
+                            f"{n_gpus} GPUs; use one that does (e.g. {divisors[-4:]}) or set "
+                            "data_parallel_degree to leave GPUs idle on purpose")
         if r != "auto" and d != "auto":
             if r * d > n_gpus:
                 raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "

@@ -43,12 +43,12 @@ def plan_stage(planner: Planner, run, index: int, seed: int = 0, relax: bool = F
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
     try:
-        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=not relax)
     except PlanError as e:
         if not relax or stage.data_parallel_degree == "auto":
             raise
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
-        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
     best, more = planner.plan_rings(run.model, stage, ring, dp)
     stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
