@@ -101,13 +101,27 @@ class Planner:
 
     def candidates(self, gpus: list[str], ring: int, dp: int) -> dict[str, list[list[str]]]:
         """Named candidate placements of `ring` x `dp` on `gpus` (in locality order)."""
-        by_node: dict[str, list[int]] = {}
+        by_node: dict[str, list[str]] = {}
         for v in gpus:
-            n, g = split_gpu_vertex(v)
-            by_node.setdefault(n, []).append(g)
+            by_node.setdefault(split_gpu_vertex(v)[0], []).append(v)
         out: dict[str, list[list[str]]] = {}
         chunks = [gpus[i * ring:(i + 1) * ring] for i in range(dp)]
         out["locality"] = chunks
+        if dp > 1:  # data-parallel peers side by side, rings strided: wins when the gradient
+            # all-reduce (not overlapped) costs more than the ring hops (hidden behind compute)
+            out["dp-inner"] = [gpus[i:ring * dp:dp] for i in range(dp)]
+        # Rings made of c-GPU chunks (a switch, a socket ...) of several nodes: chunk k of every
+        # node before chunk k+1, so a ring keeps to one socket/NIC of each node it spans and the
+        # sockets' links are left to the data-parallel sync. c = 1 strides nodes GPU by GPU.
+        width = min(len(v) for v in by_node.values())
+        for c in [c for c in range(1, width) if width % c == 0 and ring % c == 0]:
+            units = [gs[k * c:(k + 1) * c] for k in range(width // c) for gs in by_node.values()]
+            per = ring // c
+            flat = [v for j, u in enumerate(units)
+                    for v in (u if (j % per) % 2 == 0 else u[::-1])]
+            out[f"chunks of {c}"] = [flat[i * ring:(i + 1) * ring] for i in range(dp)]
+            if dp > 1:
+                out[f"chunks of {c}, dp-inner"] = [flat[i:ring * dp:dp] for i in range(dp)]
         sizes = {len(v) for v in by_node.values()}
         types = {self._node_types[n] for n in by_node}
         if len(sizes) == 1 and len(types) == 1:
