@@ -35,17 +35,17 @@ def _run_plan(args: argparse.Namespace) -> int:
             spec = load_model(cluster, ClusterSpec)
         compare = [float(x) for x in args.compare_minutes.split(",")] if args.compare_minutes \
             else None
-        plan = plan_run(spec, run)
-        whatif, label = None, []
-        if args.without_node or args.degrade_link:
+        whatif, label, graph, changed = None, [], None, spec
+        if args.without_node or args.degrade_link:  # checked before the (slower) planning
             changed = spec.without_nodes(args.without_node) if args.without_node else spec
             graph = build_graph(changed)
             for text in args.degrade_link:
                 a, b, f = apply_degrade_link(graph, text)
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
-            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node,
-                              relax=True)
+        plan = plan_run(spec, run)
+        if graph is not None:
+            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True)
         files = render_report(plan, spec, args.out, whatif=whatif, whatif_label="; ".join(label),
                               compare_minutes=compare)
     except (TopologyError, PlanError, StageDoesNotFit, ValueError) as e:

@@ -15,6 +15,9 @@ from topology.graph import Router, build_graph, gpu_vertex, split_gpu_vertex
 from topology.profile import HardwareProfile, get_profile
 
 
+TIE = 0.005  # relative step-time difference below which placements count as equal
+
+
 class PlanError(ValueError):
     """A stage that cannot be placed as asked."""
 
@@ -217,9 +220,14 @@ class Planner:
         ray = self.ray_default_order()[:total]
         cands["ray-default order"] = [ray[i * ring:(i + 1) * ring] for i in range(dp)]
         evals = {name: self.evaluate(r, shape) for name, r in cands.items()}
-        name = min(evals, key=lambda k: evals[k].key())
+        # Step times within TIE of the best count as equal; among those the fastest ring wins:
+        # it keeps headroom should the compute run faster than the MFU assumption.
+        fastest = min(ev.cost.step_seconds for ev in evals.values())
+        near = [k for k in sorted(evals) if evals[k].cost.step_seconds <= fastest * (1 + TIE)]
+        name = min(near, key=lambda k: (evals[k].ring.seconds, evals[k].key()))
         best = evals[name]
-        notes = [f"placement: '{name}' was best of {sorted(evals)}"]
+        notes = [f"placement: '{name}' chosen from {sorted(evals)} (step times within "
+                 f"{TIE:.1%} count as equal; then the fastest ring hop wins)"]
         if total <= 32:
             better = self.improve(best, shape)
             if better is not best:
