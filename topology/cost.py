@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
@@ -17,6 +20,29 @@ class StageDoesNotFit(ValueError):
     """A stage whose per-GPU memory exceeds the GPU's."""
 
 
+class LinkLoads(Mapping):
+    """Transfers per directed link (only links that carry any), built from a count array."""
+
+    def __init__(self, links: list[Link], counts: np.ndarray):
+        self._links, self._counts = links, counts
+        self._index = None
+
+    def _ids(self) -> dict[Link, int]:
+        if self._index is None:
+            self._index = {self._links[i]: int(self._counts[i])
+                           for i in np.nonzero(self._counts)[0]}
+        return self._index
+
+    def __getitem__(self, link: Link) -> int:
+        return self._ids()[link]
+
+    def __iter__(self):
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+
 @dataclass(frozen=True)
 class FlowResult:
     """Concurrent transfers of `nbytes` each: the slowest one and the link that limits it."""
@@ -25,7 +51,7 @@ class FlowResult:
     latency_s: float  # its latency part
     bandwidth_gb_s: float  # its fair-share bandwidth
     bottleneck: Link | None
-    loads: dict[Link, int]  # transfers per directed link
+    loads: Mapping[Link, int]  # transfers per directed link
     hop_seconds: list[float]  # per transfer, in input order
 
 
@@ -35,30 +61,21 @@ def evaluate_flows(router: Router, flows: list[tuple[str, str]], nbytes: float) 
     redistribution). Complexity: O(sum of route lengths)."""
     if not flows:
         return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
-    g = router.graph
-    routes = [router.route(a, b) for a, b in flows]
-    loads: dict[Link, int] = defaultdict(int)
-    for r in routes:
-        for link in r:
-            loads[link] += 1
-    cap: dict[Link, float] = {}
-    times, worst = [], (-1.0, 0.0, float("inf"), None)
-    for r in routes:
-        bw, lat, limit = float("inf"), 0.0, None
-        for link in r:
-            c = cap.get(link)
-            if c is None:
-                data = g.edges[link]
-                c = cap[link] = data["bandwidth"]
-            share = c / loads[link]
-            lat += g.edges[link]["latency_us"]
-            if share < bw:
-                bw, limit = share, link
-        t = lat * 1e-6 + nbytes / (bw * GB)
-        times.append(t)
-        if t > worst[0]:
-            worst = (t, lat * 1e-6, bw, limit)
-    return FlowResult(*worst, dict(loads), times)
+    ids = [router.route_ids(a, b) for a, b in flows]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                       count=int(lengths.sum()))
+    loads = np.bincount(flat, minlength=len(router.links))
+    per_link = (router.bandwidth / np.maximum(loads, 1))[flat]
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    bw = np.minimum.reduceat(per_link, starts)
+    lat = np.add.reduceat(router.latency_us[flat], starts) * 1e-6
+    times = lat + nbytes / (bw * GB)
+    w = int(np.argmax(times))
+    route = ids[w]
+    limit = route[int(np.argmin(per_link[starts[w]:starts[w] + lengths[w]]))]
+    return FlowResult(float(times[w]), float(lat[w]), float(bw[w]), router.links[limit],
+                      LinkLoads(router.links, loads), times.tolist())
 
 
 def ring_flows(rings: list[list[str]]) -> list[tuple[str, str]]:

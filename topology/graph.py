@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 from topology.cluster import ClusterSpec, NodeTypeSpec
 
@@ -159,8 +160,26 @@ class Router:
     _node: dict[str, object] = field(default_factory=dict)
     _chain: dict[str, list[str]] = field(default_factory=dict)
     _route_cache: dict[tuple[str, str], list[Link]] = field(default_factory=dict)
+    _up: dict[str, list[Link]] = field(default_factory=dict)
+    _fabric: dict[tuple[str, str], list[Link]] = field(default_factory=dict)
+    link_id: dict[Link, int] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
+    _ids_cache: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    _gpu_info: dict[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Directed links numbered once, with their bandwidth and latency in arrays: the cost
+        # model works on integer routes with numpy (the graph may have been degraded before
+        # the Router is built: it is read now).
+        bw, lat = [], []
+        for u, v, data in self.graph.edges(data=True):
+            for link in ((u, v), (v, u)):
+                self.link_id[link] = len(self.links)
+                self.links.append(link)
+                bw.append(data["bandwidth"])
+                lat.append(data["latency_us"])
+        self.bandwidth = np.array(bw, dtype=float)
+        self.latency_us = np.array(lat, dtype=float)
         self._node = {n.name: n for n in self.spec.nodes}
         parents = {s.name: s.parent for s in self.spec.switches}
         for s in self.spec.switches:
@@ -208,25 +227,68 @@ class Router:
         path = self._local_paths[self.node_type(node)][(a, b)]
         return [(f"{node}/{u}", f"{node}/{v}") for u, v in zip(path, path[1:])]
 
-    def route(self, src: str, dst: str) -> list[Link]:
-        """Directed links a transfer from GPU vertex `src` to GPU vertex `dst` crosses."""
-        key = (src, dst)
-        hit = self._route_cache.get(key)
-        if hit is not None:
-            return hit
-        sn, sg = split_gpu_vertex(src)
-        dn, dg = split_gpu_vertex(dst)
-        if sn == dn:
-            links = self._local(sn, f"gpu{sg}", f"gpu{dg}")
-        else:
-            snic, dnic = self.nic_of(sn, sg), self.nic_of(dn, dg)
-            sleaf, dleaf = self._node[sn].leaf_of(snic), self._node[dn].leaf_of(dnic)
-            up, down = self._chain[sleaf], self._chain[dleaf]
+    def _uplinks(self, gpu: str) -> list[Link]:
+        """GPU -> its NIC -> its leaf (cached per GPU)."""
+        hit = self._up.get(gpu)
+        if hit is None:
+            node, g = split_gpu_vertex(gpu)
+            nic = self.nic_of(node, g)
+            hit = self._up[gpu] = (self._local(node, f"gpu{g}", nic)
+                                   + [(f"{node}/{nic}", self._node[node].leaf_of(nic))])
+        return hit
+
+    def _between_leaves(self, a: str, b: str) -> list[Link]:
+        """Leaf a up to the lowest common switch and down to leaf b (cached per pair)."""
+        hit = self._fabric.get((a, b))
+        if hit is None:
+            up, down = self._chain[a], self._chain[b]
             common = next(s for s in up if s in set(down))
             up, down = up[: up.index(common) + 1], down[: down.index(common) + 1]
-            links = self._local(sn, f"gpu{sg}", snic) + [(f"{sn}/{snic}", sleaf)]
-            links += list(zip(up, up[1:])) + [(b, a) for a, b in reversed(list(zip(down, down[1:])))]
-            links += [(dleaf, f"{dn}/{dnic}")] + self._local(dn, dnic, f"gpu{dg}")
-        if len(self._route_cache) < 2_000_000:
-            self._route_cache[key] = links
-        return links
+            hit = self._fabric[(a, b)] = (list(zip(up, up[1:]))
+                                          + [(y, x) for x, y in reversed(list(zip(down, down[1:])))])
+        return hit
+
+    def _gpu(self, gpu: str) -> tuple[str, str | None, list[int], list[int]]:
+        """(node, leaf, ids GPU -> leaf, ids leaf -> GPU), computed once per GPU."""
+        hit = self._gpu_info.get(gpu)
+        if hit is None:
+            node = gpu.rpartition("/gpu")[0]
+            if len(self._node) > 1:
+                up = self._uplinks(gpu)
+                ids = [self.link_id[x] for x in up]
+                back = [self.link_id[(b, a)] for a, b in reversed(up)]
+                hit = (node, up[-1][1], ids, back)
+            else:
+                hit = (node, None, [], [])
+            self._gpu_info[gpu] = hit
+        return hit
+
+    def route_ids(self, src: str, dst: str) -> list[int]:
+        """`route` as link numbers (indices into `links`)."""
+        sn, sleaf, up, _ = self._gpu(src)
+        dn, dleaf, _, down = self._gpu(dst)
+        if sn == dn:
+            hit = self._ids_cache.get((src, dst))
+            if hit is None:
+                hit = self._ids_cache[(src, dst)] = [self.link_id[x] for x in self.route(src, dst)]
+            return hit
+        fabric = self._ids_cache.get((sleaf, dleaf))
+        if fabric is None:
+            fabric = self._ids_cache[(sleaf, dleaf)] = [
+                self.link_id[x] for x in self._between_leaves(sleaf, dleaf)]
+        return up + fabric + down
+
+    def route(self, src: str, dst: str) -> list[Link]:
+        """Directed links a transfer from GPU vertex `src` to GPU vertex `dst` crosses."""
+        sn, _, _ = src.rpartition("/gpu")
+        dn, _, _ = dst.rpartition("/gpu")
+        if sn == dn:
+            key = (src, dst)
+            hit = self._route_cache.get(key)
+            if hit is None:
+                hit = self._route_cache[key] = self._local(sn, src[len(sn) + 1:],
+                                                           dst[len(dn) + 1:])
+            return hit
+        up, down = self._uplinks(src), self._uplinks(dst)
+        fabric = self._between_leaves(up[-1][1], down[-1][1])
+        return up + fabric + [(b, a) for a, b in reversed(down)]
