@@ -187,6 +187,7 @@ class StageCost:
     ring_hop: FlowResult
     dp_hop: FlowResult
     memory: dict[str, float]
+    ring_headroom: float  # how many times slower the slowest hop may get before it shows
 
 
 def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
@@ -219,8 +220,11 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
 
     attn_compute = exposed_ring = 0.0
     kv = s.kv_block_bytes
+    headroom = float("inf")
     for c, nbytes in [(block, kv), (block, kv), (block * profile.attention_bwd_over_fwd, 2 * kv)]:
         t = hop(nbytes, ring) if R > 1 else 0.0
+        if t > 0:
+            headroom = min(headroom, c / t)
         attn_compute += R * c * s.layers
         exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
     shard_comm = 3 * (R - 1) * hop(2 * s.params / R, ring) if R > 1 else 0.0
@@ -236,4 +240,5 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
-                     ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile))
+                     ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),
+                     ring_headroom=headroom)

@@ -31,17 +31,33 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
     ray = sum(_alt(s, "ray-default").wall_minutes for s in plan.stages)
     peak = max(sum(s.prediction.memory_gb.values()) for s in plan.stages)
     gpus = max(s.ring_degree * s.dp_degree for s in plan.stages)
+    rooms = [s.prediction.ring_headroom for s in plan.stages if s.prediction.ring_headroom]
+    room = min(rooms) if rooms else None
+    if room is None:
+        net = "No stage uses a ring of more than one GPU."
+    elif room >= 1:
+        net = (f"**The network is not the bottleneck**: in every stage the K/V exchange hides "
+               f"behind attention compute; the slowest ring hop could be {room:.1f}x slower "
+               "before it shows (a faster fabric would not shorten this run; faster GPUs or "
+               "higher MFU would).")
+    else:
+        worst = min(plan.stages, key=lambda s: s.prediction.ring_headroom or 9e9)
+        net = (f"**The network limits stage {worst.name}**: its slowest ring hop takes "
+               f"{1 / room:.1f}x the attention block it should hide behind (see the slowest "
+               "link column; placement, faster links or a larger ring_degree help).")
     lines = [
         f"**Predicted wall time, all {len(plan.stages)} stages: {_fmt_min(total)}** on "
         f"{gpus} of {spec.num_gpus} GPUs ({plan.profile} profile); Ray's default order: "
         f"{_fmt_min(ray)} ({ray / total:.2f}x).",
         f"Peak memory per GPU: {peak:.1f} GB of 48 GB. Unknown-topology nodes left out: "
         f"{', '.join(plan.unknown_topology) or 'none'}.",
+        net,
     ]
     head = ["stage", "seq_len", "rope_theta", "ring x dp", "step s", "tokens/s", "MFU",
-            "wall", "ring hop ms (planned / Ray / bound)", "slowest link", "mem GB"]
+            "wall", "ring hop ms (planned / Ray / bound)", "hop headroom", "slowest link",
+            "mem GB"]
     if compare:
-        head.append("published")
+        head.append("published (MFU it implies)")
     rows = [head]
     for i, s in enumerate(plan.stages):
         p = s.prediction
@@ -51,12 +67,27 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
                _fmt_min(p.wall_minutes),
                f"{p.ring_hop_seconds * 1e3:.2f} / {_alt(s, 'ray-default').ring_hop_seconds * 1e3:.2f}"
                f" / {_alt(s, 'lower-bound').ring_hop_seconds * 1e3:.2f}",
+               f"{p.ring_headroom:.1f}x" if p.ring_headroom else "-",
                f"{worst.link} ({worst.flows} flows, {worst.share_gb_s:.1f} GB/s each)" if worst
                else "none (ring of 1)", f"{sum(p.memory_gb.values()):.1f}"]
         if compare:
-            row.append(_fmt_min(compare[i]) if i < len(compare) else "")
+            row.append(_published(s, compare[i], plan.profile) if i < len(compare) else "")
         rows.append(row)
+    if compare:
+        lines.append("Published wall times are compared as given; the MFU each implies is the "
+                     "model FLOPs (6N + causal attention) of all steps over the published "
+                     "minutes at the GPUs' peak: above ~60% the published run likely did less "
+                     "attention work (e.g. shorter documents) than full causal sequences.")
     return lines, rows
+
+
+def _published(s: StagePlan, minutes: float, profile: str | None) -> str:
+    from topology.profile import get_profile
+
+    steps = s.prediction.wall_minutes * 60 / s.prediction.step_seconds
+    peak = get_profile(profile or "l40s").peak_bf16_flops * s.ring_degree * s.dp_degree
+    mfu = s.prediction.model_flops_per_step * steps / (minutes * 60 * peak)
+    return f"{_fmt_min(minutes)} ({mfu:.0%})"
 
 
 def _md_table(rows: list[list[str]]) -> str:

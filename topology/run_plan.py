@@ -23,6 +23,8 @@ def _prediction(ev: Evaluated, profile) -> Prediction:
         wall_minutes=c.wall_minutes, parts_seconds=c.parts,
         ring_hop_seconds=ev.ring.seconds, ring_hop_gb_s=min(ev.ring.bandwidth_gb_s, 1e6),
         dp_hop_seconds=ev.dp.seconds, mfu=c.model_flops_per_step / peak,
+        ring_headroom=None if c.ring_headroom == float("inf") else c.ring_headroom,
+        model_flops_per_step=c.model_flops_per_step,
         memory_gb={k: v / GB for k, v in c.memory.items()})
 
 
