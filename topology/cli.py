@@ -12,7 +12,7 @@ EXIT_USER_ERROR = 2
 def _run_plan(args: argparse.Namespace) -> int:
     from ray_jobs.spec import RunSpec
     from ray_jobs.specfile import load_model
-    from topology.cluster import ClusterSpec
+    from topology.cluster import load_cluster
     from topology.cost import StageDoesNotFit
     from topology.graph import TopologyError, apply_degrade_link, build_graph
     from topology.planner import PlanError
@@ -32,7 +32,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                 print("ringpilot plan: give --cluster FILE (or --from-k8s); the run has no "
                       "resources.cluster", file=sys.stderr)
                 return EXIT_USER_ERROR
-            spec = load_model(cluster, ClusterSpec)
+            spec = load_cluster(cluster)
         compare = [float(x) for x in args.compare_minutes.split(",")] if args.compare_minutes \
             else None
         whatif, label, graph, changed = None, [], None, spec

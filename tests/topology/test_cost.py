@@ -84,6 +84,8 @@ def test_step_time_by_hand():
     assert cost.step_seconds == pytest.approx(dense + attention + exposed + shard)
     assert cost.tokens_per_second == pytest.approx(8192 / cost.step_seconds)
     assert cost.wall_minutes == pytest.approx(60 * cost.step_seconds / 60)
+    # headroom: block / hop in the worst phase; forward c / t beats backward 2.5c / 2t
+    assert cost.ring_headroom == pytest.approx(block / kv_t)
 
 
 def test_fast_links_hide_the_ring_and_dp_sync_adds():

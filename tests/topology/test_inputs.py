@@ -125,3 +125,26 @@ def test_k8s_conflicting_parents_are_refused():
              _node("b", 8, **{TOPO + "leaf": "l0", TOPO + "spine": "s1"})]
     with pytest.raises(ValueError, match=r"switch 'leaf.l0' has two parents"):
         build_cluster_from_k8s(nodes)
+
+
+def test_cluster_yaml_reads_node_type_files(tmp_path):
+    from topology.cluster import load_cluster
+
+    from topology_helpers import ROOT
+
+    spec = load_cluster(ROOT / "configs/clusters/l40s-2node-from-nvsmi.yaml")
+    assert spec.node_types["l40s-8x"].nics == ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3"]
+    assert build_graph(spec).has_edge("node-b/mlx5_3", "leaf-rail3")
+    # NCCL XML form: its NIC link type comes with it
+    (tmp_path / "n.xml").write_text(NCCL)
+    (tmp_path / "c.yaml").write_text(
+        "name: x\nlink_types: {}\nnode_types: {t: {nccl_topo_xml: n.xml}}\n"
+        "nodes: [{name: a, node_type: t}]\n")
+    spec = load_cluster(tmp_path / "c.yaml")
+    assert spec.link_types["nic-200g"].bandwidth_gb_s == pytest.approx(22.5)
+    (tmp_path / "d.yaml").write_text(
+        "name: x\nlink_types: {}\nnode_types: {t: {nccl_topo_xml: missing.xml}}\n"
+        "nodes: [{name: a, node_type: t}]\n")
+    from ray_jobs.specfile import SpecError
+    with pytest.raises(SpecError, match=r"node_types.t.nccl_topo_xml: cannot read .*missing.xml"):
+        load_cluster(tmp_path / "d.yaml")

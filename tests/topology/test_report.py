@@ -28,6 +28,7 @@ def test_report_files(tmp_path):
     md = (tmp_path / "report.md").read_text()
     first = md.split("## ")[1]  # the headline section comes first
     assert first.startswith("Headline") and "Predicted wall time" in first
+    assert ("The network is not the bottleneck" in first) != ("The network limits stage" in first)
     assert "| s1 | 16,384 |" in md and "8 x 2" in md and "Assumptions" in md
     html = (tmp_path / "report.html").read_text()
     assert '<img src="rings.png"' in html and "<table>" in html
