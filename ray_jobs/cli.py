@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
+    from topology.cli import add_plan_parser  # `ringpilot plan`: the topology planner's report
+
+    add_plan_parser(sub)
     return parser
 
 
