@@ -26,10 +26,10 @@ def _validate(args: argparse.Namespace) -> int:
         except SpecError as e:
             problems.append(e)
     if args.cluster is not None:
-        from topology.cluster import ClusterSpec  # the topology seam, only when asked for
+        from topology.cluster import load_cluster  # the topology seam, only when asked for
 
         try:
-            cluster = load_model(args.cluster, ClusterSpec)
+            cluster = load_cluster(args.cluster)  # node-type files resolve next to the YAML
             print(cluster.summary())
         except SpecError as e:
             problems.append(e)

@@ -18,9 +18,9 @@ BASE_DIR: ContextVar[Path | None] = ContextVar("BASE_DIR", default=None)
 def _expand_node_file(data: dict, tname: str, value: dict) -> dict:
     """node_types.NAME: {nvidia_smi_topo: FILE} or {nccl_topo_xml: FILE} -> the node type read
     from that file (NCCL's NIC and PCIe link types are added unless already given)."""
-    if len(value) != 1:
-        raise ValueError(f"node_types.{tname}: a file reference stands alone, got keys "
-                         f"{sorted(value)}; give only nvidia_smi_topo or nccl_topo_xml")
+    if len(value) != 1 or not isinstance(next(iter(value.values())), str):
+        raise ValueError(f"node_types.{tname}: a file reference stands alone, got "
+                         f"{value!r}; give only nvidia_smi_topo: FILE or nccl_topo_xml: FILE")
     key, name = next(iter(value.items()))
     path = Path(name)
     if not path.is_absolute():
@@ -39,7 +39,9 @@ def _expand_node_file(data: dict, tname: str, value: dict) -> dict:
         from topology.ncclxml import build_node_type_from_nccl_xml
 
         nt, links = build_node_type_from_nccl_xml(text)
-    link_types = {**{k: v.model_dump() for k, v in links.items()}, **data.get("link_types", {})}
+    given = data.get("link_types")
+    link_types = ({**{k: v.model_dump() for k, v in links.items()}, **given}
+                  if isinstance(given, dict) else given)
     return {**data, "link_types": link_types,
             "node_types": {**data["node_types"], tname: nt.model_dump()}}
 
@@ -225,7 +227,10 @@ class ClusterSpec(_Spec):
             if set(rest) - {"name", "description", "unknown_topology"}:
                 raise ValueError(f"preset: give only name/description beside it, got "
                                  f"{sorted(rest)}")
-            args = dict(data["preset"] or {})
+            if not isinstance(data["preset"], dict):
+                raise ValueError(f"preset: expected a mapping like {{kind: l40s-leaf-spine, "
+                                 f"nodes: 64}}, got {data['preset']!r}")
+            args = dict(data["preset"])
             try:
                 spec = build_preset(args.pop("kind", "l40s-leaf-spine"), **args)
             except TypeError as e:
