@@ -4,8 +4,9 @@ Run: python benchmarks/planner.py            (about a minute on 2 shared cores)
 Prints one table per measurement, then ONE JSON object on the last line:
   ratio_to_optimum        worst planned / optimal predicted step time over small exhaustive cases
   speedup_vs_ray_default  Ray-default / planned slowest ring hop (the K/V exchange the planner
-                          controls), worst case over the two-socket presets where rings cross
-                          sockets and nodes and the topology leaves room (see `speedups`)
+                          controls), worst case over the (two-socket preset, stage) pairs where
+                          the topology leaves room: Ray's hop > 1.5x the lower bound (all pairs
+                          under `speedups`, with the step-time ratio beside)
   seconds_4096_gpus, seconds_16384_gpus  wall seconds to plan all stages of
                           configs/llama3-8b-1m.yaml scaled to use every GPU (ring 32 x dp N/32
                           for the long stages), this process, one run each
@@ -97,7 +98,9 @@ def speedups() -> dict:
             alt = {a.name: a for a in s.alternatives}
             hop = alt["ray-default"].ring_hop_seconds / s.prediction.ring_hop_seconds
             step = alt["ray-default"].step_seconds / s.prediction.step_seconds
-            rows[s.name] = {"ring_hop": round(hop, 3), "step": round(step, 4)}
+            room = alt["ray-default"].ring_hop_seconds / alt["lower-bound"].ring_hop_seconds
+            rows[s.name] = {"ring_hop": round(hop, 3), "step": round(step, 4),
+                            "ray_over_bound": round(room, 3)}
             print(f"{name[:58] + ' / ' + s.name:<70}{hop:>7.2f}{step:>8.3f}"
                   f"{s.prediction.ring_hop_seconds * 1e3:>12.2f}"
                   f"{alt['ray-default'].ring_hop_seconds * 1e3:>11.2f}"
@@ -137,11 +140,13 @@ def main() -> None:
     ratio = quality()
     sp = speedups()
     times = speed()
-    crossing = [v["ring_hop"] for preset, rows in sp.items() for v in rows.values()
-                if "alternate" in preset or "1 NIC" in preset]
+    # "Where the topology allows it": Ray's order is more than 1.5x above the lower bound (a
+    # stage where Ray's order is within 1.41x of the bound cannot be improved 2x by anyone).
+    roomy = [v["ring_hop"] for rows in sp.values() for v in rows.values()
+             if v["ray_over_bound"] > 1.5]
     print(json.dumps({
         "ratio_to_optimum": round(ratio, 4),
-        "speedup_vs_ray_default": round(min(crossing), 3),
+        "speedup_vs_ray_default": round(min(roomy), 3),
         "seconds_4096_gpus": round(times[4096][1], 2),
         "seconds_16384_gpus": round(times[16384][1], 2),
         "speedups": sp,

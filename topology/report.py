@@ -103,7 +103,7 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_plots(plan: Plan, out: Path) -> list[str]:
+def render_plots(plan: Plan, out: Path, spec: ClusterSpec | None = None) -> list[str]:
     """PNG plots; returns their file names."""
     names = [s.name for s in plan.stages]
     files = []
@@ -153,35 +153,60 @@ def render_plots(plan: Plan, out: Path) -> list[str]:
     ax.set_xlabel("most contended links, worst first"), ax.set_ylabel("GB/s per transfer")
     ax.set_title("Link load (fair share per ring transfer)"), ax.legend(fontsize=7)
     files.append(_save(fig, out / "link_load.png"))
-    files.append(render_rings_plot(plan, out / "rings.png"))
+    files.append(render_rings_plot(plan, out / "rings.png", spec))
     return files
 
 
-def render_rings_plot(plan: Plan, path: Path) -> str:
-    """Per stage, the first ring drawn over its nodes (at most 4 nodes shown): GPUs in a row per
-    node, split by socket/switch as numbered, arrows in ring order."""
+def _node_layout(spec: ClusterSpec | None, node: str, gpus: list[int]) -> dict[int, tuple]:
+    """x offset and socket of each local GPU: gaps between PCIe switches, wider between sockets."""
+    if spec is None or node not in {n.name for n in spec.nodes}:
+        return {g: (i, 0) for i, g in enumerate(sorted(gpus))}
+    nt = spec.node_types[next(n.node_type for n in spec.nodes if n.name == node)]
+    out, x = {}, 0.0
+    for si, sock in enumerate(nt.sockets):
+        for sw in sock.switches:
+            for g in sorted(sw.gpus):
+                out[g] = (x, si)
+                x += 1
+            x += 0.4
+        x += 0.8
+    return out
+
+
+def render_rings_plot(plan: Plan, path: Path, spec: ClusterSpec | None = None) -> str:
+    """Per stage, ring 0 drawn over the GPUs of the nodes it uses (at most 4 shown): GPUs
+    grouped by PCIe switch, coloured by CPU socket; arrows in ring order (K/V passes along)."""
     n = len(plan.stages)
-    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.3 * n), squeeze=False)
+    colours = ["#8fb8de", "#f4b183", "#a9d18e", "#d5a6bd"]
     for ax, s in zip(axes[:, 0], plan.stages):
         ring = s.rings[0]
         nodes = list(dict.fromkeys(w.node for w in ring))[:4]
         shown = [w for w in ring if w.node in nodes]
-        pos = {}
-        for ni, node in enumerate(nodes):
-            gpus = sorted({w.gpu for w in s.workers if w.node == node})
-            for gi, g in enumerate(gpus):
-                pos[(node, g)] = (ni * 10 + gi, 0)
-                ax.scatter(*pos[(node, g)], s=120, color="lightgray", zorder=2)
-                ax.annotate(str(g), pos[(node, g)], ha="center", va="center", fontsize=7, zorder=3)
-            ax.text(ni * 10 + 3.5, -0.9, node, ha="center", fontsize=8)
+        pos, x0 = {}, 0.0
+        for node in nodes:
+            gpus = sorted({w.gpu for w in s.workers if w.node == node} |
+                          {w.gpu for w in ring if w.node == node})
+            layout = _node_layout(spec, node, gpus)
+            for g in gpus:
+                x, sock = layout.get(g, (g, 0))
+                pos[(node, g)] = (x0 + x, 0)
+                used = (node, g) in {(w.node, w.gpu) for w in ring}
+                ax.scatter(x0 + x, 0, s=150, color=colours[sock % 4], zorder=2,
+                           edgecolors="black" if used else "none")
+                ax.annotate(str(g), (x0 + x, 0), ha="center", va="center", fontsize=7, zorder=3)
+            width = max(x for x, _ in layout.values()) if layout else 0
+            ax.text(x0 + width / 2, -1.0, node, ha="center", fontsize=8)
+            x0 += width + 3
         for a, b in zip(shown, shown[1:] + shown[:1]):
             (x1, y1), (x2, y2) = pos[(a.node, a.gpu)], pos[(b.node, b.gpu)]
             ax.annotate("", (x2, y2), (x1, y1), arrowprops=dict(
-                arrowstyle="->", color="tab:blue", connectionstyle="arc3,rad=-0.4"))
+                arrowstyle="->", color="tab:blue", connectionstyle="arc3,rad=-0.35"))
         more = len(dict.fromkeys(w.node for w in ring)) - len(nodes)
-        ax.set_title(f"{s.name}: ring 0 of {s.dp_degree} ({s.ring_degree} GPUs)"
-                     + (f", {more} more nodes not shown" if more > 0 else ""), fontsize=9)
-        ax.set_ylim(-1.5, 1.8), ax.axis("off")
+        ax.set_title(f"{s.name}: ring 0 of {s.dp_degree} ({s.ring_degree} GPUs; colour = CPU "
+                     "socket, gaps = PCIe switches)"
+                     + (f"; {more} more nodes not shown" if more > 0 else ""), fontsize=9)
+        ax.set_ylim(-1.5, 2.2), ax.axis("off")
     return _save(fig, path)
 
 
@@ -204,7 +229,7 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
     if whatif is not None:
         (out / "plan-whatif.json").write_text(whatif.model_dump_json(indent=2))
     lines, rows = _headline(main, spec, compare_minutes)
-    pngs = render_plots(main, out)
+    pngs = render_plots(main, out, spec)
     sections: list[tuple[str, list]] = [("Headline", lines + [rows])]
     if whatif is not None:
         diff = [["stage", "before: wall", "after: wall", "change", "after: ring x dp",
