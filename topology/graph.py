@@ -215,8 +215,16 @@ class Router:
         return self._node[node].node_type
 
     def nic_of(self, node: str, gpu: int) -> str:
-        """The NIC a GPU sends through (the closest one, as NCCL picks)."""
-        return self._nearest_nic[self.node_type(node)][gpu]
+        """The NIC a GPU sends through: the closest one (as NCCL picks) among the node's NICs
+        that are cabled to a leaf."""
+        tname = self.node_type(node)
+        spec = self._node[node]
+        if not spec.nic_leaves:  # all NICs on `leaf` (or none cabled): the per-type answer
+            return self._nearest_nic[tname][gpu]
+        paths = self._local_paths[tname]
+        cabled = [n for n in self.spec.node_types[tname].nics if spec.leaf_of(n) is not None]
+        return min((len(paths[(f"gpu{gpu}", n)]), n) for n in cabled
+                   if (f"gpu{gpu}", n) in paths)[1]
 
     def leaf_path(self, node: str, gpu: int) -> list[str]:
         """Switches from the GPU's NIC's leaf to the top (for grouping nodes by locality)."""

@@ -157,3 +157,15 @@ def test_without_nodes_names_unknown_node():
 def test_preset_form_rejects_extra_fields():
     with pytest.raises(ValidationError, match=r"preset: give only name/description"):
         ClusterSpec.model_validate({"preset": {"nodes": 2}, "nodes": []})
+
+
+def test_gpus_send_through_the_nearest_cabled_nic():
+    # Only nic3 (socket 1) of node-001 is cabled: its socket-0 GPUs cross the socket link to it.
+    data = _two_nodes()
+    data["nodes"][1] = {"name": "node-001", "node_type": "l40s-8x",
+                        "nic_leaves": {"nic3": "leaf-00"}}
+    spec = ClusterSpec.model_validate(data)
+    r = Router(spec, build_graph(spec))
+    assert r.nic_of("node-001", 0) == "nic3" and r.nic_of("node-000", 0) == "nic0"
+    route = r.route("node-001/gpu0", "node-000/gpu0")
+    assert ("node-001/cpu0", "node-001/cpu1") in route and ("node-001/nic3", "leaf-00") in route
