@@ -208,6 +208,11 @@ class Planner:
                         "shorten seq_len or add GPUs")
 
     def plan_rings(self, model, stage, ring: int, dp: int) -> tuple[Evaluated, list[str]]:
+        """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
+        (whole nodes in fabric order; per-node templates found by exhaustive search over one
+        node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
+        order), each evaluated on the full contention model, then pairwise swaps up to 16 GPUs.
+        Time: O(candidates x GPUs x route length), no all-pairs path search."""
         shape = StageShape.of(model, stage, ring, dp)
         check_fits(stage.name, shape, self.profile)
         total = ring * dp
@@ -228,7 +233,7 @@ class Planner:
         best = evals[name]
         notes = [f"placement: '{name}' chosen from {sorted(evals)} (step times within "
                  f"{TIE:.1%} count as equal; then the fastest ring hop wins)"]
-        if total <= 32:
+        if total <= 16:
             better = self.improve(best, shape)
             if better is not best:
                 notes.append("improved by pairwise swaps")
