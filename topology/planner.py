@@ -117,8 +117,11 @@ class Planner:
         # node before chunk k+1, so a ring keeps to one socket/NIC of each node it spans and the
         # sockets' links are left to the data-parallel sync. c = 1 strides nodes GPU by GPU.
         width = min(len(v) for v in by_node.values())
-        for c in [c for c in range(1, width) if width % c == 0 and ring % c == 0]:
-            units = [gs[k * c:(k + 1) * c] for k in range(width // c) for gs in by_node.values()]
+        for c in [c for c in range(1, width) if ring % c == 0
+                  and all(len(v) % c == 0 for v in by_node.values())]:
+            deepest = max(len(v) for v in by_node.values()) // c
+            units = [gs[k * c:(k + 1) * c] for k in range(deepest) for gs in by_node.values()
+                     if k * c < len(gs)]
             per = ring // c
             flat = [v for j, u in enumerate(units)
                     for v in (u if (j % per) % 2 == 0 else u[::-1])]
@@ -224,6 +227,8 @@ class Planner:
         cands = self.candidates(used, ring, dp)
         ray = self.ray_default_order()[:total]
         cands["ray-default order"] = [ray[i * ring:(i + 1) * ring] for i in range(dp)]
+        cands = {k: v for k, v in cands.items()  # a layout that does not fit is no candidate
+                 if len(v) == dp and all(len(r) == ring for r in v)}
         evals = {name: self.evaluate(r, shape) for name, r in cands.items()}
         # Step times within TIE of the best count as equal; among those the fastest ring wins:
         # it keeps headroom should the compute run faster than the MFU assumption.

@@ -149,3 +149,16 @@ def test_any_plan_partitions_the_gpus_and_never_loses_to_ray(nodes, per_leaf, ni
     # Ray's order is one of the candidates; the tie rule may trade 0.5% of step time for a
     # faster ring, never more
     assert stage.prediction.step_seconds <= ray.step_seconds * 1.005 + 1e-12
+
+
+def test_mixed_node_types_are_planned():
+    from topology.cluster import ClusterSpec
+    from topology.presets import build_l40s_node_type
+
+    data = build_leaf_spine_cluster(3, 2).model_dump()
+    data["node_types"]["small"] = build_l40s_node_type(nics=2, gpus=4).model_dump()
+    data["nodes"][2]["node_type"] = "small"
+    spec = ClusterSpec.model_validate(data)
+    plan = plan_run(spec, small_run(ring=4, dp=5, batch=5, workers=20))
+    workers = [(w.node, w.gpu) for w in plan.stages[0].workers]
+    assert len(set(workers)) == 20 and all(len(r) == 4 for r in plan.stages[0].rings)
