@@ -1,4 +1,4 @@
-"""ClusterSpec: a cluster's GPUs, PCIe tree, sockets, NICs and fabric switches (the topology seam)."""
+"""ClusterSpec: a cluster's GPUs, PCIe tree, sockets, NICs and fabric switches (a seam)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ class NodeTypeSpec(_Spec):
                              "local GPU index belongs to exactly one switch")
         if not gpus:
             raise ValueError("node type has no GPUs; list local GPU indices under a PCIe switch")
-        names = [s.name for s in self.sockets] + [sw.name for s in self.sockets for sw in s.switches]
+        names = [s.name for s in self.sockets]
+        names += [sw.name for s in self.sockets for sw in s.switches]
         names += self.nics
         dup_names = sorted(n for n, c in Counter(names).items() if c > 1)
         if dup_names:
@@ -164,7 +165,8 @@ class NodeSpec(_Spec):
     leaf: str | None = Field(None, description="Leaf switch all NICs plug into (null for a "
                              "single-node cluster).")
     nic_leaves: dict[str, str] = Field(default_factory=dict, description="Per-NIC leaf, "
-                                       "overriding `leaf` (rail-optimised fabrics: NIC k -> rail k).")
+                                       "overriding `leaf` (rail-optimised fabrics: NIC k -> "
+                                       "rail k).")
 
     def leaf_of(self, nic: str) -> str | None:
         return self.nic_leaves.get(nic, self.leaf)
@@ -175,7 +177,8 @@ class SwitchSpec(_Spec):
     across its members is modelled as perfect spreading over the aggregate uplink)."""
 
     name: str = Field(description="Switch name, e.g. 'leaf-00' or 'spine'.")
-    level: Literal["leaf", "spine", "core"] = Field(description="Level, closest to the nodes first.")
+    level: Literal["leaf", "spine", "core"] = Field(description="Level, closest to the nodes "
+                                                    "first.")
     parent: str | None = Field(None, description="The switch above (spine of a leaf, core of a "
                                "spine); null at the top.")
     uplink_gb_s: float | None = Field(None, description="Aggregate bandwidth to the parent per "
@@ -302,7 +305,8 @@ class ClusterSpec(_Spec):
                 roots.add(cur.name)
         if len(roots) > 1:
             raise ValueError(f"the fabric has several top switches {sorted(roots)} with no common "
-                             "parent, so their GPUs are disconnected; give them a common spine/core")
+                             "parent, so their GPUs are disconnected; give them a common "
+                             "spine/core")
 
     @property
     def num_gpus(self) -> int:

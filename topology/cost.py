@@ -1,8 +1,7 @@
-"""Cost model: step time, its parts and memory per GPU of one stage, from the graph and the rings."""
+"""Cost model: a stage's step time, its parts and memory per GPU, from the graph and the rings."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,14 +22,14 @@ class StageDoesNotFit(ValueError):
 class LinkLoads(Mapping):
     """Transfers per directed link (only links that carry any), built from a count array."""
 
-    def __init__(self, links: list[Link], counts: np.ndarray):
-        self._links, self._counts = links, counts
+    def __init__(self, links: list[Link], used: np.ndarray, counts: np.ndarray):
+        self._links, self._used, self._counts = links, used, counts
         self._index = None
 
     def _ids(self) -> dict[Link, int]:
         if self._index is None:
-            self._index = {self._links[i]: int(self._counts[i])
-                           for i in np.nonzero(self._counts)[0]}
+            self._index = {self._links[i]: c for i, c in zip(self._used.tolist(),
+                                                              self._counts.tolist())}
         return self._index
 
     def __getitem__(self, link: Link) -> int:
@@ -61,21 +60,38 @@ def evaluate_flows(router: Router, flows: list[tuple[str, str]], nbytes: float) 
     redistribution). Complexity: O(sum of route lengths)."""
     if not flows:
         return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
-    ids = [router.route_ids(a, b) for a, b in flows]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
-                       count=int(lengths.sum()))
-    loads = np.bincount(flat, minlength=len(router.links))
-    per_link = (router.bandwidth / np.maximum(loads, 1))[flat]
+    index = router.route_table().index
+    src = np.fromiter((index[a] for a, _ in flows), dtype=np.int64, count=len(flows))
+    dst = np.fromiter((index[b] for _, b in flows), dtype=np.int64, count=len(flows))
+    return evaluate_index_flows(router, src, dst, nbytes)
+
+
+def evaluate_index_flows(router: Router, src: np.ndarray, dst: np.ndarray,
+                         nbytes: float) -> FlowResult:
+    """`evaluate_flows` for GPUs given as RouteTable indices (no string lookups)."""
+    if len(src) == 0:
+        return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
+    routes = router.route_table().routes(src, dst)
+    valid = routes >= 0
+    lengths = valid.sum(axis=1)
+    flat = routes[valid]  # row-major: each flow's links together, flows in input order
+    used, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    per_link = (router.bandwidth[used] / counts)[inverse.reshape(-1)]
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     bw = np.minimum.reduceat(per_link, starts)
     lat = np.add.reduceat(router.latency_us[flat], starts) * 1e-6
     times = lat + nbytes / (bw * GB)
     w = int(np.argmax(times))
-    route = ids[w]
-    limit = route[int(np.argmin(per_link[starts[w]:starts[w] + lengths[w]]))]
+    limit = int(flat[starts[w] + int(np.argmin(per_link[starts[w]:starts[w] + lengths[w]]))])
     return FlowResult(float(times[w]), float(lat[w]), float(bw[w]), router.links[limit],
-                      LinkLoads(router.links, loads), times.tolist())
+                      LinkLoads(router.links, used, counts), times.tolist())
+
+
+def ring_index_flows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ring_flows` of rings given as a (rings, ring size) index array."""
+    if idx.shape[1] < 2:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return idx.ravel(), np.roll(idx, -1, axis=1).ravel()
 
 
 def ring_flows(rings: list[list[str]]) -> list[tuple[str, str]]:

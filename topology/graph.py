@@ -56,7 +56,7 @@ def build_node_graph(nt: NodeTypeSpec, spec: ClusterSpec) -> nx.Graph:
 
 
 def _uplink_capacity(spec: ClusterSpec) -> dict[str, float]:
-    """Aggregate uplink bandwidth of each fabric switch (explicit, or downlinks/oversubscription)."""
+    """Aggregate uplink bandwidth of each fabric switch (given, or downlinks / oversubscription)."""
     down: dict[str, float] = {s.name: 0.0 for s in spec.switches}
     for node in spec.nodes:
         nt = spec.node_types[node.node_type]
@@ -164,8 +164,8 @@ class Router:
     _fabric: dict[tuple[str, str], list[Link]] = field(default_factory=dict)
     link_id: dict[Link, int] = field(default_factory=dict)
     links: list[Link] = field(default_factory=list)
-    _ids_cache: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     _gpu_info: dict[str, tuple] = field(default_factory=dict)
+    _local_vertices: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Directed links numbered once, with their bandwidth and latency in arrays: the cost
@@ -200,16 +200,28 @@ class Router:
             self._local_paths[tname] = paths
             nearest = {}
             for i in nt.gpus:
-                reach = [(len(paths[(f"gpu{i}", n)]), n) for n in nt.nics if (f"gpu{i}", n) in paths]
+                reach = [(len(paths[(f"gpu{i}", n)]), n) for n in nt.nics
+                         if (f"gpu{i}", n) in paths]
                 if reach:
                     nearest[i] = min(reach)[1]
             self._nearest_nic[tname] = nearest
 
+    def route_table(self):
+        """The RouteTable of this cluster (built on first use)."""
+        if getattr(self, "_table", None) is None:
+            from topology.routes import RouteTable
+
+            self._table = RouteTable(self)
+        return self._table
+
     def node_vertices(self, node: str) -> list[str]:
         """The node's PCIe-tree vertices (GPUs, switches, sockets, NICs) in the graph."""
-        lp = self._local_paths[self.node_type(node)]
-        local = {x for pair in lp for x in pair} | {x for p in lp.values() for x in p}
-        return sorted(f"{node}/{x}" for x in local)
+        tname = self.node_type(node)
+        local = self._local_vertices.get(tname)
+        if local is None:
+            lp = self._local_paths[tname]
+            local = self._local_vertices[tname] = sorted({x for p in lp.values() for x in p})
+        return [f"{node}/{x}" for x in local]
 
     def node_type(self, node: str) -> str:
         return self._node[node].node_type
@@ -252,8 +264,8 @@ class Router:
             up, down = self._chain[a], self._chain[b]
             common = next(s for s in up if s in set(down))
             up, down = up[: up.index(common) + 1], down[: down.index(common) + 1]
-            hit = self._fabric[(a, b)] = (list(zip(up, up[1:]))
-                                          + [(y, x) for x, y in reversed(list(zip(down, down[1:])))])
+            descent = [(y, x) for x, y in reversed(list(zip(down, down[1:])))]
+            hit = self._fabric[(a, b)] = list(zip(up, up[1:])) + descent
         return hit
 
     def _gpu(self, gpu: str) -> tuple[str, str | None, list[int], list[int]]:
@@ -270,21 +282,6 @@ class Router:
                 hit = (node, None, [], [])
             self._gpu_info[gpu] = hit
         return hit
-
-    def route_ids(self, src: str, dst: str) -> list[int]:
-        """`route` as link numbers (indices into `links`)."""
-        sn, sleaf, up, _ = self._gpu(src)
-        dn, dleaf, _, down = self._gpu(dst)
-        if sn == dn:
-            hit = self._ids_cache.get((src, dst))
-            if hit is None:
-                hit = self._ids_cache[(src, dst)] = [self.link_id[x] for x in self.route(src, dst)]
-            return hit
-        fabric = self._ids_cache.get((sleaf, dleaf))
-        if fabric is None:
-            fabric = self._ids_cache[(sleaf, dleaf)] = [
-                self.link_id[x] for x in self._between_leaves(sleaf, dleaf)]
-        return up + fabric + down
 
     def route(self, src: str, dst: str) -> list[Link]:
         """Directed links a transfer from GPU vertex `src` to GPU vertex `dst` crosses."""

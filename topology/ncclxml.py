@@ -1,4 +1,4 @@
-"""Read the inside of a server from NCCL's topology dump (NCCL_TOPO_DUMP_FILE) into a NodeTypeSpec."""
+"""Read the inside of a server from NCCL's topology dump (NCCL_TOPO_DUMP_FILE)."""
 
 from __future__ import annotations
 

@@ -66,8 +66,8 @@ def parse_topo_matrix(text: str) -> tuple[list[str], dict[tuple[str, str], str],
         if row.startswith("GPU") and numa_col is not None and len(vals) > numa_col:
             if vals[numa_col].isdigit():
                 numa[row] = int(vals[numa_col])
-    legend = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(NIC\d+):\s*(\S+)", "\n".join(lines),
-                                                          re.M)}
+    legend = {m.group(1): m.group(2)
+              for m in re.finditer(r"^\s*(NIC\d+):\s*(\S+)", "\n".join(lines), re.M)}
     return devices, paths, legend, numa
 
 

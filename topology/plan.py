@@ -1,4 +1,4 @@
-"""Plan: what the planner decided per stage (rings, ring order, predictions) — the plan.json seam."""
+"""Plan: what the planner decided per stage (rings, order, predictions): plan.json."""
 
 from __future__ import annotations
 

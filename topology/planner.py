@@ -8,9 +8,11 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from topology.cluster import ClusterSpec
-from topology.cost import (FlowResult, StageCost, StageShape, check_fits, dp_flows,
-                           evaluate_flows, predict_stage, ring_flows)
+from topology.cost import (FlowResult, StageCost, StageShape, check_fits, evaluate_flows,
+                           evaluate_index_flows, predict_stage, ring_flows, ring_index_flows)
 from topology.graph import Router, build_graph, gpu_vertex, split_gpu_vertex
 from topology.profile import HardwareProfile, get_profile
 
@@ -52,7 +54,7 @@ class Planner:
         return [g for s in nt.sockets for sw in s.switches for g in sorted(sw.gpus)]
 
     def node_order(self) -> list[str]:
-        """Nodes grouped by fabric position (same leaf together, leaves under one spine together)."""
+        """Nodes grouped by fabric position (a leaf's nodes together, a spine's leaves together)."""
         def key(node):
             g = self.spec.node_types[node.node_type].gpus[0]
             return (list(reversed(self.router.leaf_path(node.name, g))), node.name)
@@ -72,8 +74,12 @@ class Planner:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, rings: list[list[str]], shape: StageShape) -> Evaluated:
-        ring = evaluate_flows(self.router, ring_flows(rings), shape.kv_block_bytes)
-        dp = evaluate_flows(self.router, dp_flows(rings), shape.kv_block_bytes)
+        index = self.router.route_table().index
+        idx = np.array([[index[v] for v in r] for r in rings], dtype=np.int64)
+        ring = evaluate_index_flows(self.router, *ring_index_flows(idx), shape.kv_block_bytes)
+        # data-parallel groups: the same ring rank across rings, in ring order
+        dp = evaluate_index_flows(self.router, *ring_index_flows(idx.T if len(rings) > 1 else
+                                                                 idx[:, :1]), shape.kv_block_bytes)
         return Evaluated(rings, ring, dp, predict_stage(shape, ring, dp, self.profile))
 
     # ---- candidates ---------------------------------------------------------------------------
@@ -86,8 +92,9 @@ class Planner:
             return self._template[key]
         gpus = self._local_order(node_type)
         g = len(gpus)
-        searches = (math.factorial(g) // (math.factorial(ring) ** (g // ring) * math.factorial(g // ring))
-                    * math.factorial(ring - 1) ** (g // ring))
+        k = g // ring
+        searches = (math.factorial(g) // (math.factorial(ring) ** k * math.factorial(k))
+                    * math.factorial(ring - 1) ** k)
         node = next(n for n, t in sorted(self._node_types.items()) if t == node_type)
         best, best_key = None, None
         for groups in (_partitions(tuple(gpus), ring, limit=5000) if searches <= 20000 else []):
@@ -194,7 +201,8 @@ class Planner:
                 raise PlanError(f"stage {stage.name!r}: seq_len {stage.seq_len} is not divisible "
                                 f"by 2 x ring_degree = {2 * x}; pick another ring_degree")
             dmax = n_gpus // x
-            ds = [d] if d != "auto" else [y for y in range(dmax, 0, -1) if stage.batch_size % y == 0]
+            ds = [d] if d != "auto" else [y for y in range(dmax, 0, -1)
+                                          if stage.batch_size % y == 0]
             for y in ds:
                 if x * y > n_gpus:
                     continue

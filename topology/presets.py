@@ -39,7 +39,8 @@ def build_l40s_node_type(nics: int = 4, gpus: int = 8, interleaved: bool = False
         switches = []
         for k in range(n_switches // 2):
             idx = s * (n_switches // 2) + k
-            nic = [NicSpec(name=f"nic{idx // every}", link="nic")] if every and idx % every == 0 else []
+            has_nic = every and idx % every == 0
+            nic = [NicSpec(name=f"nic{idx // every}", link="nic")] if has_nic else []
             pair = ([2 * k * 2 + s, (2 * k + 1) * 2 + s] if interleaved else [2 * idx, 2 * idx + 1])
             switches.append(PcieSwitchSpec(name=f"sw{idx}", gpus=pair, nics=nic))
         sockets.append(SocketSpec(name=f"cpu{s}", switches=switches))
@@ -104,7 +105,8 @@ def build_leaf_spine_cluster(nodes: int, nodes_per_leaf: int = 16, oversubscript
         for i in range(grp * nodes_per_leaf, min(nodes, (grp + 1) * nodes_per_leaf)):
             if rails:
                 node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
-                                           nic_leaves={f"nic{k}": leaf_names[k] for k in range(nics)}))
+                                           nic_leaves={f"nic{k}": leaf_names[k]
+                                                       for k in range(nics)}))
             else:
                 node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
                                            leaf=leaf_names[0]))

@@ -65,7 +65,8 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
         row = [s.name, f"{s.seq_len:,}", f"{s.rope_theta:,.0f}", f"{s.ring_degree} x {s.dp_degree}",
                f"{p.step_seconds:,.1f}", f"{p.tokens_per_second:,.0f}", f"{p.mfu:.0%}",
                _fmt_min(p.wall_minutes),
-               f"{p.ring_hop_seconds * 1e3:.2f} / {_alt(s, 'ray-default').ring_hop_seconds * 1e3:.2f}"
+               f"{p.ring_hop_seconds * 1e3:.2f} / "
+               f"{_alt(s, 'ray-default').ring_hop_seconds * 1e3:.2f}"
                f" / {_alt(s, 'lower-bound').ring_hop_seconds * 1e3:.2f}",
                f"{p.ring_headroom:.1f}x" if p.ring_headroom else "-",
                f"{worst.link} ({worst.flows} flows, {worst.share_gb_s:.1f} GB/s each)" if worst
@@ -135,7 +136,8 @@ def render_plots(plan: Plan, out: Path, spec: ClusterSpec | None = None) -> list
             ("planned", lambda s: (s.prediction.ring_hop_seconds, s.prediction.wall_minutes)),
             ("ray-default", lambda s: (_alt(s, "ray-default").ring_hop_seconds,
                                        _alt(s, "ray-default").wall_minutes)),
-            ("random", lambda s: (_alt(s, "random").ring_hop_seconds, _alt(s, "random").wall_minutes)),
+            ("random", lambda s: (_alt(s, "random").ring_hop_seconds,
+                                  _alt(s, "random").wall_minutes)),
             ("lower-bound", lambda s: (_alt(s, "lower-bound").ring_hop_seconds,
                                        _alt(s, "lower-bound").wall_minutes))]):
         vals = [get(s) for s in plan.stages]
@@ -272,7 +274,8 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
              "collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}")
     (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>ringpilot plan {html.escape(main.run)}"
+        "<!doctype html><html><head><meta charset='utf-8'><title>ringpilot plan "
+        f"{html.escape(main.run)}"
         f"</title><style>{style}</style></head><body><h1>ringpilot plan: run "
         f"{html.escape(main.run)} on {html.escape(spec.name)}</h1>{''.join(body)}</body></html>\n")
     (out / "summary.json").write_text(json.dumps(

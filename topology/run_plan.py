@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from topology.cluster import ClusterSpec
-from topology.cost import GB, StageShape, evaluate_flows, predict_stage, ring_flows
+from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
 from topology.planner import Evaluated, Planner, PlanError
 from topology.graph import split_gpu_vertex
