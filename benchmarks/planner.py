@@ -1,6 +1,6 @@
 """Planner benchmark: quality against exhaustive search and Ray's default order, and speed.
 
-Run: python benchmarks/planner.py            (about a minute on 2 shared cores)
+Run: python benchmarks/planner.py            (30-90 s on 2 shared cores)
 Prints one table per measurement, then ONE JSON object on the last line:
   ratio_to_optimum        worst planned / optimal predicted step time over small exhaustive cases
   speedup_vs_ray_default  Ray-default / planned slowest ring hop (the K/V exchange the planner
