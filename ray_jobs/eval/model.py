@@ -68,25 +68,32 @@ def max_model_length(path: str | Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
-def build_generate(model, tokenizer) -> Generate:
-    """Greedy decoding with a KV cache; stops at the EOS token or after max_new_tokens."""
+def greedy_tokens(model, input_ids, max_new_tokens: int, eos: int | None) -> list[int]:
+    """Greedy continuation of `input_ids` (1, S) with a KV cache; stops at `eos`."""
     import torch
 
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-
-    @torch.inference_mode()
-    def generate(prompt: str, max_new_tokens: int) -> str:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
         # logits_to_keep=1: only the last position's logits are needed, not (S, vocab) of them.
-        out, new = model(input_ids=ids, use_cache=True, logits_to_keep=1), []
+        out, new = model(input_ids=input_ids, use_cache=True, logits_to_keep=1), []
         for _ in range(max_new_tokens):
             token = int(out.logits[0, -1].argmax())
             if token == eos:
                 break
             new.append(token)
-            out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache,
-                        use_cache=True, logits_to_keep=1)
+            if len(new) == max_new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[token]], device=input_ids.device),
+                        cache=out.cache, use_cache=True, logits_to_keep=1)
+    return new
+
+
+def build_generate(model, tokenizer) -> Generate:
+    """A `Generate` that decodes greedily (the NIAH/RULER convention) on the model's device."""
+    device = next(model.parameters()).device
+
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        new = greedy_tokens(model, ids, max_new_tokens, tokenizer.eos_token_id)
         return tokenizer.decode(new, skip_special_tokens=True)
 
     return generate

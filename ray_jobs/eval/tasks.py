@@ -78,7 +78,7 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
     pieces do not add up exactly under BPE, so the real prompt is the judge)."""
     build = _BUILDERS[task]
     budget = length
-    for _ in range(12):
+    for _ in range(64):
         rng = random.Random(f"ringpilot-eval:{seed}:{task}:{length}:{depth}:{index}")
         parts = build(rng, budget, depth, count)
         prompt = parts["instruction"] + "\n\n" + parts["context"] + "\n\n" + parts["question"]
@@ -96,7 +96,8 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
                           prompt_tokens=n)
         if budget <= 0:
             break  # the filler is gone and the prompt still does not fit
-        budget -= n - limit
+        # The filler changes only when the budget crosses a sentence, so step at least 8 tokens.
+        budget -= max(n - limit, 8)
     raise ValueError(f"task {task}: context length {length} is too short to hold the task's "
                      f"instructions, needles and answer; use a length of at least "
                      f"{n + max_new} tokens")
