@@ -8,7 +8,7 @@ from pathlib import Path
 from ray_jobs.eval import tasks
 
 
-def build_tokenizer(vocab_size: int = 384):
+def build_tokenizer(vocab_size: int = 1000):
     """A byte-level BPE trained on text shaped like the evaluation prompts, as a
     PreTrainedTokenizerFast (what the trainer saves as tokenizer.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,10 +84,13 @@ def crash_on_first_attempt(request: dict) -> dict:
 
 
 def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, int, int]],
-                           checkpoint_every: int, *, threads: int = 1) -> dict:
+                           checkpoint_every: int, *, threads: int = 1,
+                           wait_for_first_eval: float = 0.0) -> dict:
     """A small real training loop (tiny Llama, AdamW, random tokens) that checkpoints as the
     trainer does: save, mark COMMITTED, then Ledger.commit_checkpoint. `stages` lists
-    (name, seq_len, steps). Returns steps done and tokens/s per stage."""
+    (name, seq_len, steps). With `wait_for_first_eval` seconds, training pauses after its first
+    checkpoint until that checkpoint's evaluation is in the ledger (proof that evaluation runs
+    while training is still going). Returns steps done and tokens/s per stage."""
     import time
 
     import torch
@@ -115,8 +118,24 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
                 path = Path(run_dir) / "checkpoints" / name / f"step-{step:06d}"
                 save_checkpoint(model, tokenizer, path)
                 ledger.commit_checkpoint(name, step, path, final=step == steps)
-                out["commits"].append((str(path.relative_to(run_dir)), time.time()))
+                rel = str(path.relative_to(run_dir))
+                out["commits"].append((rel, time.time()))
+                if wait_for_first_eval and len(out["commits"]) == 1:
+                    out["first_eval_during_training"] = _wait_for_eval(
+                        ledger, name, rel, wait_for_first_eval)
         out["steps"][name] = steps
         out["tokens_per_s"][name] = tokens / (time.perf_counter() - t0)
         ledger.finish_stage(name)
     return out
+
+
+def _wait_for_eval(ledger, stage: str, rel: str, timeout: float) -> str | None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = ledger.read().stages[stage].eval.get(rel)
+        if entry is not None and entry.status != "running":
+            return entry.status
+        time.sleep(0.2)
+    return None

@@ -120,7 +120,7 @@ class EvalScheduler:
         try:
             while not self._halt.is_set():
                 if self._current is None:
-                    pending = self._pending()
+                    pending = self.pending()
                     if pending:
                         self._submit(*pending[-1], attempt=1)  # newest first
                     elif self._draining.is_set():
@@ -134,7 +134,7 @@ class EvalScheduler:
             self._cancel_current()
             self._kill_actor()
 
-    def _pending(self) -> list[tuple[str, str]]:
+    def pending(self) -> list[tuple[str, str]]:
         """(stage, checkpoint path) committed and not yet evaluated, oldest to newest."""
         doc = self.ledger.read()
         order = {s.name: i for i, s in enumerate(self.run.stages)}

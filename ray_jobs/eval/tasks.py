@@ -165,8 +165,7 @@ def _keys_values(rng: random.Random, k: int) -> tuple[list[str], list[str]]:
     return keys, values
 
 
-_NIAH_INSTRUCTION = ("Below is a long text. Somewhere in it are special magic numbers, each "
-                     "belonging to a key. Read it and remember them; a question follows.")
+_NIAH_INSTRUCTION = "Remember the special magic numbers hidden in this text."
 
 
 def _niah(rng: random.Random, budget: int, depth: float, count: TokenCounter,
@@ -229,8 +228,8 @@ def _vt(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> d
     distractor = sorted(rng.random() for _ in range(VT_HOPS + 1))
     inserts += list(zip(distractor, chain(other, values[1])))
     context, offsets = _haystack(rng, budget, inserts, count)
-    return dict(instruction="Memorise the variable assignments hidden in the text below; a "
-                "question about them follows.", context=context, needle=offsets[0],
+    return dict(instruction="Track the variable assignments in this text.", context=context,
+                needle=offsets[0],
                 question=f"Which variables are assigned the value {values[0]}, directly or "
                 f"through other variables? Answer: the variables assigned {values[0]} are",
                 answers=target, metric="all")
@@ -251,7 +250,7 @@ def _cwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> d
         used += n
     rng.shuffle(items)
     context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-    return dict(instruction="Below is a numbered list of words. Some words appear several times.",
+    return dict(instruction="Some words in this numbered list repeat.",
                 context=context, question=f"What are the {CWE_WORDS} most common words in the "
                 "list above? Answer: the most common words are", answers=words, metric="all")
 
@@ -274,8 +273,8 @@ def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> d
         items += [w] * reps
         used += n
     rng.shuffle(items)
-    return dict(instruction="Below is a coded text of made-up words. Track how often each word "
-                "appears.", context=" ".join(items),
+    return dict(instruction="Count how often each coded word appears in this text.",
+                context=" ".join(items),
                 question=f"What are the {FWE_TOP} most frequent coded words in the text above? "
                 "Answer: the most frequent words are", answers=top, metric="all")
 
