@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -11,7 +12,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         md, page = render_run_report(args.run_dir)
     except FileNotFoundError as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {md} and {page}")
     return 0

@@ -33,7 +33,7 @@ def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
     """Score per (context length, needle depth) as a heatmap PNG."""
     plt = _pyplot()
     lengths, depths, grid = _grid(results, task)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(depths), 1.2 + 0.5 * len(lengths)))
+    fig, ax = plt.subplots(figsize=(3.0 + 0.7 * len(depths), 2.2 + 0.45 * len(lengths)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:g}%" for d in depths])
     ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
