@@ -103,17 +103,19 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
     model = build_tiny_model(len(tokenizer), max(s for _, s, _ in stages))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    out = {"steps": {}, "tokens_per_s": {}, "commits": []}
+    out = {"steps": {}, "tokens_per_s": {}, "commits": [], "step_spans": []}
     for name, seq_len, steps in stages:
         ledger.start_stage(name)
         t0, tokens = time.perf_counter(), 0
         for step in range(1, steps + 1):
+            begin = time.time()
             ids = torch.randint(0, len(tokenizer), (1, seq_len), generator=gen)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
             tokens += seq_len
+            out["step_spans"].append((begin, time.time(), seq_len))
             if step % checkpoint_every == 0 or step == steps:
                 path = Path(run_dir) / "checkpoints" / name / f"step-{step:06d}"
                 save_checkpoint(model, tokenizer, path)

@@ -60,6 +60,10 @@ class _EvalActor:
         import torch
 
         torch.set_num_threads(threads)  # its own CPUs only, never the training workers' cores
+        # Import the heavy modules now (~5-10 s here), not when the first checkpoint lands.
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        import ray_jobs.eval.report  # noqa: F401
 
     def ready(self) -> int:
         return os.getpid()
