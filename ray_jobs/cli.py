@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from ray_jobs.eval.cli import add_eval_parser
 from ray_jobs.spec import RunSpec
 from ray_jobs.specfile import SpecError, load_model
 
@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
+    from topology.cli import add_plan_parser  # `ringpilot plan`: the topology planner's report
+
+    add_plan_parser(sub)
+    from ray_jobs.eval.cli import add_eval_parser  # `ringpilot eval report`: evaluation
+
     add_eval_parser(sub)
     return parser
 
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `ringpilot ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
