@@ -9,14 +9,18 @@ Llama directory saved with its tokenizer. Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ray_jobs.eval import tasks as task_lib
-from ray_jobs.eval.model import (CheckpointError, build_generate, build_token_counter,
-                                 check_checkpoint, load_checkpoint, max_model_length)
-from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, evaluate, parse_checkpoint_path
-from ray_jobs.spec import EvalSpec
+from ray_jobs.eval.model import (TRAINER_STATE, CheckpointError, build_generate,
+                                 build_token_counter, check_checkpoint, load_checkpoint,
+                                 max_model_length)
+from ray_jobs.eval.runner import (MAX_TOKENS_PER_EVALUATOR, evaluate, parse_checkpoint_path,
+                                  plan_lengths)
+from ray_jobs.spec import EvalSpec, RunSpec
+from ray_jobs.specfile import SpecError, load_model
 
 _DEFAULTS = EvalSpec()
 
@@ -29,8 +33,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    metavar="TASK", help=f"tasks, from {', '.join(task_lib.ALL_TASKS)} "
                    f"(default: {' '.join(_DEFAULTS.tasks)})")
     p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="TOKENS",
-                   help="context lengths (default: the model's max_position_embeddings and its "
-                   "quarter)")
+                   help="context lengths (default: with --run, the checkpoint's stage length and "
+                   "the shorter stages'; else trainer_state's seq_len; else the model's "
+                   "max_position_embeddings and its quarter)")
+    p.add_argument("--run", type=Path, default=None,
+                   help="the run's RunSpec YAML, for the default lengths of a ringpilot checkpoint")
     p.add_argument("--depths", nargs="+", type=float, default=list(_DEFAULTS.depths),
                    metavar="PERCENT", help="needle depths in percent")
     p.add_argument("--samples", type=int, default=_DEFAULTS.samples, help="samples per cell")
@@ -51,6 +58,23 @@ def default_out_dir(checkpoint: Path) -> Path:
     return Path(f"eval-{checkpoint.resolve().name}")
 
 
+def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
+    stage, _ = parse_checkpoint_path(checkpoint)
+    if run_file is not None:
+        run = load_model(run_file, RunSpec)
+        names = [s.name for s in run.stages]
+        if stage not in names:
+            raise SpecError(str(run_file), [f"stages: no stage named {stage!r} (the checkpoint's "
+                                             f"stage); stages are {names}"])
+        return plan_lengths([s.seq_len for s in run.stages], names.index(stage),
+                            run.eval.context_lengths)
+    state = checkpoint / TRAINER_STATE / "state.json"
+    if state.is_file() and json.loads(state.read_text()).get("seq_len"):
+        return [int(json.loads(state.read_text())["seq_len"])]
+    longest = max_model_length(checkpoint) or 4096
+    return sorted({longest, max(longest // 4, 128)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
@@ -58,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lengths = args.lengths
-    if not lengths:
-        longest = max_model_length(args.checkpoint) or 4096
-        lengths = sorted({longest, max(longest // 4, 128)})
+    try:
+        lengths = args.lengths or default_lengths(args.checkpoint, args.run)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     out = args.out or default_out_dir(args.checkpoint)
     results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),

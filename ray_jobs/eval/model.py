@@ -89,10 +89,15 @@ def greedy_tokens(model, input_ids, max_new_tokens: int, eos: int | None) -> lis
 
 def build_generate(model, tokenizer) -> Generate:
     """A `Generate` that decodes greedily (the NIAH/RULER convention) on the model's device."""
+    import torch
+
     device = next(model.parameters()).device
 
     def generate(prompt: str, max_new_tokens: int) -> str:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if tokenizer.bos_token_id is not None:  # as ringpilot's trainer starts every sequence
+            ids = [tokenizer.bos_token_id] + ids
+        ids = torch.tensor([ids], device=device)
         new = greedy_tokens(model, ids, max_new_tokens, tokenizer.eos_token_id)
         return tokenizer.decode(new, skip_special_tokens=True)
 

@@ -199,7 +199,10 @@ class EvalScheduler:
     def _retry_or_fail(self, error: str) -> None:
         cur = self._current
         log.warning("%s on %s (attempt %d)", error, cur["path"], cur["attempt"])
-        if cur["attempt"] <= self.run.eval.max_retries and is_committed(self.run_dir / cur["path"]):
+        if not is_committed(self.run_dir / cur["path"]):
+            self._finish("failed", error=f"{error}; the checkpoint is gone (pruned by "
+                         "storage.keep_last) so it cannot be retried")
+        elif cur["attempt"] <= self.run.eval.max_retries:
             self._current = None
             self._submit(cur["stage"], cur["path"], cur["attempt"] + 1)
         else:

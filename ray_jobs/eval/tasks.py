@@ -84,7 +84,7 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
         prompt = parts["instruction"] + "\n\n" + parts["context"] + "\n\n" + parts["question"]
         answers = tuple(parts["answers"])
         max_new = sum(count(" " + a) for a in answers) + 2 * len(answers) + 4
-        limit = length - max_new
+        limit = length - max_new - 1  # 1: room for the BOS token the model may expect
         n = count(prompt)
         if n <= limit:
             start = len(parts["instruction"]) + 2

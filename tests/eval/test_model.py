@@ -69,3 +69,21 @@ def test_standalone_writes_next_to_the_run_and_refuses_incomplete(checkpoints, c
     rc = standalone.main(["--checkpoint", str(checkpoints["incomplete"])])
     assert rc == 2
     assert "is incomplete" in capsys.readouterr().err
+
+
+def test_standalone_default_lengths_from_trainer_state_or_the_run(checkpoints, tmp_path):
+    ckpt = checkpoints["committed"]  # .../checkpoints/s256/step-000004
+    (ckpt / "trainer_state/state.json").write_text('{"stage": "s256", "seq_len": 256}')
+    assert standalone.default_lengths(ckpt, None) == [256]
+    assert standalone.default_lengths(checkpoints["plain"], None) == [128, 512]  # max_position
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "name: t\nmodel: {vocab_size: 1000, hidden_size: 32, intermediate_size: 64, "
+        "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "
+        "rope_theta: 10000.0, pretrain_seq_len: 192}\n"
+        "stages:\n - {name: s192, seq_len: 192, steps: 1, lr: 0.001}\n"
+        " - {name: s256, seq_len: 256, steps: 1, lr: 0.001}\n"
+        "resources: {workers: 1}\nstorage: {path: /tmp/x}\n")
+    assert standalone.default_lengths(ckpt, run) == [192, 256]
+    rc = standalone.main(["--checkpoint", str(checkpoints["plain"]), "--run", str(run)])
+    assert rc == 2  # the plain directory names no stage of the run
