@@ -141,3 +141,11 @@ def _wait_for_eval(ledger, stage: str, rel: str, timeout: float) -> str | None:
             return entry.status
         time.sleep(0.2)
     return None
+
+
+def hang(request: dict) -> dict:
+    """An evaluation that never finishes (a stuck device): only cancelling ends it."""
+    import time
+
+    while True:
+        time.sleep(1)

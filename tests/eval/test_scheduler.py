@@ -102,3 +102,22 @@ def test_gives_up_after_max_retries_and_refuses_an_incomplete_checkpoint(ray_clu
     assert "checkpoints/s384/step-000004" not in doc.stages["s384"].eval
     mark_committed(run_dir / "checkpoints/s384/step-000004")  # marker alone is not enough
     assert ("s384", "checkpoints/s384/step-000004") not in EvalScheduler(run, run_dir).pending()
+
+
+def test_stop_cancels_an_evaluation_that_outlives_its_timeout(ray_cluster, tmp_path, tiny_model,
+                                                             tokenizer):
+    import time
+
+    run = tiny_run(tmp_path, context_lengths=[200])
+    run_dir = tmp_path / run.name
+    ledger = Ledger(run_dir, run.name)
+    path = fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s192/step-000002")
+    ledger.commit_checkpoint("s192", 2, path)
+    scheduler = EvalScheduler(run, run_dir, evaluate_fn=fixtures.hang).start()
+    deadline = time.monotonic() + 60
+    while not scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scheduler.busy
+    scheduler.stop(wait=True, timeout=1)
+    entry = ledger.read().stages["s192"].eval["checkpoints/s192/step-000002"]
+    assert entry.status == "failed" and entry.error.startswith("cancelled: the scheduler was stopped")
