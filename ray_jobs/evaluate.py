@@ -3,7 +3,7 @@
 PATH is a committed ringpilot checkpoint (checkpoints/<stage>/step-NNNNNN/) or any Hugging Face
 Llama directory saved with its tokenizer. Examples:
     python -m ray_jobs.evaluate --checkpoint /tmp/ringpilot/runs/tiny/checkpoints/s1k/step-000060
-    python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah vt --lengths 1024 4096 --out ev/
+    python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah vt --lengths 1024 4096 --out ev
 """
 
 from __future__ import annotations

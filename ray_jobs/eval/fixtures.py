@@ -43,7 +43,8 @@ def build_tiny_model(vocab_size: int, max_len: int = 1024, theta: float = 10_000
 def save_checkpoint(model, tokenizer, path: str | Path, *, ringpilot: bool = True,
                     commit: bool = True) -> Path:
     """Write a checkpoint as the trainer does: HF files, tokenizer, trainer_state/, then the
-    COMMITTED marker (`ringpilot=False`: a plain HF directory; `commit=False`: an incomplete one)."""
+    COMMITTED marker (`ringpilot=False`: a plain HF directory; `commit=False`: an incomplete
+    one)."""
     from ray_jobs.ledger import mark_committed
 
     path = Path(path)

@@ -23,7 +23,8 @@ def check_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a committed checkpoint "
-                              "directory (checkpoints/<stage>/step-NNNNNN/) or a HF Llama directory")
+                              "directory (checkpoints/<stage>/step-NNNNNN/) or a HF Llama "
+                              "directory")
     if (path / TRAINER_STATE).is_dir() and not (path / COMMITTED).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: it has {TRAINER_STATE}/ but no "
                               f"{COMMITTED} marker (the trainer was still writing it, or crashed); "

@@ -42,7 +42,8 @@ def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    where = f"{results.stage} step {results.step}" if results.stage else Path(results.checkpoint).name
+    where = (f"{results.stage} step {results.step}" if results.stage
+             else Path(results.checkpoint).name)
     ax.set_title(f"{task}: {where}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Reference "models" for the harness tests: one that reads answers from the prompt, one constant."""
+"""Reference "models" for the harness tests: one reads answers from the prompt, one is constant."""
 
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def test_gives_up_after_max_retries_and_refuses_an_incomplete_checkpoint(ray_clu
     good = fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s192/step-000002")
     ledger.commit_checkpoint("s192", 2, good)
     # Committed, then its directory lost a file: the actor refuses it, without retrying.
-    broken = fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s384/step-000002")
+    broken = fixtures.save_checkpoint(tiny_model, tokenizer,
+                                      run_dir / "checkpoints/s384/step-000002")
     ledger.commit_checkpoint("s384", 2, broken)
     (broken / "tokenizer.json").unlink()
     # Written but never committed: not in the ledger, so never evaluated.
@@ -120,4 +121,5 @@ def test_stop_cancels_an_evaluation_that_outlives_its_timeout(ray_cluster, tmp_p
     assert scheduler.busy
     scheduler.stop(wait=True, timeout=1)
     entry = ledger.read().stages["s192"].eval["checkpoints/s192/step-000002"]
-    assert entry.status == "failed" and entry.error.startswith("cancelled: the scheduler was stopped")
+    assert entry.status == "failed"
+    assert entry.error.startswith("cancelled: the scheduler was stopped")
