@@ -88,3 +88,32 @@ def test_standalone_default_lengths_from_trainer_state_or_the_run(checkpoints, t
     assert standalone.default_lengths(ckpt, run) == [192, 256]
     rc = standalone.main(["--checkpoint", str(checkpoints["plain"]), "--run", str(run)])
     assert rc == 2  # the plain directory names no stage of the run
+
+
+def test_a_model_that_memorised_the_answer_scores_through_the_real_decode_path(tokenizer,
+                                                                              count_tokens,
+                                                                              tmp_path):
+    """Tokenisation, checkpoint round trip, greedy decoding and scoring together: a tiny model
+    overfit on one NIAH prompt + answer gets it right; the same model untrained does not."""
+    import torch
+
+    from ray_jobs.eval import tasks
+    from ray_jobs.eval.runner import evaluate
+
+    sample = tasks.build_samples("niah", 256, 50.0, 1, 0, count_tokens)[0]
+    model = fixtures.build_tiny_model(len(tokenizer), 512, seed=1)
+    fixtures.save_checkpoint(model, tokenizer, tmp_path / "untrained", ringpilot=False)
+    ids = torch.tensor([tokenizer(f"{sample.prompt} {sample.answers[0]}.",
+                                  add_special_tokens=False).input_ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    fixtures.save_checkpoint(model, tokenizer, tmp_path / "memorised", ringpilot=False)
+    scores = {}
+    for name in ("untrained", "memorised"):
+        generate = build_generate(*load_checkpoint(tmp_path / name))
+        scores[name] = evaluate(generate, count_tokens, checkpoint=name, tasks=["niah"],
+                                lengths=[256], depths=[50.0], samples=1, seed=0).scores["niah"]
+    assert scores == {"untrained": 0.0, "memorised": 1.0}
