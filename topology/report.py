@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import matplotlib
@@ -69,7 +68,8 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
                f"{_alt(s, 'ray-default').ring_hop_seconds * 1e3:.2f}"
                f" / {_alt(s, 'lower-bound').ring_hop_seconds * 1e3:.2f}",
                f"{p.ring_headroom:.1f}x" if p.ring_headroom else "-",
-               f"{worst.link} ({worst.flows} flows, {worst.share_gb_s:.1f} GB/s each)" if worst
+               f"{worst.link} ({worst.flows} flow{'s' if worst.flows != 1 else ''}, "
+               f"{worst.share_gb_s:.1f} GB/s each)" if worst
                else "none (ring of 1)", f"{sum(p.memory_gb.values()):.1f}"]
         if compare:
             row.append(_published(s, compare[i], plan.profile) if i < len(compare) else "")
@@ -278,7 +278,5 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
         f"{html.escape(main.run)}"
         f"</title><style>{style}</style></head><body><h1>ringpilot plan: run "
         f"{html.escape(main.run)} on {html.escape(spec.name)}</h1>{''.join(body)}</body></html>\n")
-    (out / "summary.json").write_text(json.dumps(
-        {"total_wall_minutes": sum(s.prediction.wall_minutes for s in main.stages)}))
     extra = ["plan-whatif.json"] if whatif is not None else []
     return [out / f for f in ["plan.json", *extra, "report.md", "report.html", *pngs]]
