@@ -222,7 +222,7 @@ def _save(fig, path: Path) -> str:
 def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
                   whatif: Plan | None = None, whatif_label: str = "",
                   compare_minutes: list[float] | None = None) -> list[Path]:
-    """Write plan.json (the what-if plan if given, else the plan), report.md, report.html and
+    """Write plan.json, plan-whatif.json (with a what-if), report.md, report.html and
     PNGs into `out`; return the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
