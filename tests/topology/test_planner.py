@@ -137,7 +137,9 @@ def test_plan_from_workers_refuses_bad_degrees():
 def test_any_plan_partitions_the_gpus_and_never_loses_to_ray(nodes, per_leaf, nics, interleaved,
                                                              over, ring_pow):
     spec = build_leaf_spine_cluster(nodes, per_leaf, over, nics=nics, interleaved=interleaved)
-    ring = min(2**ring_pow, 8 * nodes)
+    ring = 2**ring_pow
+    while (8 * nodes) % ring:  # a power-of-two ring that tiles the GPUs (and divides 65536 / 2)
+        ring //= 2
     dp = 8 * nodes // ring
     run = small_run(ring=ring, dp=dp, batch=dp, workers=8 * nodes, seq_len=65536)
     plan = plan_run(spec, run)
