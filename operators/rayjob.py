@@ -104,8 +104,8 @@ def _ray_container(name: str, spec: StagedTrainingSpec, resources: dict[str, Any
         mounts.append({"name": "storage", "mountPath": spec.storage.path})
     if spec.topology.source == "config-map":
         mounts.append({"name": "cluster", "mountPath": CLUSTER_DIR, "readOnly": True})
-    container = {"name": name, "image": spec.image, "resources": {"requests": resources,
-                                                                  "limits": resources},
+    container = {"name": name, "image": spec.image,
+                 "resources": {"requests": dict(resources), "limits": dict(resources)},
                  "securityContext": build_container_security(), "volumeMounts": mounts}
     if ports:
         container["ports"] = ports
@@ -142,6 +142,9 @@ def build_ray_cluster_spec(spec: StagedTrainingSpec, excluded: list[str]) -> dic
                   "containers": [_ray_container("ray-worker", spec, worker_res)]}
     if affinity:
         worker_pod["affinity"] = affinity
+    if res.device == "gpu":  # GPU nodes are commonly tainted so only GPU work lands there
+        worker_pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoSchedule"}]
     auth: dict[str, Any] = {"mode": "token"}
     if spec.ray_cluster.auth_secret:
         auth["secretName"] = spec.ray_cluster.auth_secret

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from operators.cli import add_manifests_parser
 from ray_jobs.spec import RunSpec
 from ray_jobs.specfile import SpecError, load_model
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
+    add_manifests_parser(sub)
     return parser
 
 
