@@ -38,22 +38,27 @@ def api(tmp_path: Path) -> Iterator[KMockThread]:
         yield server
 
 
-def start_operator(api: KMockThread, tmp_path: Path) -> subprocess.Popen:
+def start_operator(api: KMockThread, tmp_path: Path, identity: str | None) -> subprocess.Popen:
+    """`kopf run` directly, or `python -m operators` (Lease first) when given an identity."""
     env = {**os.environ, "KUBECONFIG": str(api.kubeconfig()), "RINGPILOT_POLL_SECONDS": "0.5",
            "RINGPILOT_BACKOFF_SECONDS": "0.2", "PYTHONPATH": str(REPO),
            "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     log = open(tmp_path / "operator.log", "w")
-    return subprocess.Popen(  # --verbose: the log is printed when a test fails
-        [sys.executable, "-m", "kopf", "run", "--verbose", "--standalone", "--namespace", NS,
-         "-m", "operators.handlers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if identity is None:  # --verbose: the log is printed when a test fails
+        cmd = ["-m", "kopf", "run", "--verbose", "--standalone", "--namespace", NS,
+               "-m", "operators.handlers"]
+    else:
+        cmd = ["-m", "operators", "--namespace", NS, "--identity", identity]
+    return subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 @pytest.fixture
 def operator(api: KMockThread, tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
 
-    def start() -> subprocess.Popen:
-        procs.append(start_operator(api, tmp_path))
+    def start(identity: str | None = None) -> subprocess.Popen:
+        procs.append(start_operator(api, tmp_path, identity))
         return procs[-1]
 
     yield start
@@ -119,7 +124,7 @@ def test_stages_advance_retry_and_give_up(api, operator, tmp_path):
 
 
 def test_operator_restart_resumes_mid_stage(api, operator):
-    first = operator()
+    first = operator("replica-a")
     create_training(api, retries=1)
     wait_for("the first stage's RayJob", lambda: "tiny-s256-a1" in jobs(api))
     wait_for("status Running", lambda: status(api).get("phase") == "Running")
@@ -127,7 +132,16 @@ def test_operator_restart_resumes_mid_stage(api, operator):
     first.wait(15)
     # While the operator is down the stage finishes; the new one must pick up from there.
     set_job_status(api, "tiny-s256-a1", "SUCCEEDED", "Complete")
-    operator()
+    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
+                        "ringpilot-operator")
+    assert lease["spec"].get("holderIdentity") is None  # released on a clean stop
+    operator("replica-b")
     wait_for("the second stage's RayJob after restart", lambda: "tiny-s1k-a1" in jobs(api))
     assert "tiny-s256-a2" not in jobs(api)
     wait_for("status at s1k", lambda: status(api).get("current_stage") == "s1k")
+    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
+                        "ringpilot-operator")
+    assert lease["spec"]["holderIdentity"] == "replica-b"
+    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
+                        "ringpilot-operator")
+    assert lease["spec"]["holderIdentity"] == "replica-b"
