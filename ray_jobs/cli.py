@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from operators.cli import add_manifests_parser
 from ray_jobs.spec import RunSpec
 from ray_jobs.specfile import SpecError, load_model
 
@@ -52,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
+    from topology.cli import add_plan_parser  # `ringpilot plan`: the topology planner's report
+
+    add_plan_parser(sub)
+    from operators.cli import add_manifests_parser  # `ringpilot manifests`: k8s objects
+
     add_manifests_parser(sub)
     return parser
 
