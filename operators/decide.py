@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import yaml
 from pydantic import ValidationError
 
-from operators.rayjob import build_configmap, build_rayjob, worker_pods
+from operators.rayjob import CLUSTER_FILE, build_configmap, build_rayjob, worker_pods
 from operators.resource import (Condition, StagedTrainingSpec, StagedTrainingStatus, StageStatus)
 from ray_jobs.ledger import LedgerDoc
-from ray_jobs.specfile import format_errors
+from ray_jobs.specfile import SpecError, format_errors, validate_data
 
 # What KubeRay reports (RayJob status.jobStatus / status.jobDeploymentStatus).
 JOB_SUCCEEDED = {"SUCCEEDED"}
@@ -162,10 +163,32 @@ def _read_status(st: dict[str, Any]) -> StagedTrainingStatus:
     return StagedTrainingStatus.model_validate(known)
 
 
+def plan_topology(spec: StagedTrainingSpec, cluster_yaml: str | None) -> str | None:
+    """Why the topology ConfigMap cannot be used (None: it can, or none is needed)."""
+    if spec.topology.source != "config-map":
+        return None
+    where = f"ConfigMap {spec.topology.config_map}"
+    if cluster_yaml is None:
+        return f"{where} (key {CLUSTER_FILE}) not found; create it or use topology.source: " \
+               "node-labels"
+    from topology.cluster import ClusterSpec  # the topology seam, only when asked for
+
+    try:
+        validate_data(yaml.safe_load(cluster_yaml), ClusterSpec, source=where)
+    except SpecError as e:
+        return "; ".join([f"{where}: {line}" for line in e.lines])
+    except yaml.YAMLError as e:
+        return f"{where}: {CLUSTER_FILE} is not YAML ({e.__class__.__name__})"
+    return None
+
+
 def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[dict[str, Any]],
                    now: dt.datetime, ledger: LedgerDoc | None = None,
-                   settings: Settings = Settings()) -> Decision:
-    """Everything the operator should do for one StagedTraining, given what it observes."""
+                   settings: Settings = Settings(), cluster_yaml: str | None = None) -> Decision:
+    """Everything the operator should do for one StagedTraining, given what it observes.
+
+    `cluster_yaml` is the topology ConfigMap's cluster.yaml when spec.topology names one.
+    """
     try:
         spec = StagedTrainingSpec.model_validate(st.get("spec") or {})
     except ValidationError as e:
@@ -173,8 +196,20 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
     meta = st["metadata"]
     generation = meta.get("generation")
     status = _read_status(st)
-    actions: list[Action] = [ApplyConfigMap(build_configmap(st, spec))]
     conds = _set_condition(status.conditions, "SpecValid", "True", "Valid", "", now)
+    problem = plan_topology(spec, cluster_yaml)
+    if problem is not None:  # nothing can start without its topology: wait for the ConfigMap
+        was = next((c for c in status.conditions if c.type == "TopologyReady"), None)
+        conds = _set_condition(conds, "TopologyReady", "False", "ClusterSpecUnusable", problem,
+                               now)
+        actions: list[Action] = [Requeue(settings.poll_seconds)]
+        if was is None or was.status != "False" or was.message != problem:
+            actions.insert(0, Emit("Warning", "ClusterSpecUnusable", problem))
+        new = status.model_copy(update={"conditions": conds, "observedGeneration": generation})
+        return Decision(new.model_dump(mode="json"), actions)
+    if spec.topology.source == "config-map":
+        conds = _set_condition(conds, "TopologyReady", "True", "ClusterSpecValid", "", now)
+    actions = [ApplyConfigMap(build_configmap(st, spec, cluster_yaml))]
     jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
 
     # Stages are matched by name, so an edited spec keeps what already ran.

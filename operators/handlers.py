@@ -25,7 +25,7 @@ from kubernetes import client, config
 
 from operators.apply import apply_decision
 from operators.decide import Requeue, Settings, plan_reconcile
-from operators.rayjob import LABEL_TRAINING
+from operators.rayjob import CLUSTER_FILE, LABEL_TRAINING
 from operators.resource import GROUP, PLURAL, VERSION
 from ray_jobs.ledger import LEDGER_FILE, LedgerDoc
 
@@ -70,6 +70,20 @@ def read_ledger(spec: dict[str, Any]) -> LedgerDoc | None:
     except (KeyError, TypeError, OSError, ValueError) as e:
         log.warning("run ledger not readable: %s", e)
     return None
+
+
+def read_cluster_yaml(api: client.ApiClient, ns: str, spec: dict[str, Any]) -> str | None:
+    """cluster.yaml of the topology ConfigMap named by the spec, if it names one and it exists."""
+    topology = spec.get("topology") or {}
+    if topology.get("source") != "config-map" or not topology.get("config_map"):
+        return None
+    try:
+        cm = client.CoreV1Api(api).read_namespaced_config_map(topology["config_map"], ns)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return (cm.data or {}).get(CLUSTER_FILE)
 
 
 @kopf.on.startup()
@@ -146,7 +160,8 @@ def _reconcile_one(memo: kopf.Memo, st: dict[str, Any]) -> dict[str, Any] | None
         o.get("uid") == uid for o in j.get("metadata", {}).get("ownerReferences", []) or [])]
     now = dt.datetime.now(dt.timezone.utc)
     decision = plan_reconcile(st, jobs, list(memo.cache.nodes.values()), now,
-                              read_ledger(st.get("spec") or {}), memo.settings)
+                              read_ledger(st.get("spec") or {}), memo.settings,
+                              read_cluster_yaml(memo.api, ns, st.get("spec") or {}))
     updated = apply_decision(memo.api, st, decision, now)
     waits = [a.after for a in decision.of(Requeue)]
     if waits and min(waits) < memo.settings.poll_seconds:

@@ -14,8 +14,7 @@ RAY_API_VERSION = "ray.io/v1"
 RAY_VERSION = "2.60.0"
 RUN_DIR = "/etc/ringpilot/run"  # the run ConfigMap, mounted in the submitter pod
 RUN_FILE = "run.yaml"
-CLUSTER_FILE = "cluster.yaml"
-CLUSTER_DIR = "/etc/ringpilot/cluster"
+CLUSTER_FILE = "cluster.yaml"  # the ClusterSpec, copied beside run.yaml (topology: config-map)
 LABEL_TRAINING = "ringpilot.io/training"
 LABEL_STAGE = "ringpilot.io/stage"
 LABEL_ATTEMPT = "ringpilot.io/attempt"
@@ -47,18 +46,23 @@ def build_run_yaml(spec: StagedTrainingSpec) -> str:
     """The RunSpec file the trainer reads; the cluster file, if any, sits beside it."""
     data = spec.run_spec().model_dump(mode="json")
     if spec.topology.source == "config-map":
-        data["resources"]["cluster"] = f"{CLUSTER_DIR}/{CLUSTER_FILE}"
+        data["resources"]["cluster"] = CLUSTER_FILE  # relative to run.yaml, in the working dir
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def build_configmap(st: dict[str, Any], spec: StagedTrainingSpec) -> dict[str, Any]:
+def build_configmap(st: dict[str, Any], spec: StagedTrainingSpec,
+                    cluster_yaml: str | None = None) -> dict[str, Any]:
+    """The ConfigMap the job's working dir is made of: run.yaml (+ cluster.yaml)."""
     meta = st["metadata"]
+    data = {RUN_FILE: build_run_yaml(spec)}
+    if cluster_yaml is not None:
+        data[CLUSTER_FILE] = cluster_yaml
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": configmap_name(meta["name"]), "namespace": meta["namespace"],
                      "labels": {LABEL_TRAINING: meta["name"]},
                      "ownerReferences": [build_owner_reference(st)]},
-        "data": {RUN_FILE: build_run_yaml(spec)},
+        "data": data,
     }
 
 
@@ -102,8 +106,6 @@ def _ray_container(name: str, spec: StagedTrainingSpec, resources: dict[str, Any
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
     if spec.ray_cluster.storage_claim:
         mounts.append({"name": "storage", "mountPath": spec.storage.path})
-    if spec.topology.source == "config-map":
-        mounts.append({"name": "cluster", "mountPath": CLUSTER_DIR, "readOnly": True})
     container = {"name": name, "image": spec.image,
                  "resources": {"requests": dict(resources), "limits": dict(resources)},
                  "securityContext": build_container_security(), "volumeMounts": mounts}
@@ -118,8 +120,6 @@ def _ray_volumes(spec: StagedTrainingSpec) -> list[dict[str, Any]]:
     if spec.ray_cluster.storage_claim:
         volumes.append({"name": "storage", "persistentVolumeClaim": {
             "claimName": spec.ray_cluster.storage_claim}})
-    if spec.topology.source == "config-map":
-        volumes.append({"name": "cluster", "configMap": {"name": spec.topology.config_map}})
     return volumes
 
 

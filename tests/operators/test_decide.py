@@ -198,3 +198,34 @@ def test_no_node_information_still_runs():
     # Without Node read access (or on an empty node list) the operator does not block.
     d = plan_reconcile(make_training(), [], [], T0, settings=FAST)
     assert created(d) == ["tiny-s256-a1"]
+
+
+def config_map_training(**kw):
+    return make_training(topology={"source": "config-map", "config_map": "fabric"}, **kw)
+
+
+def test_topology_config_map_is_copied_beside_the_run_file(repo):
+    cluster = (repo / "configs" / "clusters" / "l40s-2node-leaf.yaml").read_text()
+    d = plan_reconcile(config_map_training(), [], NODES, T0, settings=FAST, cluster_yaml=cluster)
+    data = d.of(ApplyConfigMap)[0].body["data"]
+    assert data["cluster.yaml"] == cluster
+    assert "cluster: cluster.yaml" in data["run.yaml"]
+    assert created(d) == ["tiny-s256-a1"]
+
+
+@pytest.mark.parametrize("cluster_yaml, problem", [
+    (None, "ConfigMap fabric (key cluster.yaml) not found"),
+    ("name: x\nnode_types: {}\nnodez: []\n", "ConfigMap fabric: nodez: unknown field"),
+])
+def test_unusable_topology_config_map_waits_with_a_warning(cluster_yaml, problem):
+    d = plan_reconcile(config_map_training(), [], NODES, T0, settings=FAST,
+                       cluster_yaml=cluster_yaml)
+    assert created(d) == [] and d.of(ApplyConfigMap) == []
+    [event] = d.of(Emit)
+    assert event.reason == "ClusterSpecUnusable" and problem in event.message
+    topo = next(c for c in d.status["conditions"] if c["type"] == "TopologyReady")
+    assert topo["status"] == "False"
+    # The same problem is not announced again on the next pass.
+    again = plan_reconcile(config_map_training(status=d.status), [], NODES, T0, settings=FAST,
+                           cluster_yaml=cluster_yaml)
+    assert again.of(Emit) == []

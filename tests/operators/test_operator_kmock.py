@@ -145,3 +145,27 @@ def test_operator_restart_resumes_mid_stage(api, operator):
     lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
                         "ringpilot-operator")
     assert lease["spec"]["holderIdentity"] == "replica-b"
+
+
+def test_lost_node_is_excluded_from_the_retry(api, operator):
+    for name in ("n0", "n1", "n2"):
+        api.request("POST", "/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    operator()
+    create_training(api, retries=1)
+    wait_for("the first stage's RayJob", lambda: "tiny-s256-a1" in jobs(api))
+    wait_for("the nodes in status", lambda: any(
+        s.get("nodes") == ["n0", "n1", "n2"] for s in status(api).get("stages", [])))
+    api.request("PATCH", "/api/v1/nodes/n1", {"spec": {"unschedulable": True}},
+                content_type="application/merge-patch+json")
+    set_job_status(api, "tiny-s256-a1", "FAILED", "Failed")
+    retry = wait_for("the retry", lambda: jobs(api).get("tiny-s256-a2"))
+    worker = retry["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    terms = worker["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1"]} in \
+        terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert status(api)["excluded_nodes"] == ["n1"]
+    reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
+    assert "Replanned" in reasons
