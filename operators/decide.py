@@ -209,7 +209,7 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         return Decision(new.model_dump(mode="json"), actions)
     if spec.topology.source == "config-map":
         conds = _set_condition(conds, "TopologyReady", "True", "ClusterSpecValid", "", now)
-    actions = [ApplyConfigMap(build_configmap(st, spec, cluster_yaml))]
+    actions = []
     jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
 
     # Stages are matched by name, so an edited spec keeps what already ran.
@@ -265,6 +265,10 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         conds = _set_condition(conds, "Complete", "False", "InProgress",
                                f"stage {current.name}: {current.state}", now)
         actions.append(Requeue(settings.poll_seconds))
+    # The working dir of the next submission: the run file as the current stage runs it.
+    workers = current.workers if current is not None else None
+    actions.insert(0, ApplyConfigMap(build_configmap(st, with_workers(spec, workers),
+                                                     cluster_yaml)))
     stages, last_score = _apply_ledger(stages, ledger)
     new = StagedTrainingStatus(
         phase=phase, current_stage=current.name if current else None,
@@ -274,33 +278,75 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
     return Decision(new.model_dump(mode="json"), actions)
 
 
+def with_workers(spec: StagedTrainingSpec, workers: int | None) -> StagedTrainingSpec:
+    """The spec as one attempt runs it: resources.workers lowered when re-planning shrank it."""
+    if workers is None or workers == spec.resources.workers:
+        return spec
+    return spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"workers": workers})})
+
+
+def plan_workers(spec: StagedTrainingSpec, index: int, usable: list[str]
+                 ) -> tuple[int, str | None]:
+    """(workers to run stage `index` with, or why it cannot run) on the `usable` nodes.
+
+    A GPU worker pod takes a whole node (gpus_per_node GPUs), so fewer usable nodes than pods
+    means re-planning: the topology planner checks the stage on the GPUs that remain (fixed
+    degrees must still fit; 'auto' ones shrink). CPU worker pods share nodes: no check.
+    """
+    res = spec.resources
+    if res.device != "gpu":
+        return res.workers, None
+    per_node = spec.ray_cluster.gpus_per_node
+    if len(usable) >= worker_pods(spec):
+        return res.workers, None
+    if not usable:
+        return res.workers, "no usable node matches topology.node_selector"
+    from topology.planner import PlanError  # the topology seam, only when re-planning
+    from topology.run_plan import plan_from_workers
+
+    run = spec.run_spec()
+    one_stage = run.model_copy(update={"stages": [run.stages[index]]})
+    try:
+        plan_from_workers({node: per_node for node in usable}, one_stage)
+    except PlanError as e:
+        return res.workers, f"{len(usable)} usable nodes x {per_node} GPUs: {e}"
+    return min(res.workers, len(usable) * per_node), None
+
+
 def _plan_stage(st, spec, stage: StageStatus, jobs_by_name, nodes, excluded: list[str],
                 now: dt.datetime, settings: Settings) -> tuple[StageStatus, list[Action], bool]:
     """(new stage status, actions, stop here) for the first stage not yet succeeded.
 
     `excluded` is extended in place when re-planning drops lost nodes.
     """
-    name = st["metadata"]["name"]
     actions: list[Action] = []
     retries = spec.failure.stage_retries
+    index = [s.name for s in spec.stages].index(stage.name)
 
     def start(attempt: int, reason: str, message: str) -> StageStatus:
         used = plan_eligible_nodes(nodes, spec.topology.node_selector, excluded)
-        need = worker_pods(spec)
-        if nodes and spec.ray_cluster.selector is None and len(used) < need:
+        workers, problem = spec.resources.workers, None
+        if nodes and spec.ray_cluster.selector is None:
+            workers, problem = plan_workers(spec, index, used)
+        if problem is not None:
             actions.append(Emit("Warning", "InsufficientNodes",
-                                f"stage {stage.name} needs {need} worker nodes, {len(used)} are "
-                                "usable; waiting for nodes to return"))
+                                f"stage {stage.name}: {problem}; waiting for nodes to return"))
             actions.append(Requeue(settings.poll_seconds))
             return stage.model_copy(update={
                 "state": "BackingOff" if stage.attempts else "Pending",
-                "message": f"waiting for {need} usable nodes ({len(used)} now)"})
-        body = build_rayjob(st, spec, stage.name, attempt, sorted(excluded))
+                "message": f"waiting for nodes: {problem}"})
+        if workers != spec.resources.workers:
+            actions.append(Emit("Warning", "Shrunk",
+                                f"stage {stage.name}: {len(used)} usable nodes; re-planned on "
+                                f"{workers} of {spec.resources.workers} workers"))
+        body = build_rayjob(st, with_workers(spec, workers), stage.name, attempt, sorted(excluded))
         actions.append(CreateObject(body))
         actions.append(Emit("Normal", reason, message.format(job=body["metadata"]["name"])))
-        return stage.model_copy(update={"state": "Running", "attempts": attempt,
-                                        "ray_job": body["metadata"]["name"], "nodes": used,
-                                        "finished_at": None, "message": None})
+        return stage.model_copy(update={
+            "state": "Running", "attempts": attempt, "ray_job": body["metadata"]["name"],
+            "nodes": used, "finished_at": None, "message": None,
+            "workers": None if workers == spec.resources.workers else workers})
 
     if stage.ray_job is None:  # never started
         return start(max(stage.attempts, 0) + 1, "StageStarted",
@@ -310,7 +356,8 @@ def _plan_stage(st, spec, stage: StageStatus, jobs_by_name, nodes, excluded: lis
     if stage.state == "Running" and job is None:
         # The create may not have landed before an operator restart, or someone deleted the
         # job: recreate it under the same, deterministic name.
-        body = build_rayjob(st, spec, stage.name, stage.attempts, sorted(excluded))
+        body = build_rayjob(st, with_workers(spec, stage.workers), stage.name, stage.attempts,
+                            sorted(excluded))
         actions.append(CreateObject(body))
         actions.append(Emit("Normal", "RayJobRecreated",
                             f"stage {stage.name}: RayJob {stage.ray_job} was missing"))

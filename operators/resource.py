@@ -107,6 +107,8 @@ class StageStatus(_K8s):
                                      description="Eval score per task of the newest evaluation.")
     nodes: list[str] = Field(default_factory=list,
                              description="Nodes the stage's plan could use when it started.")
+    workers: int | None = Field(None, description="Workers the stage runs with when re-planning "
+                                "around lost nodes shrank it below resources.workers.")
     finished_at: str | None = Field(None, description="When the last attempt ended (UTC).")
     message: str | None = Field(None, description="Why the last attempt ended as it did.")
 

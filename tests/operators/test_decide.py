@@ -129,12 +129,49 @@ def test_lost_node_is_excluded_before_the_retry(lost_node):
     assert stage(d, "s256")["nodes"] == ["n0", "n2"]
 
 
-def test_too_few_nodes_left_waits_instead_of_creating():
-    nodes = [make_node("n0"), make_node("n1", ready=False)]  # tiny needs 2 CPU worker pods
+def gpu_training(ring, dp, status):
+    """tiny on 16 GPUs = two 8-GPU worker pods, one per node."""
+    st = make_training(status=status, resources={"device": "gpu", "workers": 16})
+    for stage in st["spec"]["stages"]:
+        stage.update(ring_degree=ring, data_parallel_degree=dp, batch_size=2)
+    return st
+
+
+def test_cpu_workers_share_nodes_so_one_node_left_still_runs():
+    nodes = [make_node("n0"), make_node("n1", ready=False)]
     st = make_training(status=running_status("BackingOff", finished="2026-11-25T12:00:00Z"))
     d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
-    assert created(d) == [] and "InsufficientNodes" in reasons(d)
+    assert created(d) == ["tiny-s256-a2"]
+
+
+def test_fixed_degrees_that_no_longer_fit_wait_for_nodes():
+    nodes = [make_node("n0"), make_node("n1", ready=False)]
+    st = gpu_training(8, 2, running_status("BackingOff", finished="2026-11-25T12:00:00Z"))
+    d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
+    assert created(d) == [] and reasons(d) == ["Replanned", "InsufficientNodes"]
+    [event] = [e for e in d.of(Emit) if e.reason == "InsufficientNodes"]
+    assert "1 usable nodes x 8 GPUs" in event.message and "needs 16 workers" in event.message
     assert stage(d, "s256")["state"] == "BackingOff" and d.status["phase"] == "Running"
+
+
+def test_auto_degrees_shrink_onto_the_remaining_nodes():
+    nodes = [make_node("n0"), make_node("n1", ready=False)]
+    st = gpu_training("auto", "auto", running_status("BackingOff",
+                                                      finished="2026-11-25T12:00:00Z"))
+    d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
+    assert created(d) == ["tiny-s256-a2"] and reasons(d) == ["Replanned", "Shrunk", "StageRetried"]
+    job = d.of(CreateObject)[0].body
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
+    assert "workers: 8" in d.of(ApplyConfigMap)[0].body["data"]["run.yaml"]
+    assert stage(d, "s256")["workers"] == 8
+    # Once the stage succeeds, the next one is planned at full size again.
+    status = {**d.status}
+    done = plan_reconcile(gpu_training("auto", "auto", status),
+                          [make_job("tiny-s256-a2", "SUCCEEDED", "Complete")],
+                          nodes + [make_node("n2")], T0 + dt.timedelta(seconds=60),
+                          settings=FAST)
+    assert created(done) == ["tiny-s1k-a1"]
+    assert "workers: 16" in done.of(ApplyConfigMap)[0].body["data"]["run.yaml"]
 
 
 def test_spec_edited_mid_run_keeps_done_stages_and_deletes_removed_running_stage():
