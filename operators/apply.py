@@ -34,15 +34,21 @@ def build_event(st: dict[str, Any], emit: Emit, now: dt.datetime) -> dict[str, A
 
 
 def apply_decision(api: client.ApiClient, st: dict[str, Any], decision: Decision,
-                   now: dt.datetime) -> dict[str, Any] | None:
-    """Run the actions, then write the status; returns the updated object (or None)."""
+                   now: dt.datetime) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Run the actions, then write the status.
+
+    Returns the updated StagedTraining (None: status unchanged) and the RayJobs created, so the
+    caller's caches hold them before the watches echo them back.
+    """
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     ns = st["metadata"]["namespace"]
+    created: list[dict[str, Any]] = []
     for action in decision.actions:
         if isinstance(action, CreateObject):
             group, version = action.body["apiVersion"].split("/")
             try:
-                custom.create_namespaced_custom_object(group, version, ns, "rayjobs", action.body)
+                created.append(custom.create_namespaced_custom_object(
+                    group, version, ns, "rayjobs", action.body))
             except ApiException as e:
                 if e.status != 409:  # 409: already created (deterministic names), fine
                     raise
@@ -62,9 +68,9 @@ def apply_decision(api: client.ApiClient, st: dict[str, Any], decision: Decision
                 log.warning("event %s not posted: %s", action.reason, e.reason)
     old = {k: v for k, v in (st.get("status") or {}).items() if k in decision.status}
     if old == decision.status:
-        return None
+        return None, created
     return custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, ns, PLURAL, st["metadata"]["name"], {"status": decision.status})
+        GROUP, VERSION, ns, PLURAL, st["metadata"]["name"], {"status": decision.status}), created
 
 
 def _apply_configmap(core: client.CoreV1Api, ns: str, body: dict[str, Any]) -> None:

@@ -166,6 +166,6 @@ def test_lost_node_is_excluded_from_the_retry(api, operator):
     terms = worker["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1"]} in \
         terms["nodeSelectorTerms"][0]["matchExpressions"]
-    assert status(api)["excluded_nodes"] == ["n1"]
+    wait_for("n1 excluded in status", lambda: status(api).get("excluded_nodes") == ["n1"])
     reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
     assert "Replanned" in reasons
