@@ -121,6 +121,9 @@ def test_stages_advance_retry_and_give_up(api, operator, tmp_path):
     assert "tiny-s1k-a3" not in jobs(api) and "tiny-s4k-a1" not in jobs(api)
     reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
     assert {"StageStarted", "StageSucceeded", "StageFailed", "StageRetried", "GaveUp"} <= reasons
+    # No cleanup needs the operator (owner references cascade), so it adds no finalizer.
+    meta = api.request("GET", f"{TRAININGS}/tiny")["metadata"]
+    assert not meta.get("finalizers")
 
 
 def test_operator_restart_resumes_mid_stage(api, operator):
