@@ -167,6 +167,11 @@ def generated_rayjobs() -> list[dict]:
         st = {**obj, "metadata": {**obj["metadata"], "namespace": "ringpilot", "uid": "u"}}
         for i, stage in enumerate(spec.stages):
             jobs.append(build_rayjob(st, spec, stage.name, 1, excluded=["lost-node"] * (i % 2)))
+        if spec.ray_cluster.selector is not None:  # the same run on clusters the operator builds
+            built = spec.model_copy(update={"ray_cluster": spec.ray_cluster.model_copy(update={
+                "selector": None, "storage_claim": "ringpilot-runs"})})
+            st = {**st, "metadata": {**st["metadata"], "name": "built"}}
+            jobs.append(build_rayjob(st, built, spec.stages[-1].name, 2, ["lost-node"]))
     return jobs
 
 
