@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `ringpilot ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

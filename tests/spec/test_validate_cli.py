@@ -105,15 +105,17 @@ def _paths(node, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-ALL_PATHS = [p for p in _paths(TINY) if p]
+CLUSTER_TEXT = (ROOT / "configs" / "clusters" / "l40s-2node-leaf.yaml").read_text()
+CLUSTER = yaml.safe_load(CLUSTER_TEXT)
 
 
 @st.composite
-def mutated_runs(draw):
+def mutated(draw, base):
     import copy
-    data = copy.deepcopy(TINY)
+    data = copy.deepcopy(base)
+    all_paths = [p for p in _paths(base) if p]
     for _ in range(draw(st.integers(1, 4))):
-        path = draw(st.sampled_from(ALL_PATHS))
+        path = draw(st.sampled_from(all_paths))
         parent = data
         try:
             for part in path[:-1]:
@@ -143,12 +145,41 @@ random_text = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.one_of(mutated_runs(), random_text))
+@given(text=st.one_of(mutated(TINY), random_text))
 def test_random_and_mutated_yaml_is_valid_or_field_errors(tmp_path, capsys, text):
     rc, out, err = validate(tmp_path, text, capsys)
     event(f"exit {rc}")
     if rc == 0:
         assert out.startswith("run ") and err == ""
+    else:
+        assert rc == 2, (rc, err)
+        assert_field_errors(err)
+
+
+def test_cluster_file_is_validated_alone_and_through_the_run(tmp_path, capsys):
+    good = ROOT / "configs" / "clusters" / "l40s-2node-leaf.yaml"
+    assert main(["validate", "--cluster", str(good)]) == 0
+    assert capsys.readouterr().out.startswith("cluster l40s-2node-leaf: 2 nodes, 16 GPUs")
+    # A run naming its cluster validates both; a broken cluster fails the command.
+    (tmp_path / "c.yaml").write_text(CLUSTER_TEXT.replace("name: l40s-2node-leaf", "nmae: x"))
+    run = tmp_path / "run.yaml"
+    run.write_text(TINY_TEXT.replace("  cpus_per_worker: 1\n", "  cpus_per_worker: 1\n  cluster: c.yaml\n"))
+    assert main(["validate", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("run tiny:")
+    assert "c.yaml: 2 problems" in err and "nmae: unknown field (got 'x'; did you mean 'name'?)" in err
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=mutated(CLUSTER))
+def test_mutated_cluster_yaml_is_valid_or_field_errors(tmp_path, capsys, text):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text, encoding="utf-8")
+    rc = main(["validate", "--cluster", str(path)])
+    out, err = capsys.readouterr()
+    event(f"exit {rc}")
+    if rc == 0:
+        assert out.startswith("cluster ") and err == ""
     else:
         assert rc == 2, (rc, err)
         assert_field_errors(err)
