@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
-from operators.rayjob import build_ray_cluster_spec
+from operators.rayjob import CLUSTER_FILE, build_ray_cluster_spec
 from operators.resource import API_VERSION, DEFAULT_IMAGE, KIND, StagedTrainingSpec, build_crd
 from ray_jobs.spec import RunSpec
-from ray_jobs.specfile import read_yaml, validate_data
+from ray_jobs.specfile import load_model, read_yaml, validate_data
 
 CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, ray_jobs/spec.py) by\n"
               "#   ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml\n"
@@ -20,6 +20,14 @@ CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, ray_
 class _NoAliases(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:  # shared dicts print twice, never as &anchors
         return True
+
+
+def _text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None  # embedded files stay readable
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_NoAliases.add_representer(str, _text)
 
 
 def _dump(obj: dict[str, Any]) -> str:
@@ -42,21 +50,51 @@ def build_spec(run_file: str | Path, *, image: str = DEFAULT_IMAGE, ray_cluster:
     spec = {**data, "image": image}
     if cluster:
         spec["ray_cluster"] = cluster
+    topology: dict[str, Any] = {}
+    if data.get("resources", {}).get("cluster"):  # shipped as a ConfigMap: see render_cluster_map
+        topology = {"source": "config-map", "config_map": cluster_map_name(data["name"])}
     if node_selector:
-        spec["topology"] = {"source": "node-labels", "node_selector": dict(node_selector)}
+        topology = {"source": "node-labels", **topology, "node_selector": dict(node_selector)}
+    if topology:
+        spec["topology"] = topology
     validate_data(spec, StagedTrainingSpec, source=str(run_file))
     return spec
 
 
+def cluster_map_name(run_name: str) -> str:
+    return f"{run_name}-cluster"
+
+
+def build_cluster_map(run_file: str | Path, data: dict[str, Any],
+                      namespace: str | None) -> dict[str, Any] | None:
+    """The ConfigMap carrying the run's ClusterSpec file, which the cluster cannot see as a file."""
+    rel = data.get("resources", {}).get("cluster")
+    if not rel:
+        return None
+    from topology.cluster import ClusterSpec  # the topology seam, only when a run names one
+
+    path = Path(run_file).parent / rel
+    load_model(path, ClusterSpec)  # a broken cluster file fails here, by field
+    meta: dict[str, Any] = {"name": cluster_map_name(data["name"]),
+                            "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {CLUSTER_FILE: path.read_text(encoding="utf-8")}}
+
+
 def render_staged_training(run_file: str | Path, *, name: str | None = None,
                            namespace: str | None = None, command: str = "", **kw: Any) -> str:
-    """The StagedTraining object for `run_file` as YAML, headed by the command that made it."""
+    """The StagedTraining object for `run_file` as YAML, headed by the command that made it;
+    preceded by a ConfigMap with the ClusterSpec when the run names a cluster file."""
     spec = build_spec(run_file, **kw)
     meta: dict[str, Any] = {"name": name or spec["name"]}
     if namespace:
         meta["namespace"] = namespace
     obj = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
-    return _header(command) + _dump(obj)
+    cluster_map = build_cluster_map(run_file, read_yaml(run_file), namespace)
+    docs = ([_dump(cluster_map), "---\n"] if cluster_map else []) + [_dump(obj)]
+    return _header(command) + "".join(docs)
 
 
 def render_ray_cluster(run_file: str | Path, *, name: str, namespace: str | None = None,

@@ -88,6 +88,15 @@ class StagedTrainingSpec(RunSpec):
     topology: TopologySource = Field(default_factory=TopologySource,
                                      description="Where the cluster topology comes from.")
 
+    @model_validator(mode="after")
+    def _cluster_file_shipped(self) -> StagedTrainingSpec:
+        if self.resources.cluster and self.topology.source != "config-map":
+            raise ValueError(
+                f"resources.cluster names a file ({self.resources.cluster}) that the Ray cluster "
+                "cannot see; put it in a ConfigMap (key cluster.yaml) and set topology: {source: "
+                "config-map, config_map: NAME} (`ringpilot manifests render` does both)")
+        return self
+
     def run_spec(self) -> RunSpec:
         """The RunSpec part, as the trainer reads it."""
         return RunSpec.model_validate(self.model_dump(include=set(RunSpec.model_fields)))

@@ -39,8 +39,13 @@ def samples() -> list[Path]:
     return sorted((MANIFESTS / "samples").glob("*.yaml"))
 
 
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    """The object a sample is about: its last document (a ConfigMap it needs may come first)."""
+    return load_all(path)[-1]
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from operators.render import render_crd
 from operators.resource import StagedTrainingSpec, build_crd
 from operators.schema import build_validation_schema
 from tests.manifests.conftest import (K8S_VERSION, KUSTOMIZATIONS, MANIFESTS, kuberay_schema,
-                                      kustomize, load, pod_templates, samples)
+                                      kustomize, load, load_all, pod_templates, samples)
 
 CRD_FILE = MANIFESTS / "base" / "crd" / "stagedtrainings.ringpilot.io.yaml"
 EXPECTED_SAMPLES = {
@@ -85,6 +85,23 @@ def test_core_kinds_validate_against_kubernetes(subdir):
     assert {"CustomResourceDefinition", "Deployment", "Role", "ClusterRole"} <= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_core_kinds_in_samples_validate_against_kubernetes():
+    core = [d for p in samples() for d in load_all(p) if "/" not in d["apiVersion"]]
+    assert [d["kind"] for d in core] == ["ConfigMap"]  # llama3-8b-1m's ClusterSpec
+    for doc in core:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_a_run_naming_a_cluster_file_ships_it_in_a_configmap():
+    docs = load_all(MANIFESTS / "samples" / "staged-training.llama3-8b-1m.yaml")
+    cluster_map, training = docs
+    assert training["spec"]["topology"]["config_map"] == cluster_map["metadata"]["name"]
+    assert "name: l40s-64-leaf-spine" in cluster_map["data"]["cluster.yaml"]
+    without = {**training["spec"], "topology": {"source": "node-labels"}}
+    with pytest.raises(ValueError, match="resources.cluster names a file"):
+        StagedTrainingSpec.model_validate(without)
 
 
 def test_kubernetes_validate_catches_a_misspelt_field():

@@ -69,3 +69,23 @@ def test_operator_deployment_args_and_env_are_accepted(subdir):
 
 def test_samples_dir_exists():
     assert (MANIFESTS / "samples").is_dir()
+
+
+@pytest.mark.parametrize("sample", ["staged-training.tiny.yaml",
+                                    "staged-training.llama3-8b-1m.yaml"])
+def test_the_jobs_working_dir_is_a_run_the_trainer_accepts(sample, tmp_path, capsys):
+    """What the submitter uploads (the run ConfigMap's files) passes `ringpilot validate`."""
+    from operators.decide import ApplyConfigMap, plan_reconcile
+    from ray_jobs.cli import main as ringpilot
+    from tests.manifests.conftest import load_all
+    from tests.operators.conftest import T0
+
+    docs = load_all(MANIFESTS / "samples" / sample)
+    st = {**docs[-1], "metadata": {**docs[-1]["metadata"], "namespace": "ns", "uid": "u",
+                                   "generation": 1}}
+    cluster_yaml = docs[0]["data"]["cluster.yaml"] if len(docs) > 1 else None
+    decision = plan_reconcile(st, [], [], T0, cluster_yaml=cluster_yaml)
+    [cm] = decision.of(ApplyConfigMap)
+    for name, text in cm.body["data"].items():
+        (tmp_path / name).write_text(text)
+    assert ringpilot(["validate", str(tmp_path / RUN_FILE)]) == 0, capsys.readouterr().err
