@@ -3,8 +3,9 @@
 Handlers stay thin: they keep an in-memory copy of what the watches report and wake the
 reconcile loop, which calls the pure `plan_reconcile` and `apply_decision`. The loop is one task,
 so reconciles never race each other, and everything is rebuilt from the watches' initial
-listings after a restart (kopf holds the watching handlers back until its indices are full). No per-object timer or daemon, hence no finalizer: deletion cascades
-through owner references and needs no cleanup by the operator.
+listings after a restart (kopf holds the watching handlers back until its indices are full).
+No per-object timer or daemon, hence no finalizer: deletion cascades through owner references
+and needs no cleanup by the operator.
 
 Run: `kopf run -m operators.handlers --namespace NS --standalone` (`python -m operators`
 adds a Lease so one replica at a time is active).
@@ -109,7 +110,8 @@ async def rayjobs_by_owner(body: kopf.Body, namespace: str, memo: kopf.Memo,
                            **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     memo.wake.set()
     owners = body.metadata.get("ownerReferences") or []
-    return {(namespace, o.get("uid")): dict(body) for o in owners if o.get("kind") == "StagedTraining"}
+    return {(namespace, o.get("uid")): dict(body) for o in owners
+            if o.get("kind") == "StagedTraining"}
 
 
 @kopf.index("v1", "nodes")

@@ -1,4 +1,4 @@
-"""Pydantic JSON schema -> Kubernetes structural OpenAPI v3 schema, and back to JSON Schema for tests.
+"""Pydantic JSON schema -> Kubernetes structural OpenAPI v3 schema, and back to JSON Schema.
 
 Kubernetes accepts only *structural* schemas in a CRD: every node has a `type` (or is marked
 int-or-string / preserve-unknown-fields), `$ref`/`$defs` are not allowed, `anyOf` may not carry

@@ -36,7 +36,8 @@ def make_job(name: str, job_status: str = "RUNNING", deployment: str = "Running"
 def make_node(name: str, ready: bool = True, cordoned: bool = False, labels: dict | None = None
               ) -> dict:
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+            "metadata": {"name": name,
+                         "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
             "spec": {"unschedulable": True} if cordoned else {},
             "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
