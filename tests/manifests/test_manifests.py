@@ -304,3 +304,16 @@ def test_rbac_grants_nothing_beyond_the_list(subdir):
     for b in (d for d in docs if d["kind"].endswith("Binding")):
         assert b["roleRef"]["kind"] == ("Role" if b["kind"] == "RoleBinding" else "ClusterRole")
         assert [s["kind"] for s in b["subjects"]] == ["ServiceAccount"]
+
+
+def test_printer_columns_point_at_status_fields_that_exist():
+    from operators.resource import StagedTrainingStatus
+
+    columns = build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns] == ["Stage", "Phase", "Age", "Last score"]
+    for column in columns:
+        path = column["jsonPath"]
+        if path.startswith(".status."):
+            assert path.removeprefix(".status.") in StagedTrainingStatus.model_fields, path
+        else:
+            assert path == ".metadata.creationTimestamp"
