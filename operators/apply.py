@@ -52,6 +52,9 @@ def apply_decision(api: client.ApiClient, st: dict[str, Any], decision: Decision
             except ApiException as e:
                 if e.status != 409:  # 409: already created (deterministic names), fine
                     raise
+                continue
+            if action.announce is not None:
+                _post(core, st, action.announce, now)
         elif isinstance(action, ApplyConfigMap):
             _apply_configmap(core, ns, action.body)
         elif isinstance(action, DeleteRayJob):
@@ -61,16 +64,21 @@ def apply_decision(api: client.ApiClient, st: dict[str, Any], decision: Decision
                 if e.status != 404:
                     raise
         elif isinstance(action, Emit):
-            log.info("%s %s/%s: %s", action.reason, ns, st["metadata"]["name"], action.message)
-            try:
-                core.create_namespaced_event(ns, build_event(st, action, now))
-            except ApiException as e:  # an event is worth a log line, never a failed reconcile
-                log.warning("event %s not posted: %s", action.reason, e.reason)
+            _post(core, st, action, now)
     old = {k: v for k, v in (st.get("status") or {}).items() if k in decision.status}
     if old == decision.status:
         return None, created
     return custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, ns, PLURAL, st["metadata"]["name"], {"status": decision.status}), created
+
+
+def _post(core: client.CoreV1Api, st: dict[str, Any], emit: Emit, now: dt.datetime) -> None:
+    ns = st["metadata"]["namespace"]
+    log.info("%s %s/%s: %s", emit.reason, ns, st["metadata"]["name"], emit.message)
+    try:
+        core.create_namespaced_event(ns, build_event(st, emit, now))
+    except ApiException as e:  # an event is worth a log line, never a failed reconcile
+        log.warning("event %s not posted: %s", emit.reason, e.reason)
 
 
 def _apply_configmap(core: client.CoreV1Api, ns: str, body: dict[str, Any]) -> None:

@@ -36,8 +36,18 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Emit:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class CreateObject:
+    """Create `body`; post `announce` only if this call created it (not if it already existed),
+    so a pass that acts on a stale copy of the status cannot announce a stage twice."""
     body: dict[str, Any]
+    announce: Emit | None = None
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,6 @@ class ApplyConfigMap:
 @dataclass(frozen=True)
 class DeleteRayJob:
     name: str
-
-
-@dataclass(frozen=True)
-class Emit:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,16 @@ class Decision:
 
     def of(self, kind: type) -> list:
         return [a for a in self.actions if isinstance(a, kind)]
+
+    def events(self) -> list[Emit]:
+        """Every event this decision may post, creation announcements included, in order."""
+        out: list[Emit] = []
+        for a in self.actions:
+            if isinstance(a, Emit):
+                out.append(a)
+            elif isinstance(a, CreateObject) and a.announce is not None:
+                out.append(a.announce)
+        return out
 
 
 def _iso(t: dt.datetime) -> str:
@@ -258,8 +271,8 @@ def _plan_stage(st, spec, stage: StageStatus, jobs_by_name, nodes, excluded: lis
                                 f"stage {stage.name}: {len(used)} usable nodes; re-planned on "
                                 f"{workers} of {spec.resources.workers} workers"))
         body = build_rayjob(st, with_workers(spec, workers), stage.name, attempt, sorted(excluded))
-        actions.append(CreateObject(body))
-        actions.append(Emit("Normal", reason, message.format(job=body["metadata"]["name"])))
+        actions.append(CreateObject(body, Emit("Normal", reason,
+                                               message.format(job=body["metadata"]["name"]))))
         return stage.model_copy(update={
             "state": "Running", "attempts": attempt, "ray_job": body["metadata"]["name"],
             "nodes": used, "finished_at": None, "message": None,
@@ -275,9 +288,9 @@ def _plan_stage(st, spec, stage: StageStatus, jobs_by_name, nodes, excluded: lis
         # job: recreate it under the same, deterministic name.
         body = build_rayjob(st, with_workers(spec, stage.workers), stage.name, stage.attempts,
                             sorted(excluded))
-        actions.append(CreateObject(body))
-        actions.append(Emit("Normal", "RayJobRecreated",
-                            f"stage {stage.name}: RayJob {stage.ray_job} was missing"))
+        actions.append(CreateObject(body, Emit("Normal", "RayJobRecreated",
+                                               f"stage {stage.name}: RayJob {stage.ray_job} was "
+                                               "missing")))
         return stage, actions, True
 
     if stage.state == "Running":

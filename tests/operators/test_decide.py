@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from operators.decide import (ApplyConfigMap, CreateObject, DeleteRayJob, Emit, Requeue, Settings,
+from operators.decide import (ApplyConfigMap, CreateObject, DeleteRayJob, Requeue, Settings,
                               plan_backoff, plan_reconcile)
 from ray_jobs.ledger import CheckpointEntry, EvalEntry, LedgerDoc, StageEntry
 from tests.operators.conftest import T0, make_job, make_node, make_training
@@ -28,7 +28,7 @@ def running_status(first_state="Running", job="tiny-s256-a1", attempts=1, finish
 
 
 def reasons(decision):
-    return [a.reason for a in decision.of(Emit)]
+    return [e.reason for e in decision.events()]
 
 
 def created(decision):
@@ -149,7 +149,7 @@ def test_fixed_degrees_that_no_longer_fit_wait_for_nodes():
     st = gpu_training(8, 2, running_status("BackingOff", finished="2026-11-25T12:00:00Z"))
     d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
     assert created(d) == [] and reasons(d) == ["Replanned", "InsufficientNodes"]
-    [event] = [e for e in d.of(Emit) if e.reason == "InsufficientNodes"]
+    [event] = [e for e in d.events() if e.reason == "InsufficientNodes"]
     assert "1 usable nodes x 8 GPUs" in event.message and "needs 16 workers" in event.message
     assert stage(d, "s256")["state"] == "BackingOff" and d.status["phase"] == "Running"
 
@@ -202,7 +202,7 @@ def test_invalid_spec_fails_with_the_field_named():
                                 "ring_degree": 3, "data_parallel_degree": 1}])
     d = plan_reconcile(st, [], NODES, T0, settings=FAST)
     assert d.status["phase"] == "Failed" and created(d) == []
-    [event] = d.of(Emit)
+    [event] = d.events()
     assert event.reason == "InvalidSpec"
     assert "spec.stages[0]" in event.message and "zigzag" in event.message
 
@@ -258,11 +258,11 @@ def test_unusable_topology_config_map_waits_with_a_warning(cluster_yaml, problem
     d = plan_reconcile(config_map_training(), [], NODES, T0, settings=FAST,
                        cluster_yaml=cluster_yaml)
     assert created(d) == [] and d.of(ApplyConfigMap) == []
-    [event] = d.of(Emit)
+    [event] = d.events()
     assert event.reason == "ClusterSpecUnusable" and problem in event.message
     topo = next(c for c in d.status["conditions"] if c["type"] == "TopologyReady")
     assert topo["status"] == "False"
     # The same problem is not announced again on the next pass.
     again = plan_reconcile(config_map_training(status=d.status), [], NODES, T0, settings=FAST,
                            cluster_yaml=cluster_yaml)
-    assert again.of(Emit) == []
+    assert again.events() == []
