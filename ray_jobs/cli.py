@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ray_jobs.eval.cli import add_eval_parser  # `ringpilot eval report`: evaluation
 
     add_eval_parser(sub)
+    from operators.cli import add_manifests_parser  # `ringpilot manifests`: k8s objects
+
+    add_manifests_parser(sub)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""Render the Kubernetes objects for a RunSpec file: the StagedTraining, a RayCluster, the CRD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from operators.rayjob import CLUSTER_FILE, build_ray_cluster_spec
+from operators.resource import API_VERSION, DEFAULT_IMAGE, KIND, StagedTrainingSpec, build_crd
+from ray_jobs.spec import RunSpec
+from ray_jobs.specfile import load_model, read_yaml, validate_data
+
+CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, ray_jobs/spec.py) by\n"
+              "#   ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml\n"
+              "# Do not edit: tests/operators regenerate it and fail on any difference.\n")
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # shared dicts print twice, never as &anchors
+        return True
+
+
+def _text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None  # embedded files stay readable
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_NoAliases.add_representer(str, _text)
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return yaml.dump(obj, Dumper=_NoAliases, sort_keys=False, width=100)
+
+
+def build_spec(run_file: str | Path, *, image: str = DEFAULT_IMAGE, ray_cluster: str | None = None,
+               node_selector: dict[str, str] | None = None, storage_claim: str | None = None,
+               gpus_per_node: int | None = None) -> dict[str, Any]:
+    """The StagedTraining `spec`: the run file's own YAML, plus where it runs on Kubernetes."""
+    data = read_yaml(run_file)
+    validate_data(data, RunSpec, source=str(run_file))  # a bad run file fails here, by field
+    cluster: dict[str, Any] = {}
+    if ray_cluster:
+        cluster["selector"] = {"ray.io/cluster": ray_cluster}
+    if storage_claim:
+        cluster["storage_claim"] = storage_claim
+    if gpus_per_node:
+        cluster["gpus_per_node"] = gpus_per_node
+    spec = {**data, "image": image}
+    if cluster:
+        spec["ray_cluster"] = cluster
+    topology: dict[str, Any] = {}
+    if data.get("resources", {}).get("cluster"):  # shipped as a ConfigMap: see render_cluster_map
+        topology = {"source": "config-map", "config_map": cluster_map_name(data["name"])}
+    if node_selector:
+        topology = {"source": "node-labels", **topology, "node_selector": dict(node_selector)}
+    if topology:
+        spec["topology"] = topology
+    validate_data(spec, StagedTrainingSpec, source=str(run_file))
+    return spec
+
+
+def cluster_map_name(run_name: str) -> str:
+    return f"{run_name}-cluster"
+
+
+def build_cluster_map(run_file: str | Path, data: dict[str, Any],
+                      namespace: str | None) -> dict[str, Any] | None:
+    """The ConfigMap carrying the run's ClusterSpec file, which the cluster cannot see as a file."""
+    rel = data.get("resources", {}).get("cluster")
+    if not rel:
+        return None
+    from topology.cluster import ClusterSpec  # the topology seam, only when a run names one
+
+    path = Path(run_file).parent / rel
+    load_model(path, ClusterSpec)  # a broken cluster file fails here, by field
+    meta: dict[str, Any] = {"name": cluster_map_name(data["name"]),
+                            "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {CLUSTER_FILE: path.read_text(encoding="utf-8")}}
+
+
+def render_staged_training(run_file: str | Path, *, name: str | None = None,
+                           namespace: str | None = None, command: str = "", **kw: Any) -> str:
+    """The StagedTraining object for `run_file` as YAML, headed by the command that made it;
+    preceded by a ConfigMap with the ClusterSpec when the run names a cluster file."""
+    spec = build_spec(run_file, **kw)
+    meta: dict[str, Any] = {"name": name or spec["name"]}
+    if namespace:
+        meta["namespace"] = namespace
+    obj = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
+    cluster_map = build_cluster_map(run_file, read_yaml(run_file), namespace)
+    docs = ([_dump(cluster_map), "---\n"] if cluster_map else []) + [_dump(obj)]
+    return _header(command) + "".join(docs)
+
+
+def render_ray_cluster(run_file: str | Path, *, name: str, namespace: str | None = None,
+                       command: str = "", **kw: Any) -> str:
+    """A standalone RayCluster sized for the run (what the operator would build per stage)."""
+    spec = StagedTrainingSpec.model_validate(build_spec(run_file, **kw))
+    meta: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
+    if namespace:
+        meta["namespace"] = namespace
+    obj = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": meta,
+           "spec": build_ray_cluster_spec(spec, excluded=[])}
+    return _header(command) + _dump(obj)
+
+
+def render_crd() -> str:
+    return CRD_HEADER + _dump(build_crd())
+
+
+def _header(command: str) -> str:
+    if not command:
+        return ""
+    return f"# Generated by: {command}\n# Regenerate instead of editing; tests fail on drift.\n"

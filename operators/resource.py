@@ -1,0 +1,185 @@
+"""The StagedTraining custom resource: its spec (a RunSpec plus where it runs), status and CRD."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.schema import build_structural_schema
+from ray_jobs.spec import RunSpec
+
+GROUP = "ringpilot.io"
+VERSION = "v1alpha1"
+KIND = "StagedTraining"
+PLURAL = "stagedtrainings"
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_IMAGE = "ghcr.io/ringpilot/ringpilot:0.1.0"
+
+
+class _K8s(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayClusterSource(_K8s):
+    """The Ray cluster each stage's RayJob runs on: built per stage, or an existing one."""
+
+    template: dict[str, Any] | None = Field(
+        None, description="A RayCluster `spec` (ray.io/v1) used for every stage's RayJob. Null "
+        "(and no selector): the operator builds one from resources (workers, device, "
+        "cpus_per_worker) and image.",
+    )
+    selector: dict[str, str] | None = Field(
+        None, description="Labels of an existing RayCluster to submit every stage to (the "
+        "RayJob's clusterSelector, e.g. {ray.io/cluster: l40s}). The operator then cannot move "
+        "work off lost nodes itself; the cluster's own worker groups must.",
+    )
+    auth_secret: str | None = Field(
+        None, description="Secret (key auth_token) holding the Ray token for the clusters the "
+        "operator builds. Null: KubeRay generates one per cluster. Token auth is always on.",
+    )
+    gpus_per_node: int = Field(
+        8, gt=0, description="GPUs per worker pod when the operator builds the cluster "
+        "(resources.device gpu); workers / gpus_per_node pods are requested.",
+    )
+    storage_claim: str | None = Field(
+        None, description="PersistentVolumeClaim mounted at storage.path in every Ray pod the "
+        "operator builds (the run ledger and checkpoints must be shared by all of them).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RayClusterSource:
+        if self.template is not None and self.selector is not None:
+            raise ValueError("give ray_cluster.template or ray_cluster.selector, not both")
+        return self
+
+
+class TopologySource(_K8s):
+    """Where the planner learns the cluster's network topology."""
+
+    source: Literal["node-labels", "config-map"] = Field(
+        "node-labels", description="'node-labels': plan from the nodes Ray reports and their "
+        "labels. 'config-map': a ClusterSpec YAML in a ConfigMap (key cluster.yaml).",
+    )
+    config_map: str | None = Field(
+        None, description="Name of the ConfigMap with the ClusterSpec, for source: config-map.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Labels of the nodes training may use (e.g. "
+        "{nvidia.com/gpu.product: NVIDIA-L40S}); the operator watches them to re-plan when one "
+        "becomes NotReady or cordoned.",
+    )
+
+    @model_validator(mode="after")
+    def _config_map_named(self) -> TopologySource:
+        if self.source == "config-map" and not self.config_map:
+            raise ValueError("topology.source is config-map but topology.config_map is empty; "
+                             "name the ConfigMap holding cluster.yaml")
+        return self
+
+
+class StagedTrainingSpec(RunSpec):
+    """A RunSpec (the same YAML as `--run`) plus where on Kubernetes it runs."""
+
+    image: str = Field(DEFAULT_IMAGE, description="Container image with ringpilot installed, "
+                       "used by every Ray pod the operator builds.")
+    ray_cluster: RayClusterSource = Field(default_factory=RayClusterSource,
+                                          description="The Ray cluster to use.")
+    topology: TopologySource = Field(default_factory=TopologySource,
+                                     description="Where the cluster topology comes from.")
+
+    @model_validator(mode="after")
+    def _cluster_file_shipped(self) -> StagedTrainingSpec:
+        if self.resources.cluster and self.topology.source != "config-map":
+            raise ValueError(
+                f"resources.cluster names a file ({self.resources.cluster}) that the Ray cluster "
+                "cannot see; put it in a ConfigMap (key cluster.yaml) and set topology: {source: "
+                "config-map, config_map: NAME} (`ringpilot manifests render` does both)")
+        return self
+
+    def run_spec(self) -> RunSpec:
+        """The RunSpec part, as the trainer reads it."""
+        return RunSpec.model_validate(self.model_dump(include=set(RunSpec.model_fields)))
+
+
+StageState = Literal["Pending", "Running", "BackingOff", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+class StageStatus(_K8s):
+    name: str = Field(description="Stage name.")
+    state: StageState = Field("Pending", description="Where the stage stands.")
+    ray_job: str | None = Field(None, description="Name of the stage's current RayJob.")
+    attempts: int = Field(0, ge=0, description="RayJobs started for this stage.")
+    last_checkpoint: str | None = Field(None, description="Newest committed checkpoint (ledger).")
+    scores: dict[str, float] = Field(default_factory=dict,
+                                     description="Eval score per task of the newest evaluation.")
+    nodes: list[str] = Field(default_factory=list,
+                             description="Nodes the stage's plan could use when it started.")
+    workers: int | None = Field(None, description="Workers the stage runs with when re-planning "
+                                "around lost nodes shrank it below resources.workers.")
+    finished_at: str | None = Field(None, description="When the last attempt ended (UTC).")
+    message: str | None = Field(None, description="Why the last attempt ended as it did.")
+
+
+class Condition(_K8s):
+    type: str = Field(description="Condition type, e.g. Ready, SpecValid.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Condition status.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field("", description="Human-readable details.")
+    lastTransitionTime: str = Field(description="When status last changed (UTC, RFC 3339).")
+
+
+class StagedTrainingStatus(_K8s):
+    phase: Phase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
+    current_stage: str | None = Field(None, description="The stage running or next to run.")
+    last_score: float | None = Field(None, description="Mean eval score of the newest evaluation.")
+    stages: list[StageStatus] = Field(default_factory=list, description="Per stage, in order.")
+    excluded_nodes: list[str] = Field(default_factory=list,
+                                      description="Nodes re-planning has excluded.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    observedGeneration: int | None = Field(None, description="metadata.generation acted upon.")
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition, its schema generated from the pydantic models."""
+    spec_schema = build_structural_schema(StagedTrainingSpec)
+    status_schema = build_structural_schema(StagedTrainingStatus)
+    # Status is written by the operator only; kopf keeps its own bookkeeping there too.
+    status_schema["x-kubernetes-preserve-unknown-fields"] = True
+    columns = [
+        {"name": "Stage", "type": "string", "jsonPath": ".status.current_stage"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Last score", "type": "number", "jsonPath": ".status.last_score"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL,
+                      "singular": "stagedtraining", "shortNames": ["stt"],
+                      "categories": ["ringpilot"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A staged long-context training run: one KubeRay RayJob per "
+                    "stage of spec.stages.",
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_schema,
+                        "status": status_schema,
+                    },
+                    "required": ["spec"],
+                }},
+            }],
+        },
+    }
