@@ -31,6 +31,7 @@ from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_com
 from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
 
 _ALL = slice(None)
+_KV_TAG, _GRAD_TAG = 1, 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            exchange = Exchange(ring, current, incoming)
+            exchange = Exchange(ring, current, incoming, _KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             block_out, block_lse = kernel.forward(
@@ -96,7 +97,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
         kv_exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            kv_exchange = Exchange(ring, current, incoming)
+            kv_exchange = Exchange(ring, current, incoming, _KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             bdq, bdk, bdv = kernel.backward(
@@ -118,7 +119,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
             del bdq, bdk, bdv
         if size > 1:
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
-            grads_exchange = Exchange(ring, grads, grads_incoming)
+            grads_exchange = Exchange(ring, grads, grads_incoming, _GRAD_TAG)
         if kv_exchange is not None:
             kv_exchange.wait()
             spare = None if current[0] is k else current
