@@ -142,12 +142,11 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     """Fold one block's partial attention into the running (out, lse), in place, in fp32.
 
     out: (B, S, H, D) fp32; lse: (B, S, H) fp32; block_*: the same rows from a block kernel.
-    With L = logaddexp(lse, block_lse): out = exp(lse - L) * out + exp(block_lse - L) * block_out,
-    lse = L. logaddexp and the exponents of non-positive numbers never overflow, and a row that
-    saw no key yet (lse = -inf) takes the block's values exactly.
+    The block's weight is w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
+    computed from the DIFFERENCE of the two lse so large magnitudes lose no precision:
+    out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet
+    (lse = -inf) takes the block's values (w = 1).
     """
-    new_lse = torch.logaddexp(lse, block_lse)
-    old_w = torch.exp(lse - new_lse).unsqueeze(-1)
-    new_w = torch.exp(block_lse - new_lse).unsqueeze(-1)
-    out.mul_(old_w).add_(block_out.float() * new_w)
-    lse.copy_(new_lse)
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    out.add_(weight * (block_out.float() - out))
+    lse.copy_(torch.logaddexp(lse, block_lse))

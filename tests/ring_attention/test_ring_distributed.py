@@ -14,8 +14,13 @@ from ring_worlds import (
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ring_attention_and_llama_match_unsharded(world):
+def test_ring_attention_two_ranks():
+    results = run_world(2, attention_world, ATTENTION_CASES)
+    assert len(results) == 2 and all(len(r) == len(ATTENTION_CASES) for r in results)
+
+
+def test_ring_attention_and_tiny_llama_three_ranks():
+    world = 3
     results = run_world(world, ring_and_llama_world, ATTENTION_CASES)
     assert all(len(r["attention"]) == len(ATTENTION_CASES) for r in results)
     losses = {round(r["llama"]["loss"], 6) for r in results}
@@ -23,7 +28,9 @@ def test_ring_attention_and_llama_match_unsharded(world):
 
 
 def test_ring_attention_four_ranks():
-    results = run_world(4, attention_world, ATTENTION_CASES)
+    # Half the cases: every dtype, mask and head layout still appears once.
+    cases = [c for c in ATTENTION_CASES if (c["heads"] == c["kv_heads"]) == c["causal"]]
+    results = run_world(4, attention_world, cases)
     assert len(results) == 4
 
 
