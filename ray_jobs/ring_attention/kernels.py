@@ -127,6 +127,7 @@ class FlashAttnKernel:
 
 
 _CPU_KERNEL = CpuFlashKernel()
+_MERGE_ROWS = 1024
 
 
 def build_block_kernel(device: torch.device) -> BlockKernel:
@@ -147,6 +148,10 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet
     (lse = -inf) takes the block's values (w = 1).
     """
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    out.add_(weight * (block_out.float() - out))
-    lse.copy_(torch.logaddexp(lse, block_lse))
+    # Row chunks bound the fp32 temporaries to a few MiB instead of a copy of the whole shard.
+    for start in range(0, out.shape[1], _MERGE_ROWS):
+        rows = slice(start, start + _MERGE_ROWS)
+        o, l, bo, bl = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
+        delta = bo.float().sub_(o).mul_(torch.sigmoid(bl - l).unsqueeze(-1))
+        o.add_(delta)
+        l.copy_(torch.logaddexp(l, bl))
