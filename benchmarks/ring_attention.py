@@ -13,7 +13,8 @@ process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0
 - speedup_vs_ring_attention_pytorch: T of ring-attention-pytorch 0.5.20 (fp32, its only CPU
   dtype; striped causal balance, bucket 1024) over our T_ring in bf16; the fp32-vs-fp32 ratio is
   printed too. Its outputs and gradients are also checked against SDPA at a small size. It is
-  not a dependency: it is pip-installed with --no-deps into .bench_cache/ on first use.
+  not a dependency: on first use it is pip-installed with --no-deps into a temporary folder
+  ($TMPDIR/ringpilot-bench/ring_attention_pytorch) that only the benchmark's processes import.
 - memory_ratio_32k: per-rank attention memory at P = 2 over the single process at S = 32K
   (memory_ratio_32k_p4: the same at P = 4).
   Attention memory = bytes of its inputs (q, k, v, grad of out) + the peak rise of the
@@ -32,6 +33,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -49,7 +51,7 @@ from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E4
 from ray_jobs.ring_attention.kernels import CpuFlashKernel  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
-PEER_DIR = ROOT / ".bench_cache" / "ring_attention_pytorch"
+PEER_DIR = Path(tempfile.gettempdir()) / "ringpilot-bench" / "ring_attention_pytorch"
 PEER_PACKAGES = ["ring-attention-pytorch==0.5.20", "einops", "beartype", "jaxtyping"]
 
 
