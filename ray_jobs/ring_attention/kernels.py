@@ -142,7 +142,8 @@ def build_block_kernel(device: torch.device) -> BlockKernel:
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold one block's partial attention into the running (out, lse), in place, in fp32.
 
-    out: (B, S, H, D) fp32; lse: (B, S, H) fp32; block_*: the same rows from a block kernel.
+    out: (B, S, H, D) fp32 (or the input dtype on 2-rank rings, see ring.accumulator_dtype);
+    lse: (B, S, H) fp32; block_*: the same rows from a block kernel. The arithmetic is fp32.
     The block's weight is w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
     computed from the DIFFERENCE of the two lse so large magnitudes lose no precision:
     out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet

@@ -75,7 +75,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
                 plan.causal, scale,
             )
             if out is None:  # step 0 covers every local row (a token always sees itself)
-                out, lse = block_out.float(), block_lse.contiguous()
+                out, lse = block_out.to(accumulator_dtype(size, q.dtype)), block_lse.contiguous()
             else:
                 merge_block(_rows(out, plan.q_rows), _rows(lse, plan.q_rows), block_out, block_lse)
             del block_out, block_lse
@@ -87,13 +87,14 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
     return out.to(q.dtype), lse
 
 
-def travelling_grad_dtype(size: int, dtype: torch.dtype) -> torch.dtype:
-    """dtype of the dK/dV accumulators that travel the ring: fp32, except on a ring of two.
+def accumulator_dtype(size: int, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the running out, dq and travelling dK/dV: fp32, except on a ring of two.
 
-    On two ranks an accumulator holds one block result (already in the input dtype) when it
-    leaves its owner and the final sum when it comes back, which is rounded to the input dtype
-    anyway: travelling in the input dtype gives bit-identical gradients at half the bytes and
-    memory. From three ranks on, intermediate sums would be rounded, so they travel in fp32.
+    On two ranks every accumulator sums exactly two block results: it holds the first one
+    (already in the input dtype, so storing it loses nothing) until the second is added in fp32
+    and the sum is rounded once, the rounding an fp32 accumulator gets at the end anyway. The
+    results are bit-identical (tested) at half the memory and bytes on the wire. From three ranks
+    on, intermediate sums would be rounded, so accumulators are fp32.
     """
     return dtype if size <= 2 else torch.float32
 
@@ -110,8 +111,8 @@ def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> Non
 
 def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    grad_dtype = travelling_grad_dtype(size, k.dtype)
+    acc_dtype = accumulator_dtype(size, q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     current, spare = (k, v), None
     grads = grads_spare = grads_incoming = None
     grads_exchange = None
@@ -127,11 +128,11 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
                 _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
             )
-            _rows(dq, plan.q_rows).add_(bdq)
+            _accumulate(_rows(dq, plan.q_rows), bdq)
         if grads_exchange is None:
             # Accumulators for the K/V now held; they travel with it around the ring.
-            grads = (torch.zeros(k.shape, dtype=grad_dtype, device=k.device),
-                     torch.zeros(v.shape, dtype=grad_dtype, device=v.device))
+            grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+                     torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
         else:
             grads_exchange.wait()
             grads_spare, grads = grads, grads_incoming

@@ -134,28 +134,29 @@ def attention_world(rank, world, cases):
     """Every attention case on the default group (ring order = rank order)."""
     errors = [check_attention_case(None, rank, world, case, seed=i) for i, case in enumerate(cases)]
     if world == 2:
-        check_two_rank_grad_travel_is_bit_identical(rank, world)
+        check_two_rank_accumulators_are_bit_identical(rank, world)
     return errors
 
 
-def check_two_rank_grad_travel_is_bit_identical(rank, world):
-    """On two ranks dK/dV travel in bf16; the gradients must equal the fp32-travel ones bit for bit."""
+def check_two_rank_accumulators_are_bit_identical(rank, world):
+    """On two ranks out/dq/dK/dV accumulate in bf16; results must equal fp32 accumulation bit for bit."""
     from ray_jobs.ring_attention import ring as ring_module
 
     gen = torch.Generator().manual_seed(3)
     q, k, v, dout = (torch.randn(2, 32, h, 64, generator=gen).bfloat16() for h in (4, 2, 2, 4))
-    grads = []
-    for travel in (ring_module.travelling_grad_dtype, lambda size, dtype: torch.float32):
-        original, ring_module.travelling_grad_dtype = ring_module.travelling_grad_dtype, travel
+    results = []
+    for choose in (ring_module.accumulator_dtype, lambda size, dtype: torch.float32):
+        original, ring_module.accumulator_dtype = ring_module.accumulator_dtype, choose
         try:
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            ring_attention(*leaves, group=None).backward(dout)
-            grads.append([t.grad for t in leaves])
+            out = ring_attention(*leaves, group=None)
+            out.backward(dout)
+            results.append([out.detach()] + [t.grad for t in leaves])
         finally:
-            ring_module.travelling_grad_dtype = original
-    assert ring_module.travelling_grad_dtype(2, torch.bfloat16) == torch.bfloat16
-    for name, a, b in zip(("dq", "dk", "dv"), *grads):
-        assert torch.equal(a, b), f"{name} differs between bf16 and fp32 travel on 2 ranks"
+            ring_module.accumulator_dtype = original
+    assert ring_module.accumulator_dtype(2, torch.bfloat16) == torch.bfloat16
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} differs between bf16 and fp32 accumulation on 2 ranks"
 
 
 def plan_groups_world(rank, world, rings, cases):
