@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
+    apply_gradient_reduction,
     build_ring_groups,
     contiguous_shard,
     register_ring_attention,
@@ -199,16 +200,17 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
     ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
 
-    shard = shard_causal_lm_batch(ids, rank, world)
-    with use_ring_group(None) as ring:
+    groups = build_ring_groups([list(range(world))])
+    shard = shard_causal_lm_batch(ids, groups.ring_rank, groups.ring_size)
+    with use_ring_group(groups.ring) as ring:
         logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
         loss = ring_causal_lm_loss(logits, shard["labels"], ring)
         loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    apply_gradient_reduction(model.parameters(), groups)
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
+        grad = p.grad
         torch.testing.assert_close(grad, p_ref.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         worst = max(worst, (grad - p_ref.grad).abs().max().item())
     return {"loss": loss.item(), "ref_loss": ref_loss.item(), "max_grad_err": worst}
