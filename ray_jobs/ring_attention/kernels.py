@@ -113,7 +113,18 @@ class FlashAttnKernel:
         self._fwd = _flash_attn_forward
         self._bwd = _flash_attn_backward
 
+    @staticmethod
+    def _check(q):
+        # flash-attn pads head dims that are not multiples of 8 and returns padded outputs;
+        # it has no fp32 kernels. Refuse both here rather than deep inside CUDA code.
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
+            raise ValueError(
+                f"flash-attn ring attention needs fp16/bf16 and head_dim a multiple of 8 up to 256, "
+                f"got {q.dtype} and head_dim {q.shape[-1]}; cast to torch.bfloat16"
+            )
+
     def forward(self, q, k, v, causal, scale):
+        self._check(q)
         out, lse, _, _ = self._fwd(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
         return out, lse.transpose(1, 2)
 
