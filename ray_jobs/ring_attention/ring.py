@@ -2,8 +2,9 @@
 
 Each rank holds a query shard and the matching key/value shard. K/V (only the K/V heads) travel
 one hop per step around the ring; the next hop is posted before the current block is computed.
-Partial outputs are merged through their log-sum-exp in fp32. In backward, K/V travel again and
-the dK/dV accumulators travel with the K/V they belong to, arriving home after the last step.
+Partial outputs are merged through their log-sum-exp in fp32. In backward, K/V travel again; the
+gradient of a rank's own K/V (step 0) stays home, and the dK/dV accumulator of the visitors
+travels with the K/V it belongs to (P - 1 hops) and is added at home after the last step.
 
 Causal load balance (zigzag): the sequence is cut into 2P chunks and ring rank r holds chunks
 r and 2P-1-r, so its local rows are [first half | second half] = [chunk r | chunk 2P-1-r].
@@ -114,8 +115,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
     acc_dtype = accumulator_dtype(size, q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     current, spare = (k, v), None
-    grads = grads_spare = grads_incoming = None
-    grads_exchange = None
+    own = grads = grads_spare = grads_incoming = grads_exchange = None
     for step in range(size):
         kv_exchange = None
         if step + 1 < size:
@@ -129,28 +129,34 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
             )
             _accumulate(_rows(dq, plan.q_rows), bdq)
-        if grads_exchange is None:
-            # Accumulators for the K/V now held; they travel with it around the ring.
-            grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
-                     torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
-        else:
-            grads_exchange.wait()
-            grads_spare, grads = grads, grads_incoming
-        with timed_compute():
-            _accumulate(_rows(grads[0], plan.kv_rows), bdk)
-            _accumulate(_rows(grads[1], plan.kv_rows), bdv)
-            del bdq, bdk, bdv
-        if size > 1:
+            if step == 0:
+                # The gradient of our own K/V stays home; step 0 always covers all its rows.
+                own = (bdk.to(acc_dtype), bdv.to(acc_dtype))
+        if step > 0:
+            # Visitors' contributions travel with the K/V and arrive home after the last step.
+            if grads_exchange is None:
+                grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+                         torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
+            else:
+                grads_exchange.wait()
+                grads_spare, grads = grads, grads_incoming
+            with timed_compute():
+                _accumulate(_rows(grads[0], plan.kv_rows), bdk)
+                _accumulate(_rows(grads[1], plan.kv_rows), bdv)
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
             grads_exchange = Exchange(ring, grads, grads_incoming, _GRAD_TAG)
+        del bdq, bdk, bdv
         if kv_exchange is not None:
             kv_exchange.wait()
             spare = None if current[0] is k else current
             current = incoming
     if grads_exchange is not None:
         grads_exchange.wait()
-        grads = grads_incoming
-    return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype)
+        del grads, grads_spare, current, spare
+        with timed_compute():
+            _accumulate(own[0], grads_incoming[0])
+            _accumulate(own[1], grads_incoming[1])
+    return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):
