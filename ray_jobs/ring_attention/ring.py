@@ -113,9 +113,8 @@ def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> Non
 def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     acc_dtype = accumulator_dtype(size, q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     current, spare = (k, v), None
-    own = grads = grads_spare = grads_incoming = grads_exchange = None
+    dq = own = grads = grads_spare = grads_incoming = grads_exchange = None
     for step in range(size):
         kv_exchange = None
         if step + 1 < size:
@@ -128,31 +127,40 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
                 _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
             )
-            _accumulate(_rows(dq, plan.q_rows), bdq)
+            if step + 1 == size:
+                current = spare = None  # the K/V buffers are done with; free them before more grads
             if step == 0:
-                # The gradient of our own K/V stays home; step 0 always covers all its rows.
-                own = (bdk.to(acc_dtype), bdv.to(acc_dtype))
-        if step > 0:
-            # Visitors' contributions travel with the K/V and arrive home after the last step.
-            if grads_exchange is None:
-                grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
-                         torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
+                # Step 0 covers every local row: its results start the accumulators, and the
+                # gradient of our own K/V stays home.
+                dq, own = bdq.to(acc_dtype), (bdk.to(acc_dtype), bdv.to(acc_dtype))
             else:
-                grads_exchange.wait()
-                grads_spare, grads = grads, grads_incoming
-            with timed_compute():
-                _accumulate(_rows(grads[0], plan.kv_rows), bdk)
-                _accumulate(_rows(grads[1], plan.kv_rows), bdv)
+                _accumulate(_rows(dq, plan.q_rows), bdq)
+        if step > 0:
+            # Visitors' contributions travel with the K/V (P - 1 hops) and are added at home.
+            if grads_exchange is None and plan.kv_rows == _ALL:
+                grads = (bdk.to(acc_dtype), bdv.to(acc_dtype))
+            else:
+                if grads_exchange is None:
+                    grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+                             torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
+                else:
+                    grads_exchange.wait()
+                    grads_spare, grads = grads, grads_incoming
+                with timed_compute():
+                    _accumulate(_rows(grads[0], plan.kv_rows), bdk)
+                    _accumulate(_rows(grads[1], plan.kv_rows), bdv)
+            del bdq, bdk, bdv
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
             grads_exchange = Exchange(ring, grads, grads_incoming, _GRAD_TAG)
-        del bdq, bdk, bdv
+        else:
+            del bdq, bdk, bdv
         if kv_exchange is not None:
             kv_exchange.wait()
             spare = None if current[0] is k else current
             current = incoming
     if grads_exchange is not None:
         grads_exchange.wait()
-        del grads, grads_spare, current, spare
+        del grads, grads_spare
         with timed_compute():
             _accumulate(own[0], grads_incoming[0])
             _accumulate(own[1], grads_incoming[1])
