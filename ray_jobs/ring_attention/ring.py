@@ -131,8 +131,9 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 current = spare = None  # the K/V buffers are done with; free them before more grads
             if step == 0:
                 # Step 0 covers every local row: its results start the accumulators, and the
-                # gradient of our own K/V stays home.
-                dq, own = bdq.to(acc_dtype), (bdk.to(acc_dtype), bdv.to(acc_dtype))
+                # gradient of our own K/V stays home in the kernel's dtype (one block result
+                # loses nothing there; the visitors' sum is added in fp32 at the end).
+                dq, own = bdq.to(acc_dtype), (bdk, bdv)
             else:
                 _accumulate(_rows(dq, plan.q_rows), bdq)
         if step > 0:
