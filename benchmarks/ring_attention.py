@@ -3,7 +3,7 @@
 Run from a fresh clone (the last printed line is one JSON object):
     .venv/bin/python benchmarks/ring_attention.py            # S = 16K timings, 32K memory (minutes)
     .venv/bin/python benchmarks/ring_attention.py --quick    # small sizes, under a minute
-    .venv/bin/python benchmarks/ring_attention.py --skip-peer
+    .venv/bin/python benchmarks/ring_attention.py --skip-peer --skip-memory   # timings only
 
 Workload: causal attention forward + backward, batch 1, 8 heads, head dim 64, bf16, every
 process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0.0.1.
@@ -224,6 +224,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (2K timings, 4K memory)")
     parser.add_argument("--skip-peer", action="store_true", help="do not run ring-attention-pytorch")
+    parser.add_argument("--skip-memory", action="store_true", help="do not run the memory measurement")
     args = parser.parse_args()
     # Every buffer above 64 KiB gets its own mmap, so freeing returns it to the OS and the peak
     # resident set measures live tensors (glibc otherwise keeps freed memory on its heap).
@@ -267,6 +268,10 @@ def main():
             print(f"ring-attention-pytorch unavailable ({how}); install: pip install --no-deps --target "
                   f"{PEER_DIR} {' '.join(PEER_PACKAGES)}", flush=True)
 
+    if args.skip_memory:
+        report["memory_ratio_32k"] = None
+        print(json.dumps(report))
+        return
     # Two reps, the peak of the second counts: the kernels keep some buffers from their first call.
     single_mem = run_ranks(1, single_body, mem_seq, bf16, 2, True)[0]
     ring_mem = run_ranks(2, ring_body, mem_seq, bf16, 2, True)
