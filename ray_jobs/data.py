@@ -1,0 +1,200 @@
+"""Training samples: synthetic long-context retrieval over filler text, and packed documents.
+
+Every sample is a pure function of (seed, stage, step, micro-step, index in the global batch),
+so a resumed run sees exactly the samples an uninterrupted one would, whatever restarted.
+
+Retrieval samples are built so a copy mechanism solves them: the filler text has no digits and
+no "is", the needle's number follows a unique cue ("... pass key is" or the key's word), and the
+loss is taken on the answer digits only (ln 10 ~ 2.3 nats per digit is chance).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_jobs.spec import RunSpec
+
+IGNORE = -100
+
+FILLER = [
+    " The grass grows green.", " The sky looks blue.", " The sun shines yellow.",
+    " Here we go.", " There and back again.", " Birds sing in the morning.",
+    " The river runs to the sea.", " Clouds drift over the hills.", " A dog sleeps by the door.",
+    " The wind moves the trees.",
+]
+KEYS = [
+    "apple", "river", "stone", "cloud", "tiger", "maple", "piano", "candle", "rocket", "garden",
+    "silver", "window", "forest", "orange", "violet", "harbor", "lemon", "castle", "falcon",
+    "meadow", "pepper", "comet", "willow", "anchor",
+]
+PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
+KV_INTRO = " Remember the number after each word."
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: `seq_len` inputs, next-token labels (IGNORE where not scored)."""
+
+    sample_id: str
+    kind: str
+    input_ids: list[int]
+    labels: list[int]
+    answer: str = ""
+
+
+def sample_seed(seed: int, *parts: object) -> int:
+    """A 64-bit seed from the run seed and a sample's coordinates (stable across processes)."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(digits))
+
+
+class _Ids:
+    """Token ids of the fixed text pieces, encoded once."""
+
+    def __init__(self, tok):
+        enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+        self.enc = enc
+        self.filler = [enc(s) for s in FILLER]
+        self.bos = tok.bos_token_id
+        self.eos = tok.eos_token_id
+
+
+def _fill(ids: _Ids, rng: random.Random, n: int) -> list[list[int]]:
+    """Whole filler sentences of n tokens in all (the last one cut short)."""
+    out: list[list[int]] = []
+    left = n
+    while left > 0:
+        sentence = ids.filler[rng.randrange(len(ids.filler))][:left]
+        out.append(sentence)
+        left -= len(sentence)
+    return out
+
+
+def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
+                    depth: float | None = None) -> tuple[list[int], list[int], str]:
+    """Tokens (seq_len + 1 of them) of a passkey / key-value prompt ending in its answer, the
+    answer's token count, and the answer text. `depth` (0..1) places the needle; None: random."""
+    if kind == "passkey":
+        answer = _number(rng, 5)
+        head = ids.enc(PASSKEY_INTRO)
+        needles = [ids.enc(f" The pass key is {answer}. Remember it.")]
+        query = ids.enc(" Tell me the pass key. The pass key is")
+    else:
+        n_pairs = 4
+        keys = rng.sample(KEYS, n_pairs)
+        values = [_number(rng, 4) for _ in keys]
+        target = rng.randrange(n_pairs)
+        answer = values[target]
+        head = ids.enc(KV_INTRO)
+        needles = [ids.enc(f" {k} {v}.") for k, v in zip(keys, values)]
+        query = ids.enc(f" Now recall. {keys[target]}")
+    answer_ids = ids.enc(f" {answer}")
+    budget = seq_len + 1 - len(head) - len(query) - len(answer_ids) - 1 - sum(map(len, needles))
+    if budget < 0:
+        raise ValueError(f"seq_len {seq_len} is too short for a {kind} sample (needs "
+                         f">= {seq_len - budget} tokens); lengthen the stage")
+    sentences = _fill(ids, rng, budget)
+    # Needles sit between sentences at sorted random depths (or the one given, for evaluation).
+    cuts = sorted(rng.random() if depth is None else depth for _ in needles)
+    body, prev = [], 0
+    for cut, needle in zip(cuts, needles):
+        at = int(round(cut * len(sentences)))
+        body += [t for s in sentences[prev:at] for t in s] + needle
+        prev = at
+    body += [t for s in sentences[prev:] for t in s]
+    tokens = [ids.bos] + head + body + query + answer_ids
+    return tokens, len(answer_ids), answer
+
+
+def build_eval_prompt(tok, seq_len: int, seed: int, kind: str = "passkey",
+                      depth: float | None = None) -> Sample:
+    """A held-out retrieval sample (same layout as training), for exact-match evaluation."""
+    rng = random.Random(sample_seed(seed, "eval", kind, seq_len, depth))
+    tokens, n_answer, answer = build_retrieval(_Ids(tok), rng, seq_len, kind, depth)
+    return _as_sample(f"eval:{seed}", kind, tokens, n_answer, answer)
+
+
+def _as_sample(sample_id: str, kind: str, tokens: list[int], n_answer: int | None,
+               answer: str = "") -> Sample:
+    inputs, targets = tokens[:-1], tokens[1:]
+    if n_answer is not None:  # score only the answer's tokens
+        targets = [IGNORE] * (len(targets) - n_answer) + targets[-n_answer:]
+    return Sample(sample_id, kind, inputs, targets, answer)
+
+
+def synthetic_corpus(rng: random.Random, n: int) -> list[str]:
+    """Plain text in the style of the synthetic tasks, to train a tokenizer on."""
+    texts = []
+    for i in range(n):
+        filler = "".join(rng.choice(FILLER) for _ in range(12))
+        if i % 2:
+            texts.append(PASSKEY_INTRO + filler + f" The pass key is {_number(rng, 5)}. Remember it."
+                         + filler + " Tell me the pass key. The pass key is " + _number(rng, 5))
+        else:
+            k = rng.choice(KEYS)
+            pairs = "".join(f" {key} {_number(rng, 4)}." for key in rng.sample(KEYS, 4))
+            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {_number(rng, 4)}")
+    return texts
+
+
+def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
+    """Texts of data.documents (files or globs, relative to the run file's directory)."""
+    base = spec_dir or Path.cwd()
+    texts = []
+    for pattern in run.data.documents:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        matches = sorted(glob.glob(full))
+        if not matches:
+            raise FileNotFoundError(f"data.documents: {pattern!r} matches no file (looked for "
+                                    f"{full}); fix the path or glob")
+        texts += [Path(m).read_text(encoding="utf-8", errors="replace") for m in matches]
+    return texts
+
+
+class SampleStream:
+    """The samples of one stage, addressed by (step, micro-step, index in the global batch)."""
+
+    def __init__(self, run: RunSpec, stage_index: int, tok, documents: list[str] | None = None):
+        self.run, self.stage_index = run, stage_index
+        self.stage = run.stages[stage_index]
+        self.ids = _Ids(tok)
+        mix = run.data.mix
+        self.kinds = [k for k, w in (("documents", mix.documents), ("passkey", mix.passkey),
+                                     ("kv_retrieval", mix.kv_retrieval)) if w > 0]
+        self.weights = [getattr(mix, k) for k in self.kinds]
+        self.doc_tokens: list[int] = []
+        if mix.documents > 0:
+            for text in documents or []:
+                self.doc_tokens += self.ids.enc(text) + [self.ids.eos]
+            if len(self.doc_tokens) < 2:
+                raise ValueError("data.documents: the files hold no text; add text or set "
+                                 "mix.documents: 0")
+
+    def sample(self, step: int, micro: int, index: int) -> Sample:
+        sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{index}"
+        rng = random.Random(sample_seed(self.run.data.seed, self.stage.name, step, micro, index))
+        kind = rng.choices(self.kinds, weights=self.weights)[0]
+        n = self.stage.seq_len + 1
+        if kind == "documents":
+            start = rng.randrange(len(self.doc_tokens))
+            window = (self.doc_tokens * (n // len(self.doc_tokens) + 2))[start:start + n]
+            return _as_sample(sid, kind, window, None)
+        tokens, n_answer, answer = build_retrieval(self.ids, rng, self.stage.seq_len, kind)
+        return _as_sample(sid, kind, tokens, n_answer, answer)
+
+    def batch(self, step: int, micro: int, indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""
+        samples = [self.sample(step, micro, i) for i in indices]
+        inputs = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
+        labels = torch.tensor([s.labels for s in samples], dtype=torch.long)
+        return inputs, labels, [s.sample_id for s in samples]
