@@ -1,0 +1,132 @@
+"""The ring: peers in ring order over a process group, and the overlapped point-to-point exchange."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A process group plus the order of its members around the ring (global ranks).
+
+    `torch.distributed.new_group` sorts its ranks, so a group alone cannot express a ring order
+    such as [2, 0]; peers are therefore addressed by global rank from `ranks`.
+    """
+
+    group: dist.ProcessGroup | None
+    ranks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        """This process's position in the ring."""
+        return self.ranks.index(dist.get_rank())
+
+    @property
+    def next_peer(self) -> int:
+        return self.ranks[(self.rank + 1) % self.size]
+
+    @property
+    def prev_peer(self) -> int:
+        return self.ranks[(self.rank - 1) % self.size]
+
+
+def resolve_ring(group: "Ring | dist.ProcessGroup | None") -> Ring:
+    """A Ring from a Ring, a process group (ring order = group rank order) or None (the world)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "ring attention needs torch.distributed initialised: call "
+            "torch.distributed.init_process_group('gloo' or 'nccl') first"
+        )
+    if isinstance(group, Ring):
+        ring = group
+    else:
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+        ring = Ring(group=group, ranks=ranks)
+    me = dist.get_rank()
+    if me not in ring.ranks:
+        raise ValueError(
+            f"global rank {me} is not a member of the ring group {list(ring.ranks)}; pass the ring "
+            "group this rank belongs to (see build_ring_groups)"
+        )
+    return ring
+
+
+@dataclass
+class RingTimings:
+    """Seconds spent computing blocks and blocked waiting on ring transfers (this process)."""
+
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    exchanges: int = 0
+    bytes_sent: int = 0
+    per_step_wait_s: list[float] = field(default_factory=list)
+
+
+_TIMINGS: RingTimings | None = None
+
+
+@contextmanager
+def record_ring_timings() -> Iterator[RingTimings]:
+    """Collect RingTimings for ring attention calls inside the block (for benchmarks).
+
+    On CUDA the waits are stream waits, so these numbers are only meaningful on CPU/gloo.
+    """
+    global _TIMINGS
+    previous, _TIMINGS = _TIMINGS, RingTimings()
+    try:
+        yield _TIMINGS
+    finally:
+        _TIMINGS = previous
+
+
+@contextmanager
+def timed_compute() -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if _TIMINGS is not None:
+            _TIMINGS.compute_s += time.perf_counter() - start
+
+
+class Exchange:
+    """One posted ring shift: send tensors to the next peer, receive same-shaped ones from the previous.
+
+    Post it before computing on the current block, wait after: the transfer runs behind the
+    compute. Both peers post their exchanges in the same order, which is what matches sends to
+    receives (tags are not used so NCCL and gloo behave alike).
+    """
+
+    def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor]) -> None:
+        ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group) for t in recv]
+        self._works = dist.batch_isend_irecv(ops)
+        if _TIMINGS is not None:
+            _TIMINGS.exchanges += 1
+            _TIMINGS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        for work in self._works:
+            work.wait()
+        if _TIMINGS is not None:
+            waited = time.perf_counter() - start
+            _TIMINGS.wait_s += waited
+            _TIMINGS.per_step_wait_s.append(waited)
+
+
+def shift_tensors(ring: Ring, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Blocking ring shift of contiguous tensors (used to time pure communication)."""
+    recv = [torch.empty_like(t) for t in tensors]
+    Exchange(ring, tensors, recv).wait()
+    return recv

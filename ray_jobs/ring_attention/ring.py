@@ -1,0 +1,207 @@
+"""Exact ring attention, forward and backward, as a torch.autograd.Function over a ring of processes.
+
+Each rank holds a query shard and the matching key/value shard. K/V (only the K/V heads) travel
+one hop per step around the ring; the next hop is posted before the current block is computed.
+Partial outputs are merged through their log-sum-exp in fp32. In backward, K/V travel again and
+the dK/dV accumulators travel with the K/V they belong to, arriving home after the last step.
+
+Causal load balance (zigzag): the sequence is cut into 2P chunks and ring rank r holds chunks
+r and 2P-1-r, so its local rows are [first half | second half] = [chunk r | chunk 2P-1-r].
+At step s rank r holds the K/V of rank src = (r - s) mod P and computes exactly the visible part:
+
+    src == r   local q vs local k/v, causal      (the local order is increasing in position)
+    src <  r   all local q vs the FIRST half of k/v, no mask
+               (chunk src is before both local chunks; chunk 2P-1-src is after both)
+    src >  r   the SECOND half of local q vs all k/v, no mask
+               (chunk 2P-1-r is after both visiting chunks; chunk r is before both)
+
+Each off-diagonal step is half a full block and the diagonal step is a causal full block, also
+half the work: every rank does the same work at every step, so none idles. Non-causal attention
+uses contiguous shards and full blocks at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_compute
+from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
+
+_ALL = slice(None)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Rows of the local queries and of the visiting K/V that one ring step attends, and its mask."""
+
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+
+
+def plan_block(rank: int, src: int, local_len: int, causal: bool) -> BlockPlan:
+    """What rank `rank` computes against the K/V shard of ring rank `src` (see module docstring)."""
+    if not causal:
+        return BlockPlan(_ALL, _ALL, False)
+    half = local_len // 2
+    if src == rank:
+        return BlockPlan(_ALL, _ALL, True)
+    if src < rank:
+        return BlockPlan(_ALL, slice(0, half), False)
+    return BlockPlan(slice(half, None), _ALL, False)
+
+
+def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    return x[:, rows]
+
+
+def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
+    size, rank, local_len = ring.size, ring.rank, q.shape[1]
+    out = lse = None
+    current, spare = (k, v), None
+    for step in range(size):
+        exchange = None
+        if step + 1 < size:
+            incoming = spare or (torch.empty_like(k), torch.empty_like(v))
+            exchange = Exchange(ring, current, incoming)
+        plan = plan_block(rank, (rank - step) % size, local_len, causal)
+        with timed_compute():
+            block_out, block_lse = kernel.forward(
+                _rows(q, plan.q_rows), _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
+                plan.causal, scale,
+            )
+            if out is None:  # step 0 covers every local row (a token always sees itself)
+                out, lse = block_out.float(), block_lse.contiguous()
+            else:
+                merge_block(_rows(out, plan.q_rows), _rows(lse, plan.q_rows), block_out, block_lse)
+            del block_out, block_lse
+        if exchange is not None:
+            exchange.wait()
+            # The buffers just sent are free again once the exchange completed: reuse them next.
+            spare = None if current[0] is k else current
+            current = incoming
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
+    size, rank, local_len = ring.size, ring.rank, q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    current, spare = (k, v), None
+    grads = grads_spare = grads_incoming = None
+    grads_exchange = None
+    for step in range(size):
+        kv_exchange = None
+        if step + 1 < size:
+            incoming = spare or (torch.empty_like(k), torch.empty_like(v))
+            kv_exchange = Exchange(ring, current, incoming)
+        plan = plan_block(rank, (rank - step) % size, local_len, causal)
+        with timed_compute():
+            bdq, bdk, bdv = kernel.backward(
+                _rows(dout, plan.q_rows), _rows(q, plan.q_rows),
+                _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
+                _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
+            )
+            _rows(dq, plan.q_rows).add_(bdq)
+        if grads_exchange is None:
+            # fp32 accumulators for the K/V now held; they travel with it around the ring.
+            grads = (torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                     torch.zeros(v.shape, dtype=torch.float32, device=v.device))
+        else:
+            grads_exchange.wait()
+            grads_spare, grads = grads, grads_incoming
+        with timed_compute():
+            _rows(grads[0], plan.kv_rows).add_(bdk)
+            _rows(grads[1], plan.kv_rows).add_(bdv)
+            del bdq, bdk, bdv
+        if size > 1:
+            grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
+            grads_exchange = Exchange(ring, grads, grads_incoming)
+        if kv_exchange is not None:
+            kv_exchange.wait()
+            spare = None if current[0] is k else current
+            current = incoming
+    if grads_exchange is not None:
+        grads_exchange.wait()
+        grads = grads_incoming
+    return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves the local q, k, v, the output and the fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: Ring, causal: bool, scale: float):
+        kernel = build_block_kernel(q.device)
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.causal, ctx.scale, ctx.kernel = ring, causal, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(
+            dout.contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale, ctx.kernel
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, local_seq, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local_seq and head_dim "
+            "(layout (batch, local_seq, heads, head_dim))"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) for "
+            "grouped-query attention"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them "
+            "to the same dtype (e.g. torch.bfloat16)"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if causal and q.shape[1] % 2 != 0:
+        raise ValueError(
+            f"causal ring attention needs an even local_seq (two zigzag chunks), got {q.shape[1]}: "
+            "the global sequence must be divisible by 2 * ring size; shard it with zigzag_shard"
+        )
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: "Ring | dist.ProcessGroup | None",
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence sharded across a ring of processes; see the package docstring.
+
+    q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim).
+    Causal: shards in zigzag order (zigzag_shard); non-causal: contiguous shards in ring order.
+    Returns out (batch, local_seq, heads, head_dim) in q's dtype; differentiable in q, k, v.
+    """
+    _check_inputs(q, k, v, causal)
+    ring = resolve_ring(group)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    # isend/irecv need contiguous buffers; q may stay a strided view (the kernels take strides).
+    k, v = k.contiguous(), v.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return RingAttentionFunction.apply(q, k, v, ring, causal, float(scale))

@@ -1,0 +1,192 @@
+"""Spawn a gloo world on loopback and run a test body on every rank; bodies for the ring tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import traceback
+from datetime import timedelta
+from itertools import product
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ray_jobs.ring_attention import (
+    build_ring_groups,
+    contiguous_shard,
+    register_ring_attention,
+    ring_attention,
+    ring_causal_lm_loss,
+    shard_causal_lm_batch,
+    use_ring_group,
+    zigzag_shard,
+    zigzag_unshard,
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, body, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+        results.put((rank, "ok", body(rank, world, *args)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(world: int, body, *args) -> list:
+    """Run body(rank, world, *args) on `world` spawned gloo ranks; return per-rank results.
+
+    A failing rank's traceback (assertion or error) is raised in the parent as AssertionError.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    error = None
+    try:
+        mp.start_processes(_entry, args=(world, _free_port(), body, args, results), nprocs=world, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        error = err
+    collected = {}
+    while not results.empty():
+        rank, status, value = results.get()
+        collected[rank] = (status, value)
+    failures = [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
+    if failures or error is not None:
+        raise AssertionError("\n".join(failures) or str(error))
+    return [collected[r][1] for r in range(world)]
+
+
+# Tolerances against single-process SDPA in the same dtype (values O(1), random normal inputs).
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+ATTENTION_CASES = [
+    dict(dtype=dtype, causal=causal, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=2)
+    for dtype, causal, (heads, kv_heads, head_dim) in product(
+        (torch.float32, torch.bfloat16), (True, False), ((4, 2, 64), (2, 2, 128))
+    )
+]
+
+
+def _reference(q, k, v, dout, causal):
+    """Single-process SDPA on the full sequence; inputs (B, S, H, D); returns out and grads."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+    ).transpose(1, 2)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_attention_case(ring, rank, world, case, seed, chunk=8, transposed=False):
+    """Ring forward/backward on shards vs SDPA on the full sequence; returns max abs errors."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = 2 * world * chunk
+    b, h, hk, d, dtype = case["batch"], case["heads"], case["kv_heads"], case["head_dim"], case["dtype"]
+    q = torch.randn(b, seq, h, d, generator=gen).to(dtype)
+    k = torch.randn(b, seq, hk, d, generator=gen).to(dtype)
+    v = torch.randn(b, seq, hk, d, generator=gen).to(dtype)
+    dout = torch.randn(b, seq, h, d, generator=gen).to(dtype)
+    ref = _reference(q, k, v, dout, case["causal"])
+    shard = zigzag_shard if case["causal"] else contiguous_shard
+    local = [shard(t, 1, rank, world) for t in (q, k, v)]
+    if transposed:  # what transformers hands over: (B, H, S, D) memory seen as (B, S, H, D)
+        local = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in local]
+    local = [t.requires_grad_() for t in local]
+    out = ring_attention(*local, group=ring, causal=case["causal"])
+    out.backward(shard(dout, 1, rank, world))
+    got = (out.detach(), *(t.grad for t in local))
+    errors = {}
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        want = shard(r, 1, rank, world)
+        assert g.dtype == dtype and g.shape == want.shape, (name, g.dtype, g.shape, want.shape)
+        torch.testing.assert_close(g, want, **TOLERANCE[dtype], msg=lambda m: f"{name} {case}: {m}")
+        errors[name] = (g.float() - want.float()).abs().max().item()
+    if dtype != torch.float32:
+        # Exactness beyond the tolerance: no worse than SDPA itself in this dtype, both against fp64.
+        exact = _reference(*(t.double() for t in (q, k, v, dout)), case["causal"])
+        for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref, exact):
+            e = shard(e, 1, rank, world)
+            ring_err = (g.double() - e).abs().max().item()
+            sdpa_err = (shard(r, 1, rank, world).double() - e).abs().max().item()
+            assert ring_err <= 2 * sdpa_err + 1e-3, f"{name} {case}: ring err {ring_err} vs SDPA err {sdpa_err}"
+    if case["causal"]:
+        full = zigzag_unshard(out.detach(), 1, world, group=ring)
+        torch.testing.assert_close(full, ref[0], **TOLERANCE[dtype])
+    return errors
+
+
+def attention_world(rank, world, cases):
+    """Every attention case on the default group (ring order = rank order)."""
+    return [check_attention_case(None, rank, world, case, seed=i) for i, case in enumerate(cases)]
+
+
+def plan_groups_world(rank, world, rings, cases):
+    """Rings from a plan; each ring attends its own data; DP groups join equal ring positions."""
+    groups = build_ring_groups(rings)
+    my_ring = next(r for r in rings if rank in r)
+    assert groups.ring.ranks == tuple(my_ring) and groups.ring_rank == my_ring.index(rank)
+    assert groups.ring_size == len(my_ring) and groups.dp_size == len(rings)
+    assert groups.dp_rank == rings.index(my_ring)
+    probe = torch.tensor([float(rank)])
+    dist.all_reduce(probe, group=groups.dp_group)
+    assert probe.item() == sum(r[groups.ring_rank] for r in rings), (probe, rings)
+    errors = [
+        check_attention_case(groups.ring, groups.ring_rank, groups.ring_size, case, seed=100 * groups.dp_rank + i,
+                             transposed=True)
+        for i, case in enumerate(cases)
+    ]
+    return {"ring_rank": groups.ring_rank, "dp_rank": groups.dp_rank, "errors": errors}
+
+
+def _tiny_llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, attention_dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def llama_world(rank, world, seq_per_rank=16, batch=2):
+    """Tiny Llama with ring attention on zigzag shards vs the unsharded model: loss and all grads."""
+    register_ring_attention()
+    reference = _tiny_llama(seed=0)
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation("ring")
+    reference.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 128, (batch, seq_per_rank * world), generator=torch.Generator().manual_seed(7))
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+
+    shard = shard_causal_lm_batch(ids, rank, world)
+    with use_ring_group(None) as ring:
+        logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
+        loss = ring_causal_lm_loss(logits, shard["labels"], ring)
+        loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    worst = 0.0
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        worst = max(worst, (grad - p_ref.grad).abs().max().item())
+    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "max_grad_err": worst}
+
+
+def ring_and_llama_world(rank, world, cases):
+    return {"attention": attention_world(rank, world, cases), "llama": llama_world(rank, world)}
