@@ -1,0 +1,222 @@
+"""Cost model: step time, its parts and memory per GPU of one stage, from the graph and the rings."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from topology.graph import Link, Router
+from topology.profile import HardwareProfile
+
+GB = 1e9
+BYTES_PER_PARAM_STATE = 16  # bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 4 + 4
+LOSS_CHUNK_TOKENS = 4096  # assumption: logits and their gradient materialise this many at once
+
+
+class StageDoesNotFit(ValueError):
+    """A stage whose per-GPU memory exceeds the GPU's."""
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """Concurrent transfers of `nbytes` each: the slowest one and the link that limits it."""
+
+    seconds: float  # time of the slowest transfer
+    latency_s: float  # its latency part
+    bandwidth_gb_s: float  # its fair-share bandwidth
+    bottleneck: Link | None
+    loads: dict[Link, int]  # transfers per directed link
+    hop_seconds: list[float]  # per transfer, in input order
+
+
+def evaluate_flows(router: Router, flows: list[tuple[str, str]], nbytes: float) -> FlowResult:
+    """All `flows` (src GPU, dst GPU) run at once; each gets, on every link it crosses, an equal
+    share of the link's bandwidth; its rate is its smallest share (fair sharing, no max-min
+    redistribution). Complexity: O(sum of route lengths)."""
+    if not flows:
+        return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
+    g = router.graph
+    routes = [router.route(a, b) for a, b in flows]
+    loads: dict[Link, int] = defaultdict(int)
+    for r in routes:
+        for link in r:
+            loads[link] += 1
+    cap: dict[Link, float] = {}
+    times, worst = [], (-1.0, 0.0, float("inf"), None)
+    for r in routes:
+        bw, lat, limit = float("inf"), 0.0, None
+        for link in r:
+            c = cap.get(link)
+            if c is None:
+                data = g.edges[link]
+                c = cap[link] = data["bandwidth"]
+            share = c / loads[link]
+            lat += g.edges[link]["latency_us"]
+            if share < bw:
+                bw, limit = share, link
+        t = lat * 1e-6 + nbytes / (bw * GB)
+        times.append(t)
+        if t > worst[0]:
+            worst = (t, lat * 1e-6, bw, limit)
+    return FlowResult(*worst, dict(loads), times)
+
+
+def ring_flows(rings: list[list[str]]) -> list[tuple[str, str]]:
+    """Each rank sends to the next rank of its ring (the last to the first)."""
+    return [(r[i], r[(i + 1) % len(r)]) for r in rings if len(r) > 1 for i in range(len(r))]
+
+
+def dp_flows(rings: list[list[str]]) -> list[tuple[str, str]]:
+    """Data-parallel groups: the GPUs with the same ring rank, in ring-index order (a ring
+    all-reduce over them)."""
+    if len(rings) < 2:
+        return []
+    groups = [[r[k] for r in rings] for k in range(len(rings[0]))]
+    return ring_flows(groups)
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """What the cost model needs of the model and the stage (numbers only)."""
+
+    seq_len: int
+    ring: int
+    dp: int
+    batch_size: int
+    grad_accum: int
+    steps: int
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int
+    elem_bytes: int
+
+    @classmethod
+    def of(cls, model, stage, ring: int, dp: int) -> StageShape:
+        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, batch_size=stage.batch_size,
+                   grad_accum=stage.grad_accum_steps, steps=stage.steps,
+                   layers=model.num_hidden_layers, hidden=model.hidden_size,
+                   intermediate=model.intermediate_size, heads=model.num_attention_heads,
+                   kv_heads=model.num_key_value_heads, head_dim=model.head_dim,
+                   vocab=model.vocab_size, params=model.num_parameters,
+                   elem_bytes=2 if model.dtype == "bfloat16" else 4)
+
+    @property
+    def local_tokens(self) -> int:
+        return self.seq_len // self.ring
+
+    @property
+    def kv_block_bytes(self) -> float:
+        """K and V of the local tokens: what one ring step passes on."""
+        return 2 * self.local_tokens * self.kv_heads * self.head_dim * self.elem_bytes
+
+    @property
+    def seqs_per_ring(self) -> int:
+        return max(1, self.batch_size // self.dp)
+
+
+def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
+    """Bytes per GPU by part. Weights, grads and Adam state are sharded over the ring (hybrid
+    sharding: shard within the ring, replicate across data-parallel rings); activations are
+    checkpointed at layer boundaries."""
+    n = s.local_tokens
+    layer_params = (s.params - 2 * s.vocab * s.hidden) / s.layers
+    return {
+        "weights+grads+optimizer": s.params * BYTES_PER_PARAM_STATE / s.ring,
+        "gathered weights (2 units)": 2 * max(layer_params, s.vocab * s.hidden) * s.elem_bytes,
+        "checkpointed activations": s.layers * n * s.hidden * s.elem_bytes,
+        "one layer recomputed": n * (6 * s.hidden + 4 * s.intermediate) * s.elem_bytes,
+        "logits (chunked loss)": min(n, LOSS_CHUNK_TOKENS) * s.vocab * 4 * 2,
+        "ring buffers": 4 * s.kv_block_bytes,
+        "reserve": profile.memory_reserve_bytes,
+    }
+
+
+def check_fits(name: str, s: StageShape, profile: HardwareProfile) -> float:
+    """Total bytes per GPU, or StageDoesNotFit naming the stage and the smallest ring that fits."""
+    total = sum(memory_per_gpu(s, profile).values())
+    if total <= profile.hbm_bytes:
+        return total
+    fix = None
+    r = s.ring
+    while r < s.seq_len // 2:
+        r *= 2
+        if s.seq_len % (2 * r) == 0:
+            t = StageShape(**{**s.__dict__, "ring": r})
+            if sum(memory_per_gpu(t, profile).values()) <= profile.hbm_bytes:
+                fix = r
+                break
+    hint = (f"raise ring_degree to {fix} or more" if fix else
+            "no ring degree fits; shorten seq_len or use a smaller model")
+    raise StageDoesNotFit(
+        f"stage {name!r} needs {total / GB:.1f} GB per GPU with ring_degree {s.ring} "
+        f"({s.local_tokens} tokens per GPU), above the {profile.hbm_bytes / GB:.0f} GB of a "
+        f"{profile.gpu_model}; {hint}")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Predicted time of one optimizer step and its parts (seconds), and what set them."""
+
+    step_seconds: float
+    parts: dict[str, float]  # per optimizer step; sums to step_seconds
+    tokens_per_second: float
+    wall_minutes: float
+    model_flops_per_step: float
+    ring_hop: FlowResult
+    dp_hop: FlowResult
+    memory: dict[str, float]
+
+
+def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
+                  profile: HardwareProfile) -> StageCost:
+    """Step time of a stage, given the ring and data-parallel hop results under contention.
+
+    Per sequence and GPU (n = seq_len / ring local tokens, R = ring, L layers):
+    - dense: 8 N n FLOPs (6N forward+backward, +2N recomputing the forward) at mfu_dense;
+    - attention: causal forward 2 S^2 (heads x head_dim) / R per layer, split evenly over R
+      ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
+      in each phase R block computes, R-1 K/V transfers each overlapped with one block:
+      phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V; backward
+      also dK,dV);
+    - sharding traffic: 2 all-gathers + 1 reduce-scatter of bf16 weights over the ring,
+      (R-1) hops of 2N/R bytes each, overlapped with the dense compute only;
+    - data-parallel gradient sync once per optimizer step: ring all-reduce of the 2N/R-byte
+      gradient shard over D rings, 2(D-1) hops of 2N/(R D) bytes, not overlapped.
+    """
+    R, D, n = s.ring, s.dp, s.local_tokens
+    rate_dense = profile.peak_bf16_flops * profile.mfu_dense
+    rate_attn = profile.peak_bf16_flops * profile.mfu_attention
+    dense = 8 * s.params * n / rate_dense
+    attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / R
+    block = attn_fwd_layer / R / rate_attn
+
+    def hop(nbytes: float, res: FlowResult) -> float:
+        if res.bottleneck is None:
+            return 0.0
+        return res.latency_s + nbytes / (res.bandwidth_gb_s * GB)
+
+    attn_compute = exposed_ring = 0.0
+    kv = s.kv_block_bytes
+    for c, nbytes in [(block, kv), (block, kv), (block * profile.attention_bwd_over_fwd, 2 * kv)]:
+        t = hop(nbytes, ring) if R > 1 else 0.0
+        attn_compute += R * c * s.layers
+        exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
+    shard_comm = 3 * (R - 1) * hop(2 * s.params / R, ring) if R > 1 else 0.0
+    exposed_shard = max(0.0, shard_comm - dense)
+    per_seq = {"dense compute": dense, "attention compute": attn_compute,
+               "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
+    micro = s.seqs_per_ring * s.grad_accum
+    parts = {k: v * micro for k, v in per_seq.items()}
+    shard_bytes = 2 * s.params / R
+    parts["data-parallel sync"] = (2 * (D - 1) * hop(shard_bytes / D, dp)) if D > 1 else 0.0
+    step = sum(parts.values())
+    tokens = s.batch_size * s.grad_accum * s.seq_len
+    model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)
+    return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
+                     wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
+                     ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile))

@@ -1,0 +1,116 @@
+"""Plan: what the planner decided per stage (rings, ring order, predictions) — the plan.json seam."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Worker(_Spec):
+    """A training worker: one GPU (or CPU process) on one node."""
+
+    node: str = Field(description="Node name (ClusterSpec node, Kubernetes node or Ray node id).")
+    gpu: int = Field(ge=0, description="Local GPU index on the node (CUDA order), or worker "
+                     "index on the node for CPU workers.")
+
+
+class LinkLoad(_Spec):
+    """A directed link and how the plan loads it."""
+
+    link: str = Field(description="'A -> B' (graph vertices).")
+    flows: int = Field(description="Concurrent ring transfers crossing it.")
+    bandwidth_gb_s: float = Field(description="Link bandwidth per direction, GB/s.")
+    share_gb_s: float = Field(description="Bandwidth each transfer gets (fair share), GB/s.")
+
+
+class Prediction(_Spec):
+    """Predicted cost of one optimizer step of a stage on the cost model."""
+
+    step_seconds: float = Field(description="One optimizer step.")
+    tokens_per_second: float = Field(description="Training tokens per second, whole cluster.")
+    wall_minutes: float = Field(description="All steps of the stage.")
+    parts_seconds: dict[str, float] = Field(description="Step time by part (sums to "
+                                            "step_seconds).")
+    ring_hop_seconds: float = Field(description="Slowest K/V block transfer between ring "
+                                    "neighbours, under contention.")
+    ring_hop_gb_s: float = Field(description="Bandwidth of that transfer.")
+    dp_hop_seconds: float = Field(description="Slowest data-parallel all-reduce hop (for one "
+                                  "K/V block's bytes, for comparison).")
+    mfu: float = Field(description="Model FLOPs utilisation implied (6N + attention FLOPs / "
+                       "peak).")
+    memory_gb: dict[str, float] = Field(description="Memory per GPU by part, GB.")
+
+
+class Alternative(_Spec):
+    """Another ordering evaluated on the same cost model, for comparison."""
+
+    name: str = Field(description="'ray-default', 'random' or 'lower-bound'.")
+    ring_hop_seconds: float = Field(description="Slowest ring hop under contention.")
+    step_seconds: float = Field(description="Optimizer step.")
+    wall_minutes: float = Field(description="All steps of the stage.")
+
+
+class StagePlan(_Spec):
+    """Placement and prediction for one stage."""
+
+    name: str = Field(description="Stage name from the RunSpec.")
+    seq_len: int = Field(description="Tokens per sequence.")
+    rope_theta: float = Field(description="RoPE base for the stage.")
+    ring_degree: int = Field(description="GPUs per ring.")
+    dp_degree: int = Field(description="Data-parallel rings.")
+    rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
+                                      "first; each sends K/V to the next, the last to the first).")
+    bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "
+                                             "links, worst first.")
+    prediction: Prediction | None = Field(None, description="Cost-model prediction (null when "
+                                          "planned without a cluster description).")
+    alternatives: list[Alternative] = Field(default_factory=list, description="Baselines and "
+                                            "bound on the same cost model.")
+    notes: list[str] = Field(default_factory=list, description="Choices made and why.")
+
+    @cached_property
+    def _positions(self) -> dict[tuple[str, int], tuple[int, int]]:
+        return {(w.node, w.gpu): (i, k) for i, ring in enumerate(self.rings)
+                for k, w in enumerate(ring)}
+
+    def ring_position(self, node: str, local_gpu: int) -> tuple[int, int]:
+        """(ring index, rank in the ring) of the worker on `node` using GPU `local_gpu`."""
+        try:
+            return self._positions[(node, local_gpu)]
+        except KeyError:
+            nodes = sorted({w.node for r in self.rings for w in r})
+            raise KeyError(f"stage {self.name!r}: no worker (node={node!r}, gpu={local_gpu}) in "
+                           f"the plan; planned nodes: {nodes[:6]}{'...' if len(nodes) > 6 else ''}"
+                           ) from None
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [w for r in self.rings for w in r]
+
+
+class Plan(_Spec):
+    """The planner's decisions for every stage of a run."""
+
+    run: str = Field(description="RunSpec name.")
+    cluster: str | None = Field(description="ClusterSpec name (null: planned from Ray's nodes).")
+    profile: str | None = Field(description="Hardware profile of the predictions.")
+    stages: list[StagePlan] = Field(description="One per RunSpec stage, in order.")
+    unknown_topology: list[str] = Field(default_factory=list, description="Nodes left out "
+                                        "because their network position is unknown.")
+    excluded: list[str] = Field(default_factory=list, description="Nodes removed (what-if).")
+    assumptions: list[str] = Field(default_factory=list, description="Cost-model assumptions "
+                                   "behind the predictions.")
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage {name!r} in the plan; stages: {[s.name for s in self.stages]}")
+
+    def ring_position(self, stage: str, node: str, local_gpu: int) -> tuple[int, int]:
+        return self.stage(stage).ring_position(node, local_gpu)

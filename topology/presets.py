@@ -1,0 +1,94 @@
+"""Ready-made ClusterSpecs: an 8x L40S two-socket PCIe server and leaf/spine clusters of them."""
+
+from __future__ import annotations
+
+from topology.cluster import (ClusterSpec, LinkType, NicSpec, NodeSpec, NodeTypeSpec,
+                              PcieSwitchSpec, SocketSpec, SwitchSpec)
+from topology.profile import L40S, HardwareProfile
+
+
+def build_link_types(profile: HardwareProfile = L40S) -> dict[str, LinkType]:
+    """The link kinds of a PCIe GPU server and its fabric, from the hardware profile."""
+    return {
+        "pcie": LinkType(bandwidth_gb_s=round(profile.pcie_gb_s(), 2),
+                         latency_us=profile.pcie_latency_us,
+                         description="PCIe Gen4 x16 at the profile's achievable fraction"),
+        "socket": LinkType(bandwidth_gb_s=profile.socket_link_gb_s,
+                           latency_us=profile.socket_link_latency_us,
+                           description="GPU traffic across the CPU inter-socket link (assumption)"),
+        "nic": LinkType(bandwidth_gb_s=round(profile.nic_effective_gb_s(), 2),
+                        latency_us=profile.nic_latency_us,
+                        description="one 200 Gb/s NIC port at the profile's achievable fraction"),
+    }
+
+
+def build_l40s_node_type(nics: int = 4, gpus: int = 8) -> NodeTypeSpec:
+    """A two-socket PCIe server: each socket has gpus/4 ... switches of two GPUs; `nics` NICs
+    spread evenly over the switches (4: one per switch, 2: one per socket, 1: on socket 0)."""
+    if gpus % 4 or gpus <= 0:
+        raise ValueError(f"gpus={gpus}: the L40S preset needs a multiple of 4 GPUs (2 sockets x "
+                         "PCIe switches of 2 GPUs)")
+    n_switches = gpus // 2
+    if nics not in (0, 1, 2, 4) or (nics and n_switches % nics and nics > n_switches):
+        raise ValueError(f"nics={nics}: use 0, 1, 2 or 4 NICs per node")
+    every = n_switches // nics if nics else 0
+    sockets = []
+    for s in range(2):
+        switches = []
+        for k in range(n_switches // 2):
+            idx = s * (n_switches // 2) + k
+            nic = [NicSpec(name=f"nic{idx // every}", link="nic")] if every and idx % every == 0 else []
+            switches.append(PcieSwitchSpec(name=f"sw{idx}", gpus=[2 * idx, 2 * idx + 1], nics=nic))
+        sockets.append(SocketSpec(name=f"cpu{s}", switches=switches))
+    return NodeTypeSpec(gpu_model="NVIDIA L40S", sockets=sockets, socket_link="socket")
+
+
+def build_l40s_server(name: str = "node-000", nics: int = 4) -> ClusterSpec:
+    """One 8x L40S two-socket server on its own."""
+    return ClusterSpec(
+        name=f"l40s-server-{name}", description="one 8x L40S two-socket PCIe server",
+        link_types=build_link_types(), node_types={"l40s-8x": build_l40s_node_type(nics)},
+        nodes=[NodeSpec(name=name, node_type="l40s-8x")])
+
+
+def build_leaf_spine_cluster(nodes: int, nodes_per_leaf: int = 16, oversubscription: float = 1.0,
+                             nics: int = 4, rails: bool = False, name: str | None = None,
+                             leaves_per_spine: int | None = None) -> ClusterSpec:
+    """`nodes` 8x L40S servers under leaves of `nodes_per_leaf`, one spine layer (and a core
+    layer when `leaves_per_spine` splits the leaves into pods). With `rails`, NIC k of every
+    node in a leaf group plugs into that group's rail-k leaf (rail-optimised)."""
+    if nodes <= 0 or nodes_per_leaf <= 0:
+        raise ValueError(f"nodes ({nodes}) and nodes_per_leaf ({nodes_per_leaf}) must be > 0")
+    node_type = build_l40s_node_type(nics)
+    groups = -(-nodes // nodes_per_leaf)
+    switches: list[SwitchSpec] = []
+    pods = 1 if leaves_per_spine is None else -(-groups // leaves_per_spine)
+    if pods > 1:
+        switches.append(SwitchSpec(name="core", level="core"))
+        for p in range(pods):
+            switches.append(SwitchSpec(name=f"spine-{p:02d}", level="spine", parent="core",
+                                       oversubscription=oversubscription))
+    else:
+        switches.append(SwitchSpec(name="spine", level="spine"))
+    node_specs = []
+    for grp in range(groups):
+        spine = f"spine-{grp // leaves_per_spine:02d}" if pods > 1 else "spine"
+        leaf_names = ([f"leaf-{grp:02d}-rail{k}" for k in range(nics)] if rails
+                      else [f"leaf-{grp:02d}"])
+        for lf in leaf_names:
+            switches.append(SwitchSpec(name=lf, level="leaf", parent=spine,
+                                       oversubscription=oversubscription))
+        for i in range(grp * nodes_per_leaf, min(nodes, (grp + 1) * nodes_per_leaf)):
+            if rails:
+                node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
+                                           nic_leaves={f"nic{k}": leaf_names[k] for k in range(nics)}))
+            else:
+                node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
+                                           leaf=leaf_names[0]))
+    kind = "rail-optimised" if rails else "leaf/spine"
+    return ClusterSpec(
+        name=name or f"l40s-{nodes}x8-{kind.replace('/', '-')}",
+        description=f"{nodes} x 8 L40S two-socket servers, {nics} x 200G NICs each, {kind}, "
+                    f"{nodes_per_leaf} nodes per leaf group, {oversubscription:g}:1 oversubscribed",
+        link_types=build_link_types(), node_types={"l40s-8x": node_type},
+        nodes=node_specs, switches=switches)

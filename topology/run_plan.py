@@ -1,0 +1,118 @@
+"""Plan every stage of a RunSpec: on a described cluster (with predictions) or on bare Ray nodes."""
+
+from __future__ import annotations
+
+import random
+
+from topology.cluster import ClusterSpec
+from topology.cost import GB, StageShape, evaluate_flows, predict_stage, ring_flows
+from topology.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
+from topology.planner import Evaluated, Planner, PlanError
+from topology.graph import split_gpu_vertex
+
+
+def _workers(rings: list[list[str]]) -> list[list[Worker]]:
+    return [[Worker(node=n, gpu=g) for n, g in map(split_gpu_vertex, r)] for r in rings]
+
+
+def _prediction(ev: Evaluated, profile) -> Prediction:
+    c = ev.cost
+    peak = profile.peak_bf16_flops * (ev.cost.step_seconds) * len(ev.rings) * len(ev.rings[0])
+    return Prediction(
+        step_seconds=c.step_seconds, tokens_per_second=c.tokens_per_second,
+        wall_minutes=c.wall_minutes, parts_seconds=c.parts,
+        ring_hop_seconds=ev.ring.seconds, ring_hop_gb_s=min(ev.ring.bandwidth_gb_s, 1e6),
+        dp_hop_seconds=ev.dp.seconds, mfu=c.model_flops_per_step / peak,
+        memory_gb={k: v / GB for k, v in c.memory.items()})
+
+
+def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad]:
+    g = planner.graph
+    rows = []
+    for (u, v), flows in ev.ring.loads.items():
+        bw = g.edges[u, v]["bandwidth"]
+        rows.append((bw / flows, -flows, f"{u} -> {v}", flows, bw))
+    rows.sort()
+    return [LinkLoad(link=name, flows=f, bandwidth_gb_s=bw, share_gb_s=share)
+            for share, _, name, f, bw in rows[:top]]
+
+
+def plan_stage(planner: Planner, run, index: int, seed: int = 0) -> StagePlan:
+    """Degrees, rings and order for stage `index`, its prediction, baselines and bound."""
+    stage = run.stages[index]
+    n_gpus = min(planner.spec.num_gpus, run.resources.workers)
+    ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+    best, more = planner.plan_rings(run.model, stage, ring, dp)
+    shape = StageShape.of(run.model, stage, ring, dp)
+    alts = []
+    ray = planner.ray_default_order(seed)[: ring * dp]
+    ev = planner.evaluate([ray[i * ring:(i + 1) * ring] for i in range(dp)], shape)
+    alts.append(Alternative(name="ray-default", ring_hop_seconds=ev.ring.seconds,
+                            step_seconds=ev.cost.step_seconds, wall_minutes=ev.cost.wall_minutes))
+    shuffled = [v for r in best.rings for v in r]
+    random.Random(seed).shuffle(shuffled)
+    ev = planner.evaluate([shuffled[i * ring:(i + 1) * ring] for i in range(dp)], shape)
+    alts.append(Alternative(name="random", ring_hop_seconds=ev.ring.seconds,
+                            step_seconds=ev.cost.step_seconds, wall_minutes=ev.cost.wall_minutes))
+    bound = planner.ring_lower_bound(shape)
+    lb = predict_stage(shape, bound, evaluate_flows(planner.router, [], 0), planner.profile)
+    alts.append(Alternative(name="lower-bound", ring_hop_seconds=bound.seconds,
+                            step_seconds=lb.step_seconds, wall_minutes=lb.wall_minutes))
+    return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
+                     ring_degree=ring, dp_degree=dp, rings=_workers(best.rings),
+                     bottleneck_links=_bottlenecks(planner, best),
+                     prediction=_prediction(best, planner.profile), alternatives=alts,
+                     notes=notes + more)
+
+
+def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None) -> Plan:
+    """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
+    planner = Planner(spec, graph)
+    stages = [plan_stage(planner, run, i) for i in range(len(run.stages))]
+    p = planner.profile
+    assumptions = [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
+    assumptions += [
+        "weights, gradients and Adam state sharded over each ring (hybrid sharding), 16 bytes "
+        "per parameter; activations checkpointed at layer boundaries",
+        "ring K/V transfers overlap the attention block compute only; weight all-gathers overlap "
+        "the dense compute only; the data-parallel all-reduce is not overlapped",
+        "concurrent transfers share each link equally; ECMP spreads perfectly over a spine layer",
+        "Ray discovery order is modelled as a seeded shuffle of the nodes",
+    ]
+    return Plan(run=run.name, cluster=spec.name, profile=p.name, stages=stages,
+                unknown_topology=[u.name for u in spec.unknown_topology],
+                excluded=excluded or [], assumptions=assumptions)
+
+
+def plan_from_workers(workers: dict[str, int], run) -> Plan:
+    """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
+    sorted node order), no predictions. 'auto' degrees: one ring over all workers unless
+    data_parallel_degree is given (or ring_degree is, then as many rings as fit)."""
+    if not workers or any(n <= 0 for n in workers.values()):
+        raise PlanError(f"workers {workers}: give at least one node with > 0 workers")
+    slots = [(node, i) for node in sorted(workers) for i in range(workers[node])]
+    total = len(slots)
+    stages = []
+    for index, stage in enumerate(run.stages):
+        r, d = stage.ring_degree, stage.data_parallel_degree
+        if r == "auto" and d == "auto":
+            d = 1
+        if r == "auto":
+            r = total // d
+        if d == "auto":
+            d = max(y for y in range(1, total // r + 1) if stage.batch_size % y == 0) \
+                if total // r >= 1 else 0
+        if r * d > total or r * d == 0:
+            raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "
+                            f"{r} x {d} needs {r * d} workers, Ray offers {total}; lower the "
+                            "degrees or add workers")
+        if r > 1 and stage.seq_len % (2 * r):
+            raise PlanError(f"stage {stage.name!r}: seq_len {stage.seq_len} is not divisible by "
+                            f"2 x ring_degree = {2 * r}; pick a ring_degree dividing "
+                            f"{stage.seq_len // 2}")
+        rings = [[Worker(node=n, gpu=g) for n, g in slots[i * r:(i + 1) * r]] for i in range(d)]
+        stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
+                                rope_theta=run.stage_theta(index), ring_degree=r, dp_degree=d,
+                                rings=rings, notes=["planned from Ray nodes: rings filled node "
+                                                    "by node, no cluster description"]))
+    return Plan(run=run.name, cluster=None, profile=None, stages=stages)
