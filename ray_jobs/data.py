@@ -35,6 +35,7 @@ KEYS = [
 ]
 PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
 KV_INTRO = " Remember the number after each word."
+NEEDLE_COPIES = 1
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
         head = ids.enc(KV_INTRO)
         needles = [ids.enc(f" {k} {v}.") for k, v in zip(keys, values)]
         query = ids.enc(f" Now recall. {keys[target]}")
+    needles = needles * NEEDLE_COPIES
     answer_ids = ids.enc(f" {answer}")
     budget = seq_len + 1 - len(head) - len(query) - len(answer_ids) - 1 - sum(map(len, needles))
     if budget < 0:
@@ -106,6 +108,8 @@ def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
     sentences = _fill(ids, rng, budget)
     # Needles sit between sentences at sorted random depths (or the one given, for evaluation).
     cuts = sorted(rng.random() if depth is None else depth for _ in needles)
+    if depth is None:
+        rng.shuffle(needles)
     body, prev = [], 0
     for cut, needle in zip(cuts, needles):
         at = int(round(cut * len(sentences)))

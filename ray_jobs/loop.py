@@ -23,7 +23,7 @@ from ray_jobs.checkpoint import TrainerState, final_checkpoint, load_optimizer, 
 from ray_jobs.data import SampleStream, read_documents
 from ray_jobs.ledger import Ledger, is_committed
 from ray_jobs.model import build_model
-from ray_jobs.placement import WorkerSlot, build_rings, write_stage_plan
+from ray_jobs.placement import NODE_LABEL, WorkerSlot, build_rings, stage_plan_for, write_stage_plan
 from ray_jobs.ring_attention import build_ring_groups, register_ring_attention, use_ring_group
 from ray_jobs.ring_attention import zigzag_position_ids, zigzag_shard
 from ray_jobs.spec import RunSpec
@@ -37,7 +37,6 @@ def train_stage_worker(config: dict) -> None:
     index, run_dir = config["stage_index"], Path(config["run_dir"])
     spec_dir = Path(config["spec_dir"]) if config.get("spec_dir") else None
     stage = run.stages[index]
-    ring_size, dp_size = config["ring_degree"], config["dp_degree"]
     torch.set_num_threads(run.resources.cpus_per_worker)
     ledger = Ledger(run_dir, run.name)
     ctx = ray.train.get_context()
@@ -46,13 +45,15 @@ def train_stage_worker(config: dict) -> None:
 
     # 1. Place: the plan maps (node, local device) -> (ring, position); Ray's world rank only
     #    names the process to torch.distributed, it does not decide the ring order.
-    me = WorkerSlot(node=ray.get_runtime_context().get_node_id(), local=ctx.get_local_rank(), rank=rank)
+    runtime = ray.get_runtime_context()
+    node = runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
     slots = [None] * world
-    dist.all_gather_object(slots, me)
-    rings = build_rings(slots, config.get("plan"), ring_size, dp_size)
-    groups = build_ring_groups(rings)
+    dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
+    stage_plan = stage_plan_for(run, index, slots, config.get("plan"))
+    ring_size, dp_size = stage_plan.ring_degree, stage_plan.dp_degree
+    groups = build_ring_groups(build_rings(slots, stage_plan))
     if rank == 0:
-        write_stage_plan(run_dir, stage.name, slots, rings, run.stage_theta(index), stage.seq_len)
+        write_stage_plan(run_dir, run.name, stage_plan, config.get("plan"))
 
     # 2. Start: this stage's newest committed checkpoint (ledger first: Ray may not have
     #    registered one reported just before a crash), else the previous stage's final one.

@@ -56,7 +56,7 @@ def apply_rope_theta(model: LlamaForCausalLM, theta: float, seq_len: int) -> Non
     config.max_position_embeddings = max(config.max_position_embeddings or 0, seq_len)
     old = model.model.rotary_emb
     device = old.inv_freq.device
-    model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
 
 
 def rope_theta_of(model: LlamaForCausalLM) -> float:
