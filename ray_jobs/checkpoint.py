@@ -36,6 +36,8 @@ class TrainerState:
     ring_degree: int = 1
     dp_degree: int = 1
     losses: list[float] = field(default_factory=list)  # per optimizer step
+    init_from: str | None = None  # checkpoint the stage started from (relative to the run dir)
+    init_checksum: float = 0.0  # sum of |weights| at the stage's start: shows what carried over
 
 
 def checkpoint_dir(run_dir: Path, stage: str, step: int) -> Path:

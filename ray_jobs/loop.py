@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ray_jobs.checkpoint import TrainerState, final_checkpoint, load_optimizer, read_state, save_checkpoint
 from ray_jobs.data import SampleStream, read_documents
 from ray_jobs.ledger import Ledger, is_committed
-from ray_jobs.model import build_model
+from ray_jobs.model import build_model, weights_checksum
 from ray_jobs.placement import NODE_LABEL, WorkerSlot, build_rings, stage_plan_for, write_stage_plan
 from ray_jobs.ring_attention import build_ring_groups, register_ring_attention, use_ring_group
 from ray_jobs.ring_attention import zigzag_position_ids, zigzag_shard
@@ -57,7 +57,7 @@ def train_stage_worker(config: dict) -> None:
 
     # 2. Start: this stage's newest committed checkpoint (ledger first: Ray may not have
     #    registered one reported just before a crash), else the previous stage's final one.
-    start = [_plan_start(run, index, ledger)] if rank == 0 else [None]
+    start = [plan_start(run, index, ledger, _from_ray_pointer(run_dir))] if rank == 0 else [None]
     dist.broadcast_object_list(start)
     resume, init_from = start[0]
 
@@ -73,10 +73,13 @@ def train_stage_worker(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (stage.warmup_steps + 1)))
     state = TrainerState(stage=stage.name, stage_index=index, step=0, rope_theta=run.stage_theta(index),
                          seq_len=stage.seq_len, world_size=world, ring_degree=ring_size, dp_degree=dp_size)
+    state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
+    state.init_checksum = weights_checksum(model)
     if resume:
         load_optimizer(Path(init_from), opt, sched)
         old = read_state(Path(init_from))
         state.step, state.tokens, state.seconds, state.losses = old.step, old.tokens, old.seconds, old.losses
+        state.init_from, state.init_checksum = old.init_from, old.init_checksum
 
     # 5. Train.
     stream = SampleStream(run, index, tok, read_documents(run, spec_dir) if run.data.mix.documents else None)
@@ -154,11 +157,10 @@ def _ring_mean_loss(logits: torch.Tensor, labels: torch.Tensor, groups) -> torch
     return local / count.clamp_min(1.0)
 
 
-def _plan_start(run: RunSpec, index: int, ledger: Ledger) -> tuple[bool, str | None]:
-    """(resume this stage?, checkpoint to load) from the ledger and Ray's own checkpoint."""
+def plan_start(run: RunSpec, index: int, ledger: Ledger, pointer: Path | None = None) -> tuple[bool, str | None]:
+    """(resume this stage?, checkpoint to load) from the ledger, or Ray's checkpoint if newer."""
     stage = run.stages[index]
     latest = ledger.latest_committed(stage.name)
-    pointer = _from_ray_pointer(ledger.run_dir)
     if pointer is not None and pointer.parent.name == stage.name and (
             latest is None or pointer.name > latest.name):
         latest = pointer

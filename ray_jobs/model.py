@@ -61,3 +61,9 @@ def apply_rope_theta(model: LlamaForCausalLM, theta: float, seq_len: int) -> Non
 
 def rope_theta_of(model: LlamaForCausalLM) -> float:
     return float(model.config.rope_parameters["rope_theta"])
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum of |parameters| in float64: equal for equal weights, to compare across processes."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
