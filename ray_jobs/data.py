@@ -35,7 +35,8 @@ KEYS = [
 ]
 PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
 KV_INTRO = " Remember the number after each word."
-NEEDLE_COPIES = 1
+KV_PAIRS = 4
+MIN_PROMPT = 64  # tokens: the shortest retrieval prompt packed into a sequence
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def sample_seed(seed: int, *parts: object) -> int:
 
 
 def _number(rng: random.Random, digits: int) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(digits))
+    # Spaced digits: every digit is the same kind of token (" 4"), first or not.
+    return " ".join(rng.choice("0123456789") for _ in range(digits))
 
 
 class _Ids:
@@ -82,57 +84,58 @@ def _fill(ids: _Ids, rng: random.Random, n: int) -> list[list[int]]:
 
 
 def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
-                    depth: float | None = None) -> tuple[list[int], list[int], str]:
-    """Tokens (seq_len + 1 of them) of a passkey / key-value prompt ending in its answer, the
-    answer's token count, and the answer text. `depth` (0..1) places the needle; None: random."""
+                    depth: float | None = None) -> tuple[list[int], list[bool], str]:
+    """Tokens (seq_len + 1 of them) of a passkey / key-value prompt ending in its answers, which
+    tokens are answers (scored), and the answer text. `depth` (0..1) places the needles; None:
+    random. Key-value prompts ask back every pair (in another order): more answers per sample."""
     if kind == "passkey":
         answer = _number(rng, 5)
         head = ids.enc(PASSKEY_INTRO)
         needles = [ids.enc(f" The pass key is {answer}. Remember it.")]
-        query = ids.enc(" Tell me the pass key. The pass key is")
+        queries = [(ids.enc(" Tell me the pass key. The pass key is"), ids.enc(f" {answer}"))]
     else:
-        n_pairs = 4
-        keys = rng.sample(KEYS, n_pairs)
+        keys = rng.sample(KEYS, KV_PAIRS)
         values = [_number(rng, 4) for _ in keys]
-        target = rng.randrange(n_pairs)
-        answer = values[target]
         head = ids.enc(KV_INTRO)
         needles = [ids.enc(f" {k} {v}.") for k, v in zip(keys, values)]
-        query = ids.enc(f" Now recall. {keys[target]}")
-    needles = needles * NEEDLE_COPIES
-    answer_ids = ids.enc(f" {answer}")
-    budget = seq_len + 1 - len(head) - len(query) - len(answer_ids) - 1 - sum(map(len, needles))
+        order = rng.sample(range(KV_PAIRS), KV_PAIRS)
+        queries = [(ids.enc(" Now recall." if i == 0 else ".") + ids.enc(f" {keys[j]}"),
+                    ids.enc(f" {values[j]}")) for i, j in enumerate(order)]
+        answer = " ".join(values[j] for j in order)
+    tail, scored = [], []
+    for prompt, ans in queries:
+        tail += prompt + ans
+        scored += [False] * len(prompt) + [True] * len(ans)
+    budget = seq_len + 1 - 1 - len(head) - len(tail) - sum(map(len, needles))
     if budget < 0:
         raise ValueError(f"seq_len {seq_len} is too short for a {kind} sample (needs "
                          f">= {seq_len - budget} tokens); lengthen the stage")
     sentences = _fill(ids, rng, budget)
     # Needles sit between sentences at sorted random depths (or the one given, for evaluation).
     cuts = sorted(rng.random() if depth is None else depth for _ in needles)
-    if depth is None:
-        rng.shuffle(needles)
     body, prev = [], 0
     for cut, needle in zip(cuts, needles):
         at = int(round(cut * len(sentences)))
         body += [t for s in sentences[prev:at] for t in s] + needle
         prev = at
     body += [t for s in sentences[prev:] for t in s]
-    tokens = [ids.bos] + head + body + query + answer_ids
-    return tokens, len(answer_ids), answer
+    tokens = [ids.bos] + head + body + tail
+    return tokens, [False] * (len(tokens) - len(scored)) + scored, answer
 
 
 def build_eval_prompt(tok, seq_len: int, seed: int, kind: str = "passkey",
                       depth: float | None = None) -> Sample:
     """A held-out retrieval sample (same layout as training), for exact-match evaluation."""
     rng = random.Random(sample_seed(seed, "eval", kind, seq_len, depth))
-    tokens, n_answer, answer = build_retrieval(_Ids(tok), rng, seq_len, kind, depth)
-    return _as_sample(f"eval:{seed}", kind, tokens, n_answer, answer)
+    tokens, scored, answer = build_retrieval(_Ids(tok), rng, seq_len, kind, depth)
+    return _as_sample(f"eval:{seed}", kind, tokens, scored, answer)
 
 
-def _as_sample(sample_id: str, kind: str, tokens: list[int], n_answer: int | None,
+def _as_sample(sample_id: str, kind: str, tokens: list[int], scored: list[bool] | None,
                answer: str = "") -> Sample:
     inputs, targets = tokens[:-1], tokens[1:]
-    if n_answer is not None:  # score only the answer's tokens
-        targets = [IGNORE] * (len(targets) - n_answer) + targets[-n_answer:]
+    if scored is not None:  # score only the answers' tokens
+        targets = [t if s else IGNORE for t, s in zip(targets, scored[1:])]
     return Sample(sample_id, kind, inputs, targets, answer)
 
 
@@ -146,8 +149,8 @@ def synthetic_corpus(rng: random.Random, n: int) -> list[str]:
                          + filler + " Tell me the pass key. The pass key is " + _number(rng, 5))
         else:
             k = rng.choice(KEYS)
-            pairs = "".join(f" {key} {_number(rng, 4)}." for key in rng.sample(KEYS, 4))
-            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {_number(rng, 4)}")
+            pairs = "".join(f" {key} {_number(rng, 4)}." for key in rng.sample(KEYS, KV_PAIRS))
+            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {_number(rng, 4)}." + pairs)
     return texts
 
 
@@ -163,6 +166,22 @@ def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
                                     f"{full}); fix the path or glob")
         texts += [Path(m).read_text(encoding="utf-8", errors="replace") for m in matches]
     return texts
+
+
+def plan_packing(rng: random.Random, n: int) -> list[int]:
+    """Lengths of the retrieval prompts packed into n tokens: half the time one prompt filling
+    them, else prompts of random lengths (>= MIN_PROMPT): every stage then also sees short
+    distances, which is where a small model first learns to retrieve."""
+    if n < 2 * MIN_PROMPT or rng.random() < 0.5:
+        return [n]
+    lengths, left = [], n
+    while left:
+        length = rng.randint(MIN_PROMPT, left)
+        if left - length < MIN_PROMPT:
+            length = left
+        lengths.append(length)
+        left -= length
+    return lengths
 
 
 class SampleStream:
@@ -193,8 +212,11 @@ class SampleStream:
             start = rng.randrange(len(self.doc_tokens))
             window = (self.doc_tokens * (n // len(self.doc_tokens) + 2))[start:start + n]
             return _as_sample(sid, kind, window, None)
-        tokens, n_answer, answer = build_retrieval(self.ids, rng, self.stage.seq_len, kind)
-        return _as_sample(sid, kind, tokens, n_answer, answer)
+        tokens, scored, answers = [], [], []
+        for length in plan_packing(rng, n):
+            t, sc, answer = build_retrieval(self.ids, rng, length - 1, kind)
+            tokens, scored, answers = tokens + t, scored + sc, answers + [answer]
+        return _as_sample(sid, kind, tokens, scored, " | ".join(answers))
 
     def batch(self, step: int, micro: int, indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""

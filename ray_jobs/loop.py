@@ -119,7 +119,8 @@ def train_stage_worker(config: dict) -> None:
         dist.all_gather_object(all_ids, ids)
         if rank == 0:
             _append(run_dir / "metrics" / f"{stage.name}.jsonl",
-                    {"step": state.step, "loss": loss_value, "samples": sorted(set(sum(all_ids, [])))})
+                    {"step": state.step, "loss": loss_value, "time": time.time(),
+                     "samples": sorted(set(sum(all_ids, [])))})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
