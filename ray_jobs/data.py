@@ -35,7 +35,7 @@ KEYS = [
 ]
 PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
 KV_INTRO = " Remember the number after each word."
-KV_PAIRS = 4
+KV_PAIRS = 2
 MIN_PROMPT = 64  # tokens: the shortest retrieval prompt packed into a sequence
 
 
@@ -169,14 +169,14 @@ def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
 
 
 def plan_packing(rng: random.Random, n: int) -> list[int]:
-    """Lengths of the retrieval prompts packed into n tokens: half the time one prompt filling
-    them, else prompts of random lengths (>= MIN_PROMPT): every stage then also sees short
-    distances, which is where a small model first learns to retrieve."""
-    if n < 2 * MIN_PROMPT or rng.random() < 0.5:
+    """Lengths of the retrieval prompts packed into n tokens: a quarter of the time one prompt
+    filling them, else prompts of log-uniform random lengths (>= MIN_PROMPT): every stage then
+    also sees short distances, which is where a small model first learns to retrieve."""
+    if n < 2 * MIN_PROMPT or rng.random() < 0.25:
         return [n]
     lengths, left = [], n
     while left:
-        length = rng.randint(MIN_PROMPT, left)
+        length = min(left, int(MIN_PROMPT * (left / MIN_PROMPT) ** rng.random()))
         if left - length < MIN_PROMPT:
             length = left
         lengths.append(length)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
 def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -41,6 +51,8 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
                 return
+        except urllib.error.HTTPError:  # it answers (e.g. 401 with token authentication on)
+            return
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"the Ray dashboard at {url} did not answer within {timeout:.0f} s")
@@ -68,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
 
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Loopback only, so no token authentication between the CLI and this head.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     ray = str(Path(sys.executable).parent / "ray")
+    if not _port_free(args.dashboard_port):  # never submit to somebody else's Ray
+        port = _free_port()
+        print(f"demo: port {args.dashboard_port} is taken by another process; this head's "
+              f"dashboard uses {port}", flush=True)
+        args.dashboard_port = port
     url = f"http://{LOOPBACK}:{args.dashboard_port}"
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={_free_port()}",
@@ -82,10 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         runtime_env = {"excludes": EXCLUDES,
                        "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                                     "PYTHONUNBUFFERED": "1"}}
-        code = subprocess.call(
-            [ray, "job", "submit", "--address", url, "--working-dir", ".",
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "-m", "ray_jobs.train", "--run", args.run], env=env)
+        job = f"ringpilot-{run.name}-{int(time.time())}"
+        submit = [ray, "job", "submit", "--address", url, "--working-dir", ".", "--no-wait",
+                  "--submission-id", job, "--runtime-env-json", json.dumps(runtime_env), "--",
+                  sys.executable, "-m", "ray_jobs.train", "--run", args.run]
+        for attempt in range(30):  # the job agent registers a little after the dashboard answers
+            if subprocess.run(submit, env=env, capture_output=attempt < 29).returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            raise RuntimeError(f"ray job submit to {url} kept failing")
+        print(f"demo: submitted Ray job {job} to {url}; streaming its logs", flush=True)
+        subprocess.call([ray, "job", "logs", "--address", url, "--follow", job], env=env)
+        code = _job_exit_code(url, job)
         print(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s", flush=True)
         if code == 0 and len(run.stages) > 1:
             _print_retrieval(run, run_dir)
@@ -98,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+
+
+def _job_exit_code(url: str, job: str) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                          JobStatus.STOPPED):
+        time.sleep(1)
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def _print_retrieval(run, run_dir: Path) -> None:
