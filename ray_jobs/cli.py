@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,10 @@ def _validate(args: argparse.Namespace) -> int:
         except SpecError as e:
             problems.append(e)
     if args.cluster is not None:
-        from topology.cluster import ClusterSpec  # the topology seam, only when asked for
+        from topology.cluster import load_cluster  # the topology seam, only when asked for
 
         try:
-            cluster = load_model(args.cluster, ClusterSpec)
+            cluster = load_cluster(args.cluster)  # node-type files resolve next to the YAML
             print(cluster.summary())
         except SpecError as e:
             problems.append(e)
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
+    from topology.cli import add_plan_parser  # `ringpilot plan`: the topology planner's report
+
+    add_plan_parser(sub)
+    from ray_jobs.eval.cli import add_eval_parser  # `ringpilot eval report`: evaluation
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -61,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `ringpilot ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

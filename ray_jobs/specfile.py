@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -35,12 +37,13 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(source, ["file not found (check the path; relative paths start at "
-                                 f"{Path.cwd()})"]) from None
+        raise SpecError(source, ["<file>: not found (check the path; relative paths start "
+                                 f"at {Path.cwd()})"]) from None
     except IsADirectoryError:
-        raise SpecError(source, ["is a directory (give the YAML file inside it)"]) from None
+        raise SpecError(source, ["<file>: is a directory (give the YAML file inside it)"]) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(source, [f"cannot be read as UTF-8 text ({e.__class__.__name__}: {e})"]) from None
+        raise SpecError(source, [f"<file>: cannot be read as UTF-8 text ({e.__class__.__name__}; "
+                                 "save it as UTF-8)"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -113,20 +116,27 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[str, object, type[BaseMod
     text, cls, field, owner = "", model, None, model
     annotation: object = model
     for i, part in enumerate(loc):
-        if isinstance(part, int):
+        if isinstance(part, int) and cls is None:  # an index into a list
             text += f"[{part}]"
             annotation = _item_type(annotation)
             cls = _model_in(annotation)
             continue
         if cls is None or part not in cls.model_fields:
             if cls is not None and i == len(loc) - 1:  # an unknown key inside `cls`
-                return f"{text}.{part}" if text else str(part), None, cls, ()
+                return _join(text, part), None, cls, ()
             return text or "<top>", field, cls, tuple(loc[i:])
         owner, field = cls, cls.model_fields[part]
-        text += f".{part}" if text else str(part)
+        text = _join(text, part)
         annotation = field.annotation
         cls = _model_in(annotation)
     return text or "<top>", field, owner if field is not None else cls, ()
+
+
+def _join(text: str, key: object) -> str:
+    """Append a mapping key: `a.b` for names, `a["odd key"]` for anything else."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{text}.{key}" if text else key
+    return f"{text}[{json.dumps(str(key))}]"
 
 
 def _item_type(annotation: object) -> object:

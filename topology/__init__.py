@@ -1,1 +1,1 @@
-"""ringpilot topology: the cluster as a networkx graph, cost model, ring placement planner, planning report."""
+"""ringpilot topology: cluster graph, cost model, ring placement planner, planning report."""

@@ -1,9 +1,11 @@
-"""Cost model: step time, its parts and memory per GPU of one stage, from the graph and the rings."""
+"""Cost model: a stage's step time, its parts and memory per GPU, from the graph and the rings."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
@@ -17,6 +19,29 @@ class StageDoesNotFit(ValueError):
     """A stage whose per-GPU memory exceeds the GPU's."""
 
 
+class LinkLoads(Mapping):
+    """Transfers per directed link (only links that carry any), built from a count array."""
+
+    def __init__(self, links: list[Link], used: np.ndarray, counts: np.ndarray):
+        self._links, self._used, self._counts = links, used, counts
+        self._index = None
+
+    def _ids(self) -> dict[Link, int]:
+        if self._index is None:
+            self._index = {self._links[i]: c for i, c in zip(self._used.tolist(),
+                                                              self._counts.tolist())}
+        return self._index
+
+    def __getitem__(self, link: Link) -> int:
+        return self._ids()[link]
+
+    def __iter__(self):
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+
 @dataclass(frozen=True)
 class FlowResult:
     """Concurrent transfers of `nbytes` each: the slowest one and the link that limits it."""
@@ -25,7 +50,7 @@ class FlowResult:
     latency_s: float  # its latency part
     bandwidth_gb_s: float  # its fair-share bandwidth
     bottleneck: Link | None
-    loads: dict[Link, int]  # transfers per directed link
+    loads: Mapping[Link, int]  # transfers per directed link
     hop_seconds: list[float]  # per transfer, in input order
 
 
@@ -35,30 +60,38 @@ def evaluate_flows(router: Router, flows: list[tuple[str, str]], nbytes: float) 
     redistribution). Complexity: O(sum of route lengths)."""
     if not flows:
         return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
-    g = router.graph
-    routes = [router.route(a, b) for a, b in flows]
-    loads: dict[Link, int] = defaultdict(int)
-    for r in routes:
-        for link in r:
-            loads[link] += 1
-    cap: dict[Link, float] = {}
-    times, worst = [], (-1.0, 0.0, float("inf"), None)
-    for r in routes:
-        bw, lat, limit = float("inf"), 0.0, None
-        for link in r:
-            c = cap.get(link)
-            if c is None:
-                data = g.edges[link]
-                c = cap[link] = data["bandwidth"]
-            share = c / loads[link]
-            lat += g.edges[link]["latency_us"]
-            if share < bw:
-                bw, limit = share, link
-        t = lat * 1e-6 + nbytes / (bw * GB)
-        times.append(t)
-        if t > worst[0]:
-            worst = (t, lat * 1e-6, bw, limit)
-    return FlowResult(*worst, dict(loads), times)
+    index = router.route_table().index
+    src = np.fromiter((index[a] for a, _ in flows), dtype=np.int64, count=len(flows))
+    dst = np.fromiter((index[b] for _, b in flows), dtype=np.int64, count=len(flows))
+    return evaluate_index_flows(router, src, dst, nbytes)
+
+
+def evaluate_index_flows(router: Router, src: np.ndarray, dst: np.ndarray,
+                         nbytes: float) -> FlowResult:
+    """`evaluate_flows` for GPUs given as RouteTable indices (no string lookups)."""
+    if len(src) == 0:
+        return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
+    routes = router.route_table().routes(src, dst)
+    valid = routes >= 0
+    lengths = valid.sum(axis=1)
+    flat = routes[valid]  # row-major: each flow's links together, flows in input order
+    used, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    per_link = (router.bandwidth[used] / counts)[inverse.reshape(-1)]
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    bw = np.minimum.reduceat(per_link, starts)
+    lat = np.add.reduceat(router.latency_us[flat], starts) * 1e-6
+    times = lat + nbytes / (bw * GB)
+    w = int(np.argmax(times))
+    limit = int(flat[starts[w] + int(np.argmin(per_link[starts[w]:starts[w] + lengths[w]]))])
+    return FlowResult(float(times[w]), float(lat[w]), float(bw[w]), router.links[limit],
+                      LinkLoads(router.links, used, counts), times.tolist())
+
+
+def ring_index_flows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ring_flows` of rings given as a (rings, ring size) index array."""
+    if idx.shape[1] < 2:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return idx.ravel(), np.roll(idx, -1, axis=1).ravel()
 
 
 def ring_flows(rings: list[list[str]]) -> list[tuple[str, str]]:
@@ -170,6 +203,7 @@ class StageCost:
     ring_hop: FlowResult
     dp_hop: FlowResult
     memory: dict[str, float]
+    ring_headroom: float  # how many times slower the slowest hop may get before it shows
 
 
 def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
@@ -202,8 +236,11 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
 
     attn_compute = exposed_ring = 0.0
     kv = s.kv_block_bytes
+    headroom = float("inf")
     for c, nbytes in [(block, kv), (block, kv), (block * profile.attention_bwd_over_fwd, 2 * kv)]:
         t = hop(nbytes, ring) if R > 1 else 0.0
+        if t > 0:
+            headroom = min(headroom, c / t)
         attn_compute += R * c * s.layers
         exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
     shard_comm = 3 * (R - 1) * hop(2 * s.params / R, ring) if R > 1 else 0.0
@@ -219,4 +256,5 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
-                     ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile))
+                     ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),
+                     ring_headroom=headroom)

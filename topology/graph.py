@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 from topology.cluster import ClusterSpec, NodeTypeSpec
 
@@ -55,7 +56,7 @@ def build_node_graph(nt: NodeTypeSpec, spec: ClusterSpec) -> nx.Graph:
 
 
 def _uplink_capacity(spec: ClusterSpec) -> dict[str, float]:
-    """Aggregate uplink bandwidth of each fabric switch (explicit, or downlinks/oversubscription)."""
+    """Aggregate uplink bandwidth of each fabric switch (given, or downlinks / oversubscription)."""
     down: dict[str, float] = {s.name: 0.0 for s in spec.switches}
     for node in spec.nodes:
         nt = spec.node_types[node.node_type]
@@ -115,7 +116,8 @@ def _check_connected(g: nx.Graph) -> None:
         raise TopologyError("the cluster has no GPUs")
     comps = list(nx.connected_components(g))
     if len(comps) > 1:
-        main = max(comps, key=lambda c: (sum(1 for v in c if v in set(gpus)), min(c)))
+        gpu_set = set(gpus)
+        main = sorted(comps, key=lambda c: (-sum(1 for v in c if v in gpu_set), min(c)))[0]
         cut = sorted(v for v in gpus if v not in main)
         raise TopologyError(f"GPUs {cut[:6]}{'...' if len(cut) > 6 else ''} ({len(cut)} in all) "
                             "are disconnected from the rest; connect their node's NICs to a "
@@ -158,8 +160,26 @@ class Router:
     _node: dict[str, object] = field(default_factory=dict)
     _chain: dict[str, list[str]] = field(default_factory=dict)
     _route_cache: dict[tuple[str, str], list[Link]] = field(default_factory=dict)
+    _up: dict[str, list[Link]] = field(default_factory=dict)
+    _fabric: dict[tuple[str, str], list[Link]] = field(default_factory=dict)
+    link_id: dict[Link, int] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
+    _gpu_info: dict[str, tuple] = field(default_factory=dict)
+    _local_vertices: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Directed links numbered once, with their bandwidth and latency in arrays: the cost
+        # model works on integer routes with numpy (the graph may have been degraded before
+        # the Router is built: it is read now).
+        bw, lat = [], []
+        for u, v, data in self.graph.edges(data=True):
+            for link in ((u, v), (v, u)):
+                self.link_id[link] = len(self.links)
+                self.links.append(link)
+                bw.append(data["bandwidth"])
+                lat.append(data["latency_us"])
+        self.bandwidth = np.array(bw, dtype=float)
+        self.latency_us = np.array(lat, dtype=float)
         self._node = {n.name: n for n in self.spec.nodes}
         parents = {s.name: s.parent for s in self.spec.switches}
         for s in self.spec.switches:
@@ -180,17 +200,43 @@ class Router:
             self._local_paths[tname] = paths
             nearest = {}
             for i in nt.gpus:
-                reach = [(len(paths[(f"gpu{i}", n)]), n) for n in nt.nics if (f"gpu{i}", n) in paths]
+                reach = [(len(paths[(f"gpu{i}", n)]), n) for n in nt.nics
+                         if (f"gpu{i}", n) in paths]
                 if reach:
                     nearest[i] = min(reach)[1]
             self._nearest_nic[tname] = nearest
+
+    def route_table(self):
+        """The RouteTable of this cluster (built on first use)."""
+        if getattr(self, "_table", None) is None:
+            from topology.routes import RouteTable
+
+            self._table = RouteTable(self)
+        return self._table
+
+    def node_vertices(self, node: str) -> list[str]:
+        """The node's PCIe-tree vertices (GPUs, switches, sockets, NICs) in the graph."""
+        tname = self.node_type(node)
+        local = self._local_vertices.get(tname)
+        if local is None:
+            lp = self._local_paths[tname]
+            local = self._local_vertices[tname] = sorted({x for p in lp.values() for x in p})
+        return [f"{node}/{x}" for x in local]
 
     def node_type(self, node: str) -> str:
         return self._node[node].node_type
 
     def nic_of(self, node: str, gpu: int) -> str:
-        """The NIC a GPU sends through (the closest one, as NCCL picks)."""
-        return self._nearest_nic[self.node_type(node)][gpu]
+        """The NIC a GPU sends through: the closest one (as NCCL picks) among the node's NICs
+        that are cabled to a leaf."""
+        tname = self.node_type(node)
+        spec = self._node[node]
+        if not spec.nic_leaves:  # all NICs on `leaf` (or none cabled): the per-type answer
+            return self._nearest_nic[tname][gpu]
+        paths = self._local_paths[tname]
+        cabled = [n for n in self.spec.node_types[tname].nics if spec.leaf_of(n) is not None]
+        return min((len(paths[(f"gpu{gpu}", n)]), n) for n in cabled
+                   if (f"gpu{gpu}", n) in paths)[1]
 
     def leaf_path(self, node: str, gpu: int) -> list[str]:
         """Switches from the GPU's NIC's leaf to the top (for grouping nodes by locality)."""
@@ -201,25 +247,53 @@ class Router:
         path = self._local_paths[self.node_type(node)][(a, b)]
         return [(f"{node}/{u}", f"{node}/{v}") for u, v in zip(path, path[1:])]
 
-    def route(self, src: str, dst: str) -> list[Link]:
-        """Directed links a transfer from GPU vertex `src` to GPU vertex `dst` crosses."""
-        key = (src, dst)
-        hit = self._route_cache.get(key)
-        if hit is not None:
-            return hit
-        sn, sg = split_gpu_vertex(src)
-        dn, dg = split_gpu_vertex(dst)
-        if sn == dn:
-            links = self._local(sn, f"gpu{sg}", f"gpu{dg}")
-        else:
-            snic, dnic = self.nic_of(sn, sg), self.nic_of(dn, dg)
-            sleaf, dleaf = self._node[sn].leaf_of(snic), self._node[dn].leaf_of(dnic)
-            up, down = self._chain[sleaf], self._chain[dleaf]
+    def _uplinks(self, gpu: str) -> list[Link]:
+        """GPU -> its NIC -> its leaf (cached per GPU)."""
+        hit = self._up.get(gpu)
+        if hit is None:
+            node, g = split_gpu_vertex(gpu)
+            nic = self.nic_of(node, g)
+            hit = self._up[gpu] = (self._local(node, f"gpu{g}", nic)
+                                   + [(f"{node}/{nic}", self._node[node].leaf_of(nic))])
+        return hit
+
+    def _between_leaves(self, a: str, b: str) -> list[Link]:
+        """Leaf a up to the lowest common switch and down to leaf b (cached per pair)."""
+        hit = self._fabric.get((a, b))
+        if hit is None:
+            up, down = self._chain[a], self._chain[b]
             common = next(s for s in up if s in set(down))
             up, down = up[: up.index(common) + 1], down[: down.index(common) + 1]
-            links = self._local(sn, f"gpu{sg}", snic) + [(f"{sn}/{snic}", sleaf)]
-            links += list(zip(up, up[1:])) + [(b, a) for a, b in reversed(list(zip(down, down[1:])))]
-            links += [(dleaf, f"{dn}/{dnic}")] + self._local(dn, dnic, f"gpu{dg}")
-        if len(self._route_cache) < 2_000_000:
-            self._route_cache[key] = links
-        return links
+            descent = [(y, x) for x, y in reversed(list(zip(down, down[1:])))]
+            hit = self._fabric[(a, b)] = list(zip(up, up[1:])) + descent
+        return hit
+
+    def _gpu(self, gpu: str) -> tuple[str, str | None, list[int], list[int]]:
+        """(node, leaf, ids GPU -> leaf, ids leaf -> GPU), computed once per GPU."""
+        hit = self._gpu_info.get(gpu)
+        if hit is None:
+            node = gpu.rpartition("/gpu")[0]
+            if len(self._node) > 1:
+                up = self._uplinks(gpu)
+                ids = [self.link_id[x] for x in up]
+                back = [self.link_id[(b, a)] for a, b in reversed(up)]
+                hit = (node, up[-1][1], ids, back)
+            else:
+                hit = (node, None, [], [])
+            self._gpu_info[gpu] = hit
+        return hit
+
+    def route(self, src: str, dst: str) -> list[Link]:
+        """Directed links a transfer from GPU vertex `src` to GPU vertex `dst` crosses."""
+        sn, _, _ = src.rpartition("/gpu")
+        dn, _, _ = dst.rpartition("/gpu")
+        if sn == dn:
+            key = (src, dst)
+            hit = self._route_cache.get(key)
+            if hit is None:
+                hit = self._route_cache[key] = self._local(sn, src[len(sn) + 1:],
+                                                           dst[len(dn) + 1:])
+            return hit
+        up, down = self._uplinks(src), self._uplinks(dst)
+        fabric = self._between_leaves(up[-1][1], down[-1][1])
+        return up + fabric + [(b, a) for a, b in reversed(down)]

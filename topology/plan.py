@@ -1,4 +1,4 @@
-"""Plan: what the planner decided per stage (rings, ring order, predictions) — the plan.json seam."""
+"""Plan: what the planner decided per stage (rings, order, predictions): plan.json."""
 
 from __future__ import annotations
 
@@ -39,10 +39,17 @@ class Prediction(_Spec):
     ring_hop_seconds: float = Field(description="Slowest K/V block transfer between ring "
                                     "neighbours, under contention.")
     ring_hop_gb_s: float = Field(description="Bandwidth of that transfer.")
+    ring_headroom: float | None = Field(description="Attention block compute / slowest hop "
+                                        "time (worst phase): above 1 the K/V exchange is "
+                                        "hidden and the ring's links could be this many times "
+                                        "slower before it shows; below 1 it is exposed. Null "
+                                        "for rings of one GPU.")
     dp_hop_seconds: float = Field(description="Slowest data-parallel all-reduce hop (for one "
                                   "K/V block's bytes, for comparison).")
     mfu: float = Field(description="Model FLOPs utilisation implied (6N + attention FLOPs / "
                        "peak).")
+    model_flops_per_step: float = Field(description="Model FLOPs of one optimizer step (6N per "
+                                        "token plus causal attention, no recompute).")
     memory_gb: dict[str, float] = Field(description="Memory per GPU by part, GB.")
 
 

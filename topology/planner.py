@@ -8,11 +8,16 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from topology.cluster import ClusterSpec
-from topology.cost import (FlowResult, StageCost, StageShape, check_fits, dp_flows,
-                           evaluate_flows, predict_stage, ring_flows)
+from topology.cost import (FlowResult, StageCost, StageShape, check_fits, evaluate_flows,
+                           evaluate_index_flows, predict_stage, ring_flows, ring_index_flows)
 from topology.graph import Router, build_graph, gpu_vertex, split_gpu_vertex
 from topology.profile import HardwareProfile, get_profile
+
+
+TIE = 0.005  # relative step-time difference below which placements count as equal
 
 
 class PlanError(ValueError):
@@ -49,7 +54,7 @@ class Planner:
         return [g for s in nt.sockets for sw in s.switches for g in sorted(sw.gpus)]
 
     def node_order(self) -> list[str]:
-        """Nodes grouped by fabric position (same leaf together, leaves under one spine together)."""
+        """Nodes grouped by fabric position (a leaf's nodes together, a spine's leaves together)."""
         def key(node):
             g = self.spec.node_types[node.node_type].gpus[0]
             return (list(reversed(self.router.leaf_path(node.name, g))), node.name)
@@ -69,8 +74,12 @@ class Planner:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, rings: list[list[str]], shape: StageShape) -> Evaluated:
-        ring = evaluate_flows(self.router, ring_flows(rings), shape.kv_block_bytes)
-        dp = evaluate_flows(self.router, dp_flows(rings), shape.kv_block_bytes)
+        index = self.router.route_table().index
+        idx = np.array([[index[v] for v in r] for r in rings], dtype=np.int64)
+        ring = evaluate_index_flows(self.router, *ring_index_flows(idx), shape.kv_block_bytes)
+        # data-parallel groups: the same ring rank across rings, in ring order
+        dp = evaluate_index_flows(self.router, *ring_index_flows(idx.T if len(rings) > 1 else
+                                                                 idx[:, :1]), shape.kv_block_bytes)
         return Evaluated(rings, ring, dp, predict_stage(shape, ring, dp, self.profile))
 
     # ---- candidates ---------------------------------------------------------------------------
@@ -83,8 +92,9 @@ class Planner:
             return self._template[key]
         gpus = self._local_order(node_type)
         g = len(gpus)
-        searches = (math.factorial(g) // (math.factorial(ring) ** (g // ring) * math.factorial(g // ring))
-                    * math.factorial(ring - 1) ** (g // ring))
+        k = g // ring
+        searches = (math.factorial(g) // (math.factorial(ring) ** k * math.factorial(k))
+                    * math.factorial(ring - 1) ** k)
         node = next(n for n, t in sorted(self._node_types.items()) if t == node_type)
         best, best_key = None, None
         for groups in (_partitions(tuple(gpus), ring, limit=5000) if searches <= 20000 else []):
@@ -101,13 +111,30 @@ class Planner:
 
     def candidates(self, gpus: list[str], ring: int, dp: int) -> dict[str, list[list[str]]]:
         """Named candidate placements of `ring` x `dp` on `gpus` (in locality order)."""
-        by_node: dict[str, list[int]] = {}
+        by_node: dict[str, list[str]] = {}
         for v in gpus:
-            n, g = split_gpu_vertex(v)
-            by_node.setdefault(n, []).append(g)
+            by_node.setdefault(split_gpu_vertex(v)[0], []).append(v)
         out: dict[str, list[list[str]]] = {}
         chunks = [gpus[i * ring:(i + 1) * ring] for i in range(dp)]
         out["locality"] = chunks
+        if dp > 1:  # data-parallel peers side by side, rings strided: wins when the gradient
+            # all-reduce (not overlapped) costs more than the ring hops (hidden behind compute)
+            out["dp-inner"] = [gpus[i:ring * dp:dp] for i in range(dp)]
+        # Rings made of c-GPU chunks (a switch, a socket ...) of several nodes: chunk k of every
+        # node before chunk k+1, so a ring keeps to one socket/NIC of each node it spans and the
+        # sockets' links are left to the data-parallel sync. c = 1 strides nodes GPU by GPU.
+        width = min(len(v) for v in by_node.values())
+        for c in [c for c in range(1, width) if ring % c == 0
+                  and all(len(v) % c == 0 for v in by_node.values())]:
+            deepest = max(len(v) for v in by_node.values()) // c
+            units = [gs[k * c:(k + 1) * c] for k in range(deepest) for gs in by_node.values()
+                     if k * c < len(gs)]
+            per = ring // c
+            flat = [v for j, u in enumerate(units)
+                    for v in (u if (j % per) % 2 == 0 else u[::-1])]
+            out[f"chunks of {c}"] = [flat[i * ring:(i + 1) * ring] for i in range(dp)]
+            if dp > 1:
+                out[f"chunks of {c}, dp-inner"] = [flat[i:ring * dp:dp] for i in range(dp)]
         sizes = {len(v) for v in by_node.values()}
         types = {self._node_types[n] for n in by_node}
         if len(sizes) == 1 and len(types) == 1:
@@ -148,11 +175,19 @@ class Planner:
         return best
 
     # ---- decisions ----------------------------------------------------------------------------
-    def plan_degrees(self, model, stage, n_gpus: int) -> tuple[int, int, list[str]]:
+    def plan_degrees(self, model, stage, n_gpus: int, strict: bool = True
+                     ) -> tuple[int, int, list[str]]:
         """Honour the stage's ring_degree / data_parallel_degree; pick 'auto' ones: the smallest
-        ring that fits memory, then as many rings as GPUs and batch allow."""
+        ring that fits memory, then as many rings as GPUs and batch allow. `strict`: a given
+        ring_degree with 'auto' rings must divide the GPUs (no GPU left idle unnoticed)."""
         notes = []
         r, d = stage.ring_degree, stage.data_parallel_degree
+        if strict and r != "auto" and d == "auto" and n_gpus % r:
+            divisors = [x for x in range(1, n_gpus + 1) if n_gpus % x == 0
+                        and stage.seq_len % (2 * x) == 0]
+            raise PlanError(f"stage {stage.name!r}: ring_degree {r} does not divide the "
+                            f"{n_gpus} GPUs; use one that does (e.g. {divisors[-4:]}) or set "
+                            "data_parallel_degree to leave GPUs idle on purpose")
         if r != "auto" and d != "auto":
             if r * d > n_gpus:
                 raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "
@@ -166,7 +201,8 @@ class Planner:
                 raise PlanError(f"stage {stage.name!r}: seq_len {stage.seq_len} is not divisible "
                                 f"by 2 x ring_degree = {2 * x}; pick another ring_degree")
             dmax = n_gpus // x
-            ds = [d] if d != "auto" else [y for y in range(dmax, 0, -1) if stage.batch_size % y == 0]
+            ds = [d] if d != "auto" else [y for y in range(dmax, 0, -1)
+                                          if stage.batch_size % y == 0]
             for y in ds:
                 if x * y > n_gpus:
                     continue
@@ -183,6 +219,11 @@ class Planner:
                         "shorten seq_len or add GPUs")
 
     def plan_rings(self, model, stage, ring: int, dp: int) -> tuple[Evaluated, list[str]]:
+        """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
+        (whole nodes in fabric order; per-node templates found by exhaustive search over one
+        node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
+        order), each evaluated on the full contention model, then pairwise swaps up to 16 GPUs.
+        Time: O(candidates x GPUs x route length), no all-pairs path search."""
         shape = StageShape.of(model, stage, ring, dp)
         check_fits(stage.name, shape, self.profile)
         total = ring * dp
@@ -190,20 +231,52 @@ class Planner:
         if total > len(gpus):
             raise PlanError(f"stage {stage.name!r}: needs {total} GPUs ({ring} x {dp}), the "
                             f"cluster has {len(gpus)}; lower the degrees or add nodes")
-        used = _take_whole_nodes(gpus, total)
+        used = self._choose_gpus(gpus, total)
         cands = self.candidates(used, ring, dp)
         ray = self.ray_default_order()[:total]
         cands["ray-default order"] = [ray[i * ring:(i + 1) * ring] for i in range(dp)]
+        cands = {k: v for k, v in cands.items()  # a layout that does not fit is no candidate
+                 if len(v) == dp and all(len(r) == ring for r in v)}
         evals = {name: self.evaluate(r, shape) for name, r in cands.items()}
-        name = min(evals, key=lambda k: evals[k].key())
+        # Step times within TIE of the best count as equal; among those the fastest ring wins:
+        # it keeps headroom should the compute run faster than the MFU assumption.
+        fastest = min(ev.cost.step_seconds for ev in evals.values())
+        near = [k for k in sorted(evals) if evals[k].cost.step_seconds <= fastest * (1 + TIE)]
+        name = min(near, key=lambda k: (evals[k].ring.seconds, evals[k].key()))
         best = evals[name]
-        notes = [f"placement: '{name}' was best of {sorted(evals)}"]
-        if total <= 32:
+        notes = [f"placement: '{name}' chosen from {sorted(evals)} (step times within "
+                 f"{TIE:.1%} count as equal; then the fastest ring hop wins)"]
+        if total <= 16:
             better = self.improve(best, shape)
             if better is not best:
                 notes.append("improved by pairwise swaps")
             best = better
         return best, notes
+
+    def node_health(self, node: str) -> float:
+        """Worst ratio of a link's bandwidth in the graph to its link type's in the spec (1.0:
+        as described; < 1: degraded)."""
+        worst = 1.0
+        lt = self.spec.link_types
+        for _, _, data in self.graph.edges(self.router.node_vertices(node), data=True):
+            nominal = lt[data["link_type"]].bandwidth_gb_s if data["link_type"] in lt else None
+            if nominal:
+                worst = min(worst, data["bandwidth"] / nominal)
+        return worst
+
+    def _choose_gpus(self, gpus: list[str], total: int) -> list[str]:
+        """The first `total` GPUs in locality order, after leaving out the most degraded nodes
+        that are not needed."""
+        by_node: dict[str, list[str]] = {}
+        for v in gpus:
+            by_node.setdefault(split_gpu_vertex(v)[0], []).append(v)
+        spare = len(gpus) - total
+        health = {n: self.node_health(n) for n in by_node}
+        for n in sorted(by_node, key=lambda n: (health[n], n)):
+            if health[n] >= 1.0 or len(by_node[n]) > spare:
+                break
+            spare -= len(by_node.pop(n))
+        return [v for vs in by_node.values() for v in vs][:total]
 
     def ring_lower_bound(self, shape: StageShape) -> FlowResult:
         """A bound no placement can beat for the slowest ring hop: the slowest link class every
@@ -236,8 +309,16 @@ class Planner:
         return FlowResult(t, lat * 1e-6, bw, ("bound", "bound"), {}, [t])
 
 
-def _take_whole_nodes(gpus: list[str], total: int) -> list[str]:
-    return gpus[:total]
+def plan_exhaustive(planner: Planner, gpus: list[str], shape: StageShape) -> Evaluated:
+    """The best placement of shape.ring x shape.dp on exactly `gpus` by trying every partition
+    and ring order (the yardstick for small clusters; factorial time)."""
+    best = None
+    for groups in _partitions(tuple(range(len(gpus))), shape.ring, limit=10**7):
+        for orders in itertools.product(*[_cycles(gr) for gr in groups]):
+            ev = planner.evaluate([[gpus[i] for i in o] for o in orders], shape)
+            if best is None or ev.key() < best.key():
+                best = ev
+    return best
 
 
 def _cycles(group: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -22,9 +22,11 @@ def build_link_types(profile: HardwareProfile = L40S) -> dict[str, LinkType]:
     }
 
 
-def build_l40s_node_type(nics: int = 4, gpus: int = 8) -> NodeTypeSpec:
-    """A two-socket PCIe server: each socket has gpus/4 ... switches of two GPUs; `nics` NICs
-    spread evenly over the switches (4: one per switch, 2: one per socket, 1: on socket 0)."""
+def build_l40s_node_type(nics: int = 4, gpus: int = 8, interleaved: bool = False) -> NodeTypeSpec:
+    """A two-socket PCIe server: each socket has gpus/4 PCIe switches of two GPUs; `nics` NICs
+    spread evenly over the switches (4: one per switch, 2: one per socket, 1: on socket 0).
+    `interleaved`: GPU indices alternate between the sockets (0, 2, 4.. on cpu0), as on servers
+    whose device order does not follow the PCIe tree."""
     if gpus % 4 or gpus <= 0:
         raise ValueError(f"gpus={gpus}: the L40S preset needs a multiple of 4 GPUs (2 sockets x "
                          "PCIe switches of 2 GPUs)")
@@ -37,29 +39,51 @@ def build_l40s_node_type(nics: int = 4, gpus: int = 8) -> NodeTypeSpec:
         switches = []
         for k in range(n_switches // 2):
             idx = s * (n_switches // 2) + k
-            nic = [NicSpec(name=f"nic{idx // every}", link="nic")] if every and idx % every == 0 else []
-            switches.append(PcieSwitchSpec(name=f"sw{idx}", gpus=[2 * idx, 2 * idx + 1], nics=nic))
+            has_nic = every and idx % every == 0
+            nic = [NicSpec(name=f"nic{idx // every}", link="nic")] if has_nic else []
+            pair = ([2 * k * 2 + s, (2 * k + 1) * 2 + s] if interleaved else [2 * idx, 2 * idx + 1])
+            switches.append(PcieSwitchSpec(name=f"sw{idx}", gpus=pair, nics=nic))
         sockets.append(SocketSpec(name=f"cpu{s}", switches=switches))
     return NodeTypeSpec(gpu_model="NVIDIA L40S", sockets=sockets, socket_link="socket")
 
 
-def build_l40s_server(name: str = "node-000", nics: int = 4) -> ClusterSpec:
-    """One 8x L40S two-socket server on its own."""
+def build_generic_node_type(gpus: int) -> NodeTypeSpec:
+    """A one-socket server with switches of two GPUs and one NIC (for GPU counts the two-socket
+    preset does not cover)."""
+    switches = [PcieSwitchSpec(name=f"sw{i // 2}", gpus=list(range(i, min(i + 2, gpus))),
+                               nics=[NicSpec(name="nic0", link="nic")] if i == 0 else [])
+                for i in range(0, gpus, 2)]
+    return NodeTypeSpec(sockets=[SocketSpec(name="cpu0", switches=switches)], socket_link=None)
+
+
+def build_preset(kind: str, **kw) -> ClusterSpec:
+    """A preset by name: 'l40s-server' or 'l40s-leaf-spine' (keyword arguments as the builders)."""
+    builders = {"l40s-server": build_l40s_server, "l40s-leaf-spine": build_leaf_spine_cluster}
+    if kind not in builders:
+        raise ValueError(f"unknown preset kind {kind!r}; use one of {sorted(builders)}")
+    return builders[kind](**kw)
+
+
+def build_l40s_server(name: str = "node-000", nics: int = 4, gpus: int = 8,
+                      interleaved: bool = False) -> ClusterSpec:
+    """One L40S two-socket server on its own."""
     return ClusterSpec(
-        name=f"l40s-server-{name}", description="one 8x L40S two-socket PCIe server",
-        link_types=build_link_types(), node_types={"l40s-8x": build_l40s_node_type(nics)},
+        name=f"l40s-server-{name}", description=f"one {gpus}x L40S two-socket PCIe server",
+        link_types=build_link_types(),
+        node_types={"l40s-8x": build_l40s_node_type(nics, gpus, interleaved)},
         nodes=[NodeSpec(name=name, node_type="l40s-8x")])
 
 
 def build_leaf_spine_cluster(nodes: int, nodes_per_leaf: int = 16, oversubscription: float = 1.0,
                              nics: int = 4, rails: bool = False, name: str | None = None,
-                             leaves_per_spine: int | None = None) -> ClusterSpec:
+                             leaves_per_spine: int | None = None, gpus: int = 8,
+                             interleaved: bool = False) -> ClusterSpec:
     """`nodes` 8x L40S servers under leaves of `nodes_per_leaf`, one spine layer (and a core
     layer when `leaves_per_spine` splits the leaves into pods). With `rails`, NIC k of every
     node in a leaf group plugs into that group's rail-k leaf (rail-optimised)."""
     if nodes <= 0 or nodes_per_leaf <= 0:
         raise ValueError(f"nodes ({nodes}) and nodes_per_leaf ({nodes_per_leaf}) must be > 0")
-    node_type = build_l40s_node_type(nics)
+    node_type = build_l40s_node_type(nics, gpus, interleaved)
     groups = -(-nodes // nodes_per_leaf)
     switches: list[SwitchSpec] = []
     pods = 1 if leaves_per_spine is None else -(-groups // leaves_per_spine)
@@ -81,7 +105,8 @@ def build_leaf_spine_cluster(nodes: int, nodes_per_leaf: int = 16, oversubscript
         for i in range(grp * nodes_per_leaf, min(nodes, (grp + 1) * nodes_per_leaf)):
             if rails:
                 node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
-                                           nic_leaves={f"nic{k}": leaf_names[k] for k in range(nics)}))
+                                           nic_leaves={f"nic{k}": leaf_names[k]
+                                                       for k in range(nics)}))
             else:
                 node_specs.append(NodeSpec(name=f"node-{i:03d}", node_type="l40s-8x",
                                            leaf=leaf_names[0]))

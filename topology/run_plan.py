@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from topology.cluster import ClusterSpec
-from topology.cost import GB, StageShape, evaluate_flows, predict_stage, ring_flows
+from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
 from topology.planner import Evaluated, Planner, PlanError
 from topology.graph import split_gpu_vertex
@@ -23,6 +23,8 @@ def _prediction(ev: Evaluated, profile) -> Prediction:
         wall_minutes=c.wall_minutes, parts_seconds=c.parts,
         ring_hop_seconds=ev.ring.seconds, ring_hop_gb_s=min(ev.ring.bandwidth_gb_s, 1e6),
         dp_hop_seconds=ev.dp.seconds, mfu=c.model_flops_per_step / peak,
+        ring_headroom=None if c.ring_headroom == float("inf") else c.ring_headroom,
+        model_flops_per_step=c.model_flops_per_step,
         memory_gb={k: v / GB for k, v in c.memory.items()})
 
 
@@ -37,12 +39,21 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
-def plan_stage(planner: Planner, run, index: int, seed: int = 0) -> StagePlan:
-    """Degrees, rings and order for stage `index`, its prediction, baselines and bound."""
+def plan_stage(planner: Planner, run, index: int, seed: int = 0, relax: bool = False) -> StagePlan:
+    """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
+    `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings."""
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
-    ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus)
+    try:
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=not relax)
+    except PlanError as e:
+        if not relax or stage.data_parallel_degree == "auto":
+            raise
+        stage = stage.model_copy(update={"data_parallel_degree": "auto"})
+        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=False)
+        notes = [f"re-planned with fewer rings: {e}"]
     best, more = planner.plan_rings(run.model, stage, ring, dp)
+    stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
     shape = StageShape.of(run.model, stage, ring, dp)
     alts = []
     ray = planner.ray_default_order(seed)[: ring * dp]
@@ -65,10 +76,11 @@ def plan_stage(planner: Planner, run, index: int, seed: int = 0) -> StagePlan:
                      notes=notes + more)
 
 
-def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None) -> Plan:
+def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None,
+             relax: bool = False) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
     planner = Planner(spec, graph)
-    stages = [plan_stage(planner, run, i) for i in range(len(run.stages))]
+    stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]
     p = planner.profile
     assumptions = [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
     assumptions += [

@@ -104,12 +104,13 @@ class Exchange:
 
     Post it before computing on the current block, wait after: the transfer runs behind the
     compute. Both peers post their exchanges in the same order, which is what matches sends to
-    receives (tags are not used so NCCL and gloo behave alike).
+    receives on NCCL; on gloo the tag also separates the two streams that overlap in backward
+    (K/V and their gradients).
     """
 
-    def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor]) -> None:
-        ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group) for t in recv]
+    def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0) -> None:
+        ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group, tag=tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group, tag=tag) for t in recv]
         self._works = dist.batch_isend_irecv(ops)
         if _TIMINGS is not None:
             _TIMINGS.exchanges += 1

@@ -74,3 +74,18 @@ def build_ring_groups(rings: Sequence[Sequence[int]]) -> RingGroups:
         ring=mine, ring_rank=position, ring_size=len(rings[0]),
         dp_group=dp_group, dp_rank=ring_index, dp_size=len(rings),
     )
+
+
+def apply_gradient_reduction(parameters, groups: RingGroups) -> None:
+    """Make every rank's .grad the full-batch gradient, in place.
+
+    Sum over the ring (each rank's ring_causal_lm_loss backpropagates only its share of the
+    sequence), then average over data parallel (each ring saw its own batch).
+    """
+    for param in parameters:
+        if param.grad is None:
+            continue
+        dist.all_reduce(param.grad, group=groups.ring_group)
+        if groups.dp_size > 1:
+            dist.all_reduce(param.grad, group=groups.dp_group)
+            param.grad.div_(groups.dp_size)

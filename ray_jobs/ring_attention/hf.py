@@ -18,14 +18,18 @@ _ACTIVE_RING: Ring | None = None
 
 
 def set_ring_group(group: "Ring | dist.ProcessGroup | None") -> None:
-    """Set (or clear with None) the ring used by attn_implementation="ring" in this process."""
+    """Set the ring used by attn_implementation="ring" in this process (None: the whole world)."""
     global _ACTIVE_RING
-    _ACTIVE_RING = None if group is None else resolve_ring(group)
+    _ACTIVE_RING = resolve_ring(group)
 
 
 @contextmanager
 def use_ring_group(group: "Ring | dist.ProcessGroup | None") -> Iterator[Ring]:
-    """Run model forward AND backward inside this block so "ring" attention finds its ring."""
+    """Run model forward AND backward inside this block so "ring" attention finds its ring.
+
+    group: a Ring (build_ring_groups(...).ring), a process group, or None for the world.
+    The previous ring (or none) is restored on exit.
+    """
     global _ACTIVE_RING
     previous = _ACTIVE_RING
     set_ring_group(group)

@@ -113,7 +113,18 @@ class FlashAttnKernel:
         self._fwd = _flash_attn_forward
         self._bwd = _flash_attn_backward
 
+    @staticmethod
+    def _check(q):
+        # flash-attn pads head dims that are not multiples of 8 and returns padded outputs;
+        # it has no fp32 kernels. Refuse both here rather than deep inside CUDA code.
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
+            raise ValueError(
+                f"flash-attn ring attention needs fp16/bf16 and head_dim a multiple of 8 up to 256, "
+                f"got {q.dtype} and head_dim {q.shape[-1]}; cast to torch.bfloat16"
+            )
+
     def forward(self, q, k, v, causal, scale):
+        self._check(q)
         out, lse, _, _ = self._fwd(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
         return out, lse.transpose(1, 2)
 
@@ -127,6 +138,7 @@ class FlashAttnKernel:
 
 
 _CPU_KERNEL = CpuFlashKernel()
+_MERGE_ROWS = 1024
 
 
 def build_block_kernel(device: torch.device) -> BlockKernel:
@@ -141,13 +153,17 @@ def build_block_kernel(device: torch.device) -> BlockKernel:
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold one block's partial attention into the running (out, lse), in place, in fp32.
 
-    out: (B, S, H, D) fp32; lse: (B, S, H) fp32; block_*: the same rows from a block kernel.
-    With L = logaddexp(lse, block_lse): out = exp(lse - L) * out + exp(block_lse - L) * block_out,
-    lse = L. logaddexp and the exponents of non-positive numbers never overflow, and a row that
-    saw no key yet (lse = -inf) takes the block's values exactly.
+    out: (B, S, H, D) fp32 (or the input dtype on 2-rank rings, see ring.accumulator_dtype);
+    lse: (B, S, H) fp32; block_*: the same rows from a block kernel. The arithmetic is fp32.
+    The block's weight is w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
+    computed from the DIFFERENCE of the two lse so large magnitudes lose no precision:
+    out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet
+    (lse = -inf) takes the block's values (w = 1).
     """
-    new_lse = torch.logaddexp(lse, block_lse)
-    old_w = torch.exp(lse - new_lse).unsqueeze(-1)
-    new_w = torch.exp(block_lse - new_lse).unsqueeze(-1)
-    out.mul_(old_w).add_(block_out.float() * new_w)
-    lse.copy_(new_lse)
+    # Row chunks bound the fp32 temporaries to a few MiB instead of a copy of the whole shard.
+    for start in range(0, out.shape[1], _MERGE_ROWS):
+        rows = slice(start, start + _MERGE_ROWS)
+        o, l, bo, bl = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
+        delta = bo.float().sub_(o).mul_(torch.sigmoid(bl - l).unsqueeze(-1))
+        o.add_(delta)
+        l.copy_(torch.logaddexp(l, bl))

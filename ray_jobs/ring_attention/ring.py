@@ -31,6 +31,7 @@ from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_com
 from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
 
 _ALL = slice(None)
+_KV_TAG, _GRAD_TAG = 1, 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            exchange = Exchange(ring, current, incoming)
+            exchange = Exchange(ring, current, incoming, _KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             block_out, block_lse = kernel.forward(
@@ -74,7 +75,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
                 plan.causal, scale,
             )
             if out is None:  # step 0 covers every local row (a token always sees itself)
-                out, lse = block_out.float(), block_lse.contiguous()
+                out, lse = block_out.to(accumulator_dtype(size, q.dtype)), block_lse.contiguous()
             else:
                 merge_block(_rows(out, plan.q_rows), _rows(lse, plan.q_rows), block_out, block_lse)
             del block_out, block_lse
@@ -86,9 +87,32 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
     return out.to(q.dtype), lse
 
 
+def accumulator_dtype(size: int, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the running out, dq and travelling dK/dV: fp32, except on a ring of two.
+
+    On two ranks every accumulator sums exactly two block results: it holds the first one
+    (already in the input dtype, so storing it loses nothing) until the second is added in fp32
+    and the sum is rounded once, the rounding an fp32 accumulator gets at the end anyway. The
+    results are bit-identical (tested) at half the memory and bytes on the wire. From three ranks
+    on, intermediate sums would be rounded, so accumulators are fp32.
+    """
+    return dtype if size <= 2 else torch.float32
+
+
+def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> None:
+    # Sum in fp32 and round once; row chunks keep the fp32 temporary small.
+    if acc.dtype == torch.float32:
+        acc.add_(block)
+        return
+    for start in range(0, acc.shape[1], rows):
+        part = slice(start, start + rows)
+        acc[:, part].copy_(acc[:, part].float().add_(block[:, part]))
+
+
 def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc_dtype = accumulator_dtype(size, q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     current, spare = (k, v), None
     grads = grads_spare = grads_incoming = None
     grads_exchange = None
@@ -96,7 +120,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
         kv_exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            kv_exchange = Exchange(ring, current, incoming)
+            kv_exchange = Exchange(ring, current, incoming, _KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             bdq, bdk, bdv = kernel.backward(
@@ -104,21 +128,21 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
                 _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
             )
-            _rows(dq, plan.q_rows).add_(bdq)
+            _accumulate(_rows(dq, plan.q_rows), bdq)
         if grads_exchange is None:
-            # fp32 accumulators for the K/V now held; they travel with it around the ring.
-            grads = (torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-                     torch.zeros(v.shape, dtype=torch.float32, device=v.device))
+            # Accumulators for the K/V now held; they travel with it around the ring.
+            grads = (torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+                     torch.zeros(v.shape, dtype=acc_dtype, device=v.device))
         else:
             grads_exchange.wait()
             grads_spare, grads = grads, grads_incoming
         with timed_compute():
-            _rows(grads[0], plan.kv_rows).add_(bdk)
-            _rows(grads[1], plan.kv_rows).add_(bdv)
+            _accumulate(_rows(grads[0], plan.kv_rows), bdk)
+            _accumulate(_rows(grads[1], plan.kv_rows), bdv)
             del bdq, bdk, bdv
         if size > 1:
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
-            grads_exchange = Exchange(ring, grads, grads_incoming)
+            grads_exchange = Exchange(ring, grads, grads_incoming, _GRAD_TAG)
         if kv_exchange is not None:
             kv_exchange.wait()
             spare = None if current[0] is k else current

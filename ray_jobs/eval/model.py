@@ -1,0 +1,105 @@
+"""Load an evaluable checkpoint and turn it into a `Generate` callable (greedy decoding)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ray_jobs.ledger import COMMITTED
+
+# (prompt, max_new_tokens) -> the model's continuation. The runner only sees this, so a test can
+# plug in an oracle or a constant "model" and check that the harness can fail.
+Generate = Callable[[str, int], str]
+
+TRAINER_STATE = "trainer_state"
+
+
+class CheckpointError(ValueError):
+    """A directory that cannot be evaluated, with what is wrong and what to do."""
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Refuse missing, incomplete (ringpilot dir without COMMITTED) or non-Llama directories."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a committed checkpoint "
+                              "directory (checkpoints/<stage>/step-NNNNNN/) or a HF Llama "
+                              "directory")
+    if (path / TRAINER_STATE).is_dir() and not (path / COMMITTED).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has {TRAINER_STATE}/ but no "
+                              f"{COMMITTED} marker (the trainer was still writing it, or crashed); "
+                              "evaluate a committed checkpoint from the run ledger instead")
+    missing = [f for f in ("config.json", "tokenizer.json") if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it must be a Hugging "
+                              "Face Llama directory saved with its tokenizer (save_pretrained)")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if (path / "tokenizer_config.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+
+
+def build_token_counter(tokenizer) -> Callable[[str], int]:
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer) of a checked checkpoint."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = check_checkpoint(path)
+    # The trainer may have saved attn_implementation="ring", which is only registered inside
+    # training workers; one evaluator runs the whole sequence with PyTorch's SDPA.
+    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def max_model_length(path: str | Path) -> int | None:
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config.get("max_position_embeddings")
+
+
+def greedy_tokens(model, input_ids, max_new_tokens: int, eos: int | None) -> list[int]:
+    """Greedy continuation of `input_ids` (1, S) with a KV cache; stops at `eos`."""
+    import torch
+
+    with torch.inference_mode():
+        # logits_to_keep=1: only the last position's logits are needed, not (S, vocab) of them.
+        out, new = model(input_ids=input_ids, use_cache=True, logits_to_keep=1), []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[token]], device=input_ids.device),
+                        cache=out.cache, use_cache=True, logits_to_keep=1)
+    return new
+
+
+def build_generate(model, tokenizer) -> Generate:
+    """A `Generate` that decodes greedily (the NIAH/RULER convention) on the model's device."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if tokenizer.bos_token_id is not None:  # as ringpilot's trainer starts every sequence
+            ids = [tokenizer.bos_token_id] + ids
+        ids = torch.tensor([ids], device=device)
+        new = greedy_tokens(model, ids, max_new_tokens, tokenizer.eos_token_id)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    return generate

@@ -1,0 +1,180 @@
+"""Evaluation reports: per-checkpoint heatmaps and tables, and the run's Markdown + HTML report."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from ray_jobs.eval.runner import EvalResults, load_results
+from ray_jobs.ledger import EvalEntry, Ledger
+
+REPORT_DIR = "eval"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(results: EvalResults, task: str) -> tuple[list[int], list[float], list[list[float]]]:
+    cells = [c for c in results.cells if c.task == task]
+    lengths = sorted({c.length for c in cells})
+    depths = sorted({c.depth for c in cells if c.depth is not None})
+    by = {(c.length, c.depth): c.score for c in cells}
+    return lengths, depths, [[by.get((n, d), float("nan")) for d in depths] for n in lengths]
+
+
+def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
+    """Score per (context length, needle depth) as a heatmap PNG."""
+    plt = _pyplot()
+    lengths, depths, grid = _grid(results, task)
+    fig, ax = plt.subplots(figsize=(3.0 + 0.7 * len(depths), 2.2 + 0.45 * len(lengths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d:g}%" for d in depths])
+    ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context length (tokens)")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    where = (f"{results.stage} step {results.step}" if results.stage
+             else Path(results.checkpoint).name)
+    ax.set_title(f"{task}: {where}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_checkpoint_tables(results: EvalResults) -> str:
+    """One Markdown table per task: rows are context lengths, columns needle depths."""
+    out = [f"# Evaluation of {results.checkpoint}", "",
+           f"seed {results.seed}, {results.samples} samples per cell; scores 0..1", ""]
+    for task in results.tasks:
+        lengths, depths, grid = _grid(results, task)
+        out.append(f"## {task}: {results.scores.get(task, float('nan')):.3f}")
+        if not lengths:
+            out += ["", "not evaluated (see skipped below)", ""]
+            continue
+        header = ["length"] + ([f"{d:g}%" for d in depths] if depths else ["score"])
+        if not depths:
+            cells = {c.length: c.score for c in results.cells if c.task == task}
+            rows = [[f"{n:,}", f"{cells[n]:.2f}"] for n in lengths]
+        else:
+            rows = [[f"{n:,}"] + [f"{v:.2f}" for v in row] for n, row in zip(lengths, grid)]
+        out += ["", _md_table(header, rows), ""]
+    if results.skipped:
+        out += ["## skipped", ""]
+        out += [f"- {s.task} at {s.length:,} tokens: {s.reason}" for s in results.skipped]
+    return "\n".join(out) + "\n"
+
+
+def _collect(run_dir: Path) -> list[tuple[str, str, EvalEntry, EvalResults | None]]:
+    """(stage, checkpoint path, ledger entry, results) in stage order, then step order."""
+    doc = Ledger(run_dir).read()
+    rows = []
+    for stage, entry in doc.stages.items():
+        found = []
+        for ckpt, ev in entry.eval.items():
+            res = None
+            if ev.results and (run_dir / ev.results).is_file():
+                res = load_results(run_dir / ev.results)
+            found.append((stage, ckpt, ev, res))
+        found.sort(key=lambda r: r[1])  # step-NNNNNN sorts by step
+        rows += found
+    return rows
+
+
+def _step_of(ckpt: str) -> int:
+    name = Path(ckpt).name
+    return int(name.split("-")[-1]) if name.startswith("step-") else 0
+
+
+def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write <run>/eval/report.md and report.html with score-vs-step plots and the heatmaps."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "ledger.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no ledger.json; pass a run directory "
+                                "(<storage.path>/<run name>/)")
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _collect(run_dir)
+    tasks = sorted({t for *_, r in rows if r for t in r.scores})
+    stages = list(dict.fromkeys(s for s, *_ in rows))
+    # Steps restart in each stage: offset every stage by the last step seen before it.
+    offsets, total = {}, 0
+    for stage in stages:
+        offsets[stage] = total
+        total += max(_step_of(c) for s, c, *_ in rows if s == stage)
+    plots = []
+    for task in tasks:
+        name = f"score_vs_step_{task}.png"
+        _plot_scores(rows, task, offsets, out / name)
+        plots.append((task, name))
+    header = ["stage", "step", "status", "attempts"] + tasks
+    table = []
+    for stage, ckpt, ev, res in rows:
+        scores = [f"{ev.scores[t]:.3f}" if t in ev.scores else "-" for t in tasks]
+        status = ev.status + (f" ({ev.error})" if ev.error else "")
+        table.append([stage, str(_step_of(ckpt)), status, str(ev.attempts)] + scores)
+    heatmaps = []
+    for stage, ckpt, ev, res in rows:
+        if res and ev.results:
+            folder = Path(os.path.relpath(run_dir / ev.results, out)).parent
+            for key, file in res.files.items():
+                if key.startswith("heatmap_"):
+                    heatmaps.append((f"{stage} step {_step_of(ckpt)}: {key[8:]}",
+                                     (folder / file).as_posix()))
+    title = f"Evaluation report: run {run_dir.name}"
+    md = [f"# {title}", "", f"{len(rows)} checkpoint evaluations; scores are fractions of "
+          "expected answers found (NIAH grid: exact match of the first word).", "",
+          _md_table(header, table), "", "## Score vs step", ""]
+    md += [f"![{t}]({p})" for t, p in plots] + ["", "## Heatmaps (context length x depth)", ""]
+    md += [f"### {cap}\n\n![{cap}]({p})\n" for cap, p in heatmaps]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1>", "<table border='1' cellspacing='0' cellpadding='3'>",
+            "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table]
+    body += ["</table>", "<h2>Score vs step</h2>"]
+    body += [f"<img src='{e(p)}' alt='{e(t)}'>" for t, p in plots]
+    body += ["<h2>Heatmaps (context length x depth)</h2>"]
+    body += [f"<figure><img src='{e(p)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
+             for c, p in heatmaps]
+    html_path = out / "report.html"
+    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
+                         f"{e(title)}</title></head><body>\n" + "\n".join(body)
+                         + "\n</body></html>\n", encoding="utf-8")
+    return md_path, html_path
+
+
+def _plot_scores(rows, task: str, offsets: dict[str, int], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for stage, offset in offsets.items():
+        pts = sorted((offset + _step_of(c), ev.scores[task]) for s, c, ev, _ in rows
+                     if s == stage and task in ev.scores)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=stage)
+        if offset:
+            ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("optimizer step (stages one after another)")
+    ax.set_ylabel("score")
+    ax.set_title(task)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

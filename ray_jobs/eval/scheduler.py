@@ -1,0 +1,243 @@
+"""Evaluate every committed checkpoint the moment it lands, in Ray actors beside the training.
+
+The trigger is the run ledger, not Ray Train's checkpoint registration: the trainer's rank-0
+worker writes a checkpoint, marks it COMMITTED and then calls `Ledger.commit_checkpoint`, all
+before training goes on, so a checkpoint in the ledger exists and is complete even if a worker
+crashes right after. Ray Train's controller registers a reported checkpoint only at its next poll
+of the workers (~2 s), and one reported just before a crash was seen to be lost (FACTS.md), so a
+`UserCallback.after_report` trigger would miss exactly those checkpoints.
+
+Policy: one evaluation at a time (this machine has 2 cores); when checkpoints pile up the newest
+is evaluated first (LIFO), older ones after it if they still exist (pruned ones are dropped). An
+actor that dies or raises is replaced and the checkpoint retried up to `eval.max_retries` times,
+then recorded as failed; nothing here ever touches the training workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ray_jobs.eval.model import CheckpointError
+from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, plan_lengths
+from ray_jobs.ledger import EvalEntry, Ledger, is_committed
+from ray_jobs.spec import RunSpec
+
+log = logging.getLogger("ringpilot.eval")
+POLL_SECONDS = 0.5
+
+
+def evaluate_request(request: dict, wrap_generate: Callable | None = None) -> dict:
+    """Inside the actor: load the checkpoint, run the grid, write results; return a summary."""
+    import torch
+
+    from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
+    from ray_jobs.eval.runner import evaluate
+
+    started = time.time()
+    device = "cuda" if request["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_checkpoint(request["checkpoint"], device)
+    generate = build_generate(model, tokenizer)
+    if wrap_generate is not None:
+        generate = wrap_generate(generate)
+    results = evaluate(generate, build_token_counter(tokenizer), checkpoint=request["checkpoint"],
+                       tasks=request["tasks"], lengths=request["lengths"],
+                       depths=request["depths"], samples=request["samples"],
+                       seed=request["seed"], max_length=request["max_length"],
+                       out_dir=Path(request["out_dir"]))
+    return {"scores": results.scores, "started_unix": started, "pid": os.getpid(),
+            "skipped": len(results.skipped)}
+
+
+class _EvalActor:
+    """A Ray actor process that evaluates checkpoints; reused until it dies."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)  # its own CPUs only, never the training workers' cores
+        # Import the heavy modules now (~5-10 s here), not when the first checkpoint lands.
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        import ray_jobs.eval.report  # noqa: F401
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, request: dict, fn: Callable[[dict], dict] | None = None) -> dict:
+        return (fn or evaluate_request)(request)
+
+
+class EvalScheduler:
+    """Driver-side thread: watch the ledger, evaluate new committed checkpoints in actors."""
+
+    def __init__(self, run: RunSpec, run_dir: str | Path, *,
+                 max_length: int = MAX_TOKENS_PER_EVALUATOR,
+                 evaluate_fn: Callable[[dict], dict] | None = None):
+        self.run, self.run_dir, self.max_length = run, Path(run_dir), max_length
+        self.ledger = Ledger(self.run_dir, run.name)
+        self._evaluate_fn = evaluate_fn  # tests inject faults here; None: evaluate_request
+        self._handled: set[str] = set()
+        self._current: dict | None = None  # {"path", "stage", "attempt", "ref"}
+        self._actor = None
+        self._draining, self._halt = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self.history: list[dict] = []  # (path, status, attempts, seconds) of finished evaluations
+
+    # -- public -----------------------------------------------------------------------------
+    def start(self) -> EvalScheduler:
+        import ray
+
+        if not self.run.eval.enabled:
+            log.info("eval.enabled is false: checkpoints will not be evaluated")
+            return self
+        if not ray.is_initialized():
+            raise RuntimeError("EvalScheduler.start(): Ray is not initialised; call ray.init() "
+                               "(the training driver does) before starting the scheduler")
+        self._actor = self._new_actor()  # started now so a checkpoint does not wait for it
+        self._thread = threading.Thread(target=self._loop, name="ringpilot-eval", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """wait=True: evaluate what is committed and pending (bounded by `timeout`), then stop;
+        wait=False, or when the timeout passes: cancel the running evaluation (recorded failed)."""
+        if self._thread is None:
+            return
+        if wait:
+            self._draining.set()
+            self._thread.join(timeout)
+        self._halt.set()
+        self._thread.join()
+        self._thread = None
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._halt.is_set():
+                if self._current is None:
+                    pending = self.pending()
+                    if pending:
+                        self._submit(*pending[-1], attempt=1)  # newest first
+                    elif self._draining.is_set():
+                        break
+                else:
+                    self._check_current()
+                self._halt.wait(POLL_SECONDS if self._current is None else 0.1)
+        except Exception:  # the thread must never take the training driver down
+            log.exception("evaluation scheduler stopped on an unexpected error")
+        finally:
+            self._cancel_current()
+            self._kill_actor()
+
+    def pending(self) -> list[tuple[str, str]]:
+        """(stage, checkpoint path) committed and not yet evaluated, oldest to newest."""
+        doc = self.ledger.read()
+        order = {s.name: i for i, s in enumerate(self.run.stages)}
+        found = []
+        for stage, entry in doc.stages.items():
+            for ckpt in entry.checkpoints:
+                done = entry.eval.get(ckpt.path)
+                if ckpt.path in self._handled or (done and done.status in ("done", "failed")):
+                    continue
+                if is_committed(self.run_dir / ckpt.path):
+                    found.append((order.get(stage, len(order)), ckpt.step, stage, ckpt.path))
+        return [(stage, path) for *_, stage, path in sorted(found)]
+
+    def _request(self, stage: str, path: str, attempt: int) -> dict:
+        e = self.run.eval
+        names = [s.name for s in self.run.stages]
+        index = names.index(stage) if stage in names else len(names) - 1
+        lengths = plan_lengths([s.seq_len for s in self.run.stages], index, e.context_lengths)
+        return {"checkpoint": str(self.run_dir / path), "attempt": attempt,
+                "out_dir": str(self.run_dir / "eval" / stage / Path(path).name),
+                "tasks": list(e.tasks), "lengths": lengths, "depths": list(e.depths),
+                "samples": e.samples, "seed": e.seed, "gpus": e.gpus,
+                "max_length": self.max_length}
+
+    def _submit(self, stage: str, path: str, attempt: int) -> None:
+        if self._actor is None:
+            self._actor = self._new_actor()
+        request = self._request(stage, path, attempt)
+        ref = self._actor.evaluate.remote(request, self._evaluate_fn)
+        self._current = {"stage": stage, "path": path, "attempt": attempt, "ref": ref,
+                         "request": request, "t0": time.time()}
+        self.ledger.record_eval(stage, path, EvalEntry(status="running", attempts=attempt))
+        log.info("evaluating %s (attempt %d)", path, attempt)
+
+    def _check_current(self) -> None:
+        import ray
+
+        cur = self._current
+        ready, _ = ray.wait([cur["ref"]], timeout=0)
+        if not ready:
+            return
+        try:
+            summary = ray.get(cur["ref"])
+        except ray.exceptions.RayActorError as err:  # the actor process died mid-evaluation
+            self._actor = None
+            self._retry_or_fail(f"evaluation actor died: {type(err).__name__}")
+            return
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, CheckpointError):  # retrying cannot fix the directory
+                self._finish("failed", error=str(err.cause))
+                return
+            self._retry_or_fail(f"evaluation raised {type(err.cause).__name__}: {err.cause}")
+            return
+        rel = os.path.relpath(Path(cur["request"]["out_dir"]) / "results.json", self.run_dir)
+        self._finish("done", scores=summary["scores"], results=rel,
+                     started_unix=summary["started_unix"])
+
+    def _retry_or_fail(self, error: str) -> None:
+        cur = self._current
+        log.warning("%s on %s (attempt %d)", error, cur["path"], cur["attempt"])
+        if not is_committed(self.run_dir / cur["path"]):
+            self._finish("failed", error=f"{error}; the checkpoint is gone (pruned by "
+                         "storage.keep_last) so it cannot be retried")
+        elif cur["attempt"] <= self.run.eval.max_retries:
+            self._current = None
+            self._submit(cur["stage"], cur["path"], cur["attempt"] + 1)
+        else:
+            self._finish("failed", error=f"{error}; gave up after {cur['attempt']} attempt(s) "
+                         f"(eval.max_retries = {self.run.eval.max_retries})")
+
+    def _finish(self, status: str, *, scores: dict | None = None, results: str | None = None,
+                error: str | None = None, started_unix: float | None = None) -> None:
+        cur, self._current = self._current, None
+        self._handled.add(cur["path"])
+        self.ledger.record_eval(cur["stage"], cur["path"], EvalEntry(
+            status=status, attempts=cur["attempt"], scores=scores or {}, results=results,
+            error=error))
+        self.history.append({"path": cur["path"], "status": status, "attempts": cur["attempt"],
+                             "submitted_unix": cur["t0"], "started_unix": started_unix,
+                             "finished_unix": time.time()})
+        log.info("evaluation of %s: %s", cur["path"], status)
+
+    def _cancel_current(self) -> None:
+        if self._current is not None:
+            self._kill_actor()
+            self._finish("failed", error="cancelled: the scheduler was stopped before the "
+                         "evaluation finished")
+
+    def _new_actor(self):
+        import ray
+
+        e = self.run.eval
+        cls = ray.remote(_EvalActor).options(num_cpus=e.cpus, num_gpus=e.gpus, max_restarts=0,
+                                             max_concurrency=1)
+        return cls.remote(max(1, int(e.cpus)))
+
+    def _kill_actor(self) -> None:
+        import ray
+
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None

@@ -1,0 +1,291 @@
+"""Evaluation prompts: the NIAH grid and RULER-style tasks, a pure function of (seed, cell).
+
+Every prompt is built with the evaluated model's own tokenizer to a token budget: the prompt plus
+the answer's generation budget fit `length` tokens. Retrieval needles sit at the stated depth of
+the haystack, measured in tokens; the other needles (distractors) sit at seeded random depths.
+`cwe` and `fwe` list words instead of a haystack and have no depth.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ray_jobs.eval.scoring import Metric
+
+TokenCounter = Callable[[str], int]
+
+DEPTH_TASKS = ("niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+NO_DEPTH_TASKS = ("cwe", "fwe")
+ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
+
+NEEDLES = 4  # needles in the multi-needle tasks
+VT_HOPS = 3  # assignments after the first in a variable-tracking chain
+CWE_WORDS, CWE_REPEAT = 5, 4  # common words to find, and how often each appears
+FWE_TOP = 3
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt and what a correct continuation must contain."""
+
+    task: str
+    length: int  # context length of the cell: prompt tokens + max_new_tokens <= length
+    depth: float | None  # percent of the haystack where the answer's needle starts
+    index: int
+    prompt: str
+    answers: tuple[str, ...]
+    metric: Metric
+    max_new_tokens: int
+    context_start: int  # character span of the haystack (or word list) inside the prompt
+    context_end: int
+    needle_start: int | None  # character offset of the needle placed at `depth`
+    prompt_tokens: int
+
+
+# Filler text written for this project: plain sentences with no digits and no capitalised codes,
+# so nothing in the haystack can be mistaken for an answer.
+_SUBJECTS = ("the old ferryman", "a quiet gardener", "the village baker", "my neighbour",
+             "the night guard", "a travelling painter", "the librarian", "an orchard keeper",
+             "the young clerk", "a retired sailor", "the weaver", "a shepherd")
+_VERBS = ("carried", "painted", "repaired", "counted", "sold", "folded", "watered", "described",
+          "borrowed", "measured", "polished", "forgot")
+_OBJECTS = ("a basket of pears", "the wooden gate", "three blue lanterns", "an empty barrel",
+            "the long ladder", "a bundle of letters", "the copper kettle", "a pile of maps",
+            "the striped umbrella", "a box of candles", "the green boat", "a jar of honey")
+_PLACES = ("before sunrise", "near the harbour", "behind the mill", "after the rain",
+           "in the square", "beside the well", "on a windy afternoon", "at the station",
+           "under the bridge", "during the fair", "by the orchard wall", "at dusk")
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def build_samples(task: str, length: int, depth: float | None, count: int, seed: int,
+                  count_tokens: TokenCounter) -> list[Sample]:
+    """`count` samples of one (task, length, depth) cell; the same arguments give the same text."""
+    if task not in ALL_TASKS:
+        raise ValueError(f"task {task!r} is unknown; use one of {', '.join(ALL_TASKS)}")
+    if task in NO_DEPTH_TASKS:
+        depth = None
+    elif depth is None or not 0 <= depth <= 100:
+        raise ValueError(f"task {task}: depth must be a percentage 0..100, got {depth}")
+    return [_fit(task, length, depth, i, seed, count_tokens) for i in range(count)]
+
+
+def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
+         count: TokenCounter) -> Sample:
+    """Build, measure the whole prompt, and shrink the filler until it fits (token counts of
+    pieces do not add up exactly under BPE, so the real prompt is the judge)."""
+    build = _BUILDERS[task]
+    budget = length
+    for _ in range(64):
+        rng = random.Random(f"ringpilot-eval:{seed}:{task}:{length}:{depth}:{index}")
+        parts = build(rng, budget, depth, count)
+        prompt = parts["instruction"] + "\n\n" + parts["context"] + "\n\n" + parts["question"]
+        answers = tuple(parts["answers"])
+        max_new = sum(count(" " + a) for a in answers) + 2 * len(answers) + 4
+        limit = length - max_new - 1  # 1: room for the BOS token the model may expect
+        n = count(prompt)
+        if n <= limit:
+            start = len(parts["instruction"]) + 2
+            needle = parts.get("needle")
+            return Sample(task=task, length=length, depth=depth, index=index, prompt=prompt,
+                          answers=answers, metric=parts["metric"], max_new_tokens=max_new,
+                          context_start=start, context_end=start + len(parts["context"]),
+                          needle_start=None if needle is None else start + needle,
+                          prompt_tokens=n)
+        if budget <= 0:
+            break  # the filler is gone and the prompt still does not fit
+        # The filler changes only when the budget crosses a sentence, so step at least 8 tokens.
+        budget -= max(n - limit, 8)
+    raise ValueError(f"task {task}: context length {length} is too short to hold the task's "
+                     f"instructions, needles and answer; use a length of at least "
+                     f"{n + max_new} tokens")
+
+
+def _word(rng: random.Random, syllables: int = 3) -> str:
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
+
+
+def _distinct(make: Callable[[], str], k: int, avoid: set[str] | None = None) -> list[str]:
+    seen, out = set(avoid or ()), []
+    while len(out) < k:
+        w = make()
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def _sentence(rng: random.Random) -> str:
+    subject, verb, obj, place = (rng.choice(x) for x in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
+    return f"{subject[0].upper()}{subject[1:]} {verb} {obj} {place}."
+
+
+def _haystack(rng: random.Random, budget: int, inserts: list[tuple[float, str]],
+              count: TokenCounter) -> tuple[str, list[int]]:
+    """Filler of about `budget` tokens with each insert at its fraction (0..1) of the filler's
+    tokens, at a sentence boundary; returns the text and each insert's character offset."""
+    room = budget - sum(count(" " + text) for _, text in inserts)
+    filler, cumulative = [], [0]
+    while True:
+        s = _sentence(rng)
+        n = count(" " + s)
+        if cumulative[-1] + n > room:
+            break
+        filler.append(s)
+        cumulative.append(cumulative[-1] + n)
+    total = cumulative[-1]
+    at: dict[int, list[int]] = {}
+    for k, (fraction, _) in enumerate(inserts):
+        target = fraction * total
+        i = min(range(len(cumulative)), key=lambda j: (abs(cumulative[j] - target), j))
+        at.setdefault(i, []).append(k)
+    pieces: list[str] = []
+    offsets = [0] * len(inserts)
+    pos = 0
+    for i in range(len(filler) + 1):
+        for k in at.get(i, []):
+            offsets[k] = pos
+            pieces.append(inserts[k][1])
+            pos += len(inserts[k][1]) + 1
+        if i < len(filler):
+            pieces.append(filler[i])
+            pos += len(filler[i]) + 1
+    return " ".join(pieces), offsets
+
+
+def _needle(key: str, value: str) -> str:
+    return f"The special magic number for {key} is {value}."
+
+
+def _keys_values(rng: random.Random, k: int) -> tuple[list[str], list[str]]:
+    keys = _distinct(lambda: f"{_word(rng, 2)}-{_word(rng, 2)}", k)
+    values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), k)
+    return keys, values
+
+
+_NIAH_INSTRUCTION = "Remember the special magic numbers hidden in this text."
+
+
+def _niah(rng: random.Random, budget: int, depth: float, count: TokenCounter,
+          *, metric: Metric = "all") -> dict:
+    (key,), (value,) = _keys_values(rng, 1)
+    context, (needle,) = _haystack(rng, budget, [(depth / 100, _needle(key, value))], count)
+    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=needle,
+                question=f"What is the special magic number for {key}? "
+                f"The special magic number for {key} is",
+                answers=[value], metric=metric)
+
+
+def _niah_multikey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+    keys, values = _keys_values(rng, NEEDLES)
+    inserts = [(depth / 100, _needle(keys[0], values[0]))]
+    inserts += [(rng.random(), _needle(k, v)) for k, v in zip(keys[1:], values[1:])]
+    context, offsets = _haystack(rng, budget, inserts, count)
+    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+                question=f"What is the special magic number for {keys[0]}? "
+                f"The special magic number for {keys[0]} is",
+                answers=[values[0]], metric="all")
+
+
+def _niah_multivalue(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+    (key,), _ = _keys_values(rng, 1)
+    _, values = _keys_values(rng, NEEDLES)
+    inserts = [(depth / 100, _needle(key, v)) for v in values]  # together at the stated depth
+    context, offsets = _haystack(rng, budget, inserts, count)
+    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+                question=f"What are all the special magic numbers for {key}? "
+                f"The special magic numbers for {key} are",
+                answers=values, metric="all")
+
+
+def _niah_multiquery(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+    keys, values = _keys_values(rng, NEEDLES)
+    asked = NEEDLES // 2
+    inserts = [(depth / 100, _needle(k, v)) for k, v in zip(keys[:asked], values[:asked])]
+    inserts += [(rng.random(), _needle(k, v)) for k, v in zip(keys[asked:], values[asked:])]
+    context, offsets = _haystack(rng, budget, inserts, count)
+    names = ", ".join(keys[:asked])
+    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+                question=f"What are the special magic numbers for {names}? "
+                f"The special magic numbers for {names} are",
+                answers=values[:asked], metric="all")
+
+
+def _vt(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+    names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)),
+                      2 * (VT_HOPS + 1))
+    target, other = names[: VT_HOPS + 1], names[VT_HOPS + 1:]
+    values = _distinct(lambda: str(rng.randint(10_000, 99_999)), 2)
+
+    def chain(variables: list[str], value: str) -> list[str]:
+        return [f"VAR {variables[0]} = {value}."] + [
+            f"VAR {b} = VAR {a}." for a, b in zip(variables, variables[1:])]
+
+    d = depth / 100  # the chain starts at the stated depth and its hops follow in order
+    inserts = [(d + (1 - d) * k / (VT_HOPS + 1), s) for k, s in enumerate(chain(target, values[0]))]
+    distractor = sorted(rng.random() for _ in range(VT_HOPS + 1))
+    inserts += list(zip(distractor, chain(other, values[1])))
+    context, offsets = _haystack(rng, budget, inserts, count)
+    return dict(instruction="Track the variable assignments in this text.", context=context,
+                needle=offsets[0],
+                question=f"Which variables are assigned the value {values[0]}, directly or "
+                f"through other variables? Answer: the variables assigned {values[0]} are",
+                answers=target, metric="all")
+
+
+def _cwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> dict:
+    words = _distinct(lambda: _word(rng), CWE_WORDS)
+    items = [w for w in words for _ in range(CWE_REPEAT)]
+    used = sum(count(f" {i + 1}. {w}") for i, w in enumerate(items))
+    seen = set(words)
+    while True:  # each uncommon word appears once
+        w = _distinct(lambda: _word(rng), 1, seen)[0]
+        n = count(f" {len(items) + 1}. {w}")
+        if used + n > budget:
+            break
+        seen.add(w)
+        items.append(w)
+        used += n
+    rng.shuffle(items)
+    context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+    return dict(instruction="Some words in this numbered list repeat.",
+                context=context, question=f"What are the {CWE_WORDS} most common words in the "
+                "list above? Answer: the most common words are", answers=words, metric="all")
+
+
+def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> dict:
+    per_word = max(1, count(" " + _word(random.Random(0))))
+    total = max(budget // per_word, 4 * FWE_TOP + 8)
+    top_counts = [max(FWE_TOP + 3 - r, total // (4 * (r + 1))) for r in range(FWE_TOP)]
+    top = _distinct(lambda: _word(rng), FWE_TOP)
+    items = [w for w, c in zip(top, top_counts) for _ in range(c)]
+    used = sum(count(" " + w) for w in items)
+    seen = set(top)
+    while True:  # the rest appear once or twice: far below the top words
+        w = _distinct(lambda: _word(rng), 1, seen)[0]
+        reps = rng.choice((1, 2))
+        n = reps * count(" " + w)
+        if used + n > budget:
+            break
+        seen.add(w)
+        items += [w] * reps
+        used += n
+    rng.shuffle(items)
+    return dict(instruction="Count how often each coded word appears in this text.",
+                context=" ".join(items),
+                question=f"What are the {FWE_TOP} most frequent coded words in the text above? "
+                "Answer: the most frequent words are", answers=top, metric="all")
+
+
+_BUILDERS: dict[str, Callable[..., dict]] = {
+    "niah": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
+    "niah_single": _niah,
+    "niah_multikey": _niah_multikey,
+    "niah_multivalue": _niah_multivalue,
+    "niah_multiquery": _niah_multiquery,
+    "vt": _vt,
+    "cwe": _cwe,
+    "fwe": _fwe,
+}

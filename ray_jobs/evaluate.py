@@ -1,0 +1,107 @@
+"""Evaluate one checkpoint without Ray: `python -m ray_jobs.evaluate --checkpoint PATH`.
+
+PATH is a committed ringpilot checkpoint (checkpoints/<stage>/step-NNNNNN/) or any Hugging Face
+Llama directory saved with its tokenizer. Examples:
+    python -m ray_jobs.evaluate --checkpoint /tmp/ringpilot/runs/tiny/checkpoints/s1k/step-000060
+    python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah vt --lengths 1024 4096 --out ev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ray_jobs.eval import tasks as task_lib
+from ray_jobs.eval.model import (TRAINER_STATE, CheckpointError, build_generate,
+                                 build_token_counter, check_checkpoint, load_checkpoint,
+                                 max_model_length)
+from ray_jobs.eval.runner import (MAX_TOKENS_PER_EVALUATOR, evaluate, parse_checkpoint_path,
+                                  plan_lengths)
+from ray_jobs.spec import EvalSpec, RunSpec
+from ray_jobs.specfile import SpecError, load_model
+
+_DEFAULTS = EvalSpec()
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--tasks", nargs="+", default=list(_DEFAULTS.tasks), choices=task_lib.ALL_TASKS,
+                   metavar="TASK", help=f"tasks, from {', '.join(task_lib.ALL_TASKS)} "
+                   f"(default: {' '.join(_DEFAULTS.tasks)})")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="TOKENS",
+                   help="context lengths (default: with --run, the checkpoint's stage length and "
+                   "the shorter stages'; else trainer_state's seq_len; else the model's "
+                   "max_position_embeddings and its quarter)")
+    p.add_argument("--run", type=Path, default=None,
+                   help="the run's RunSpec YAML, for the default lengths of a ringpilot checkpoint")
+    p.add_argument("--depths", nargs="+", type=float, default=list(_DEFAULTS.depths),
+                   metavar="PERCENT", help="needle depths in percent")
+    p.add_argument("--samples", type=int, default=_DEFAULTS.samples, help="samples per cell")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the prompts")
+    p.add_argument("--max-length", type=int, default=MAX_TOKENS_PER_EVALUATOR,
+                   help="longest context to run on this one device; longer ones are skipped")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <run>/eval/<stage>/<step-dir> for a ringpilot "
+                   "checkpoint, else ./eval-<checkpoint name>)")
+    return p
+
+
+def default_out_dir(checkpoint: Path) -> Path:
+    stage, _ = parse_checkpoint_path(checkpoint)
+    if stage is not None:
+        return checkpoint.parent.parent.parent / "eval" / stage / checkpoint.name
+    return Path(f"eval-{checkpoint.resolve().name}")
+
+
+def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
+    stage, _ = parse_checkpoint_path(checkpoint)
+    if run_file is not None:
+        run = load_model(run_file, RunSpec)
+        names = [s.name for s in run.stages]
+        if stage not in names:
+            raise SpecError(str(run_file), [f"stages: no stage named {stage!r} (the checkpoint's "
+                                             f"stage); stages are {names}"])
+        return plan_lengths([s.seq_len for s in run.stages], names.index(stage),
+                            run.eval.context_lengths)
+    state = checkpoint / TRAINER_STATE / "state.json"
+    if state.is_file() and json.loads(state.read_text()).get("seq_len"):
+        return [int(json.loads(state.read_text())["seq_len"])]
+    longest = max_model_length(checkpoint) or 4096
+    return sorted({longest, max(longest // 4, 128)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        check_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        lengths = args.lengths or default_lengths(args.checkpoint, args.run)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    out = args.out or default_out_dir(args.checkpoint)
+    results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),
+                       checkpoint=str(args.checkpoint), tasks=args.tasks, lengths=lengths,
+                       depths=args.depths, samples=args.samples, seed=args.seed,
+                       max_length=args.max_length, out_dir=out,
+                       on_cell=lambda c: print(f"{c.task:<16} {c.length:>8,} "
+                                               f"{'' if c.depth is None else f'{c.depth:g}%':>5} "
+                                               f"{c.score:.2f}", flush=True))
+    for s in results.skipped:
+        print(f"skipped {s.task} at {s.length:,}: {s.reason}")
+    print("scores: " + ", ".join(f"{t} {v:.3f}" for t, v in results.scores.items()))
+    print(f"wrote {out}/results.json, tables.md and heatmaps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The harness can pass and fail: an oracle scores 1.0, a constant ~0; outputs are written."""
+
+import json
+
+import pytest
+
+from ray_jobs.eval import tasks
+from ray_jobs.eval.runner import evaluate, load_results, plan_lengths
+from tests.eval.oracle import constant, oracle
+
+GRID = dict(tasks=list(tasks.ALL_TASKS), lengths=[384, 640], depths=[0.0, 50.0, 100.0],
+            samples=2, seed=11)
+
+
+def test_oracle_scores_one_on_every_task(count_tokens, tmp_path):
+    res = evaluate(oracle, count_tokens, checkpoint="oracle", out_dir=tmp_path, **GRID)
+    assert res.scores == {t: 1.0 for t in tasks.ALL_TASKS}
+    assert not res.skipped
+    depth_cells = len(tasks.DEPTH_TASKS) * 2 * 3
+    assert len(res.cells) == depth_cells + len(tasks.NO_DEPTH_TASKS) * 2
+    assert len(res.outputs) == 2 * len(res.cells)
+
+
+def test_constant_model_scores_zero(count_tokens):
+    res = evaluate(constant, count_tokens, checkpoint="constant", **GRID)
+    assert res.scores == {t: 0.0 for t in tasks.ALL_TASKS}
+
+
+def test_half_right_model_scores_in_between(count_tokens):
+    calls = []
+
+    def alternate(prompt, k):  # right on every other sample
+        calls.append(1)
+        return oracle(prompt, k) if len(calls) % 2 else constant(prompt, k)
+
+    res = evaluate(alternate, count_tokens, checkpoint="alt", tasks=["niah"], lengths=[384],
+                   depths=[0.0, 100.0], samples=2, seed=0)
+    assert res.scores["niah"] == 0.5
+    assert [c.score for c in res.cells] == [0.5, 0.5]
+
+
+def test_outputs_results_json_heatmaps_and_tables(count_tokens, tmp_path):
+    res = evaluate(oracle, count_tokens, checkpoint="run/checkpoints/s1k/step-000060",
+                   out_dir=tmp_path, tasks=["niah", "cwe"], lengths=[384, 100_000],
+                   depths=[0.0, 100.0], samples=1, seed=0, max_length=4096)
+    assert (res.stage, res.step) == ("s1k", 60)
+    saved = load_results(tmp_path / "results.json")
+    assert saved.scores == res.scores == {"niah": 1.0, "cwe": 1.0}
+    assert [(s.task, s.length) for s in saved.skipped] == [("*", 100_000)]
+    assert "longer than the 4096 tokens one evaluator runs" in saved.skipped[0].reason
+    assert (tmp_path / "heatmap_niah.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved.files == {"heatmap_niah": "heatmap_niah.png", "tables": "tables.md"}
+    tables = (tmp_path / "tables.md").read_text()
+    assert "## niah: 1.000" in tables and "| 384 | 1.00 | 1.00 |" in tables
+    assert "## cwe: 1.000" in tables and "| length | score |" in tables
+    assert json.loads((tmp_path / "results.json").read_text())["outputs"][0]["score"] == 1.0
+
+
+def test_too_short_cells_are_skipped_with_the_reason(count_tokens):
+    res = evaluate(oracle, count_tokens, checkpoint="x", tasks=["niah_multivalue", "niah"],
+                   lengths=[64, 384], depths=[50.0], samples=1, seed=0)
+    assert [(s.task, s.length) for s in res.skipped] == [("niah_multivalue", 64), ("niah", 64)]
+    assert "too short" in res.skipped[0].reason
+    assert res.scores == {"niah_multivalue": 1.0, "niah": 1.0}
+
+
+@pytest.mark.parametrize("given, index, expected", [
+    ([], 0, [256]), ([], 2, [256, 1024, 4096]), ([2048, 512, 512], 0, [512, 2048])])
+def test_lengths_default_to_the_stage_and_shorter_stages(given, index, expected):
+    assert plan_lengths([256, 1024, 4096], index, given) == expected

@@ -1,0 +1,42 @@
+"""Multi-process gloo checks: ring attention and a tiny Llama against single-process references."""
+
+import pytest
+import torch
+
+from ring_worlds import (
+    ATTENTION_CASES,
+    attention_world,
+    plan_groups_world,
+    ring_and_llama_world,
+    run_world,
+)
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_ring_attention_two_ranks():
+    results = run_world(2, attention_world, ATTENTION_CASES)
+    assert len(results) == 2 and all(len(r) == len(ATTENTION_CASES) for r in results)
+
+
+def test_ring_attention_and_tiny_llama_three_ranks():
+    world = 3
+    results = run_world(world, ring_and_llama_world, ATTENTION_CASES)
+    assert all(len(r["attention"]) == len(ATTENTION_CASES) for r in results)
+    losses = {round(r["llama"]["loss"], 6) for r in results}
+    assert len(losses) == 1, f"every ring rank must report the same global loss, got {losses}"
+
+
+def test_ring_attention_four_ranks():
+    # Half the cases: every dtype, mask and head layout still appears once.
+    cases = [c for c in ATTENTION_CASES if (c["heads"] == c["kv_heads"]) == c["causal"]]
+    results = run_world(4, attention_world, cases)
+    assert len(results) == 4
+
+
+def test_two_rings_of_two_from_a_plan():
+    # Ring order differs from the global numbering on purpose: ring 0 runs 3 -> 0 -> 3.
+    rings = [[3, 0], [1, 2]]
+    cases = [c for c in ATTENTION_CASES if c["heads"] != c["kv_heads"] or c["dtype"] == torch.float32]
+    results = run_world(4, plan_groups_world, rings, cases)
+    assert [(r["dp_rank"], r["ring_rank"]) for r in results] == [(0, 1), (1, 0), (1, 1), (0, 0)]

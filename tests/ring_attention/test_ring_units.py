@@ -1,0 +1,189 @@
+"""Single-process checks: block plan coverage, LSE merge, sharding helpers, labels, input errors."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ray_jobs.ring_attention import (
+    Ring,
+    build_shifted_labels,
+    contiguous_shard,
+    contiguous_unshard,
+    merge_block,
+    ring_attention,
+    shard_causal_lm_batch,
+    zigzag_position_ids,
+    zigzag_shard,
+    zigzag_unshard,
+)
+from ray_jobs.ring_attention.groups import check_rings
+from ray_jobs.ring_attention.kernels import CpuFlashKernel
+from ray_jobs.ring_attention.ring import plan_block
+
+
+@pytest.fixture
+def world_of_one():
+    """An in-process gloo world of size 1 on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_zigzag_plan_covers_the_causal_mask_exactly_and_evenly(world):
+    chunk = 3
+    seq = 2 * world * chunk
+    pos = [zigzag_position_ids(seq, r, world) for r in range(world)]
+    covered = torch.zeros(seq, seq, dtype=torch.int64)
+    work = torch.zeros(world, world, dtype=torch.int64)
+    for rank in range(world):
+        for step in range(world):
+            src = (rank - step) % world
+            plan = plan_block(rank, src, 2 * chunk, causal=True)
+            q_pos, k_pos = pos[rank][plan.q_rows], pos[src][plan.kv_rows]
+            visible = q_pos[:, None] >= k_pos[None, :] if plan.causal else torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+            # A non-causal block must hold only visible pairs, or the ring would leak the future.
+            assert bool((q_pos[:, None] >= k_pos[None, :])[visible].all())
+            covered[q_pos[:, None], k_pos[None, :]] += visible.long()
+            work[rank, step] = int(visible.sum())
+    assert torch.equal(covered, torch.tril(torch.ones(seq, seq, dtype=torch.int64)))
+    if world > 1:
+        # Every rank does the same work at every step after the diagonal one: nobody idles.
+        assert len(set(work[:, 1:].flatten().tolist())) == 1, work
+
+
+def test_merge_block_equals_attention_over_the_union_of_keys():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    kernel = CpuFlashKernel()
+    out1, lse1 = kernel.forward(q, k[:, :4], v[:, :4], False, 8**-0.5)
+    out2, lse2 = kernel.forward(q, k[:, 4:], v[:, 4:], False, 8**-0.5)
+    out, lse = out1.float(), lse1.clone()
+    merge_block(out, lse, out2, lse2)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    full_lse = torch.logsumexp(torch.einsum("bqhd,bkhd->bqhk", q, k) * 8**-0.5, dim=-1)
+    torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_block_is_stable_for_huge_and_empty_rows():
+    out = torch.ones(1, 2, 1, 4)
+    lse = torch.tensor([[[1000.0], [-float("inf")]]])
+    merge_block(out, lse, torch.full((1, 2, 1, 4), 3.0), torch.tensor([[[1000.0], [5.0]]]))
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(lse[0, :, 0], torch.tensor([1000.0 + torch.log(torch.tensor(2.0)).item(), 5.0]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_round_trip(world):
+    x = torch.arange(2 * 4 * world * 3).reshape(2, 4 * world, 3)
+    zz = [zigzag_shard(x, 1, r, world) for r in range(world)]
+    assert torch.equal(zigzag_unshard(zz, 1, world), x)
+    assert torch.equal(torch.cat([zigzag_position_ids(4 * world, r, world) for r in range(world)]).sort().values,
+                       torch.arange(4 * world))
+    cs = [contiguous_shard(x, 1, r, world) for r in range(world)]
+    assert torch.equal(contiguous_unshard(cs, 1, world), x)
+
+
+def test_zigzag_shard_layout_for_two_ranks():
+    assert zigzag_position_ids(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert zigzag_position_ids(8, 1, 2).tolist() == [2, 3, 4, 5]
+
+
+def test_labels_are_shifted_before_sharding():
+    ids = torch.arange(8).unsqueeze(0)
+    assert build_shifted_labels(ids).tolist() == [[1, 2, 3, 4, 5, 6, 7, -100]]
+    batch = shard_causal_lm_batch(ids, rank=0, world=2)
+    assert batch["input_ids"].tolist() == [[0, 1, 6, 7]]
+    assert batch["labels"].tolist() == [[1, 2, 7, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 6, 7]]
+
+
+def test_sharding_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"sequence length \(10\) divisible by 4"):
+        zigzag_shard(torch.zeros(1, 10), 1, 0, 2)
+    with pytest.raises(ValueError, match=r"rank=2, world=2"):
+        zigzag_shard(torch.zeros(1, 8), 1, 2, 2)
+    with pytest.raises(ValueError, match=r"got 3 shards for world=2"):
+        zigzag_unshard([torch.zeros(1, 4)] * 3, 1, 2)
+
+
+def test_plan_ring_errors():
+    with pytest.raises(ValueError, match=r"same size, got sizes \[1, 3\]"):
+        check_rings([[0, 1, 2], [3]], 4)
+    with pytest.raises(ValueError, match=r"every global rank 0..3 exactly once"):
+        check_rings([[0, 1], [1, 2]], 4)
+    with pytest.raises(ValueError, match=r"non-empty"):
+        check_rings([], 4)
+
+
+def _qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):
+    return torch.randn(b, s, h, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype)
+
+
+def test_ring_attention_needs_torch_distributed():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match=r"init_process_group"):
+        ring_attention(*_qkv(), group=None)
+
+
+def test_bad_inputs_raise_clear_errors(world_of_one):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"even local_seq .* got 7"):
+        ring_attention(q[:, :7], k[:, :7], v[:, :7], group=None)
+    with pytest.raises(ValueError, match=r"k and v must have the same shape"):
+        ring_attention(q, k, v[:, :, :1], group=None)
+    with pytest.raises(ValueError, match=r"must agree on batch, local_seq and head_dim"):
+        ring_attention(q[:, :6], k, v, group=None)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
+        ring_attention(q[:, :, :3], k, v, group=None)
+    with pytest.raises(ValueError, match=r"one floating dtype, got torch.bfloat16, torch.float32"):
+        ring_attention(q.bfloat16(), k, v, group=None)
+    with pytest.raises(ValueError, match=r"must be 4-D"):
+        ring_attention(q[0], k, v, group=None)
+    with pytest.raises(ValueError, match=r"global rank 0 is not a member of the ring group \[5, 6\]"):
+        ring_attention(q, k, v, group=Ring(group=None, ranks=(5, 6)))
+    with pytest.raises(ValueError, match=r"world=2 but the ring group has 1 ranks"):
+        zigzag_unshard(q, 1, 2, group=None)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_rank_ring_equals_sdpa_also_for_strided_inputs(world_of_one, causal):
+    torch.manual_seed(1)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in _qkv(b=2))
+    assert not q.is_contiguous()
+    out = ring_attention(q, k, v, group=None, causal=causal)
+    out.square().sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=causal, enable_gqa=True).transpose(1, 2)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, r in zip((q, k, v), ref):
+        torch.testing.assert_close(got.grad, r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_is_only_imported_for_cuda_tensors():
+    import sys
+
+    from ray_jobs.ring_attention.kernels import build_block_kernel
+
+    assert "flash_attn" not in sys.modules
+    assert isinstance(build_block_kernel(torch.device("cpu")), CpuFlashKernel)
+    assert "flash_attn" not in sys.modules
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'ringpilot\[gpu\]'"):
+            build_block_kernel(torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"no block kernel for device meta"):
+        build_block_kernel(torch.device("meta"))

@@ -1,0 +1,139 @@
+"""RunSpec: the shipped configs validate, and every cross-field rule says field, value and fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.spec import RunSpec, rope_theta_for
+from ray_jobs.specfile import SpecError, load_model, validate_data
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+
+def run_with(**changes) -> dict:
+    """The tiny run with dotted-path changes, e.g. run_with(**{"stages.0.seq_len": 250})."""
+    data = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def errors_of(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        validate_data(data, RunSpec, source="run.yaml")
+    return info.value.lines
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama3-8b-1m.yaml"])
+def test_shipped_configs_validate(name):
+    run = load_model(ROOT / "configs" / name, RunSpec)
+    assert run.summary().startswith(f"run {run.name}:")
+
+
+def test_llama3_8b_recipe_matches_the_published_card():
+    run = load_model(ROOT / "configs" / "llama3-8b-1m.yaml", RunSpec)
+    assert [s.seq_len for s in run.stages] == [65536, 262144, 524288, 1048576]
+    assert [s.tokens_per_step * s.steps for s in run.stages] == [
+        62_914_560, 100_663_296, 419_430_400, 838_860_800]
+    assert [s.ring_degree * s.data_parallel_degree for s in run.stages] == [8, 32, 512, 512]
+    assert 8.0e9 < run.model.num_parameters < 8.1e9  # Llama-3 8B: 8.03B parameters
+
+
+def test_rope_theta_rule_reproduces_published_llama3_configs():
+    assert round(rope_theta_for(262_144, 500_000.0, 8_192)) == 283_461_213
+    assert round(rope_theta_for(1_048_576, 500_000.0, 8_192)) == 3_580_165_449
+    assert rope_theta_for(4_096, 500_000.0, 8_192) == 500_000.0  # never lowered
+
+
+def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
+    run = RunSpec.model_validate(run_with(**{"stages.2.rope_theta": 123.0}))
+    thetas = [run.stage_theta(i) for i in range(3)]
+    assert thetas[0] == 10_000.0 and thetas[1] > thetas[0] and thetas[2] == 123.0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"stages.0.seq_len": 250}, r"stages\[0\]: seq_len \(250\) must be divisible by 2 x "
+         r"ring_degree \(4\) for zigzag sharding; use 252 or another ring_degree"),
+        ({"stages.0.batch_size": 3, "stages.0.data_parallel_degree": 2, "resources.workers": 4},
+         r"stages\[0\]: batch_size \(3\) must be a multiple of data_parallel_degree \(2\); use "
+         r"batch_size 4"),
+        ({"stages.1.data_parallel_degree": 2},
+         r"<top>: stages\[1\] \(s1k\): ring_degree x data_parallel_degree = 2 x 2 = 4 workers, "
+         r"but resources.workers is 2; lower the degrees or raise resources.workers"),
+        ({"stages.1.name": "s256"}, r"stages: names must be unique, got \['s256'\] twice"),
+        ({"stages.1.seq_len": 128}, r"seq_len must not decrease .* got \[256, 128, 4096\]; "
+         r"order the stages by length"),
+        ({"model.num_key_value_heads": 3}, r"model: num_attention_heads \(4\) must be a multiple "
+         r"of num_key_value_heads \(3\); pick a divisor, e.g. 2"),
+        ({"model.hidden_size": 66}, r"model: hidden_size \(66\) must be divisible by "
+         r"num_attention_heads \(4\)"),
+        ({"data.tokenizer": {"vocab_size": 1024}}, r"data.tokenizer.vocab_size \(1024\) exceeds "
+         r"model.vocab_size \(512\)"),
+        ({"data.mix": {"documents": 1.0, "passkey": 0, "kv_retrieval": 0}},
+         r"data: mix.documents is 1.0 but documents is empty; list text files under "
+         r"data.documents or set mix.documents: 0"),
+        ({"data.mix": {"documents": 0, "passkey": 0, "kv_retrieval": 0}},
+         r"data.mix: all weights are 0; give at least one source a positive weight"),
+    ],
+)
+def test_cross_field_rules_name_field_value_and_fix(changes, message):
+    lines = errors_of(run_with(**changes))
+    assert any(__import__("re").search(message, line) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"stages.0.seqlen": 256}, r"^stages\[0\]\.seqlen: unknown field \(got 256; did you mean "
+         r"'seq_len'\?\)$"),
+        ({"modle": {}}, r"^modle: unknown field \(got \{\}; did you mean 'model'\?\)$"),
+        ({"stages.0.steps": "many"}, r"^stages\[0\]\.steps: Input should be a valid integer.* "
+         r"\(got 'many'; Optimizer steps in this stage\.\)$"),
+        ({"stages.0.ring_degree": "x"}, r"^stages\[0\]\.ring_degree: should be a valid integer.* "
+         r"or 'auto' \(got 'x'\)$"),
+        ({"stages.0.ring_degree": 0}, r"^stages\[0\]\.ring_degree: should be greater than 0 or "
+         r"'auto' \(got 0\)$"),
+        ({"resources.device": "tpu"}, r"^resources\.device: Input should be 'cpu' or 'gpu' "
+         r"\(got 'tpu'; Train on GPUs \(NCCL\) or CPUs \(gloo\)\.\)$"),
+        ({"name": "Tiny_Run"}, r"^name: not an allowed value \(got 'Tiny_Run'; Run name "
+         r"\(lowercase letters, digits, '-'\)"),
+        ({"eval.tasks": ["niah", "needle"]}, r"^eval\.tasks\[1\]: Input should be 'niah'.*"
+         r"\(got 'needle'"),
+        ({"eval.depths": [50, 120]}, r"^eval\.depths\[1\]: Input should be less than or equal "
+         r"to 100 \(got 120"),
+    ],
+)
+def test_field_errors_are_one_line_each(changes, message):
+    lines = errors_of(run_with(**changes))
+    assert len(lines) == 1, lines
+    assert __import__("re").search(message, lines[0]), lines[0]
+
+
+def test_missing_fields_say_what_to_add():
+    data = run_with()
+    del data["storage"]
+    del data["model"]["pretrain_seq_len"]
+    assert sorted(errors_of(data)) == [
+        "model.pretrain_seq_len: required field is missing (add it: Context length the model "
+        "was pretrained at (T0 of the theta rule).)",
+        "storage: required field is missing (add it: Checkpoints, ledger and reports.)",
+    ]
+
+
+def test_every_problem_is_reported_at_once():
+    data = run_with(**{"stages.0.steps": 0, "stages.1.lr": 2.0, "resources.workers": -1})
+    assert len(errors_of(data)) == 3

@@ -1,0 +1,115 @@
+"""The cost model on cases small enough to compute by hand (derivations in the comments)."""
+
+import pytest
+
+from topology.cost import (FlowResult, StageDoesNotFit, StageShape, check_fits, dp_flows,
+                           evaluate_flows, memory_per_gpu, predict_stage, ring_flows)
+from topology.graph import Router, build_graph
+from topology.presets import build_l40s_server
+from topology.profile import L40S
+
+
+@pytest.fixture(scope="module")
+def router():
+    spec = build_l40s_server()
+    return Router(spec, build_graph(spec))
+
+
+def test_one_flow_gets_the_slowest_link(router):
+    # gpu3 -> gpu4 crosses gpu3-sw1 (25.2), sw1-cpu0 (25.2), cpu0-cpu1 (16), cpu1-sw2, sw2-gpu4:
+    # alone it gets 16 GB/s; latency 1 + 1 + 2 + 1 + 1 = 6 us; 1e8 bytes / 16e9 = 6.25 ms.
+    res = evaluate_flows(router, [("node-000/gpu3", "node-000/gpu4")], 1e8)
+    assert res.bottleneck == ("node-000/cpu0", "node-000/cpu1")
+    assert res.bandwidth_gb_s == pytest.approx(16.0)
+    assert res.seconds == pytest.approx(6e-6 + 1e8 / 16e9)
+
+
+def test_flows_sharing_a_link_split_it(router):
+    # gpu3 -> gpu4 and gpu2 -> gpu5 both cross cpu0 -> cpu1 (16 GB/s): 8 GB/s each; they also
+    # share sw1 -> cpu0 (25.2 / 2 = 12.6), which is not the minimum. 1e8 / 8e9 = 12.5 ms.
+    flows = [("node-000/gpu3", "node-000/gpu4"), ("node-000/gpu2", "node-000/gpu5")]
+    res = evaluate_flows(router, flows, 1e8)
+    assert res.loads[("node-000/cpu0", "node-000/cpu1")] == 2
+    assert res.loads[("node-000/sw1", "node-000/cpu0")] == 2
+    assert res.bandwidth_gb_s == pytest.approx(8.0)
+    assert res.hop_seconds == pytest.approx([6e-6 + 1e8 / 8e9] * 2)
+
+
+def test_opposite_directions_do_not_contend(router):
+    # Links are full duplex: gpu3 -> gpu4 and gpu4 -> gpu3 each get the full 16 GB/s.
+    flows = [("node-000/gpu3", "node-000/gpu4"), ("node-000/gpu4", "node-000/gpu3")]
+    assert evaluate_flows(router, flows, 1e8).bandwidth_gb_s == pytest.approx(16.0)
+
+
+def test_ring_and_dp_flows():
+    rings = [["a", "b", "c"], ["d", "e", "f"]]
+    assert ring_flows(rings)[:3] == [("a", "b"), ("b", "c"), ("c", "a")]
+    # data-parallel groups: same ring rank across rings; two members -> both directions
+    assert dp_flows(rings)[:2] == [("a", "d"), ("d", "a")]
+    assert ring_flows([["x"]]) == [] and dp_flows([["a", "b"]]) == []
+
+
+PROFILE = L40S.model_copy(update={"peak_bf16_flops": 100e12, "mfu_dense": 0.5,
+                                  "mfu_attention": 0.5, "attention_bwd_over_fwd": 2.5})
+SHAPE = StageShape(seq_len=8192, ring=2, dp=1, batch_size=1, grad_accum=1, steps=60, layers=2,
+                   hidden=1024, intermediate=4096, heads=8, kv_heads=2, head_dim=128,
+                   vocab=32000, params=1_000_000_000, elem_bytes=2)
+ONE_GB_S = FlowResult(seconds=0.0, latency_s=0.0, bandwidth_gb_s=1.0, bottleneck=("a", "b"),
+                      loads={}, hop_seconds=[])
+NO_FLOWS = FlowResult(0.0, 0.0, float("inf"), None, {}, [])
+
+
+def test_step_time_by_hand():
+    cost = predict_stage(SHAPE, ONE_GB_S, NO_FLOWS, PROFILE)
+    rate = 100e12 * 0.5
+    n = 8192 // 2  # local tokens
+    # dense: 8 N n FLOPs (fwd+bwd 6N, recompute 2N) = 8 * 1e9 * 4096 / 5e13 = 0.65536 s
+    dense = 8 * 1e9 * n / rate
+    assert dense == pytest.approx(0.65536)
+    # one block: causal forward 2 S^2 (heads x head_dim) / R per GPU per layer, / R per step
+    block = 2 * 8192**2 * (8 * 128) / 2 / 2 / rate  # = 6.872e-4 s
+    # K/V block: 2 (K, V) x 4096 tokens x 2 heads x 128 x 2 bytes = 4,194,304 bytes; at 1 GB/s
+    kv_t = 4_194_304 / 1e9  # = 4.19 ms > block: the transfer is exposed
+    # per layer: forward and recompute expose (R-1)(t - c) each, backward (R-1)(2t - 2.5c)
+    exposed = 2 * ((kv_t - block) + (kv_t - block) + (2 * kv_t - 2.5 * block))
+    attention = 2 * 2 * (1 + 1 + 2.5) * block  # layers x R blocks x phases
+    # weight sharding: 3 collectives x (R-1) hops of 2N/R = 1e9 bytes at 1 GB/s = 3 s, of which
+    # the dense compute hides 0.65536 s
+    shard = 3 * 1e9 / 1e9 - dense
+    assert cost.parts["dense compute"] == pytest.approx(dense)
+    assert cost.parts["attention compute"] == pytest.approx(attention)
+    assert cost.parts["exposed ring K/V"] == pytest.approx(exposed)
+    assert cost.parts["exposed weight sharding"] == pytest.approx(shard)
+    assert cost.parts["data-parallel sync"] == 0.0
+    assert cost.step_seconds == pytest.approx(dense + attention + exposed + shard)
+    assert cost.tokens_per_second == pytest.approx(8192 / cost.step_seconds)
+    assert cost.wall_minutes == pytest.approx(60 * cost.step_seconds / 60)
+    # headroom: block / hop in the worst phase; forward c / t beats backward 2.5c / 2t
+    assert cost.ring_headroom == pytest.approx(block / kv_t)
+
+
+def test_fast_links_hide_the_ring_and_dp_sync_adds():
+    fast = FlowResult(0.0, 0.0, 1e6, ("a", "b"), {}, [])
+    shape = StageShape(**{**SHAPE.__dict__, "dp": 4, "batch_size": 4})
+    cost = predict_stage(shape, fast, ONE_GB_S, PROFILE)
+    assert cost.parts["exposed ring K/V"] == 0.0
+    # all-reduce of the 2N/R = 1e9-byte gradient shard over 4 rings: 2 (D-1) = 6 hops of
+    # 1e9 / 4 bytes at 1 GB/s = 1.5 s, once per optimizer step
+    assert cost.parts["data-parallel sync"] == pytest.approx(6 * 0.25)
+
+
+def test_memory_parts_by_hand():
+    mem = memory_per_gpu(SHAPE, PROFILE)
+    assert mem["weights+grads+optimizer"] == 1e9 * 16 / 2  # 16 bytes/param sharded over ring 2
+    assert mem["checkpointed activations"] == 2 * 4096 * 1024 * 2  # layers x n x hidden x 2 B
+    assert mem["ring buffers"] == 4 * 4_194_304
+    assert mem["logits (chunked loss)"] == 4096 * 32000 * 4 * 2
+
+
+def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
+    stage = llama8b_run.stages[0]  # 65,536 tokens on Llama-3 8B
+    with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs 49\.\d GB per GPU with "
+                       r"ring_degree 4 .* above the 48 GB of a NVIDIA L40S; raise ring_degree "
+                       r"to 8 or more"):
+        check_fits("65k", StageShape.of(llama8b_run.model, stage, 4, 1), L40S)
+    assert check_fits("65k", StageShape.of(llama8b_run.model, stage, 8, 1), L40S) < 48e9

@@ -1,0 +1,91 @@
+"""`ringpilot plan`: plan a run on a cluster and write the planning report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from ray_jobs.spec import RunSpec
+    from ray_jobs.specfile import load_model
+    from topology.cluster import load_cluster
+    from topology.cost import StageDoesNotFit
+    from topology.graph import TopologyError, apply_degrade_link, build_graph
+    from topology.planner import PlanError
+    from topology.report import render_report
+    from topology.run_plan import plan_run
+
+    run = load_model(args.run, RunSpec)
+    try:
+        if args.from_k8s:
+            from topology.k8s import build_cluster_from_kube_context
+
+            spec = build_cluster_from_kube_context()
+        else:
+            cluster = args.cluster or (str(Path(args.run).parent / run.resources.cluster)
+                                       if run.resources.cluster else None)
+            if cluster is None:
+                print("ringpilot plan: give --cluster FILE (or --from-k8s); the run has no "
+                      "resources.cluster", file=sys.stderr)
+                return EXIT_USER_ERROR
+            spec = load_cluster(cluster)
+        compare = [float(x) for x in args.compare_minutes.split(",")] if args.compare_minutes \
+            else None
+        whatif, label, graph, changed = None, [], None, spec
+        if args.without_node or args.degrade_link:  # checked before the (slower) planning
+            changed = spec.without_nodes(args.without_node) if args.without_node else spec
+            graph = build_graph(changed)
+            for text in args.degrade_link:
+                a, b, f = apply_degrade_link(graph, text)
+                label.append(f"link {a} - {b} at {f:g}x bandwidth")
+            label += [f"node {n} lost" for n in args.without_node]
+        plan = plan_run(spec, run)
+        if graph is not None:
+            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True)
+        files = render_report(plan, spec, args.out, whatif=whatif, whatif_label="; ".join(label),
+                              compare_minutes=compare)
+    except (TopologyError, PlanError, StageDoesNotFit, ValueError) as e:
+        print(f"ringpilot plan: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print((Path(args.out) / "report.md").read_text().split("\n## Where")[0])
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plan` on the main CLI's subparsers."""
+    p = subparsers.add_parser(
+        "plan", help="plan ring placement on a cluster and write a planning report",
+        description="Choose ring x data-parallel degrees and ring order per stage from the "
+        "cluster's network, predict step time, memory and wall minutes, and compare with Ray's "
+        "default order. Writes plan.json, report.md, report.html and PNG plots.")
+    p.add_argument("--run", required=True, help="RunSpec YAML (e.g. configs/llama3-8b-1m.yaml)")
+    p.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
+    p.add_argument("--from-k8s", action="store_true", help="read node labels from the current "
+                   "kube context instead of --cluster (needs an API server)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--without-node", action="append", default=[], metavar="NAME",
+                   help="what-if: re-plan without this node (repeatable)")
+    p.add_argument("--degrade-link", action="append", default=[], metavar="A-B=FACTOR",
+                   help="what-if: scale the bandwidth of link A-B, e.g. "
+                   "node-000/cpu0-node-000/cpu1=0.5 (repeatable)")
+    p.add_argument("--compare-minutes", help="comma-separated published wall minutes per stage, "
+                   "shown beside the predictions")
+    p.set_defaults(func=_run_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringpilot-plan")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_plan_parser(sub)
+    args = parser.parse_args(["plan", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Planning report: plan.json, report.md and report.html with PNG plots, headline numbers first."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from topology.cluster import ClusterSpec  # noqa: E402
+from topology.plan import Plan, StagePlan  # noqa: E402
+
+PARTS = ["dense compute", "attention compute", "exposed ring K/V", "exposed weight sharding",
+         "data-parallel sync"]
+
+
+def _alt(stage: StagePlan, name: str):
+    return next(a for a in stage.alternatives if a.name == name)
+
+
+def _fmt_min(m: float) -> str:
+    return f"{m:,.0f} min" if m < 600 else f"{m / 60:,.1f} h"
+
+
+def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tuple[list[str], list]:
+    total = sum(s.prediction.wall_minutes for s in plan.stages)
+    ray = sum(_alt(s, "ray-default").wall_minutes for s in plan.stages)
+    peak = max(sum(s.prediction.memory_gb.values()) for s in plan.stages)
+    gpus = max(s.ring_degree * s.dp_degree for s in plan.stages)
+    rooms = [s.prediction.ring_headroom for s in plan.stages if s.prediction.ring_headroom]
+    room = min(rooms) if rooms else None
+    if room is None:
+        net = "No stage uses a ring of more than one GPU."
+    elif room >= 1:
+        net = (f"**The network is not the bottleneck**: in every stage the K/V exchange hides "
+               f"behind attention compute; the slowest ring hop could be {room:.1f}x slower "
+               "before it shows (a faster fabric would not shorten this run; faster GPUs or "
+               "higher MFU would).")
+    else:
+        worst = min(plan.stages, key=lambda s: s.prediction.ring_headroom or 9e9)
+        net = (f"**The network limits stage {worst.name}**: its slowest ring hop takes "
+               f"{1 / room:.1f}x the attention block it should hide behind (see the slowest "
+               "link column; placement, faster links or a larger ring_degree help).")
+    lines = [
+        f"**Predicted wall time, all {len(plan.stages)} stages: {_fmt_min(total)}** on "
+        f"{gpus} of {spec.num_gpus} GPUs ({plan.profile} profile); Ray's default order: "
+        f"{_fmt_min(ray)} ({ray / total:.2f}x).",
+        f"Peak memory per GPU: {peak:.1f} GB of 48 GB. Unknown-topology nodes left out: "
+        f"{', '.join(plan.unknown_topology) or 'none'}.",
+        net,
+    ]
+    head = ["stage", "seq_len", "rope_theta", "ring x dp", "step s", "tokens/s", "MFU",
+            "wall", "ring hop ms (planned / Ray / bound)", "hop headroom", "slowest link",
+            "mem GB"]
+    if compare:
+        head.append("published (MFU it implies)")
+    rows = [head]
+    for i, s in enumerate(plan.stages):
+        p = s.prediction
+        worst = s.bottleneck_links[0] if s.bottleneck_links else None
+        row = [s.name, f"{s.seq_len:,}", f"{s.rope_theta:,.0f}", f"{s.ring_degree} x {s.dp_degree}",
+               f"{p.step_seconds:,.1f}", f"{p.tokens_per_second:,.0f}", f"{p.mfu:.0%}",
+               _fmt_min(p.wall_minutes),
+               f"{p.ring_hop_seconds * 1e3:.2f} / "
+               f"{_alt(s, 'ray-default').ring_hop_seconds * 1e3:.2f}"
+               f" / {_alt(s, 'lower-bound').ring_hop_seconds * 1e3:.2f}",
+               f"{p.ring_headroom:.1f}x" if p.ring_headroom else "-",
+               f"{worst.link} ({worst.flows} flow{'s' if worst.flows != 1 else ''}, "
+               f"{worst.share_gb_s:.1f} GB/s each)" if worst
+               else "none (ring of 1)", f"{sum(p.memory_gb.values()):.1f}"]
+        if compare:
+            row.append(_published(s, compare[i], plan.profile) if i < len(compare) else "")
+        rows.append(row)
+    if compare:
+        lines.append("Published wall times are compared as given; the MFU each implies is the "
+                     "model FLOPs (6N + causal attention) of all steps over the published "
+                     "minutes at the GPUs' peak: above ~60% the published run likely did less "
+                     "attention work (e.g. shorter documents) than full causal sequences.")
+    return lines, rows
+
+
+def _published(s: StagePlan, minutes: float, profile: str | None) -> str:
+    from topology.profile import get_profile
+
+    steps = s.prediction.wall_minutes * 60 / s.prediction.step_seconds
+    peak = get_profile(profile or "l40s").peak_bf16_flops * s.ring_degree * s.dp_degree
+    mfu = s.prediction.model_flops_per_step * steps / (minutes * 60 * peak)
+    return f"{_fmt_min(minutes)} ({mfu:.0%})"
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_plots(plan: Plan, out: Path, spec: ClusterSpec | None = None) -> list[str]:
+    """PNG plots; returns their file names."""
+    names = [s.name for s in plan.stages]
+    files = []
+    # step-time breakdown
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bottom = [0.0] * len(names)
+    for part in PARTS:
+        vals = [s.prediction.parts_seconds.get(part, 0.0) for s in plan.stages]
+        ax.bar(names, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("seconds per optimizer step"), ax.set_title("Step time by part")
+    ax.legend(fontsize=7)
+    files.append(_save(fig, out / "step_breakdown.png"))
+    # memory per GPU
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    parts = list(plan.stages[0].prediction.memory_gb)
+    bottom = [0.0] * len(names)
+    for part in parts:
+        vals = [s.prediction.memory_gb[part] for s in plan.stages]
+        ax.bar(names, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.axhline(48, color="red", linestyle="--", label="L40S 48 GB")
+    ax.set_ylabel("GB per GPU"), ax.set_title("Memory per GPU"), ax.legend(fontsize=6)
+    files.append(_save(fig, out / "memory.png"))
+    # planned vs Ray default vs bound
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = range(len(names))
+    for k, (label, get) in enumerate([
+            ("planned", lambda s: (s.prediction.ring_hop_seconds, s.prediction.wall_minutes)),
+            ("ray-default", lambda s: (_alt(s, "ray-default").ring_hop_seconds,
+                                       _alt(s, "ray-default").wall_minutes)),
+            ("random", lambda s: (_alt(s, "random").ring_hop_seconds,
+                                  _alt(s, "random").wall_minutes)),
+            ("lower-bound", lambda s: (_alt(s, "lower-bound").ring_hop_seconds,
+                                       _alt(s, "lower-bound").wall_minutes))]):
+        vals = [get(s) for s in plan.stages]
+        axes[0].bar([i + k * 0.2 for i in x], [v[0] * 1e3 for v in vals], 0.2, label=label)
+        axes[1].bar([i + k * 0.2 for i in x], [v[1] for v in vals], 0.2, label=label)
+    for ax, title in zip(axes, ["slowest ring hop (ms)", "wall minutes"]):
+        ax.set_xticks([i + 0.3 for i in x], names), ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    files.append(_save(fig, out / "planned_vs_baselines.png"))
+    # link load
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for s in plan.stages:
+        shares = sorted(ll.share_gb_s for ll in s.bottleneck_links)
+        ax.plot(range(1, len(shares) + 1), shares, marker="o", label=s.name)
+    ax.set_xlabel("most contended links, worst first"), ax.set_ylabel("GB/s per transfer")
+    ax.set_title("Link load (fair share per ring transfer)"), ax.legend(fontsize=7)
+    files.append(_save(fig, out / "link_load.png"))
+    files.append(render_rings_plot(plan, out / "rings.png", spec))
+    return files
+
+
+def _node_layout(spec: ClusterSpec | None, node: str, gpus: list[int]) -> dict[int, tuple]:
+    """x offset and socket of each local GPU: gaps between PCIe switches, wider between sockets."""
+    if spec is None or node not in {n.name for n in spec.nodes}:
+        return {g: (i, 0) for i, g in enumerate(sorted(gpus))}
+    nt = spec.node_types[next(n.node_type for n in spec.nodes if n.name == node)]
+    out, x = {}, 0.0
+    for si, sock in enumerate(nt.sockets):
+        for sw in sock.switches:
+            for g in sorted(sw.gpus):
+                out[g] = (x, si)
+                x += 1
+            x += 0.4
+        x += 0.8
+    return out
+
+
+def render_rings_plot(plan: Plan, path: Path, spec: ClusterSpec | None = None) -> str:
+    """Per stage, ring 0 drawn over the GPUs of the nodes it uses (at most 4 shown): GPUs
+    grouped by PCIe switch, coloured by CPU socket; arrows in ring order (K/V passes along)."""
+    n = len(plan.stages)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.3 * n), squeeze=False)
+    colours = ["#8fb8de", "#f4b183", "#a9d18e", "#d5a6bd"]
+    for ax, s in zip(axes[:, 0], plan.stages):
+        ring = s.rings[0]
+        nodes = list(dict.fromkeys(w.node for w in ring))[:4]
+        shown = [w for w in ring if w.node in nodes]
+        pos, x0 = {}, 0.0
+        for node in nodes:
+            gpus = sorted({w.gpu for w in s.workers if w.node == node} |
+                          {w.gpu for w in ring if w.node == node})
+            layout = _node_layout(spec, node, gpus)
+            for g in gpus:
+                x, sock = layout.get(g, (g, 0))
+                pos[(node, g)] = (x0 + x, 0)
+                used = (node, g) in {(w.node, w.gpu) for w in ring}
+                ax.scatter(x0 + x, 0, s=150, color=colours[sock % 4], zorder=2,
+                           edgecolors="black" if used else "none")
+                ax.annotate(str(g), (x0 + x, 0), ha="center", va="center", fontsize=7, zorder=3)
+            width = max(x for x, _ in layout.values()) if layout else 0
+            ax.text(x0 + width / 2, -1.0, node, ha="center", fontsize=8)
+            x0 += width + 3
+        for a, b in zip(shown, shown[1:] + shown[:1]):
+            (x1, y1), (x2, y2) = pos[(a.node, a.gpu)], pos[(b.node, b.gpu)]
+            ax.annotate("", (x2, y2), (x1, y1), arrowprops=dict(
+                arrowstyle="->", color="tab:blue", connectionstyle="arc3,rad=-0.35"))
+        more = len(dict.fromkeys(w.node for w in ring)) - len(nodes)
+        ax.set_title(f"{s.name}: ring 0 of {s.dp_degree} ({s.ring_degree} GPUs; colour = CPU "
+                     "socket, gaps = PCIe switches)"
+                     + (f"; {more} more nodes not shown" if more > 0 else ""), fontsize=9)
+        ax.set_ylim(-1.5, 2.2), ax.axis("off")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
+                  whatif: Plan | None = None, whatif_label: str = "",
+                  compare_minutes: list[float] | None = None) -> list[Path]:
+    """Write plan.json, plan-whatif.json (with a what-if), report.md, report.html and
+    PNGs into `out`; return the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = plan
+    (out / "plan.json").write_text(plan.model_dump_json(indent=2))
+    if whatif is not None:
+        (out / "plan-whatif.json").write_text(whatif.model_dump_json(indent=2))
+    lines, rows = _headline(main, spec, compare_minutes)
+    pngs = render_plots(main, out, spec)
+    sections: list[tuple[str, list]] = [("Headline", lines + [rows])]
+    if whatif is not None:
+        diff = [["stage", "before: wall", "after: wall", "change", "after: ring x dp",
+                 "after: slowest link"]]
+        for a, b in zip(plan.stages, whatif.stages):
+            pa, pb = a.prediction, b.prediction
+            worst = b.bottleneck_links[0].link if b.bottleneck_links else "none"
+            diff.append([a.name, _fmt_min(pa.wall_minutes), _fmt_min(pb.wall_minutes),
+                         f"{pb.wall_minutes / pa.wall_minutes - 1:+.1%}",
+                         f"{b.ring_degree} x {b.dp_degree}", worst])
+        sections.append((f"What if: {whatif_label}", [diff]))
+    per_stage = []
+    for s in main.stages:
+        p = s.prediction
+        shares = ", ".join(f"{k} {v / p.step_seconds:.0%}" for k, v in p.parts_seconds.items()
+                           if v > 0)
+        per_stage.append(f"**{s.name}**: {shares}. Ring 0 order: "
+                         + " -> ".join(f"{w.node}:{w.gpu}" for w in s.rings[0][:12])
+                         + (" ..." if len(s.rings[0]) > 12 else "") + ". " + " ".join(s.notes))
+    sections.append(("Where the time goes", per_stage))
+    sections.append(("Plots", [f"![{p}]({p})" for p in pngs]))
+    sections.append(("Cluster", [f"`{line}`" for line in spec.summary().splitlines()]))
+    sections.append(("Assumptions (predictions are only as good as these)", main.assumptions))
+    md, body = [f"# ringpilot plan: run {main.run} on {spec.name}"], []
+    for title, items in sections:
+        md.append(f"\n## {title}\n")
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for it in items:
+            if isinstance(it, list):
+                md.append(_md_table(it))
+                body.append(_html_table(it))
+            elif it.startswith("!["):
+                md.append(it)
+                src = it[it.index("(") + 1:-1]
+                body.append(f'<img src="{html.escape(src)}" alt="{html.escape(src)}">')
+            else:
+                md.append(f"- {it}" if title.startswith("Assumptions") else it + "\n")
+                body.append(f"<p>{html.escape(it).replace('**', '')}</p>")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
+             "collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}")
+    (out / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>ringpilot plan "
+        f"{html.escape(main.run)}"
+        f"</title><style>{style}</style></head><body><h1>ringpilot plan: run "
+        f"{html.escape(main.run)} on {html.escape(spec.name)}</h1>{''.join(body)}</body></html>\n")
+    extra = ["plan-whatif.json"] if whatif is not None else []
+    return [out / f for f in ["plan.json", *extra, "report.md", "report.html", *pngs]]
