@@ -38,6 +38,7 @@ def train_stage_worker(config: dict) -> None:
     spec_dir = Path(config["spec_dir"]) if config.get("spec_dir") else None
     stage = run.stages[index]
     torch.set_num_threads(run.resources.cpus_per_worker)
+    _quiet_logs()
     ledger = Ledger(run_dir, run.name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,6 +142,16 @@ def train_stage_worker(config: dict) -> None:
             if rank == 0:
                 _append(run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()})
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _quiet_logs() -> None:
+    """The driver prints one progress line per report; keep per-report and per-file chatter out."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _ring_mean_loss(logits: torch.Tensor, labels: torch.Tensor, groups) -> torch.Tensor:
