@@ -205,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
 
     import ray
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+    if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+    else:  # a laptop without a cluster: a private one on loopback, spare CPUs for eval actors
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=run.resources.workers * run.resources.cpus_per_worker + 2)
     try:
         check_ray_capacity(run)
     except PreflightError as e:
