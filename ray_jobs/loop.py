@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def train_stage_worker(config: dict) -> None:
     positions = zigzag_position_ids(stage.seq_len, groups.ring_rank, ring_size).to(device)
     positions = positions.unsqueeze(0).expand(per_ring, -1)
     every = run.failure.report_every
-    t_report, steps_since = time.perf_counter(), 0
+    t_report, steps_since, pending = time.perf_counter(), 0, []
     while state.step < stage.steps:
         step = state.step
         _maybe_crash(config.get("crash_at"), stage.name, step, rank, world, run_dir)
@@ -116,16 +117,14 @@ def train_stage_worker(config: dict) -> None:
         state.seconds += time.perf_counter() - t0
         state.losses.append(loss_value)
         steps_since += 1
-        all_ids = [None] * world
-        dist.all_gather_object(all_ids, ids)
-        if rank == 0:
-            _append(run_dir / "metrics" / f"{stage.name}.jsonl",
-                    {"step": state.step, "loss": loss_value, "time": time.time(),
-                     "samples": sorted(set(sum(all_ids, [])))})
+        pending.append({"step": state.step, "loss": loss_value, "time": time.time(), "pid": os.getpid(),
+                        "samples": ids})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
         if checkpoint_now or state.step % every == 0:
+            _write_metrics(run_dir / "metrics" / f"{stage.name}.jsonl", pending, rank, world)
+            pending = []
             elapsed = time.perf_counter() - t_report
             metrics = {"stage": stage.name, "step": state.step, "steps": stage.steps, "loss": loss_value,
                        "tokens": state.tokens, "tokens_per_s": steps_since * stage.tokens_per_step / elapsed,
@@ -142,6 +141,8 @@ def train_stage_worker(config: dict) -> None:
             if rank == 0:
                 _append(run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()})
             ray.train.report(metrics, checkpoint=checkpoint)
+            if checkpoint is not None:  # Ray has copied the pointer into its storage
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
 def _quiet_logs() -> None:
@@ -203,6 +204,16 @@ def _from_ray_pointer(run_dir: Path) -> Path | None:
         rel = json.loads((Path(d) / "pointer.json").read_text())["path"]
     path = run_dir / rel
     return path if is_committed(path) else None
+
+
+def _write_metrics(path: Path, records: list[dict], rank: int, world: int) -> None:
+    """Per-step loss and the sample ids every rank actually trained on, gathered per report
+    (not per step: a collective per step would cost more than a tiny model's step)."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, [r["samples"] for r in records])
+    if rank == 0:
+        for i, rec in enumerate(records):
+            _append(path, {**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i]})})
 
 
 def _append(path: Path, record: dict) -> None:
