@@ -142,18 +142,17 @@ def _print_retrieval(run, run_dir: Path) -> None:
     """Passkey exact match at the longest length: first stage's model vs the final model."""
     from ray_jobs.checkpoint import final_checkpoint
     from ray_jobs.ledger import Ledger
-    from ray_jobs.model import retrieval_accuracy
+    from ray_jobs.model import retrieval_scores
 
     ledger = Ledger(run_dir, run.name)
     first, last = (final_checkpoint(ledger, s.name) for s in (run.stages[0], run.stages[-1]))
     length = run.stages[-1].seq_len
     if first is None or last is None:
         return
-    before = retrieval_accuracy(first, length)
-    after = retrieval_accuracy(last, length)
-    print(f"demo: passkey exact match at {length:,} tokens on held-out prompts: stage "
-          f"{run.stages[0].name} model {before:.0%}, stage {run.stages[-1].name} model {after:.0%}",
-          flush=True)
+    for name, path in ((run.stages[0].name, first), (run.stages[-1].name, last)):
+        em, loss = retrieval_scores(path, length)
+        print(f"demo: passkey at {length:,} tokens, held-out prompts, stage {name} model: exact "
+              f"match {em:.0%}, answer-token loss {loss:.2f} (chance 2.30)", flush=True)
 
 
 if __name__ == "__main__":
