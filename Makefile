@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# A local Ray head on 127.0.0.1 (dashboard on :8265), the run submitted with `ray job submit
+# --working-dir .`, its logs streamed, the head stopped again (also on failure).
 demo: setup
 	$(VENV)/bin/ringpilot validate $(RUN)
+	$(PY) -m ray_jobs.launch --run $(RUN) --fresh
 
 test: setup
 	$(PY) -m pytest

@@ -2,19 +2,28 @@
 
 Submitted to a Ray cluster with
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m ray_jobs.train --run RUN.yaml
-With no --run it trains the embedded default, configs/tiny.yaml.
+With no --run it trains the embedded default, configs/tiny.yaml. Rerunning the same command
+resumes: finished stages are skipped, the current one restarts from its last committed checkpoint.
+
+The driver: (1) check the RunSpec against the filesystem and the Ray cluster, before any worker
+starts; (2) build the tokenizer and the plan; (3) start evaluation and progress; (4) run one
+TorchTrainer per stage (ray_jobs.loop.train_stage_worker), recording stages in the ledger;
+(5) print the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from ray_jobs.spec import RunSpec
 from ray_jobs.specfile import SpecError, load_model
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+CRASH_ENV = "RINGPILOT_CRASH_AT"  # tests only: STAGE:STEP at which one worker dies once
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -24,7 +33,145 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", default=None,
                         help="train only this stage (by name), resuming from the ledger; the "
                         "Kubernetes operator runs one stage per RayJob this way")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, the job's cluster, or a "
+                        "new local one)")
     return parser
+
+
+class PreflightError(Exception):
+    """Problems found before any worker starts, one line each."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def run_dir_of(run: RunSpec) -> Path:
+    return Path(run.storage.path).expanduser().absolute() / run.name
+
+
+def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
+    """Indices of the stages to train; --stage needs the previous stage done in the ledger."""
+    from ray_jobs.ledger import Ledger
+
+    names = [s.name for s in run.stages]
+    if only is None:
+        return list(range(len(names)))
+    if only not in names:
+        raise PreflightError([f"--stage: no stage {only!r} in the run (stages: {', '.join(names)})"])
+    index = names.index(only)
+    if index > 0:
+        prev = names[index - 1]
+        entry = Ledger(run_dir, run.name).read().stages.get(prev)
+        if entry is None or entry.state != "done":
+            raise PreflightError([f"--stage {only}: the previous stage {prev!r} is "
+                                  f"{entry.state if entry else 'not started'} in the ledger "
+                                  f"{run_dir / 'ledger.json'}; train {prev!r} first"])
+    return [index]
+
+
+def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> None:
+    """Everything checkable without workers: storage, tokenizer, documents, degrees, cluster plan."""
+    from ray_jobs.data import read_documents
+    from ray_jobs.tokenizer import TokenizerError, resolve_tokenizer_source
+    from topology.planner import PlanError
+
+    problems = []
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"storage.path: cannot write the run directory {run_dir} ({e.strerror or e}); "
+                        "give a writable (shared) directory")
+    try:
+        resolve_tokenizer_source(run, spec_dir)
+    except TokenizerError as e:
+        problems.append(str(e))
+    try:
+        read_documents(run, spec_dir)
+    except FileNotFoundError as e:
+        problems.append(str(e))
+    for i, stage in enumerate(run.stages):
+        world = _world_of(stage, run.resources.workers)
+        if world is not None and world != run.resources.workers:
+            problems.append(
+                f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = {stage.ring_degree} "
+                f"x {stage.data_parallel_degree} = {world}, but resources.workers is "
+                f"{run.resources.workers}; every stage uses all workers, so make the product "
+                f"{run.resources.workers} (or set one degree to 'auto')")
+    try:
+        if run.resources.cluster:
+            from ray_jobs.placement import plan_for_cluster
+            plan_for_cluster(run, spec_dir)
+        else:
+            from ray_jobs.placement import plan_from_capacity
+            plan_from_capacity(run, {"workers": run.resources.workers})
+    except (PlanError, SpecError, ValueError) as e:
+        problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}")
+    if problems:
+        raise PreflightError(problems)
+
+
+def _world_of(stage, workers: int) -> int | None:
+    r, d = stage.ring_degree, stage.data_parallel_degree
+    if r != "auto" and d != "auto":
+        return r * d
+    if r != "auto" and workers % r:
+        return r * (workers // r) or r
+    if d != "auto" and workers % d:
+        return d * (workers // d) or d
+    return None
+
+
+def check_ray_capacity(run: RunSpec) -> None:
+    """Refuse to start a trainer that Ray could never schedule (it would wait forever)."""
+    import ray
+
+    key = "GPU" if run.resources.device == "gpu" else "CPU"
+    need = run.resources.workers * (1 if key == "GPU" else run.resources.cpus_per_worker)
+    have = ray.cluster_resources().get(key, 0)
+    if have < need:
+        raise PreflightError([f"resources.workers: {run.resources.workers} {run.resources.device} workers "
+                              f"need {need:g} {key} but the Ray cluster has {have:g}; add nodes or lower "
+                              "resources.workers / cpus_per_worker"])
+
+
+def train_stage(run: RunSpec, index: int, run_dir: Path, spec_dir: Path, plan: dict | None) -> None:
+    """One TorchTrainer for one stage: workers = ring x dp from the plan."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.loop import train_stage_worker
+    from ray_jobs.placement import NODE_LABEL
+    from topology.plan import Plan
+
+    stage = run.stages[index]
+    res = run.resources
+    gpu = res.device == "gpu"
+    label_selector = None
+    if plan is not None:  # pin each worker to its planned node; positions come from the plan
+        workers = Plan.model_validate(plan).stage(stage.name).workers
+        label_selector = [{NODE_LABEL: w.node} for w in workers]
+        num_workers = len(workers)
+    else:
+        num_workers = res.workers
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+                            label_selector=label_selector)
+    config = {"run": run.model_dump(mode="json"), "stage_index": index, "run_dir": str(run_dir),
+              "spec_dir": str(spec_dir), "plan": plan, "crash_at": os.environ.get(CRASH_ENV)}
+    trainer = TorchTrainer(
+        train_stage_worker, train_loop_config=config, scaling_config=scaling,
+        run_config=RunConfig(
+            name=f"{run.name}-{stage.name}", storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=run.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.storage.keep_last),
+        ),
+    )
+    trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +181,92 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 2
-    print(run.summary())
-    return 0
+    spec_dir, run_dir = args.run.resolve().parent, run_dir_of(run)
+
+    # 1. Check everything that can be checked before a worker starts.
+    try:
+        preflight(run, spec_dir, run_dir)
+        indices = plan_stages(run, args.stage, run_dir)
+    except PreflightError as e:
+        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
+        return 2
+    print(run.summary(), flush=True)
+
+    # 2. Tokenizer (trained once, saved in the run dir) and the cluster plan, if described.
+    from ray_jobs.data import read_documents
+    from ray_jobs.ledger import Ledger
+    from ray_jobs.placement import PLAN_FILE, plan_for_cluster
+    from ray_jobs.tokenizer import build_tokenizer
+
+    build_tokenizer(run, run_dir, spec_dir, read_documents(run, spec_dir))
+    plan = plan_for_cluster(run, spec_dir).model_dump(mode="json") if run.resources.cluster else None
+    if plan is not None:
+        import json
+        (run_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+    import ray
+    if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+    else:  # a laptop without a cluster: a private one on loopback, spare CPUs for eval actors
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=run.resources.workers * run.resources.cpus_per_worker + 2)
+    try:
+        check_ray_capacity(run)
+    except PreflightError as e:
+        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
+        return 2
+
+    # 3. Evaluation actors (their own resources) and the progress lines.
+    from ray_jobs.progress import ProgressPrinter, render_summary
+    evaluator = _start_eval(run, run_dir)
+    printer = ProgressPrinter(run_dir).start()
+    ledger, wall, code = Ledger(run_dir, run.name), {}, 0
+    try:
+        # 4. One trainer per stage; a finished stage is never trained again.
+        for index in indices:
+            name = run.stages[index].name
+            entry = ledger.read().stages.get(name)
+            if entry is not None and entry.state == "done":
+                print(f"[{name}] done in the ledger; skipping", flush=True)
+                continue
+            latest = ledger.latest_committed(name)
+            print(f"[{name}] seq_len {run.stages[index].seq_len:,}, rope_theta "
+                  f"{run.stage_theta(index):,.0f}; "
+                  f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
+            ledger.start_stage(name)
+            t0 = time.perf_counter()
+            try:
+                train_stage(run, index, run_dir, spec_dir, plan)
+            except Exception as e:  # Ray Train gave up after failure.max_failures restarts
+                ledger.finish_stage(name, "failed")
+                print(f"[{name}] failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
+                code = 1
+                break
+            wall[name] = time.perf_counter() - t0
+            ledger.finish_stage(name, "done")
+    finally:
+        printer.stop()
+        if evaluator is not None:
+            evaluator.stop(wait=code == 0, timeout=300)
+    # 5. Summary.
+    render_summary(run, run_dir, wall)
+    return code
+
+
+def _start_eval(run: RunSpec, run_dir: Path):
+    if not run.eval.enabled:
+        return None
+    try:
+        from ray_jobs.eval.scheduler import EvalScheduler
+    except ImportError as e:
+        print(f"eval: enabled but ray_jobs.eval is not available ({e}); checkpoints are not "
+              "evaluated", file=sys.stderr, flush=True)
+        return None
+    scheduler = EvalScheduler(run, run_dir)
+    scheduler.start()
+    return scheduler
 
 
 if __name__ == "__main__":

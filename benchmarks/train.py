@@ -1,0 +1,161 @@
+"""Benchmark of ray_jobs.train on this machine: throughput, recovery, the demo, retrieval learned.
+
+    python benchmarks/train.py [--skip-demo]
+
+1. tokens/s of the tiny model on 2 Ray Train workers with ring attention (one ring of 2) vs a
+   plain single-process Hugging Face training loop (SDPA, 2 threads: the same cores) on the same
+   samples and the same total tokens, at the 1K stage's shape;
+2. recovery: a worker killed mid-stage (os._exit) -> seconds until the first step after restart;
+3. the whole embedded default as `make demo` runs it (ray start, ray job submit, ray stop);
+4. passkey exact match at the longest length (4K) on held-out prompts: the first stage's final
+   model (niah_before) vs the last stage's (niah_after), and their mean answer-token loss.
+Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import yaml  # noqa: E402
+
+from ray_jobs.spec import RunSpec  # noqa: E402
+from ray_jobs.specfile import load_model  # noqa: E402
+
+STEPS = 24
+
+
+def _bench_spec(storage: Path, stage_index: int = 1, steps: int = STEPS) -> dict:
+    spec = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    stage = {**spec["stages"][stage_index], "steps": steps, "warmup_steps": 0}
+    spec.update(name="bench", stages=[stage], eval={"enabled": False})
+    spec["storage"] = {"path": str(storage), "checkpoint_every": steps // 2, "keep_last": 2}
+    spec["failure"] = {"max_failures": 2, "report_every": 4}
+    return spec
+
+
+def _run_ray(spec: dict, tmp: Path, crash_at: str | None = None) -> Path:
+    from ray_jobs.train import main
+
+    path = tmp / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    if crash_at:
+        os.environ["RINGPILOT_CRASH_AT"] = crash_at
+    try:
+        assert main(["--run", str(path)]) == 0
+    finally:
+        os.environ.pop("RINGPILOT_CRASH_AT", None)
+    return Path(spec["storage"]["path"]) / spec["name"]
+
+
+def ray_tokens_per_s(run_dir: Path, stage: str) -> float:
+    """Steady-state tokens/s: the reports after the first (which includes start-up)."""
+    recs = [json.loads(x) for x in (run_dir / "progress" / f"{stage}.jsonl").read_text().splitlines()]
+    return sum(r["tokens_per_s"] for r in recs[1:]) / len(recs[1:])
+
+
+def single_process_tokens_per_s(spec: dict, tmp: Path) -> float:
+    """The same stage, same samples, plain HF loop in one process."""
+    import torch
+
+    from ray_jobs.data import SampleStream
+    from ray_jobs.model import build_model
+    from ray_jobs.tokenizer import build_tokenizer
+
+    torch.set_num_threads(2)
+    run = RunSpec.model_validate(spec)
+    tok = build_tokenizer(run, tmp / "single")
+    model = build_model(run, 0, None, seed=0, attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=run.stages[0].lr)
+    stream = SampleStream(run, 0, tok)
+    stage = run.stages[0]
+    start = None
+    for step in range(stage.steps):
+        if step == 4:  # same as the Ray side: the first report interval is not counted
+            start = time.perf_counter()
+        x, y, _ = stream.batch(step, 0, range(stage.batch_size))
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return (stage.steps - 4) * stage.tokens_per_step / (time.perf_counter() - start)
+
+
+def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
+    """From the crash (its marker is written just before os._exit) to the end of the first step
+    of the restarted workers (records carry rank 0's process id, new after a restart)."""
+    crashed = (run_dir / f".crash-injected-{stage}-{crash_step}").stat().st_mtime
+    recs = [json.loads(x) for x in (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+    restart = next(r for r in recs if r["pid"] != recs[0]["pid"])
+    return restart["time"] - crashed
+
+
+def demo() -> tuple[float, tuple[float, float], tuple[float, float]]:
+    from ray_jobs.checkpoint import final_checkpoint
+    from ray_jobs.ledger import Ledger
+    from ray_jobs.model import retrieval_scores
+    from ray_jobs.train import run_dir_of
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ray_jobs.launch", "--fresh"], cwd=REPO, check=True)
+    seconds = time.perf_counter() - t0
+    run = load_model(REPO / "configs" / "tiny.yaml", RunSpec)
+    ledger = Ledger(run_dir_of(run), run.name)
+    length = run.stages[-1].seq_len
+    before = retrieval_scores(final_checkpoint(ledger, run.stages[0].name), length, samples=32)
+    after = retrieval_scores(final_checkpoint(ledger, run.stages[-1].name), length, samples=32)
+    return seconds, before, after
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-demo", action="store_true", help="skip the full demo run (3.-4.)")
+    args = parser.parse_args()
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
+        tmp = Path(d)
+        import ray
+        spec = _bench_spec(tmp / "runs")
+        # The single-process baseline runs before Ray starts and after the Ray run; the faster
+        # one counts (other processes share the cores; Ray's own start-up would disturb it).
+        singles = [single_process_tokens_per_s(spec, tmp)]
+        ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False)
+        ring = ray_tokens_per_s(_run_ray(spec, tmp), spec["stages"][0]["name"])
+        time.sleep(5)  # let the finished workers exit
+        singles.append(single_process_tokens_per_s(spec, tmp))
+        single = max(singles)
+        print(f"tokens/s: ring of 2 Ray workers {ring:,.0f}, single process "
+              f"{' / '.join(f'{x:,.0f}' for x in singles)} (before / after)", flush=True)
+        crash = _bench_spec(tmp / "crash")
+        name = crash["stages"][0]["name"]
+        rec = recovery_seconds(_run_ray(crash, tmp, f"{name}:{STEPS // 2 + 2}"), name, STEPS // 2 + 2)
+        print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart", flush=True)
+        ray.shutdown()
+        result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3), recovery_seconds=round(rec, 1))
+    if args.skip_demo:
+        result.update(demo_seconds=None, niah_before=None, niah_after=None)
+    else:
+        seconds, before, after = demo()
+        print(f"passkey at 4K, 32 held-out prompts: exact match {before[0]:.2f} -> {after[0]:.2f}, "
+              f"answer-token loss {before[1]:.3f} -> {after[1]:.3f} (chance 2.303)", flush=True)
+        result.update(demo_seconds=round(seconds, 1), niah_before=before[0], niah_after=after[0],
+                      answer_loss_before=round(before[1], 3), answer_loss_after=round(after[1], 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Training samples: synthetic long-context retrieval over filler text, and packed documents.
+
+Every sample is a pure function of (seed, stage, step, micro-step, index in the global batch),
+so a resumed run sees exactly the samples an uninterrupted one would, whatever restarted.
+
+Retrieval samples are built so a copy mechanism solves them: the filler text has no digits and
+no "is", the needle's number follows a unique cue ("... pass key is" or the key's word), and the
+loss is taken on the answer digits only (ln 10 ~ 2.3 nats per digit is chance).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_jobs.spec import RunSpec
+
+IGNORE = -100
+
+FILLER = [
+    " The grass grows green.", " The sky looks blue.", " The sun shines yellow.",
+    " Here we go.", " There and back again.", " Birds sing in the morning.",
+    " The river runs to the sea.", " Clouds drift over the hills.", " A dog sleeps by the door.",
+    " The wind moves the trees.",
+]
+KEYS = [
+    "apple", "river", "stone", "cloud", "tiger", "maple", "piano", "candle", "rocket", "garden",
+    "silver", "window", "forest", "orange", "violet", "harbor", "lemon", "castle", "falcon",
+    "meadow", "pepper", "comet", "willow", "anchor",
+]
+PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
+KV_INTRO = " Remember the number after each word."
+KV_PAIRS = 2
+MIN_PROMPT = 64  # tokens: the shortest retrieval prompt packed into a sequence
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: `seq_len` inputs, next-token labels (IGNORE where not scored)."""
+
+    sample_id: str
+    kind: str
+    input_ids: list[int]
+    labels: list[int]
+    answer: str = ""
+
+
+def sample_seed(seed: int, *parts: object) -> int:
+    """A 64-bit seed from the run seed and a sample's coordinates (stable across processes)."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    # Spaced digits: every digit is the same kind of token (" 4"), first or not.
+    return " ".join(rng.choice("0123456789") for _ in range(digits))
+
+
+class _Ids:
+    """Token ids of the fixed text pieces, encoded once."""
+
+    def __init__(self, tok):
+        enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+        self.enc = enc
+        self.filler = [enc(s) for s in FILLER]
+        self.bos = tok.bos_token_id
+        self.eos = tok.eos_token_id
+
+
+def _fill(ids: _Ids, rng: random.Random, n: int) -> list[list[int]]:
+    """Whole filler sentences of n tokens in all (the last one cut short)."""
+    out: list[list[int]] = []
+    left = n
+    while left > 0:
+        sentence = ids.filler[rng.randrange(len(ids.filler))][:left]
+        out.append(sentence)
+        left -= len(sentence)
+    return out
+
+
+def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
+                    depth: float | None = None) -> tuple[list[int], list[bool], str]:
+    """Tokens (seq_len + 1 of them) of a passkey / key-value prompt ending in its answers, which
+    tokens are answers (scored), and the answer text. `depth` (0..1) places the needles; None:
+    random. Key-value prompts ask back every pair (in another order): more answers per sample."""
+    if kind == "passkey":
+        answer = _number(rng, 5)
+        head = ids.enc(PASSKEY_INTRO)
+        needles = [ids.enc(f" The pass key is {answer}. Remember it.")]
+        queries = [(ids.enc(" Tell me the pass key. The pass key is"), ids.enc(f" {answer}"))]
+    else:
+        keys = rng.sample(KEYS, KV_PAIRS)
+        values = [_number(rng, 4) for _ in keys]
+        head = ids.enc(KV_INTRO)
+        needles = [ids.enc(f" {k} {v}.") for k, v in zip(keys, values)]
+        order = rng.sample(range(KV_PAIRS), KV_PAIRS)
+        queries = [(ids.enc(" Now recall." if i == 0 else ".") + ids.enc(f" {keys[j]}"),
+                    ids.enc(f" {values[j]}")) for i, j in enumerate(order)]
+        answer = " ".join(values[j] for j in order)
+    tail, scored = [], []
+    for prompt, ans in queries:
+        tail += prompt + ans
+        scored += [False] * len(prompt) + [True] * len(ans)
+    budget = seq_len + 1 - 1 - len(head) - len(tail) - sum(map(len, needles))
+    if budget < 0:
+        raise ValueError(f"seq_len {seq_len} is too short for a {kind} sample (needs "
+                         f">= {seq_len - budget} tokens); lengthen the stage")
+    sentences = _fill(ids, rng, budget)
+    # Needles sit between sentences at sorted random depths (or the one given, for evaluation).
+    cuts = sorted(rng.random() if depth is None else depth for _ in needles)
+    body, prev = [], 0
+    for cut, needle in zip(cuts, needles):
+        at = int(round(cut * len(sentences)))
+        body += [t for s in sentences[prev:at] for t in s] + needle
+        prev = at
+    body += [t for s in sentences[prev:] for t in s]
+    tokens = [ids.bos] + head + body + tail
+    return tokens, [False] * (len(tokens) - len(scored)) + scored, answer
+
+
+def build_eval_prompt(tok, seq_len: int, seed: int, kind: str = "passkey",
+                      depth: float | None = None) -> Sample:
+    """A held-out retrieval sample (same layout as training), for exact-match evaluation."""
+    rng = random.Random(sample_seed(seed, "eval", kind, seq_len, depth))
+    tokens, scored, answer = build_retrieval(_Ids(tok), rng, seq_len, kind, depth)
+    return _as_sample(f"eval:{seed}", kind, tokens, scored, answer)
+
+
+def _as_sample(sample_id: str, kind: str, tokens: list[int], scored: list[bool] | None,
+               answer: str = "") -> Sample:
+    inputs, targets = tokens[:-1], tokens[1:]
+    if scored is not None:  # score only the answers' tokens
+        targets = [t if s else IGNORE for t, s in zip(targets, scored[1:])]
+    return Sample(sample_id, kind, inputs, targets, answer)
+
+
+def synthetic_corpus(rng: random.Random, n: int) -> list[str]:
+    """Plain text in the style of the synthetic tasks, to train a tokenizer on."""
+    texts = []
+    for i in range(n):
+        filler = "".join(rng.choice(FILLER) for _ in range(12))
+        if i % 2:
+            texts.append(PASSKEY_INTRO + filler + f" The pass key is {_number(rng, 5)}. Remember it."
+                         + filler + " Tell me the pass key. The pass key is " + _number(rng, 5))
+        else:
+            k = rng.choice(KEYS)
+            pairs = "".join(f" {key} {_number(rng, 4)}." for key in rng.sample(KEYS, KV_PAIRS))
+            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {_number(rng, 4)}." + pairs)
+    return texts
+
+
+def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
+    """Texts of data.documents (files or globs, relative to the run file's directory)."""
+    base = spec_dir or Path.cwd()
+    texts = []
+    for pattern in run.data.documents:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        matches = sorted(glob.glob(full))
+        if not matches:
+            raise FileNotFoundError(f"data.documents: {pattern!r} matches no file (looked for "
+                                    f"{full}); fix the path or glob")
+        texts += [Path(m).read_text(encoding="utf-8", errors="replace") for m in matches]
+    return texts
+
+
+def plan_packing(rng: random.Random, n: int) -> list[int]:
+    """Lengths of the retrieval prompts packed into n tokens: a quarter of the time one prompt
+    filling them, else prompts of log-uniform random lengths (>= MIN_PROMPT): every stage then
+    also sees short distances, which is where a small model first learns to retrieve."""
+    if n < 2 * MIN_PROMPT or rng.random() < 0.25:
+        return [n]
+    lengths, left = [], n
+    while left:
+        length = min(left, int(MIN_PROMPT * (left / MIN_PROMPT) ** rng.random()))
+        if left - length < MIN_PROMPT:
+            length = left
+        lengths.append(length)
+        left -= length
+    return lengths
+
+
+class SampleStream:
+    """The samples of one stage, addressed by (step, micro-step, index in the global batch)."""
+
+    def __init__(self, run: RunSpec, stage_index: int, tok, documents: list[str] | None = None):
+        self.run, self.stage_index = run, stage_index
+        self.stage = run.stages[stage_index]
+        self.ids = _Ids(tok)
+        mix = run.data.mix
+        self.kinds = [k for k, w in (("documents", mix.documents), ("passkey", mix.passkey),
+                                     ("kv_retrieval", mix.kv_retrieval)) if w > 0]
+        self.weights = [getattr(mix, k) for k in self.kinds]
+        self.doc_tokens: list[int] = []
+        if mix.documents > 0:
+            for text in documents or []:
+                self.doc_tokens += self.ids.enc(text) + [self.ids.eos]
+            if len(self.doc_tokens) < 2:
+                raise ValueError("data.documents: the files hold no text; add text or set "
+                                 "mix.documents: 0")
+
+    def sample(self, step: int, micro: int, index: int) -> Sample:
+        sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{index}"
+        rng = random.Random(sample_seed(self.run.data.seed, self.stage.name, step, micro, index))
+        kind = rng.choices(self.kinds, weights=self.weights)[0]
+        n = self.stage.seq_len + 1
+        if kind == "documents":
+            start = rng.randrange(len(self.doc_tokens))
+            window = (self.doc_tokens * (n // len(self.doc_tokens) + 2))[start:start + n]
+            return _as_sample(sid, kind, window, None)
+        tokens, scored, answers = [], [], []
+        for length in plan_packing(rng, n):
+            t, sc, answer = build_retrieval(self.ids, rng, length - 1, kind)
+            tokens, scored, answers = tokens + t, scored + sc, answers + [answer]
+        return _as_sample(sid, kind, tokens, scored, " | ".join(answers))
+
+    def batch(self, step: int, micro: int, indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""
+        samples = [self.sample(step, micro, i) for i in indices]
+        inputs = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
+        labels = torch.tensor([s.labels for s in samples], dtype=torch.long)
+        return inputs, labels, [s.sample_id for s in samples]

@@ -1,0 +1,234 @@
+"""The per-worker training loop of one stage (what every Ray Train worker runs).
+
+Story of a worker: (1) find its place in the plan from its node and local device, build the
+ring and data-parallel groups; (2) find where the stage starts, from the ledger; (3) build the
+model with ring attention and wrap it in DDP; (4) build the optimizer and restore its state;
+(5) train: shard each sample zigzag over the ring, step, report on a cadence, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ray_jobs.checkpoint import TrainerState, final_checkpoint, load_optimizer, read_state, save_checkpoint
+from ray_jobs.data import SampleStream, read_documents
+from ray_jobs.ledger import Ledger, is_committed
+from ray_jobs.model import build_model, weights_checksum
+from ray_jobs.placement import NODE_LABEL, WorkerSlot, build_rings, stage_plan_for, write_stage_plan
+from ray_jobs.ring_attention import build_ring_groups, register_ring_attention, use_ring_group
+from ray_jobs.ring_attention import zigzag_position_ids, zigzag_shard
+from ray_jobs.spec import RunSpec
+from ray_jobs.tokenizer import build_tokenizer
+
+CRASH_MARKER = ".crash-injected-{stage}-{step}"
+
+
+def train_stage_worker(config: dict) -> None:
+    run = RunSpec.model_validate(config["run"])
+    index, run_dir = config["stage_index"], Path(config["run_dir"])
+    spec_dir = Path(config["spec_dir"]) if config.get("spec_dir") else None
+    stage = run.stages[index]
+    torch.set_num_threads(run.resources.cpus_per_worker)
+    _quiet_logs()
+    ledger = Ledger(run_dir, run.name)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if run.resources.device == "gpu" else torch.device("cpu")
+
+    # 1. Place: the plan maps (node, local device) -> (ring, position); Ray's world rank only
+    #    names the process to torch.distributed, it does not decide the ring order.
+    runtime = ray.get_runtime_context()
+    node = runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
+    slots = [None] * world
+    dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
+    stage_plan = stage_plan_for(run, index, slots, config.get("plan"))
+    ring_size, dp_size = stage_plan.ring_degree, stage_plan.dp_degree
+    groups = build_ring_groups(build_rings(slots, stage_plan))
+    if rank == 0:
+        write_stage_plan(run_dir, run.name, stage_plan, config.get("plan"))
+
+    # 2. Start: this stage's newest committed checkpoint (ledger first: Ray may not have
+    #    registered one reported just before a crash), else the previous stage's final one.
+    start = [plan_start(run, index, ledger, _from_ray_pointer(run_dir))] if rank == 0 else [None]
+    dist.broadcast_object_list(start)
+    resume, init_from = start[0]
+
+    # 3. Model: identical replicas; attention runs around the ring; DDP syncs gradients.
+    tok = build_tokenizer(run, run_dir, spec_dir)
+    attn = register_ring_attention() if ring_size > 1 else "sdpa"
+    model = build_model(run, index, Path(init_from) if init_from else None, seed=run.data.seed,
+                        attn_implementation=attn, spec_dir=spec_dir).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # 4. Optimizer and schedule (linear warm-up, then constant), restored when resuming.
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (stage.warmup_steps + 1)))
+    state = TrainerState(stage=stage.name, stage_index=index, step=0, rope_theta=run.stage_theta(index),
+                         seq_len=stage.seq_len, world_size=world, ring_degree=ring_size, dp_degree=dp_size)
+    state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
+    state.init_checksum = weights_checksum(model)
+    if resume:
+        load_optimizer(Path(init_from), opt, sched)
+        old = read_state(Path(init_from))
+        state.step, state.tokens, state.seconds, state.losses = old.step, old.tokens, old.seconds, old.losses
+        state.init_from, state.init_checksum = old.init_from, old.init_checksum
+
+    # 5. Train.
+    stream = SampleStream(run, index, tok, read_documents(run, spec_dir) if run.data.mix.documents else None)
+    per_ring = stage.batch_size // dp_size
+    my_samples = range(groups.dp_rank * per_ring, (groups.dp_rank + 1) * per_ring)
+    positions = zigzag_position_ids(stage.seq_len, groups.ring_rank, ring_size).to(device)
+    positions = positions.unsqueeze(0).expand(per_ring, -1)
+    every = run.failure.report_every
+    t_report, steps_since, pending = time.perf_counter(), 0, []
+    while state.step < stage.steps:
+        step = state.step
+        _maybe_crash(config.get("crash_at"), stage.name, step, rank, world, run_dir)
+        t0 = time.perf_counter()
+        loss_sum, ids = torch.zeros((), device=device), []
+        for micro in range(stage.grad_accum_steps):
+            inputs, labels, sample_ids = stream.batch(step, micro, my_samples)
+            ids += sample_ids
+            x = zigzag_shard(inputs, 1, groups.ring_rank, ring_size).to(device)  # (B, S / ring)
+            y = zigzag_shard(labels, 1, groups.ring_rank, ring_size).to(device)
+            with use_ring_group(groups.ring if ring_size > 1 else None):
+                logits = ddp(input_ids=x, position_ids=positions).logits  # (B, S / ring, V)
+                loss = _ring_mean_loss(logits, y, groups)
+                # DDP averages over ring x dp ranks; the ring's ranks hold shares that must add.
+                (loss * ring_size / stage.grad_accum_steps).backward()
+            loss_sum += loss.detach() / stage.grad_accum_steps
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)  # every rank of a ring holds its ring's loss: mean over dp
+        loss_value = loss_sum.item() / world
+        state.step, state.tokens = step + 1, state.tokens + stage.tokens_per_step
+        state.seconds += time.perf_counter() - t0
+        state.losses.append(loss_value)
+        steps_since += 1
+        pending.append({"step": state.step, "loss": loss_value, "time": time.time(), "pid": os.getpid(),
+                        "samples": ids})
+
+        final = state.step == stage.steps
+        checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
+        if checkpoint_now or state.step % every == 0:
+            _write_metrics(run_dir / "metrics" / f"{stage.name}.jsonl", pending, rank, world)
+            pending = []
+            elapsed = time.perf_counter() - t_report
+            metrics = {"stage": stage.name, "step": state.step, "steps": stage.steps, "loss": loss_value,
+                       "tokens": state.tokens, "tokens_per_s": steps_since * stage.tokens_per_step / elapsed,
+                       "eta_s": (stage.steps - state.step) * elapsed / steps_since}
+            t_report, steps_since = time.perf_counter(), 0
+            checkpoint = None
+            if checkpoint_now:
+                metrics["checkpoint"] = True
+                if rank == 0:
+                    path = save_checkpoint(ledger, model, tok, opt, sched, state,
+                                           keep_last=run.storage.keep_last, final=final)
+                    checkpoint = _ray_pointer(path, ledger.run_dir, state.step)
+                dist.barrier()  # nobody runs ahead of a checkpoint still being written
+            if rank == 0:
+                _append(run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()})
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if checkpoint is not None:  # Ray has copied the pointer into its storage
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def _quiet_logs() -> None:
+    """The driver prints one progress line per report; keep per-report and per-file chatter out."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _ring_mean_loss(logits: torch.Tensor, labels: torch.Tensor, groups) -> torch.Tensor:
+    """Mean cross-entropy over the ring's whole sequences; its gradient is this rank's share."""
+    local = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                              ignore_index=-100, reduction="sum")
+    count = (labels != -100).sum().to(local.dtype)
+    if groups.ring_size > 1:
+        count = count.clone()
+        dist.all_reduce(count, group=groups.ring.group)
+        total = local.detach().clone()
+        dist.all_reduce(total, group=groups.ring.group)
+        count = count.clamp_min(1.0)
+        return local / count + (total / count - local.detach() / count)
+    return local / count.clamp_min(1.0)
+
+
+def plan_start(run: RunSpec, index: int, ledger: Ledger, pointer: Path | None = None) -> tuple[bool, str | None]:
+    """(resume this stage?, checkpoint to load) from the ledger, or Ray's checkpoint if newer."""
+    stage = run.stages[index]
+    latest = ledger.latest_committed(stage.name)
+    if pointer is not None and pointer.parent.name == stage.name and (
+            latest is None or pointer.name > latest.name):
+        latest = pointer
+    if latest is not None:
+        return True, str(latest)
+    if index == 0:
+        return False, None
+    prev = run.stages[index - 1].name
+    final = final_checkpoint(ledger, prev)
+    if final is None:
+        raise RuntimeError(f"stage {stage.name} starts from stage {prev}'s final checkpoint, but the "
+                           f"ledger {ledger.path} has none; train stage {prev} first")
+    return False, str(final)
+
+
+def _ray_pointer(path: Path, run_dir: Path, step: int):
+    """A tiny Ray checkpoint naming the committed one (Ray then copies a few bytes, not weights)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ringpilot-ckpt-"))
+    (tmp / "pointer.json").write_text(json.dumps({"path": os.path.relpath(path, run_dir), "step": step}))
+    return ray.train.Checkpoint.from_directory(str(tmp))
+
+
+def _from_ray_pointer(run_dir: Path) -> Path | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        rel = json.loads((Path(d) / "pointer.json").read_text())["path"]
+    path = run_dir / rel
+    return path if is_committed(path) else None
+
+
+def _write_metrics(path: Path, records: list[dict], rank: int, world: int) -> None:
+    """Per-step loss and the sample ids every rank actually trained on, gathered per report
+    (not per step: a collective per step would cost more than a tiny model's step)."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, [r["samples"] for r in records])
+    if rank == 0:
+        for i, rec in enumerate(records):
+            _append(path, {**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i]})})
+
+
+def _append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _maybe_crash(crash_at: str | None, stage: str, step: int, rank: int, world: int, run_dir: Path) -> None:
+    """Test hook (env RINGPILOT_CRASH_AT=STAGE:STEP): the last worker dies once at that step."""
+    if not crash_at or rank != world - 1 or crash_at != f"{stage}:{step}":
+        return
+    marker = run_dir / CRASH_MARKER.format(stage=stage, step=step)
+    if marker.exists():
+        return
+    marker.touch()
+    print(f"[test] worker {rank} exits at {stage} step {step} (RINGPILOT_CRASH_AT)", flush=True)
+    os._exit(1)

@@ -1,0 +1,95 @@
+"""Progress on the driver's output: per-stage lines while training, a summary table at the end.
+
+Rank 0 appends a JSON line to ``<run dir>/progress/<stage>.jsonl`` at every report; a driver
+thread tails those files, so `ray job logs -f` shows one clean line per report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ray_jobs.checkpoint import read_state
+from ray_jobs.ledger import Ledger
+
+
+def _eta(seconds: float) -> str:
+    return str(dt.timedelta(seconds=int(max(seconds, 0))))
+
+
+def render_progress_line(rec: dict) -> str:
+    ckpt = "  checkpoint" if rec.get("checkpoint") else ""
+    return (f"[{rec['stage']}] step {rec['step']:>5}/{rec['steps']}  loss {rec['loss']:.4f}  "
+            f"{rec['tokens_per_s']:>9,.0f} tok/s  ETA {_eta(rec['eta_s'])}{ckpt}")
+
+
+class ProgressPrinter:
+    """Tails the progress files of a run directory in a thread and prints new records."""
+
+    def __init__(self, run_dir: Path, console: Console | None = None, interval: float = 0.5):
+        self.dir = Path(run_dir) / "progress"
+        self.console = console or Console(highlight=False)
+        self.interval = interval
+        self._offsets: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ringpilot-progress", daemon=True)
+
+    def start(self) -> ProgressPrinter:
+        # Lines from earlier drivers were printed by them; start at the end of each file.
+        for f in self.dir.glob("*.jsonl"):
+            self._offsets[f] = f.stat().st_size
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        for f in sorted(self.dir.glob("*.jsonl")):
+            with open(f, encoding="utf-8") as fh:
+                fh.seek(self._offsets.get(f, 0))
+                data = fh.read()
+            complete = data[: data.rfind("\n") + 1]
+            self._offsets[f] = self._offsets.get(f, 0) + len(complete.encode())
+            for line in complete.splitlines():
+                if line.strip():
+                    self.console.print(render_progress_line(json.loads(line)), markup=False)
+
+
+def render_summary(run, run_dir: Path, wall: dict[str, float], console: Console | None = None) -> Table:
+    """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints."""
+    ledger = Ledger(run_dir, run.name)
+    doc = ledger.read()
+    table = Table(title=f"run {run.name}  ({run_dir})")
+    for col in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
+                "this driver", "final loss", "checkpoints", "eval"):
+        table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval") else "right")
+    for i, stage in enumerate(run.stages):
+        entry = doc.stages.get(stage.name)
+        latest = ledger.latest_committed(stage.name)
+        st = read_state(latest) if latest else None
+        ckpts = ", ".join(Path(c.path).name for c in entry.checkpoints) if entry else ""
+        evals = ""
+        if entry and entry.eval:
+            last = entry.eval[sorted(entry.eval)[-1]]
+            evals = " ".join(f"{k}={v:.2f}" for k, v in last.scores.items()) or last.status
+        table.add_row(
+            stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
+            f"{run.stage_theta(i):,.0f}", f"{st.step if st else 0}/{stage.steps}",
+            f"{st.tokens if st else 0:,}", _eta(st.seconds) if st else "-",
+            _eta(wall[stage.name]) if stage.name in wall else "-",
+            f"{st.losses[-1]:.4f}" if st and st.losses else "-", ckpts or "-", evals or "-",
+        )
+    (console or Console(width=160)).print(table)
+    return table

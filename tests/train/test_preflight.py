@@ -1,0 +1,70 @@
+"""Bad RunSpecs fail with a clear message before any worker (or Ray) starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_jobs.train import main
+from tests.train.conftest import mini_spec, write_spec
+
+
+def _run(tmp_path, capsys, **overrides) -> str:
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs", **overrides))
+    assert main(["--run", str(spec)]) == 2
+    assert not (tmp_path / "runs" / "mini" / "ray").exists()  # no trainer was ever started
+    return capsys.readouterr().err
+
+
+def test_ring_times_dp_must_match_workers(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"stages.0.ring_degree": 1})
+    assert "stages[0] (s64): ring_degree x data_parallel_degree = 1 x 1 = 1" in err
+    assert "resources.workers is 2" in err
+
+
+def test_degrees_beyond_workers_are_a_spec_error(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"stages.0.data_parallel_degree": 2})
+    assert "stages[0] (s64): ring_degree x data_parallel_degree = 2 x 2 = 4 workers" in err
+
+
+def test_seq_len_not_divisible_by_two_rings(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"stages.0.seq_len": 66})
+    assert "seq_len (66) must be divisible by 2 x ring_degree (4)" in err
+
+
+def test_seq_len_not_divisible_with_auto_ring(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"stages.0.seq_len": 66, "stages.0.ring_degree": "auto",
+                                    "resources.workers": 4, "stages.1.data_parallel_degree": 2,
+                                    "stages.1.batch_size": 2})
+    assert "seq_len 66 is not divisible by 2 x ring_degree = 8" in err
+
+
+def test_missing_tokenizer_path(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"data.tokenizer": {"path": "nowhere/tok", "vocab_size": 512}})
+    assert "data.tokenizer.path: no tokenizer.json at" in err
+    assert "nowhere/tok" in err
+
+
+def test_unwritable_storage(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(blocker / "runs"))
+    assert main(["--run", str(spec)]) == 2
+    assert "storage.path: cannot write the run directory" in capsys.readouterr().err
+
+
+def test_stage_flag_needs_previous_stage_done(tmp_path, capsys):
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs"))
+    assert main(["--run", str(spec), "--stage", "s128"]) == 2
+    assert "--stage s128: the previous stage 's64' is not started in the ledger" in capsys.readouterr().err
+
+
+def test_unknown_stage_name(tmp_path, capsys):
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs"))
+    assert main(["--run", str(spec), "--stage", "s9"]) == 2
+    assert "--stage: no stage 's9' in the run (stages: s64, s128)" in capsys.readouterr().err
+
+
+def test_bad_field_is_reported_by_path(tmp_path, capsys):
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs", **{"failure.report_every": 0}))
+    assert main(["--run", str(spec)]) == 2
+    assert "failure.report_every" in capsys.readouterr().err

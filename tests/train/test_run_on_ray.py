@@ -1,0 +1,123 @@
+"""Staged training on a local Ray cluster with real Ray Train workers and ring attention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_jobs.checkpoint import read_state
+from ray_jobs.ledger import COMMITTED, Ledger
+from ray_jobs.train import main
+from tests.train.conftest import mini_spec, write_spec
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(tmp: Path, **overrides) -> Path:
+    spec = write_spec(tmp / "run.yaml", mini_spec(tmp / "runs", **overrides))
+    assert main(["--run", str(spec)]) == 0
+    return tmp / "runs" / "mini"
+
+
+def _trajectory(run_dir: Path, stage: str) -> dict[int, tuple[float, list[str]]]:
+    """step -> (loss, sample ids); a step run twice (after a restart) keeps its last record."""
+    out = {}
+    for line in (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = (rec["loss"], rec["samples"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("baseline"), **{"storage.checkpoint_every": 2})
+
+
+def test_stages_carry_weights_and_raise_theta(baseline):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ray_jobs.model import weights_checksum
+    from ray_jobs.spec import RunSpec
+    from ray_jobs.specfile import load_model
+
+    run = load_model(baseline.parent.parent / "run.yaml", RunSpec)
+    ledger = Ledger(baseline)
+    doc = ledger.read()
+    assert [doc.stages[s].state for s in ("s64", "s128")] == ["done", "done"]
+    first, second = ledger.latest_committed("s64"), ledger.latest_committed("s128")
+    assert (first.name, second.name) == ("step-000006", "step-000004")
+    # keep_last 2: the stage's oldest checkpoint was forgotten in the ledger, then deleted
+    assert [c.step for c in doc.stages["s64"].checkpoints] == [4, 6]
+    assert not (baseline / "checkpoints" / "s64" / "step-000002").exists()
+    m1, m2 = LlamaForCausalLM.from_pretrained(first), LlamaForCausalLM.from_pretrained(second)
+    assert m1.config.rope_parameters["rope_theta"] == pytest.approx(run.stage_theta(0))
+    assert m2.config.rope_parameters["rope_theta"] == pytest.approx(run.stage_theta(1))
+    assert run.stage_theta(1) > run.stage_theta(0)
+    s2 = read_state(second)
+    assert (s2.seq_len, s2.init_from) == (128, "checkpoints/s64/step-000006")
+    assert s2.init_checksum == pytest.approx(weights_checksum(m1), rel=1e-12)
+    assert weights_checksum(m2) != pytest.approx(weights_checksum(m1), rel=1e-9)  # it trained on
+    tok = PreTrainedTokenizerFast.from_pretrained(second)
+    assert tok.decode(tok.encode("The pass key is 42")) == "The pass key is 42"
+    plan = json.loads((baseline / "plan.json").read_text())
+    assert [len(s["rings"][0]) for s in plan["stages"]] == [2, 2]
+
+
+def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path, monkeypatch):
+    monkeypatch.setenv("RINGPILOT_CRASH_AT", "s64:3")
+    run_dir = _train(tmp_path, **{"storage.checkpoint_every": 2})
+    assert (run_dir / ".crash-injected-s64-3").exists()  # the worker really died once
+    for stage in ("s64", "s128"):
+        got, want = _trajectory(run_dir, stage), _trajectory(baseline, stage)
+        assert sorted(got) == sorted(want)
+        for step in want:
+            assert got[step][1] == want[step][1], f"{stage} step {step}: other samples"
+            assert got[step][0] == pytest.approx(want[step][0], rel=1e-5), f"{stage} step {step}"
+    losses = read_state(Ledger(run_dir).latest_committed("s64")).losses
+    assert losses == pytest.approx(read_state(Ledger(baseline).latest_committed("s64")).losses, rel=1e-5)
+
+
+def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tmp_path):
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(
+        tmp_path / "runs", **{"stages.1.steps": 40, "storage.checkpoint_every": 3}))
+    run_dir = tmp_path / "runs" / "mini"
+    ledger = Ledger(run_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-m", "ray_jobs.train", "--run", str(spec),
+                               "--address", ray_cluster], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while ledger.latest_committed("s128") is None:
+            assert driver.poll() is None and time.time() < deadline, "driver ended early"
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    resumed_from = ledger.latest_committed("s128")
+    step = int(resumed_from.name.split("-")[1])
+    assert 0 < step < 40
+    # a newer checkpoint left half-written (no COMMITTED marker) must be ignored
+    torn = run_dir / "checkpoints" / "s128" / f"step-{step + 1:06d}"
+    torn.mkdir(parents=True, exist_ok=True)
+    (torn / "config.json").write_text("{")
+    assert not (torn / COMMITTED).exists()
+    before = len((run_dir / "metrics" / "s128.jsonl").read_text().splitlines())
+
+    assert main(["--run", str(spec), "--address", ray_cluster]) == 0
+
+    doc = ledger.read()
+    assert (doc.stages["s64"].attempts, doc.stages["s128"].attempts) == (1, 2)
+    assert doc.stages["s128"].state == "done"
+    records = [json.loads(x) for x in (run_dir / "metrics" / "s128.jsonl").read_text().splitlines()]
+    assert records[before]["step"] == step + 1  # first step after the rerun follows the checkpoint
+    assert read_state(ledger.latest_committed("s128")).step == 40
+    assert len(read_state(ledger.latest_committed("s128")).losses) == 40

@@ -1,0 +1,115 @@
+"""Pieces of the trainer that need no Ray: data order, tokenizer, RoPE, ledger, resume point."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_jobs.data import IGNORE, SampleStream, build_eval_prompt
+from ray_jobs.ledger import COMMITTED, Ledger, mark_committed
+from ray_jobs.loop import plan_start
+from ray_jobs.model import apply_rope_theta, build_model
+from ray_jobs.spec import RunSpec
+from ray_jobs.tokenizer import build_tokenizer
+from tests.train.conftest import mini_spec
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunSpec:
+    return RunSpec.model_validate(mini_spec(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def tok(run, tmp_path_factory):
+    return build_tokenizer(run, tmp_path_factory.mktemp("run"))
+
+
+def test_samples_are_a_pure_function_of_seed_stage_step(run, tok):
+    a, b = SampleStream(run, 0, tok), SampleStream(run, 0, tok)
+    assert a.sample(3, 0, 1) == b.sample(3, 0, 1)
+    assert a.sample(3, 0, 1).input_ids != a.sample(4, 0, 1).input_ids
+    assert a.sample(3, 0, 1).input_ids != SampleStream(run, 1, tok).sample(3, 0, 1).input_ids
+    x, y, ids = a.batch(2, 0, range(2))
+    assert x.shape == y.shape == (2, run.stages[0].seq_len)
+    assert ids == ["0:s64:2:0:0", "0:s64:2:0:1"]
+    assert {a.sample(s, 0, 0).kind for s in range(20)} == {"passkey", "kv_retrieval"}
+
+
+def test_only_answer_digits_are_scored_and_digits_are_single_tokens(run, tok):
+    s = build_eval_prompt(tok, 128, seed=7, kind="passkey", depth=0.5)
+    scored = [t for t in s.labels if t != IGNORE]
+    assert tok.decode(scored).split() == s.answer.split() and len(scored) == 5
+    assert s.labels[-5:] == scored  # the answer closes the sequence
+    text = tok.decode(s.input_ids)
+    assert f"The pass key is {s.answer}." in text
+
+
+def test_locally_trained_tokenizer_is_reused(run, tmp_path):
+    first = build_tokenizer(run, tmp_path)
+    saved = (tmp_path / "tokenizer" / "tokenizer.json").read_text()
+    again = build_tokenizer(run, tmp_path)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == saved
+    assert first.encode("The pass key is 4 2") == again.encode("The pass key is 4 2")
+
+
+def test_rope_theta_rebuilds_inverse_frequencies(run):
+    model = build_model(run, 0, None, seed=0, attn_implementation="sdpa")
+    before = model.model.rotary_emb.inv_freq.clone()
+    apply_rope_theta(model, run.stage_theta(1), 128)
+    after = model.model.rotary_emb.inv_freq
+    assert model.config.rope_parameters["rope_theta"] == pytest.approx(run.stage_theta(1))
+    head_dim = run.model.head_dim
+    want = 1.0 / run.stage_theta(1) ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    assert torch.allclose(after, want) and not torch.allclose(after, before)
+
+
+def _writer(run_dir: str, worker: int, n: int) -> None:
+    ledger = Ledger(run_dir, "mini")
+    for i in range(n):
+        step = worker * 100 + i
+        path = Path(run_dir) / "checkpoints" / "s64" / f"step-{step:06d}"
+        path.mkdir(parents=True)
+        mark_committed(path)
+        ledger.commit_checkpoint("s64", step, path)
+
+
+def test_ledger_updates_from_concurrent_processes_are_all_kept(tmp_path):
+    procs = [mp.get_context("fork").Process(target=_writer, args=(str(tmp_path), w, 8)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    doc = json.loads((tmp_path / "ledger.json").read_text())
+    steps = [c["step"] for c in doc["stages"]["s64"]["checkpoints"]]
+    assert steps == sorted(w * 100 + i for w in range(3) for i in range(8))
+
+
+def test_resume_point_skips_half_written_checkpoints(run, tmp_path):
+    ledger = Ledger(tmp_path, run.name)
+    assert plan_start(run, 0, ledger) == (False, None)
+    with pytest.raises(RuntimeError, match="starts from stage s64's final checkpoint, but the ledger"):
+        plan_start(run, 1, ledger)
+    good = tmp_path / "checkpoints" / "s64" / "step-000002"
+    good.mkdir(parents=True)
+    mark_committed(good)
+    ledger.commit_checkpoint("s64", 2, good)
+    torn = tmp_path / "checkpoints" / "s64" / "step-000004"  # written, then the marker removed
+    torn.mkdir(parents=True)
+    mark_committed(torn)
+    ledger.commit_checkpoint("s64", 4, torn)
+    (torn / COMMITTED).unlink()
+    (tmp_path / "checkpoints" / "s64" / "step-000005").mkdir()  # never committed at all
+    assert plan_start(run, 0, ledger) == (True, str(good))
+    ledger.commit_checkpoint("s64", 6, _committed(tmp_path / "checkpoints" / "s64" / "step-000006"), final=True)
+    assert plan_start(run, 1, ledger) == (False, str(tmp_path / "checkpoints" / "s64" / "step-000006"))
+
+
+def _committed(path: Path) -> Path:
+    path.mkdir(parents=True)
+    mark_committed(path)
+    return path
