@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test samples clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Regenerate manifests/samples/ from configs/ (tests fail when they drift apart).
+samples: setup
+	$(VENV)/bin/ringpilot manifests render --run configs/tiny.yaml > manifests/samples/staged-training.tiny.yaml
+	$(VENV)/bin/ringpilot manifests render --run configs/llama3-8b-1m.yaml --ray-cluster l40s \
+		--node-selector nvidia.com/gpu.product=NVIDIA-L40S > manifests/samples/staged-training.llama3-8b-1m.yaml
+	$(VENV)/bin/ringpilot manifests raycluster --run configs/llama3-8b-1m.yaml --name l40s \
+		--storage-claim ringpilot-runs --node-selector nvidia.com/gpu.product=NVIDIA-L40S \
+		> manifests/samples/ray-cluster.l40s.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

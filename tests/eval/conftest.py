@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from ray_jobs.eval import fixtures
 from ray_jobs.eval.model import build_token_counter
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -29,16 +24,8 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster on loopback for every Ray test of the session."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def ray_cluster(local_ray):
+    """The session's local Ray cluster (tests/conftest.py), as the `ray` module."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                           "RAY_USAGE_STATS_ENABLED": "0"}})
-    yield ray
-    ray.shutdown()
+    return ray

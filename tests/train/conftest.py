@@ -50,11 +50,6 @@ def write_spec(path: Path, spec: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray head on loopback with spare CPUs (2 workers + eval/driver actors)."""
-    import ray
-
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_cluster(local_ray):
+    """The session's local Ray cluster (tests/conftest.py), by its GCS address."""
+    return local_ray

@@ -1,0 +1,29 @@
+"""Fixtures shared across test areas: one local Ray cluster on 127.0.0.1 per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """Start Ray once for every area that needs it (two `ray.init`s in one process fail).
+
+    Four logical CPUs: two training workers plus evaluation actors and drivers beside them.
+    Returns the GCS address, for drivers started in subprocesses.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                       "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
