@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
               f"dashboard uses {port}", flush=True)
         args.dashboard_port = port
     url = f"http://{LOOPBACK}:{args.dashboard_port}"
+    # Ray's fixed default ports (agent 52365, ...) collide with any other Ray on the machine, and
+    # a head whose agent cannot bind accepts no jobs: give every listener a free port.
+    agent_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={_free_port()}",
          "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={args.dashboard_port}",
-         f"--num-cpus={args.num_cpus}", "--disable-usage-stats"],
+         *agent_ports, f"--num-cpus={args.num_cpus}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.perf_counter()
     try:
