@@ -33,13 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,43 +44,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
 from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
 from ray_jobs.ring_attention.kernels import CpuFlashKernel  # noqa: E402
+from ray_jobs.ring_attention.worlds import run_world  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 PEER_DIR = Path(tempfile.gettempdir()) / "ringpilot-bench" / "ring_attention_pytorch"
 PEER_PACKAGES = ["ring-attention-pytorch==0.5.20", "einops", "beartype", "jaxtyping"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
-        queue.put((rank, fn(rank, world, *args)))
-    except BaseException:
-        queue.put((rank, {"error": traceback.format_exc()}))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_ranks(world, fn, *args):
     """Run fn(rank, world, *args) in `world` spawned one-thread gloo processes; per-rank results."""
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args, queue), nprocs=world, start_method="spawn")
-    results = dict(queue.get() for _ in range(world))
-    return [results[r] for r in range(world)]
+    return run_world(world, fn, *args, timeout_s=600)
 
 
 def _rss():

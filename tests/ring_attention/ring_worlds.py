@@ -1,17 +1,12 @@
-"""Spawn a gloo world on loopback and run a test body on every rank; bodies for the ring tests."""
+"""Per-rank bodies of the ring tests, run in gloo worlds by ray_jobs.ring_attention.worlds."""
 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import traceback
-from datetime import timedelta
 from itertools import product
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
@@ -26,49 +21,6 @@ from ray_jobs.ring_attention import (
     zigzag_shard,
     zigzag_unshard,
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, body, args, results):
-    # Loopback only, for the store and for gloo's own connections.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
-        results.put((rank, "ok", body(rank, world, *args)))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_world(world: int, body, *args) -> list:
-    """Run body(rank, world, *args) on `world` spawned gloo ranks; return per-rank results.
-
-    A failing rank's traceback (assertion or error) is raised in the parent as AssertionError.
-    """
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    error = None
-    try:
-        mp.start_processes(_entry, args=(world, _free_port(), body, args, results), nprocs=world, start_method="spawn")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        error = err
-    collected = {}
-    while not results.empty():
-        rank, status, value = results.get()
-        collected[rank] = (status, value)
-    failures = [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
-    if failures or error is not None:
-        raise AssertionError("\n".join(failures) or str(error))
-    return [collected[r][1] for r in range(world)]
 
 
 # Tolerances against single-process SDPA in the same dtype (values O(1), random normal inputs).

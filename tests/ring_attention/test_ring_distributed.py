@@ -8,8 +8,9 @@ from ring_worlds import (
     attention_world,
     plan_groups_world,
     ring_and_llama_world,
-    run_world,
 )
+
+from ray_jobs.ring_attention.worlds import run_world
 
 pytestmark = pytest.mark.multiprocess
 

@@ -1,0 +1,62 @@
+"""Spawn a gloo world on loopback and run a function on every rank (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class WorldError(RuntimeError):
+    """A rank of a spawned world failed; the message holds every failing rank's traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, timeout_s, body, args, results):
+    # Loopback only, for the store and for gloo's own connections; one thread per rank, as a
+    # GPU rank has one device.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        results.put((rank, "ok", body(rank, world, *args)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(world: int, body, *args, timeout_s: float = 90) -> list:
+    """Run body(rank, world, *args) on `world` spawned gloo ranks; return per-rank results.
+
+    `body` must be importable by the spawned processes (a module-level function). A failing
+    rank raises WorldError in the caller with that rank's traceback.
+    """
+    results = mp.get_context("spawn").SimpleQueue()
+    error = None
+    try:
+        mp.start_processes(_entry, args=(world, _free_port(), timeout_s, body, args, results),
+                           nprocs=world, start_method="spawn")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        error = err
+    collected = {}
+    while not results.empty():
+        rank, status, value = results.get()
+        collected[rank] = (status, value)
+    failures = [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
+    if failures or error is not None:
+        raise WorldError("\n".join(failures) or str(error))
+    return [collected[r][1] for r in range(world)]
