@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,10 +134,17 @@ def _qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):
 
 
 def test_ring_attention_needs_torch_distributed():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with pytest.raises(ValueError, match=r"init_process_group"):
-        ring_attention(*_qkv(), group=None)
+    # In a fresh interpreter: this one may already hold a process group from another test.
+    code = (
+        "import pytest, torch\n"
+        "from ray_jobs.ring_attention import ring_attention\n"
+        "q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)\n"
+        "with pytest.raises(ValueError, match=r'init_process_group'):\n"
+        "    ring_attention(q, k, k.clone(), group=None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_bad_inputs_raise_clear_errors(world_of_one):
