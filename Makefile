@@ -37,8 +37,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# Regenerate manifests/samples/ from configs/ (tests fail when they drift apart).
+# Regenerate the CRD from the pydantic models and manifests/samples/ from configs/ (tests fail
+# when they drift apart).
 samples: setup
+	$(VENV)/bin/ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml
 	$(VENV)/bin/ringpilot manifests render --run configs/tiny.yaml > manifests/samples/staged-training.tiny.yaml
 	$(VENV)/bin/ringpilot manifests render --run configs/llama3-8b-1m.yaml --ray-cluster l40s \
 		--node-selector nvidia.com/gpu.product=NVIDIA-L40S > manifests/samples/staged-training.llama3-8b-1m.yaml

@@ -9,6 +9,7 @@ model with ring attention and wrap it in DDP; (4) build the optimizer and restor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -70,9 +71,9 @@ def train_stage_worker(config: dict) -> None:
                         attn_implementation=attn, spec_dir=spec_dir).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # 4. Optimizer and schedule (linear warm-up, then constant), restored when resuming.
+    # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (stage.warmup_steps + 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0, rope_theta=run.stage_theta(index),
                          seq_len=stage.seq_len, world_size=world, ring_degree=ring_size, dp_degree=dp_size)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
@@ -140,9 +141,25 @@ def train_stage_worker(config: dict) -> None:
                 dist.barrier()  # nobody runs ahead of a checkpoint still being written
             if rank == 0:
                 _append(run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()})
-            ray.train.report(metrics, checkpoint=checkpoint)
+            # Ray Train hears only of checkpoints: each report waits for its controller's next
+            # poll of the workers (~2 s here), so progress goes to the files the driver tails.
+            if checkpoint_now:
+                ray.train.report(metrics, checkpoint=checkpoint)
             if checkpoint is not None:  # Ray has copied the pointer into its storage
                 shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+LR_FLOOR = 0.1  # the cosine decay ends at this fraction of the peak learning rate
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Learning rate over its peak after `step` optimizer steps: linear warm-up over `warmup`
+    steps, then cosine decay to LR_FLOOR at the stage's last step (a pure function of the step,
+    so a resumed stage follows the same curve)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _quiet_logs() -> None:

@@ -108,8 +108,9 @@ class StageSpec(_Spec):
         "multiple of data_parallel_degree.",
     )
     grad_accum_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    lr: float = Field(gt=0, lt=1, description="Peak learning rate (AdamW).")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps; then constant.")
+    lr: float = Field(gt=0, lt=1, description="Peak learning rate (AdamW); after the warm-up it "
+                      "decays along a cosine to a tenth of the peak at the stage's last step.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     ring_degree: Degree = Field(
         "auto", description="GPUs (workers) per ring: the sequence is split over them. 'auto': "
         "the planner picks the smallest ring that fits memory.",
@@ -209,7 +210,7 @@ class DataSpec(_Spec):
 
 
 EvalTask = Literal[
-    "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
+    "passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
 ]
 
 
@@ -256,8 +257,9 @@ class FailureSpec(_Spec):
     stage_retries: int = Field(2, ge=0, description="Resubmissions of a failed stage by the "
                                "Kubernetes operator.")
     report_every: int = Field(
-        10, gt=0, description="Optimizer steps between progress reports to Ray Train; reporting "
-        "every step costs ~2 s here.",
+        10, gt=0, description="Optimizer steps between progress records (loss, tokens/s, ETA) "
+        "that the driver prints. Only checkpoints are reported to Ray Train: each report waits "
+        "for its controller's poll of the workers (~2 s).",
     )
 
 
