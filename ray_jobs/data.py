@@ -33,10 +33,14 @@ KEYS = [
     "silver", "window", "forest", "orange", "violet", "harbor", "lemon", "castle", "falcon",
     "meadow", "pepper", "comet", "willow", "anchor",
 ]
+# The passkey texts, shared with the evaluation's `passkey` task (ray_jobs/eval/tasks.py) so that
+# it asks in the training format, token for token. Every piece starts with a space: encoding the
+# pieces one by one gives the same tokens as encoding the whole prompt.
 PASSKEY_INTRO = " Important info hides inside a lot of text. Find it and remember it."
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it."
+PASSKEY_QUESTION = " Tell me the pass key. The pass key is"
 KV_INTRO = " Remember the number after each word."
 KV_PAIRS = 2
-MIN_PROMPT = 64  # tokens: the shortest retrieval prompt packed into a sequence
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def sample_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def _number(rng: random.Random, digits: int) -> str:
+def spaced_digits(rng: random.Random, digits: int = 5) -> str:
     # Spaced digits: every digit is the same kind of token (" 4"), first or not.
     return " ".join(rng.choice("0123456789") for _ in range(digits))
 
@@ -89,13 +93,13 @@ def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
     tokens are answers (scored), and the answer text. `depth` (0..1) places the needles; None:
     random. Key-value prompts ask back every pair (in another order): more answers per sample."""
     if kind == "passkey":
-        answer = _number(rng, 5)
+        answer = spaced_digits(rng)
         head = ids.enc(PASSKEY_INTRO)
-        needles = [ids.enc(f" The pass key is {answer}. Remember it.")]
-        queries = [(ids.enc(" Tell me the pass key. The pass key is"), ids.enc(f" {answer}"))]
+        needles = [ids.enc(PASSKEY_NEEDLE.format(key=answer))]
+        queries = [(ids.enc(PASSKEY_QUESTION), ids.enc(f" {answer}"))]
     else:
         keys = rng.sample(KEYS, KV_PAIRS)
-        values = [_number(rng, 4) for _ in keys]
+        values = [spaced_digits(rng, 4) for _ in keys]
         head = ids.enc(KV_INTRO)
         needles = [ids.enc(f" {k} {v}.") for k, v in zip(keys, values)]
         order = rng.sample(range(KV_PAIRS), KV_PAIRS)
@@ -145,12 +149,13 @@ def synthetic_corpus(rng: random.Random, n: int) -> list[str]:
     for i in range(n):
         filler = "".join(rng.choice(FILLER) for _ in range(12))
         if i % 2:
-            texts.append(PASSKEY_INTRO + filler + f" The pass key is {_number(rng, 5)}. Remember it."
-                         + filler + " Tell me the pass key. The pass key is " + _number(rng, 5))
+            key = spaced_digits(rng)
+            texts.append(PASSKEY_INTRO + filler + PASSKEY_NEEDLE.format(key=key) + filler
+                         + PASSKEY_QUESTION + f" {key}")
         else:
             k = rng.choice(KEYS)
-            pairs = "".join(f" {key} {_number(rng, 4)}." for key in rng.sample(KEYS, KV_PAIRS))
-            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {_number(rng, 4)}." + pairs)
+            pairs = "".join(f" {key} {spaced_digits(rng, 4)}." for key in rng.sample(KEYS, KV_PAIRS))
+            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {spaced_digits(rng, 4)}." + pairs)
     return texts
 
 
@@ -166,22 +171,6 @@ def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
                                     f"{full}); fix the path or glob")
         texts += [Path(m).read_text(encoding="utf-8", errors="replace") for m in matches]
     return texts
-
-
-def plan_packing(rng: random.Random, n: int) -> list[int]:
-    """Lengths of the retrieval prompts packed into n tokens: a quarter of the time one prompt
-    filling them, else prompts of log-uniform random lengths (>= MIN_PROMPT): every stage then
-    also sees short distances, which is where a small model first learns to retrieve."""
-    if n < 2 * MIN_PROMPT or rng.random() < 0.25:
-        return [n]
-    lengths, left = [], n
-    while left:
-        length = min(left, int(MIN_PROMPT * (left / MIN_PROMPT) ** rng.random()))
-        if left - length < MIN_PROMPT:
-            length = left
-        lengths.append(length)
-        left -= length
-    return lengths
 
 
 class SampleStream:
@@ -212,11 +201,10 @@ class SampleStream:
             start = rng.randrange(len(self.doc_tokens))
             window = (self.doc_tokens * (n // len(self.doc_tokens) + 2))[start:start + n]
             return _as_sample(sid, kind, window, None)
-        tokens, scored, answers = [], [], []
-        for length in plan_packing(rng, n):
-            t, sc, answer = build_retrieval(self.ids, rng, length - 1, kind)
-            tokens, scored, answers = tokens + t, scored + sc, answers + [answer]
-        return _as_sample(sid, kind, tokens, scored, " | ".join(answers))
+        # One prompt per sequence: prompts packed together would share their cue ("The pass key
+        # is") and leave the question ambiguous without masking attention between them.
+        tokens, scored, answer = build_retrieval(self.ids, rng, self.stage.seq_len, kind)
+        return _as_sample(sid, kind, tokens, scored, answer)
 
     def batch(self, step: int, micro: int, indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""

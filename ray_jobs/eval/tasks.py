@@ -3,7 +3,8 @@
 Every prompt is built with the evaluated model's own tokenizer to a token budget: the prompt plus
 the answer's generation budget fit `length` tokens. Retrieval needles sit at the stated depth of
 the haystack, measured in tokens; the other needles (distractors) sit at seeded random depths.
-`cwe` and `fwe` list words instead of a haystack and have no depth.
+`cwe` and `fwe` list words instead of a haystack and have no depth. `passkey` is the classic
+passkey test in the trainer's own synthetic text (ray_jobs.data), for models trained on it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ray_jobs.eval.scoring import Metric
 
 TokenCounter = Callable[[str], int]
 
-DEPTH_TASKS = ("niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+DEPTH_TASKS = ("passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 NO_DEPTH_TASKS = ("cwe", "fwe")
 ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 
@@ -81,13 +82,14 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
     for _ in range(64):
         rng = random.Random(f"ringpilot-eval:{seed}:{task}:{length}:{depth}:{index}")
         parts = build(rng, budget, depth, count)
-        prompt = parts["instruction"] + "\n\n" + parts["context"] + "\n\n" + parts["question"]
+        sep = parts.get("sep", "\n\n")
+        prompt = parts["instruction"] + sep + parts["context"] + sep + parts["question"]
         answers = tuple(parts["answers"])
         max_new = sum(count(" " + a) for a in answers) + 2 * len(answers) + 4
         limit = length - max_new - 1  # 1: room for the BOS token the model may expect
         n = count(prompt)
         if n <= limit:
-            start = len(parts["instruction"]) + 2
+            start = len(parts["instruction"]) + len(sep)
             needle = parts.get("needle")
             return Sample(task=task, length=length, depth=depth, index=index, prompt=prompt,
                           answers=answers, metric=parts["metric"], max_new_tokens=max_new,
@@ -163,6 +165,30 @@ def _keys_values(rng: random.Random, k: int) -> tuple[list[str], list[str]]:
     keys = _distinct(lambda: f"{_word(rng, 2)}-{_word(rng, 2)}", k)
     values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), k)
     return keys, values
+
+
+def _passkey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+    """The passkey retrieval test (Mohtashami & Jaggi, 2023) in the exact text the trainer's
+    synthetic task uses (ray_jobs.data), so a model trained on it is asked the way it learned:
+    no separators, a five-digit key with spaced digits, repeated filler sentences."""
+    from ray_jobs.data import FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, spaced_digits
+
+    key = spaced_digits(rng)
+    needle = PASSKEY_NEEDLE.format(key=key)
+    room = budget - count(PASSKEY_INTRO) - count(needle) - count(PASSKEY_QUESTION)
+    filler, cumulative = [], [0]
+    while True:
+        sentence = rng.choice(FILLER)
+        n = count(sentence)
+        if cumulative[-1] + n > room:
+            break
+        filler.append(sentence)
+        cumulative.append(cumulative[-1] + n)
+    target = depth / 100 * cumulative[-1]
+    at = min(range(len(cumulative)), key=lambda j: (abs(cumulative[j] - target), j))
+    before = "".join(filler[:at])
+    return dict(instruction=PASSKEY_INTRO, sep="", context=before + needle + "".join(filler[at:]),
+                needle=len(before), question=PASSKEY_QUESTION, answers=[key], metric="all")
 
 
 _NIAH_INSTRUCTION = "Remember the special magic numbers hidden in this text."
@@ -280,6 +306,7 @@ def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> d
 
 
 _BUILDERS: dict[str, Callable[..., dict]] = {
+    "passkey": _passkey,
     "niah": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
     "niah_single": _niah,
     "niah_multikey": _niah_multikey,

@@ -6,9 +6,10 @@ from collections import Counter
 import pytest
 
 from ray_jobs.eval import tasks
-from tests.eval.oracle import ASSIGN, NEEDLE
+from tests.eval.oracle import ASSIGN, NEEDLE, PASSKEY
 
-INSERTED = re.compile(r" ?(The special magic number for [\w-]+ is \d+\.|VAR [A-Z]+ = (VAR )?\w+\.)")
+INSERTED = re.compile(r" ?(The special magic number for [\w-]+ is \d+\.|VAR [A-Z]+ = (VAR )?\w+\.|"
+                      r"The pass key is [\d ]+\. Remember it\.)")
 
 
 @pytest.mark.parametrize("task", tasks.ALL_TASKS)
@@ -42,7 +43,9 @@ def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
     share = count_tokens(before) / count_tokens(filler)
     assert share == pytest.approx(depth / 100, abs=0.04)  # one filler sentence is ~2 %
     needle = s.prompt[s.needle_start:]
-    if task == "vt":
+    if task == "passkey":
+        assert PASSKEY.match(needle.lstrip()).group(1) == s.answers[0]
+    elif task == "vt":
         var, value = ASSIGN.match(needle).groups()
         assert var == s.answers[0] and f"assigned the value {value}" in s.prompt
     else:

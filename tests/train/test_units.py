@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import multiprocessing as mp
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from ray_jobs.data import IGNORE, SampleStream, build_eval_prompt
 from ray_jobs.ledger import COMMITTED, Ledger, mark_committed
-from ray_jobs.loop import plan_start
+from ray_jobs.loop import LR_FLOOR, lr_factor, plan_start
 from ray_jobs.model import apply_rope_theta, build_model
 from ray_jobs.spec import RunSpec
 from ray_jobs.tokenizer import build_tokenizer
@@ -46,6 +47,49 @@ def test_only_answer_digits_are_scored_and_digits_are_single_tokens(run, tok):
     assert s.labels[-5:] == scored  # the answer closes the sequence
     text = tok.decode(s.input_ids)
     assert f"The pass key is {s.answer}." in text
+
+
+def test_every_training_sequence_holds_one_prompt_with_its_answer_at_the_end(run, tok):
+    # Prompts packed together would share the cue "The pass key is" and make the question
+    # ambiguous; each sequence is one prompt, the needle at a random depth.
+    stream = SampleStream(run, 1, tok)
+    depths = []
+    for step in range(40):
+        s = stream.sample(step, 0, 0)
+        text = tok.decode(s.input_ids)
+        scored = [t for t in s.labels if t != IGNORE]
+        assert len(s.input_ids) == run.stages[1].seq_len and s.labels[-1] != IGNORE
+        assert tok.decode(scored).split() == s.answer.split()
+        if s.kind == "passkey":
+            assert text.count("The pass key is") == 2  # the needle and the question
+            assert s.labels[-5:] == scored  # the five digits close the sequence
+            depths.append(text.index("The pass key is") / len(text))
+    assert min(depths) < 0.3 and max(depths) > 0.6  # needles spread over the context
+
+
+def test_eval_passkey_task_asks_in_the_training_text_token_for_token(tok):
+    # The trainer encodes the pieces one by one; the evaluator encodes the whole prompt. Every
+    # piece starts with a space, so both give the same tokens and a tiny model is asked the way
+    # it learned.
+    from ray_jobs.data import PASSKEY_INTRO, PASSKEY_QUESTION
+    from ray_jobs.eval.tasks import build_samples
+
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    s = build_samples("passkey", 512, 40.0, 1, seed=3, count_tokens=count)[0]
+    pieces = re.findall(r" [^.]+\.?", s.prompt)
+    assert "".join(pieces) == s.prompt and pieces[:2] == re.findall(r" [^.]+\.?", PASSKEY_INTRO)
+    whole = tok.encode(s.prompt, add_special_tokens=False)
+    assert whole == [t for p in pieces for t in tok.encode(p, add_special_tokens=False)]
+    assert s.prompt.endswith(PASSKEY_QUESTION) and f"The pass key is {s.answers[0]}. Remember it." in s.prompt
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine_to_the_floor():
+    factors = [lr_factor(step, 10, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == 1.0 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, 10, 100) == pytest.approx(LR_FLOOR)
+    assert lr_factor(55, 10, 100) == pytest.approx((1 + LR_FLOOR) / 2)  # half-way down
+    assert lr_factor(0, 0, 1) == 1.0 and lr_factor(5, 0, 1) == pytest.approx(LR_FLOOR)
 
 
 def test_locally_trained_tokenizer_is_reused(run, tmp_path):
