@@ -36,7 +36,7 @@ from ray_jobs.specfile import load_model  # noqa: E402
 STEPS = 24
 
 
-def _bench_spec(storage: Path, stage_index: int = 1, steps: int = STEPS) -> dict:
+def _bench_spec(storage: Path, stage_index: int = 2, steps: int = STEPS) -> dict:
     spec = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     stage = {**spec["stages"][stage_index], "steps": steps, "warmup_steps": 0}
     spec.update(name="bench", stages=[stage], eval={"enabled": False})

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.operators.conftest import REPO
+from tests.operators.conftest import REPO, tiny_spec
 from tests.operators.kmock_server import KMockThread
 
 NS = "ml"
@@ -75,7 +74,7 @@ def operator(api: KMockThread, tmp_path: Path) -> Iterator[Callable[[], subproce
 
 
 def create_training(api: KMockThread, retries: int) -> None:
-    spec = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    spec = tiny_spec()
     spec["failure"]["stage_retries"] = retries
     api.request("POST", TRAININGS, {
         "apiVersion": "ringpilot.io/v1alpha1", "kind": "StagedTraining",

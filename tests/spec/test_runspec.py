@@ -58,9 +58,10 @@ def test_rope_theta_rule_reproduces_published_llama3_configs():
 
 
 def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
-    run = RunSpec.model_validate(run_with(**{"stages.2.rope_theta": 123.0}))
-    thetas = [run.stage_theta(i) for i in range(3)]
-    assert thetas[0] == 10_000.0 and thetas[1] > thetas[0] and thetas[2] == 123.0
+    run = RunSpec.model_validate(run_with(**{"stages.3.rope_theta": 123.0}))
+    thetas = [run.stage_theta(i) for i in range(4)]
+    # 64 and 256 tokens are within the model's pretraining length (256): theta stays.
+    assert thetas[:2] == [10_000.0, 10_000.0] and thetas[2] > thetas[1] and thetas[3] == 123.0
 
 
 @pytest.mark.parametrize(
@@ -72,10 +73,10 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
          r"stages\[0\]: batch_size \(3\) must be a multiple of data_parallel_degree \(2\); use "
          r"batch_size 4"),
         ({"stages.1.data_parallel_degree": 2},
-         r"<top>: stages\[1\] \(s1k\): ring_degree x data_parallel_degree = 2 x 2 = 4 workers, "
+         r"<top>: stages\[1\] \(s256\): ring_degree x data_parallel_degree = 2 x 2 = 4 workers, "
          r"but resources.workers is 2; lower the degrees or raise resources.workers"),
-        ({"stages.1.name": "s256"}, r"stages: names must be unique, got \['s256'\] twice"),
-        ({"stages.1.seq_len": 128}, r"seq_len must not decrease .* got \[256, 128, 4096\]; "
+        ({"stages.1.name": "s64"}, r"stages: names must be unique, got \['s64'\] twice"),
+        ({"stages.1.seq_len": 32}, r"seq_len must not decrease .* got \[64, 32, 1024, 4096\]; "
          r"order the stages by length"),
         ({"model.num_key_value_heads": 3}, r"model: num_attention_heads \(4\) must be a multiple "
          r"of num_key_value_heads \(3\); pick a divisor, e.g. 2"),

@@ -41,7 +41,7 @@ def assert_field_errors(err: str) -> None:
 def test_valid_run_prints_a_summary(tmp_path, capsys):
     rc, out, err = validate(tmp_path, TINY_TEXT, capsys)
     assert rc == 0 and err == ""
-    assert "run tiny:" in out and "s4k" in out and "9,805,975" in out  # auto theta of stage 3
+    assert "run tiny:" in out and "s4k" in out and "9,805,975" in out  # auto theta of stage 4
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_valid_run_prints_a_summary(tmp_path, capsys):
         ("- just\n- a list\n", r"<top>: expected a mapping of fields \(got \['just', 'a list'\]"),
         ("", r"<top>: expected a mapping of fields \(got None"),
         (TINY_TEXT.replace("seq_len: 4096", "seq_len: 4095"),
-         r"stages\[2\]: seq_len \(4095\) must be divisible by 2 x ring_degree \(4\)"),
+         r"stages\[3\]: seq_len \(4095\) must be divisible by 2 x ring_degree \(4\)"),
         (TINY_TEXT + "extra_section: 1\n", r"extra_section: unknown field \(got 1; allowed: name, "),
     ],
 )
