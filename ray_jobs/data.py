@@ -41,6 +41,7 @@ PASSKEY_NEEDLE = " The pass key is {key}. Remember it."
 PASSKEY_QUESTION = " Tell me the pass key. The pass key is"
 KV_INTRO = " Remember the number after each word."
 KV_PAIRS = 2
+EDGE = 0.1  # share of training needles at each edge of the filler (depth 0 and depth 1)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
                          f">= {seq_len - budget} tokens); lengthen the stage")
     sentences = _fill(ids, rng, budget)
     # Needles sit between sentences at sorted random depths (or the one given, for evaluation).
-    cuts = sorted(rng.random() if depth is None else depth for _ in needles)
+    cuts = sorted(_training_depth(rng) if depth is None else depth for _ in needles)
     body, prev = [], 0
     for cut, needle in zip(cuts, needles):
         at = int(round(cut * len(sentences)))
@@ -125,6 +126,14 @@ def build_retrieval(ids: _Ids, rng: random.Random, seq_len: int, kind: str,
     body += [t for s in sentences[prev:] for t in s]
     tokens = [ids.bos] + head + body + tail
     return tokens, [False] * (len(tokens) - len(scored)) + scored, answer
+
+
+def _training_depth(rng: random.Random) -> float:
+    """A needle's depth (0..1) in training: uniform, and a tenth of the time each edge (0 and 1).
+    A uniform depth almost never puts the needle right after the instructions or right before
+    the question, and NIAH grids always test both."""
+    u = rng.random()
+    return 0.0 if u < EDGE else 1.0 if u < 2 * EDGE else rng.random()
 
 
 def build_eval_prompt(tok, seq_len: int, seed: int, kind: str = "passkey",

@@ -65,6 +65,10 @@ def test_every_training_sequence_holds_one_prompt_with_its_answer_at_the_end(run
             assert s.labels[-5:] == scored  # the five digits close the sequence
             depths.append(text.index("The pass key is") / len(text))
     assert min(depths) < 0.3 and max(depths) > 0.6  # needles spread over the context
+    texts = [tok.decode(stream.sample(step, 0, 0).input_ids) for step in range(40)]
+    # ... and some sit at the edges, which a uniform depth almost never reaches
+    assert any("remember it. The pass key is" in t for t in texts)  # right after the intro
+    assert any("Remember it. Tell me the pass key." in t for t in texts)  # right before the question
 
 
 def test_eval_passkey_task_asks_in_the_training_text_token_for_token(tok):
