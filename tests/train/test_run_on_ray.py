@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp: Path, **overrides) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     spec = write_spec(tmp / "run.yaml", mini_spec(tmp / "runs", **overrides))
     assert main(["--run", str(spec)]) == 0
     return tmp / "runs" / "mini"
@@ -121,3 +122,22 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
     assert records[before]["step"] == step + 1  # first step after the rerun follows the checkpoint
     assert read_state(ledger.latest_committed("s128")).step == 40
     assert len(read_state(ledger.latest_committed("s128")).losses) == 40
+
+
+def test_two_rings_as_data_parallel_replicas_train_like_one(ray_cluster, tmp_path):
+    """ring 2 x dp 2 (4 workers, DDP across the rings) takes the same steps as ring 2 x dp 1 on
+    the same global batch. Passkey only: every sample scores 5 tokens, so the mean of the two
+    replicas' mean losses equals the one ring's mean over both samples."""
+    one_stage = {"stages": [{"name": "s64", "seq_len": 64, "steps": 4, "batch_size": 2, "lr": 3e-3,
+                             "ring_degree": 2, "data_parallel_degree": 1}],
+                 "data.mix": {"passkey": 1.0, "kv_retrieval": 0.0}}
+    single = _train(tmp_path / "dp1", **one_stage)
+    one_stage["stages"][0]["data_parallel_degree"] = 2
+    double = _train(tmp_path / "dp2", **one_stage, **{"resources.workers": 4})
+    got, want = _trajectory(double, "s64"), _trajectory(single, "s64")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert sorted(got[step][1]) == sorted(want[step][1]), f"step {step}: other samples"
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-4), f"step {step}"
+    plan = json.loads((double / "plan.json").read_text())
+    assert [len(r) for r in plan["stages"][0]["rings"]] == [2, 2]
