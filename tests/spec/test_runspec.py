@@ -112,7 +112,7 @@ def test_cross_field_rules_name_field_value_and_fix(changes, message):
          r"\(got 'tpu'; Train on GPUs \(NCCL\) or CPUs \(gloo\)\.\)$"),
         ({"name": "Tiny_Run"}, r"^name: not an allowed value \(got 'Tiny_Run'; Run name "
          r"\(lowercase letters, digits, '-'\)"),
-        ({"eval.tasks": ["niah", "needle"]}, r"^eval\.tasks\[1\]: Input should be 'niah'.*"
+        ({"eval.tasks": ["niah", "needle"]}, r"^eval\.tasks\[1\]: Input should be 'passkey'.*"
          r"\(got 'needle'"),
         ({"eval.depths": [50, 120]}, r"^eval\.depths\[1\]: Input should be less than or equal "
          r"to 100 \(got 120"),
