@@ -144,11 +144,14 @@ def _job_exit_code(url: str, job: str) -> int:
 
 
 def _print_retrieval(run, run_dir: Path) -> None:
-    """Passkey exact match at the longest length: first stage's model vs the final model."""
+    """Passkey retrieval at the longest length: first stage's model vs the final model."""
+    from transformers.utils import logging as hf_logging
+
     from ray_jobs.checkpoint import final_checkpoint
     from ray_jobs.ledger import Ledger
     from ray_jobs.model import retrieval_scores
 
+    hf_logging.disable_progress_bar()
     ledger = Ledger(run_dir, run.name)
     first, last = (final_checkpoint(ledger, s.name) for s in (run.stages[0], run.stages[-1]))
     length = run.stages[-1].seq_len

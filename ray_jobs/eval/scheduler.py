@@ -62,6 +62,9 @@ class _EvalActor:
         torch.set_num_threads(threads)  # its own CPUs only, never the training workers' cores
         # Import the heavy modules now (~5-10 s here), not when the first checkpoint lands.
         import transformers.models.llama.modeling_llama  # noqa: F401
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint in the job's log
 
         import ray_jobs.eval.report  # noqa: F401
 

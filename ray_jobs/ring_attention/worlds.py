@@ -46,16 +46,26 @@ def run_world(world: int, body, *args, timeout_s: float = 90) -> list:
     rank raises WorldError in the caller with that rank's traceback.
     """
     results = mp.get_context("spawn").SimpleQueue()
-    error = None
-    try:
-        mp.start_processes(_entry, args=(world, _free_port(), timeout_s, body, args, results),
-                           nprocs=world, start_method="spawn")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        error = err
-    collected = {}
-    while not results.empty():
-        rank, status, value = results.get()
-        collected[rank] = (status, value)
+    ranks = mp.start_processes(_entry, args=(world, _free_port(), timeout_s, body, args, results),
+                               nprocs=world, start_method="spawn", join=False)
+    collected, error = {}, None
+
+    def drain() -> None:
+        while not results.empty():
+            rank, status, value = results.get()
+            collected[rank] = (status, value)
+
+    # Read results while the ranks run: a rank whose result overfills the pipe blocks in put()
+    # until it is read, so joining first and reading after would deadlock on large results.
+    while True:
+        drain()
+        try:
+            if ranks.join(timeout=0.05):
+                break
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            error = err
+            break
+    drain()
     failures = [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
     if failures or error is not None:
         raise WorldError("\n".join(failures) or str(error))

@@ -170,3 +170,8 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
 
 def ring_and_llama_world(rank, world, cases):
     return {"attention": attention_world(rank, world, cases), "llama": llama_world(rank, world)}
+
+
+def large_result_world(rank: int, world: int) -> bytes:
+    """A result far larger than a pipe's buffer (64 KiB), first byte the rank."""
+    return bytes([rank]) + bytes(4 << 20)

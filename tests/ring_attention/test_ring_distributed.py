@@ -6,6 +6,7 @@ import torch
 from ring_worlds import (
     ATTENTION_CASES,
     attention_world,
+    large_result_world,
     plan_groups_world,
     ring_and_llama_world,
 )
@@ -41,3 +42,11 @@ def test_two_rings_of_two_from_a_plan():
     cases = [c for c in ATTENTION_CASES if c["heads"] != c["kv_heads"] or c["dtype"] == torch.float32]
     results = run_world(4, plan_groups_world, rings, cases)
     assert [(r["dp_rank"], r["ring_rank"]) for r in results] == [(0, 1), (1, 0), (1, 1), (0, 0)]
+
+
+@pytest.mark.timeout(120)
+def test_results_larger_than_a_pipe_come_back():
+    # Joining the ranks before reading their results deadlocked here: a rank blocks in put()
+    # until its 4 MiB result is read.
+    results = run_world(2, large_result_world)
+    assert [len(r) for r in results] == [(4 << 20) + 1] * 2 and [r[0] for r in results] == [0, 1]
