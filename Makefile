@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test samples clean
+.PHONY: setup demo test samples goldens clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 # --working-dir .`, its logs streamed, the head stopped again (also on failure).
 demo: setup
 	$(VENV)/bin/ringpilot validate $(RUN)
-	$(PY) -m ray_jobs.launch --run $(RUN) --fresh
+	$(PY) -m ringpilot.launch --run $(RUN) --fresh
 
 test: setup
 	$(PY) -m pytest
@@ -47,6 +47,16 @@ samples: setup
 	$(VENV)/bin/ringpilot manifests raycluster --run configs/llama3-8b-1m.yaml --name l40s \
 		--storage-claim ringpilot-runs --node-selector nvidia.com/gpu.product=NVIDIA-L40S \
 		> manifests/samples/ray-cluster.l40s.yaml
+
+# Regenerate tests/golden/ (what `ringpilot validate` and `ringpilot plan` print for configs/)
+# after a deliberate change of those outputs; tests/spec/test_golden_outputs.py compares them.
+goldens: setup
+	for f in configs/*.yaml; do \
+		$(VENV)/bin/ringpilot validate $$f > tests/golden/validate-$$(basename $$f .yaml).txt; done
+	for f in configs/clusters/*.yaml; do $(VENV)/bin/ringpilot validate --cluster $$f \
+		> tests/golden/validate-cluster-$$(basename $$f .yaml).txt; done
+	$(VENV)/bin/ringpilot plan --run configs/llama3-8b-1m.yaml --out $(VENV)/goldens-plan > /dev/null
+	cp $(VENV)/goldens-plan/report.md tests/golden/plan-llama3-8b-1m.report.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from ray_jobs.eval import fixtures  # noqa: E402
 from ray_jobs.eval.scheduler import EvalScheduler  # noqa: E402
-from ray_jobs.spec import RunSpec  # noqa: E402
+from specs.run import RunSpec  # noqa: E402
+from tests.support import eval_fixtures as fixtures  # noqa: E402
 
 SEQ = 512
 
@@ -78,19 +78,19 @@ def main() -> None:
     commits = dict(evald["commits"])
     latencies, idle_latencies, detect, dispatch = [], [], [], []
     previous_finish = 0.0
-    for h in sorted(history, key=lambda h: h["submitted_unix"]):
-        committed = commits[h["path"]]
-        latency = h["started_unix"] - committed
+    for h in sorted(history, key=lambda h: h.submitted_unix):
+        committed = commits[h.path]
+        latency = h.started_unix - committed
         latencies.append(latency)
         if committed >= previous_finish:  # the evaluator was idle when it landed
             idle_latencies.append(latency)
-            detect.append(h["submitted_unix"] - committed)
-            dispatch.append(h["started_unix"] - h["submitted_unix"])
-        previous_finish = h["finished_unix"]
-        print(f"{h['path']}: {h['status']}, committed -> actor running {latency:.2f} s, "
-              f"evaluation {h['finished_unix'] - h['started_unix']:.1f} s")
+            detect.append(h.submitted_unix - committed)
+            dispatch.append(h.started_unix - h.submitted_unix)
+        previous_finish = h.finished_unix
+        print(f"{h.path}: {h.status}, committed -> actor running {latency:.2f} s, "
+              f"evaluation {h.finished_unix - h.started_unix:.1f} s")
     # Same run, same moment's machine load: steps that overlapped an evaluation vs the others.
-    windows = [(h["started_unix"], h["finished_unix"]) for h in history]
+    windows = [(h.started_unix, h.finished_unix) for h in history]
     inside, outside = [], []
     for begin, end, tokens in evald["step_spans"]:
         overlaps = any(begin < w_end and end > w_start for w_start, w_end in windows)

@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_jobs.spec import RunSpec  # noqa: E402
+from specs.run import RunSpec  # noqa: E402
 from topology.cost import StageShape  # noqa: E402
 from topology.planner import Planner, plan_exhaustive  # noqa: E402
 from topology.presets import build_l40s_server, build_leaf_spine_cluster  # noqa: E402

@@ -48,7 +48,7 @@ import torch.distributed as dist  # noqa: E402
 from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
 from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
 from ray_jobs.ring_attention.kernels import CpuFlashKernel  # noqa: E402
-from ray_jobs.ring_attention.worlds import run_world  # noqa: E402
+from tests.support.worlds import run_world  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 PEER_DIR = Path(tempfile.gettempdir()) / "ringpilot-bench" / "ring_attention_pytorch"
@@ -114,7 +114,7 @@ def ring_body(rank, world, seq, dtype, reps, memory):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     small = [t[:, :256].detach().clone().requires_grad_() for t in (q, k, v)]
     ring_attention(*small, group=None).backward(dout[:, :256])  # connect gloo pairs, warm kernels
-    times, cpu_times, timings, peak = [], [], None, None
+    times, cpu_times, peak = [], [], None
     for _ in range(reps):
         q.grad = k.grad = v.grad = None
         dist.barrier()

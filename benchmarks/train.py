@@ -25,13 +25,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Ray workers start from this environment: they import the crash hook from tests.support.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import yaml  # noqa: E402
 
-from ray_jobs.spec import RunSpec  # noqa: E402
-from ray_jobs.specfile import load_model  # noqa: E402
+from specs.loading import load_model  # noqa: E402
+from specs.run import RunSpec  # noqa: E402
+from tests.support.faults import CrashOnce, crash_marker  # noqa: E402
 
 STEPS = 24
 
@@ -45,17 +48,12 @@ def _bench_spec(storage: Path, stage_index: int = 2, steps: int = STEPS) -> dict
     return spec
 
 
-def _run_ray(spec: dict, tmp: Path, crash_at: str | None = None) -> Path:
+def _run_ray(spec: dict, tmp: Path, crash: CrashOnce | None = None) -> Path:
     from ray_jobs.train import main
 
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    if crash_at:
-        os.environ["RINGPILOT_CRASH_AT"] = crash_at
-    try:
-        assert main(["--run", str(path)]) == 0
-    finally:
-        os.environ.pop("RINGPILOT_CRASH_AT", None)
+    assert main(["--run", str(path)], before_step=crash) == 0
     return Path(spec["storage"]["path"]) / spec["name"]
 
 
@@ -97,7 +95,7 @@ def single_process_tokens_per_s(spec: dict, tmp: Path) -> float:
 def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
     """From the crash (its marker is written just before os._exit) to the end of the first step
     of the restarted workers (records carry rank 0's process id, new after a restart)."""
-    crashed = (run_dir / f".crash-injected-{stage}-{crash_step}").stat().st_mtime
+    crashed = crash_marker(run_dir, stage, crash_step).stat().st_mtime
     recs = [json.loads(x) for x in (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
     restart = next(r for r in recs if r["pid"] != recs[0]["pid"])
     return restart["time"] - crashed
@@ -105,15 +103,14 @@ def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
 
 def demo() -> tuple:
     from ray_jobs.checkpoint import final_checkpoint
-    from ray_jobs.ledger import Ledger
     from ray_jobs.model import retrieval_scores
-    from ray_jobs.train import run_dir_of
+    from specs.ledger import Ledger
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ray_jobs.launch", "--fresh"], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "ringpilot.launch", "--fresh"], cwd=REPO, check=True)
     seconds = time.perf_counter() - t0
     run = load_model(REPO / "configs" / "tiny.yaml", RunSpec)
-    ledger = Ledger(run_dir_of(run), run.name)
+    ledger = Ledger(run.run_dir, run.name)
     length = run.stages[-1].seq_len
     before = retrieval_scores(final_checkpoint(ledger, run.stages[0].name), length)
     after = retrieval_scores(final_checkpoint(ledger, run.stages[-1].name), length)
@@ -142,7 +139,7 @@ def main() -> None:
               f"{' / '.join(f'{x:,.0f}' for x in singles)} (before / after)", flush=True)
         crash = _bench_spec(tmp / "crash")
         name = crash["stages"][0]["name"]
-        rec = recovery_seconds(_run_ray(crash, tmp, f"{name}:{STEPS // 2 + 2}"), name, STEPS // 2 + 2)
+        rec = recovery_seconds(_run_ray(crash, tmp, CrashOnce(name, STEPS // 2 + 2)), name, STEPS // 2 + 2)
         print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart", flush=True)
         ray.shutdown()
         result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3), recovery_seconds=round(rec, 1))

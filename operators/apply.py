@@ -10,7 +10,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from operators.decide import (ApplyConfigMap, CreateObject, Decision, DeleteRayJob, Emit)
+from operators.decide import ApplyConfigMap, CreateObject, Decision, DeleteRayJob, Emit
 from operators.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger("ringpilot.operator")
@@ -65,11 +65,12 @@ def apply_decision(api: client.ApiClient, st: dict[str, Any], decision: Decision
                     raise
         elif isinstance(action, Emit):
             _post(core, st, action, now)
-    old = {k: v for k, v in (st.get("status") or {}).items() if k in decision.status}
-    if old == decision.status:
+    status = decision.status.model_dump(mode="json")
+    old = {k: v for k, v in (st.get("status") or {}).items() if k in status}
+    if old == status:
         return None, created
     return custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, ns, PLURAL, st["metadata"]["name"], {"status": decision.status}), created
+        GROUP, VERSION, ns, PLURAL, st["metadata"]["name"], {"status": status}), created
 
 
 def _post(core: client.CoreV1Api, st: dict[str, Any], emit: Emit, now: dt.datetime) -> None:

@@ -16,11 +16,16 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from operators.rayjob import build_configmap, build_rayjob
-from operators.replan import (plan_eligible_nodes, plan_lost_nodes, plan_topology, plan_workers,
-                              with_workers)
-from operators.resource import (Condition, StagedTrainingSpec, StagedTrainingStatus, StageStatus)
-from ray_jobs.ledger import LedgerDoc
-from ray_jobs.specfile import format_errors
+from operators.replan import (
+    plan_eligible_nodes,
+    plan_lost_nodes,
+    plan_topology,
+    plan_workers,
+    with_workers,
+)
+from operators.resource import Condition, StagedTrainingSpec, StagedTrainingStatus, StageStatus
+from specs.ledger import LedgerDoc
+from specs.loading import format_errors
 
 # What KubeRay reports (RayJob status.jobStatus / status.jobDeploymentStatus).
 JOB_SUCCEEDED = {"SUCCEEDED"}
@@ -70,7 +75,7 @@ Action = CreateObject | ApplyConfigMap | DeleteRayJob | Emit | Requeue
 
 @dataclass
 class Decision:
-    status: dict[str, Any]
+    status: StagedTrainingStatus  # the status the object should have after the actions
     actions: list[Action] = field(default_factory=list)
 
     def of(self, kind: type) -> list:
@@ -139,7 +144,7 @@ def _invalid(st: dict[str, Any], error: ValidationError, now: dt.datetime) -> De
     actions: list[Action] = []
     if status.observedGeneration != st["metadata"].get("generation") or status.phase != "Failed":
         actions.append(Emit("Warning", "InvalidSpec", message))
-    return Decision(new.model_dump(mode="json"), actions)
+    return Decision(new, actions)
 
 
 def _read_status(st: dict[str, Any]) -> StagedTrainingStatus:
@@ -172,7 +177,7 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         if was is None or was.status != "False" or was.message != problem:
             actions.insert(0, Emit("Warning", "ClusterSpecUnusable", problem))
         new = status.model_copy(update={"conditions": conds, "observedGeneration": generation})
-        return Decision(new.model_dump(mode="json"), actions)
+        return Decision(new, actions)
     if spec.topology.source == "config-map":
         conds = _set_condition(conds, "TopologyReady", "True", "ClusterSpecValid", "", now)
     actions = []
@@ -241,7 +246,7 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         last_score=last_score if last_score is not None else status.last_score,
         stages=stages, excluded_nodes=sorted(set(excluded)), conditions=conds,
         observedGeneration=generation)
-    return Decision(new.model_dump(mode="json"), actions)
+    return Decision(new, actions)
 
 
 def _plan_stage(st, spec, stage: StageStatus, jobs_by_name, nodes, excluded: list[str],

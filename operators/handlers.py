@@ -28,7 +28,7 @@ from operators.apply import apply_decision
 from operators.decide import Requeue, Settings, plan_reconcile
 from operators.rayjob import CLUSTER_FILE, LABEL_TRAINING
 from operators.resource import GROUP, PLURAL, VERSION
-from ray_jobs.ledger import LEDGER_FILE, LedgerDoc
+from specs.ledger import LEDGER_FILE, LedgerDoc
 
 log = logging.getLogger("ringpilot.operator")
 

@@ -9,10 +9,11 @@ import yaml
 
 from operators.rayjob import CLUSTER_FILE, build_ray_cluster_spec
 from operators.resource import API_VERSION, DEFAULT_IMAGE, KIND, StagedTrainingSpec, build_crd
-from ray_jobs.spec import RunSpec
-from ray_jobs.specfile import load_model, read_yaml, validate_data
+from specs.loading import read_yaml, validate_data
+from specs.run import RunSpec
+from topology.sources import load_cluster
 
-CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, ray_jobs/spec.py) by\n"
+CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, specs/run.py) by\n"
               "#   ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml\n"
               "# Do not edit: tests/operators regenerate it and fail on any difference.\n")
 
@@ -71,10 +72,8 @@ def build_cluster_map(run_file: str | Path, data: dict[str, Any],
     rel = data.get("resources", {}).get("cluster")
     if not rel:
         return None
-    from topology.cluster import ClusterSpec  # the topology seam, only when a run names one
-
     path = Path(run_file).parent / rel
-    load_model(path, ClusterSpec)  # a broken cluster file fails here, by field
+    load_cluster(path)  # a broken cluster file fails here, by field
     meta: dict[str, Any] = {"name": cluster_map_name(data["name"]),
                             "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
     if namespace:

@@ -9,7 +9,10 @@ import yaml
 
 from operators.rayjob import CLUSTER_FILE, worker_pods
 from operators.resource import StagedTrainingSpec
-from ray_jobs.specfile import SpecError, validate_data
+from specs.loading import SpecError
+from topology.planner import PlanError
+from topology.run_plan import plan_from_workers
+from topology.sources import build_cluster
 
 
 def node_usable(node: dict[str, Any]) -> bool:
@@ -49,10 +52,8 @@ def plan_topology(spec: StagedTrainingSpec, cluster_yaml: str | None) -> str | N
     if cluster_yaml is None:
         return f"{where} (key {CLUSTER_FILE}) not found; create it or use topology.source: " \
                "node-labels"
-    from topology.cluster import ClusterSpec  # the topology seam, only when asked for
-
     try:
-        validate_data(yaml.safe_load(cluster_yaml), ClusterSpec, source=where)
+        build_cluster(yaml.safe_load(cluster_yaml), source=where)
     except SpecError as e:
         return "; ".join([f"{where}: {line}" for line in e.lines])
     except yaml.YAMLError as e:
@@ -84,9 +85,6 @@ def plan_workers(spec: StagedTrainingSpec, index: int, usable: list[str]
         return res.workers, None
     if not usable:
         return res.workers, "no usable node matches topology.node_selector"
-    from topology.planner import PlanError  # the topology seam, only when re-planning
-    from topology.run_plan import plan_from_workers
-
     run = spec.run_spec()
     one_stage = run.model_copy(update={"stages": [run.stages[index]]})
     try:

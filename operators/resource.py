@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.schema import build_structural_schema
-from ray_jobs.spec import RunSpec
+from specs.run import RunSpec
 
 GROUP = "ringpilot.io"
 VERSION = "v1alpha1"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ray_jobs.ledger import Ledger, is_committed, mark_committed
+from specs.ledger import Ledger, is_committed, mark_committed
 
 STATE_DIR = "trainer_state"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ray_jobs.spec import RunSpec
+from specs.run import RunSpec
 
 IGNORE = -100
 

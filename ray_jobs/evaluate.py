@@ -14,13 +14,23 @@ import sys
 from pathlib import Path
 
 from ray_jobs.eval import tasks as task_lib
-from ray_jobs.eval.model import (TRAINER_STATE, CheckpointError, build_generate,
-                                 build_token_counter, check_checkpoint, load_checkpoint,
-                                 max_model_length)
-from ray_jobs.eval.runner import (MAX_TOKENS_PER_EVALUATOR, evaluate, parse_checkpoint_path,
-                                  plan_lengths)
-from ray_jobs.spec import EvalSpec, RunSpec
-from ray_jobs.specfile import SpecError, load_model
+from ray_jobs.eval.model import (
+    TRAINER_STATE,
+    CheckpointError,
+    build_generate,
+    build_token_counter,
+    check_checkpoint,
+    load_checkpoint,
+    max_model_length,
+)
+from ray_jobs.eval.runner import (
+    MAX_TOKENS_PER_EVALUATOR,
+    evaluate,
+    parse_checkpoint_path,
+    plan_lengths,
+)
+from specs.loading import SpecError, load_model
+from specs.run import EvalSpec, RunSpec
 
 _DEFAULTS = EvalSpec()
 

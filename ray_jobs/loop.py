@@ -21,24 +21,38 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ray_jobs.checkpoint import TrainerState, final_checkpoint, load_optimizer, read_state, save_checkpoint
+from ray_jobs.checkpoint import (
+    TrainerState,
+    final_checkpoint,
+    load_optimizer,
+    read_state,
+    save_checkpoint,
+)
 from ray_jobs.data import SampleStream, read_documents
-from ray_jobs.ledger import Ledger, is_committed
 from ray_jobs.model import build_model, weights_checksum
-from ray_jobs.placement import NODE_LABEL, WorkerSlot, build_rings, stage_plan_for, write_stage_plan
-from ray_jobs.ring_attention import build_ring_groups, register_ring_attention, use_ring_group
-from ray_jobs.ring_attention import zigzag_position_ids, zigzag_shard
-from ray_jobs.spec import RunSpec
+from ray_jobs.placement import (
+    NODE_LABEL,
+    WorkerSlot,
+    build_rings,
+    record_stage_plan,
+    stage_plan_for,
+)
+from ray_jobs.ring_attention import (
+    build_ring_groups,
+    register_ring_attention,
+    use_ring_group,
+    zigzag_position_ids,
+    zigzag_shard,
+)
 from ray_jobs.tokenizer import build_tokenizer
+from ray_jobs.worker_config import StepInfo, WorkerConfig
+from specs.ledger import Ledger, is_committed
+from specs.run import RunSpec
 
-CRASH_MARKER = ".crash-injected-{stage}-{step}"
 
-
-def train_stage_worker(config: dict) -> None:
-    run = RunSpec.model_validate(config["run"])
-    index, run_dir = config["stage_index"], Path(config["run_dir"])
-    spec_dir = Path(config["spec_dir"]) if config.get("spec_dir") else None
-    stage = run.stages[index]
+def train_stage_worker(config: WorkerConfig) -> None:
+    run, index, run_dir, spec_dir = config.run, config.stage_index, config.run_dir, config.spec_dir
+    stage = config.stage
     torch.set_num_threads(run.resources.cpus_per_worker)
     _quiet_logs()
     ledger = Ledger(run_dir, run.name)
@@ -52,11 +66,11 @@ def train_stage_worker(config: dict) -> None:
     node = runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
     slots = [None] * world
     dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
-    stage_plan = stage_plan_for(run, index, slots, config.get("plan"))
+    stage_plan = stage_plan_for(run, index, slots, config.plan)
     ring_size, dp_size = stage_plan.ring_degree, stage_plan.dp_degree
     groups = build_ring_groups(build_rings(slots, stage_plan))
-    if rank == 0:
-        write_stage_plan(run_dir, run.name, stage_plan, config.get("plan"))
+    if rank == 0 and config.plan is None:  # the driver saved a ClusterSpec plan already
+        record_stage_plan(run_dir, run.name, stage_plan)
 
     # 2. Start: this stage's newest committed checkpoint (ledger first: Ray may not have
     #    registered one reported just before a crash), else the previous stage's final one.
@@ -94,7 +108,9 @@ def train_stage_worker(config: dict) -> None:
     t_report, steps_since, pending = time.perf_counter(), 0, []
     while state.step < stage.steps:
         step = state.step
-        _maybe_crash(config.get("crash_at"), stage.name, step, rank, world, run_dir)
+        if config.before_step is not None:
+            config.before_step(StepInfo(stage=stage.name, step=step, rank=rank, world=world,
+                                        run_dir=run_dir))
         t0 = time.perf_counter()
         loss_sum, ids = torch.zeros((), device=device), []
         for micro in range(stage.grad_accum_steps):
@@ -237,15 +253,3 @@ def _append(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _maybe_crash(crash_at: str | None, stage: str, step: int, rank: int, world: int, run_dir: Path) -> None:
-    """Test hook (env RINGPILOT_CRASH_AT=STAGE:STEP): the last worker dies once at that step."""
-    if not crash_at or rank != world - 1 or crash_at != f"{stage}:{step}":
-        return
-    marker = run_dir / CRASH_MARKER.format(stage=stage, step=step)
-    if marker.exists():
-        return
-    marker.touch()
-    print(f"[test] worker {rank} exits at {stage} step {step} (RINGPILOT_CRASH_AT)", flush=True)
-    os._exit(1)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ray_jobs.spec import RunSpec
+from specs.run import RunSpec
 
 
 def build_llama_config(run: RunSpec, seq_len: int, theta: float) -> LlamaConfig:

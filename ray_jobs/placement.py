@@ -9,13 +9,14 @@ always matches. Either way the worker's ring position comes from its node and lo
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from topology.plan import Plan, StagePlan
+from specs.atomic import atomic_write
+from specs.plan import Plan, StagePlan
+from specs.run import RunSpec
 from topology.run_plan import plan_from_workers, plan_run
+from topology.sources import load_cluster
 
 NODE_LABEL = "ringpilot.io/node"
 PLAN_FILE = "plan.json"
@@ -30,35 +31,29 @@ class WorkerSlot:
     rank: int
 
 
-def plan_for_cluster(run, spec_dir: Path | None) -> Plan:
+def plan_for_cluster(run: RunSpec, spec_dir: Path | None) -> Plan:
     """Plan every stage on the ClusterSpec named by resources.cluster (relative to the run file)."""
-    from ray_jobs.specfile import load_model
-    from topology.cluster import ClusterSpec
-
     path = Path(run.resources.cluster)
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
-    return plan_run(load_model(path, ClusterSpec), run)
+    return plan_run(load_cluster(path), run)
 
 
-def plan_from_capacity(run, counts: dict[str, int]) -> Plan:
-    """Check the degrees against what Ray offers, before any worker starts (PlanError if not)."""
-    return plan_from_workers(counts, run)
+def check_capacity(run: RunSpec) -> Plan:
+    """Check the degrees against the workers the run asks for, before any worker starts
+    (PlanError if they do not tile them)."""
+    return plan_from_workers({"workers": run.resources.workers}, run)
 
 
-def resolve_degrees(stage_plan: StagePlan) -> tuple[int, int]:
-    return stage_plan.ring_degree, stage_plan.dp_degree
-
-
-def stage_plan_for(run, stage_index: int, slots: list[WorkerSlot], plan: dict | None) -> StagePlan:
+def stage_plan_for(run: RunSpec, stage_index: int, slots: list[WorkerSlot],
+                   planned: StagePlan | None) -> StagePlan:
     """The stage's plan: the driver's (ClusterSpec) or one made from the workers' actual places."""
-    name = run.stages[stage_index].name
-    if plan is not None:
-        return Plan.model_validate(plan).stage(name)
+    if planned is not None:
+        return planned
     counts: dict[str, int] = {}
     for s in slots:
         counts[s.node] = counts.get(s.node, 0) + 1
-    return plan_from_workers(counts, run).stage(name)
+    return plan_from_workers(counts, run).stage(run.stages[stage_index].name)
 
 
 def build_rings(slots: list[WorkerSlot], stage_plan: StagePlan) -> list[list[int]]:
@@ -81,16 +76,17 @@ def build_rings(slots: list[WorkerSlot], stage_plan: StagePlan) -> list[list[int
     return rings
 
 
-def write_stage_plan(run_dir: Path, run_name: str, stage_plan: StagePlan, full: dict | None) -> None:
-    """Save plan.json in the run directory: the whole driver plan, or this stage merged in."""
+def write_plan(run_dir: Path, plan: Plan) -> Path:
+    """Save the driver's plan as plan.json in the run directory."""
+    return atomic_write(Path(run_dir) / PLAN_FILE, plan.model_dump_json(indent=1) + "\n")
+
+
+def record_stage_plan(run_dir: Path, run_name: str, stage_plan: StagePlan) -> Path:
+    """Merge a stage planned from the workers' places into plan.json (no ClusterSpec)."""
     path = Path(run_dir) / PLAN_FILE
-    if full is not None:
-        doc = Plan.model_validate(full)
-    elif path.exists():
+    if path.exists():
         doc = Plan.model_validate_json(path.read_text())
         doc.stages = [s for s in doc.stages if s.name != stage_plan.name] + [stage_plan]
     else:
         doc = Plan(run=run_name, cluster=None, profile=None, stages=[stage_plan])
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc.model_dump(mode="json"), indent=1) + "\n")
-    tmp.replace(path)
+    return write_plan(run_dir, doc)

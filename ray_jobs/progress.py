@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ray_jobs.checkpoint import read_state
-from ray_jobs.ledger import Ledger
+from specs.ledger import Ledger
+from specs.run import RunSpec
 
 
 def _eta(seconds: float) -> str:
@@ -67,7 +68,7 @@ class ProgressPrinter:
                     self.console.print(render_progress_line(json.loads(line)), markup=False)
 
 
-def render_summary(run, run_dir: Path, wall: dict[str, float], console: Console | None = None) -> Table:
+def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float], console: Console | None = None) -> Table:
     """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints."""
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()

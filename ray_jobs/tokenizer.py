@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from ray_jobs.spec import RunSpec
+from specs.atomic import atomic_write
+from specs.run import RunSpec
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 TOKENIZER_DIR = "tokenizer"
@@ -78,6 +79,4 @@ def _train_bpe(run: RunSpec, out: Path, documents: list[str]) -> None:
     texts = synthetic_corpus(random.Random(run.data.seed), n=400) + documents
     tok.train_from_iterator(texts, trainer=trainer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out)  # atomic: two racing writers leave one complete file
+    atomic_write(out, tok.to_str())  # two racing writers leave one complete file

@@ -14,16 +14,25 @@ TorchTrainer per stage (ray_jobs.loop.train_stage_worker), recording stages in t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.spec import RunSpec
-from ray_jobs.specfile import SpecError, load_model
+from ray_jobs.data import read_documents
+from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
+from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
+from ray_jobs.worker_config import StepInfo, WorkerConfig
+from specs.ledger import Ledger
+from specs.loading import SpecError, load_model
+from specs.plan import Plan
+from specs.run import RunSpec, StageSpec
+from topology.planner import PlanError
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-CRASH_ENV = "RINGPILOT_CRASH_AT"  # tests only: STAGE:STEP at which one worker dies once
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -47,14 +56,16 @@ class PreflightError(Exception):
         self.lines = lines
 
 
-def run_dir_of(run: RunSpec) -> Path:
-    return Path(run.storage.path).expanduser().absolute() / run.name
+@dataclass(frozen=True)
+class Prepared:
+    """What the preflight read and decided, used from then on (nothing is read twice)."""
+
+    documents: list[str]  # data.documents' texts (empty when the mix has none)
+    plan: Plan | None  # the plan on resources.cluster; None: planned where Ray puts workers
 
 
 def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
     """Indices of the stages to train; --stage needs the previous stage done in the ledger."""
-    from ray_jobs.ledger import Ledger
-
     names = [s.name for s in run.stages]
     if only is None:
         return list(range(len(names)))
@@ -71,13 +82,10 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
     return [index]
 
 
-def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> None:
-    """Everything checkable without workers: storage, tokenizer, documents, degrees, cluster plan."""
-    from ray_jobs.data import read_documents
-    from ray_jobs.tokenizer import TokenizerError, resolve_tokenizer_source
-    from topology.planner import PlanError
-
-    problems = []
+def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
+    """Everything checkable without workers: storage, tokenizer, documents, degrees, cluster
+    plan. Returns what it read and planned; raises PreflightError with every problem."""
+    problems, documents, plan = [], [], None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-probe-{os.getpid()}"
@@ -91,7 +99,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> None:
     except TokenizerError as e:
         problems.append(str(e))
     try:
-        read_documents(run, spec_dir)
+        documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:
         problems.append(str(e))
     for i, stage in enumerate(run.stages):
@@ -104,18 +112,17 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> None:
                 f"{run.resources.workers} (or set one degree to 'auto')")
     try:
         if run.resources.cluster:
-            from ray_jobs.placement import plan_for_cluster
-            plan_for_cluster(run, spec_dir)
+            plan = plan_for_cluster(run, spec_dir)
         else:
-            from ray_jobs.placement import plan_from_capacity
-            plan_from_capacity(run, {"workers": run.resources.workers})
+            check_capacity(run)
     except (PlanError, SpecError, ValueError) as e:
         problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}")
     if problems:
         raise PreflightError(problems)
+    return Prepared(documents=documents, plan=plan)
 
 
-def _world_of(stage, workers: int) -> int | None:
+def _world_of(stage: StageSpec, workers: int) -> int | None:
     r, d = stage.ring_degree, stage.data_parallel_degree
     if r != "auto" and d != "auto":
         return r * d
@@ -139,32 +146,28 @@ def check_ray_capacity(run: RunSpec) -> None:
                               "resources.workers / cpus_per_worker"])
 
 
-def train_stage(run: RunSpec, index: int, run_dir: Path, spec_dir: Path, plan: dict | None) -> None:
+def train_stage(config: WorkerConfig) -> None:
     """One TorchTrainer for one stage: workers = ring x dp from the plan."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_jobs.loop import train_stage_worker
-    from ray_jobs.placement import NODE_LABEL
-    from topology.plan import Plan
 
-    stage = run.stages[index]
+    run, stage, run_dir = config.run, config.stage, config.run_dir
     res = run.resources
     gpu = res.device == "gpu"
     label_selector = None
-    if plan is not None:  # pin each worker to its planned node; positions come from the plan
-        workers = Plan.model_validate(plan).stage(stage.name).workers
-        label_selector = [{NODE_LABEL: w.node} for w in workers]
-        num_workers = len(workers)
+    if config.plan is not None:  # pin each worker to its planned node; positions from the plan
+        label_selector = [{NODE_LABEL: w.node} for w in config.plan.workers]
+        num_workers = len(config.plan.workers)
     else:
         num_workers = res.workers
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+                            resources_per_worker={"CPU": res.cpus_per_worker,
+                                                  **({"GPU": 1} if gpu else {})},
                             label_selector=label_selector)
-    config = {"run": run.model_dump(mode="json"), "stage_index": index, "run_dir": str(run_dir),
-              "spec_dir": str(spec_dir), "plan": plan, "crash_at": os.environ.get(CRASH_ENV)}
     trainer = TorchTrainer(
-        train_stage_worker, train_loop_config=config, scaling_config=scaling,
+        functools.partial(train_stage_worker, config), scaling_config=scaling,
         run_config=RunConfig(
             name=f"{run.name}-{stage.name}", storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=run.failure.max_failures),
@@ -174,18 +177,20 @@ def train_stage(run: RunSpec, index: int, run_dir: Path, spec_dir: Path, plan: d
     trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *,
+         before_step: Callable[[StepInfo], None] | None = None) -> int:
+    """The driver. `before_step` is a test hook run in every worker before each step."""
     args = build_arg_parser().parse_args(argv)
     try:
         run = load_model(args.run, RunSpec)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 2
-    spec_dir, run_dir = args.run.resolve().parent, run_dir_of(run)
+    spec_dir, run_dir = args.run.resolve().parent, run.run_dir
 
     # 1. Check everything that can be checked before a worker starts.
     try:
-        preflight(run, spec_dir, run_dir)
+        prepared = preflight(run, spec_dir, run_dir)
         indices = plan_stages(run, args.stage, run_dir)
     except PreflightError as e:
         print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
@@ -193,16 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     print(run.summary(), flush=True)
 
     # 2. Tokenizer (trained once, saved in the run dir) and the cluster plan, if described.
-    from ray_jobs.data import read_documents
-    from ray_jobs.ledger import Ledger
-    from ray_jobs.placement import PLAN_FILE, plan_for_cluster
-    from ray_jobs.tokenizer import build_tokenizer
-
-    build_tokenizer(run, run_dir, spec_dir, read_documents(run, spec_dir))
-    plan = plan_for_cluster(run, spec_dir).model_dump(mode="json") if run.resources.cluster else None
-    if plan is not None:
-        import json
-        (run_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+    build_tokenizer(run, run_dir, spec_dir, prepared.documents)
+    if prepared.plan is not None:
+        write_plan(run_dir, prepared.plan)
 
     import ray
     if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
@@ -237,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
             ledger.start_stage(name)
             t0 = time.perf_counter()
+            stage_plan = prepared.plan.stage(name) if prepared.plan is not None else None
             try:
-                train_stage(run, index, run_dir, spec_dir, plan)
+                train_stage(WorkerConfig(run=run, stage_index=index, run_dir=run_dir,
+                                         spec_dir=spec_dir, plan=stage_plan,
+                                         before_step=before_step))
             except Exception as e:  # Ray Train gave up after failure.max_failures restarts
                 ledger.finish_stage(name, "failed")
                 print(f"[{name}] failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)

@@ -10,14 +10,14 @@ EXIT_USER_ERROR = 2
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from ray_jobs.spec import RunSpec
-    from ray_jobs.specfile import load_model
-    from topology.cluster import load_cluster
+    from specs.loading import load_model
+    from specs.run import RunSpec
     from topology.cost import StageDoesNotFit
     from topology.graph import TopologyError, apply_degrade_link, build_graph
     from topology.planner import PlanError
     from topology.report import render_report
     from topology.run_plan import plan_run
+    from topology.sources import load_cluster
 
     run = load_model(args.run, RunSpec)
     try:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specs.run import ModelSpec, StageSpec
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
+from topology.routes import route_table
 
 GB = 1e9
 BYTES_PER_PARAM_STATE = 16  # bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 4 + 4
@@ -60,7 +62,7 @@ def evaluate_flows(router: Router, flows: list[tuple[str, str]], nbytes: float) 
     redistribution). Complexity: O(sum of route lengths)."""
     if not flows:
         return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
-    index = router.route_table().index
+    index = route_table(router).index
     src = np.fromiter((index[a] for a, _ in flows), dtype=np.int64, count=len(flows))
     dst = np.fromiter((index[b] for _, b in flows), dtype=np.int64, count=len(flows))
     return evaluate_index_flows(router, src, dst, nbytes)
@@ -71,7 +73,7 @@ def evaluate_index_flows(router: Router, src: np.ndarray, dst: np.ndarray,
     """`evaluate_flows` for GPUs given as RouteTable indices (no string lookups)."""
     if len(src) == 0:
         return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
-    routes = router.route_table().routes(src, dst)
+    routes = route_table(router).routes(src, dst)
     valid = routes >= 0
     lengths = valid.sum(axis=1)
     flat = routes[valid]  # row-major: each flow's links together, flows in input order
@@ -129,7 +131,7 @@ class StageShape:
     elem_bytes: int
 
     @classmethod
-    def of(cls, model, stage, ring: int, dp: int) -> StageShape:
+    def of(cls, model: ModelSpec, stage: StageSpec, ring: int, dp: int) -> StageShape:
         return cls(seq_len=stage.seq_len, ring=ring, dp=dp, batch_size=stage.batch_size,
                    grad_accum=stage.grad_accum_steps, steps=stage.steps,
                    layers=model.num_hidden_layers, hidden=model.hidden_size,

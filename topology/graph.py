@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from topology.cluster import ClusterSpec, NodeTypeSpec
+from specs.cluster import ClusterSpec, NodeTypeSpec
 
 
 class TopologyError(ValueError):
@@ -205,14 +205,6 @@ class Router:
                 if reach:
                     nearest[i] = min(reach)[1]
             self._nearest_nic[tname] = nearest
-
-    def route_table(self):
-        """The RouteTable of this cluster (built on first use)."""
-        if getattr(self, "_table", None) is None:
-            from topology.routes import RouteTable
-
-            self._table = RouteTable(self)
-        return self._table
 
     def node_vertices(self, node: str) -> list[str]:
         """The node's PCIe-tree vertices (GPUs, switches, sockets, NICs) in the graph."""

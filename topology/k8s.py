@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from topology.cluster import (ClusterSpec, NodeSpec, NodeTypeSpec, SwitchSpec, UnknownNode)
+from specs.cluster import ClusterSpec, NodeSpec, NodeTypeSpec, SwitchSpec, UnknownNode
 from topology.presets import build_generic_node_type, build_l40s_node_type, build_link_types
 
 TOPOGRAPH = "network.topology.nvidia.com"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from topology.cluster import LinkType, NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
+from specs.cluster import LinkType, NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
 from topology.graph import TopologyError
 from topology.profile import L40S, HardwareProfile
 

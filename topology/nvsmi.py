@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from topology.cluster import NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
+from specs.cluster import NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
 from topology.graph import TopologyError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -10,12 +10,22 @@ from functools import lru_cache
 
 import numpy as np
 
-from topology.cluster import ClusterSpec
-from topology.cost import (FlowResult, StageCost, StageShape, check_fits, evaluate_flows,
-                           evaluate_index_flows, predict_stage, ring_flows, ring_index_flows)
+from specs.cluster import ClusterSpec
+from specs.run import ModelSpec, StageSpec
+from topology.cost import (
+    FlowResult,
+    StageCost,
+    StageShape,
+    check_fits,
+    evaluate_flows,
+    evaluate_index_flows,
+    predict_stage,
+    ring_flows,
+    ring_index_flows,
+)
 from topology.graph import Router, build_graph, gpu_vertex, split_gpu_vertex
 from topology.profile import HardwareProfile, get_profile
-
+from topology.routes import route_table
 
 TIE = 0.005  # relative step-time difference below which placements count as equal
 
@@ -74,7 +84,7 @@ class Planner:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, rings: list[list[str]], shape: StageShape) -> Evaluated:
-        index = self.router.route_table().index
+        index = route_table(self.router).index
         idx = np.array([[index[v] for v in r] for r in rings], dtype=np.int64)
         ring = evaluate_index_flows(self.router, *ring_index_flows(idx), shape.kv_block_bytes)
         # data-parallel groups: the same ring rank across rings, in ring order
@@ -175,7 +185,7 @@ class Planner:
         return best
 
     # ---- decisions ----------------------------------------------------------------------------
-    def plan_degrees(self, model, stage, n_gpus: int, strict: bool = True
+    def plan_degrees(self, model: ModelSpec, stage: StageSpec, n_gpus: int, strict: bool = True
                      ) -> tuple[int, int, list[str]]:
         """Honour the stage's ring_degree / data_parallel_degree; pick 'auto' ones: the smallest
         ring that fits memory, then as many rings as GPUs and batch allow. `strict`: a given
@@ -218,7 +228,7 @@ class Planner:
         raise PlanError(f"stage {stage.name!r}: no ring_degree up to {n_gpus} GPUs fits memory; "
                         "shorten seq_len or add GPUs")
 
-    def plan_rings(self, model, stage, ring: int, dp: int) -> tuple[Evaluated, list[str]]:
+    def plan_rings(self, model: ModelSpec, stage: StageSpec, ring: int, dp: int) -> tuple[Evaluated, list[str]]:
         """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
         (whole nodes in fabric order; per-node templates found by exhaustive search over one
         node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's

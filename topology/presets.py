@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from topology.cluster import (ClusterSpec, LinkType, NicSpec, NodeSpec, NodeTypeSpec,
-                              PcieSwitchSpec, SocketSpec, SwitchSpec)
+from specs.cluster import (
+    ClusterSpec,
+    LinkType,
+    NicSpec,
+    NodeSpec,
+    NodeTypeSpec,
+    PcieSwitchSpec,
+    SocketSpec,
+    SwitchSpec,
+)
 from topology.profile import L40S, HardwareProfile
 
 

@@ -10,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from topology.cluster import ClusterSpec  # noqa: E402
-from topology.plan import Plan, StagePlan  # noqa: E402
+from specs.atomic import atomic_write
+from specs.cluster import ClusterSpec  # noqa: E402
+from specs.plan import Plan, StagePlan  # noqa: E402
 
 PARTS = ["dense compute", "attention compute", "exposed ring K/V", "exposed weight sharding",
          "data-parallel sync"]
@@ -227,9 +228,9 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     main = plan
-    (out / "plan.json").write_text(plan.model_dump_json(indent=2))
+    atomic_write(out / "plan.json", plan.model_dump_json(indent=2))
     if whatif is not None:
-        (out / "plan-whatif.json").write_text(whatif.model_dump_json(indent=2))
+        atomic_write(out / "plan-whatif.json", whatif.model_dump_json(indent=2))
     lines, rows = _headline(main, spec, compare_minutes)
     pngs = render_plots(main, out, spec)
     sections: list[tuple[str, list]] = [("Headline", lines + [rows])]
@@ -270,10 +271,11 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
             else:
                 md.append(f"- {it}" if title.startswith("Assumptions") else it + "\n")
                 body.append(f"<p>{html.escape(it).replace('**', '')}</p>")
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write(out / "report.md", "\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
              "collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}")
-    (out / "report.html").write_text(
+    atomic_write(
+        out / "report.html",
         "<!doctype html><html><head><meta charset='utf-8'><title>ringpilot plan "
         f"{html.escape(main.run)}"
         f"</title><style>{style}</style></head><body><h1>ringpilot plan: run "

@@ -101,3 +101,11 @@ class RouteTable:
         for sel, rows in parts:
             out[sel, :rows.shape[1]] = rows
         return out
+
+
+def route_table(router: Router) -> RouteTable:
+    """The RouteTable of `router`'s cluster, built on first use and kept on the router."""
+    table = getattr(router, "_route_table", None)
+    if table is None:
+        table = router._route_table = RouteTable(router)
+    return table

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 
-from topology.cluster import ClusterSpec
+import networkx as nx
+
+from specs.cluster import ClusterSpec
+from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
+from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
-from topology.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
-from topology.planner import Evaluated, Planner, PlanError
 from topology.graph import split_gpu_vertex
+from topology.planner import Evaluated, PlanError, Planner
 
 
 def _workers(rings: list[list[str]]) -> list[list[Worker]]:
@@ -39,7 +42,7 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
-def plan_stage(planner: Planner, run, index: int, seed: int = 0, relax: bool = False) -> StagePlan:
+def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0, relax: bool = False) -> StagePlan:
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
     `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings."""
     stage = run.stages[index]
@@ -76,7 +79,7 @@ def plan_stage(planner: Planner, run, index: int, seed: int = 0, relax: bool = F
                      notes=notes + more)
 
 
-def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = None,
+def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None, excluded: list[str] | None = None,
              relax: bool = False) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
     planner = Planner(spec, graph)
@@ -96,7 +99,7 @@ def plan_run(spec: ClusterSpec, run, graph=None, excluded: list[str] | None = No
                 excluded=excluded or [], assumptions=assumptions)
 
 
-def plan_from_workers(workers: dict[str, int], run) -> Plan:
+def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
     """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
     sorted node order), no predictions. 'auto' degrees: one ring over all workers unless
     data_parallel_degree is given (or ring_degree is, then as many rings as fit)."""

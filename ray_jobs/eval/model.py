@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ray_jobs.ledger import COMMITTED
+from specs.ledger import COMMITTED
 
 # (prompt, max_new_tokens) -> the model's continuation. The runner only sees this, so a test can
 # plug in an oracle or a constant "model" and check that the harness can fail.

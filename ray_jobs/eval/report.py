@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 
-from ray_jobs.eval.runner import EvalResults, load_results
-from ray_jobs.ledger import EvalEntry, Ledger
+from ray_jobs.eval import tasks as task_lib
+from ray_jobs.eval.results import RESULTS_FILE, TABLES_FILE, EvalResults, load_results
+from specs.atomic import atomic_write
+from specs.ledger import EvalEntry, Ledger
 
 REPORT_DIR = "eval"
 
@@ -143,7 +146,7 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     md += [f"![{t}]({p})" for t, p in plots] + ["", "## Heatmaps (context length x depth)", ""]
     md += [f"### {cap}\n\n![{cap}]({p})\n" for cap, p in heatmaps]
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    atomic_write(md_path, "\n".join(md) + "\n")
     e = html.escape
     body = [f"<h1>{e(title)}</h1>", "<table border='1' cellspacing='0' cellpadding='3'>",
             "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
@@ -154,9 +157,8 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     body += [f"<figure><img src='{e(p)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
              for c, p in heatmaps]
     html_path = out / "report.html"
-    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
-                         f"{e(title)}</title></head><body>\n" + "\n".join(body)
-                         + "\n</body></html>\n", encoding="utf-8")
+    atomic_write(html_path, "<!doctype html><html><head><meta charset='utf-8'><title>"
+                 f"{e(title)}</title></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     return md_path, html_path
 
 
@@ -178,3 +180,17 @@ def _plot_scores(rows, task: str, offsets: dict[str, int], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_results(results: EvalResults, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task in results.tasks:
+        if task in task_lib.DEPTH_TASKS and any(c.task == task for c in results.cells):
+            name = f"heatmap_{task}.png"
+            render_heatmap(results, task, out_dir / name)
+            results.files[f"heatmap_{task}"] = name
+    atomic_write(out_dir / TABLES_FILE, render_checkpoint_tables(results))
+    results.files["tables"] = TABLES_FILE
+    return atomic_write(out_dir / RESULTS_FILE,
+                        json.dumps(results.model_dump(mode="json"), indent=1) + "\n")

@@ -2,73 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ray_jobs.eval import tasks as task_lib
 from ray_jobs.eval.model import Generate
+from ray_jobs.eval.report import save_results
+from ray_jobs.eval.results import CellResult, EvalResults, SampleResult, Skipped
 from ray_jobs.eval.scoring import score
 
 # One evaluator runs the whole sequence on one device with SDPA (no ring across actors): longer
 # contexts are skipped and the reason is written into results.json. 32K tokens keeps an 8B
 # Llama's weights (16 GB bf16) plus its KV cache (~4 GB) well inside one 48 GB L40S.
 MAX_TOKENS_PER_EVALUATOR = 32_768
-RESULTS_FILE = "results.json"
-TABLES_FILE = "tables.md"
-
-
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CellResult(_Doc):
-    task: str = Field(description="Task name (RULER's).")
-    length: int = Field(description="Context length in tokens.")
-    depth: float | None = Field(description="Needle depth in percent; null for cwe/fwe.")
-    score: float = Field(description="Mean score of the cell's samples, 0..1.")
-    samples: int = Field(description="Samples scored.")
-
-
-class SampleResult(_Doc):
-    task: str = Field(description="Task name.")
-    length: int = Field(description="Context length in tokens.")
-    depth: float | None = Field(description="Needle depth in percent.")
-    index: int = Field(description="Sample index within the cell.")
-    prompt_tokens: int = Field(description="Tokens of the prompt.")
-    answers: list[str] = Field(description="Expected answers.")
-    output: str = Field(description="The model's greedy continuation.")
-    score: float = Field(description="Score of this output, 0..1.")
-
-
-class Skipped(_Doc):
-    task: str = Field(description="Task skipped (or '*' for all).")
-    length: int = Field(description="Context length skipped.")
-    reason: str = Field(description="Why it was not evaluated.")
-
-
-class EvalResults(_Doc):
-    checkpoint: str = Field(description="Evaluated checkpoint directory.")
-    stage: str | None = Field(None, description="Stage of a ringpilot checkpoint.")
-    step: int | None = Field(None, description="Step within the stage.")
-    tasks: list[str] = Field(description="Tasks asked for.")
-    lengths: list[int] = Field(description="Context lengths asked for.")
-    depths: list[float] = Field(description="Needle depths (percent).")
-    samples: int = Field(description="Samples per cell.")
-    seed: int = Field(description="Seed of the prompts.")
-    max_length: int = Field(description="Longest context one evaluator runs.")
-    started_unix: float = Field(description="When the evaluation began (Unix time).")
-    finished_unix: float = Field(0.0, description="When it ended (Unix time).")
-    scores: dict[str, float] = Field(default_factory=dict, description="Mean score per task.")
-    cells: list[CellResult] = Field(default_factory=list, description="Score per cell.")
-    skipped: list[Skipped] = Field(default_factory=list, description="Cells not evaluated.")
-    outputs: list[SampleResult] = Field(default_factory=list, description="Every sample.")
-    files: dict[str, str] = Field(default_factory=dict, description="Plots and tables written.")
 
 
 def plan_lengths(stage_lengths: Sequence[int], stage_index: int, given: Sequence[int]) -> list[int]:
@@ -143,26 +92,3 @@ def evaluate(generate: Generate, count_tokens: Callable[[str], int], *, checkpoi
     if out_dir is not None:
         save_results(results, out_dir)
     return results
-
-
-def save_results(results: EvalResults, out_dir: str | Path) -> Path:
-    from ray_jobs.eval.report import render_checkpoint_tables, render_heatmap
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for task in results.tasks:
-        if task in task_lib.DEPTH_TASKS and any(c.task == task for c in results.cells):
-            name = f"heatmap_{task}.png"
-            render_heatmap(results, task, out_dir / name)
-            results.files[f"heatmap_{task}"] = name
-    (out_dir / TABLES_FILE).write_text(render_checkpoint_tables(results), encoding="utf-8")
-    results.files["tables"] = TABLES_FILE
-    path = out_dir / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results.model_dump(mode="json"), indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def load_results(path: str | Path) -> EvalResults:
-    return EvalResults.model_validate_json(Path(path).read_text(encoding="utf-8"))

@@ -20,18 +20,79 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ray_jobs.eval.model import CheckpointError
+from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, plan_lengths
-from ray_jobs.ledger import EvalEntry, Ledger, is_committed
-from ray_jobs.spec import RunSpec
+from specs.ledger import EvalEntry, Ledger, is_committed
+from specs.run import RunSpec
 
 log = logging.getLogger("ringpilot.eval")
 POLL_SECONDS = 0.5
 
 
-def evaluate_request(request: dict, wrap_generate: Callable | None = None) -> dict:
+@dataclass(frozen=True)
+class EvalRequest:
+    """What an evaluation actor is asked to do: one checkpoint, the whole grid."""
+
+    stage: str
+    checkpoint: str  # relative to the run directory, as in the ledger
+    run_dir: Path
+    attempt: int
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    samples: int
+    seed: int
+    gpus: float
+    max_length: int
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / self.checkpoint
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / "eval" / self.stage / Path(self.checkpoint).name
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What an actor sends back; the full results are in `results` (results.json) on disk."""
+
+    scores: dict[str, float]
+    results: Path
+    started_unix: float
+    pid: int
+    skipped: int
+
+
+@dataclass
+class Finished:
+    """One checkpoint's evaluation as the scheduler saw it (its `history`)."""
+
+    path: str
+    status: Literal["done", "failed"]
+    attempts: int
+    submitted_unix: float
+    started_unix: float | None
+    finished_unix: float
+
+
+@dataclass
+class _Running:
+    request: EvalRequest
+    ref: object  # the actor call's ObjectRef
+    submitted_unix: float = field(default_factory=time.time)
+
+
+EvaluateFn = Callable[[EvalRequest], EvalSummary]
+
+
+def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None) -> EvalSummary:
     """Inside the actor: load the checkpoint, run the grid, write results; return a summary."""
     import torch
 
@@ -39,18 +100,18 @@ def evaluate_request(request: dict, wrap_generate: Callable | None = None) -> di
     from ray_jobs.eval.runner import evaluate
 
     started = time.time()
-    device = "cuda" if request["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_checkpoint(request["checkpoint"], device)
+    device = "cuda" if request.gpus > 0 and torch.cuda.is_available() else "cpu"
+    checkpoint = str(request.checkpoint_dir)
+    model, tokenizer = load_checkpoint(checkpoint, device)
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
         generate = wrap_generate(generate)
-    results = evaluate(generate, build_token_counter(tokenizer), checkpoint=request["checkpoint"],
-                       tasks=request["tasks"], lengths=request["lengths"],
-                       depths=request["depths"], samples=request["samples"],
-                       seed=request["seed"], max_length=request["max_length"],
-                       out_dir=Path(request["out_dir"]))
-    return {"scores": results.scores, "started_unix": started, "pid": os.getpid(),
-            "skipped": len(results.skipped)}
+    results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
+                       tasks=request.tasks, lengths=request.lengths, depths=request.depths,
+                       samples=request.samples, seed=request.seed,
+                       max_length=request.max_length, out_dir=request.out_dir)
+    return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
+                       started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
 
 
 class _EvalActor:
@@ -71,7 +132,7 @@ class _EvalActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def evaluate(self, request: dict, fn: Callable[[dict], dict] | None = None) -> dict:
+    def evaluate(self, request: EvalRequest, fn: EvaluateFn | None = None) -> EvalSummary:
         return (fn or evaluate_request)(request)
 
 
@@ -80,16 +141,16 @@ class EvalScheduler:
 
     def __init__(self, run: RunSpec, run_dir: str | Path, *,
                  max_length: int = MAX_TOKENS_PER_EVALUATOR,
-                 evaluate_fn: Callable[[dict], dict] | None = None):
+                 evaluate_fn: EvaluateFn | None = None):
         self.run, self.run_dir, self.max_length = run, Path(run_dir), max_length
         self.ledger = Ledger(self.run_dir, run.name)
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: evaluate_request
         self._handled: set[str] = set()
-        self._current: dict | None = None  # {"path", "stage", "attempt", "ref"}
+        self._current: _Running | None = None
         self._actor = None
         self._draining, self._halt = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
-        self.history: list[dict] = []  # (path, status, attempts, seconds) of finished evaluations
+        self.history: list[Finished] = []
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> EvalScheduler:
@@ -155,24 +216,22 @@ class EvalScheduler:
                     found.append((order.get(stage, len(order)), ckpt.step, stage, ckpt.path))
         return [(stage, path) for *_, stage, path in sorted(found)]
 
-    def _request(self, stage: str, path: str, attempt: int) -> dict:
+    def _request(self, stage: str, path: str, attempt: int) -> EvalRequest:
         e = self.run.eval
         names = [s.name for s in self.run.stages]
         index = names.index(stage) if stage in names else len(names) - 1
         lengths = plan_lengths([s.seq_len for s in self.run.stages], index, e.context_lengths)
-        return {"checkpoint": str(self.run_dir / path), "attempt": attempt,
-                "out_dir": str(self.run_dir / "eval" / stage / Path(path).name),
-                "tasks": list(e.tasks), "lengths": lengths, "depths": list(e.depths),
-                "samples": e.samples, "seed": e.seed, "gpus": e.gpus,
-                "max_length": self.max_length}
+        return EvalRequest(stage=stage, checkpoint=path, run_dir=self.run_dir, attempt=attempt,
+                           tasks=tuple(e.tasks), lengths=tuple(lengths), depths=tuple(e.depths),
+                           samples=e.samples, seed=e.seed, gpus=e.gpus,
+                           max_length=self.max_length)
 
     def _submit(self, stage: str, path: str, attempt: int) -> None:
         if self._actor is None:
             self._actor = self._new_actor()
         request = self._request(stage, path, attempt)
         ref = self._actor.evaluate.remote(request, self._evaluate_fn)
-        self._current = {"stage": stage, "path": path, "attempt": attempt, "ref": ref,
-                         "request": request, "t0": time.time()}
+        self._current = _Running(request=request, ref=ref)
         self.ledger.record_eval(stage, path, EvalEntry(status="running", attempts=attempt))
         log.info("evaluating %s (attempt %d)", path, attempt)
 
@@ -180,11 +239,11 @@ class EvalScheduler:
         import ray
 
         cur = self._current
-        ready, _ = ray.wait([cur["ref"]], timeout=0)
+        ready, _ = ray.wait([cur.ref], timeout=0)
         if not ready:
             return
         try:
-            summary = ray.get(cur["ref"])
+            summary: EvalSummary = ray.get(cur.ref)
         except ray.exceptions.RayActorError as err:  # the actor process died mid-evaluation
             self._actor = None
             self._retry_or_fail(f"evaluation actor died: {type(err).__name__}")
@@ -195,34 +254,36 @@ class EvalScheduler:
                 return
             self._retry_or_fail(f"evaluation raised {type(err.cause).__name__}: {err.cause}")
             return
-        rel = os.path.relpath(Path(cur["request"]["out_dir"]) / "results.json", self.run_dir)
-        self._finish("done", scores=summary["scores"], results=rel,
-                     started_unix=summary["started_unix"])
+        self._finish("done", scores=summary.scores,
+                     results=os.path.relpath(summary.results, self.run_dir),
+                     started_unix=summary.started_unix)
 
     def _retry_or_fail(self, error: str) -> None:
-        cur = self._current
-        log.warning("%s on %s (attempt %d)", error, cur["path"], cur["attempt"])
-        if not is_committed(self.run_dir / cur["path"]):
+        req = self._current.request
+        log.warning("%s on %s (attempt %d)", error, req.checkpoint, req.attempt)
+        if not is_committed(req.checkpoint_dir):
             self._finish("failed", error=f"{error}; the checkpoint is gone (pruned by "
                          "storage.keep_last) so it cannot be retried")
-        elif cur["attempt"] <= self.run.eval.max_retries:
+        elif req.attempt <= self.run.eval.max_retries:
             self._current = None
-            self._submit(cur["stage"], cur["path"], cur["attempt"] + 1)
+            self._submit(req.stage, req.checkpoint, req.attempt + 1)
         else:
-            self._finish("failed", error=f"{error}; gave up after {cur['attempt']} attempt(s) "
+            self._finish("failed", error=f"{error}; gave up after {req.attempt} attempt(s) "
                          f"(eval.max_retries = {self.run.eval.max_retries})")
 
-    def _finish(self, status: str, *, scores: dict | None = None, results: str | None = None,
-                error: str | None = None, started_unix: float | None = None) -> None:
+    def _finish(self, status: Literal["done", "failed"], *, scores: dict | None = None,
+                results: str | None = None, error: str | None = None,
+                started_unix: float | None = None) -> None:
         cur, self._current = self._current, None
-        self._handled.add(cur["path"])
-        self.ledger.record_eval(cur["stage"], cur["path"], EvalEntry(
-            status=status, attempts=cur["attempt"], scores=scores or {}, results=results,
+        req = cur.request
+        self._handled.add(req.checkpoint)
+        self.ledger.record_eval(req.stage, req.checkpoint, EvalEntry(
+            status=status, attempts=req.attempt, scores=scores or {}, results=results,
             error=error))
-        self.history.append({"path": cur["path"], "status": status, "attempts": cur["attempt"],
-                             "submitted_unix": cur["t0"], "started_unix": started_unix,
-                             "finished_unix": time.time()})
-        log.info("evaluation of %s: %s", cur["path"], status)
+        self.history.append(Finished(path=req.checkpoint, status=status, attempts=req.attempt,
+                                     submitted_unix=cur.submitted_unix,
+                                     started_unix=started_unix, finished_unix=time.time()))
+        log.info("evaluation of %s: %s", req.checkpoint, status)
 
     def _cancel_current(self) -> None:
         if self._current is not None:

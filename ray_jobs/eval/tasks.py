@@ -45,6 +45,19 @@ class Sample:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What a task builder writes for one sample, before it is measured against its budget."""
+
+    instruction: str
+    context: str  # the haystack (or word list)
+    question: str
+    answers: tuple[str, ...]
+    metric: Metric = "all"
+    needle: int | None = None  # character offset in `context` of the needle placed at the depth
+    sep: str = "\n\n"  # between instruction, context and question
+
+
 # Filler text written for this project: plain sentences with no digits and no capitalised codes,
 # so nothing in the haystack can be mistaken for an answer.
 _SUBJECTS = ("the old ferryman", "a quiet gardener", "the village baker", "my neighbour",
@@ -82,19 +95,17 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
     for _ in range(64):
         rng = random.Random(f"ringpilot-eval:{seed}:{task}:{length}:{depth}:{index}")
         parts = build(rng, budget, depth, count)
-        sep = parts.get("sep", "\n\n")
-        prompt = parts["instruction"] + sep + parts["context"] + sep + parts["question"]
-        answers = tuple(parts["answers"])
+        prompt = parts.instruction + parts.sep + parts.context + parts.sep + parts.question
+        answers = parts.answers
         max_new = sum(count(" " + a) for a in answers) + 2 * len(answers) + 4
         limit = length - max_new - 1  # 1: room for the BOS token the model may expect
         n = count(prompt)
         if n <= limit:
-            start = len(parts["instruction"]) + len(sep)
-            needle = parts.get("needle")
+            start = len(parts.instruction) + len(parts.sep)
             return Sample(task=task, length=length, depth=depth, index=index, prompt=prompt,
-                          answers=answers, metric=parts["metric"], max_new_tokens=max_new,
-                          context_start=start, context_end=start + len(parts["context"]),
-                          needle_start=None if needle is None else start + needle,
+                          answers=answers, metric=parts.metric, max_new_tokens=max_new,
+                          context_start=start, context_end=start + len(parts.context),
+                          needle_start=None if parts.needle is None else start + parts.needle,
                           prompt_tokens=n)
         if budget <= 0:
             break  # the filler is gone and the prompt still does not fit
@@ -105,7 +116,8 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
                      f"{n + max_new} tokens")
 
 
-def _word(rng: random.Random, syllables: int = 3) -> str:
+def code_word(rng: random.Random, syllables: int = 3) -> str:
+    """A pronounceable made-up word (consonant-vowel syllables): keys and list items."""
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
 
 
@@ -119,7 +131,8 @@ def _distinct(make: Callable[[], str], k: int, avoid: set[str] | None = None) ->
     return out
 
 
-def _sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random) -> str:
+    """One sentence of the haystack: no digits, no capitalised codes."""
     subject, verb, obj, place = (rng.choice(x) for x in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
     return f"{subject[0].upper()}{subject[1:]} {verb} {obj} {place}."
 
@@ -131,7 +144,7 @@ def _haystack(rng: random.Random, budget: int, inserts: list[tuple[float, str]],
     room = budget - sum(count(" " + text) for _, text in inserts)
     filler, cumulative = [], [0]
     while True:
-        s = _sentence(rng)
+        s = filler_sentence(rng)
         n = count(" " + s)
         if cumulative[-1] + n > room:
             break
@@ -162,12 +175,12 @@ def _needle(key: str, value: str) -> str:
 
 
 def _keys_values(rng: random.Random, k: int) -> tuple[list[str], list[str]]:
-    keys = _distinct(lambda: f"{_word(rng, 2)}-{_word(rng, 2)}", k)
+    keys = _distinct(lambda: f"{code_word(rng, 2)}-{code_word(rng, 2)}", k)
     values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), k)
     return keys, values
 
 
-def _passkey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+def _passkey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     """The passkey retrieval test (Mohtashami & Jaggi, 2023) in the exact text the trainer's
     synthetic task uses (ray_jobs.data), so a model trained on it is asked the way it learned:
     no separators, a five-digit key with spaced digits, repeated filler sentences."""
@@ -187,59 +200,59 @@ def _passkey(rng: random.Random, budget: int, depth: float, count: TokenCounter)
     target = depth / 100 * cumulative[-1]
     at = min(range(len(cumulative)), key=lambda j: (abs(cumulative[j] - target), j))
     before = "".join(filler[:at])
-    return dict(instruction=PASSKEY_INTRO, sep="", context=before + needle + "".join(filler[at:]),
-                needle=len(before), question=PASSKEY_QUESTION, answers=[key], metric="all")
+    return Prompt(instruction=PASSKEY_INTRO, sep="", context=before + needle + "".join(filler[at:]),
+                needle=len(before), question=PASSKEY_QUESTION, answers=(key,), metric="all")
 
 
-_NIAH_INSTRUCTION = "Remember the special magic numbers hidden in this text."
+NIAH_INSTRUCTION = "Remember the special magic numbers hidden in this text."
 
 
 def _niah(rng: random.Random, budget: int, depth: float, count: TokenCounter,
-          *, metric: Metric = "all") -> dict:
+          *, metric: Metric = "all") -> Prompt:
     (key,), (value,) = _keys_values(rng, 1)
     context, (needle,) = _haystack(rng, budget, [(depth / 100, _needle(key, value))], count)
-    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=needle,
+    return Prompt(instruction=NIAH_INSTRUCTION, context=context, needle=needle,
                 question=f"What is the special magic number for {key}? "
                 f"The special magic number for {key} is",
-                answers=[value], metric=metric)
+                answers=(value,), metric=metric)
 
 
-def _niah_multikey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+def _niah_multikey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     keys, values = _keys_values(rng, NEEDLES)
     inserts = [(depth / 100, _needle(keys[0], values[0]))]
     inserts += [(rng.random(), _needle(k, v)) for k, v in zip(keys[1:], values[1:])]
     context, offsets = _haystack(rng, budget, inserts, count)
-    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+    return Prompt(instruction=NIAH_INSTRUCTION, context=context, needle=offsets[0],
                 question=f"What is the special magic number for {keys[0]}? "
                 f"The special magic number for {keys[0]} is",
-                answers=[values[0]], metric="all")
+                answers=(values[0],), metric="all")
 
 
-def _niah_multivalue(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+def _niah_multivalue(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     (key,), _ = _keys_values(rng, 1)
     _, values = _keys_values(rng, NEEDLES)
     inserts = [(depth / 100, _needle(key, v)) for v in values]  # together at the stated depth
     context, offsets = _haystack(rng, budget, inserts, count)
-    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+    return Prompt(instruction=NIAH_INSTRUCTION, context=context, needle=offsets[0],
                 question=f"What are all the special magic numbers for {key}? "
                 f"The special magic numbers for {key} are",
-                answers=values, metric="all")
+                answers=tuple(values), metric="all")
 
 
-def _niah_multiquery(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+def _niah_multiquery(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     keys, values = _keys_values(rng, NEEDLES)
     asked = NEEDLES // 2
     inserts = [(depth / 100, _needle(k, v)) for k, v in zip(keys[:asked], values[:asked])]
     inserts += [(rng.random(), _needle(k, v)) for k, v in zip(keys[asked:], values[asked:])]
     context, offsets = _haystack(rng, budget, inserts, count)
     names = ", ".join(keys[:asked])
-    return dict(instruction=_NIAH_INSTRUCTION, context=context, needle=offsets[0],
+    return Prompt(instruction=NIAH_INSTRUCTION, context=context, needle=offsets[0],
                 question=f"What are the special magic numbers for {names}? "
                 f"The special magic numbers for {names} are",
-                answers=values[:asked], metric="all")
+                answers=tuple(values[:asked]), metric="all")
 
 
-def _vt(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> dict:
+def _vt(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)),
                       2 * (VT_HOPS + 1))
     target, other = names[: VT_HOPS + 1], names[VT_HOPS + 1:]
@@ -254,20 +267,20 @@ def _vt(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> d
     distractor = sorted(rng.random() for _ in range(VT_HOPS + 1))
     inserts += list(zip(distractor, chain(other, values[1])))
     context, offsets = _haystack(rng, budget, inserts, count)
-    return dict(instruction="Track the variable assignments in this text.", context=context,
+    return Prompt(instruction="Track the variable assignments in this text.", context=context,
                 needle=offsets[0],
                 question=f"Which variables are assigned the value {values[0]}, directly or "
                 f"through other variables? Answer: the variables assigned {values[0]} are",
-                answers=target, metric="all")
+                answers=tuple(target), metric="all")
 
 
-def _cwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> dict:
-    words = _distinct(lambda: _word(rng), CWE_WORDS)
+def _cwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> Prompt:
+    words = _distinct(lambda: code_word(rng), CWE_WORDS)
     items = [w for w in words for _ in range(CWE_REPEAT)]
     used = sum(count(f" {i + 1}. {w}") for i, w in enumerate(items))
     seen = set(words)
     while True:  # each uncommon word appears once
-        w = _distinct(lambda: _word(rng), 1, seen)[0]
+        w = _distinct(lambda: code_word(rng), 1, seen)[0]
         n = count(f" {len(items) + 1}. {w}")
         if used + n > budget:
             break
@@ -276,21 +289,21 @@ def _cwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> d
         used += n
     rng.shuffle(items)
     context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-    return dict(instruction="Some words in this numbered list repeat.",
+    return Prompt(instruction="Some words in this numbered list repeat.",
                 context=context, question=f"What are the {CWE_WORDS} most common words in the "
-                "list above? Answer: the most common words are", answers=words, metric="all")
+                "list above? Answer: the most common words are", answers=tuple(words))
 
 
-def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> dict:
-    per_word = max(1, count(" " + _word(random.Random(0))))
+def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> Prompt:
+    per_word = max(1, count(" " + code_word(random.Random(0))))
     total = max(budget // per_word, 4 * FWE_TOP + 8)
     top_counts = [max(FWE_TOP + 3 - r, total // (4 * (r + 1))) for r in range(FWE_TOP)]
-    top = _distinct(lambda: _word(rng), FWE_TOP)
+    top = _distinct(lambda: code_word(rng), FWE_TOP)
     items = [w for w, c in zip(top, top_counts) for _ in range(c)]
     used = sum(count(" " + w) for w in items)
     seen = set(top)
     while True:  # the rest appear once or twice: far below the top words
-        w = _distinct(lambda: _word(rng), 1, seen)[0]
+        w = _distinct(lambda: code_word(rng), 1, seen)[0]
         reps = rng.choice((1, 2))
         n = reps * count(" " + w)
         if used + n > budget:
@@ -299,13 +312,13 @@ def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> d
         items += [w] * reps
         used += n
     rng.shuffle(items)
-    return dict(instruction="Count how often each coded word appears in this text.",
+    return Prompt(instruction="Count how often each coded word appears in this text.",
                 context=" ".join(items),
                 question=f"What are the {FWE_TOP} most frequent coded words in the text above? "
-                "Answer: the most frequent words are", answers=top, metric="all")
+                "Answer: the most frequent words are", answers=tuple(top), metric="all")
 
 
-_BUILDERS: dict[str, Callable[..., dict]] = {
+_BUILDERS: dict[str, Callable[..., Prompt]] = {
     "passkey": _passkey,
     "niah": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
     "niah_single": _niah,

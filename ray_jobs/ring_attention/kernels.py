@@ -163,7 +163,7 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     # Row chunks bound the fp32 temporaries to a few MiB instead of a copy of the whole shard.
     for start in range(0, out.shape[1], _MERGE_ROWS):
         rows = slice(start, start + _MERGE_ROWS)
-        o, l, bo, bl = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
-        delta = bo.float().sub_(o).mul_(torch.sigmoid(bl - l).unsqueeze(-1))
+        o, m, bo, bm = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
+        delta = bo.float().sub_(o).mul_(torch.sigmoid(bm - m).unsqueeze(-1))
         o.add_(delta)
-        l.copy_(torch.logaddexp(l, bl))
+        m.copy_(torch.logaddexp(m, bm))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ray_jobs.eval import fixtures
 from ray_jobs.eval.model import build_token_counter
+from tests.support import eval_fixtures as fixtures
 
 
 @pytest.fixture(scope="session")

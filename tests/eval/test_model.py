@@ -5,9 +5,14 @@ import shutil
 import pytest
 
 from ray_jobs import evaluate as standalone
-from ray_jobs.eval import fixtures
-from ray_jobs.eval.model import (CheckpointError, build_generate, check_checkpoint, greedy_tokens,
-                                 load_checkpoint)
+from ray_jobs.eval.model import (
+    CheckpointError,
+    build_generate,
+    check_checkpoint,
+    greedy_tokens,
+    load_checkpoint,
+)
+from tests.support import eval_fixtures as fixtures
 
 
 @pytest.fixture(scope="module")

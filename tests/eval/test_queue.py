@@ -1,7 +1,7 @@
 """The scheduler's queue, without Ray: what is evaluated next."""
 
 from ray_jobs.eval.scheduler import EvalScheduler
-from ray_jobs.ledger import EvalEntry, Ledger, mark_committed
+from specs.ledger import EvalEntry, Ledger, mark_committed
 from tests.eval.test_scheduler import tiny_run
 
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from ray_jobs.cli import main as ringpilot
 from ray_jobs.eval.runner import evaluate
-from ray_jobs.ledger import EvalEntry, Ledger
+from ringpilot.cli import main as ringpilot
+from specs.ledger import EvalEntry, Ledger
 from tests.eval.oracle import constant, oracle
 
 

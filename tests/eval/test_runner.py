@@ -5,7 +5,8 @@ import json
 import pytest
 
 from ray_jobs.eval import tasks
-from ray_jobs.eval.runner import evaluate, load_results, plan_lengths
+from ray_jobs.eval.results import load_results
+from ray_jobs.eval.runner import evaluate, plan_lengths
 from tests.eval.oracle import constant, oracle
 
 GRID = dict(tasks=list(tasks.ALL_TASKS), lengths=[384, 640], depths=[0.0, 50.0, 100.0],

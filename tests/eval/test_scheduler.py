@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.eval import fixtures
-from ray_jobs.eval.runner import load_results
+from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
-from ray_jobs.ledger import Ledger, mark_committed
-from ray_jobs.spec import RunSpec
+from specs.ledger import Ledger, mark_committed
+from specs.run import RunSpec
+from tests.support import eval_fixtures as fixtures
 
 pytestmark = pytest.mark.ray
 

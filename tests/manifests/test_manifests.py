@@ -67,7 +67,7 @@ def test_samples_are_named_kind_dot_feature():
 
 
 def test_render_names_the_bad_field_of_a_broken_run_file(tmp_path, capsys):
-    from ray_jobs.cli import main as ringpilot
+    from ringpilot.cli import main as ringpilot
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((MANIFESTS.parent / "configs" / "tiny.yaml").read_text()

@@ -6,9 +6,16 @@ import datetime as dt
 
 import pytest
 
-from operators.decide import (ApplyConfigMap, CreateObject, DeleteRayJob, Requeue, Settings,
-                              plan_backoff, plan_reconcile)
-from ray_jobs.ledger import CheckpointEntry, EvalEntry, LedgerDoc, StageEntry
+from operators.decide import (
+    ApplyConfigMap,
+    CreateObject,
+    DeleteRayJob,
+    Requeue,
+    Settings,
+    plan_backoff,
+    plan_reconcile,
+)
+from specs.ledger import CheckpointEntry, EvalEntry, LedgerDoc, StageEntry
 from tests.operators.conftest import T0, make_job, make_node, make_training
 
 FAST = Settings(backoff_seconds=30, backoff_cap_seconds=600, poll_seconds=5)
@@ -35,16 +42,22 @@ def created(decision):
     return [a.body["metadata"]["name"] for a in decision.of(CreateObject)]
 
 
+def dumped(decision):
+    """The decided status as the API object holds it (what the next pass reads back)."""
+    return decision.status.model_dump(mode="json")
+
+
 def stage(decision, name):
-    return next(s for s in decision.status["stages"] if s["name"] == name)
+    return next(s for s in decision.status.stages if s.name == name)
 
 
 def test_fresh_object_creates_first_stage_rayjob_and_configmap():
     d = plan_reconcile(make_training(), [], NODES, T0, settings=FAST)
     assert created(d) == ["tiny-s256-a1"]
-    assert d.status["phase"] == "Running" and d.status["current_stage"] == "s256"
-    assert stage(d, "s256") == {**stage(d, "s256"), "state": "Running", "attempts": 1,
-                                "ray_job": "tiny-s256-a1", "nodes": ["n0", "n1", "n2"]}
+    assert d.status.phase == "Running" and d.status.current_stage == "s256"
+    first = stage(d, "s256")
+    assert (first.state, first.attempts, first.ray_job, first.nodes) == (
+        "Running", 1, "tiny-s256-a1", ["n0", "n1", "n2"])
     cm = d.of(ApplyConfigMap)[0].body
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert "name: tiny" in cm["data"]["run.yaml"]
@@ -73,9 +86,9 @@ def test_running_stage_table(jobs, new_jobs, state, events, phase):
     st = make_training(status=running_status())
     d = plan_reconcile(st, jobs, NODES, T0, settings=FAST)
     assert created(d) == new_jobs
-    assert stage(d, "s256")["state"] == state
+    assert stage(d, "s256").state == state
     assert reasons(d) == events
-    assert d.status["phase"] == phase
+    assert d.status.phase == phase
 
 
 def test_retry_waits_for_backoff_then_creates_next_attempt():
@@ -85,7 +98,7 @@ def test_retry_waits_for_backoff_then_creates_next_attempt():
     assert 20 in [a.after for a in early.of(Requeue)]
     late = plan_reconcile(st, [], NODES, T0 + dt.timedelta(seconds=31), settings=FAST)
     assert created(late) == ["tiny-s256-a2"]
-    assert stage(late, "s256")["attempts"] == 2 and reasons(late) == ["StageRetried"]
+    assert stage(late, "s256").attempts == 2 and reasons(late) == ["StageRetried"]
 
 
 def test_backoff_doubles_and_is_capped():
@@ -98,19 +111,19 @@ def test_failure_with_no_retries_left_gives_up():
     d = plan_reconcile(st, [make_job("tiny-s256-a3", "FAILED", "Failed")], NODES, T0,
                        settings=FAST)
     assert created(d) == [] and reasons(d) == ["GaveUp"]
-    assert d.status["phase"] == "Failed" and stage(d, "s256")["state"] == "Failed"
-    complete = next(c for c in d.status["conditions"] if c["type"] == "Complete")
-    assert complete["reason"] == "GaveUp"
+    assert d.status.phase == "Failed" and stage(d, "s256").state == "Failed"
+    complete = next(c for c in d.status.conditions if c.type == "Complete")
+    assert complete.reason == "GaveUp"
     # Once given up, nothing more happens for the same generation.
-    again = plan_reconcile({**st, "status": d.status}, [], NODES, T0, settings=FAST)
-    assert created(again) == [] and again.of(Requeue) == [] and again.status["phase"] == "Failed"
+    again = plan_reconcile({**st, "status": dumped(d)}, [], NODES, T0, settings=FAST)
+    assert created(again) == [] and again.of(Requeue) == [] and again.status.phase == "Failed"
 
 
 def test_zero_retries_gives_up_on_first_failure():
     st = make_training(status=running_status(), failure={"stage_retries": 0})
     d = plan_reconcile(st, [make_job("tiny-s256-a1", "FAILED", "Failed")], NODES, T0,
                        settings=FAST)
-    assert d.status["phase"] == "Failed" and reasons(d) == ["GaveUp"]
+    assert d.status.phase == "Failed" and reasons(d) == ["GaveUp"]
 
 
 @pytest.mark.parametrize("lost_node", [make_node("n1", ready=False), make_node("n1", cordoned=True),
@@ -120,13 +133,13 @@ def test_lost_node_is_excluded_before_the_retry(lost_node):
     st = make_training(status=running_status("BackingOff", finished="2026-11-25T12:00:00Z"))
     d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
     assert reasons(d) == ["Replanned", "StageRetried"]
-    assert d.status["excluded_nodes"] == ["n1"]
+    assert d.status.excluded_nodes == ["n1"]
     job = d.of(CreateObject)[0].body
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     exprs = worker["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"][0]["matchExpressions"]
     assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1"]} in exprs
-    assert stage(d, "s256")["nodes"] == ["n0", "n2"]
+    assert stage(d, "s256").nodes == ["n0", "n2"]
 
 
 def gpu_training(ring, dp, status):
@@ -151,7 +164,7 @@ def test_fixed_degrees_that_no_longer_fit_wait_for_nodes():
     assert created(d) == [] and reasons(d) == ["Replanned", "InsufficientNodes"]
     [event] = [e for e in d.events() if e.reason == "InsufficientNodes"]
     assert "1 usable nodes x 8 GPUs" in event.message and "needs 16 workers" in event.message
-    assert stage(d, "s256")["state"] == "BackingOff" and d.status["phase"] == "Running"
+    assert stage(d, "s256").state == "BackingOff" and d.status.phase == "Running"
 
 
 def test_auto_degrees_shrink_onto_the_remaining_nodes():
@@ -163,9 +176,9 @@ def test_auto_degrees_shrink_onto_the_remaining_nodes():
     job = d.of(CreateObject)[0].body
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
     assert "workers: 8" in d.of(ApplyConfigMap)[0].body["data"]["run.yaml"]
-    assert stage(d, "s256")["workers"] == 8
+    assert stage(d, "s256").workers == 8
     # Once the stage succeeds, the next one is planned at full size again.
-    status = {**d.status}
+    status = dumped(d)
     done = plan_reconcile(gpu_training("auto", "auto", status),
                           [make_job("tiny-s256-a2", "SUCCEEDED", "Complete")],
                           nodes + [make_node("n2")], T0 + dt.timedelta(seconds=60),
@@ -183,9 +196,9 @@ def test_spec_edited_mid_run_keeps_done_stages_and_deletes_removed_running_stage
     d = plan_reconcile(st, [make_job("tiny-s1k-a1")], NODES, T0, settings=FAST)
     assert DeleteRayJob("tiny-s1k-a1") in d.actions
     assert created(d) == ["tiny-s4k-a1"]
-    assert [s["name"] for s in d.status["stages"]] == ["s256", "s4k"]
+    assert [s.name for s in d.status.stages] == ["s256", "s4k"]
     assert reasons(d)[:2] == ["SpecChanged", "StageRemoved"]
-    assert d.status["observedGeneration"] == 2
+    assert d.status.observedGeneration == 2
 
 
 def test_spec_fixed_after_giving_up_restarts_the_failed_stage():
@@ -194,14 +207,14 @@ def test_spec_fixed_after_giving_up_restarts_the_failed_stage():
     st = make_training(generation=2, status=status)
     d = plan_reconcile(st, [make_job("tiny-s256-a3", "FAILED", "Failed")], NODES, T0,
                        settings=FAST)
-    assert created(d) == ["tiny-s256-a1"] and d.status["phase"] == "Running"
+    assert created(d) == ["tiny-s256-a1"] and d.status.phase == "Running"
 
 
 def test_invalid_spec_fails_with_the_field_named():
     st = make_training(stages=[{"name": "s1", "seq_len": 100, "steps": 1, "lr": 0.1,
                                 "ring_degree": 3, "data_parallel_degree": 1}])
     d = plan_reconcile(st, [], NODES, T0, settings=FAST)
-    assert d.status["phase"] == "Failed" and created(d) == []
+    assert d.status.phase == "Failed" and created(d) == []
     [event] = d.events()
     assert event.reason == "InvalidSpec"
     assert "spec.stages[0]" in event.message and "zigzag" in event.message
@@ -212,8 +225,8 @@ def test_all_stages_done_completes_once():
     for s in status["stages"]:
         s.update(state="Succeeded")
     d = plan_reconcile(make_training(status=status), [], NODES, T0, settings=FAST)
-    assert d.status["phase"] == "Succeeded" and reasons(d) == ["Completed"]
-    again = plan_reconcile(make_training(status=d.status), [], NODES, T0, settings=FAST)
+    assert d.status.phase == "Succeeded" and reasons(d) == ["Completed"]
+    again = plan_reconcile(make_training(status=dumped(d)), [], NODES, T0, settings=FAST)
     assert reasons(again) == [] and again.of(Requeue) == []
 
 
@@ -226,9 +239,9 @@ def test_ledger_fills_checkpoint_and_scores():
                                                         scores={"niah": 0.5, "vt": 1.0})})})
     d = plan_reconcile(make_training(status=running_status()), [make_job("tiny-s256-a1")], NODES,
                        T0, ledger=ledger, settings=FAST)
-    assert stage(d, "s256")["last_checkpoint"] == "checkpoints/s256/step-000025"
-    assert stage(d, "s256")["scores"] == {"niah": 0.5, "vt": 1.0}
-    assert d.status["last_score"] == pytest.approx(0.75)
+    assert stage(d, "s256").last_checkpoint == "checkpoints/s256/step-000025"
+    assert stage(d, "s256").scores == {"niah": 0.5, "vt": 1.0}
+    assert d.status.last_score == pytest.approx(0.75)
 
 
 def test_no_node_information_still_runs():
@@ -260,9 +273,9 @@ def test_unusable_topology_config_map_waits_with_a_warning(cluster_yaml, problem
     assert created(d) == [] and d.of(ApplyConfigMap) == []
     [event] = d.events()
     assert event.reason == "ClusterSpecUnusable" and problem in event.message
-    topo = next(c for c in d.status["conditions"] if c["type"] == "TopologyReady")
-    assert topo["status"] == "False"
+    topo = next(c for c in d.status.conditions if c.type == "TopologyReady")
+    assert topo.status == "False"
     # The same problem is not announced again on the next pass.
-    again = plan_reconcile(config_map_training(status=d.status), [], NODES, T0, settings=FAST,
+    again = plan_reconcile(config_map_training(status=dumped(d)), [], NODES, T0, settings=FAST,
                            cluster_yaml=cluster_yaml)
     assert again.events() == []

@@ -58,7 +58,8 @@ def test_operator_deployment_args_and_env_are_accepted(subdir):
     args = [a.replace("$(POD_NAMESPACE)", "ringpilot") for a in container["args"]]
     parsed = operator_parser().parse_args(args)
     assert parsed.namespace == "ringpilot" and parsed.liveness.endswith("/healthz")
-    from operators import __main__ as entry, handlers
+    from operators import __main__ as entry
+    from operators import handlers
 
     code = open(entry.__file__).read() + open(handlers.__file__).read()
     for name in env:
@@ -76,7 +77,7 @@ def test_samples_dir_exists():
 def test_the_jobs_working_dir_is_a_run_the_trainer_accepts(sample, tmp_path, capsys):
     """What the submitter uploads (the run ConfigMap's files) passes `ringpilot validate`."""
     from operators.decide import ApplyConfigMap, plan_reconcile
-    from ray_jobs.cli import main as ringpilot
+    from ringpilot.cli import main as ringpilot
     from tests.manifests.conftest import load_all
     from tests.operators.conftest import T0
 

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the ring tests, run in gloo worlds by ray_jobs.ring_attention.worlds."""
+"""Per-rank bodies of the ring tests, run in gloo worlds by tests.support.worlds."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from ray_jobs.ring_attention import (
     zigzag_shard,
     zigzag_unshard,
 )
-
 
 # Tolerances against single-process SDPA in the same dtype (values O(1), random normal inputs).
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}

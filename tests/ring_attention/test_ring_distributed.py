@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from ring_worlds import (
     ATTENTION_CASES,
     attention_world,
@@ -11,7 +10,7 @@ from ring_worlds import (
     ring_and_llama_world,
 )
 
-from ray_jobs.ring_attention.worlds import run_world
+from tests.support.worlds import run_world
 
 pytestmark = pytest.mark.multiprocess
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs.spec import RunSpec, rope_theta_for
-from ray_jobs.specfile import SpecError, load_model, validate_data
+from specs.loading import SpecError, load_model, validate_data
+from specs.run import RunSpec, rope_theta_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ray_jobs.cli import main
+from ringpilot.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_TEXT = (ROOT / "configs" / "tiny.yaml").read_text()
@@ -77,7 +77,7 @@ def test_nothing_to_validate_is_a_usage_error(capsys):
 def test_console_command_has_no_traceback_for_bad_input(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: 3\n")
-    proc = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "validate", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "ringpilot.cli", "validate", str(bad)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

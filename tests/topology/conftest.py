@@ -2,10 +2,9 @@
 
 import pytest
 import yaml
-
-from ray_jobs.spec import RunSpec
-
 from topology_helpers import ROOT
+
+from specs.run import RunSpec
 
 
 @pytest.fixture(scope="session")

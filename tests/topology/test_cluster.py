@@ -4,13 +4,13 @@ import networkx as nx
 import pytest
 import yaml
 from pydantic import ValidationError
+from topology_helpers import ROOT
 
-from ray_jobs.specfile import load_model
-from topology.cluster import ClusterSpec
+from specs.cluster import ClusterSpec
+from specs.loading import SpecError
 from topology.graph import Router, TopologyError, _check_connected, apply_degrade_link, build_graph
 from topology.presets import build_l40s_server, build_leaf_spine_cluster
-
-from topology_helpers import ROOT
+from topology.sources import build_cluster, load_cluster
 
 
 def _two_nodes() -> dict:
@@ -20,7 +20,7 @@ def _two_nodes() -> dict:
 @pytest.mark.parametrize("name", ["l40s-8x-2s", "l40s-2node-leaf", "l40s-64-leaf-spine",
                                   "l40s-64-1nic-4to1"])
 def test_example_yaml_loads_and_builds(name):
-    spec = load_model(ROOT / f"configs/clusters/{name}.yaml", ClusterSpec)
+    spec = load_cluster(ROOT / f"configs/clusters/{name}.yaml")
     g = build_graph(spec)
     assert sum(1 for _, k in g.nodes(data="kind") if k == "gpu") == spec.num_gpus
     assert nx.is_connected(g)
@@ -28,7 +28,7 @@ def test_example_yaml_loads_and_builds(name):
 
 
 def test_written_out_server_equals_preset():
-    spec = load_model(ROOT / "configs/clusters/l40s-8x-2s.yaml", ClusterSpec)
+    spec = load_cluster(ROOT / "configs/clusters/l40s-8x-2s.yaml")
     preset = build_l40s_server()
     assert spec.node_types["l40s-8x"] == preset.node_types["l40s-8x"]
 
@@ -155,8 +155,24 @@ def test_without_nodes_names_unknown_node():
 
 
 def test_preset_form_rejects_extra_fields():
-    with pytest.raises(ValidationError, match=r"preset: give only name/description"):
-        ClusterSpec.model_validate({"preset": {"nodes": 2}, "nodes": []})
+    with pytest.raises(SpecError, match=r"preset: give only name/description"):
+        build_cluster({"preset": {"nodes": 2}, "nodes": []}, source="c.yaml")
+
+
+def test_preset_expands_to_the_written_out_spec():
+    data = {"name": "two", "preset": {"kind": "l40s-leaf-spine", "nodes": 2}}
+    spec = build_cluster(data, source="c.yaml")
+    assert spec.name == "two" and len(spec.nodes) == 2
+    with pytest.raises(SpecError, match=r"preset: .*see topology.presets"):
+        build_cluster({"preset": {"kind": "l40s-leaf-spine", "bogus": 1}}, source="c.yaml")
+
+
+def test_cluster_schema_reads_no_file():
+    """A node-type file reference is the loader's business; the schema rejects it as data."""
+    data = _two_nodes()
+    data["node_types"]["l40s-8x"] = {"nvidia_smi_topo": "l40s-8x-2s.nvsmi.txt"}
+    with pytest.raises(ValidationError, match=r"nvidia_smi_topo"):
+        ClusterSpec.model_validate(data)
 
 
 def test_gpus_send_through_the_nearest_cabled_nic():

@@ -2,8 +2,17 @@
 
 import pytest
 
-from topology.cost import (FlowResult, StageDoesNotFit, StageShape, check_fits, dp_flows,
-                           evaluate_flows, memory_per_gpu, predict_stage, ring_flows)
+from topology.cost import (
+    FlowResult,
+    StageDoesNotFit,
+    StageShape,
+    check_fits,
+    dp_flows,
+    evaluate_flows,
+    memory_per_gpu,
+    predict_stage,
+    ring_flows,
+)
 from topology.graph import Router, build_graph
 from topology.presets import build_l40s_server
 from topology.profile import L40S

@@ -2,15 +2,14 @@
 
 import pytest
 from kubernetes.client import V1Node, V1NodeList, V1NodeStatus, V1ObjectMeta
+from topology_helpers import FIXTURES
 
-from topology.cluster import ClusterSpec, NodeSpec
+from specs.cluster import ClusterSpec, NodeSpec
 from topology.graph import TopologyError, build_graph
 from topology.k8s import build_cluster_from_k8s
 from topology.ncclxml import build_node_type_from_nccl_xml
 from topology.nvsmi import build_node_type_from_nvsmi, parse_topo_matrix
 from topology.presets import build_l40s_node_type, build_link_types
-
-from topology_helpers import FIXTURES
 
 NVSMI = (FIXTURES / "l40s-8x-2s.nvsmi.txt").read_text()
 NCCL = (FIXTURES / "l40s-8x-2s.nccl-topo.xml").read_text()
@@ -128,9 +127,9 @@ def test_k8s_conflicting_parents_are_refused():
 
 
 def test_cluster_yaml_reads_node_type_files(tmp_path):
-    from topology.cluster import load_cluster
-
     from topology_helpers import ROOT
+
+    from topology.sources import load_cluster
 
     spec = load_cluster(ROOT / "configs/clusters/l40s-2node-from-nvsmi.yaml")
     assert spec.node_types["l40s-8x"].nics == ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3"]
@@ -145,6 +144,6 @@ def test_cluster_yaml_reads_node_type_files(tmp_path):
     (tmp_path / "d.yaml").write_text(
         "name: x\nlink_types: {}\nnode_types: {t: {nccl_topo_xml: missing.xml}}\n"
         "nodes: [{name: a, node_type: t}]\n")
-    from ray_jobs.specfile import SpecError
+    from specs.loading import SpecError
     with pytest.raises(SpecError, match=r"node_types.t.nccl_topo_xml: cannot read .*missing.xml"):
         load_cluster(tmp_path / "d.yaml")

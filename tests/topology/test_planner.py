@@ -5,13 +5,12 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from topology_helpers import small_run
 
 from topology.cost import StageDoesNotFit, StageShape
-from topology.planner import Planner, PlanError, plan_exhaustive
+from topology.planner import PlanError, Planner, plan_exhaustive
 from topology.presets import build_l40s_server, build_leaf_spine_cluster
 from topology.run_plan import plan_from_workers, plan_run
-
-from topology_helpers import small_run
 
 CASES = [  # (cluster, ring, dp): every placement of 8 GPUs is enumerated
     ("one server", lambda: build_l40s_server(), 8, 1),
@@ -154,7 +153,7 @@ def test_any_plan_partitions_the_gpus_and_never_loses_to_ray(nodes, per_leaf, ni
 
 
 def test_mixed_node_types_are_planned():
-    from topology.cluster import ClusterSpec
+    from specs.cluster import ClusterSpec
     from topology.presets import build_l40s_node_type
 
     data = build_leaf_spine_cluster(3, 2).model_dump()

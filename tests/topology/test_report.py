@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from topology_helpers import ROOT, small_run
 
-from ray_jobs.cli import main as ringpilot
+from ringpilot.cli import main as ringpilot
 from topology.presets import build_leaf_spine_cluster
 from topology.report import render_report
 from topology.run_plan import plan_run
-
-from topology_helpers import ROOT, small_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ray_jobs.spec import RunSpec
+from specs.run import RunSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"

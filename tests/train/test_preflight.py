@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from ray_jobs.train import main
 from tests.train.conftest import mini_spec, write_spec
 

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.checkpoint import read_state
-from ray_jobs.ledger import COMMITTED, Ledger
 from ray_jobs.train import main
+from specs.ledger import COMMITTED, Ledger
+from tests.support.faults import CrashOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(tmp: Path, **overrides) -> Path:
+def _train(tmp: Path, before_step=None, **overrides) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     spec = write_spec(tmp / "run.yaml", mini_spec(tmp / "runs", **overrides))
-    assert main(["--run", str(spec)]) == 0
+    assert main(["--run", str(spec)], before_step=before_step) == 0
     return tmp / "runs" / "mini"
 
 
@@ -46,8 +47,8 @@ def test_stages_carry_weights_and_raise_theta(baseline):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from ray_jobs.model import weights_checksum
-    from ray_jobs.spec import RunSpec
-    from ray_jobs.specfile import load_model
+    from specs.loading import load_model
+    from specs.run import RunSpec
 
     run = load_model(baseline.parent.parent / "run.yaml", RunSpec)
     ledger = Ledger(baseline)
@@ -72,10 +73,9 @@ def test_stages_carry_weights_and_raise_theta(baseline):
     assert [len(s["rings"][0]) for s in plan["stages"]] == [2, 2]
 
 
-def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path, monkeypatch):
-    monkeypatch.setenv("RINGPILOT_CRASH_AT", "s64:3")
-    run_dir = _train(tmp_path, **{"storage.checkpoint_every": 2})
-    assert (run_dir / ".crash-injected-s64-3").exists()  # the worker really died once
+def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path):
+    run_dir = _train(tmp_path, CrashOnce("s64", 3), **{"storage.checkpoint_every": 2})
+    assert crash_marker(run_dir, "s64", 3).exists()  # the worker really died once
     for stage in ("s64", "s128"):
         got, want = _trajectory(run_dir, stage), _trajectory(baseline, stage)
         assert sorted(got) == sorted(want)

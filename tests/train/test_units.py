@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 import multiprocessing as mp
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from ray_jobs.data import IGNORE, SampleStream, build_eval_prompt
-from ray_jobs.ledger import COMMITTED, Ledger, mark_committed
 from ray_jobs.loop import LR_FLOOR, lr_factor, plan_start
 from ray_jobs.model import apply_rope_theta, build_model
-from ray_jobs.spec import RunSpec
 from ray_jobs.tokenizer import build_tokenizer
+from specs.ledger import COMMITTED, Ledger, mark_committed
+from specs.run import RunSpec
 from tests.train.conftest import mini_spec
 
 

@@ -1,60 +1,15 @@
-"""ClusterSpec: a cluster's GPUs, PCIe tree, sockets, NICs and fabric switches (a seam)."""
+"""ClusterSpec: a cluster's GPUs, PCIe tree, sockets, NICs and fabric switches (a seam).
+
+The schema only: it reads no file. Presets and node types read from `nvidia-smi topo -m` or NCCL
+XML files are expanded into plain data by `topology.sources` before validation.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from contextvars import ContextVar
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-
-# Directory that relative node-type files are read from (set by load_cluster to the YAML's
-# directory; otherwise the current directory).
-BASE_DIR: ContextVar[Path | None] = ContextVar("BASE_DIR", default=None)
-
-
-def _expand_node_file(data: dict, tname: str, value: dict) -> dict:
-    """node_types.NAME: {nvidia_smi_topo: FILE} or {nccl_topo_xml: FILE} -> the node type read
-    from that file (NCCL's NIC and PCIe link types are added unless already given)."""
-    if len(value) != 1 or not isinstance(next(iter(value.values())), str):
-        raise ValueError(f"node_types.{tname}: a file reference stands alone, got "
-                         f"{value!r}; give only nvidia_smi_topo: FILE or nccl_topo_xml: FILE")
-    key, name = next(iter(value.items()))
-    path = Path(name)
-    if not path.is_absolute():
-        path = (BASE_DIR.get() or Path.cwd()) / path
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"node_types.{tname}.{key}: cannot read {str(path)!r} ({e.strerror}); "
-                         "paths are relative to the cluster YAML when loaded by ringpilot plan, "
-                         "else to the current directory") from None
-    if key == "nvidia_smi_topo":
-        from topology.nvsmi import build_node_type_from_nvsmi
-
-        nt, links = build_node_type_from_nvsmi(text), {}
-    else:
-        from topology.ncclxml import build_node_type_from_nccl_xml
-
-        nt, links = build_node_type_from_nccl_xml(text)
-    given = data.get("link_types")
-    link_types = ({**{k: v.model_dump() for k, v in links.items()}, **given}
-                  if isinstance(given, dict) else given)
-    return {**data, "link_types": link_types,
-            "node_types": {**data["node_types"], tname: nt.model_dump()}}
-
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """A ClusterSpec YAML, node-type files resolved next to it; SpecError lists problems."""
-    from ray_jobs.specfile import read_yaml, validate_data
-
-    token = BASE_DIR.set(Path(path).resolve().parent)
-    try:
-        return validate_data(read_yaml(path), ClusterSpec, source=str(path))
-    finally:
-        BASE_DIR.reset(token)
 
 
 class _Spec(BaseModel):
@@ -218,33 +173,6 @@ class ClusterSpec(_Spec):
     unknown_topology: list[UnknownNode] = Field(
         default_factory=list, description="Nodes without a known network position: listed in "
         "reports, left out of plans.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _expand_preset(cls, data):
-        """`preset: {kind: l40s-leaf-spine, nodes: 64, ...}` stands for the whole spec."""
-        if isinstance(data, dict) and "preset" in data:
-            from topology.presets import build_preset
-
-            rest = {k: v for k, v in data.items() if k != "preset"}
-            if set(rest) - {"name", "description", "unknown_topology"}:
-                raise ValueError(f"preset: give only name/description beside it, got "
-                                 f"{sorted(rest)}")
-            if not isinstance(data["preset"], dict):
-                raise ValueError(f"preset: expected a mapping like {{kind: l40s-leaf-spine, "
-                                 f"nodes: 64}}, got {data['preset']!r}")
-            args = dict(data["preset"])
-            try:
-                spec = build_preset(args.pop("kind", "l40s-leaf-spine"), **args)
-            except TypeError as e:
-                raise ValueError(f"preset: {e}; see topology.presets") from None
-            return {**spec.model_dump(), **rest}
-        if isinstance(data, dict) and isinstance(data.get("node_types"), dict):
-            data = {**data, "node_types": dict(data["node_types"])}
-            for tname, value in data["node_types"].items():
-                if isinstance(value, dict) and ({"nvidia_smi_topo", "nccl_topo_xml"} & set(value)):
-                    data = _expand_node_file(data, tname, value)
-        return data
 
     @model_validator(mode="after")
     def _references(self) -> ClusterSpec:

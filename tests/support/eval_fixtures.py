@@ -15,9 +15,9 @@ def build_tokenizer(vocab_size: int = 1000):
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    corpus = [" ".join(tasks._sentence(rng) for _ in range(8)) for _ in range(200)]
-    corpus += [f"VAR {tasks._word(rng).upper()} = {rng.randint(0, 10**7)}." for _ in range(200)]
-    corpus += [tasks._NIAH_INSTRUCTION]
+    corpus = [" ".join(tasks.filler_sentence(rng) for _ in range(8)) for _ in range(200)]
+    corpus += [f"VAR {tasks.code_word(rng).upper()} = {rng.randint(0, 10**7)}." for _ in range(200)]
+    corpus += [tasks.NIAH_INSTRUCTION]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,7 +45,7 @@ def save_checkpoint(model, tokenizer, path: str | Path, *, ringpilot: bool = Tru
     """Write a checkpoint as the trainer does: HF files, tokenizer, trainer_state/, then the
     COMMITTED marker (`ringpilot=False`: a plain HF directory; `commit=False`: an incomplete
     one)."""
-    from ray_jobs.ledger import mark_committed
+    from specs.ledger import mark_committed
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -59,14 +59,14 @@ def save_checkpoint(model, tokenizer, path: str | Path, *, ringpilot: bool = Tru
     return path
 
 
-def crash_on_first_attempt(request: dict) -> dict:
+def crash_on_first_attempt(request):
     """An evaluation whose actor process dies mid-task on its first attempt (after one sample),
     then behaves: what a GPU fault or OOM kill looks like to the scheduler."""
     import os
 
     from ray_jobs.eval.scheduler import evaluate_request
 
-    if request["attempt"] > 1:
+    if request.attempt > 1:
         return evaluate_request(request)
 
     def wrap(generate):
@@ -96,7 +96,7 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
 
     import torch
 
-    from ray_jobs.ledger import Ledger
+    from specs.ledger import Ledger
 
     torch.set_num_threads(threads)
     ledger = Ledger(run_dir, run_name)
@@ -144,7 +144,7 @@ def _wait_for_eval(ledger, stage: str, rel: str, timeout: float) -> str | None:
     return None
 
 
-def hang(request: dict) -> dict:
+def hang(request):
     """An evaluation that never finishes (a stuck device): only cancelling ends it."""
     import time
 

@@ -7,6 +7,7 @@ The same YAML is the `--run` file of `python -m ray_jobs.train` and the `spec` o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -306,6 +307,11 @@ class RunSpec(_Spec):
                     "the model's"
                 )
         return self
+
+    @property
+    def run_dir(self) -> Path:
+        """`<storage.path>/<name>`: the ledger, plan, checkpoints and evaluations of this run."""
+        return Path(self.storage.path).expanduser().absolute() / self.name
 
     def stage_theta(self, index: int) -> float:
         """RoPE base of stage `index`: as given, or by the scaling-law rule."""

@@ -20,12 +20,13 @@ import datetime as dt
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from specs.atomic import atomic_write, fsync_dir
 
 COMMITTED = "COMMITTED"
 LEDGER_FILE = "ledger.json"
@@ -82,21 +83,10 @@ def mark_committed(checkpoint_dir: str | Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _atomic_write(checkpoint_dir / COMMITTED, _now() + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        elif f.is_dir():  # the entries of its files, too
+            fsync_dir(f)
+    fsync_dir(checkpoint_dir)
+    atomic_write(checkpoint_dir / COMMITTED, _now() + "\n")
 
 
 class Ledger:
@@ -128,7 +118,7 @@ class Ledger:
             doc = self.read()
             change(doc)
             doc.updated_at = _now()
-            _atomic_write(self.path, json.dumps(doc.model_dump(mode="json"), indent=2) + "\n")
+            atomic_write(self.path, json.dumps(doc.model_dump(mode="json"), indent=2) + "\n")
             return doc
 
     def stage(self, doc: LedgerDoc, name: str) -> StageEntry:

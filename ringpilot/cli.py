@@ -1,4 +1,8 @@
-"""The `ringpilot` command: validate specs, plan placements, render manifests and reports."""
+"""The `ringpilot` command: validate specs, plan placements, render manifests and reports.
+
+Each subcommand belongs to the folder it drives: `plan` to topology/, `manifests` to operators/,
+`eval report` to the evaluation reports of ray_jobs/eval/; this module only composes them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from ray_jobs.spec import RunSpec
-from ray_jobs.specfile import SpecError, load_model
+from operators.cli import add_manifests_parser
+from specs.loading import SpecError, load_model
+from specs.run import RunSpec
+from topology.cli import add_plan_parser
+from topology.sources import load_cluster
 
 EXIT_USER_ERROR = 2
 
@@ -26,8 +33,6 @@ def _validate(args: argparse.Namespace) -> int:
         except SpecError as e:
             problems.append(e)
     if args.cluster is not None:
-        from topology.cluster import load_cluster  # the topology seam, only when asked for
-
         try:
             cluster = load_cluster(args.cluster)  # node-type files resolve next to the YAML
             print(cluster.summary())
@@ -52,16 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
     validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
-    from topology.cli import add_plan_parser  # `ringpilot plan`: the topology planner's report
-
     add_plan_parser(sub)
-    from ray_jobs.eval.cli import add_eval_parser  # `ringpilot eval report`: evaluation
-
-    add_eval_parser(sub)
-    from operators.cli import add_manifests_parser  # `ringpilot manifests`: k8s objects
-
+    _add_eval_parser(sub)
     add_manifests_parser(sub)
     return parser
+
+
+def _eval_report(args: argparse.Namespace) -> int:
+    from ray_jobs.eval.report import render_run_report  # matplotlib: only when asked for
+
+    try:
+        md, page = render_run_report(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"wrote {md} and {page}")
+    return 0
+
+
+def _add_eval_parser(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="checkpoint evaluation reports",
+                               description="Reports of the evaluation actors' results.")
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    report = sub.add_parser("report", help="render the run's evaluation report (Markdown + HTML)",
+                            description="Write RUN_DIR/eval/report.md and report.html: a table "
+                            "of every evaluated checkpoint, score-vs-step plots and heatmaps.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="run directory (<storage.path>/<name>)")
+    report.set_defaults(func=_eval_report)
 
 
 def main(argv: list[str] | None = None) -> int:

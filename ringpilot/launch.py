@@ -1,6 +1,6 @@
 """`make demo`: a local Ray head on loopback, the run submitted as a Ray job, logs streamed, head stopped.
 
-    python -m ray_jobs.launch [--run configs/tiny.yaml] [--fresh]
+    python -m ringpilot.launch [--run configs/tiny.yaml] [--fresh]
 
 Starts `ray start --head --block` as a child process (so stopping it stops only this head, never
 another Ray on the machine), submits `python -m ray_jobs.train --run RUN` with `ray job submit
@@ -59,7 +59,7 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ringpilot.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="configs/tiny.yaml", help="RunSpec YAML (default: the tiny run)")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the head: training workers plus spare ones for eval actors")
@@ -68,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(otherwise a finished run is only summarised, an unfinished one resumed)")
     args = parser.parse_args(argv)
 
-    from ray_jobs.spec import RunSpec
-    from ray_jobs.specfile import SpecError, load_model
-    from ray_jobs.train import run_dir_of
+    from specs.loading import SpecError, load_model
+    from specs.run import RunSpec
     try:
         run = load_model(args.run, RunSpec)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 2
-    run_dir = run_dir_of(run)
+    run_dir = run.run_dir
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
 
@@ -148,8 +147,8 @@ def _print_retrieval(run, run_dir: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     from ray_jobs.checkpoint import final_checkpoint
-    from ray_jobs.ledger import Ledger
     from ray_jobs.model import retrieval_scores
+    from specs.ledger import Ledger
 
     hf_logging.disable_progress_bar()
     ledger = Ledger(run_dir, run.name)

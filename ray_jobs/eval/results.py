@@ -1,0 +1,62 @@
+"""What an evaluation produced: results.json's document, and reading it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RESULTS_FILE = "results.json"
+TABLES_FILE = "tables.md"
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CellResult(_Doc):
+    task: str = Field(description="Task name (RULER's).")
+    length: int = Field(description="Context length in tokens.")
+    depth: float | None = Field(description="Needle depth in percent; null for cwe/fwe.")
+    score: float = Field(description="Mean score of the cell's samples, 0..1.")
+    samples: int = Field(description="Samples scored.")
+
+
+class SampleResult(_Doc):
+    task: str = Field(description="Task name.")
+    length: int = Field(description="Context length in tokens.")
+    depth: float | None = Field(description="Needle depth in percent.")
+    index: int = Field(description="Sample index within the cell.")
+    prompt_tokens: int = Field(description="Tokens of the prompt.")
+    answers: list[str] = Field(description="Expected answers.")
+    output: str = Field(description="The model's greedy continuation.")
+    score: float = Field(description="Score of this output, 0..1.")
+
+
+class Skipped(_Doc):
+    task: str = Field(description="Task skipped (or '*' for all).")
+    length: int = Field(description="Context length skipped.")
+    reason: str = Field(description="Why it was not evaluated.")
+
+
+class EvalResults(_Doc):
+    checkpoint: str = Field(description="Evaluated checkpoint directory.")
+    stage: str | None = Field(None, description="Stage of a ringpilot checkpoint.")
+    step: int | None = Field(None, description="Step within the stage.")
+    tasks: list[str] = Field(description="Tasks asked for.")
+    lengths: list[int] = Field(description="Context lengths asked for.")
+    depths: list[float] = Field(description="Needle depths (percent).")
+    samples: int = Field(description="Samples per cell.")
+    seed: int = Field(description="Seed of the prompts.")
+    max_length: int = Field(description="Longest context one evaluator runs.")
+    started_unix: float = Field(description="When the evaluation began (Unix time).")
+    finished_unix: float = Field(0.0, description="When it ended (Unix time).")
+    scores: dict[str, float] = Field(default_factory=dict, description="Mean score per task.")
+    cells: list[CellResult] = Field(default_factory=list, description="Score per cell.")
+    skipped: list[Skipped] = Field(default_factory=list, description="Cells not evaluated.")
+    outputs: list[SampleResult] = Field(default_factory=list, description="Every sample.")
+    files: dict[str, str] = Field(default_factory=dict, description="Plots and tables written.")
+
+
+def load_results(path: str | Path) -> EvalResults:
+    return EvalResults.model_validate_json(Path(path).read_text(encoding="utf-8"))

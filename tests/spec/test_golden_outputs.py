@@ -1,0 +1,47 @@
+"""What users see stays the same: `ringpilot validate` of every shipped config and the planning
+report of the published 8B recipe, byte for byte against tests/golden/.
+
+The goldens were written before the seams moved to specs/ (issue "The house"), so this test is
+the proof that the move changed no output. A deliberate change of an output (the cost model, a
+summary line) regenerates them with `make goldens`; review that diff like code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ringpilot.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+RUNS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+CLUSTERS = sorted(p.stem for p in (ROOT / "configs" / "clusters").glob("*.yaml"))
+
+
+def test_every_shipped_config_has_a_golden():
+    have = {p.name for p in GOLDEN.glob("validate-*.txt")}
+    want = {f"validate-{n}.txt" for n in RUNS} | {f"validate-cluster-{n}.txt" for n in CLUSTERS}
+    assert want <= have, f"no golden for {sorted(want - have)}: run `make goldens`"
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_validate_run_output_is_unchanged(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", f"configs/{name}.yaml"]) == 0
+    assert capsys.readouterr().out == (GOLDEN / f"validate-{name}.txt").read_text()
+
+
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_validate_cluster_output_is_unchanged(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "--cluster", f"configs/clusters/{name}.yaml"]) == 0
+    assert capsys.readouterr().out == (GOLDEN / f"validate-cluster-{name}.txt").read_text()
+
+
+def test_plan_report_of_the_8b_recipe_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "--run", "configs/llama3-8b-1m.yaml", "--out", str(tmp_path)]) == 0
+    got = (tmp_path / "report.md").read_text()
+    assert got == (GOLDEN / "plan-llama3-8b-1m.report.md").read_text()

@@ -1,0 +1,163 @@
+"""The house: packages import only downwards, nothing imports in a circle, every module imports
+alone, and the tree passes the linter.
+
+Floors, lowest first: specs/ (the seams), topology/, then ray_jobs/ and operators/ side by side,
+then ringpilot/ (the command line and the demo launcher). A module may import its own package
+and the floors below it; no product module imports tests/ or benchmarks/. Function-level imports
+count too: a lazy import is still a dependency, and a lazy circle still is one.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = {"specs": 0, "topology": 1, "ray_jobs": 2, "operators": 2, "ringpilot": 3}
+NOT_PRODUCT = ("tests", "benchmarks")
+
+
+def module_files(root: Path, packages) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file under the given top-level packages."""
+    mods = {}
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            mods[".".join(parts)] = f
+    return mods
+
+
+def import_graph(root: Path, packages) -> nx.DiGraph:
+    """Module -> the project modules (and foreign top-level names in NOT_PRODUCT) it imports,
+    at any depth of the file, resolved to the longest known module name."""
+    mods = module_files(root, packages)
+    graph = nx.DiGraph()
+    for name, path in mods.items():
+        graph.add_node(name)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package upwards
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                top = target.split(".")[0]
+                if top in NOT_PRODUCT:
+                    graph.add_edge(name, top)
+                    continue
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph.add_edge(name, target)
+    return graph
+
+
+def problems_of(graph: nx.DiGraph) -> list[str]:
+    """Circles and imports that point up a floor, across a floor, or into test code."""
+    found = [" -> ".join([*c, c[0]]) + ": an import circle"
+             for c in nx.simple_cycles(graph) if len(c) > 1]
+    for a, b in graph.edges:
+        pa, pb = a.split(".")[0], b.split(".")[0]
+        if pb in NOT_PRODUCT:
+            found.append(f"{a} imports {b}: product code must not import {pb}/")
+        elif pa != pb and FLOORS[pb] >= FLOORS[pa]:
+            found.append(f"{a} imports {b}: {pb}/ is on floor {FLOORS[pb]}, not below "
+                         f"{pa}/ (floor {FLOORS[pa]}); move the shared piece down to specs/")
+    return sorted(found)
+
+
+def test_no_import_circle_and_no_upward_import():
+    problems = problems_of(import_graph(ROOT, FLOORS))
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_checker_sees_circles_upward_and_test_imports(tmp_path):
+    """The check above must be able to fail: a tree with each defect is caught."""
+    files = {
+        "specs/__init__.py": "",
+        "specs/a.py": "from topology.b import x  # upward\n",
+        "topology/__init__.py": "",
+        "topology/b.py": "def f():\n    from topology.c import y  # lazy, still a circle\n",
+        "topology/c.py": "from topology import b\nimport tests.helpers\n",
+        "ray_jobs/__init__.py": "",
+        "ray_jobs/d.py": "from operators.e import z  # sideways, same floor\n",
+        "operators/__init__.py": "",
+        "operators/e.py": "from . import f\n",
+        "operators/f.py": "from .e import z  # relative circle\n",
+        "ringpilot/__init__.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    problems = problems_of(import_graph(tmp_path, FLOORS))
+    assert any("specs.a imports topology.b" in p for p in problems)
+    assert any("ray_jobs.d imports operators.e" in p for p in problems)
+    assert any("topology.c imports tests" in p for p in problems)
+    assert any(p.endswith("an import circle") and "topology.b" in p and "topology.c" in p
+               for p in problems)
+    assert any(p.endswith("an import circle") and "operators.e" in p and "operators.f" in p
+               for p in problems)
+
+
+def test_specs_import_nothing_of_the_project_but_specs():
+    graph = import_graph(ROOT, FLOORS)
+    outside = sorted({(a, b) for a, b in graph.edges
+                      if a.startswith("specs") and not b.startswith("specs")})
+    assert outside == []
+
+
+# One fresh interpreter imports the third-party libraries once, then forks a child per module:
+# each child starts with no project module loaded, so an import that only works after another
+# project module was imported (an order-dependent circle) fails there.
+_IMPORT_ALONE = textwrap.dedent("""
+    import importlib, os, sys, traceback
+    for heavy in ("torch", "transformers", "ray", "networkx", "numpy", "pydantic", "yaml",
+                  "matplotlib", "kubernetes", "kopf", "rich", "tokenizers"):
+        importlib.import_module(heavy)
+    assert not [m for m in sys.modules if m.split(".")[0] in {FLOORS!r}], "loaded too early"
+    failed = []
+    for name in sys.argv[1:]:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            failed.append(name)
+    print("FAILED:", " ".join(failed))
+    sys.exit(1 if failed else 0)
+""")
+
+
+def test_every_module_imports_alone():
+    names = sorted(module_files(ROOT, FLOORS))
+    code = _IMPORT_ALONE.replace("{FLOORS!r}", repr(set(FLOORS)))
+    done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert len(names) > 60  # the walk found the tree
+
+
+def test_ruff_passes():
+    """Line length, import order, unused names: the configuration is pyproject's [tool.ruff]."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
