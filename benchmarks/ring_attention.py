@@ -1,4 +1,4 @@
-"""Benchmark ring attention on CPU/gloo: parallel efficiency, a peer library, memory per rank, hidden communication.
+"""Benchmark ring attention on CPU/gloo: efficiency, a peer library, memory per rank, hidden comms.
 
 Run from a fresh clone (the last printed line is one JSON object):
     .venv/bin/python benchmarks/ring_attention.py            # S = 16K timings, 32K memory (minutes)
@@ -79,7 +79,8 @@ def single_body(rank, world, seq, dtype, reps, memory):
     """One process, the same CPU flash kernel on the whole sequence."""
     kernel, scale = CpuFlashKernel(), HEAD_DIM**-0.5
     q, k, v, dout = _inputs(seq, dtype, 0)
-    kernel.backward(dout[:, :256], q[:, :256], k[:, :256], v[:, :256], *kernel.forward(q[:, :256], k[:, :256], v[:, :256], True, scale), True, scale)
+    kernel.backward(dout[:, :256], q[:, :256], k[:, :256], v[:, :256],
+                    *kernel.forward(q[:, :256], k[:, :256], v[:, :256], True, scale), True, scale)
     times, cpu_times, peak = [], [], None
     for _ in range(reps):
         base = _reset_peak()
@@ -92,12 +93,13 @@ def single_body(rank, world, seq, dtype, reps, memory):
         peak = _rss()[1] - base
     result = {"time_s": min(times), "cpu_s": min(cpu_times)}
     if memory:
-        result |= {"peak_rise_bytes": peak, "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
+        result |= {"peak_rise_bytes": peak,
+                   "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
     return result
 
 
 def _pure_comm_seconds(ring, k, v):
-    """The transfers one fwd+bwd makes (K/V P-1 times twice, fp32 dK/dV P times), without compute."""
+    """The transfers one fwd+bwd makes (K/V P-1 times twice, fp32 dK/dV P times), no compute."""
     grads = [torch.zeros(k.shape, dtype=torch.float32), torch.zeros(v.shape, dtype=torch.float32)]
     dist.barrier()
     start = time.perf_counter()
@@ -125,10 +127,12 @@ def ring_body(rank, world, seq, dtype, reps, memory):
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
         peak = _rss()[1] - base
-    result = {"times_s": times, "cpu_s": min(cpu_times), "compute_s": timings.compute_s, "wait_s": timings.wait_s,
+    result = {"times_s": times, "cpu_s": min(cpu_times), "compute_s": timings.compute_s,
+              "wait_s": timings.wait_s,
               "comm_alone_s": _pure_comm_seconds(resolve_ring(None), k.detach(), v.detach())}
     if memory:
-        result |= {"peak_rise_bytes": peak, "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
+        result |= {"peak_rise_bytes": peak,
+                   "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
     return result
 
 
@@ -139,11 +143,13 @@ def _ensure_peer():
     except ImportError:
         pass
     if not PEER_DIR.exists():
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(PEER_DIR), *PEER_PACKAGES]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(PEER_DIR),
+               *PEER_PACKAGES]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             return False, "pip install failed: " + " ".join(cmd)
     sys.path.insert(0, str(PEER_DIR))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), str(ROOT),
+                                                os.environ.get("PYTHONPATH", "")])
     try:
         import ring_attention_pytorch  # noqa: F401
         return True, f"installed with --no-deps into {PEER_DIR}"
@@ -158,7 +164,7 @@ def _striped_perm(seq, bucket):
 
 
 def peer_body(rank, world, seq, reps, check):
-    """ring-attention-pytorch's ring_flash_attn, fp32, causal, striped; optional check against SDPA."""
+    """ring-attention-pytorch's ring_flash_attn, fp32, causal, striped; optional check vs SDPA."""
     sys.path.insert(0, str(PEER_DIR))
     from ring_attention_pytorch import ring_flash_attn
 
@@ -168,7 +174,8 @@ def peer_body(rank, world, seq, reps, check):
     perm = _striped_perm(seq, bucket)
     mine = perm[rank * local:(rank + 1) * local]
     lq, lk, lv = (t[:, mine].clone().requires_grad_() for t in (q, k, v))
-    kwargs = dict(causal=True, bucket_size=bucket, ring_reduce_col=True, striped_ring_attn=True, ring_size=world)
+    kwargs = dict(causal=True, bucket_size=bucket, ring_reduce_col=True, striped_ring_attn=True,
+                  ring_size=world)
     times = []
     for _ in range(reps):
         dist.barrier()
@@ -179,10 +186,13 @@ def peer_body(rank, world, seq, reps, check):
     result = {"times_s": times}
     if check:
         ref = [t.clone().requires_grad_() for t in (q, k, v)]
-        want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=True).transpose(1, 2)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in ref), is_causal=True).transpose(1, 2)
         want.backward(dout)
-        pairs = {"out": (out, want), "dq": (lq.grad, ref[0].grad), "dk": (lk.grad, ref[1].grad), "dv": (lv.grad, ref[2].grad)}
-        result["max_abs_err"] = {n: (a.detach() - b.detach()[:, mine]).abs().max().item() for n, (a, b) in pairs.items()}
+        pairs = {"out": (out, want), "dq": (lq.grad, ref[0].grad), "dk": (lk.grad, ref[1].grad),
+                 "dv": (lv.grad, ref[2].grad)}
+        result["max_abs_err"] = {n: (a.detach() - b.detach()[:, mine]).abs().max().item()
+                                 for n, (a, b) in pairs.items()}
     return result
 
 
@@ -197,8 +207,10 @@ def _ring_time(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (2K timings, 4K memory)")
-    parser.add_argument("--skip-peer", action="store_true", help="do not run ring-attention-pytorch")
-    parser.add_argument("--skip-memory", action="store_true", help="do not run the memory measurement")
+    parser.add_argument("--skip-peer", action="store_true",
+                        help="do not run ring-attention-pytorch")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="do not run the memory measurement")
     args = parser.parse_args()
     # Every buffer above 64 KiB gets its own mmap, so freeing returns it to the OS and the peak
     # resident set measures live tensors (glibc otherwise keeps freed memory on its heap).
@@ -211,7 +223,8 @@ def main():
     ring = run_ranks(2, ring_body, seq, bf16, reps, False)
     t_ring = _ring_time(ring)
     print(f"S={seq} bf16: single {single['time_s']:.2f}s, ring P=2 slowest rank {t_ring:.2f}s "
-          f"(compute {[round(r['compute_s'], 2) for r in ring]}, wait {[round(r['wait_s'], 3) for r in ring]}, "
+          f"(compute {[round(r['compute_s'], 2) for r in ring]}, "
+          f"wait {[round(r['wait_s'], 3) for r in ring]}, "
           f"transfers alone {[round(r['comm_alone_s'], 3) for r in ring]})", flush=True)
     report["efficiency_p2_16k"] = single["time_s"] / (2 * t_ring)
     # CPU seconds (all threads of the process) are less sensitive to other jobs on the machine
@@ -228,18 +241,21 @@ def main():
         report["peer"] = how
         if ok:
             check = run_ranks(2, peer_body, 1024 if not args.quick else 512, 1, True)
-            report["peer_max_abs_err_vs_sdpa"] = {n: max(r["max_abs_err"][n] for r in check) for n in ("out", "dq", "dk", "dv")}
+            report["peer_max_abs_err_vs_sdpa"] = {n: max(r["max_abs_err"][n] for r in check)
+                                                  for n in ("out", "dq", "dk", "dv")}
             peer = run_ranks(2, peer_body, seq, 1, False)
             ring32 = run_ranks(2, ring_body, seq, torch.float32, 1, False)
             t_peer = _ring_time(peer)
             report["speedup_vs_ring_attention_pytorch"] = t_peer / t_ring
             report["speedup_vs_ring_attention_pytorch_both_fp32"] = t_peer / _ring_time(ring32)
             report |= {"t_peer_fp32_s": t_peer, "t_ring_fp32_s": _ring_time(ring32)}
-            print(f"ring-attention-pytorch fp32 {t_peer:.2f}s vs ours bf16 {t_ring:.2f}s / fp32 {_ring_time(ring32):.2f}s; "
+            print(f"ring-attention-pytorch fp32 {t_peer:.2f}s vs ours bf16 {t_ring:.2f}s / "
+                  f"fp32 {_ring_time(ring32):.2f}s; "
                   f"its max abs errors vs SDPA: {report['peer_max_abs_err_vs_sdpa']}", flush=True)
         else:
             report["speedup_vs_ring_attention_pytorch"] = None
-            print(f"ring-attention-pytorch unavailable ({how}); install: pip install --no-deps --target "
+            print(f"ring-attention-pytorch unavailable ({how}); "
+                  f"install: pip install --no-deps --target "
                   f"{PEER_DIR} {' '.join(PEER_PACKAGES)}", flush=True)
 
     if args.skip_memory:
@@ -250,14 +266,16 @@ def main():
     single_mem = run_ranks(1, single_body, mem_seq, bf16, 2, True)[0]
     ring_mem = run_ranks(2, ring_body, mem_seq, bf16, 2, True)
     ring_mem4 = run_ranks(4, ring_body, mem_seq, bf16, 2, True)
-    report["memory_ratio_32k_p4"] = max(r["peak_rise_bytes"] + r["input_bytes"] for r in ring_mem4) / (
-        single_mem["peak_rise_bytes"] + single_mem["input_bytes"])
+    report["memory_ratio_32k_p4"] = (max(r["peak_rise_bytes"] + r["input_bytes"] for r in ring_mem4)
+                                     / (single_mem["peak_rise_bytes"] + single_mem["input_bytes"]))
     per_rank = max(r["peak_rise_bytes"] + r["input_bytes"] for r in ring_mem)
     whole = single_mem["peak_rise_bytes"] + single_mem["input_bytes"]
     report["memory_ratio_32k"] = per_rank / whole
-    report["memory_ratio_32k_excluding_inputs"] = max(r["peak_rise_bytes"] for r in ring_mem) / single_mem["peak_rise_bytes"]
+    report["memory_ratio_32k_excluding_inputs"] = (max(r["peak_rise_bytes"] for r in ring_mem)
+                                                   / single_mem["peak_rise_bytes"])
     report |= {"memory_single_mib": whole / 2**20, "memory_ring_rank_mib": per_rank / 2**20}
-    print(f"S={mem_seq} attention memory: single {whole / 2**20:.0f} MiB, ring rank {per_rank / 2**20:.0f} MiB", flush=True)
+    print(f"S={mem_seq} attention memory: single {whole / 2**20:.0f} MiB, "
+          f"ring rank {per_rank / 2**20:.0f} MiB", flush=True)
     print(json.dumps(report))
 
 

@@ -59,7 +59,8 @@ def _run_ray(spec: dict, tmp: Path, crash: CrashOnce | None = None) -> Path:
 
 def ray_tokens_per_s(run_dir: Path, stage: str) -> float:
     """Steady-state tokens/s: the reports after the first (which includes start-up)."""
-    recs = [json.loads(x) for x in (run_dir / "progress" / f"{stage}.jsonl").read_text().splitlines()]
+    recs = [json.loads(x)
+            for x in (run_dir / "progress" / f"{stage}.jsonl").read_text().splitlines()]
     return sum(r["tokens_per_s"] for r in recs[1:]) / len(recs[1:])
 
 
@@ -84,7 +85,8 @@ def single_process_tokens_per_s(spec: dict, tmp: Path) -> float:
             start = time.perf_counter()
         x, y, _ = stream.batch(step, 0, range(stage.batch_size))
         logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                 ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -96,7 +98,8 @@ def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
     """From the crash (its marker is written just before os._exit) to the end of the first step
     of the restarted workers (records carry rank 0's process id, new after a restart)."""
     crashed = crash_marker(run_dir, stage, crash_step).stat().st_mtime
-    recs = [json.loads(x) for x in (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+    recs = [json.loads(x)
+            for x in (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
     restart = next(r for r in recs if r["pid"] != recs[0]["pid"])
     return restart["time"] - crashed
 
@@ -139,10 +142,13 @@ def main() -> None:
               f"{' / '.join(f'{x:,.0f}' for x in singles)} (before / after)", flush=True)
         crash = _bench_spec(tmp / "crash")
         name = crash["stages"][0]["name"]
-        rec = recovery_seconds(_run_ray(crash, tmp, CrashOnce(name, STEPS // 2 + 2)), name, STEPS // 2 + 2)
-        print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart", flush=True)
+        rec = recovery_seconds(_run_ray(crash, tmp, CrashOnce(name, STEPS // 2 + 2)), name,
+                               STEPS // 2 + 2)
+        print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart",
+              flush=True)
         ray.shutdown()
-        result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3), recovery_seconds=round(rec, 1))
+        result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3),
+                      recovery_seconds=round(rec, 1))
     if args.skip_demo:
         result.update(demo_seconds=None, niah_before=None, niah_after=None)
     else:
@@ -150,9 +156,11 @@ def main() -> None:
         print(f"passkey at 4K, 32 held-out prompts: exact match {before.exact:.2f} -> "
               f"{after.exact:.2f}, digits right {before.digits:.2f} -> {after.digits:.2f}, "
               f"answer-token loss {before.loss:.3f} -> {after.loss:.3f} (chance 2.303)", flush=True)
-        result.update(demo_seconds=round(seconds, 1), niah_before=before.exact, niah_after=after.exact,
+        result.update(demo_seconds=round(seconds, 1), niah_before=before.exact,
+                      niah_after=after.exact,
                       digits_before=round(before.digits, 3), digits_after=round(after.digits, 3),
-                      answer_loss_before=round(before.loss, 3), answer_loss_after=round(after.loss, 3))
+                      answer_loss_before=round(before.loss, 3),
+                      answer_loss_after=round(after.loss, 3))
     print(json.dumps(result))
 
 

@@ -66,7 +66,8 @@ def save_checkpoint(ledger: Ledger, model, tokenizer, optimizer, scheduler, stat
 
 
 def prune_checkpoints(ledger: Ledger, stage: str, keep_last: int) -> list[str]:
-    """Forget all but the newest `keep_last` committed checkpoints in the ledger, then delete them."""
+    """Forget all but the newest `keep_last` committed checkpoints in the ledger, then delete
+    them."""
     entry = ledger.read().stages.get(stage)
     old = [c.path for c in (entry.checkpoints if entry else [])][:-keep_last]
     if old:

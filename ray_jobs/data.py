@@ -163,8 +163,10 @@ def synthetic_corpus(rng: random.Random, n: int) -> list[str]:
                          + PASSKEY_QUESTION + f" {key}")
         else:
             k = rng.choice(KEYS)
-            pairs = "".join(f" {key} {spaced_digits(rng, 4)}." for key in rng.sample(KEYS, KV_PAIRS))
-            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {spaced_digits(rng, 4)}." + pairs)
+            pairs = "".join(f" {key} {spaced_digits(rng, 4)}."
+                            for key in rng.sample(KEYS, KV_PAIRS))
+            texts.append(KV_INTRO + filler + pairs + f" Now recall. {k} {spaced_digits(rng, 4)}."
+                         + pairs)
     return texts
 
 
@@ -215,7 +217,8 @@ class SampleStream:
         tokens, scored, answer = build_retrieval(self.ids, rng, self.stage.seq_len, kind)
         return _as_sample(sid, kind, tokens, scored, answer)
 
-    def batch(self, step: int, micro: int, indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def batch(self, step: int, micro: int,
+              indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""
         samples = [self.sample(step, micro, i) for i in indices]
         inputs = torch.tensor([s.input_ids for s in samples], dtype=torch.long)

@@ -83,23 +83,28 @@ def train_stage_worker(config: WorkerConfig) -> None:
     attn = register_ring_attention() if ring_size > 1 else "sdpa"
     model = build_model(run, index, Path(init_from) if init_from else None, seed=run.data.seed,
                         attn_implementation=attn, spec_dir=spec_dir).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model,
+                                  device_ids=[device.index] if device.type == "cuda" else None)
 
     # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
-    state = TrainerState(stage=stage.name, stage_index=index, step=0, rope_theta=run.stage_theta(index),
-                         seq_len=stage.seq_len, world_size=world, ring_degree=ring_size, dp_degree=dp_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
+    state = TrainerState(stage=stage.name, stage_index=index, step=0,
+                         rope_theta=run.stage_theta(index), seq_len=stage.seq_len,
+                         world_size=world, ring_degree=ring_size, dp_degree=dp_size)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = weights_checksum(model)
     if resume:
         load_optimizer(Path(init_from), opt, sched)
         old = read_state(Path(init_from))
-        state.step, state.tokens, state.seconds, state.losses = old.step, old.tokens, old.seconds, old.losses
+        state.step, state.tokens, state.seconds, state.losses = (old.step, old.tokens, old.seconds,
+                                                                 old.losses)
         state.init_from, state.init_checksum = old.init_from, old.init_checksum
 
     # 5. Train.
-    stream = SampleStream(run, index, tok, read_documents(run, spec_dir) if run.data.mix.documents else None)
+    stream = SampleStream(run, index, tok,
+                          read_documents(run, spec_dir) if run.data.mix.documents else None)
     per_ring = stage.batch_size // dp_size
     my_samples = range(groups.dp_rank * per_ring, (groups.dp_rank + 1) * per_ring)
     positions = zigzag_position_ids(stage.seq_len, groups.ring_rank, ring_size).to(device)
@@ -134,8 +139,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
         state.seconds += time.perf_counter() - t0
         state.losses.append(loss_value)
         steps_since += 1
-        pending.append({"step": state.step, "loss": loss_value, "time": time.time(), "pid": os.getpid(),
-                        "samples": ids})
+        pending.append({"step": state.step, "loss": loss_value, "time": time.time(),
+                        "pid": os.getpid(), "samples": ids})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
@@ -143,8 +148,9 @@ def train_stage_worker(config: WorkerConfig) -> None:
             _write_metrics(run_dir / "metrics" / f"{stage.name}.jsonl", pending, rank, world)
             pending = []
             elapsed = time.perf_counter() - t_report
-            metrics = {"stage": stage.name, "step": state.step, "steps": stage.steps, "loss": loss_value,
-                       "tokens": state.tokens, "tokens_per_s": steps_since * stage.tokens_per_step / elapsed,
+            metrics = {"stage": stage.name, "step": state.step, "steps": stage.steps,
+                       "loss": loss_value, "tokens": state.tokens,
+                       "tokens_per_s": steps_since * stage.tokens_per_step / elapsed,
                        "eta_s": (stage.steps - state.step) * elapsed / steps_since}
             t_report, steps_since = time.perf_counter(), 0
             checkpoint = None
@@ -156,7 +162,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
                     checkpoint = _ray_pointer(path, ledger.run_dir, state.step)
                 dist.barrier()  # nobody runs ahead of a checkpoint still being written
             if rank == 0:
-                _append(run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()})
+                _append(run_dir / "progress" / f"{stage.name}.jsonl",
+                        {**metrics, "time": time.time()})
             # Ray Train hears only of checkpoints: each report waits for its controller's next
             # poll of the workers (~2 s here), so progress goes to the files the driver tails.
             if checkpoint_now:
@@ -203,7 +210,8 @@ def _ring_mean_loss(logits: torch.Tensor, labels: torch.Tensor, groups) -> torch
     return local / count.clamp_min(1.0)
 
 
-def plan_start(run: RunSpec, index: int, ledger: Ledger, pointer: Path | None = None) -> tuple[bool, str | None]:
+def plan_start(run: RunSpec, index: int, ledger: Ledger,
+               pointer: Path | None = None) -> tuple[bool, str | None]:
     """(resume this stage?, checkpoint to load) from the ledger, or Ray's checkpoint if newer."""
     stage = run.stages[index]
     latest = ledger.latest_committed(stage.name)
@@ -217,15 +225,16 @@ def plan_start(run: RunSpec, index: int, ledger: Ledger, pointer: Path | None = 
     prev = run.stages[index - 1].name
     final = final_checkpoint(ledger, prev)
     if final is None:
-        raise RuntimeError(f"stage {stage.name} starts from stage {prev}'s final checkpoint, but the "
-                           f"ledger {ledger.path} has none; train stage {prev} first")
+        raise RuntimeError(f"stage {stage.name} starts from stage {prev}'s final checkpoint, "
+                           f"but the ledger {ledger.path} has none; train stage {prev} first")
     return False, str(final)
 
 
 def _ray_pointer(path: Path, run_dir: Path, step: int):
     """A tiny Ray checkpoint naming the committed one (Ray then copies a few bytes, not weights)."""
     tmp = Path(tempfile.mkdtemp(prefix="ringpilot-ckpt-"))
-    (tmp / "pointer.json").write_text(json.dumps({"path": os.path.relpath(path, run_dir), "step": step}))
+    (tmp / "pointer.json").write_text(json.dumps({"path": os.path.relpath(path, run_dir),
+                                                  "step": step}))
     return ray.train.Checkpoint.from_directory(str(tmp))
 
 
@@ -246,7 +255,8 @@ def _write_metrics(path: Path, records: list[dict], rank: int, world: int) -> No
     dist.all_gather_object(gathered, [r["samples"] for r in records])
     if rank == 0:
         for i, rec in enumerate(records):
-            _append(path, {**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i]})})
+            _append(path, {**rec,
+                           "samples": sorted({s for per_rank in gathered for s in per_rank[i]})})
 
 
 def _append(path: Path, record: dict) -> None:

@@ -1,4 +1,4 @@
-"""The Llama being extended: built from the RunSpec or loaded from a checkpoint, RoPE set per stage."""
+"""The Llama being extended: built from the RunSpec or a checkpoint, RoPE set per stage."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def build_llama_config(run: RunSpec, seq_len: int, theta: float) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=max(seq_len, m.pretrain_seq_len),
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=max(seq_len, m.pretrain_seq_len),
         rope_parameters={"rope_type": "default", "rope_theta": theta},
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
     )
@@ -37,7 +38,8 @@ def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed:
         if not source.is_absolute() and spec_dir is not None:
             source = spec_dir / source
     if source is not None:
-        model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        model = LlamaForCausalLM.from_pretrained(source, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     else:
         torch.manual_seed(seed)  # every worker builds identical weights
         config = build_llama_config(run, stage.seq_len, theta)
@@ -86,7 +88,8 @@ def retrieval_scores(checkpoint: Path, seq_len: int, samples: int = 32, seed: in
 
     from ray_jobs.data import IGNORE, build_eval_prompt
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                             attn_implementation="sdpa").eval()
     tok = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():

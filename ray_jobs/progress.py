@@ -68,14 +68,16 @@ class ProgressPrinter:
                     self.console.print(render_progress_line(json.loads(line)), markup=False)
 
 
-def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float], console: Console | None = None) -> Table:
+def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
+                   console: Console | None = None) -> Table:
     """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints."""
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()
     table = Table(title=f"run {run.name}  ({run_dir})")
     for col in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
                 "this driver", "final loss", "checkpoints", "eval"):
-        table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval") else "right")
+        table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval")
+                         else "right")
     for i, stage in enumerate(run.stages):
         entry = doc.stages.get(stage.name)
         latest = ledger.latest_committed(stage.name)

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from specs.atomic import atomic_write
 from specs.run import RunSpec
 
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "pad_token": "<pad>"}
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -26,7 +27,8 @@ class TokenizerError(ValueError):
 def resolve_tokenizer_source(run: RunSpec, spec_dir: Path | None = None) -> Path | None:
     """The local tokenizer.json to use, or None to train one. Raises TokenizerError if missing."""
     base = spec_dir or Path.cwd()
-    for field, value in (("data.tokenizer.path", run.data.tokenizer.path), ("model.path", run.model.path)):
+    for field, value in (("data.tokenizer.path", run.data.tokenizer.path),
+                         ("model.path", run.model.path)):
         if value is None:
             continue
         path = Path(value) if Path(value).is_absolute() else base / value

@@ -1,7 +1,8 @@
 """Staged long-context training on Ray Train: `python -m ray_jobs.train --run RUN.yaml`.
 
 Submitted to a Ray cluster with
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m ray_jobs.train --run RUN.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . \\
+        -- python -m ray_jobs.train --run RUN.yaml
 With no --run it trains the embedded default, configs/tiny.yaml. Rerunning the same command
 resumes: finished stages are skipped, the current one restarts from its last committed checkpoint.
 
@@ -36,7 +37,8 @@ DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=DEFAULT_RUN,
                         help="RunSpec YAML (default: the embedded tiny run)")
     parser.add_argument("--stage", default=None,
@@ -70,7 +72,8 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
     if only is None:
         return list(range(len(names)))
     if only not in names:
-        raise PreflightError([f"--stage: no stage {only!r} in the run (stages: {', '.join(names)})"])
+        raise PreflightError([f"--stage: no stage {only!r} in the run "
+                              f"(stages: {', '.join(names)})"])
     index = names.index(only)
     if index > 0:
         prev = names[index - 1]
@@ -92,8 +95,8 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        problems.append(f"storage.path: cannot write the run directory {run_dir} ({e.strerror or e}); "
-                        "give a writable (shared) directory")
+        problems.append(f"storage.path: cannot write the run directory {run_dir} "
+                        f"({e.strerror or e}); give a writable (shared) directory")
     try:
         resolve_tokenizer_source(run, spec_dir)
     except TokenizerError as e:
@@ -106,8 +109,9 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         world = _world_of(stage, run.resources.workers)
         if world is not None and world != run.resources.workers:
             problems.append(
-                f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = {stage.ring_degree} "
-                f"x {stage.data_parallel_degree} = {world}, but resources.workers is "
+                f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = "
+                f"{stage.ring_degree} x {stage.data_parallel_degree} = {world}, "
+                f"but resources.workers is "
                 f"{run.resources.workers}; every stage uses all workers, so make the product "
                 f"{run.resources.workers} (or set one degree to 'auto')")
     try:
@@ -141,9 +145,9 @@ def check_ray_capacity(run: RunSpec) -> None:
     need = run.resources.workers * (1 if key == "GPU" else run.resources.cpus_per_worker)
     have = ray.cluster_resources().get(key, 0)
     if have < need:
-        raise PreflightError([f"resources.workers: {run.resources.workers} {run.resources.device} workers "
-                              f"need {need:g} {key} but the Ray cluster has {have:g}; add nodes or lower "
-                              "resources.workers / cpus_per_worker"])
+        raise PreflightError([f"resources.workers: {run.resources.workers} {run.resources.device} "
+                              f"workers need {need:g} {key} but the Ray cluster has {have:g}; "
+                              "add nodes or lower resources.workers / cpus_per_worker"])
 
 
 def train_stage(config: WorkerConfig) -> None:
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None, *,
         prepared = preflight(run, spec_dir, run_dir)
         indices = plan_stages(run, args.stage, run_dir)
     except PreflightError as e:
-        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
+        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
+              file=sys.stderr)
         return 2
     print(run.summary(), flush=True)
 
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None, *,
     try:
         check_ray_capacity(run)
     except PreflightError as e:
-        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
+        print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
+              file=sys.stderr)
         return 2
 
     # 3. Evaluation actors (their own resources) and the progress lines.

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`path.to.field: problem (got X; hint)` and exit 2.",
     )
     validate.add_argument("run", nargs="?", help="RunSpec YAML (e.g. configs/tiny.yaml)")
-    validate.add_argument("--cluster", help="ClusterSpec YAML (default: the run's resources.cluster)")
+    validate.add_argument("--cluster",
+                          help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
     add_plan_parser(sub)
     _add_eval_parser(sub)

@@ -1,4 +1,4 @@
-"""`make demo`: a local Ray head on loopback, the run submitted as a Ray job, logs streamed, head stopped.
+"""`make demo`: a Ray head on loopback, the run submitted as a Ray job, logs streamed, head stopped.
 
     python -m ringpilot.launch [--run configs/tiny.yaml] [--fresh]
 
@@ -25,7 +25,8 @@ import urllib.request
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
-EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs", "out"]
+EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
+            "out"]
 
 
 def _free_port() -> int:
@@ -47,7 +48,8 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
     deadline = time.time() + timeout
     while time.time() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode} before the dashboard came up")
+            raise RuntimeError(f"ray start exited with {head.returncode} before the dashboard "
+                               "came up")
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
                 return
@@ -59,10 +61,13 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ringpilot.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="configs/tiny.yaml", help="RunSpec YAML (default: the tiny run)")
+    parser = argparse.ArgumentParser(prog="python -m ringpilot.launch",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="configs/tiny.yaml",
+                        help="RunSpec YAML (default: the tiny run)")
     parser.add_argument("--num-cpus", type=int, default=4,
-                        help="logical CPUs of the head: training workers plus spare ones for eval actors")
+                        help="logical CPUs of the head: training workers plus spare ones "
+                        "for eval actors")
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--fresh", action="store_true", help="delete the run directory first "
                         "(otherwise a finished run is only summarised, an unfinished one resumed)")
@@ -95,16 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port")]
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={_free_port()}",
-         "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={args.dashboard_port}",
+        [ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
+         f"--port={_free_port()}", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
+         f"--dashboard-port={args.dashboard_port}",
          *agent_ports, f"--num-cpus={args.num_cpus}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.perf_counter()
     try:
         _wait_dashboard(url, head)
         runtime_env = {"excludes": EXCLUDES,
-                       "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                                    "PYTHONUNBUFFERED": "1"}}
+                       "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
         job = f"ringpilot-{run.name}-{int(time.time())}"
         submit = [ray, "job", "submit", "--address", url, "--working-dir", ".", "--no-wait",
                   "--submission-id", job, "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: submitted Ray job {job} to {url}; streaming its logs", flush=True)
         subprocess.call([ray, "job", "logs", "--address", url, "--follow", job], env=env)
         code = _job_exit_code(url, job)
-        print(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s",
+              flush=True)
         if code == 0 and len(run.stages) > 1:
             _print_retrieval(run, run_dir)
         return code

@@ -54,7 +54,8 @@ class EvalEntry(_Doc):
 class StageEntry(_Doc):
     state: Literal["pending", "running", "done", "failed"] = "pending"
     checkpoints: list[CheckpointEntry] = Field(default_factory=list)
-    eval: dict[str, EvalEntry] = Field(default_factory=dict, description="Keyed by checkpoint path.")
+    eval: dict[str, EvalEntry] = Field(default_factory=dict,
+                                       description="Keyed by checkpoint path.")
     attempts: int = Field(0, ge=0, description="Times the stage was started.")
 
 

@@ -133,7 +133,10 @@ class StageSpec(_Spec):
                 f"({2 * self.ring_degree}) for zigzag sharding; use "
                 f"{_round_up(self.seq_len, 2 * self.ring_degree)} or another ring_degree"
             )
-        if isinstance(self.data_parallel_degree, int) and self.batch_size % self.data_parallel_degree:
+        if (
+            isinstance(self.data_parallel_degree, int)
+            and self.batch_size % self.data_parallel_degree
+        ):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of data_parallel_degree "
                 f"({self.data_parallel_degree}); use batch_size "
@@ -211,7 +214,8 @@ class DataSpec(_Spec):
 
 
 EvalTask = Literal[
-    "passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
+    "passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt",
+    "cwe", "fwe"
 ]
 
 

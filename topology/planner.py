@@ -228,7 +228,8 @@ class Planner:
         raise PlanError(f"stage {stage.name!r}: no ring_degree up to {n_gpus} GPUs fits memory; "
                         "shorten seq_len or add GPUs")
 
-    def plan_rings(self, model: ModelSpec, stage: StageSpec, ring: int, dp: int) -> tuple[Evaluated, list[str]]:
+    def plan_rings(self, model: ModelSpec, stage: StageSpec, ring: int,
+                   dp: int) -> tuple[Evaluated, list[str]]:
         """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
         (whole nodes in fabric order; per-node templates found by exhaustive search over one
         node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's

@@ -42,7 +42,8 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
-def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0, relax: bool = False) -> StagePlan:
+def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
+               relax: bool = False) -> StagePlan:
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
     `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings."""
     stage = run.stages[index]
@@ -79,8 +80,8 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0, relax:
                      notes=notes + more)
 
 
-def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None, excluded: list[str] | None = None,
-             relax: bool = False) -> Plan:
+def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
+             excluded: list[str] | None = None, relax: bool = False) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
     planner = Planner(spec, graph)
     stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]

@@ -78,7 +78,8 @@ def _expand_node_file(data: dict, tname: str, value: dict, source: str, base_dir
         text = path.read_text()
     except OSError as e:
         raise SpecError(source, [f"node_types.{tname}.{key}: cannot read {str(path)!r} "
-                                 f"({e.strerror}); paths are relative to the cluster YAML"]) from None
+                                 f"({e.strerror}); paths are relative to the "
+                                 "cluster YAML"]) from None
     try:
         if key == "nvidia_smi_topo":
             node_type, links = build_node_type_from_nvsmi(text), {}

@@ -17,7 +17,8 @@ from ray_jobs.eval.scoring import Metric
 
 TokenCounter = Callable[[str], int]
 
-DEPTH_TASKS = ("passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+DEPTH_TASKS = ("passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue",
+               "niah_multiquery", "vt")
 NO_DEPTH_TASKS = ("cwe", "fwe")
 ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 

@@ -56,8 +56,10 @@ from ray_jobs.ring_attention.zigzag import (
 )
 
 __all__ = [
-    "Ring", "RingGroups", "RingTimings", "apply_gradient_reduction", "build_ring_groups", "build_shifted_labels", "contiguous_shard",
-    "contiguous_unshard", "merge_block", "record_ring_timings", "register_ring_attention", "resolve_ring",
+    "Ring", "RingGroups", "RingTimings", "apply_gradient_reduction", "build_ring_groups",
+    "build_shifted_labels", "contiguous_shard", "contiguous_unshard", "merge_block",
+    "record_ring_timings", "register_ring_attention", "resolve_ring",
     "ring_attention", "ring_attention_forward", "ring_causal_lm_loss", "set_ring_group",
-    "shard_causal_lm_batch", "use_ring_group", "zigzag_position_ids", "zigzag_shard", "zigzag_unshard",
+    "shard_causal_lm_batch", "use_ring_group", "zigzag_position_ids", "zigzag_shard",
+    "zigzag_unshard",
 ]

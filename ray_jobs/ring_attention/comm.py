@@ -1,4 +1,4 @@
-"""The ring: peers in ring order over a process group, and the overlapped point-to-point exchange."""
+"""The ring: peers in ring order over a process group and the overlapped point-to-point exchange."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def resolve_ring(group: "Ring | dist.ProcessGroup | None") -> Ring:
     if isinstance(group, Ring):
         ring = group
     else:
-        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+        ranks = (tuple(dist.get_process_group_ranks(group)) if group is not None
+                 else tuple(range(dist.get_world_size())))
         ring = Ring(group=group, ranks=ranks)
     me = dist.get_rank()
     if me not in ring.ranks:
@@ -100,7 +101,8 @@ def timed_compute() -> Iterator[None]:
 
 
 class Exchange:
-    """One posted ring shift: send tensors to the next peer, receive same-shaped ones from the previous.
+    """One posted ring shift: send tensors to the next peer, receive same-shaped ones from
+    the previous.
 
     Post it before computing on the current block, wait after: the transfer runs behind the
     compute. Both peers post their exchanges in the same order, which is what matches sends to
@@ -108,9 +110,12 @@ class Exchange:
     (K/V and their gradients).
     """
 
-    def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0) -> None:
-        ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group, tag=tag) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group, tag=tag) for t in recv]
+    def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor],
+                 tag: int = 0) -> None:
+        ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group, tag=tag)
+               for t in send]
+        ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group, tag=tag)
+                for t in recv]
         self._works = dist.batch_isend_irecv(ops)
         if _TIMINGS is not None:
             _TIMINGS.exchanges += 1

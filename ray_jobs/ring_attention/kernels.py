@@ -1,4 +1,4 @@
-"""Block attention kernels that return log-sum-exp: PyTorch's CPU flash kernel and flash-attn 2 on CUDA."""
+"""Block attention kernels with log-sum-exp: PyTorch's CPU flash kernel and flash-attn 2 on CUDA."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ class BlockKernel(Protocol):
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    # Query head h uses kv head h // groups (the convention of HF's repeat_kv and SDPA's enable_gqa).
+    # Query head h uses kv head h // groups (the convention of HF's repeat_kv and SDPA's
+    # enable_gqa).
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
@@ -50,7 +51,8 @@ def _reduce_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class CpuFlashKernel:
-    """`aten._scaled_dot_product_flash_attention_for_cpu` and its backward (layout (B, H, S, D) views).
+    """`aten._scaled_dot_product_flash_attention_for_cpu` and its backward
+    (layout (B, H, S, D) views).
 
     The CPU op has no GQA support, so K/V heads are repeated locally for the call and the
     key/value gradients are summed back to the K/V heads; the ring itself only moves K/V heads.
@@ -119,8 +121,8 @@ class FlashAttnKernel:
         # it has no fp32 kernels. Refuse both here rather than deep inside CUDA code.
         if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
             raise ValueError(
-                f"flash-attn ring attention needs fp16/bf16 and head_dim a multiple of 8 up to 256, "
-                f"got {q.dtype} and head_dim {q.shape[-1]}; cast to torch.bfloat16"
+                f"flash-attn ring attention needs fp16/bf16 and head_dim a multiple of 8 "
+                f"up to 256, got {q.dtype} and head_dim {q.shape[-1]}; cast to torch.bfloat16"
             )
 
     def forward(self, q, k, v, causal, scale):
@@ -147,15 +149,18 @@ def build_block_kernel(device: torch.device) -> BlockKernel:
         return _CPU_KERNEL
     if device.type == "cuda":
         return FlashAttnKernel()
-    raise ValueError(f"ring attention has no block kernel for device {device}; use cpu or cuda tensors")
+    raise ValueError(f"ring attention has no block kernel for device {device}; "
+                     "use cpu or cuda tensors")
 
 
-def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+                block_lse: torch.Tensor) -> None:
     """Fold one block's partial attention into the running (out, lse), in place, in fp32.
 
     out: (B, S, H, D) fp32 (or the input dtype on 2-rank rings, see ring.accumulator_dtype);
     lse: (B, S, H) fp32; block_*: the same rows from a block kernel. The arithmetic is fp32.
-    The block's weight is w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
+    The block's weight is
+    w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
     computed from the DIFFERENCE of the two lse so large magnitudes lose no precision:
     out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet
     (lse = -inf) takes the block's values (w = 1).

@@ -1,4 +1,4 @@
-"""Exact ring attention, forward and backward, as a torch.autograd.Function over a ring of processes.
+"""Exact ring attention, forward and backward: a torch.autograd.Function over a ring of processes.
 
 Each rank holds a query shard and the matching key/value shard. K/V (only the K/V heads) travel
 one hop per step around the ring; the next hop is posted before the current block is computed.
@@ -37,7 +37,7 @@ _KV_TAG, _GRAD_TAG = 1, 2
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Rows of the local queries and of the visiting K/V that one ring step attends, and its mask."""
+    """Rows of the local queries and the visiting K/V that one ring step attends, and its mask."""
 
     q_rows: slice
     kv_rows: slice
@@ -72,7 +72,8 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             block_out, block_lse = kernel.forward(
-                _rows(q, plan.q_rows), _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
+                _rows(q, plan.q_rows), _rows(current[0], plan.kv_rows),
+                _rows(current[1], plan.kv_rows),
                 plan.causal, scale,
             )
             if out is None:  # step 0 covers every local row (a token always sees itself)
@@ -110,7 +111,8 @@ def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> Non
         acc[:, part].copy_(acc[:, part].float().add_(block[:, part]))
 
 
-def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
+def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float,
+                   kernel: BlockKernel):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     acc_dtype = accumulator_dtype(size, q.dtype)
     current, spare = (k, v), None
@@ -192,14 +194,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
-                f"{name} must be 4-D (batch, local_seq, heads, head_dim), got shape {tuple(t.shape)}"
+                f"{name} must be 4-D (batch, local_seq, heads, head_dim), "
+                f"got shape {tuple(t.shape)}"
             )
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
         raise ValueError(
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local_seq and head_dim "
-            "(layout (batch, local_seq, heads, head_dim))"
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local_seq "
+            "and head_dim (layout (batch, local_seq, heads, head_dim))"
         )
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(
@@ -208,8 +212,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(
-            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them "
-            "to the same dtype (e.g. torch.bfloat16)"
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+            "cast them to the same dtype (e.g. torch.bfloat16)"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -229,7 +233,7 @@ def ring_attention(
     causal: bool = True,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact attention over a sequence sharded across a ring of processes; see the package docstring.
+    """Exact attention on a sequence sharded across a ring of processes; see the package docstring.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim).
     Causal: shards in zigzag order (zigzag_shard); non-causal: contiguous shards in ring order.

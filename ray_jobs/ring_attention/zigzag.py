@@ -1,4 +1,4 @@
-"""Sequence sharding for the ring: zigzag (causal) and contiguous (non-causal) shards and their inverses."""
+"""Ring sequence sharding: zigzag (causal) and contiguous (non-causal) shards and their inverses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ray_jobs.ring_attention.comm import Ring, resolve_ring
 
 def _check_split(length: int, parts: int, rank: int, world: int, what: str) -> None:
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
+        raise ValueError(f"rank must be in [0, world) with world >= 1, "
+                         f"got rank={rank}, world={world}")
     if length % parts != 0:
         raise ValueError(
             f"{what} needs the sequence length ({length}) divisible by {parts}; pad or crop the "
@@ -21,7 +22,8 @@ def _check_split(length: int, parts: int, rank: int, world: int, what: str) -> N
 
 
 def zigzag_shard(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """Ring rank `rank`'s zigzag shard of `x` along `dim`: chunks rank and 2*world-1-rank of 2*world.
+    """Ring rank `rank`'s zigzag shard of `x` along `dim`: chunks rank and 2*world-1-rank of
+    2*world.
 
     Works for any tensor aligned with the sequence (hidden states, q/k/v, input ids, position
     ids, labels). Returns a new contiguous tensor of length x.size(dim) / world along `dim`.
@@ -34,16 +36,19 @@ def zigzag_shard(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tens
 def _shards_in_ring_order(x: torch.Tensor, world: int, group) -> list[torch.Tensor]:
     if isinstance(x, (list, tuple)):
         if len(x) != world:
-            raise ValueError(f"got {len(x)} shards for world={world}; pass one shard per ring rank, in ring order")
+            raise ValueError(f"got {len(x)} shards for world={world}; "
+                             "pass one shard per ring rank, in ring order")
         return list(x)
     ring = resolve_ring(group)
     if ring.size != world:
-        raise ValueError(f"world={world} but the ring group has {ring.size} ranks {list(ring.ranks)}; pass world=ring size")
+        raise ValueError(f"world={world} but the ring group has {ring.size} ranks "
+                         f"{list(ring.ranks)}; pass world=ring size")
     x = x.contiguous()
     gathered = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(gathered, x, group=ring.group)
     # all_gather orders by group rank (sorted global ranks); reorder to ring order.
-    group_ranks = dist.get_process_group_ranks(ring.group) if ring.group is not None else list(range(world))
+    group_ranks = (dist.get_process_group_ranks(ring.group) if ring.group is not None
+                   else list(range(world)))
     by_global = dict(zip(group_ranks, gathered))
     return [by_global[g] for g in ring.ranks]
 
@@ -74,11 +79,13 @@ def zigzag_position_ids(seq_len: int, rank: int, world: int, device=None) -> tor
 
 
 def contiguous_shard(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """Ring rank `rank`'s contiguous shard (block `rank` of `world`), the layout for non-causal rings."""
+    """Ring rank `rank`'s contiguous shard (block `rank` of `world`), the non-causal ring layout."""
     _check_split(x.size(dim), world, rank, world, "contiguous sharding")
     return x.chunk(world, dim=dim)[rank].contiguous()
 
 
-def contiguous_unshard(x: "torch.Tensor | Sequence[torch.Tensor]", dim: int, world: int, group=None) -> torch.Tensor:
-    """Inverse of contiguous_shard, from a list of shards in ring order or by all-gather over `group`."""
+def contiguous_unshard(x: "torch.Tensor | Sequence[torch.Tensor]", dim: int, world: int,
+                       group=None) -> torch.Tensor:
+    """Inverse of contiguous_shard, from a list of shards in ring order or by all-gather over
+    `group`."""
     return torch.cat(_shards_in_ring_order(x, world, group), dim=dim)

@@ -12,7 +12,8 @@ PASSKEY = re.compile(r"The pass key is ((?:\d )*\d)\. Remember it\.")
 
 def oracle(prompt: str, max_new_tokens: int) -> str:
     """Answer every task by reading the prompt only (never the generator's answer list)."""
-    if prompt.endswith("Tell me the pass key. The pass key is"):  # no separators: the trainer's text
+    # no separators: the trainer's text
+    if prompt.endswith("Tell me the pass key. The pass key is"):
         return " " + PASSKEY.search(prompt).group(1) + ". Remember it."
     context, question = prompt.split("\n\n")[1], prompt.split("\n\n")[-1]
     if "special magic number" in question:

@@ -1,4 +1,4 @@
-"""Make the spawned-world helpers importable by name from this directory (and in spawned children)."""
+"""Make the spawned-world helpers importable by name from here (and in spawned children)."""
 
 import os
 import sys

@@ -38,7 +38,8 @@ def test_ring_attention_four_ranks():
 def test_two_rings_of_two_from_a_plan():
     # Ring order differs from the global numbering on purpose: ring 0 runs 3 -> 0 -> 3.
     rings = [[3, 0], [1, 2]]
-    cases = [c for c in ATTENTION_CASES if c["heads"] != c["kv_heads"] or c["dtype"] == torch.float32]
+    cases = [c for c in ATTENTION_CASES
+             if c["heads"] != c["kv_heads"] or c["dtype"] == torch.float32]
     results = run_world(4, plan_groups_world, rings, cases)
     assert [(r["dp_rank"], r["ring_rank"]) for r in results] == [(0, 1), (1, 0), (1, 1), (0, 0)]
 

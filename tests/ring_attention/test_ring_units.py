@@ -53,7 +53,8 @@ def test_zigzag_plan_covers_the_causal_mask_exactly_and_evenly(world):
             src = (rank - step) % world
             plan = plan_block(rank, src, 2 * chunk, causal=True)
             q_pos, k_pos = pos[rank][plan.q_rows], pos[src][plan.kv_rows]
-            visible = q_pos[:, None] >= k_pos[None, :] if plan.causal else torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+            visible = (q_pos[:, None] >= k_pos[None, :] if plan.causal
+                       else torch.ones(len(q_pos), len(k_pos), dtype=torch.bool))
             # A non-causal block must hold only visible pairs, or the ring would leak the future.
             assert bool((q_pos[:, None] >= k_pos[None, :])[visible].all())
             covered[q_pos[:, None], k_pos[None, :]] += visible.long()
@@ -72,7 +73,8 @@ def test_merge_block_equals_attention_over_the_union_of_keys():
     out2, lse2 = kernel.forward(q, k[:, 4:], v[:, 4:], False, 8**-0.5)
     out, lse = out1.float(), lse1.clone()
     merge_block(out, lse, out2, lse2)
-    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                          v.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     full_lse = torch.logsumexp(torch.einsum("bqhd,bkhd->bqhk", q, k) * 8**-0.5, dim=-1)
     torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
@@ -83,7 +85,8 @@ def test_merge_block_is_stable_for_huge_and_empty_rows():
     lse = torch.tensor([[[1000.0], [-float("inf")]]])
     merge_block(out, lse, torch.full((1, 2, 1, 4), 3.0), torch.tensor([[[1000.0], [5.0]]]))
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, 3.0]))
-    torch.testing.assert_close(lse[0, :, 0], torch.tensor([1000.0 + torch.log(torch.tensor(2.0)).item(), 5.0]))
+    torch.testing.assert_close(lse[0, :, 0],
+                               torch.tensor([1000.0 + torch.log(torch.tensor(2.0)).item(), 5.0]))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -91,7 +94,8 @@ def test_shards_round_trip(world):
     x = torch.arange(2 * 4 * world * 3).reshape(2, 4 * world, 3)
     zz = [zigzag_shard(x, 1, r, world) for r in range(world)]
     assert torch.equal(zigzag_unshard(zz, 1, world), x)
-    assert torch.equal(torch.cat([zigzag_position_ids(4 * world, r, world) for r in range(world)]).sort().values,
+    assert torch.equal(torch.cat([zigzag_position_ids(4 * world, r, world)
+                                  for r in range(world)]).sort().values,
                        torch.arange(4 * world))
     cs = [contiguous_shard(x, 1, r, world) for r in range(world)]
     assert torch.equal(contiguous_unshard(cs, 1, world), x)
@@ -130,7 +134,8 @@ def test_plan_ring_errors():
 
 
 def _qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):
-    return torch.randn(b, s, h, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype)
+    return (torch.randn(b, s, h, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype),
+            torch.randn(b, s, hk, d, dtype=dtype))
 
 
 def test_ring_attention_needs_torch_distributed():
@@ -155,13 +160,15 @@ def test_bad_inputs_raise_clear_errors(world_of_one):
         ring_attention(q, k, v[:, :, :1], group=None)
     with pytest.raises(ValueError, match=r"must agree on batch, local_seq and head_dim"):
         ring_attention(q[:, :6], k, v, group=None)
-    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
+    with pytest.raises(ValueError,
+                       match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
         ring_attention(q[:, :, :3], k, v, group=None)
     with pytest.raises(ValueError, match=r"one floating dtype, got torch.bfloat16, torch.float32"):
         ring_attention(q.bfloat16(), k, v, group=None)
     with pytest.raises(ValueError, match=r"must be 4-D"):
         ring_attention(q[0], k, v, group=None)
-    with pytest.raises(ValueError, match=r"global rank 0 is not a member of the ring group \[5, 6\]"):
+    with pytest.raises(ValueError,
+                       match=r"global rank 0 is not a member of the ring group \[5, 6\]"):
         ring_attention(q, k, v, group=Ring(group=None, ranks=(5, 6)))
     with pytest.raises(ValueError, match=r"world=2 but the ring group has 1 ranks"):
         zigzag_unshard(q, 1, 2, group=None)
@@ -175,7 +182,8 @@ def test_single_rank_ring_equals_sdpa_also_for_strided_inputs(world_of_one, caus
     out = ring_attention(q, k, v, group=None, causal=causal)
     out.square().sum().backward()
     ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=causal, enable_gqa=True).transpose(1, 2)
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=causal,
+                                          enable_gqa=True).transpose(1, 2)
     want.square().sum().backward()
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     for got, r in zip((q, k, v), ref):

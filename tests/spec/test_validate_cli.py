@@ -1,4 +1,4 @@
-"""`ringpilot validate`: a summary and exit 0, or field-level lines and exit 2 — never a traceback."""
+"""`ringpilot validate`: summary and exit 0, or field-level lines and exit 2 — never a traceback."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def test_valid_run_prints_a_summary(tmp_path, capsys):
         ("", r"<top>: expected a mapping of fields \(got None"),
         (TINY_TEXT.replace("seq_len: 4096", "seq_len: 4095"),
          r"stages\[3\]: seq_len \(4095\) must be divisible by 2 x ring_degree \(4\)"),
-        (TINY_TEXT + "extra_section: 1\n", r"extra_section: unknown field \(got 1; allowed: name, "),
+        (TINY_TEXT + "extra_section: 1\n",
+         r"extra_section: unknown field \(got 1; allowed: name, "),
     ],
 )
 def test_user_mistakes_exit_2_with_field_lines(tmp_path, capsys, text, expected):
@@ -144,7 +145,8 @@ random_text = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(mutated(TINY), random_text))
 def test_random_and_mutated_yaml_is_valid_or_field_errors(tmp_path, capsys, text):
     rc, out, err = validate(tmp_path, text, capsys)
@@ -163,14 +165,17 @@ def test_cluster_file_is_validated_alone_and_through_the_run(tmp_path, capsys):
     # A run naming its cluster validates both; a broken cluster fails the command.
     (tmp_path / "c.yaml").write_text(CLUSTER_TEXT.replace("name: l40s-2node-leaf", "nmae: x"))
     run = tmp_path / "run.yaml"
-    run.write_text(TINY_TEXT.replace("  cpus_per_worker: 1\n", "  cpus_per_worker: 1\n  cluster: c.yaml\n"))
+    run.write_text(TINY_TEXT.replace("  cpus_per_worker: 1\n",
+                                     "  cpus_per_worker: 1\n  cluster: c.yaml\n"))
     assert main(["validate", str(run)]) == 2
     out, err = capsys.readouterr()
     assert out.startswith("run tiny:")
-    assert "c.yaml: 2 problems" in err and "nmae: unknown field (got 'x'; did you mean 'name'?)" in err
+    assert ("c.yaml: 2 problems" in err
+            and "nmae: unknown field (got 'x'; did you mean 'name'?)" in err)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=mutated(CLUSTER))
 def test_mutated_cluster_yaml_is_valid_or_field_errors(tmp_path, capsys, text):
     path = tmp_path / "cluster.yaml"

@@ -53,7 +53,8 @@ def test_unwritable_storage(tmp_path, capsys):
 def test_stage_flag_needs_previous_stage_done(tmp_path, capsys):
     spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs"))
     assert main(["--run", str(spec), "--stage", "s128"]) == 2
-    assert "--stage s128: the previous stage 's64' is not started in the ledger" in capsys.readouterr().err
+    assert ("--stage s128: the previous stage 's64' is not started in the ledger"
+            in capsys.readouterr().err)
 
 
 def test_unknown_stage_name(tmp_path, capsys):
@@ -63,6 +64,7 @@ def test_unknown_stage_name(tmp_path, capsys):
 
 
 def test_bad_field_is_reported_by_path(tmp_path, capsys):
-    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs", **{"failure.report_every": 0}))
+    spec = write_spec(tmp_path / "run.yaml",
+                      mini_spec(tmp_path / "runs", **{"failure.report_every": 0}))
     assert main(["--run", str(spec)]) == 2
     assert "failure.report_every" in capsys.readouterr().err

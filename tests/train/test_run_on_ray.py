@@ -83,7 +83,8 @@ def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path):
             assert got[step][1] == want[step][1], f"{stage} step {step}: other samples"
             assert got[step][0] == pytest.approx(want[step][0], rel=1e-5), f"{stage} step {step}"
     losses = read_state(Ledger(run_dir).latest_committed("s64")).losses
-    assert losses == pytest.approx(read_state(Ledger(baseline).latest_committed("s64")).losses, rel=1e-5)
+    assert losses == pytest.approx(read_state(Ledger(baseline).latest_committed("s64")).losses,
+                                   rel=1e-5)
 
 
 def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tmp_path):

@@ -68,7 +68,7 @@ def test_every_training_sequence_holds_one_prompt_with_its_answer_at_the_end(run
     texts = [tok.decode(stream.sample(step, 0, 0).input_ids) for step in range(40)]
     # ... and some sit at the edges, which a uniform depth almost never reaches
     assert any("remember it. The pass key is" in t for t in texts)  # right after the intro
-    assert any("Remember it. Tell me the pass key." in t for t in texts)  # right before the question
+    assert any("Remember it. Tell me the pass key." in t for t in texts)  # just before the question
 
 
 def test_eval_passkey_task_asks_in_the_training_text_token_for_token(tok):
@@ -84,7 +84,8 @@ def test_eval_passkey_task_asks_in_the_training_text_token_for_token(tok):
     assert "".join(pieces) == s.prompt and pieces[:2] == re.findall(r" [^.]+\.?", PASSKEY_INTRO)
     whole = tok.encode(s.prompt, add_special_tokens=False)
     assert whole == [t for p in pieces for t in tok.encode(p, add_special_tokens=False)]
-    assert s.prompt.endswith(PASSKEY_QUESTION) and f"The pass key is {s.answers[0]}. Remember it." in s.prompt
+    assert (s.prompt.endswith(PASSKEY_QUESTION)
+            and f"The pass key is {s.answers[0]}. Remember it." in s.prompt)
 
 
 def test_learning_rate_warms_up_then_decays_along_a_cosine_to_the_floor():
@@ -126,7 +127,8 @@ def _writer(run_dir: str, worker: int, n: int) -> None:
 
 
 def test_ledger_updates_from_concurrent_processes_are_all_kept(tmp_path):
-    procs = [mp.get_context("fork").Process(target=_writer, args=(str(tmp_path), w, 8)) for w in range(3)]
+    procs = [mp.get_context("fork").Process(target=_writer, args=(str(tmp_path), w, 8))
+             for w in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -140,7 +142,8 @@ def test_ledger_updates_from_concurrent_processes_are_all_kept(tmp_path):
 def test_resume_point_skips_half_written_checkpoints(run, tmp_path):
     ledger = Ledger(tmp_path, run.name)
     assert plan_start(run, 0, ledger) == (False, None)
-    with pytest.raises(RuntimeError, match="starts from stage s64's final checkpoint, but the ledger"):
+    with pytest.raises(RuntimeError,
+                       match="starts from stage s64's final checkpoint, but the ledger"):
         plan_start(run, 1, ledger)
     good = tmp_path / "checkpoints" / "s64" / "step-000002"
     good.mkdir(parents=True)
@@ -153,8 +156,11 @@ def test_resume_point_skips_half_written_checkpoints(run, tmp_path):
     (torn / COMMITTED).unlink()
     (tmp_path / "checkpoints" / "s64" / "step-000005").mkdir()  # never committed at all
     assert plan_start(run, 0, ledger) == (True, str(good))
-    ledger.commit_checkpoint("s64", 6, _committed(tmp_path / "checkpoints" / "s64" / "step-000006"), final=True)
-    assert plan_start(run, 1, ledger) == (False, str(tmp_path / "checkpoints" / "s64" / "step-000006"))
+    ledger.commit_checkpoint("s64", 6,
+                             _committed(tmp_path / "checkpoints" / "s64" / "step-000006"),
+                             final=True)
+    assert plan_start(run, 1, ledger) == (False,
+                                          str(tmp_path / "checkpoints" / "s64" / "step-000006"))
 
 
 def _committed(path: Path) -> Path:
