@@ -1,9 +1,10 @@
 """The per-worker training loop of one stage (what every Ray Train worker runs).
 
-Story of a worker: (1) find its place in the plan from its node and local device, build the
-ring and data-parallel groups; (2) find where the stage starts, from the ledger; (3) build the
-model with ring attention and wrap it in DDP; (4) build the optimizer and restore its state;
-(5) train: shard each sample zigzag over the ring, step, report on a cadence, checkpoint.
+Story of a worker: (1) find its place in the plan from its node and local device and build the
+stage's device mesh; (2) find where the stage starts, from the ledger; (3) build the model and
+parallelize it (ring attention, activation checkpointing, FSDP2, chunked loss); (4) build the
+optimizer and restore the sharded state when resuming; (5) train: shard each sample zigzag over
+the ring, step, report on a cadence, checkpoint.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from pathlib import Path
 import ray.train
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from ray_jobs.checkpoint import (
     TrainerState,
     final_checkpoint,
-    load_optimizer,
+    load_checkpoint,
     read_state,
     save_checkpoint,
 )
 from ray_jobs.data import SampleStream, read_documents
 from ray_jobs.model import build_model, weights_checksum
+from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
 from ray_jobs.placement import (
     NODE_LABEL,
     WorkerSlot,
@@ -38,7 +39,6 @@ from ray_jobs.placement import (
     stage_plan_for,
 )
 from ray_jobs.ring_attention import (
-    build_ring_groups,
     register_ring_attention,
     use_ring_group,
     zigzag_position_ids,
@@ -58,7 +58,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
     ledger = Ledger(run_dir, run.name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if run.resources.device == "gpu" else torch.device("cpu")
+    gpu = run.resources.device == "gpu"
+    device = ray.train.torch.get_device() if gpu else torch.device("cpu")
 
     # 1. Place: the plan maps (node, local device) -> (ring, position); Ray's world rank only
     #    names the process to torch.distributed, it does not decide the ring order.
@@ -67,8 +68,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
     slots = [None] * world
     dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
     stage_plan = stage_plan_for(run, index, slots, config.plan)
-    ring_size, dp_size = stage_plan.ring_degree, stage_plan.dp_degree
-    groups = build_ring_groups(build_rings(slots, stage_plan))
+    dims = stage_plan.dims
+    layout = build_mesh(dims, build_rings(slots, stage_plan), device.type)
     if rank == 0 and config.plan is None:  # the driver saved a ClusterSpec plan already
         record_stage_plan(run_dir, run.name, stage_plan)
 
@@ -78,13 +79,18 @@ def train_stage_worker(config: WorkerConfig) -> None:
     dist.broadcast_object_list(start)
     resume, init_from = start[0]
 
-    # 3. Model: identical replicas; attention runs around the ring; DDP syncs gradients.
+    # 3. Model: every rank builds the same weights, then parallelize() shards them.
     tok = build_tokenizer(run, run_dir, spec_dir)
-    attn = register_ring_attention() if ring_size > 1 else "sdpa"
-    model = build_model(run, index, Path(init_from) if init_from else None, seed=run.data.seed,
-                        attn_implementation=attn, spec_dir=spec_dir).to(device)
-    ddp = DistributedDataParallel(model,
-                                  device_ids=[device.index] if device.type == "cuda" else None)
+    attn = register_ring_attention() if dims.ring > 1 else "sdpa"
+    hf_model = build_model(run, index, Path(init_from) if init_from else None,
+                           seed=run.data.seed, attn_implementation=attn,
+                           spec_dir=spec_dir).to(device)
+    init_checksum = weights_checksum(hf_model)  # before sharding: the whole model
+    precision = run.training.mixed_precision
+    compute = torch.bfloat16 if precision == "bf16" or (precision == "auto" and gpu) else None
+    model = parallelize(hf_model, layout, mixed_precision=compute,
+                        activation_checkpointing=run.training.activation_checkpointing,
+                        loss_chunk_tokens=run.training.loss_chunk_tokens)
 
     # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
@@ -92,11 +98,12 @@ def train_stage_worker(config: WorkerConfig) -> None:
         opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
                          rope_theta=run.stage_theta(index), seq_len=stage.seq_len,
-                         world_size=world, ring_degree=ring_size, dp_degree=dp_size)
+                         world_size=world, ring_degree=dims.ring, dp_degree=dims.dp,
+                         shard_degree=dims.shard)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
-    state.init_checksum = weights_checksum(model)
+    state.init_checksum = init_checksum
     if resume:
-        load_optimizer(Path(init_from), opt, sched)
+        load_checkpoint(Path(init_from), hf_model, opt, sched)
         old = read_state(Path(init_from))
         state.step, state.tokens, state.seconds, state.losses = (old.step, old.tokens, old.seconds,
                                                                  old.losses)
@@ -105,9 +112,9 @@ def train_stage_worker(config: WorkerConfig) -> None:
     # 5. Train.
     stream = SampleStream(run, index, tok,
                           read_documents(run, spec_dir) if run.data.mix.documents else None)
-    per_ring = stage.batch_size // dp_size
-    my_samples = range(groups.dp_rank * per_ring, (groups.dp_rank + 1) * per_ring)
-    positions = zigzag_position_ids(stage.seq_len, groups.ring_rank, ring_size).to(device)
+    per_ring = stage.batch_size // dims.dp
+    my_samples = range(layout.dp_rank * per_ring, (layout.dp_rank + 1) * per_ring)
+    positions = zigzag_position_ids(stage.seq_len, layout.ring_rank, dims.ring).to(device)
     positions = positions.unsqueeze(0).expand(per_ring, -1)
     every = run.failure.report_every
     t_report, steps_since, pending = time.perf_counter(), 0, []
@@ -121,15 +128,14 @@ def train_stage_worker(config: WorkerConfig) -> None:
         for micro in range(stage.grad_accum_steps):
             inputs, labels, sample_ids = stream.batch(step, micro, my_samples)
             ids += sample_ids
-            x = zigzag_shard(inputs, 1, groups.ring_rank, ring_size).to(device)  # (B, S / ring)
-            y = zigzag_shard(labels, 1, groups.ring_rank, ring_size).to(device)
-            with use_ring_group(groups.ring if ring_size > 1 else None):
-                logits = ddp(input_ids=x, position_ids=positions).logits  # (B, S / ring, V)
-                loss = _ring_mean_loss(logits, y, groups)
-                # DDP averages over ring x dp ranks; the ring's ranks hold shares that must add.
-                (loss * ring_size / stage.grad_accum_steps).backward()
+            x = zigzag_shard(inputs, 1, layout.ring_rank, dims.ring).to(device)  # (B, S / ring)
+            y = zigzag_shard(labels, 1, layout.ring_rank, dims.ring).to(device)
+            with use_ring_group(layout.ring if dims.ring > 1 else None):
+                loss = ring_mean_loss(*model(x, positions, y), layout.ring)
+                # FSDP averages gradients over all ranks; a ring's ranks hold shares that add.
+                (loss * dims.ring / stage.grad_accum_steps).backward()
             loss_sum += loss.detach() / stage.grad_accum_steps
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.training.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -156,11 +162,10 @@ def train_stage_worker(config: WorkerConfig) -> None:
             checkpoint = None
             if checkpoint_now:
                 metrics["checkpoint"] = True
+                path = save_checkpoint(ledger, hf_model, tok, opt, sched, state,
+                                       keep_last=run.storage.keep_last, final=final)
                 if rank == 0:
-                    path = save_checkpoint(ledger, model, tok, opt, sched, state,
-                                           keep_last=run.storage.keep_last, final=final)
                     checkpoint = _ray_pointer(path, ledger.run_dir, state.step)
-                dist.barrier()  # nobody runs ahead of a checkpoint still being written
             if rank == 0:
                 _append(run_dir / "progress" / f"{stage.name}.jsonl",
                         {**metrics, "time": time.time()})
@@ -193,21 +198,6 @@ def _quiet_logs() -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
-
-
-def _ring_mean_loss(logits: torch.Tensor, labels: torch.Tensor, groups) -> torch.Tensor:
-    """Mean cross-entropy over the ring's whole sequences; its gradient is this rank's share."""
-    local = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                              ignore_index=-100, reduction="sum")
-    count = (labels != -100).sum().to(local.dtype)
-    if groups.ring_size > 1:
-        count = count.clone()
-        dist.all_reduce(count, group=groups.ring.group)
-        total = local.detach().clone()
-        dist.all_reduce(total, group=groups.ring.group)
-        count = count.clamp_min(1.0)
-        return local / count + (total / count - local.detach() / count)
-    return local / count.clamp_min(1.0)
 
 
 def plan_start(run: RunSpec, index: int, ledger: Ledger,

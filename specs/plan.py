@@ -6,6 +6,8 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from specs.degrees import ParallelDims
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +72,8 @@ class StagePlan(_Spec):
     rope_theta: float = Field(description="RoPE base for the stage.")
     ring_degree: int = Field(description="GPUs per ring.")
     dp_degree: int = Field(description="Data-parallel rings.")
+    shard_degree: int | None = Field(None, description="GPUs that shard the model state "
+                                     "(FSDP2); null: ring_degree (one shard group per ring).")
     rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
                                       "first; each sends K/V to the next, the last to the first).")
     bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "
@@ -94,6 +98,12 @@ class StagePlan(_Spec):
             raise KeyError(f"stage {self.name!r}: no worker (node={node!r}, gpu={local_gpu}) in "
                            f"the plan; planned nodes: {nodes[:6]}{'...' if len(nodes) > 6 else ''}"
                            ) from None
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The degrees the trainer builds its mesh from."""
+        return ParallelDims.of(self.ring_degree, self.dp_degree,
+                               self.shard_degree or self.ring_degree)
 
     @property
     def workers(self) -> list[Worker]:

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specs.degrees import ParallelDims
+
 Auto = Literal["auto"]
 
 
@@ -120,6 +122,11 @@ class StageSpec(_Spec):
         "auto", description="Rings trained side by side as data-parallel replicas. 'auto': as "
         "many as the workers allow.",
     )
+    shard_degree: Degree = Field(
+        "auto", description="GPUs (workers) that shard the weights, gradients and optimizer "
+        "state (FSDP2): ring_degree times a divisor of data_parallel_degree; shard groups are "
+        "replicated (HSDP) when there are several. 'auto': each ring is one shard group.",
+    )
     rope_theta: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
         "model's rope_theta and pretrain_seq_len.",
@@ -127,6 +134,12 @@ class StageSpec(_Spec):
 
     @model_validator(mode="after")
     def _divisibility(self) -> StageSpec:
+        ring, dp, shard = self.ring_degree, self.data_parallel_degree, self.shard_degree
+        if isinstance(shard, int) and isinstance(ring, int) and shard % ring:
+            raise ValueError(f"shard_degree ({shard}) must be a multiple of ring_degree "
+                             f"({ring}): a ring's GPUs shard the model together")
+        if isinstance(shard, int) and isinstance(ring, int) and isinstance(dp, int):
+            ParallelDims.of(ring, dp, shard)  # its ValueError names the numbers and a fix
         if isinstance(self.ring_degree, int) and self.seq_len % (2 * self.ring_degree):
             raise ValueError(
                 f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree "
@@ -151,6 +164,22 @@ class StageSpec(_Spec):
 
 def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
+
+
+class TrainingSpec(_Spec):
+    """How each step is computed: memory against recomputation, precision, clipping."""
+
+    activation_checkpointing: bool = Field(
+        True, description="Keep only each decoder layer's input and recompute the layer in "
+        "backward (ring attention included).")
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="Compute dtype of the layers: 'bf16' (weights gathered in bf16, "
+        "gradients reduced in fp32), 'none' (model.dtype throughout). 'auto': bf16 on GPUs, "
+        "none on CPUs.")
+    loss_chunk_tokens: int = Field(
+        4096, gt=0, description="Tokens whose logits exist at once in the loss (forward and "
+        "backward): the fp32 (tokens x vocab) logits are never held whole.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clipping threshold.")
 
 
 class ResourcesSpec(_Spec):
@@ -281,6 +310,8 @@ class RunSpec(_Spec):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Checkpoint evaluation.")
     storage: StorageSpec = Field(description="Checkpoints, ledger and reports.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec,
+                                   description="Checkpointing, precision and clipping.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunSpec:

@@ -129,16 +129,23 @@ class StageShape:
     vocab: int
     params: int
     elem_bytes: int
+    shard: int | None = None  # GPUs sharding the model state; None: the ring's
 
     @classmethod
-    def of(cls, model: ModelSpec, stage: StageSpec, ring: int, dp: int) -> StageShape:
-        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, batch_size=stage.batch_size,
+    def of(cls, model: ModelSpec, stage: StageSpec, ring: int, dp: int,
+           shard: int | None = None) -> StageShape:
+        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, shard=shard,
+                   batch_size=stage.batch_size,
                    grad_accum=stage.grad_accum_steps, steps=stage.steps,
                    layers=model.num_hidden_layers, hidden=model.hidden_size,
                    intermediate=model.intermediate_size, heads=model.num_attention_heads,
                    kv_heads=model.num_key_value_heads, head_dim=model.head_dim,
                    vocab=model.vocab_size, params=model.num_parameters,
                    elem_bytes=2 if model.dtype == "bfloat16" else 4)
+
+    @property
+    def shard_ways(self) -> int:
+        return self.shard or self.ring
 
     @property
     def local_tokens(self) -> int:
@@ -155,13 +162,13 @@ class StageShape:
 
 
 def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
-    """Bytes per GPU by part. Weights, grads and Adam state are sharded over the ring (hybrid
-    sharding: shard within the ring, replicate across data-parallel rings); activations are
+    """Bytes per GPU by part. Weights, grads and Adam state are sharded over the shard group
+    (FSDP2; by default the ring, replicated across data-parallel rings: HSDP); activations are
     checkpointed at layer boundaries."""
     n = s.local_tokens
     layer_params = (s.params - 2 * s.vocab * s.hidden) / s.layers
     return {
-        "weights+grads+optimizer": s.params * BYTES_PER_PARAM_STATE / s.ring,
+        "weights+grads+optimizer": s.params * BYTES_PER_PARAM_STATE / s.shard_ways,
         "gathered weights (2 units)": 2 * max(layer_params, s.vocab * s.hidden) * s.elem_bytes,
         "checkpointed activations": s.layers * n * s.hidden * s.elem_bytes,
         "one layer recomputed": n * (6 * s.hidden + 4 * s.intermediate) * s.elem_bytes,

@@ -7,8 +7,9 @@ import random
 import networkx as nx
 
 from specs.cluster import ClusterSpec
+from specs.degrees import ParallelDims
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
-from specs.run import RunSpec
+from specs.run import RunSpec, StageSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.graph import split_gpu_vertex
 from topology.planner import Evaluated, PlanError, Planner
@@ -42,6 +43,17 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
+def shard_degree_of(stage: StageSpec, ring: int, dp: int) -> int:
+    """The stage's shard_degree once ring and dp are known ('auto': the ring); PlanError when
+    the three cannot form a mesh."""
+    shard = ring if stage.shard_degree == "auto" else stage.shard_degree
+    try:
+        ParallelDims.of(ring, dp, shard)
+    except ValueError as e:
+        raise PlanError(f"stage {stage.name!r}: {e}") from None
+    return shard
+
+
 def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
                relax: bool = False) -> StagePlan:
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
@@ -56,9 +68,10 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
         ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
+    shard = shard_degree_of(stage, ring, dp)
     best, more = planner.plan_rings(run.model, stage, ring, dp)
     stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
-    shape = StageShape.of(run.model, stage, ring, dp)
+    shape = StageShape.of(run.model, stage, ring, dp, shard)
     alts = []
     ray = planner.ray_default_order(seed)[: ring * dp]
     ev = planner.evaluate([ray[i * ring:(i + 1) * ring] for i in range(dp)], shape)
@@ -74,7 +87,8 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
     alts.append(Alternative(name="lower-bound", ring_hop_seconds=bound.seconds,
                             step_seconds=lb.step_seconds, wall_minutes=lb.wall_minutes))
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     ring_degree=ring, dp_degree=dp, rings=_workers(best.rings),
+                     ring_degree=ring, dp_degree=dp, shard_degree=shard,
+                     rings=_workers(best.rings),
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=_prediction(best, planner.profile), alternatives=alts,
                      notes=notes + more)
@@ -129,6 +143,7 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
         rings = [[Worker(node=n, gpu=g) for n, g in slots[i * r:(i + 1) * r]] for i in range(d)]
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
                                 rope_theta=run.stage_theta(index), ring_degree=r, dp_degree=d,
-                                rings=rings, notes=["planned from Ray nodes: rings filled node "
-                                                    "by node, no cluster description"]))
+                                shard_degree=shard_degree_of(stage, r, d), rings=rings,
+                                notes=["planned from Ray nodes: rings filled node by node, no "
+                                       "cluster description"]))
     return Plan(run=run.name, cluster=None, profile=None, stages=stages)

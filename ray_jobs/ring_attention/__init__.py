@@ -7,7 +7,8 @@ ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
     (batch, local_seq, kv_heads, head_dim) for k and v (heads % kv_heads == 0; only the K/V
     heads travel). Causal: shards in zigzag order (`zigzag_shard`), local_seq even.
     Non-causal: contiguous shards in ring order (`contiguous_shard`). `group` is a `Ring`
-    (from `build_ring_groups`), a process group (ring order = its rank order) or None (world).
+    (`ray_jobs.parallelize.build_mesh(...).ring`), a process group (ring order = its rank
+    order) or None (the world).
     Any strides are accepted: k and v are copied once into contiguous send buffers if needed.
     Exact: same math as single-device attention; log-sum-exp merge in fp32; out/dq/dK/dV
     accumulate in fp32 (in the input dtype on 2-rank rings, where that is bit-identical).
@@ -18,31 +19,22 @@ zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
     in ring order, or this rank's shard and all-gathers over `group`.
 zigzag_position_ids, contiguous_shard, contiguous_unshard: helpers of the same kind.
-build_ring_groups(rings) -> RingGroups(ring, ring_rank, ring_size, dp_group, dp_rank, dp_size)
-    From a plan's ordered rings, e.g. [[0, 2], [1, 3]]; call on every rank with the same rings.
 Hugging Face (transformers >= 5):
     register_ring_attention()
     model = LlamaForCausalLM.from_pretrained(path, attn_implementation="ring")
-    # or model.set_attn_implementation("ring") on a built model
-    groups = build_ring_groups(plan_rings)              # e.g. [[0, 2], [1, 3]]
-    batch = shard_causal_lm_batch(input_ids, groups.ring_rank, groups.ring_size)
-    with use_ring_group(groups.ring) as ring:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = ring_causal_lm_loss(logits, batch["labels"], ring)
-        loss.backward()
-    apply_gradient_reduction(model.parameters(), groups)  # sum over ring, mean over DP
+    # or model.set_attn_implementation("ring") on a built model; forward AND backward inside
+    with use_ring_group(ring):
+        ...
+The training recipe around it (device mesh from a plan's rings, FSDP2, activation
+checkpointing, the chunked ring-mean loss) is ray_jobs.parallelize.
 record_ring_timings(): context manager collecting compute and communication-wait seconds.
 """
 
 from ray_jobs.ring_attention.comm import Ring, RingTimings, record_ring_timings, resolve_ring
-from ray_jobs.ring_attention.groups import RingGroups, apply_gradient_reduction, build_ring_groups
 from ray_jobs.ring_attention.hf import (
-    build_shifted_labels,
     register_ring_attention,
     ring_attention_forward,
-    ring_causal_lm_loss,
     set_ring_group,
-    shard_causal_lm_batch,
     use_ring_group,
 )
 from ray_jobs.ring_attention.kernels import merge_block
@@ -56,10 +48,8 @@ from ray_jobs.ring_attention.zigzag import (
 )
 
 __all__ = [
-    "Ring", "RingGroups", "RingTimings", "apply_gradient_reduction", "build_ring_groups",
-    "build_shifted_labels", "contiguous_shard", "contiguous_unshard", "merge_block",
-    "record_ring_timings", "register_ring_attention", "resolve_ring",
-    "ring_attention", "ring_attention_forward", "ring_causal_lm_loss", "set_ring_group",
-    "shard_causal_lm_batch", "use_ring_group", "zigzag_position_ids", "zigzag_shard",
-    "zigzag_unshard",
+    "Ring", "RingTimings", "contiguous_shard", "contiguous_unshard", "merge_block",
+    "record_ring_timings", "register_ring_attention", "resolve_ring", "ring_attention",
+    "ring_attention_forward", "set_ring_group", "use_ring_group", "zigzag_position_ids",
+    "zigzag_shard", "zigzag_unshard",
 ]

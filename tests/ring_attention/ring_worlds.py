@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import copy
 from itertools import product
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
 from ray_jobs.ring_attention import (
-    apply_gradient_reduction,
-    build_ring_groups,
     contiguous_shard,
     register_ring_attention,
     ring_attention,
-    ring_causal_lm_loss,
-    shard_causal_lm_batch,
     use_ring_group,
+    zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
 )
+from specs.degrees import ParallelDims
 
 # Tolerances against single-process SDPA in the same dtype (values O(1), random normal inputs).
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -115,21 +113,21 @@ def check_two_rank_accumulators_are_bit_identical(rank, world):
 
 
 def plan_groups_world(rank, world, rings, cases):
-    """Rings from a plan; each ring attends its own data; DP groups join equal ring positions."""
-    groups = build_ring_groups(rings)
+    """Rings from a plan, each its own HSDP replica; each ring attends its own data; the
+    dp_replicate groups join equal ring positions."""
+    layout = build_mesh(ParallelDims.of(len(rings[0]), len(rings), len(rings[0])), rings, "cpu")
     my_ring = next(r for r in rings if rank in r)
-    assert groups.ring.ranks == tuple(my_ring) and groups.ring_rank == my_ring.index(rank)
-    assert groups.ring_size == len(my_ring) and groups.dp_size == len(rings)
-    assert groups.dp_rank == rings.index(my_ring)
+    assert layout.ring.ranks == tuple(my_ring) and layout.ring_rank == my_ring.index(rank)
+    assert layout.dp_rank == rings.index(my_ring)
     probe = torch.tensor([float(rank)])
-    dist.all_reduce(probe, group=groups.dp_group)
-    assert probe.item() == sum(r[groups.ring_rank] for r in rings), (probe, rings)
+    dist.all_reduce(probe, group=layout.mesh.get_group("dp_replicate"))
+    assert probe.item() == sum(r[layout.ring_rank] for r in rings), (probe, rings)
     errors = [
-        check_attention_case(groups.ring, groups.ring_rank, groups.ring_size, case,
-                             seed=100 * groups.dp_rank + i, transposed=True)
+        check_attention_case(layout.ring, layout.ring_rank, layout.ring.size, case,
+                             seed=100 * layout.dp_rank + i, transposed=True)
         for i, case in enumerate(cases)
     ]
-    return {"ring_rank": groups.ring_rank, "dp_rank": groups.dp_rank, "errors": errors}
+    return {"ring_rank": layout.ring_rank, "dp_rank": layout.dp_rank, "errors": errors}
 
 
 def _tiny_llama(seed):
@@ -144,28 +142,31 @@ def _tiny_llama(seed):
 
 
 def llama_world(rank, world, seq_per_rank=16, batch=2):
-    """Tiny Llama with ring attention on zigzag shards vs the unsharded model: loss, all grads."""
+    """Tiny Llama through the trainer's parallelize() on one ring of `world` ranks (zigzag
+    shards, FSDP2 over the ring) vs the unsharded model: loss and every gradient."""
     register_ring_attention()
     reference = _tiny_llama(seed=0)
-    model = copy.deepcopy(reference)
-    model.set_attn_implementation("ring")
     reference.set_attn_implementation("sdpa")
-    ids = torch.randint(0, 128, (batch, seq_per_rank * world),
-                        generator=torch.Generator().manual_seed(7))
+    model = _tiny_llama(seed=0)
+    model.set_attn_implementation("ring")
+    seq = seq_per_rank * world
+    ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(7))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]  # shift before sharding: a shard lacks its successor token
     ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
 
-    groups = build_ring_groups([list(range(world))])
-    shard = shard_causal_lm_batch(ids, groups.ring_rank, groups.ring_size)
-    with use_ring_group(groups.ring) as ring:
-        logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
-        loss = ring_causal_lm_loss(logits, shard["labels"], ring)
-        loss.backward()
+    layout = build_mesh(ParallelDims.of(world, 1, world), [list(range(world))], "cpu")
+    root = parallelize(model, layout, activation_checkpointing=False, mixed_precision=None)
+    x, y = (zigzag_shard(t, 1, layout.ring_rank, world) for t in (ids, labels))
+    pos = zigzag_position_ids(seq, layout.ring_rank, world).unsqueeze(0).expand(batch, -1)
+    with use_ring_group(layout.ring):
+        loss = ring_mean_loss(*root(x, pos, y), layout.ring)
+        (loss * world).backward()  # FSDP averages over the ring; the shares must add
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
-    apply_gradient_reduction(model.parameters(), groups)
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
-        grad = p.grad
+        grad = p.grad.full_tensor()
         torch.testing.assert_close(grad, p_ref.grad, atol=2e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
         worst = max(worst, (grad - p_ref.grad).abs().max().item())

@@ -13,17 +13,14 @@ import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
     Ring,
-    build_shifted_labels,
     contiguous_shard,
     contiguous_unshard,
     merge_block,
     ring_attention,
-    shard_causal_lm_batch,
     zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
 )
-from ray_jobs.ring_attention.groups import check_rings
 from ray_jobs.ring_attention.kernels import CpuFlashKernel
 from ray_jobs.ring_attention.ring import plan_block
 
@@ -106,15 +103,6 @@ def test_zigzag_shard_layout_for_two_ranks():
     assert zigzag_position_ids(8, 1, 2).tolist() == [2, 3, 4, 5]
 
 
-def test_labels_are_shifted_before_sharding():
-    ids = torch.arange(8).unsqueeze(0)
-    assert build_shifted_labels(ids).tolist() == [[1, 2, 3, 4, 5, 6, 7, -100]]
-    batch = shard_causal_lm_batch(ids, rank=0, world=2)
-    assert batch["input_ids"].tolist() == [[0, 1, 6, 7]]
-    assert batch["labels"].tolist() == [[1, 2, 7, -100]]
-    assert batch["position_ids"].tolist() == [[0, 1, 6, 7]]
-
-
 def test_sharding_errors_name_the_values():
     with pytest.raises(ValueError, match=r"sequence length \(10\) divisible by 4"):
         zigzag_shard(torch.zeros(1, 10), 1, 0, 2)
@@ -122,15 +110,6 @@ def test_sharding_errors_name_the_values():
         zigzag_shard(torch.zeros(1, 8), 1, 2, 2)
     with pytest.raises(ValueError, match=r"got 3 shards for world=2"):
         zigzag_unshard([torch.zeros(1, 4)] * 3, 1, 2)
-
-
-def test_plan_ring_errors():
-    with pytest.raises(ValueError, match=r"same size, got sizes \[1, 3\]"):
-        check_rings([[0, 1, 2], [3]], 4)
-    with pytest.raises(ValueError, match=r"every global rank 0..3 exactly once"):
-        check_rings([[0, 1], [1, 2]], 4)
-    with pytest.raises(ValueError, match=r"non-empty"):
-        check_rings([], 4)
 
 
 def _qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):

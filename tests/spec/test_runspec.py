@@ -89,6 +89,12 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
          r"data.documents or set mix.documents: 0"),
         ({"data.mix": {"documents": 0, "passkey": 0, "kv_retrieval": 0}},
          r"data.mix: all weights are 0; give at least one source a positive weight"),
+        ({"stages.0.shard_degree": 3}, r"stages\[0\]: shard_degree \(3\) must be a multiple of "
+         r"ring_degree \(2\): a ring's GPUs shard the model together"),
+        ({"stages.0.shard_degree": 4}, r"stages\[0\]: shard_degree \(4\) must be ring_degree "
+         r"\(2\) times a divisor of data_parallel_degree \(1\); use one of \[2\]"),
+        ({"training": {"loss_chunk_tokens": 0}}, r"training.loss_chunk_tokens: Input should be "
+         r"greater than 0"),
     ],
 )
 def test_cross_field_rules_name_field_value_and_fix(changes, message):

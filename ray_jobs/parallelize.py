@@ -1,0 +1,150 @@
+"""parallelize(): the layout of one stage applied to a Llama, in one fixed order.
+
+    mesh = build_mesh(dims, rings, "cpu")           # (dp_replicate, dp_shard, ring) grid
+    model = parallelize(llama, mesh, dims, ...)      # -> CausalLMWithLoss, FSDP2 root
+
+Order (torchtitan's `parallelize_llama` is the model): (1) attention runs around the mesh's
+"ring" dim (attn_implementation="ring"); (2) each decoder layer is wrapped for activation
+checkpointing, so only its input is kept and its inside is recomputed in backward; (3) FSDP2
+`fully_shard` per decoder layer, then on the root, over the "shard" dims (dp_shard x ring,
+flattened) and replicated over "dp_replicate" (HSDP); (4) the loss is computed inside the
+root's forward, over token chunks that are recomputed in backward, so (tokens x vocab) fp32
+logits never exist at once. The planner's memory model (topology.cost.memory_per_gpu) describes
+exactly this layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from ray_jobs.ring_attention import Ring
+from specs.degrees import MESH_DIMS, ParallelDims
+
+IGNORE = -100
+LOSS_CHUNK_TOKENS = 4096  # logits of this many tokens exist at once (forward and backward)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in a stage's layout: the meshes, its ring, its data-parallel index."""
+
+    mesh: DeviceMesh  # (dp_replicate, dp_shard, ring), rings in plan order
+    fsdp_mesh: DeviceMesh  # (shard,) or (dp_replicate, shard): what FSDP2 shards over
+    dims: ParallelDims
+    ring: Ring  # this rank's ring, peers in plan order
+    dp_rank: int  # this rank's ring in plan order: it picks the ring's samples
+
+    @property
+    def ring_rank(self) -> int:
+        return self.ring.rank
+
+
+def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> Layout:
+    """The meshes of a stage from the plan's rings (global ranks in ring order). Collective:
+    every rank calls it with the same rings and creates every group in the same order."""
+    grid = torch.tensor(dims.rings_grid(rings), dtype=torch.int)
+    if sorted(grid.flatten().tolist()) != list(range(dist.get_world_size())):
+        raise ValueError(f"the plan's rings {rings} must hold every rank 0.."
+                         f"{dist.get_world_size() - 1} exactly once")
+    mesh = DeviceMesh(device_type, grid, mesh_dim_names=MESH_DIMS)
+    # FSDP's mesh is its own (flattening the world mesh's dims and slicing them back out is
+    # deprecated): the same ranks, the shard dims merged.
+    shard_grid = grid.reshape(dims.dp_replicate, dims.shard)
+    fsdp_mesh = (DeviceMesh(device_type, shard_grid, mesh_dim_names=("dp_replicate", "shard"))
+                 if dims.dp_replicate > 1 else
+                 DeviceMesh(device_type, shard_grid.flatten(), mesh_dim_names=("shard",)))
+    replica, slot, _ = mesh.get_coordinate()
+    ring = Ring(group=mesh.get_group("ring"), ranks=tuple(mesh["ring"].mesh.tolist()))
+    return Layout(mesh=mesh, fsdp_mesh=fsdp_mesh, dims=dims, ring=ring,
+                  dp_rank=replica * dims.dp_shard + slot)
+
+
+def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: bool,
+                mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+                ) -> CausalLMWithLoss:
+    """Apply the stage's layout to a Hugging Face Llama in place; return the FSDP root that
+    computes the loss. `mixed_precision`: the dtype layers compute in (gradients are reduced in
+    fp32), or None to compute in the parameters' own dtype."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    root = CausalLMWithLoss(model, loss_chunk_tokens)
+    apply_fsdp(root, layout.fsdp_mesh, mixed_precision)
+    return root
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Keep only each decoder layer's input; recompute its inside (ring attention included:
+    the K/V blocks travel the ring again) in backward."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_fsdp(root: nn.Module, fsdp_mesh: DeviceMesh, mixed_precision: torch.dtype | None
+               ) -> None:
+    """fully_shard per decoder layer, then the root (embedding, final norm, lm_head), over the
+    shard group; HSDP (replicate x shard) when the mesh is 2-D."""
+    policy = (MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+              if mixed_precision is not None else MixedPrecisionPolicy())
+    for layer in root.model.model.layers:
+        fully_shard(layer, mesh=fsdp_mesh, mp_policy=policy)
+    fully_shard(root, mesh=fsdp_mesh, mp_policy=policy)
+
+
+class CausalLMWithLoss(nn.Module):
+    """The FSDP root: the decoder and the chunked next-token loss in one forward, so the root's
+    parameters are all-gathered once for both. Returns this rank's (loss sum, target count)."""
+
+    def __init__(self, model: nn.Module, loss_chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.model(input_ids=input_ids, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # (B, S_local, H)
+        loss_sum = chunked_cross_entropy(hidden, self.model.lm_head.weight, labels,
+                                         self.loss_chunk_tokens)
+        return loss_sum, (labels != IGNORE).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """Summed fp32 cross-entropy of lm_head(hidden) against labels, `chunk_tokens` tokens at a
+    time; each chunk's logits are recomputed in backward instead of kept."""
+    h, y = hidden.flatten(0, 1), labels.flatten()  # (T, H), (T,)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, y.numel(), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss, h[part], weight, y[part], use_reentrant=False)
+    return total
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+def ring_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, ring: Ring) -> torch.Tensor:
+    """Mean loss over the ring's whole sequences. Its value is the ring's mean on every rank;
+    its gradient is this rank's share (local sum / the ring's token count), so gradients summed
+    over the ring are the unsharded sequence's."""
+    stats = torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])
+    if ring.size > 1:
+        dist.all_reduce(stats, group=ring.group)
+    total, tokens = stats[0], stats[1].clamp_min(1.0)
+    local = loss_sum / tokens
+    return local + (total / tokens - local).detach()
+
+
+def fsdp_modules(root: nn.Module) -> list[FSDPModule]:
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]

@@ -1,0 +1,172 @@
+"""Rank bodies of the parallelize tests (spawned processes import them by module name)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
+from ray_jobs.ring_attention import (
+    register_ring_attention,
+    use_ring_group,
+    zigzag_position_ids,
+    zigzag_shard,
+)
+from specs.degrees import ParallelDims
+
+VOCAB, SEQ, PER_RING = 128, 16, 2
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def batches(dp: int, steps: int):
+    """The global batch of each step: (input ids, next-token labels), the same on every rank."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, VOCAB, (dp * PER_RING, SEQ), generator=gen)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        yield ids, labels
+
+
+def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: bool = True):
+    """The trainer's recipe on a tiny Llama: mesh from rings (in reversed rank order, so ring
+    order differs from rank order), parallelize, AdamW."""
+    register_ring_attention()
+    dims = ParallelDims.of(ring, dp, shard)
+    rings = [list(range(i * ring, (i + 1) * ring)) for i in range(dp)]
+    layout = build_mesh(dims, [r[::-1] if reverse else r for r in rings], "cpu")
+    model = tiny_llama(seed)
+    model.set_attn_implementation("ring" if ring > 1 else "sdpa")
+    root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
+                       loss_chunk_tokens=8)
+    return layout, root, torch.optim.AdamW(root.parameters(), lr=1e-2)
+
+
+def _step(layout, root, ids, labels):
+    """Forward and backward of this rank's share; returns the loss (mean over the dp rings)."""
+    ring = layout.dims.ring
+    mine = slice(layout.dp_rank * PER_RING, (layout.dp_rank + 1) * PER_RING)
+    x = zigzag_shard(ids[mine], 1, layout.ring_rank, ring)
+    y = zigzag_shard(labels[mine], 1, layout.ring_rank, ring)
+    pos = zigzag_position_ids(SEQ, layout.ring_rank, ring).unsqueeze(0).expand(PER_RING, -1)
+    with use_ring_group(layout.ring if ring > 1 else None):
+        loss = ring_mean_loss(*root(x, pos, y), layout.ring)
+        (loss * ring).backward()  # FSDP averages over all ranks: a ring's shares must add up
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return mean.item() / dist.get_world_size()
+
+
+WRAPPED = "_checkpoint_wrapped_module."  # the activation-checkpointing wrapper's prefix
+
+
+def _full_grads(root) -> dict[str, np.ndarray]:
+    return {n.replace(WRAPPED, ""): p.grad.full_tensor().numpy().copy()
+            for n, p in root.model.named_parameters()}
+
+
+def _full_params(root) -> dict[str, np.ndarray]:
+    return {n.replace(WRAPPED, ""): p.full_tensor().detach().numpy().copy()
+            for n, p in root.model.named_parameters()}
+
+
+def train_layout(rank, world, ring, dp, shard, ac, steps):
+    """`steps` optimizer steps (AdamW, gradient clipping at 1.0) under the layout; returns the
+    per-step loss and total gradient norm, the first step's gradients and the final weights."""
+    layout, root, opt = _setup(ring, dp, shard, ac=ac)
+    losses, norms, first_grads = [], [], None
+    for ids, labels in batches(dp, steps):
+        losses.append(_step(layout, root, ids, labels))
+        if first_grads is None:
+            first_grads = _full_grads(root)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(root.parameters(), 1.0).full_tensor()))
+        opt.step()
+        opt.zero_grad()
+    params = _full_params(root)
+    return {"losses": losses, "norms": norms, "grads": first_grads, "params": params}
+
+
+def reference(dp: int, steps: int) -> dict:
+    """The same steps in one process: unsharded model, SDPA, the whole global batch."""
+    model = tiny_llama(0)
+    model.set_attn_implementation("sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, norms, first_grads = [], [], None
+    for ids, labels in batches(dp, steps):
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        losses.append(loss.item())
+        if first_grads is None:
+            first_grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        opt.zero_grad()
+    params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    return {"losses": losses, "norms": norms, "grads": first_grads, "params": params}
+
+
+def gradients_with_and_without_checkpointing(rank, world):
+    """One step of the same batch with activation checkpointing on and off."""
+    out = []
+    for ac in (True, False):
+        layout, root, _ = _setup(2, 1, 2, ac=ac)
+        ids, labels = next(batches(1, 1))
+        _step(layout, root, ids, labels)
+        out.append(_full_grads(root))
+    return out
+
+
+def save_after_steps(rank, world, ring, dp, shard, path, steps):
+    """Train, then save model and optimizer with torch.distributed.checkpoint; return the full
+    model and optimizer state as every rank saw them."""
+    layout, root, opt = _setup(ring, dp, shard, ac=True, reverse=False)
+    for ids, labels in batches(dp, steps):
+        _step(layout, root, ids, labels)
+        opt.step()
+        opt.zero_grad()
+    model_sd, optim_sd = get_state_dict(root.model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    full = _full_state(root, opt)  # collective: every rank gathers, rank 0 keeps it
+    return full if rank == 0 else None
+
+
+def load_checkpoint(rank, world, ring, dp, shard, path):
+    """A model built with other weights (seed 7) and another mesh, loaded from `path`."""
+    layout, root, opt = _setup(ring, dp, shard, ac=True, seed=7, reverse=False)
+    model_sd, optim_sd = get_state_dict(root.model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(root.model, opt, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    full = _full_state(root, opt)
+    return full if rank == 0 else None
+
+
+def _full_state(root, opt) -> dict:
+    model = get_model_state_dict(root.model, options=FULL)
+    optim = get_optimizer_state_dict(root.model, opt, options=FULL).get("state", {})  # rank 0
+    flat = {f"model/{k}": v.numpy().copy() for k, v in model.items()}
+    for name, entry in optim.items():
+        for key, value in entry.items():
+            flat[f"optim/{name}/{key}"] = np.asarray(value).copy()
+    return flat
