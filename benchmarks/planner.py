@@ -63,11 +63,11 @@ def quality() -> float:
         run = small_model_run(ring, dp)
         planner = Planner(spec)
         t = time.perf_counter()
-        best, _ = planner.plan_rings(run.model, run.stages[0], ring, dp)
+        best, _ = planner.plan_rings(run, run.stages[0], ring, dp)
         t_plan = time.perf_counter() - t
         t = time.perf_counter()
         opt = plan_exhaustive(planner, planner.locality_order()[: ring * dp],
-                              StageShape.of(run.model, run.stages[0], ring, dp))
+                              StageShape.of(run, run.stages[0], ring, dp))
         t_opt = time.perf_counter() - t
         ratio = best.cost.step_seconds / opt.cost.step_seconds
         worst = max(worst, ratio)

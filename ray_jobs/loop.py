@@ -30,7 +30,14 @@ from ray_jobs.checkpoint import (
 )
 from ray_jobs.data import SampleStream, read_documents
 from ray_jobs.model import build_model, weights_checksum
-from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
+from ray_jobs.parallelize import (
+    build_mesh,
+    build_optimizer,
+    clip_gradients,
+    compute_dtype_of,
+    parallelize,
+    ring_mean_loss,
+)
 from ray_jobs.placement import (
     NODE_LABEL,
     WorkerSlot,
@@ -86,14 +93,12 @@ def train_stage_worker(config: WorkerConfig) -> None:
                            seed=run.data.seed, attn_implementation=attn,
                            spec_dir=spec_dir).to(device)
     init_checksum = weights_checksum(hf_model)  # before sharding: the whole model
-    precision = run.training.mixed_precision
-    compute = torch.bfloat16 if precision == "bf16" or (precision == "auto" and gpu) else None
-    model = parallelize(hf_model, layout, mixed_precision=compute,
+    model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
                         activation_checkpointing=run.training.activation_checkpointing,
                         loss_chunk_tokens=run.training.loss_chunk_tokens)
 
     # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
+    opt = build_optimizer(model, stage.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
@@ -135,7 +140,7 @@ def train_stage_worker(config: WorkerConfig) -> None:
                 # FSDP averages gradients over all ranks; a ring's ranks hold shares that add.
                 (loss * dims.ring / stage.grad_accum_steps).backward()
             loss_sum += loss.detach() / stage.grad_accum_steps
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.training.grad_clip)
+        clip_gradients(model, run.training.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -9,12 +9,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from specs.run import RunSpec
+from specs.run import ModelSpec, RunSpec
 
 
-def build_llama_config(run: RunSpec, seq_len: int, theta: float) -> LlamaConfig:
-    """A LlamaConfig for the tiny default (model.path null) from the RunSpec's fields."""
-    m = run.model
+def llama_config(m: ModelSpec, seq_len: int, theta: float) -> LlamaConfig:
+    """The LlamaConfig of a ModelSpec's architecture (a model built without model.path, and the
+    shapes the memory trace uses)."""
     return LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
@@ -42,7 +42,7 @@ def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed:
                                                  attn_implementation=attn_implementation)
     else:
         torch.manual_seed(seed)  # every worker builds identical weights
-        config = build_llama_config(run, stage.seq_len, theta)
+        config = llama_config(run.model, stage.seq_len, theta)
         config._attn_implementation = attn_implementation
         model = LlamaForCausalLM(config).to(dtype)
     apply_rope_theta(model, theta, stage.seq_len)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_jobs.checkpoint import final_checkpoint
 from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
@@ -137,6 +139,33 @@ def _world_of(stage: StageSpec, workers: int) -> int | None:
     return None
 
 
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads")
+
+
+def check_checkpoint_shapes(run: RunSpec, run_dir: Path, indices: list[int]) -> None:
+    """The checkpoints the stages would start from must be the RunSpec's model: a run directory
+    reused for another model would otherwise fail inside every worker."""
+    ledger, problems = Ledger(run_dir, run.name), []
+    for index in indices:
+        name = run.stages[index].name
+        start = ledger.latest_committed(name)
+        if start is None and index > 0:
+            start = final_checkpoint(ledger, run.stages[index - 1].name)
+        config = start / "config.json" if start is not None else None
+        if config is None or not config.is_file():
+            continue
+        saved = json.loads(config.read_text())
+        wrong = [f"{key} {saved.get(key)} (model.{key} is {getattr(run.model, key)})"
+                 for key in ARCHITECTURE if saved.get(key) != getattr(run.model, key)]
+        if wrong:
+            problems.append(f"stages ({name}): the checkpoint it starts from, {start}, is another "
+                            f"model: {', '.join(wrong)}; point storage.path or name at a fresh "
+                            "run directory, or fix model")
+    if problems:
+        raise PreflightError(problems)
+
+
 def check_ray_capacity(run: RunSpec) -> None:
     """Refuse to start a trainer that Ray could never schedule (it would wait forever)."""
     import ray
@@ -196,6 +225,7 @@ def main(argv: list[str] | None = None, *,
     try:
         prepared = preflight(run, spec_dir, run_dir)
         indices = plan_stages(run, args.stage, run_dir)
+        check_checkpoint_shapes(run, run_dir, indices)
     except PreflightError as e:
         print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
               file=sys.stderr)

@@ -7,14 +7,18 @@ Each subcommand belongs to the folder it drives: `plan` to topology/, `manifests
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from operators.cli import add_manifests_parser
+from specs.atomic import atomic_write
 from specs.loading import SpecError, load_model
+from specs.plan import Plan
 from specs.run import RunSpec
-from topology.cli import add_plan_parser
+from topology.cli import add_plan_parser, run_plan
 from topology.sources import load_cluster
 
 EXIT_USER_ERROR = 2
@@ -58,10 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--cluster",
                           help="ClusterSpec YAML (default: the run's resources.cluster)")
     validate.set_defaults(func=_validate)
-    add_plan_parser(sub)
+    plan = add_plan_parser(sub)
+    plan.add_argument("--verify-memory", action="store_true",
+                      help="trace one training step of each stage's planned layout (FSDP2 memory "
+                      "tracker on fake tensors, full model depth; minutes for 70B) and print "
+                      "predicted vs traced peak memory per GPU")
+    plan.add_argument("--trace-layers", type=int, metavar="N",
+                      help="with --verify-memory: trace (and model) only N decoder layers, for a "
+                      "quick check of the machinery; the fit verdict then covers that model only")
+    plan.set_defaults(func=_plan)
     _add_eval_parser(sub)
     add_manifests_parser(sub)
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`ringpilot plan`, then with --verify-memory the trace of every planned stage."""
+    code = run_plan(args)
+    if code or not args.verify_memory:
+        return code
+    from ringpilot.memory import render_checks, verify_plan_memory  # torch: only when asked
+
+    run = load_model(args.run, RunSpec)
+    plan = Plan.model_validate_json((Path(args.out) / "plan.json").read_text())
+    checks = verify_plan_memory(run, plan, layers=args.trace_layers)
+    print("\nMemory per GPU: the cost model's prediction against a trace of the trainer's own "
+          "parallelize() (reserve for the CUDA context, NCCL and fragmentation added to the "
+          "trace for the fit):")
+    print(render_checks(checks))
+    atomic_write(Path(args.out) / "memory.json", json.dumps(
+        [{**asdict(c), "error": c.error, "fits": c.fits} for c in checks], indent=1) + "\n")
+    misfits = [c.stage for c in checks if not c.fits]
+    if misfits:
+        print(f"ringpilot plan: stages {misfits} do not fit in the traced memory; raise their "
+              "ring_degree or shard_degree", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def _eval_report(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 
-def _run_plan(args: argparse.Namespace) -> int:
+def run_plan(args: argparse.Namespace) -> int:
+    """`ringpilot plan`: plan, write the report, print its headline."""
     from specs.loading import load_model
     from specs.run import RunSpec
     from topology.cost import StageDoesNotFit
@@ -75,7 +76,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    "node-000/cpu0-node-000/cpu1=0.5 (repeatable)")
     p.add_argument("--compare-minutes", help="comma-separated published wall minutes per stage, "
                    "shown beside the predictions")
-    p.set_defaults(func=_run_plan)
+    p.set_defaults(func=run_plan)
     return p
 
 

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specs.run import ModelSpec, StageSpec
+from specs.run import RunSpec, StageSpec
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
 from topology.routes import route_table
 
 GB = 1e9
-BYTES_PER_PARAM_STATE = 16  # bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m, v 4 + 4
-LOSS_CHUNK_TOKENS = 4096  # assumption: logits and their gradient materialise this many at once
 
 
 class StageDoesNotFit(ValueError):
@@ -128,12 +126,16 @@ class StageShape:
     head_dim: int
     vocab: int
     params: int
-    elem_bytes: int
+    elem_bytes: int  # bytes of the compute dtype: activations, gathered weights, K/V blocks
     shard: int | None = None  # GPUs sharding the model state; None: the ring's
+    state_bytes: int = 4  # bytes of the weights' storage dtype (master weights, grads, AdamW)
+    loss_chunk: int = 1024  # tokens whose logits exist at once
+    checkpointing: bool = True  # activation checkpointing per decoder layer
 
     @classmethod
-    def of(cls, model: ModelSpec, stage: StageSpec, ring: int, dp: int,
+    def of(cls, run: RunSpec, stage: StageSpec, ring: int, dp: int,
            shard: int | None = None) -> StageShape:
+        model = run.model
         return cls(seq_len=stage.seq_len, ring=ring, dp=dp, shard=shard,
                    batch_size=stage.batch_size,
                    grad_accum=stage.grad_accum_steps, steps=stage.steps,
@@ -141,7 +143,9 @@ class StageShape:
                    intermediate=model.intermediate_size, heads=model.num_attention_heads,
                    kv_heads=model.num_key_value_heads, head_dim=model.head_dim,
                    vocab=model.vocab_size, params=model.num_parameters,
-                   elem_bytes=2 if model.dtype == "bfloat16" else 4)
+                   elem_bytes=_bytes(run.compute_dtype), state_bytes=_bytes(model.dtype),
+                   loss_chunk=run.training.loss_chunk_tokens,
+                   checkpointing=run.training.activation_checkpointing)
 
     @property
     def shard_ways(self) -> int:
@@ -161,21 +165,63 @@ class StageShape:
         return max(1, self.batch_size // self.dp)
 
 
+def layer_working_bytes(s: StageShape) -> float:
+    """Bytes per token of one decoder layer recomputed and backpropagated: what its backward
+    keeps (the two norms' outputs and their fp32 upcasts, q, k, v before and after RoPE, the
+    attention output, the o_proj output; the MLP's gate, up, activation and product) and the
+    ring's fp32 accumulators of dq, dK, dV and the log-sum-exp. Counted from Llama's forward;
+    within 1% of the traced 8B working set (ringpilot.memory)."""
+    h, kv, i, cb = s.hidden, s.kv_heads * s.head_dim, s.intermediate, s.elem_bytes
+    return (10 * h + 3 * kv + 4 * i) * cb + (h + 2 * kv) * 4 + s.heads * 4
+
+
+def _bytes(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else 4
+
+
 def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
-    """Bytes per GPU by part. Weights, grads and Adam state are sharded over the shard group
-    (FSDP2; by default the ring, replicated across data-parallel rings: HSDP); activations are
-    checkpointed at layer boundaries."""
-    n = s.local_tokens
-    layer_params = (s.params - 2 * s.vocab * s.hidden) / s.layers
-    return {
-        "weights+grads+optimizer": s.params * BYTES_PER_PARAM_STATE / s.shard_ways,
-        "gathered weights (2 units)": 2 * max(layer_params, s.vocab * s.hidden) * s.elem_bytes,
-        "checkpointed activations": s.layers * n * s.hidden * s.elem_bytes,
-        "one layer recomputed": n * (6 * s.hidden + 4 * s.intermediate) * s.elem_bytes,
-        "logits (chunked loss)": min(n, LOSS_CHUNK_TOKENS) * s.vocab * 4 * 2,
-        "ring buffers": 4 * s.kv_block_bytes,
-        "reserve": profile.memory_reserve_bytes,
+    """Bytes per GPU by part, at the step's peak, for the layout ray_jobs.parallelize builds.
+
+    Always held: the weights, their gradients and AdamW's two moments in the storage dtype,
+    sharded over the shard group (FSDP2); the root's embedding and lm_head gathered in the
+    compute dtype for the whole step (the FSDP root is not resharded after forward); the
+    checkpointed input of every decoder layer (plus the embedding, final norm and hidden
+    states). The peak then comes either in the loss, whose chunk of logits exists in the
+    compute dtype, upcast to fp32 and as its fp32 gradient, or while a decoder layer is
+    recomputed and backpropagated (its activations, its gathered weights and the next layer's
+    prefetched ones, its unsharded gradients, the ring's K/V buffers): whichever is larger.
+    Checked against FSDPMemTracker traces of the real parallelize (ringpilot.memory).
+    Without activation checkpointing every layer's activations are held instead.
+    """
+    n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step
+    cb, sb, shard = s.elem_bytes, s.state_bytes, s.shard_ways
+    root = 2 * s.vocab * s.hidden + s.hidden  # embedding, lm_head, final norm
+    layer = (s.params - root) / s.layers
+    if s.checkpointing:
+        held = (s.layers + 4) * n * s.hidden * cb  # each layer's input, embedding, final norm
+    else:  # every layer keeps what its backward needs
+        held = s.layers * n * layer_working_bytes(s)
+    parts = {
+        "weights (sharded)": s.params * sb / shard,
+        "gradients (sharded)": s.params * sb / shard,
+        "AdamW state (sharded)": 2 * s.params * sb / shard,
+        "embedding + lm_head (gathered)": root * cb,
+        "activations held": held,
     }
+    logit_bytes = cb + (4 if cb < 4 else 0) + 8  # logits, their fp32 copy, its gradient (x2)
+    loss_phase = {"loss chunk (logits)": min(n, s.loss_chunk) * s.vocab * logit_bytes,
+                  "decoder layer (gathered)": layer * cb}
+    layer_phase = {
+        "decoder layer (gathered, and the next)": 2 * layer * cb,
+        "decoder layer gradients (unsharded, reduced in fp32)": layer * (4 if cb < sb else cb),
+        "lm_head gradient (unsharded until the root's reduce)": s.vocab * s.hidden * cb,
+        "layer recomputed and backpropagated":
+            n * layer_working_bytes(s) if s.checkpointing else 0.0,
+        "ring buffers": 4 * s.kv_block_bytes if s.ring > 1 else 0.0,
+    }
+    parts.update(max(loss_phase, layer_phase, key=lambda d: sum(d.values())))
+    parts["reserve (CUDA context, NCCL, fragmentation)"] = profile.memory_reserve_bytes
+    return parts
 
 
 def check_fits(name: str, s: StageShape, profile: HardwareProfile) -> float:
@@ -188,7 +234,8 @@ def check_fits(name: str, s: StageShape, profile: HardwareProfile) -> float:
     while r < s.seq_len // 2:
         r *= 2
         if s.seq_len % (2 * r) == 0:
-            t = StageShape(**{**s.__dict__, "ring": r})
+            shard = None if s.shard in (None, s.ring) else s.shard  # a ring's own grows too
+            t = StageShape(**{**s.__dict__, "ring": r, "shard": shard})
             if sum(memory_per_gpu(t, profile).values()) <= profile.hbm_bytes:
                 fix = r
                 break
@@ -252,13 +299,14 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
             headroom = min(headroom, c / t)
         attn_compute += R * c * s.layers
         exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
-    shard_comm = 3 * (R - 1) * hop(2 * s.params / R, ring) if R > 1 else 0.0
+    S = s.shard_ways
+    shard_comm = 3 * (S - 1) * hop(s.elem_bytes * s.params / S, ring) if S > 1 else 0.0
     exposed_shard = max(0.0, shard_comm - dense)
     per_seq = {"dense compute": dense, "attention compute": attn_compute,
                "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
     micro = s.seqs_per_ring * s.grad_accum
     parts = {k: v * micro for k, v in per_seq.items()}
-    shard_bytes = 2 * s.params / R
+    shard_bytes = s.elem_bytes * s.params / S
     parts["data-parallel sync"] = (2 * (D - 1) * hop(shard_bytes / D, dp)) if D > 1 else 0.0
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len

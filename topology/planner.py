@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from specs.cluster import ClusterSpec
-from specs.run import ModelSpec, StageSpec
+from specs.run import RunSpec, StageSpec
 from topology.cost import (
     FlowResult,
     StageCost,
@@ -185,11 +185,27 @@ class Planner:
         return best
 
     # ---- decisions ----------------------------------------------------------------------------
-    def plan_degrees(self, model: ModelSpec, stage: StageSpec, n_gpus: int, strict: bool = True
-                     ) -> tuple[int, int, list[str]]:
-        """Honour the stage's ring_degree / data_parallel_degree; pick 'auto' ones: the smallest
-        ring that fits memory, then as many rings as GPUs and batch allow. `strict`: a given
-        ring_degree with 'auto' rings must divide the GPUs (no GPU left idle unnoticed)."""
+    def plan_shard(self, run: RunSpec, stage: StageSpec, ring: int, dp: int) -> int | None:
+        """The stage's shard_degree for ring x dp: as given, or the smallest shard group (the
+        ring, then 2, 3, ... rings) whose memory fits; None when none fits."""
+        if stage.shard_degree != "auto":
+            options = [stage.shard_degree]
+        else:
+            options = [ring * k for k in range(1, dp + 1) if dp % k == 0]
+        for shard in options:
+            try:
+                check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
+            except ValueError:
+                continue
+            return shard
+        return None
+
+    def plan_degrees(self, run: RunSpec, stage: StageSpec, n_gpus: int, strict: bool = True
+                     ) -> tuple[int, int, int, list[str]]:
+        """Honour the stage's ring_degree / data_parallel_degree / shard_degree; pick 'auto'
+        ones: the smallest ring that fits memory with the smallest shard group, then as many
+        rings as GPUs and batch allow. `strict`: a given ring_degree with 'auto' rings must
+        divide the GPUs (no GPU left idle unnoticed). Returns (ring, dp, shard, notes)."""
         notes = []
         r, d = stage.ring_degree, stage.data_parallel_degree
         if strict and r != "auto" and d == "auto" and n_gpus % r:
@@ -203,7 +219,13 @@ class Planner:
                 raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "
                                 f"{r} x {d} = {r * d} GPUs, but the cluster offers {n_gpus}; "
                                 "lower the degrees or add nodes")
-            return r, d, notes
+            shard = self.plan_shard(run, stage, r, d)
+            if shard is None:  # the largest shard group's shortfall, with its fix
+                check_fits(stage.name, StageShape.of(run, stage, r, d, r * d), self.profile)
+            if shard != r and stage.shard_degree == "auto":
+                notes.append(f"auto shard_degree: {shard} GPUs ({shard // r} rings) shard the "
+                             "model state: the smallest group whose memory fits")
+            return r, d, shard, notes
         rings = [r] if r != "auto" else [x for x in range(1, n_gpus + 1)
                                          if stage.seq_len % (2 * x) == 0 or x == 1]
         for x in rings:
@@ -216,26 +238,26 @@ class Planner:
             for y in ds:
                 if x * y > n_gpus:
                     continue
-                try:
-                    check_fits(stage.name, StageShape.of(model, stage, x, y), self.profile)
-                except ValueError:
+                shard = self.plan_shard(run, stage, x, y)
+                if shard is None:
                     break
-                notes.append(f"auto degrees: ring {x} x dp {y} (smallest ring that fits memory, "
-                             "then the most rings the GPUs and batch_size allow)")
-                return x, y, notes
+                notes.append(f"auto degrees: ring {x} x dp {y}, shard {shard} (smallest ring "
+                             "that fits memory, then the most rings the GPUs and batch_size "
+                             "allow)")
+                return x, y, shard, notes
         if r != "auto":
-            check_fits(stage.name, StageShape.of(model, stage, r, 1), self.profile)
+            check_fits(stage.name, StageShape.of(run, stage, r, 1), self.profile)
         raise PlanError(f"stage {stage.name!r}: no ring_degree up to {n_gpus} GPUs fits memory; "
                         "shorten seq_len or add GPUs")
 
-    def plan_rings(self, model: ModelSpec, stage: StageSpec, ring: int,
-                   dp: int) -> tuple[Evaluated, list[str]]:
+    def plan_rings(self, run: RunSpec, stage: StageSpec, ring: int, dp: int,
+                   shard: int | None = None) -> tuple[Evaluated, list[str]]:
         """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
         (whole nodes in fabric order; per-node templates found by exhaustive search over one
         node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
         order), each evaluated on the full contention model, then pairwise swaps up to 16 GPUs.
         Time: O(candidates x GPUs x route length), no all-pairs path search."""
-        shape = StageShape.of(model, stage, ring, dp)
+        shape = StageShape.of(run, stage, ring, dp, shard)
         check_fits(stage.name, shape, self.profile)
         total = ring * dp
         gpus = self.locality_order()

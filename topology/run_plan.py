@@ -61,17 +61,17 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
     try:
-        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=not relax)
+        ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=not relax)
     except PlanError as e:
         if not relax or stage.data_parallel_degree == "auto":
             raise
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
-        ring, dp, notes = planner.plan_degrees(run.model, stage, n_gpus, strict=False)
+        ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
-    shard = shard_degree_of(stage, ring, dp)
-    best, more = planner.plan_rings(run.model, stage, ring, dp)
+    shard_degree_of(stage, ring, dp)  # a given shard_degree must form a mesh with them
+    best, more = planner.plan_rings(run, stage, ring, dp, shard)
     stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
-    shape = StageShape.of(run.model, stage, ring, dp, shard)
+    shape = StageShape.of(run, stage, ring, dp, shard)
     alts = []
     ray = planner.ray_default_order(seed)[: ring * dp]
     ev = planner.evaluate([ray[i * ring:(i + 1) * ring] for i in range(dp)], shape)
@@ -102,8 +102,11 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
     p = planner.profile
     assumptions = [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
     assumptions += [
-        "weights, gradients and Adam state sharded over each ring (hybrid sharding), 16 bytes "
-        "per parameter; activations checkpointed at layer boundaries",
+        "weights, gradients and AdamW state in the model's storage dtype (fp32: 16 bytes per "
+        "parameter) sharded over each stage's shard group (FSDP2; HSDP across groups), layers "
+        "computing in bf16, activations checkpointed per decoder layer, the loss in chunks: the "
+        "memory model describes ray_jobs.parallelize and is checked against traces of it "
+        "(ringpilot plan --verify-memory); CUDA context and fragmentation are the reserve",
         "ring K/V transfers overlap the attention block compute only; weight all-gathers overlap "
         "the dense compute only; the data-parallel all-reduce is not overlapped",
         "concurrent transfers share each link equally; ECMP spreads perfectly over a spine layer",

@@ -108,11 +108,24 @@ def test_fast_links_hide_the_ring_and_dp_sync_adds():
 
 
 def test_memory_parts_by_hand():
+    """fp32 state, bf16 compute, n = 4096 tokens per GPU, a 1,024-token loss chunk."""
     mem = memory_per_gpu(SHAPE, PROFILE)
-    assert mem["weights+grads+optimizer"] == 1e9 * 16 / 2  # 16 bytes/param sharded over ring 2
-    assert mem["checkpointed activations"] == 2 * 4096 * 1024 * 2  # layers x n x hidden x 2 B
+    n, root = 4096, 2 * 32000 * 1024 + 1024
+    layer = (1e9 - root) / 2
+    assert mem["weights (sharded)"] == mem["gradients (sharded)"] == 1e9 * 4 / 2
+    assert mem["AdamW state (sharded)"] == 2 * 1e9 * 4 / 2
+    assert mem["embedding + lm_head (gathered)"] == root * 2
+    assert mem["activations held"] == (2 + 4) * n * 1024 * 2  # (layers + 4) x n x hidden x 2 B
+    # the layer phase outweighs the loss chunk (1024 x 32000 x 14 B + one gathered layer)
+    assert mem["decoder layer (gathered, and the next)"] == 2 * layer * 2
+    assert mem["decoder layer gradients (unsharded, reduced in fp32)"] == layer * 4
+    assert mem["lm_head gradient (unsharded until the root's reduce)"] == 32000 * 1024 * 2
+    per_token = (10 * 1024 + 3 * 256 + 4 * 4096) * 2 + (1024 + 2 * 256) * 4 + 8 * 4
+    assert mem["layer recomputed and backpropagated"] == n * per_token
     assert mem["ring buffers"] == 4 * 4_194_304
-    assert mem["logits (chunked loss)"] == 4096 * 32000 * 4 * 2
+    assert "loss chunk (logits)" not in mem
+    small = memory_per_gpu(StageShape(**{**SHAPE.__dict__, "params": 100_000_000}), PROFILE)
+    assert small["loss chunk (logits)"] == 1024 * 32000 * (2 + 4 + 8)
 
 
 def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
@@ -120,5 +133,5 @@ def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
     with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs 49\.\d GB per GPU with "
                        r"ring_degree 4 .* above the 48 GB of a NVIDIA L40S; raise ring_degree "
                        r"to 8 or more"):
-        check_fits("65k", StageShape.of(llama8b_run.model, stage, 4, 1), L40S)
-    assert check_fits("65k", StageShape.of(llama8b_run.model, stage, 8, 1), L40S) < 48e9
+        check_fits("65k", StageShape.of(llama8b_run, stage, 4, 1), L40S)
+    assert check_fits("65k", StageShape.of(llama8b_run, stage, 8, 1), L40S) < 48e9

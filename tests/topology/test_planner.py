@@ -27,8 +27,8 @@ CASES = [  # (cluster, ring, dp): every placement of 8 GPUs is enumerated
 def test_planner_within_5_percent_of_exhaustive(name, build, ring, dp):
     run = small_run(ring=ring, dp=dp, batch=dp)
     planner = Planner(build())
-    best, _ = planner.plan_rings(run.model, run.stages[0], ring, dp)
-    shape = StageShape.of(run.model, run.stages[0], ring, dp)
+    best, _ = planner.plan_rings(run, run.stages[0], ring, dp)
+    shape = StageShape.of(run, run.stages[0], ring, dp)
     optimum = plan_exhaustive(planner, planner.locality_order()[: ring * dp], shape)
     assert best.cost.step_seconds <= 1.05 * optimum.cost.step_seconds
     assert optimum.cost.step_seconds <= best.cost.step_seconds * (1 + 1e-9)  # it is the optimum
@@ -39,8 +39,8 @@ def test_planned_ring_beats_ray_default_where_ids_cross_sockets():
     # hop (4 transfers share each direction); the planned ring crosses it once each way.
     run = small_run(ring=8, dp=1)
     planner = Planner(build_l40s_server(interleaved=True))
-    best, _ = planner.plan_rings(run.model, run.stages[0], 8, 1)
-    shape = StageShape.of(run.model, run.stages[0], 8, 1)
+    best, _ = planner.plan_rings(run, run.stages[0], 8, 1)
+    shape = StageShape.of(run, run.stages[0], 8, 1)
     ray = planner.evaluate([planner.ray_default_order()], shape)
     assert ray.ring.seconds / best.ring.seconds >= 2.0
     assert ray.ring.bottleneck[0].endswith("/cpu0") or ray.ring.bottleneck[0].endswith("/cpu1")
@@ -52,9 +52,9 @@ def test_rings_stay_under_a_leaf_on_an_oversubscribed_fabric():
     spec = build_leaf_spine_cluster(16, nodes_per_leaf=4, oversubscription=4.0, nics=1)
     run = small_run(ring=16, dp=8, batch=8, workers=128, seq_len=32768)
     planner = Planner(spec)
-    best, _ = planner.plan_rings(run.model, run.stages[0], 16, 8)
+    best, _ = planner.plan_rings(run, run.stages[0], 16, 8)
     assert not any(link[1] == "spine" for link in best.ring.loads)
-    shape = StageShape.of(run.model, run.stages[0], 16, 8)
+    shape = StageShape.of(run, run.stages[0], 16, 8)
     ray = planner.evaluate([planner.ray_default_order()[i * 16:(i + 1) * 16] for i in range(8)],
                            shape)
     assert any(link[1] == "spine" for link in ray.ring.loads)

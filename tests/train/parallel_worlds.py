@@ -14,7 +14,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
+from ray_jobs.parallelize import (
+    build_mesh,
+    build_optimizer,
+    clip_gradients,
+    parallelize,
+    ring_mean_loss,
+)
 from ray_jobs.ring_attention import (
     register_ring_attention,
     use_ring_group,
@@ -58,7 +64,7 @@ def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: 
     model.set_attn_implementation("ring" if ring > 1 else "sdpa")
     root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
                        loss_chunk_tokens=8)
-    return layout, root, torch.optim.AdamW(root.parameters(), lr=1e-2)
+    return layout, root, build_optimizer(root, 1e-2)
 
 
 def _step(layout, root, ids, labels):
@@ -98,7 +104,7 @@ def train_layout(rank, world, ring, dp, shard, ac, steps):
         losses.append(_step(layout, root, ids, labels))
         if first_grads is None:
             first_grads = _full_grads(root)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(root.parameters(), 1.0).full_tensor()))
+        norms.append(float(clip_gradients(root, 1.0)))
         opt.step()
         opt.zero_grad()
     params = _full_params(root)

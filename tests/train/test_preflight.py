@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ray_jobs.train import main
+import json
+
+from ray_jobs.train import ARCHITECTURE, main
+from specs.ledger import Ledger, mark_committed
 from tests.train.conftest import mini_spec, write_spec
 
 
@@ -68,3 +71,17 @@ def test_bad_field_is_reported_by_path(tmp_path, capsys):
                       mini_spec(tmp_path / "runs", **{"failure.report_every": 0}))
     assert main(["--run", str(spec)]) == 2
     assert "failure.report_every" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    """A run directory reused after the model changed: refused before Ray starts."""
+    spec = mini_spec(tmp_path / "runs")
+    ckpt = tmp_path / "runs" / "mini" / "checkpoints" / "s64" / "step-000003"
+    ckpt.mkdir(parents=True)
+    config = {k: spec["model"][k] for k in ARCHITECTURE} | {"hidden_size": 64}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    mark_committed(ckpt)
+    Ledger(tmp_path / "runs" / "mini", "mini").commit_checkpoint("s64", 3, ckpt)
+    err = _run(tmp_path, capsys)
+    assert "the checkpoint it starts from" in err and "is another model: hidden_size 64 " \
+        "(model.hidden_size is 32)" in err

@@ -1,0 +1,202 @@
+"""Benchmark the memory model against ground truth, and FSDP2 against DDP on the tiny model.
+
+    .venv/bin/python benchmarks/memory.py            # full-depth traces: about half an hour
+    .venv/bin/python benchmarks/memory.py --layers 4 # reduced depth, a minute or two
+
+1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout the
+   planner chooses on its cluster (configs/llama3-{8b,70b}-1m.yaml), the cost model's peak per
+   GPU (reserve excluded) against an FSDPMemTracker trace of the trainer's own parallelize()
+   under FakeTensorMode on a fake process group (ringpilot.memory): max |predicted - traced| /
+   traced. trace_seconds_8b: the wall time of the first 8B trace.
+2. memory_model_error_tiny: the tiny default's last stage (4K tokens, one ring of 2, FSDP2 over
+   both) on 2 gloo processes: the peak rise of each process's resident set from just before the
+   model is built to the end of the training steps (VmHWM after a reset through
+   /proc/self/clear_refs, minus VmRSS then) against the cost model's prediction for that shape
+   on CPU (fp32).
+3. fsdp_step_ratio_vs_ddp: tokens/s of that tiny stage through parallelize() (FSDP2, activation
+   checkpointing, chunked loss) over the same ring with the model replicated under
+   DistributedDataParallel and a full-logits loss (the trainer before FSDP2), same processes.
+Last line: one JSON object. Timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from ringpilot.memory import trace_stage_memory  # noqa: E402
+from specs.loading import load_model  # noqa: E402
+from specs.run import RunSpec  # noqa: E402
+from tests.support.worlds import run_world  # noqa: E402
+from topology.cost import StageShape, memory_per_gpu  # noqa: E402
+from topology.profile import get_profile  # noqa: E402
+from topology.run_plan import plan_run  # noqa: E402
+from topology.sources import load_cluster  # noqa: E402
+
+GB = 1e9
+
+
+def predicted_bytes(run: RunSpec, stage, ring: int, dp: int, shard: int) -> float:
+    parts = memory_per_gpu(StageShape.of(run, stage, ring, dp, shard), get_profile("l40s"))
+    return sum(v for k, v in parts.items() if not k.startswith("reserve"))
+
+
+def scale_rows(layers: int | None) -> tuple[list[dict], float]:
+    rows, first_8b = [], None
+    for name in ("llama3-8b-1m", "llama3-70b-1m"):
+        path = ROOT / "configs" / f"{name}.yaml"
+        run = load_model(path, RunSpec)
+        plan = plan_run(load_cluster(path.parent / run.resources.cluster), run)
+        if layers is not None:  # the cost model sees the same shallow model as the trace
+            run = run.model_copy(update={"model": run.model.model_copy(
+                update={"num_hidden_layers": layers})})
+        for sp in plan.stages:
+            stage = next(s for s in run.stages if s.name == sp.name)
+            dims = sp.dims
+            trace = trace_stage_memory(run, stage, dims)
+            pred = predicted_bytes(run, stage, dims.ring, dims.dp, dims.shard)
+            rows.append({"model": name, "stage": sp.name, "layout": dims.describe(),
+                         "layers": trace.layers, "predicted_gb": pred / GB,
+                         "traced_gb": trace.peak_bytes / GB,
+                         "error": (pred - trace.peak_bytes) / trace.peak_bytes,
+                         "trace_s": trace.seconds})
+            if first_8b is None:
+                first_8b = trace.seconds
+            r = rows[-1]
+            print(f"{name:<14}{sp.name:<6}{r['layout']:<34}{r['layers']:>4} layers  predicted "
+                  f"{r['predicted_gb']:6.1f} GB  traced {r['traced_gb']:6.1f} GB  "
+                  f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)", flush=True)
+    return rows, first_8b
+
+
+def _rss() -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def tiny_body(rank, world, mode: str, steps: int):
+    """The tiny default's last stage on one ring of 2: 'fsdp' (the trainer's parallelize) or
+    'ddp' (replicas, full logits). A first session loads every lazy module and kernel; its
+    memory is freed and handed back to the OS (malloc_trim), then a second session is measured:
+    tokens/s over `steps` steps and the peak rise of the resident set from before its model is
+    built."""
+    import ctypes
+    import gc
+
+    from ray_jobs.parallelize import build_mesh
+    from ray_jobs.ring_attention import register_ring_attention
+    from specs.degrees import ParallelDims
+
+    register_ring_attention()
+    layout = build_mesh(ParallelDims.of(2, 1, 2), [[0, 1]], "cpu")
+    _tiny_session(layout, mode, 1)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss()[0]
+    tokens_per_s = _tiny_session(layout, mode, steps)
+    return {"tokens_per_s": tokens_per_s, "rss_rise": _rss()[1] - before}
+
+
+def _tiny_session(layout, mode: str, steps: int) -> float:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ray_jobs.model import build_model
+    from ray_jobs.parallelize import build_optimizer, clip_gradients, parallelize, ring_mean_loss
+    from ray_jobs.ring_attention import use_ring_group, zigzag_position_ids, zigzag_shard
+
+    run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
+    index = len(run.stages) - 1
+    stage = run.stages[index]
+    model = build_model(run, index, None, seed=0, attn_implementation="ring")
+    seq, per_ring = stage.seq_len, stage.batch_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, run.model.vocab_size, (per_ring, seq), generator=gen)
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    x, y = (zigzag_shard(t, 1, layout.ring_rank, 2) for t in (ids, labels))
+    pos = zigzag_position_ids(seq, layout.ring_rank, 2).unsqueeze(0).expand(per_ring, -1)
+    if mode == "fsdp":
+        root = parallelize(model, layout, mixed_precision=None,
+                           activation_checkpointing=run.training.activation_checkpointing,
+                           loss_chunk_tokens=run.training.loss_chunk_tokens)
+        opt = build_optimizer(root, stage.lr)
+
+        def loss_of():
+            return ring_mean_loss(*root(x, pos, y), layout.ring)
+
+        def clip():
+            clip_gradients(root, 1.0)
+    else:
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
+
+        def loss_of():
+            logits = ddp(input_ids=x, position_ids=pos).logits.float()
+            local = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                      reduction="sum")
+            return ring_mean_loss(local, (y != -100).sum(), layout.ring)
+
+        def clip():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def step():
+        with use_ring_group(layout.ring):
+            (loss_of() * 2).backward()
+        clip()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # optimizer state, kernels: its memory counts, its time does not
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * per_ring * seq / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, help="trace this many decoder layers (quick)")
+    parser.add_argument("--steps", type=int, default=20, help="tiny training steps per mode")
+    args = parser.parse_args(argv)
+
+    rows, trace_8b = scale_rows(args.layers)
+    tiny_run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
+    stage = tiny_run.stages[-1]
+    predicted = predicted_bytes(tiny_run, stage, 2, 1, 2)
+    ddp = run_world(2, tiny_body, "ddp", args.steps, timeout_s=600)
+    fsdp = run_world(2, tiny_body, "fsdp", args.steps, timeout_s=600)
+    ddp_again = run_world(2, tiny_body, "ddp", args.steps, timeout_s=600)
+    rises = [r["rss_rise"] for r in fsdp]
+    tiny_error = max(abs(predicted - r) / r for r in rises)
+    ddp_tps = (min(r["tokens_per_s"] for r in ddp) + min(r["tokens_per_s"] for r in ddp_again)) / 2
+    fsdp_tps = min(r["tokens_per_s"] for r in fsdp)
+    print(f"tiny {stage.name} (ring 2, shard 2, CPU fp32): predicted {predicted / 1e6:.1f} MB, "
+          f"measured RSS rise per rank {[round(r / 1e6, 1) for r in rises]} MB")
+    print(f"tiny {stage.name} tokens/s: FSDP2 {fsdp_tps:,.0f}, DDP {ddp_tps:,.0f} (mean of the "
+          "runs before and after)")
+    print(json.dumps({
+        "memory_model_error_max": round(max(abs(r["error"]) for r in rows), 4),
+        "memory_model_error_tiny": round(tiny_error, 4),
+        "fsdp_step_ratio_vs_ddp": round(fsdp_tps / ddp_tps, 3),
+        "trace_seconds_8b": round(trace_8b, 1),
+        "traced_layers": "full" if args.layers is None else args.layers,
+        "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                   for r in rows],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
