@@ -106,11 +106,17 @@ def test_more_gpus_than_the_cluster_has():
 
 
 def test_stage_that_cannot_fit_is_refused(llama8b_run):
-    run = llama8b_run.model_copy(update={"stages": [llama8b_run.stages[0].model_copy(
-        update={"ring_degree": 2, "data_parallel_degree": 4, "batch_size": 4})]})
+    """Ring 2 with each ring its own shard group cannot hold 8B; the largest shard group can."""
+    stage = llama8b_run.stages[0].model_copy(
+        update={"ring_degree": 2, "data_parallel_degree": 4, "batch_size": 4, "shard_degree": 2})
+    run = llama8b_run.model_copy(update={"stages": [stage]})
     with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs .* GB per GPU with "
                        "ring_degree 2"):
         plan_run(build_l40s_server(), run)
+    auto = run.model_copy(update={"stages": [stage.model_copy(update={"shard_degree": "auto"})]})
+    planned = plan_run(build_l40s_server(), auto).stages[0]
+    assert (planned.ring_degree, planned.dp_degree, planned.shard_degree) == (2, 4, 8)
+    assert any("auto shard_degree: 8 GPUs (4 rings)" in n for n in planned.notes)
 
 
 def test_plan_from_workers_fills_rings_node_by_node():

@@ -115,7 +115,7 @@ def reference(dp: int, steps: int) -> dict:
     """The same steps in one process: unsharded model, SDPA, the whole global batch."""
     model = tiny_llama(0)
     model.set_attn_implementation("sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)  # as the trainer
     losses, norms, first_grads = [], [], None
     for ids, labels in batches(dp, steps):
         logits = model(input_ids=ids).logits
