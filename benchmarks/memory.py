@@ -1,7 +1,7 @@
 """Benchmark the memory model against ground truth, and FSDP2 against DDP on the tiny model.
 
-    .venv/bin/python benchmarks/memory.py            # full-depth traces: about half an hour
-    .venv/bin/python benchmarks/memory.py --layers 4 # reduced depth, a minute or two
+    .venv/bin/python benchmarks/memory.py --max-ring 8   # full depth, about half an hour
+    .venv/bin/python benchmarks/memory.py --layers 2     # reduced depth, a few minutes
 
 1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout the
    planner chooses on its cluster (configs/llama3-{8b,70b}-1m.yaml), the cost model's peak per
@@ -50,7 +50,7 @@ def predicted_bytes(run: RunSpec, stage, ring: int, dp: int, shard: int) -> floa
     return sum(v for k, v in parts.items() if not k.startswith("reserve"))
 
 
-def scale_rows(layers: int | None) -> tuple[list[dict], float]:
+def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], float]:
     rows, first_8b = [], None
     for name in ("llama3-8b-1m", "llama3-70b-1m"):
         path = ROOT / "configs" / f"{name}.yaml"
@@ -62,19 +62,20 @@ def scale_rows(layers: int | None) -> tuple[list[dict], float]:
         for sp in plan.stages:
             stage = next(s for s in run.stages if s.name == sp.name)
             dims = sp.dims
-            trace = trace_stage_memory(run, stage, dims)
+            trace = trace_stage_memory(run, stage, dims, max_ring=max_ring)
             pred = predicted_bytes(run, stage, dims.ring, dims.dp, dims.shard)
             rows.append({"model": name, "stage": sp.name, "layout": dims.describe(),
                          "layers": trace.layers, "predicted_gb": pred / GB,
                          "traced_gb": trace.peak_bytes / GB,
                          "error": (pred - trace.peak_bytes) / trace.peak_bytes,
-                         "trace_s": trace.seconds})
+                         "trace_s": trace.seconds, "traced_as": trace.traced_as})
             if first_8b is None:
                 first_8b = trace.seconds
             r = rows[-1]
             print(f"{name:<14}{sp.name:<6}{r['layout']:<34}{r['layers']:>4} layers  predicted "
                   f"{r['predicted_gb']:6.1f} GB  traced {r['traced_gb']:6.1f} GB  "
-                  f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)", flush=True)
+                  f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)"
+                  + (f"  traced as {trace.traced_as}" if trace.traced_as else ""), flush=True)
     return rows, first_8b
 
 
@@ -168,10 +169,13 @@ def _tiny_session(layout, mode: str, steps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, help="trace this many decoder layers (quick)")
+    parser.add_argument("--max-ring", type=int, help="trace longer rings as their equivalent "
+                        "layout on a ring this long (ringpilot.memory.equivalent_layout): same "
+                        "tensors per GPU, a shorter loop; full-length rings of 70B take hours")
     parser.add_argument("--steps", type=int, default=20, help="tiny training steps per mode")
     args = parser.parse_args(argv)
 
-    rows, trace_8b = scale_rows(args.layers)
+    rows, trace_8b = scale_rows(args.layers, args.max_ring)
     tiny_run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     stage = tiny_run.stages[-1]
     predicted = predicted_bytes(tiny_run, stage, 2, 1, 2)
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "fsdp_step_ratio_vs_ddp": round(fsdp_tps / ddp_tps, 3),
         "trace_seconds_8b": round(trace_8b, 1),
         "traced_layers": "full" if args.layers is None else args.layers,
+        "max_ring_traced": args.max_ring,
         "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                    for r in rows],
     }))

@@ -51,16 +51,37 @@ class MemoryTrace:
     parts: dict[str, int]  # FSDPMemTracker's categories at the peak, bytes
     layers: int  # decoder layers traced (the model's, unless a test asked for fewer)
     seconds: float  # wall time of the trace
+    traced_as: str = ""  # the equivalent layout traced, when not the stage's own
+
+
+def equivalent_layout(stage: StageSpec, dims: ParallelDims, ring: int
+                      ) -> tuple[StageSpec, ParallelDims]:
+    """The same per-GPU work on a shorter ring: a ring of `ring` over 1/k of the sequence, with
+    k times the shard slots, so every tensor a rank holds has the same shape (tokens per GPU,
+    K/V blocks, shard group, sequences per ring); only the ring's loop is shorter."""
+    if dims.ring <= ring or dims.ring % ring:
+        return stage, dims
+    k = dims.ring // ring
+    short = ParallelDims(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard * k, ring=ring)
+    per_ring = stage.batch_size // dims.dp
+    return stage.model_copy(update={"seq_len": stage.seq_len // k,
+                                    "batch_size": per_ring * short.dp}), short
 
 
 def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
-                       layers: int | None = None) -> MemoryTrace:
+                       layers: int | None = None, max_ring: int | None = None) -> MemoryTrace:
     """Trace two optimizer steps of `stage` on rank 0 of `dims` (micro-steps: up to two of the
-    stage's gradient accumulation), as the trainer runs it on run.resources.device. Needs a
-    process without a process group; it leaves none."""
+    stage's gradient accumulation), as the trainer runs it on run.resources.device. With
+    `max_ring`, a longer ring is traced as its equivalent_layout (the trace's time grows with
+    the ring, its memory does not). Needs a process without a process group; it leaves none."""
     if dist.is_initialized():
         raise RuntimeError("trace_stage_memory needs a process without a process group: it "
                            "creates a fake one of the stage's world size")
+    traced_as = ""
+    if max_ring is not None and dims.ring > max_ring:
+        stage, dims = equivalent_layout(stage, dims, max_ring)
+        traced_as = (f"ring {dims.ring} over {stage.seq_len:,} tokens, {dims.shard}-GPU shard "
+                     "group (the same tensors per GPU)")
     t0 = time.perf_counter()
     local_tokens = stage.seq_len // dims.ring
     per_ring = stage.batch_size // dims.dp
@@ -109,7 +130,8 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
         dist.destroy_process_group()
     parts = {str(k): int(v) for k, v in peak.items() if str(k) != "Total"}
     return MemoryTrace(peak_bytes=int(peak["Total"]), parts=parts,
-                       layers=config.num_hidden_layers, seconds=time.perf_counter() - t0)
+                       layers=config.num_hidden_layers, seconds=time.perf_counter() - t0,
+                       traced_as=traced_as)
 
 
 @dataclass(frozen=True)

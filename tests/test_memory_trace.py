@@ -66,3 +66,21 @@ def test_70b_recipe_plans_a_shard_group_that_fits():
         assert s.shard_degree > s.ring_degree or s.dp_degree == 1  # a ring alone is too small
         assert sum(s.prediction.memory_gb.values()) <= 48.0
         assert s.dims.world == s.ring_degree * s.dp_degree
+
+
+def test_a_long_ring_traces_like_its_short_equivalent():
+    """Memory per GPU depends on the tokens per GPU, not on the ring's length: the 262k stage
+    on a ring of 32 and its equivalent on a ring of 8 (a quarter of the sequence, four times
+    the shard slots) hold the same bytes. The benchmark traces 70B's rings of 64 and 128 so."""
+    done = subprocess.run([sys.executable, "-c", (
+        "import sys, json; from specs.loading import load_model; from specs.run import RunSpec;"
+        "from specs.degrees import ParallelDims; from ringpilot.memory import trace_stage_memory;"
+        f"run = load_model({str(CONFIG)!r}, RunSpec); st = run.stages[1];"
+        "dims = ParallelDims.of(32, 1, 32);"
+        "a = trace_stage_memory(run, st, dims, layers=2);"
+        "b = trace_stage_memory(run, st, dims, layers=2, max_ring=8);"
+        "print(json.dumps([a.peak_bytes, b.peak_bytes, b.traced_as]))")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    direct, short, traced_as = json.loads(done.stdout.strip().splitlines()[-1])
+    assert direct == short and traced_as.startswith("ring 8 over 65,536 tokens, 32-GPU")
