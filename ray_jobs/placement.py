@@ -53,7 +53,8 @@ def stage_plan_for(run: RunSpec, stage_index: int, slots: list[WorkerSlot],
     counts: dict[str, int] = {}
     for s in slots:
         counts[s.node] = counts.get(s.node, 0) + 1
-    return plan_from_workers(counts, run).stage(run.stages[stage_index].name)
+    one_stage = run.model_copy(update={"stages": [run.stages[stage_index]]})
+    return plan_from_workers(counts, one_stage).stage(run.stages[stage_index].name)
 
 
 def build_rings(slots: list[WorkerSlot], stage_plan: StagePlan) -> list[list[int]]:

@@ -32,7 +32,7 @@ from ray_jobs.worker_config import StepInfo, WorkerConfig
 from specs.ledger import Ledger
 from specs.loading import SpecError, load_model
 from specs.plan import Plan
-from specs.run import RunSpec, StageSpec
+from specs.run import RunSpec
 from topology.planner import PlanError
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -66,6 +66,7 @@ class Prepared:
 
     documents: list[str]  # data.documents' texts (empty when the mix has none)
     plan: Plan | None  # the plan on resources.cluster; None: planned where Ray puts workers
+    layout: Plan | None  # the degrees every stage runs with: `plan`, or from resources.workers
 
 
 def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
@@ -107,36 +108,17 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:
         problems.append(str(e))
-    for i, stage in enumerate(run.stages):
-        world = _world_of(stage, run.resources.workers)
-        if world is not None and world != run.resources.workers:
-            problems.append(
-                f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = "
-                f"{stage.ring_degree} x {stage.data_parallel_degree} = {world}, "
-                f"but resources.workers is "
-                f"{run.resources.workers}; every stage uses all workers, so make the product "
-                f"{run.resources.workers} (or set one degree to 'auto')")
-    try:
+    layout = None
+    try:  # the degrees, resolved once (specs.degrees.resolve_degrees), or why they cannot be
         if run.resources.cluster:
-            plan = plan_for_cluster(run, spec_dir)
+            plan = layout = plan_for_cluster(run, spec_dir)
         else:
-            check_capacity(run)
+            layout = check_capacity(run)
     except (PlanError, SpecError, ValueError) as e:
         problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}")
     if problems:
         raise PreflightError(problems)
-    return Prepared(documents=documents, plan=plan)
-
-
-def _world_of(stage: StageSpec, workers: int) -> int | None:
-    r, d = stage.ring_degree, stage.data_parallel_degree
-    if r != "auto" and d != "auto":
-        return r * d
-    if r != "auto" and workers % r:
-        return r * (workers // r) or r
-    if d != "auto" and workers % d:
-        return d * (workers // d) or d
-    return None
+    return Prepared(documents=documents, plan=plan, layout=layout)
 
 
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -192,10 +174,7 @@ def train_stage(config: WorkerConfig) -> None:
     label_selector = None
     if config.plan is not None:  # pin each worker to its planned node; positions from the plan
         label_selector = [{NODE_LABEL: w.node} for w in config.plan.workers]
-        num_workers = len(config.plan.workers)
-    else:
-        num_workers = res.workers
-    scaling = ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+    scaling = ScalingConfig(num_workers=config.workers, use_gpu=gpu,
                             resources_per_worker={"CPU": res.cpus_per_worker,
                                                   **({"GPU": 1} if gpu else {})},
                             label_selector=label_selector)
@@ -275,6 +254,7 @@ def main(argv: list[str] | None = None, *,
             try:
                 train_stage(WorkerConfig(run=run, stage_index=index, run_dir=run_dir,
                                          spec_dir=spec_dir, plan=stage_plan,
+                                         workers=prepared.layout.stage(name).dims.world,
                                          before_step=before_step))
             except Exception as e:  # Ray Train gave up after failure.max_failures restarts
                 ledger.finish_stage(name, "failed")

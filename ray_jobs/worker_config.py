@@ -34,6 +34,7 @@ class WorkerConfig:
     run_dir: Path
     spec_dir: Path  # the RunSpec file's directory: relative paths in it start here
     plan: StagePlan | None  # the driver's plan of the stage; None: plan where Ray put workers
+    workers: int  # ring x dp of the stage: how many workers it starts (<= resources.workers)
     before_step: Callable[[StepInfo], None] | None = None
 
     @property

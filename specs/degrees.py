@@ -17,6 +17,9 @@ ring order, and the planner's memory model divides the model state by `shard`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from pydantic import BaseModel, ConfigDict, Field
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ring")
@@ -95,3 +98,120 @@ class ParallelDims(BaseModel):
         if self.dp_replicate > 1:
             parts.append(f"{self.dp_replicate} replicas (HSDP)")
         return " x ".join(parts[:2]) + ", " + ", ".join(parts[2:])
+
+
+class DegreeError(ValueError):
+    """Degrees that cannot be laid out on the workers; the message names the numbers and a fix."""
+
+
+class NothingFits(DegreeError):
+    """Every layout the degrees allow was tried and none fits memory."""
+
+    def __init__(self, message: str, tried: list[tuple[int, int]]):
+        super().__init__(message)
+        self.tried = tried
+
+
+class StageDegrees(Protocol):
+    """What resolving needs of a stage (specs.run.StageSpec has it)."""
+
+    name: str
+    seq_len: int
+    batch_size: int
+    ring_degree: int | str
+    data_parallel_degree: int | str
+    shard_degree: int | str
+
+
+def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool = True,
+                   grow: str = "add workers") -> list[tuple[int, int]]:
+    """Every (ring, dp) the stage's degrees allow on `world` workers, in preference order: the
+    smallest ring first (least traffic per token), and for each ring the most rings side by side.
+
+    A given degree is kept; 'auto' ring_degree ranges over the rings that zigzag-split seq_len,
+    'auto' data_parallel_degree over the divisors of batch_size that fit the workers. `strict`: a
+    given ring_degree with 'auto' rings must divide the workers, so that none is left idle
+    unnoticed. `offer` says where `world` comes from ("resources.workers is 8"), `grow` how to
+    have more; DegreeError when nothing is left, naming the numbers and the fix."""
+    r, d, seq, batch = (stage.ring_degree, stage.data_parallel_degree, stage.seq_len,
+                        stage.batch_size)
+    if r != "auto" and d != "auto":
+        if r * d > world:
+            raise DegreeError(f"ring_degree x data_parallel_degree = {r} x {d} = {r * d} "
+                              f"workers, but {offer}; lower the degrees or {grow}")
+        problems = ParallelDims(ring=r, dp_shard=d).problems(seq_len=seq, batch_size=batch)
+        if problems:
+            raise DegreeError(problems[0])
+        return [(r, d)]
+    if r != "auto":
+        if r > world:
+            raise DegreeError(f"ring_degree {r} needs {r} workers, but {offer}; lower it or {grow}")
+        if strict and world % r:
+            divisors = [x for x in range(1, world + 1) if world % x == 0 and seq % (2 * x) == 0]
+            raise DegreeError(f"ring_degree {r} does not divide the {world} workers ({offer}); "
+                              f"use one that does (e.g. {divisors[-4:]}) or set "
+                              "data_parallel_degree to leave workers idle on purpose")
+    if d != "auto" and d > world:
+        raise DegreeError(f"data_parallel_degree {d} needs {d} workers, but {offer}; lower it "
+                          f"or {grow}")
+    rings = [r] if r != "auto" else [x for x in range(1, world + 1)
+                                     if x == 1 or seq % (2 * x) == 0]
+    options = []
+    for x in rings:
+        if x > 1 and seq % (2 * x):
+            raise DegreeError(f"seq_len {seq} is not divisible by 2 x ring_degree = {2 * x}; "
+                              f"pick a ring_degree dividing {seq // 2}")
+        dps = [d] if d != "auto" else [y for y in range(world // x, 0, -1) if batch % y == 0]
+        options += [(x, y) for y in dps if x * y <= world]
+    return options
+
+
+def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
+                    shard_for: Callable[[int, int], int | None] | None = None,
+                    strict: bool = True, grow: str = "add workers"
+                    ) -> tuple[ParallelDims, list[str]]:
+    """The stage's layout on `world` workers, with notes on every choice made for it.
+
+    With a memory model (`shard_for(ring, dp)`: the shard degree whose memory fits, or None),
+    the first of `degree_options` that fits; without one (plain workers, no cluster
+    description), the largest ring: the sequence split as thinly as the workers allow. The one
+    resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the topology
+    planner, plans from Ray's placement and the operator's re-planning all call it."""
+    options = degree_options(stage, world, offer, strict=strict, grow=grow)
+    auto = stage.ring_degree == "auto" or stage.data_parallel_degree == "auto"
+    notes = []
+    if shard_for is None:
+        big = max(x for x, _ in options)
+        ring, dp = next((x, y) for x, y in options if x == big)
+        shard = ring if stage.shard_degree == "auto" else stage.shard_degree
+        why = "no memory model without a cluster description: the largest ring"
+    else:
+        found, skip = None, set()
+        for x, y in options:
+            if x in skip:
+                continue
+            shard = shard_for(x, y)
+            if shard is not None:
+                found = (x, y, shard)
+                break
+            skip.add(x)  # fewer rings only shrink the shard groups: try the next ring
+        if found is None:
+            raise NothingFits(f"no layout of {stage.name!r} on {world} workers fits memory "
+                              f"(tried ring x dp {sorted(set(options))[:6]}); shorten seq_len "
+                              "or add GPUs", tried=options)
+        ring, dp, shard = found
+        why = "the smallest ring that fits memory, then the most rings the workers allow"
+    try:
+        dims = ParallelDims.of(ring, dp, shard)
+    except ValueError as e:
+        raise DegreeError(str(e)) from None
+    if auto:
+        notes.append(f"auto degrees: ring {ring} x dp {dp}, shard {dims.shard} ({why}, with "
+                     f"batch_size {stage.batch_size} divisible by dp)")
+    elif stage.shard_degree == "auto" and dims.shard != ring:
+        notes.append(f"auto shard_degree: {dims.shard} GPUs ({dims.shard // ring} rings) shard "
+                     "the model state: the smallest group whose memory fits")
+    if dims.world < world:
+        notes.append(f"uses {dims.world} of {world} workers (ring {ring} x dp {dp}); the other "
+                     f"{world - dims.world} stay idle in this stage")
+    return dims, notes

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specs.degrees import ParallelDims
+from specs.degrees import DegreeError, ParallelDims, degree_options
 
 Auto = Literal["auto"]
 
@@ -119,11 +119,13 @@ class StageSpec(_Spec):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     ring_degree: Degree = Field(
         "auto", description="GPUs (workers) per ring: the sequence is split over them. 'auto': "
-        "the planner picks the smallest ring that fits memory.",
+        "with resources.cluster, the smallest ring that fits memory; without, the largest ring "
+        "the workers allow (seq_len must split into 2 x ring_degree chunks).",
     )
     data_parallel_degree: Degree = Field(
         "auto", description="Rings trained side by side as data-parallel replicas. 'auto': as "
-        "many as the workers allow.",
+        "many as the workers and batch_size allow. A stage runs on ring_degree x "
+        "data_parallel_degree workers, at most resources.workers; the rest stay idle.",
     )
     shard_degree: Degree = Field(
         "auto", description="GPUs (workers) that shard the weights, gradients and optimizer "
@@ -329,15 +331,13 @@ class RunSpec(_Spec):
                 f"stages: seq_len must not decrease from one stage to the next, got {lengths}; "
                 "order the stages by length"
             )
+        workers = self.resources.workers
         for i, stage in enumerate(self.stages):
-            world = _known_world(stage)
-            if world is not None and world > self.resources.workers:
-                raise ValueError(
-                    f"stages[{i}] ({stage.name}): ring_degree x data_parallel_degree = "
-                    f"{stage.ring_degree} x {stage.data_parallel_degree} = {world} workers, but "
-                    f"resources.workers is {self.resources.workers}; lower the degrees or raise "
-                    "resources.workers"
-                )
+            try:  # the layouts the stage allows on the workers; the planner picks among them
+                degree_options(stage, workers, f"resources.workers is {workers}",
+                               grow="raise resources.workers")
+            except DegreeError as e:
+                raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
         if self.data.tokenizer.path is None and self.model.path is None:
             if self.data.tokenizer.vocab_size > self.model.vocab_size:
                 raise ValueError(
@@ -387,8 +387,3 @@ class RunSpec(_Spec):
                      f"({', '.join(self.eval.tasks)})")
         return "\n".join(lines)
 
-
-def _known_world(stage: StageSpec) -> int | None:
-    if isinstance(stage.ring_degree, int) and isinstance(stage.data_parallel_degree, int):
-        return stage.ring_degree * stage.data_parallel_degree
-    return None

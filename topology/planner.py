@@ -11,6 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from specs.cluster import ClusterSpec
+from specs.degrees import DegreeError, NothingFits, resolve_degrees
 from specs.run import RunSpec, StageSpec
 from topology.cost import (
     FlowResult,
@@ -202,53 +203,26 @@ class Planner:
 
     def plan_degrees(self, run: RunSpec, stage: StageSpec, n_gpus: int, strict: bool = True
                      ) -> tuple[int, int, int, list[str]]:
-        """Honour the stage's ring_degree / data_parallel_degree / shard_degree; pick 'auto'
-        ones: the smallest ring that fits memory with the smallest shard group, then as many
-        rings as GPUs and batch allow. `strict`: a given ring_degree with 'auto' rings must
-        divide the GPUs (no GPU left idle unnoticed). Returns (ring, dp, shard, notes)."""
-        notes = []
-        r, d = stage.ring_degree, stage.data_parallel_degree
-        if strict and r != "auto" and d == "auto" and n_gpus % r:
-            divisors = [x for x in range(1, n_gpus + 1) if n_gpus % x == 0
-                        and stage.seq_len % (2 * x) == 0]
-            raise PlanError(f"stage {stage.name!r}: ring_degree {r} does not divide the "
-                            f"{n_gpus} GPUs; use one that does (e.g. {divisors[-4:]}) or set "
-                            "data_parallel_degree to leave GPUs idle on purpose")
-        if r != "auto" and d != "auto":
-            if r * d > n_gpus:
-                raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "
-                                f"{r} x {d} = {r * d} GPUs, but the cluster offers {n_gpus}; "
-                                "lower the degrees or add nodes")
-            shard = self.plan_shard(run, stage, r, d)
-            if shard is None:  # the largest shard group's shortfall, with its fix
-                check_fits(stage.name, StageShape.of(run, stage, r, d, r * d), self.profile)
-            if shard != r and stage.shard_degree == "auto":
-                notes.append(f"auto shard_degree: {shard} GPUs ({shard // r} rings) shard the "
-                             "model state: the smallest group whose memory fits")
-            return r, d, shard, notes
-        rings = [r] if r != "auto" else [x for x in range(1, n_gpus + 1)
-                                         if stage.seq_len % (2 * x) == 0 or x == 1]
-        for x in rings:
-            if x > 1 and stage.seq_len % (2 * x):
-                raise PlanError(f"stage {stage.name!r}: seq_len {stage.seq_len} is not divisible "
-                                f"by 2 x ring_degree = {2 * x}; pick another ring_degree")
-            dmax = n_gpus // x
-            ds = [d] if d != "auto" else [y for y in range(dmax, 0, -1)
-                                          if stage.batch_size % y == 0]
-            for y in ds:
-                if x * y > n_gpus:
-                    continue
-                shard = self.plan_shard(run, stage, x, y)
-                if shard is None:
-                    break
-                notes.append(f"auto degrees: ring {x} x dp {y}, shard {shard} (smallest ring "
-                             "that fits memory, then the most rings the GPUs and batch_size "
-                             "allow)")
-                return x, y, shard, notes
-        if r != "auto":
-            check_fits(stage.name, StageShape.of(run, stage, r, 1), self.profile)
-        raise PlanError(f"stage {stage.name!r}: no ring_degree up to {n_gpus} GPUs fits memory; "
-                        "shorten seq_len or add GPUs")
+        """The stage's layout on `n_gpus` GPUs (specs.degrees.resolve_degrees with this
+        planner's memory model): given degrees are honoured, 'auto' ones pick the smallest ring
+        that fits memory with the smallest shard group, then as many rings as GPUs and batch
+        allow. Returns (ring, dp, shard, notes); PlanError (or StageDoesNotFit, with the
+        shortfall of the layout closest to fitting) when there is none."""
+        offer = (f"resources.workers is {run.resources.workers}"
+                 if n_gpus == run.resources.workers and n_gpus < self.spec.num_gpus
+                 else f"the cluster offers {n_gpus} GPUs")
+        try:
+            dims, notes = resolve_degrees(
+                stage, n_gpus, offer, strict=strict, grow="add nodes",
+                shard_for=lambda ring, dp: self.plan_shard(run, stage, ring, dp))
+        except NothingFits as e:
+            ring, dp = max(e.tried)  # the layout closest to fitting: its shortfall and fix
+            shard = ring * dp if stage.shard_degree == "auto" else stage.shard_degree
+            check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
+            raise PlanError(f"stage {stage.name!r}: {e}") from None
+        except DegreeError as e:
+            raise PlanError(f"stage {stage.name!r}: {e}") from None
+        return dims.ring, dims.dp, dims.shard, notes
 
     def plan_rings(self, run: RunSpec, stage: StageSpec, ring: int, dp: int,
                    shard: int | None = None) -> tuple[Evaluated, list[str]]:

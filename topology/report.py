@@ -251,7 +251,8 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
                            if v > 0)
         per_stage.append(f"**{s.name}**: {shares}. Ring 0 order: "
                          + " -> ".join(f"{w.node}:{w.gpu}" for w in s.rings[0][:12])
-                         + (" ..." if len(s.rings[0]) > 12 else "") + ". " + " ".join(s.notes))
+                         + (" ..." if len(s.rings[0]) > 12 else "") + ". "
+                         + " ".join(n.rstrip(".") + "." for n in s.notes))
     sections.append(("Where the time goes", per_stage))
     sections.append(("Plots", [f"![{p}]({p})" for p in pngs]))
     sections.append(("Cluster", [f"`{line}`" for line in spec.summary().splitlines()]))

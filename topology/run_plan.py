@@ -7,9 +7,9 @@ import random
 import networkx as nx
 
 from specs.cluster import ClusterSpec
-from specs.degrees import ParallelDims
+from specs.degrees import DegreeError, resolve_degrees
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
-from specs.run import RunSpec, StageSpec
+from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.graph import split_gpu_vertex
 from topology.planner import Evaluated, PlanError, Planner
@@ -43,17 +43,6 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
             for share, _, name, f, bw in rows[:top]]
 
 
-def shard_degree_of(stage: StageSpec, ring: int, dp: int) -> int:
-    """The stage's shard_degree once ring and dp are known ('auto': the ring); PlanError when
-    the three cannot form a mesh."""
-    shard = ring if stage.shard_degree == "auto" else stage.shard_degree
-    try:
-        ParallelDims.of(ring, dp, shard)
-    except ValueError as e:
-        raise PlanError(f"stage {stage.name!r}: {e}") from None
-    return shard
-
-
 def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
                relax: bool = False) -> StagePlan:
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
@@ -68,7 +57,6 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
         ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
-    shard_degree_of(stage, ring, dp)  # a given shard_degree must form a mesh with them
     best, more = planner.plan_rings(run, stage, ring, dp, shard)
     stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
     shape = StageShape.of(run, stage, ring, dp, shard)
@@ -119,34 +107,23 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
 
 def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
     """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
-    sorted node order), no predictions. 'auto' degrees: one ring over all workers unless
-    data_parallel_degree is given (or ring_degree is, then as many rings as fit)."""
+    sorted node order), no predictions. 'auto' degrees resolve without a memory model
+    (specs.degrees.resolve_degrees): the largest ring the workers allow."""
     if not workers or any(n <= 0 for n in workers.values()):
         raise PlanError(f"workers {workers}: give at least one node with > 0 workers")
     slots = [(node, i) for node in sorted(workers) for i in range(workers[node])]
     total = len(slots)
     stages = []
     for index, stage in enumerate(run.stages):
-        r, d = stage.ring_degree, stage.data_parallel_degree
-        if r == "auto" and d == "auto":
-            d = 1
-        if r == "auto":
-            r = total // d
-        if d == "auto":
-            d = max(y for y in range(1, total // r + 1) if stage.batch_size % y == 0) \
-                if total // r >= 1 else 0
-        if r * d > total or r * d == 0:
-            raise PlanError(f"stage {stage.name!r}: ring_degree x data_parallel_degree = "
-                            f"{r} x {d} needs {r * d} workers, Ray offers {total}; lower the "
-                            "degrees or add workers")
-        if r > 1 and stage.seq_len % (2 * r):
-            raise PlanError(f"stage {stage.name!r}: seq_len {stage.seq_len} is not divisible by "
-                            f"2 x ring_degree = {2 * r}; pick a ring_degree dividing "
-                            f"{stage.seq_len // 2}")
+        try:
+            dims, notes = resolve_degrees(stage, total, f"Ray offers {total} workers")
+        except DegreeError as e:
+            raise PlanError(f"stage {stage.name!r}: {e}") from None
+        r, d = dims.ring, dims.dp
         rings = [[Worker(node=n, gpu=g) for n, g in slots[i * r:(i + 1) * r]] for i in range(d)]
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
                                 rope_theta=run.stage_theta(index), ring_degree=r, dp_degree=d,
-                                shard_degree=shard_degree_of(stage, r, d), rings=rings,
-                                notes=["planned from Ray nodes: rings filled node by node, no "
-                                       "cluster description"]))
+                                shard_degree=dims.shard, rings=rings,
+                                notes=notes + ["planned from Ray nodes: rings filled node by "
+                                               "node, no cluster description"]))
     return Plan(run=run.name, cluster=None, profile=None, stages=stages)

@@ -163,7 +163,8 @@ def test_fixed_degrees_that_no_longer_fit_wait_for_nodes():
     d = plan_reconcile(st, [], nodes, T0 + dt.timedelta(seconds=31), settings=FAST)
     assert created(d) == [] and reasons(d) == ["Replanned", "InsufficientNodes"]
     [event] = [e for e in d.events() if e.reason == "InsufficientNodes"]
-    assert "1 usable nodes x 8 GPUs" in event.message and "needs 16 workers" in event.message
+    assert "1 usable nodes x 8 GPUs" in event.message
+    assert "= 16 workers, but Ray offers 8" in event.message
     assert stage(d, "s256").state == "BackingOff" and d.status.phase == "Running"
 
 

@@ -94,15 +94,26 @@ def test_auto_degrees_pick_smallest_ring_that_fits(llama8b_run):
 
 
 def test_ring_degree_that_does_not_divide_the_gpus():
-    run = small_run(ring=3, dp="auto", seq_len=12288)
-    with pytest.raises(PlanError, match=r"ring_degree 3 does not divide the 8 GPUs"):
+    with pytest.raises(ValueError, match=r"ring_degree 3 does not divide the 8 workers"):
+        small_run(ring=3, dp="auto", seq_len=12288)
+    # on a cluster smaller than resources.workers the planner says so in the GPUs it has
+    run = small_run(ring=3, dp="auto", seq_len=12288, workers=12)
+    with pytest.raises(PlanError, match=r"ring_degree 3 does not divide the 8 workers \(the "
+                       r"cluster offers 8 GPUs\)"):
         plan_run(build_l40s_server(), run)
 
 
 def test_more_gpus_than_the_cluster_has():
     run = small_run(ring=8, dp=2, batch=2, workers=16)
-    with pytest.raises(PlanError, match=r"8 x 2 = 16 GPUs, but the cluster offers 8"):
+    with pytest.raises(PlanError, match=r"8 x 2 = 16 workers, but the cluster offers 8 GPUs; "
+                       "lower the degrees or add nodes"):
         plan_run(build_l40s_server(), run)
+
+
+def test_fixed_degrees_may_leave_gpus_idle_and_say_so():
+    plan = plan_run(build_l40s_server(), small_run(ring=4, dp=1, workers=8)).stage("s1")
+    assert (plan.ring_degree, plan.dp_degree, len(plan.workers)) == (4, 1, 4)
+    assert any("uses 4 of 8 workers" in n for n in plan.notes)
 
 
 def test_stage_that_cannot_fit_is_refused(llama8b_run):
@@ -130,10 +141,18 @@ def test_plan_from_workers_fills_rings_node_by_node():
 
 
 def test_plan_from_workers_refuses_bad_degrees():
-    with pytest.raises(PlanError, match=r"seq_len 16384 is not divisible by 2 x ring_degree = 6"):
-        plan_from_workers({"a": 3}, small_run(workers=3))
-    with pytest.raises(PlanError, match=r"needs 8 workers, Ray offers 4"):
+    with pytest.raises(PlanError, match=r"ring_degree 2 does not divide the 3 workers"):
+        plan_from_workers({"a": 3}, small_run(ring=2, dp="auto", workers=4))
+    with pytest.raises(PlanError, match=r"8 x 1 = 8 workers, but Ray offers 4 workers"):
         plan_from_workers({"a": 4}, small_run(ring=8, dp=1, workers=8))
+
+
+def test_plan_from_workers_auto_takes_the_largest_ring_that_splits_the_sequence():
+    """Without a memory model 'auto' splits the sequence as thinly as it can: 16,384 tokens do
+    not zigzag over 3 workers (2 x 3 does not divide them), so 2 of the 3 form the ring."""
+    stage = plan_from_workers({"a": 3}, small_run(workers=3)).stages[0]
+    assert (stage.ring_degree, stage.dp_degree) == (2, 1)
+    assert any("uses 2 of 3 workers" in n for n in stage.notes)
 
 
 @settings(max_examples=10, deadline=None)

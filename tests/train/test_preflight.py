@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ray_jobs.train import ARCHITECTURE, main
+from ray_jobs.train import ARCHITECTURE, main, preflight
 from specs.ledger import Ledger, mark_committed
+from specs.run import RunSpec
 from tests.train.conftest import mini_spec, write_spec
 
 
@@ -16,10 +17,28 @@ def _run(tmp_path, capsys, **overrides) -> str:
     return capsys.readouterr().err
 
 
-def test_ring_times_dp_must_match_workers(tmp_path, capsys):
-    err = _run(tmp_path, capsys, **{"stages.0.ring_degree": 1})
-    assert "stages[0] (s64): ring_degree x data_parallel_degree = 1 x 1 = 1" in err
-    assert "resources.workers is 2" in err
+def test_ring_that_does_not_divide_the_workers(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"stages.0.data_parallel_degree": "auto",
+                                    "resources.workers": 3})
+    assert ("stages[0] (s64): ring_degree 2 does not divide the 3 workers (resources.workers is "
+            "3); use one that does (e.g. [1]) or set data_parallel_degree") in err
+
+
+def test_a_stage_may_use_fewer_workers_and_starts_only_those(tmp_path):
+    run = RunSpec.model_validate(mini_spec(tmp_path / "runs", **{"stages.0.ring_degree": 1}))
+    layout = preflight(run, tmp_path, run.run_dir).layout
+    assert layout.stage("s64").dims.world == 1 and layout.stage("s128").dims.world == 2
+    assert any("uses 1 of 2 workers" in n for n in layout.stage("s64").notes)
+
+
+def test_auto_ring_is_resolved_before_workers_start(tmp_path):
+    """66 tokens zigzag over rings of 1 or 3 (2 x 2 and 2 x 4 do not divide 66): without a
+    cluster description the largest ring that fits the 4 workers, one of them idle."""
+    run = RunSpec.model_validate(mini_spec(
+        tmp_path / "runs", **{"stages.0.seq_len": 66, "stages.0.ring_degree": "auto",
+                              "stages.0.data_parallel_degree": "auto", "resources.workers": 4}))
+    stage = preflight(run, tmp_path, run.run_dir).layout.stage("s64")
+    assert (stage.ring_degree, stage.dp_degree) == (3, 1)
 
 
 def test_degrees_beyond_workers_are_a_spec_error(tmp_path, capsys):
@@ -30,13 +49,6 @@ def test_degrees_beyond_workers_are_a_spec_error(tmp_path, capsys):
 def test_seq_len_not_divisible_by_two_rings(tmp_path, capsys):
     err = _run(tmp_path, capsys, **{"stages.0.seq_len": 66})
     assert "seq_len (66) must be divisible by 2 x ring_degree (4)" in err
-
-
-def test_seq_len_not_divisible_with_auto_ring(tmp_path, capsys):
-    err = _run(tmp_path, capsys, **{"stages.0.seq_len": 66, "stages.0.ring_degree": "auto",
-                                    "resources.workers": 4, "stages.1.data_parallel_degree": 2,
-                                    "stages.1.batch_size": 2})
-    assert "seq_len 66 is not divisible by 2 x ring_degree = 8" in err
 
 
 def test_missing_tokenizer_path(tmp_path, capsys):
