@@ -11,6 +11,7 @@ EXTRAS      ?= dev
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.ringpilot-installed
 RUN         ?= configs/tiny.yaml
+DEMO_ARGS   ?=
 
 export RAY_USAGE_STATS_ENABLED = 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
@@ -29,10 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # A local Ray head on 127.0.0.1 (dashboard on :8265), the run submitted with `ray job submit
-# --working-dir .`, its logs streamed, the head stopped again (also on failure).
+# --working-dir .`, its logs streamed, the head stopped again (also on failure, Ctrl-C, SIGTERM
+# or SIGHUP). An interrupted run resumes from its last checkpoint; DEMO_ARGS=--fresh starts over.
 demo: setup
 	$(VENV)/bin/ringpilot validate $(RUN)
-	$(PY) -m ringpilot.launch --run $(RUN) --fresh
+	$(PY) -m ringpilot.launch --run $(RUN) $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest

@@ -6,7 +6,13 @@ Starts `ray start --head --block` as a child process (so stopping it stops only 
 another Ray on the machine), submits `python -m ray_jobs.train --run RUN` with `ray job submit
 --working-dir .` (streams the job's output: progress lines and the summary), then measures
 passkey retrieval at the longest stage's length for the first stage's and the last stage's final
-checkpoints, and stops the head, also on failure or Ctrl-C.
+checkpoints, and stops the head, also on failure.
+
+SIGINT, SIGTERM or SIGHUP: one line says what is being stopped; the job is stopped, then the head
+(and only the head this launcher started), each within a bounded wait, then whatever is left of
+the head's processes is killed by id; exit code 128 + the signal's number, no traceback. A
+second Ctrl-C skips the graceful part. Checkpoints are committed atomically, so the run resumes
+from the last committed one on the next `make demo`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ringpilot import processes
+
 LOOPBACK = "127.0.0.1"
 EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
             "out"]
@@ -36,7 +44,10 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on `port` (connections of a closed server lingering in TIME_WAIT do not
+    count: they do not stop a new server from binding it)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError:
@@ -58,6 +69,153 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"the Ray dashboard at {url} did not answer within {timeout:.0f} s")
+
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGHUP: 129, signal.SIGTERM: 143}  # 128 + number
+GRACE_S = {"job": 10.0, "head": 10.0}  # bounded waits of the graceful stop
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the demo ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP while the demo runs: the first raises Interrupted where the
+    launcher is (so it stops what it started); once stopping, a signal only asks to hurry (a
+    second Ctrl-C skips the graceful part). Restores the previous handlers on exit."""
+
+    def __init__(self):
+        self.stopping = False
+        self.hurry = False
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stopping:
+            self.hurry = True
+            return
+        self.stopping = True
+        raise Interrupted(signum)
+
+
+def say(line: str) -> None:
+    """Print a launcher line; a closed terminal (SIGHUP) must not stop the clean-up."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass
+
+
+class Demo:
+    """What the launcher started (the Ray head, the job, the log follower) and how to stop it."""
+
+    def __init__(self, ray: str, env: dict[str, str], signals: StopSignals):
+        self.ray, self.env, self.signals = ray, env, signals
+        self.head: subprocess.Popen | None = None
+        self.follower: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.job: str | None = None
+        self.timings: dict[str, float] = {}
+
+    def start_head(self, dashboard_port: int, num_cpus: int) -> None:
+        self.url = f"http://{LOOPBACK}:{dashboard_port}"
+        # Ray's fixed default ports (agent 52365, ...) collide with any other Ray on the
+        # machine, and a head whose agent cannot bind accepts no jobs: every listener gets a
+        # free port.
+        agent_ports = [f"--{name}={_free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port")]
+        # Its own session: a terminal's Ctrl-C reaches the launcher only, which stops it. No
+        # drain on SIGTERM (Ray's default waits up to 30 s for the node to drain, for Serve
+        # replicas; this private head runs one job, which the launcher has stopped by then).
+        env = {**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.head = subprocess.Popen(
+            [self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
+             f"--port={_free_port()}", "--include-dashboard=true",
+             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
+             *agent_ports, f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        say(f"demo: Ray head started (pid {self.head.pid}), dashboard {self.url}")
+        _wait_dashboard(self.url, self.head)
+
+    def submit(self, job: str, run_path: str) -> None:
+        runtime_env = {"excludes": EXCLUDES,
+                       "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
+        submit = [self.ray, "job", "submit", "--address", self.url, "--working-dir", ".",
+                  "--no-wait", "--submission-id", job, "--runtime-env-json",
+                  json.dumps(runtime_env), "--",
+                  sys.executable, "-m", "ray_jobs.train", "--run", run_path]
+        for attempt in range(30):  # the job agent registers a little after the dashboard answers
+            if subprocess.run(submit, env=self.env, capture_output=attempt < 29,
+                              start_new_session=True).returncode == 0:
+                self.job = job
+                return
+            time.sleep(2)
+        raise RuntimeError(f"ray job submit to {self.url} kept failing")
+
+    def follow(self) -> int:
+        """Stream the job's output until it ends; its exit code."""
+        self.follower = subprocess.Popen(
+            [self.ray, "job", "logs", "--address", self.url, "--follow", self.job],
+            env=self.env, start_new_session=True)
+        self.follower.wait()
+        return _job_exit_code(self.url, self.job)
+
+    def stop(self) -> None:
+        """Stop the log follower, the job (unless hurried) and the head; SIGKILL by id what is
+        left of the head's processes after a bounded wait."""
+        hurry = lambda: self.signals.hurry  # noqa: E731
+        if self.follower is not None and self.follower.poll() is None:
+            self.follower.terminate()
+            self.follower.wait()
+        t0 = time.perf_counter()
+        if self.job is not None and self.signals.stopping and not hurry():
+            _stop_job(self.url, self.job, GRACE_S["job"], hurry)
+        self.timings["job"] = time.perf_counter() - t0
+        if self.head is None or self.head.poll() is not None:
+            return
+        t0 = time.perf_counter()
+        procs = processes.tree(self.head.pid)  # before the head goes: orphans leave the tree
+        # `ray start --block` stops what it started on SIGTERM (sent to it alone: the children
+        # are its to stop, in order).
+        self.head.terminate()
+        left = processes.wait_gone(procs, 0 if hurry() else GRACE_S["head"], hurry)
+        self.timings["head"] = time.perf_counter() - t0
+        self.timings["killed"] = len(left)
+        processes.kill(left)
+        self.head.wait()
+        processes.kill(processes.wait_gone(procs, 5))  # children of the killed
+
+
+def _stop_job(url: str, job: str, timeout: float, hurry) -> None:
+    """Ask Ray to stop the job (SIGTERM to its driver, SIGKILL after Ray's grace) and wait for
+    it up to `timeout` s."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(url)
+        client.stop_job(job)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not hurry():
+            if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                              JobStatus.STOPPED):
+                return
+            time.sleep(0.5)
+    except Exception as e:  # the head may be going already; stopping it ends the job anyway
+        say(f"demo: could not stop job {job} through {url} ({e.__class__.__name__}); stopping "
+            "the head ends it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,56 +245,42 @@ def main(argv: list[str] | None = None) -> int:
     # Loopback only, so no token authentication between the CLI and this head.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
-    ray = str(Path(sys.executable).parent / "ray")
     if not _port_free(args.dashboard_port):  # never submit to somebody else's Ray
         port = _free_port()
         print(f"demo: port {args.dashboard_port} is taken by another process; this head's "
               f"dashboard uses {port}", flush=True)
         args.dashboard_port = port
-    url = f"http://{LOOPBACK}:{args.dashboard_port}"
-    # Ray's fixed default ports (agent 52365, ...) collide with any other Ray on the machine, and
-    # a head whose agent cannot bind accepts no jobs: give every listener a free port.
-    agent_ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-         f"--port={_free_port()}", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
-         f"--dashboard-port={args.dashboard_port}",
-         *agent_ports, f"--num-cpus={args.num_cpus}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.perf_counter()
-    try:
-        _wait_dashboard(url, head)
-        runtime_env = {"excludes": EXCLUDES,
-                       "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
-        job = f"ringpilot-{run.name}-{int(time.time())}"
-        submit = [ray, "job", "submit", "--address", url, "--working-dir", ".", "--no-wait",
-                  "--submission-id", job, "--runtime-env-json", json.dumps(runtime_env), "--",
-                  sys.executable, "-m", "ray_jobs.train", "--run", args.run]
-        for attempt in range(30):  # the job agent registers a little after the dashboard answers
-            if subprocess.run(submit, env=env, capture_output=attempt < 29).returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            raise RuntimeError(f"ray job submit to {url} kept failing")
-        print(f"demo: submitted Ray job {job} to {url}; streaming its logs", flush=True)
-        subprocess.call([ray, "job", "logs", "--address", url, "--follow", job], env=env)
-        code = _job_exit_code(url, job)
-        print(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        if code == 0 and len(run.stages) > 1:
-            _print_retrieval(run, run_dir)
-        return code
-    finally:
-        # `ray start --block` tears down the processes it started on SIGTERM: only this head.
-        os.killpg(head.pid, signal.SIGTERM)
+    with StopSignals() as signals:
+        demo = Demo(str(Path(sys.executable).parent / "ray"), env, signals)
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+            demo.start_head(args.dashboard_port, args.num_cpus)
+            demo.submit(f"ringpilot-{run.name}-{int(time.time())}", args.run)
+            say(f"demo: submitted Ray job {demo.job} to {demo.url}; streaming its logs")
+            code = demo.follow()
+            say(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s")
+            if code == 0 and len(run.stages) > 1:
+                _print_retrieval(run, run_dir)
+        except Interrupted as e:
+            code = STOP_SIGNALS[e.signum]
+            say(f"\ndemo: {e} received: stopping Ray job {demo.job or '(none submitted)'} and the "
+                f"Ray head this demo started (pid {demo.head.pid if demo.head else '-'}); "
+                "a second Ctrl-C skips the graceful stop")
+        except RuntimeError as e:  # the head or the submission failed: say so, no traceback
+            say(f"demo: {e}")
+            code = 1
+        finally:
+            signals.stopping = True  # from here a signal only hurries the clean-up
+            t1 = time.perf_counter()
+            demo.stop()
+        if code in STOP_SIGNALS.values():
+            t = demo.timings
+            say(f"demo: stopped in {time.perf_counter() - t1:.1f} s (job {t.get('job', 0):.1f} s, "
+                f"head {t.get('head', 0):.1f} s, {t.get('killed', 0):.0f} processes killed by "
+                f"id). {run_dir} keeps every "
+                "committed checkpoint: `make demo` resumes from the last one, `make demo "
+                "DEMO_ARGS=--fresh` starts over")
+    return code
 
 
 def _job_exit_code(url: str, job: str) -> int:

@@ -1,0 +1,156 @@
+"""`make demo` interrupted: the launcher stops the job and the head it started, and only those.
+
+Each test starts the real launcher (`python -m ringpilot.launch`: a Ray head on loopback, the run
+submitted with `ray job submit`) on a two-stage mini run in a process group of its own, waits for
+the first committed checkpoint, sends a signal as a terminal or a process manager would, and
+checks: the conventional exit code, no traceback, every process of the head (snapshotted by id
+just before the signal) gone, the dashboard port free, clean-up within 30 s, and a ledger that
+lists only committed checkpoints. After SIGINT the launcher runs again and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ringpilot import processes
+from ringpilot.launch import STOP_SIGNALS, Interrupted, StopSignals, _free_port, _port_free
+from specs.ledger import Ledger, is_committed
+from tests.train.conftest import mini_spec, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CLEANUP_S = 30
+
+
+class Launcher:
+    """The launcher in its own session, its output collected line by line in a thread."""
+
+    def __init__(self, spec: Path, port: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ringpilot.launch", "--run", str(spec), "--num-cpus", "3",
+             "--dashboard-port", str(port)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def head_pid(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if line.startswith("demo: Ray head started (pid "):
+                    return int(line.split("(pid ")[1].split(")")[0])
+            assert self.proc.poll() is None, self.output
+            time.sleep(0.2)
+        raise AssertionError(f"no head pid line:\n{self.output}")
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+
+def committed_checkpoints(run_dir: Path, stage: str) -> list[Path]:
+    doc = Ledger(run_dir, "mini").read()
+    entry = doc.stages.get(stage)
+    return [run_dir / c.path for c in (entry.checkpoints if entry else [])]
+
+
+@pytest.fixture
+def mini_run(tmp_path):
+    spec = mini_spec(tmp_path / "runs", **{"stages.0.steps": 150, "stages.1.steps": 3})
+    return write_spec(tmp_path / "run.yaml", spec), tmp_path / "runs" / "mini"
+
+
+def interrupt(mini_run, signum: int, whole_group: bool) -> tuple[str, float]:
+    """Run the launcher until stage s64 committed a checkpoint, then send `signum` (to the
+    launcher's process group, as a terminal's Ctrl-C does, or to the launcher alone, as `kill`
+    does); check everything the issue asks of the clean-up. Returns (output, clean-up s)."""
+    spec, run_dir = mini_run
+    port = _free_port()
+    launcher = Launcher(spec, port)
+    try:
+        head = launcher.head_pid()
+        deadline = time.monotonic() + 300
+        # a committed checkpoint, and the first progress lines streamed to the terminal
+        while not (committed_checkpoints(run_dir, "s64") and "[s64] step" in launcher.output):
+            assert launcher.proc.poll() is None, launcher.output
+            assert time.monotonic() < deadline, launcher.output
+            time.sleep(0.5)
+        procs = processes.tree(head)
+        assert len(procs) > 3  # the head, GCS, raylet, workers, the job's driver ...
+        t0 = time.monotonic()
+        if whole_group:
+            os.killpg(launcher.proc.pid, signum)
+        else:
+            launcher.proc.send_signal(signum)
+        code = launcher.wait(timeout=CLEANUP_S + 30)
+        cleanup = time.monotonic() - t0
+    finally:
+        if launcher.proc.poll() is None:
+            os.killpg(launcher.proc.pid, signal.SIGKILL)
+    out = launcher.output
+    assert code == STOP_SIGNALS[signum], out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert f"demo: {signal.Signals(signum).name} received: stopping Ray job" in out
+    assert processes.alive(procs) == set(), f"left running: {processes.alive(procs)}"
+    assert _port_free(port), f"dashboard port {port} still taken"
+    assert cleanup < CLEANUP_S, f"clean-up took {cleanup:.1f} s"
+    listed = committed_checkpoints(run_dir, "s64")
+    assert listed and all(is_committed(p) for p in listed), listed
+    print(f"{signal.Signals(signum).name}: cleaned up in {cleanup:.1f} s")
+    return out, cleanup
+
+
+def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
+    interrupt(mini_run, signal.SIGINT, whole_group=True)
+    spec, run_dir = mini_run
+    last = Ledger(run_dir, "mini").latest_committed("s64")
+    again = Launcher(spec, _free_port())
+    try:
+        code = again.wait(timeout=600)
+    finally:
+        if again.proc.poll() is None:
+            os.killpg(again.proc.pid, signal.SIGKILL)
+    assert code == 0, again.output
+    assert f"[s64] seq_len 64, rope_theta 10,000; resuming from {last.name}" in again.output
+    doc = Ledger(run_dir, "mini").read()
+    assert doc.stages["s64"].state == "done" and doc.stages["s128"].state == "done"
+
+
+def test_sigterm_stops_job_and_head(mini_run):
+    interrupt(mini_run, signal.SIGTERM, whole_group=False)
+
+
+def test_sighup_stops_job_and_head(mini_run):
+    interrupt(mini_run, signal.SIGHUP, whole_group=False)
+
+
+def test_first_signal_interrupts_a_second_only_hurries():
+    """The launcher's handler, in this process: the first signal raises where the code is, a
+    signal during the clean-up must not abort it, only ask it to hurry."""
+    with StopSignals() as signals:
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs before this returns
+        assert e.value.signum == signal.SIGTERM and not signals.hurry
+        os.kill(os.getpid(), signal.SIGINT)  # no exception: stopping already
+        time.sleep(0.1)
+        assert signals.hurry
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
