@@ -9,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch  # noqa: E402
+from matplotlib.path import Path as MplPath  # noqa: E402
 
 from specs.atomic import atomic_write
 from specs.cluster import ClusterSpec  # noqa: E402
@@ -176,40 +178,89 @@ def _node_layout(spec: ClusterSpec | None, node: str, gpus: list[int]) -> dict[i
     return out
 
 
-def render_rings_plot(plan: Plan, path: Path, spec: ClusterSpec | None = None) -> str:
-    """Per stage, ring 0 drawn over the GPUs of the nodes it uses (at most 4 shown): GPUs
-    grouped by PCIe switch, coloured by CPU socket; arrows in ring order (K/V passes along)."""
-    n = len(plan.stages)
-    fig, axes = plt.subplots(n, 1, figsize=(11, 2.3 * n), squeeze=False)
+MAX_RINGS_DRAWN = 4  # per stage; the last panel's title says how many more there are
+PANEL_UNITS = 64  # GPU positions that fit one panel of a 16-inch-wide row
+ARC_BASE, ARC_SLOPE = 0.5, 0.12  # a hop's arc peaks this high (data units) + per unit of span
+
+
+def rings_figure(plan: Plan, spec: ClusterSpec | None = None):
+    """The rings of every stage, whole: a row per stage, a panel per ring (the first
+    MAX_RINGS_DRAWN; fewer, wider panels when a ring spans many nodes), each over every GPU of
+    the nodes the ring uses: GPUs grouped by PCIe switch, coloured by CPU socket, the ring's own
+    outlined; arrows in ring order (K/V passes along), all above the GPUs, the axes sized to
+    hold the highest."""
+    fig = plt.figure(figsize=(16, 2.8 * len(plan.stages)))
+    grid = fig.add_gridspec(len(plan.stages), 12)  # 12 columns: 1, 2, 3 or 4 panels a row
+    for row, s in enumerate(plan.stages):
+        units = sum(_node_width(spec, node, s) + 3 for node in _ring_nodes(s.rings[0]))
+        cols = max(1, min(MAX_RINGS_DRAWN, len(s.rings), int(PANEL_UNITS * 1.5 // units)))
+        span = 12 // cols
+        for k in range(cols):
+            ax = fig.add_subplot(grid[row, k * span:(k + 1) * span])
+            _draw_ring(ax, s, k, spec, len(s.rings) - cols if k == cols - 1 else 0)
+    return fig
+
+
+def _ring_nodes(ring) -> list[str]:
+    return list(dict.fromkeys(w.node for w in ring))
+
+
+def _node_gpus(s, node: str) -> list[int]:
+    return sorted({w.gpu for w in s.workers if w.node == node})
+
+
+def _node_width(spec: ClusterSpec | None, node: str, s) -> float:
+    layout = _node_layout(spec, node, _node_gpus(s, node))
+    return max(x for x, _ in layout.values()) if layout else 0
+
+
+def _draw_ring(ax, s, k: int, spec: ClusterSpec | None, more_rings: int) -> None:
     colours = ["#8fb8de", "#f4b183", "#a9d18e", "#d5a6bd"]
-    for ax, s in zip(axes[:, 0], plan.stages):
-        ring = s.rings[0]
-        nodes = list(dict.fromkeys(w.node for w in ring))[:4]
-        shown = [w for w in ring if w.node in nodes]
-        pos, x0 = {}, 0.0
-        for node in nodes:
-            gpus = sorted({w.gpu for w in s.workers if w.node == node} |
-                          {w.gpu for w in ring if w.node == node})
-            layout = _node_layout(spec, node, gpus)
-            for g in gpus:
-                x, sock = layout.get(g, (g, 0))
-                pos[(node, g)] = (x0 + x, 0)
-                used = (node, g) in {(w.node, w.gpu) for w in ring}
-                ax.scatter(x0 + x, 0, s=150, color=colours[sock % 4], zorder=2,
-                           edgecolors="black" if used else "none")
-                ax.annotate(str(g), (x0 + x, 0), ha="center", va="center", fontsize=7, zorder=3)
-            width = max(x for x, _ in layout.values()) if layout else 0
-            ax.text(x0 + width / 2, -1.0, node, ha="center", fontsize=8)
-            x0 += width + 3
-        for a, b in zip(shown, shown[1:] + shown[:1]):
-            (x1, y1), (x2, y2) = pos[(a.node, a.gpu)], pos[(b.node, b.gpu)]
-            ax.annotate("", (x2, y2), (x1, y1), arrowprops=dict(
-                arrowstyle="->", color="tab:blue", connectionstyle="arc3,rad=-0.35"))
-        more = len(dict.fromkeys(w.node for w in ring)) - len(nodes)
-        ax.set_title(f"{s.name}: ring 0 of {s.dp_degree} ({s.ring_degree} GPUs; colour = CPU "
-                     "socket, gaps = PCIe switches)"
-                     + (f"; {more} more nodes not shown" if more > 0 else ""), fontsize=9)
-        ax.set_ylim(-1.5, 2.2), ax.axis("off")
+    ring = s.rings[k]
+    in_ring = {(w.node, w.gpu) for w in ring}
+    nodes = _ring_nodes(ring)
+    positions = sum(len(_node_layout(spec, n, _node_gpus(s, n))) for n in nodes)
+    size = max(12, min(110, 2600 / max(positions, 1)))
+    pos, x0 = {}, 0.0
+    for node in nodes:
+        layout = _node_layout(spec, node, _node_gpus(s, node))
+        for g in sorted({w.gpu for w in s.workers if w.node == node}):
+            x, sock = layout.get(g, (g, 0))
+            pos[(node, g)] = x0 + x
+            ax.scatter(x0 + x, 0, s=size, color=colours[sock % 4], zorder=2,
+                       edgecolors="black" if (node, g) in in_ring else "none")
+            if positions <= 24:
+                ax.annotate(str(g), (x0 + x, 0), ha="center", va="center", fontsize=6,
+                            zorder=3)
+        width = max(x for x, _ in layout.values()) if layout else 0
+        ax.text(x0 + width / 2, -0.9, node, ha="center", va="top", fontsize=7)
+        x0 += width + 3
+    top = 1.0
+    hops = list(zip(ring, ring[1:] + ring[:1])) if len(ring) > 1 else []
+    for a, b in hops:
+        x1, x2 = pos[(a.node, a.gpu)], pos[(b.node, b.gpu)]
+        # A quadratic Bezier in data coordinates, so its height is known (matplotlib's arc3
+        # bends in pixels and leaves the axes): every hop arcs upwards, higher the farther.
+        peak = ARC_BASE + ARC_SLOPE * abs(x2 - x1)
+        path = MplPath([(x1, 0.2), ((x1 + x2) / 2, 2 * peak - 0.2), (x2, 0.2)],
+                       [MplPath.MOVETO, MplPath.CURVE3, MplPath.CURVE3])
+        ax.add_patch(FancyArrowPatch(path=path, arrowstyle="->", color="tab:blue", lw=0.8,
+                                     mutation_scale=8))
+        top = max(top, peak)
+    title = f"{s.name}: ring {k + 1} of {s.dp_degree} ({s.ring_degree} GPUs)"
+    if more_rings > 0:
+        title += f"; {more_rings} more rings not drawn"
+    ax.set_title(title, fontsize=8)
+    ax.set_xlim(-1, max(x0 - 2, 1))
+    ax.set_ylim(-2.0, top * 1.1 + 0.3)
+    ax.axis("off")
+
+
+def render_rings_plot(plan: Plan, path: Path, spec: ClusterSpec | None = None) -> str:
+    """rings_figure saved as a PNG (colour = CPU socket, gaps = PCIe switches)."""
+    fig = rings_figure(plan, spec)
+    fig.suptitle("Rings in order (arrows: K/V hops); colour = CPU socket, gaps = PCIe "
+                 "switches, outlined = the ring's GPUs", fontsize=9)
     return _save(fig, path)
 
 

@@ -3,11 +3,12 @@
 import json
 
 import pytest
+from matplotlib.patches import FancyArrowPatch
 from topology_helpers import ROOT, small_run
 
 from ringpilot.cli import main as ringpilot
 from topology.presets import build_leaf_spine_cluster
-from topology.report import render_report
+from topology.report import MAX_RINGS_DRAWN, render_report, rings_figure
 from topology.run_plan import plan_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +74,40 @@ def test_cli_plan_too_small_cluster(tmp_path, capsys):
                     str(ROOT / "configs/clusters/l40s-8x-2s.yaml"), "--out", str(tmp_path)])
     assert rc == 2
     assert "stage '262k'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ring, dp, in_gpu_order", [(8, 2, False), (2, 8, False),
+                                                    (16, 1, False), (16, 1, True)])
+def test_rings_plot_draws_every_ring_whole(ring, dp, in_gpu_order):
+    """Each ring of a stage gets its panel (up to MAX_RINGS_DRAWN, the rest named), and every
+    hop's arrow, the one closing the ring included, lies inside its panel and the figure. In
+    GPU order a ring of 16 closes with one hop back across both nodes: the widest arc."""
+    spec = build_leaf_spine_cluster(2, nodes_per_leaf=2)
+    plan = plan_run(spec, small_run(ring=ring, dp=dp, batch=dp, workers=16))
+    if in_gpu_order:
+        stage = plan.stages[0]
+        rings = [sorted(r, key=lambda w: (w.node, w.gpu)) for r in stage.rings]
+        plan = plan.model_copy(update={"stages": [stage.model_copy(update={"rings": rings})]})
+    fig = rings_figure(plan, spec)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == min(dp, MAX_RINGS_DRAWN)
+    assert [t.split(": ring ")[1].split(" of")[0] for t in titles] == [
+        str(k + 1) for k in range(len(titles))]
+    if dp > MAX_RINGS_DRAWN:
+        assert f"{dp - MAX_RINGS_DRAWN} more rings not drawn" in titles[-1]
+    figure_box = fig.bbox
+    arrows = 0
+    for ax in fig.axes:
+        box = ax.get_window_extent(renderer)
+        for patch in ax.patches:
+            if not isinstance(patch, FancyArrowPatch):
+                continue
+            arrows += 1
+            extent = patch.get_window_extent(renderer)
+            for outer in (box, figure_box):
+                assert (outer.x0 - 1 <= extent.x0 and extent.x1 <= outer.x1 + 1
+                        and outer.y0 - 1 <= extent.y0 and extent.y1 <= outer.y1 + 1), (
+                    ax.get_title(), extent, outer)
+    assert arrows == ring * len(titles)  # one arrow per hop, the closing one included
