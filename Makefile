@@ -10,6 +10,8 @@ TORCH_SPEC  ?= torch==2.13.0
 EXTRAS      ?= dev
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.ringpilot-installed
+SETUP_LOG   := $(VENV)/setup.log
+PIP_FLAGS   ?=
 RUN         ?= configs/tiny.yaml
 DEMO_ARGS   ?=
 
@@ -19,15 +21,27 @@ export PYTHONUNBUFFERED = 1
 
 .PHONY: setup demo test samples goldens clean
 
+# $(call quietly,COMMAND): run COMMAND with its output appended to $(SETUP_LOG); on failure show
+# the log's tail and stop.
+quietly = $(1) >> $(SETUP_LOG) 2>&1 || { tail -n 30 $(SETUP_LOG); \
+	echo "setup: failed: $(1) (whole log: $(SETUP_LOG))"; exit 1; }
+
 setup: $(STAMP)
 
+# Setup prints what a person needs; pip's and setuptools' own output goes to $(SETUP_LOG) and is
+# shown (its tail) only when a step fails. PIP_FLAGS: extra pip options (tests use --no-deps).
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	@echo "setup: $(VENV) (a venv of $(PYTHON)); pip's output in $(SETUP_LOG)"
+	@$(PYTHON) -m venv $(VENV)
+	@: > $(SETUP_LOG)
+	@$(call quietly,$(PY) -m pip install --upgrade pip)
+	@echo "setup: $(TORCH_SPEC) first, pinned, so that nothing pulls another torch build"
+	@$(call quietly,$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)")
+	@echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	@echo "setup: ringpilot (editable) with the [$(EXTRAS)] extra"
+	@$(call quietly,$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]")
+	@touch $(STAMP)
+	@echo "setup: done; $(VENV)/bin/ringpilot and $(PY) are ready"
 
 # A local Ray head on 127.0.0.1 (dashboard on :8265), the run submitted with `ray job submit
 # --working-dir .`, its logs streamed, the head stopped again (also on failure, Ctrl-C, SIGTERM

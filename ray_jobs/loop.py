@@ -52,7 +52,7 @@ from ray_jobs.ring_attention import (
     zigzag_shard,
 )
 from ray_jobs.tokenizer import build_tokenizer
-from ray_jobs.worker_config import StepInfo, WorkerConfig
+from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
 from specs.ledger import Ledger, is_committed
 from specs.run import RunSpec
 
@@ -196,12 +196,17 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
 
 
 def _quiet_logs() -> None:
-    """The driver prints one progress line per report; keep per-report and per-file chatter out."""
+    """The driver prints one progress line per report; keep per-report and per-file chatter out.
+
+    RunConfig's LoggingConfig quiets the `ray.train` loggers, but Ray Train logs each report
+    from a worker through a logger named by its source file path, outside `ray.train`: it
+    reaches the console through the root logger, whose level is lowered here (the records of
+    `ray.train` itself still reach Ray's system log files at every level)."""
     import logging
 
     import transformers
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(RAY_LOG_LEVEL)
     transformers.utils.logging.disable_progress_bar()
 
 

@@ -86,7 +86,7 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
         evals = ""
         if entry and entry.eval:
             last = entry.eval[sorted(entry.eval)[-1]]
-            evals = " ".join(f"{k}={v:.2f}" for k, v in last.scores.items()) or last.status
+            evals = _eval_label(run_dir, last) or last.status
         table.add_row(
             stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
             f"{run.stage_theta(i):,.0f}", f"{st.step if st else 0}/{stage.steps}",
@@ -94,5 +94,30 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
             _eta(wall[stage.name]) if stage.name in wall else "-",
             f"{st.losses[-1]:.4f}" if st and st.losses else "-", ckpts or "-", evals or "-",
         )
+    table.caption = (f"eval: the stage's last evaluated checkpoint, each task's mean score over "
+                     f"the context lengths shown and {len(run.eval.depths)} needle depths "
+                     "(niah: first word exact; the others: share of the expected answers found, "
+                     "RULER's string_match_all)")
     (console or Console(width=160)).print(table)
     return table
+
+
+def _eval_label(run_dir: Path, entry) -> str:
+    """`task score @lengths` per task, the lengths those scores average over (from the
+    evaluation's results.json; the scores alone when it is gone)."""
+    from ray_jobs.eval.results import load_results
+
+    lengths: dict[str, list[int]] = {}
+    try:
+        if entry.results:
+            for cell in load_results(run_dir / entry.results).cells:
+                lengths.setdefault(cell.task, []).append(cell.length)
+    except (OSError, ValueError):
+        pass
+    parts = []
+    for task, value in entry.scores.items():
+        seen = sorted(set(lengths.get(task, [])))
+        at = (f" @{seen[0]:,}" + (f"-{seen[-1]:,}" if len(seen) > 1 else "") + " tok"
+              if seen else "")
+        parts.append(f"{task} {value:.2f}{at}")
+    return "; ".join(parts)

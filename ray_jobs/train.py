@@ -28,7 +28,7 @@ from ray_jobs.checkpoint import final_checkpoint
 from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
-from ray_jobs.worker_config import StepInfo, WorkerConfig
+from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
 from specs.ledger import Ledger
 from specs.loading import SpecError, load_model
 from specs.plan import Plan
@@ -164,6 +164,11 @@ def check_ray_capacity(run: RunSpec) -> None:
 def train_stage(config: WorkerConfig) -> None:
     """One TorchTrainer for one stage: workers = ring x dp from the plan."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    try:  # Ray Train's own INFO lines (worker-group start, every report) stay in its log files
+        from ray.train import LoggingConfig
+        quiet = {"logging_config": LoggingConfig(log_level=RAY_LOG_LEVEL)}
+    except ImportError:  # a Ray before LoggingConfig: its default (INFO) on the console
+        quiet = {}
     from ray.train.torch import TorchTrainer
 
     from ray_jobs.loop import train_stage_worker
@@ -184,6 +189,7 @@ def train_stage(config: WorkerConfig) -> None:
             name=f"{run.name}-{stage.name}", storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=run.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.storage.keep_last),
+            **quiet,
         ),
     )
     trainer.fit()
@@ -218,12 +224,14 @@ def main(argv: list[str] | None = None, *,
 
     import ray
     if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True,
+                 logging_level=RAY_LOG_LEVEL)
     else:  # a laptop without a cluster: a private one on loopback, spare CPUs for eval actors
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=run.resources.workers * run.resources.cpus_per_worker + 2)
+                 num_cpus=run.resources.workers * run.resources.cpus_per_worker + 2,
+                 logging_level=RAY_LOG_LEVEL)
     try:
         check_ray_capacity(run)
     except PreflightError as e:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from specs.plan import StagePlan
 from specs.run import RunSpec, StageSpec
+
+# Ray's and Ray Train's console level on the driver and in the workers. Warnings and errors show;
+# INFO lines (connecting, worker-group start, each report) stay in Ray's session log files.
+# RINGPILOT_RAY_LOG_LEVEL=INFO shows them again (it is read where the driver and workers start).
+RAY_LOG_LEVEL = os.environ.get("RINGPILOT_RAY_LOG_LEVEL", "WARNING").upper()
 
 
 @dataclass(frozen=True)

@@ -117,12 +117,11 @@ def say(line: str) -> None:
 
 
 class Demo:
-    """What the launcher started (the Ray head, the job, the log follower) and how to stop it."""
+    """What the launcher started (the Ray head and the job) and how to stop it."""
 
     def __init__(self, ray: str, env: dict[str, str], signals: StopSignals):
         self.ray, self.env, self.signals = ray, env, signals
         self.head: subprocess.Popen | None = None
-        self.follower: subprocess.Popen | None = None
         self.url: str | None = None
         self.job: str | None = None
         self.timings: dict[str, float] = {}
@@ -150,9 +149,13 @@ class Demo:
         _wait_dashboard(self.url, self.head)
 
     def submit(self, job: str, run_path: str) -> None:
+        # No preemption watcher: it guards against cloud nodes being reclaimed, which a
+        # private loopback head is not, and each stage's start logs an error-level line about
+        # its restart policy that reads like a failure.
         runtime_env = {"excludes": EXCLUDES,
                        "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
+                                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
         submit = [self.ray, "job", "submit", "--address", self.url, "--working-dir", ".",
                   "--no-wait", "--submission-id", job, "--runtime-env-json",
                   json.dumps(runtime_env), "--",
@@ -166,20 +169,41 @@ class Demo:
         raise RuntimeError(f"ray job submit to {self.url} kept failing")
 
     def follow(self) -> int:
-        """Stream the job's output until it ends; its exit code."""
-        self.follower = subprocess.Popen(
-            [self.ray, "job", "logs", "--address", self.url, "--follow", self.job],
-            env=self.env, start_new_session=True)
-        self.follower.wait()
+        """Stream the job's output (through the job SDK: the `ray job logs` CLI adds its own
+        banner lines) until it ends; its exit code."""
+        import asyncio
+        import logging
+
+        from ray.job_submission import JobSubmissionClient
+
+        # the SDK's own INFO lines (its logger sets its level itself)
+        logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+        client = JobSubmissionClient(self.url)
+
+        async def tail() -> None:
+            async for chunk in client.tail_job_logs(self.job):
+                say(chunk.rstrip("\n"))
+
+        asyncio.run(tail())
         return _job_exit_code(self.url, self.job)
 
+    def save_job_log(self, run_dir: Path) -> Path | None:
+        """The job's whole output as Ray kept it, in the run directory's logs/."""
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            text = JobSubmissionClient(self.url).get_job_logs(self.job)
+        except Exception:  # the head is gone or never took the job: nothing to save
+            return None
+        path = run_dir / "logs" / f"{self.job}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
     def stop(self) -> None:
-        """Stop the log follower, the job (unless hurried) and the head; SIGKILL by id what is
+        """Stop the job (unless hurried) and the head; SIGKILL by id what is
         left of the head's processes after a bounded wait."""
         hurry = lambda: self.signals.hurry  # noqa: E731
-        if self.follower is not None and self.follower.poll() is None:
-            self.follower.terminate()
-            self.follower.wait()
         t0 = time.perf_counter()
         if self.job is not None and self.signals.stopping and not hurry():
             _stop_job(self.url, self.job, GRACE_S["job"], hurry)
@@ -258,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             demo.submit(f"ringpilot-{run.name}-{int(time.time())}", args.run)
             say(f"demo: submitted Ray job {demo.job} to {demo.url}; streaming its logs")
             code = demo.follow()
-            say(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s")
+            log = demo.save_job_log(run_dir)
+            say(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s"
+                + (f"; its whole log: {log}" if log else ""))
             if code == 0 and len(run.stages) > 1:
                 _print_retrieval(run, run_dir)
         except Interrupted as e:

@@ -65,6 +65,21 @@ class Launcher:
         self._reader.join(timeout=10)
         return code
 
+    def stop(self) -> None:
+        """After a failed check: let the launcher clean up (SIGTERM), then make sure, by id,
+        that nothing it started survives the test (a SIGKILLed launcher would orphan its head)."""
+        head = next((int(line.split("(pid ")[1].split(")")[0]) for line in self.lines
+                     if line.startswith("demo: Ray head started (pid ")), None)
+        procs = processes.tree(head) if head else set()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=CLEANUP_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        processes.kill(procs)
+
 
 def committed_checkpoints(run_dir: Path, stage: str) -> list[Path]:
     doc = Ledger(run_dir, "mini").read()
@@ -103,8 +118,7 @@ def interrupt(mini_run, signum: int, whole_group: bool) -> tuple[str, float]:
         code = launcher.wait(timeout=CLEANUP_S + 30)
         cleanup = time.monotonic() - t0
     finally:
-        if launcher.proc.poll() is None:
-            os.killpg(launcher.proc.pid, signal.SIGKILL)
+        launcher.stop()
     out = launcher.output
     assert code == STOP_SIGNALS[signum], out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
@@ -126,9 +140,18 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     try:
         code = again.wait(timeout=600)
     finally:
-        if again.proc.poll() is None:
-            os.killpg(again.proc.pid, signal.SIGKILL)
+        again.stop()
     assert code == 0, again.output
+    # what a newcomer sees: the project's lines, and none of Ray's INFO chatter
+    out = again.output
+    for line in ("demo: Ray head started", "run mini: Llama", "[s64] step", "[s128] step",
+                 "final loss", "demo: job finished with exit code 0"):
+        assert line in out, f"{line!r} missing from:\n{out}"
+    for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher",
+                  "Started training worker group", "Setting up process group",
+                  "Connecting to existing Ray cluster", "WebSocket closed", "SUCC cli.py",
+                  "Traceback"):
+        assert noise not in out, f"{noise!r} in:\n{out}"
     assert f"[s64] seq_len 64, rope_theta 10,000; resuming from {last.name}" in again.output
     doc = Ledger(run_dir, "mini").read()
     assert doc.stages["s64"].state == "done" and doc.stages["s128"].state == "done"
