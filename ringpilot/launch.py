@@ -73,6 +73,15 @@ def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> N
 
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGHUP: 129, signal.SIGTERM: 143}  # 128 + number
 GRACE_S = {"job": 10.0, "head": 10.0}  # bounded waits of the graceful stop
+# Ray's job supervisor writes a header into every job's log, "... INFO job_manager.py:NNN --
+# Runtime env is setting up." and "Running entrypoint for job <id>: <command>", with no setting
+# to turn it off. The demo, which has just said what it submitted, does not repeat it on the
+# console; the saved log keeps it.
+
+
+def supervisor_header(line: str) -> bool:
+    return (line.endswith("-- Runtime env is setting up.")
+            or line.startswith("Running entrypoint for job "))
 
 
 class Interrupted(Exception):
@@ -182,7 +191,9 @@ class Demo:
 
         async def tail() -> None:
             async for chunk in client.tail_job_logs(self.job):
-                say(chunk.rstrip("\n"))
+                for line in chunk.rstrip("\n").split("\n"):
+                    if not supervisor_header(line):
+                        say(line)
 
         asyncio.run(tail())
         return _job_exit_code(self.url, self.job)

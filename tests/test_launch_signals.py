@@ -150,7 +150,7 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher",
                   "Started training worker group", "Setting up process group",
                   "Connecting to existing Ray cluster", "WebSocket closed", "SUCC cli.py",
-                  "Traceback"):
+                  "Runtime env is setting up", "Running entrypoint", "Traceback"):
         assert noise not in out, f"{noise!r} in:\n{out}"
     assert f"[s64] seq_len 64, rope_theta 10,000; resuming from {last.name}" in again.output
     doc = Ledger(run_dir, "mini").read()
