@@ -133,6 +133,7 @@ class Demo:
         self.head: subprocess.Popen | None = None
         self.url: str | None = None
         self.job: str | None = None
+        self.gcs_port: int | None = None
         self.timings: dict[str, float] = {}
 
     def start_head(self, dashboard_port: int, num_cpus: int) -> None:
@@ -147,9 +148,10 @@ class Demo:
         # drain on SIGTERM (Ray's default waits up to 30 s for the node to drain, for Serve
         # replicas; this private head runs one job, which the launcher has stopped by then).
         env = {**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.gcs_port = _free_port()
         self.head = subprocess.Popen(
             [self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-             f"--port={_free_port()}", "--include-dashboard=true",
+             f"--port={self.gcs_port}", "--include-dashboard=true",
              f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
              *agent_ports, f"--num-cpus={num_cpus}", "--disable-usage-stats"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
@@ -164,7 +166,13 @@ class Demo:
         runtime_env = {"excludes": EXCLUDES,
                        "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+                                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                    # Ray Train's placement-group cleaner asks the state API
+                                    # whether the controller lives; without an address that
+                                    # API takes the newest Ray on the machine, and with another
+                                    # Ray there it found no controller and removed the
+                                    # workers' placement group mid-stage. Name this head.
+                                    "RAY_ADDRESS": f"{LOOPBACK}:{self.gcs_port}"}}
         submit = [self.ray, "job", "submit", "--address", self.url, "--working-dir", ".",
                   "--no-wait", "--submission-id", job, "--runtime-env-json",
                   json.dumps(runtime_env), "--",
