@@ -24,7 +24,8 @@ def test_ring_that_does_not_divide_the_workers(tmp_path, capsys):
             "3); use one that does (e.g. [1]) or set data_parallel_degree") in err
 
 
-def test_a_stage_may_use_fewer_workers_and_starts_only_those(tmp_path):
+def test_a_stage_may_use_fewer_workers(tmp_path):
+    """The layout's world is what train_stage starts for the stage (WorkerConfig.workers)."""
     run = RunSpec.model_validate(mini_spec(tmp_path / "runs", **{"stages.0.ring_degree": 1}))
     layout = preflight(run, tmp_path, run.run_dir).layout
     assert layout.stage("s64").dims.world == 1 and layout.stage("s128").dims.world == 2
