@@ -13,6 +13,10 @@ group keeps its all-gathers among nearby GPUs while still splitting the model st
 (`ulysses`, a head split inside a ring, is reserved for the layered sequence parallelism; it is
 1 until that lands.) The trainer builds its DeviceMesh from exactly these numbers and the plan's
 ring order, and the planner's memory model divides the model state by `shard`.
+
+`resolve_degrees` is the one place 'auto' degrees become numbers (RunSpec validation, the
+trainer's preflight, the planner, plans from Ray's placement and the operator's re-planning all
+call it); a stage runs on ring x dp workers, which may be fewer than the run's.
 """
 
 from __future__ import annotations
