@@ -30,7 +30,7 @@ from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, wri
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
 from specs.ledger import Ledger
-from specs.loading import SpecError, load_model
+from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec
 from topology.planner import PlanError
@@ -199,10 +199,8 @@ def main(argv: list[str] | None = None, *,
          before_step: Callable[[StepInfo], None] | None = None) -> int:
     """The driver. `before_step` is a test hook run in every worker before each step."""
     args = build_arg_parser().parse_args(argv)
-    try:
-        run = load_model(args.run, RunSpec)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
+    run = load_or_report(args.run, RunSpec)
+    if run is None:
         return 2
     spec_dir, run_dir = args.run.resolve().parent, run.run_dir
 

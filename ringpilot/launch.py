@@ -274,12 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(otherwise a finished run is only summarised, an unfinished one resumed)")
     args = parser.parse_args(argv)
 
-    from specs.loading import SpecError, load_model
+    from specs.loading import load_or_report
     from specs.run import RunSpec
-    try:
-        run = load_model(args.run, RunSpec)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
+    run = load_or_report(args.run, RunSpec)
+    if run is None:
         return 2
     run_dir = run.run_dir
     if args.fresh and run_dir.exists():

@@ -36,7 +36,7 @@ from ray_jobs.parallelize import (
 )
 from ray_jobs.ring_attention import register_ring_attention, use_ring_group
 from specs.degrees import ParallelDims
-from specs.loading import SpecError, load_model
+from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
 from topology.cost import GB, StageShape, memory_per_gpu
@@ -200,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", type=int, help="shard degree (default: the ring)")
     parser.add_argument("--layers", type=int, help="trace fewer decoder layers (tests)")
     args = parser.parse_args(argv)
-    try:
-        run = load_model(args.run, RunSpec)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
+    run = load_or_report(args.run, RunSpec)
+    if run is None:
         return 2
     stage = next((s for s in run.stages if s.name == args.stage), None)
     if stage is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -60,6 +61,16 @@ def read_yaml(path: str | Path) -> dict:
 def load_model(path: str | Path, model: type[M]) -> M:
     """Validate a YAML file against `model`, raising SpecError with one line per problem."""
     return validate_data(read_yaml(path), model, source=str(path))
+
+
+def load_or_report(path: str | Path, model: type[M]) -> M | None:
+    """`load_model` for a command's main: the problems printed to stderr and None (the caller
+    exits 2) instead of SpecError."""
+    try:
+        return load_model(path, model)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return None
 
 
 def validate_data(data: object, model: type[M], *, source: str) -> M:
