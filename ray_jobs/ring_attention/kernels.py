@@ -1,7 +1,18 @@
-"""Block attention kernels with log-sum-exp: PyTorch's CPU flash kernel and flash-attn 2 on CUDA."""
+"""Block attention kernels with log-sum-exp, and the choice among them.
+
+    cpu   torch's CPU flash op (`_scaled_dot_product_flash_attention_for_cpu`): fp32, bf16, fp16
+    cuda  flash-attn 2 (>= 2.7) when it is installed and imports, else torch's own CUDA flash op
+          (`_scaled_dot_product_flash_attention`, no extra package): bf16 and fp16 only
+
+`select_block_kernel` makes the choice (and says why); `kernel_problems` says, without a GPU,
+what a run's device, compute dtype and head dim make impossible, so preflight can refuse it
+before any worker starts.
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -58,6 +69,8 @@ class CpuFlashKernel:
     key/value gradients are summed back to the K/V heads; the ring itself only moves K/V heads.
     """
 
+    name = "torch-cpu-flash"
+
     def forward(self, q, k, v, causal, scale):
         groups = q.shape[2] // k.shape[2]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -87,6 +100,75 @@ class CpuFlashKernel:
         return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
 
 
+HALF = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # both CUDA flash kernels: head_dim a multiple of 8, at most 256
+
+
+def _check_cuda_shapes(q: torch.Tensor, kernel: str) -> None:
+    # The CUDA flash kernels have no fp32 path and pad head dims that are not multiples of 8
+    # (returning padded outputs): refuse both here rather than deep inside CUDA code.
+    d = q.shape[-1]
+    if q.dtype not in HALF or d % 8 or d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"{kernel} ring attention needs fp16/bf16 and head_dim a multiple of 8 up to "
+            f"{MAX_HEAD_DIM}, got {q.dtype} and head_dim {d}; compute in torch.bfloat16 "
+            "(training.mixed_precision: bf16)"
+        )
+
+
+class TorchCudaFlashKernel:
+    """torch's own CUDA flash op, `aten._scaled_dot_product_flash_attention` (it returns the
+    (B, H, S) fp32 log-sum-exp), and its backward: the CUDA kernel that needs no extra package.
+
+    Layout (B, H, S, D) views, as on CPU. K/V heads are repeated for the call and their
+    gradients summed back, as on CPU: the op's GQA support is not part of its documented
+    contract. The backward takes the GLOBAL out and lse; dropout is 0, so the philox seed and
+    offset are placeholders of the forward's shapes (the op reads them only with dropout).
+    Checked here only under FakeTensorMode (signatures, shapes, dtypes); benchmarks/gpu_smoke.py
+    checks its numbers on a GPU.
+    """
+
+    name = "torch-cuda-flash"
+
+    def forward(self, q, k, v, causal, scale):
+        _check_cuda_shapes(q, "torch's CUDA flash")
+        groups = q.shape[2] // k.shape[2]
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2),
+            _repeat_kv(k, groups).transpose(1, 2),
+            _repeat_kv(v, groups).transpose(1, 2),
+            0.0,
+            causal,
+            False,
+            scale=scale,
+        )
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        groups = q.shape[2] // k.shape[2]
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout.transpose(1, 2),
+            q.transpose(1, 2),
+            _repeat_kv(k, groups).transpose(1, 2),
+            _repeat_kv(v, groups).transpose(1, 2),
+            out.transpose(1, 2),
+            lse.transpose(1, 2).contiguous(),
+            None,
+            None,
+            q.shape[1],
+            k.shape[1],
+            0.0,
+            causal,
+            seed,
+            offset,
+            scale=scale,
+        )
+        dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
+        return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
+
+
 class FlashAttnKernel:
     """flash-attn 2 (>= 2.7) `_flash_attn_forward/_flash_attn_backward` on CUDA, native GQA.
 
@@ -97,36 +179,29 @@ class FlashAttnKernel:
     asks for causal on square diagonal blocks, where both conventions agree.
     """
 
+    name = "flash-attn"
+
     def __init__(self) -> None:
         try:
             from flash_attn import __version__ as version
             from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
-        except ImportError as err:
+        except ImportError as err:  # absent, or built against another torch (undefined symbol)
             raise ImportError(
-                "ring attention on CUDA needs flash-attn: pip install 'ringpilot[gpu]' "
-                "(flash-attn>=2.7, built with nvcc and CUDA_HOME)"
+                f"flash-attn does not import ({err}); it is optional: `make flash-attn` builds it "
+                "(pip install --no-build-isolation 'flash-attn>=2.7', needs nvcc and CUDA_HOME)"
             ) from err
         major, minor = (int(x) for x in version.split(".")[:2])
         if (major, minor) < (2, 7):
             raise ImportError(
                 f"flash-attn {version} found, ring attention needs >= 2.7 (window_size_left/right "
-                "arguments): pip install -U 'flash-attn>=2.7'"
+                "arguments): pip install --no-build-isolation -U 'flash-attn>=2.7'"
             )
         self._fwd = _flash_attn_forward
         self._bwd = _flash_attn_backward
-
-    @staticmethod
-    def _check(q):
-        # flash-attn pads head dims that are not multiples of 8 and returns padded outputs;
-        # it has no fp32 kernels. Refuse both here rather than deep inside CUDA code.
-        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
-            raise ValueError(
-                f"flash-attn ring attention needs fp16/bf16 and head_dim a multiple of 8 "
-                f"up to 256, got {q.dtype} and head_dim {q.shape[-1]}; cast to torch.bfloat16"
-            )
+        self.version = version
 
     def forward(self, q, k, v, causal, scale):
-        self._check(q)
+        _check_cuda_shapes(q, "flash-attn")
         out, lse, _, _ = self._fwd(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
         return out, lse.transpose(1, 2)
 
@@ -139,18 +214,61 @@ class FlashAttnKernel:
         return dq, dk, dv
 
 
-_CPU_KERNEL = CpuFlashKernel()
-_MERGE_ROWS = 1024
+@dataclass(frozen=True)
+class KernelChoice:
+    """The block kernel a device uses, and why (logged and recorded in the run directory)."""
+
+    name: str
+    reason: str
+    kernel: BlockKernel
+
+    def record(self) -> dict:
+        return {"kernel": self.name, "reason": self.reason}
+
+
+@functools.cache
+def select_block_kernel(device_type: str) -> KernelChoice:
+    """The block kernel for a device type: on CUDA flash-attn when it imports (>= 2.7), else
+    torch's own CUDA flash op; on CPU torch's CPU flash op."""
+    if device_type == "cpu":
+        return KernelChoice(CpuFlashKernel.name, "the CPU device", CpuFlashKernel())
+    if device_type == "cuda":
+        try:
+            kernel = FlashAttnKernel()
+        except ImportError as err:
+            reason = str(err).splitlines()[0]
+            return KernelChoice(TorchCudaFlashKernel.name, f"flash-attn not used: {reason}",
+                                TorchCudaFlashKernel())
+        return KernelChoice(kernel.name, f"flash-attn {kernel.version} imported", kernel)
+    raise ValueError(f"ring attention has no block kernel for device {device_type}; "
+                     "use cpu or cuda tensors")
 
 
 def build_block_kernel(device: torch.device) -> BlockKernel:
-    """The block kernel for a device: CPU flash op on CPU, flash-attn on CUDA."""
-    if device.type == "cpu":
-        return _CPU_KERNEL
-    if device.type == "cuda":
-        return FlashAttnKernel()
-    raise ValueError(f"ring attention has no block kernel for device {device}; "
-                     "use cpu or cuda tensors")
+    """The block kernel for a device (select_block_kernel's choice)."""
+    return select_block_kernel(device.type).kernel
+
+
+def kernel_problems(device: str, dtype: str, head_dim: int) -> list[str]:
+    """What the block kernels cannot do for a run computing in `dtype` ("float32", "bfloat16")
+    on `device` ("cpu", "gpu"), one line each with its fix; empty when it can run."""
+    if device != "gpu":
+        return []
+    problems = []
+    if dtype not in ("bfloat16", "float16"):
+        problems.append(
+            f"training.mixed_precision: attention would compute in {dtype} on GPUs, which "
+            "torch's CUDA flash kernel and flash-attn do not support; use mixed_precision: bf16 "
+            "(or auto), keeping model.dtype float32 for the master weights")
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        problems.append(
+            f"model: head_dim {head_dim} (hidden_size / num_attention_heads) must be a multiple "
+            f"of 8 up to {MAX_HEAD_DIM} for the CUDA flash kernels; change hidden_size or "
+            "num_attention_heads")
+    return problems
+
+
+_MERGE_CHUNK_BYTES = 64 * 2**20  # fp32 temporaries of one merge chunk
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
@@ -161,14 +279,20 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     lse: (B, S, H) fp32; block_*: the same rows from a block kernel. The arithmetic is fp32.
     The block's weight is
     w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
-    computed from the DIFFERENCE of the two lse so large magnitudes lose no precision:
-    out += w * (block_out - out), lse = logaddexp(lse, block_lse). A row that saw no key yet
-    (lse = -inf) takes the block's values (w = 1).
+    computed from the DIFFERENCE of the two lse so large magnitudes lose no precision; then
+    out = lerp(out, block_out, w), one fused elementwise pass, and lse = logaddexp(lse,
+    block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1).
     """
-    # Row chunks bound the fp32 temporaries to a few MiB instead of a copy of the whole shard.
-    for start in range(0, out.shape[1], _MERGE_ROWS):
-        rows = slice(start, start + _MERGE_ROWS)
+    # Chunks of rows bound the fp32 temporaries (the block's upcast) to _MERGE_CHUNK_BYTES
+    # instead of a copy of the whole shard; a tiny or short shard is one chunk.
+    row_bytes = 4 * out.shape[0] * out.shape[2] * out.shape[3]
+    rows_per_chunk = max(1, _MERGE_CHUNK_BYTES // row_bytes)
+    for start in range(0, out.shape[1], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
         o, m, bo, bm = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
-        delta = bo.float().sub_(o).mul_(torch.sigmoid(bm - m).unsqueeze(-1))
-        o.add_(delta)
+        w = torch.sigmoid(bm - m).unsqueeze(-1)
+        if o.dtype == torch.float32:
+            o.lerp_(bo.float(), w)
+        else:  # a bf16 accumulator: the same fp32 arithmetic, rounded once
+            o.copy_(o.float().lerp_(bo.float(), w))
         m.copy_(torch.logaddexp(m, bm))
