@@ -102,8 +102,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     dcp.load(state, checkpoint_id=Path(path) / DCP_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
+    # DCP reads every tensor into the tensors of `state`, on this rank's device, shard by shard
+    # (never a whole optimizer state on the device it was saved from); the scheduler's state is
+    # plain numbers, read onto the CPU.
     scheduler.load_state_dict(torch.load(Path(path) / STATE_DIR / "scheduler.pt",
-                                         weights_only=True))
+                                         map_location="cpu", weights_only=True))
 
 
 def prune_checkpoints(ledger: Ledger, stage: str, keep_last: int) -> list[str]:

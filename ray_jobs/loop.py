@@ -37,6 +37,7 @@ from ray_jobs.parallelize import (
     compute_dtype_of,
     parallelize,
     ring_mean_loss,
+    sync_gradients_in,
 )
 from ray_jobs.placement import (
     NODE_LABEL,
@@ -135,6 +136,7 @@ def train_stage_worker(config: WorkerConfig) -> None:
             ids += sample_ids
             x = zigzag_shard(inputs, 1, layout.ring_rank, dims.ring).to(device)  # (B, S / ring)
             y = zigzag_shard(labels, 1, layout.ring_rank, dims.ring).to(device)
+            sync_gradients_in(model, micro, stage.grad_accum_steps)
             with use_ring_group(layout.ring if dims.ring > 1 else None):
                 loss = ring_mean_loss(*model(x, positions, y), layout.ring)
                 # FSDP averages gradients over all ranks; a ring's ranks hold shares that add.

@@ -152,6 +152,16 @@ def ring_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, ring: Ring) -> t
     return local + (total / tokens - local).detach()
 
 
+def sync_gradients_in(root: FSDPModule, micro: int, accum: int) -> None:
+    """Gradient accumulation over `accum` micro-steps: every micro-step's backward
+    reduce-scatters its gradients within the shard group (which keeps them sharded: skipping it
+    would hold whole unsharded gradients), but the all-reduce across HSDP replicas, the slow
+    hop between shard groups, runs only in the last micro-step's backward, on the sum of them
+    all. The cost model prices exactly this: sharding traffic per micro-step, the
+    data-parallel sync once per optimizer step. Call before each micro-step's backward."""
+    root.set_requires_all_reduce(micro == accum - 1)
+
+
 def fsdp_modules(root: nn.Module) -> list[FSDPModule]:
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 

@@ -60,8 +60,11 @@ def ring_attention_forward(
             "ring attention takes no attention_mask (padding masks are unsupported); "
             "pack sequences without padding and pass attention_mask=None"
         )
+    # RoPE may hand back q and k upcast (fp32 cos/sin under autocast): the ring's kernels and
+    # its K/V exchange run in the compute dtype, which is value's.
+    dtype = value.dtype
     out = ring_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype), value.transpose(1, 2),
         group=_ACTIVE_RING, causal=getattr(module, "is_causal", True), scale=scaling,
     )
     return out, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,6 +22,7 @@ from ray_jobs.parallelize import (
     clip_gradients,
     parallelize,
     ring_mean_loss,
+    sync_gradients_in,
 )
 from ray_jobs.ring_attention import (
     register_ring_attention,
@@ -176,3 +179,89 @@ def _full_state(root, opt) -> dict:
         for key, value in entry.items():
             flat[f"optim/{name}/{key}"] = np.asarray(value).copy()
     return flat
+
+
+def gradient_all_reduces(rank, world, accum, sync_every_micro):
+    """One optimizer step of `accum` micro-steps on HSDP (2 replicas of a 1-rank shard group);
+    returns how many all-reduces went to the replicate group and the summed gradients."""
+    layout, root, _ = _setup(1, 2, 1, ac=False)
+    replicas = layout.fsdp_mesh.get_group("dp_replicate")
+    calls, original = [], dist.all_reduce
+
+    def counting(tensor, *args, group=None, **kwargs):
+        calls.append(group is replicas)
+        return original(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        for micro, (ids, labels) in enumerate(batches(2, accum)):
+            sync_gradients_in(root, 0 if sync_every_micro else micro, 1 if sync_every_micro
+                              else accum)
+            _step(layout, root, ids, labels)
+    finally:
+        dist.all_reduce = original
+    return {"replica_all_reduces": sum(calls), "grads": _full_grads(root)}
+
+
+def step_changes(rank, world, storage: str, compute: str | None, lr: float):
+    """One AdamW step at `lr` with weights stored in `storage` and layers computing in `compute`
+    (None: the storage dtype), as the trainer applies them: each weight's gradient and how far
+    the step moved it."""
+    layout, _, _ = _setup(1, 1, 1, ac=False)
+    model = tiny_llama(0).to(getattr(torch, storage))
+    model.set_attn_implementation("sdpa")
+    root = parallelize(model, layout, activation_checkpointing=False,
+                       mixed_precision=getattr(torch, compute) if compute else None,
+                       loss_chunk_tokens=8)
+    opt = build_optimizer(root, lr)
+    before = {n: p.full_tensor().detach().float().clone() for n, p in root.named_parameters()}
+    _step(layout, root, *next(batches(1, 1)))
+    grads = {n: p.grad.full_tensor().float().numpy().copy() for n, p in root.named_parameters()}
+    opt.step()
+    return {n: {"grad": grads[n], "moved": (p.full_tensor().detach().float() - before[n])
+                .abs().numpy()} for n, p in root.named_parameters()}
+
+
+class _Tokenizer:
+    """What save_checkpoint needs of a tokenizer."""
+
+    def save_pretrained(self, path):
+        (path / "tokenizer.json").write_text("{}")
+
+
+def checkpoint_round_trip(rank, world, run_dir):
+    """Train a step, save through the trainer's save_checkpoint, load through its
+    load_checkpoint into a fresh mesh; return where every optimizer state tensor and every
+    torch.load of the load landed."""
+    from ray_jobs import checkpoint as ckpt
+    from specs.ledger import Ledger
+
+    layout, root, opt = _setup(1, 1, 1, ac=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _step(layout, root, *next(batches(1, 1)))
+    opt.step()
+    sched.step()
+    state = ckpt.TrainerState(stage="s", stage_index=0, step=1)
+    path = ckpt.save_checkpoint(Ledger(run_dir, "r"), root.model, _Tokenizer(), opt, sched,
+                                state, keep_last=1, final=False)
+    _, root2, opt2 = _setup(1, 1, 1, ac=False, seed=3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
+    loads, original = [], torch.load
+
+    def recording(*args, **kwargs):  # the trainer's own reads (DCP's are its business)
+        if sys._getframe(1).f_code.co_filename == ckpt.__file__:
+            loads.append(kwargs.get("map_location"))
+        return original(*args, **kwargs)
+
+    torch.load = recording
+    try:
+        ckpt.load_checkpoint(path, root2.model, opt2, sched2)
+    finally:
+        torch.load = original
+    devices = {t.to_local().device.type if hasattr(t, "to_local") else t.device.type
+               for entry in opt2.state.values() for t in entry.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0}
+    same = all(torch.equal(a.full_tensor(), b.full_tensor())
+               for a, b in zip(root.parameters(), root2.parameters()))
+    return {"loads": loads, "state_devices": sorted(devices), "weights_equal": same,
+            "state_entries": len(opt2.state), "scheduler_step": sched2.last_epoch}

@@ -109,3 +109,55 @@ def test_rings_that_do_not_match_the_degrees_are_refused():
     with pytest.raises(ValueError, match=r"the plan has 2 rings of sizes \[1, 3\], the degrees "
                                          r"say 2 rings of 2"):
         dims.rings_grid([[0, 1, 2], [3]])
+
+
+@pytest.mark.parametrize("accum", [3])
+def test_accumulation_all_reduces_across_replicas_once_per_step(accum):
+    """HSDP: the replicas' all-reduce runs once per optimizer step, not once per micro-step,
+    and the accumulated gradients are the same."""
+    once = run_world(2, worlds.gradient_all_reduces, accum, False, timeout_s=120)
+    every = run_world(2, worlds.gradient_all_reduces, accum, True, timeout_s=120)
+    for rank in range(2):
+        assert every[rank]["replica_all_reduces"] > 0  # the counter sees FSDP's all-reduces
+        per_micro = every[rank]["replica_all_reduces"] // accum
+        assert once[rank]["replica_all_reduces"] == per_micro, "all-reduced in every micro-step"
+        _close(once[rank]["grads"], every[rank]["grads"], f"rank {rank} gradients", atol=1e-6)
+
+
+def test_mixed_precision_step_moves_every_weight_a_float32_step_moves():
+    """The run's precision policy at the published learning rate (2e-5): weights stored in the
+    RunSpec's default dtype, layers computing in bf16 as on GPUs. AdamW's first step moves a
+    weight by about lr wherever its gradient is clear of eps; every such weight must move (bf16
+    storage drops updates below 1/256 of a weight), and they are the weights a float32 step
+    moves, but for the few whose gradient bf16 compute rounds to nearly nothing."""
+    from specs.run import RunSpec
+    from tests.train.conftest import mini_spec
+
+    lr = 2e-5
+    spec = mini_spec("/tmp/unused")
+    del spec["model"]["dtype"]  # the default
+    spec["resources"]["device"] = "gpu"  # mixed_precision auto: bf16 layers
+    run = RunSpec.model_validate(spec)
+    assert run.compute_dtype == "bfloat16"
+    policy = run_world(1, worlds.step_changes, run.model.dtype, run.compute_dtype, lr)[0]
+    fp32 = run_world(1, worlds.step_changes, "float32", None, lr)[0]
+    clear_total = lost_to_compute = 0
+    for name, step in policy.items():
+        clear = np.abs(step["grad"]) >= 1e-6
+        stuck = int((clear & (step["moved"] == 0)).sum())
+        assert stuck == 0, f"{name}: {stuck} of {int(clear.sum())} updates lost"
+        moved_fp32 = fp32[name]["moved"] >= lr / 2
+        lost_to_compute += int((moved_fp32 & (step["moved"] == 0)).sum())
+        clear_total += int(moved_fp32.sum())
+    assert clear_total > 0.8 * sum(s["moved"].size for s in fp32.values())
+    assert lost_to_compute <= 1e-3 * clear_total, lost_to_compute
+
+
+def test_checkpoint_loads_optimizer_state_by_shard_onto_the_ranks_device(tmp_path):
+    """The trainer's own save/load: optimizer state comes back through DCP into this rank's
+    shards (on its device), and what torch.load reads goes to the CPU, never to the device it
+    was saved from."""
+    got = run_world(1, worlds.checkpoint_round_trip, str(tmp_path), timeout_s=120)[0]
+    assert got["weights_equal"] and got["state_entries"] > 0 and got["scheduler_step"] == 1
+    assert got["state_devices"] == ["cpu"]
+    assert got["loads"] == ["cpu"]  # the scheduler's state

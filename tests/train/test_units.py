@@ -167,3 +167,25 @@ def _committed(path: Path) -> Path:
     path.mkdir(parents=True)
     mark_committed(path)
     return path
+
+
+def test_training_forward_keeps_no_kv_cache(monkeypatch):
+    """The loss root runs the decoder with use_cache=False: no layer's K/V is kept for a
+    generation that never comes (transformers defaults use_cache to True)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from ray_jobs.parallelize import CausalLMWithLoss
+    from tests.train.parallel_worlds import tiny_llama
+
+    class NoCache:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a KV cache was built")
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    monkeypatch.setattr(llama, "DynamicCache", NoCache)
+    with pytest.raises(AssertionError, match="KV cache was built"):  # the probe sees caches
+        model(input_ids=ids, use_cache=True)
+    loss, count = CausalLMWithLoss(model, 8)(ids, torch.arange(16)[None], ids)
+    loss.backward()
+    assert count == 16
