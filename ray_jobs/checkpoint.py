@@ -57,6 +57,7 @@ class TrainerState:
     losses: list[float] = field(default_factory=list)  # per optimizer step
     init_from: str | None = None  # checkpoint the stage started from (relative to the run dir)
     init_checksum: float = 0.0  # sum of |weights| at the stage's start: shows what carried over
+    attention_kernel: str = ""  # the block kernel the ring ran on, and why (select_block_kernel)
 
 
 def checkpoint_dir(run_dir: Path, stage: str, step: int) -> Path:

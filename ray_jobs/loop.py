@@ -48,6 +48,7 @@ from ray_jobs.placement import (
 )
 from ray_jobs.ring_attention import (
     register_ring_attention,
+    select_block_kernel,
     use_ring_group,
     zigzag_position_ids,
     zigzag_shard,
@@ -108,6 +109,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
                          shard_degree=dims.shard)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum
+    kernel = select_block_kernel(device.type)
+    state.attention_kernel = f"{kernel.name} ({kernel.reason})"
     if resume:
         load_checkpoint(Path(init_from), hf_model, opt, sched)
         old = read_state(Path(init_from))

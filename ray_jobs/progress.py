@@ -98,6 +98,11 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
                      f"the context lengths shown and {len(run.eval.depths)} needle depths "
                      "(niah: first word exact; the others: share of the expected answers found, "
                      "RULER's string_match_all)")
+    kernels = sorted({read_state(c).attention_kernel for c in
+                      (ledger.latest_committed(s.name) for s in run.stages) if c is not None}
+                     - {""})
+    if kernels:
+        table.caption += "\nattention kernel: " + "; ".join(kernels)
     (console or Console(width=160)).print(table)
     return table
 

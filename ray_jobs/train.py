@@ -27,6 +27,7 @@ from pathlib import Path
 from ray_jobs.checkpoint import final_checkpoint
 from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
+from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
 from specs.ledger import Ledger
@@ -89,8 +90,8 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
 
 
 def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
-    """Everything checkable without workers: storage, tokenizer, documents, degrees, cluster
-    plan. Returns what it read and planned; raises PreflightError with every problem."""
+    """Everything checkable without workers: storage, tokenizer, attention kernel, documents,
+    degrees, cluster plan. Returns what it read and planned; raises PreflightError with every problem."""
     problems, documents, plan = [], [], None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         resolve_tokenizer_source(run, spec_dir)
     except TokenizerError as e:
         problems.append(str(e))
+    problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
     try:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:

@@ -13,7 +13,8 @@ ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
     Exact: same math as single-device attention; log-sum-exp merge in fp32; out/dq/dK/dV
     accumulate in fp32 (in the input dtype on 2-rank rings, where that is bit-identical).
     dK/dV travel home with their K/V. CPU tensors use PyTorch's CPU flash kernel; CUDA
-    tensors flash-attn >= 2.7 (optional `gpu` extra, imported lazily; not exercised here).
+    tensors flash-attn >= 2.7 when it imports (optional, imported lazily), else torch's own
+    CUDA flash op (select_block_kernel says which, and why).
     No dropout, no attention mask beyond causal.
 zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
@@ -37,7 +38,7 @@ from ray_jobs.ring_attention.hf import (
     set_ring_group,
     use_ring_group,
 )
-from ray_jobs.ring_attention.kernels import merge_block
+from ray_jobs.ring_attention.kernels import KernelChoice, merge_block, select_block_kernel
 from ray_jobs.ring_attention.ring import ring_attention
 from ray_jobs.ring_attention.zigzag import (
     contiguous_shard,
@@ -48,8 +49,8 @@ from ray_jobs.ring_attention.zigzag import (
 )
 
 __all__ = [
-    "Ring", "RingTimings", "contiguous_shard", "contiguous_unshard", "merge_block",
+    "KernelChoice", "Ring", "RingTimings", "contiguous_shard", "contiguous_unshard", "merge_block",
     "record_ring_timings", "register_ring_attention", "resolve_ring", "ring_attention",
-    "ring_attention_forward", "set_ring_group", "use_ring_group", "zigzag_position_ids",
+    "ring_attention_forward", "select_block_kernel", "set_ring_group", "use_ring_group", "zigzag_position_ids",
     "zigzag_shard", "zigzag_unshard",
 ]

@@ -98,3 +98,17 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     err = _run(tmp_path, capsys)
     assert "the checkpoint it starts from" in err and "is another model: hidden_size 64 " \
         "(model.hidden_size is 32)" in err
+
+
+def test_gpu_run_computing_in_float32_is_refused(tmp_path, capsys):
+    """No CUDA flash kernel computes in fp32: refused before any worker, with the fix."""
+    err = _run(tmp_path, capsys, **{"resources.device": "gpu",
+                                    "training": {"mixed_precision": "none"}})
+    assert ("training.mixed_precision: attention would compute in float32 on GPUs, which torch's "
+            "CUDA flash kernel and flash-attn do not support; use mixed_precision: bf16") in err
+
+
+def test_gpu_run_with_an_odd_head_dim_is_refused(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"resources.device": "gpu", "model.hidden_size": 40,
+                                    "model.intermediate_size": 80})
+    assert "model: head_dim 10 (hidden_size / num_attention_heads) must be a multiple of 8" in err

@@ -65,6 +65,7 @@ def test_stages_carry_weights_and_raise_theta(baseline):
     assert run.stage_theta(1) > run.stage_theta(0)
     s2 = read_state(second)
     assert (s2.seq_len, s2.init_from) == (128, "checkpoints/s64/step-000006")
+    assert s2.attention_kernel == "torch-cpu-flash (the CPU device)"
     assert s2.init_checksum == pytest.approx(weights_checksum(m1), rel=1e-12)
     assert weights_checksum(m2) != pytest.approx(weights_checksum(m1), rel=1e-9)  # it trained on
     tok = PreTrainedTokenizerFast.from_pretrained(second)
