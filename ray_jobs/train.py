@@ -91,7 +91,8 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
 
 def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
     """Everything checkable without workers: storage, tokenizer, attention kernel, documents,
-    degrees, cluster plan. Returns what it read and planned; raises PreflightError with every problem."""
+    degrees, cluster plan. Returns what it read and planned; raises PreflightError with every
+    problem."""
     problems, documents, plan = [], [], None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,19 @@ class StageShape:
         return 2 * self.local_tokens * self.kv_heads * self.head_dim * self.elem_bytes
 
     @property
+    def kv_grad_bytes(self) -> float:
+        """dK and dV of the visiting blocks, travelling home with their K/V in backward: fp32
+        accumulators from rings of 3 on, the compute dtype on a ring of 2
+        (ring_attention.ring.accumulator_dtype)."""
+        return self.kv_block_bytes / self.elem_bytes * (4 if self.ring >= 3 else self.elem_bytes)
+
+    @property
+    def grad_reduce_bytes(self) -> int:
+        """Bytes per gradient element in the reduce-scatter and the replicas' all-reduce: fp32
+        under mixed precision (FSDP2's reduce_dtype), else the weights' own dtype."""
+        return 4 if self.elem_bytes != self.state_bytes else self.elem_bytes
+
+    @property
     def seqs_per_ring(self) -> int:
         return max(1, self.batch_size // self.dp)
 
@@ -272,11 +285,13 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
       in each phase R block computes, R-1 K/V transfers each overlapped with one block:
       phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V; backward
-      also dK,dV);
-    - sharding traffic: 2 all-gathers + 1 reduce-scatter of bf16 weights over the ring,
-      (R-1) hops of 2N/R bytes each, overlapped with the dense compute only;
-    - data-parallel gradient sync once per optimizer step: ring all-reduce of the 2N/R-byte
-      gradient shard over D rings, 2(D-1) hops of 2N/(R D) bytes, not overlapped.
+      also dK,dV, in fp32 from rings of 3 on);
+    - sharding traffic per micro-step: 2 all-gathers of the weights in the compute dtype and
+      1 reduce-scatter of the gradients in the reduce dtype (fp32 under mixed precision) over
+      the S shard ranks, (S-1) hops of a 1/S share each, overlapped with the dense compute only;
+    - data-parallel gradient sync once per optimizer step (the last micro-step's, see
+      parallelize.sync_gradients_in): ring all-reduce of the reduce-dtype gradient shard over
+      D rings, 2(D-1) hops of a 1/D share of it, not overlapped.
     """
     R, D, n = s.ring, s.dp, s.local_tokens
     rate_dense = profile.peak_bf16_flops * profile.mfu_dense
@@ -293,21 +308,22 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     attn_compute = exposed_ring = 0.0
     kv = s.kv_block_bytes
     headroom = float("inf")
-    for c, nbytes in [(block, kv), (block, kv), (block * profile.attention_bwd_over_fwd, 2 * kv)]:
+    backward = (block * profile.attention_bwd_over_fwd, kv + s.kv_grad_bytes)
+    for c, nbytes in [(block, kv), (block, kv), backward]:
         t = hop(nbytes, ring) if R > 1 else 0.0
         if t > 0:
             headroom = min(headroom, c / t)
         attn_compute += R * c * s.layers
         exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
     S = s.shard_ways
-    shard_comm = 3 * (S - 1) * hop(s.elem_bytes * s.params / S, ring) if S > 1 else 0.0
+    gathered, reduced = s.elem_bytes * s.params / S, s.grad_reduce_bytes * s.params / S
+    shard_comm = (S - 1) * (2 * hop(gathered, ring) + hop(reduced, ring)) if S > 1 else 0.0
     exposed_shard = max(0.0, shard_comm - dense)
     per_seq = {"dense compute": dense, "attention compute": attn_compute,
                "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
     micro = s.seqs_per_ring * s.grad_accum
     parts = {k: v * micro for k, v in per_seq.items()}
-    shard_bytes = s.elem_bytes * s.params / S
-    parts["data-parallel sync"] = (2 * (D - 1) * hop(shard_bytes / D, dp)) if D > 1 else 0.0
+    parts["data-parallel sync"] = (2 * (D - 1) * hop(reduced / D, dp)) if D > 1 else 0.0
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len
     model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)

@@ -51,6 +51,6 @@ from ray_jobs.ring_attention.zigzag import (
 __all__ = [
     "KernelChoice", "Ring", "RingTimings", "contiguous_shard", "contiguous_unshard", "merge_block",
     "record_ring_timings", "register_ring_attention", "resolve_ring", "ring_attention",
-    "ring_attention_forward", "select_block_kernel", "set_ring_group", "use_ring_group", "zigzag_position_ids",
-    "zigzag_shard", "zigzag_unshard",
+    "ring_attention_forward", "select_block_kernel", "set_ring_group", "use_ring_group",
+    "zigzag_position_ids", "zigzag_shard", "zigzag_unshard",
 ]

@@ -1,6 +1,7 @@
 """The cost model on cases small enough to compute by hand (derivations in the comments)."""
 
 import pytest
+import torch
 
 from topology.cost import (
     FlowResult,
@@ -82,9 +83,10 @@ def test_step_time_by_hand():
     # per layer: forward and recompute expose (R-1)(t - c) each, backward (R-1)(2t - 2.5c)
     exposed = 2 * ((kv_t - block) + (kv_t - block) + (2 * kv_t - 2.5 * block))
     attention = 2 * 2 * (1 + 1 + 2.5) * block  # layers x R blocks x phases
-    # weight sharding: 3 collectives x (R-1) hops of 2N/R = 1e9 bytes at 1 GB/s = 3 s, of which
-    # the dense compute hides 0.65536 s
-    shard = 3 * 1e9 / 1e9 - dense
+    # weight sharding: (R-1) hops of 2 all-gathers of N/R bf16 weights (1e9 bytes each) and a
+    # reduce-scatter of N/R fp32 gradients (2e9 bytes) at 1 GB/s = 4 s, of which the dense
+    # compute hides 0.65536 s
+    shard = (2 * 1e9 + 2e9) / 1e9 - dense
     assert cost.parts["dense compute"] == pytest.approx(dense)
     assert cost.parts["attention compute"] == pytest.approx(attention)
     assert cost.parts["exposed ring K/V"] == pytest.approx(exposed)
@@ -102,9 +104,32 @@ def test_fast_links_hide_the_ring_and_dp_sync_adds():
     shape = StageShape(**{**SHAPE.__dict__, "dp": 4, "batch_size": 4})
     cost = predict_stage(shape, fast, ONE_GB_S, PROFILE)
     assert cost.parts["exposed ring K/V"] == 0.0
-    # all-reduce of the 2N/R = 1e9-byte gradient shard over 4 rings: 2 (D-1) = 6 hops of
-    # 1e9 / 4 bytes at 1 GB/s = 1.5 s, once per optimizer step
-    assert cost.parts["data-parallel sync"] == pytest.approx(6 * 0.25)
+    # all-reduce of the fp32 gradient shard, 4N/R = 2e9 bytes, over 4 rings: 2 (D-1) = 6 hops
+    # of 2e9 / 4 bytes at 1 GB/s = 3 s, once per optimizer step
+    assert cost.parts["data-parallel sync"] == pytest.approx(6 * 0.5)
+
+
+def test_the_bytes_priced_are_the_dtypes_that_travel():
+    """dK/dV travel in fp32 from rings of 3 on (ring.accumulator_dtype) and in the compute dtype
+    on a ring of 2; gradients reduce in fp32 under mixed precision, in the weights' dtype
+    without it."""
+    from ray_jobs.ring_attention.ring import accumulator_dtype
+
+    for ring in (2, 3, 4):
+        shape = StageShape(**{**SHAPE.__dict__, "ring": ring, "seq_len": 8 * 4 * 3 * 1024})
+        travelling = accumulator_dtype(ring, torch.bfloat16).itemsize
+        assert shape.kv_grad_bytes == shape.kv_block_bytes / 2 * travelling
+    assert SHAPE.grad_reduce_bytes == 4  # bf16 layers over fp32 weights
+    assert StageShape(**{**SHAPE.__dict__, "state_bytes": 2}).grad_reduce_bytes == 2
+    assert StageShape(**{**SHAPE.__dict__, "elem_bytes": 4}).grad_reduce_bytes == 4
+    # the backward phase passes K, V and the fp32 dK, dV: 3x the forward's bytes at ring 4
+    slow = StageShape(**{**SHAPE.__dict__, "ring": 4})
+    cost = predict_stage(slow, ONE_GB_S, NO_FLOWS, PROFILE)
+    rate = 100e12 * 0.5
+    block = 2 * 8192**2 * (8 * 128) / 4 / 4 / rate
+    kv_t = slow.kv_block_bytes / 1e9
+    exposed = 2 * 3 * ((kv_t - block) * 2 + (3 * kv_t - 2.5 * block))
+    assert cost.parts["exposed ring K/V"] == pytest.approx(exposed)
 
 
 def test_memory_parts_by_hand():
