@@ -1,8 +1,11 @@
 # ringpilot: the two commands of the README are `make demo` and `make test`; both set up first.
 #
 # Setup creates .venv and installs torch *before* anything else, pinned, so that no dependency
-# drags in a multi-GB CUDA build on a CPU machine. On a GPU machine pass TORCH_SPEC, e.g.
-#   make demo TORCH_SPEC='torch==2.13.0' EXTRAS='dev,gpu'
+# drags in a multi-GB CUDA build on a CPU machine. On a Linux GPU machine the same pin takes
+# PyPI's torch wheel, which is the CUDA build:
+#   make gpu-smoke                           # first: the GPU path's checks, one JSON line
+#   make demo RUN=configs/tiny-gpu.yaml      # the tiny default on one GPU, bf16 layers
+# and, optionally, `make flash-attn` (a faster CUDA kernel than torch's own, built with nvcc).
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -19,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup demo test samples goldens clean
+.PHONY: setup demo test samples goldens flash-attn gpu-smoke clean
 
 # $(call quietly,COMMAND): run COMMAND with its output appended to $(SETUP_LOG); on failure show
 # the log's tail and stop.
@@ -73,6 +76,17 @@ goldens: setup
 		> tests/golden/validate-cluster-$$(basename $$f .yaml).txt; done
 	$(VENV)/bin/ringpilot plan --run configs/llama3-8b-1m.yaml --out $(VENV)/goldens-plan > /dev/null
 	cp $(VENV)/goldens-plan/report.md tests/golden/plan-llama3-8b-1m.report.md
+
+# flash-attn is optional (ring attention on CUDA uses torch's own flash kernel without it). Its
+# setup.py imports torch, so it builds without pip's build isolation, against the venv's pinned
+# torch, with nvcc and CUDA_HOME; PyPI has no wheel for recent torch versions.
+flash-attn: setup
+	$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/torch-constraint.txt --no-build-isolation \
+		"flash-attn>=2.7"
+
+# The first thing to run on a GPU machine: one JSON line (benchmarks/gpu_smoke.py says what).
+gpu-smoke: setup
+	$(PY) benchmarks/gpu_smoke.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -23,6 +23,9 @@ process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0
   process's resident set during fwd+bwd (VmHWM after resetting it through /proc/self/clear_refs,
   minus VmRSS just before), in the second of two runs (the CPU kernel keeps some buffers from
   its first call). Large buffers are mmap-backed, so freed memory leaves the RSS.
+- merge_speedup_vs_unfused: time of the log-sum-exp merge written as separate sub/mul/add
+  passes (as it was) over merge_block's single lerp pass, on one rank's shard (S/2 rows, fp32
+  accumulator, bf16 block), one thread, in this process.
 - comm_hidden_fraction = 1 - (seconds blocked in request waits) / (seconds the same transfers
   take alone, run back to back without compute), averaged over ranks.
 Timings on a shared 2-core machine are noisy; numbers are from one run.
@@ -47,7 +50,7 @@ import torch.distributed as dist  # noqa: E402
 
 from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
 from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
-from ray_jobs.ring_attention.kernels import CpuFlashKernel  # noqa: E402
+from ray_jobs.ring_attention.kernels import CpuFlashKernel, merge_block  # noqa: E402
 from tests.support.worlds import run_world  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
@@ -204,6 +207,30 @@ def _ring_time(results):
     return min(_slowest(results, i) for i in range(len(results[0]["times_s"])))
 
 
+def _unfused_merge(out, lse, block_out, block_lse, rows=1024):
+    """The merge as it was before the lerp: separate sub, mul and add passes per 1024 rows."""
+    for start in range(0, out.shape[1], rows):
+        part = slice(start, start + rows)
+        o, m, bo, bm = out[:, part], lse[:, part], block_out[:, part], block_lse[:, part]
+        o.add_(bo.float().sub_(o).mul_(torch.sigmoid(bm - m).unsqueeze(-1)))
+        m.copy_(torch.logaddexp(m, bm))
+
+
+def merge_speedup(rows: int, reps: int = 5) -> float:
+    """Time of the unfused merge over merge_block's, fp32 accumulator and bf16 block, one
+    thread, best of `reps` each, the two alternating."""
+    torch.set_num_threads(1)
+    out, lse = torch.randn(1, rows, HEADS, HEAD_DIM), torch.randn(1, rows, HEADS)
+    block, block_lse = torch.randn(1, rows, HEADS, HEAD_DIM).bfloat16(), torch.randn(1, rows, HEADS)
+    best = {merge_block: float("inf"), _unfused_merge: float("inf")}
+    for _ in range(reps):
+        for fn in best:
+            t0 = time.perf_counter()
+            fn(out, lse, block, block_lse)
+            best[fn] = min(best[fn], time.perf_counter() - t0)
+    return best[_unfused_merge] / best[merge_block]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (2K timings, 4K memory)")
@@ -218,6 +245,10 @@ def main():
     seq, mem_seq, reps = (2048, 4096, 2) if args.quick else (16384, 32768, 2)
     bf16 = torch.bfloat16
     report = {"seq": seq, "memory_seq": mem_seq, "world": 2, "heads": HEADS, "head_dim": HEAD_DIM}
+
+    report["merge_speedup_vs_unfused"] = merge_speedup(seq // 2)
+    print(f"log-sum-exp merge of a {seq // 2}-row shard: {report['merge_speedup_vs_unfused']:.2f}x "
+          "faster as one lerp pass than as sub/mul/add passes", flush=True)
 
     single = run_ranks(1, single_body, seq, bf16, reps, False)[0]
     ring = run_ranks(2, ring_body, seq, bf16, reps, False)

@@ -109,8 +109,11 @@ def train_stage_worker(config: WorkerConfig) -> None:
                          shard_degree=dims.shard)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum
-    kernel = select_block_kernel(device.type)
-    state.attention_kernel = f"{kernel.name} ({kernel.reason})"
+    if dims.ring > 1:
+        kernel = select_block_kernel(device.type)
+        state.attention_kernel = f"{kernel.name} ({kernel.reason})"
+    else:
+        state.attention_kernel = "sdpa (a ring of one: no ring attention)"
     if resume:
         load_checkpoint(Path(init_from), hf_model, opt, sched)
         old = read_state(Path(init_from))
