@@ -41,3 +41,19 @@ def test_a_failed_step_shows_its_log(tmp_path):
     assert done.returncode != 0
     assert "setup: failed:" in out and "no-such-torch-wheel" in out, out
     assert "setup.log" in out
+
+
+def test_flash_attn_installs_after_torch_without_build_isolation():
+    """flash-attn's setup.py imports torch: pip's build isolation (an `.[gpu]` extra) could
+    never build it. `make flash-attn` installs it into the venv's pinned torch instead."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert not any("flash-attn" in dep for deps in extras.values() for dep in deps)
+    done = subprocess.run(["make", "-n", "flash-attn", "VENV=.venv"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    recipe = done.stdout.replace("\\\n", " ")  # make -n keeps the line continuations
+    pip = [line for line in recipe.splitlines() if "flash-attn>=2.7" in line]
+    assert len(pip) == 1, done.stdout
+    assert "--no-build-isolation" in pip[0] and "-c .venv/torch-constraint.txt" in pip[0]
