@@ -26,6 +26,11 @@ process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0
 - merge_speedup_vs_unfused: time of the log-sum-exp merge written as separate sub/mul/add
   passes (as it was) over merge_block's single lerp pass, on one rank's shard (S/2 rows, fp32
   accumulator, bf16 block), one thread, in this process.
+- hybrid_vs_ring_p4_16k: fwd+bwd time of a ring of 4 over that of Ulysses 2 x ring 2 on the
+  same 4 one-thread gloo processes (4 processes on this machine's 2 cores: both share the
+  oversubscription), with the bytes each rank sends (ring K/V and dK/dV as counted; the
+  all-to-alls' (U-1)/U of q, k, v, out and their gradients); hybrid_exact_max_err: the
+  hybrid's largest abs error against SDPA (fp32, 512 tokens, output and gradients).
 - comm_hidden_fraction = 1 - (seconds blocked in request waits) / (seconds the same transfers
   take alone, run back to back without compute), averaged over ranks.
 Timings on a shared 2-core machine are noisy; numbers are from one run.
@@ -51,6 +56,11 @@ import torch.distributed as dist  # noqa: E402
 from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
 from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
 from ray_jobs.ring_attention.kernels import CpuFlashKernel, merge_block  # noqa: E402
+from ray_jobs.ring_attention.ulysses import (  # noqa: E402
+    build_sequence_mesh,
+    sequence_parallel_attention,
+    sequence_shard,
+)
 from tests.support.worlds import run_world  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
@@ -137,6 +147,50 @@ def ring_body(rank, world, seq, dtype, reps, memory):
         result |= {"peak_rise_bytes": peak,
                    "input_bytes": sum(t.numel() * t.element_size() for t in (q, k, v, dout))}
     return result
+
+
+def hybrid_body(rank, world, seq, dtype, ulysses, reps):
+    """Ulysses `ulysses` x ring world/ulysses (ulysses 1: the plain ring of `world`) on this
+    rank's S / world tokens: fwd+bwd times and the bytes this rank sent."""
+    ring = world // ulysses
+    mesh = build_sequence_mesh(ulysses, ring)
+    q, k, v, dout = _inputs(seq // world, dtype, rank)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    small = [t[:, :64].detach().clone().requires_grad_() for t in (q, k, v)]
+    sequence_parallel_attention(*small, mesh=mesh).backward(dout[:, :64])  # connect, warm up
+    times = []
+    for _ in range(reps):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        with record_ring_timings() as timings:
+            start = time.perf_counter()
+            sequence_parallel_attention(q, k, v, mesh=mesh).backward(dout)
+            times.append(time.perf_counter() - start)
+    # Each all-to-all sends (U-1)/U of its tensor: q, k, v and out forward, their gradients
+    # backward (8 tensors of this rank's shard size).
+    shard = q.numel() * q.element_size()
+    all_to_all = 8 * shard * (ulysses - 1) / ulysses
+    return {"times_s": times, "ring_bytes": timings.bytes_sent, "all_to_all_bytes": all_to_all}
+
+
+def hybrid_error_body(rank, world, ulysses):
+    """Max abs error of the hybrid's output and gradients against SDPA, fp32, 512 tokens."""
+    ring, seq = world // ulysses, 512
+    mesh = build_sequence_mesh(ulysses, ring)
+    q, k, v, dout = _inputs(seq, torch.float32, 7)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in ref), is_causal=True).transpose(1, 2)
+    want.backward(dout)
+
+    def mine(t):
+        return sequence_shard(t, 1, mesh.ring.rank, ring, mesh.ulysses_rank, ulysses)
+
+    local = [mine(t).requires_grad_() for t in (q, k, v)]
+    out = sequence_parallel_attention(*local, mesh=mesh)
+    out.backward(mine(dout))
+    pairs = [(out, want), *((t.grad, r.grad) for t, r in zip(local, ref))]
+    return max(float((a.detach() - mine(b.detach())).abs().max()) for a, b in pairs)
 
 
 def _ensure_peer():
@@ -264,6 +318,20 @@ def main():
     hidden = [max(0.0, 1.0 - r["wait_s"] / r["comm_alone_s"]) for r in ring]
     report["comm_hidden_fraction"] = sum(hidden) / len(hidden)
     report |= {"t_single_s": single["time_s"], "t_ring_p2_s": t_ring}
+
+    ring4 = run_ranks(4, hybrid_body, seq, bf16, 1, reps)
+    hybrid = run_ranks(4, hybrid_body, seq, bf16, 2, reps)
+    report["hybrid_vs_ring_p4_16k"] = _ring_time(ring4) / _ring_time(hybrid)
+    report["hybrid_exact_max_err"] = max(run_ranks(4, hybrid_error_body, 2))
+    report |= {"t_ring_p4_s": _ring_time(ring4), "t_hybrid_u2r2_s": _ring_time(hybrid),
+               "bytes_per_rank_ring_p4": max(r["ring_bytes"] for r in ring4),
+               "bytes_per_rank_hybrid_u2r2": max(r["ring_bytes"] + r["all_to_all_bytes"]
+                                                 for r in hybrid)}
+    print(f"S={seq} bf16 on 4 processes: ring of 4 {report['t_ring_p4_s']:.2f}s, ulysses 2 x "
+          f"ring 2 {report['t_hybrid_u2r2_s']:.2f}s ({report['hybrid_vs_ring_p4_16k']:.2f}x); "
+          f"bytes sent per rank {report['bytes_per_rank_ring_p4'] / 2**20:.0f} MiB vs "
+          f"{report['bytes_per_rank_hybrid_u2r2'] / 2**20:.0f} MiB; hybrid max abs error vs "
+          f"SDPA {report['hybrid_exact_max_err']:.1e}", flush=True)
 
     if args.skip_peer:
         report["speedup_vs_ring_attention_pytorch"] = None

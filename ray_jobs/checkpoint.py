@@ -54,6 +54,7 @@ class TrainerState:
     ring_degree: int = 1
     dp_degree: int = 1
     shard_degree: int = 1
+    ulysses_degree: int = 1
     losses: list[float] = field(default_factory=list)  # per optimizer step
     init_from: str | None = None  # checkpoint the stage started from (relative to the run dir)
     init_checksum: float = 0.0  # sum of |weights| at the stage's start: shows what carried over

@@ -50,9 +50,8 @@ from ray_jobs.ring_attention import (
     register_ring_attention,
     select_block_kernel,
     use_ring_group,
-    zigzag_position_ids,
-    zigzag_shard,
 )
+from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
 from ray_jobs.tokenizer import build_tokenizer
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
 from specs.ledger import Ledger, is_committed
@@ -90,7 +89,7 @@ def train_stage_worker(config: WorkerConfig) -> None:
 
     # 3. Model: every rank builds the same weights, then parallelize() shards them.
     tok = build_tokenizer(run, run_dir, spec_dir)
-    attn = register_ring_attention() if dims.ring > 1 else "sdpa"
+    attn = register_ring_attention() if dims.sequence > 1 else "sdpa"
     hf_model = build_model(run, index, Path(init_from) if init_from else None,
                            seed=run.data.seed, attn_implementation=attn,
                            spec_dir=spec_dir).to(device)
@@ -106,10 +105,10 @@ def train_stage_worker(config: WorkerConfig) -> None:
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
                          rope_theta=run.stage_theta(index), seq_len=stage.seq_len,
                          world_size=world, ring_degree=dims.ring, dp_degree=dims.dp,
-                         shard_degree=dims.shard)
+                         shard_degree=dims.shard, ulysses_degree=dims.ulysses)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum
-    if dims.ring > 1:
+    if dims.sequence > 1:
         kernel = select_block_kernel(device.type)
         state.attention_kernel = f"{kernel.name} ({kernel.reason})"
     else:
@@ -126,7 +125,8 @@ def train_stage_worker(config: WorkerConfig) -> None:
                           read_documents(run, spec_dir) if run.data.mix.documents else None)
     per_ring = stage.batch_size // dims.dp
     my_samples = range(layout.dp_rank * per_ring, (layout.dp_rank + 1) * per_ring)
-    positions = zigzag_position_ids(stage.seq_len, layout.ring_rank, dims.ring).to(device)
+    positions = sequence_position_ids(stage.seq_len, layout.ring_rank, dims.ring,
+                                      layout.ulysses_rank, dims.ulysses).to(device)
     positions = positions.unsqueeze(0).expand(per_ring, -1)
     every = run.failure.report_every
     t_report, steps_since, pending = time.perf_counter(), 0, []
@@ -140,13 +140,14 @@ def train_stage_worker(config: WorkerConfig) -> None:
         for micro in range(stage.grad_accum_steps):
             inputs, labels, sample_ids = stream.batch(step, micro, my_samples)
             ids += sample_ids
-            x = zigzag_shard(inputs, 1, layout.ring_rank, dims.ring).to(device)  # (B, S / ring)
-            y = zigzag_shard(labels, 1, layout.ring_rank, dims.ring).to(device)
+            # (B, S / (ring x ulysses)): the ring's zigzag shard, then this rank's Ulysses piece
+            x, y = (sequence_shard(t, 1, layout.ring_rank, dims.ring, layout.ulysses_rank,
+                                   dims.ulysses).to(device) for t in (inputs, labels))
             sync_gradients_in(model, micro, stage.grad_accum_steps)
-            with use_ring_group(layout.ring if dims.ring > 1 else None):
-                loss = ring_mean_loss(*model(x, positions, y), layout.ring)
-                # FSDP averages gradients over all ranks; a ring's ranks hold shares that add.
-                (loss * dims.ring / stage.grad_accum_steps).backward()
+            with use_ring_group(layout.attention_group):
+                loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
+                # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
+                (loss * dims.sequence / stage.grad_accum_steps).backward()
             loss_sum += loss.detach() / stage.grad_accum_steps
         clip_gradients(model, run.training.grad_clip)
         opt.step()

@@ -1,16 +1,16 @@
 """parallelize(): the layout of one stage applied to a Llama, in one fixed order.
 
-    mesh = build_mesh(dims, rings, "cpu")           # (dp_replicate, dp_shard, ring) grid
+    mesh = build_mesh(dims, rings, "cpu")           # (dp_replicate, dp_shard, ring, ulysses)
     model = parallelize(llama, mesh, dims, ...)      # -> CausalLMWithLoss, FSDP2 root
 
 Order (torchtitan's `parallelize_llama` is the model): (1) attention runs around the mesh's
-"ring" dim (attn_implementation="ring"); (2) each decoder layer is wrapped for activation
-checkpointing, so only its input is kept and its inside is recomputed in backward; (3) FSDP2
-`fully_shard` per decoder layer, then on the root, over the "shard" dims (dp_shard x ring,
-flattened) and replicated over "dp_replicate" (HSDP); (4) the loss is computed inside the
-root's forward, over token chunks that are recomputed in backward, so (tokens x vocab) fp32
-logits never exist at once. The planner's memory model (topology.cost.memory_per_gpu) describes
-exactly this layout.
+"ring" dim, its heads split over the "ulysses" dim when that is > 1 (attn_implementation=
+"ring"); (2) each decoder layer is wrapped for activation checkpointing, so only its input is
+kept and its inside is recomputed in backward; (3) FSDP2 `fully_shard` per decoder layer, then
+on the root, over the "shard" dims (dp_shard x ring x ulysses, flattened) and replicated over
+"dp_replicate" (HSDP); (4) the loss is computed inside the root's forward, over token chunks
+that are recomputed in backward, so (tokens x vocab) fp32 logits never exist at once. The
+planner's memory model (topology.cost.memory_per_gpu) describes exactly this layout.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ray_jobs.ring_attention import Ring
+from ray_jobs.ring_attention.ulysses import SequenceMesh
 from specs.degrees import MESH_DIMS, ParallelDims
 from specs.run import RunSpec
 
@@ -38,15 +39,28 @@ LOSS_CHUNK_TOKENS = 1024  # logits of this many tokens exist at once (forward an
 class Layout:
     """This rank's place in a stage's layout: the meshes, its ring, its data-parallel index."""
 
-    mesh: DeviceMesh  # (dp_replicate, dp_shard, ring), rings in plan order
+    mesh: DeviceMesh  # (dp_replicate, dp_shard, ring, ulysses), rings in plan order
     fsdp_mesh: DeviceMesh  # (shard,) or (dp_replicate, shard): what FSDP2 shards over
     dims: ParallelDims
     ring: Ring  # this rank's ring, peers in plan order
+    sequence: SequenceMesh  # this rank's Ulysses group and ring
     dp_rank: int  # this rank's ring in plan order: it picks the ring's samples
 
     @property
     def ring_rank(self) -> int:
         return self.ring.rank
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sequence.ulysses_rank
+
+    @property
+    def attention_group(self) -> Ring | SequenceMesh | None:
+        """What `use_ring_group` takes for this layout: the ring alone without Ulysses (today's
+        ring attention, exactly), the sequence mesh with it, None when nothing is split."""
+        if self.dims.ulysses > 1:
+            return self.sequence
+        return self.ring if self.dims.ring > 1 else None
 
 
 def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> Layout:
@@ -63,9 +77,11 @@ def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> 
     fsdp_mesh = (DeviceMesh(device_type, shard_grid, mesh_dim_names=("dp_replicate", "shard"))
                  if dims.dp_replicate > 1 else
                  DeviceMesh(device_type, shard_grid.flatten(), mesh_dim_names=("shard",)))
-    replica, slot, _ = mesh.get_coordinate()
+    replica, slot, _, _ = mesh.get_coordinate()
     ring = Ring(group=mesh.get_group("ring"), ranks=tuple(mesh["ring"].mesh.tolist()))
+    ulysses = mesh.get_group("ulysses") if dims.ulysses > 1 else None
     return Layout(mesh=mesh, fsdp_mesh=fsdp_mesh, dims=dims, ring=ring,
+                  sequence=SequenceMesh(ulysses=ulysses, ulysses_size=dims.ulysses, ring=ring),
                   dp_rank=replica * dims.dp_shard + slot)
 
 
@@ -140,11 +156,16 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(F.linear(h, weight).float(), y, ignore_index=IGNORE, reduction="sum")
 
 
-def ring_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, ring: Ring) -> torch.Tensor:
-    """Mean loss over the ring's whole sequences. Its value is the ring's mean on every rank;
-    its gradient is this rank's share (local sum / the ring's token count), so gradients summed
-    over the ring are the unsharded sequence's."""
+def ring_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor,
+                   ring: Ring | SequenceMesh) -> torch.Tensor:
+    """Mean loss over the whole sequences split across a ring (or a Ulysses x ring mesh). Its
+    value is that mean on every rank; its gradient is this rank's share (local sum / the
+    sequences' token count), so gradients summed over the ranks are the unsharded sequence's."""
     stats = torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])
+    if isinstance(ring, SequenceMesh):
+        if ring.ulysses is not None:
+            dist.all_reduce(stats, group=ring.ulysses)
+        ring = ring.ring
     if ring.size > 1:
         dist.all_reduce(stats, group=ring.group)
     total, tokens = stats[0], stats[1].clamp_min(1.0)

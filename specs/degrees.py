@@ -10,9 +10,15 @@ group keeps its all-gathers among nearby GPUs while still splitting the model st
     data_parallel_degree dp            rings = dp_replicate x dp_shard
     shard_degree         shard         GPUs a parameter is sharded over = dp_shard x ring
 
-(`ulysses`, a head split inside a ring, is reserved for the layered sequence parallelism; it is
-1 until that lands.) The trainer builds its DeviceMesh from exactly these numbers and the plan's
-ring order, and the planner's memory model divides the model state by `shard`.
+    ulysses_degree       ulysses       GPUs per ring position: a sequence is split over
+                                       ring x ulysses GPUs; inside a Ulysses group heads are
+                                       split by all-to-all, the ring runs across groups
+
+With Ulysses, a plan's "ring" lists ring x ulysses GPUs, ring position by ring position: each
+run of `ulysses` consecutive GPUs is one Ulysses group (put in one fast domain), and the K/V
+rings connect the groups' members of the same index. The trainer builds its DeviceMesh from
+exactly these numbers and the plan's ring order, and the planner's memory model divides the
+model state by `shard`.
 
 `resolve_degrees` is the one place 'auto' degrees become numbers (RunSpec validation, the
 trainer's preflight, the planner, plans from Ray's placement and the operator's re-planning all
@@ -26,7 +32,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "ring")
+MESH_DIMS = ("dp_replicate", "dp_shard", "ring", "ulysses")
 
 
 class ParallelDims(BaseModel):
@@ -37,20 +43,26 @@ class ParallelDims(BaseModel):
     dp_replicate: int = Field(1, gt=0, description="Replicas of the sharded model state (HSDP).")
     dp_shard: int = Field(1, gt=0, description="Rings a shard group spans.")
     ring: int = Field(1, gt=0, description="Ranks per ring (sequence split).")
-    ulysses: int = Field(1, ge=1, le=1, description="Reserved: head split inside a ring.")
+    ulysses: int = Field(1, ge=1, description="Ranks of a Ulysses group (heads split by "
+                         "all-to-all) at each ring position.")
 
     @classmethod
-    def of(cls, ring: int, dp: int, shard: int) -> ParallelDims:
-        """From the user-facing degrees (ring_degree, data_parallel_degree, shard_degree)."""
-        if shard % ring:
-            raise ValueError(f"shard_degree ({shard}) must be a multiple of ring_degree ({ring}): "
-                             "a ring's ranks shard the model together; use "
-                             f"{ring * max(1, round(shard / ring))}")
-        if dp % (shard // ring):
-            options = [ring * d for d in range(1, dp + 1) if dp % d == 0]
-            raise ValueError(f"shard_degree ({shard}) must be ring_degree ({ring}) times a "
+    def of(cls, ring: int, dp: int, shard: int, ulysses: int = 1) -> ParallelDims:
+        """From the user-facing degrees (ring_degree, data_parallel_degree, shard_degree,
+        ulysses_degree)."""
+        seq = ring * ulysses
+        what = f"ring_degree ({ring})" if ulysses == 1 else (
+            f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
+        if shard % seq:
+            raise ValueError(f"shard_degree ({shard}) must be a multiple of {what}: "
+                             "a sequence's ranks shard the model together; use "
+                             f"{seq * max(1, round(shard / seq))}")
+        if dp % (shard // seq):
+            options = [seq * d for d in range(1, dp + 1) if dp % d == 0]
+            raise ValueError(f"shard_degree ({shard}) must be {what} times a "
                              f"divisor of data_parallel_degree ({dp}); use one of {options}")
-        return cls(dp_replicate=dp // (shard // ring), dp_shard=shard // ring, ring=ring)
+        return cls(dp_replicate=dp // (shard // seq), dp_shard=shard // seq, ring=ring,
+                   ulysses=ulysses)
 
     @property
     def world(self) -> int:
@@ -67,14 +79,24 @@ class ParallelDims(BaseModel):
         return self.dp_shard * self.ring * self.ulysses
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int]:
-        return (self.dp_replicate, self.dp_shard, self.ring)
+    def sequence(self) -> int:
+        """Ranks one sequence is split over (ring x ulysses)."""
+        return self.ring * self.ulysses
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int, int]:
+        return (self.dp_replicate, self.dp_shard, self.ring, self.ulysses)
 
     def problems(self, *, seq_len: int, batch_size: int, heads: int | None = None,
                  kv_heads: int | None = None) -> list[str]:
         """What a stage's shape makes impossible for these degrees, one line each with a fix."""
         out = []
-        if self.ring > 1 and seq_len % (2 * self.ring):
+        if self.ulysses > 1 and seq_len % (2 * self.sequence):
+            n = 2 * self.sequence
+            out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree x "
+                       f"ulysses_degree ({n}) for zigzag sharding and the Ulysses split; use "
+                       f"{-(-seq_len // n) * n} or other degrees")
+        elif self.ring > 1 and seq_len % (2 * self.ring):
             out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree "
                        f"({2 * self.ring}) for zigzag sharding; use "
                        f"{-(-seq_len // (2 * self.ring)) * 2 * self.ring} or another ring_degree")
@@ -84,24 +106,48 @@ class ParallelDims(BaseModel):
         if heads is not None and kv_heads is not None and heads % kv_heads:
             out.append(f"num_attention_heads ({heads}) must be a multiple of "
                        f"num_key_value_heads ({kv_heads})")
+        elif heads is not None and kv_heads is not None:
+            out += ulysses_problems(heads, kv_heads, self.ulysses)
         return out
 
-    def rings_grid(self, rings: list[list[int]]) -> list[list[list[int]]]:
-        """Ranks as the (dp_replicate, dp_shard, ring) grid from a plan's rings in plan order:
-        ring i is replica i // dp_shard, shard slot i % dp_shard (so consecutive rings share a
-        shard group, and the planner puts consecutive rings side by side)."""
-        if len(rings) != self.dp or any(len(r) != self.ring for r in rings):
+    def rings_grid(self, rings: list[list[int]]) -> list[list[list[list[int]]]]:
+        """Ranks as the (dp_replicate, dp_shard, ring, ulysses) grid from a plan's rings in plan
+        order: ring i is replica i // dp_shard, shard slot i % dp_shard (so consecutive rings
+        share a shard group, and the planner puts consecutive rings side by side); within a
+        ring, each run of `ulysses` ranks is one ring position's Ulysses group."""
+        if len(rings) != self.dp or any(len(r) != self.sequence for r in rings):
+            size = str(self.ring) if self.ulysses == 1 else f"{self.ring} x {self.ulysses}"
             raise ValueError(f"the plan has {len(rings)} rings of sizes "
                              f"{sorted({len(r) for r in rings})}, the degrees say {self.dp} "
-                             f"rings of {self.ring}")
-        return [rings[i * self.dp_shard:(i + 1) * self.dp_shard]
+                             f"rings of {size}")
+        u = self.ulysses
+        grid = [[r[p * u:(p + 1) * u] for p in range(self.ring)] for r in rings]
+        return [grid[i * self.dp_shard:(i + 1) * self.dp_shard]
                 for i in range(self.dp_replicate)]
 
     def describe(self) -> str:
-        parts = [f"ring {self.ring}", f"dp {self.dp}", f"shard {self.shard}"]
+        ring = f"ring {self.ring}" if self.ulysses == 1 else (
+            f"ring {self.ring} x ulysses {self.ulysses}")
+        parts = [ring, f"dp {self.dp}", f"shard {self.shard}"]
         if self.dp_replicate > 1:
             parts.append(f"{self.dp_replicate} replicas (HSDP)")
         return " x ".join(parts[:2]) + ", " + ", ".join(parts[2:])
+
+
+def ulysses_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
+    """What a Ulysses degree cannot do with these head counts, one line each with the fix: each
+    rank takes heads / ulysses query heads, and a whole share of the K/V heads (split when the
+    degree divides them, each replicated when it is a multiple of them)."""
+    out = []
+    if heads % ulysses:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        out.append(f"ulysses_degree ({ulysses}) must divide the {heads} query heads; use one of "
+                   f"{divisors}")
+    elif kv_heads % ulysses and ulysses % kv_heads:
+        out.append(f"ulysses_degree ({ulysses}) must divide the {kv_heads} key/value heads or be "
+                   f"a multiple of them (then each is replicated); use a divisor or multiple of "
+                   f"{kv_heads}")
+    return out
 
 
 class DegreeError(ValueError):
@@ -125,6 +171,7 @@ class StageDegrees(Protocol):
     ring_degree: int | str
     data_parallel_degree: int | str
     shard_degree: int | str
+    ulysses_degree: int
 
 
 def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool = True,
@@ -133,40 +180,53 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
     smallest ring first (least traffic per token), and for each ring the most rings side by side.
 
     A given degree is kept; 'auto' ring_degree ranges over the rings that zigzag-split seq_len,
-    'auto' data_parallel_degree over the divisors of batch_size that fit the workers. `strict`: a
-    given ring_degree with 'auto' rings must divide the workers, so that none is left idle
-    unnoticed. `offer` says where `world` comes from ("resources.workers is 8"), `grow` how to
-    have more; DegreeError when nothing is left, naming the numbers and the fix."""
+    'auto' data_parallel_degree over the divisors of batch_size that fit the workers. Each ring
+    position takes ulysses_degree workers. `strict`: a given ring_degree with 'auto' rings must
+    divide the workers, so that none is left idle unnoticed. `offer` says where `world` comes
+    from ("resources.workers is 8"), `grow` how to have more; DegreeError when nothing is left,
+    naming the numbers and the fix."""
     r, d, seq, batch = (stage.ring_degree, stage.data_parallel_degree, stage.seq_len,
                         stage.batch_size)
+    u = getattr(stage, "ulysses_degree", 1)
+    per = "" if u == 1 else f" x ulysses_degree {u}"
+    if u > world:
+        raise DegreeError(f"ulysses_degree {u} needs {u} workers, but {offer}; lower it or {grow}")
+    positions = world // u  # ring positions the workers can fill
+    split = 2 * u  # each ring position's tokens split over u ranks, in two zigzag chunks
     if r != "auto" and d != "auto":
-        if r * d > world:
-            raise DegreeError(f"ring_degree x data_parallel_degree = {r} x {d} = {r * d} "
-                              f"workers, but {offer}; lower the degrees or {grow}")
-        problems = ParallelDims(ring=r, dp_shard=d).problems(seq_len=seq, batch_size=batch)
+        if r * d * u > world:
+            names = "ring_degree x data_parallel_degree" + ("" if u == 1 else " x ulysses_degree")
+            nums = f"{r} x {d}" + ("" if u == 1 else f" x {u}")
+            raise DegreeError(f"{names} = {nums} = {r * d * u} workers, but {offer}; lower the "
+                              f"degrees or {grow}")
+        problems = ParallelDims(ring=r, dp_shard=d, ulysses=u).problems(seq_len=seq,
+                                                                         batch_size=batch)
         if problems:
             raise DegreeError(problems[0])
         return [(r, d)]
     if r != "auto":
-        if r > world:
-            raise DegreeError(f"ring_degree {r} needs {r} workers, but {offer}; lower it or {grow}")
-        if strict and world % r:
-            divisors = [x for x in range(1, world + 1) if world % x == 0 and seq % (2 * x) == 0]
-            raise DegreeError(f"ring_degree {r} does not divide the {world} workers ({offer}); "
-                              f"use one that does (e.g. {divisors[-4:]}) or set "
+        if r * u > world:
+            raise DegreeError(f"ring_degree {r}{per} needs {r * u} workers, but {offer}; lower "
+                              f"it or {grow}")
+        if strict and positions % r:
+            divisors = [x for x in range(1, positions + 1)
+                        if positions % x == 0 and seq % (split * x) == 0]
+            raise DegreeError(f"ring_degree {r}{per} does not divide the {world} workers "
+                              f"({offer}); use one that does (e.g. {divisors[-4:]}) or set "
                               "data_parallel_degree to leave workers idle on purpose")
-    if d != "auto" and d > world:
-        raise DegreeError(f"data_parallel_degree {d} needs {d} workers, but {offer}; lower it "
-                          f"or {grow}")
-    rings = [r] if r != "auto" else [x for x in range(1, world + 1)
-                                     if x == 1 or seq % (2 * x) == 0]
+    if d != "auto" and d * u > world:
+        raise DegreeError(f"data_parallel_degree {d}{per} needs {d * u} workers, but {offer}; "
+                          f"lower it or {grow}")
+    rings = [r] if r != "auto" else [x for x in range(1, positions + 1)
+                                     if (x == 1 and u == 1) or seq % (split * x) == 0]
     options = []
     for x in rings:
-        if x > 1 and seq % (2 * x):
-            raise DegreeError(f"seq_len {seq} is not divisible by 2 x ring_degree = {2 * x}; "
-                              f"pick a ring_degree dividing {seq // 2}")
-        dps = [d] if d != "auto" else [y for y in range(world // x, 0, -1) if batch % y == 0]
-        options += [(x, y) for y in dps if x * y <= world]
+        if (x > 1 or u > 1) and seq % (split * x):
+            what = "2 x ring_degree" if u == 1 else "2 x ring_degree x ulysses_degree"
+            raise DegreeError(f"seq_len {seq} is not divisible by {what} = {split * x}; "
+                              f"pick degrees whose product divides {seq // 2}")
+        dps = [d] if d != "auto" else [y for y in range(positions // x, 0, -1) if batch % y == 0]
+        options += [(x, y) for y in dps if x * y <= positions]
     return options
 
 
@@ -182,12 +242,13 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
     resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the topology
     planner, plans from Ray's placement and the operator's re-planning all call it."""
     options = degree_options(stage, world, offer, strict=strict, grow=grow)
+    uly = getattr(stage, "ulysses_degree", 1)
     auto = stage.ring_degree == "auto" or stage.data_parallel_degree == "auto"
     notes = []
     if shard_for is None:
         big = max(x for x, _ in options)
         ring, dp = next((x, y) for x, y in options if x == big)
-        shard = ring if stage.shard_degree == "auto" else stage.shard_degree
+        shard = ring * uly if stage.shard_degree == "auto" else stage.shard_degree
         why = "no memory model without a cluster description: the largest ring"
     else:
         found, skip = None, set()
@@ -206,16 +267,21 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
         ring, dp, shard = found
         why = "the smallest ring that fits memory, then the most rings the workers allow"
     try:
-        dims = ParallelDims.of(ring, dp, shard)
+        dims = ParallelDims.of(ring, dp, shard, uly)
     except ValueError as e:
         raise DegreeError(str(e)) from None
     if auto:
         notes.append(f"auto degrees: ring {ring} x dp {dp}, shard {dims.shard} ({why}, with "
                      f"batch_size {stage.batch_size} divisible by dp)")
-    elif stage.shard_degree == "auto" and dims.shard != ring:
+    elif stage.shard_degree == "auto" and dims.shard != dims.sequence:
         notes.append(f"auto shard_degree: {dims.shard} GPUs ({dims.shard // ring} rings) shard "
                      "the model state: the smallest group whose memory fits")
+    if uly > 1:
+        notes.append(f"ulysses {uly}: each ring position's {uly} GPUs split the heads "
+                     "(all-to-all), a sequence spans ring x ulysses = "
+                     f"{dims.sequence} GPUs")
     if dims.world < world:
-        notes.append(f"uses {dims.world} of {world} workers (ring {ring} x dp {dp}); the other "
+        layout = f"ring {ring} x dp {dp}" + ("" if uly == 1 else f" x ulysses {uly}")
+        notes.append(f"uses {dims.world} of {world} workers ({layout}); the other "
                      f"{world - dims.world} stay idle in this stage")
     return dims, notes

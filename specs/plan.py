@@ -74,6 +74,9 @@ class StagePlan(_Spec):
     dp_degree: int = Field(description="Data-parallel rings.")
     shard_degree: int | None = Field(None, description="GPUs that shard the model state "
                                      "(FSDP2); null: ring_degree (one shard group per ring).")
+    ulysses_degree: int = Field(1, ge=1, description="GPUs per ring position splitting the "
+                                "heads (Ulysses); each ring lists ring_degree x ulysses_degree "
+                                "workers, one ring position's Ulysses group after another.")
     rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
                                       "first; each sends K/V to the next, the last to the first).")
     bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "
@@ -103,7 +106,8 @@ class StagePlan(_Spec):
     def dims(self) -> ParallelDims:
         """The degrees the trainer builds its mesh from."""
         return ParallelDims.of(self.ring_degree, self.dp_degree,
-                               self.shard_degree or self.ring_degree)
+                               self.shard_degree or self.ring_degree * self.ulysses_degree,
+                               self.ulysses_degree)
 
     @property
     def workers(self) -> list[Worker]:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specs.degrees import DegreeError, ParallelDims, degree_options
+from specs.degrees import DegreeError, ParallelDims, degree_options, ulysses_problems
 
 Auto = Literal["auto"]
 
@@ -133,6 +133,13 @@ class StageSpec(_Spec):
         "state (FSDP2): ring_degree times a divisor of data_parallel_degree; shard groups are "
         "replicated (HSDP) when there are several. 'auto': each ring is one shard group.",
     )
+    ulysses_degree: int = Field(
+        1, ge=1, description="GPUs per ring position that split the attention heads among them "
+        "(DeepSpeed-Ulysses all-to-all, inside a fast domain); the ring runs across these "
+        "groups, so a sequence is split over ring_degree x ulysses_degree GPUs. It must divide "
+        "the query heads, and divide the key/value heads or be a multiple of them (each is then "
+        "replicated). 1: ring attention alone.",
+    )
     rope_theta: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
         "model's rope_theta and pretrain_seq_len.",
@@ -141,11 +148,20 @@ class StageSpec(_Spec):
     @model_validator(mode="after")
     def _divisibility(self) -> StageSpec:
         ring, dp, shard = self.ring_degree, self.data_parallel_degree, self.shard_degree
-        if isinstance(shard, int) and isinstance(ring, int) and shard % ring:
-            raise ValueError(f"shard_degree ({shard}) must be a multiple of ring_degree "
-                             f"({ring}): a ring's GPUs shard the model together")
+        uly = self.ulysses_degree
+        if isinstance(shard, int) and isinstance(ring, int) and shard % (ring * uly):
+            what = "ring_degree" if uly == 1 else "ring_degree x ulysses_degree"
+            whose = "a ring's" if uly == 1 else "a sequence's"
+            raise ValueError(f"shard_degree ({shard}) must be a multiple of {what} "
+                             f"({ring * uly}): {whose} GPUs shard the model together")
         if isinstance(shard, int) and isinstance(ring, int) and isinstance(dp, int):
-            ParallelDims.of(ring, dp, shard)  # its ValueError names the numbers and a fix
+            ParallelDims.of(ring, dp, shard, uly)  # its ValueError names the numbers and a fix
+        if isinstance(ring, int) and uly > 1 and self.seq_len % (2 * ring * uly):
+            n = 2 * ring * uly
+            raise ValueError(
+                f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree x "
+                f"ulysses_degree ({n}) for zigzag sharding and the Ulysses split; use "
+                f"{_round_up(self.seq_len, n)} or other degrees")
         if isinstance(self.ring_degree, int) and self.seq_len % (2 * self.ring_degree):
             raise ValueError(
                 f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree "
@@ -333,7 +349,17 @@ class RunSpec(_Spec):
                 "order the stages by length"
             )
         workers = self.resources.workers
+        m = self.model
         for i, stage in enumerate(self.stages):
+            problems = ulysses_problems(m.num_attention_heads, m.num_key_value_heads,
+                                        stage.ulysses_degree)
+            if stage.ulysses_degree > 1 and self.resources.cluster:
+                problems.append(f"ulysses_degree {stage.ulysses_degree} is not planned on a "
+                                "ClusterSpec yet (the cost model has no all-to-all term); use "
+                                "ulysses_degree 1 with resources.cluster, or drop the cluster "
+                                "to plan from Ray's nodes")
+            if problems:
+                raise ValueError(f"stages[{i}] ({stage.name}): {problems[0]}")
             try:  # the layouts the stage allows on the workers; the planner picks among them
                 degree_options(stage, workers, f"resources.workers is {workers}",
                                grow="raise resources.workers")
@@ -379,11 +405,17 @@ class RunSpec(_Spec):
             f"{'rope_theta':>16}{'lr':>9}",
         ]
         for i, s in enumerate(self.stages):
+            ring = f"{s.ring_degree}" + (f"u{s.ulysses_degree}" if s.ulysses_degree > 1 else "")
             lines.append(
                 f"{s.name:<10}{s.seq_len:>10,}{s.steps:>7}{s.tokens_per_step:>13,}"
-                f"{f'{s.ring_degree} x {s.data_parallel_degree}':>11}"
+                f"{f'{ring} x {s.data_parallel_degree}':>11}"
                 f"{self.stage_theta(i):>16,.0f}{s.lr:>9.1e}"
             )
+        hybrid = next((s for s in self.stages if s.ulysses_degree > 1), None)
+        if hybrid is not None:
+            r, u = hybrid.ring_degree, hybrid.ulysses_degree
+            lines.append(f"ring {r}u{u}: a ring of {r} positions, each a Ulysses group of {u} "
+                         "GPUs splitting the heads")
         lines.append(f"storage {self.storage.path}; eval {'on' if self.eval.enabled else 'off'} "
                      f"({', '.join(self.eval.tasks)})")
         return "\n".join(lines)

@@ -119,11 +119,13 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
             dims, notes = resolve_degrees(stage, total, f"Ray offers {total} workers")
         except DegreeError as e:
             raise PlanError(f"stage {stage.name!r}: {e}") from None
-        r, d = dims.ring, dims.dp
-        rings = [[Worker(node=n, gpu=g) for n, g in slots[i * r:(i + 1) * r]] for i in range(d)]
+        n, d = dims.sequence, dims.dp  # a "ring" lists ring x ulysses workers
+        rings = [[Worker(node=node, gpu=g) for node, g in slots[i * n:(i + 1) * n]]
+                 for i in range(d)]
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
-                                rope_theta=run.stage_theta(index), ring_degree=r, dp_degree=d,
-                                shard_degree=dims.shard, rings=rings,
+                                rope_theta=run.stage_theta(index), ring_degree=dims.ring,
+                                dp_degree=d, shard_degree=dims.shard,
+                                ulysses_degree=dims.ulysses, rings=rings,
                                 notes=notes + ["planned from Ray nodes: rings filled node by "
                                                "node, no cluster description"]))
     return Plan(run=run.name, cluster=None, profile=None, stages=stages)

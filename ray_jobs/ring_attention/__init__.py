@@ -20,11 +20,15 @@ zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
     in ring order, or this rank's shard and all-gathers over `group`.
 zigzag_position_ids, contiguous_shard, contiguous_unshard: helpers of the same kind.
+sequence_parallel_attention(q, k, v, *, mesh, causal=True, scale=None) -> out
+    Layered sequence parallelism (Ulysses x ring, `ulysses.py`): `mesh` a SequenceMesh
+    (build_sequence_mesh(ulysses, ring), or ray_jobs.parallelize.build_mesh(...).sequence);
+    shards from sequence_shard / sequence_position_ids. ulysses 1 is ring_attention exactly.
 Hugging Face (transformers >= 5):
     register_ring_attention()
     model = LlamaForCausalLM.from_pretrained(path, attn_implementation="ring")
     # or model.set_attn_implementation("ring") on a built model; forward AND backward inside
-    with use_ring_group(ring):
+    with use_ring_group(ring):          # a Ring, or a SequenceMesh for Ulysses x ring
         ...
 The training recipe around it (device mesh from a plan's rings, FSDP2, activation
 checkpointing, the chunked ring-mean loss) is ray_jobs.parallelize.
@@ -40,6 +44,13 @@ from ray_jobs.ring_attention.hf import (
 )
 from ray_jobs.ring_attention.kernels import KernelChoice, merge_block, select_block_kernel
 from ray_jobs.ring_attention.ring import ring_attention
+from ray_jobs.ring_attention.ulysses import (
+    SequenceMesh,
+    build_sequence_mesh,
+    sequence_parallel_attention,
+    sequence_position_ids,
+    sequence_shard,
+)
 from ray_jobs.ring_attention.zigzag import (
     contiguous_shard,
     contiguous_unshard,
@@ -49,8 +60,10 @@ from ray_jobs.ring_attention.zigzag import (
 )
 
 __all__ = [
-    "KernelChoice", "Ring", "RingTimings", "contiguous_shard", "contiguous_unshard", "merge_block",
-    "record_ring_timings", "register_ring_attention", "resolve_ring", "ring_attention",
-    "ring_attention_forward", "select_block_kernel", "set_ring_group", "use_ring_group",
-    "zigzag_position_ids", "zigzag_shard", "zigzag_unshard",
+    "KernelChoice", "Ring", "RingTimings", "SequenceMesh", "build_sequence_mesh",
+    "contiguous_shard", "contiguous_unshard", "merge_block", "record_ring_timings",
+    "register_ring_attention", "resolve_ring", "ring_attention", "ring_attention_forward",
+    "select_block_kernel", "sequence_parallel_attention", "sequence_position_ids",
+    "sequence_shard", "set_ring_group", "use_ring_group", "zigzag_position_ids", "zigzag_shard",
+    "zigzag_unshard",
 ]

@@ -1,4 +1,5 @@
-"""transformers integration: the "ring" attention implementation and the active ring."""
+"""transformers integration: the "ring" attention implementation and the active ring (or the
+active Ulysses x ring sequence mesh: the same registered function runs either)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,26 @@ import torch.distributed as dist
 
 from ray_jobs.ring_attention.comm import Ring, resolve_ring
 from ray_jobs.ring_attention.ring import ring_attention
+from ray_jobs.ring_attention.ulysses import SequenceMesh, sequence_parallel_attention
 
 ATTENTION_NAME = "ring"
-_ACTIVE_RING: Ring | None = None
+_ACTIVE_RING: Ring | SequenceMesh | None = None
 
 
-def set_ring_group(group: "Ring | dist.ProcessGroup | None") -> None:
-    """Set the ring used by attn_implementation="ring" in this process (None: the whole world)."""
+def set_ring_group(group: "Ring | SequenceMesh | dist.ProcessGroup | None") -> None:
+    """Set the ring (or sequence mesh) used by attn_implementation="ring" in this process
+    (None: the whole world as one ring)."""
     global _ACTIVE_RING
-    _ACTIVE_RING = resolve_ring(group)
+    _ACTIVE_RING = group if isinstance(group, SequenceMesh) else resolve_ring(group)
 
 
 @contextmanager
-def use_ring_group(group: "Ring | dist.ProcessGroup | None") -> Iterator[Ring]:
+def use_ring_group(group: "Ring | SequenceMesh | dist.ProcessGroup | None"
+                   ) -> Iterator[Ring | SequenceMesh]:
     """Run model forward AND backward inside this block so "ring" attention finds its ring.
 
-    group: a Ring (build_mesh(...).ring), a process group, or None for the world.
-    The previous ring (or none) is restored on exit.
+    group: a Ring (build_mesh(...).ring), a SequenceMesh (Ulysses x ring), a process group, or
+    None for the world. The previous one (or none) is restored on exit.
     """
     global _ACTIVE_RING
     previous = _ACTIVE_RING
@@ -63,10 +67,14 @@ def ring_attention_forward(
     # RoPE may hand back q and k upcast (fp32 cos/sin under autocast): the ring's kernels and
     # its K/V exchange run in the compute dtype, which is value's.
     dtype = value.dtype
-    out = ring_attention(
-        query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype), value.transpose(1, 2),
-        group=_ACTIVE_RING, causal=getattr(module, "is_causal", True), scale=scaling,
-    )
+    q, k, v = (query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype),
+               value.transpose(1, 2))
+    causal = getattr(module, "is_causal", True)
+    if isinstance(_ACTIVE_RING, SequenceMesh):
+        out = sequence_parallel_attention(q, k, v, mesh=_ACTIVE_RING, causal=causal,
+                                          scale=scaling)
+    else:
+        out = ring_attention(q, k, v, group=_ACTIVE_RING, causal=causal, scale=scaling)
     return out, None
 
 

@@ -144,3 +144,32 @@ def test_missing_fields_say_what_to_add():
 def test_every_problem_is_reported_at_once():
     data = run_with(**{"stages.0.steps": 0, "stages.1.lr": 2.0, "resources.workers": -1})
     assert len(errors_of(data)) == 3
+
+
+def test_ulysses_degree_splits_each_ring_position():
+    """Ulysses 2 x ring 2 on 4 workers; plan.json's stage carries the degree and lists each
+    ring's 4 workers, one ring position's Ulysses group after the other."""
+    from topology.run_plan import plan_from_workers
+
+    data = run_with(**{"resources.workers": 4, "stages.0.ulysses_degree": 2})
+    run = validate_data(data, RunSpec, source="run.yaml")
+    stage = plan_from_workers({"n0": 4}, run).stage(run.stages[0].name)
+    assert (stage.ring_degree, stage.ulysses_degree, stage.dp_degree) == (2, 2, 1)
+    assert stage.dims.sequence == 4 and stage.dims.shard == 4
+    assert [len(r) for r in stage.rings] == [4]
+    assert any("ulysses 2" in note for note in stage.notes)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"stages.0.ulysses_degree": 3, "stages.0.seq_len": 96}, "stages[0] (s64): ulysses_degree "
+     "(3) must divide the 4 query heads; use one of [1, 2, 4]"),
+    ({"stages.0.ulysses_degree": 3}, "stages[0]: seq_len (64) must be divisible by 2 x "
+     "ring_degree x ulysses_degree (12) for zigzag sharding and the Ulysses split; use 72"),
+    ({"stages.0.ulysses_degree": 2, "resources.cluster": "clusters/l40s-8x-2s.yaml"},
+     "stages[0] (s64): ulysses_degree 2 is not planned on a ClusterSpec yet"),
+    ({"stages.0.ulysses_degree": 2}, "stages[0] (s64): ring_degree x data_parallel_degree x "
+     "ulysses_degree = 2 x 1 x 2 = 4 workers, but resources.workers is 2"),
+])
+def test_ulysses_degrees_that_cannot_work_are_refused(changes, message):
+    assert any(message in line for line in errors_of(run_with(**changes))), errors_of(
+        run_with(**changes))

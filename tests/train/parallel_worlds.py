@@ -26,9 +26,9 @@ from ray_jobs.parallelize import (
 )
 from ray_jobs.ring_attention import (
     register_ring_attention,
+    sequence_position_ids,
+    sequence_shard,
     use_ring_group,
-    zigzag_position_ids,
-    zigzag_shard,
 )
 from specs.degrees import ParallelDims
 
@@ -56,15 +56,17 @@ def batches(dp: int, steps: int):
         yield ids, labels
 
 
-def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: bool = True):
+def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: bool = True,
+           ulysses: int = 1):
     """The trainer's recipe on a tiny Llama: mesh from rings (in reversed rank order, so ring
     order differs from rank order), parallelize, AdamW."""
     register_ring_attention()
-    dims = ParallelDims.of(ring, dp, shard)
-    rings = [list(range(i * ring, (i + 1) * ring)) for i in range(dp)]
+    dims = ParallelDims.of(ring, dp, shard, ulysses)
+    n = dims.sequence
+    rings = [list(range(i * n, (i + 1) * n)) for i in range(dp)]
     layout = build_mesh(dims, [r[::-1] if reverse else r for r in rings], "cpu")
     model = tiny_llama(seed)
-    model.set_attn_implementation("ring" if ring > 1 else "sdpa")
+    model.set_attn_implementation("ring" if n > 1 else "sdpa")
     root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
                        loss_chunk_tokens=8)
     return layout, root, build_optimizer(root, 1e-2)
@@ -72,14 +74,14 @@ def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: 
 
 def _step(layout, root, ids, labels):
     """Forward and backward of this rank's share; returns the loss (mean over the dp rings)."""
-    ring = layout.dims.ring
+    dims = layout.dims
     mine = slice(layout.dp_rank * PER_RING, (layout.dp_rank + 1) * PER_RING)
-    x = zigzag_shard(ids[mine], 1, layout.ring_rank, ring)
-    y = zigzag_shard(labels[mine], 1, layout.ring_rank, ring)
-    pos = zigzag_position_ids(SEQ, layout.ring_rank, ring).unsqueeze(0).expand(PER_RING, -1)
-    with use_ring_group(layout.ring if ring > 1 else None):
-        loss = ring_mean_loss(*root(x, pos, y), layout.ring)
-        (loss * ring).backward()  # FSDP averages over all ranks: a ring's shares must add up
+    place = (layout.ring_rank, dims.ring, layout.ulysses_rank, dims.ulysses)
+    x, y = (sequence_shard(t[mine], 1, *place) for t in (ids, labels))
+    pos = sequence_position_ids(SEQ, *place).unsqueeze(0).expand(PER_RING, -1)
+    with use_ring_group(layout.attention_group):
+        loss = ring_mean_loss(*root(x, pos, y), layout.sequence)
+        (loss * dims.sequence).backward()  # FSDP averages over all ranks: the shares must add
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     return mean.item() / dist.get_world_size()
@@ -98,10 +100,10 @@ def _full_params(root) -> dict[str, np.ndarray]:
             for n, p in root.model.named_parameters()}
 
 
-def train_layout(rank, world, ring, dp, shard, ac, steps):
+def train_layout(rank, world, ring, dp, shard, ac, steps, ulysses=1):
     """`steps` optimizer steps (AdamW, gradient clipping at 1.0) under the layout; returns the
     per-step loss and total gradient norm, the first step's gradients and the final weights."""
-    layout, root, opt = _setup(ring, dp, shard, ac=ac)
+    layout, root, opt = _setup(ring, dp, shard, ac=ac, ulysses=ulysses)
     losses, norms, first_grads = [], [], None
     for ids, labels in batches(dp, steps):
         losses.append(_step(layout, root, ids, labels))

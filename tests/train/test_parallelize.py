@@ -96,8 +96,8 @@ def test_degrees_that_cannot_form_a_mesh_are_refused(ring, dp, shard, message):
 def test_degrees_name_their_groups():
     dims = ParallelDims.of(ring=2, dp=4, shard=4)
     assert (dims.dp_replicate, dims.dp_shard, dims.ring, dims.world) == (2, 2, 2, 8)
-    assert dims.rings_grid([[0, 1], [2, 3], [4, 5], [6, 7]]) == [[[0, 1], [2, 3]],
-                                                                 [[4, 5], [6, 7]]]
+    assert dims.rings_grid([[0, 1], [2, 3], [4, 5], [6, 7]]) == [
+        [[[0], [1]], [[2], [3]]], [[[4], [5]], [[6], [7]]]]  # (replica, slot, ring, ulysses)
     assert dims.problems(seq_len=102, batch_size=6) == [
         "seq_len (102) must be divisible by 2 x ring_degree (4) for zigzag sharding; use 104 "
         "or another ring_degree",
@@ -109,6 +109,37 @@ def test_rings_that_do_not_match_the_degrees_are_refused():
     with pytest.raises(ValueError, match=r"the plan has 2 rings of sizes \[1, 3\], the degrees "
                                          r"say 2 rings of 2"):
         dims.rings_grid([[0, 1, 2], [3]])
+
+
+@pytest.mark.parametrize("world,ring,dp,shard,ulysses", [
+    (2, 1, 1, 2, 2),   # pure Ulysses: two ranks split the heads of one sequence
+    (4, 2, 1, 4, 2),   # Ulysses 2 x ring 2, one sequence over four ranks
+    (4, 1, 2, 2, 2),   # two Ulysses groups as HSDP replicas
+])
+def test_ulysses_layout_trains_like_one_process(references, world, ring, dp, shard, ulysses):
+    results = run_world(world, worlds.train_layout, ring, dp, shard, True, STEPS, ulysses,
+                        timeout_s=180)
+    want = references[dp]
+    for rank, got in enumerate(results):
+        np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5,
+                                   err_msg=f"rank {rank} losses")
+        _close(got["grads"], want["grads"], f"rank {rank} first-step gradients", atol=1e-6)
+        _close(got["params"], want["params"], f"rank {rank} weights after {STEPS} steps",
+               atol=5e-5)
+
+
+def test_ulysses_degrees_name_their_groups():
+    dims = ParallelDims.of(ring=2, dp=2, shard=4, ulysses=2)
+    assert (dims.dp_replicate, dims.dp_shard, dims.sequence, dims.world) == (2, 1, 4, 8)
+    assert dims.rings_grid([[0, 1, 2, 3], [4, 5, 6, 7]]) == [[[[0, 1], [2, 3]]],
+                                                             [[[4, 5], [6, 7]]]]
+    assert dims.describe() == "ring 2 x ulysses 2 x dp 2, shard 4, 2 replicas (HSDP)"
+    assert dims.problems(seq_len=36, batch_size=2, heads=6, kv_heads=2) == [
+        "seq_len (36) must be divisible by 2 x ring_degree x ulysses_degree (8) for zigzag "
+        "sharding and the Ulysses split; use 40 or other degrees"]
+    with pytest.raises(ValueError, match=r"shard_degree \(2\) must be a multiple of "
+                                         r"ring_degree x ulysses_degree \(2 x 2 = 4\)"):
+        ParallelDims.of(ring=2, dp=2, shard=2, ulysses=2)
 
 
 @pytest.mark.parametrize("accum", [3])

@@ -126,10 +126,11 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
     assert len(read_state(ledger.latest_committed("s128")).losses) == 40
 
 
-def test_two_rings_as_data_parallel_replicas_train_like_one(ray_cluster, tmp_path):
-    """ring 2 x dp 2 (4 workers, DDP across the rings) takes the same steps as ring 2 x dp 1 on
-    the same global batch. Passkey only: every sample scores 5 tokens, so the mean of the two
-    replicas' mean losses equals the one ring's mean over both samples."""
+def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
+    """ring 2 x dp 2 (4 workers, DDP across the rings) and ulysses 2 x ring 2 (4 workers, one
+    sequence) take the same steps as ring 2 x dp 1 on the same global batch. Passkey only:
+    every sample scores 5 tokens, so the mean of the two replicas' mean losses equals the one
+    ring's mean over both samples."""
     one_stage = {"stages": [{"name": "s64", "seq_len": 64, "steps": 4, "batch_size": 2, "lr": 3e-3,
                              "ring_degree": 2, "data_parallel_degree": 1}],
                  "data.mix": {"passkey": 1.0, "kv_retrieval": 0.0}}
@@ -143,3 +144,16 @@ def test_two_rings_as_data_parallel_replicas_train_like_one(ray_cluster, tmp_pat
         assert got[step][0] == pytest.approx(want[step][0], rel=1e-4), f"step {step}"
     plan = json.loads((double / "plan.json").read_text())
     assert [len(r) for r in plan["stages"][0]["rings"]] == [2, 2]
+
+    # Ulysses 2 x ring 2 on 4 workers: one sequence over all four, heads split in pairs.
+    one_stage["stages"][0] |= {"data_parallel_degree": 1, "ulysses_degree": 2}
+    hybrid = _train(tmp_path / "u2", **one_stage, **{"resources.workers": 4})
+    got = _trajectory(hybrid, "s64")
+    for step in want:
+        assert sorted(got[step][1]) == sorted(want[step][1]), f"step {step}: other samples"
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-4), f"step {step}"
+    plan = json.loads((hybrid / "plan.json").read_text())["stages"][0]
+    assert (plan["ring_degree"], plan["ulysses_degree"], [len(r) for r in plan["rings"]]) == (
+        2, 2, [4])
+    state = read_state(Ledger(hybrid).latest_committed("s64"))
+    assert (state.ring_degree, state.ulysses_degree) == (2, 2)

@@ -1,0 +1,192 @@
+"""Layered sequence parallelism: Ulysses head all-to-all inside a fast domain, the ring across.
+
+A sequence is split over U x R ranks. The ring's zigzag shard of ring position r (2 chunks of
+2R) is cut into U contiguous pieces, one per rank of a Ulysses group, so rank (r, u) holds
+S / (R U) tokens with all heads. In attention:
+
+    1. all-to-all inside the Ulysses group: scatter heads, gather sequence, so each of its U
+       ranks holds the ring position's whole zigzag shard for H / U query heads (and its share
+       of the K/V heads: split when U divides them, replicated U / Hk times when U is larger);
+    2. the zigzag ring across the R ring positions, unchanged, on those heads;
+    3. the inverse all-to-all: scatter sequence, gather heads, back to (B, S / (R U), H, D).
+
+Both all-to-alls are permutations, so each one's backward is the other. U = 1 is exactly
+`ring_attention`; R = 1 is pure Ulysses (the "ring" is one rank: one local kernel call).
+The Ulysses index u of a rank is its rank in the Ulysses process group (group rank order:
+all_to_all_single splits by it). Before any all-to-all, every rank checks its layout against
+the others' with one small all-gather per group, so a mismatch is an error on every rank,
+never a hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ray_jobs.ring_attention.comm import Ring, resolve_ring
+from ray_jobs.ring_attention.ring import ring_attention
+from ray_jobs.ring_attention.zigzag import contiguous_shard, zigzag_shard
+from specs.degrees import ulysses_problems
+
+
+@dataclass(frozen=True)
+class SequenceMesh:
+    """This rank's two sequence-parallel groups: its Ulysses group and its ring."""
+
+    ulysses: dist.ProcessGroup | None  # None: a Ulysses degree of 1
+    ulysses_size: int
+    ring: Ring
+
+    @property
+    def ulysses_rank(self) -> int:
+        if self.ulysses is None:
+            return 0
+        return dist.get_group_rank(self.ulysses, dist.get_rank())
+
+    @property
+    def size(self) -> int:
+        return self.ulysses_size * self.ring.size
+
+
+def build_sequence_mesh(ulysses: int, ring: int, ranks: list[int] | None = None
+                        ) -> SequenceMesh:
+    """Standalone Ulysses and ring groups over `ranks` (default: the world), laid out as a
+    (ring, ulysses) grid: consecutive ranks form a Ulysses group (place them in one fast
+    domain), rings connect the same Ulysses index across groups. Collective: every rank of the
+    world calls it with the same arguments (every group is created everywhere, in one order)."""
+    ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
+    if ulysses < 1 or ring < 1 or ulysses * ring != len(ranks):
+        raise ValueError(f"a sequence mesh of ulysses {ulysses} x ring {ring} needs "
+                         f"{ulysses * ring} ranks, got {len(ranks)}; the product of the degrees "
+                         "must be the group size")
+    me = dist.get_rank()
+    mine_u = mine_r = None
+    for r in range(ring):
+        members = ranks[r * ulysses:(r + 1) * ulysses]
+        group = dist.new_group(members) if ulysses > 1 else None
+        if me in members:
+            mine_u = group
+    for u in range(ulysses):
+        members = ranks[u::ulysses]
+        group = dist.new_group(members)
+        if me in members:
+            mine_r = Ring(group=group, ranks=tuple(members))
+    if mine_r is None:
+        raise ValueError(f"rank {me} is not one of the sequence mesh's ranks {ranks}")
+    return SequenceMesh(ulysses=mine_u, ulysses_size=ulysses, ring=mine_r)
+
+
+def sequence_shard(x: torch.Tensor, dim: int, ring_rank: int, ring: int, ulysses_rank: int,
+                   ulysses: int, causal: bool = True) -> torch.Tensor:
+    """Rank (ring_rank, ulysses_rank)'s shard of a whole sequence along `dim`: the ring's shard
+    (zigzag when causal, contiguous otherwise), then its ulysses_rank-th contiguous piece."""
+    shard = (zigzag_shard if causal else contiguous_shard)(x, dim, ring_rank, ring)
+    return contiguous_shard(shard, dim, ulysses_rank, ulysses)
+
+
+def sequence_position_ids(seq_len: int, ring_rank: int, ring: int, ulysses_rank: int,
+                          ulysses: int, device=None) -> torch.Tensor:
+    """Global positions of rank (ring_rank, ulysses_rank)'s causal shard."""
+    return sequence_shard(torch.arange(seq_len, device=device), 0, ring_rank, ring,
+                          ulysses_rank, ulysses)
+
+
+def kv_replication(kv_heads: int, ulysses: int) -> int:
+    """How many times each K/V head is repeated so that U ranks each get a whole one (1 when U
+    divides the K/V heads). Repeated heads cost U / Hk times the K/V bytes in the all-to-all and
+    the ring, and their gradients are summed back."""
+    return ulysses // kv_heads if ulysses > kv_heads else 1
+
+
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, u: int) -> torch.Tensor:
+    """(B, L, H, D) sequence pieces -> (B, U L, H / U, D): this rank's heads, the whole shard."""
+    b, n, h, d = x.shape
+    send = x.reshape(b, n, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = _all_to_all(send, group)  # recv[i]: rank i's piece of the sequence, my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d)
+
+
+def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, u: int) -> torch.Tensor:
+    """(B, U L, H / U, D) -> (B, L, H, D): the inverse of _sequence_to_heads."""
+    b, un, hu, d = x.shape
+    send = x.reshape(b, u, un // u, hu, d).permute(1, 0, 2, 3, 4).contiguous()
+    recv = _all_to_all(send, group)  # recv[j]: my piece of the sequence, rank j's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * hu, d)
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, u):
+        ctx.group, ctx.u = group, u
+        return _sequence_to_heads(x, group, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad.contiguous(), ctx.group, ctx.u), None, None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, u):
+        ctx.group, ctx.u = group, u
+        return _heads_to_sequence(x, group, u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_to_heads(grad.contiguous(), ctx.group, ctx.u), None, None
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_layouts_agree(q, k, group, what: str) -> None:
+    """One small all-gather: every rank of `group` sees every rank's layout, so all of them
+    raise on a mismatch (no rank goes on to post a transfer the others never match)."""
+    if group is None:
+        return
+    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+    mine = torch.tensor([*q.shape, k.shape[2], dtype], dtype=torch.int64, device=q.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    layouts = {tuple(t.tolist()) for t in everyone}
+    if len(layouts) > 1:
+        shown = sorted(f"(batch {b}, local_seq {n}, heads {h}, head_dim {d}, kv_heads {hk})"
+                       for b, n, h, d, hk, _ in layouts)
+        raise ValueError(f"the ranks of one {what} group hold different layouts: "
+                         f"{'; '.join(shown)} (or dtypes); shard every rank's q/k/v the same "
+                         "way (sequence_shard)")
+
+
+def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                mesh: SequenceMesh, causal: bool = True,
+                                scale: float | None = None) -> torch.Tensor:
+    """Exact attention of a sequence sharded over a Ulysses x ring mesh (see module docstring).
+
+    q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim), this
+    rank's `sequence_shard`. Returns out like q; differentiable in q, k, v.
+    """
+    u = mesh.ulysses_size
+    problems = ulysses_problems(q.shape[2], k.shape[2], u)
+    if problems:
+        raise ValueError(problems[0])
+    _check_layouts_agree(q, k, mesh.ulysses, "Ulysses")
+    _check_layouts_agree(q, k, mesh.ring.group if mesh.ring.size > 1 else None, "ring")
+    if u == 1:
+        return ring_attention(q, k, v, group=mesh.ring, causal=causal, scale=scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    rep = kv_replication(k.shape[2], u)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    group = mesh.ulysses
+    q2, k2, v2 = (_SequenceToHeads.apply(t.contiguous(), group, u) for t in (q, k, v))
+    out = ring_attention(q2, k2, v2, group=resolve_ring(mesh.ring), causal=causal, scale=scale)
+    return _HeadsToSequence.apply(out.contiguous(), group, u)
