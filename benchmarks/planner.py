@@ -7,6 +7,9 @@ Prints one table per measurement, then ONE JSON object on the last line:
                           controls), worst case over the (two-socket preset, stage) pairs where
                           the topology leaves room: Ray's hop > 1.5x the lower bound (all pairs
                           under `speedups`, with the step-time ratio beside)
+  planned_speedup_l40s_8b_1m  per stage of the 8B and 70B recipes on their L40S clusters:
+                          predicted step time of ring attention alone over the Ulysses x ring
+                          split the planner chooses (ulysses_degree auto); 1.0: ring alone
   seconds_4096_gpus, seconds_16384_gpus  wall seconds to plan all stages of
                           configs/llama3-8b-1m.yaml scaled to use every GPU (ring 32 x dp N/32
                           for the long stages), this process, one run each
@@ -136,7 +139,33 @@ def speed() -> dict:
     return times
 
 
+def ulysses_choice() -> dict[str, dict[str, float]]:
+    """Per stage of the 8B and 70B recipes on their clusters: the predicted step time of ring
+    attention alone over that of the split the planner chooses with ulysses_degree 'auto'
+    (1.0: the ring alone was chosen), and the chosen split."""
+    from specs.loading import load_model
+    from topology.sources import load_cluster
+
+    out = {}
+    print(f"{'recipe, stage':<22}{'ring alone s':>13}{'chosen s':>10}  chosen split")
+    for name in ("llama3-8b-1m", "llama3-70b-1m"):
+        path = ROOT / "configs" / f"{name}.yaml"
+        run = load_model(path, RunSpec)
+        auto = run.model_copy(update={"stages": [s.model_copy(update={"ulysses_degree": "auto"})
+                                                 for s in run.stages]})
+        spec = load_cluster(path.parent / run.resources.cluster)
+        alone, chosen = plan_run(spec, run), plan_run(spec, auto)
+        for a, c in zip(alone.stages, chosen.stages):
+            ratio = a.prediction.step_seconds / c.prediction.step_seconds
+            split = f"ring {c.ring_degree} x ulysses {c.ulysses_degree}"
+            out[f"{name} {a.name}"] = {"speedup": round(ratio, 4), "split": split}
+            print(f"{name[7:] + ' ' + a.name:<22}{a.prediction.step_seconds:>13.1f}"
+                  f"{c.prediction.step_seconds:>10.1f}  {split}")
+    return out
+
+
 def main() -> None:
+    planned = ulysses_choice()
     ratio = quality()
     sp = speedups()
     times = speed()
@@ -149,6 +178,8 @@ def main() -> None:
         "speedup_vs_ray_default": round(min(roomy), 3),
         "seconds_4096_gpus": round(times[4096][1], 2),
         "seconds_16384_gpus": round(times[16384][1], 2),
+        "planned_speedup_l40s_8b_1m": {k: v["speedup"] for k, v in planned.items()},
+        "planned_split": {k: v["split"] for k, v in planned.items()},
         "speedups": sp,
         "seconds_by_gpus": {str(k): [round(a, 2), round(b, 2)] for k, (a, b) in times.items()},
     }))

@@ -171,7 +171,14 @@ class StageDegrees(Protocol):
     ring_degree: int | str
     data_parallel_degree: int | str
     shard_degree: int | str
-    ulysses_degree: int
+    ulysses_degree: int | str
+
+
+def ulysses_of(stage: StageDegrees) -> int:
+    """The stage's Ulysses degree where a number is needed before planning: 'auto' is decided by
+    the topology planner (on a cluster description) and counts as 1 until then."""
+    u = getattr(stage, "ulysses_degree", 1)
+    return 1 if u == "auto" else u
 
 
 def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool = True,
@@ -187,7 +194,7 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
     naming the numbers and the fix."""
     r, d, seq, batch = (stage.ring_degree, stage.data_parallel_degree, stage.seq_len,
                         stage.batch_size)
-    u = getattr(stage, "ulysses_degree", 1)
+    u = ulysses_of(stage)
     per = "" if u == 1 else f" x ulysses_degree {u}"
     if u > world:
         raise DegreeError(f"ulysses_degree {u} needs {u} workers, but {offer}; lower it or {grow}")
@@ -242,7 +249,7 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
     resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the topology
     planner, plans from Ray's placement and the operator's re-planning all call it."""
     options = degree_options(stage, world, offer, strict=strict, grow=grow)
-    uly = getattr(stage, "ulysses_degree", 1)
+    uly = ulysses_of(stage)
     auto = stage.ring_degree == "auto" or stage.data_parallel_degree == "auto"
     notes = []
     if shard_for is None:

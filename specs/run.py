@@ -12,7 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specs.degrees import DegreeError, ParallelDims, degree_options, ulysses_problems
+from specs.degrees import (
+    DegreeError,
+    ParallelDims,
+    degree_options,
+    ulysses_of,
+    ulysses_problems,
+)
 
 Auto = Literal["auto"]
 
@@ -133,12 +139,14 @@ class StageSpec(_Spec):
         "state (FSDP2): ring_degree times a divisor of data_parallel_degree; shard groups are "
         "replicated (HSDP) when there are several. 'auto': each ring is one shard group.",
     )
-    ulysses_degree: int = Field(
-        1, ge=1, description="GPUs per ring position that split the attention heads among them "
+    ulysses_degree: Degree = Field(
+        1, description="GPUs per ring position that split the attention heads among them "
         "(DeepSpeed-Ulysses all-to-all, inside a fast domain); the ring runs across these "
         "groups, so a sequence is split over ring_degree x ulysses_degree GPUs. It must divide "
         "the query heads, and divide the key/value heads or be a multiple of them (each is then "
-        "replicated). 1: ring attention alone.",
+        "replicated). 1: ring attention alone. 'auto': with resources.cluster the planner "
+        "splits each sequence's GPUs (ring_degree of them, as if ring-only) between Ulysses and "
+        "the ring, taking the split with the fastest predicted step; without a cluster, 1.",
     )
     rope_theta: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
@@ -148,7 +156,7 @@ class StageSpec(_Spec):
     @model_validator(mode="after")
     def _divisibility(self) -> StageSpec:
         ring, dp, shard = self.ring_degree, self.data_parallel_degree, self.shard_degree
-        uly = self.ulysses_degree
+        uly = self.ulysses_degree if isinstance(self.ulysses_degree, int) else 1
         if isinstance(shard, int) and isinstance(ring, int) and shard % (ring * uly):
             what = "ring_degree" if uly == 1 else "ring_degree x ulysses_degree"
             whose = "a ring's" if uly == 1 else "a sequence's"
@@ -352,12 +360,7 @@ class RunSpec(_Spec):
         m = self.model
         for i, stage in enumerate(self.stages):
             problems = ulysses_problems(m.num_attention_heads, m.num_key_value_heads,
-                                        stage.ulysses_degree)
-            if stage.ulysses_degree > 1 and self.resources.cluster:
-                problems.append(f"ulysses_degree {stage.ulysses_degree} is not planned on a "
-                                "ClusterSpec yet (the cost model has no all-to-all term); use "
-                                "ulysses_degree 1 with resources.cluster, or drop the cluster "
-                                "to plan from Ray's nodes")
+                                        ulysses_of(stage))
             if problems:
                 raise ValueError(f"stages[{i}] ({stage.name}): {problems[0]}")
             try:  # the layouts the stage allows on the workers; the planner picks among them
@@ -405,17 +408,23 @@ class RunSpec(_Spec):
             f"{'rope_theta':>16}{'lr':>9}",
         ]
         for i, s in enumerate(self.stages):
-            ring = f"{s.ring_degree}" + (f"u{s.ulysses_degree}" if s.ulysses_degree > 1 else "")
+            u = s.ulysses_degree
+            ring = f"{s.ring_degree}" + ("" if u == 1 else f"u{u}" if u != "auto" else "u?")
             lines.append(
                 f"{s.name:<10}{s.seq_len:>10,}{s.steps:>7}{s.tokens_per_step:>13,}"
                 f"{f'{ring} x {s.data_parallel_degree}':>11}"
                 f"{self.stage_theta(i):>16,.0f}{s.lr:>9.1e}"
             )
-        hybrid = next((s for s in self.stages if s.ulysses_degree > 1), None)
+        hybrid = next((s for s in self.stages if ulysses_of(s) > 1), None)
         if hybrid is not None:
             r, u = hybrid.ring_degree, hybrid.ulysses_degree
             lines.append(f"ring {r}u{u}: a ring of {r} positions, each a Ulysses group of {u} "
                          "GPUs splitting the heads")
+        auto = next((s for s in self.stages if s.ulysses_degree == "auto"), None)
+        if auto is not None:
+            lines.append(f"ring {auto.ring_degree}u?: ulysses_degree auto; on a cluster "
+                         "description the planner splits a ring's GPUs between Ulysses and "
+                         "the ring")
         lines.append(f"storage {self.storage.path}; eval {'on' if self.eval.enabled else 'off'} "
                      f"({', '.join(self.eval.tasks)})")
         return "\n".join(lines)

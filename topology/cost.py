@@ -131,12 +131,15 @@ class StageShape:
     state_bytes: int = 4  # bytes of the weights' storage dtype (master weights, grads, AdamW)
     loss_chunk: int = 1024  # tokens whose logits exist at once
     checkpointing: bool = True  # activation checkpointing per decoder layer
+    ulysses: int = 1  # GPUs per ring position splitting the heads (all-to-all)
 
     @classmethod
     def of(cls, run: RunSpec, stage: StageSpec, ring: int, dp: int,
-           shard: int | None = None) -> StageShape:
+           shard: int | None = None, ulysses: int | None = None) -> StageShape:
         model = run.model
-        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, shard=shard,
+        if ulysses is None:
+            ulysses = stage.ulysses_degree if isinstance(stage.ulysses_degree, int) else 1
+        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, shard=shard, ulysses=ulysses,
                    batch_size=stage.batch_size,
                    grad_accum=stage.grad_accum_steps, steps=stage.steps,
                    layers=model.num_hidden_layers, hidden=model.hidden_size,
@@ -149,16 +152,39 @@ class StageShape:
 
     @property
     def shard_ways(self) -> int:
-        return self.shard or self.ring
+        return self.shard or self.ring * self.ulysses
 
     @property
     def local_tokens(self) -> int:
-        return self.seq_len // self.ring
+        """Tokens per GPU: the sequence split over ring x ulysses GPUs."""
+        return self.seq_len // (self.ring * self.ulysses)
+
+    @property
+    def ring_kv_heads(self) -> float:
+        """K/V heads each GPU passes around its ring: all of them without Ulysses; with it a
+        1/ulysses share of the K/V heads, each replicated ulysses / kv_heads times when the
+        degree exceeds them (ring_attention.ulysses.kv_replication)."""
+        rep = self.ulysses // self.kv_heads if self.ulysses > self.kv_heads else 1
+        return self.kv_heads * rep / self.ulysses
 
     @property
     def kv_block_bytes(self) -> float:
-        """K and V of the local tokens: what one ring step passes on."""
-        return 2 * self.local_tokens * self.kv_heads * self.head_dim * self.elem_bytes
+        """K and V of a ring position's tokens, for this GPU's heads: what one ring step passes
+        on (without Ulysses: the local tokens, all K/V heads)."""
+        return (2 * (self.seq_len // self.ring) * self.ring_kv_heads * self.head_dim
+                * self.elem_bytes)
+
+    @property
+    def all_to_all_bytes(self) -> float:
+        """Bytes one GPU sends to EACH other member of its Ulysses group in one attention's
+        all-to-alls (q, k, v out and the output back): a 1/ulysses share of its local q, k, v
+        and output (K/V counted with their replicas). The backward sends as many (the
+        gradients), and the recomputed forward again."""
+        if self.ulysses == 1:
+            return 0.0
+        kv = self.ring_kv_heads * self.ulysses  # K/V heads on a GPU, replicas included
+        per_token = (2 * self.heads + 2 * kv) * self.head_dim * self.elem_bytes
+        return self.local_tokens * per_token / self.ulysses
 
     @property
     def kv_grad_bytes(self) -> float:
@@ -276,7 +302,8 @@ class StageCost:
 
 
 def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
-                  profile: HardwareProfile) -> StageCost:
+                  profile: HardwareProfile, a2a: FlowResult | None = None,
+                  shard: FlowResult | None = None) -> StageCost:
     """Step time of a stage, given the ring and data-parallel hop results under contention.
 
     Per sequence and GPU (n = seq_len / ring local tokens, R = ring, L layers):
@@ -292,12 +319,19 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     - data-parallel gradient sync once per optimizer step (the last micro-step's, see
       parallelize.sync_gradients_in): ring all-reduce of the reduce-dtype gradient shard over
       D rings, 2(D-1) hops of a 1/D share of it, not overlapped.
+    - with Ulysses (U > 1): each GPU computes H / U heads of its ring position's S / R tokens
+      (n = S / (R U) local tokens for the dense work), its K/V blocks carry its share of the
+      K/V heads, and every attention adds two all-to-alls per phase inside the Ulysses group,
+      not overlapped: each GPU sends `all_to_all_bytes` to every other member at once, timed
+      by `a2a` (all those flows together under contention); the sharding collectives run
+      around the whole sequence group (`shard`: its ring x ulysses GPUs in order as one ring),
+      not the K/V rings.
     """
-    R, D, n = s.ring, s.dp, s.local_tokens
+    R, D, n, U = s.ring, s.dp, s.local_tokens, s.ulysses
     rate_dense = profile.peak_bf16_flops * profile.mfu_dense
     rate_attn = profile.peak_bf16_flops * profile.mfu_attention
     dense = 8 * s.params * n / rate_dense
-    attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / R
+    attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / (R * U)
     block = attn_fwd_layer / R / rate_attn
 
     def hop(nbytes: float, res: FlowResult) -> float:
@@ -317,10 +351,16 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
         exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
     S = s.shard_ways
     gathered, reduced = s.elem_bytes * s.params / S, s.grad_reduce_bytes * s.params / S
-    shard_comm = (S - 1) * (2 * hop(gathered, ring) + hop(reduced, ring)) if S > 1 else 0.0
+    around = shard if shard is not None else ring
+    shard_comm = (S - 1) * (2 * hop(gathered, around) + hop(reduced, around)) if S > 1 else 0.0
     exposed_shard = max(0.0, shard_comm - dense)
     per_seq = {"dense compute": dense, "attention compute": attn_compute,
                "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
+    if U > 1:
+        if a2a is None:
+            raise ValueError("a Ulysses stage needs the all-to-all flows' result (a2a)")
+        # three phases (forward, recomputed forward, backward), one round trip each
+        per_seq["Ulysses all-to-all"] = 3 * s.layers * hop(s.all_to_all_bytes, a2a)
     micro = s.seqs_per_ring * s.grad_accum
     parts = {k: v * micro for k, v in per_seq.items()}
     parts["data-parallel sync"] = (2 * (D - 1) * hop(reduced / D, dp)) if D > 1 else 0.0

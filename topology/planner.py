@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from specs.cluster import ClusterSpec
-from specs.degrees import DegreeError, NothingFits, resolve_degrees
+from specs.degrees import DegreeError, NothingFits, resolve_degrees, ulysses_of
 from specs.run import RunSpec, StageSpec
 from topology.cost import (
     FlowResult,
@@ -41,6 +41,7 @@ class Evaluated:
     ring: FlowResult
     dp: FlowResult
     cost: StageCost
+    a2a: FlowResult | None = None  # the Ulysses all-to-alls (None without Ulysses)
 
     def key(self) -> tuple:
         return (round(self.cost.step_seconds, 9), self.ring.seconds, self.dp.seconds,
@@ -85,13 +86,30 @@ class Planner:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, rings: list[list[str]], shape: StageShape) -> Evaluated:
+        """The stage's prediction for these rings (each lists ring x ulysses GPUs: with
+        Ulysses, one ring position's group after another)."""
         index = route_table(self.router).index
         idx = np.array([[index[v] for v in r] for r in rings], dtype=np.int64)
-        ring = evaluate_index_flows(self.router, *ring_index_flows(idx), shape.kv_block_bytes)
+        u = shape.ulysses
+        # K/V rings: member k of each Ulysses group passes to member k of the next group
+        kv = idx.reshape(len(rings), shape.ring, u).transpose(0, 2, 1).reshape(-1, shape.ring)
+        ring = evaluate_index_flows(self.router, *ring_index_flows(kv), shape.kv_block_bytes)
         # data-parallel groups: the same ring rank across rings, in ring order
         dp = evaluate_index_flows(self.router, *ring_index_flows(idx.T if len(rings) > 1 else
                                                                  idx[:, :1]), shape.kv_block_bytes)
-        return Evaluated(rings, ring, dp, predict_stage(shape, ring, dp, self.profile))
+        a2a = around = None
+        if u > 1:  # every member of a Ulysses group sends to every other one, all at once
+            groups = idx.reshape(-1, u)
+            src = np.repeat(groups, u, axis=1).ravel()
+            dst = np.tile(groups, (1, u)).ravel()
+            other = src != dst
+            a2a = evaluate_index_flows(self.router, src[other], dst[other],
+                                       shape.all_to_all_bytes)
+            # FSDP's collectives go around the whole sequence group, in its order
+            around = evaluate_index_flows(self.router, *ring_index_flows(idx),
+                                          shape.kv_block_bytes)
+        return Evaluated(rings, ring, dp,
+                         predict_stage(shape, ring, dp, self.profile, a2a, around), a2a)
 
     # ---- candidates ---------------------------------------------------------------------------
     def _subnode_template(self, node_type: str, ring: int) -> list[list[int]]:
@@ -176,7 +194,8 @@ class Planner:
             for i, j in itertools.combinations(range(len(flat)), 2):
                 cand = flat[:]
                 cand[i], cand[j] = cand[j], cand[i]
-                rings = [cand[k * shape.ring:(k + 1) * shape.ring] for k in range(shape.dp)]
+                n = shape.ring * shape.ulysses
+                rings = [cand[k * n:(k + 1) * n] for k in range(shape.dp)]
                 ev = self.evaluate(rings, shape)
                 if ev.key() < best.key():
                     best, improved = ev, True
@@ -192,7 +211,8 @@ class Planner:
         if stage.shard_degree != "auto":
             options = [stage.shard_degree]
         else:
-            options = [ring * k for k in range(1, dp + 1) if dp % k == 0]
+            seq = ring * ulysses_of(stage)  # GPUs per sequence
+            options = [seq * k for k in range(1, dp + 1) if dp % k == 0]
         for shard in options:
             try:
                 check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
@@ -217,7 +237,8 @@ class Planner:
                 shard_for=lambda ring, dp: self.plan_shard(run, stage, ring, dp))
         except NothingFits as e:
             ring, dp = max(e.tried)  # the layout closest to fitting: its shortfall and fix
-            shard = ring * dp if stage.shard_degree == "auto" else stage.shard_degree
+            shard = (ring * dp * ulysses_of(stage) if stage.shard_degree == "auto"
+                     else stage.shard_degree)
             check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
             raise PlanError(f"stage {stage.name!r}: {e}") from None
         except DegreeError as e:
@@ -225,25 +246,29 @@ class Planner:
         return dims.ring, dims.dp, dims.shard, notes
 
     def plan_rings(self, run: RunSpec, stage: StageSpec, ring: int, dp: int,
-                   shard: int | None = None) -> tuple[Evaluated, list[str]]:
-        """Rings and their order for `ring` x `dp`: the best of a few hierarchy-aware layouts
-        (whole nodes in fabric order; per-node templates found by exhaustive search over one
-        node; socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
-        order), each evaluated on the full contention model, then pairwise swaps up to 16 GPUs.
-        Time: O(candidates x GPUs x route length), no all-pairs path search."""
-        shape = StageShape.of(run, stage, ring, dp, shard)
+                   shard: int | None = None, ulysses: int = 1) -> tuple[Evaluated, list[str]]:
+        """Rings and their order for `ring` x `dp` (x `ulysses`: each ring position a group of
+        that many GPUs): the best of a few hierarchy-aware layouts (whole nodes in fabric order;
+        per-node templates found by exhaustive search over one node; socket/switch-sized chunks
+        across nodes; data-parallel peers side by side; Ray's order), each evaluated on the
+        full contention model, then pairwise swaps up to 16 GPUs. A ring of ring x ulysses GPUs
+        in locality order keeps each Ulysses group on neighbouring GPUs. Time: O(candidates x
+        GPUs x route length), no all-pairs path search."""
+        shape = StageShape.of(run, stage, ring, dp, shard, ulysses)
         check_fits(stage.name, shape, self.profile)
-        total = ring * dp
+        n = ring * ulysses  # GPUs per sequence: what a candidate's "ring" lists
+        total = n * dp
         gpus = self.locality_order()
         if total > len(gpus):
-            raise PlanError(f"stage {stage.name!r}: needs {total} GPUs ({ring} x {dp}), the "
+            layout = f"{ring} x {dp}" + ("" if ulysses == 1 else f" x ulysses {ulysses}")
+            raise PlanError(f"stage {stage.name!r}: needs {total} GPUs ({layout}), the "
                             f"cluster has {len(gpus)}; lower the degrees or add nodes")
         used = self._choose_gpus(gpus, total)
-        cands = self.candidates(used, ring, dp)
+        cands = self.candidates(used, n, dp)
         ray = self.ray_default_order()[:total]
-        cands["ray-default order"] = [ray[i * ring:(i + 1) * ring] for i in range(dp)]
+        cands["ray-default order"] = [ray[i * n:(i + 1) * n] for i in range(dp)]
         cands = {k: v for k, v in cands.items()  # a layout that does not fit is no candidate
-                 if len(v) == dp and all(len(r) == ring for r in v)}
+                 if len(v) == dp and all(len(r) == n for r in v)}
         evals = {name: self.evaluate(r, shape) for name, r in cands.items()}
         # Step times within TIE of the best count as equal; among those the fastest ring wins:
         # it keeps headroom should the compute run faster than the MFU assumption.

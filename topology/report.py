@@ -32,7 +32,7 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
     total = sum(s.prediction.wall_minutes for s in plan.stages)
     ray = sum(_alt(s, "ray-default").wall_minutes for s in plan.stages)
     peak = max(sum(s.prediction.memory_gb.values()) for s in plan.stages)
-    gpus = max(s.ring_degree * s.dp_degree for s in plan.stages)
+    gpus = max(s.ring_degree * s.ulysses_degree * s.dp_degree for s in plan.stages)
     rooms = [s.prediction.ring_headroom for s in plan.stages if s.prediction.ring_headroom]
     room = min(rooms) if rooms else None
     if room is None:
@@ -64,7 +64,7 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
     for i, s in enumerate(plan.stages):
         p = s.prediction
         worst = s.bottleneck_links[0] if s.bottleneck_links else None
-        row = [s.name, f"{s.seq_len:,}", f"{s.rope_theta:,.0f}", f"{s.ring_degree} x {s.dp_degree}",
+        row = [s.name, f"{s.seq_len:,}", f"{s.rope_theta:,.0f}", _layout(s),
                f"{p.step_seconds:,.1f}", f"{p.tokens_per_second:,.0f}", f"{p.mfu:.0%}",
                _fmt_min(p.wall_minutes),
                f"{p.ring_hop_seconds * 1e3:.2f} / "
@@ -89,7 +89,8 @@ def _published(s: StagePlan, minutes: float, profile: str | None) -> str:
     from topology.profile import get_profile
 
     steps = s.prediction.wall_minutes * 60 / s.prediction.step_seconds
-    peak = get_profile(profile or "l40s").peak_bf16_flops * s.ring_degree * s.dp_degree
+    peak = (get_profile(profile or "l40s").peak_bf16_flops * s.ring_degree * s.ulysses_degree
+            * s.dp_degree)
     mfu = s.prediction.model_flops_per_step * steps / (minutes * 60 * peak)
     return f"{_fmt_min(minutes)} ({mfu:.0%})"
 
@@ -247,7 +248,7 @@ def _draw_ring(ax, s, k: int, spec: ClusterSpec | None, more_rings: int) -> None
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="->", color="tab:blue", lw=0.8,
                                      mutation_scale=8))
         top = max(top, peak)
-    title = f"{s.name}: ring {k + 1} of {s.dp_degree} ({s.ring_degree} GPUs)"
+    title = f"{s.name}: ring {k + 1} of {s.dp_degree} ({s.ring_degree * s.ulysses_degree} GPUs)"
     if more_rings > 0:
         title += f"; {more_rings} more rings not drawn"
     ax.set_title(title, fontsize=8)
@@ -293,7 +294,7 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
             worst = b.bottleneck_links[0].link if b.bottleneck_links else "none"
             diff.append([a.name, _fmt_min(pa.wall_minutes), _fmt_min(pb.wall_minutes),
                          f"{pb.wall_minutes / pa.wall_minutes - 1:+.1%}",
-                         f"{b.ring_degree} x {b.dp_degree}", worst])
+                         _layout(b), worst])
         sections.append((f"What if: {whatif_label}", [diff]))
     per_stage = []
     for s in main.stages:
@@ -334,3 +335,9 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
         f"{html.escape(main.run)} on {html.escape(spec.name)}</h1>{''.join(body)}</body></html>\n")
     extra = ["plan-whatif.json"] if whatif is not None else []
     return [out / f for f in ["plan.json", *extra, "report.md", "report.html", *pngs]]
+
+
+def _layout(s) -> str:
+    """A stage's "ring x dp" cell: 8 x 1, or 4u2 x 1 with Ulysses (a ring of 4 groups of 2)."""
+    ring = f"{s.ring_degree}" if s.ulysses_degree == 1 else f"{s.ring_degree}u{s.ulysses_degree}"
+    return f"{ring} x {s.dp_degree}"

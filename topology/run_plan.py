@@ -7,12 +7,12 @@ import random
 import networkx as nx
 
 from specs.cluster import ClusterSpec
-from specs.degrees import DegreeError, resolve_degrees
+from specs.degrees import DegreeError, resolve_degrees, ulysses_problems
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
 from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.graph import split_gpu_vertex
-from topology.planner import Evaluated, PlanError, Planner
+from topology.planner import TIE, Evaluated, PlanError, Planner
 
 
 def _workers(rings: list[list[str]]) -> list[list[Worker]]:
@@ -46,7 +46,63 @@ def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad
 def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
                relax: bool = False) -> StagePlan:
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
-    `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings."""
+    `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings.
+    ulysses_degree 'auto': the ring-only layout's GPUs per sequence, split every legal way
+    between Ulysses and the ring; the fastest predicted step wins (ring-only on a tie)."""
+    stage = run.stages[index]
+    if stage.ulysses_degree != "auto":
+        return _plan_fixed(planner, run, index, seed, relax)
+    ring_only = _plan_fixed(planner, _with_stage(run, index, ulysses_degree=1), index, seed,
+                            relax)
+    n, m = ring_only.ring_degree, run.model
+    options = {1: ring_only}
+    for u in range(2, n + 1):
+        if n % u or ulysses_problems(m.num_attention_heads, m.num_key_value_heads, u):
+            continue
+        split = _with_stage(run, index, ring_degree=n // u, ulysses_degree=u,
+                            data_parallel_degree=ring_only.dp_degree,
+                            shard_degree=ring_only.shard_degree or n)
+        try:
+            options[u] = _plan_fixed(planner, split, index, seed, relax)
+        except (PlanError, ValueError):
+            continue  # a split that does not fit memory or the GPUs is no option
+    step = {u: p.prediction.step_seconds for u, p in options.items()}
+    # a split must beat the ring alone by more than TIE (ring attention alone is simpler)
+    best = min((u for u in step if u == 1 or step[u] < step[1] * (1 - TIE)), key=step.get)
+    chosen = options[best]
+    named = "; ".join(f"{_split_name(n // u, u)} {step[u]:.1f} s" for u in sorted(step))
+    parts = chosen.prediction.parts_seconds
+    alone = ring_only.prediction.parts_seconds
+    exposed = alone["exposed ring K/V"] + alone["exposed weight sharding"]
+    if len(step) == 1:
+        why = "no Ulysses degree fits the heads and the GPUs"
+    elif best == 1:
+        why = (f"ring attention alone exposes {exposed:.1f} s a step of K/V and sharding "
+               "traffic, less than any split's all-to-alls (never overlapped) and traffic add")
+    else:
+        why = (f"its all-to-alls inside groups of {best} ({parts['Ulysses all-to-all']:.1f} s a "
+               f"step) and its exposed traffic ({parts['exposed ring K/V']:.1f} s K/V, "
+               f"{parts['exposed weight sharding']:.1f} s sharding) beat the {exposed:.1f} s "
+               "that ring attention alone exposes")
+    note = (f"ulysses auto: step time per split of the {n} GPUs of a sequence: {named}; "
+            f"chose {_split_name(n // best, best)}: {why}")
+    return chosen.model_copy(update={"notes": [note, *chosen.notes]})
+
+
+def _split_name(ring: int, ulysses: int) -> str:
+    if ulysses == 1:
+        return f"ring {ring} alone"
+    return f"pure Ulysses {ulysses}" if ring == 1 else f"ring {ring} x ulysses {ulysses}"
+
+
+def _with_stage(run: RunSpec, index: int, **changes) -> RunSpec:
+    stages = list(run.stages)
+    stages[index] = stages[index].model_copy(update=changes)
+    return run.model_copy(update={"stages": stages})
+
+
+def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bool
+                ) -> StagePlan:
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
     try:
@@ -57,25 +113,28 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
         ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
-    best, more = planner.plan_rings(run, stage, ring, dp, shard)
+    u = stage.ulysses_degree
+    best, more = planner.plan_rings(run, stage, ring, dp, shard, u)
     stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
-    shape = StageShape.of(run, stage, ring, dp, shard)
+    shape = StageShape.of(run, stage, ring, dp, shard, u)
+    n = ring * u  # GPUs per sequence
     alts = []
-    ray = planner.ray_default_order(seed)[: ring * dp]
-    ev = planner.evaluate([ray[i * ring:(i + 1) * ring] for i in range(dp)], shape)
+    ray = planner.ray_default_order(seed)[: n * dp]
+    ev = planner.evaluate([ray[i * n:(i + 1) * n] for i in range(dp)], shape)
     alts.append(Alternative(name="ray-default", ring_hop_seconds=ev.ring.seconds,
                             step_seconds=ev.cost.step_seconds, wall_minutes=ev.cost.wall_minutes))
     shuffled = [v for r in best.rings for v in r]
     random.Random(seed).shuffle(shuffled)
-    ev = planner.evaluate([shuffled[i * ring:(i + 1) * ring] for i in range(dp)], shape)
+    ev = planner.evaluate([shuffled[i * n:(i + 1) * n] for i in range(dp)], shape)
     alts.append(Alternative(name="random", ring_hop_seconds=ev.ring.seconds,
                             step_seconds=ev.cost.step_seconds, wall_minutes=ev.cost.wall_minutes))
     bound = planner.ring_lower_bound(shape)
-    lb = predict_stage(shape, bound, evaluate_flows(planner.router, [], 0), planner.profile)
+    lb = predict_stage(shape, bound, evaluate_flows(planner.router, [], 0), planner.profile,
+                       best.a2a)  # the bound is on the ring hop; the all-to-alls as planned
     alts.append(Alternative(name="lower-bound", ring_hop_seconds=bound.seconds,
                             step_seconds=lb.step_seconds, wall_minutes=lb.wall_minutes))
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     ring_degree=ring, dp_degree=dp, shard_degree=shard,
+                     ring_degree=ring, dp_degree=dp, shard_degree=shard, ulysses_degree=u,
                      rings=_workers(best.rings),
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=_prediction(best, planner.profile), alternatives=alts,
@@ -119,6 +178,9 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
             dims, notes = resolve_degrees(stage, total, f"Ray offers {total} workers")
         except DegreeError as e:
             raise PlanError(f"stage {stage.name!r}: {e}") from None
+        if stage.ulysses_degree == "auto":
+            notes.append("ulysses auto: 1 (ring attention alone) without a cluster description: "
+                         "no cost model to weigh all-to-alls against the ring")
         n, d = dims.sequence, dims.dp  # a "ring" lists ring x ulysses workers
         rings = [[Worker(node=node, gpu=g) for node, g in slots[i * n:(i + 1) * n]]
                  for i in range(d)]

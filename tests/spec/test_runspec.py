@@ -165,11 +165,16 @@ def test_ulysses_degree_splits_each_ring_position():
      "(3) must divide the 4 query heads; use one of [1, 2, 4]"),
     ({"stages.0.ulysses_degree": 3}, "stages[0]: seq_len (64) must be divisible by 2 x "
      "ring_degree x ulysses_degree (12) for zigzag sharding and the Ulysses split; use 72"),
-    ({"stages.0.ulysses_degree": 2, "resources.cluster": "clusters/l40s-8x-2s.yaml"},
-     "stages[0] (s64): ulysses_degree 2 is not planned on a ClusterSpec yet"),
     ({"stages.0.ulysses_degree": 2}, "stages[0] (s64): ring_degree x data_parallel_degree x "
      "ulysses_degree = 2 x 1 x 2 = 4 workers, but resources.workers is 2"),
 ])
 def test_ulysses_degrees_that_cannot_work_are_refused(changes, message):
     assert any(message in line for line in errors_of(run_with(**changes))), errors_of(
         run_with(**changes))
+
+
+def test_auto_ulysses_validates_and_counts_as_one_until_planned():
+    data = run_with(**{"stages.0.ulysses_degree": "auto"})
+    run = validate_data(data, RunSpec, source="run.yaml")
+    assert run.stages[0].ulysses_degree == "auto"
+    assert "2u? x 1" in run.summary() and "ulysses_degree auto" in run.summary()

@@ -160,3 +160,21 @@ def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
                        r"to 8 or more"):
         check_fits("65k", StageShape.of(llama8b_run, stage, 4, 1), L40S)
     assert check_fits("65k", StageShape.of(llama8b_run, stage, 8, 1), L40S) < 48e9
+
+
+def test_ulysses_shapes_and_all_to_all_by_hand():
+    """Ulysses 2 x ring 2: 2048 tokens per GPU, K/V blocks of a ring position's 4096 tokens for
+    one of the two K/V heads, and an all-to-all that sends each peer half of the local q, k, v
+    and output; half the bandwidth doubles the all-to-all's time."""
+    u2 = StageShape(**{**SHAPE.__dict__, "ring": 2, "ulysses": 2})
+    assert u2.local_tokens == 8192 // 4
+    assert u2.kv_block_bytes == 2 * 4096 * 1 * 128 * 2
+    assert u2.all_to_all_bytes == 2048 * (2 * 8 + 2 * 2) * 128 * 2 / 2
+    wide = StageShape(**{**SHAPE.__dict__, "ring": 1, "ulysses": 4, "kv_heads": 2})
+    assert wide.ring_kv_heads == 1.0  # 2 K/V heads over 4 GPUs: each replicated twice
+    fast = FlowResult(0.0, 0.0, 2.0, ("a", "b"), {}, [])
+    half = FlowResult(0.0, 0.0, 1.0, ("a", "b"), {}, [])
+    a2a = [predict_stage(u2, ONE_GB_S, NO_FLOWS, PROFILE, f).parts["Ulysses all-to-all"]
+           for f in (fast, half)]
+    assert a2a[0] == pytest.approx(3 * 2 * u2.all_to_all_bytes / 2e9)  # 3 phases, 2 layers
+    assert a2a[1] == pytest.approx(2 * a2a[0])

@@ -188,3 +188,52 @@ def test_mixed_node_types_are_planned():
     plan = plan_run(spec, small_run(ring=4, dp=5, batch=5, workers=20))
     workers = [(w.node, w.gpu) for w in plan.stages[0].workers]
     assert len(set(workers)) == 20 and all(len(r) == 4 for r in plan.stages[0].rings)
+
+
+def _two_servers(nic_gb_s: float = 22.5):
+    """Two 8-GPU L40S servers under one leaf (configs/clusters/l40s-2node-leaf.yaml), with the
+    NICs' bandwidth set: the network between the servers."""
+    from pathlib import Path
+
+    from topology.sources import load_cluster
+
+    spec = load_cluster(Path(__file__).resolve().parents[2] / "configs" / "clusters" /
+                        "l40s-2node-leaf.yaml")
+    nic = spec.link_types["nic"].model_copy(update={"bandwidth_gb_s": nic_gb_s})
+    return spec.model_copy(update={"link_types": {**spec.link_types, "nic": nic}})
+
+
+def _auto_ulysses(seq_len: int):
+    run = small_run(ring=16, dp=1, seq_len=seq_len, workers=16)
+    stage = run.stages[0].model_copy(update={"ulysses_degree": "auto"})
+    return run.model_copy(update={"stages": [stage]})
+
+
+def test_ring_alone_when_it_hides_behind_compute():
+    """A long sequence on the described fabric: the ring's K/V hides behind the attention
+    blocks, while the all-to-alls are never overlapped: ring attention alone."""
+    stage = plan_run(_two_servers(), _auto_ulysses(131072)).stages[0]
+    assert (stage.ring_degree, stage.ulysses_degree) == (16, 1)
+    assert stage.notes[0].startswith("ulysses auto: step time per split of the 16 GPUs")
+    assert "chose ring 16 alone: ring attention alone exposes" in stage.notes[0]
+
+
+def test_hybrid_when_the_network_is_slow_and_the_server_fast():
+    """Short sequences over a slow network between the servers: every ring hop across it is
+    exposed (16 positions: 2 crossings, 15 exposed steps), so the planner splits the heads
+    among groups and keeps a short ring; the note gives every split's step time."""
+    stage = plan_run(_two_servers(nic_gb_s=0.5), _auto_ulysses(16384)).stages[0]
+    assert stage.ulysses_degree > 1 and stage.ring_degree * stage.ulysses_degree == 16
+    u = stage.ulysses_degree
+    assert f"chose ring {stage.ring_degree} x ulysses {u}: its all-to-alls" in stage.notes[0]
+    for split in ("ring 16 alone", "ring 8 x ulysses 2", "pure Ulysses 16"):
+        assert split in stage.notes[0]
+    assert stage.dims.sequence == 16 and stage.prediction.parts_seconds["Ulysses all-to-all"] > 0
+    assert [len(r) for r in stage.rings] == [16]
+
+
+def test_auto_ulysses_without_a_cluster_is_the_ring_alone():
+    plan = plan_from_workers({"n0": 16}, _auto_ulysses(16384))
+    assert plan.stages[0].ulysses_degree == 1
+    assert any("ulysses auto: 1 (ring attention alone) without a cluster description" in n
+               for n in plan.stages[0].notes)
