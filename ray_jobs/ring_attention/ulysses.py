@@ -175,6 +175,10 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     u = mesh.ulysses_size
     problems = ulysses_problems(q.shape[2], k.shape[2], u)
+    if causal and mesh.ring.size > 1 and (u * q.shape[1]) % 2:
+        problems.append(f"a ring position's shard (ulysses {u} x local_seq {q.shape[1]} = "
+                        f"{u * q.shape[1]} tokens) must be even for the zigzag ring; make the "
+                        f"sequence divisible by 2 x ring x ulysses = {2 * mesh.size}")
     if problems:
         raise ValueError(problems[0])
     _check_layouts_agree(q, k, mesh.ulysses, "Ulysses")

@@ -61,3 +61,23 @@ def test_shards_cover_the_sequence_once():
               for r in range(ring) for u in range(uly)]
     assert sorted(torch.cat(pieces).tolist()) == list(range(seq))
     assert all(p.numel() == seq // (ring * uly) for p in pieces)
+
+
+def test_bad_shapes_are_refused_before_any_collective():
+    """No process group exists here: an error raised after a collective was posted would be a
+    different one (or a hang)."""
+    from ray_jobs.ring_attention import (
+        Ring,
+        SequenceMesh,
+        build_sequence_mesh,
+        sequence_parallel_attention,
+    )
+
+    ring = Ring(group=None, ranks=(0, 1))
+    x = torch.randn(1, 3, 3, 8)  # 3 local tokens, 3 heads
+    with pytest.raises(ValueError, match=r"ulysses 3 x local_seq 3 = 9 tokens\) must be even"):
+        sequence_parallel_attention(x, x, x, mesh=SequenceMesh(None, 3, ring))
+    with pytest.raises(ValueError, match=r"ulysses_degree \(2\) must divide the 3 query heads"):
+        sequence_parallel_attention(x, x[:, :, :1], x[:, :, :1], mesh=SequenceMesh(None, 2, ring))
+    with pytest.raises(ValueError, match=r"needs 6 ranks, got 4"):
+        build_sequence_mesh(2, 3, ranks=[0, 1, 2, 3])
