@@ -150,6 +150,14 @@ def ulysses_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
     return out
 
 
+def kv_replication_note(kv_heads: int, ulysses: int) -> list[str]:
+    """The note a plan carries when a Ulysses degree exceeds the K/V heads."""
+    if ulysses <= kv_heads:
+        return []
+    return [f"ulysses {ulysses} exceeds the {kv_heads} key/value heads: each is replicated "
+            f"{ulysses // kv_heads} times (its K/V bytes in the all-to-alls and the ring too)"]
+
+
 class DegreeError(ValueError):
     """Degrees that cannot be laid out on the workers; the message names the numbers and a fix."""
 

@@ -7,7 +7,12 @@ import random
 import networkx as nx
 
 from specs.cluster import ClusterSpec
-from specs.degrees import DegreeError, resolve_degrees, ulysses_problems
+from specs.degrees import (
+    DegreeError,
+    kv_replication_note,
+    resolve_degrees,
+    ulysses_problems,
+)
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
 from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
@@ -138,7 +143,7 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
                      rings=_workers(best.rings),
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=_prediction(best, planner.profile), alternatives=alts,
-                     notes=notes + more)
+                     notes=notes + more + kv_replication_note(run.model.num_key_value_heads, u))
 
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
@@ -188,6 +193,8 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
                                 rope_theta=run.stage_theta(index), ring_degree=dims.ring,
                                 dp_degree=d, shard_degree=dims.shard,
                                 ulysses_degree=dims.ulysses, rings=rings,
-                                notes=notes + ["planned from Ray nodes: rings filled node by "
-                                               "node, no cluster description"]))
+                                notes=notes + kv_replication_note(
+                                    run.model.num_key_value_heads, dims.ulysses)
+                                + ["planned from Ray nodes: rings filled node by node, no "
+                                   "cluster description"]))
     return Plan(run=run.name, cluster=None, profile=None, stages=stages)

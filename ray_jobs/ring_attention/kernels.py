@@ -61,6 +61,21 @@ def _reduce_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.reshape(b, s, h // groups, groups, d).sum(dim=3)
 
 
+def _to_bhsd(q, k, v):
+    """(B, S, H, D) q and (B, S, Hk, D) k, v as the torch ops take them: (B, H, S, D) views,
+    K/V heads repeated to the query heads (the ops' GQA is not relied on). Returns them and the
+    repeat factor."""
+    groups = q.shape[2] // k.shape[2]
+    return (q.transpose(1, 2), _repeat_kv(k, groups).transpose(1, 2),
+            _repeat_kv(v, groups).transpose(1, 2), groups)
+
+
+def _from_bhsd_grads(dq, dk, dv, groups):
+    """The ops' (B, H, S, D) gradients back in (B, S, H, D), dk/dv summed to the K/V heads."""
+    dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
+    return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
+
+
 class CpuFlashKernel:
     """`aten._scaled_dot_product_flash_attention_for_cpu` and its backward
     (layout (B, H, S, D) views).
@@ -72,32 +87,17 @@ class CpuFlashKernel:
     name = "torch-cpu-flash"
 
     def forward(self, q, k, v, causal, scale):
-        groups = q.shape[2] // k.shape[2]
+        qt, kt, vt, _ = _to_bhsd(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2),
-            _repeat_kv(k, groups).transpose(1, 2),
-            _repeat_kv(v, groups).transpose(1, 2),
-            0.0,
-            causal,
-            scale=scale,
-        )
+            qt, kt, vt, 0.0, causal, scale=scale)
         return out.transpose(1, 2), lse.transpose(1, 2)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
-        groups = q.shape[2] // k.shape[2]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2),
-            q.transpose(1, 2),
-            _repeat_kv(k, groups).transpose(1, 2),
-            _repeat_kv(v, groups).transpose(1, 2),
-            out.transpose(1, 2),
-            lse.transpose(1, 2),
-            0.0,
-            causal,
-            scale=scale,
-        )
-        dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
-        return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
+        qt, kt, vt, groups = _to_bhsd(q, k, v)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse.transpose(1, 2), 0.0,
+            causal, scale=scale)
+        return _from_bhsd_grads(*grads, groups)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -132,41 +132,22 @@ class TorchCudaFlashKernel:
 
     def forward(self, q, k, v, causal, scale):
         _check_cuda_shapes(q, "torch's CUDA flash")
-        groups = q.shape[2] // k.shape[2]
+        qt, kt, vt, _ = _to_bhsd(q, k, v)
         out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2),
-            _repeat_kv(k, groups).transpose(1, 2),
-            _repeat_kv(v, groups).transpose(1, 2),
-            0.0,
-            causal,
-            False,
-            scale=scale,
-        )
+            qt, kt, vt, 0.0, causal, False, scale=scale)
         return out.transpose(1, 2), lse.transpose(1, 2)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
-        groups = q.shape[2] // k.shape[2]
+        qt, kt, vt, groups = _to_bhsd(q, k, v)
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout.transpose(1, 2),
-            q.transpose(1, 2),
-            _repeat_kv(k, groups).transpose(1, 2),
-            _repeat_kv(v, groups).transpose(1, 2),
-            out.transpose(1, 2),
-            lse.transpose(1, 2).contiguous(),
-            None,
-            None,
-            q.shape[1],
-            k.shape[1],
-            0.0,
-            causal,
-            seed,
-            offset,
-            scale=scale,
-        )
-        dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
-        return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
+        # (grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+        #  is_causal, philox_seed, philox_offset)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2),
+            lse.transpose(1, 2).contiguous(), None, None, q.shape[1], k.shape[1], 0.0, causal,
+            seed, offset, scale=scale)
+        return _from_bhsd_grads(*grads, groups)
 
 
 class FlashAttnKernel:

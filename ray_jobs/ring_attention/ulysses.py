@@ -122,26 +122,19 @@ def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, u: int) -> tor
     return recv.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * hu, d)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """One of the two all-to-alls (`to_heads`: sequence pieces to heads, else back); each is a
+    permutation, so its backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, group, u):
-        ctx.group, ctx.u = group, u
-        return _sequence_to_heads(x, group, u)
+    def forward(ctx, x, group, u, to_heads: bool):
+        ctx.group, ctx.u, ctx.to_heads = group, u, to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group, u)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_sequence(grad.contiguous(), ctx.group, ctx.u), None, None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, u):
-        ctx.group, ctx.u = group, u
-        return _heads_to_sequence(x, group, u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_to_heads(grad.contiguous(), ctx.group, ctx.u), None, None
+        back = _heads_to_sequence if ctx.to_heads else _sequence_to_heads
+        return back(grad.contiguous(), ctx.group, ctx.u), None, None, None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -191,6 +184,6 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     group = mesh.ulysses
-    q2, k2, v2 = (_SequenceToHeads.apply(t.contiguous(), group, u) for t in (q, k, v))
+    q2, k2, v2 = (_AllToAll.apply(t.contiguous(), group, u, True) for t in (q, k, v))
     out = ring_attention(q2, k2, v2, group=resolve_ring(mesh.ring), causal=causal, scale=scale)
-    return _HeadsToSequence.apply(out.contiguous(), group, u)
+    return _AllToAll.apply(out.contiguous(), group, u, False)

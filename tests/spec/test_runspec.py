@@ -178,3 +178,13 @@ def test_auto_ulysses_validates_and_counts_as_one_until_planned():
     run = validate_data(data, RunSpec, source="run.yaml")
     assert run.stages[0].ulysses_degree == "auto"
     assert "2u? x 1" in run.summary() and "ulysses_degree auto" in run.summary()
+
+
+def test_a_ulysses_degree_above_the_kv_heads_says_they_are_replicated():
+    from topology.run_plan import plan_from_workers
+
+    data = run_with(**{"resources.workers": 8, "stages.0.ulysses_degree": 4})
+    run = validate_data(data, RunSpec, source="run.yaml")
+    stage = plan_from_workers({"n0": 8}, run).stage(run.stages[0].name)
+    assert ("ulysses 4 exceeds the 2 key/value heads: each is replicated 2 times"
+            in " ".join(stage.notes))
