@@ -85,7 +85,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     run = load_model(args.run, RunSpec)
     plan = Plan.model_validate_json((Path(args.out) / "plan.json").read_text())
-    checks = verify_plan_memory(run, plan, layers=args.trace_layers)
+    try:
+        checks = verify_plan_memory(run, plan, layers=args.trace_layers)
+    except ValueError as e:  # a layout the tracer cannot follow yet
+        print(f"ringpilot plan --verify-memory: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print("\nMemory per GPU: the cost model's prediction against a trace of the trainer's own "
           "parallelize() (reserve for the CUDA context, NCCL and fragmentation added to the "
           "trace for the fit):")

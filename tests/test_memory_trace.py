@@ -84,3 +84,12 @@ def test_a_long_ring_traces_like_its_short_equivalent():
     assert done.returncode == 0, done.stderr[-3000:]
     direct, short, traced_as = json.loads(done.stdout.strip().splitlines()[-1])
     assert direct == short and traced_as.startswith("ring 8 over 65,536 tokens, 32-GPU")
+
+
+def test_a_ulysses_layout_is_refused_with_a_reason_not_traced_wrong():
+    from ringpilot.memory import trace_stage_memory
+    from specs.degrees import ParallelDims
+
+    run = load_model(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", RunSpec)
+    with pytest.raises(ValueError, match=r"tracing a Ulysses layout \(ring 1 x ulysses 2"):
+        trace_stage_memory(run, run.stages[0], ParallelDims(ulysses=2))
