@@ -15,7 +15,9 @@ Both all-to-alls are permutations, so each one's backward is the other. U = 1 is
 The Ulysses index u of a rank is its rank in the Ulysses process group (group rank order:
 all_to_all_single splits by it). Before any all-to-all, every rank checks its layout against
 the others' with one small all-gather per group, so a mismatch is an error on every rank,
-never a hang.
+never a hang. That costs two tiny collectives per call (and a host sync on CUDA), small next
+to the all-to-alls; it is not skipped, since a rank that skipped it while another did not
+would hang.
 """
 
 from __future__ import annotations
