@@ -81,7 +81,8 @@ def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> 
     ring = Ring(group=mesh.get_group("ring"), ranks=tuple(mesh["ring"].mesh.tolist()))
     ulysses = mesh.get_group("ulysses") if dims.ulysses > 1 else None
     return Layout(mesh=mesh, fsdp_mesh=fsdp_mesh, dims=dims, ring=ring,
-                  sequence=SequenceMesh(ulysses=ulysses, ulysses_size=dims.ulysses, ring=ring),
+                  sequence=SequenceMesh(ulysses=ulysses, ulysses_size=dims.ulysses, ring=ring,
+                                        ulysses_ranks=tuple(mesh["ulysses"].mesh.tolist())),
                   dp_rank=replica * dims.dp_shard + slot)
 
 

@@ -164,6 +164,9 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
         "concurrent transfers share each link equally; ECMP spreads perfectly over a spine layer",
         "Ray discovery order is modelled as a seeded shuffle of the nodes",
     ]
+    if any(s.ulysses_degree > 1 for s in stages):
+        assumptions.append("Ulysses stages: memory is the model's alone (the tracer does not "
+                           "follow their all-to-alls yet); all-to-alls are not overlapped")
     return Plan(run=run.name, cluster=spec.name, profile=p.name, stages=stages,
                 unknown_topology=[u.name for u in spec.unknown_topology],
                 excluded=excluded or [], assumptions=assumptions)

@@ -12,12 +12,13 @@ S / (R U) tokens with all heads. In attention:
 
 Both all-to-alls are permutations, so each one's backward is the other. U = 1 is exactly
 `ring_attention`; R = 1 is pure Ulysses (the "ring" is one rank: one local kernel call).
-The Ulysses index u of a rank is its rank in the Ulysses process group (group rank order:
-all_to_all_single splits by it). Before any all-to-all, every rank checks its layout against
-the others' with one small all-gather per group, so a mismatch is an error on every rank,
-never a hang. That costs two tiny collectives per call (and a host sync on CUDA), small next
-to the all-to-alls; it is not skipped, since a rank that skipped it while another did not
-would hang.
+The Ulysses index u of a rank is its place in the mesh's Ulysses dim (the plan's order), the
+same index its ring joins; the all-to-alls permute their chunks to the process group's sorted
+rank order, which all_to_all_single addresses. Before any all-to-all, every rank checks its
+layout against the others' with one small all-gather per group, so a mismatch is an error on
+every rank, never a hang. That costs two tiny collectives per call (and a host sync on
+CUDA), small next to the all-to-alls; it is not skipped, since a rank that skipped it while
+another did not would hang.
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ class SequenceMesh:
     ulysses: dist.ProcessGroup | None  # None: a Ulysses degree of 1
     ulysses_size: int
     ring: Ring
+    # The group's global ranks in mesh order: index u holds sequence piece u and head block u,
+    # and rings join the same index across groups. Process groups order their ranks sorted,
+    # so the all-to-alls permute their chunks between the two orders.
+    ulysses_ranks: tuple[int, ...] = ()
 
     @property
     def ulysses_rank(self) -> int:
-        if self.ulysses is None:
-            return 0
-        return dist.get_group_rank(self.ulysses, dist.get_rank())
+        return self.ulysses_ranks.index(dist.get_rank()) if self.ulysses is not None else 0
+
+    @property
+    def order(self) -> list[int] | None:
+        """Mesh index of each group rank (None when they agree)."""
+        order = sorted(range(len(self.ulysses_ranks)), key=lambda i: self.ulysses_ranks[i])
+        return None if order == list(range(len(order))) else order
 
     @property
     def size(self) -> int:
@@ -65,11 +74,12 @@ def build_sequence_mesh(ulysses: int, ring: int, ranks: list[int] | None = None
                          "must be the group size")
     me = dist.get_rank()
     mine_u = mine_r = None
+    mine_members: tuple[int, ...] = ()
     for r in range(ring):
         members = ranks[r * ulysses:(r + 1) * ulysses]
         group = dist.new_group(members) if ulysses > 1 else None
         if me in members:
-            mine_u = group
+            mine_u, mine_members = group, tuple(members)
     for u in range(ulysses):
         members = ranks[u::ulysses]
         group = dist.new_group(members)
@@ -77,7 +87,8 @@ def build_sequence_mesh(ulysses: int, ring: int, ranks: list[int] | None = None
             mine_r = Ring(group=group, ranks=tuple(members))
     if mine_r is None:
         raise ValueError(f"rank {me} is not one of the sequence mesh's ranks {ranks}")
-    return SequenceMesh(ulysses=mine_u, ulysses_size=ulysses, ring=mine_r)
+    return SequenceMesh(ulysses=mine_u, ulysses_size=ulysses, ring=mine_r,
+                        ulysses_ranks=mine_members)
 
 
 def sequence_shard(x: torch.Tensor, dim: int, ring_rank: int, ring: int, ulysses_rank: int,
@@ -102,25 +113,31 @@ def kv_replication(kv_heads: int, ulysses: int) -> int:
     return ulysses // kv_heads if ulysses > kv_heads else 1
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, order: list[int] | None
+                ) -> torch.Tensor:
+    """x[j] goes to the member of mesh index j; returns out[i] from the member of index i.
+    `order`: mesh index of each group rank (all_to_all_single addresses group ranks)."""
+    x = (x[order] if order is not None else x).contiguous()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)
-    return out
+    return out[torch.argsort(torch.tensor(order))] if order is not None else out
 
 
-def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, u: int) -> torch.Tensor:
+def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, u: int,
+                       order: list[int] | None) -> torch.Tensor:
     """(B, L, H, D) sequence pieces -> (B, U L, H / U, D): this rank's heads, the whole shard."""
     b, n, h, d = x.shape
-    send = x.reshape(b, n, u, h // u, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = _all_to_all(send, group)  # recv[i]: rank i's piece of the sequence, my heads
+    send = x.reshape(b, n, u, h // u, d).permute(2, 0, 1, 3, 4)
+    recv = _all_to_all(send, group, order)  # recv[i]: piece i of the sequence, my heads
     return recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d)
 
 
-def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, u: int) -> torch.Tensor:
+def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, u: int,
+                       order: list[int] | None) -> torch.Tensor:
     """(B, U L, H / U, D) -> (B, L, H, D): the inverse of _sequence_to_heads."""
     b, un, hu, d = x.shape
-    send = x.reshape(b, u, un // u, hu, d).permute(1, 0, 2, 3, 4).contiguous()
-    recv = _all_to_all(send, group)  # recv[j]: my piece of the sequence, rank j's heads
+    send = x.reshape(b, u, un // u, hu, d).permute(1, 0, 2, 3, 4)
+    recv = _all_to_all(send, group, order)  # recv[j]: my piece of the sequence, head block j
     return recv.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * hu, d)
 
 
@@ -129,14 +146,14 @@ class _AllToAll(torch.autograd.Function):
     permutation, so its backward is the other one."""
 
     @staticmethod
-    def forward(ctx, x, group, u, to_heads: bool):
-        ctx.group, ctx.u, ctx.to_heads = group, u, to_heads
-        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group, u)
+    def forward(ctx, x, group, u, order, to_heads: bool):
+        ctx.args, ctx.to_heads = (group, u, order), to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group, u, order)
 
     @staticmethod
     def backward(ctx, grad):
         back = _heads_to_sequence if ctx.to_heads else _sequence_to_heads
-        return back(grad.contiguous(), ctx.group, ctx.u), None, None, None
+        return back(grad.contiguous(), *ctx.args), None, None, None, None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -185,7 +202,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     rep = kv_replication(k.shape[2], u)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    group = mesh.ulysses
-    q2, k2, v2 = (_AllToAll.apply(t.contiguous(), group, u, True) for t in (q, k, v))
+    group, order = mesh.ulysses, mesh.order
+    q2, k2, v2 = (_AllToAll.apply(t.contiguous(), group, u, order, True) for t in (q, k, v))
     out = ring_attention(q2, k2, v2, group=resolve_ring(mesh.ring), causal=causal, scale=scale)
-    return _AllToAll.apply(out.contiguous(), group, u, False)
+    return _AllToAll.apply(out.contiguous(), group, u, order, False)

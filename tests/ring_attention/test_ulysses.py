@@ -32,6 +32,15 @@ def test_hybrid_equals_full_attention(ulysses, ring, cases):
     assert len(results) == ulysses * ring  # assert_close ran on every rank, every case
 
 
+@pytest.mark.parametrize("ranks", [[0, 1, 3, 2], [1, 0, 2, 3]])
+def test_groups_listed_out_of_rank_order_stay_exact(ranks):
+    """A plan may list a Ulysses group's GPUs in any order; the ring joins the same index of
+    each group, so head blocks must follow the listed order, not the process group's."""
+    cases = _cases([(8, 2)])
+    results = run_world(4, worlds.check_cases, 2, 2, cases, 4, ranks, timeout_s=240)
+    assert len(results) == 4
+
+
 def test_tiny_llama_loss_and_gradients_equal_unsharded():
     got = run_world(4, worlds.tiny_llama_loss_and_grads, 2, 2, timeout_s=240)
     for rank in got:

@@ -24,10 +24,11 @@ def _reference(q, k, v, dout, causal):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def check_cases(rank, world, ulysses, ring, cases, chunk=4):
+def check_cases(rank, world, ulysses, ring, cases, chunk=4, ranks=None):
     """Each case: the hybrid's output and q/k/v gradients on this rank's shard against SDPA on
-    the whole sequence; returns the max abs error per case and tensor."""
-    mesh = build_sequence_mesh(ulysses, ring)
+    the whole sequence; returns the max abs error per case and tensor. `ranks`: the mesh's
+    order (Ulysses groups of consecutive entries), e.g. one group listed out of rank order."""
+    mesh = build_sequence_mesh(ulysses, ring, ranks)
     u, r = mesh.ulysses_rank, mesh.ring.rank
     errors = []
     for i, case in enumerate(cases):
