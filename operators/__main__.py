@@ -13,6 +13,7 @@ import time
 import kopf
 
 from operators import handlers  # noqa: F401  (registers the kopf handlers)
+from operators.handlers import ALLOWED_IMAGES_ENV, build_settings
 from operators.leader import RENEW_SECONDS, LeaseHolder
 
 
@@ -25,6 +26,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="this replica's name in the Lease (default: $POD_NAME)")
     p.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. "
                    "http://0.0.0.0:8080/healthz")
+    p.add_argument("--allowed-image", action="append", default=None, metavar="IMAGE",
+                   help="an image StagedTrainings may run, NAME:TAG or NAME@sha256:DIGEST "
+                   "(repeatable; default: $RINGPILOT_ALLOWED_IMAGES, else the operator's own "
+                   "image)")
     return p
 
 
@@ -32,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if not args.namespace:
         print("python -m operators: give --namespace or set POD_NAMESPACE", file=sys.stderr)
+        return 2
+    if args.allowed_image:  # the handlers read the allow-list from the environment
+        os.environ[ALLOWED_IMAGES_ENV] = ",".join(args.allowed_image)
+    try:  # a bad setting stops the operator here, not in its first reconcile
+        build_settings()
+    except ValueError as e:
+        print(f"python -m operators: bad setting (--allowed-image, ${ALLOWED_IMAGES_ENV} or "
+              f"$RINGPILOT_*_SECONDS): {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     holder = LeaseHolder(handlers._api(), args.namespace, args.lease, args.identity)

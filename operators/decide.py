@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from operators.admission import describe, plan_admission
 from operators.rayjob import build_configmap, build_rayjob
 from operators.replan import (
     plan_eligible_nodes,
@@ -23,7 +24,13 @@ from operators.replan import (
     plan_workers,
     with_workers,
 )
-from operators.resource import Condition, StagedTrainingSpec, StagedTrainingStatus, StageStatus
+from operators.resource import (
+    DEFAULT_IMAGE,
+    Condition,
+    StagedTrainingSpec,
+    StagedTrainingStatus,
+    StageStatus,
+)
 from specs.ledger import LedgerDoc
 from specs.loading import format_errors
 
@@ -38,6 +45,8 @@ class Settings:
     backoff_seconds: float = 30.0  # first retry waits this long, then doubles
     backoff_cap_seconds: float = 600.0
     poll_seconds: float = 10.0
+    # Images a StagedTraining may run (operators/admission.py says how entries match).
+    allowed_images: tuple[str, ...] = (DEFAULT_IMAGE,)
 
 
 @dataclass(frozen=True)
@@ -135,15 +144,20 @@ def _job_outcome(job: dict[str, Any]) -> tuple[str, str]:
 
 
 def _invalid(st: dict[str, Any], error: ValidationError, now: dt.datetime) -> Decision:
-    status = _read_status(st)
     lines = format_errors(error, StagedTrainingSpec)
-    message = "; ".join(f"spec.{line}" for line in lines)
-    conds = _set_condition(status.conditions, "SpecValid", "False", "InvalidSpec", message, now)
+    return _refuse(st, "InvalidSpec", "; ".join(f"spec.{line}" for line in lines), now)
+
+
+def _refuse(st: dict[str, Any], reason: str, message: str, now: dt.datetime) -> Decision:
+    """Failed, with one message on the SpecValid condition and one event per generation; no
+    RayJob and no ConfigMap: nothing runs until the spec is fixed (a new generation)."""
+    status = _read_status(st)
+    conds = _set_condition(status.conditions, "SpecValid", "False", reason, message, now)
     new = status.model_copy(update={"phase": "Failed", "conditions": conds,
                                     "observedGeneration": st["metadata"].get("generation")})
     actions: list[Action] = []
     if status.observedGeneration != st["metadata"].get("generation") or status.phase != "Failed":
-        actions.append(Emit("Warning", "InvalidSpec", message))
+        actions.append(Emit("Warning", reason, message))
     return Decision(new, actions)
 
 
@@ -164,6 +178,9 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         spec = StagedTrainingSpec.model_validate(st.get("spec") or {})
     except ValidationError as e:
         return _invalid(st, e, now)
+    refusals = plan_admission(spec, settings.allowed_images)
+    if refusals:  # images off the allow-list, templates wider than the operator's own pods
+        return _refuse(st, "Refused", describe(refusals), now)
     meta = st["metadata"]
     generation = meta.get("generation")
     status = _read_status(st)

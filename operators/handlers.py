@@ -24,20 +24,25 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
+from operators.admission import parse_allowed_images
 from operators.apply import apply_decision
 from operators.decide import Requeue, Settings, plan_reconcile
 from operators.rayjob import CLUSTER_FILE, LABEL_TRAINING
-from operators.resource import GROUP, PLURAL, VERSION
+from operators.resource import DEFAULT_IMAGE, GROUP, PLURAL, VERSION
 from specs.ledger import LEDGER_FILE, LedgerDoc
 
 log = logging.getLogger("ringpilot.operator")
+# The images StagedTrainings may run (comma separated); `python -m operators --allowed-image`
+# sets it. Unset: the operator's own image as the manifests name it.
+ALLOWED_IMAGES_ENV = "RINGPILOT_ALLOWED_IMAGES"
 
 
 def build_settings() -> Settings:
     env = os.environ
     return Settings(backoff_seconds=float(env.get("RINGPILOT_BACKOFF_SECONDS", "30")),
                     backoff_cap_seconds=float(env.get("RINGPILOT_BACKOFF_CAP_SECONDS", "600")),
-                    poll_seconds=float(env.get("RINGPILOT_POLL_SECONDS", "10")))
+                    poll_seconds=float(env.get("RINGPILOT_POLL_SECONDS", "10")),
+                    allowed_images=parse_allowed_images(env.get(ALLOWED_IMAGES_ENV, DEFAULT_IMAGE)))
 
 
 @dataclass

@@ -27,7 +27,10 @@ class RayClusterSource(_K8s):
     template: dict[str, Any] | None = Field(
         None, description="A RayCluster `spec` (ray.io/v1) used for every stage's RayJob. Null "
         "(and no selector): the operator builds one from resources (workers, device, "
-        "cpus_per_worker) and image.",
+        "cpus_per_worker) and image. The operator refuses templates wider than its own pods "
+        "(host namespaces, privileged or root containers, hostPath, Secret or projected "
+        "volumes, other service accounts, images off its allow-list) and fills in token auth, "
+        "PSS restricted security contexts, limits and no API token.",
     )
     selector: dict[str, str] | None = Field(
         None, description="Labels of an existing RayCluster to submit every stage to (the "
@@ -141,9 +144,72 @@ class StagedTrainingStatus(_K8s):
     observedGeneration: int | None = Field(None, description="metadata.generation acted upon.")
 
 
+def _open(**properties: Any) -> dict[str, Any]:
+    """An object kept as given, with the few properties the CEL rules read declared (CEL sees
+    only declared fields of a preserve-unknown-fields object)."""
+    node: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    if properties:
+        node["properties"] = properties
+    return node
+
+
+def _forbid(rule: str, field: str, message: str) -> dict[str, Any]:
+    return {"rule": rule, "fieldPath": f".{field}", "reason": "FieldValueForbidden",
+            "message": message}
+
+
+def _cel_pod_spec() -> dict[str, Any]:
+    """The pod spec of a template's head or worker group, with the CEL rules the API server
+    checks at admission. operators/admission.py checks these and more, with fuller messages."""
+    def containers() -> dict[str, Any]:
+        security = _open(privileged={"type": "boolean"}, capabilities=_open(
+            add={"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 64}}))
+        return {"type": "array", "maxItems": 32, "items": _open(securityContext=security)}
+
+    volume = _open(hostPath=_open(), secret=_open(), projected=_open())
+    spec = _open(hostNetwork={"type": "boolean"}, hostPID={"type": "boolean"},
+                 hostIPC={"type": "boolean"},
+                 volumes={"type": "array", "maxItems": 128, "items": volume},
+                 containers=containers(), initContainers=containers())
+    rules = [_forbid(f"!has(self.{key}) || !self.{key}", key, f"{key} would share the node's "
+                     "namespace with the run; remove it")
+             for key in ("hostNetwork", "hostPID", "hostIPC")]
+    rules.append(_forbid(
+        "!has(self.volumes) || self.volumes.all(v, !has(v.hostPath) && !has(v.secret) && "
+        "!has(v.projected))", "volumes", "hostPath, secret and projected volumes are not allowed "
+        "in Ray pods; use persistentVolumeClaim, configMap, emptyDir, ephemeral or downwardAPI"))
+    for key in ("containers", "initContainers"):
+        rules.append(_forbid(
+            f"!has(self.{key}) || self.{key}.all(c, !has(c.securityContext) || "
+            "((!has(c.securityContext.privileged) || !c.securityContext.privileged) && "
+            "(!has(c.securityContext.capabilities) || !has(c.securityContext.capabilities.add) "
+            "|| size(c.securityContext.capabilities.add) == 0)))", key,
+            "privileged containers and added capabilities are not allowed in Ray pods; remove "
+            "securityContext.privileged and securityContext.capabilities.add"))
+    spec["x-kubernetes-validations"] = rules
+    return spec
+
+
+def build_template_schema(generated: dict[str, Any]) -> dict[str, Any]:
+    """ray_cluster.template's schema: kept as given (a RayCluster spec), plus CEL rules refusing
+    host namespaces, hostPath/Secret volumes, privileged containers and Ray auth turned off."""
+    auth = _open(mode={"type": "string", "maxLength": 16})
+    auth["x-kubernetes-validations"] = [_forbid(
+        "!has(self.mode) || self.mode == 'token'", "mode", "Ray token authentication stays on; "
+        "remove authOptions (the operator sets mode: token)")]
+    return {**generated, "properties": {
+        "authOptions": auth,
+        "headGroupSpec": _open(template=_open(spec=_cel_pod_spec())),
+        "workerGroupSpecs": {"type": "array", "maxItems": 64,
+                             "items": _open(template=_open(spec=_cel_pod_spec()))},
+    }}
+
+
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition, its schema generated from the pydantic models."""
     spec_schema = build_structural_schema(StagedTrainingSpec)
+    cluster = spec_schema["properties"]["ray_cluster"]["properties"]
+    cluster["template"] = build_template_schema(cluster["template"])
     status_schema = build_structural_schema(StagedTrainingStatus)
     # Status is written by the operator only; kopf keeps its own bookkeeping there too.
     status_schema["x-kubernetes-preserve-unknown-fields"] = True
