@@ -7,13 +7,17 @@ Face export, committed through the ledger.
         config.json, model.safetensors, tokenizer.json, ...   the Hugging Face export
         COMMITTED
 
-Order of a save: every rank writes its DCP shards (collective); the full weights are gathered
-to rank 0, which writes the Hugging Face files, the tokenizer and trainer_state/; then rank 0
-writes the COMMITTED marker, records the checkpoint in the ledger and prunes to
-storage.keep_last. A directory without its marker is never read. A resume loads the DCP state
-into whatever mesh the new workers build (DCP reshards), so the world size may change; the data
-position is (stage, step) in the global batch, which does not depend on it. Evaluation and the
-next stage read the Hugging Face export.
+Order of a save: everything is written into a staging directory named by the driver attempt's
+epoch (`.step-000050.epoch-3`): every rank writes its DCP shards (collective); the full weights
+are gathered to rank 0, which writes the Hugging Face files, the tokenizer and trainer_state/;
+then rank 0 writes the COMMITTED marker and, under the ledger's lock and only while its epoch
+still owns the run, renames the directory into place and records it (`Ledger.commit_checkpoint`),
+then prunes to storage.keep_last. A directory without its marker is never read; a superseded
+attempt's straggler never writes where the current attempt reads (specs/ledger.py, fencing).
+
+A resume loads the DCP state into whatever mesh the new workers build (DCP reshards), so the
+world size may change; the data position is (stage, step) in the global batch, which does not
+depend on it. Evaluation and the next stage read the Hugging Face export.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from specs.ledger import Ledger, is_committed, mark_committed
+from specs.ledger import Fenced, Ledger, is_committed, mark_committed
 
 STATE_DIR = "trainer_state"
 DCP_DIR = "dcp"
@@ -65,34 +69,64 @@ def checkpoint_dir(run_dir: Path, stage: str, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / stage / f"step-{step:06d}"
 
 
+def staging_dir(path: Path, epoch: int | None) -> Path:
+    """Where the attempt of `epoch` writes the checkpoint `path` before it is moved into place."""
+    return path.parent / f".{path.name}.epoch-{epoch or 0}"
+
+
+def clear_stale_staging(stage_dir: Path, epoch: int | None, name: str | None = None) -> None:
+    """Remove staging directories of older attempts (never a newer one's), and this attempt's
+    own leftover for the checkpoint `name` (a worker group that died while writing it)."""
+    for d in stage_dir.glob(".step-*.epoch-*") if stage_dir.is_dir() else ():
+        step_name, _, e = d.name[1:].rpartition(".epoch-")
+        if not e.isdigit():
+            continue
+        if int(e) < (epoch or 0) or (int(e) == (epoch or 0) and step_name == name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer, scheduler,
-                    state: TrainerState, *, keep_last: int, final: bool) -> Path:
+                    state: TrainerState, *, keep_last: int, final: bool,
+                    before_commit=None) -> Path:
     """Write, commit and record a checkpoint; prune the stage's older ones. Collective: every
-    rank calls it. `model` is the Hugging Face model inside the FSDP root. Returns its dir."""
+    rank calls it, and every rank raises `Fenced` if a newer driver attempt owns the run (the
+    staged files are then removed; nothing was committed). `model` is the Hugging Face model
+    inside the FSDP root. `before_commit(staged_dir)` is a fault-injection hook for tests, run
+    on rank 0 after every file is written and before the COMMITTED marker. Returns the dir."""
     path = checkpoint_dir(ledger.run_dir, state.stage, state.step)
+    staged = staging_dir(path, ledger.epoch)
     rank = dist.get_rank()
     if rank == 0:
-        if path.exists():  # a half-written leftover, or this step saved before a restart
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        clear_stale_staging(path.parent, ledger.epoch, path.name)
+        staged.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / DCP_DIR)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=staged / DCP_DIR)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
+    fenced: list[Fenced | None] = [None]
     if rank == 0:
         # The ring attention implementation is a training-time choice; saved configs load
         # anywhere. save_pretrained consumes the dict it is given: hand it a copy.
-        model.save_pretrained(path, state_dict=dict(full))
-        tokenizer.save_pretrained(path)
-        sd = path / STATE_DIR
+        model.save_pretrained(staged, state_dict=dict(full))
+        tokenizer.save_pretrained(staged)
+        sd = staged / STATE_DIR
         sd.mkdir()
         torch.save(scheduler.state_dict(), sd / "scheduler.pt")
         (sd / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
-        mark_committed(path)
-        ledger.commit_checkpoint(state.stage, state.step, path, final=final)
-        prune_checkpoints(ledger, state.stage, keep_last)
-    dist.barrier()  # nobody runs ahead of a checkpoint still being written
+        if before_commit is not None:
+            before_commit(staged)
+        mark_committed(staged)
+        try:
+            ledger.commit_checkpoint(state.stage, state.step, path, final=final, staged=staged)
+            prune_checkpoints(ledger, state.stage, keep_last)
+        except Fenced as e:
+            shutil.rmtree(staged, ignore_errors=True)
+            fenced = [e]
+    # nobody runs ahead of a checkpoint still being written, and all learn if it was refused
+    dist.broadcast_object_list(fenced)
+    if fenced[0] is not None:
+        raise fenced[0]
     return path
 
 
@@ -116,10 +150,11 @@ def prune_checkpoints(ledger: Ledger, stage: str, keep_last: int) -> list[str]:
     them."""
     entry = ledger.read().stages.get(stage)
     old = [c.path for c in (entry.checkpoints if entry else [])][:-keep_last]
+    doomed = [ledger.resolve(rel, f"stages.{stage}.checkpoints path") for rel in old]
     if old:
         ledger.forget_checkpoints(stage, old)
-        for rel in old:
-            shutil.rmtree(ledger.run_dir / rel, ignore_errors=True)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
     return old
 
 
@@ -131,6 +166,7 @@ def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:
     """The stage's final committed checkpoint, the start of the next stage."""
     entry = ledger.read().stages.get(stage)
     for ckpt in reversed(entry.checkpoints if entry else []):
-        if ckpt.final and is_committed(ledger.run_dir / ckpt.path):
-            return ledger.run_dir / ckpt.path
+        path = ledger.resolve(ckpt.path, f"stages.{stage}.checkpoints path")
+        if ckpt.final and is_committed(path):
+            return path
     return None

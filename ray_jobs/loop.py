@@ -5,6 +5,10 @@ stage's device mesh; (2) find where the stage starts, from the ledger; (3) build
 parallelize it (ring attention, activation checkpointing, FSDP2, chunked loss); (4) build the
 optimizer and restore the sharded state when resuming; (5) train: shard each sample zigzag over
 the ring, step, report on a cadence, checkpoint.
+
+Every write to the run (metrics, progress, checkpoints, the ledger) is fenced by the driver
+attempt's epoch (specs/ledger.py): once a newer driver owns the run, every rank of this one
+learns it at the same collective and the worker returns without writing anything more.
 """
 
 from __future__ import annotations
@@ -54,16 +58,40 @@ from ray_jobs.ring_attention import (
 from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
 from ray_jobs.tokenizer import build_tokenizer
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
-from specs.ledger import Ledger, is_committed
+from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
 
 def train_stage_worker(config: WorkerConfig) -> None:
+    """Train one stage; returns early, writing nothing more, once a newer driver owns the run."""
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        _train(config)
+    except Fenced as e:
+        if rank == 0:
+            print(f"[{config.stage.name}] stopped: {e}", flush=True)
+
+
+def on_rank0(rank: int, write) -> None:
+    """Rank 0 calls `write` (a fenced write to the run); every rank learns, at one broadcast,
+    whether it was refused and then raises the same `Fenced`."""
+    fenced: list[Fenced | None] = [None]
+    if rank == 0:
+        try:
+            write()
+        except Fenced as e:
+            fenced = [e]
+    dist.broadcast_object_list(fenced)
+    if fenced[0] is not None:
+        raise fenced[0]
+
+
+def _train(config: WorkerConfig) -> None:
     run, index, run_dir, spec_dir = config.run, config.stage_index, config.run_dir, config.spec_dir
     stage = config.stage
     torch.set_num_threads(run.resources.cpus_per_worker)
     _quiet_logs()
-    ledger = Ledger(run_dir, run.name)
+    ledger = Ledger(run_dir, run.name, epoch=config.epoch)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     gpu = run.resources.device == "gpu"
@@ -119,6 +147,7 @@ def train_stage_worker(config: WorkerConfig) -> None:
         state.step, state.tokens, state.seconds, state.losses = (old.step, old.tokens, old.seconds,
                                                                  old.losses)
         state.init_from, state.init_checksum = old.init_from, old.init_checksum
+    on_rank0(rank, lambda: ledger.record_start(stage.name, state.step))
 
     # 5. Train.
     stream = SampleStream(run, index, tok,
@@ -160,12 +189,14 @@ def train_stage_worker(config: WorkerConfig) -> None:
         state.losses.append(loss_value)
         steps_since += 1
         pending.append({"step": state.step, "loss": loss_value, "time": time.time(),
-                        "pid": os.getpid(), "samples": ids})
+                        "pid": os.getpid(), "epoch": config.epoch, "samples": ids})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
         if checkpoint_now or state.step % every == 0:
-            _write_metrics(run_dir / "metrics" / f"{stage.name}.jsonl", pending, rank, world)
+            records = _gather_metrics(pending, rank, world)
+            on_rank0(rank, lambda: _append_all(ledger, run_dir / "metrics" / f"{stage.name}.jsonl",
+                                               records))
             pending = []
             elapsed = time.perf_counter() - t_report
             metrics = {"stage": stage.name, "step": state.step, "steps": stage.steps,
@@ -177,12 +208,12 @@ def train_stage_worker(config: WorkerConfig) -> None:
             if checkpoint_now:
                 metrics["checkpoint"] = True
                 path = save_checkpoint(ledger, hf_model, tok, opt, sched, state,
-                                       keep_last=run.storage.keep_last, final=final)
+                                       keep_last=run.storage.keep_last, final=final,
+                                       before_commit=config.before_commit)
                 if rank == 0:
                     checkpoint = _ray_pointer(path, ledger.run_dir, state.step)
-            if rank == 0:
-                _append(run_dir / "progress" / f"{stage.name}.jsonl",
-                        {**metrics, "time": time.time()})
+            on_rank0(rank, lambda: ledger.append_line(
+                run_dir / "progress" / f"{stage.name}.jsonl", {**metrics, "time": time.time()}))
             # Ray Train hears only of checkpoints: each report waits for its controller's next
             # poll of the workers (~2 s here), so progress goes to the files the driver tails.
             if checkpoint_now:
@@ -253,22 +284,23 @@ def _from_ray_pointer(run_dir: Path) -> Path | None:
         return None
     with checkpoint.as_directory() as d:
         rel = json.loads((Path(d) / "pointer.json").read_text())["path"]
-    path = run_dir / rel
+    path = contained(run_dir, rel, "the path in Ray Train's checkpoint pointer.json")
     return path if is_committed(path) else None
 
 
-def _write_metrics(path: Path, records: list[dict], rank: int, world: int) -> None:
+def _gather_metrics(records: list[dict], rank: int, world: int) -> list[dict]:
     """Per-step loss and the sample ids every rank actually trained on, gathered per report
-    (not per step: a collective per step would cost more than a tiny model's step)."""
+    (not per step: a collective per step would cost more than a tiny model's step). Rank 0
+    gets the records to write; the others an empty list."""
     gathered = [None] * world
     dist.all_gather_object(gathered, [r["samples"] for r in records])
-    if rank == 0:
-        for i, rec in enumerate(records):
-            _append(path, {**rec,
-                           "samples": sorted({s for per_rank in gathered for s in per_rank[i]})})
+    if rank != 0:
+        return []
+    return [{**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i]})}
+            for i, rec in enumerate(records)]
 
 
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _append_all(ledger: Ledger, path: Path, records: list[dict]) -> None:
+    with ledger.fenced():  # one lock for the report's lines
+        for rec in records:
+            ledger.append_line(path, rec)

@@ -7,9 +7,10 @@ With no --run it trains the embedded default, configs/tiny.yaml. Rerunning the s
 resumes: finished stages are skipped, the current one restarts from its last committed checkpoint.
 
 The driver: (1) check the RunSpec against the filesystem and the Ray cluster, before any worker
-starts; (2) build the tokenizer and the plan; (3) start evaluation and progress; (4) run one
-TorchTrainer per stage (ray_jobs.loop.train_stage_worker), recording stages in the ledger;
-(5) print the summary.
+starts, and take the run (the ledger's next epoch: a driver still running, or the workers of a
+killed one, can no longer write to it); (2) build the tokenizer and the plan; (3) start
+evaluation and progress; (4) run one TorchTrainer per stage (ray_jobs.loop.train_stage_worker),
+recording stages in the ledger; (5) print the summary.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, wri
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
-from specs.ledger import Ledger
+from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec
@@ -111,6 +112,10 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:
         problems.append(str(e))
+    try:  # the ledger of a run being resumed: readable, every path in it inside the run
+        check_ledger(Ledger(run_dir, run.name))
+    except LedgerError as e:
+        problems.append(f"storage: {e}")
     layout = None
     try:  # the degrees, resolved once (specs.degrees.resolve_degrees), or why they cannot be
         if run.resources.cluster:
@@ -122,6 +127,16 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
     if problems:
         raise PreflightError(problems)
     return Prepared(documents=documents, plan=plan, layout=layout)
+
+
+def check_ledger(ledger: Ledger) -> None:
+    """Raise LedgerError if the ledger cannot be read or names a path outside the run."""
+    for name, entry in ledger.read().stages.items():
+        for ckpt in entry.checkpoints:
+            ledger.resolve(ckpt.path, f"{ledger.path}: stages.{name}.checkpoints path")
+        for ev in entry.eval.values():
+            if ev.results:
+                ledger.resolve(ev.results, f"{ledger.path}: stages.{name}.eval results")
 
 
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -198,9 +213,14 @@ def train_stage(config: WorkerConfig) -> None:
     trainer.fit()
 
 
+FENCED_EXIT = 3  # a newer driver took the run over while this one ran
+
+
 def main(argv: list[str] | None = None, *,
-         before_step: Callable[[StepInfo], None] | None = None) -> int:
-    """The driver. `before_step` is a test hook run in every worker before each step."""
+         before_step: Callable[[StepInfo], None] | None = None,
+         before_commit: Callable[[Path], None] | None = None) -> int:
+    """The driver. `before_step` (every worker, before each step) and `before_commit` (rank 0,
+    a checkpoint written but not yet committed) are test hooks for fault injection."""
     args = build_arg_parser().parse_args(argv)
     run = load_or_report(args.run, RunSpec)
     if run is None:
@@ -216,7 +236,10 @@ def main(argv: list[str] | None = None, *,
         print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
               file=sys.stderr)
         return 2
+    # From here this driver owns the run: the workers of any earlier attempt are fenced off.
+    ledger = Ledger(run_dir, run.name).begin_attempt()
     print(run.summary(), flush=True)
+    print(f"driver attempt {ledger.epoch} of run {run.name} ({run_dir})", flush=True)
 
     # 2. Tokenizer (trained once, saved in the run dir) and the cluster plan, if described.
     build_tokenizer(run, run_dir, spec_dir, prepared.documents)
@@ -242,9 +265,9 @@ def main(argv: list[str] | None = None, *,
 
     # 3. Evaluation actors (their own resources) and the progress lines.
     from ray_jobs.progress import ProgressPrinter, render_summary
-    evaluator = _start_eval(run, run_dir)
+    evaluator = _start_eval(run, run_dir, ledger)
     printer = ProgressPrinter(run_dir).start()
-    ledger, wall, code = Ledger(run_dir, run.name), {}, 0
+    wall, code = {}, 0
     try:
         # 4. One trainer per stage; a finished stage is never trained again.
         for index in indices:
@@ -264,7 +287,8 @@ def main(argv: list[str] | None = None, *,
                 train_stage(WorkerConfig(run=run, stage_index=index, run_dir=run_dir,
                                          spec_dir=spec_dir, plan=stage_plan,
                                          workers=prepared.layout.stage(name).dims.world,
-                                         before_step=before_step))
+                                         epoch=ledger.epoch, before_step=before_step,
+                                         before_commit=before_commit))
             except Exception as e:  # Ray Train gave up after failure.max_failures restarts
                 ledger.finish_stage(name, "failed")
                 print(f"[{name}] failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
@@ -272,6 +296,9 @@ def main(argv: list[str] | None = None, *,
                 break
             wall[name] = time.perf_counter() - t0
             ledger.finish_stage(name, "done")
+    except Fenced as e:  # its workers stopped at their next write; so does the driver
+        print(f"{args.run}: stopped: {e}", file=sys.stderr, flush=True)
+        code = FENCED_EXIT
     finally:
         printer.stop()
         if evaluator is not None:
@@ -281,7 +308,7 @@ def main(argv: list[str] | None = None, *,
     return code
 
 
-def _start_eval(run: RunSpec, run_dir: Path):
+def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger):
     if not run.eval.enabled:
         return None
     try:
@@ -290,7 +317,7 @@ def _start_eval(run: RunSpec, run_dir: Path):
         print(f"eval: enabled but ray_jobs.eval is not available ({e}); checkpoints are not "
               "evaluated", file=sys.stderr, flush=True)
         return None
-    scheduler = EvalScheduler(run, run_dir)
+    scheduler = EvalScheduler(run, run_dir, ledger=ledger)
     scheduler.start()
     return scheduler
 

@@ -31,8 +31,10 @@ class StepInfo:
 class WorkerConfig:
     """Everything a worker needs to train one stage, validated once on the driver.
 
-    `before_step` is for tests only (fault injection): it is set through the Python API
-    (`ray_jobs.train.main(..., before_step=...)`), never from a RunSpec or the command line.
+    `epoch` is the driver attempt's (specs.ledger fencing): the workers write to the run only
+    while it owns the run. `before_step` and `before_commit` are for tests only (fault
+    injection): they are set through the Python API (`ray_jobs.train.main(...)`), never from a
+    RunSpec or the command line.
     """
 
     run: RunSpec
@@ -41,7 +43,9 @@ class WorkerConfig:
     spec_dir: Path  # the RunSpec file's directory: relative paths in it start here
     plan: StagePlan | None  # the driver's plan of the stage; None: plan where Ray put workers
     workers: int  # ring x dp of the stage: how many workers it starts (<= resources.workers)
+    epoch: int | None = None  # None: unfenced (a test or benchmark calling the loop directly)
     before_step: Callable[[StepInfo], None] | None = None
+    before_commit: Callable[[Path], None] | None = None  # rank 0, files written, no marker yet
 
     @property
     def stage(self) -> StageSpec:

@@ -5,6 +5,19 @@ checkpoints that were committed: written completely, then marked with a COMMITTE
 update is a locked read-modify-write that replaces the file atomically (write a temporary file,
 fsync, rename), so a reader sees the old document or the new one, never half of one.
 
+One writer per run (fencing). Each driver attempt takes the next `epoch` under the lock
+(`Ledger.begin_attempt`) and hands it to its workers. Every write of a run's shared state (a
+ledger update, a metrics or progress line, a checkpoint's move into place) happens under the
+lock after checking that the ledger's epoch is still the writer's; once a newer driver has
+taken over, a straggler of the old one (a worker Ray has not killed yet) gets `Fenced` and
+writes nothing. Checkpoints are written into a staging directory named by their epoch and
+renamed into place under the lock, so a straggler can never write into a directory the new
+attempt reads or writes.
+
+Every path stored in the ledger is relative to the run directory and must stay inside it:
+`Ledger.resolve` refuses one that leaves it (by `..`, an absolute path or a symlink), so an
+edited or corrupted ledger cannot make ringpilot read or delete anything else.
+
 Layout of a run directory (``<storage.path>/<run name>/``)::
 
     ledger.json
@@ -20,16 +33,47 @@ import datetime as dt
 import fcntl
 import json
 import os
+import shutil
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.atomic import atomic_write, fsync_dir
 
 COMMITTED = "COMMITTED"
 LEDGER_FILE = "ledger.json"
+
+
+class LedgerError(ValueError):
+    """The ledger file cannot be trusted (unreadable, not a ledger, or a path in it leaves the
+    run directory). Never repaired silently: the message says what to do."""
+
+
+class Fenced(RuntimeError):
+    """A newer driver attempt owns the run; this writer's epoch is over. Stop, write nothing."""
+
+    def __init__(self, mine: int, current: int, holder: str = ""):
+        super().__init__(f"driver attempt {mine} was superseded by attempt {current}"
+                         + (f" ({holder})" if holder else "")
+                         + "; the newer driver owns the run and this one stops without writing")
+        self.mine, self.current, self.holder = mine, current, holder
+
+    def __reduce__(self):  # crosses process boundaries (broadcast to every rank, Ray errors)
+        return Fenced, (self.mine, self.current, self.holder)
+
+
+def _relative_inside(value: str | None) -> str | None:
+    """A stored path: relative, normalised, without `..` (checked when the ledger is read)."""
+    if value is None:
+        return value
+    parts = Path(value).parts
+    if not value or Path(value).is_absolute() or ".." in parts:
+        raise ValueError(f"{value!r} is not a path inside the run directory (relative, no '..')")
+    return value
 
 
 class _Doc(BaseModel):
@@ -41,6 +85,9 @@ class CheckpointEntry(_Doc):
     path: str = Field(description="Checkpoint directory, relative to the run directory.")
     committed_at: str = Field(description="UTC time the COMMITTED marker was written.")
     final: bool = Field(False, description="The stage's last checkpoint.")
+    epoch: int = Field(0, ge=0, description="The driver attempt that committed it.")
+
+    _inside = field_validator("path")(_relative_inside)
 
 
 class EvalEntry(_Doc):
@@ -50,6 +97,14 @@ class EvalEntry(_Doc):
     results: str | None = Field(None, description="results.json, relative to the run directory.")
     error: str | None = None
 
+    _inside = field_validator("results")(_relative_inside)
+
+
+class StartEntry(_Doc):
+    epoch: int = Field(ge=0, description="The driver attempt whose workers started.")
+    step: int = Field(ge=0, description="The step training (re)started from.")
+    at: str = Field(description="UTC time of the start.")
+
 
 class StageEntry(_Doc):
     state: Literal["pending", "running", "done", "failed"] = "pending"
@@ -57,12 +112,16 @@ class StageEntry(_Doc):
     eval: dict[str, EvalEntry] = Field(default_factory=dict,
                                        description="Keyed by checkpoint path.")
     attempts: int = Field(0, ge=0, description="Times the stage was started.")
+    starts: list[StartEntry] = Field(default_factory=list,
+                                     description="Every start of its workers, restarts included.")
 
 
 class LedgerDoc(_Doc):
     run: str
     stages: dict[str, StageEntry] = Field(default_factory=dict)
     updated_at: str = ""
+    epoch: int = Field(0, ge=0, description="The driver attempt that owns the run.")
+    holder: str = Field("", description="Who took the current epoch: host, pid, time.")
 
     def latest_checkpoint(self, stage: str) -> CheckpointEntry | None:
         entry = self.stages.get(stage)
@@ -91,36 +150,102 @@ def mark_committed(checkpoint_dir: str | Path) -> None:
 
 
 class Ledger:
-    """A run's ledger file; safe to use from several processes on one filesystem."""
+    """A run's ledger file; safe to use from several processes on one filesystem.
 
-    def __init__(self, run_dir: str | Path, run_name: str | None = None):
+    `epoch` None: an unfenced reader or tool. An int: a writer of that driver attempt, whose
+    every update (and every `fenced()` block) is refused with `Fenced` once the run's epoch has
+    moved on."""
+
+    def __init__(self, run_dir: str | Path, run_name: str | None = None,
+                 epoch: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEDGER_FILE
         self.run_name = run_name or self.run_dir.name
+        self.epoch = epoch
+        self._held = threading.local()  # lock depth in this thread: fenced() may call update()
 
     def read(self) -> LedgerDoc:
-        if not self.path.exists():
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return LedgerDoc(run=self.run_name)
-        return LedgerDoc.model_validate_json(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise LedgerError(f"{self.path}: cannot read the run ledger ({e}); restore it from a "
+                              "backup or point storage.path / name at another run") from e
+        try:
+            return LedgerDoc.model_validate_json(text)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+            what = ("it is not complete JSON (truncated or overwritten)"
+                    if first.get("type", "").startswith("json") else
+                    f"{where}: {first.get('msg', 'invalid')}")
+            raise LedgerError(f"{self.path}: not a valid run ledger: {what}. ringpilot does not "
+                              "reset a ledger (it lists the committed checkpoints): restore it "
+                              "from a backup, or move the run directory aside to start over"
+                              ) from None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / ".ledger.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        if getattr(self._held, "depth", 0):  # this thread holds the lock already
+            self._held.depth += 1
             try:
                 yield
             finally:
+                self._held.depth -= 1
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".ledger.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _check_epoch(self, doc: LedgerDoc) -> None:
+        if self.epoch is not None and doc.epoch != self.epoch:
+            raise Fenced(self.epoch, doc.epoch, doc.holder)
+
+    @contextlib.contextmanager
+    def fenced(self) -> Iterator[LedgerDoc]:
+        """Hold the lock while this writer's epoch is the run's: shared files written inside
+        cannot be written by a superseded attempt. Raises `Fenced` otherwise."""
+        with self._locked():
+            doc = self.read()
+            self._check_epoch(doc)
+            yield doc
 
     def update(self, change: Callable[[LedgerDoc], None]) -> LedgerDoc:
         """Apply `change` to the current document and replace the file atomically."""
-        with self._locked():
-            doc = self.read()
+        with self.fenced() as doc:
             change(doc)
             doc.updated_at = _now()
             atomic_write(self.path, json.dumps(doc.model_dump(mode="json"), indent=2) + "\n")
             return doc
+
+    def begin_attempt(self) -> Ledger:
+        """Take the run for a new driver attempt: the next epoch, under the lock. Returns this
+        ledger as that attempt's writer; every older attempt's writes are refused from now on."""
+        holder = f"{socket.gethostname()} pid {os.getpid()} at {_now()}"
+        with self._locked():
+            doc = self.read()
+            doc.epoch, doc.holder, doc.updated_at = doc.epoch + 1, holder, _now()
+            atomic_write(self.path, json.dumps(doc.model_dump(mode="json"), indent=2) + "\n")
+        return Ledger(self.run_dir, self.run_name, epoch=doc.epoch)
+
+    def resolve(self, rel: str | Path, what: str = "a path in the ledger") -> Path:
+        """`run_dir / rel`, refused with LedgerError unless it stays inside the run directory
+        once symlinks are followed."""
+        return contained(self.run_dir, rel, what)
+
+    def append_line(self, path: Path, record: dict) -> None:
+        """Append one JSON line to a shared file of the run, fenced (metrics, progress)."""
+        with self.fenced():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def stage(self, doc: LedgerDoc, name: str) -> StageEntry:
         return doc.stages.setdefault(name, StageEntry())
@@ -132,21 +257,39 @@ class Ledger:
         return self.update(change)
 
     def commit_checkpoint(self, stage: str, step: int, checkpoint_dir: str | Path,
-                          *, final: bool = False) -> CheckpointEntry:
-        """Record a checkpoint whose COMMITTED marker exists; refuse one without it."""
+                          *, final: bool = False, staged: str | Path | None = None
+                          ) -> CheckpointEntry:
+        """Record a checkpoint whose COMMITTED marker exists; refuse one without it.
+
+        `staged`: the directory it was written in, moved to `checkpoint_dir` under the lock
+        (replacing a leftover there) only if this writer still owns the run."""
         checkpoint_dir = Path(checkpoint_dir)
-        if not is_committed(checkpoint_dir):
-            raise ValueError(f"checkpoint {checkpoint_dir} has no {COMMITTED} marker; call "
+        written = Path(staged) if staged is not None else checkpoint_dir
+        if not is_committed(written):
+            raise ValueError(f"checkpoint {written} has no {COMMITTED} marker; call "
                              "mark_committed() after all of its files are written")
         rel = os.path.relpath(checkpoint_dir, self.run_dir)
-        entry = CheckpointEntry(step=step, path=rel, committed_at=_now(), final=final)
+        entry = CheckpointEntry(step=step, path=rel, committed_at=_now(), final=final,
+                                epoch=self.epoch or 0)
 
         def change(doc: LedgerDoc) -> None:
+            if staged is not None:  # under the lock, after the epoch check
+                if checkpoint_dir.exists():
+                    shutil.rmtree(checkpoint_dir)
+                os.replace(written, checkpoint_dir)
+                fsync_dir(checkpoint_dir.parent)
             st = self.stage(doc, stage)
             st.checkpoints = [c for c in st.checkpoints if c.path != rel] + [entry]
             st.checkpoints.sort(key=lambda c: c.step)
         self.update(change)
         return entry
+
+    def record_start(self, stage: str, step: int) -> LedgerDoc:
+        """Workers of this attempt (re)started `stage` from `step`."""
+        def change(doc: LedgerDoc) -> None:
+            self.stage(doc, stage).starts.append(
+                StartEntry(epoch=self.epoch or 0, step=step, at=_now()))
+        return self.update(change)
 
     def finish_stage(self, name: str, state: Literal["done", "failed"] = "done") -> LedgerDoc:
         def change(doc: LedgerDoc) -> None:
@@ -170,7 +313,18 @@ class Ledger:
         doc = self.read()
         entry = doc.stages.get(stage)
         for ckpt in reversed(entry.checkpoints if entry else []):
-            path = self.run_dir / ckpt.path
+            path = self.resolve(ckpt.path, f"stages.{stage}.checkpoints path")
             if is_committed(path):
                 return path
         return None
+
+
+def contained(root: str | Path, rel: str | Path, what: str) -> Path:
+    """`root / rel`; LedgerError unless, symlinks followed, it stays inside `root`."""
+    real_root = Path(root).resolve()
+    real = (real_root / rel).resolve()
+    if real != real_root and real_root not in real.parents:
+        raise LedgerError(f"{what}: {str(rel)!r} leads to {real}, outside the run directory "
+                          f"{real_root}; a run only reads and deletes inside its own directory. "
+                          "Fix or restore the file that holds this path")
+    return Path(root) / rel  # as the caller named the run directory (relative paths stay so)

@@ -27,7 +27,7 @@ from typing import Literal
 from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, plan_lengths
-from specs.ledger import EvalEntry, Ledger, is_committed
+from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
 log = logging.getLogger("ringpilot.eval")
@@ -52,7 +52,7 @@ class EvalRequest:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / self.checkpoint
+        return contained(self.run_dir, self.checkpoint, "the checkpoint path in the ledger")
 
     @property
     def out_dir(self) -> Path:
@@ -141,9 +141,10 @@ class EvalScheduler:
 
     def __init__(self, run: RunSpec, run_dir: str | Path, *,
                  max_length: int = MAX_TOKENS_PER_EVALUATOR,
-                 evaluate_fn: EvaluateFn | None = None):
+                 evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None):
         self.run, self.run_dir, self.max_length = run, Path(run_dir), max_length
-        self.ledger = Ledger(self.run_dir, run.name)
+        # the driver's fenced ledger: a superseded driver's scheduler records nothing more
+        self.ledger = ledger or Ledger(self.run_dir, run.name)
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: evaluate_request
         self._handled: set[str] = set()
         self._current: _Running | None = None
@@ -212,7 +213,7 @@ class EvalScheduler:
                 done = entry.eval.get(ckpt.path)
                 if ckpt.path in self._handled or (done and done.status in ("done", "failed")):
                     continue
-                if is_committed(self.run_dir / ckpt.path):
+                if is_committed(self.ledger.resolve(ckpt.path, f"stages.{stage}.checkpoints")):
                     found.append((order.get(stage, len(order)), ckpt.step, stage, ckpt.path))
         return [(stage, path) for *_, stage, path in sorted(found)]
 
@@ -232,8 +233,16 @@ class EvalScheduler:
         request = self._request(stage, path, attempt)
         ref = self._actor.evaluate.remote(request, self._evaluate_fn)
         self._current = _Running(request=request, ref=ref)
-        self.ledger.record_eval(stage, path, EvalEntry(status="running", attempts=attempt))
+        self._record(stage, path, EvalEntry(status="running", attempts=attempt))
         log.info("evaluating %s (attempt %d)", path, attempt)
+
+    def _record(self, stage: str, path: str, entry: EvalEntry) -> None:
+        try:
+            self.ledger.record_eval(stage, path, entry)
+        except Fenced as e:  # a newer driver owns the run (and evaluates its checkpoints)
+            if not self._halt.is_set():
+                log.warning("evaluation scheduler stops: %s", e)
+            self._halt.set()
 
     def _check_current(self) -> None:
         import ray
@@ -277,7 +286,7 @@ class EvalScheduler:
         cur, self._current = self._current, None
         req = cur.request
         self._handled.add(req.checkpoint)
-        self.ledger.record_eval(req.stage, req.checkpoint, EvalEntry(
+        self._record(req.stage, req.checkpoint, EvalEntry(
             status=status, attempts=req.attempt, scores=scores or {}, results=results,
             error=error))
         self.history.append(Finished(path=req.checkpoint, status=status, attempts=req.attempt,

@@ -31,3 +31,28 @@ class CrashOnce:
         marker.touch()
         print(f"[test] worker {info.rank} exits at {info.stage} step {info.step}", flush=True)
         os._exit(1)
+
+
+@dataclass(frozen=True)
+class StaleWriteOnce:
+    """A `before_step` hook: rank 0 writes a metrics line as driver attempt `epoch` would (a
+    straggler of a superseded driver), once, at `stage`'s `step`, and records in
+    `<run>/.stale-write-<epoch>` whether the write was refused."""
+
+    stage: str
+    step: int
+    epoch: int
+
+    def __call__(self, info: StepInfo) -> None:
+        from specs.ledger import Fenced, Ledger
+
+        outcome = Path(info.run_dir) / f".stale-write-{self.epoch}"
+        if (info.stage, info.step) != (self.stage, self.step) or info.rank or outcome.exists():
+            return
+        stale = Ledger(info.run_dir, epoch=self.epoch)
+        try:
+            stale.append_line(Path(info.run_dir) / "metrics" / f"{info.stage}.jsonl",
+                              {"step": info.step + 1, "stale": True, "epoch": self.epoch})
+            outcome.write_text("written")
+        except Fenced as e:
+            outcome.write_text(f"refused: {e}")

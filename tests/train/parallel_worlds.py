@@ -267,3 +267,31 @@ def checkpoint_round_trip(rank, world, run_dir):
                for a, b in zip(root.parameters(), root2.parameters()))
     return {"loads": loads, "state_devices": sorted(devices), "weights_equal": same,
             "state_entries": len(opt2.state), "scheduler_step": sched2.last_epoch}
+
+
+def stale_checkpoint_refused(rank, world, run_dir):
+    """Two ranks of driver attempt 1 train a step; attempt 2 takes the run; their checkpoint
+    must be refused on every rank."""
+    from ray_jobs import checkpoint as ckpt
+    from specs.ledger import Fenced, Ledger
+
+    ledger = Ledger(run_dir, "r")
+    if rank == 0:
+        ledger = ledger.begin_attempt()
+    epochs = [ledger.epoch]
+    dist.broadcast_object_list(epochs)
+    ledger = Ledger(run_dir, "r", epoch=epochs[0])
+    layout, root, opt = _setup(2, 1, 2, ac=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _step(layout, root, *next(batches(1, 1)))
+    opt.step()
+    if rank == 0:
+        Ledger(run_dir, "r").begin_attempt()  # a new driver takes over
+    dist.barrier()
+    state = ckpt.TrainerState(stage="s", stage_index=0, step=1)
+    try:
+        ckpt.save_checkpoint(ledger, root.model, _Tokenizer(), opt, sched, state, keep_last=1,
+                             final=False)
+    except Fenced as e:
+        return {"fenced": str(e).split(" (")[0]}
+    return {"fenced": None}

@@ -15,7 +15,7 @@ import pytest
 from ray_jobs.checkpoint import read_state
 from ray_jobs.train import main
 from specs.ledger import COMMITTED, Ledger
-from tests.support.faults import CrashOnce, crash_marker
+from tests.support.faults import CrashOnce, StaleWriteOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec
 
 pytestmark = pytest.mark.ray
@@ -89,6 +89,10 @@ def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path):
 
 
 def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tmp_path):
+    """A killed driver's workers may live on for a while; the rerun takes the next epoch, and
+    from then on nothing of the old attempt is written (fencing, specs/ledger.py). Deterministic:
+    a stale write is injected during the rerun and must be refused; the ordering of the records
+    in the file proves no old-epoch line landed after the new attempt's first."""
     spec = write_spec(tmp_path / "run.yaml", mini_spec(
         tmp_path / "runs", **{"stages.1.steps": 40, "storage.checkpoint_every": 3}))
     run_dir = tmp_path / "runs" / "mini"
@@ -105,25 +109,33 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    resumed_from = ledger.latest_committed("s128")
-    step = int(resumed_from.name.split("-")[1])
-    assert 0 < step < 40
+    step = int(ledger.latest_committed("s128").name.split("-")[1])
+    assert 0 < step < 40 and ledger.read().epoch == 1
     # a newer checkpoint left half-written (no COMMITTED marker) must be ignored
     torn = run_dir / "checkpoints" / "s128" / f"step-{step + 1:06d}"
     torn.mkdir(parents=True, exist_ok=True)
     (torn / "config.json").write_text("{")
     assert not (torn / COMMITTED).exists()
-    before = len((run_dir / "metrics" / "s128.jsonl").read_text().splitlines())
 
-    assert main(["--run", str(spec), "--address", ray_cluster]) == 0
+    stale = StaleWriteOnce("s128", 39, epoch=1)  # during the rerun, as attempt 1's straggler
+    assert main(["--run", str(spec), "--address", ray_cluster], before_step=stale) == 0
 
     doc = ledger.read()
+    assert doc.epoch == 2
     assert (doc.stages["s64"].attempts, doc.stages["s128"].attempts) == (1, 2)
     assert doc.stages["s128"].state == "done"
+    assert (run_dir / ".stale-write-1").read_text().startswith(
+        "refused: driver attempt 1 was superseded by attempt 2")
     records = [json.loads(x) for x in (run_dir / "metrics" / "s128.jsonl").read_text().splitlines()]
-    assert records[before]["step"] == step + 1  # first step after the rerun follows the checkpoint
-    assert read_state(ledger.latest_committed("s128")).step == 40
-    assert len(read_state(ledger.latest_committed("s128")).losses) == 40
+    assert not any(r.get("stale") for r in records)
+    first = next(i for i, r in enumerate(records) if r["epoch"] == 2)
+    assert all(r["epoch"] == 2 for r in records[first:])  # no old-attempt line after the takeover
+    (start,) = [s for s in doc.stages["s128"].starts if s.epoch == 2]
+    assert start.step >= step  # the checkpoint seen at the kill, or one its stragglers committed
+    assert records[first]["step"] == start.step + 1  # the rerun follows its checkpoint
+    assert [r["step"] for r in records[first:]] == list(range(start.step + 1, 41))
+    final = read_state(ledger.latest_committed("s128"))
+    assert final.step == 40 and len(final.losses) == 40
 
 
 def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
