@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `ringpilot ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a file it was told to read or write: the user's to fix, one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"ringpilot {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -69,6 +69,17 @@ def test_cli_plan_bad_what_if(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["/proc/x", "under-a-file"])
+def test_cli_plan_out_that_cannot_be_created_is_one_line(tmp_path, capsys, where):
+    if where == "under-a-file":
+        (tmp_path / "f").write_text("a file, not a directory")
+        where = str(tmp_path / "f" / "report")
+    rc = ringpilot(["plan", "--run", str(ROOT / "configs/llama3-8b-1m.yaml"), "--out", where])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"ringpilot plan: --out {where}: cannot create or write it (")
+
+
 def test_cli_plan_too_small_cluster(tmp_path, capsys):
     rc = ringpilot(["plan", "--run", str(ROOT / "configs/llama3-8b-1m.yaml"), "--cluster",
                     str(ROOT / "configs/clusters/l40s-8x-2s.yaml"), "--out", str(tmp_path)])
