@@ -1,7 +1,9 @@
 """One active operator at a time: a coordination.k8s.io/v1 Lease held while kopf runs.
 
 Kopf's own peering would freeze every replica when two share a priority and needs an extra
-cluster-wide CRD; a Lease is the Kubernetes-native lock and needs only namespaced RBAC.
+cluster-wide CRD; a Lease is the Kubernetes-native lock and needs only namespaced RBAC: get,
+create and update (every write is a full replace carrying the resourceVersion that was read, as
+client-go's LeaseLock does, so of two replicas racing for the Lease one gets 409 Conflict).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("ringpilot.operator")
-LEASE_SECONDS = 30
+# The e2e tests shorten the lease so that renewals happen while they run.
+LEASE_SECONDS = int(os.environ.get("RINGPILOT_LEASE_SECONDS", "30"))
 RENEW_SECONDS = 10
 
 
@@ -83,16 +86,15 @@ class LeaseHolder:
         step = plan_lease(spec if current is not None else None, self.identity, now)
         if step == "wait":
             return False
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": build_lease_spec(self.identity, now, spec, self.seconds)}
+        lease_spec = build_lease_spec(self.identity, now, spec, self.seconds)
         try:
             if current is None:
-                self.coord.create_namespaced_lease(self.namespace, body)
+                self.coord.create_namespaced_lease(self.namespace, {
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace},
+                    "spec": lease_spec})
             else:
-                # resourceVersion makes the patch conditional: of two racers one gets 409.
-                body["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
-                self.coord.patch_namespaced_lease(self.name, self.namespace, body)
+                self._replace(current, lease_spec)
         except ApiException as e:
             if e.status in (409, 422):
                 return False
@@ -101,14 +103,20 @@ class LeaseHolder:
             log.info("lease %s/%s acquired by %s", self.namespace, self.name, self.identity)
         return True
 
+    def _replace(self, current: dict[str, Any], spec: dict[str, Any]) -> None:
+        """Write `spec` over the Lease read as `current`: the resourceVersion read makes the
+        write conditional (409 if anyone wrote in between), and `update` is all it needs."""
+        body = {**current, "spec": spec}
+        self.coord.replace_namespaced_lease(self.name, self.namespace, body)
+
     def release(self) -> None:
         """Let a successor take over at once instead of after the lease duration."""
         current = self._read()
-        if current is None or (current.get("spec") or {}).get("holderIdentity") != self.identity:
+        spec = (current or {}).get("spec") or {}
+        if current is None or spec.get("holderIdentity") != self.identity:
             return
-        self.coord.patch_namespaced_lease(self.name, self.namespace, {
-            "metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
-            "spec": {"holderIdentity": None}})
+        # An explicit null: a replace drops the holder on any server, even one that merges.
+        self._replace(current, {**spec, "holderIdentity": None})
 
     def keep(self, stop: threading.Event) -> None:
         """Renew until `stop`; if renewing fails past the lease duration, exit the process so

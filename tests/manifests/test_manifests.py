@@ -279,7 +279,7 @@ ALLOWED = {  # (apiGroup, resource): verbs the operator may have
     ("ray.io", "rayclusters"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "events"): {"create", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
 }
 CLUSTER_ALLOWED = {("", "nodes"): {"get", "list", "watch"}}
 

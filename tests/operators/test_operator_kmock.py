@@ -12,12 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.manifests.conftest import kustomize
+from tests.operators.authz import BOOTSTRAP_POLICY
 from tests.operators.conftest import REPO, tiny_spec
 from tests.operators.kmock_server import KMockThread
+from tests.operators.operator_rbac import OPERATOR_CALLS, call_key, operator_identity
 
-NS = "ml"
+NS = "ringpilot"  # where manifests/ installs the operator, which serves its own namespace
 TRAININGS = f"/apis/ringpilot.io/v1alpha1/namespaces/{NS}/stagedtrainings"
 RAYJOBS = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
+LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/ringpilot-operator"
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 8.0) -> object:
@@ -33,16 +37,20 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 8.0) -> ob
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[KMockThread]:
-    with KMockThread(tmp_path) as server:
+    """The emulated API, enforcing the RBAC that `kubectl apply -k manifests/` installs."""
+    docs = kustomize("")
+    ns, identity = operator_identity(docs)
+    assert ns == NS, f"manifests/ installs the operator in {ns}; the e2e tests expect {NS}"
+    with KMockThread(tmp_path, [*docs, *BOOTSTRAP_POLICY], identity, NS) as server:
         yield server
 
 
 def start_operator(api: KMockThread, tmp_path: Path, identity: str | None) -> subprocess.Popen:
     """`kopf run` directly, or `python -m operators` (Lease first) when given an identity."""
     env = {**os.environ, "KUBECONFIG": str(api.kubeconfig()), "RINGPILOT_POLL_SECONDS": "0.5",
-           "RINGPILOT_BACKOFF_SECONDS": "0.2", "PYTHONPATH": str(REPO),
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    log = open(tmp_path / "operator.log", "w")
+           "RINGPILOT_BACKOFF_SECONDS": "0.2", "RINGPILOT_LEASE_SECONDS": "3",
+           "PYTHONPATH": str(REPO), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    log = open(tmp_path / "operator.log", "a")
     if identity is None:  # --verbose: the log is printed when a test fails
         cmd = ["-m", "kopf", "run", "--verbose", "--standalone", "--namespace", NS,
                "-m", "operators.handlers"]
@@ -52,25 +60,57 @@ def start_operator(api: KMockThread, tmp_path: Path, identity: str | None) -> su
                             stderr=subprocess.STDOUT)
 
 
+class Operators:
+    """The operator processes a test starts (`operator()` starts one), all as the manifests'
+    ServiceAccount; `check_calls()` ends the test by judging everything they asked the API."""
+
+    def __init__(self, api: KMockThread, tmp_path: Path, test: str):
+        self.api, self.tmp_path, self.test = api, tmp_path, test
+        self.procs: list[subprocess.Popen] = []
+
+    def __call__(self, identity: str | None = None) -> subprocess.Popen:
+        self.procs.append(start_operator(self.api, self.tmp_path, identity))
+        return self.procs[-1]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def check_nothing_forbidden(self) -> None:
+        forbidden = [str(d) for d in self.api.decisions(self.api.operator) if not d.allowed]
+        assert not forbidden, "the operator's Role does not allow:\n" + "\n".join(forbidden)
+
+    def check_calls(self) -> None:
+        """Stop the operators (shutdown calls count too), then: the API forbade nothing they
+        asked, they asked nothing OPERATOR_CALLS leaves out, and they made every call that
+        OPERATOR_CALLS says this test makes."""
+        self.stop()
+        self.check_nothing_forbidden()
+        decisions = self.api.decisions(self.api.operator)
+        made = {call_key(d.attributes) for d in decisions if d.attributes.resource_request}
+        assert made <= set(OPERATOR_CALLS), \
+            f"calls missing from OPERATOR_CALLS: {sorted(made - set(OPERATOR_CALLS))}"
+        due = {k for k, (_, test) in OPERATOR_CALLS.items() if test == self.test}
+        assert due <= made, f"OPERATOR_CALLS says {self.test} makes {sorted(due - made)}"
+
+
 @pytest.fixture
-def operator(api: KMockThread, tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-
-    def start(identity: str | None = None) -> subprocess.Popen:
-        procs.append(start_operator(api, tmp_path, identity))
-        return procs[-1]
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def operator(api: KMockThread, tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[Operators]:
+    operators = Operators(api, tmp_path, request.node.name)
+    yield operators
+    operators.stop()
     log = tmp_path / "operator.log"
     if log.exists():
         sys.stdout.write(log.read_text()[-4000:])  # shown by pytest when a test fails
+    for d in api.decisions(api.operator):
+        if not d.allowed:
+            sys.stdout.write(f"{d}\n")
 
 
 def create_training(api: KMockThread, retries: int) -> None:
@@ -126,6 +166,13 @@ def test_stages_advance_retry_and_give_up(api, operator, tmp_path):
     # No cleanup needs the operator (owner references cascade), so it adds no finalizer.
     meta = api.request("GET", f"{TRAININGS}/tiny")["metadata"]
     assert not meta.get("finalizers")
+    operator.check_calls()
+
+
+def lease_writes(api: KMockThread) -> int:
+    """How many times the operator tried to write over the Lease (whether allowed or not)."""
+    return sum(1 for d in api.decisions(api.operator) if d.attributes.resource == "leases"
+               and d.attributes.verb in ("update", "patch"))
 
 
 def test_operator_restart_resumes_mid_stage(api, operator):
@@ -133,23 +180,20 @@ def test_operator_restart_resumes_mid_stage(api, operator):
     create_training(api, retries=1)
     wait_for("the first stage's RayJob", lambda: "tiny-s256-a1" in jobs(api))
     wait_for("status Running", lambda: status(api).get("phase") == "Running")
+    # RINGPILOT_LEASE_SECONDS=3: a renewal every second, which the Role must allow.
+    wait_for("a renewal of the Lease", lambda: lease_writes(api) >= 1)
+    operator.check_nothing_forbidden()
     first.send_signal(signal.SIGINT)
     first.wait(15)
     # While the operator is down the stage finishes; the new one must pick up from there.
     set_job_status(api, "tiny-s256-a1", "SUCCEEDED", "Complete")
-    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
-                        "ringpilot-operator")
-    assert lease["spec"].get("holderIdentity") is None  # released on a clean stop
+    assert api.request("GET", LEASE)["spec"].get("holderIdentity") is None  # released
     operator("replica-b")
     wait_for("the second stage's RayJob after restart", lambda: "tiny-s1k-a1" in jobs(api))
     assert "tiny-s256-a2" not in jobs(api)
     wait_for("status at s1k", lambda: status(api).get("current_stage") == "s1k")
-    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
-                        "ringpilot-operator")
-    assert lease["spec"]["holderIdentity"] == "replica-b"
-    lease = api.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/"
-                        "ringpilot-operator")
-    assert lease["spec"]["holderIdentity"] == "replica-b"
+    assert api.request("GET", LEASE)["spec"]["holderIdentity"] == "replica-b"
+    operator.check_calls()
 
 
 def test_lost_node_is_excluded_from_the_retry(api, operator):
@@ -174,3 +218,23 @@ def test_lost_node_is_excluded_from_the_retry(api, operator):
     wait_for("n1 excluded in status", lambda: status(api).get("excluded_nodes") == ["n1"])
     reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
     assert "Replanned" in reasons
+    operator.check_calls()
+
+
+def test_spec_edit_deletes_the_removed_stage_and_rewrites_the_run_file(api, operator):
+    operator()
+    create_training(api, retries=1)
+    wait_for("the first stage's RayJob", lambda: "tiny-s256-a1" in jobs(api))
+    wait_for("status Running at s256", lambda: status(api).get("current_stage") == "s256")
+    # The edit drops the running stage; KMock bumps no generation, so the patch does.
+    stages = tiny_spec()["stages"][1:]
+    api.request("PATCH", f"{TRAININGS}/tiny",
+                {"metadata": {"generation": 2}, "spec": {"stages": stages}},
+                content_type="application/merge-patch+json")
+    wait_for("the removed stage's RayJob deleted", lambda: "tiny-s256-a1" not in jobs(api))
+    wait_for("the next stage's RayJob", lambda: "tiny-s1k-a1" in jobs(api))
+    run_yaml = api.request("GET", f"/api/v1/namespaces/{NS}/configmaps/tiny-run")["data"]
+    assert "s256" not in run_yaml["run.yaml"]
+    reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
+    assert {"SpecChanged", "StageRemoved"} <= reasons
+    operator.check_calls()
