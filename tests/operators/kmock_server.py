@@ -4,8 +4,9 @@ Two things KMock leaves out are added, because ringpilot's correctness on a real
 depends on them. Like a real apiserver it authorises every request by RBAC
 (tests/operators/authz.py) against the Roles and bindings it is given, answers 403 to what they
 do not allow, and records every decision, so a test can say which calls the operator made and
-that none was denied. And it stamps a new resourceVersion on every write and serves PUT as a
-whole-object replace that a stale resourceVersion turns into 409 Conflict (the Lease's lock).
+that none was denied. And it stamps a new resourceVersion on every write, answers a create with
+201 Created, and serves PUT as a whole-object replace that a stale resourceVersion turns into
+409 Conflict (the Lease's lock).
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ class StrictEmulator(kmock.KubernetesEmulator):
             # Every write moves the object to a new resourceVersion, as on a real apiserver
             # (KMock stores and merges what it is given, so the stamp goes into the body).
             request.data.setdefault("metadata", {})["resourceVersion"] = str(next(self.versions))
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if method == "POST" and request.resource is not None and response.status == 200:
+            # 201 Created, as the apiserver answers: kubernetes' client returns None for a 200.
+            response.set_status(201)
+        return response
 
     async def _replace(self, request: kmock.Request, a: Attributes) -> aiohttp.web.Response:
         """Store the body as the object's next version; a body naming a resourceVersion other

@@ -235,3 +235,11 @@ def test_emulator_replaces_with_optimistic_locking(operator_api):
                                        {**first, "spec": {"holderIdentity": "you"}})
     assert stale.value.status == 409
     assert coord.read_namespaced_lease("x", server.namespace).spec.holder_identity == "me"
+
+
+def test_emulator_answers_a_create_with_201_and_the_object(operator_api):
+    server, api = operator_api
+    job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "j"}, "spec": {}}
+    created = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "ray.io", "v1", server.namespace, "rayjobs", job)
+    assert created["metadata"]["name"] == "j" and created["metadata"]["resourceVersion"]
