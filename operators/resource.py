@@ -85,7 +85,9 @@ class StagedTrainingSpec(RunSpec):
     """A RunSpec (the same YAML as `--run`) plus where on Kubernetes it runs."""
 
     image: str = Field(DEFAULT_IMAGE, description="Container image with ringpilot installed, "
-                       "used by every Ray pod the operator builds.")
+                       "used by every Ray pod the operator builds. It must be on the operator's "
+                       "image allow-list (RINGPILOT_ALLOWED_IMAGES; by default the operator's "
+                       "own image).")
     ray_cluster: RayClusterSource = Field(default_factory=RayClusterSource,
                                           description="The Ray cluster to use.")
     topology: TopologySource = Field(default_factory=TopologySource,
