@@ -148,14 +148,28 @@ def _invalid(st: dict[str, Any], error: ValidationError, now: dt.datetime) -> De
     return _refuse(st, "InvalidSpec", "; ".join(f"spec.{line}" for line in lines), now)
 
 
-def _refuse(st: dict[str, Any], reason: str, message: str, now: dt.datetime) -> Decision:
+def _refuse(st: dict[str, Any], reason: str, message: str, now: dt.datetime,
+            stop_running: bool = False) -> Decision:
     """Failed, with one message on the SpecValid condition and one event per generation; no
-    RayJob and no ConfigMap: nothing runs until the spec is fixed (a new generation)."""
+    RayJob and no ConfigMap: nothing runs until the spec is fixed (a new generation).
+
+    `stop_running`: also delete the RayJobs of running stages (they go back to Pending), for a
+    spec refused for safety: a job started before the edit, or before its image was taken off
+    the allow-list, must not go on running what the operator now refuses.
+    """
     status = _read_status(st)
     conds = _set_condition(status.conditions, "SpecValid", "False", reason, message, now)
-    new = status.model_copy(update={"phase": "Failed", "conditions": conds,
-                                    "observedGeneration": st["metadata"].get("generation")})
     actions: list[Action] = []
+    stages = list(status.stages)
+    if stop_running:
+        for i, stage in enumerate(stages):
+            if stage.state in ("Running", "BackingOff") and stage.ray_job:
+                actions.append(DeleteRayJob(stage.ray_job))
+                stages[i] = stage.model_copy(update={
+                    "state": "Pending", "ray_job": None,
+                    "message": f"RayJob {stage.ray_job} deleted: the spec was refused"})
+    new = status.model_copy(update={"phase": "Failed", "conditions": conds, "stages": stages,
+                                    "observedGeneration": st["metadata"].get("generation")})
     if status.observedGeneration != st["metadata"].get("generation") or status.phase != "Failed":
         actions.append(Emit("Warning", reason, message))
     return Decision(new, actions)
@@ -180,7 +194,7 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
         return _invalid(st, e, now)
     refusals = plan_admission(spec, settings.allowed_images)
     if refusals:  # images off the allow-list, templates wider than the operator's own pods
-        return _refuse(st, "Refused", describe(refusals), now)
+        return _refuse(st, "Refused", describe(refusals), now, stop_running=True)
     meta = st["metadata"]
     generation = meta.get("generation")
     status = _read_status(st)

@@ -290,3 +290,24 @@ def test_operator_flag_and_environment_set_the_allow_list(monkeypatch):
     assert args.allowed_image == ["x:1", "y:2"]
     monkeypatch.setenv(ALLOWED_IMAGES_ENV, "Not An Image")
     assert entry.main(["--namespace", "ns"]) == 2  # refused before any API call
+
+
+def test_a_running_stage_whose_spec_is_refused_is_stopped_and_restarts_once_fixed():
+    from operators.decide import DeleteRayJob
+
+    running = {"phase": "Running", "current_stage": "s256", "observedGeneration": 1,
+               "stages": [{"name": "s256", "state": "Running", "ray_job": "tiny-s256-a1",
+                           "attempts": 1}, {"name": "s1k"}, {"name": "s4k"}]}
+    # The image was taken off the allow-list (or the spec edited to one off it) mid-stage.
+    st = make_training(generation=2, status=running, image="evil/miner:1")
+    d = plan_reconcile(st, [], NODES, T0)
+    assert d.of(DeleteRayJob) == [DeleteRayJob("tiny-s256-a1")] and d.of(CreateObject) == []
+    s256 = d.status.stages[0]
+    assert (s256.state, s256.ray_job, s256.attempts) == ("Pending", None, 1)
+    assert [e.reason for e in d.events()] == ["Refused"]
+    again = plan_reconcile({**st, "status": d.status.model_dump(mode="json")}, [], NODES, T0)
+    assert again.actions == [] and again.status == d.status  # settled: nothing more to do
+    fixed = make_training(generation=3, status=d.status.model_dump(mode="json"))
+    names = [a.body["metadata"]["name"] for a in plan_reconcile(fixed, [], NODES, T0)
+             .of(CreateObject)]
+    assert names == ["tiny-s256-a2"]
