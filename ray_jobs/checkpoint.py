@@ -96,16 +96,19 @@ def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer
     path = checkpoint_dir(ledger.run_dir, state.stage, state.step)
     staged = staging_dir(path, ledger.epoch)
     rank = dist.get_rank()
-    if rank == 0:
-        clear_stale_staging(path.parent, ledger.epoch, path.name)
-        staged.mkdir(parents=True)
-    dist.barrier()
+
+    def start() -> None:
+        with ledger.fenced():  # a superseded attempt does not even start writing
+            clear_stale_staging(path.parent, ledger.epoch, path.name)
+            staged.mkdir(parents=True)
+
+    on_rank0(rank, start)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=staged / DCP_DIR)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
-    fenced: list[Fenced | None] = [None]
-    if rank == 0:
+
+    def commit() -> None:
         # The ring attention implementation is a training-time choice; saved configs load
         # anywhere. save_pretrained consumes the dict it is given: hand it a copy.
         model.save_pretrained(staged, state_dict=dict(full))
@@ -119,15 +122,28 @@ def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer
         mark_committed(staged)
         try:
             ledger.commit_checkpoint(state.stage, state.step, path, final=final, staged=staged)
-            prune_checkpoints(ledger, state.stage, keep_last)
-        except Fenced as e:
+        except Fenced:
             shutil.rmtree(staged, ignore_errors=True)
-            fenced = [e]
+            raise
+        prune_checkpoints(ledger, state.stage, keep_last)
+
     # nobody runs ahead of a checkpoint still being written, and all learn if it was refused
+    on_rank0(rank, commit)
+    return path
+
+
+def on_rank0(rank: int, write) -> None:
+    """Rank 0 calls `write` (a fenced write to the run); every rank learns, at one broadcast,
+    whether it was refused and then raises the same `Fenced`. Collective."""
+    fenced: list[Fenced | None] = [None]
+    if rank == 0:
+        try:
+            write()
+        except Fenced as e:
+            fenced = [e]
     dist.broadcast_object_list(fenced)
     if fenced[0] is not None:
         raise fenced[0]
-    return path
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:

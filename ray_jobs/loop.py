@@ -29,6 +29,7 @@ from ray_jobs.checkpoint import (
     TrainerState,
     final_checkpoint,
     load_checkpoint,
+    on_rank0,
     read_state,
     save_checkpoint,
 )
@@ -70,20 +71,6 @@ def train_stage_worker(config: WorkerConfig) -> None:
     except Fenced as e:
         if rank == 0:
             print(f"[{config.stage.name}] stopped: {e}", flush=True)
-
-
-def on_rank0(rank: int, write) -> None:
-    """Rank 0 calls `write` (a fenced write to the run); every rank learns, at one broadcast,
-    whether it was refused and then raises the same `Fenced`."""
-    fenced: list[Fenced | None] = [None]
-    if rank == 0:
-        try:
-            write()
-        except Fenced as e:
-            fenced = [e]
-    dist.broadcast_object_list(fenced)
-    if fenced[0] is not None:
-        raise fenced[0]
 
 
 def _train(config: WorkerConfig) -> None:

@@ -179,6 +179,15 @@ def check_ray_capacity(run: RunSpec) -> None:
                               "add nodes or lower resources.workers / cpus_per_worker"])
 
 
+def ray_train_name(run: RunSpec, stage: str, epoch: int | None) -> str:
+    """Ray Train's run name, one per driver attempt. Within an attempt Ray Train restarts failed
+    workers from its own state under <run dir>/ray/<name>; across attempts the ledger alone
+    says where to resume, so a rerun never reads what an earlier attempt left there (seen:
+    Ray Train's checkpoint-manager state, written while the disk was full, left truncated, and
+    every later TorchTrainer of that name refused to start)."""
+    return f"{run.name}-{stage}" + (f"-attempt{epoch}" if epoch is not None else "")
+
+
 def train_stage(config: WorkerConfig) -> None:
     """One TorchTrainer for one stage: workers = ring x dp from the plan."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -204,7 +213,7 @@ def train_stage(config: WorkerConfig) -> None:
     trainer = TorchTrainer(
         functools.partial(train_stage_worker, config), scaling_config=scaling,
         run_config=RunConfig(
-            name=f"{run.name}-{stage.name}", storage_path=str(run_dir / "ray"),
+            name=ray_train_name(run, stage.name, config.epoch), storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=run.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.storage.keep_last),
             **quiet,
@@ -290,9 +299,13 @@ def main(argv: list[str] | None = None, *,
                                          epoch=ledger.epoch, before_step=before_step,
                                          before_commit=before_commit))
             except Exception as e:  # Ray Train gave up after failure.max_failures restarts
-                ledger.finish_stage(name, "failed")
                 print(f"[{name}] failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
                 code = 1
+                try:
+                    ledger.finish_stage(name, "failed")
+                except OSError as err:  # e.g. the storage that failed the stage is full
+                    print(f"[{name}] the ledger {ledger.path} still says 'running': "
+                          f"{err.strerror or err}", file=sys.stderr, flush=True)
                 break
             wall[name] = time.perf_counter() - t0
             ledger.finish_stage(name, "done")

@@ -1,7 +1,9 @@
-"""Faults injected into real runs: a training worker that dies once, mid-stage."""
+"""Faults injected into real runs: a worker that dies mid-stage or mid-checkpoint, a straggler
+of a superseded driver, a filesystem that fills up."""
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,3 +58,49 @@ class StaleWriteOnce:
             outcome.write_text("written")
         except Fenced as e:
             outcome.write_text(f"refused: {e}")
+
+
+@dataclass(frozen=True)
+class DieBeforeCommit:
+    """A `before_commit` hook: rank 0 exits (as a killed process would) once, after writing every
+    file of `stage`'s checkpoint at `step` and before its COMMITTED marker."""
+
+    stage: str
+    step: int
+
+    def __call__(self, staged: Path) -> None:
+        if staged.parent.name != self.stage or not staged.name.startswith(
+                f".step-{self.step:06d}."):
+            return
+        marker = Path(staged).parents[2] / f".commit-interrupted-{self.stage}-{self.step}"
+        if marker.exists():
+            return
+        marker.touch()
+        print(f"[test] rank 0 exits with {staged.name} written, not committed", flush=True)
+        os._exit(1)
+
+
+@dataclass(frozen=True)
+class FillDiskOnce:
+    """A `before_step` hook: rank 0 fills the filesystem of the run directory (one preallocated
+    file, `filler`) at `stage`'s `step`, once, so the next write fails with ENOSPC."""
+
+    stage: str
+    step: int
+    filler: str
+
+    def __call__(self, info: StepInfo) -> None:
+        if (info.stage, info.step) != (self.stage, self.step) or info.rank:
+            return
+        filler = Path(self.filler)
+        if filler.exists():
+            return
+        with open(filler, "wb", buffering=0) as f:
+            for chunk in (1 << 20, 4096, 1):  # until even a byte does not fit
+                try:
+                    while True:
+                        f.write(b"\0" * chunk)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+        print(f"[test] filled {filler.parent} at {info.stage} step {info.step}", flush=True)

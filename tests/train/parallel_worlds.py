@@ -269,8 +269,9 @@ def checkpoint_round_trip(rank, world, run_dir):
             "state_entries": len(opt2.state), "scheduler_step": sched2.last_epoch}
 
 
-def stale_checkpoint_refused(rank, world, run_dir):
-    """Two ranks of driver attempt 1 train a step; attempt 2 takes the run; their checkpoint
+def stale_checkpoint_refused(rank, world, run_dir, when):
+    """Two ranks of driver attempt 1 train a step; attempt 2 takes the run `when` "before" their
+    checkpoint starts or "during" it (every file written, not yet committed): the checkpoint
     must be refused on every rank."""
     from ray_jobs import checkpoint as ckpt
     from specs.ledger import Fenced, Ledger
@@ -285,13 +286,19 @@ def stale_checkpoint_refused(rank, world, run_dir):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     _step(layout, root, *next(batches(1, 1)))
     opt.step()
-    if rank == 0:
+    if rank == 0 and when == "before":
         Ledger(run_dir, "r").begin_attempt()  # a new driver takes over
     dist.barrier()
+    seen = []
+
+    def take_over(staged):
+        seen.append(sorted(p.name for p in staged.iterdir()))
+        Ledger(run_dir, "r").begin_attempt()
+
     state = ckpt.TrainerState(stage="s", stage_index=0, step=1)
     try:
         ckpt.save_checkpoint(ledger, root.model, _Tokenizer(), opt, sched, state, keep_last=1,
-                             final=False)
+                             final=False, before_commit=take_over if when == "during" else None)
     except Fenced as e:
-        return {"fenced": str(e).split(" (")[0]}
-    return {"fenced": None}
+        return {"fenced": str(e).split(" (")[0], "staged": seen}
+    return {"fenced": None, "staged": seen}

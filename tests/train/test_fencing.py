@@ -108,13 +108,22 @@ def test_staging_of_older_attempts_is_cleared_never_a_newer_ones(tmp_path):
                                                            ".step-000006.epoch-3"]
 
 
-def test_a_worker_group_of_a_superseded_attempt_stops_at_its_checkpoint(tmp_path):
-    """save_checkpoint over two gloo ranks: the newer attempt takes the run after the old one
-    trained; both old ranks raise Fenced and nothing of the checkpoint is left behind."""
-    got = run_world(2, worlds.stale_checkpoint_refused, str(tmp_path), timeout_s=120)
-    assert got == [{"fenced": "driver attempt 1 was superseded by attempt 2"}] * 2
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_worker_group_of_a_superseded_attempt_stops_at_its_checkpoint(tmp_path, when):
+    """save_checkpoint over two gloo ranks: the newer attempt takes the run before the old
+    one's checkpoint starts, or while it is written; both old ranks raise Fenced and nothing
+    of the checkpoint is left behind."""
+    got = run_world(2, worlds.stale_checkpoint_refused, str(tmp_path), when, timeout_s=120)
+    fenced = "driver attempt 1 was superseded by attempt 2"
+    assert [g["fenced"] for g in got] == [fenced, fenced]
+    if when == "during":  # refused at the commit, with every file written
+        assert {"config.json", "model.safetensors", "dcp", "trainer_state"} <= set(
+            got[0]["staged"][0])
     stage_dir = tmp_path / "checkpoints" / "s"
-    assert list(stage_dir.iterdir()) == []  # no step dir, no staging dir
+    if when == "before":  # refused before anything was written
+        assert not stage_dir.exists()
+    else:
+        assert list(stage_dir.iterdir()) == []  # no step dir, the staging dir removed
     assert Ledger(tmp_path).read().stages.get("s") is None
 
 
