@@ -31,6 +31,7 @@ from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, wri
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
+from specs.atomic import writable_dir_problem
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
@@ -95,14 +96,10 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
     degrees, cluster plan. Returns what it read and planned; raises PreflightError with every
     problem."""
     problems, documents, plan = [], [], None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
+    unwritable = writable_dir_problem(run_dir)
+    if unwritable:
         problems.append(f"storage.path: cannot write the run directory {run_dir} "
-                        f"({e.strerror or e}); give a writable (shared) directory")
+                        f"({unwritable}); give a writable (shared) directory")
     try:
         resolve_tokenizer_source(run, spec_dir)
     except TokenizerError as e:

@@ -44,3 +44,17 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def writable_dir_problem(directory: str | Path) -> str | None:
+    """Why `directory` cannot be created or written (e.g. "No such file or directory"), or None
+    once it exists and a file could be written in it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return str(e.strerror or e)
+    return None

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from specs.atomic import writable_dir_problem
+
 EXIT_USER_ERROR = 2
-
-
-def output_dir_problem(out: Path) -> str | None:
-    """Why `out` cannot hold the report (it is created if missing), or None."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        return f"cannot create or write it ({e.strerror or e})"
-    return None
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -34,9 +23,10 @@ def run_plan(args: argparse.Namespace) -> int:
     from topology.sources import load_cluster
 
     run = load_model(args.run, RunSpec)
-    problem = output_dir_problem(Path(args.out))
+    problem = writable_dir_problem(args.out)
     if problem:  # before minutes of planning, not after
-        print(f"ringpilot plan: --out {args.out}: {problem}; give a directory you can write",
+        print(f"ringpilot plan: --out {args.out}: cannot create or write it ({problem}); give a "
+              "directory you can write",
               file=sys.stderr)
         return EXIT_USER_ERROR
     try:
