@@ -42,6 +42,12 @@ def run_plan(args: argparse.Namespace) -> int:
                       "resources.cluster", file=sys.stderr)
                 return EXIT_USER_ERROR
             spec = load_cluster(cluster)
+        profile, notes = None, None
+        if args.profile:  # measured numbers replace the datasheet's before anything is planned
+            from topology.calibration import CalibratedProfile, apply_profile
+
+            spec, profile, notes = apply_profile(spec, load_model(args.profile,
+                                                                  CalibratedProfile))
         compare = [float(x) for x in args.compare_minutes.split(",")] if args.compare_minutes \
             else None
         whatif, label, graph, changed = None, [], None, spec
@@ -52,9 +58,10 @@ def run_plan(args: argparse.Namespace) -> int:
                 a, b, f = apply_degrade_link(graph, text)
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
-        plan = plan_run(spec, run)
+        plan = plan_run(spec, run, profile=profile, notes=notes)
         if graph is not None:
-            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True)
+            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True,
+                              profile=profile, notes=notes)
         files = render_report(plan, spec, args.out, whatif=whatif, whatif_label="; ".join(label),
                               compare_minutes=compare)
     except (TopologyError, PlanError, StageDoesNotFit, ValueError) as e:
@@ -84,6 +91,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    "node-000/cpu0-node-000/cpu1=0.5 (repeatable)")
     p.add_argument("--compare-minutes", help="comma-separated published wall minutes per stage, "
                    "shown beside the predictions")
+    p.add_argument("--profile", metavar="FILE", help="a calibrated profile (ringpilot "
+                   "calibrate): its measured link bandwidths and throughputs replace the "
+                   "datasheet numbers")
     p.set_defaults(func=run_plan)
     return p
 

@@ -18,6 +18,7 @@ from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.graph import split_gpu_vertex
 from topology.planner import TIE, Evaluated, PlanError, Planner
+from topology.profile import HardwareProfile
 
 
 def _workers(rings: list[list[str]]) -> list[list[Worker]]:
@@ -147,12 +148,16 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
 
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
-             excluded: list[str] | None = None, relax: bool = False) -> Plan:
-    """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`)."""
-    planner = Planner(spec, graph)
+             excluded: list[str] | None = None, relax: bool = False,
+             profile: HardwareProfile | None = None, notes: list[str] | None = None) -> Plan:
+    """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`), with
+    the cluster's hardware profile or `profile` (a calibrated one, topology.calibration, whose
+    `notes` lead the plan's assumptions)."""
+    planner = Planner(spec, graph, profile)
     stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]
     p = planner.profile
-    assumptions = [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
+    assumptions = list(notes or [])
+    assumptions += [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
     assumptions += [
         "weights, gradients and AdamW state in the model's storage dtype (fp32: 16 bytes per "
         "parameter) sharded over each stage's shard group (FSDP2; HSDP across groups), layers "
