@@ -306,13 +306,15 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
                   shard: FlowResult | None = None) -> StageCost:
     """Step time of a stage, given the ring and data-parallel hop results under contention.
 
-    Per sequence and GPU (n = seq_len / ring local tokens, R = ring, L layers):
-    - dense: 8 N n FLOPs (6N forward+backward, +2N recomputing the forward) at mfu_dense;
+    Per micro-step and GPU (the trainer feeds each ring B = batch_size / dp sequences at once,
+    grad_accum times per step; n = seq_len / ring local tokens, R = ring, L layers):
+    - dense: 8 N n B FLOPs (6N forward+backward, +2N recomputing the forward) at mfu_dense;
     - attention: causal forward 2 S^2 (heads x head_dim) / R per layer, split evenly over R
       ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
       in each phase R block computes, R-1 K/V transfers each overlapped with one block:
-      phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V; backward
-      also dK,dV, in fp32 from rings of 3 on);
+      phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V of the B
+      sequences; backward also dK,dV, in fp32 from rings of 3 on): one latency per hop for
+      the whole micro-batch, as the trainer passes one (B, n, ...) block;
     - sharding traffic per micro-step: 2 all-gathers of the weights in the compute dtype and
       1 reduce-scatter of the gradients in the reduce dtype (fp32 under mixed precision) over
       the S shard ranks, (S-1) hops of a 1/S share each, overlapped with the dense compute only;
@@ -327,12 +329,12 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       around the whole sequence group (`shard`: its ring x ulysses GPUs in order as one ring),
       not the K/V rings.
     """
-    R, D, n, U = s.ring, s.dp, s.local_tokens, s.ulysses
+    R, D, n, U, B = s.ring, s.dp, s.local_tokens, s.ulysses, s.seqs_per_ring
     rate_dense = profile.peak_bf16_flops * profile.mfu_dense
     rate_attn = profile.peak_bf16_flops * profile.mfu_attention
-    dense = 8 * s.params * n / rate_dense
+    dense = 8 * s.params * n * B / rate_dense
     attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / (R * U)
-    block = attn_fwd_layer / R / rate_attn
+    block = B * attn_fwd_layer / R / rate_attn
 
     def hop(nbytes: float, res: FlowResult) -> float:
         if res.bottleneck is None:
@@ -340,9 +342,9 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
         return res.latency_s + nbytes / (res.bandwidth_gb_s * GB)
 
     attn_compute = exposed_ring = 0.0
-    kv = s.kv_block_bytes
+    kv = B * s.kv_block_bytes
     headroom = float("inf")
-    backward = (block * profile.attention_bwd_over_fwd, kv + s.kv_grad_bytes)
+    backward = (block * profile.attention_bwd_over_fwd, kv + B * s.kv_grad_bytes)
     for c, nbytes in [(block, kv), (block, kv), backward]:
         t = hop(nbytes, ring) if R > 1 else 0.0
         if t > 0:
@@ -354,15 +356,14 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     around = shard if shard is not None else ring
     shard_comm = (S - 1) * (2 * hop(gathered, around) + hop(reduced, around)) if S > 1 else 0.0
     exposed_shard = max(0.0, shard_comm - dense)
-    per_seq = {"dense compute": dense, "attention compute": attn_compute,
-               "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
+    per_micro = {"dense compute": dense, "attention compute": attn_compute,
+                 "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
     if U > 1:
         if a2a is None:
             raise ValueError("a Ulysses stage needs the all-to-all flows' result (a2a)")
         # three phases (forward, recomputed forward, backward), one round trip each
-        per_seq["Ulysses all-to-all"] = 3 * s.layers * hop(s.all_to_all_bytes, a2a)
-    micro = s.seqs_per_ring * s.grad_accum
-    parts = {k: v * micro for k, v in per_seq.items()}
+        per_micro["Ulysses all-to-all"] = 3 * s.layers * hop(B * s.all_to_all_bytes, a2a)
+    parts = {k: v * s.grad_accum for k, v in per_micro.items()}
     parts["data-parallel sync"] = (2 * (D - 1) * hop(reduced / D, dp)) if D > 1 else 0.0
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len

@@ -178,3 +178,21 @@ def test_ulysses_shapes_and_all_to_all_by_hand():
            for f in (fast, half)]
     assert a2a[0] == pytest.approx(3 * 2 * u2.all_to_all_bytes / 2e9)  # 3 phases, 2 layers
     assert a2a[1] == pytest.approx(2 * a2a[0])
+
+
+def test_a_micro_batch_of_sequences_pays_each_hop_latency_once():
+    """The trainer feeds a ring B = batch_size / dp sequences in one micro-step: compute and
+    bytes scale with B, but every K/V hop and every weight all-gather happens once for the
+    micro-batch (the `calibrate` check on the tiny run found the per-sequence model 2.7x slow
+    on its 16-sequence stage, where hop latency dominates)."""
+    slow_hops = FlowResult(1e-3, 1e-3, 1e3, ("a", "b"), {}, [])  # 1 ms latency, 1 TB/s
+    one = predict_stage(SHAPE, slow_hops, NO_FLOWS, PROFILE)
+    four = predict_stage(StageShape(**{**SHAPE.__dict__, "batch_size": 4}), slow_hops, NO_FLOWS,
+                         PROFILE)
+    for part in ("dense compute", "attention compute"):
+        assert four.parts[part] == pytest.approx(4 * one.parts[part])
+    # latency-bound: 4 sequences expose less than 4x one sequence's hops (the blocks grow, the
+    # latencies do not), and the sharding collectives are not paid per sequence
+    assert four.parts["exposed ring K/V"] < 4 * one.parts["exposed ring K/V"]
+    assert four.parts["exposed weight sharding"] <= one.parts["exposed weight sharding"]
+    assert four.tokens_per_second > one.tokens_per_second
