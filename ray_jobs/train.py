@@ -219,6 +219,21 @@ def train_stage(config: WorkerConfig) -> None:
     trainer.fit()
 
 
+def connect_ray(address: str | None, local_cpus: int) -> None:
+    """Join `address`, RAY_ADDRESS or the job's cluster; else (a laptop without a cluster) start
+    a private one on loopback with `local_cpus` CPUs (training's plus spare ones for actors)."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
+                 logging_level=RAY_LOG_LEVEL)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=local_cpus, logging_level=RAY_LOG_LEVEL)
+
+
 FENCED_EXIT = 3  # a newer driver took the run over while this one ran
 
 
@@ -252,16 +267,7 @@ def main(argv: list[str] | None = None, *,
     if prepared.plan is not None:
         write_plan(run_dir, prepared.plan)
 
-    import ray
-    if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True,
-                 logging_level=RAY_LOG_LEVEL)
-    else:  # a laptop without a cluster: a private one on loopback, spare CPUs for eval actors
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=run.resources.workers * run.resources.cpus_per_worker + 2,
-                 logging_level=RAY_LOG_LEVEL)
+    connect_ray(args.address, run.resources.workers * run.resources.cpus_per_worker + 2)
     try:
         check_ray_capacity(run)
     except PreflightError as e:

@@ -71,9 +71,59 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --verify-memory: trace (and model) only N decoder layers, for a "
                       "quick check of the machinery; the fit verdict then covers that model only")
     plan.set_defaults(func=_plan)
+    calibrate = sub.add_parser(
+        "calibrate", help="measure the cost model's numbers on a cluster (a profile for plan)",
+        description="Start two Ray Train workers of the run's resources on one node and measure "
+        "point-to-point and collective bandwidth, dense and attention-block throughput at the "
+        "run's longest stage, with the trainer's own kernels and process group. Writes a "
+        "calibrated profile for `ringpilot plan --profile`.")
+    calibrate.add_argument("--run", required=True, help="RunSpec YAML: shapes and resources")
+    calibrate.add_argument("--cluster", required=True, help="ClusterSpec YAML of the cluster "
+                           "measured (e.g. configs/clusters/local-cpu.yaml here)")
+    calibrate.add_argument("--out", required=True, help="profile file to write (YAML)")
+    calibrate.add_argument("--node-type", help="node type measured (default: the first)")
+    calibrate.add_argument("--repeats", type=int, default=5, help="repeats per number (5)")
+    calibrate.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, or a "
+                           "private local one)")
+    calibrate.set_defaults(func=_calibrate)
     _add_eval_parser(sub)
     add_manifests_parser(sub)
     return parser
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """`ringpilot calibrate`: measure, validate as a CalibratedProfile, write, summarise."""
+    import yaml
+
+    from topology.calibration import CalibratedProfile, CalibrationError, apply_profile
+
+    run, spec = load_model(args.run, RunSpec), load_cluster(args.cluster)
+    if args.repeats < 1:
+        raise SpecError("ringpilot calibrate", ["--repeats: give at least 1"])
+    from ray_jobs.calibrate import calibrate  # torch and Ray: only when asked
+
+    try:
+        doc = calibrate(run, spec, node_type=args.node_type, repeats=args.repeats,
+                        address=args.address)
+        profile = CalibratedProfile.model_validate(doc)
+        apply_profile(spec, profile)  # physical bounds and fit to the cluster, before writing
+    except (CalibrationError, ValueError) as e:
+        print(f"ringpilot calibrate: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    atomic_write(args.out, yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+    for name, link in profile.links.items():
+        print(f"link {name}: {link.bandwidth_gb_s.value:.2f} GB/s "
+              f"(spread {link.bandwidth_gb_s.spread:.0%}), "
+              f"{link.latency_us.value if link.latency_us else float('nan'):.1f} us")
+    for name, m in profile.collectives.items():
+        print(f"{name}: {m.value:.2f} GB/s bus bandwidth (spread {m.spread:.0%})")
+    for name in ("dense_flops", "attention_flops"):
+        m = getattr(profile, name)
+        print(f"{name}: {m.value / 1e9:.1f} GFLOP/s per worker (spread {m.spread:.0%})")
+    print(f"attention backward / forward: {profile.attention_bwd_over_fwd.value:.2f}")
+    print(f"wrote {args.out}; plan with: ringpilot plan --run {args.run} --cluster "
+          f"{args.cluster} --profile {args.out} --out DIR")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -90,7 +90,37 @@ L40S = HardwareProfile(
                  "nic_efficiency", "memory_reserve_bytes", "latencies"],
 )
 
-PROFILES: dict[str, HardwareProfile] = {"l40s": L40S}
+CPU = HardwareProfile(
+    name="cpu",
+    gpu_model="CPU worker (one core, fp32)",
+    peak_bf16_flops=1e12,
+    hbm_bytes=8e9,
+    hbm_bandwidth_gb_s=20.0,
+    mfu_dense=0.05,
+    mfu_attention=0.02,
+    memory_reserve_bytes=0.5e9,
+    pcie_gen4_x16_gb_s=31.5,
+    pcie_efficiency=0.8,
+    pcie_latency_us=1.0,
+    socket_link_gb_s=16.0,
+    socket_link_latency_us=2.0,
+    nic_gb_s=1.25,
+    nic_efficiency=0.9,
+    nic_latency_us=50.0,
+    switch_latency_us=10.0,
+    attention_bwd_over_fwd=2.5,
+    sources={
+        "peak_bf16_flops": "a bound, not a rate: no single core reaches 1 TFLOP/s; the compute "
+        "rates are meant to come from `ringpilot calibrate`",
+        "hbm_bytes": "assumption: the memory one worker process may use",
+        "mfu_dense": "assumption: a placeholder until calibrated (~50 GFLOP/s)",
+        "mfu_attention": "assumption: a placeholder until calibrated (~20 GFLOP/s)",
+    },
+    assumptions=["peak_bf16_flops", "mfu_dense", "mfu_attention", "hbm_bytes",
+                 "memory_reserve_bytes"],
+)
+
+PROFILES: dict[str, HardwareProfile] = {"l40s": L40S, "cpu": CPU}
 
 
 def get_profile(name: str) -> HardwareProfile:

@@ -51,7 +51,8 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
         f"**Predicted wall time, all {len(plan.stages)} stages: {_fmt_min(total)}** on "
         f"{gpus} of {spec.num_gpus} GPUs ({plan.profile} profile); Ray's default order: "
         f"{_fmt_min(ray)} ({ray / total:.2f}x).",
-        f"Peak memory per GPU: {peak:.1f} GB of 48 GB. Unknown-topology nodes left out: "
+        f"Peak memory per GPU: {peak:.1f} GB of {_device(plan).hbm_bytes / 1e9:.0f} GB. "
+        "Unknown-topology nodes left out: "
         f"{', '.join(plan.unknown_topology) or 'none'}.",
         net,
     ]
@@ -83,6 +84,13 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
                      "minutes at the GPUs' peak: above ~60% the published run likely did less "
                      "attention work (e.g. shorter documents) than full causal sequences.")
     return lines, rows
+
+
+def _device(plan: Plan):
+    """The hardware profile the plan was made with (its device's memory and peak)."""
+    from topology.profile import get_profile
+
+    return get_profile(plan.profile or "l40s")
 
 
 def _published(s: StagePlan, minutes: float, profile: str | None) -> str:
@@ -130,7 +138,9 @@ def render_plots(plan: Plan, out: Path, spec: ClusterSpec | None = None) -> list
         vals = [s.prediction.memory_gb[part] for s in plan.stages]
         ax.bar(names, vals, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.axhline(48, color="red", linestyle="--", label="L40S 48 GB")
+    device = _device(plan)
+    ax.axhline(device.hbm_bytes / 1e9, color="red", linestyle="--",
+               label=f"{device.gpu_model} {device.hbm_bytes / 1e9:.0f} GB")
     ax.set_ylabel("GB per GPU"), ax.set_title("Memory per GPU"), ax.legend(fontsize=6)
     files.append(_save(fig, out / "memory.png"))
     # planned vs Ray default vs bound
@@ -274,9 +284,11 @@ def _save(fig, path: Path) -> str:
 
 def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
                   whatif: Plan | None = None, whatif_label: str = "",
-                  compare_minutes: list[float] | None = None) -> list[Path]:
+                  compare_minutes: list[float] | None = None,
+                  measured: list[list[str]] | None = None) -> list[Path]:
     """Write plan.json, plan-whatif.json (with a what-if), report.md, report.html and
-    PNGs into `out`; return the paths written."""
+    PNGs into `out`; return the paths written. `measured`: the predicted-against-measured
+    table (topology.measured.compare_rows)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     main = plan
@@ -296,6 +308,10 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
                          f"{pb.wall_minutes / pa.wall_minutes - 1:+.1%}",
                          _layout(b), worst])
         sections.append((f"What if: {whatif_label}", [diff]))
+    if measured is not None:
+        sections.append(("Predicted against measured", [
+            "Step time the plan predicts for each stage beside what the run measured (its "
+            "newest committed checkpoint's training seconds over its steps).", measured]))
     per_stage = []
     for s in main.stages:
         p = s.prediction
