@@ -62,9 +62,14 @@ def run_plan(args: argparse.Namespace) -> int:
         if graph is not None:
             whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True,
                               profile=profile, notes=notes)
+        table = None
+        if args.compare:
+            from topology.measured import compare_rows, measured_steps
+
+            table = compare_rows(plan, measured_steps(args.compare))
         files = render_report(plan, spec, args.out, whatif=whatif, whatif_label="; ".join(label),
-                              compare_minutes=compare)
-    except (TopologyError, PlanError, StageDoesNotFit, ValueError) as e:
+                              compare_minutes=compare, measured=table)
+    except (TopologyError, PlanError, StageDoesNotFit, ValueError, FileNotFoundError) as e:
         print(f"ringpilot plan: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     print((Path(args.out) / "report.md").read_text().split("\n## Where")[0])
@@ -91,6 +96,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    "node-000/cpu0-node-000/cpu1=0.5 (repeatable)")
     p.add_argument("--compare-minutes", help="comma-separated published wall minutes per stage, "
                    "shown beside the predictions")
+    p.add_argument("--compare", metavar="RUN_DIR", help="put the step times a run measured "
+                   "(its run directory) beside the predictions, with the ratio")
     p.add_argument("--profile", metavar="FILE", help="a calibrated profile (ringpilot "
                    "calibrate): its measured link bandwidths and throughputs replace the "
                    "datasheet numbers")

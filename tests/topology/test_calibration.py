@@ -108,3 +108,39 @@ def test_plan_with_a_profile_for_another_cluster_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert "--profile: measured on cluster 'somewhere-else', but the plan is for" in err
+
+
+def _trained(run_dir, stage, step, seconds, ring=8, dp=1):
+    """A run directory whose stage has one committed checkpoint with its measured seconds."""
+    import json
+
+    from specs.ledger import Ledger, mark_committed
+
+    path = run_dir / "checkpoints" / stage / f"step-{step:06d}"
+    (path / "trainer_state").mkdir(parents=True)
+    (path / "trainer_state" / "state.json").write_text(json.dumps(
+        {"stage": stage, "step": step, "seconds": seconds, "ring_degree": ring,
+         "dp_degree": dp, "ulysses_degree": 1}))
+    mark_committed(path)
+    Ledger(run_dir, "small").commit_checkpoint(stage, step, path)
+
+
+def test_plan_compare_puts_measured_step_time_beside_the_prediction(tmp_path, capsys):
+    from topology.measured import compare_rows, measured_steps
+
+    spec = build_leaf_spine_cluster(1, nodes_per_leaf=1)
+    run = small_run(ring=8, dp=1, workers=8)
+    plan = plan_run(spec, run)
+    predicted = plan.stages[0].prediction.step_seconds
+    _trained(tmp_path, "s1", step=10, seconds=20 * predicted)
+    rows = compare_rows(plan, measured_steps(tmp_path))
+    assert rows[1][0] == "s1" and rows[1][-1] == "0.50x"
+    assert rows[1][3] == f"{2 * predicted:.4f} (10)"
+    _trained(tmp_path / "other", "s1", step=4, seconds=4 * predicted, ring=4, dp=2)
+    assert compare_rows(plan, measured_steps(tmp_path / "other"))[1][-1] == "1.00x (other layout)"
+    with pytest.raises(FileNotFoundError, match="has no ledger.json"):
+        measured_steps(tmp_path / "nowhere")
+
+    rc = ringpilot(["plan", "--run", str(ROOT / "configs/llama3-8b-1m.yaml"), "--out",
+                    str(tmp_path / "out"), "--compare", str(tmp_path / "nowhere")])
+    assert rc == 2 and "has no ledger.json" in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""Step times a run measured, read back from its run directory, to set beside the planner's.
+
+The trainer records each stage's training seconds (optimizer steps only: no checkpointing, no
+reporting) and steps in its checkpoints' `trainer_state/state.json`
+(ray_jobs.checkpoint.TrainerState); the newest committed checkpoint of a stage holds the most.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from specs.ledger import Ledger
+from specs.plan import Plan
+
+
+@dataclass(frozen=True)
+class Measured:
+    stage: str
+    steps: int
+    seconds: float
+    layout: str  # "ring x dp" (and Ulysses) it ran with
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds / self.steps
+
+
+def measured_steps(run_dir: str | Path) -> dict[str, Measured]:
+    """Stage -> what its newest committed checkpoint says was measured (stages without one are
+    left out). Raises FileNotFoundError when `run_dir` holds no ledger."""
+    ledger = Ledger(run_dir)
+    if not ledger.path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no ledger.json; give the run directory "
+                                "(<storage.path>/<run name>) of a run that trained")
+    out = {}
+    for stage in ledger.read().stages:
+        latest = ledger.latest_committed(stage)
+        state_file = latest / "trainer_state" / "state.json" if latest else None
+        if state_file is None or not state_file.is_file():
+            continue
+        st = json.loads(state_file.read_text())
+        if st.get("step", 0) > 0 and st.get("seconds", 0) > 0:
+            u = st.get("ulysses_degree", 1)
+            out[stage] = Measured(stage=stage, steps=st["step"], seconds=st["seconds"],
+                                  layout=(f"{st.get('ring_degree', 1)}"
+                                          + (f"u{u}" if u > 1 else "")
+                                          + f" x {st.get('dp_degree', 1)}"))
+    return out
+
+
+def compare_rows(plan: Plan, measured: dict[str, Measured]) -> list[list[str]]:
+    """The report's table: predicted against measured step time per stage, with the ratio."""
+    rows = [["stage", "planned layout", "predicted s/step", "measured s/step (steps)",
+             "measured layout", "predicted / measured"]]
+    for s in plan.stages:
+        m = measured.get(s.name)
+        planned = f"{s.ring_degree}" + (f"u{s.ulysses_degree}" if s.ulysses_degree > 1 else "") \
+            + f" x {s.dp_degree}"
+        if m is None:
+            rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}", "not run", "", ""])
+            continue
+        rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}",
+                     f"{m.step_seconds:.4f} ({m.steps})", m.layout,
+                     f"{s.prediction.step_seconds / m.step_seconds:.2f}x"
+                     + ("" if m.layout == planned else " (other layout)")])
+    return rows
