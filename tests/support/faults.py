@@ -104,3 +104,21 @@ class FillDiskOnce:
                     if e.errno != errno.ENOSPC:
                         raise
         print(f"[test] filled {filler.parent} at {info.stage} step {info.step}", flush=True)
+
+
+@dataclass(frozen=True)
+class TakeOverOnce:
+    """A `before_step` hook: at `stage`'s `step` rank 0 takes the run for a new driver attempt
+    (as a second driver started on the same run would), once, leaving this attempt superseded."""
+
+    stage: str
+    step: int
+
+    def __call__(self, info: StepInfo) -> None:
+        from specs.ledger import Ledger
+
+        marker = Path(info.run_dir) / f".taken-over-{self.stage}-{self.step}"
+        if (info.stage, info.step) != (self.stage, self.step) or info.rank or marker.exists():
+            return
+        marker.touch()
+        Ledger(info.run_dir).begin_attempt()

@@ -15,7 +15,7 @@ import pytest
 from ray_jobs.checkpoint import read_state
 from ray_jobs.train import main
 from specs.ledger import COMMITTED, Ledger
-from tests.support.faults import CrashOnce, StaleWriteOnce, crash_marker
+from tests.support.faults import CrashOnce, StaleWriteOnce, TakeOverOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec
 
 pytestmark = pytest.mark.ray
@@ -136,6 +136,25 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
     assert [r["step"] for r in records[first:]] == list(range(start.step + 1, 41))
     final = read_state(ledger.latest_committed("s128"))
     assert final.step == 40 and len(final.losses) == 40
+
+
+def test_a_driver_overtaken_while_it_runs_stops_without_writing(ray_cluster, tmp_path, capsys):
+    """Another driver takes the run after s64's second step: this one's workers stop at their
+    next write (step 3's report and checkpoint) and the driver exits with code 3, one line,
+    leaving the run to the newer attempt."""
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "mini"
+    assert main(["--run", str(spec), "--address", ray_cluster],
+                before_step=TakeOverOnce("s64", 2)) == 3
+    assert "stopped: driver attempt 1 was superseded by attempt 2" in capsys.readouterr().err
+    doc = Ledger(run_dir).read()
+    assert doc.epoch == 2 and doc.stages["s64"].state == "running"  # not marked done by attempt 1
+    assert "s128" not in doc.stages
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics" / "s64.jsonl").read_text()
+             .splitlines()]
+    assert steps == [1, 2]  # reported at step 2; step 3's report was refused
+    assert doc.stages["s64"].checkpoints == []  # and so was its checkpoint (checkpoint_every 3)
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
