@@ -215,7 +215,9 @@ def commit_interrupted(tmp: Path, out: Outcome) -> Path:
 
 
 def eval_actor_killed(tmp: Path, out: Outcome) -> Path:
-    spec = write_spec(tmp, "eval", eval=EVAL)
+    # keep every checkpoint: a pruned checkpoint cannot be evaluated (the scheduler then
+    # records it failed, rightly), which would hide whether the killed evaluation recovered
+    spec = write_spec(tmp, "eval", eval=EVAL, **{"storage.keep_last": 10})
     run_dir = tmp / "runs" / "eval"
     ledger, killed = Ledger(run_dir), {}
 
