@@ -75,6 +75,7 @@ class Planner:
         self._health: dict[str, float] = {}
         self._tier_of_link: np.ndarray | None = None
         self._pairs: tuple | None = None
+        self._domains: list[np.ndarray] | None = None
 
     # ---- orders -------------------------------------------------------------------------------
     def _local_order(self, node_type: str) -> list[int]:
@@ -538,8 +539,17 @@ class Planner:
                  f"less traffic on {', '.join(TIERS)}, in that order)"]
         taken = {v for r in start.rings for v in r}
         spare = [v for v in gpus if v not in taken]
-        best, more = self.search(start, shape, spare, floor)
         bound = self.ring_lower_bound(shape)
+        at_bound = predict_stage(shape, bound, start.dp, self.profile, start.a2a).step_seconds
+        if total > GREEDY_GPUS and (start.ring.seconds <= bound.seconds * (1 + 1e-9)
+                                    or start.cost.step_seconds <= at_bound * (1 + TIE)):
+            # each move costs a full evaluation (tens of ms here): spend them only where a
+            # faster ring could buy step time
+            best, more = start, [f"search: skipped above {GREEDY_GPUS} GPUs: a ring hop at "
+                                 "the lower bound would not shorten the step by more than "
+                                 f"{TIE:.1%}"]
+        else:
+            best, more = self.search(start, shape, spare, floor)
         if bound.seconds > 0:
             more.append(f"slowest K/V hop {best.ring.seconds * 1e3:.3f} ms, "
                         f"{best.ring.seconds / bound.seconds:.3f}x the lower bound "
@@ -579,7 +589,9 @@ class Planner:
         RouteTable order). A leaf group is a connected component of the graph joining nodes
         to the leaves their NICs are cabled to (networkx): GPUs of different groups reach
         each other only over a leaf uplink; rail-optimised leaves join their nodes into one
-        group."""
+        group. Computed once."""
+        if self._domains is not None:
+            return self._domains
         index = route_table(self.router).index
         levels: list[dict[str, object]] = [{}, {}, {}, {}]
         cabling = nx.Graph()
@@ -605,6 +617,7 @@ class Planner:
             for v, k in level.items():
                 arr[index[v]] = ids[k]
             out.append(arr)
+        self._domains = out
         return out
 
     def _pair_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:

@@ -17,7 +17,7 @@ from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worke
 from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.graph import split_gpu_vertex
-from topology.planner import TIE, Evaluated, PlanError, Planner
+from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
 from topology.profile import HardwareProfile
 
 
@@ -149,11 +149,13 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
              excluded: list[str] | None = None, relax: bool = False,
-             profile: HardwareProfile | None = None, notes: list[str] | None = None) -> Plan:
+             profile: HardwareProfile | None = None, notes: list[str] | None = None,
+             search_seconds: float = SEARCH_SECONDS) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`), with
     the cluster's hardware profile or `profile` (a calibrated one, topology.calibration, whose
-    `notes` lead the plan's assumptions)."""
-    planner = Planner(spec, graph, profile)
+    `notes` lead the plan's assumptions); `search_seconds`: the placement search's budget per
+    stage layout tried."""
+    planner = Planner(spec, graph, profile, search_seconds=search_seconds)
     stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]
     p = planner.profile
     assumptions = list(notes or [])
