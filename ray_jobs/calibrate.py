@@ -3,15 +3,20 @@
 `ringpilot calibrate --run RUN.yaml --cluster CLUSTER.yaml --out PROFILE.yaml` starts one Ray
 Train worker group (the same TorchTrainer, process group and block kernel as training) and runs
 `measure` on every worker:
-- point-to-point between ranks 0 and 1: latency (half the round trip of 8 bytes) and bandwidth
-  (half the round trip of a 64 MiB tensor sent there and back);
+- point-to-point between ranks 0 and 1: bandwidth (half the round trip of a 64 MiB tensor sent
+  there and back), and the latency of one hop (a one-element all-reduce over its 2(n-1) hops);
 - all_reduce, all_gather and reduce_scatter of 64 MiB over the whole group, as bus bandwidth
   (NCCL-tests' convention: algorithm bandwidth x 2(n-1)/n for all_reduce, x (n-1)/n for the
   other two), so they compare with the point-to-point bandwidth;
-- dense matmul throughput at the longest stage's shapes: (tokens per rank) x hidden @ hidden x
-  intermediate in the compute dtype;
-- the attention block kernel's forward and backward at that stage's block: queries and keys of
-  (tokens per rank) each, the model's heads.
+- at every stage's micro-batch per rank (B sequences of n local tokens): the dense throughput of
+  one decoder layer of the model (transformers' LlamaDecoderLayer, in the compute dtype, forward
+  and backward, with its attention replaced by a pass-through so only the projections, MLP,
+  norms, RoPE and their glue are timed), and the attention block kernel's forward and backward
+  at that block (B x n queries against n keys, the model's heads);
+- how much communication hides behind compute: an all-gather started asynchronously while
+  matmuls of about its length run, against each alone;
+- the optimizer: gradient clipping and AdamW (the trainer's own functions) over one decoder
+  layer sharded by FSDP2 across the group, as parameters updated per second per device.
 Each number is the median of `repeats` runs after one warm-up, with its spread. The result is
 a `topology.calibration.CalibratedProfile` for `ringpilot plan --profile`.
 
@@ -36,34 +41,55 @@ import torch.distributed as dist
 from ray_jobs.ring_attention.kernels import select_block_kernel
 
 BIG = 64 * 2**20  # bytes moved per bandwidth measurement
+OVERLAP_BYTES = 16 * 2**20  # bytes all-gathered while compute runs
 GB = 1e9
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """The shapes one rank computes at (from the stage the measurement is for)."""
+    """The shapes one rank computes at in one stage's micro-step."""
 
-    tokens: int  # tokens per rank: seq_len / (ring x ulysses)
+    tokens: int  # local tokens per sequence: seq_len / (ring x ulysses)
     hidden: int
     intermediate: int
     heads: int
     kv_heads: int
     head_dim: int
     dtype: str  # the compute dtype: "float32" or "bfloat16"
+    batch: int = 1  # sequences per micro-step: batch_size / dp
+    state_dtype: str = "float32"  # the weights' storage dtype (the optimizer's)
+
+    @property
+    def micro_tokens(self) -> int:
+        """Tokens per rank per micro-step: what the cost model's rates are keyed by."""
+        return self.batch * self.tokens
 
     @classmethod
     def of(cls, run, stage_index: int | None = None) -> Shapes:
-        """The longest stage's (or `stage_index`'s) per-rank shapes."""
+        """The longest stage's (or `stage_index`'s) per-rank shapes; a degree left to the
+        planner ('auto') counts as a ring of 2 and one data-parallel replica."""
         from specs.degrees import ulysses_of
 
         index = max(range(len(run.stages)), key=lambda i: run.stages[i].seq_len) \
             if stage_index is None else stage_index
         stage = run.stages[index]
         ring = stage.ring_degree if isinstance(stage.ring_degree, int) else 2
+        dp = stage.data_parallel_degree if isinstance(stage.data_parallel_degree, int) else 1
         m = run.model
         return cls(tokens=stage.seq_len // (ring * ulysses_of(stage)), hidden=m.hidden_size,
                    intermediate=m.intermediate_size, heads=m.num_attention_heads,
-                   kv_heads=m.num_key_value_heads, head_dim=m.head_dim, dtype=run.compute_dtype)
+                   kv_heads=m.num_key_value_heads, head_dim=m.head_dim, dtype=run.compute_dtype,
+                   batch=max(1, stage.batch_size // dp), state_dtype=m.dtype)
+
+    @classmethod
+    def stages(cls, run) -> list[Shapes]:
+        """Every stage's shapes, one per micro-batch size (tokens per rank; of stages alike in
+        it, the one with the longest sequences), smallest first."""
+        by_size: dict[int, Shapes] = {}
+        for sh in sorted((cls.of(run, i) for i in range(len(run.stages))),
+                         key=lambda sh: sh.tokens):
+            by_size[sh.micro_tokens] = sh
+        return [by_size[k] for k in sorted(by_size)]
 
 
 def summarise(values: list[float]) -> dict:
@@ -90,15 +116,84 @@ def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> list[fl
     return out
 
 
-def measure(shapes: Shapes, repeats: int = 5, device: torch.device | None = None) -> dict | None:
-    """Every measurement on this process group; collective. Rank 0 returns them as a dict of
-    summaries (others None)."""
-    device = device or torch.device("cpu")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dtype = getattr(torch, shapes.dtype)
-    out: dict = {}
+NO_ATTENTION = "ringpilot_no_attention"
 
-    # point to point, ranks 0 and 1 (the others wait at the barrier)
+
+def _no_attention(module, query, key, value, attention_mask, **kwargs):
+    """A decoder layer's attention replaced by a pass-through of its queries (keys and values
+    still get their gradient), so timing the layer times everything but attention."""
+    out = query.transpose(1, 2) + 0.0 * (key.mean() + value.mean())
+    return out, None
+
+
+def decoder_layer(shapes: Shapes, device: torch.device, dtype: torch.dtype,
+                  attention: str = NO_ATTENTION):
+    """One Llama decoder layer of the model's shapes (attention passed through, or the named
+    attention implementation) and the RoPE table of its n local tokens."""
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    AttentionInterface.register(NO_ATTENTION, _no_attention)
+    config = LlamaConfig(hidden_size=shapes.hidden, intermediate_size=shapes.intermediate,
+                         num_attention_heads=shapes.heads, num_key_value_heads=shapes.kv_heads,
+                         head_dim=shapes.head_dim, num_hidden_layers=1,
+                         max_position_embeddings=max(shapes.tokens, 2))
+    config._attn_implementation = attention
+    layer = LlamaDecoderLayer(config, layer_idx=0).to(device=device, dtype=dtype)
+    positions = torch.arange(shapes.tokens, device=device).unsqueeze(0)
+    x = torch.zeros(1, shapes.tokens, shapes.hidden, device=device, dtype=dtype)
+    rope = LlamaRotaryEmbedding(config).to(device)(x, positions)
+    return layer, rope
+
+
+def measure(stages: Shapes | list[Shapes], repeats: int = 5,
+            device: torch.device | None = None) -> dict | None:
+    """Every measurement on this process group; collective. Rank 0 returns them as a dict of
+    summaries (others None). `stages`: the shapes of each stage (Shapes.stages), smallest
+    first; the dense and attention numbers without a size are the largest one's."""
+    device = device or torch.device("cpu")
+    stages = [stages] if isinstance(stages, Shapes) else list(stages)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict = {}
+    if world >= 2:
+        out.update(_links_and_collectives(rank, world, repeats, device))
+        out["comm_overlap"] = _overlap(stages[-1], repeats, device)
+        out["optimizer_params_per_s"] = _optimizer(stages[-1], world, repeats, device)
+
+    for shapes in stages:
+        dense, fwd, bwd_over_fwd = _compute(shapes, repeats, device)
+        out[f"dense_at/{shapes.micro_tokens}"] = dense
+        out[f"attention_at/{shapes.micro_tokens}"] = fwd
+        out["attention_bwd_over_fwd"] = bwd_over_fwd  # the largest (last) shape's
+        if world >= 2:
+            out[f"layer_overhead_at/{shapes.micro_tokens}"] = _layer_overhead(
+                shapes, world, repeats, device, dense=dense["value"], attention=fwd["value"],
+                bwd_over_fwd=bwd_over_fwd["value"], p2p=out)
+    out["dense_flops"] = out[f"dense_at/{stages[-1].micro_tokens}"]
+    out["attention_flops"] = out[f"attention_at/{stages[-1].micro_tokens}"]
+
+    # every rank measured compute; rank 0 keeps the slowest rank's medians (a step waits for it)
+    rates = sorted(k for k in out if k.startswith(("dense_at/", "attention_at/")))
+    overheads = sorted(k for k in out if k.startswith("layer_overhead_at/"))
+    every = [None] * world
+    dist.all_gather_object(every, [out[k]["value"] for k in rates + overheads])
+    if rank != 0:
+        return None
+    for i, k in enumerate(rates):
+        out[k] = {**out[k], "value": min(r[i] for r in every)}
+    for i, k in enumerate(overheads, start=len(rates)):
+        out[k] = {**out[k], "value": max(r[i] for r in every)}
+    out["dense_flops"] = out[f"dense_at/{stages[-1].micro_tokens}"]
+    out["attention_flops"] = out[f"attention_at/{stages[-1].micro_tokens}"]
+    out["ranks"] = world
+    return out
+
+
+def _links_and_collectives(rank: int, world: int, repeats: int, device: torch.device) -> dict:
+    """Point-to-point latency and bandwidth between ranks 0 and 1 (the others wait at the
+    barrier), and the bus bandwidth of the three collectives over the whole group."""
+    out = {}
+
     def ping(nbytes: int) -> Callable[[], None]:
         buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=device)
 
@@ -111,82 +206,223 @@ def measure(shapes: Shapes, repeats: int = 5, device: torch.device | None = None
                 dist.send(buf, 0)
         return go
 
-    if world >= 2:
-        lat = [t / 2 * 1e6 for t in timed(ping(8), max(repeats, 20), device)]
-        bw = [BIG / (t / 2) / GB for t in timed(ping(BIG), repeats, device)]
-        out["p2p_latency_us"], out["p2p_gb_s"] = summarise(lat), summarise(bw)
-        dist.barrier()
-        n = world
-        big = torch.ones(BIG // 4, dtype=torch.float32, device=device)
-        shard = torch.empty(BIG // 4 // n, dtype=torch.float32, device=device)
-        gathered = torch.empty(shard.numel() * n, dtype=torch.float32, device=device)
-        # torch 2.13 renames the tensor forms (*_single); 2.6 has only the old names
-        all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-        reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-        for name, fn, factor in [
-            ("all_reduce", lambda: dist.all_reduce(big), 2 * (n - 1) / n),
-            ("all_gather", lambda: all_gather(gathered, shard), (n - 1) / n),
-            ("reduce_scatter", lambda: reduce_scatter(shard, big), (n - 1) / n),
-        ]:
-            times = timed(fn, repeats, device)
-            out[f"{name}/{n}"] = summarise([BIG * factor / t / GB for t in times])
+    # latency: a one-element all-reduce, as the step's small messages see it (both ranks busy
+    # in the same collective; a ping-pong measures how fast a sleeping receiver wakes instead),
+    # over its 2(n-1) ring hops
+    one = torch.zeros(1, dtype=torch.float32, device=device)
+    lat = [t / (2 * (world - 1)) * 1e6
+           for t in timed(lambda: dist.all_reduce(one), max(repeats, 20), device)]
+    bw = [BIG / (t / 2) / GB for t in timed(ping(BIG), repeats, device)]
+    out["p2p_latency_us"], out["p2p_gb_s"] = summarise(lat), summarise(bw)
+    dist.barrier()
+    n = world
+    big = torch.ones(BIG // 4, dtype=torch.float32, device=device)
+    shard = torch.empty(BIG // 4 // n, dtype=torch.float32, device=device)
+    gathered = torch.empty(shard.numel() * n, dtype=torch.float32, device=device)
+    for name, fn, factor in [
+        ("all_reduce", lambda: dist.all_reduce(big), 2 * (n - 1) / n),
+        ("all_gather", lambda: _all_gather(gathered, shard), (n - 1) / n),
+        ("reduce_scatter", lambda: _reduce_scatter(shard, big), (n - 1) / n),
+    ]:
+        times = timed(fn, repeats, device)
+        out[f"{name}/{n}"] = summarise([BIG * factor / t / GB for t in times])
+    return out
 
-    # dense: one MLP-shaped matmul at the stage's tokens per rank
-    a = torch.randn(shapes.tokens, shapes.hidden, dtype=dtype, device=device)
-    w = torch.randn(shapes.hidden, shapes.intermediate, dtype=dtype, device=device)
-    flops = 2 * shapes.tokens * shapes.hidden * shapes.intermediate
-    out["dense_flops"] = summarise([flops / t for t in timed(lambda: a @ w, repeats, device)])
 
-    # attention: one full (non-causal) block of the ring, forward and backward
+def _all_gather(output: torch.Tensor, shard: torch.Tensor, async_op: bool = False):
+    # torch 2.13 renames the tensor forms (*_single); 2.6 has only the old names
+    fn = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+    return fn(output, shard, async_op=async_op)
+
+
+def _reduce_scatter(shard: torch.Tensor, full: torch.Tensor):
+    fn = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+    return fn(shard, full)
+
+
+def _compute(shapes: Shapes, repeats: int, device: torch.device) -> tuple[dict, dict, dict]:
+    """(dense FLOP/s of a decoder layer, attention block forward FLOP/s, its backward over
+    forward) at one stage's micro-batch."""
+    dtype = getattr(torch, shapes.dtype)
+    layer, rope = decoder_layer(shapes, device, dtype)
+    x = torch.randn(shapes.batch, shapes.tokens, shapes.hidden, device=device, dtype=dtype,
+                    requires_grad=True)
+
+    def forward_backward() -> None:
+        layer(x, position_embeddings=rope).sum().backward()
+
+    params = sum(p.numel() for p in layer.parameters())
+    flops = 6 * params * shapes.micro_tokens
+    dense = summarise([flops / t for t in timed(forward_backward, repeats, device)])
+
+    # the attention block of the ring: B x n queries against n keys, not causal
     kernel = select_block_kernel(device.type).kernel
-    q = torch.randn(1, shapes.tokens, shapes.heads, shapes.head_dim, dtype=dtype, device=device)
-    k = torch.randn(1, shapes.tokens, shapes.kv_heads, shapes.head_dim, dtype=dtype,
+    q = torch.randn(shapes.batch, shapes.tokens, shapes.heads, shapes.head_dim, dtype=dtype,
+                    device=device)
+    k = torch.randn(shapes.batch, shapes.tokens, shapes.kv_heads, shapes.head_dim, dtype=dtype,
                     device=device)
     v = torch.randn_like(k)
     scale = shapes.head_dim ** -0.5
-    attn_flops = 4 * shapes.tokens**2 * shapes.heads * shapes.head_dim
+    attn_flops = 4 * shapes.batch * shapes.tokens**2 * shapes.heads * shapes.head_dim
     fwd = timed(lambda: kernel.forward(q, k, v, False, scale), repeats, device)
     o, lse = kernel.forward(q, k, v, False, scale)
     dout = torch.randn_like(o)
     bwd = timed(lambda: kernel.backward(dout, q, k, v, o, lse, False, scale), repeats, device)
-    out["attention_flops"] = summarise([attn_flops / t for t in fwd])
-    out["attention_bwd_over_fwd"] = summarise([b / f for b, f in zip(bwd, fwd)])
+    return (dense, summarise([attn_flops / t for t in fwd]),
+            summarise([b / f for b, f in zip(bwd, fwd)]))
 
-    # every rank measured compute; rank 0 keeps the slowest rank's medians (a step waits for it)
-    mine = [out["dense_flops"]["value"], out["attention_flops"]["value"]]
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    if rank != 0:
-        return None
-    out["dense_flops"]["value"] = min(r[0] for r in every)
-    out["attention_flops"]["value"] = min(r[1] for r in every)
-    out["ranks"] = world
-    return out
+
+def _layer_overhead(shapes: Shapes, world: int, repeats: int, device: torch.device, *,
+                    dense: float, attention: float, bwd_over_fwd: float, p2p: dict) -> dict:
+    """Seconds per micro-step that a decoder layer costs as training runs it, beyond the compute
+    and communication the cost model prices: the layer checkpointed, sharded by FSDP2 over the
+    group and computing ring attention around it (the trainer's own wrappers), forward and
+    backward, less its dense work at `dense` FLOP/s (forward again for the recompute), its ring
+    attention's blocks at `attention` FLOP/s, its K/V hops and its FSDP collectives (2
+    all-gathers, 1 reduce-scatter) as measured here. What is left is the framework's own time
+    (FSDP's hooks and copies, DTensor, the ring's merges and buffers, Python between kernels):
+    on a CPU worker it is much of a small layer's step; on a GPU it mostly runs ahead of the
+    kernels and comes out near zero. Never negative."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ray_jobs.ring_attention import Ring, register_ring_attention, use_ring_group
+
+    dtype = getattr(torch, shapes.dtype)
+    layer, rope = decoder_layer(shapes, device, dtype, attention=register_ring_attention())
+    params = sum(p.numel() for p in layer.parameters())
+    layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+    fully_shard(layer, mesh=init_device_mesh(device.type, (world,)))
+    x = torch.randn(shapes.batch, shapes.tokens, shapes.hidden, device=device, dtype=dtype,
+                    requires_grad=True)
+    ring = Ring(group=dist.group.WORLD, ranks=tuple(range(world)))
+
+    def step() -> None:
+        with use_ring_group(ring):
+            layer(x, position_embeddings=rope).sum().backward()
+
+    whole = timed(step, repeats, device)
+
+    # what the cost model prices, measured here at this shape
+    elem = torch.finfo(dtype).bits // 8
+    shard = torch.empty(params // world, dtype=dtype, device=device)
+    full = torch.empty(shard.numel() * world, dtype=dtype, device=device)
+    gather = statistics.median(timed(lambda: _all_gather(full, shard), repeats, device))
+    reduce = statistics.median(timed(lambda: _reduce_scatter(shard, full), repeats, device))
+    R, n, B = world, shapes.tokens, shapes.batch
+    block = 2 * B * n * n * shapes.heads * shapes.head_dim / attention  # half a block: causal
+    kv = 2 * B * n * shapes.kv_heads * shapes.head_dim * elem
+
+    def hop(nbytes: float) -> float:
+        return p2p["p2p_latency_us"]["value"] * 1e-6 + nbytes / (p2p["p2p_gb_s"]["value"] * GB)
+
+    priced = (8 * params * B * n / dense
+              + R * block * (2 + bwd_over_fwd)
+              + (R - 1) * (2 * hop(kv) + hop(2 * kv))
+              + 2 * gather + reduce)
+    left = [max(0.0, t - priced) for t in whole]
+    med = statistics.median(left)
+    return {"value": med, "spread": (max(left) - min(left)) / med if med else 0.0,
+            "samples": len(left)}
+
+
+def _overlap(shapes: Shapes, repeats: int, device: torch.device) -> dict:
+    """Fraction of an all-gather that hides behind compute: (compute + comm - both) over the
+    shorter of the two, with compute (matmuls of the stage's dense shape) sized to about the
+    all-gather's length; 0 when running them together takes their sum, 1 when it takes the
+    longer one's."""
+    dtype = getattr(torch, shapes.dtype)
+    world = dist.get_world_size()
+    shard = torch.ones(OVERLAP_BYTES // 4 // world, dtype=torch.float32, device=device)
+    gathered = torch.empty(shard.numel() * world, dtype=torch.float32, device=device)
+    a = torch.randn(shapes.micro_tokens, shapes.hidden, dtype=dtype, device=device)
+    w = torch.randn(shapes.hidden, shapes.intermediate, dtype=dtype, device=device)
+    comm = statistics.median(timed(lambda: _all_gather(gathered, shard), repeats, device))
+    one = statistics.median(timed(lambda: a @ w, repeats, device))
+    count = [max(1, round(comm / one))]
+    dist.broadcast_object_list(count)  # every rank computes as long: the gathers pair up
+
+    def compute() -> None:
+        for _ in range(count[0]):
+            a @ w
+
+    def both() -> None:
+        work = _all_gather(gathered, shard, async_op=True)
+        compute()
+        work.wait()
+
+    fractions = []
+    for _ in range(repeats):
+        t_comp, t_comm = (statistics.median(timed(f, 1, device))
+                          for f in (compute, lambda: _all_gather(gathered, shard)))
+        t_both = statistics.median(timed(both, 1, device))
+        hidden = (t_comp + t_comm - t_both) / min(t_comp, t_comm)
+        fractions.append(min(1.0, max(0.0, hidden)))
+    med = statistics.median(fractions)
+    return {"value": med, "spread": max(fractions) - min(fractions), "samples": len(fractions)}
+
+
+def _optimizer(shapes: Shapes, world: int, repeats: int, device: torch.device) -> dict:
+    """Parameters per second per device that the trainer's clipping and AdamW update: one
+    decoder layer sharded by FSDP2 over the group, its gradients from one forward and
+    backward, then clip_gradients + step timed (the gradients stay: every step updates)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ray_jobs.parallelize import build_optimizer, clip_gradients
+
+    layer, rope = decoder_layer(shapes, device, getattr(torch, shapes.state_dtype))
+    fully_shard(layer, mesh=init_device_mesh(device.type, (world,)))
+    x = torch.randn(1, shapes.tokens, shapes.hidden, device=device,
+                    dtype=getattr(torch, shapes.state_dtype))
+    layer(x, position_embeddings=rope).sum().backward()
+    opt = build_optimizer(layer, 1e-4)
+
+    def step() -> None:
+        clip_gradients(layer, 1.0)
+        opt.step()
+
+    per_device = sum(p.numel() for p in layer.parameters()) / world
+    return summarise([per_device / t for t in timed(step, repeats, device)])
+
+
+COLLECTIVES = ("all_reduce/", "all_gather/", "reduce_scatter/")
 
 
 def to_profile(measured: dict, *, cluster: str, node_type: str, link: str, base_profile: str,
-               shapes: Shapes, backend: str, hops: int = 2) -> dict:
+               stages: Shapes | list[Shapes], backend: str, hops: int = 2) -> dict:
     """The CalibratedProfile document of `measure`'s result (validated by the caller). The two
     ranks' path crosses `hops` links of type `link` (device -> switch -> device: 2): the
     path's bandwidth is the link's, its latency is split evenly over them."""
+    stages = [stages] if isinstance(stages, Shapes) else list(stages)
     links = {}
     if "p2p_gb_s" in measured:
         lat = measured["p2p_latency_us"]
         links[link] = {"bandwidth_gb_s": measured["p2p_gb_s"],
                        "latency_us": {**lat, "value": lat["value"] / hops},
                        "between": f"Ray Train ranks 0 and 1 of one node, {hops} {link} links"}
+    last = stages[-1]
+    micro = ", ".join(f"{sh.batch}x{sh.tokens}" for sh in stages)
     return {
         "kind": "ringpilot.io/calibrated-profile", "cluster": cluster, "node_type": node_type,
         "base_profile": base_profile,
         "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool": (f"ringpilot calibrate: {measured['ranks']} {backend} ranks; dense "
-                 f"{shapes.tokens}x{shapes.hidden}@{shapes.hidden}x{shapes.intermediate} "
-                 f"{shapes.dtype}; attention block {shapes.tokens}x{shapes.tokens}, "
-                 f"{shapes.heads} heads of {shapes.head_dim}"),
+        "tool": (f"ringpilot calibrate: {measured['ranks']} {backend} ranks; decoder layer "
+                 f"(hidden {last.hidden}, intermediate {last.intermediate}) and attention block "
+                 f"({last.heads} heads of {last.head_dim}) at micro-batches of {micro} "
+                 f"sequences x tokens, {last.dtype}"),
         "dense_flops": measured["dense_flops"], "attention_flops": measured["attention_flops"],
         "attention_bwd_over_fwd": measured["attention_bwd_over_fwd"],
+        "dense_flops_at": {int(k.split("/")[1]): v for k, v in measured.items()
+                           if k.startswith("dense_at/")},
+        "attention_flops_at": {int(k.split("/")[1]): v for k, v in measured.items()
+                               if k.startswith("attention_at/")},
+        "layer_overhead_s_at": {int(k.split("/")[1]): v for k, v in measured.items()
+                                if k.startswith("layer_overhead_at/")},
+        **{k: measured[k] for k in ("comm_overlap", "optimizer_params_per_s") if k in measured},
         "links": links,
-        "collectives": {k: v for k, v in measured.items() if "/" in k},
+        "collectives": {k: v for k, v in measured.items() if k.startswith(COLLECTIVES)},
     }
 
 
@@ -207,7 +443,7 @@ def _worker(config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
-    got = measure(config["shapes"], config["repeats"], device)
+    got = measure(config["stages"], config["repeats"], device)
     # Ray Train's Result carries rank 0's reported checkpoint: the numbers travel in one.
     with tempfile.TemporaryDirectory(prefix="ringpilot-measured-") as d:
         checkpoint = None
@@ -232,7 +468,8 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
     if node_type not in spec.node_types:
         raise ValueError(f"--node-type {node_type!r} is not a node type of cluster {spec.name!r} "
                          f"({', '.join(sorted(spec.node_types))})")
-    res, shapes = run.resources, Shapes.of(run, stage_index)
+    res = run.resources
+    stages = [Shapes.of(run, stage_index)] if stage_index is not None else Shapes.stages(run)
     workers = min(2, res.workers)
     connect_ray(address, workers * res.cpus_per_worker)
     gpu = res.device == "gpu"
@@ -241,7 +478,7 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
                                                   **({"GPU": 1} if gpu else {})})
     with tempfile.TemporaryDirectory(prefix="ringpilot-calibrate-") as storage:
         trainer = TorchTrainer(
-            _worker, train_loop_config={"shapes": shapes, "repeats": repeats, "gpu": gpu,
+            _worker, train_loop_config={"stages": stages, "repeats": repeats, "gpu": gpu,
                                         "threads": res.cpus_per_worker},
             scaling_config=scaling,
             run_config=RunConfig(name="ringpilot-calibrate", storage_path=storage))
@@ -250,7 +487,7 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
             measured = json.loads((Path(d) / "measured.json").read_text())
     link = same_switch_link(spec, node_type)
     doc = to_profile(measured, cluster=spec.name, node_type=node_type, link=link or "",
-                     base_profile=spec.profile, shapes=shapes,
+                     base_profile=spec.profile, stages=stages,
                      backend="nccl" if gpu else "gloo")
     if link is None:
         doc["links"] = {}

@@ -54,6 +54,7 @@ class TrainerState:
     rope_theta: float = 0.0
     seq_len: int = 0
     seconds: float = 0.0  # training time in this stage so far
+    parts_seconds: dict[str, float] = field(default_factory=dict)  # `seconds` by phase (StepClock)
     world_size: int = 1
     ring_degree: int = 1
     dp_degree: int = 1

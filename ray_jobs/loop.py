@@ -133,6 +133,7 @@ def _train(config: WorkerConfig) -> None:
         old = read_state(Path(init_from))
         state.step, state.tokens, state.seconds, state.losses = (old.step, old.tokens, old.seconds,
                                                                  old.losses)
+        state.parts_seconds = dict(old.parts_seconds)
         state.init_from, state.init_checksum = old.init_from, old.init_checksum
     on_rank0(rank, lambda: ledger.record_start(stage.name, state.step))
 
@@ -146,12 +147,13 @@ def _train(config: WorkerConfig) -> None:
     positions = positions.unsqueeze(0).expand(per_ring, -1)
     every = run.failure.report_every
     t_report, steps_since, pending = time.perf_counter(), 0, []
+    clock = StepClock(device, state.parts_seconds)
     while state.step < stage.steps:
         step = state.step
         if config.before_step is not None:
             config.before_step(StepInfo(stage=stage.name, step=step, rank=rank, world=world,
                                         run_dir=run_dir))
-        t0 = time.perf_counter()
+        clock.start()
         loss_sum, ids = torch.zeros((), device=device), []
         for micro in range(stage.grad_accum_steps):
             inputs, labels, sample_ids = stream.batch(step, micro, my_samples)
@@ -159,20 +161,24 @@ def _train(config: WorkerConfig) -> None:
             # (B, S / (ring x ulysses)): the ring's zigzag shard, then this rank's Ulysses piece
             x, y = (sequence_shard(t, 1, layout.ring_rank, dims.ring, layout.ulysses_rank,
                                    dims.ulysses).to(device) for t in (inputs, labels))
+            clock.lap("data")
             sync_gradients_in(model, micro, stage.grad_accum_steps)
             with use_ring_group(layout.attention_group):
                 loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
                 # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
                 (loss * dims.sequence / stage.grad_accum_steps).backward()
             loss_sum += loss.detach() / stage.grad_accum_steps
+            clock.lap("forward + backward")
         clip_gradients(model, run.training.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         dist.all_reduce(loss_sum)  # every rank of a ring holds its ring's loss: mean over dp
         loss_value = loss_sum.item() / world
+        clock.lap("loss all-reduce")
         state.step, state.tokens = step + 1, state.tokens + stage.tokens_per_step
-        state.seconds += time.perf_counter() - t0
+        state.seconds += clock.total
         state.losses.append(loss_value)
         steps_since += 1
         pending.append({"step": state.step, "loss": loss_value, "time": time.time(),
@@ -207,6 +213,34 @@ def _train(config: WorkerConfig) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint)
             if checkpoint is not None:  # Ray has copied the pointer into its storage
                 shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+class StepClock:
+    """Wall time of a step's phases, added into `parts` (a TrainerState's parts_seconds).
+
+    Phases: data (sampling and sharding), forward + backward (with the communication they
+    wait for: K/V hops, weight all-gathers, gradient reduce-scatters, the data-parallel
+    all-reduce), optimizer (clipping, AdamW, the schedule), loss all-reduce (the step's one
+    reporting collective). On a GPU each lap first waits for the device, so a phase is charged
+    with its own kernels (one synchronisation per phase: noise against a step of seconds)."""
+
+    def __init__(self, device: torch.device, parts: dict[str, float]):
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.parts = parts
+        self.total = 0.0
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._sync()
+        self._t = time.perf_counter()
+        self.total = 0.0
+
+    def lap(self, phase: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.parts[phase] = self.parts.get(phase, 0.0) + (now - self._t)
+        self.total += now - self._t
+        self._t = now
 
 
 LR_FLOOR = 0.1  # the cosine decay ends at this fraction of the peak learning rate

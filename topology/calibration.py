@@ -31,6 +31,19 @@ class Measured(_Spec):
     samples: int = Field(1, ge=1, description="Repeats measured.")
 
 
+class MeasuredFraction(Measured):
+    """A measured fraction (0 to 1), e.g. how much communication hides behind compute."""
+
+    value: float = Field(ge=0, le=1, description="Median of the repeats.")
+    spread: float = Field(0.0, ge=0, le=1, description="max - min of the repeats.")
+
+
+class MeasuredSeconds(Measured):
+    """A measured time that may be zero (an overhead that did not show)."""
+
+    value: float = Field(ge=0, description="Median of the repeats, seconds.")
+
+
 class LinkMeasurement(_Spec):
     """A link type of the ClusterSpec, measured between two devices that it joins."""
 
@@ -50,21 +63,37 @@ class CalibratedProfile(_Spec):
                               "come from (topology.profile).")
     measured_at: str = Field(description="UTC date and time of the measurement.")
     tool: str = Field("", description="How it was measured (command, backend, shapes).")
-    dense_flops: Measured | None = Field(None, description="Achieved dense matmul FLOP/s per "
-                                         "device at the model's shapes.")
+    dense_flops: Measured | None = Field(None, description="Achieved dense FLOP/s per device of "
+                                         "a decoder layer (attention excluded), forward and "
+                                         "backward, at the longest stage's micro-batch.")
     attention_flops: Measured | None = Field(None, description="Achieved FLOP/s per device of "
                                              "the attention block kernel, forward.")
+    dense_flops_at: dict[int, Measured] = Field(
+        default_factory=dict, description="dense_flops by tokens per device per micro-step "
+        "(each stage's micro-batch).")
+    attention_flops_at: dict[int, Measured] = Field(
+        default_factory=dict, description="attention_flops by tokens per device per micro-step.")
+    layer_overhead_s_at: dict[int, MeasuredSeconds] = Field(
+        default_factory=dict, description="Seconds per decoder layer and micro-step beyond "
+        "the priced compute and communication (checkpointing, FSDP2 and ring attention "
+        "wrappers), by tokens per device per micro-step.")
+    comm_overlap: MeasuredFraction | None = Field(
+        None, description="Fraction of an all-gather that hid behind concurrent matmuls.")
+    optimizer_params_per_s: Measured | None = Field(
+        None, description="Shard parameters per second per device that gradient clipping and "
+        "AdamW update (the trainer's own, on an FSDP2-sharded decoder layer).")
     attention_bwd_over_fwd: Measured | None = Field(None, description="Attention block backward "
                                                     "time over its forward time.")
     links: dict[str, LinkMeasurement] = Field(default_factory=dict,
                                               description="Measured link types, by name.")
     collectives: dict[str, Measured] = Field(
         default_factory=dict, description="Collective bus bandwidth, GB/s, by "
-        "'<op>/<group size>' (e.g. 'all_reduce/2'); reported, not yet used by the model.")
+        "'<op>/<group size>' (e.g. 'all_gather/2'); all_gather and reduce_scatter price the "
+        "sharding collectives of groups of that size.")
 
     @model_validator(mode="after")
     def _something_measured(self) -> CalibratedProfile:
-        if not (self.links or self.dense_flops or self.attention_flops):
+        if not (self.links or self.dense_flops or self.attention_flops or self.dense_flops_at):
             raise ValueError("the profile measures nothing: give links, dense_flops or "
                              "attention_flops (ringpilot calibrate writes them)")
         return self
@@ -78,6 +107,12 @@ def line_rates(base: HardwareProfile) -> dict[str, float]:
     """Datasheet line rate per direction (GB/s) of the link classes the presets name; a measured
     bandwidth above it is not physical."""
     return {"pcie": base.pcie_gen4_x16_gb_s, "nic": base.nic_gb_s}
+
+
+def rates_of(base: HardwareProfile, spec: ClusterSpec) -> dict[str, float]:
+    """The line rate of each of the cluster's link types that has one (by name)."""
+    rates = line_rates(base)
+    return {name: rates[name] for name in spec.link_types if name in rates}
 
 
 def apply_profile(spec: ClusterSpec, cal: CalibratedProfile
@@ -112,11 +147,20 @@ def apply_profile(spec: ClusterSpec, cal: CalibratedProfile
                 f"--profile: links.{name}.bandwidth_gb_s {m.bandwidth_gb_s.value:g} GB/s is above "
                 f"the {name} line rate of {limit:g} GB/s per direction; the measurement is wrong "
                 "(a copy that never left the device?): measure again")
-    for field, m in (("dense_flops", cal.dense_flops), ("attention_flops", cal.attention_flops)):
+    flops = [("dense_flops", cal.dense_flops), ("attention_flops", cal.attention_flops)]
+    flops += [(f"dense_flops_at.{k}", m) for k, m in cal.dense_flops_at.items()]
+    flops += [(f"attention_flops_at.{k}", m) for k, m in cal.attention_flops_at.items()]
+    for field, m in flops:
         if m is not None and m.value > base.peak_bf16_flops:
             raise CalibrationError(
                 f"--profile: {field} {m.value:.3g} FLOP/s is above the {base.gpu_model} peak of "
                 f"{base.peak_bf16_flops:.3g}; measure again")
+    fastest = max([*rates_of(base, spec).values()], default=None)
+    for name, m in cal.collectives.items():
+        if fastest is not None and m.value > fastest:
+            raise CalibrationError(
+                f"--profile: collectives.{name} {m.value:g} GB/s is above every link's line rate "
+                f"(at most {fastest:g} GB/s per direction); measure again")
 
     notes = [f"calibrated profile: measured on {cal.cluster} ({cal.node_type}) at "
              f"{cal.measured_at}" + (f" by {cal.tool}" if cal.tool else "")]
@@ -150,5 +194,26 @@ def apply_profile(spec: ClusterSpec, cal: CalibratedProfile
     if cal.attention_bwd_over_fwd is not None:
         update["attention_bwd_over_fwd"] = cal.attention_bwd_over_fwd.value
         sources["attention_bwd_over_fwd"] = "measured"
+    for field, got in (("dense_flops_at", cal.dense_flops_at),
+                       ("attention_flops_at", cal.attention_flops_at),
+                       ("layer_overhead_s_at", cal.layer_overhead_s_at)):
+        if got:
+            update[field] = {k: m.value for k, m in got.items()}
+            sources[field] = "measured at " + ", ".join(f"{k:,}" for k in sorted(got)) + \
+                " tokens per device per micro-step"
+    for field, m in (("comm_overlap", cal.comm_overlap),
+                     ("optimizer_params_per_s", cal.optimizer_params_per_s)):
+        if m is None:
+            notes.append(f"{field}: not measured; kept {base.sources.get(field, 'the default')}")
+            continue
+        update[field] = m.value
+        sources[field] = f"measured: {m.value:.3g} (median of {m.samples}, spread {m.spread:.2g})"
+        assumptions = [a for a in assumptions if a != field]
+    used = {k: m.value for k, m in cal.collectives.items()
+            if k.startswith(("all_gather/", "reduce_scatter/"))}
+    if used:
+        update["collective_gb_s"] = used
+        sources["collective_gb_s"] = "measured bus bandwidth: " + ", ".join(
+            f"{k} {v:.3g} GB/s" for k, v in sorted(used.items()))
     profile = base.model_copy(update={**update, "sources": sources, "assumptions": assumptions})
     return spec.model_copy(update={"link_types": link_types}), profile, notes

@@ -200,6 +200,11 @@ class StageShape:
         return 4 if self.elem_bytes != self.state_bytes else self.elem_bytes
 
     @property
+    def root_params(self) -> int:
+        """Parameters of the FSDP root unit: embedding, lm_head, final norm."""
+        return 2 * self.vocab * self.hidden + self.hidden
+
+    @property
     def seqs_per_ring(self) -> int:
         return max(1, self.batch_size // self.dp)
 
@@ -234,7 +239,7 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     """
     n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step
     cb, sb, shard = s.elem_bytes, s.state_bytes, s.shard_ways
-    root = 2 * s.vocab * s.hidden + s.hidden  # embedding, lm_head, final norm
+    root = s.root_params
     layer = (s.params - root) / s.layers
     if s.checkpointing:
         held = (s.layers + 4) * n * s.hidden * cb  # each layer's input, embedding, final norm
@@ -308,19 +313,33 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
 
     Per micro-step and GPU (the trainer feeds each ring B = batch_size / dp sequences at once,
     grad_accum times per step; n = seq_len / ring local tokens, R = ring, L layers):
-    - dense: 8 N n B FLOPs (6N forward+backward, +2N recomputing the forward) at mfu_dense;
+    - dense: 8 N n B FLOPs (6N forward+backward, +2N recomputing the forward) at `dense_rate`;
     - attention: causal forward 2 S^2 (heads x head_dim) / R per layer, split evenly over R
       ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
       in each phase R block computes, R-1 K/V transfers each overlapped with one block:
       phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V of the B
       sequences; backward also dK,dV, in fp32 from rings of 3 on): one latency per hop for
       the whole micro-batch, as the trainer passes one (B, n, ...) block;
-    - sharding traffic per micro-step: 2 all-gathers of the weights in the compute dtype and
-      1 reduce-scatter of the gradients in the reduce dtype (fp32 under mixed precision) over
-      the S shard ranks, (S-1) hops of a 1/S share each, overlapped with the dense compute only;
+    - sharding traffic per micro-step, one collective per FSDP unit (each decoder layer, and the
+      root: embedding, final norm, lm_head) over the S shard ranks: the forward all-gathers
+      every unit's weights in the compute dtype, the backward the layers' again (the root stays
+      gathered), and every unit's gradients are reduce-scattered in the reduce dtype (fp32
+      under mixed precision). A collective costs (S-1) hop latencies plus its bytes at the
+      measured bus bandwidth of that collective and group size when the profile has one
+      (`collective_gb_s`), else (S-1) hops of a 1/S share at the ring's hop bandwidth; it runs
+      behind the dense compute as far as `comm_overlap` allows;
     - data-parallel gradient sync once per optimizer step (the last micro-step's, see
       parallelize.sync_gradients_in): ring all-reduce of the reduce-dtype gradient shard over
-      D rings, 2(D-1) hops of a 1/D share of it, not overlapped.
+      D rings, 2(D-1) hops of a 1/D share of it, not overlapped;
+    - the optimizer once per step: clipping and AdamW over the P / S parameters of the shard
+      (`profile.optimizer_seconds`), and the loss all-reduce that reports the step (one element
+      over the world: 2(W-1) hop latencies);
+    - compute rates are the profile's at B n tokens per device (`dense_rate`, `attention_rate`:
+      measured by `ringpilot calibrate` at each stage's size, or peak x utilisation); a
+      communication that could hide behind compute hides `comm_overlap` of what it could
+      (1 on a GPU: exposed = max(0, comm - compute)); a calibrated profile adds each decoder
+      layer's measured framework time beyond all that (`layer_overhead`: FSDP2's hooks, the
+      ring's merges, Python between kernels). Not modelled: sampling and sharding the batch.
     - with Ulysses (U > 1): each GPU computes H / U heads of its ring position's S / R tokens
       (n = S / (R U) local tokens for the dense work), its K/V blocks carry its share of the
       K/V heads, and every attention adds two all-to-alls per phase inside the Ulysses group,
@@ -330,16 +349,18 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       not the K/V rings.
     """
     R, D, n, U, B = s.ring, s.dp, s.local_tokens, s.ulysses, s.seqs_per_ring
-    rate_dense = profile.peak_bf16_flops * profile.mfu_dense
-    rate_attn = profile.peak_bf16_flops * profile.mfu_attention
-    dense = 8 * s.params * n * B / rate_dense
+    dense = 8 * s.params * n * B / profile.dense_rate(n * B)
     attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / (R * U)
-    block = B * attn_fwd_layer / R / rate_attn
+    block = B * attn_fwd_layer / R / profile.attention_rate(n * B)
+    overlap = profile.comm_overlap
 
     def hop(nbytes: float, res: FlowResult) -> float:
         if res.bottleneck is None:
             return 0.0
         return res.latency_s + nbytes / (res.bandwidth_gb_s * GB)
+
+    def exposed(comm: float, compute: float) -> float:
+        return comm - overlap * min(comm, compute)
 
     attn_compute = exposed_ring = 0.0
     kv = B * s.kv_block_bytes
@@ -350,14 +371,26 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
         if t > 0:
             headroom = min(headroom, c / t)
         attn_compute += R * c * s.layers
-        exposed_ring += (R - 1) * max(0.0, t - c) * s.layers
+        exposed_ring += (R - 1) * exposed(t, c) * s.layers
     S = s.shard_ways
-    gathered, reduced = s.elem_bytes * s.params / S, s.grad_reduce_bytes * s.params / S
-    around = shard if shard is not None else ring
-    shard_comm = (S - 1) * (2 * hop(gathered, around) + hop(reduced, around)) if S > 1 else 0.0
-    exposed_shard = max(0.0, shard_comm - dense)
+    reduced = s.grad_reduce_bytes * s.params / S
+    shard_comm = 0.0
+    if S > 1:
+        around = shard if shard is not None else ring
+        units = s.layers + 1
+        gathered = s.elem_bytes * (2 * s.params - s.root_params) / S  # forward, then backward
+
+        def volume(shard_bytes: float, op: str) -> float:
+            bus = profile.collective_gb_s.get(f"{op}/{S}") or around.bandwidth_gb_s
+            return (S - 1) * shard_bytes / (bus * GB)
+
+        shard_comm = ((3 * units - 1) * (S - 1) * around.latency_s
+                      + volume(gathered, "all_gather") + volume(reduced, "reduce_scatter"))
+    exposed_shard = exposed(shard_comm, dense)
     per_micro = {"dense compute": dense, "attention compute": attn_compute,
                  "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
+    if profile.layer_overhead_s_at:
+        per_micro["layer overhead (calibrated)"] = s.layers * profile.layer_overhead(n * B)
     if U > 1:
         if a2a is None:
             raise ValueError("a Ulysses stage needs the all-to-all flows' result (a2a)")
@@ -365,6 +398,9 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
         per_micro["Ulysses all-to-all"] = 3 * s.layers * hop(B * s.all_to_all_bytes, a2a)
     parts = {k: v * s.grad_accum for k, v in per_micro.items()}
     parts["data-parallel sync"] = (2 * (D - 1) * hop(reduced / D, dp)) if D > 1 else 0.0
+    parts["optimizer"] = profile.optimizer_seconds(s.params / S)
+    world = R * U * D
+    parts["loss all-reduce"] = 2 * (world - 1) * max(ring.latency_s, dp.latency_s)
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len
     model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)

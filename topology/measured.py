@@ -1,14 +1,15 @@
 """Step times a run measured, read back from its run directory, to set beside the planner's.
 
 The trainer records each stage's training seconds (optimizer steps only: no checkpointing, no
-reporting) and steps in its checkpoints' `trainer_state/state.json`
-(ray_jobs.checkpoint.TrainerState); the newest committed checkpoint of a stage holds the most.
+reporting), their split by phase (ray_jobs.loop.StepClock) and steps in its checkpoints'
+`trainer_state/state.json` (ray_jobs.checkpoint.TrainerState); the newest committed checkpoint
+of a stage holds the most.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from specs.ledger import Ledger
@@ -21,6 +22,7 @@ class Measured:
     steps: int
     seconds: float
     layout: str  # "ring x dp" (and Ulysses) it ran with
+    parts: dict[str, float] = field(default_factory=dict)  # seconds by phase, whole stage
 
     @property
     def step_seconds(self) -> float:
@@ -44,25 +46,47 @@ def measured_steps(run_dir: str | Path) -> dict[str, Measured]:
         if st.get("step", 0) > 0 and st.get("seconds", 0) > 0:
             u = st.get("ulysses_degree", 1)
             out[stage] = Measured(stage=stage, steps=st["step"], seconds=st["seconds"],
+                                  parts=st.get("parts_seconds", {}),
                                   layout=(f"{st.get('ring_degree', 1)}"
                                           + (f"u{u}" if u > 1 else "")
                                           + f" x {st.get('dp_degree', 1)}"))
     return out
 
 
+# How the trainer's phases meet the cost model's parts: the optimizer and the step's reporting
+# all-reduce are priced alone; everything else the model prices happens in forward + backward.
+PHASES = {"optimizer": ("optimizer",), "other": ("loss all-reduce", "data")}
+
+
+def phases_ms(parts: dict[str, float], steps: int) -> str:
+    """'forward + backward 52.7, optimizer 21.9, other 0.1' (ms per step) of predicted parts
+    (steps 1) or measured phases (their stage totals over `steps`)."""
+    if not parts:
+        return "not recorded"
+    grouped = {"forward + backward": 0.0, "optimizer": 0.0, "other": 0.0}
+    for name, seconds in parts.items():
+        phase = next((p for p, names in PHASES.items() if name in names), "forward + backward")
+        grouped[phase] += seconds / steps
+    return ", ".join(f"{k} {v * 1e3:.1f}" for k, v in grouped.items())
+
+
 def compare_rows(plan: Plan, measured: dict[str, Measured]) -> list[list[str]]:
-    """The report's table: predicted against measured step time per stage, with the ratio."""
+    """The report's table: predicted against measured step time per stage, with the ratio and
+    both split by phase (ms per step)."""
     rows = [["stage", "planned layout", "predicted s/step", "measured s/step (steps)",
-             "measured layout", "predicted / measured"]]
+             "measured layout", "predicted / measured", "predicted ms: by phase",
+             "measured ms: by phase"]]
     for s in plan.stages:
         m = measured.get(s.name)
         planned = f"{s.ring_degree}" + (f"u{s.ulysses_degree}" if s.ulysses_degree > 1 else "") \
             + f" x {s.dp_degree}"
         if m is None:
-            rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}", "not run", "", ""])
+            rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}", "not run", "", "",
+                         phases_ms(s.prediction.parts_seconds, 1), ""])
             continue
         rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}",
                      f"{m.step_seconds:.4f} ({m.steps})", m.layout,
                      f"{s.prediction.step_seconds / m.step_seconds:.2f}x"
-                     + ("" if m.layout == planned else " (other layout)")])
+                     + ("" if m.layout == planned else " (other layout)"),
+                     phases_ms(s.prediction.parts_seconds, 1), phases_ms(m.parts, m.steps)])
     return rows

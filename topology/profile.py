@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Bytes AdamW and gradient clipping move per parameter of a shard in one step (fp32 state):
+# clipping reads the gradient for its norm and rewrites it scaled; AdamW reads the parameter,
+# gradient and two moments and writes the parameter and both moments back.
+OPTIMIZER_BYTES_PER_PARAM = 4 * (2 + 4 + 3)
 
 
 class HardwareProfile(BaseModel):
@@ -36,6 +44,27 @@ class HardwareProfile(BaseModel):
     switch_latency_us: float = Field(ge=0, description="Latency of one fabric switch hop, us.")
     attention_bwd_over_fwd: float = Field(gt=0, description="Backward FLOPs of the flash "
                                           "attention kernel relative to its forward.")
+    comm_overlap: float = Field(1.0, ge=0, le=1, description="Fraction of communication that "
+                                "can run behind compute (K/V hops, FSDP all-gathers and "
+                                "reduce-scatters): 1 with NCCL's own streams on a GPU.")
+    optimizer_params_per_s: float | None = Field(
+        None, gt=0, description="Parameters of a shard that clipping plus AdamW update per "
+        "second per device; None: memory-bound at hbm_bandwidth_gb_s.")
+    dense_flops_at: dict[int, float] = Field(
+        default_factory=dict, description="Measured FLOP/s of a decoder layer's forward and "
+        "backward (its attention excluded) by tokens per device per micro-step; empty: "
+        "peak x mfu_dense at every size.")
+    attention_flops_at: dict[int, float] = Field(
+        default_factory=dict, description="Measured forward FLOP/s of the attention block "
+        "kernel by tokens per device per micro-step; empty: peak x mfu_attention.")
+    layer_overhead_s_at: dict[int, float] = Field(
+        default_factory=dict, description="Measured seconds per decoder layer and micro-step "
+        "beyond its priced compute and communication, by tokens per device per micro-step; "
+        "empty: none (a GPU's launches run ahead of its kernels).")
+    collective_gb_s: dict[str, float] = Field(
+        default_factory=dict, description="Measured bus bandwidth, GB/s, of '<op>/<group "
+        "size>' (all_gather/2, reduce_scatter/2): used for the sharding collectives of a "
+        "group of that size, else its ring's hop bandwidth.")
     sources: dict[str, str] = Field(description="Field name -> where its number comes from.")
     assumptions: list[str] = Field(description="Fields that are assumptions, not datasheet "
                                    "figures.")
@@ -46,6 +75,40 @@ class HardwareProfile(BaseModel):
 
     def nic_effective_gb_s(self, line_rate_gb_s: float | None = None) -> float:
         return (line_rate_gb_s or self.nic_gb_s) * self.nic_efficiency
+
+    def dense_rate(self, tokens: float) -> float:
+        """Dense FLOP/s at `tokens` per device per micro-step."""
+        return _at(self.dense_flops_at, tokens, self.peak_bf16_flops * self.mfu_dense)
+
+    def attention_rate(self, tokens: float) -> float:
+        """Attention kernel FLOP/s (forward) at `tokens` per device per micro-step."""
+        return _at(self.attention_flops_at, tokens, self.peak_bf16_flops * self.mfu_attention)
+
+    def layer_overhead(self, tokens: float) -> float:
+        """Framework seconds per decoder layer and micro-step at `tokens` per device."""
+        return _at(self.layer_overhead_s_at, tokens, 0.0)
+
+    def optimizer_seconds(self, shard_params: float) -> float:
+        """One clipping + AdamW step over `shard_params` parameters on a device."""
+        rate = self.optimizer_params_per_s or (
+            self.hbm_bandwidth_gb_s * 1e9 / OPTIMIZER_BYTES_PER_PARAM)
+        return shard_params / rate
+
+
+def _at(measured: dict[int, float], tokens: float, default: float) -> float:
+    """A rate measured at a few sizes, at `tokens`: interpolated linearly in log(tokens) between
+    the two nearest, the nearest one's outside them; `default` when nothing was measured."""
+    if not measured:
+        return default
+    sizes = sorted(measured)
+    i = bisect.bisect_left(sizes, tokens)
+    if i == 0:
+        return measured[sizes[0]]
+    if i == len(sizes):
+        return measured[sizes[-1]]
+    lo, hi = sizes[i - 1], sizes[i]
+    f = (math.log(tokens) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return measured[lo] + f * (measured[hi] - measured[lo])
 
 
 L40S = HardwareProfile(
@@ -83,6 +146,10 @@ L40S = HardwareProfile(
         "nic_efficiency": "assumption: RDMA reaches ~90% of line rate for MB-sized messages",
         "memory_reserve_bytes": "assumption: CUDA context, NCCL buffers, fragmentation",
         "attention_bwd_over_fwd": "flash-attention backward runs 5 matmuls to the forward's 2",
+        "comm_overlap": "NCCL runs collectives and peer copies on their own CUDA streams, "
+        "behind compute",
+        "optimizer_params_per_s": f"memory-bound: {OPTIMIZER_BYTES_PER_PARAM} bytes per "
+        "parameter at hbm_bandwidth_gb_s",
         "latencies": "assumption: order-of-magnitude link latencies; they matter only for "
         "small messages",
     },
@@ -109,15 +176,19 @@ CPU = HardwareProfile(
     nic_latency_us=50.0,
     switch_latency_us=10.0,
     attention_bwd_over_fwd=2.5,
+    comm_overlap=0.0,
     sources={
         "peak_bf16_flops": "a bound, not a rate: no single core reaches 1 TFLOP/s; the compute "
         "rates are meant to come from `ringpilot calibrate`",
         "hbm_bytes": "assumption: the memory one worker process may use",
         "mfu_dense": "assumption: a placeholder until calibrated (~50 GFLOP/s)",
         "mfu_attention": "assumption: a placeholder until calibrated (~20 GFLOP/s)",
+        "comm_overlap": "assumption: gloo's send and receive threads share the worker's core "
+        "with compute, so nothing hides behind it until calibrated",
+        "hbm_bandwidth_gb_s": "assumption: a core's share of DRAM bandwidth",
     },
     assumptions=["peak_bf16_flops", "mfu_dense", "mfu_attention", "hbm_bytes",
-                 "memory_reserve_bytes"],
+                 "memory_reserve_bytes", "comm_overlap", "hbm_bandwidth_gb_s"],
 )
 
 PROFILES: dict[str, HardwareProfile] = {"l40s": L40S, "cpu": CPU}

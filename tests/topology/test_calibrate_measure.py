@@ -29,12 +29,18 @@ def test_every_claimed_number_is_measured(measured):
     got, other = measured
     assert other is None  # rank 0 reports for the group
     for key in ("p2p_gb_s", "p2p_latency_us", "all_reduce/2", "all_gather/2",
-                "reduce_scatter/2", "dense_flops", "attention_flops", "attention_bwd_over_fwd"):
+                "reduce_scatter/2", "dense_flops", "attention_flops", "attention_bwd_over_fwd",
+                "dense_at/256", "attention_at/256", "optimizer_params_per_s"):
         m = got[key]
         assert m["value"] > 0 and m["spread"] >= 0 and m["samples"] >= 3, key
     assert got["p2p_latency_us"]["samples"] >= 20  # small messages: more repeats
     assert 1e8 < got["dense_flops"]["value"] < 1e13  # a CPU core, not a typo of units
+    assert got["dense_flops"] == got["dense_at/256"]  # the one (largest) stage's
     assert got["attention_bwd_over_fwd"]["value"] > 1  # backward does more work than forward
+    assert 0 <= got["comm_overlap"]["value"] <= 1 and got["comm_overlap"]["samples"] == 3
+    assert got["layer_overhead_at/256"]["value"] >= 0  # what the priced parts leave, or none
+    # an FSDP2-sharded layer's clip + AdamW: between 1e4 and 1e10 parameters a second on a core
+    assert 1e4 < got["optimizer_params_per_s"]["value"] < 1e10
 
 
 def test_the_profile_it_writes_plans_the_tiny_run(measured):
@@ -43,7 +49,7 @@ def test_the_profile_it_writes_plans_the_tiny_run(measured):
     link = same_switch_link(spec, node_type)
     assert link == "loopback"
     doc = to_profile(measured[0], cluster=spec.name, node_type=node_type, link=link,
-                     base_profile=spec.profile, shapes=SHAPES, backend="gloo")
+                     base_profile=spec.profile, stages=SHAPES, backend="gloo")
     profile = CalibratedProfile.model_validate(doc)
     assert profile.links["loopback"].bandwidth_gb_s.value == measured[0]["p2p_gb_s"]["value"]
     assert profile.links["loopback"].latency_us.value == measured[0]["p2p_latency_us"]["value"] / 2
@@ -53,6 +59,10 @@ def test_the_profile_it_writes_plans_the_tiny_run(measured):
         measured[0]["p2p_gb_s"]["value"])
     assert hardware.peak_bf16_flops * hardware.mfu_dense == pytest.approx(
         measured[0]["dense_flops"]["value"])
+    assert hardware.dense_rate(256) == measured[0]["dense_at/256"]["value"]
+    assert hardware.comm_overlap == measured[0]["comm_overlap"]["value"]
+    assert hardware.optimizer_params_per_s == measured[0]["optimizer_params_per_s"]["value"]
+    assert hardware.collective_gb_s["all_gather/2"] == measured[0]["all_gather/2"]["value"]
     run = load_model(ROOT / "configs/tiny.yaml", RunSpec)
     plan = plan_run(calibrated, run, profile=hardware, notes=notes)
     assert all(s.prediction.step_seconds > 0 for s in plan.stages)

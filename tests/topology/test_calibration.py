@@ -74,6 +74,9 @@ def test_measured_throughput_replaces_the_assumed_utilisation():
     ({"links": {"nic": {"bandwidth_gb_s": measured(30.0)}}},
      "links.nic.bandwidth_gb_s 30 GB/s is above the nic line rate of 25 GB/s"),
     ({"dense_flops": measured(5e14)}, "dense_flops 5e+14 FLOP/s is above the NVIDIA L40S peak"),
+    ({"dense_flops_at": {4096: measured(5e14)}}, "dense_flops_at.4096 5e+14 FLOP/s is above"),
+    ({"collectives": {"all_gather/8": measured(40.0)}},
+     "collectives.all_gather/8 40 GB/s is above every link's line rate"),
     ({"base_profile": "h100"}, "unknown hardware profile 'h100'"),
 ])
 def test_a_profile_that_does_not_fit_the_cluster_is_refused(change, message):
@@ -87,6 +90,8 @@ def test_a_profile_that_does_not_fit_the_cluster_is_refused(change, message):
     ({"links": {}}, "the profile measures nothing"),
     ({"links": {"pcie": {"bandwidth_gb_s": {"value": -3}}}}, "greater than 0"),
     ({"kind": "something-else"}, "ringpilot.io/calibrated-profile"),
+    ({"links": {"x": {"bandwidth_gb_s": measured(1.0)}}, "comm_overlap": measured(1.5)},
+     "less than or equal to 1"),
 ])
 def test_a_malformed_profile_file_is_one_clear_error(tmp_path, doc, message):
     base = {"cluster": "c", "node_type": "n", "measured_at": "2026-12-01"}
@@ -110,7 +115,7 @@ def test_plan_with_a_profile_for_another_cluster_is_one_line(tmp_path, capsys):
     assert "--profile: measured on cluster 'somewhere-else', but the plan is for" in err
 
 
-def _trained(run_dir, stage, step, seconds, ring=8, dp=1):
+def _trained(run_dir, stage, step, seconds, ring=8, dp=1, parts=None):
     """A run directory whose stage has one committed checkpoint with its measured seconds."""
     import json
 
@@ -120,7 +125,7 @@ def _trained(run_dir, stage, step, seconds, ring=8, dp=1):
     (path / "trainer_state").mkdir(parents=True)
     (path / "trainer_state" / "state.json").write_text(json.dumps(
         {"stage": stage, "step": step, "seconds": seconds, "ring_degree": ring,
-         "dp_degree": dp, "ulysses_degree": 1}))
+         "dp_degree": dp, "ulysses_degree": 1, **({"parts_seconds": parts} if parts else {})}))
     mark_committed(path)
     Ledger(run_dir, "small").commit_checkpoint(stage, step, path)
 
@@ -132,12 +137,20 @@ def test_plan_compare_puts_measured_step_time_beside_the_prediction(tmp_path, ca
     run = small_run(ring=8, dp=1, workers=8)
     plan = plan_run(spec, run)
     predicted = plan.stages[0].prediction.step_seconds
-    _trained(tmp_path, "s1", step=10, seconds=20 * predicted)
+    _trained(tmp_path, "s1", step=10, seconds=20 * predicted,
+             parts={"data": 0.01, "forward + backward": 0.5, "optimizer": 0.2,
+                    "loss all-reduce": 0.01})
     rows = compare_rows(plan, measured_steps(tmp_path))
-    assert rows[1][0] == "s1" and rows[1][-1] == "0.50x"
+    assert rows[1][0] == "s1" and rows[1][5] == "0.50x"
     assert rows[1][3] == f"{2 * predicted:.4f} (10)"
+    # the phases per step, in ms: the stage's seconds over its 10 steps
+    assert rows[1][7] == "forward + backward 50.0, optimizer 20.0, other 2.0"
+    parts = plan.stages[0].prediction.parts_seconds
+    assert rows[1][6].startswith("forward + backward ") and \
+        f"optimizer {parts['optimizer'] * 1e3:.1f}" in rows[1][6]
     _trained(tmp_path / "other", "s1", step=4, seconds=4 * predicted, ring=4, dp=2)
-    assert compare_rows(plan, measured_steps(tmp_path / "other"))[1][-1] == "1.00x (other layout)"
+    other = compare_rows(plan, measured_steps(tmp_path / "other"))[1]
+    assert other[5] == "1.00x (other layout)" and other[7] == "not recorded"
     with pytest.raises(FileNotFoundError, match="has no ledger.json"):
         measured_steps(tmp_path / "nowhere")
 

@@ -83,20 +83,48 @@ def test_step_time_by_hand():
     # per layer: forward and recompute expose (R-1)(t - c) each, backward (R-1)(2t - 2.5c)
     exposed = 2 * ((kv_t - block) + (kv_t - block) + (2 * kv_t - 2.5 * block))
     attention = 2 * 2 * (1 + 1 + 2.5) * block  # layers x R blocks x phases
-    # weight sharding: (R-1) hops of 2 all-gathers of N/R bf16 weights (1e9 bytes each) and a
-    # reduce-scatter of N/R fp32 gradients (2e9 bytes) at 1 GB/s = 4 s, of which the dense
-    # compute hides 0.65536 s
-    shard = (2 * 1e9 + 2e9) / 1e9 - dense
+    # weight sharding: (R-1) hops of the forward's all-gathers of N/R bf16 weights (1e9 bytes),
+    # the backward's of the layers' (the root stays gathered: 1e9 - root bytes) and a
+    # reduce-scatter of N/R fp32 gradients (2e9 bytes) at 1 GB/s, of which the dense compute
+    # hides 0.65536 s (the GPU overlaps: comm_overlap 1)
+    root = 2 * 32000 * 1024 + 1024
+    shard = (1e9 + (1e9 - root) + 2e9) / 1e9 - dense
+    # the optimizer reads and writes 36 bytes per parameter of the N/R shard at 864 GB/s
+    optimizer = 36 * 1e9 / 2 / 864e9
     assert cost.parts["dense compute"] == pytest.approx(dense)
     assert cost.parts["attention compute"] == pytest.approx(attention)
     assert cost.parts["exposed ring K/V"] == pytest.approx(exposed)
     assert cost.parts["exposed weight sharding"] == pytest.approx(shard)
     assert cost.parts["data-parallel sync"] == 0.0
-    assert cost.step_seconds == pytest.approx(dense + attention + exposed + shard)
+    assert cost.parts["optimizer"] == pytest.approx(optimizer)
+    assert cost.parts["loss all-reduce"] == 0.0  # a link without latency
+    assert cost.step_seconds == pytest.approx(dense + attention + exposed + shard + optimizer)
     assert cost.tokens_per_second == pytest.approx(8192 / cost.step_seconds)
     assert cost.wall_minutes == pytest.approx(60 * cost.step_seconds / 60)
     # headroom: block / hop in the worst phase; forward c / t beats backward 2.5c / 2t
     assert cost.ring_headroom == pytest.approx(block / kv_t)
+
+
+def test_a_calibrated_profile_prices_what_it_measured():
+    """Measured collectives price the sharding, measured overlap decides what hides, measured
+    optimizer rate and layer overhead add their parts; rates measured by size interpolate."""
+    calibrated = PROFILE.model_copy(update={
+        "comm_overlap": 0.0, "collective_gb_s": {"all_gather/2": 0.5, "reduce_scatter/2": 0.25},
+        "optimizer_params_per_s": 1e9, "layer_overhead_s_at": {4096: 0.01, 16384: 0.04}})
+    cost = predict_stage(SHAPE, ONE_GB_S, NO_FLOWS, calibrated)
+    root = 2 * 32000 * 1024 + 1024
+    gathered, reduced = 2 * (2e9 - root) / 2, 4 * 1e9 / 2  # per rank, over the ring of 2
+    # nothing hides (overlap 0) and the link has no latency: the collectives' whole volume
+    assert cost.parts["exposed weight sharding"] == pytest.approx(
+        gathered / 0.5e9 + reduced / 0.25e9)
+    kv_t = 4_194_304 / 1e9  # every hop exposed whole: 2 layers x (t + t + 2t)
+    assert cost.parts["exposed ring K/V"] == pytest.approx(2 * 4 * kv_t)
+    assert cost.parts["optimizer"] == pytest.approx(0.5e9 / 1e9)
+    assert cost.parts["layer overhead (calibrated)"] == pytest.approx(2 * 0.01)  # at 4,096
+    # between two measured sizes: linear in log(tokens); outside: the nearest
+    assert calibrated.layer_overhead(8192) == pytest.approx(0.025)
+    assert calibrated.layer_overhead(1024) == 0.01 and calibrated.layer_overhead(1e6) == 0.04
+    assert PROFILE.layer_overhead(4096) == 0.0 and PROFILE.dense_rate(10) == 100e12 * 0.5
 
 
 def test_fast_links_hide_the_ring_and_dp_sync_adds():

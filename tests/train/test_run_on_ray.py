@@ -67,6 +67,11 @@ def test_stages_carry_weights_and_raise_theta(baseline):
     assert (s2.seq_len, s2.init_from) == (128, "checkpoints/s64/step-000006")
     assert s2.attention_kernel == "torch-cpu-flash (the CPU device)"
     assert s2.init_checksum == pytest.approx(weights_checksum(m1), rel=1e-12)
+    # the step's phases (ray_jobs.loop.StepClock) add up to the training time measured
+    assert set(s2.parts_seconds) == {"data", "forward + backward", "optimizer",
+                                     "loss all-reduce"}
+    assert all(v > 0 for v in s2.parts_seconds.values())
+    assert sum(s2.parts_seconds.values()) == pytest.approx(s2.seconds, rel=1e-6)
     assert weights_checksum(m2) != pytest.approx(weights_checksum(m1), rel=1e-9)  # it trained on
     tok = PreTrainedTokenizerFast.from_pretrained(second)
     assert tok.decode(tok.encode("The pass key is 42")) == "The pass key is 42"
