@@ -41,6 +41,11 @@ class Prediction(_Spec):
     ring_hop_seconds: float = Field(description="Slowest K/V block transfer between ring "
                                     "neighbours, under contention.")
     ring_hop_gb_s: float = Field(description="Bandwidth of that transfer.")
+    ring_hop_bound_seconds: float | None = Field(None, description="Lower bound no placement "
+                                                 "beats for that transfer (the planner's "
+                                                 "ring_lower_bound); null for rings of one GPU.")
+    ring_hop_gap: float | None = Field(None, description="ring_hop_seconds over the bound: 1.0 "
+                                       "at the bound; null for rings of one GPU.")
     ring_headroom: float | None = Field(description="Attention block compute / slowest hop "
                                         "time (worst phase): above 1 the K/V exchange is "
                                         "hidden and the ring's links could be this many times "

@@ -58,10 +58,12 @@ def run_plan(args: argparse.Namespace) -> int:
                 a, b, f = apply_degrade_link(graph, text)
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
-        plan = plan_run(spec, run, profile=profile, notes=notes)
+        plan = plan_run(spec, run, profile=profile, notes=notes,
+                        search_seconds=args.search_seconds)
         if graph is not None:
             whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True,
-                              profile=profile, notes=notes)
+                              profile=profile, notes=notes,
+                              search_seconds=args.search_seconds)
         table = None
         if args.compare:
             from topology.measured import compare_rows, measured_steps
@@ -101,6 +103,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="FILE", help="a calibrated profile (ringpilot "
                    "calibrate): its measured link bandwidths and throughputs replace the "
                    "datasheet numbers")
+    p.add_argument("--search-seconds", type=float, default=0.25, metavar="S",  # as the planner
+                   help="time budget of the placement search per stage layout (default 0.25; it "
+                   "stops sooner when no move helps; must be > 0)")
     p.set_defaults(func=run_plan)
     return p
 

@@ -31,7 +31,7 @@ from topology.profile import HardwareProfile, get_profile
 from topology.routes import route_table
 
 TIE = 0.005  # relative step-time (and ring-hop) difference below which placements count as equal
-SEARCH_SECONDS = 1.0  # default local-search budget per placement (a stage, or a Ulysses split)
+SEARCH_SECONDS = 0.25  # default local-search budget per placement (a stage, or a Ulysses split)
 GREEDY_GPUS = 512  # up to this many GPUs the nearest-neighbour construction is a start
 FULL_NEIGHBOURHOOD = 32  # up to this many GPUs every move is tried; above, moves around hot hops
 TIERS = ("core uplinks", "leaf uplinks", "NIC links", "socket links")  # highest first
@@ -281,17 +281,22 @@ class Planner:
     def search(self, start: Evaluated, shape: StageShape, spare: list[str],
                floor: tuple[float, float] | None = None) -> tuple[Evaluated, list[str]]:
         """Local search from `start` over partition and order: first-improvement hill climbing
-        on `rank`, until no move helps or `search_seconds` are spent. Moves (each evaluated on
-        the full contention model): swap two GPUs, in one ring or across rings (a partition
-        change); swap a GPU with an unused one; swap whole runs of a ring that share a PCIe
-        switch, a socket or a node with equal runs of another ring (reversed or not); reverse
-        a segment of a ring (2-opt); move a segment of 1-3 GPUs elsewhere in its ring
-        (or-opt). Up to FULL_NEIGHBOURHOOD GPUs every move is tried; above, the moves around
-        the slowest hops and the hops on the highest tier that carries traffic. Deterministic
-        for a seed: moves come in a fixed order, sampled by a seeded generator. Returns the
-        result and notes saying which moves improved it and by how much."""
+        on `rank`, until no move helps or the budget of `search_seconds` is spent. Moves, each
+        evaluated on the full contention model: swap two GPUs, in one ring or across rings (a
+        partition change); swap a GPU with an unused one; swap whole runs of a ring that share
+        a PCIe switch, a socket or a node with equal runs of another ring (reversed or not);
+        move such a run, or the whole ring, to unused GPUs of one domain; reverse a segment of
+        a ring (2-opt); move a segment of 1-3 GPUs elsewhere in its ring (or-opt); rotate a
+        ring (other data-parallel peers). Up to 16 GPUs the moves start at every position;
+        above, at the ends of the slowest hops, partners on the hop's nodes first and then a
+        seeded sample. Deterministic for a seed. Returns the result and notes saying which
+        moves improved it and by how much."""
         rng = random.Random(self.seed)
-        deadline = time.perf_counter() + self.search_seconds
+        # The budget is counted in moves, at a nominal cost per move on a 2-core machine, so
+        # a plan does not depend on how busy the machine is; the wall clock only guards.
+        moves = max(1, int(self.search_seconds / (2e-4 + 1.5e-6 * len(start.rings) *
+                                                  len(start.rings[0]))))
+        deadline = time.perf_counter() + 4 * self.search_seconds
         n, dp = shape.ring * shape.ulysses, shape.dp
         floor = floor or (start.cost.step_seconds, start.ring.seconds)
         best, flat, spare = start, [v for r in start.rings for v in r], list(spare)
@@ -300,8 +305,11 @@ class Planner:
         while True:
             improved = False
             for kind, cand, rest in self._moves(best, flat, spare, shape, rng):
+                if tried >= moves:
+                    stop = f"the budget of {self.search_seconds:g} s ({moves} moves) is spent"
+                    break
                 if time.perf_counter() > deadline:
-                    stop = f"the time budget of {self.search_seconds:g} s is spent"
+                    stop = f"4x the time budget of {self.search_seconds:g} s passed"
                     break
                 tried += 1
                 ev = self.evaluate([cand[k * n:(k + 1) * n] for k in range(dp)], shape)
@@ -336,7 +344,7 @@ class Planner:
         src, dst = pos.ravel(), np.roll(pos, -1, axis=1).ravel()
         times = np.asarray(ev.ring.hop_seconds)
         order = np.argsort(-times, kind="stable")
-        if total > FULL_NEIGHBOURHOOD:
+        if total > FULL_NEIGHBOURHOOD // 2:
             order = order[:4]
         out = list(dict.fromkeys(int(x) for f in order for x in (src[f], dst[f])))
         return out or list(range(total))
@@ -362,8 +370,11 @@ class Planner:
                 cand = flat[:]
                 cand[h], cand[q] = cand[q], cand[h]
                 yield ("swap in a ring" if q // n == ring else "swap across rings"), cand, spare
-            pool = range(len(spare)) if small else \
-                [i for i, v in enumerate(spare) if split_gpu_vertex(v)[0] in near][:32]
+            pool = list(range(len(spare)))
+            if len(spare) > FULL_NEIGHBOURHOOD:  # unused GPUs on the hop's nodes, a sample
+                close = [i for i in pool if split_gpu_vertex(spare[i])[0] in near]
+                far = [i for i in pool if split_gpu_vertex(spare[i])[0] not in near]
+                pool = close[:32] + rng.sample(far, min(len(far), FULL_NEIGHBOURHOOD))
             for i in pool:
                 cand, rest = flat[:], spare[:]
                 cand[h], rest[i] = rest[i], cand[h]
@@ -409,18 +420,22 @@ class Planner:
                 b += 1
             runs.append((lo + a, lo + b + 1))
         runs.append((lo, hi))
+        ordered = sorted(spare, key=local.get)
         for a, b in dict.fromkeys(runs):
             size = b - a
+            choices: dict[tuple[str, ...], None] = {}  # each set of unused GPUs once
             for dom in doms:
                 by_domain: dict[int, list[str]] = {}
-                for v in sorted(spare, key=local.get):
+                for v in ordered:
                     by_domain.setdefault(int(dom[index[v]]), []).append(v)
-                for gpus in itertools.islice(
-                        (g for g in by_domain.values() if len(g) >= size), 64):
-                    for new in (gpus[:size], gpus[:size][::-1]):
-                        cand = flat[:a] + new + flat[b:]
-                        rest = [v for v in spare if v not in new] + flat[a:b]
-                        yield "move a run to unused GPUs", cand, rest
+                for gpus in by_domain.values():
+                    if len(gpus) >= size:
+                        choices[tuple(gpus[:size])] = None
+            for new in itertools.islice(choices, 48):  # closest domains first (locality)
+                for order in (list(new), list(new)[::-1]):
+                    cand = flat[:a] + order + flat[b:]
+                    rest = [v for v in spare if v not in new] + flat[a:b]
+                    yield "move a run to unused GPUs", cand, rest
 
     def _locality_rank(self) -> dict[str, int]:
         rank = getattr(self, "_local_rank", None)

@@ -317,6 +317,11 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
         p = s.prediction
         shares = ", ".join(f"{k} {v / p.step_seconds:.0%}" for k, v in p.parts_seconds.items()
                            if v > 0)
+        if p.ring_hop_gap is not None:
+            per_stage.append(f"**{s.name}** slowest K/V hop: planned "
+                             f"{p.ring_hop_seconds * 1e3:.3f} ms, lower bound "
+                             f"{p.ring_hop_bound_seconds * 1e3:.3f} ms, gap "
+                             f"{p.ring_hop_gap:.3f}x.")
         per_stage.append(f"**{s.name}**: {shares}. Ring 0 order: "
                          + " -> ".join(f"{w.node}:{w.gpu}" for w in s.rings[0][:12])
                          + (" ..." if len(s.rings[0]) > 12 else "") + ". "

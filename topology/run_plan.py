@@ -139,11 +139,16 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
                        best.a2a)  # the bound is on the ring hop; the all-to-alls as planned
     alts.append(Alternative(name="lower-bound", ring_hop_seconds=bound.seconds,
                             step_seconds=lb.step_seconds, wall_minutes=lb.wall_minutes))
+    prediction = _prediction(best, planner.profile)
+    if bound.seconds > 0:
+        prediction = prediction.model_copy(update={
+            "ring_hop_bound_seconds": bound.seconds,
+            "ring_hop_gap": best.ring.seconds / bound.seconds})
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
                      ring_degree=ring, dp_degree=dp, shard_degree=shard, ulysses_degree=u,
                      rings=_workers(best.rings),
                      bottleneck_links=_bottlenecks(planner, best),
-                     prediction=_prediction(best, planner.profile), alternatives=alts,
+                     prediction=prediction, alternatives=alts,
                      notes=notes + more + kv_replication_note(run.model.num_key_value_heads, u))
 
 

@@ -100,5 +100,37 @@ def test_search_takes_the_ring_off_a_slow_socket_link_onto_two_nodes():
 def test_a_budget_of_zero_or_less_is_refused(budget):
     spec = build_generated_cluster(lambda options: list(options)[0])
     with pytest.raises(PlanError, match=r"search_seconds is .*; the placement search needs a "
-                       r"budget > 0 seconds \(e.g. --search-seconds 1"):
+                       r"budget > 0 seconds \(e.g. --search-seconds 0.25"):
         Planner(spec, search_seconds=budget)
+
+
+def test_plan_json_and_report_give_each_stage_its_gap_to_the_bound(tmp_path):
+    import json
+
+    from topology.presets import build_leaf_spine_cluster
+    from topology.report import render_report
+    from topology.run_plan import plan_run
+
+    spec = build_leaf_spine_cluster(2, nodes_per_leaf=1, oversubscription=8.0, nics=1)
+    plan = plan_run(spec, small_run(ring=4, dp=4, batch=4, workers=16))
+    p = plan.stages[0].prediction
+    assert p.ring_hop_bound_seconds <= p.ring_hop_seconds
+    assert p.ring_hop_gap == pytest.approx(p.ring_hop_seconds / p.ring_hop_bound_seconds)
+    render_report(plan, spec, tmp_path)
+    saved = json.loads((tmp_path / "plan.json").read_text())["stages"][0]["prediction"]
+    assert saved["ring_hop_gap"] == pytest.approx(p.ring_hop_gap)
+    report = (tmp_path / "report.md").read_text()
+    assert (f"**s1** slowest K/V hop: planned {p.ring_hop_seconds * 1e3:.3f} ms, lower bound "
+            f"{p.ring_hop_bound_seconds * 1e3:.3f} ms, gap {p.ring_hop_gap:.3f}x.") in report
+
+
+def test_cli_refuses_a_search_budget_of_zero(tmp_path, capsys):
+    from topology_helpers import ROOT
+
+    from topology.cli import main
+
+    code = main(["--run", str(ROOT / "configs/llama3-8b-1m.yaml"), "--out", str(tmp_path),
+                 "--search-seconds", "0"])
+    assert code == 2
+    assert "search_seconds is 0.0; the placement search needs a budget > 0" in \
+        capsys.readouterr().err
