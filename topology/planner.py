@@ -239,6 +239,32 @@ class Planner:
                 out["snake"] = snake
         return out
 
+    def domain_packed_rings(self, gpus: list[str], n: int, dp: int, shape: StageShape
+                            ) -> list[list[str]] | None:
+        """Rings cut inside the domains of the smallest level that holds one (PCIe switch,
+        socket, node, leaf group), each domain's GPUs in locality order; of those, the dp
+        whose slowest hop is fastest with all of them in place (one evaluation), kept in
+        locality order so data-parallel peers stay near. None when the domains hold fewer
+        than dp rings. Leaves GPUs behind slow links, and odd domains, unused."""
+        index = route_table(self.router).index
+        for doms in self.domains():
+            if np.bincount(doms).max() < n:
+                continue
+            groups: dict[int, list[str]] = {}
+            for v in gpus:
+                groups.setdefault(int(doms[index[v]]), []).append(v)
+            rings = [g[i:i + n] for g in groups.values() for i in range(0, len(g) - n + 1, n)]
+            if len(rings) < dp:
+                return None
+            if len(rings) == dp:
+                return rings
+            everyone = StageShape(**{**shape.__dict__, "dp": len(rings)})
+            hops = np.array(self.evaluate(rings, everyone).ring.hop_seconds)
+            slowest = hops.reshape(len(rings), -1).max(axis=1) if n > 1 else np.zeros(len(rings))
+            keep = np.argsort(slowest, kind="stable")[:dp]
+            return [rings[k] for k in sorted(keep.tolist())]
+        return None
+
     def nearest_neighbour_rings(self, gpus: list[str], n: int, dp: int, shape: StageShape
                                 ) -> list[list[str]]:
         """Rings grown greedily on the uncontended hop time of every pair of `gpus`: each ring
@@ -298,33 +324,75 @@ class Planner:
                                                   len(start.rings[0]))))
         deadline = time.perf_counter() + 4 * self.search_seconds
         n, dp = shape.ring * shape.ulysses, shape.dp
-        floor = floor or (start.cost.step_seconds, start.ring.seconds)
-        best, flat, spare = start, [v for r in start.rings for v in r], list(spare)
+        state = {"floor": floor or (start.cost.step_seconds, start.ring.seconds), "tried": 0,
+                 "stop": "no move helps"}
         gains: dict[str, list[float]] = {}
-        tried, stop = 0, "no move helps"
-        while True:
-            improved = False
-            for kind, cand, rest in self._moves(best, flat, spare, shape, rng):
-                if tried >= moves:
-                    stop = f"the budget of {self.search_seconds:g} s ({moves} moves) is spent"
-                    break
-                if time.perf_counter() > deadline:
-                    stop = f"4x the time budget of {self.search_seconds:g} s passed"
-                    break
-                tried += 1
-                ev = self.evaluate([cand[k * n:(k + 1) * n] for k in range(dp)], shape)
-                f = (min(floor[0], ev.cost.step_seconds), floor[1])
-                if ev.cost.step_seconds <= f[0] * (1 + TIE):
-                    f = (f[0], min(f[1], ev.ring.seconds))
-                if rank(ev, f) < rank(best, f):
-                    gain = gains.setdefault(kind, [0, 0.0, 0.0])
-                    gain[0] += 1
-                    gain[1] += best.cost.step_seconds - ev.cost.step_seconds
-                    gain[2] += best.ring.seconds - ev.ring.seconds
-                    best, flat, spare, floor, improved = ev, cand, rest, f, True
-                    break
-            if not improved or stop != "no move helps":
-                break
+
+        def evaluate(flat: list[str]) -> Evaluated:
+            state["tried"] += 1
+            return self.evaluate([flat[k * n:(k + 1) * n] for k in range(dp)], shape)
+
+        def better(ev: Evaluated, than: Evaluated) -> bool:
+            """`rank` with the floors moved by `ev` (they only fall: no cycle)."""
+            f = (min(state["floor"][0], ev.cost.step_seconds), state["floor"][1])
+            if ev.cost.step_seconds <= f[0] * (1 + TIE):
+                f = (f[0], min(f[1], ev.ring.seconds))
+            if rank(ev, f) < rank(than, f):
+                state["floor"] = f
+                return True
+            return False
+
+        def note(kind: str, old: Evaluated, new: Evaluated) -> None:
+            gain = gains.setdefault(kind, [0, 0.0, 0.0])
+            gain[0] += 1
+            gain[1] += old.cost.step_seconds - new.cost.step_seconds
+            gain[2] += old.ring.seconds - new.ring.seconds
+
+        def out_of_budget() -> bool:
+            if state["tried"] >= moves:
+                state["stop"] = f"the budget of {self.search_seconds:g} s ({moves} moves) is spent"
+            elif time.perf_counter() > deadline:
+                state["stop"] = f"4x the time budget of {self.search_seconds:g} s passed"
+            return state["stop"] != "no move helps"
+
+        def climb(ev: Evaluated, flat: list[str], spare: list[str], log: bool):
+            while not out_of_budget():
+                for kind, cand, rest in self._moves(ev, flat, spare, shape, rng):
+                    if out_of_budget():
+                        break
+                    new = evaluate(cand)
+                    if better(new, ev):
+                        if log:
+                            note(kind, ev, new)
+                        ev, flat, spare = new, cand, rest
+                        break
+                else:
+                    break  # no move helps
+            return ev, flat, spare
+
+        best, flat, spare = climb(start, [v for r in start.rings for v in r], list(spare), True)
+        # Small placements: kick the local optimum (two random swaps, with positions or unused
+        # GPUs) and climb again, keeping what comes out better: moves that only pay off
+        # together (a GPU moved and its ring rotated, two rings rebuilt across nodes).
+        kicks = 0
+        while len(flat) <= FULL_NEIGHBOURHOOD // 2 and len(flat) > 1 and kicks < 4 * len(flat) \
+                and not out_of_budget():
+            kicks += 1
+            cand, rest = flat[:], spare[:]
+            for _ in range(2):
+                i = rng.randrange(len(cand))
+                j = rng.randrange(len(cand) + len(rest))
+                if j < len(cand):
+                    cand[i], cand[j] = cand[j], cand[i]
+                else:
+                    cand[i], rest[j - len(cand)] = rest[j - len(cand)], cand[i]
+            ev, cand, rest = climb(evaluate(cand), cand, rest, False)
+            if better(ev, best):
+                note("kick and climb", best, ev)
+                best, flat, spare = ev, cand, rest
+        stop = state["stop"] if not kicks or state["stop"] != "no move helps" else \
+            f"no move helps, {kicks} kicks tried"
+        tried = state["tried"]
         if not gains:
             return best, [f"search: no move improved it ({tried} moves evaluated; stopped: "
                           f"{stop})"]
@@ -543,6 +611,9 @@ class Planner:
         cands["ray-default order"] = [ray[i * n:(i + 1) * n] for i in range(dp)]
         if len(gpus) <= GREEDY_GPUS:
             cands["nearest neighbour"] = self.nearest_neighbour_rings(gpus, n, dp, shape)
+        packed = self.domain_packed_rings(gpus, n, dp, shape)
+        if packed is not None:
+            cands["domain-packed"] = packed
         cands = {k: v for k, v in cands.items()  # a layout that does not fit is no candidate
                  if len(v) == dp and all(len(r) == n for r in v)}
         evals = {name: self.evaluate(r, shape) for name, r in cands.items()}
@@ -763,6 +834,22 @@ def plan_exhaustive(planner: Planner, gpus: list[str], shape: StageShape) -> Eva
             if best is None or ev.key() < best.key():
                 best = ev
     return best
+
+
+def plan_exhaustive_any(planner: Planner, shape: StageShape) -> Evaluated:
+    """`plan_exhaustive` over every choice of the stage's GPUs among the cluster's too."""
+    total = shape.ring * shape.ulysses * shape.dp
+    return min((plan_exhaustive(planner, list(gpus), shape)
+                for gpus in itertools.combinations(planner.locality_order(), total)),
+               key=lambda ev: ev.key())
+
+
+def exhaustive_count(n_gpus: int, total: int, ring: int) -> int:
+    """Placements `plan_exhaustive_any` tries: choices of `total` of `n_gpus` GPUs, times
+    their partitions into rings of `ring`, times each ring's orders."""
+    k = total // ring
+    return (math.comb(n_gpus, total) * math.factorial(total)
+            // (ring**k * math.factorial(k)))
 
 
 def _cycles(group: tuple[int, ...]) -> list[tuple[int, ...]]:

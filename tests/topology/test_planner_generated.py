@@ -1,9 +1,6 @@
 """The planner on generated fabrics (topology.fabrics): against exhaustive search where that is
 tractable, against Ray's default order always, and its bound never above what it plans."""
 
-import itertools
-import math
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,7 +8,7 @@ from topology_helpers import small_run
 
 from topology.cost import StageShape
 from topology.fabrics import build_generated_cluster
-from topology.planner import TIE, PlanError, Planner, plan_exhaustive
+from topology.planner import TIE, PlanError, Planner, exhaustive_count, plan_exhaustive_any
 
 EXHAUSTIVE_LIMIT = 1300  # placements the exhaustive search may try per example (~0.3 s)
 
@@ -23,23 +20,11 @@ def fabrics(draw):
     return build_generated_cluster(lambda options: draw(st.sampled_from(list(options))))
 
 
-def placements(gpus: int, ring: int) -> int:
-    """Partitions of `gpus` GPUs into rings of `ring`, times each ring's orders."""
-    k = gpus // ring
-    return math.factorial(gpus) // (ring**k * math.factorial(k))
-
-
 def layouts(n_gpus: int) -> list[tuple[int, int]]:
     """(GPUs used, ring) pairs whose exhaustive search (every choice of the GPUs, partition
     and order) stays under EXHAUSTIVE_LIMIT."""
     return [(t, r) for t in range(2, n_gpus + 1) for r in range(2, t + 1)
-            if t % r == 0 and placements(t, r) * math.comb(n_gpus, t) <= EXHAUSTIVE_LIMIT]
-
-
-def optimum(planner: Planner, total: int, shape: StageShape):
-    return min((plan_exhaustive(planner, list(gpus), shape)
-                for gpus in itertools.combinations(planner.locality_order(), total)),
-               key=lambda ev: ev.key())
+            if t % r == 0 and exhaustive_count(n_gpus, t, r) <= EXHAUSTIVE_LIMIT]
 
 
 @settings(max_examples=40, deadline=None, derandomize=True,
@@ -52,12 +37,12 @@ def test_generated_fabrics_against_exhaustive_search_and_ray(spec, data):
     total, ring = data.draw(st.sampled_from(options))
     dp = total // ring
     run = small_run(ring=ring, dp=dp, batch=dp, workers=total, seq_len=2048 * ring)
-    planner = Planner(spec, search_seconds=2.0)
+    planner = Planner(spec)
     best, notes = planner.plan_rings(run, run.stages[0], ring, dp)
     shape = StageShape.of(run, run.stages[0], ring, dp)
     used = [v for r in best.rings for v in r]
     assert len(used) == len(set(used)) == total and all(len(r) == ring for r in best.rings)
-    opt = optimum(planner, total, shape)
+    opt = plan_exhaustive_any(planner, shape)
     assert best.cost.step_seconds <= 1.05 * opt.cost.step_seconds, notes
     bound = planner.ring_lower_bound(shape)
     assert bound.seconds <= opt.ring.seconds * (1 + 1e-9)  # a bound: nothing beats it
@@ -91,7 +76,8 @@ def test_search_takes_the_ring_off_a_slow_socket_link_onto_two_nodes():
     planner = Planner(spec)
     best, notes = planner.plan_rings(run, run.stages[0], 3, 1)
     shape = StageShape.of(run, run.stages[0], 3, 1)
-    assert best.cost.step_seconds <= optimum(planner, 3, shape).cost.step_seconds * (1 + TIE)
+    optimum = plan_exhaustive_any(planner, shape)
+    assert best.cost.step_seconds <= optimum.cost.step_seconds * (1 + TIE)
     assert best.ring.seconds <= planner.ring_lower_bound(shape).seconds * 1.05
     assert any(n.startswith("slowest K/V hop") and "x the lower bound" in n for n in notes)
 
