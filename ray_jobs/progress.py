@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ray_jobs.checkpoint import read_state
 from specs.ledger import Ledger
+from specs.plan import Plan
 from specs.run import RunSpec
 
 
@@ -69,13 +70,17 @@ class ProgressPrinter:
 
 
 def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
-                   console: Console | None = None) -> Table:
-    """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints."""
+                   console: Console | None = None, predicted: Plan | None = None) -> Table:
+    """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints;
+    with a plan that predicts step times (`predicted`: the cluster's, or a calibrated one), the
+    predicted and measured seconds per step and their ratio."""
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()
     table = Table(title=f"run {run.name}  ({run_dir})")
+    predictions = {s.name: s for s in predicted.stages} if predicted is not None else {}
+    timing = ("s/step predicted", "measured", "ratio") if predictions else ()
     for col in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
-                "this driver", "final loss", "checkpoints", "eval"):
+                *timing, "this driver", "final loss", "checkpoints", "eval"):
         table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval")
                          else "right")
     for i, stage in enumerate(run.stages):
@@ -91,6 +96,7 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
             stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
             f"{run.stage_theta(i):,.0f}", f"{st.step if st else 0}/{stage.steps}",
             f"{st.tokens if st else 0:,}", _eta(st.seconds) if st else "-",
+            *(_step_times(predictions.get(stage.name), st) if predictions else ()),
             _eta(wall[stage.name]) if stage.name in wall else "-",
             f"{st.losses[-1]:.4f}" if st and st.losses else "-", ckpts or "-", evals or "-",
         )
@@ -98,6 +104,12 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
                      f"the context lengths shown and {len(run.eval.depths)} needle depths "
                      "(niah: first word exact; the others: share of the expected answers found, "
                      "RULER's string_match_all)")
+    if predictions:
+        table.caption += ("\ns/step: predicted by the plan" + (
+            " on a calibrated profile" if any(a.startswith("calibrated profile")
+                                              for a in predicted.assumptions) else "")
+            + " for the layout run; measured: the stage's training seconds over its steps "
+            "(ringpilot plan --compare RUN_DIR splits both by phase)")
     kernels = sorted({read_state(c).attention_kernel for c in
                       (ledger.latest_committed(s.name) for s in run.stages) if c is not None}
                      - {""})
@@ -105,6 +117,18 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
         table.caption += "\nattention kernel: " + "; ".join(kernels)
     (console or Console(width=160)).print(table)
     return table
+
+
+def _step_times(planned, st) -> tuple[str, str, str]:
+    """Predicted and measured seconds per step and predicted over measured ('-' where either
+    is missing; '(other layout)' when the run's degrees are not the plan's)."""
+    pred = planned.prediction.step_seconds if planned is not None and planned.prediction else None
+    meas = st.seconds / st.step if st is not None and st.step else None
+    ratio = f"{pred / meas:.2f}x" if pred and meas else "-"
+    if pred and meas and (st.ring_degree, st.dp_degree, st.ulysses_degree) != (
+            planned.ring_degree, planned.dp_degree, planned.ulysses_degree):
+        ratio += " (other layout)"
+    return (f"{pred:.4f}" if pred else "-", f"{meas:.4f}" if meas else "-", ratio)
 
 
 def _eval_label(run_dir: Path, entry) -> str:

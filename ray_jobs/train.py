@@ -52,6 +52,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, the job's cluster, or a "
                         "new local one)")
+    parser.add_argument("--calibrate", default=None, metavar="CLUSTER",
+                        help="ClusterSpec YAML of the cluster this runs on: measure its profile "
+                        "first (ringpilot calibrate; kept in RUN_DIR/calibration/ for a resumed "
+                        "run) and show the step time it predicts beside the measured one in "
+                        "the summary")
     return parser
 
 
@@ -275,6 +280,12 @@ def main(argv: list[str] | None = None, *,
               file=sys.stderr)
         return 2
 
+    predicted = prepared.plan
+    if args.calibrate is not None:
+        predicted = _calibrated_plan(run, run_dir, args)
+        if predicted is None:
+            return 2
+
     # 3. Evaluation actors (their own resources) and the progress lines.
     from ray_jobs.progress import ProgressPrinter, render_summary
     evaluator = _start_eval(run, run_dir, ledger)
@@ -320,8 +331,29 @@ def main(argv: list[str] | None = None, *,
         if evaluator is not None:
             evaluator.stop(wait=code == 0, timeout=300)
     # 5. Summary.
-    render_summary(run, run_dir, wall)
+    render_summary(run, run_dir, wall, predicted=predicted)
     return code
+
+
+def _calibrated_plan(run: RunSpec, run_dir: Path, args: argparse.Namespace) -> Plan | None:
+    """The plan on --calibrate's cluster with its measured profile (None, said in one line,
+    when the cluster file or the measurement does not fit)."""
+    from ray_jobs.calibrate import calibrated_plan
+    from topology.calibration import CalibrationError
+
+    out = run_dir / "calibration" / f"{Path(args.calibrate).stem}.yaml"
+    try:
+        plan, fresh = calibrated_plan(run, args.calibrate, out, address=args.address)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return None
+    except (CalibrationError, PlanError, ValueError, OSError) as e:
+        print(f"--calibrate {args.calibrate}: {e}", file=sys.stderr)
+        return None
+    print(f"calibrated {args.calibrate}: {'measured now' if fresh else 'kept from earlier'} "
+          f"({out}); predicted s/step: " + ", ".join(
+              f"{s.name} {s.prediction.step_seconds:.3f}" for s in plan.stages), flush=True)
+    return plan
 
 
 def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger):

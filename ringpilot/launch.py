@@ -1,10 +1,11 @@
 """`make demo`: a Ray head on loopback, the run submitted as a Ray job, logs streamed, head stopped.
 
-    python -m ringpilot.launch [--run configs/tiny.yaml] [--fresh]
+    python -m ringpilot.launch [--run configs/tiny.yaml] [--fresh] [--calibrate CLUSTER.yaml]
 
 Starts `ray start --head --block` as a child process (so stopping it stops only this head, never
 another Ray on the machine), submits `python -m ray_jobs.train --run RUN` with `ray job submit
---working-dir .` (streams the job's output: progress lines and the summary), then measures
+--working-dir .` (streams the job's output: progress lines and the summary; with --calibrate the
+job first measures the cluster's profile and the summary predicts each stage's step), then measures
 passkey retrieval at the longest stage's length for the first stage's and the last stage's final
 checkpoints, and stops the head, also on failure.
 
@@ -159,7 +160,7 @@ class Demo:
         say(f"demo: Ray head started (pid {self.head.pid}), dashboard {self.url}")
         _wait_dashboard(self.url, self.head)
 
-    def submit(self, job: str, run_path: str) -> None:
+    def submit(self, job: str, run_path: str, calibrate: str | None = None) -> None:
         # No preemption watcher: it guards against cloud nodes being reclaimed, which a
         # private loopback head is not, and each stage's start logs an error-level line about
         # its restart policy that reads like a failure.
@@ -177,6 +178,8 @@ class Demo:
                   "--no-wait", "--submission-id", job, "--runtime-env-json",
                   json.dumps(runtime_env), "--",
                   sys.executable, "-m", "ray_jobs.train", "--run", run_path]
+        if calibrate:
+            submit += ["--calibrate", calibrate]
         for attempt in range(30):  # the job agent registers a little after the dashboard answers
             if subprocess.run(submit, env=self.env, capture_output=attempt < 29,
                               start_new_session=True).returncode == 0:
@@ -272,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--fresh", action="store_true", help="delete the run directory first "
                         "(otherwise a finished run is only summarised, an unfinished one resumed)")
+    parser.add_argument("--calibrate", metavar="CLUSTER", default=None,
+                        help="ClusterSpec YAML of this machine: the job calibrates it first and "
+                        "its summary sets the predicted step time beside the measured one")
     args = parser.parse_args(argv)
 
     from specs.loading import load_or_report
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = Demo(str(Path(sys.executable).parent / "ray"), env, signals)
         try:
             demo.start_head(args.dashboard_port, args.num_cpus)
-            demo.submit(f"ringpilot-{run.name}-{int(time.time())}", args.run)
+            demo.submit(f"ringpilot-{run.name}-{int(time.time())}", args.run, args.calibrate)
             say(f"demo: submitted Ray job {demo.job} to {demo.url}; streaming its logs")
             code = demo.follow()
             log = demo.save_job_log(run_dir)

@@ -313,7 +313,9 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
 
     Per micro-step and GPU (the trainer feeds each ring B = batch_size / dp sequences at once,
     grad_accum times per step; n = seq_len / ring local tokens, R = ring, L layers):
-    - dense: 8 N n B FLOPs (6N forward+backward, +2N recomputing the forward) at `dense_rate`;
+    - dense: (6N + 2N') n B FLOPs (6N forward+backward, 2N' recomputing the decoder layers'
+      forward under activation checkpointing: N' = N less the root's embedding and lm_head)
+      at `dense_rate`;
     - attention: causal forward 2 S^2 (heads x head_dim) / R per layer, split evenly over R
       ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
       in each phase R block computes, R-1 K/V transfers each overlapped with one block:
@@ -349,7 +351,8 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       not the K/V rings.
     """
     R, D, n, U, B = s.ring, s.dp, s.local_tokens, s.ulysses, s.seqs_per_ring
-    dense = 8 * s.params * n * B / profile.dense_rate(n * B)
+    recomputed = s.params - s.root_params if s.checkpointing else 0  # the layers, forward again
+    dense = (6 * s.params + 2 * recomputed) * n * B / profile.dense_rate(n * B)
     attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / (R * U)
     block = B * attn_fwd_layer / R / profile.attention_rate(n * B)
     overlap = profile.comm_overlap

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from ray_jobs.checkpoint import STATE_DIR, TrainerState, checkpoint_dir
@@ -57,3 +59,71 @@ def test_summary_names_the_attention_kernel_the_stages_ran_on(tmp_path):
     text = " ".join(out.getvalue().split())
     assert ("attention kernel: torch-cpu-flash (the CPU device); torch-cuda-flash (flash-attn "
             "not used: no module)") in text
+
+
+LOCAL_CPU = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local-cpu.yaml"
+
+
+def _local_profile(**changes) -> dict:
+    """A calibrated profile document of configs/clusters/local-cpu.yaml (as measured there)."""
+    m = {"value": 1.0, "spread": 0.1, "samples": 5}
+    doc = {"kind": "ringpilot.io/calibrated-profile", "cluster": "local-cpu",
+           "node_type": "cpu-2", "base_profile": "cpu", "measured_at": "2026-12-02T00:00:00Z",
+           "dense_flops": {**m, "value": 5e10}, "attention_flops": {**m, "value": 5e10},
+           "links": {"loopback": {"bandwidth_gb_s": {**m, "value": 1.6},
+                                  "latency_us": {**m, "value": 300.0}}},
+           "optimizer_params_per_s": {**m, "value": 1e7}}
+    return {**doc, **changes}
+
+
+def test_summary_puts_the_calibrated_prediction_beside_the_measured_step(tmp_path):
+    import yaml
+
+    from ray_jobs.calibrate import calibrated_plan
+
+    run = RunSpec.model_validate(mini_spec(tmp_path / "runs"))
+    out = tmp_path / "calibration" / "local-cpu.yaml"
+    out.parent.mkdir()
+    out.write_text(yaml.safe_dump(_local_profile()))
+    plan, fresh = calibrated_plan(run, LOCAL_CPU, out)  # kept: nothing is measured again
+    assert not fresh and plan.assumptions[0].startswith("calibrated profile: measured on")
+    predicted = plan.stage("s64").prediction.step_seconds
+    ledger = Ledger(run.run_dir, run.name)
+    path = checkpoint_dir(run.run_dir, "s64", 6)
+    (path / STATE_DIR).mkdir(parents=True)
+    state = TrainerState(stage="s64", stage_index=0, step=6, seconds=6 * 2 * predicted,
+                         ring_degree=2, dp_degree=1)
+    (path / STATE_DIR / "state.json").write_text(json.dumps(asdict(state)))
+    mark_committed(path)
+    ledger.commit_checkpoint("s64", 6, path, final=True)
+    text = io.StringIO()
+    render_summary(run, run.run_dir, {}, Console(file=text, width=250), predicted=plan)
+    row = next(line for line in text.getvalue().splitlines() if " s64 " in line)
+    assert f"{predicted:.4f}" in row and f"{2 * predicted:.4f}" in row and "0.50x" in row
+    assert "predicted by the plan on a calibrated profile" in " ".join(text.getvalue().split())
+
+
+def test_a_profile_of_another_cluster_is_measured_again(tmp_path, monkeypatch):
+    """A kept profile that is not this cluster's is not used: the cluster is calibrated anew
+    and the new profile replaces it; a measurement that does not fit writes nothing."""
+    import yaml
+
+    import ray_jobs.calibrate as calibrate_mod
+    from topology.calibration import CalibrationError
+
+    run = RunSpec.model_validate(mini_spec(tmp_path / "runs"))
+    out = tmp_path / "local-cpu.yaml"
+    out.write_text(yaml.safe_dump(_local_profile(cluster="elsewhere")))
+    calls = []
+    monkeypatch.setattr(calibrate_mod, "calibrate",
+                        lambda *a, **k: calls.append(a) or _local_profile())
+    plan, fresh = calibrate_mod.calibrated_plan(run, LOCAL_CPU, out)
+    assert fresh and len(calls) == 1 and yaml.safe_load(out.read_text())["cluster"] == "local-cpu"
+    assert all(s.prediction.step_seconds > 0 for s in plan.stages)
+    too_fast = {"bandwidth_gb_s": {"value": 1.6, "spread": 0, "samples": 1}}
+    monkeypatch.setattr(calibrate_mod, "calibrate",
+                        lambda *a, **k: _local_profile(links={"nvlink": too_fast}))
+    fresh_out = tmp_path / "new.yaml"
+    with pytest.raises(CalibrationError, match="not link types of cluster 'local-cpu'"):
+        calibrate_mod.calibrated_plan(run, LOCAL_CPU, fresh_out)
+    assert not fresh_out.exists()
