@@ -1,8 +1,14 @@
 """Planner benchmark: quality against exhaustive search and Ray's default order, and speed.
 
-Run: python benchmarks/planner.py            (30-90 s on 2 shared cores)
+Run: python benchmarks/planner.py            (~7 min on 2 shared cores)
 Prints one table per measurement, then ONE JSON object on the last line:
   ratio_to_optimum        worst planned / optimal predicted step time over small exhaustive cases
+                          (the named ones and SMALL_FABRICS generated ones, topology.fabrics)
+  ratio_to_optimum_generated  on the generated ones: worst, median, how many at the optimum
+  gap_to_bound_max        worst planned slowest ring hop / its lower bound on generated fabrics of
+                          64-512 GPUs where a placement at the bound is constructible (details
+                          under gap_to_bound: how many such fabrics of how many tried)
+  search_seconds          the placement search's budget per stage layout (topology.planner)
   speedup_vs_ray_default  Ray-default / planned slowest ring hop (the K/V exchange the planner
                           controls), worst case over the (two-socket preset, stage) pairs where
                           the topology leaves room: Ray's hop > 1.5x the lower bound (all pairs
