@@ -319,10 +319,11 @@ class Planner:
         moves improved it and by how much."""
         rng = random.Random(self.seed)
         # The budget is counted in moves, at a nominal cost per move on a 2-core machine, so
-        # a plan does not depend on how busy the machine is; the wall clock only guards.
-        moves = max(1, int(self.search_seconds / (2e-4 + 1.5e-6 * len(start.rings) *
-                                                  len(start.rings[0]))))
-        deadline = time.perf_counter() + 4 * self.search_seconds
+        # a plan does not depend on how busy the machine is; the wall clock only guards (10x).
+        total, u = len(start.rings) * len(start.rings[0]), shape.ulysses
+        per_move = 2e-4 + 1.5e-6 * total * (1 if u == 1 else 2) + 0.5e-6 * total * (u - 1)
+        moves = max(1, int(self.search_seconds / per_move))  # Ulysses: all-to-alls priced
+        deadline = time.perf_counter() + 10 * self.search_seconds
         n, dp = shape.ring * shape.ulysses, shape.dp
         state = {"floor": floor or (start.cost.step_seconds, start.ring.seconds), "tried": 0,
                  "stop": "no move helps"}
@@ -352,7 +353,7 @@ class Planner:
             if state["tried"] >= moves:
                 state["stop"] = f"the budget of {self.search_seconds:g} s ({moves} moves) is spent"
             elif time.perf_counter() > deadline:
-                state["stop"] = f"4x the time budget of {self.search_seconds:g} s passed"
+                state["stop"] = f"10x the time budget of {self.search_seconds:g} s passed"
             return state["stop"] != "no move helps"
 
         def climb(ev: Evaluated, flat: list[str], spare: list[str], log: bool):
