@@ -147,6 +147,8 @@ class Planner:
                 ku, kv = kind.get(u), kind.get(v)
                 if ku == kv == "socket":
                     tiers.append(3)
+                elif {ku, kv} == {"nic", "leaf"}:
+                    tiers.append(2)
                 elif ku in rank and kv in rank:  # fabric: by the higher end
                     tiers.append(min(rank[ku], rank[kv]))
                 else:

@@ -120,3 +120,29 @@ def test_cli_refuses_a_search_budget_of_zero(tmp_path, capsys):
     assert code == 2
     assert "search_seconds is 0.0; the placement search needs a budget > 0" in \
         capsys.readouterr().err
+
+
+def test_search_takes_a_ring_off_the_spine_when_that_costs_nothing():
+    """Four one-NIC nodes, two per non-blocking leaf: rings of two nodes are as fast paired
+    across the leaves as under one (the NICs limit both), so only the tie-break on traffic
+    brings each ring under one leaf; the start pairs them across."""
+    from topology.planner import TIERS, rank
+    from topology.presets import build_leaf_spine_cluster
+
+    spec = build_leaf_spine_cluster(4, nodes_per_leaf=2, oversubscription=1.0, nics=1)
+    run = small_run(ring=16, dp=2, batch=2, workers=32, seq_len=65536)
+    planner = Planner(spec)
+    shape = StageShape.of(run, run.stages[0], 16, 2)
+    nodes = [[f"node-00{k}/gpu{g}" for g in range(8)] for k in range(4)]
+    crossing = planner.evaluate([nodes[0] + nodes[2], nodes[1] + nodes[3]], shape)
+    assert crossing.traffic[TIERS.index("leaf uplinks")] > 0
+    best, notes = planner.search(crossing, shape, [])
+    leaf = {f"node-00{k}": k // 2 for k in range(4)}
+    assert all(len({leaf[v.split("/")[0]] for v in ring}) == 1 for ring in best.rings)
+    # what still crosses the spine is the data-parallel sync between the two rings
+    assert best.traffic[TIERS.index("leaf uplinks")] < crossing.traffic[TIERS.index(
+        "leaf uplinks")] / 2
+    assert best.ring.seconds <= crossing.ring.seconds * (1 + TIE)
+    floor = (crossing.cost.step_seconds, crossing.ring.seconds)
+    assert rank(best, floor) < rank(crossing, floor)
+    assert "moves improved it" in notes[0]
