@@ -709,11 +709,11 @@ class Planner:
         self._domains = out
         return out
 
-    def _pair_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
-        """Every pair of GPUs inside one node, uncontended: (latency s, bandwidth GB/s, how
-        far apart: 0 one PCIe switch, 1 one socket, 2 two sockets), and a bound on any
-        transfer between nodes: (fastest latency, widest bandwidth) between nodes of one leaf
-        group, and across groups. Computed once."""
+    def _pair_table(self) -> dict[str, np.ndarray | tuple]:
+        """Uncontended routes, computed once: every ordered pair of GPUs inside one node
+        (`src`, `dst`, `lat` s, `bw` GB/s, `part`: 0 one PCIe switch, 1 one socket, 2 two
+        sockets); per GPU its way up to its leaf and down from it (`up`, `down`: latency,
+        bandwidth); the leaf uplinks' fastest latency and widest bandwidth (`uplink`)."""
         if self._pairs is not None:
             return self._pairs
         table, r = route_table(self.router), self.router
@@ -725,63 +725,91 @@ class Planner:
             for a, b in itertools.permutations(ids, 2):
                 src.append(a)
                 dst.append(b)
-        src_a, dst_a = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
-        lat = bw = part = np.empty(0)
-        if len(src_a):
-            routes = table.routes(src_a, dst_a)
-            valid = routes >= 0
-            lat = np.where(valid, r.latency_us[np.maximum(routes, 0)], 0).sum(axis=1) * 1e-6
-            bw = np.where(valid, r.bandwidth[np.maximum(routes, 0)], np.inf).min(axis=1)
-            part = ((doms[0][src_a] != doms[0][dst_a]).astype(np.int64)
-                    + (doms[1][src_a] != doms[1][dst_a]))
-        cross: tuple = (None, None)
+
+        def ends(paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            ok = paths >= 0
+            return (np.where(ok, r.latency_us[np.maximum(paths, 0)], 0).sum(axis=1) * 1e-6,
+                    np.where(ok, r.bandwidth[np.maximum(paths, 0)], np.inf).min(axis=1))
+
+        out: dict = {"src": np.array(src, dtype=np.int64), "dst": np.array(dst, dtype=np.int64)}
+        out["lat"], out["bw"] = (ends(table.routes(out["src"], out["dst"])) if src
+                                 else (np.empty(0), np.empty(0)))
+        out["part"] = ((doms[0][out["src"]] != doms[0][out["dst"]]).astype(np.int64)
+                       + (doms[1][out["src"]] != doms[1][out["dst"]]))
         if table.multi:
-            def ends(paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                ok = paths >= 0
-                return (np.where(ok, r.latency_us[np.maximum(paths, 0)], 0).sum(axis=1) * 1e-6,
-                        np.where(ok, r.bandwidth[np.maximum(paths, 0)], np.inf).min(axis=1))
-            up_lat, up_bw = ends(table.up)
-            down_lat, down_bw = ends(table.down)
-            node_lat = float(up_lat.min() + down_lat.min())
-            node_bw = float(min(up_bw.max(), down_bw.max()))
+            out["up"], out["down"] = ends(table.up), ends(table.down)
             kind = dict(self.graph.nodes(data="kind"))
             uplinks = [(d["latency_us"], d["bandwidth"]) for u, v, d in self.graph.edges(data=True)
                        if "leaf" in (kind[u], kind[v]) and "nic" not in (kind[u], kind[v])]
-            group = (node_lat + 2e-6 * min((x for x, _ in uplinks), default=0.0),
-                     min(node_bw, max((b for _, b in uplinks), default=node_bw)))
-            cross = ((node_lat, node_bw), group)
-        self._pairs = (lat, bw, part, cross)
-        return self._pairs
+            out["uplink"] = (2e-6 * min((x for x, _ in uplinks), default=0.0),
+                             max((b for _, b in uplinks), default=np.inf))
+        self._pairs = out
+        return out
 
     def ring_lower_bound(self, shape: StageShape) -> FlowResult:
-        """A bound no placement can beat for the slowest K/V hop: a ring of R GPUs with R above
+        """A bound no placement can beat for the slowest K/V hop. A ring of R GPUs with R above
         the largest domain of a level (PCIe switch, socket, node, leaf group; counted in GPUs
-        of this cluster) has a hop leaving such a domain, and no hop leaving one is faster
-        than the fastest single uncontended transfer between two GPUs of different domains
-        of that level (inside a node: the exact route; between nodes: the fastest way up to a
-        leaf and down from one, plus the leaf uplinks between groups)."""
+        of this cluster) leaves every domain of that level it visits, so its slowest hop is
+        no faster than the fastest single uncontended transfer from a GPU of one domain to a
+        GPU of another (inside a node: the exact route; between nodes: the GPU's way up to
+        its leaf, the fastest way down, and the leaf uplinks between groups). When the stage
+        uses every GPU, every domain is visited: the bound is the slowest domain's fastest
+        way out (or in), e.g. a socket without a NIC whose GPUs must cross the socket link."""
         if shape.ring == 1:
             return FlowResult(0.0, 0.0, float("inf"), None, {}, [])
         nbytes = shape.kv_block_bytes
+        doms = self.domains()
         level = -1  # -1: only two distinct GPUs are needed
-        for k, doms in enumerate(self.domains()):
-            if shape.ring > np.bincount(doms).max():
+        for k, d in enumerate(doms):
+            if shape.ring > np.bincount(d).max():
                 level = k
-        lat, bw, part, cross = self._pair_table()
-        best = (float("inf"), 0.0, 0.0)
-        if level <= 1 and len(lat):
-            sel = part >= level + 1
-            if sel.any():
-                t = lat[sel] + nbytes / (bw[sel] * 1e9)
-                k = int(np.argmin(t))
-                best = (float(t[k]), float(lat[sel][k]), float(bw[sel][k]))
-        if cross[0] is not None:
-            lat_x, bw_x = cross[1] if level == 3 else cross[0]
-            t = lat_x + nbytes / (bw_x * 1e9)
-            if t < best[0]:
-                best = (t, lat_x, bw_x)
-        t, lat_s, bw_s = best
+        p = self._pair_table()
+        n = len(doms[0])
+        every_gpu = shape.ring * shape.ulysses * shape.dp == n
+        t, lat_s, bw_s = 0.0, 0.0, 0.0
+        for lv in range(0, level + 1) if every_gpu and level >= 0 else [level]:
+            leave, enter, lat_of = self._ways_out(p, lv, nbytes, n)
+            if every_gpu and lv >= 0:
+                forced = np.zeros(int(doms[lv].max()) + 1)
+                for per_gpu in (leave, enter):
+                    best = np.full(len(forced), np.inf)
+                    np.minimum.at(best, doms[lv], per_gpu)
+                    forced = np.maximum(forced, best)
+                here = float(forced.max())
+            else:
+                here = float(leave.min())
+            if here > t:
+                # latency: the least of any way out; bandwidth: what makes up the rest of t
+                # (so the cost model prices the bound's hop as t for these bytes)
+                t, lat_s = here, min(float(lat_of.min()), here * 0.5)
+                bw_s = nbytes / ((t - lat_s) * 1e9)
         return FlowResult(t, lat_s, bw_s, ("bound", "bound"), {}, [t])
+
+    def _ways_out(self, p: dict, level: int, nbytes: float, n: int) -> tuple[np.ndarray, ...]:
+        """Per GPU, the fastest uncontended transfer of `nbytes` from it to a GPU of another
+        domain of `level` (-1: any other GPU), and into it from one; and the least latency of
+        its ways out. Inside a node the exact routes; between nodes the GPU's own
+        way up (down) and the fastest way down (up) anywhere, plus the leaf uplinks when it
+        must leave its leaf group (level 3)."""
+        leave, enter = np.full(n, np.inf), np.full(n, np.inf)
+        lat_of = np.full(n, np.inf)
+        if level <= 1 and len(p["lat"]):
+            sel = p["part"] >= level + 1
+            t = p["lat"][sel] + nbytes / (p["bw"][sel] * 1e9)
+            np.minimum.at(leave, p["src"][sel], t)
+            np.minimum.at(enter, p["dst"][sel], t)
+            np.minimum.at(lat_of, p["src"][sel], p["lat"][sel])
+        if "up" in p:
+            (up_lat, up_bw), (down_lat, down_bw) = p["up"], p["down"]
+            extra_lat, cap = p["uplink"] if level == 3 else (0.0, np.inf)
+            out_lat = up_lat + down_lat.min() + extra_lat
+            out_bw = np.minimum(np.minimum(up_bw, down_bw.max()), cap)
+            in_lat = down_lat + up_lat.min() + extra_lat
+            in_bw = np.minimum(np.minimum(down_bw, up_bw.max()), cap)
+            leave = np.minimum(leave, out_lat + nbytes / (out_bw * 1e9))
+            enter = np.minimum(enter, in_lat + nbytes / (in_bw * 1e9))
+            lat_of = np.minimum(lat_of, out_lat)
+        return leave, enter, lat_of
 
 
 def rank(ev: Evaluated, floor: tuple[float, float]) -> tuple:
