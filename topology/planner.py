@@ -136,9 +136,9 @@ class Planner:
                          tuple(float(x) for x in traffic))
 
     def tier_of_link(self) -> np.ndarray:
-        """Per directed link (Router numbering) its index in TIERS, len(TIERS) for the PCIe
-        links inside a node, which no tier counts: spine-core links, leaf-spine links,
-        NIC-leaf links, socket-socket links."""
+        """Per directed link (Router numbering) its index in TIERS: spine-core links 0,
+        leaf-spine 1, NIC-leaf 2, socket-socket 3; len(TIERS) for the PCIe links inside a
+        node, which no tier counts."""
         if self._tier_of_link is None:
             kind = dict(self.graph.nodes(data="kind"))
             rank = {"core": 0, "spine": 1, "leaf": 2, "socket": 3}
@@ -595,8 +595,9 @@ class Planner:
         that many GPUs): the best (by `rank`) of a few hierarchy-aware layouts (whole nodes in
         fabric order; per-node templates found by exhaustive search over one node;
         socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
-        order), each evaluated on the full contention model, improved by `search` within the
-        planner's time budget. A ring of ring x ulysses GPUs in locality order keeps each
+        order; rings packed into the smallest domains; rings grown nearest neighbour first),
+        each evaluated on the full contention model, improved by `search` within the
+        planner's budget. A ring of ring x ulysses GPUs in locality order keeps each
         Ulysses group on neighbouring GPUs. Notes: the start, the moves that improved it, and
         the slowest hop against `ring_lower_bound`."""
         shape = StageShape.of(run, stage, ring, dp, shard, ulysses)
