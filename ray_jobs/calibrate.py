@@ -166,15 +166,18 @@ def measure(stages: Shapes | list[Shapes], repeats: int = 5,
         out[f"attention_at/{shapes.micro_tokens}"] = fwd
         out["attention_bwd_over_fwd"] = bwd_over_fwd  # the largest (last) shape's
         if world >= 2:
-            out[f"layer_overhead_at/{shapes.micro_tokens}"] = _layer_overhead(
+            layer, root = _framework_overhead(
                 shapes, world, repeats, device, dense=dense["value"], attention=fwd["value"],
                 bwd_over_fwd=bwd_over_fwd["value"], p2p=out)
+            out[f"layer_overhead_at/{shapes.micro_tokens}"] = layer
+            out[f"root_overhead_at/{shapes.micro_tokens}"] = root
     out["dense_flops"] = out[f"dense_at/{stages[-1].micro_tokens}"]
     out["attention_flops"] = out[f"attention_at/{stages[-1].micro_tokens}"]
 
     # every rank measured compute; rank 0 keeps the slowest rank's medians (a step waits for it)
     rates = sorted(k for k in out if k.startswith(("dense_at/", "attention_at/")))
-    overheads = sorted(k for k in out if k.startswith("layer_overhead_at/"))
+    overheads = sorted(k for k in out if k.startswith(("layer_overhead_at/",
+                                                        "root_overhead_at/")))
     every = [None] * world
     dist.all_gather_object(every, [out[k]["value"] for k in rates + overheads])
     if rank != 0:
@@ -272,9 +275,12 @@ def _compute(shapes: Shapes, repeats: int, device: torch.device) -> tuple[dict, 
             summarise([b / f for b, f in zip(bwd, fwd)]))
 
 
-def _layer_overhead(shapes: Shapes, world: int, repeats: int, device: torch.device, *,
-                    dense: float, attention: float, bwd_over_fwd: float, p2p: dict) -> dict:
-    """Seconds per micro-step that a decoder layer costs as training runs it, beyond the compute
+def _framework_overhead(shapes: Shapes, world: int, repeats: int, device: torch.device, *,
+                        dense: float, attention: float, bwd_over_fwd: float, p2p: dict
+                        ) -> tuple[dict, dict]:
+    """(per decoder layer, per root) seconds per micro-step beyond what the model prices.
+
+    Per layer: what a decoder layer costs as training runs it, beyond the compute
     and communication the cost model prices: a stack of decoder layers checkpointed, each
     sharded by FSDP2 over the group under a root, computing ring attention around it (the
     trainer's own wrappers), forward and backward, timed with two layers and with one; the
@@ -284,7 +290,8 @@ def _layer_overhead(shapes: Shapes, world: int, repeats: int, device: torch.devi
     reduce-scatter) as measured here, what is left is the framework's own time (FSDP's hooks
     and copies, DTensor, the ring's merges and buffers, Python between kernels): on a CPU
     worker much of a small layer's step; on a GPU it mostly runs ahead of the kernels and comes
-    out near zero. Never negative."""
+    out near zero. Per root: what the one-layer stack costs beyond its layer (priced plus its
+    overhead): the FSDP root's own work per forward and backward. Never negative."""
     from torch import nn
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
@@ -325,9 +332,12 @@ def _layer_overhead(shapes: Shapes, world: int, repeats: int, device: torch.devi
 
     one, two = Stack(1), Stack(2)
     params = sum(p.numel() for p in one.parameters())
-    # interleaved, so a slow moment of the machine lands on both of a pair
+    # interleaved, so a slow moment of the machine lands on both of a pair; the difference of
+    # each stack's fastest run (a slow moment hits one run of a pair, not both) is the estimate,
+    # the pairs' differences give its spread
     runs = [timed(step(one), 1, device) + timed(step(two), 1, device) for _ in range(repeats)]
     whole = [t2 - t1 for t1, t2 in runs]
+    best = min(t2 for _, t2 in runs) - min(t1 for t1, _ in runs)
 
     # what the cost model prices, measured here at this shape
     elem = torch.finfo(dtype).bits // 8
@@ -347,9 +357,13 @@ def _layer_overhead(shapes: Shapes, world: int, repeats: int, device: torch.devi
               + (R - 1) * (2 * hop(kv) + hop(2 * kv))
               + 2 * gather + reduce)
     left = [max(0.0, t - priced) for t in whole]
-    med = statistics.median(left)
-    return {"value": med, "spread": (max(left) - min(left)) / med if med else 0.0,
-            "samples": len(left)}
+    value = max(0.0, best - priced)
+    roots = [max(0.0, t1 - priced - value) for t1, _ in runs]
+    root = max(0.0, min(t1 for t1, _ in runs) - priced - value)
+    return ({"value": value, "spread": (max(left) - min(left)) / value if value else 0.0,
+             "samples": len(left)},
+            {"value": root, "spread": (max(roots) - min(roots)) / root if root else 0.0,
+             "samples": len(roots)})
 
 
 def _overlap(shapes: Shapes, repeats: int, device: torch.device) -> dict:
@@ -445,6 +459,8 @@ def to_profile(measured: dict, *, cluster: str, node_type: str, link: str, base_
                                if k.startswith("attention_at/")},
         "layer_overhead_s_at": {int(k.split("/")[1]): v for k, v in measured.items()
                                 if k.startswith("layer_overhead_at/")},
+        "root_overhead_s_at": {int(k.split("/")[1]): v for k, v in measured.items()
+                               if k.startswith("root_overhead_at/")},
         **{k: measured[k] for k in ("comm_overlap", "optimizer_params_per_s") if k in measured},
         "links": links,
         "collectives": {k: v for k, v in measured.items() if k.startswith(COLLECTIVES)},

@@ -77,6 +77,9 @@ class CalibratedProfile(_Spec):
         default_factory=dict, description="Seconds per decoder layer and micro-step beyond "
         "the priced compute and communication (checkpointing, FSDP2 and ring attention "
         "wrappers), by tokens per device per micro-step.")
+    root_overhead_s_at: dict[int, MeasuredSeconds] = Field(
+        default_factory=dict, description="Seconds per micro-step of the FSDP root's own work "
+        "(beyond its layers), by tokens per device per micro-step.")
     comm_overlap: MeasuredFraction | None = Field(
         None, description="Fraction of an all-gather that hid behind concurrent matmuls.")
     optimizer_params_per_s: Measured | None = Field(
@@ -196,7 +199,8 @@ def apply_profile(spec: ClusterSpec, cal: CalibratedProfile
         sources["attention_bwd_over_fwd"] = "measured"
     for field, got in (("dense_flops_at", cal.dense_flops_at),
                        ("attention_flops_at", cal.attention_flops_at),
-                       ("layer_overhead_s_at", cal.layer_overhead_s_at)):
+                       ("layer_overhead_s_at", cal.layer_overhead_s_at),
+                       ("root_overhead_s_at", cal.root_overhead_s_at)):
         if got:
             update[field] = {k: m.value for k, m in got.items()}
             sources[field] = "measured at " + ", ".join(f"{k:,}" for k in sorted(got)) + \

@@ -341,7 +341,8 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       communication that could hide behind compute hides `comm_overlap` of what it could
       (1 on a GPU: exposed = max(0, comm - compute)); a calibrated profile adds each decoder
       layer's measured framework time beyond all that (`layer_overhead`: FSDP2's hooks, the
-      ring's merges, Python between kernels). Not modelled: sampling and sharding the batch.
+      ring's merges, Python between kernels) and the FSDP root's (`root_overhead`). Not
+      modelled: sampling and sharding the batch.
     - with Ulysses (U > 1): each GPU computes H / U heads of its ring position's S / R tokens
       (n = S / (R U) local tokens for the dense work), its K/V blocks carry its share of the
       K/V heads, and every attention adds two all-to-alls per phase inside the Ulysses group,
@@ -392,8 +393,9 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     exposed_shard = exposed(shard_comm, dense)
     per_micro = {"dense compute": dense, "attention compute": attn_compute,
                  "exposed ring K/V": exposed_ring, "exposed weight sharding": exposed_shard}
-    if profile.layer_overhead_s_at:
-        per_micro["layer overhead (calibrated)"] = s.layers * profile.layer_overhead(n * B)
+    if profile.layer_overhead_s_at or profile.root_overhead_s_at:
+        per_micro["framework overhead (calibrated)"] = (s.layers * profile.layer_overhead(n * B)
+                                                        + profile.root_overhead(n * B))
     if U > 1:
         if a2a is None:
             raise ValueError("a Ulysses stage needs the all-to-all flows' result (a2a)")

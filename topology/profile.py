@@ -61,6 +61,9 @@ class HardwareProfile(BaseModel):
         default_factory=dict, description="Measured seconds per decoder layer and micro-step "
         "beyond its priced compute and communication, by tokens per device per micro-step; "
         "empty: none (a GPU's launches run ahead of its kernels).")
+    root_overhead_s_at: dict[int, float] = Field(
+        default_factory=dict, description="Measured seconds per micro-step of the FSDP root's "
+        "own work, by tokens per device per micro-step; empty: none.")
     collective_gb_s: dict[str, float] = Field(
         default_factory=dict, description="Measured bus bandwidth, GB/s, of '<op>/<group "
         "size>' (all_gather/2, reduce_scatter/2): used for the sharding collectives of a "
@@ -87,6 +90,10 @@ class HardwareProfile(BaseModel):
     def layer_overhead(self, tokens: float) -> float:
         """Framework seconds per decoder layer and micro-step at `tokens` per device."""
         return _at(self.layer_overhead_s_at, tokens, 0.0)
+
+    def root_overhead(self, tokens: float) -> float:
+        """Framework seconds per micro-step of the FSDP root at `tokens` per device."""
+        return _at(self.root_overhead_s_at, tokens, 0.0)
 
     def optimizer_seconds(self, shard_params: float) -> float:
         """One clipping + AdamW step over `shard_params` parameters on a device."""

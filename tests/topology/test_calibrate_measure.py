@@ -39,6 +39,7 @@ def test_every_claimed_number_is_measured(measured):
     assert got["attention_bwd_over_fwd"]["value"] > 1  # backward does more work than forward
     assert 0 <= got["comm_overlap"]["value"] <= 1 and got["comm_overlap"]["samples"] == 3
     assert got["layer_overhead_at/256"]["value"] >= 0  # what the priced parts leave, or none
+    assert got["root_overhead_at/256"]["value"] >= 0
     # an FSDP2-sharded layer's clip + AdamW: between 1e4 and 1e10 parameters a second on a core
     assert 1e4 < got["optimizer_params_per_s"]["value"] < 1e10
 

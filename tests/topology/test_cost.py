@@ -111,7 +111,8 @@ def test_a_calibrated_profile_prices_what_it_measured():
     optimizer rate and layer overhead add their parts; rates measured by size interpolate."""
     calibrated = PROFILE.model_copy(update={
         "comm_overlap": 0.0, "collective_gb_s": {"all_gather/2": 0.5, "reduce_scatter/2": 0.25},
-        "optimizer_params_per_s": 1e9, "layer_overhead_s_at": {4096: 0.01, 16384: 0.04}})
+        "optimizer_params_per_s": 1e9, "layer_overhead_s_at": {4096: 0.01, 16384: 0.04},
+        "root_overhead_s_at": {4096: 0.003}})
     cost = predict_stage(SHAPE, ONE_GB_S, NO_FLOWS, calibrated)
     root = 2 * 32000 * 1024 + 1024
     gathered, reduced = 2 * (2e9 - root) / 2, 4 * 1e9 / 2  # per rank, over the ring of 2
@@ -121,7 +122,8 @@ def test_a_calibrated_profile_prices_what_it_measured():
     kv_t = 4_194_304 / 1e9  # every hop exposed whole: 2 layers x (t + t + 2t)
     assert cost.parts["exposed ring K/V"] == pytest.approx(2 * 4 * kv_t)
     assert cost.parts["optimizer"] == pytest.approx(0.5e9 / 1e9)
-    assert cost.parts["layer overhead (calibrated)"] == pytest.approx(2 * 0.01)  # at 4,096
+    # two layers' and the root's, at 4,096 tokens per micro-step
+    assert cost.parts["framework overhead (calibrated)"] == pytest.approx(2 * 0.01 + 0.003)
     # between two measured sizes: linear in log(tokens); outside: the nearest
     assert calibrated.layer_overhead(8192) == pytest.approx(0.025)
     assert calibrated.layer_overhead(1024) == 0.01 and calibrated.layer_overhead(1e6) == 0.04
