@@ -482,6 +482,9 @@ def _worker(config: dict) -> None:
 
     import ray.train
 
+    from ray_jobs.worker_config import quiet_worker_logs
+
+    quiet_worker_logs()
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
     got = measure(config["stages"], config["repeats"], device)
@@ -504,6 +507,7 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
     from ray.train.torch import TorchTrainer
 
     from ray_jobs.train import connect_ray
+    from ray_jobs.worker_config import quiet_run_config
 
     node_type = node_type or next(iter(spec.node_types))
     if node_type not in spec.node_types:
@@ -522,7 +526,8 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
             _worker, train_loop_config={"stages": stages, "repeats": repeats, "gpu": gpu,
                                         "threads": res.cpus_per_worker},
             scaling_config=scaling,
-            run_config=RunConfig(name="ringpilot-calibrate", storage_path=storage))
+            run_config=RunConfig(name="ringpilot-calibrate", storage_path=storage,
+                                 **quiet_run_config()))
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             measured = json.loads((Path(d) / "measured.json").read_text())
@@ -565,5 +570,6 @@ def calibrated_plan(run, cluster: str | Path, out: Path, *, address: str | None 
             calibrate(run, spec, repeats=repeats, address=address))
     calibrated, hardware, notes = apply_profile(spec, profile)
     if fresh:
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     return plan_run(calibrated, run, profile=hardware, notes=notes), fresh

@@ -58,7 +58,7 @@ from ray_jobs.ring_attention import (
 )
 from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
 from ray_jobs.tokenizer import build_tokenizer
-from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
+from ray_jobs.worker_config import StepInfo, WorkerConfig, quiet_worker_logs
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
@@ -77,7 +77,7 @@ def _train(config: WorkerConfig) -> None:
     run, index, run_dir, spec_dir = config.run, config.stage_index, config.run_dir, config.spec_dir
     stage = config.stage
     torch.set_num_threads(run.resources.cpus_per_worker)
-    _quiet_logs()
+    quiet_worker_logs()
     ledger = Ledger(run_dir, run.name, epoch=config.epoch)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -254,21 +254,6 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(steps - warmup, 1)
     return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _quiet_logs() -> None:
-    """The driver prints one progress line per report; keep per-report and per-file chatter out.
-
-    RunConfig's LoggingConfig quiets the `ray.train` loggers, but Ray Train logs each report
-    from a worker through a logger named by its source file path, outside `ray.train`: it
-    reaches the console through the root logger, whose level is lowered here (the records of
-    `ray.train` itself still reach Ray's system log files at every level)."""
-    import logging
-
-    import transformers
-
-    logging.getLogger().setLevel(RAY_LOG_LEVEL)
-    transformers.utils.logging.disable_progress_bar()
 
 
 def plan_start(run: RunSpec, index: int, ledger: Ledger,

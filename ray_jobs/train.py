@@ -30,7 +30,7 @@ from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
-from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig
+from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig, quiet_run_config
 from specs.atomic import writable_dir_problem
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
@@ -193,11 +193,7 @@ def ray_train_name(run: RunSpec, stage: str, epoch: int | None) -> str:
 def train_stage(config: WorkerConfig) -> None:
     """One TorchTrainer for one stage: workers = ring x dp from the plan."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    try:  # Ray Train's own INFO lines (worker-group start, every report) stay in its log files
-        from ray.train import LoggingConfig
-        quiet = {"logging_config": LoggingConfig(log_level=RAY_LOG_LEVEL)}
-    except ImportError:  # a Ray before LoggingConfig: its default (INFO) on the console
-        quiet = {}
+    quiet = quiet_run_config()
     from ray.train.torch import TorchTrainer
 
     from ray_jobs.loop import train_stage_worker

@@ -41,6 +41,10 @@ class LinkLoads(Mapping):
     def __len__(self) -> int:
         return len(self._ids())
 
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(link ids in Router numbering, transfers on each): the loads as arrays."""
+        return self._used, self._counts
+
 
 @dataclass(frozen=True)
 class FlowResult:

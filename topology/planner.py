@@ -17,6 +17,7 @@ from specs.degrees import DegreeError, NothingFits, resolve_degrees, ulysses_of
 from specs.run import RunSpec, StageSpec
 from topology.cost import (
     FlowResult,
+    LinkLoads,
     StageCost,
     StageShape,
     check_fits,
@@ -159,10 +160,12 @@ class Planner:
     def _tier_bytes(self, res: FlowResult, weight: float) -> np.ndarray:
         """Bytes a step sends over each tier for these flows: transfers per link (the
         result's load counts) times the bytes each transfer moves per step."""
-        used = getattr(res.loads, "_used", None)  # cost.LinkLoads keeps its count arrays
-        if used is None or not len(used):
+        if not isinstance(res.loads, LinkLoads):  # no flows: an empty mapping
             return np.zeros(len(TIERS))
-        per_tier = np.bincount(self.tier_of_link()[used], weights=res.loads._counts,
+        used, counts = res.loads.counts()
+        if not len(used):
+            return np.zeros(len(TIERS))
+        per_tier = np.bincount(self.tier_of_link()[used], weights=counts,
                                minlength=len(TIERS) + 1)
         return per_tier[:len(TIERS)] * weight
 

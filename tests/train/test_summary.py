@@ -120,6 +120,9 @@ def test_a_profile_of_another_cluster_is_measured_again(tmp_path, monkeypatch):
     plan, fresh = calibrate_mod.calibrated_plan(run, LOCAL_CPU, out)
     assert fresh and len(calls) == 1 and yaml.safe_load(out.read_text())["cluster"] == "local-cpu"
     assert all(s.prediction.step_seconds > 0 for s in plan.stages)
+    # a run's first calibration: RUN_DIR/calibration/ does not exist yet
+    first = tmp_path / "runs" / "mini" / "calibration" / "local-cpu.yaml"
+    assert calibrate_mod.calibrated_plan(run, LOCAL_CPU, first)[1] and first.is_file()
     too_fast = {"bandwidth_gb_s": {"value": 1.6, "spread": 0, "samples": 1}}
     monkeypatch.setattr(calibrate_mod, "calibrate",
                         lambda *a, **k: _local_profile(links={"nvlink": too_fast}))
