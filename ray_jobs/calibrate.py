@@ -423,7 +423,8 @@ def _optimizer(shapes: Shapes, world: int, repeats: int, device: torch.device) -
         opt.step()
 
     per_device = sum(p.numel() for p in layer.parameters()) / world
-    return summarise([per_device / t for t in timed(step, repeats, device)])
+    # a short step (milliseconds on a small model): more repeats for a steady median
+    return summarise([per_device / t for t in timed(step, max(repeats, 20), device)])
 
 
 COLLECTIVES = ("all_reduce/", "all_gather/", "reduce_scatter/")

@@ -77,10 +77,8 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()
     table = Table(title=f"run {run.name}  ({run_dir})")
-    predictions = {s.name: s for s in predicted.stages} if predicted is not None else {}
-    timing = ("s/step predicted", "measured", "ratio") if predictions else ()
     for col in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
-                *timing, "this driver", "final loss", "checkpoints", "eval"):
+                "this driver", "final loss", "checkpoints", "eval"):
         table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval")
                          else "right")
     for i, stage in enumerate(run.stages):
@@ -96,7 +94,6 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
             stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
             f"{run.stage_theta(i):,.0f}", f"{st.step if st else 0}/{stage.steps}",
             f"{st.tokens if st else 0:,}", _eta(st.seconds) if st else "-",
-            *(_step_times(predictions.get(stage.name), st) if predictions else ()),
             _eta(wall[stage.name]) if stage.name in wall else "-",
             f"{st.losses[-1]:.4f}" if st and st.losses else "-", ckpts or "-", evals or "-",
         )
@@ -104,31 +101,51 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
                      f"the context lengths shown and {len(run.eval.depths)} needle depths "
                      "(niah: first word exact; the others: share of the expected answers found, "
                      "RULER's string_match_all)")
-    if predictions:
-        table.caption += ("\ns/step: predicted by the plan" + (
-            " on a calibrated profile" if any(a.startswith("calibrated profile")
-                                              for a in predicted.assumptions) else "")
-            + " for the layout run; measured: the stage's training seconds over its steps "
-            "(ringpilot plan --compare RUN_DIR splits both by phase)")
     kernels = sorted({read_state(c).attention_kernel for c in
                       (ledger.latest_committed(s.name) for s in run.stages) if c is not None}
                      - {""})
     if kernels:
         table.caption += "\nattention kernel: " + "; ".join(kernels)
-    (console or Console(width=160)).print(table)
+    console = console or Console(width=160)
+    console.print(table)
+    if predicted is not None:
+        console.print(step_time_table(run, ledger, predicted))
     return table
 
 
-def _step_times(planned, st) -> tuple[str, str, str]:
-    """Predicted and measured seconds per step and predicted over measured ('-' where either
-    is missing; '(other layout)' when the run's degrees are not the plan's)."""
-    pred = planned.prediction.step_seconds if planned is not None and planned.prediction else None
+def step_time_table(run: RunSpec, ledger: Ledger, predicted: Plan) -> Table:
+    """Per stage: the plan's predicted seconds per step (on a calibrated profile, when it is
+    one) beside the measured ones and their ratio."""
+    calibrated = any(a.startswith("calibrated profile") for a in predicted.assumptions)
+    table = Table(title="step time: predicted" + (" on the calibrated profile" if calibrated
+                                                  else "") + " against measured")
+    for col in ("stage", "layout", "predicted s/step", "measured s/step", "predicted / measured"):
+        table.add_column(col, justify="left" if col in ("stage", "layout") else "right")
+    planned = {s.name: s for s in predicted.stages}
+    for stage in run.stages:
+        latest = ledger.latest_committed(stage.name)
+        table.add_row(stage.name, *_step_times(planned.get(stage.name),
+                                               read_state(latest) if latest else None))
+    table.caption = ("measured: the stage's training seconds over its steps, newest committed "
+                     "checkpoint; `ringpilot plan --compare RUN_DIR` splits both by phase")
+    return table
+
+
+def _step_times(planned, st) -> tuple[str, str, str, str]:
+    """(planned layout, predicted s/step, measured s/step, predicted over measured); '-' where
+    one is missing, '(other layout)' when the run's degrees were not the plan's."""
+    if planned is None:
+        return "-", "-", "-", "-"
+    layout = f"{planned.ring_degree}" + (f"u{planned.ulysses_degree}"
+                                         if planned.ulysses_degree > 1 else "") + \
+        f" x {planned.dp_degree}"
+    pred = planned.prediction.step_seconds if planned.prediction else None
     meas = st.seconds / st.step if st is not None and st.step else None
     ratio = f"{pred / meas:.2f}x" if pred and meas else "-"
     if pred and meas and (st.ring_degree, st.dp_degree, st.ulysses_degree) != (
             planned.ring_degree, planned.dp_degree, planned.ulysses_degree):
         ratio += " (other layout)"
-    return (f"{pred:.4f}" if pred else "-", f"{meas:.4f}" if meas else "-", ratio)
+    return layout, f"{pred:.4f}" if pred else "-", f"{meas:.4f}" if meas else "-", ratio
 
 
 def _eval_label(run_dir: Path, entry) -> str:
