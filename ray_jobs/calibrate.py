@@ -483,7 +483,7 @@ def _worker(config: dict) -> None:
 
     import ray.train
 
-    from ray_jobs.worker_config import quiet_worker_logs
+    from ray_jobs.ray_setup import quiet_worker_logs
 
     quiet_worker_logs()
     torch.set_num_threads(config["threads"])
@@ -507,8 +507,7 @@ def calibrate(run, spec, *, node_type: str | None = None, repeats: int = 5,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.train import connect_ray
-    from ray_jobs.worker_config import quiet_run_config
+    from ray_jobs.ray_setup import connect_ray, quiet_run_config
 
     node_type = node_type or next(iter(spec.node_types))
     if node_type not in spec.node_types:

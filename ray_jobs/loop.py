@@ -51,6 +51,7 @@ from ray_jobs.placement import (
     record_stage_plan,
     stage_plan_for,
 )
+from ray_jobs.ray_setup import quiet_worker_logs
 from ray_jobs.ring_attention import (
     register_ring_attention,
     select_block_kernel,
@@ -58,7 +59,7 @@ from ray_jobs.ring_attention import (
 )
 from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
 from ray_jobs.tokenizer import build_tokenizer
-from ray_jobs.worker_config import StepInfo, WorkerConfig, quiet_worker_logs
+from ray_jobs.worker_config import StepInfo, WorkerConfig
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 

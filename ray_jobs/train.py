@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from pathlib import Path
 from ray_jobs.checkpoint import final_checkpoint
 from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
+from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
-from ray_jobs.worker_config import RAY_LOG_LEVEL, StepInfo, WorkerConfig, quiet_run_config
+from ray_jobs.worker_config import StepInfo, WorkerConfig
 from specs.atomic import writable_dir_problem
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
@@ -218,21 +218,6 @@ def train_stage(config: WorkerConfig) -> None:
         ),
     )
     trainer.fit()
-
-
-def connect_ray(address: str | None, local_cpus: int) -> None:
-    """Join `address`, RAY_ADDRESS or the job's cluster; else (a laptop without a cluster) start
-    a private one on loopback with `local_cpus` CPUs (training's plus spare ones for actors)."""
-    import ray
-
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
-                 logging_level=RAY_LOG_LEVEL)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=local_cpus, logging_level=RAY_LOG_LEVEL)
 
 
 FENCED_EXIT = 3  # a newer driver took the run over while this one ran

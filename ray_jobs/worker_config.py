@@ -16,31 +16,6 @@ from specs.run import RunSpec, StageSpec
 RAY_LOG_LEVEL = os.environ.get("RINGPILOT_RAY_LOG_LEVEL", "WARNING").upper()
 
 
-def quiet_run_config() -> dict:
-    """RunConfig arguments that keep Ray Train's own INFO lines (worker-group start, every
-    report) in its log files, not on the console (none on a Ray before LoggingConfig)."""
-    try:
-        from ray.train import LoggingConfig
-    except ImportError:
-        return {}
-    return {"logging_config": LoggingConfig(log_level=RAY_LOG_LEVEL)}
-
-
-def quiet_worker_logs() -> None:
-    """The driver prints one progress line per report; keep per-report and per-file chatter out.
-
-    RunConfig's LoggingConfig quiets the `ray.train` loggers, but Ray Train logs each report
-    from a worker through a logger named by its source file path, outside `ray.train`: it
-    reaches the console through the root logger, whose level is lowered here (the records of
-    `ray.train` itself still reach Ray's system log files at every level)."""
-    import logging
-
-    import transformers
-
-    logging.getLogger().setLevel(RAY_LOG_LEVEL)
-    transformers.utils.logging.disable_progress_bar()
-
-
 @dataclass(frozen=True)
 class StepInfo:
     """Where a worker stands just before it takes an optimizer step."""
