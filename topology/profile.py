@@ -153,15 +153,15 @@ L40S = HardwareProfile(
         "nic_efficiency": "assumption: RDMA reaches ~90% of line rate for MB-sized messages",
         "memory_reserve_bytes": "assumption: CUDA context, NCCL buffers, fragmentation",
         "attention_bwd_over_fwd": "flash-attention backward runs 5 matmuls to the forward's 2",
-        "comm_overlap": "NCCL runs collectives and peer copies on their own CUDA streams, "
-        "behind compute",
+        "comm_overlap": "assumption: NCCL runs collectives and peer copies on their own CUDA "
+        "streams, wholly behind compute (not measured on a GPU yet: ringpilot calibrate)",
         "optimizer_params_per_s": f"memory-bound: {OPTIMIZER_BYTES_PER_PARAM} bytes per "
         "parameter at hbm_bandwidth_gb_s",
         "latencies": "assumption: order-of-magnitude link latencies; they matter only for "
         "small messages",
     },
     assumptions=["mfu_dense", "mfu_attention", "pcie_efficiency", "socket_link_gb_s",
-                 "nic_efficiency", "memory_reserve_bytes", "latencies"],
+                 "nic_efficiency", "memory_reserve_bytes", "latencies", "comm_overlap"],
 )
 
 CPU = HardwareProfile(
