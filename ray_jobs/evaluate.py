@@ -4,6 +4,8 @@ PATH is a committed ringpilot checkpoint (checkpoints/<stage>/step-NNNNNN/) or a
 Llama directory saved with its tokenizer. Examples:
     python -m ray_jobs.evaluate --checkpoint /tmp/ringpilot/runs/tiny/checkpoints/s1k/step-000060
     python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah vt --lengths 1024 4096 --out ev
+    python -m ray_jobs.evaluate --checkpoint ./my-llama --lengths 16384 --max-length 4096 \
+        --gang-size 2      # contexts over 4,096 tokens on a gang of 2 Ray actors (local Ray)
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the prompts")
     p.add_argument("--max-length", type=int, default=MAX_TOKENS_PER_EVALUATOR,
                    help="longest context to run on this one device; longer ones are skipped")
+    p.add_argument("--gang-size", type=int, default=None, metavar="P",
+                   help="contexts longer than --max-length run on an evaluation gang of P Ray "
+                   "actors (ring-attention prefill, sequence-parallel decoding) on the Ray "
+                   "cluster of RAY_ADDRESS, else a local one; 0: the fewest members that each "
+                   "hold at most --max-length tokens. Default: no gang, longer contexts skipped")
+    p.add_argument("--gang-cpus", type=float, default=1.0, help="CPUs per gang member")
+    p.add_argument("--gang-gpus", type=float, default=0.0, help="GPUs per gang member")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <run>/eval/<stage>/<step-dir> for a ringpilot "
@@ -99,13 +108,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     out = args.out or default_out_dir(args.checkpoint)
-    results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),
-                       checkpoint=str(args.checkpoint), tasks=args.tasks, lengths=lengths,
-                       depths=args.depths, samples=args.samples, seed=args.seed,
-                       max_length=args.max_length, out_dir=out,
-                       on_cell=lambda c: print(f"{c.task:<16} {c.length:>8,} "
-                                               f"{'' if c.depth is None else f'{c.depth:g}%':>5} "
-                                               f"{c.score:.2f}", flush=True))
+    long = [n for n in lengths if n > args.max_length]
+    gang = long_generate = None
+    engine = unavailable = ""
+    gang_info = None
+    if args.gang_size is not None and long:
+        from ray_jobs.eval.gang import EvalGang, GangUnplaceable, gang_size_for
+        from ray_jobs.eval.model import build_gang_generate
+        from ray_jobs.ray_setup import connect_ray
+
+        size = args.gang_size or gang_size_for(max(long), args.max_length)
+        connect_ray(None, local_cpus=max(2, int(size * args.gang_cpus)))
+        try:
+            gang = EvalGang(size, cpus=args.gang_cpus, gpus=args.gang_gpus).start()
+            gang.load(str(args.checkpoint))
+        except GangUnplaceable as e:
+            unavailable = f"not run: {e}"
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            long_generate = build_gang_generate(gang, tokenizer)
+            engine = f"evaluation gang of {size}"
+            gang_info = {"size": size, "ring": gang.ring}
+            print(f"evaluation gang of {size} started for {', '.join(map(str, long))} tokens")
+    try:
+        results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),
+                           checkpoint=str(args.checkpoint), tasks=args.tasks, lengths=lengths,
+                           depths=args.depths, samples=args.samples, seed=args.seed,
+                           max_length=args.max_length, out_dir=out,
+                           on_cell=lambda c: print(
+                               f"{c.task:<16} {c.length:>8,} "
+                               f"{'' if c.depth is None else f'{c.depth:g}%':>5} {c.score:.2f}"
+                               f"  ({c.engine})", flush=True),
+                           long_generate=long_generate, long_engine=engine,
+                           long_unavailable=unavailable, gang=gang_info)
+    finally:
+        if gang is not None:
+            gang.shutdown()
     for s in results.skipped:
         print(f"skipped {s.task} at {s.length:,}: {s.reason}")
     print("scores: " + ", ".join(f"{t} {v:.3f}" for t, v in results.scores.items()))

@@ -88,6 +88,13 @@ def greedy_tokens(model, input_ids, max_new_tokens: int, eos: int | None) -> lis
     return new
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids as the model sees them: BOS first, as ringpilot's trainer starts
+    every sequence."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return [tokenizer.bos_token_id] + ids if tokenizer.bos_token_id is not None else ids
+
+
 def build_generate(model, tokenizer) -> Generate:
     """A `Generate` that decodes greedily (the NIAH/RULER convention) on the model's device."""
     import torch
@@ -95,11 +102,19 @@ def build_generate(model, tokenizer) -> Generate:
     device = next(model.parameters()).device
 
     def generate(prompt: str, max_new_tokens: int) -> str:
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        if tokenizer.bos_token_id is not None:  # as ringpilot's trainer starts every sequence
-            ids = [tokenizer.bos_token_id] + ids
-        ids = torch.tensor([ids], device=device)
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
         new = greedy_tokens(model, ids, max_new_tokens, tokenizer.eos_token_id)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    return generate
+
+
+def build_gang_generate(gang, tokenizer) -> Generate:
+    """A `Generate` on an evaluation gang (ray_jobs.eval.gang.EvalGang): the same prompt ids,
+    greedy decoding and detokenisation as `build_generate`, the sequence split over the gang."""
+
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        new = gang.generate(prompt_ids(tokenizer, prompt), max_new_tokens, tokenizer.eos_token_id)
         return tokenizer.decode(new, skip_special_tokens=True)
 
     return generate

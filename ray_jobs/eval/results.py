@@ -20,6 +20,8 @@ class CellResult(_Doc):
     depth: float | None = Field(description="Needle depth in percent; null for cwe/fwe.")
     score: float = Field(description="Mean score of the cell's samples, 0..1.")
     samples: int = Field(description="Samples scored.")
+    engine: str = Field("one evaluator", description="What ran it: 'one evaluator' or "
+                        "'evaluation gang of P'.")
 
 
 class SampleResult(_Doc):
@@ -49,6 +51,11 @@ class EvalResults(_Doc):
     samples: int = Field(description="Samples per cell.")
     seed: int = Field(description="Seed of the prompts.")
     max_length: int = Field(description="Longest context one evaluator runs.")
+    engines: dict[str, str] = Field(default_factory=dict, description="Per context length "
+                                    "evaluated, what ran it (one evaluator or a gang of P), "
+                                    "chosen automatically from max_length.")
+    gang: dict | None = Field(None, description="The evaluation gang used for the longer "
+                              "contexts: size, ring order, member pids, seconds to start.")
     started_unix: float = Field(description="When the evaluation began (Unix time).")
     finished_unix: float = Field(0.0, description="When it ended (Unix time).")
     scores: dict[str, float] = Field(default_factory=dict, description="Mean score per task.")

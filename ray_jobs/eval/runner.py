@@ -14,9 +14,10 @@ from ray_jobs.eval.report import save_results
 from ray_jobs.eval.results import CellResult, EvalResults, SampleResult, Skipped
 from ray_jobs.eval.scoring import score
 
-# One evaluator runs the whole sequence on one device with SDPA (no ring across actors): longer
-# contexts are skipped and the reason is written into results.json. 32K tokens keeps an 8B
-# Llama's weights (16 GB bf16) plus its KV cache (~4 GB) well inside one 48 GB L40S.
+# One evaluator runs the whole sequence on one device with SDPA up to this length; longer
+# contexts run on an evaluation gang (ray_jobs.eval.gang) when one is configured, else they are
+# skipped and the reason is written into results.json. 32K tokens keeps an 8B Llama's weights
+# (16 GB bf16) plus its KV cache (~4 GB) well inside one 48 GB L40S.
 MAX_TOKENS_PER_EVALUATOR = 32_768
 
 
@@ -38,16 +39,25 @@ def parse_checkpoint_path(path: str | Path) -> tuple[str | None, int | None]:
 
 
 def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[str], int],
-             on_cell: Callable[[CellResult], None] | None = None) -> EvalResults:
+             on_cell: Callable[[CellResult], None] | None = None,
+             long_generate: Generate | None = None, long_engine: str = "",
+             long_unavailable: str = "") -> EvalResults:
     """Fill `results` (its tasks/lengths/depths/samples/seed say what to run) by scoring every
-    sample's greedy output; cells longer than `max_length` or too short for a task are skipped."""
+    sample's greedy output. Lengths up to `max_length` run on `generate` (one evaluator); longer
+    ones on `long_generate` (an evaluation gang, `long_engine` names it) when given, else they
+    are skipped with `long_unavailable` (or the default reason). Cells too short for a task are
+    skipped too; every skip is recorded with its reason."""
     for length in results.lengths:
+        engine, gen = "one evaluator", generate
         if length > results.max_length:
-            results.skipped.append(Skipped(
-                task="*", length=length,
-                reason=f"longer than the {results.max_length} tokens one evaluator runs on one "
-                "device without ring attention; raise it only where memory allows"))
-            continue
+            if long_generate is None:
+                results.skipped.append(Skipped(task="*", length=length, reason=long_unavailable or (
+                    f"longer than the {results.max_length} tokens one evaluator runs on one "
+                    "device, and no evaluation gang was configured (eval.gang_size, "
+                    "--gang-size)")))
+                continue
+            engine, gen = long_engine or "evaluation gang", long_generate
+        results.engines[str(length)] = engine
         for task in results.tasks:
             depths = results.depths if task in task_lib.DEPTH_TASKS else [None]
             for depth in depths:
@@ -59,7 +69,7 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
                     break
                 scores = []
                 for s in samples:
-                    output = generate(s.prompt, s.max_new_tokens)
+                    output = gen(s.prompt, s.max_new_tokens)
                     value = score(s.metric, output, s.answers)
                     scores.append(value)
                     results.outputs.append(SampleResult(
@@ -67,7 +77,8 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
                         prompt_tokens=s.prompt_tokens, answers=list(s.answers), output=output,
                         score=value))
                 cell = CellResult(task=task, length=length, depth=depth,
-                                  score=statistics.fmean(scores), samples=len(scores))
+                                  score=statistics.fmean(scores), samples=len(scores),
+                                  engine=engine)
                 results.cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)
@@ -82,13 +93,18 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
 def evaluate(generate: Generate, count_tokens: Callable[[str], int], *, checkpoint: str,
              tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
              seed: int, max_length: int = MAX_TOKENS_PER_EVALUATOR, out_dir: Path | None = None,
-             on_cell: Callable[[CellResult], None] | None = None) -> EvalResults:
-    """Run the grid and, with `out_dir`, write results.json, the heatmaps and tables.md."""
+             on_cell: Callable[[CellResult], None] | None = None,
+             long_generate: Generate | None = None, long_engine: str = "",
+             long_unavailable: str = "", gang: dict | None = None) -> EvalResults:
+    """Run the grid and, with `out_dir`, write results.json, the heatmaps and tables.md (see
+    run_grid for the contexts longer than `max_length`)."""
     stage, step = parse_checkpoint_path(checkpoint)
     results = EvalResults(checkpoint=str(checkpoint), stage=stage, step=step, tasks=list(tasks),
                           lengths=sorted(set(lengths)), depths=list(depths), samples=samples,
-                          seed=seed, max_length=max_length, started_unix=time.time())
-    run_grid(results, generate, count_tokens, on_cell)
+                          seed=seed, max_length=max_length, gang=gang,
+                          started_unix=time.time())
+    run_grid(results, generate, count_tokens, on_cell, long_generate, long_engine,
+             long_unavailable)
     if out_dir is not None:
         save_results(results, out_dir)
     return results

@@ -26,7 +26,7 @@ from typing import Literal
 
 from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.results import RESULTS_FILE
-from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, plan_lengths
+from ray_jobs.eval.runner import plan_lengths
 from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
@@ -49,6 +49,9 @@ class EvalRequest:
     seed: int
     gpus: float
     max_length: int
+    cpus: float = 1.0
+    gang_size: int = 0  # 0: derived from the longest context and max_length
+    gang_place_timeout_s: float = 120.0
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -92,11 +95,23 @@ class _Running:
 EvaluateFn = Callable[[EvalRequest], EvalSummary]
 
 
-def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None) -> EvalSummary:
-    """Inside the actor: load the checkpoint, run the grid, write results; return a summary."""
+def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None,
+                     on_gang: Callable | None = None) -> EvalSummary:
+    """Inside the actor: load the checkpoint, run the grid, write results; return a summary.
+
+    Contexts up to `max_length` run here; longer ones on an evaluation gang started for this
+    checkpoint (and shut down after it). A gang that cannot be placed leaves those contexts
+    recorded as not run, with the reason; a gang member that fails fails the evaluation, which
+    the scheduler retries as a whole. `on_gang(gang)` is a test hook called once it started."""
     import torch
 
-    from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
+    from ray_jobs.eval.gang import EvalGang, GangUnplaceable, gang_size_for
+    from ray_jobs.eval.model import (
+        build_gang_generate,
+        build_generate,
+        build_token_counter,
+        load_checkpoint,
+    )
     from ray_jobs.eval.runner import evaluate
 
     started = time.time()
@@ -106,10 +121,39 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
         generate = wrap_generate(generate)
-    results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
-                       tasks=request.tasks, lengths=request.lengths, depths=request.depths,
-                       samples=request.samples, seed=request.seed,
-                       max_length=request.max_length, out_dir=request.out_dir)
+    long = [n for n in request.lengths if n > request.max_length]
+    gang = long_generate = None
+    engine = unavailable = ""
+    gang_info: dict | None = None
+    if long:
+        size = request.gang_size or gang_size_for(max(long), request.max_length)
+        try:
+            t0 = time.time()
+            gang = EvalGang(size, cpus=request.cpus, gpus=request.gpus,
+                            place_timeout_s=request.gang_place_timeout_s).start()
+            if on_gang is not None:
+                on_gang(gang, request)
+            gang.load(checkpoint)
+            long_generate = build_gang_generate(gang, tokenizer)
+            if wrap_generate is not None:
+                long_generate = wrap_generate(long_generate)
+            engine = f"evaluation gang of {size}"
+            gang_info = {"size": size, "ring": gang.ring, "pids": gang.call("pid"),
+                         "start_seconds": round(time.time() - t0, 2)}
+            log.info("evaluation gang of %d started in %.1f s", size, time.time() - t0)
+        except GangUnplaceable as e:
+            unavailable = f"not run: {e}"
+            log.warning("%s", unavailable)
+    try:
+        results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
+                           tasks=request.tasks, lengths=request.lengths, depths=request.depths,
+                           samples=request.samples, seed=request.seed,
+                           max_length=request.max_length, out_dir=request.out_dir,
+                           long_generate=long_generate, long_engine=engine,
+                           long_unavailable=unavailable, gang=gang_info)
+    finally:
+        if gang is not None:
+            gang.shutdown()
     return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
                        started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
 
@@ -140,9 +184,10 @@ class EvalScheduler:
     """Driver-side thread: watch the ledger, evaluate new committed checkpoints in actors."""
 
     def __init__(self, run: RunSpec, run_dir: str | Path, *,
-                 max_length: int = MAX_TOKENS_PER_EVALUATOR,
+                 max_length: int | None = None,
                  evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None):
-        self.run, self.run_dir, self.max_length = run, Path(run_dir), max_length
+        self.run, self.run_dir = run, Path(run_dir)
+        self.max_length = max_length or run.eval.max_tokens_per_evaluator
         # the driver's fenced ledger: a superseded driver's scheduler records nothing more
         self.ledger = ledger or Ledger(self.run_dir, run.name)
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: evaluate_request
@@ -224,8 +269,9 @@ class EvalScheduler:
         lengths = plan_lengths([s.seq_len for s in self.run.stages], index, e.context_lengths)
         return EvalRequest(stage=stage, checkpoint=path, run_dir=self.run_dir, attempt=attempt,
                            tasks=tuple(e.tasks), lengths=tuple(lengths), depths=tuple(e.depths),
-                           samples=e.samples, seed=e.seed, gpus=e.gpus,
-                           max_length=self.max_length)
+                           samples=e.samples, seed=e.seed, gpus=e.gpus, cpus=e.cpus,
+                           max_length=self.max_length, gang_size=e.gang_size,
+                           gang_place_timeout_s=e.gang_place_timeout_s)
 
     def _submit(self, stage: str, path: str, attempt: int) -> None:
         if self._actor is None:

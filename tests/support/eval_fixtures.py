@@ -150,3 +150,17 @@ def hang(request):
 
     while True:
         time.sleep(1)
+
+
+def kill_gang_member_on_first_attempt(request):
+    """An evaluation whose gang loses a member (killed, as a node loss would) on its first
+    attempt, then behaves: the whole evaluation must fail and be retried."""
+    from ray_jobs.eval.scheduler import evaluate_request
+
+    def kill_one(gang, req):
+        import ray
+
+        if req.attempt == 1:
+            ray.kill(gang.members[-1])
+
+    return evaluate_request(request, on_gang=kill_one)

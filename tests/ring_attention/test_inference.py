@@ -1,0 +1,41 @@
+"""Sequence-parallel inference (ring prefill, sharded KV cache, log-sum-exp merged decoding)
+against one process running the same model with SDPA and HF's KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inference_worlds import single_process  # tests/ring_attention is on sys.path (conftest)
+
+from tests.support.worlds import run_world
+
+
+@pytest.mark.parametrize("world,length", [(2, 1024), (3, 1031), (2, 1027)])
+def test_gang_matches_one_process(world, length):
+    """Prefill logits within float tolerance and identical greedy tokens, for prompts that split
+    evenly (1024 over 2 ranks) and that leave a remainder for the decoding path (1031 over 3
+    ranks leaves 5 tokens, 1027 over 2 leaves 3)."""
+    new_tokens = 12
+    ref_logits, ref_tokens = single_process(length, new_tokens)
+    results = run_world(world, _body, length, new_tokens)
+    for r in results:
+        torch.testing.assert_close(torch.from_numpy(r["logits"]), ref_logits, atol=2e-5, rtol=1e-4)
+        assert r["tokens"] == ref_tokens
+    # The cache stays balanced: prompt + nothing decoded yet, held tokens differ by at most one.
+    held = results[0]["held"]
+    assert sum(held) == length and max(held) - min(held) <= 1
+    assert [r["local"] for r in results] == held
+
+
+def _body(rank, world, length, new_tokens):
+    from inference_worlds import gang_body
+
+    return gang_body(rank, world, length, new_tokens)
+
+
+def test_prompt_shorter_than_two_chunks_per_rank_is_refused():
+    from ray_jobs.ring_attention.inference import PromptTooShort
+
+    with pytest.raises(Exception, match="too short for a gang of 3"):
+        run_world(3, _body, 5, 1)
+    assert issubclass(PromptTooShort, ValueError)
