@@ -2,6 +2,9 @@
 
 Every sample is a pure function of (seed, stage, step, micro-step, index in the global batch),
 so a resumed run sees exactly the samples an uninterrupted one would, whatever restarted.
+Prepared documents (data.prepared, ray_jobs/prepared.py) are addressed the same way: the k-th
+document sample of a stage reads packed sequence perm(k) of the stage's seeded permutation by
+memory map, so no sequence is used twice in a stage and none is skipped for another.
 
 Retrieval samples are built so a copy mechanism solves them: the filler text has no digits and
 no "is", the needle's number follows a unique cue ("... pass key is" or the key's word), and the
@@ -16,8 +19,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ray_jobs.prepared import FeistelPermutation, PreparedCorpus, resolve, stage_sequences
 from specs.run import RunSpec
 
 IGNORE = -100
@@ -50,8 +55,8 @@ class Sample:
 
     sample_id: str
     kind: str
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: list[int] | np.ndarray
+    labels: list[int] | np.ndarray
     answer: str = ""
 
 
@@ -184,30 +189,95 @@ def read_documents(run: RunSpec, spec_dir: Path | None = None) -> list[str]:
     return texts
 
 
+def _kinds_and_weights(run: RunSpec) -> tuple[list[str], list[float]]:
+    mix = run.data.mix
+    kinds = [k for k, w in (("documents", mix.documents), ("passkey", mix.passkey),
+                            ("kv_retrieval", mix.kv_retrieval)) if w > 0]
+    return kinds, [getattr(mix, k) for k in kinds]
+
+
+def _sample_rng(run: RunSpec, stage_name: str, step: int, micro: int, index: int):
+    return random.Random(sample_seed(run.data.seed, stage_name, step, micro, index))
+
+
+def document_samples(run: RunSpec, stage_index: int) -> np.ndarray:
+    """For every sample of the stage in address order ((step, micro, index) flattened), how many
+    document samples come before it: the k that addresses its prepared sequence. One entry more
+    at the end: the stage's total."""
+    stage = run.stages[stage_index]
+    kinds, weights = _kinds_and_weights(run)
+    if "documents" not in kinds:
+        return np.zeros(1, np.int64)
+    is_doc = np.fromiter(
+        (_sample_rng(run, stage.name, step, micro, i).choices(kinds, weights=weights)[0]
+         == "documents"
+         for step in range(stage.steps) for micro in range(stage.grad_accum_steps)
+         for i in range(stage.batch_size)), dtype=bool)
+    return np.concatenate([[0], np.cumsum(is_doc)]).astype(np.int64)
+
+
+def budget_problems(run: RunSpec, total_tokens: int, where: Path) -> list[str]:
+    """Stages that would need more packed sequences than the prepared stream holds."""
+    problems = []
+    for i, stage in enumerate(run.stages):
+        need = int(document_samples(run, i)[-1])
+        have = stage_sequences(total_tokens, stage.seq_len)
+        if need > have:
+            n = stage.seq_len + 1
+            problems.append(
+                f"data.prepared: stage {stage.name} needs {need:,} document sequences of {n:,} "
+                f"tokens ({need * n:,} tokens) but {where} holds {total_tokens:,} tokens "
+                f"({have:,} sequences); add documents (or upsample), or lower the stage's "
+                "steps, batch_size or mix.documents")
+    return problems
+
+
 class SampleStream:
     """The samples of one stage, addressed by (step, micro-step, index in the global batch)."""
 
-    def __init__(self, run: RunSpec, stage_index: int, tok, documents: list[str] | None = None):
+    def __init__(self, run: RunSpec, stage_index: int, tok, documents: list[str] | None = None,
+                 spec_dir: Path | None = None):
         self.run, self.stage_index = run, stage_index
         self.stage = run.stages[stage_index]
         self.ids = _Ids(tok)
         mix = run.data.mix
-        self.kinds = [k for k, w in (("documents", mix.documents), ("passkey", mix.passkey),
-                                     ("kv_retrieval", mix.kv_retrieval)) if w > 0]
-        self.weights = [getattr(mix, k) for k in self.kinds]
+        self.kinds, self.weights = _kinds_and_weights(run)
         self.doc_tokens: list[int] = []
-        if mix.documents > 0:
+        self.corpus: PreparedCorpus | None = None
+        if mix.documents > 0 and run.data.prepared is not None:
+            self.corpus = PreparedCorpus(resolve(run.data.prepared.path, spec_dir))
+            self._before = document_samples(run, stage_index)
+            n = self.corpus.sequences(self.stage.seq_len)
+            if n < self._before[-1]:
+                raise ValueError(budget_problems(run, self.corpus.total_tokens,
+                                                 self.corpus.path)[0])
+            self._perm = FeistelPermutation(n, run.data.seed, "prepared", self.stage.name)
+        elif mix.documents > 0:
             for text in documents or []:
                 self.doc_tokens += self.ids.enc(text) + [self.ids.eos]
             if len(self.doc_tokens) < 2:
                 raise ValueError("data.documents: the files hold no text; add text or set "
                                  "mix.documents: 0")
 
+    def document_sequence(self, step: int, micro: int, index: int) -> int:
+        """The prepared sequence a document sample reads: perm(k), k its rank among the stage's
+        document samples."""
+        st = self.stage
+        g = (step * st.grad_accum_steps + micro) * st.batch_size + index
+        return self._perm(int(self._before[g]))
+
     def sample(self, step: int, micro: int, index: int) -> Sample:
         sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{index}"
-        rng = random.Random(sample_seed(self.run.data.seed, self.stage.name, step, micro, index))
+        rng = _sample_rng(self.run, self.stage.name, step, micro, index)
         kind = rng.choices(self.kinds, weights=self.weights)[0]
         n = self.stage.seq_len + 1
+        if kind == "documents" and self.corpus is not None:
+            window = self.corpus.window(self.stage.seq_len,
+                                        self.document_sequence(step, micro, index))
+            labels = window.tokens[1:].copy()
+            if window.mask is not None:
+                labels[~window.mask[1:]] = IGNORE
+            return Sample(sid, kind, window.tokens[:-1], labels)
         if kind == "documents":
             start = rng.randrange(len(self.doc_tokens))
             window = (self.doc_tokens * (n // len(self.doc_tokens) + 2))[start:start + n]
@@ -221,6 +291,10 @@ class SampleStream:
               indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""
         samples = [self.sample(step, micro, i) for i in indices]
+        if any(isinstance(s.input_ids, np.ndarray) for s in samples):
+            stack = lambda key: torch.from_numpy(np.stack(  # noqa: E731
+                [np.asarray(getattr(s, key), dtype=np.int64) for s in samples]))
+            return stack("input_ids"), stack("labels"), [s.sample_id for s in samples]
         inputs = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
         labels = torch.tensor([s.labels for s in samples], dtype=torch.long)
         return inputs, labels, [s.sample_id for s in samples]

@@ -139,8 +139,10 @@ def _train(config: WorkerConfig) -> None:
     on_rank0(rank, lambda: ledger.record_start(stage.name, state.step))
 
     # 5. Train.
+    # data.prepared is read by memory map per sample; data.documents (small corpora) whole
     stream = SampleStream(run, index, tok,
-                          read_documents(run, spec_dir) if run.data.mix.documents else None)
+                          read_documents(run, spec_dir) if run.data.mix.documents else None,
+                          spec_dir=spec_dir)
     per_ring = stage.batch_size // dims.dp
     my_samples = range(layout.dp_rank * per_ring, (layout.dp_rank + 1) * per_ring)
     positions = sequence_position_ids(stage.seq_len, layout.ring_rank, dims.ring,

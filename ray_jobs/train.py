@@ -27,6 +27,8 @@ from pathlib import Path
 from ray_jobs.checkpoint import final_checkpoint
 from ray_jobs.data import read_documents
 from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
+from ray_jobs.prepare import check_prepared, list_files
+from ray_jobs.prepared import PrepareError
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
@@ -114,6 +116,11 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:
         problems.append(str(e))
+    if run.data.prepared is not None and run.data.mix.documents > 0:
+        try:  # the inputs exist; their contents are checked (or prepared) once Ray is up
+            list_files(run.data.prepared, spec_dir)
+        except PrepareError as e:
+            problems.append(str(e))
     try:  # the ledger of a run being resumed: readable, every path in it inside the run
         check_ledger(Ledger(run_dir, run.name))
     except LedgerError as e:
@@ -256,6 +263,13 @@ def main(argv: list[str] | None = None, *,
     connect_ray(args.address, run.resources.workers * run.resources.cpus_per_worker + 2)
     try:
         check_ray_capacity(run)
+        if run.data.prepared is not None and run.data.mix.documents > 0:
+            # prepared data: made now (a Ray Data job) if missing; refused if made from other
+            # inputs, tokenizer or settings, or too small for a stage
+            try:
+                check_prepared(run, spec_dir, run_dir, address=args.address)
+            except (PrepareError, TokenizerError) as e:
+                raise PreflightError(str(e).splitlines()) from None
     except PreflightError as e:
         print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
               file=sys.stderr)

@@ -241,7 +241,8 @@ class TokenizerSpec(_Spec):
 class DataMix(_Spec):
     """Relative weights of the sample sources (normalised; at least one positive)."""
 
-    documents: float = Field(0.0, ge=0, description="Packed long documents from data.documents.")
+    documents: float = Field(0.0, ge=0, description="Packed long documents: sequences of "
+                             "data.prepared (or, for small corpora, of data.documents).")
     passkey: float = Field(0.5, ge=0, description="Passkey retrieval over filler text.")
     kv_retrieval: float = Field(0.5, ge=0, description="Key-value retrieval over filler text.")
 
@@ -252,23 +253,99 @@ class DataMix(_Spec):
         return self
 
 
+class SourceSpec(_Spec):
+    """One input of the preparation job: local files of one format and kind."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$", max_length=40,
+                      description="Source name (lowercase letters, digits, '-', '_'): reports "
+                      "and the manifest count documents by it.")
+    paths: list[str] = Field(
+        min_length=1, description="Local files or globs (relative to the run file). A "
+        "`datasets` directory saved with save_to_disk is given as the directory.")
+    format: Literal["auto", "jsonl", "txt", "parquet", "hf_dataset"] = Field(
+        "auto", description="File format. 'auto': by extension (.jsonl/.json, .txt, .parquet; "
+        "a directory is an HF `datasets` save_to_disk directory). A .txt file is one document; "
+        "a jsonl line, parquet row or dataset row is one document.")
+    kind: Literal["text", "chat"] = Field(
+        "text", description="'text': every token is trained on. 'chat': `messages` (a list of "
+        "{role, content}) rendered with the tokenizer's chat template (or, when it has none, "
+        "the plain template 'role: content' one message a line); labels only on the "
+        "assistant's tokens.")
+    field: str = Field("text", min_length=1, description="Column or JSON key holding the text "
+                       "(kind text) or the messages (kind chat: usually 'messages').")
+    weight: float = Field(1.0, ge=0, description="Copies of each document in the packed "
+                          "stream: 2 doubles the source, 0.5 keeps half its documents (chosen "
+                          "by content hash, reproducibly).")
+
+
+class LengthBucket(_Spec):
+    """Long-document upsampling: documents of at least `min_tokens` tokens get `factor` copies."""
+
+    min_tokens: int = Field(ge=0, description="Lower bound of the bucket (tokens, EOS excluded).")
+    factor: float = Field(ge=0, description="Copies of each document in the bucket (multiplies "
+                          "the source's weight); the bucket with the largest min_tokens that a "
+                          "document reaches applies.")
+
+
+class PreparedSpec(_Spec):
+    """Tokenized, filtered and packed training documents, made once by `python -m
+    ray_jobs.prepare --run RUN.yaml` (a Ray Data job; the trainer runs it first when `path`
+    holds no prepared data)."""
+
+    path: str = Field(description="Directory of the prepared data (relative to the run file): "
+                      "token shards (.npy, uint32), document starts and manifest.json.")
+    sources: list[SourceSpec] = Field(min_length=1, description="Inputs, in order.")
+    min_tokens: int = Field(1, ge=1, description="Drop documents shorter than this (tokens).")
+    max_tokens: int | None = Field(None, gt=0, description="Drop documents longer than this "
+                                   "(tokens); null: no limit.")
+    dedup: bool = Field(True, description="Drop documents whose content (text or messages) "
+                        "repeats an earlier one (sha256 of the content), before weighting.")
+    upsample: list[LengthBucket] = Field(
+        default_factory=list, description="Long-document upsampling by length bucket, e.g. "
+        "[{min_tokens: 32768, factor: 3}].")
+    shard_tokens: int = Field(1 << 24, ge=1024, description="Tokens per shard file (the last "
+                              "one holds the rest).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreparedSpec:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: names must be unique, got {dup} twice; rename one")
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) is below min_tokens "
+                             f"({self.min_tokens}); raise max_tokens or lower min_tokens")
+        bounds = [b.min_tokens for b in self.upsample]
+        if len(set(bounds)) != len(bounds):
+            raise ValueError(f"upsample: min_tokens must differ between buckets, got {bounds}")
+        return self
+
+
 class DataSpec(_Spec):
     """Training samples: a deterministic function of (seed, stage, step)."""
 
     seed: int = Field(0, ge=0, description="Seed of the sample order and the synthetic tasks.")
     documents: list[str] = Field(
-        default_factory=list, description="Local text files or globs (relative to this file), "
-        "packed into sequences.",
+        default_factory=list, description="Small corpora: local text files or globs (relative "
+        "to this file) that every worker reads and tokenizes whole. Use data.prepared for "
+        "anything larger.",
     )
+    prepared: PreparedSpec | None = Field(
+        None, description="Prepared (tokenized, packed) documents, read by memory map: the "
+        "source of mix.documents for real corpora. Null: data.documents.")
     mix: DataMix = Field(default_factory=DataMix, description="Sample sources and their weights.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer source.")
 
     @model_validator(mode="after")
     def _documents_given(self) -> DataSpec:
-        if self.mix.documents > 0 and not self.documents:
+        if self.documents and self.prepared is not None:
+            raise ValueError("documents and prepared are both given; list the files as a source "
+                             "of data.prepared and drop data.documents")
+        if self.mix.documents > 0 and not self.documents and self.prepared is None:
             raise ValueError(
-                f"mix.documents is {self.mix.documents} but documents is empty; list text files "
-                "under data.documents or set mix.documents: 0"
+                f"mix.documents is {self.mix.documents} but neither documents nor prepared is "
+                "given; add data.prepared (or text files under data.documents) or set "
+                "mix.documents: 0"
             )
         return self
 
@@ -300,24 +377,7 @@ class EvalSpec(_Spec):
     cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
     gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (spare ones, never "
                         "the training workers').")
-    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor (or "
-                             "gang: a gang is retried as a whole).")
-    max_tokens_per_evaluator: int = Field(
-        32_768, gt=0, description="Longest context one evaluator holds on its device (weights, "
-        "KV cache, prefill activations); longer contexts run on an evaluation gang. 32,768 fits "
-        "an 8B Llama on a 48 GB L40S with room to spare.",
-    )
-    gang_size: int = Field(
-        0, ge=0, description="Members of the evaluation gang that runs contexts longer than "
-        "max_tokens_per_evaluator with ring-attention prefill and sequence-parallel decoding "
-        "(each member takes eval.cpus and eval.gpus, never the training workers'). 0: the "
-        "fewest members that each hold at most max_tokens_per_evaluator tokens of the longest "
-        "context.",
-    )
-    gang_place_timeout_s: float = Field(
-        120.0, gt=0, description="How long a gang waits for its resources before the long "
-        "contexts are reported as not run (a gang larger than the cluster fails at once).",
-    )
+    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor.")
 
 
 class StorageSpec(_Spec):

@@ -85,8 +85,8 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
         ({"data.tokenizer": {"vocab_size": 1024}}, r"data.tokenizer.vocab_size \(1024\) exceeds "
          r"model.vocab_size \(512\)"),
         ({"data.mix": {"documents": 1.0, "passkey": 0, "kv_retrieval": 0}},
-         r"data: mix.documents is 1.0 but documents is empty; list text files under "
-         r"data.documents or set mix.documents: 0"),
+         r"data: mix.documents is 1.0 but neither documents nor prepared is given; add "
+         r"data.prepared \(or text files under data.documents\) or set mix.documents: 0"),
         ({"data.mix": {"documents": 0, "passkey": 0, "kv_retrieval": 0}},
          r"data.mix: all weights are 0; give at least one source a positive weight"),
         ({"stages.0.shard_degree": 3}, r"stages\[0\]: shard_degree \(3\) must be a multiple of "
