@@ -25,11 +25,22 @@ def _pyplot():
 
 
 def _grid(results: EvalResults, task: str) -> tuple[list[int], list[float], list[list[float]]]:
+    """The task's whole grid as asked (every length, and every depth for NIAH tasks), NaN where
+    a cell was not run (see `_not_run`), so no cell is silently left out."""
     cells = [c for c in results.cells if c.task == task]
-    lengths = sorted({c.length for c in cells})
-    depths = sorted({c.depth for c in cells if c.depth is not None})
+    lengths = sorted(set(results.lengths) | {c.length for c in cells})
+    depths = (sorted(set(results.depths) | {c.depth for c in cells if c.depth is not None})
+              if task in task_lib.DEPTH_TASKS else [])
     by = {(c.length, c.depth): c.score for c in cells}
     return lengths, depths, [[by.get((n, d), float("nan")) for d in depths] for n in lengths]
+
+
+def _not_run(results: EvalResults, task: str, length: int) -> str:
+    """Why a (task, length) has no score: its skip reason, or that it was not reached."""
+    for s in results.skipped:
+        if s.length == length and s.task in (task, "*"):
+            return s.reason
+    return "not reached (the evaluation stopped before this cell)"
 
 
 def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
@@ -37,14 +48,16 @@ def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
     plt = _pyplot()
     lengths, depths, grid = _grid(results, task)
     fig, ax = plt.subplots(figsize=(3.0 + 0.7 * len(depths), 2.2 + 0.45 * len(lengths)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # grey: cells not run
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:g}%" for d in depths])
     ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length (tokens)")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, "not run" if v != v else f"{v:.2f}", ha="center", va="center",
+                    fontsize=7 if v != v else 8)
     where = (f"{results.stage} step {results.step}" if results.stage
              else Path(results.checkpoint).name)
     ax.set_title(f"{task}: {where}", fontsize=9)
@@ -61,22 +74,31 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_checkpoint_tables(results: EvalResults) -> str:
-    """One Markdown table per task: rows are context lengths, columns needle depths."""
+    """One Markdown table per task: rows are context lengths (with what ran them), columns
+    needle depths; cells not run say so, with the reason under the table."""
     out = [f"# Evaluation of {results.checkpoint}", "",
            f"seed {results.seed}, {results.samples} samples per cell; scores 0..1", ""]
+    if results.error:
+        return "\n".join(out + [f"not evaluated: {results.error}"]) + "\n"
     for task in results.tasks:
         lengths, depths, grid = _grid(results, task)
         out.append(f"## {task}: {results.scores.get(task, float('nan')):.3f}")
-        if not lengths:
-            out += ["", "not evaluated (see skipped below)", ""]
-            continue
-        header = ["length"] + ([f"{d:g}%" for d in depths] if depths else ["score"])
+        header = ["length", "run on"] + ([f"{d:g}%" for d in depths] if depths else ["score"])
         if not depths:
             cells = {c.length: c.score for c in results.cells if c.task == task}
-            rows = [[f"{n:,}", f"{cells[n]:.2f}"] for n in lengths]
-        else:
-            rows = [[f"{n:,}"] + [f"{v:.2f}" for v in row] for n, row in zip(lengths, grid)]
-        out += ["", _md_table(header, rows), ""]
+            grid = [[cells.get(n, float("nan"))] for n in lengths]
+        rows, reasons = [], []
+        for n, row in zip(lengths, grid):
+            engine = results.engines.get(str(n), "-")
+            rows.append([f"{n:,}", engine] + ["not run" if v != v else f"{v:.2f}" for v in row])
+            if any(v != v for v in row):
+                reasons.append(f"- not run at {n:,} tokens: {_not_run(results, task, n)}")
+        out += ["", _md_table(header, rows), ""] + reasons + ([""] if reasons else [])
+    if results.gang:
+        g = results.gang
+        out += [f"Contexts over {results.max_length:,} tokens ran on an evaluation gang of "
+                f"{g['size']} (ring order {g.get('ring')}): ring-attention prefill, "
+                "sequence-parallel decoding.", ""]
     if results.skipped:
         out += ["## skipped", ""]
         out += [f"- {s.task} at {s.length:,} tokens: {s.reason}" for s in results.skipped]

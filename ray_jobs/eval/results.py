@@ -63,7 +63,22 @@ class EvalResults(_Doc):
     skipped: list[Skipped] = Field(default_factory=list, description="Cells not evaluated.")
     outputs: list[SampleResult] = Field(default_factory=list, description="Every sample.")
     files: dict[str, str] = Field(default_factory=dict, description="Plots and tables written.")
+    error: str | None = Field(None, description="Why the checkpoint was not evaluated at all.")
 
 
 def load_results(path: str | Path) -> EvalResults:
     return EvalResults.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def write_error(out_dir: Path, checkpoint: str, error: str) -> Path:
+    """results.json of a checkpoint that could not be evaluated: the error, nothing else."""
+    import time
+
+    from specs.atomic import atomic_write
+
+    doc = EvalResults(checkpoint=checkpoint, tasks=[], lengths=[], depths=[], samples=0, seed=0,
+                      max_length=0, started_unix=time.time(), finished_unix=time.time(),
+                      error=error)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / RESULTS_FILE, doc.model_dump_json(indent=2))
+    return out_dir / RESULTS_FILE

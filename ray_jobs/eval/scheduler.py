@@ -52,6 +52,7 @@ class EvalRequest:
     cpus: float = 1.0
     gang_size: int = 0  # 0: derived from the longest context and max_length
     gang_place_timeout_s: float = 120.0
+    rope_theta: float | None = None  # the stage's RoPE base, which the checkpoint must carry
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -117,6 +118,8 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     started = time.time()
     device = "cuda" if request.gpus > 0 and torch.cuda.is_available() else "cpu"
     checkpoint = str(request.checkpoint_dir)
+    if request.rope_theta is not None:
+        check_stage_theta(request)
     model, tokenizer = load_checkpoint(checkpoint, device)
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
@@ -156,6 +159,26 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
             gang.shutdown()
     return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
                        started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
+
+
+def check_stage_theta(request: EvalRequest) -> None:
+    """Refuse a checkpoint whose config does not carry its stage's RoPE base (a model evaluated
+    with the wrong theta retrieves nothing past its old context, and the grid would blame the
+    training): the error goes into results.json and the log, and is not retried."""
+    import json
+
+    from ray_jobs.eval.results import write_error
+
+    config = json.loads((request.checkpoint_dir / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    if theta is None or abs(float(theta) - request.rope_theta) > 1e-6 * request.rope_theta:
+        error = (f"checkpoint {request.checkpoint}: config.json has rope_theta {theta}, but stage "
+                 f"{request.stage!r} trains with {request.rope_theta:g}; it was not saved by "
+                 "this stage (or its config was edited): evaluate the stage's own checkpoint, or "
+                 "fix rope_parameters.rope_theta in its config.json")
+        log.error("%s", error)
+        write_error(request.out_dir, request.checkpoint, error)
+        raise CheckpointError(error)
 
 
 class _EvalActor:
@@ -271,7 +294,8 @@ class EvalScheduler:
                            tasks=tuple(e.tasks), lengths=tuple(lengths), depths=tuple(e.depths),
                            samples=e.samples, seed=e.seed, gpus=e.gpus, cpus=e.cpus,
                            max_length=self.max_length, gang_size=e.gang_size,
-                           gang_place_timeout_s=e.gang_place_timeout_s)
+                           gang_place_timeout_s=e.gang_place_timeout_s,
+                           rope_theta=(self.run.stage_theta(index) if stage in names else None))
 
     def _submit(self, stage: str, path: str, attempt: int) -> None:
         if self._actor is None:

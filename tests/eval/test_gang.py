@@ -117,3 +117,23 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
     assert results.gang["size"] == 2 and len(set(results.gang["pids"])) == 2
     assert {c.length for c in results.cells} == {256, 512}
     assert all(c.engine == results.engines[str(c.length)] for c in results.cells)
+
+
+def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_path, tokenizer,
+                                                                          caplog):
+    from ray_jobs.eval.model import CheckpointError
+    from ray_jobs.eval.scheduler import EvalRequest, check_stage_theta
+
+    model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
+    fixtures.save_checkpoint(model, tokenizer, tmp_path / "checkpoints/s1k/step-000002")
+    request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002",
+                          run_dir=tmp_path, attempt=1, tasks=("niah",), lengths=(1024,),
+                          depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096,
+                          rope_theta=10_000.0)
+    check_stage_theta(request)  # the right theta passes
+    wrong = EvalRequest(**{**request.__dict__, "rope_theta": 283_461_213.0})
+    with pytest.raises(CheckpointError, match="rope_theta 10000.0, but stage 's1k' trains "
+                       "with 2.83461e"):
+        check_stage_theta(wrong)
+    assert "rope_theta 10000.0" in load_results(wrong.out_dir / "results.json").error
+    assert "rope_theta 10000.0" in caplog.text

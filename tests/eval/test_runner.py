@@ -52,8 +52,12 @@ def test_outputs_results_json_heatmaps_and_tables(count_tokens, tmp_path):
     assert (tmp_path / "heatmap_niah.png").read_bytes()[:4] == b"\x89PNG"
     assert saved.files == {"heatmap_niah": "heatmap_niah.png", "tables": "tables.md"}
     tables = (tmp_path / "tables.md").read_text()
-    assert "## niah: 1.000" in tables and "| 384 | 1.00 | 1.00 |" in tables
-    assert "## cwe: 1.000" in tables and "| length | score |" in tables
+    assert "## niah: 1.000" in tables and "| 384 | one evaluator | 1.00 | 1.00 |" in tables
+    assert "## cwe: 1.000" in tables and "| length | run on | score |" in tables
+    # The whole grid as asked: the length not run is a row that says so, and why.
+    assert "| 100,000 | - | not run | not run |" in tables
+    assert "- not run at 100,000 tokens: longer than the 4096 tokens" in tables
+    assert saved.engines == {"384": "one evaluator"}
     assert json.loads((tmp_path / "results.json").read_text())["outputs"][0]["score"] == 1.0
 
 

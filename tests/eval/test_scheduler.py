@@ -21,7 +21,8 @@ def tiny_run(tmp_path: Path, **eval_fields) -> RunSpec:
         "model": dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0,
                       pretrain_seq_len=192, dtype="float32"),
-        "stages": [dict(name=n, seq_len=s, steps=k, lr=1e-3, ring_degree=1,
+        # the RoPE base the fixtures' checkpoints carry (evaluation refuses any other)
+        "stages": [dict(name=n, seq_len=s, steps=k, lr=1e-3, ring_degree=1, rope_theta=10000.0,
                         data_parallel_degree=1) for n, s, k in STAGES],
         "resources": dict(device="cpu", workers=1),
         "eval": dict(tasks=["niah", "vt"], depths=[0, 100], samples=1, cpus=1, **eval_fields),
