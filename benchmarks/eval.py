@@ -1,11 +1,19 @@
-"""Benchmark: checkpoint-committed -> evaluation-actor-running latency, and training slowdown.
+"""Benchmark: checkpoint-committed -> evaluation-actor-running latency, training slowdown, and
+evaluation gangs at 16K tokens.
 
-    python benchmarks/eval.py [--steps 1200] [--every 300]
+    python benchmarks/eval.py [--steps 1200] [--every 300] [--gang-length 16384] [--gang-only]
 
 A real (tiny) training loop runs as a Ray task with 1 CPU and checkpoints like the trainer
 (save, COMMITTED, ledger). It runs three times: without evaluation, with the EvalScheduler's
 actor (its own CPU) evaluating every checkpoint, and without again; the baseline is the mean of
-the two runs without. Last line: one JSON object.
+the two runs without.
+
+Gangs: a small Llama (4 layers, hidden 256) prefills a `--gang-length` prompt in one Ray actor
+(one thread, SDPA: the single-evaluator path) and on a gang of 2 actors (one thread each: ring
+prefill), in the same command; `gang_prefill_efficiency_p2_16k` = single / (2 x gang) (1.0:
+perfect scaling), `gang_decode_ms_per_token_p2_16k` the gang's sequence-parallel decoding, and
+`gang_exact_match` the share of NIAH prompts whose greedy answer from the gang equals one
+process's. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -59,16 +67,102 @@ def train_once(ray, run: RunSpec, with_eval: bool) -> tuple[dict, list[dict]]:
     return out, history
 
 
+class _Single:
+    """One evaluator (a Ray actor, one thread): the checkpoint with SDPA, prefill timed."""
+
+    def __init__(self, checkpoint: str):
+        import torch
+
+        from ray_jobs.eval.model import load_checkpoint
+
+        torch.set_num_threads(1)
+        self.model, self.tokenizer = load_checkpoint(checkpoint)
+
+    def prefill_seconds(self, prompt: list[int]) -> float:
+        import time
+
+        import torch
+
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], new: int) -> list[list[int]]:
+        import torch
+
+        from ray_jobs.eval.model import greedy_tokens
+
+        return [greedy_tokens(self.model, torch.tensor([p]), new, self.tokenizer.eos_token_id)
+                for p in prompts]
+
+
+def gang_benchmark(ray, length: int, repeats: int = 3) -> dict:
+    """Single-evaluator vs gang-of-2 prefill at `length`, decoding, and answer agreement."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ray_jobs.eval import tasks as task_lib
+    from ray_jobs.eval.gang import EvalGang
+    from ray_jobs.eval.model import build_token_counter, prompt_ids
+
+    tok = fixtures.build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=length,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+    ckpt = fixtures.save_checkpoint(LlamaForCausalLM(config), tok,
+                                    Path(tempfile.mkdtemp()) / "checkpoints/s/step-000001")
+    rng = random.Random(0)
+    prompt = [rng.randrange(1, len(tok)) for _ in range(length)]
+    samples = [s for depth in (0.0, 50.0, 100.0) for s in task_lib.build_samples(
+        "niah", length, depth, 2, 0, build_token_counter(tok))]
+    prompts = [prompt_ids(tok, s.prompt) for s in samples]
+    new = 8
+    single = ray.remote(num_cpus=1)(_Single).remote(str(ckpt))
+    single_s = min(ray.get(single.prefill_seconds.remote(prompt)) for _ in range(repeats))
+    single_answers = ray.get(single.generate.remote(prompts, new))
+    ray.kill(single)
+    with EvalGang(2) as gang:
+        gang.load(str(ckpt))
+        timings = [gang.call("timed", prompt, 16) for _ in range(repeats)]
+        gang_s = min(max(t["prefill_s"] for t in run) for run in timings)
+        decode = min(max(t["decode_s_per_token"] for t in run) for run in timings)
+        gang_answers = [gang.generate(p, new, tok.eos_token_id) for p in prompts]
+    same = sum(a == b for a, b in zip(single_answers, gang_answers))
+    print(f"prefill of {length:,} tokens: one evaluator {single_s:.2f} s, gang of 2 "
+          f"{gang_s:.2f} s; gang decoding {decode * 1000:.1f} ms/token; greedy answers equal "
+          f"on {same}/{len(prompts)} NIAH prompts")
+    key = f"{length // 1024}k"
+    return {f"gang_prefill_efficiency_p2_{key}": round(single_s / (2 * gang_s), 3),
+            f"gang_prefill_seconds_p2_{key}": round(gang_s, 3),
+            f"single_prefill_seconds_{key}": round(single_s, 3),
+            f"gang_decode_ms_per_token_p2_{key}": round(decode * 1000, 2),
+            "gang_exact_match": round(same / len(prompts), 3),
+            "gang_exact_match_prompts": len(prompts)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--every", type=int, default=300)
+    p.add_argument("--gang-length", type=int, default=16_384)
+    p.add_argument("--gang-only", action="store_true", help="only the gang measurements")
     args = p.parse_args()
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
                                                             "OMP_NUM_THREADS": "1"}})
+    gang = gang_benchmark(ray, args.gang_length)
+    if args.gang_only:
+        ray.shutdown()
+        print(json.dumps({**gang, "cpu_cores": os.cpu_count()}))
+        return
     run = build_run(tempfile.mkdtemp(), args.steps, args.every)
     base1, _ = train_once(ray, run, with_eval=False)
     evald, history = train_once(ray, run, with_eval=True)
@@ -112,6 +206,7 @@ def main() -> None:
         "train_slowdown_while_evaluating_same_run": round(1 - rate(inside) / rate(outside), 4),
         "train_steps_overlapping_eval": len(inside),
         "checkpoints_evaluated": len(history),
+        **gang,
         "cpu_cores": os.cpu_count(),
     }))
 
