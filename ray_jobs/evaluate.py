@@ -33,6 +33,7 @@ from ray_jobs.eval.runner import (
 )
 from specs.loading import SpecError, load_model
 from specs.run import EvalSpec, RunSpec
+from topology.eval_plan import gang_size_for
 
 _DEFAULTS = EvalSpec()
 
@@ -113,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = unavailable = ""
     gang_info = None
     if args.gang_size is not None and long:
-        from ray_jobs.eval.gang import EvalGang, GangUnplaceable, gang_size_for
+        from ray_jobs.eval.gang import EvalGang, GangUnplaceable
         from ray_jobs.eval.model import build_gang_generate
         from ray_jobs.ray_setup import connect_ray
 
-        size = args.gang_size or gang_size_for(max(long), args.max_length)
+        size = gang_size_for(max(long), args.max_length, args.gang_size)
         connect_ray(None, local_cpus=max(2, int(size * args.gang_cpus)))
         try:
             gang = EvalGang(size, cpus=args.gang_cpus, gpus=args.gang_gpus).start()

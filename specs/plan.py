@@ -119,6 +119,38 @@ class StagePlan(_Spec):
         return [w for r in self.rings for w in r]
 
 
+class EvalLengthPlan(_Spec):
+    """How one context length of the evaluation grid runs, and its predicted cost."""
+
+    length: int = Field(description="Context length in tokens.")
+    gang_size: int = Field(ge=1, description="Evaluators that split it (1: one evaluator).")
+    engine: str = Field(description="'one evaluator' or 'evaluation gang of P'.")
+    ring: list[Worker] = Field(default_factory=list, description="The gang's GPUs in ring "
+                               "order (the cluster's locality order; one GPU for one evaluator).")
+    tokens_per_member: int = Field(description="Context tokens (and KV cache) per member.")
+    prefill_seconds: float = Field(description="Prefill of one prompt (cost model).")
+    decode_ms_per_token: float = Field(description="One decoded token (cost model).")
+    prompts: int = Field(description="Prompts per checkpoint at this length.")
+    checkpoint_hours: float = Field(description="All prompts of this length for one "
+                                    "checkpoint, on one gang (cost model).")
+
+
+class EvalPlan(_Spec):
+    """The evaluation gangs of a run (topology.eval_plan): sizes, rings, predicted cost."""
+
+    tokens_per_device: int = Field(description="Context tokens one evaluator GPU holds for "
+                                   "this model (memory model: weights, KV cache, prefill "
+                                   "activations, reserve).")
+    max_tokens_per_evaluator: int = Field(description="eval.max_tokens_per_evaluator.")
+    gpus_per_member: float = Field(description="GPUs each evaluator or gang member takes "
+                                   "(eval.gpus; never the training workers').")
+    answer_tokens: int = Field(description="Tokens decoded per prompt in the estimate.")
+    lengths: list[EvalLengthPlan] = Field(description="Per context length, shortest first.")
+    checkpoint_hours: float = Field(description="One checkpoint's whole grid on one evaluator "
+                                    "or gang at a time (cost model).")
+    notes: list[str] = Field(default_factory=list, description="Problems and choices.")
+
+
 class Plan(_Spec):
     """The planner's decisions for every stage of a run."""
 
@@ -131,6 +163,8 @@ class Plan(_Spec):
     excluded: list[str] = Field(default_factory=list, description="Nodes removed (what-if).")
     assumptions: list[str] = Field(default_factory=list, description="Cost-model assumptions "
                                    "behind the predictions.")
+    eval: EvalPlan | None = Field(None, description="Evaluation gangs and their predicted "
+                                  "cost (null without a cluster description).")
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:

@@ -327,6 +327,8 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
                          + (" ..." if len(s.rings[0]) > 12 else "") + ". "
                          + " ".join(n.rstrip(".") + "." for n in s.notes))
     sections.append(("Where the time goes", per_stage))
+    if main.eval is not None:
+        sections.append(("Evaluation at the trained lengths", _eval_section(main)))
     sections.append(("Plots", [f"![{p}]({p})" for p in pngs]))
     sections.append(("Cluster", [f"`{line}`" for line in spec.summary().splitlines()]))
     sections.append(("Assumptions (predictions are only as good as these)", main.assumptions))
@@ -356,6 +358,26 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
         f"{html.escape(main.run)} on {html.escape(spec.name)}</h1>{''.join(body)}</body></html>\n")
     extra = ["plan-whatif.json"] if whatif is not None else []
     return [out / f for f in ["plan.json", *extra, "report.md", "report.html", *pngs]]
+
+
+def _eval_section(plan: Plan) -> list:
+    """Per context length: one evaluator or a gang, its ring, predicted prefill, decoding and
+    hours per checkpoint (cost model)."""
+    e = plan.eval
+    rows = [["context", "runs on", "ring (first GPUs)", "tokens per member", "prefill",
+             "decode", "prompts", "per checkpoint"]]
+    for r in e.lengths:
+        ring = " -> ".join(f"{w.node}:{w.gpu}" for w in r.ring[:4]) + (
+            " ..." if len(r.ring) > 4 else "")
+        rows.append([f"{r.length:,}", r.engine, ring, f"{r.tokens_per_member:,}",
+                     f"{r.prefill_seconds:.1f} s", f"{r.decode_ms_per_token:.1f} ms",
+                     str(r.prompts), f"{r.checkpoint_hours:.2f} h"])
+    return [f"One GPU holds {e.tokens_per_device:,} context tokens of this model "
+            f"(eval.max_tokens_per_evaluator: {e.max_tokens_per_evaluator:,}); longer contexts "
+            "run on evaluation gangs: ring-attention prefill, sequence-parallel decoding. "
+            f"Evaluating one checkpoint's whole grid takes {e.checkpoint_hours:.1f} h on one "
+            f"gang at a time ({e.answer_tokens} tokens decoded per prompt; cost model).",
+            rows, *e.notes]
 
 
 def _layout(s) -> str:

@@ -16,6 +16,7 @@ from specs.degrees import (
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
 from specs.run import RunSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
+from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
 from topology.profile import HardwareProfile
@@ -179,9 +180,14 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
     if any(s.ulysses_degree > 1 for s in stages):
         assumptions.append("Ulysses stages: memory is the model's alone (the tracer does not "
                            "follow their all-to-alls yet); all-to-alls are not overlapped")
+    assumptions.append(
+        "evaluation: gang members hold the whole model each (only the sequence and its KV cache "
+        f"are split); decoding is memory-bound; {ANSWER_TOKENS} tokens decoded per prompt; "
+        "gangs on GPUs beside training's, in the cluster's locality order")
     return Plan(run=run.name, cluster=spec.name, profile=p.name, stages=stages,
                 unknown_topology=[u.name for u in spec.unknown_topology],
-                excluded=excluded or [], assumptions=assumptions)
+                excluded=excluded or [], assumptions=assumptions,
+                eval=plan_eval(planner, run))
 
 
 def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:

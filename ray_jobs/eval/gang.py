@@ -17,7 +17,6 @@ cluster, or after `place_timeout_s` when its resources stay taken; it never hang
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -36,22 +35,6 @@ class GangUnplaceable(GangError):
 
 class GangFailed(GangError):
     """A gang member died or raised; the whole gang was torn down."""
-
-
-def gang_size_for(length: int, tokens_per_member: int) -> int:
-    """Members needed so each holds at most `tokens_per_member` of a `length`-token context."""
-    if tokens_per_member <= 0:
-        raise ValueError(f"tokens_per_member must be positive, got {tokens_per_member}")
-    return max(1, math.ceil(length / tokens_per_member))
-
-
-def tokens_per_member(*, device_bytes: float, weight_bytes: float, kv_bytes_per_token: float,
-                      work_bytes_per_token: float, reserve: float = 0.1) -> int:
-    """Context tokens one evaluator device holds: what is left of its memory after the weights
-    (replicated in every member) and a `reserve` share, over the KV cache plus the prefill's
-    transient activations per token. 0 when the weights alone do not fit."""
-    free = device_bytes * (1 - reserve) - weight_bytes
-    return max(0, int(free // (kv_bytes_per_token + work_bytes_per_token)))
 
 
 def _free_port() -> int:

@@ -29,6 +29,7 @@ from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import plan_lengths
 from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
+from topology.eval_plan import gang_size_for
 
 log = logging.getLogger("ringpilot.eval")
 POLL_SECONDS = 0.5
@@ -106,7 +107,7 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     the scheduler retries as a whole. `on_gang(gang)` is a test hook called once it started."""
     import torch
 
-    from ray_jobs.eval.gang import EvalGang, GangUnplaceable, gang_size_for
+    from ray_jobs.eval.gang import EvalGang, GangUnplaceable
     from ray_jobs.eval.model import (
         build_gang_generate,
         build_generate,
@@ -129,7 +130,7 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     engine = unavailable = ""
     gang_info: dict | None = None
     if long:
-        size = request.gang_size or gang_size_for(max(long), request.max_length)
+        size = gang_size_for(max(long), request.max_length, request.gang_size)
         try:
             t0 = time.time()
             gang = EvalGang(size, cpus=request.cpus, gpus=request.gpus,

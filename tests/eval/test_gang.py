@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ray_jobs.eval.gang import EvalGang, GangFailed, GangUnplaceable, gang_size_for
+from ray_jobs.eval.gang import EvalGang, GangFailed, GangUnplaceable
 from ray_jobs.eval.model import greedy_tokens, load_checkpoint, prompt_ids
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
 from specs.ledger import Ledger
 from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures
+from topology.eval_plan import gang_size_for
 
 pytestmark = pytest.mark.ray
 
@@ -91,6 +92,7 @@ def test_gang_size_from_length_and_member_capacity():
     assert gang_size_for(16_384, 16_384) == 1
     assert gang_size_for(16_385, 16_384) == 2
     assert gang_size_for(1_048_576, 32_768) == 32
+    assert gang_size_for(1_048_576, 32_768, configured=8) == 8
     with pytest.raises(ValueError):
         gang_size_for(10, 0)
 

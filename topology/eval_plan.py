@@ -1,0 +1,124 @@
+"""The evaluation section of a plan: which contexts run on one evaluator and which on a gang, in
+what ring order, and what evaluating a checkpoint's whole grid costs (cost model, no trace).
+
+Per context length L of the grid (eval.context_lengths, or every stage's seq_len):
+- gang size P: 1 up to eval.max_tokens_per_evaluator, else one gang for all the longer
+  contexts of a checkpoint: eval.gang_size, or the fewest members that each hold at most
+  max_tokens_per_evaluator tokens of the longest (here: the final stage's whole grid);
+- ring: P GPUs in the cluster's locality order (a gang of at most a node's GPUs stays inside one
+  node; neighbours share a PCIe switch), the ring's hop priced by the same router as training;
+- prefill: dense 2 N' L / P FLOPs (N' without the embedding) at the dense rate, causal attention
+  forward 2 L^2 (heads x head_dim) x layers / P at the attention rate, and the ring's P - 1 K/V
+  hops per layer where they outlast the block they hide behind (as in training's forward);
+- decoding, per token: every member reads all the weights once (replicated) and its KV shard
+  (memory-bound at HBM bandwidth), and each layer waits for one small all-gather (P - 1 hop
+  latencies);
+- prompts per checkpoint: tasks x (depths for NIAH tasks) x samples, each prefilled once and
+  decoding `ANSWER_TOKENS` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+from specs.plan import EvalLengthPlan, EvalPlan, Worker
+from specs.run import RunSpec
+from topology.cost import evaluate_flows, ring_flows
+from topology.graph import split_gpu_vertex
+from topology.planner import Planner
+
+ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
+DEPTH_TASKS = {"niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
+
+
+def eval_lengths(run: RunSpec) -> list[int]:
+    """Every context the run's checkpoints are evaluated at (up to the longest stage)."""
+    return sorted(set(run.eval.context_lengths or [s.seq_len for s in run.stages]))
+
+
+def gang_size_for(longest: int, tokens_per_member: int, configured: int = 0) -> int:
+    """Members of the gang that evaluates a checkpoint's contexts longer than one evaluator
+    holds: `configured` (eval.gang_size) when set, else the fewest that each hold at most
+    `tokens_per_member` tokens of the longest context. One gang runs all of them (the rule of
+    ray_jobs.eval.scheduler.evaluate_request)."""
+    if tokens_per_member <= 0:
+        raise ValueError(f"tokens_per_member must be positive, got {tokens_per_member}")
+    return configured or max(1, math.ceil(longest / tokens_per_member))
+
+
+def kv_bytes_per_token(run: RunSpec) -> float:
+    m = run.model
+    return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * _elem(run)
+
+
+def tokens_per_device(run: RunSpec, device_bytes: float, reserve_bytes: float) -> int:
+    """Context tokens one evaluator device holds: its memory less the reserve and the weights
+    (replicated in every member, compute dtype), over the KV cache per token plus the prefill's
+    live activations per token (one decoder layer at a time: its input and residual, q/k/v,
+    attention output, the MLP's gate, up and product; logits of the last position only)."""
+    m, eb = run.model, _elem(run)
+    weights = m.num_parameters * eb
+    work = (4 * m.hidden_size + 3 * m.intermediate_size
+            + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim) * eb
+    free = device_bytes - reserve_bytes - weights
+    return max(0, int(free // (kv_bytes_per_token(run) + work)))
+
+
+def _elem(run: RunSpec) -> int:
+    return 2 if run.compute_dtype == "bfloat16" else 4
+
+
+def plan_eval(planner: Planner, run: RunSpec) -> EvalPlan:
+    """The evaluation section of the plan (see the module docstring)."""
+    p, m, e = planner.profile, run.model, run.eval
+    capacity = tokens_per_device(run, p.hbm_bytes, p.memory_reserve_bytes)
+    order = planner.locality_order()
+    dense_rate = p.peak_bf16_flops * p.mfu_dense
+    attn_rate = p.peak_bf16_flops * p.mfu_attention
+    dense_params = m.num_parameters - 2 * m.vocab_size * m.hidden_size
+    prompts = sum(len(e.depths) if t in DEPTH_TASKS else 1 for t in e.tasks) * e.samples
+    notes: list[str] = []
+    if capacity == 0:
+        notes.append(f"the model's weights ({m.num_parameters * _elem(run) / 1e9:.0f} GB) do not "
+                     f"fit one {p.gpu_model}: gang members hold the whole model, so this run's "
+                     "checkpoints need weight-sharded (tensor-parallel) evaluation, which "
+                     "ringpilot does not build; no length is evaluable")
+        return EvalPlan(tokens_per_device=0, max_tokens_per_evaluator=e.max_tokens_per_evaluator,
+                        gpus_per_member=e.gpus, answer_tokens=ANSWER_TOKENS, lengths=[],
+                        checkpoint_hours=0.0, notes=notes)
+    if e.max_tokens_per_evaluator > capacity:
+        notes.append(f"eval.max_tokens_per_evaluator {e.max_tokens_per_evaluator:,} is more than "
+                     f"one {p.gpu_model} holds for this model ({capacity:,} tokens): lower it")
+    rows = []
+    lengths = eval_lengths(run)
+    gang = gang_size_for(lengths[-1], e.max_tokens_per_evaluator, e.gang_size)
+    for length in lengths:
+        size = 1 if length <= e.max_tokens_per_evaluator else gang
+        if size > len(order):
+            notes.append(f"{length:,} tokens need a gang of {size} and the cluster has "
+                         f"{len(order)} GPUs: not evaluable here")
+            continue
+        ring = order[:size]
+        per = math.ceil(length / size)
+        block = 2 * per * m.num_key_value_heads * m.head_dim * _elem(run)
+        hop = evaluate_flows(planner.router, ring_flows([ring]), block)
+        dense = 2 * dense_params * length / size / dense_rate
+        attn_layer = 2 * length ** 2 * m.num_attention_heads * m.head_dim / size / attn_rate
+        step = attn_layer / max(size, 1)  # one ring step's block (zigzag: equal shares)
+        hops = (size - 1) * max(0.0, hop.seconds - step) if size > 1 else 0.0
+        prefill = dense + m.num_hidden_layers * (attn_layer + hops)
+        hbm = p.hbm_bandwidth_gb_s * 1e9
+        decode = ((m.num_parameters * _elem(run) + per * kv_bytes_per_token(run)) / hbm
+                  + m.num_hidden_layers * (size - 1) * hop.latency_s)
+        seconds = prompts * (prefill + ANSWER_TOKENS * decode)
+        rows.append(EvalLengthPlan(
+            length=length, gang_size=size,
+            engine="one evaluator" if size == 1 else f"evaluation gang of {size}",
+            ring=[Worker(node=n, gpu=g) for n, g in map(split_gpu_vertex, ring)],
+            tokens_per_member=per, prefill_seconds=prefill, decode_ms_per_token=decode * 1e3,
+            prompts=prompts, checkpoint_hours=seconds / 3600))
+    return EvalPlan(tokens_per_device=capacity,
+                    max_tokens_per_evaluator=e.max_tokens_per_evaluator,
+                    gpus_per_member=e.gpus,
+                    answer_tokens=ANSWER_TOKENS, lengths=rows,
+                    checkpoint_hours=sum(r.checkpoint_hours for r in rows), notes=notes)
