@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ray_jobs.eval import tasks as task_lib
+from ray_jobs.eval.gang import LongContexts
 from ray_jobs.eval.model import (
     TRAINER_STATE,
     CheckpointError,
@@ -45,7 +46,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(_DEFAULTS.tasks), choices=task_lib.ALL_TASKS,
                    metavar="TASK", help=f"tasks, from {', '.join(task_lib.ALL_TASKS)} "
                    f"(default: {' '.join(_DEFAULTS.tasks)})")
-    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="TOKENS",
+    p.add_argument("--lengths", "--context-lengths", nargs="+", type=int, default=None,
+                   metavar="TOKENS",
                    help="context lengths (default: with --run, the checkpoint's stage length and "
                    "the shorter stages'; else trainer_state's seq_len; else the model's "
                    "max_position_embeddings and its quarter)")
@@ -64,6 +66,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    "hold at most --max-length tokens. Default: no gang, longer contexts skipped")
     p.add_argument("--gang-cpus", type=float, default=1.0, help="CPUs per gang member")
     p.add_argument("--gang-gpus", type=float, default=0.0, help="GPUs per gang member")
+    p.add_argument("--gang-place-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long the gang waits for its resources before the long contexts "
+                   "are reported as not run")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <run>/eval/<stage>/<step-dir> for a ringpilot "
@@ -109,28 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     out = args.out or default_out_dir(args.checkpoint)
-    long = [n for n in lengths if n > args.max_length]
-    gang = long_generate = None
-    engine = unavailable = ""
-    gang_info = None
-    if args.gang_size is not None and long:
-        from ray_jobs.eval.gang import EvalGang, GangUnplaceable
-        from ray_jobs.eval.model import build_gang_generate
+    long, status = LongContexts(), 0
+    if args.gang_size is not None:
+        from ray_jobs.eval.gang import start_long_contexts
         from ray_jobs.ray_setup import connect_ray
 
-        size = gang_size_for(max(long), args.max_length, args.gang_size)
-        connect_ray(None, local_cpus=max(2, int(size * args.gang_cpus)))
-        try:
-            gang = EvalGang(size, cpus=args.gang_cpus, gpus=args.gang_gpus).start()
-            gang.load(str(args.checkpoint))
-        except GangUnplaceable as e:
-            unavailable = f"not run: {e}"
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            long_generate = build_gang_generate(gang, tokenizer)
-            engine = f"evaluation gang of {size}"
-            gang_info = {"size": size, "ring": gang.ring}
-            print(f"evaluation gang of {size} started for {', '.join(map(str, long))} tokens")
+        over = [n for n in lengths if n > args.max_length]
+        if over:
+            size = gang_size_for(max(over), args.max_length, args.gang_size)
+            connect_ray(None, local_cpus=max(2, int(size * args.gang_cpus)))
+        long = start_long_contexts(over, args.max_length, args.gang_size, str(args.checkpoint),
+                                   tokenizer, cpus=args.gang_cpus, gpus=args.gang_gpus,
+                                   place_timeout_s=args.gang_place_timeout)
+        if long.unavailable:
+            print(f"error: {long.unavailable}", file=sys.stderr)
+            status = 2
+        elif long.gang is not None:
+            print(f"{long.engine} started for {', '.join(map(str, over))} tokens")
     try:
         results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),
                            checkpoint=str(args.checkpoint), tasks=args.tasks, lengths=lengths,
@@ -140,16 +140,15 @@ def main(argv: list[str] | None = None) -> int:
                                f"{c.task:<16} {c.length:>8,} "
                                f"{'' if c.depth is None else f'{c.depth:g}%':>5} {c.score:.2f}"
                                f"  ({c.engine})", flush=True),
-                           long_generate=long_generate, long_engine=engine,
-                           long_unavailable=unavailable, gang=gang_info)
+                           long_generate=long.generate, long_engine=long.engine,
+                           long_unavailable=long.unavailable, gang=long.info)
     finally:
-        if gang is not None:
-            gang.shutdown()
+        long.shutdown()
     for s in results.skipped:
         print(f"skipped {s.task} at {s.length:,}: {s.reason}")
     print("scores: " + ", ".join(f"{t} {v:.3f}" for t, v in results.scores.items()))
     print(f"wrote {out}/results.json, tables.md and heatmaps")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ class GangMember:
         self.model = None
         self.ring = None
 
+    def where(self) -> tuple[str, tuple[int, ...]]:
+        """(node IP, GPU ids) this member runs on: the gang's ring order follows them."""
+        import ray
+
+        return ray.util.get_node_ip_address(), tuple(sorted(ray.get_gpu_ids()))
+
     def address(self) -> tuple[str, int]:
         """(host, free port) for the process group's rendezvous (asked of member 0)."""
         import ray
@@ -130,8 +136,9 @@ class EvalGang:
     """Driver side of a gang: start, load, generate, shut down.
 
     size: members; cpus/gpus: each member's resources (eval.cpus / eval.gpus, never the
-    training workers'); ring: the order of the members around the ring (member indices;
-    default 0..P-1). Use as a context manager, or call start() and shutdown().
+    training workers'); ring: the order of the members around the ring (member indices),
+    default: by (node, GPU ids) once placed (`locality_order`), else 0..P-1. Use as a context
+    manager, or call start() and shutdown().
     """
 
     size: int
@@ -139,12 +146,15 @@ class EvalGang:
     gpus: float = 0.0
     ring: list[int] | None = None
     place_timeout_s: float = 60.0
+    locality_order: bool = True  # order the ring by (node, GPU ids) once placed
     members: list = field(default_factory=list)
     _pg: object = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"a gang needs at least one member, got size {self.size}")
+        if self.ring is not None:
+            self.locality_order = False  # the caller's order (e.g. the plan's) stands
         order = self.ring if self.ring is not None else list(range(self.size))
         if sorted(order) != list(range(self.size)):
             raise ValueError(f"ring {order} is not an order of members 0..{self.size - 1}")
@@ -193,6 +203,12 @@ class EvalGang:
                         ).remote(max(1, int(self.cpus)))
             for i in range(self.size)]
         try:
+            if self.locality_order:
+                # Neighbours on the ring share a node, and within it adjacent GPU ids (the
+                # planner's locality order, `plan.json` eval section): one node crossing per
+                # node boundary instead of wherever the placement group put each member.
+                places = ray.get([m.where.remote() for m in self.members])
+                self.ring = sorted(range(self.size), key=lambda i: (places[i], i))
             host, port = ray.get(self.members[0].address.remote())
             # Global rank = member index; the ring visits members in `ring` order.
             self._gather([m.join.remote(i, self.size, host, port, self.ring)
@@ -242,3 +258,55 @@ class EvalGang:
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+@dataclass
+class LongContexts:
+    """What evaluates a checkpoint's contexts longer than one evaluator holds: a started gang
+    and its `Generate`, or why there is none (`unavailable`, written into results.json)."""
+
+    gang: EvalGang | None = None
+    generate: object = None  # ray_jobs.eval.model.Generate
+    engine: str = ""
+    unavailable: str = ""
+    info: dict | None = None
+
+    def shutdown(self) -> None:
+        if self.gang is not None:
+            self.gang.shutdown()
+
+
+def start_long_contexts(long: list[int], max_length: int, gang_size: int, checkpoint: str,
+                        tokenizer, *, cpus: float, gpus: float, place_timeout_s: float,
+                        on_gang=None) -> LongContexts:
+    """Start one gang for every context in `long` (sized for the longest, or `gang_size`) and
+    load the checkpoint in it. A gang that cannot be placed is no error here: the contexts are
+    recorded as not run, with the reason; `on_gang(gang)` is a test hook."""
+    import logging
+
+    from ray_jobs.eval.model import build_gang_generate
+    from topology.eval_plan import gang_size_for
+
+    if not long:
+        return LongContexts()
+    size = gang_size_for(max(long), max_length, gang_size)
+    log = logging.getLogger("ringpilot.eval")
+    t0 = time.time()
+    try:
+        gang = EvalGang(size, cpus=cpus, gpus=gpus, place_timeout_s=place_timeout_s).start()
+    except GangUnplaceable as e:
+        log.warning("evaluation gang: %s", e)
+        return LongContexts(unavailable=f"not run: {e}")
+    try:
+        if on_gang is not None:
+            on_gang(gang)
+        gang.load(checkpoint)
+        info = {"size": size, "ring": gang.ring, "pids": gang.call("pid"),
+                "start_seconds": round(time.time() - t0, 2)}
+    except BaseException:
+        gang.shutdown()
+        raise
+    log.info("evaluation gang of %d started in %.1f s for %s tokens", size, time.time() - t0,
+             ", ".join(f"{n:,}" for n in long))
+    return LongContexts(gang=gang, generate=build_gang_generate(gang, tokenizer),
+                        engine=f"evaluation gang of {size}", info=info)

@@ -29,7 +29,6 @@ from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import plan_lengths
 from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
-from topology.eval_plan import gang_size_for
 
 log = logging.getLogger("ringpilot.eval")
 POLL_SECONDS = 0.5
@@ -107,13 +106,8 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     the scheduler retries as a whole. `on_gang(gang)` is a test hook called once it started."""
     import torch
 
-    from ray_jobs.eval.gang import EvalGang, GangUnplaceable
-    from ray_jobs.eval.model import (
-        build_gang_generate,
-        build_generate,
-        build_token_counter,
-        load_checkpoint,
-    )
+    from ray_jobs.eval.gang import start_long_contexts
+    from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
     from ray_jobs.eval.runner import evaluate
 
     started = time.time()
@@ -125,39 +119,22 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
         generate = wrap_generate(generate)
-    long = [n for n in request.lengths if n > request.max_length]
-    gang = long_generate = None
-    engine = unavailable = ""
-    gang_info: dict | None = None
-    if long:
-        size = gang_size_for(max(long), request.max_length, request.gang_size)
-        try:
-            t0 = time.time()
-            gang = EvalGang(size, cpus=request.cpus, gpus=request.gpus,
-                            place_timeout_s=request.gang_place_timeout_s).start()
-            if on_gang is not None:
-                on_gang(gang, request)
-            gang.load(checkpoint)
-            long_generate = build_gang_generate(gang, tokenizer)
-            if wrap_generate is not None:
-                long_generate = wrap_generate(long_generate)
-            engine = f"evaluation gang of {size}"
-            gang_info = {"size": size, "ring": gang.ring, "pids": gang.call("pid"),
-                         "start_seconds": round(time.time() - t0, 2)}
-            log.info("evaluation gang of %d started in %.1f s", size, time.time() - t0)
-        except GangUnplaceable as e:
-            unavailable = f"not run: {e}"
-            log.warning("%s", unavailable)
+    long = start_long_contexts(
+        [n for n in request.lengths if n > request.max_length], request.max_length,
+        request.gang_size, checkpoint, tokenizer, cpus=request.cpus, gpus=request.gpus,
+        place_timeout_s=request.gang_place_timeout_s,
+        on_gang=None if on_gang is None else lambda gang: on_gang(gang, request))
+    if long.generate is not None and wrap_generate is not None:
+        long.generate = wrap_generate(long.generate)
     try:
         results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
                            tasks=request.tasks, lengths=request.lengths, depths=request.depths,
                            samples=request.samples, seed=request.seed,
                            max_length=request.max_length, out_dir=request.out_dir,
-                           long_generate=long_generate, long_engine=engine,
-                           long_unavailable=unavailable, gang=gang_info)
+                           long_generate=long.generate, long_engine=long.engine,
+                           long_unavailable=long.unavailable, gang=long.info)
     finally:
-        if gang is not None:
-            gang.shutdown()
+        long.shutdown()
     return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
                        started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
 

@@ -139,3 +139,24 @@ def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_pa
         check_stage_theta(wrong)
     assert "rope_theta 10000.0" in load_results(wrong.out_dir / "results.json").error
     assert "rope_theta 10000.0" in caplog.text
+
+
+def test_standalone_evaluate_runs_a_gang_and_refuses_one_larger_than_the_cluster(
+        ray_cluster, tmp_path, tokenizer, capsys):
+    from ray_jobs.evaluate import main
+
+    ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tokenizer), 1024), tokenizer,
+                                    tmp_path / "llama", ringpilot=False)
+    common = ["--checkpoint", str(ckpt), "--tasks", "niah", "--context-lengths", "256", "512",
+              "--depths", "50", "--samples", "1", "--max-length", "256"]
+    assert main(common + ["--gang-size", "2", "--out", str(tmp_path / "ok")]) == 0
+    ok = load_results(tmp_path / "ok" / "results.json")
+    assert ok.engines == {"256": "one evaluator", "512": "evaluation gang of 2"}
+    assert [c.length for c in ok.cells] == [256, 512] and ok.skipped == []
+    assert main(common + ["--gang-size", "9", "--out", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err
+    assert "an evaluation gang of 9 needs 9 CPUs" in err and "lower the gang size" in err
+    big = load_results(tmp_path / "big" / "results.json")
+    assert [c.length for c in big.cells] == [256]  # what fits one evaluator still ran
+    assert [(s.length, s.reason[:40]) for s in big.skipped] == [
+        (512, "not run: an evaluation gang of 9 needs 9")]
