@@ -377,7 +377,24 @@ class EvalSpec(_Spec):
     cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
     gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (spare ones, never "
                         "the training workers').")
-    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor.")
+    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor (or "
+                             "gang: a gang is retried as a whole).")
+    max_tokens_per_evaluator: int = Field(
+        32_768, gt=0, description="Longest context one evaluator holds on its device (weights, "
+        "KV cache, prefill activations); longer contexts run on an evaluation gang. 32,768 fits "
+        "an 8B Llama on a 48 GB L40S with room to spare.",
+    )
+    gang_size: int = Field(
+        0, ge=0, description="Members of the evaluation gang that runs contexts longer than "
+        "max_tokens_per_evaluator with ring-attention prefill and sequence-parallel decoding "
+        "(each member takes eval.cpus and eval.gpus, never the training workers'). 0: the "
+        "fewest members that each hold at most max_tokens_per_evaluator tokens of the longest "
+        "context.",
+    )
+    gang_place_timeout_s: float = Field(
+        120.0, gt=0, description="How long a gang waits for its resources before the long "
+        "contexts are reported as not run (a gang larger than the cluster fails at once).",
+    )
 
 
 class StorageSpec(_Spec):
