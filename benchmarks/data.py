@@ -120,7 +120,6 @@ def fetch_worker(prepared: str, tmp: str) -> None:
     from ray_jobs.data import SampleStream
     from ray_jobs.tokenizer import build_tokenizer
 
-    total = json.loads((Path(prepared) / "manifest.json").read_text())["total_tokens"]
     steps = 8  # the same reads at every corpus size (each touches 4 MB of mapped pages)
     run = run_spec(Path(tmp), Path(prepared), [{"name": "x", "paths": ["unused"]}],
                    seq_len=SEQ_1M, steps=steps)

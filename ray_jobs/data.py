@@ -287,14 +287,47 @@ class SampleStream:
         tokens, scored, answer = build_retrieval(self.ids, rng, self.stage.seq_len, kind)
         return _as_sample(sid, kind, tokens, scored, answer)
 
-    def batch(self, step: int, micro: int,
-              indices: range) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices."""
-        samples = [self.sample(step, micro, i) for i in indices]
-        if any(isinstance(s.input_ids, np.ndarray) for s in samples):
-            stack = lambda key: torch.from_numpy(np.stack(  # noqa: E731
-                [np.asarray(getattr(s, key), dtype=np.int64) for s in samples]))
-            return stack("input_ids"), stack("labels"), [s.sample_id for s in samples]
-        inputs = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
-        labels = torch.tensor([s.labels for s in samples], dtype=torch.long)
-        return inputs, labels, [s.sample_id for s in samples]
+    def _document_piece(self, step: int, micro: int, index: int,
+                        positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) of a prepared document sample at `positions` only: each run of
+        consecutive positions is one read of the memory map (a zigzag shard has two)."""
+        n = self.stage.seq_len + 1
+        offset = self.document_sequence(step, micro, index) * n
+        inputs, labels = [], []
+        for run in np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1):
+            a, k = int(run[0]), len(run)
+            tokens = self.corpus.read(offset + a, k + 1).astype(np.int64)
+            target = tokens[1:].copy()
+            if self.corpus.has_mask:
+                target[self.corpus.read(offset + a + 1, k, "mask") == 0] = IGNORE
+            inputs.append(tokens[:-1])
+            labels.append(target)
+        return np.concatenate(inputs), np.concatenate(labels)
+
+    def batch(self, step: int, micro: int, indices: range, positions: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices; with
+        `positions` (this rank's token positions, e.g. its zigzag shard) only those columns,
+        and a prepared document sample reads only them."""
+        rows_in, rows_lab, ids = [], [], []
+        pos = None if positions is None else positions.cpu().numpy()
+        for i in indices:
+            sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{i}"
+            if pos is not None and self.corpus is not None and self.kind(step, micro, i) \
+                    == "documents":
+                x, y = self._document_piece(step, micro, i, pos)
+            else:
+                s = self.sample(step, micro, i)
+                x, y = (np.asarray(s.input_ids, dtype=np.int64),
+                        np.asarray(s.labels, dtype=np.int64))
+                if pos is not None:
+                    x, y = x[pos], y[pos]
+            rows_in.append(x)
+            rows_lab.append(y)
+            ids.append(sid)
+        return (torch.from_numpy(np.stack(rows_in)), torch.from_numpy(np.stack(rows_lab)), ids)
+
+    def kind(self, step: int, micro: int, index: int) -> str:
+        """The source of sample (step, micro, index) (its rng's first draw, as in sample())."""
+        rng = _sample_rng(self.run, self.stage.name, step, micro, index)
+        return rng.choices(self.kinds, weights=self.weights)[0]

@@ -57,7 +57,7 @@ from ray_jobs.ring_attention import (
     select_block_kernel,
     use_ring_group,
 )
-from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
+from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.tokenizer import build_tokenizer
 from ray_jobs.worker_config import StepInfo, WorkerConfig
 from specs.ledger import Fenced, Ledger, contained, is_committed
@@ -145,9 +145,10 @@ def _train(config: WorkerConfig) -> None:
                           spec_dir=spec_dir)
     per_ring = stage.batch_size // dims.dp
     my_samples = range(layout.dp_rank * per_ring, (layout.dp_rank + 1) * per_ring)
-    positions = sequence_position_ids(stage.seq_len, layout.ring_rank, dims.ring,
-                                      layout.ulysses_rank, dims.ulysses).to(device)
-    positions = positions.unsqueeze(0).expand(per_ring, -1)
+    # this rank's token positions: its zigzag shard of the ring, then its Ulysses piece
+    my_positions = sequence_position_ids(stage.seq_len, layout.ring_rank, dims.ring,
+                                         layout.ulysses_rank, dims.ulysses)
+    positions = my_positions.to(device).unsqueeze(0).expand(per_ring, -1)
     every = run.failure.report_every
     t_report, steps_since, pending = time.perf_counter(), 0, []
     clock = StepClock(device, state.parts_seconds)
@@ -159,11 +160,11 @@ def _train(config: WorkerConfig) -> None:
         clock.start()
         loss_sum, ids = torch.zeros((), device=device), []
         for micro in range(stage.grad_accum_steps):
-            inputs, labels, sample_ids = stream.batch(step, micro, my_samples)
+            # (B, S / (ring x ulysses)): only this rank's positions (prepared documents are
+            # read only there)
+            inputs, labels, sample_ids = stream.batch(step, micro, my_samples, my_positions)
             ids += sample_ids
-            # (B, S / (ring x ulysses)): the ring's zigzag shard, then this rank's Ulysses piece
-            x, y = (sequence_shard(t, 1, layout.ring_rank, dims.ring, layout.ulysses_rank,
-                                   dims.ulysses).to(device) for t in (inputs, labels))
+            x, y = inputs.to(device), labels.to(device)
             clock.lap("data")
             sync_gradients_in(model, micro, stage.grad_accum_steps)
             with use_ring_group(layout.attention_group):

@@ -17,6 +17,7 @@ import pytest
 from ray_jobs.data import IGNORE, SampleStream, document_samples
 from ray_jobs.prepare import check_prepared, prepare
 from ray_jobs.prepared import MANIFEST, FeistelPermutation, PreparedCorpus, PrepareError
+from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
 from ray_jobs.tokenizer import build_tokenizer
 from specs.run import RunSpec
 from tests.data.corpus import (
@@ -230,6 +231,17 @@ def test_trainer_reads_sequences_by_address(tmp_path, corpus):
                 assert s.labels.tolist() == toks[j * 65 + 1:(j + 1) * 65].tolist()
     assert len(used) == document_samples(run, 0)[-1] > 40
     assert len(set(used)) == len(used)  # no sequence twice in the stage
+    # a rank's shard read directly (prepared documents: only its positions) is its shard of the
+    # whole batch, for rings and Ulysses groups of several sizes
+    for ring, uly in ((1, 1), (2, 1), (4, 1), (2, 2), (1, 4)):
+        for r in range(ring):
+            for u in range(uly):
+                pos = sequence_position_ids(64, r, ring, u, uly)
+                for step in (0, 7):
+                    whole = a.batch(step, 1, range(4))
+                    part = b.batch(step, 1, range(4), pos)
+                    for t, w in zip(part[:2], whole[:2]):
+                        assert t.tolist() == sequence_shard(w, 1, r, ring, u, uly).tolist()
 
 
 def test_chat_labels_only_assistant_tokens(tmp_path):
@@ -245,6 +257,9 @@ def test_chat_labels_only_assistant_tokens(tmp_path):
     assert s.labels.tolist() == [t if m else IGNORE for t, m in
                                  zip(window.tokens[1:].tolist(), window.mask[1:])]
     assert 0 < (s.labels == IGNORE).sum() < 64
+    pos = sequence_position_ids(64, 1, 2, 0, 1)  # a zigzag shard read alone keeps its labels
+    part, whole = stream.batch(0, 0, range(2), pos), stream.batch(0, 0, range(2))
+    assert part[1].tolist() == sequence_shard(whole[1], 1, 1, 2, 0, 1).tolist()
 
 
 def test_feistel_is_a_permutation():
