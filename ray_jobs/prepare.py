@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from glob import glob
 from pathlib import Path
@@ -351,6 +352,7 @@ class StreamWriter:
         self.buf = np.empty(shard_tokens, np.uint32)
         self.mbuf = np.empty(shard_tokens, np.uint8) if with_mask else None
         self.fill, self.total, self.shards = 0, 0, []
+        self.maps: dict[tuple[str, int], np.ndarray] = {}
 
     def append(self, tokens: np.ndarray, mask: np.ndarray | None) -> None:
         at = 0
@@ -371,16 +373,20 @@ class StreamWriter:
             i, lo = divmod(at, self.size)
             take = min(left, self.size - lo)
             if i < len(self.shards):
-                toks.append(np.load(self.out / self.shards[i]["file"], mmap_mode="r")[lo:lo + take])
+                toks.append(self._saved("file", i)[lo:lo + take])
                 if self.with_mask:
-                    masks.append(np.load(self.out / self.shards[i]["mask"],
-                                         mmap_mode="r")[lo:lo + take])
+                    masks.append(self._saved("mask", i)[lo:lo + take])
             else:
                 toks.append(self.buf[lo:lo + take])
                 if self.with_mask:
                     masks.append(self.mbuf[lo:lo + take])
             at, left = at + take, left - take
         return np.concatenate(toks), (np.concatenate(masks) if self.with_mask else None)
+
+    def _saved(self, kind: str, i: int) -> np.ndarray:
+        if (kind, i) not in self.maps:
+            self.maps[(kind, i)] = np.load(self.out / self.shards[i][kind], mmap_mode="r")
+        return self.maps[(kind, i)]
 
     def _save(self) -> None:
         i = len(self.shards)
@@ -415,10 +421,10 @@ class Packer:
         self.writer = StreamWriter(out, self.spec.shard_tokens, with_mask)
         self.buckets = sorted((b.min_tokens, b.factor) for b in self.spec.upsample)
         self.seen: set[bytes] = set()
-        self.starts: list[int] = []
-        self.lengths: list[int] = []
-        self.counts: list[int] = []
-        self.doc_sources: list[int] = []
+        # 8 bytes per kept document each (arrays, not lists of ints: billions of tokens are
+        # millions of documents)
+        self.starts, self.lengths, self.counts = array("q"), array("q"), array("q")
+        self.doc_sources = array("H")
         n = len(self.spec.sources)
         self.stats = [{"name": s.name, "documents": 0, "too_short": 0, "too_long": 0,
                        "duplicates": 0, "weighted_out": 0, "kept": 0, "copies": 0, "tokens": 0}
@@ -466,14 +472,14 @@ class Packer:
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """Write the extra copies (pass r holds every document with more than r copies) and
         close the stream; (document starts, their sources)."""
-        first = list(zip(self.starts, self.lengths, self.counts, self.doc_sources))
-        doc_starts = list(self.starts)
+        doc_starts = array("q", self.starts)
+        counts = np.frombuffer(self.counts, np.int64)
         for r in range(1, max(self.counts, default=1)):
-            for start, length, count, source in first:
-                if count > r:
-                    doc_starts.append(self.writer.total)
-                    tokens, mask = self.writer.read(start, length)
-                    self._write(source, tokens.copy(), None if mask is None else mask.copy())
+            for d in np.flatnonzero(counts > r):  # d: the d-th kept document, in input order
+                start, length, source = self.starts[d], self.lengths[d], self.doc_sources[d]
+                doc_starts.append(self.writer.total)
+                tokens, mask = self.writer.read(start, length)
+                self._write(source, tokens.copy(), None if mask is None else mask.copy())
         self.writer.close()
         return np.asarray(doc_starts, np.int64), np.asarray(self.doc_sources, np.uint16)
 

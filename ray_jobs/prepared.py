@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,11 +186,3 @@ class PreparedCorpus:
         lo, hi = np.searchsorted(self._doc_starts, [offset, offset + n])
         return Window(tokens, mask, np.asarray(self._doc_starts[lo:hi]) - offset)
 
-
-def open_corpus(path: Path) -> PreparedCorpus:
-    """The prepared corpus at `path` (PrepareError if there is none)."""
-    return PreparedCorpus(path)
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
