@@ -276,8 +276,12 @@ def render_chat(tok, messages: list[dict], template: str) -> tuple[list[int], li
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            lo, hi = len(render(messages[:i], True)), len(render(messages[:i + 1], False))
-            spans.append((lo, hi))
+            head, upto = render(messages[:i], True), render(messages[:i + 1], False)
+            if not (upto.startswith(head) and text.startswith(upto)):
+                raise PrepareError("the chat template does not render a conversation as the "
+                                   "concatenation of its turns, so the assistant's tokens "
+                                   "cannot be found; use a template that does")
+            spans.append((len(head), len(upto)))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(lo <= a < hi for lo, hi in spans)) for a, _ in enc["offset_mapping"]]
     return enc["input_ids"], mask
@@ -295,7 +299,12 @@ def tokenize_file(f: dict, tokenizer: str, template: str | None,
             ids = tok(contents, add_special_tokens=False)["input_ids"]
             masks = None
         else:
-            pairs = [render_chat(tok, c, template or PLAIN_CHAT_TEMPLATE) for c in contents]
+            pairs = []
+            for row, c in pending:
+                try:
+                    pairs.append(render_chat(tok, c, template or PLAIN_CHAT_TEMPLATE))
+                except PrepareError as e:
+                    raise PrepareError(f"{f['path']}:{row}: {e}") from None
             ids, masks = [p[0] for p in pairs], [p[1] for p in pairs]
         out = {"row": [r for r, _ in pending], "ids": ids, "mask": masks,
                "hash": [content_hash(c) for c in contents]}

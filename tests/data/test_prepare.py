@@ -308,3 +308,33 @@ def test_corpus_too_small_for_a_stage(tmp_path):
     with pytest.raises(PrepareError, match=rf"stage s64 needs 12 document sequences of 65 tokens "
                        rf"\(780 tokens\) but .* holds {total} tokens \({total // 65} sequences\)"):
         check_prepared(run, tmp_path, run.run_dir, log=quiet)
+
+
+def test_chat_uses_the_tokenizers_template(tmp_path):
+    """A tokenizer folder with chat_template.jinja: conversations are rendered with it and the
+    trained-on tokens are exactly the assistant turns (content and end marker)."""
+    convs = conversations(11, 12)
+    write_chat(tmp_path / "chat.jsonl", convs)
+    base = make_run(tmp_path, [{"name": "chat", "paths": ["chat.jsonl"], "kind": "chat",
+                                "field": "messages"}])
+    build_tokenizer(base, base.run_dir)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(
+        (base.run_dir / "tokenizer" / "tokenizer.json").read_bytes())
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}[end]"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    spec = base.model_dump(mode="json")
+    spec["data"]["tokenizer"]["path"] = str(folder)
+    run = RunSpec.model_validate(spec)
+    prepare(run, tmp_path, run.run_dir, engine="local", log=quiet)
+    tok = build_tokenizer(run, run.run_dir)
+    toks, masks = stream_of(tmp_path / "prepared")
+    starts = np.load(tmp_path / "prepared" / "doc_starts.npy").tolist() + [len(toks)]
+    for conv, lo, hi in zip(convs, starts, starts[1:]):
+        assert tok.decode(toks[lo:hi - 1]) == "<s>" + "".join(
+            f"[{m['role']}]\n{m['content']}[end]" for m in conv)
+        trained = [t for t, m in zip(toks[lo:hi - 1], masks[lo:hi - 1]) if m]
+        assert tok.decode(trained) == "".join(f"{m['content']}[end]" for m in conv
+                                              if m["role"] == "assistant")
