@@ -1,0 +1,310 @@
+"""ringpilot as an lm-eval backend: lm-eval's RULER tasks, generated offline with a tiny local
+checkpoint's tokenizer, scored by lm-eval through `lm_eval.simple_evaluate`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra (in `dev`)")
+
+from ray_jobs.eval import lm_eval_backend as backend  # noqa: E402
+from tests.support import eval_fixtures as fixtures  # noqa: E402
+
+# The RULER tasks whose data lm-eval makes from the tokenizer alone (no essay/QA downloads).
+OFFLINE = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe",
+           "ruler_fwe"]
+LENGTHS = [1024, 4096]
+LIMIT = 2  # samples per task and length
+
+
+def ruler_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE trained on text like RULER's prompts (lm-eval's own templates, noise
+    sentence and word list), so its token counts are like a real English tokenizer's: the
+    evaluation fixtures' tokenizer spends ~48 tokens on RULER's noise sentence, and lm-eval's
+    ruler_vt cannot fit its worked example with that (see test_vt_refuses_a_wasteful_tokenizer)."""
+    import random
+
+    from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, vt_utils
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    noise = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+             "There and back again.\n")
+    words = cwe_utils.WORDS[:4000]
+    corpus = [noise * 20, vt_utils.TEMPLATE, niah_utils.TEMPLATE, cwe_utils.TEMPLATE,
+              fwe_utils.TEMPLATE, " ".join(words)]
+    corpus += [f"One of the special magic numbers for {rng.choice(words)}-{rng.choice(words)} "
+               f"is: {rng.randint(10**6, 10**7)}." for _ in range(300)]
+    corpus += [f"VAR {''.join(rng.choices('ABCDEFGHIJKLMNOPQRSTUVWXYZ', k=5))} = "
+               f"{rng.randint(10000, 99999)}" for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=3000, special_tokens=["<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    if chat_template:
+        out.chat_template = chat_template
+    return out
+
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% if not loop.last %}</{{ m['role'] }}>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ruler_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory):
+    model = fixtures.build_tiny_model(len(tokenizer), max(LENGTHS))
+    return fixtures.save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "step-1")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    tokenizer = ruler_tokenizer(CHAT)
+    model = fixtures.build_tiny_model(len(tokenizer), max(LENGTHS))
+    return fixtures.save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("chat") / "step-1")
+
+
+@pytest.fixture(scope="module")
+def prepared(checkpoint):
+    """lm-eval's data for the offline tasks at 1K and 4K, made once (500 samples per task and
+    length whatever the limit: the slow part)."""
+    return backend.prepare_tasks(checkpoint, OFFLINE, LENGTHS)
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return backend.register_backends()[backend.MODEL_NAME](pretrained=str(checkpoint))
+
+
+def _request(context: str, **gen_kwargs):
+    from lm_eval.api.instance import Instance
+
+    return Instance("generate_until", {}, (context, gen_kwargs), 0)
+
+
+def _lm_eval_per_task(out_dir, length: int) -> dict[str, float]:
+    """lm-eval's own aggregate per task at `length`, read from the results JSON it wrote."""
+    results = json.loads((out_dir / "lm_eval_results.json").read_text())["results"]
+    return {task: 100 * r[f"{length},none"] for task, r in results.items()}
+
+
+# -- the oracle proves prompts, answers and scoring line up; a constant answer scores 0 --------
+
+def test_all_offline_tasks_are_prepared(prepared):
+    assert prepared.unavailable == {}
+    for name, task in prepared.tasks.items():
+        lengths = {doc["max_length"] for doc in task.eval_docs}
+        assert lengths == set(LENGTHS), name
+
+
+def test_oracle_scores_100_on_every_task_and_length(prepared, tmp_path):
+    report = backend.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
+                                       model=backend.ORACLE_NAME)
+    assert [r.length for r in report.rows] == LENGTHS
+    for row in report.rows:
+        assert row.tasks == {t: 100.0 for t in OFFLINE}, row
+        assert row.score == 100.0 and row.samples == LIMIT * len(OFFLINE)
+        assert _lm_eval_per_task(tmp_path, row.length) == row.tasks
+
+
+def test_constant_answer_scores_low(prepared, tmp_path):
+    report = backend.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
+                                       model=backend.CONSTANT_NAME)
+    assert all(r.score < 10 for r in report.rows), report.table()
+
+
+def test_table_matches_lm_eval_aggregates_and_its_samples(prepared, tmp_path):
+    """A backend right on about half the prompts: the per-length table is lm-eval's per-task
+    aggregate averaged over tasks, its count and interval come from lm-eval's logged samples."""
+    import math
+    import statistics
+    import zlib
+
+    oracle = backend.register_backends()[backend.ORACLE_NAME]
+
+    class HalfRight(oracle):
+        @staticmethod
+        def answer(prompt):
+            right = zlib.crc32(prompt.encode()) % 2 == 0
+            return backend._answer_from_prompt(prompt) if right else " no idea"
+
+    report = backend.evaluate_prepared(prepared, tmp_path, limit=3, model=HalfRight)
+    mixed = 0
+    for row in report.rows:
+        lm_eval_tasks = _lm_eval_per_task(tmp_path, row.length)
+        assert row.tasks == pytest.approx(lm_eval_tasks)
+        assert row.score == pytest.approx(sum(lm_eval_tasks.values()) / len(lm_eval_tasks))
+        var, n = 0.0, 0
+        for task in OFFLINE:
+            lines = (tmp_path / f"lm_eval_samples_{task}.jsonl").read_text().splitlines()
+            scores = [json.loads(x)[str(row.length)] for x in lines
+                      if json.loads(x)["doc"]["max_length"] == row.length]
+            assert len(scores) == 3
+            assert 100 * statistics.mean(scores) == pytest.approx(row.tasks[task])
+            var += statistics.variance(scores) / len(scores)
+            n += len(scores)
+            mixed += 0 < statistics.mean(scores) < 1
+        assert row.samples == n
+        assert row.ci95 == pytest.approx(100 * 1.959964 * math.sqrt(var) / len(OFFLINE))
+    assert mixed >= 2, report.table()  # the check above compared something other than 0 or 100
+    assert 0 < report.rows[0].score < 100
+
+
+# -- the ringpilot backend: a real (tiny) model through lm-eval -------------------------------
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Records (max_new_tokens, tokens generated) of every greedy decode (byte-level tokens of a
+    random model do not survive decode and re-encode, so they are counted here)."""
+    from ray_jobs.eval import model
+
+    calls, real = [], model.greedy_tokens
+
+    def spy(m, input_ids, max_new_tokens, eos):
+        new = real(m, input_ids, max_new_tokens, eos)
+        calls.append((max_new_tokens, len(new)))
+        return new
+
+    monkeypatch.setattr(model, "greedy_tokens", spy)
+    return calls
+
+
+def test_tiny_model_runs_every_offline_task_through_lm_eval(prepared, tmp_path, decoded):
+    t = time.perf_counter()
+    report = backend.evaluate_prepared(prepared, tmp_path, limit=1, lengths=[1024])
+    seconds = time.perf_counter() - t
+    (row,) = report.rows
+    assert row.length == 1024 and row.samples == len(OFFLINE)
+    assert set(row.tasks) == set(OFFLINE) and 0 <= row.score <= 100
+    assert row.tasks == pytest.approx(_lm_eval_per_task(tmp_path, 1024))
+    results = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    budgets = sorted(results["configs"][t]["generation_kwargs"]["max_gen_toks"] for t in OFFLINE)
+    assert sorted(b for b, _ in decoded) == budgets == [30, 50, 120, 128, 128, 128]  # RULER's
+    assert all(n <= b for b, n in decoded)
+    for task in OFFLINE:
+        (sample,) = [json.loads(x) for x in
+                     (tmp_path / f"lm_eval_samples_{task}.jsonl").read_text().splitlines()]
+        assert isinstance(sample["resps"][0][0], str)
+        assert sample["arguments"][0][0].endswith(sample["doc"]["gen_prefix"])
+    print(f"tiny model: {seconds / len(OFFLINE):.2f} s per sample at 1K")
+
+
+def test_generate_until_stops_at_stop_sequences_and_budget(lm, decoded):
+    (free,) = lm.generate_until([_request("The grass is green.", max_gen_toks=12, until=[])])
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    assert stop.strip(), free
+    (cut,) = lm.generate_until([_request("The grass is green.", max_gen_toks=12, until=[stop])])
+    assert cut == free[:free.find(stop)] and len(cut) < len(free)
+    lm.generate_until([_request("The grass is green.", max_gen_toks=3, until="never")])
+    assert decoded == [(12, 12), (12, 12), (3, 3)]  # a random model never says <|eos|>
+
+
+def test_greedy_only(lm):
+    with pytest.raises(backend.RulerInputError, match="greedily"):
+        lm.generate_until([_request("x", do_sample=True, temperature=0.7)])
+
+
+def test_loglikelihood_matches_a_full_forward_pass(lm):
+    import torch
+    from lm_eval.api.instance import Instance
+
+    ctx, cont = "The sky is blue.", " The sun is yellow."
+    (ll, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])
+    tok = lm.ckpt.tokenizer
+    a, b = lm.ckpt.encode(ctx), tok(cont, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logp = torch.log_softmax(lm.ckpt.model(input_ids=torch.tensor([a + b])).logits[0], -1)
+    expected = sum(float(logp[len(a) - 1 + i, t]) for i, t in enumerate(b))
+    assert ll == pytest.approx(expected, rel=1e-5) and ll < 0
+    # the model's own greedy continuation is greedy
+    first = int(logp[len(a) - 1].argmax())
+    (_, is_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, tok.decode([first])),
+                                                 0)])
+    assert is_greedy == (tok(tok.decode([first]), add_special_tokens=False).input_ids == [first])
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
+        lm.loglikelihood_rolling([])
+
+
+# -- chat template ------------------------------------------------------------------------------
+
+def test_chat_template_with_gen_prefix_runs_through_lm_eval(prepared, chat_checkpoint, tmp_path):
+    import dataclasses
+
+    # same tokenizer vocabulary, so the data made for `checkpoint` serve this one
+    chat = dataclasses.replace(prepared, checkpoint=str(chat_checkpoint),
+                               tasks={"ruler_vt": prepared.tasks["ruler_vt"]})
+    report = backend.evaluate_prepared(chat, tmp_path, limit=1, lengths=[1024],
+                                       apply_chat_template=True)
+    assert report.rows[0].samples == 1
+    (sample,) = [json.loads(x) for x in
+                 (tmp_path / "lm_eval_samples_ruler_vt.jsonl").read_text().splitlines()]
+    prompt = sample["arguments"][0][0]
+    # user turn closed, assistant turn opened with lm-eval's gen_prefix and left open
+    assert prompt.startswith("<user>") and "</user><assistant>" in prompt
+    assert prompt.endswith(sample["doc"]["gen_prefix"]) or prompt.rstrip().endswith(
+        sample["doc"]["gen_prefix"].rstrip())
+
+
+def test_chat_template_asked_for_but_absent(checkpoint, lm):
+    with pytest.raises(backend.RulerInputError, match="chat template was asked for"):
+        backend.prepare_tasks(checkpoint, ["ruler_vt"], [1024], apply_chat_template=True)
+    with pytest.raises(backend.RulerInputError, match="has none"):
+        lm.chat_template(True)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+def test_unknown_task_lists_rulers_tasks(checkpoint):
+    with pytest.raises(backend.RulerInputError, match="unknown lm-eval task.*niah_single_9.*"
+                                                      "niah_single_1"):
+        backend.prepare_tasks(checkpoint, ["niah_single_9"], [1024])
+
+
+def test_length_above_the_checkpoint(checkpoint):
+    with pytest.raises(backend.RulerInputError, match="above what checkpoint"):
+        backend.prepare_tasks(checkpoint, ["ruler_vt"], [8192])
+
+
+def test_lm_eval_missing_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(backend.LmEvalMissing, match=r"\[eval\]"):
+        backend.require_lm_eval()
+
+
+def test_tasks_needing_downloads_are_reported_not_averaged(checkpoint, monkeypatch):
+    """Offline, niah_multikey_1's essay haystack cannot be loaded: it is listed with why."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    # what HF_HUB_OFFLINE=1 in the environment gives (read when the modules were imported):
+    # fail at once rather than after ~25 s of retries on a machine without the hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    prepared = backend.prepare_tasks(checkpoint, ["niah_multikey_1", "ruler_vt"], [1024])
+    assert list(prepared.tasks) == ["ruler_vt"]
+    assert "paul_graham_essays" in prepared.unavailable["niah_multikey_1"]
+
+
+def test_vt_refuses_a_wasteful_tokenizer(tmp_path):
+    """lm-eval's ruler_vt loops forever when the tokenizer cannot fit its worked example in 500
+    tokens (the evaluation fixtures' tokenizer cannot): refused with a reason instead."""
+    tok = fixtures.build_tokenizer()
+    ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tok), 1024), tok,
+                                    tmp_path / "step-1")
+    prepared = backend.prepare_tasks(ckpt, ["ruler_vt"], [1024])
+    assert prepared.tasks == {}
+    assert "worked example" in prepared.unavailable["ruler_vt"]
