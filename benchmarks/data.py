@@ -11,7 +11,8 @@
    prepared format filled with random ids, so that a 10x corpus needs no 10x tokenization
    here). In a fresh process per size (as a training worker), SampleStream for a stage of
    1,048,576 tokens fetches sequences by address: `sample_fetch_ms_1m` is the median time of
-   one batch of one sequence (memory-mapped read, labels, tensor), `worker_rss_mb_1m` the
+   one batch of one sequence (memory-mapped read, labels, tensor; `..._rank_of_32`: only the
+   zigzag shard a rank of a ring of 32 reads), `worker_rss_mb_1m` the
    process's peak resident memory (VmHWM, reset before) over its resident memory before opening
    the data: the data path's own memory, the mapped shard pages it touched included.
 Last line: one JSON object.
@@ -138,7 +139,18 @@ def fetch_worker(prepared: str, tmp: str) -> None:
         inputs, labels, _ = stream.batch(step, 0, range(1))
         times.append((time.perf_counter() - t0) * 1000)
         assert inputs.shape == (1, SEQ_1M)
+    # what a worker of a ring of 32 reads: its zigzag shard only (two runs of 16K tokens)
+    from ray_jobs.ring_attention.ulysses import sequence_position_ids
+
+    pos = sequence_position_ids(SEQ_1M, 0, 32, 0, 1)
+    rank_times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        inputs, _, _ = stream.batch(step, 0, range(1), pos)
+        rank_times.append((time.perf_counter() - t0) * 1000)
+        assert inputs.shape == (1, SEQ_1M // 32)
     print(json.dumps({"fetch_ms": statistics.median(times[1:]), "first_ms": times[0],
+                      "rank_of_32_ms": statistics.median(rank_times),
                       "rss_mb": status_mb("VmHWM") - before, "rss_total_mb": status_mb("VmRSS")}))
 
 
@@ -151,7 +163,8 @@ def bench_fetch(tmp: Path, tokens: int) -> dict:
                               str(tmp / f"w-{n}")], capture_output=True, text=True, check=True)
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"fetch: corpus of {n:,} tokens: one 1M-token sequence in "
-              f"{out[n]['fetch_ms']:.1f} ms (median; first {out[n]['first_ms']:.1f} ms), worker "
+              f"{out[n]['fetch_ms']:.1f} ms (median; first {out[n]['first_ms']:.1f} ms; "
+              f"a ring-of-32 rank's shard {out[n]['rank_of_32_ms']:.2f} ms), worker "
               f"peak RSS +{out[n]['rss_mb']:.0f} MB over its start", flush=True)
     return out
 
@@ -179,6 +192,8 @@ def main() -> None:
         "cores": os.cpu_count(),
         "sample_fetch_ms_1m": {f"{n}_tokens": round(fetch[n]["fetch_ms"], 2)
                                for n in (small, large)},
+        "sample_fetch_ms_1m_rank_of_32": {f"{n}_tokens": round(fetch[n]["rank_of_32_ms"], 3)
+                                          for n in (small, large)},
         "worker_rss_mb_1m": {f"{n}_tokens": round(fetch[n]["rss_mb"], 1)
                              for n in (small, large)},
     }))
