@@ -314,9 +314,18 @@ def _check_vt_tokenizer(tokenizer) -> None:
     """lm-eval 0.4.13's ruler_vt builds a worked example within 500 tokens and loops forever
     (vt_utils.sys_vartrack_w_noise_random) when the tokenizer cannot fit five noise sentences,
     the template and one chain in it; refuse such a tokenizer here instead."""
+    import random
+
+    import numpy as np
     from lm_eval.tasks.ruler import vt_utils
 
-    text, answer = vt_utils.generate_input_output(5, 1, 4, is_icl=True)
+    # leave the data lm-eval generates next as they would be without this check
+    state, np_state = random.getstate(), np.random.get_state()
+    try:
+        text, answer = vt_utils.generate_input_output(5, 1, 4, is_icl=True)
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
     n = len(tokenizer(text + " " + " ".join(answer)).input_ids) + 30
     if n > 500:
         raise RulerInputError(
@@ -403,6 +412,15 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
                               f"{checkpoint} has none; run without it")
     names = list(dict.fromkeys(tasks))
     manager = _task_manager(names, {"max_seq_lengths": lengths, "pretrained": checkpoint})
+    # seeded as lm_eval.simple_evaluate seeds before it loads tasks: the same samples as
+    # `lm-eval run --tasks ...` with this tokenizer
+    import random
+
+    import numpy as np
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
     built, unavailable = {}, {}
     for name in names:
         try:
@@ -482,3 +500,52 @@ def _first_per_length(docs, limit: int | None, lengths: Sequence[int]) -> list[i
             seen[n] += 1
             keep.append(i)
     return keep
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the per-length RULER table of one checkpoint (lm-eval's own output on stderr)."""
+    import argparse
+    import contextlib
+    import logging
+    import sys
+
+    from ray_jobs.eval.model import CheckpointError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.eval.lm_eval_backend",
+        description="lm-eval's RULER tasks on one ringpilot checkpoint, per length as RULER "
+                    "publishes (tasks whose data must be downloaded are listed when offline)")
+    parser.add_argument("--checkpoint", required=True, help="a committed checkpoint directory")
+    parser.add_argument("--tasks", nargs="+", default=list(RULER_TASKS),
+                        help="lm-eval task names (default: RULER's 13)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096],
+                        help="context lengths in tokens (default: 4096)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="samples per task and length (default: all 500)")
+    parser.add_argument("--out", default="ruler_results",
+                        help="folder for lm-eval's results JSON and the table")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument("--verbose", action="store_true", help="lm-eval's own log messages")
+    args = parser.parse_args(argv)
+    if not args.verbose:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        # lm-eval's generators print progress: keep stdout for the table
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_ruler(args.checkpoint, args.tasks, args.lengths, args.out,
+                               limit=args.limit, apply_chat_template=args.chat_template,
+                               device=args.device)
+    except (LmEvalMissing, RulerInputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -266,15 +266,56 @@ def test_chat_template_asked_for_but_absent(checkpoint, lm):
 
 # -- bad input ----------------------------------------------------------------------------------
 
-def test_unknown_task_lists_rulers_tasks(checkpoint):
-    with pytest.raises(backend.RulerInputError, match="unknown lm-eval task.*niah_single_9.*"
-                                                      "niah_single_1"):
-        backend.prepare_tasks(checkpoint, ["niah_single_9"], [1024])
+def test_the_data_are_those_lm_eval_makes_by_itself(checkpoint):
+    """prepare_tasks seeds as lm_eval.simple_evaluate does: a task run by name through lm-eval
+    alone sees the same prompts (ruler_vt: also checks that the tokenizer check before it leaves
+    the random state alone)."""
+    import lm_eval
+
+    ours = backend.prepare_tasks(checkpoint, ["ruler_vt"], [1024]).tasks["ruler_vt"].eval_docs
+    oracle = backend.register_backends()[backend.ORACLE_NAME]()
+    theirs = lm_eval.simple_evaluate(
+        model=oracle, tasks=["ruler_vt"], limit=2, bootstrap_iters=0,
+        metadata={"max_seq_lengths": [1024], "pretrained": str(checkpoint)})
+    logged = theirs["samples"]["ruler_vt"]
+    assert [s["doc"]["input"] for s in logged] == [ours[0]["input"], ours[1]["input"]]
+    assert theirs["results"]["ruler_vt"]["1024,none"] == 1.0
 
 
-def test_length_above_the_checkpoint(checkpoint):
-    with pytest.raises(backend.RulerInputError, match="above what checkpoint"):
-        backend.prepare_tasks(checkpoint, ["ruler_vt"], [8192])
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    code = backend.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_bad_input_one_clear_error_each(checkpoint, tmp_path, capsys):
+    code, out, err = _cli(capsys, "--checkpoint", str(checkpoint), "--tasks", "niah_single_9",
+                          "--out", str(tmp_path))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "unknown lm-eval task(s) ['niah_single_9']; RULER's are ['niah_single_1'," in err
+    code, _, err = _cli(capsys, "--checkpoint", str(checkpoint), "--lengths", "8192")
+    assert code == 2 and "length 8192 is above what checkpoint" in err
+    code, _, err = _cli(capsys, "--checkpoint", str(checkpoint), "--chat-template")
+    assert code == 2 and "chat template was asked for" in err
+    code, _, err = _cli(capsys, "--checkpoint", str(tmp_path / "nope"))
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_prints_the_table(checkpoint, tmp_path, capsys, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    code, out, _ = _cli(capsys, "--checkpoint", str(checkpoint), "--tasks", "ruler_vt",
+                        "niah_single_2", "--lengths", "1024", "--limit", "1", "--out",
+                        str(tmp_path))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["length", "score", "95%", "CI"]
+    assert lines[2].split()[0] == "1024" and lines[2].split()[4] == "1"
+    assert lines[3].startswith("not run: niah_single_2: its haystack is Paul Graham's essays")
+    assert (tmp_path / "lm_eval_results.json").is_file()
 
 
 def test_lm_eval_missing_names_the_extra(monkeypatch):
