@@ -338,3 +338,23 @@ def test_chat_uses_the_tokenizers_template(tmp_path):
         trained = [t for t, m in zip(toks[lo:hi - 1], masks[lo:hi - 1]) if m]
         assert tok.decode(trained) == "".join(f"{m['content']}[end]" for m in conv
                                               if m["role"] == "assistant")
+
+
+def test_small_corpus_documents_and_synthetic_samples_shard_alike(tmp_path):
+    """data.documents (every worker tokenizes the files) and the synthetic tasks: a rank's
+    positions give its shard of the whole batch, as for prepared documents."""
+    (tmp_path / "d.txt").write_text(" ".join(documents(1, 30)))
+    spec = mini_spec(tmp_path / "runs", **{"data.mix": {"documents": 0.5, "passkey": 0.5,
+                                                        "kv_retrieval": 0}})
+    spec["data"]["documents"] = [str(tmp_path / "d.txt")]
+    run = RunSpec.model_validate(spec)
+    tok = build_tokenizer(run, run.run_dir)
+    stream = SampleStream(run, 0, tok, [(tmp_path / "d.txt").read_text()])
+    kinds = {stream.sample(s, 0, i).kind for s in range(6) for i in range(2)}
+    assert kinds == {"documents", "passkey"}
+    for step in range(6):
+        whole = stream.batch(step, 0, range(2))
+        for r in range(2):
+            part = stream.batch(step, 0, range(2), sequence_position_ids(64, r, 2, 0, 1))
+            assert part[0].tolist() == sequence_shard(whole[0], 1, r, 2, 0, 1).tolist()
+            assert part[1].tolist() == sequence_shard(whole[1], 1, r, 2, 0, 1).tolist()
