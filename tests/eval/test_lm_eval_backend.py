@@ -83,6 +83,18 @@ def prepared(checkpoint):
     return backend.prepare_tasks(checkpoint, OFFLINE, LENGTHS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model decodes ~30x faster on one thread than on two contended ones (128 tokens at
+    4K: 0.13 s against 4.4 s measured on this 2-core machine under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lm(checkpoint):
     return backend.register_backends()[backend.MODEL_NAME](pretrained=str(checkpoint))
