@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 import statistics
@@ -96,6 +97,7 @@ class _CheckpointModel:
         self.model, self.tokenizer = load_checkpoint(pretrained, device)
         self.max_length = max_model_length(pretrained)
         self.max_gen_toks = max_gen_toks
+        self.warned = False
         self.torch_device = next(self.model.parameters()).device
 
     def encode(self, text: str, *, with_bos: bool = True) -> list[int]:
@@ -107,10 +109,14 @@ class _CheckpointModel:
         return ids
 
     def _check_fits(self, n: int, what: str) -> None:
-        if self.max_length and n > self.max_length:
-            raise RulerInputError(
-                f"{what} needs {n} positions but checkpoint {self.path} holds "
-                f"max_position_embeddings={self.max_length}; evaluate shorter lengths")
+        """Warn (once) past max_position_embeddings. Not an error: RULER sizes a prompt without
+        lm-eval's gen_prefix, so a prompt at the checkpoint's own length can run a few tokens
+        over; lengths above the checkpoint's are refused up front (prepare_tasks)."""
+        if self.max_length and n > self.max_length and not self.warned:
+            self.warned = True
+            logging.getLogger(__name__).warning(
+                "%s needs %d positions; checkpoint %s has max_position_embeddings=%d",
+                what, n, self.path, self.max_length)
 
     def generate(self, context: str, gen_kwargs: dict) -> str:
         import torch
@@ -508,7 +514,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the per-length RULER table of one checkpoint (lm-eval's own output on stderr)."""
     import argparse
     import contextlib
-    import logging
     import sys
 
     from ray_jobs.eval.model import CheckpointError
