@@ -122,6 +122,13 @@ def test_ray_data_matches_in_process(tmp_path, corpus, local_ray):
     assert ray_tokens[1].tolist() == local_tokens[1].tolist()
     assert [s["sha256"] for s in ray_manifest["shards"]] == [
         s["sha256"] for s in json.loads((tmp_path / "prepared" / MANIFEST).read_text())["shards"]]
+    # bad input found inside a Ray Data task: the same one-line error, the old data kept
+    with open(tmp_path / "in" / "b.jsonl", "a") as f:
+        f.write('{"id": 99}\n')
+    with pytest.raises(PrepareError, match=r"in/b\.jsonl:21: no 'body' field"):
+        prepare(run, tmp_path, run.run_dir, engine="ray", log=quiet)
+    assert stream_of(tmp_path / "prepared")[0].tolist() == local_tokens[0].tolist()
+    assert not list(tmp_path.glob(".prepared*"))
 
 
 def test_filters_dedup_weights_and_upsampling(tmp_path):
