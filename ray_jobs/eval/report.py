@@ -163,7 +163,7 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
                                      (folder / file).as_posix()))
     title = f"Evaluation report: run {run_dir.name}"
     md = [f"# {title}", "", f"{len(rows)} checkpoint evaluations; scores are fractions of "
-          "expected answers found (NIAH grid: exact match of the first word).", "",
+          "expected answers found (NIAH grid: the first number of the answer, exact).", "",
           _md_table(header, table), "", "## Score vs step", ""]
     md += [f"![{t}]({p})" for t, p in plots] + ["", "## Heatmaps (context length x depth)", ""]
     md += [f"### {cap}\n\n![{cap}]({p})\n" for cap, p in heatmaps]

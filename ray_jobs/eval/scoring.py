@@ -12,14 +12,27 @@ _EDGE_PUNCT = ".,;:!?\"'()[]{}<>"
 
 
 def score_exact(output: str, answers: Sequence[str]) -> float:
-    """1.0 when the output's first word is the (single) answer, else 0.0 (NIAH grid cells).
+    """1.0 when the first answer-shaped word of the output is the (single) answer, else 0.0
+    (NIAH grid cells).
 
-    Greedy decoding keeps going after the answer, so only the first word is compared, with the
-    punctuation around it stripped.
+    Answer-shaped: for a numeric answer the output's first number, else its first word, with
+    punctuation and Markdown emphasis around it stripped. So `1234567.`, `**1234567**`,
+    `Answer: 1234567` and `The special magic number for X is 1234567.` all count, while a wrong
+    number first (or a longer number that merely contains the answer) does not, and greedy
+    decoding may go on after the answer.
     """
-    words = output.split()
-    first = words[0].strip(_EDGE_PUNCT) if words else ""
-    return 1.0 if any(first.lower() == a.lower() for a in answers) else 0.0
+    if not answers:
+        raise ValueError("score_exact: answers is empty; a sample must expect one answer")
+    for answer in answers:
+        if answer.isdigit():
+            first = re.search(r"\d+", output)
+            found = first.group() if first else ""
+        else:
+            words = [w.strip(_EDGE_PUNCT + "*_`") for w in output.split()]
+            found = next((w for w in words if w), "")
+        if found.lower() == answer.lower():
+            return 1.0
+    return 0.0
 
 
 def score_all(output: str, answers: Sequence[str]) -> float:

@@ -5,12 +5,20 @@ import pytest
 from ray_jobs.eval.scoring import score, score_all, score_any, score_exact
 
 
-def test_exact_compares_the_first_word_without_punctuation():
+def test_exact_takes_the_first_answer_shaped_word():
     assert score_exact(" 4817203. And then", ["4817203"]) == 1.0
     assert score_exact("4817203", ["4817203"]) == 1.0
-    assert score_exact(" the number 4817203", ["4817203"]) == 0.0  # not the first word
+    # formatted or restated answers count: bold, after a colon, in a sentence
+    assert score_exact(" **4817203**", ["4817203"]) == 1.0
+    assert score_exact(" Answer: 4817203", ["4817203"]) == 1.0
+    assert score_exact(" The special magic number for kelopa is 4817203.", ["4817203"]) == 1.0
+    # the first number decides: a wrong one first, or one that merely contains the answer
+    assert score_exact(" 1234 and then 4817203", ["4817203"]) == 0.0
     assert score_exact(" 48172030", ["4817203"]) == 0.0
     assert score_exact("", ["4817203"]) == 0.0
+    # a word answer: the first word, emphasis and punctuation stripped
+    assert score_exact(" *Kelopa*, surely", ["kelopa"]) == 1.0
+    assert score_exact(" surely kelopa", ["kelopa"]) == 0.0
 
 
 def test_all_is_the_fraction_of_answers_found():
