@@ -8,7 +8,8 @@ resumes: finished stages are skipped, the current one restarts from its last com
 
 The driver: (1) check the RunSpec against the filesystem and the Ray cluster, before any worker
 starts, and take the run (the ledger's next epoch: a driver still running, or the workers of a
-killed one, can no longer write to it); (2) build the tokenizer and the plan; (3) start
+killed one, can no longer write to it); (2) build the tokenizer and the plan, and prepare
+data.prepared if it is missing (ray_jobs.prepare; stale or too small: refused); (3) start
 evaluation and progress; (4) run one TorchTrainer per stage (ray_jobs.loop.train_stage_worker),
 recording stages in the ledger; (5) print the summary.
 """
