@@ -249,8 +249,9 @@ class SampleStream:
             self._before = document_samples(run, stage_index)
             n = self.corpus.sequences(self.stage.seq_len)
             if n < self._before[-1]:
-                raise ValueError(budget_problems(run, self.corpus.total_tokens,
-                                                 self.corpus.path)[0])
+                raise ValueError(next(p for p in budget_problems(
+                    run, self.corpus.total_tokens, self.corpus.path)
+                    if f"stage {self.stage.name} " in p))
             self._perm = FeistelPermutation(n, run.data.seed, "prepared", self.stage.name)
         elif mix.documents > 0:
             for text in documents or []:
