@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,14 +31,16 @@ def main() -> None:
     parser.add_argument("--oracle-samples", type=int, default=5)
     parser.add_argument("--online", action="store_true")
     args = parser.parse_args()
-    if not args.online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported
+    if not args.online:  # before huggingface_hub, datasets and nltk are imported
+        from ray_jobs.eval.lm_eval_backend import offline_environment
+
+        offline_environment()
 
     import torch
 
     from ray_jobs.eval import lm_eval_backend as backend
-    from tests.eval.test_lm_eval_backend import ruler_tokenizer
     from tests.support import eval_fixtures as fixtures
+    from tests.support.eval_fixtures import ruler_tokenizer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

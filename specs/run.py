@@ -356,6 +356,38 @@ EvalTask = Literal[
 ]
 
 
+# lm-evaluation-harness's 13 RULER tasks, as lm-eval spells them.
+RulerTask = Literal[
+    "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+    "niah_multikey_3", "niah_multiquery", "niah_multivalue", "ruler_vt", "ruler_cwe", "ruler_fwe",
+    "ruler_qa_squad", "ruler_qa_hotpot",
+]
+# Those lm-eval generates from the tokenizer alone (the others download essays or QA sets).
+RULER_OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt",
+                       "ruler_cwe", "ruler_fwe")
+
+
+class RulerSpec(_Spec):
+    """RULER itself: lm-evaluation-harness's RULER tasks with ringpilot as the model backend
+    (ray_jobs.eval.lm_eval_backend; needs the `eval` extra), scored by RULER's metrics."""
+
+    tasks: list[RulerTask] = Field(
+        default_factory=lambda: list(RULER_OFFLINE_TASKS), min_length=1,
+        description="lm-eval task names. The default: the six that need no download (essay "
+        "haystacks and QA sets come from the Hugging Face hub and the web).",
+    )
+    min_length: int = Field(1024, gt=0, description="Shortest context run: RULER's prompts and "
+                            "answer budgets (30-128 tokens) need room.")
+    samples: int = Field(4, gt=0, description="Samples per task and length.")
+    chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat "
+                                "template (the checkpoint must have one).")
+    final_only: bool = Field(True, description="Run only on each stage's final checkpoint "
+                             "(lm-eval generates 500 samples per task and length first).")
+    offline: bool = Field(True, description="Set HF_HUB_OFFLINE=1 in the evaluation actors, so "
+                          "tasks that need a download fail at once with the reason instead of "
+                          "retrying for ~25 s each.")
+
+
 class EvalSpec(_Spec):
     """Evaluation of every committed checkpoint, by actors beside the training."""
 
@@ -394,6 +426,10 @@ class EvalSpec(_Spec):
     gang_place_timeout_s: float = Field(
         120.0, gt=0, description="How long a gang waits for its resources before the long "
         "contexts are reported as not run (a gang larger than the cluster fails at once).",
+    )
+    ruler: RulerSpec | None = Field(
+        None, description="Also run RULER through lm-eval (per length, as RULER publishes), "
+        "at each evaluated length from ruler.min_length that one evaluator holds; null: not run.",
     )
 
 

@@ -18,10 +18,13 @@ import math
 import re
 import statistics
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from specs.run import RulerTask
 
 MODEL_NAME = "ringpilot"
 # Test-only backends: they never look at a checkpoint's weights. The oracle reads each answer out
@@ -31,9 +34,7 @@ ORACLE_NAME = "ringpilot-test-oracle"
 CONSTANT_NAME = "ringpilot-test-constant"
 
 # lm-eval's 13 RULER tasks, as lm-eval spells them (the `ruler` group of lm_eval/tasks/ruler/).
-RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
-               "niah_multikey_2", "niah_multikey_3", "niah_multiquery", "niah_multivalue",
-               "ruler_vt", "ruler_cwe", "ruler_fwe", "ruler_qa_squad", "ruler_qa_hotpot")
+RULER_TASKS: tuple[str, ...] = typing.get_args(RulerTask)
 # What those that cannot be generated from the tokenizer alone fetch (read in lm-eval 0.4.13's
 # lm_eval/tasks/ruler/: prepare_niah.get_haystack("essay"), qa_utils).
 _ESSAYS = ("its haystack is Paul Graham's essays, which lm-eval loads from the Hugging Face hub "
@@ -55,6 +56,24 @@ class LmEvalMissing(ImportError):
 
 class RulerInputError(ValueError):
     """A request that cannot be run: unknown task, length, missing chat template..."""
+
+
+def offline_environment() -> None:
+    """Keep lm-eval's RULER tasks off the network, before huggingface_hub, datasets or nltk are
+    imported (they read these at import): the hub in offline mode (tasks needing a download fail
+    at once with the reason instead of ~25 s of retries each), and an empty `punkt_tab` on
+    NLTK_DATA, because importing lm-eval's NIAH module downloads nltk's sentence splitter when
+    it finds none. Only the essay haystacks use it, and they are downloads themselves."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    stub = Path(tempfile.gettempdir()) / "ringpilot-nltk-offline"
+    (stub / "tokenizers" / "punkt_tab").mkdir(parents=True, exist_ok=True)
+    paths = os.environ.get("NLTK_DATA", "").split(os.pathsep)
+    if str(stub) not in paths:
+        os.environ["NLTK_DATA"] = os.pathsep.join([p for p in paths if p] + [str(stub)])
 
 
 def require_lm_eval():
@@ -442,6 +461,31 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
     return PreparedTasks(checkpoint, lengths, manager, built, unavailable)
 
 
+_PREPARED: dict[tuple, PreparedTasks] = {}
+
+
+def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int],
+                         *, apply_chat_template: bool = False) -> PreparedTasks:
+    """`prepare_tasks`, reusing the data generated for an earlier checkpoint with the same
+    tokenizer (a run's checkpoints share theirs), so an evaluation actor generates RULER's data
+    once per run instead of once per checkpoint. The checks of the request still run."""
+    import dataclasses
+    import hashlib
+
+    from ray_jobs.eval.model import check_checkpoint, max_model_length
+
+    path = check_checkpoint(checkpoint)
+    digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+    key = (digest, tuple(dict.fromkeys(tasks)), tuple(sorted(set(lengths))),
+           apply_chat_template)
+    cached = _PREPARED.get(key)
+    top = max_model_length(path)
+    if cached is None or (top and max(lengths) > top):
+        cached = _PREPARED[key] = prepare_tasks(path, tasks, lengths,
+                                                apply_chat_template=apply_chat_template)
+    return dataclasses.replace(cached, checkpoint=str(path))
+
+
 def evaluate_prepared(prepared: PreparedTasks, out_dir: str | Path, *, limit: int | None = None,
                       model: str | type = MODEL_NAME, apply_chat_template: bool = False,
                       device: str = "cpu", lengths: Sequence[int] | None = None) -> RulerReport:
@@ -534,9 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chat-template", action="store_true",
                         help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--online", action="store_true", help="let lm-eval download what "
+                        "tasks need (essay haystacks, QA sets, nltk's punkt); default: offline")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("--verbose", action="store_true", help="lm-eval's own log messages")
     args = parser.parse_args(argv)
+    if not args.online:  # in effect for modules not imported yet (`python -m` imports none)
+        offline_environment()
     if not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:

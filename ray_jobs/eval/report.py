@@ -99,10 +99,29 @@ def render_checkpoint_tables(results: EvalResults) -> str:
         out += [f"Contexts over {results.max_length:,} tokens ran on an evaluation gang of "
                 f"{g['size']} (ring order {g.get('ring')}): ring-attention prefill, "
                 "sequence-parallel decoding.", ""]
+    if results.ruler is not None:
+        out += ruler_lines(results.ruler)
     if results.skipped:
         out += ["## skipped", ""]
         out += [f"- {s.task} at {s.length:,} tokens: {s.reason}" for s in results.skipped]
     return "\n".join(out) + "\n"
+
+
+def ruler_lines(ruler: dict) -> list[str]:
+    """RULER as it is published: per length, the mean over tasks x 100, with its samples and a
+    95% interval, and what could not run, with the reason."""
+    out = ["## RULER (lm-eval's tasks, ringpilot backend)", "",
+           f"Tasks: {', '.join(ruler['tasks'])}; {ruler.get('samples_per_task', '?')} samples "
+           "per task and length; score = mean over the tasks that ran, x 100.", ""]
+    rows = [[f"{r['length']:,}", f"{r['score']:.1f}", f"+/- {r['ci95']:.1f}", str(r['samples']),
+             ", ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items())] for r in ruler["rows"]]
+    if rows:
+        out += [_md_table(["length", "RULER", "95% CI", "samples", "per task"], rows), ""]
+    if ruler.get("error"):
+        out += [f"- not run: {ruler['error']}"]
+    out += [f"- not run: {task}: {why}" for task, why in ruler.get("unavailable", {}).items()]
+    out += [f"- not run at {int(n):,} tokens: {why}" for n, why in ruler.get("not_run", {}).items()]
+    return out + [""]
 
 
 def _collect(run_dir: Path) -> list[tuple[str, str, EvalEntry, EvalResults | None]]:
@@ -165,7 +184,17 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     md = [f"# {title}", "", f"{len(rows)} checkpoint evaluations; scores are fractions of "
           "expected answers found (NIAH grid: the first number of the answer, exact).", "",
           _md_table(header, table), "", "## Score vs step", ""]
-    md += [f"![{t}]({p})" for t, p in plots] + ["", "## Heatmaps (context length x depth)", ""]
+    md += [f"![{t}]({p})" for t, p in plots] + [""]
+    ruler_rows = [[stage, str(_step_of(ckpt)), f"{r['length']:,}", f"{r['score']:.1f}",
+                   f"+/- {r['ci95']:.1f}", str(r["samples"])]
+                  for stage, ckpt, ev, res in rows if res and res.ruler
+                  for r in res.ruler["rows"]]
+    if ruler_rows:
+        md += ["## RULER per length (lm-eval's tasks, mean over tasks x 100)", "",
+               _md_table(["stage", "step", "length", "RULER", "95% CI", "samples"], ruler_rows),
+               "", "Each checkpoint's tables.md lists the tasks, per-task scores and what could "
+               "not run.", ""]
+    md += ["## Heatmaps (context length x depth)", ""]
     md += [f"### {cap}\n\n![{cap}]({p})\n" for cap, p in heatmaps]
     md_path = out / "report.md"
     atomic_write(md_path, "\n".join(md) + "\n")
@@ -175,6 +204,13 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table]
     body += ["</table>", "<h2>Score vs step</h2>"]
     body += [f"<img src='{e(p)}' alt='{e(t)}'>" for t, p in plots]
+    if ruler_rows:
+        body += ["<h2>RULER per length (lm-eval's tasks, mean over tasks x 100)</h2>",
+                 "<table border='1' cellspacing='0' cellpadding='3'><tr>"
+                 + "".join(f"<th>{h}</th>" for h in ("stage", "step", "length", "RULER",
+                                                      "95% CI", "samples")) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in ruler_rows]
+        body += ["</table>"]
     body += ["<h2>Heatmaps (context length x depth)</h2>"]
     body += [f"<figure><img src='{e(p)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
              for c, p in heatmaps]

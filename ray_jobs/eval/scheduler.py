@@ -28,7 +28,7 @@ from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import plan_lengths
 from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
-from specs.run import RunSpec
+from specs.run import RulerSpec, RunSpec
 
 log = logging.getLogger("ringpilot.eval")
 POLL_SECONDS = 0.5
@@ -53,6 +53,8 @@ class EvalRequest:
     gang_size: int = 0  # 0: derived from the longest context and max_length
     gang_place_timeout_s: float = 120.0
     rope_theta: float | None = None  # the stage's RoPE base, which the checkpoint must carry
+    ruler: RulerSpec | None = None  # lm-eval's RULER tasks, at `ruler_lengths`
+    ruler_lengths: tuple[int, ...] = ()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -108,6 +110,7 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
 
     from ray_jobs.eval.gang import start_long_contexts
     from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
+    from ray_jobs.eval.report import save_results
     from ray_jobs.eval.runner import evaluate
 
     started = time.time()
@@ -130,13 +133,54 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
         results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
                            tasks=request.tasks, lengths=request.lengths, depths=request.depths,
                            samples=request.samples, seed=request.seed,
-                           max_length=request.max_length, out_dir=request.out_dir,
+                           max_length=request.max_length,
                            long_generate=long.generate, long_engine=long.engine,
                            long_unavailable=long.unavailable, gang=long.info)
     finally:
         long.shutdown()
+    if request.ruler is not None and request.ruler_lengths:
+        del model  # lm-eval's backend loads its own copy
+        add_ruler(results, request, checkpoint, device)
+    save_results(results, request.out_dir)
     return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
                        started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
+
+
+def add_ruler(results, request: EvalRequest, checkpoint: str, device: str) -> None:
+    """RULER through lm-eval (ray_jobs.eval.lm_eval_backend) at the request's RULER lengths that
+    one evaluator holds, into `results.ruler` (per length, as RULER publishes: the mean over
+    tasks x 100, its samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1).
+    What cannot run (lm-eval missing, a task needing a download, a length beyond one evaluator)
+    is recorded with the reason; it never fails the evaluation of ringpilot's own tasks."""
+    from ray_jobs.eval.lm_eval_backend import (
+        LmEvalMissing,
+        RulerInputError,
+        evaluate_prepared,
+        prepare_tasks_cached,
+    )
+
+    r = request.ruler
+    here = [n for n in request.ruler_lengths if n <= request.max_length]
+    doc: dict = {"tasks": list(r.tasks), "lengths": here, "rows": [], "unavailable": {},
+                 "samples_per_task": r.samples, "not_run": {
+                     str(n): f"longer than the {request.max_length:,} tokens one evaluator "
+                     "holds; RULER on an evaluation gang is not built yet"
+                     for n in request.ruler_lengths if n > request.max_length}}
+    if here:
+        try:
+            prepared = prepare_tasks_cached(checkpoint, r.tasks, here,
+                                            apply_chat_template=r.chat_template)
+            report = evaluate_prepared(prepared, request.out_dir / "ruler", limit=r.samples,
+                                       apply_chat_template=r.chat_template, device=device)
+        except (LmEvalMissing, RulerInputError) as e:
+            doc["error"] = str(e)
+            log.warning("RULER not run on %s: %s", request.checkpoint, e)
+        else:
+            doc.update(report.to_dict(), lengths=here)
+            doc["results_path"] = os.path.relpath(report.results_path, request.out_dir)
+            for row in report.rows:
+                results.scores[f"ruler@{row.length}"] = row.score / 100
+    results.ruler = doc
 
 
 def check_stage_theta(request: EvalRequest) -> None:
@@ -162,7 +206,11 @@ def check_stage_theta(request: EvalRequest) -> None:
 class _EvalActor:
     """A Ray actor process that evaluates checkpoints; reused until it dies."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, offline: bool = False):
+        if offline:  # before huggingface_hub, datasets or nltk are imported in this process
+            from ray_jobs.eval.lm_eval_backend import offline_environment
+
+            offline_environment()
         import torch
 
         torch.set_num_threads(threads)  # its own CPUs only, never the training workers' cores
@@ -273,7 +321,20 @@ class EvalScheduler:
                            samples=e.samples, seed=e.seed, gpus=e.gpus, cpus=e.cpus,
                            max_length=self.max_length, gang_size=e.gang_size,
                            gang_place_timeout_s=e.gang_place_timeout_s,
-                           rope_theta=(self.run.stage_theta(index) if stage in names else None))
+                           rope_theta=(self.run.stage_theta(index) if stage in names else None),
+                           ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths))
+
+    def _ruler_lengths(self, stage: str, path: str, lengths: list[int]) -> tuple[int, ...]:
+        r = self.run.eval.ruler
+        if r is None:
+            return ()
+        if r.final_only:
+            entry = self.ledger.read().stages.get(stage)
+            final = entry is not None and any(c.path == path and c.final
+                                              for c in entry.checkpoints)
+            if not final:
+                return ()
+        return tuple(n for n in lengths if n >= r.min_length)
 
     def _submit(self, stage: str, path: str, attempt: int) -> None:
         if self._actor is None:
@@ -354,7 +415,7 @@ class EvalScheduler:
         e = self.run.eval
         cls = ray.remote(_EvalActor).options(num_cpus=e.cpus, num_gpus=e.gpus, max_restarts=0,
                                              max_concurrency=1)
-        return cls.remote(max(1, int(e.cpus)))
+        return cls.remote(max(1, int(e.cpus)), offline=e.ruler is not None and e.ruler.offline)
 
     def _kill_actor(self) -> None:
         import ray

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from ray_jobs.eval import lm_eval_backend as backend
+from specs.run import RULER_OFFLINE_TASKS
 from tests.support import eval_fixtures as fixtures
 
 # No importorskip: lm-eval comes with the `dev` extra the tests need anyway, so its absence is a
@@ -16,43 +17,9 @@ from tests.support import eval_fixtures as fixtures
 backend.require_lm_eval()
 
 # The RULER tasks whose data lm-eval makes from the tokenizer alone (no essay/QA downloads).
-OFFLINE = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe",
-           "ruler_fwe"]
+OFFLINE = list(RULER_OFFLINE_TASKS)
 LENGTHS = [1024, 4096]
 LIMIT = 2  # samples per task and length
-
-
-def ruler_tokenizer(chat_template: str | None = None):
-    """A byte-level BPE trained on text like RULER's prompts (lm-eval's own templates, noise
-    sentence and word list), so its token counts are like a real English tokenizer's: the
-    evaluation fixtures' tokenizer spends ~48 tokens on RULER's noise sentence, and lm-eval's
-    ruler_vt cannot fit its worked example with that (see test_vt_refuses_a_wasteful_tokenizer)."""
-    import random
-
-    from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, vt_utils
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    noise = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-             "There and back again.\n")
-    words = cwe_utils.WORDS[:4000]
-    corpus = [noise * 20, vt_utils.TEMPLATE, niah_utils.TEMPLATE, cwe_utils.TEMPLATE,
-              fwe_utils.TEMPLATE, " ".join(words)]
-    corpus += [f"One of the special magic numbers for {rng.choice(words)}-{rng.choice(words)} "
-               f"is: {rng.randint(10**6, 10**7)}." for _ in range(300)]
-    corpus += [f"VAR {''.join(rng.choices('ABCDEFGHIJKLMNOPQRSTUVWXYZ', k=5))} = "
-               f"{rng.randint(10000, 99999)}" for _ in range(300)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=3000, special_tokens=["<|eos|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
-    if chat_template:
-        out.chat_template = chat_template
-    return out
 
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
@@ -62,7 +29,7 @@ CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return ruler_tokenizer()
+    return fixtures.ruler_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +40,7 @@ def checkpoint(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
-    tokenizer = ruler_tokenizer(CHAT)
+    tokenizer = fixtures.ruler_tokenizer(CHAT)
     model = fixtures.build_tiny_model(len(tokenizer), max(LENGTHS))
     return fixtures.save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("chat") / "step-1")
 

@@ -164,3 +164,36 @@ def kill_gang_member_on_first_attempt(request):
             ray.kill(gang.members[-1])
 
     return evaluate_request(request, on_gang=kill_one)
+
+
+def ruler_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE trained on text like RULER's prompts (lm-eval's own templates, noise
+    sentence and word list), so its token counts are like a real English tokenizer's: the
+    evaluation fixtures' tokenizer spends ~48 tokens on RULER's noise sentence, and lm-eval's
+    ruler_vt cannot fit its worked example with that (see test_vt_refuses_a_wasteful_tokenizer)."""
+    import random
+
+    from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, vt_utils
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    noise = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+             "There and back again.\n")
+    words = cwe_utils.WORDS[:4000]
+    corpus = [noise * 20, vt_utils.TEMPLATE, niah_utils.TEMPLATE, cwe_utils.TEMPLATE,
+              fwe_utils.TEMPLATE, " ".join(words)]
+    corpus += [f"One of the special magic numbers for {rng.choice(words)}-{rng.choice(words)} "
+               f"is: {rng.randint(10**6, 10**7)}." for _ in range(300)]
+    corpus += [f"VAR {''.join(rng.choices('ABCDEFGHIJKLMNOPQRSTUVWXYZ', k=5))} = "
+               f"{rng.randint(10000, 99999)}" for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=3000, special_tokens=["<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    if chat_template:
+        out.chat_template = chat_template
+    return out

@@ -1,0 +1,53 @@
+"""RULER through lm-eval inside the evaluation actors: on each stage's final checkpoint, per
+length, into results.json, tables.md, the ledger's scores and the run report."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_jobs.eval.report import render_run_report
+from ray_jobs.eval.results import load_results
+from ray_jobs.eval.scheduler import EvalScheduler
+from specs.ledger import Ledger
+from tests.eval.test_scheduler import tiny_run
+from tests.support import eval_fixtures as fixtures
+
+pytestmark = pytest.mark.ray
+
+
+def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_cluster, tmp_path):
+    tokenizer = fixtures.ruler_tokenizer()
+    run = tiny_run(tmp_path, context_lengths=[512, 1024],
+                   max_tokens_per_evaluator=1024,
+                   ruler=dict(tasks=["niah_single_1", "ruler_vt", "niah_single_2"], samples=2))
+    run_dir = tmp_path / run.name
+    ledger = Ledger(run_dir, run.name)
+    model = fixtures.build_tiny_model(len(tokenizer), 1024)
+    for step, final in ((2, False), (4, True)):
+        path = fixtures.save_checkpoint(model, tokenizer,
+                                        run_dir / f"checkpoints/s192/step-{step:06d}")
+        ledger.commit_checkpoint("s192", step, path, final=final)
+    scheduler = EvalScheduler(run, run_dir).start()
+    scheduler.stop(wait=True, timeout=600)
+    evals = ledger.read().stages["s192"].eval
+    middle, final = (evals[f"checkpoints/s192/step-{s:06d}"] for s in (2, 4))
+    assert (middle.status, final.status) == ("done", "done"), (middle.error, final.error)
+    assert load_results(run_dir / middle.results).ruler is None  # final_only
+    res = load_results(run_dir / final.results)
+    ruler = res.ruler
+    # RULER from its minimum length (1024) only; one row per length, as RULER publishes
+    assert ruler["lengths"] == [1024] and [r["length"] for r in ruler["rows"]] == [1024]
+    row = ruler["rows"][0]
+    assert sorted(row["tasks"]) == ["niah_single_1", "ruler_vt"]
+    assert row["samples"] == 2 * 2  # two tasks x two samples
+    assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2)
+    assert final.scores["ruler@1024"] == pytest.approx(row["score"] / 100)
+    # the essay-haystack task needs the hub: listed with the reason, not averaged in
+    assert "Paul Graham" in ruler["unavailable"]["niah_single_2"]
+    out = run_dir / final.results
+    assert (out.parent / ruler["results_path"]).is_file()  # lm-eval's own results, beside ours
+    tables = (out.parent / "tables.md").read_text()
+    assert "## RULER (lm-eval's tasks, ringpilot backend)" in tables
+    assert "| 1,024 |" in tables and "- not run: niah_single_2:" in tables
+    md, _ = render_run_report(run_dir)
+    assert "## RULER per length" in md.read_text()
