@@ -108,9 +108,48 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
         table.caption += "\nattention kernel: " + "; ".join(kernels)
     console = console or Console(width=160)
     console.print(table)
+    ruler = ruler_table(run, doc, run_dir)
+    if ruler is not None:
+        console.print(ruler)
     if predicted is not None:
         console.print(step_time_table(run, ledger, predicted))
     return table
+
+
+def ruler_table(run: RunSpec, doc, run_dir: Path) -> Table | None:
+    """RULER as published, per stage's evaluated checkpoints that ran it: per length, the mean
+    over lm-eval's RULER tasks x 100 with its 95% interval and samples; None without eval.ruler."""
+    from ray_jobs.eval.results import load_results
+
+    if run.eval.ruler is None:
+        return None
+    table = Table(title="RULER (lm-eval's tasks, ringpilot backend): per length, mean over "
+                  "tasks x 100")
+    for col in ("stage", "checkpoint", "length", "RULER", "95% CI", "samples", "tasks",
+                "not run"):
+        table.add_column(col, justify="right" if col in ("length", "RULER", "samples")
+                         else "left")
+    for stage in run.stages:
+        entry = doc.stages.get(stage.name)
+        for path, ev in sorted(entry.eval.items()) if entry else []:
+            try:
+                ruler = load_results(run_dir / ev.results).ruler if ev.results else None
+            except (OSError, ValueError):
+                ruler = None
+            if not ruler:
+                continue
+            skipped = sorted(ruler.get("unavailable", {})) + (["(error)"] if ruler.get("error")
+                                                              else [])
+            for row in ruler["rows"] or [{}]:
+                table.add_row(stage.name, Path(path).name,
+                              f"{row['length']:,}" if row else "-",
+                              f"{row['score']:.1f}" if row else "-",
+                              f"+/- {row['ci95']:.1f}" if row else "-",
+                              str(row.get("samples", "-")), ", ".join(row.get("tasks", {})),
+                              ", ".join(skipped) or "-")
+    table.caption = ("each checkpoint's tables.md has the per-task scores and the reasons; "
+                     "lm-eval's own results are beside it (ruler/lm_eval_results.json)")
+    return table if table.row_count else None
 
 
 def step_time_table(run: RunSpec, ledger: Ledger, predicted: Plan) -> Table:

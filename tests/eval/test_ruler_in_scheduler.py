@@ -3,11 +3,15 @@ length, into results.json, tables.md, the ledger's scores and the run report."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from rich.console import Console
 
 from ray_jobs.eval.report import render_run_report
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
+from ray_jobs.progress import ruler_table
 from specs.ledger import Ledger
 from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures
@@ -51,3 +55,11 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     assert "| 1,024 |" in tables and "- not run: niah_single_2:" in tables
     md, _ = render_run_report(run_dir)
     assert "## RULER per length" in md.read_text()
+    # and the run's summary (what `make demo` prints last) has the per-length table
+    console = Console(file=io.StringIO(), width=200)
+    console.print(ruler_table(run, ledger.read(), run_dir))
+    printed = console.file.getvalue()
+    assert "RULER (lm-eval's tasks" in printed and "step-000004" in printed
+    line = next(x for x in printed.splitlines() if "1,024" in x)
+    assert f"{row['score']:.1f}" in line and "niah_single_2" in line  # listed as not run
+    assert "step-000002" not in printed
