@@ -189,3 +189,39 @@ def test_training_forward_keeps_no_kv_cache(monkeypatch):
     loss, count = CausalLMWithLoss(model, 8)(ids, torch.arange(16)[None], ids)
     loss.backward()
     assert count == 16
+
+
+def _llama3_like_tokenizer(directory, *, with_config: bool):
+    """A small BPE with Llama-3's special-token names, saved like a real checkpoint's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the grass is green and the sky is blue"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(parents=True, exist_ok=True)
+    if with_config:
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                eos_token="<|end_of_text|>").save_pretrained(directory)
+    else:
+        tok.save(str(directory / "tokenizer.json"))
+    return len(tok.get_vocab())
+
+
+def test_a_given_tokenizer_keeps_its_own_special_tokens(tmp_path):
+    from ray_jobs.tokenizer import TokenizerError
+
+    size = _llama3_like_tokenizer(tmp_path / "llama3", with_config=True)
+    run = RunSpec.model_validate(mini_spec(tmp_path, data={
+        "tokenizer": {"path": str(tmp_path / "llama3")}}))
+    tok = build_tokenizer(run, tmp_path / "run")
+    assert (tok.bos_token, tok.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert len(tok) == size  # nothing added: <s> / </s> would have grown the vocabulary
+    _llama3_like_tokenizer(tmp_path / "bare", with_config=False)
+    bare = RunSpec.model_validate(mini_spec(tmp_path, data={
+        "tokenizer": {"path": str(tmp_path / "bare")}}))
+    with pytest.raises(TokenizerError, match="no end-of-sequence token"):
+        build_tokenizer(bare, tmp_path / "run")
