@@ -28,7 +28,10 @@ from topology.graph import split_gpu_vertex
 from topology.planner import Planner
 
 ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
-DEPTH_TASKS = {"niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
+# ringpilot's own tasks that run at every needle depth (ray_jobs.eval.tasks.DEPTH_TASKS; the
+# others run once per length; tests/topology/test_eval_plan.py checks they agree)
+DEPTH_TASKS = {"passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue",
+               "niah_multiquery", "vt"}
 
 
 def eval_lengths(run: RunSpec) -> list[int]:

@@ -45,7 +45,7 @@ def test_eval_section_of_the_8b_plan_runs_long_contexts_on_one_gang():
     # Prefill grows with the length at a fixed gang (attention is quadratic); the grid sums up.
     assert by[131072].prefill_seconds < by[262144].prefill_seconds < by[1048576].prefill_seconds
     assert ev.checkpoint_hours == pytest.approx(sum(r.checkpoint_hours for r in ev.lengths))
-    prompts = (5 * 11 + 3) * 4  # 5 NIAH tasks x 11 depths + vt, cwe, fwe; 4 samples each
+    prompts = (6 * 11 + 2) * 4  # 5 NIAH tasks and vt x 11 depths + cwe, fwe; 4 samples each
     assert {r.prompts for r in ev.lengths} == {prompts}
     assert ev.notes == []
 
@@ -63,3 +63,10 @@ def test_gang_size_rule():
     assert gang_size_for(98_304, 98_304) == 1
     assert gang_size_for(1_048_576, 98_304) == 11
     assert gang_size_for(1_048_576, 98_304, configured=16) == 16
+
+
+def test_depth_tasks_agree_with_the_evaluation():
+    from ray_jobs.eval import tasks
+    from topology import eval_plan
+
+    assert eval_plan.DEPTH_TASKS == set(tasks.DEPTH_TASKS)
