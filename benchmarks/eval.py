@@ -13,7 +13,9 @@ Gangs: a small Llama (4 layers, hidden 256) prefills a `--gang-length` prompt in
 prefill), in the same command; `gang_prefill_efficiency_p2_16k` = single / (2 x gang) (1.0:
 perfect scaling), `gang_decode_ms_per_token_p2_16k` the gang's sequence-parallel decoding, and
 `gang_exact_match` the share of NIAH prompts whose greedy answer from the gang equals one
-process's. Last line: one JSON object.
+process's. RULER: the `ruler_*` keys of benchmarks/ruler.py (lm-eval's RULER tasks through the
+ringpilot backend; run in its own interpreter, offline), unless `--no-ruler`. Last line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -146,12 +148,24 @@ def gang_benchmark(ray, length: int, repeats: int = 3) -> dict:
             "gang_exact_match_prompts": len(prompts)}
 
 
+def ruler_keys() -> dict:
+    """benchmarks/ruler.py's keys (its own interpreter: it sets up offline mode before lm-eval,
+    huggingface_hub and nltk are imported, which this process already did)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ruler.py")], check=True,
+                         capture_output=True, text=True).stdout
+    keys = json.loads(out.strip().splitlines()[-1])
+    return {k: v for k, v in keys.items() if k.startswith("ruler_")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--every", type=int, default=300)
     p.add_argument("--gang-length", type=int, default=16_384)
     p.add_argument("--gang-only", action="store_true", help="only the gang measurements")
+    p.add_argument("--no-ruler", action="store_true", help="skip the RULER keys")
     args = p.parse_args()
     import ray
 
@@ -159,6 +173,8 @@ def main() -> None:
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
                                                             "OMP_NUM_THREADS": "1"}})
     gang = gang_benchmark(ray, args.gang_length)
+    if not args.no_ruler:
+        gang.update(ruler_keys())
     if args.gang_only:
         ray.shutdown()
         print(json.dumps({**gang, "cpu_cores": os.cpu_count()}))
