@@ -50,7 +50,7 @@ def build_run(root: str, steps: int, every: int) -> RunSpec:
                         data_parallel_degree=1)],
         "resources": dict(device="cpu", workers=1),
         "data": {"tokenizer": {"vocab_size": 1000}},
-        "eval": dict(tasks=["niah", "vt"], depths=[0, 50, 100], samples=2, cpus=1),
+        "eval": dict(tasks=["niah_lite", "vt_lite"], depths=[0, 50, 100], samples=2, cpus=1),
         "storage": dict(path=root, checkpoint_every=every),
     })
 
@@ -122,7 +122,7 @@ def gang_benchmark(ray, length: int, repeats: int = 3) -> dict:
     rng = random.Random(0)
     prompt = [rng.randrange(1, len(tok)) for _ in range(length)]
     samples = [s for depth in (0.0, 50.0, 100.0) for s in task_lib.build_samples(
-        "niah", length, depth, 2, 0, build_token_counter(tok))]
+        "niah_lite", length, depth, 2, 0, build_token_counter(tok))]
     prompts = [prompt_ids(tok, s.prompt) for s in samples]
     new = 8
     single = ray.remote(num_cpus=1)(_Single).remote(str(ckpt))

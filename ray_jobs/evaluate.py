@@ -3,7 +3,8 @@
 PATH is a committed ringpilot checkpoint (checkpoints/<stage>/step-NNNNNN/) or any Hugging Face
 Llama directory saved with its tokenizer. Examples:
     python -m ray_jobs.evaluate --checkpoint /tmp/ringpilot/runs/tiny/checkpoints/s1k/step-000060
-    python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah vt --lengths 1024 4096 --out ev
+    python -m ray_jobs.evaluate --checkpoint ./my-llama --tasks niah_lite vt_lite \
+        --lengths 1024 4096 --out ev
     python -m ray_jobs.evaluate --checkpoint ./my-llama --lengths 16384 --max-length 4096 \
         --gang-size 2      # contexts over 4,096 tokens on a gang of 2 Ray actors (local Ray)
 """

@@ -99,8 +99,8 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
         )
     table.caption = (f"eval: the stage's last evaluated checkpoint, each task's mean score over "
                      f"the context lengths shown and {len(run.eval.depths)} needle depths "
-                     "(niah: first number exact; the others: share of the expected answers found, "
-                     "RULER's string_match_all)")
+                     "(niah_lite: first number exact; the others: share of the expected answers "
+                     "found, as RULER's string_match_all)")
     kernels = sorted({read_state(c).attention_kernel for c in
                       (ledger.latest_committed(s.name) for s in run.stages) if c is not None}
                      - {""})

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specs.degrees import (
     DegreeError,
@@ -351,10 +351,15 @@ class DataSpec(_Spec):
 
 
 EvalTask = Literal[
-    "passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt",
-    "cwe", "fwe"
+    "passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite", "niah_multivalue_lite",
+    "niah_multiquery_lite", "vt_lite", "cwe_lite", "fwe_lite",
 ]
 
+
+# Names ringpilot's own tasks had before they were told apart from RULER's.
+_RENAMED_TASKS = {t: f"{t}_lite" for t in ("niah", "niah_single", "niah_multikey",
+                                           "niah_multivalue", "niah_multiquery", "vt", "cwe",
+                                           "fwe")}
 
 # lm-evaluation-harness's 13 RULER tasks, as lm-eval spells them.
 RulerTask = Literal[
@@ -393,9 +398,22 @@ class EvalSpec(_Spec):
 
     enabled: bool = Field(True, description="Evaluate checkpoints as they land.")
     tasks: list[EvalTask] = Field(
-        default_factory=lambda: ["niah", "niah_single", "niah_multikey", "vt"],
-        min_length=1, description="NIAH grid and RULER-style tasks (RULER's names).",
+        default_factory=lambda: ["niah_lite", "niah_single_lite", "niah_multikey_lite", "vt_lite"],
+        min_length=1, description="ringpilot's own tasks: the passkey test in the training "
+        "text, and a NIAH grid and tasks in the style of RULER's (`_lite`: not RULER's "
+        "generators nor its numbers; RULER itself runs through `ruler`).",
     )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _renamed(cls, tasks):
+        old = [t for t in tasks or [] if isinstance(t, str) and t in _RENAMED_TASKS]
+        if old:
+            raise ValueError(
+                "renamed: " + ", ".join(f"{t} -> {_RENAMED_TASKS[t]}" for t in old) + ". These "
+                "are ringpilot's own RULER-style tasks, not RULER's; write the new names, and "
+                "for RULER itself set eval.ruler (lm-eval's tasks)")
+        return tasks
     context_lengths: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=list, description="Context lengths to test; empty: each stage's seq_len "
         "and the shorter ones before it.",

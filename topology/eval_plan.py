@@ -30,8 +30,8 @@ from topology.planner import Planner
 ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
 # ringpilot's own tasks that run at every needle depth (ray_jobs.eval.tasks.DEPTH_TASKS; the
 # others run once per length; tests/topology/test_eval_plan.py checks they agree)
-DEPTH_TASKS = {"passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue",
-               "niah_multiquery", "vt"}
+DEPTH_TASKS = {"passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
+               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite"}
 
 
 def eval_lengths(run: RunSpec) -> list[int]:

@@ -17,7 +17,7 @@ class _Doc(BaseModel):
 class CellResult(_Doc):
     task: str = Field(description="Task name (RULER's).")
     length: int = Field(description="Context length in tokens.")
-    depth: float | None = Field(description="Needle depth in percent; null for cwe/fwe.")
+    depth: float | None = Field(description="Needle depth in percent; null for cwe_lite/fwe_lite.")
     score: float = Field(description="Mean score of the cell's samples, 0..1.")
     samples: int = Field(description="Samples scored.")
     engine: str = Field("one evaluator", description="What ran it: 'one evaluator' or "

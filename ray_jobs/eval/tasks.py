@@ -17,11 +17,18 @@ from ray_jobs.eval.scoring import Metric
 
 TokenCounter = Callable[[str], int]
 
-DEPTH_TASKS = ("passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue",
-               "niah_multiquery", "vt")
-NO_DEPTH_TASKS = ("cwe", "fwe")
+# ringpilot's own tasks, in the style of RULER's but not RULER's generators (lm-eval runs RULER
+# itself: ray_jobs.eval.lm_eval_backend, eval.ruler); "_lite" keeps the two apart.
+DEPTH_TASKS = ("passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
+               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite")
+NO_DEPTH_TASKS = ("cwe_lite", "fwe_lite")
 ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 
+# Tokens RULER lets a model generate per task (its synthetic tasks' `tokens_to_generate`);
+# passkey keeps the training format's own budget.
+RULER_BUDGET = {"niah_lite": 128, "niah_single_lite": 128, "niah_multikey_lite": 128,
+                "niah_multivalue_lite": 128, "niah_multiquery_lite": 128, "vt_lite": 30,
+                "cwe_lite": 120, "fwe_lite": 50}
 NEEDLES = 4  # needles in the multi-needle tasks
 VT_HOPS = 3  # assignments after the first in a variable-tracking chain
 CWE_WORDS, CWE_REPEAT = 5, 4  # common words to find, and how often each appears
@@ -99,6 +106,9 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
         prompt = parts.instruction + parts.sep + parts.context + parts.sep + parts.question
         answers = parts.answers
         max_new = sum(count(" " + a) for a in answers) + 2 * len(answers) + 4
+        # RULER's generation budget for the task, up to a quarter of the context (so short
+        # contexts stay testable): room for an answer in bold, after a colon or restated.
+        max_new = max(max_new, min(RULER_BUDGET.get(task, 0), length // 4))
         limit = length - max_new - 1  # 1: room for the BOS token the model may expect
         n = count(prompt)
         if n <= limit:
@@ -321,12 +331,12 @@ def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> P
 
 _BUILDERS: dict[str, Callable[..., Prompt]] = {
     "passkey": _passkey,
-    "niah": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
-    "niah_single": _niah,
-    "niah_multikey": _niah_multikey,
-    "niah_multivalue": _niah_multivalue,
-    "niah_multiquery": _niah_multiquery,
-    "vt": _vt,
-    "cwe": _cwe,
-    "fwe": _fwe,
+    "niah_lite": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
+    "niah_single_lite": _niah,
+    "niah_multikey_lite": _niah_multikey,
+    "niah_multivalue_lite": _niah_multivalue,
+    "niah_multiquery_lite": _niah_multiquery,
+    "vt_lite": _vt,
+    "cwe_lite": _cwe,
+    "fwe_lite": _fwe,
 }

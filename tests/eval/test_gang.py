@@ -129,7 +129,7 @@ def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_pa
     model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
     fixtures.save_checkpoint(model, tokenizer, tmp_path / "checkpoints/s1k/step-000002")
     request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002",
-                          run_dir=tmp_path, attempt=1, tasks=("niah",), lengths=(1024,),
+                          run_dir=tmp_path, attempt=1, tasks=("niah_lite",), lengths=(1024,),
                           depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096,
                           rope_theta=10_000.0)
     check_stage_theta(request)  # the right theta passes
@@ -147,7 +147,7 @@ def test_standalone_evaluate_runs_a_gang_and_refuses_one_larger_than_the_cluster
 
     ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tokenizer), 1024), tokenizer,
                                     tmp_path / "llama", ringpilot=False)
-    common = ["--checkpoint", str(ckpt), "--tasks", "niah", "--context-lengths", "256", "512",
+    common = ["--checkpoint", str(ckpt), "--tasks", "niah_lite", "--context-lengths", "256", "512",
               "--depths", "50", "--samples", "1", "--max-length", "256"]
     assert main(common + ["--gang-size", "2", "--out", str(tmp_path / "ok")]) == 0
     ok = load_results(tmp_path / "ok" / "results.json")

@@ -58,17 +58,19 @@ def test_greedy_decoding_with_cache_matches_full_recompute(checkpoints):
 
 
 def test_standalone_evaluates_a_plain_hf_directory(checkpoints, tmp_path, capsys):
-    rc = standalone.main(["--checkpoint", str(checkpoints["plain"]), "--tasks", "niah", "fwe",
+    rc = standalone.main(["--checkpoint", str(checkpoints["plain"]), "--tasks", "niah_lite",
+                          "fwe_lite",
                           "--lengths", "256", "--depths", "0", "100", "--samples", "1",
                           "--out", str(tmp_path / "out")])
     assert rc == 0
     assert (tmp_path / "out/results.json").is_file()
-    assert (tmp_path / "out/heatmap_niah.png").is_file()
-    assert "scores: niah 0.000, fwe 0.000" in capsys.readouterr().out  # an untrained model
+    assert (tmp_path / "out/heatmap_niah_lite.png").is_file()
+    # an untrained model
+    assert "scores: niah_lite 0.000, fwe_lite 0.000" in capsys.readouterr().out
 
 
 def test_standalone_writes_next_to_the_run_and_refuses_incomplete(checkpoints, capsys):
-    rc = standalone.main(["--checkpoint", str(checkpoints["committed"]), "--tasks", "vt",
+    rc = standalone.main(["--checkpoint", str(checkpoints["committed"]), "--tasks", "vt_lite",
                           "--lengths", "256", "--depths", "50", "--samples", "1"])
     assert rc == 0
     assert (checkpoints["root"] / "run/eval/s256/step-000004/results.json").is_file()
@@ -105,7 +107,7 @@ def test_a_model_that_memorised_the_answer_scores_through_the_real_decode_path(t
     from ray_jobs.eval import tasks
     from ray_jobs.eval.runner import evaluate
 
-    sample = tasks.build_samples("niah", 256, 50.0, 1, 0, count_tokens)[0]
+    sample = tasks.build_samples("niah_lite", 256, 50.0, 1, 0, count_tokens)[0]
     model = fixtures.build_tiny_model(len(tokenizer), 512, seed=1)
     fixtures.save_checkpoint(model, tokenizer, tmp_path / "untrained", ringpilot=False)
     ids = torch.tensor([tokenizer(f"{sample.prompt} {sample.answers[0]}.",
@@ -119,6 +121,6 @@ def test_a_model_that_memorised_the_answer_scores_through_the_real_decode_path(t
     scores = {}
     for name in ("untrained", "memorised"):
         generate = build_generate(*load_checkpoint(tmp_path / name))
-        scores[name] = evaluate(generate, count_tokens, checkpoint=name, tasks=["niah"],
-                                lengths=[256], depths=[50.0], samples=1, seed=0).scores["niah"]
+        scores[name] = evaluate(generate, count_tokens, checkpoint=name, tasks=["niah_lite"],
+                                lengths=[256], depths=[50.0], samples=1, seed=0).scores["niah_lite"]
     assert scores == {"untrained": 0.0, "memorised": 1.0}

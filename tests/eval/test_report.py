@@ -19,7 +19,8 @@ def run_dir(tmp_path, count_tokens):
                                ("s1k", 20, oracle)]:
         ckpt = f"checkpoints/{stage}/step-{step:06d}"
         out = run / "eval" / stage / f"step-{step:06d}"
-        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt), tasks=["niah", "cwe"],
+        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt),
+                       tasks=["niah_lite", "cwe_lite"],
                        lengths=[384], depths=[0.0, 100.0], samples=1, seed=0, out_dir=out)
         ledger.record_eval(stage, ckpt, EvalEntry(
             status="done", attempts=1, scores=res.scores,
@@ -33,17 +34,17 @@ def test_report_renders_markdown_html_and_plots(run_dir, capsys):
     assert ringpilot(["eval", "report", str(run_dir)]) == 0
     assert "report.md" in capsys.readouterr().out
     md = (run_dir / "eval/report.md").read_text()
-    assert "| stage | step | status | attempts | cwe | niah |" in md
+    assert "| stage | step | status | attempts | cwe_lite | niah_lite |" in md
     assert "| s256 | 25 | done | 1 | 0.000 | 0.000 |" in md
     assert "| s256 | 50 | done | 1 | 1.000 | 1.000 |" in md
     assert "| s1k | 40 | failed (evaluation actor died: ActorDiedError) | 3 | - | - |" in md
-    assert "![niah](score_vs_step_niah.png)" in md
-    assert "![s1k step 20: niah](s1k/step-000020/heatmap_niah.png)" in md
+    assert "![niah_lite](score_vs_step_niah_lite.png)" in md
+    assert "![s1k step 20: niah_lite](s1k/step-000020/heatmap_niah_lite.png)" in md
     page = (run_dir / "eval/report.html").read_text()
-    assert "<img src='s256/step-000050/heatmap_niah.png'" in page
+    assert "<img src='s256/step-000050/heatmap_niah_lite.png'" in page
     assert "<td>failed (evaluation actor died: ActorDiedError)</td>" in page
-    for png in ["score_vs_step_niah.png", "score_vs_step_cwe.png",
-                "s1k/step-000020/heatmap_niah.png"]:
+    for png in ["score_vs_step_niah_lite.png", "score_vs_step_cwe_lite.png",
+                "s1k/step-000020/heatmap_niah_lite.png"]:
         assert (run_dir / "eval" / png).read_bytes()[:4] == b"\x89PNG"
 
 

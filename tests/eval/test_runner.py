@@ -34,26 +34,26 @@ def test_half_right_model_scores_in_between(count_tokens):
         calls.append(1)
         return oracle(prompt, k) if len(calls) % 2 else constant(prompt, k)
 
-    res = evaluate(alternate, count_tokens, checkpoint="alt", tasks=["niah"], lengths=[384],
+    res = evaluate(alternate, count_tokens, checkpoint="alt", tasks=["niah_lite"], lengths=[384],
                    depths=[0.0, 100.0], samples=2, seed=0)
-    assert res.scores["niah"] == 0.5
+    assert res.scores["niah_lite"] == 0.5
     assert [c.score for c in res.cells] == [0.5, 0.5]
 
 
 def test_outputs_results_json_heatmaps_and_tables(count_tokens, tmp_path):
     res = evaluate(oracle, count_tokens, checkpoint="run/checkpoints/s1k/step-000060",
-                   out_dir=tmp_path, tasks=["niah", "cwe"], lengths=[384, 100_000],
+                   out_dir=tmp_path, tasks=["niah_lite", "cwe_lite"], lengths=[384, 100_000],
                    depths=[0.0, 100.0], samples=1, seed=0, max_length=4096)
     assert (res.stage, res.step) == ("s1k", 60)
     saved = load_results(tmp_path / "results.json")
-    assert saved.scores == res.scores == {"niah": 1.0, "cwe": 1.0}
+    assert saved.scores == res.scores == {"niah_lite": 1.0, "cwe_lite": 1.0}
     assert [(s.task, s.length) for s in saved.skipped] == [("*", 100_000)]
     assert "longer than the 4096 tokens one evaluator runs" in saved.skipped[0].reason
-    assert (tmp_path / "heatmap_niah.png").read_bytes()[:4] == b"\x89PNG"
-    assert saved.files == {"heatmap_niah": "heatmap_niah.png", "tables": "tables.md"}
+    assert (tmp_path / "heatmap_niah_lite.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved.files == {"heatmap_niah_lite": "heatmap_niah_lite.png", "tables": "tables.md"}
     tables = (tmp_path / "tables.md").read_text()
-    assert "## niah: 1.000" in tables and "| 384 | one evaluator | 1.00 | 1.00 |" in tables
-    assert "## cwe: 1.000" in tables and "| length | run on | score |" in tables
+    assert "## niah_lite: 1.000" in tables and "| 384 | one evaluator | 1.00 | 1.00 |" in tables
+    assert "## cwe_lite: 1.000" in tables and "| length | run on | score |" in tables
     # The whole grid as asked: the length not run is a row that says so, and why.
     assert "| 100,000 | - | not run | not run |" in tables
     assert "- not run at 100,000 tokens: longer than the 4096 tokens" in tables
@@ -62,11 +62,13 @@ def test_outputs_results_json_heatmaps_and_tables(count_tokens, tmp_path):
 
 
 def test_too_short_cells_are_skipped_with_the_reason(count_tokens):
-    res = evaluate(oracle, count_tokens, checkpoint="x", tasks=["niah_multivalue", "niah"],
+    res = evaluate(oracle, count_tokens, checkpoint="x",
+                   tasks=["niah_multivalue_lite", "niah_lite"],
                    lengths=[64, 384], depths=[50.0], samples=1, seed=0)
-    assert [(s.task, s.length) for s in res.skipped] == [("niah_multivalue", 64), ("niah", 64)]
+    assert [(s.task, s.length) for s in res.skipped] == [("niah_multivalue_lite", 64),
+                                                          ("niah_lite", 64)]
     assert "too short" in res.skipped[0].reason
-    assert res.scores == {"niah_multivalue": 1.0, "niah": 1.0}
+    assert res.scores == {"niah_multivalue_lite": 1.0, "niah_lite": 1.0}
 
 
 @pytest.mark.parametrize("given, index, expected", [

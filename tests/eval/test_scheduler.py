@@ -25,7 +25,8 @@ def tiny_run(tmp_path: Path, **eval_fields) -> RunSpec:
         "stages": [dict(name=n, seq_len=s, steps=k, lr=1e-3, ring_degree=1, rope_theta=10000.0,
                         data_parallel_degree=1) for n, s, k in STAGES],
         "resources": dict(device="cpu", workers=1),
-        "eval": dict(tasks=["niah", "vt"], depths=[0, 100], samples=1, cpus=1, **eval_fields),
+        "eval": dict(tasks=["niah_lite", "vt_lite"], depths=[0, 100], samples=1, cpus=1,
+                     **eval_fields),
         "data": {"tokenizer": {"vocab_size": 1000}},
         "storage": dict(path=str(tmp_path), checkpoint_every=2),
     })
@@ -50,15 +51,15 @@ def test_checkpoints_landing_during_training_get_evaluated(ray_cluster, tmp_path
         for ckpt in entry.checkpoints:
             ev = entry.eval[ckpt.path]
             # vt does not fit 192 tokens with this tiny tokenizer: skipped, with the reason.
-            tasks = ["niah", "vt"] if stage == "s384" else ["niah"]
+            tasks = ["niah_lite", "vt_lite"] if stage == "s384" else ["niah_lite"]
             assert (ev.status, ev.attempts, sorted(ev.scores)) == ("done", 1, tasks)
             results = run_dir / ev.results
             assert results == run_dir / "eval" / stage / Path(ckpt.path).name / "results.json"
-            assert results.is_file() and (results.parent / "heatmap_niah.png").is_file()
+            assert results.is_file() and (results.parent / "heatmap_niah_lite.png").is_file()
     # Default lengths: the checkpoint's stage seq_len and the shorter stages'.
     last = load_results(run_dir / doc.stages["s384"].eval["checkpoints/s384/step-000004"].results)
     assert last.lengths == [192, 384]
-    assert [(s.task, s.length) for s in last.skipped] == [("vt", 192)]
+    assert [(s.task, s.length) for s in last.skipped] == [("vt_lite", 192)]
     assert "192 is too short" in last.skipped[0].reason
 
 

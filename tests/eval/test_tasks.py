@@ -45,7 +45,7 @@ def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
     needle = s.prompt[s.needle_start:]
     if task == "passkey":
         assert PASSKEY.match(needle.lstrip()).group(1) == s.answers[0]
-    elif task == "vt":
+    elif task == "vt_lite":
         var, value = ASSIGN.match(needle).groups()
         assert var == s.answers[0] and f"assigned the value {value}" in s.prompt
     else:
@@ -54,7 +54,7 @@ def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
 
 
 def test_vt_chain_links_every_answer_to_the_value(count_tokens):
-    s = tasks.build_samples("vt", 1024, 10.0, 1, seed=5, count_tokens=count_tokens)[0]
+    s = tasks.build_samples("vt_lite", 1024, 10.0, 1, seed=5, count_tokens=count_tokens)[0]
     assignments = dict(ASSIGN.findall(s.prompt))
     first, *rest = s.answers
     assert assignments[first].isdigit()
@@ -64,11 +64,11 @@ def test_vt_chain_links_every_answer_to_the_value(count_tokens):
 
 
 def test_cwe_and_fwe_answers_are_strictly_the_most_frequent(count_tokens):
-    cwe = tasks.build_samples("cwe", 1024, None, 1, seed=2, count_tokens=count_tokens)[0]
+    cwe = tasks.build_samples("cwe_lite", 1024, None, 1, seed=2, count_tokens=count_tokens)[0]
     counts = Counter(re.findall(r"\d+\. (\w+)", cwe.prompt[cwe.context_start:cwe.context_end]))
     assert min(counts[a] for a in cwe.answers) > max(
         c for w, c in counts.items() if w not in cwe.answers)
-    fwe = tasks.build_samples("fwe", 1024, None, 1, seed=2, count_tokens=count_tokens)[0]
+    fwe = tasks.build_samples("fwe_lite", 1024, None, 1, seed=2, count_tokens=count_tokens)[0]
     counts = Counter(fwe.prompt[fwe.context_start:fwe.context_end].split())
     assert [w for w, _ in counts.most_common(tasks.FWE_TOP)] == list(fwe.answers)
     assert counts[fwe.answers[-1]] > counts.most_common(tasks.FWE_TOP + 1)[-1][1]
@@ -79,6 +79,6 @@ def test_refuses_unknown_task_bad_depth_and_too_short_length(count_tokens):
     with pytest.raises(ValueError, match="task 'qa_1' is unknown"):
         tasks.build_samples("qa_1", 512, 0.0, 1, 0, count_tokens)
     with pytest.raises(ValueError, match="depth must be a percentage 0..100, got 150"):
-        tasks.build_samples("niah", 512, 150.0, 1, 0, count_tokens)
+        tasks.build_samples("niah_lite", 512, 150.0, 1, 0, count_tokens)
     with pytest.raises(ValueError, match=r"context length 64 is too short.*at least \d+ tokens"):
-        tasks.build_samples("niah", 64, 0.0, 1, 0, count_tokens)
+        tasks.build_samples("niah_lite", 64, 0.0, 1, 0, count_tokens)

@@ -237,11 +237,12 @@ def test_ledger_fills_checkpoint_and_scores():
         checkpoints=[CheckpointEntry(step=25, path="checkpoints/s256/step-000025",
                                      committed_at="2026-11-25T12:00:00Z")],
         eval={"checkpoints/s256/step-000025": EvalEntry(status="done",
-                                                        scores={"niah": 0.5, "vt": 1.0})})})
+                                                        scores={"niah_lite": 0.5,
+                                                                "vt_lite": 1.0})})})
     d = plan_reconcile(make_training(status=running_status()), [make_job("tiny-s256-a1")], NODES,
                        T0, ledger=ledger, settings=FAST)
     assert stage(d, "s256").last_checkpoint == "checkpoints/s256/step-000025"
-    assert stage(d, "s256").scores == {"niah": 0.5, "vt": 1.0}
+    assert stage(d, "s256").scores == {"niah_lite": 0.5, "vt_lite": 1.0}
     assert d.status.last_score == pytest.approx(0.75)
 
 

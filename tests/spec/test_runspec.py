@@ -118,7 +118,7 @@ def test_cross_field_rules_name_field_value_and_fix(changes, message):
          r"\(got 'tpu'; Train on GPUs \(NCCL\) or CPUs \(gloo\)\.\)$"),
         ({"name": "Tiny_Run"}, r"^name: not an allowed value \(got 'Tiny_Run'; Run name "
          r"\(lowercase letters, digits, '-'\)"),
-        ({"eval.tasks": ["niah", "needle"]}, r"^eval\.tasks\[1\]: Input should be 'passkey'.*"
+        ({"eval.tasks": ["niah_lite", "needle"]}, r"^eval\.tasks\[1\]: Input should be 'passkey'.*"
          r"\(got 'needle'"),
         ({"eval.depths": [50, 120]}, r"^eval\.depths\[1\]: Input should be less than or equal "
          r"to 100 \(got 120"),
@@ -188,3 +188,12 @@ def test_a_ulysses_degree_above_the_kv_heads_says_they_are_replicated():
     stage = plan_from_workers({"n0": 8}, run).stage(run.stages[0].name)
     assert ("ulysses 4 exceeds the 2 key/value heads: each is replicated 2 times"
             in " ".join(stage.notes))
+
+
+def test_ringpilot_tasks_old_names_are_refused_with_the_new_ones():
+    from specs.run import EvalSpec
+
+    with pytest.raises(ValueError, match=r"renamed: niah -> niah_lite, vt -> vt_lite\. These "
+                       "are ringpilot's own RULER-style tasks, not RULER's"):
+        EvalSpec(tasks=["passkey", "niah", "vt"])
+    assert EvalSpec(tasks=["passkey", "niah_lite"]).tasks == ["passkey", "niah_lite"]

@@ -89,7 +89,7 @@ def test_console_command_has_no_traceback_for_bad_input(tmp_path):
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True),
-    st.text(max_size=12), st.sampled_from(["auto", "cpu", "gpu", "bfloat16", "niah", "s256"]),
+    st.text(max_size=12), st.sampled_from(["auto", "cpu", "gpu", "bfloat16", "niah_lite", "s256"]),
 )
 values = st.recursive(scalars, lambda children: st.one_of(
     st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)),

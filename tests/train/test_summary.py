@@ -26,11 +26,11 @@ def test_eval_column_names_task_score_and_lengths(tmp_path):
     ledger = Ledger(run_dir, run.name)
     ledger.start_stage("s128")
     cells = [CellResult(task=t, length=n, depth=d, score=0.5, samples=2)
-             for t in ("passkey", "niah_single") for n in (64, 128) for d in (0.0, 100.0)]
-    results = EvalResults(checkpoint="c", tasks=["passkey", "niah_single"], lengths=[64, 128],
+             for t in ("passkey", "niah_single_lite") for n in (64, 128) for d in (0.0, 100.0)]
+    results = EvalResults(checkpoint="c", tasks=["passkey", "niah_single_lite"], lengths=[64, 128],
                           depths=[0.0, 100.0], samples=2, seed=0, max_length=4096,
                           started_unix=0.0, cells=cells, scores={"passkey": 0.17,
-                                                                 "niah_single": 0.5})
+                                                                 "niah_single_lite": 0.5})
     (run_dir / "evals").mkdir()
     atomic_write(run_dir / "evals" / "r.json", results.model_dump_json())
     ledger.record_eval("s128", "checkpoints/s128/step-000004", EvalEntry(
@@ -38,7 +38,7 @@ def test_eval_column_names_task_score_and_lengths(tmp_path):
     out = io.StringIO()
     render_summary(run, run_dir, {}, Console(file=out, width=250))
     text = out.getvalue()
-    assert "passkey 0.17 @64-128 tok; niah_single 0.50 @64-128 tok" in text
+    assert "passkey 0.17 @64-128 tok; niah_single_lite 0.50 @64-128 tok" in text
     assert "mean score over the context lengths shown and 5 needle depths" in " ".join(
         text.split())
 
