@@ -34,7 +34,7 @@ from ray_jobs.eval.runner import (
     plan_lengths,
 )
 from specs.loading import SpecError, load_model
-from specs.run import EvalSpec, RunSpec
+from specs.run import EvalSpec, KamradtSpec, RunSpec
 from topology.eval_plan import gang_size_for
 
 _DEFAULTS = EvalSpec()
@@ -70,6 +70,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--gang-place-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long the gang waits for its resources before the long contexts "
                    "are reported as not run")
+    p.add_argument("--haystack", nargs="+", default=None, metavar="FILE",
+                   help="also run Kamradt's needle-in-a-haystack test (niah_kamradt) with these "
+                   "local text files (or globs) as the haystack")
+    k = KamradtSpec.model_fields
+    p.add_argument("--needle", default=k["needle"].default, help="Kamradt's needle")
+    p.add_argument("--question", default=k["question"].default, help="the question about it")
+    p.add_argument("--key-phrases", nargs="+", default=None, metavar="PHRASE",
+                   help="phrases a right answer contains (default: 'eat a sandwich' and "
+                   "'Dolores Park')")
+    p.add_argument("--kamradt-depths", type=int, default=k["depth_intervals"].default,
+                   metavar="N", help="Kamradt's depth grid: N depths from 0 to 100 %%")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <run>/eval/<stage>/<step-dir> for a ringpilot "
@@ -113,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 2
+    kamradt, files = None, []
+    if args.haystack:
+        try:
+            files = [str(f) for f in task_lib.haystack_files(args.haystack, Path.cwd())]
+            kamradt = task_lib.Kamradt(
+                haystack=task_lib.read_haystack(files), needle=args.needle,
+                question=args.question, key_phrases=tuple(
+                    args.key_phrases or KamradtSpec.model_fields["key_phrases"].default_factory()))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {str(e).replace('eval.kamradt.haystack', '--haystack')}",
+                  file=sys.stderr)
+            return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     out = args.out or default_out_dir(args.checkpoint)
     long, status = LongContexts(), 0
@@ -142,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                                f"{'' if c.depth is None else f'{c.depth:g}%':>5} {c.score:.2f}"
                                f"  ({c.engine})", flush=True),
                            long_generate=long.generate, long_engine=long.engine,
-                           long_unavailable=long.unavailable, gang=long.info)
+                           long_unavailable=long.unavailable, gang=long.info,
+                           kamradt=kamradt, kamradt_intervals=args.kamradt_depths,
+                           haystack_files=files)
     finally:
         long.shutdown()
     for s in results.skipped:

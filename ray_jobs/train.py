@@ -122,6 +122,13 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
             list_files(run.data.prepared, spec_dir)
         except PrepareError as e:
             problems.append(str(e))
+    if run.eval.enabled and run.eval.kamradt is not None:
+        from ray_jobs.eval.tasks import haystack_files, read_haystack
+
+        try:
+            read_haystack(haystack_files(run.eval.kamradt.haystack, spec_dir))
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
     try:  # the ledger of a run being resumed: readable, every path in it inside the run
         check_ledger(Ledger(run_dir, run.name))
     except LedgerError as e:
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None, *,
 
     # 3. Evaluation actors (their own resources) and the progress lines.
     from ray_jobs.progress import ProgressPrinter, render_summary
-    evaluator = _start_eval(run, run_dir, ledger)
+    evaluator = _start_eval(run, run_dir, ledger, spec_dir)
     printer = ProgressPrinter(run_dir).start()
     wall, code = {}, 0
     try:
@@ -352,7 +359,7 @@ def _calibrated_plan(run: RunSpec, run_dir: Path, args: argparse.Namespace) -> P
     return plan
 
 
-def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger):
+def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger, spec_dir: Path):
     if not run.eval.enabled:
         return None
     try:
@@ -361,7 +368,7 @@ def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger):
         print(f"eval: enabled but ray_jobs.eval is not available ({e}); checkpoints are not "
               "evaluated", file=sys.stderr, flush=True)
         return None
-    scheduler = EvalScheduler(run, run_dir, ledger=ledger)
+    scheduler = EvalScheduler(run, run_dir, ledger=ledger, spec_dir=spec_dir)
     scheduler.start()
     return scheduler
 

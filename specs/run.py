@@ -393,6 +393,24 @@ class RulerSpec(_Spec):
                           "retrying for ~25 s each.")
 
 
+class KamradtSpec(_Spec):
+    """Greg Kamradt's needle-in-a-haystack test (task niah_kamradt): his needle in an
+    essay-style haystack of your own local text files, his depth grid, inserted at a sentence
+    break, scored by the key phrases the answer contains."""
+
+    haystack: list[str] = Field(min_length=1, description="Local text files or globs "
+                                "(relative to the run file), joined and repeated to each length.")
+    needle: str = Field("The best thing to do in San Francisco is eat a sandwich and sit in "
+                        "Dolores Park on a sunny day.", min_length=1, description="The needle.")
+    question: str = Field("What is the best thing to do in San Francisco?", min_length=1,
+                          description="The question about it.")
+    key_phrases: list[str] = Field(default_factory=lambda: ["eat a sandwich", "Dolores Park"],
+                                   min_length=1, description="Phrases a right answer contains; "
+                                   "the score is the share found.")
+    depth_intervals: int = Field(11, ge=2, description="Depths from 0 to 100 %, evenly spaced "
+                                 "(his grid).")
+
+
 class EvalSpec(_Spec):
     """Evaluation of every committed checkpoint, by actors beside the training."""
 
@@ -444,6 +462,10 @@ class EvalSpec(_Spec):
     gang_place_timeout_s: float = Field(
         120.0, gt=0, description="How long a gang waits for its resources before the long "
         "contexts are reported as not run (a gang larger than the cluster fails at once).",
+    )
+    kamradt: KamradtSpec | None = Field(
+        None, description="Also run Kamradt's needle-in-a-haystack test on your own haystack "
+        "files; null: not run.",
     )
     ruler: RulerSpec | None = Field(
         None, description="Also run RULER through lm-eval (per length, as RULER publishes), "

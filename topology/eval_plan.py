@@ -31,7 +31,7 @@ ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
 # ringpilot's own tasks that run at every needle depth (ray_jobs.eval.tasks.DEPTH_TASKS; the
 # others run once per length; tests/topology/test_eval_plan.py checks they agree)
 DEPTH_TASKS = {"passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
-               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite"}
+               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite", "niah_kamradt"}
 
 
 def eval_lengths(run: RunSpec) -> list[int]:
@@ -80,6 +80,8 @@ def plan_eval(planner: Planner, run: RunSpec) -> EvalPlan:
     attn_rate = p.peak_bf16_flops * p.mfu_attention
     dense_params = m.num_parameters - 2 * m.vocab_size * m.hidden_size
     prompts = sum(len(e.depths) if t in DEPTH_TASKS else 1 for t in e.tasks) * e.samples
+    if e.kamradt is not None:  # Kamradt's test on its own depth grid
+        prompts += e.kamradt.depth_intervals * e.samples
     notes: list[str] = []
     if capacity == 0:
         notes.append(f"the model's weights ({m.num_parameters * _elem(run) / 1e9:.0f} GB) do not "

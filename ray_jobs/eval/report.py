@@ -29,7 +29,8 @@ def _grid(results: EvalResults, task: str) -> tuple[list[int], list[float], list
     a cell was not run (see `_not_run`), so no cell is silently left out."""
     cells = [c for c in results.cells if c.task == task]
     lengths = sorted(set(results.lengths) | {c.length for c in cells})
-    depths = (sorted(set(results.depths) | {c.depth for c in cells if c.depth is not None})
+    asked = results.task_depths.get(task, results.depths)
+    depths = (sorted(set(asked) | {c.depth for c in cells if c.depth is not None})
               if task in task_lib.DEPTH_TASKS else [])
     by = {(c.length, c.depth): c.score for c in cells}
     return lengths, depths, [[by.get((n, d), float("nan")) for d in depths] for n in lengths]
@@ -44,9 +45,13 @@ def _not_run(results: EvalResults, task: str, length: int) -> str:
 
 
 def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
-    """Score per (context length, needle depth) as a heatmap PNG."""
+    """Score per (context length, needle depth) as a heatmap PNG (Kamradt's test: his layout,
+    context length across and depth down, red to green)."""
     plt = _pyplot()
     lengths, depths, grid = _grid(results, task)
+    if task == task_lib.KAMRADT_TASK:
+        _kamradt_heatmap(plt, results, lengths, depths, grid, path)
+        return
     fig, ax = plt.subplots(figsize=(3.0 + 0.7 * len(depths), 2.2 + 0.45 * len(lengths)))
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # grey: cells not run
     im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto")
@@ -62,6 +67,31 @@ def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
              else Path(results.checkpoint).name)
     ax.set_title(f"{task}: {where}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _kamradt_heatmap(plt, results: EvalResults, lengths, depths, grid, path) -> None:
+    from matplotlib.colors import LinearSegmentedColormap
+
+    cmap = LinearSegmentedColormap.from_list("kamradt", ["#F0496E", "#EBB839", "#0CD79F"])
+    cmap = cmap.with_extremes(bad="lightgrey")
+    by_depth = [[row[j] for row in grid] for j in range(len(depths))]  # depth down, length across
+    fig, ax = plt.subplots(figsize=(3.0 + 0.8 * len(lengths), 2.0 + 0.32 * len(depths)))
+    im = ax.imshow(by_depth, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth percent")
+    for i, row in enumerate(by_depth):
+        for j, v in enumerate(row):
+            if v != v:
+                ax.text(j, i, "not run", ha="center", va="center", fontsize=7)
+    where = (f"{results.stage} step {results.step}" if results.stage
+             else Path(results.checkpoint).name)
+    ax.set_title(f"Pressure testing: needle in a haystack ({where})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="score (key phrases found)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

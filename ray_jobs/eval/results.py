@@ -64,6 +64,11 @@ class EvalResults(_Doc):
     outputs: list[SampleResult] = Field(default_factory=list, description="Every sample.")
     files: dict[str, str] = Field(default_factory=dict, description="Plots and tables written.")
     error: str | None = Field(None, description="Why the checkpoint was not evaluated at all.")
+    task_depths: dict[str, list[float]] = Field(default_factory=dict, description="Depths of "
+                                                "a task that has its own grid (niah_kamradt: "
+                                                "Kamradt's), instead of `depths`.")
+    kamradt: dict | None = Field(None, description="Kamradt's test as run: needle, question, "
+                                 "key phrases scored, haystack files.")
     ruler: dict | None = Field(None, description="RULER through lm-eval: per-length rows (mean "
                                "over tasks x 100, 95% interval, samples, per task), tasks and "
                                "lengths not run with the reason, lm-eval's results file.")

@@ -41,7 +41,8 @@ def parse_checkpoint_path(path: str | Path) -> tuple[str | None, int | None]:
 def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[str], int],
              on_cell: Callable[[CellResult], None] | None = None,
              long_generate: Generate | None = None, long_engine: str = "",
-             long_unavailable: str = "") -> EvalResults:
+             long_unavailable: str = "", kamradt: task_lib.Kamradt | None = None
+             ) -> EvalResults:
     """Fill `results` (its tasks/lengths/depths/samples/seed say what to run) by scoring every
     sample's greedy output. Lengths up to `max_length` run on `generate` (one evaluator); longer
     ones on `long_generate` (an evaluation gang, `long_engine` names it) when given, else they
@@ -59,11 +60,12 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
             engine, gen = long_engine or "evaluation gang", long_generate
         results.engines[str(length)] = engine
         for task in results.tasks:
-            depths = results.depths if task in task_lib.DEPTH_TASKS else [None]
+            depths = (results.task_depths.get(task, results.depths)
+                      if task in task_lib.DEPTH_TASKS else [None])
             for depth in depths:
                 try:
                     samples = task_lib.build_samples(task, length, depth, results.samples,
-                                                     results.seed, count_tokens)
+                                                     results.seed, count_tokens, kamradt)
                 except ValueError as e:
                     results.skipped.append(Skipped(task=task, length=length, reason=str(e)))
                     break
@@ -95,16 +97,27 @@ def evaluate(generate: Generate, count_tokens: Callable[[str], int], *, checkpoi
              seed: int, max_length: int = MAX_TOKENS_PER_EVALUATOR, out_dir: Path | None = None,
              on_cell: Callable[[CellResult], None] | None = None,
              long_generate: Generate | None = None, long_engine: str = "",
-             long_unavailable: str = "", gang: dict | None = None) -> EvalResults:
+             long_unavailable: str = "", gang: dict | None = None,
+             kamradt: task_lib.Kamradt | None = None, kamradt_intervals: int = 11,
+             haystack_files: Sequence[str] = ()) -> EvalResults:
     """Run the grid and, with `out_dir`, write results.json, the heatmaps and tables.md (see
-    run_grid for the contexts longer than `max_length`)."""
+    run_grid for the contexts longer than `max_length`). With `kamradt`, Kamradt's
+    needle-in-a-haystack test runs too, on his depth grid of `kamradt_intervals` depths."""
+    if kamradt is not None and task_lib.KAMRADT_TASK not in tasks:
+        tasks = [*tasks, task_lib.KAMRADT_TASK]
     stage, step = parse_checkpoint_path(checkpoint)
     results = EvalResults(checkpoint=str(checkpoint), stage=stage, step=step, tasks=list(tasks),
                           lengths=sorted(set(lengths)), depths=list(depths), samples=samples,
                           seed=seed, max_length=max_length, gang=gang,
                           started_unix=time.time())
+    if kamradt is not None:
+        results.task_depths[task_lib.KAMRADT_TASK] = task_lib.kamradt_depths(kamradt_intervals)
+        results.kamradt = {"needle": kamradt.needle, "question": kamradt.question,
+                           "key_phrases": list(kamradt.key_phrases),
+                           "haystack_files": list(haystack_files),
+                           "haystack_chars": len(kamradt.haystack)}
     run_grid(results, generate, count_tokens, on_cell, long_generate, long_engine,
-             long_unavailable)
+             long_unavailable, kamradt)
     if out_dir is not None:
         save_results(results, out_dir)
     return results

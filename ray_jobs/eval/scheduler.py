@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ray_jobs.eval import tasks as task_lib
 from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.results import RESULTS_FILE
 from ray_jobs.eval.runner import plan_lengths
 from specs.ledger import EvalEntry, Fenced, Ledger, contained, is_committed
-from specs.run import RulerSpec, RunSpec
+from specs.run import KamradtSpec, RulerSpec, RunSpec
 
 log = logging.getLogger("ringpilot.eval")
 POLL_SECONDS = 0.5
@@ -53,6 +54,8 @@ class EvalRequest:
     gang_size: int = 0  # 0: derived from the longest context and max_length
     gang_place_timeout_s: float = 120.0
     rope_theta: float | None = None  # the stage's RoPE base, which the checkpoint must carry
+    kamradt: KamradtSpec | None = None  # Kamradt's test, on `haystack_files`
+    haystack_files: tuple[str, ...] = ()
     ruler: RulerSpec | None = None  # lm-eval's RULER tasks, at `ruler_lengths`
     ruler_lengths: tuple[int, ...] = ()
 
@@ -108,6 +111,7 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     the scheduler retries as a whole. `on_gang(gang)` is a test hook called once it started."""
     import torch
 
+    from ray_jobs.eval import tasks as task_lib
     from ray_jobs.eval.gang import start_long_contexts
     from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
     from ray_jobs.eval.report import save_results
@@ -129,13 +133,22 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
         on_gang=None if on_gang is None else lambda gang: on_gang(gang, request))
     if long.generate is not None and wrap_generate is not None:
         long.generate = wrap_generate(long.generate)
+    kamradt = None
+    if request.kamradt is not None:
+        k = request.kamradt
+        kamradt = task_lib.Kamradt(haystack=task_lib.read_haystack(request.haystack_files),
+                                   needle=k.needle, question=k.question,
+                                   key_phrases=tuple(k.key_phrases))
     try:
         results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
                            tasks=request.tasks, lengths=request.lengths, depths=request.depths,
                            samples=request.samples, seed=request.seed,
                            max_length=request.max_length,
                            long_generate=long.generate, long_engine=long.engine,
-                           long_unavailable=long.unavailable, gang=long.info)
+                           long_unavailable=long.unavailable, gang=long.info,
+                           kamradt=kamradt, haystack_files=request.haystack_files,
+                           kamradt_intervals=request.kamradt.depth_intervals
+                           if request.kamradt else 11)
     finally:
         long.shutdown()
     if request.ruler is not None and request.ruler_lengths:
@@ -234,8 +247,12 @@ class EvalScheduler:
 
     def __init__(self, run: RunSpec, run_dir: str | Path, *,
                  max_length: int | None = None,
-                 evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None):
+                 evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None,
+                 spec_dir: Path | None = None):
         self.run, self.run_dir = run, Path(run_dir)
+        # eval.kamradt.haystack, resolved now (relative to the run file): one error up front
+        self.haystack = (tuple(str(p) for p in task_lib.haystack_files(
+            run.eval.kamradt.haystack, spec_dir or Path.cwd())) if run.eval.kamradt else ())
         self.max_length = max_length or run.eval.max_tokens_per_evaluator
         # the driver's fenced ledger: a superseded driver's scheduler records nothing more
         self.ledger = ledger or Ledger(self.run_dir, run.name)
@@ -322,7 +339,8 @@ class EvalScheduler:
                            max_length=self.max_length, gang_size=e.gang_size,
                            gang_place_timeout_s=e.gang_place_timeout_s,
                            rope_theta=(self.run.stage_theta(index) if stage in names else None),
-                           ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths))
+                           ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
+                           kamradt=e.kamradt, haystack_files=self.haystack)
 
     def _ruler_lengths(self, stage: str, path: str, lengths: list[int]) -> tuple[int, ...]:
         r = self.run.eval.ruler

@@ -1,17 +1,22 @@
-"""Evaluation prompts: the NIAH grid and RULER-style tasks, a pure function of (seed, cell).
+"""Evaluation prompts: ringpilot's own NIAH grid and RULER-style tasks (`*_lite`: not RULER's
+generators; RULER itself runs through lm-eval, ray_jobs.eval.lm_eval_backend) and Kamradt's
+needle-in-a-haystack test on a haystack of the user's files; a pure function of (seed, cell).
 
 Every prompt is built with the evaluated model's own tokenizer to a token budget: the prompt plus
 the answer's generation budget fit `length` tokens. Retrieval needles sit at the stated depth of
 the haystack, measured in tokens; the other needles (distractors) sit at seeded random depths.
-`cwe` and `fwe` list words instead of a haystack and have no depth. `passkey` is the classic
-passkey test in the trainer's own synthetic text (ray_jobs.data), for models trained on it.
+`cwe_lite` and `fwe_lite` list words instead of a haystack and have no depth. `passkey` is the
+classic passkey test in the trainer's own synthetic text (ray_jobs.data), for models trained on
+it.
 """
 
 from __future__ import annotations
 
+import glob
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray_jobs.eval.scoring import Metric
 
@@ -20,7 +25,7 @@ TokenCounter = Callable[[str], int]
 # ringpilot's own tasks, in the style of RULER's but not RULER's generators (lm-eval runs RULER
 # itself: ray_jobs.eval.lm_eval_backend, eval.ruler); "_lite" keeps the two apart.
 DEPTH_TASKS = ("passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
-               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite")
+               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite", "niah_kamradt")
 NO_DEPTH_TASKS = ("cwe_lite", "fwe_lite")
 ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 
@@ -28,7 +33,7 @@ ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 # passkey keeps the training format's own budget.
 RULER_BUDGET = {"niah_lite": 128, "niah_single_lite": 128, "niah_multikey_lite": 128,
                 "niah_multivalue_lite": 128, "niah_multiquery_lite": 128, "vt_lite": 30,
-                "cwe_lite": 120, "fwe_lite": 50}
+                "cwe_lite": 120, "fwe_lite": 50, "niah_kamradt": 64}
 NEEDLES = 4  # needles in the multi-needle tasks
 VT_HOPS = 3  # assignments after the first in a variable-tracking chain
 CWE_WORDS, CWE_REPEAT = 5, 4  # common words to find, and how often each appears
@@ -82,23 +87,79 @@ _PLACES = ("before sunrise", "near the harbour", "behind the mill", "after the r
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
+@dataclass(frozen=True)
+class Kamradt:
+    """Greg Kamradt's needle-in-a-haystack test: one needle sentence placed at a depth of an
+    essay-style haystack (the user's local text files, repeated to the length), at a sentence
+    break, and a question about it; scored by which key phrases the answer contains."""
+
+    haystack: str
+    needle: str = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores "
+                   "Park on a sunny day.")
+    question: str = "What is the best thing to do in San Francisco?"
+    key_phrases: tuple[str, ...] = ("eat a sandwich", "Dolores Park")
+
+
+KAMRADT_TASK = "niah_kamradt"
+
+
+def haystack_files(patterns: Sequence[str], base: Path) -> list[Path]:
+    """The haystack's files (globs relative to `base`), or one error naming the pattern."""
+    files: list[Path] = []
+    for pattern in patterns:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        matches = sorted(Path(m) for m in glob.glob(full) if Path(m).is_file())
+        if not matches:
+            raise FileNotFoundError(f"eval.kamradt.haystack: {pattern!r} matches no file (looked "
+                                    f"for {full}); give local text files (essays, books)")
+        files += matches
+    return files
+
+
+def read_haystack(files: Sequence[str | Path]) -> str:
+    """The haystack's text: its files joined; one error for a file that is empty or not UTF-8."""
+    texts = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"eval.kamradt.haystack: {f} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start}); convert it or leave it out") from None
+        if not text.strip():
+            raise ValueError(f"eval.kamradt.haystack: {f} is empty; give text or leave it out")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def kamradt_depths(intervals: int) -> list[float]:
+    """Kamradt's depth grid: `intervals` depths from 0 to 100 %, evenly spaced, rounded."""
+    if intervals < 2:
+        return [0.0] if intervals == 1 else []
+    return [float(round(100 * i / (intervals - 1))) for i in range(intervals)]
+
+
 def build_samples(task: str, length: int, depth: float | None, count: int, seed: int,
-                  count_tokens: TokenCounter) -> list[Sample]:
-    """`count` samples of one (task, length, depth) cell; the same arguments give the same text."""
+                  count_tokens: TokenCounter, kamradt: Kamradt | None = None) -> list[Sample]:
+    """`count` samples of one (task, length, depth) cell; the same arguments give the same text.
+    `kamradt`: the haystack and needle of the niah_kamradt task (required for it)."""
     if task not in ALL_TASKS:
         raise ValueError(f"task {task!r} is unknown; use one of {', '.join(ALL_TASKS)}")
+    if task == KAMRADT_TASK and (kamradt is None or not kamradt.haystack.strip()):
+        raise ValueError(f"task {KAMRADT_TASK} needs a haystack: give local text files "
+                         "(eval.kamradt.haystack, or --haystack)")
     if task in NO_DEPTH_TASKS:
         depth = None
     elif depth is None or not 0 <= depth <= 100:
         raise ValueError(f"task {task}: depth must be a percentage 0..100, got {depth}")
-    return [_fit(task, length, depth, i, seed, count_tokens) for i in range(count)]
+    return [_fit(task, length, depth, i, seed, count_tokens, kamradt) for i in range(count)]
 
 
 def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
-         count: TokenCounter) -> Sample:
+         count: TokenCounter, kamradt: Kamradt | None = None) -> Sample:
     """Build, measure the whole prompt, and shrink the filler until it fits (token counts of
     pieces do not add up exactly under BPE, so the real prompt is the judge)."""
-    build = _BUILDERS[task]
+    build = (_BUILDERS[task] if task != KAMRADT_TASK else
+             lambda rng, b, d, c: _kamradt(rng, b, d, c, kamradt))
     budget = length
     for _ in range(64):
         rng = random.Random(f"ringpilot-eval:{seed}:{task}:{length}:{depth}:{index}")
@@ -327,6 +388,38 @@ def _fwe(rng: random.Random, budget: int, depth: None, count: TokenCounter) -> P
                 context=" ".join(items),
                 question=f"What are the {FWE_TOP} most frequent coded words in the text above? "
                 "Answer: the most frequent words are", answers=tuple(top), metric="all")
+
+
+KAMRADT_INSTRUCTION = ("You are a helpful AI bot that answers questions for a user. Keep your "
+                       "response short and direct.")
+
+
+def _kamradt(rng: random.Random, budget: int, depth: float, count: TokenCounter,
+             k: Kamradt) -> Prompt:
+    """The haystack repeated to about `budget` tokens, the needle inserted at `depth` percent of
+    it, moved back to the sentence break before that point (as Kamradt's test does)."""
+    text = " ".join(k.haystack.split())  # one line: paragraph breaks would split the prompt
+    # Each sample starts the haystack at its own sentence (seeded), so samples of a cell differ.
+    starts = [0] + [i + 2 for i in range(len(text) - 1) if text.startswith(". ", i)]
+    first = rng.choice(starts)
+    text = text[first:] + " " + text[:first] if first else text
+    sample = text[:20_000]
+    chars_per_token = len(sample) / max(1, count(sample))
+    room = max(0, budget - count(" " + k.needle + " "))
+    want = int(room * chars_per_token)
+    context = (text + " ") * (want // (len(text) + 1) + 1)
+    context = context[:want]
+    context = context[:context.rfind(".") + 1] or context.rstrip()  # end at a sentence's end
+    at = int(round(depth / 100 * len(context)))
+    if 0 < at < len(context):
+        stop = context.rfind(". ", 0, at)
+        at = stop + 2 if stop >= 0 else 0
+    before, after = context[:at].rstrip(), context[at:].lstrip()
+    context = " ".join(x for x in (before, k.needle, after) if x)
+    needle = len(before) + 1 if before else 0
+    return Prompt(instruction=KAMRADT_INSTRUCTION, context=context, needle=needle,
+                  question=f"{k.question} Don't give information outside the document or repeat "
+                  "your findings. Answer:", answers=tuple(k.key_phrases), metric="all")
 
 
 _BUILDERS: dict[str, Callable[..., Prompt]] = {

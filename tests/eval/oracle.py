@@ -16,6 +16,9 @@ def oracle(prompt: str, max_new_tokens: int) -> str:
     if prompt.endswith("Tell me the pass key. The pass key is"):
         return " " + PASSKEY.search(prompt).group(1) + ". Remember it."
     context, question = prompt.split("\n\n")[1], prompt.split("\n\n")[-1]
+    if "Don't give information outside the document" in question:  # Kamradt's test
+        subject = re.match(r"What is (?:the )?(.+?)\?", question).group(1)
+        return " " + next(s for s in re.split(r"(?<=\.) ", context) if subject in s)
     if "special magic number" in question:
         asked = re.search(r"numbers? for (.+?)\?", question).group(1).split(", ")
         found = [v for k, v in NEEDLE.findall(context) if k in asked]

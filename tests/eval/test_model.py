@@ -69,6 +69,28 @@ def test_standalone_evaluates_a_plain_hf_directory(checkpoints, tmp_path, capsys
     assert "scores: niah_lite 0.000, fwe_lite 0.000" in capsys.readouterr().out
 
 
+def test_standalone_runs_kamradt_with_a_haystack_and_refuses_a_missing_one(checkpoints,
+                                                                            tmp_path, capsys):
+    import random
+
+    from ray_jobs.eval import tasks as task_lib
+    from ray_jobs.eval.results import load_results
+
+    rng = random.Random(0)
+    essay = tmp_path / "essay.txt"
+    essay.write_text(" ".join(task_lib.filler_sentence(rng) for _ in range(200)))
+    common = ["--checkpoint", str(checkpoints["plain"]), "--tasks", "passkey", "--lengths", "256",
+              "--depths", "50", "--samples", "1"]
+    assert standalone.main(common + ["--haystack", str(tmp_path / "nowhere*.txt")]) == 2
+    assert "--haystack: " in capsys.readouterr().err
+    assert standalone.main(common + ["--haystack", str(essay), "--kamradt-depths", "3",
+                                     "--out", str(tmp_path / "k")]) == 0
+    res = load_results(tmp_path / "k" / "results.json")
+    assert [c.depth for c in res.cells if c.task == "niah_kamradt"] == [0.0, 50.0, 100.0]
+    assert res.kamradt["haystack_files"] == [str(essay)]
+    assert (tmp_path / "k" / "heatmap_niah_kamradt.png").is_file()
+
+
 def test_standalone_writes_next_to_the_run_and_refuses_incomplete(checkpoints, capsys):
     rc = standalone.main(["--checkpoint", str(checkpoints["committed"]), "--tasks", "vt_lite",
                           "--lengths", "256", "--depths", "50", "--samples", "1"])

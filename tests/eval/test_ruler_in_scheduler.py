@@ -1,5 +1,6 @@
 """RULER through lm-eval inside the evaluation actors: on each stage's final checkpoint, per
-length, into results.json, tables.md, the ledger's scores and the run report."""
+length, into results.json, tables.md, the ledger's scores and the run report; and Kamradt's
+needle-in-a-haystack test on the run's haystack files, beside it."""
 
 from __future__ import annotations
 
@@ -20,10 +21,19 @@ pytestmark = pytest.mark.ray
 
 
 def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_cluster, tmp_path):
+    import random
+
+    from ray_jobs.eval import tasks as task_lib
+
     tokenizer = fixtures.ruler_tokenizer()
+    rng = random.Random(0)
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "one.txt").write_text(
+        " ".join(task_lib.filler_sentence(rng) for _ in range(300)))
     run = tiny_run(tmp_path, context_lengths=[512, 1024],
                    max_tokens_per_evaluator=1024,
-                   ruler=dict(tasks=["niah_single_1", "ruler_vt", "niah_single_2"], samples=2))
+                   ruler=dict(tasks=["niah_single_1", "ruler_vt", "niah_single_2"], samples=2),
+                   kamradt=dict(haystack=["essays/*.txt"], depth_intervals=2))
     run_dir = tmp_path / run.name
     ledger = Ledger(run_dir, run.name)
     model = fixtures.build_tiny_model(len(tokenizer), 1024)
@@ -31,13 +41,17 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
         path = fixtures.save_checkpoint(model, tokenizer,
                                         run_dir / f"checkpoints/s192/step-{step:06d}")
         ledger.commit_checkpoint("s192", step, path, final=final)
-    scheduler = EvalScheduler(run, run_dir).start()
+    scheduler = EvalScheduler(run, run_dir, spec_dir=tmp_path).start()
     scheduler.stop(wait=True, timeout=600)
     evals = ledger.read().stages["s192"].eval
     middle, final = (evals[f"checkpoints/s192/step-{s:06d}"] for s in (2, 4))
     assert (middle.status, final.status) == ("done", "done"), (middle.error, final.error)
     assert load_results(run_dir / middle.results).ruler is None  # final_only
     res = load_results(run_dir / final.results)
+    # Kamradt's test ran too, on its own depth grid, on the haystack resolved beside the run file
+    assert [(c.length, c.depth) for c in res.cells if c.task == "niah_kamradt"] == [
+        (512, 0.0), (512, 100.0), (1024, 0.0), (1024, 100.0)]
+    assert res.kamradt["haystack_files"] == [str(tmp_path / "essays" / "one.txt")]
     ruler = res.ruler
     # RULER from its minimum length (1024) only; one row per length, as RULER publishes
     assert ruler["lengths"] == [1024] and [r["length"] for r in ruler["rows"]] == [1024]

@@ -75,3 +75,28 @@ def test_too_short_cells_are_skipped_with_the_reason(count_tokens):
     ([], 0, [256]), ([], 2, [256, 1024, 4096]), ([2048, 512, 512], 0, [512, 2048])])
 def test_lengths_default_to_the_stage_and_shorter_stages(given, index, expected):
     assert plan_lengths([256, 1024, 4096], index, given) == expected
+
+
+def test_kamradt_runs_on_his_depth_grid_and_draws_his_heatmap(count_tokens, tmp_path):
+    import random
+
+    rng = random.Random(1)
+    essay = "\n\n".join(" ".join(tasks.filler_sentence(rng) for _ in range(10))
+                        for _ in range(30))
+    kamradt = tasks.Kamradt(haystack=essay)
+    res = evaluate(oracle, count_tokens, checkpoint="k", tasks=["passkey"], lengths=[512, 1024],
+                   depths=[50.0], samples=1, seed=0, out_dir=tmp_path, kamradt=kamradt,
+                   kamradt_intervals=5, haystack_files=["essays.txt"])
+    assert res.tasks == ["passkey", "niah_kamradt"]
+    cells = [(c.length, c.depth) for c in res.cells if c.task == "niah_kamradt"]
+    assert cells == [(n, d) for n in (512, 1024) for d in (0.0, 25.0, 50.0, 75.0, 100.0)]
+    assert res.scores["niah_kamradt"] == 1.0  # the oracle finds the needle sentence
+    assert res.kamradt["key_phrases"] == ["eat a sandwich", "Dolores Park"]
+    assert (tmp_path / "heatmap_niah_kamradt.png").read_bytes()[:4] == b"\x89PNG"
+    wrong = evaluate(constant, count_tokens, checkpoint="k", tasks=["passkey"], lengths=[512],
+                     depths=[50.0], samples=1, seed=0, kamradt=kamradt, kamradt_intervals=3)
+    assert wrong.scores["niah_kamradt"] == 0.0
+    half = evaluate(lambda p, k: " Eat a sandwich.", count_tokens, checkpoint="k", tasks=[],
+                    lengths=[512], depths=[50.0], samples=1, seed=0, kamradt=kamradt,
+                    kamradt_intervals=2)
+    assert half.scores["niah_kamradt"] == 0.5  # one of the two key phrases

@@ -13,10 +13,10 @@ INSERTED = re.compile(r" ?(The special magic number for [\w-]+ is \d+\.|VAR [A-Z
 
 
 @pytest.mark.parametrize("task", tasks.ALL_TASKS)
-def test_same_seed_same_prompts_other_seed_other_prompts(task, count_tokens):
-    a = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens)
-    b = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens)
-    c = tasks.build_samples(task, 512, 50.0, 2, seed=8, count_tokens=count_tokens)
+def test_same_seed_same_prompts_other_seed_other_prompts(task, count_tokens, kamradt):
+    a = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens, kamradt=kamradt)
+    b = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens, kamradt=kamradt)
+    c = tasks.build_samples(task, 512, 50.0, 2, seed=8, count_tokens=count_tokens, kamradt=kamradt)
     assert a == b
     assert [s.prompt for s in a] != [s.prompt for s in c]
     assert a[0].prompt != a[1].prompt  # samples of a cell differ
@@ -24,8 +24,10 @@ def test_same_seed_same_prompts_other_seed_other_prompts(task, count_tokens):
 
 @pytest.mark.parametrize("task", tasks.ALL_TASKS)
 @pytest.mark.parametrize("length", [384, 1024])
-def test_prompt_fills_the_length_and_leaves_room_for_the_answer(task, length, count_tokens):
-    for s in tasks.build_samples(task, length, 25.0, 2, seed=1, count_tokens=count_tokens):
+def test_prompt_fills_the_length_and_leaves_room_for_the_answer(task, length, count_tokens,
+                                                                 kamradt):
+    for s in tasks.build_samples(task, length, 25.0, 2, seed=1, count_tokens=count_tokens,
+                                 kamradt=kamradt):
         assert s.prompt_tokens == count_tokens(s.prompt)
         assert s.prompt_tokens + s.max_new_tokens <= length
         assert s.prompt_tokens + s.max_new_tokens >= 0.85 * length
@@ -33,7 +35,7 @@ def test_prompt_fills_the_length_and_leaves_room_for_the_answer(task, length, co
         assert all(a in context for a in s.answers)  # answerable from the context alone
 
 
-@pytest.mark.parametrize("task", tasks.DEPTH_TASKS)
+@pytest.mark.parametrize("task", [t for t in tasks.DEPTH_TASKS if t != tasks.KAMRADT_TASK])
 @pytest.mark.parametrize("depth", [0.0, 25.0, 50.0, 75.0, 100.0])
 def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
     """Depth = share of the haystack's filler tokens before the needle (needles not counted)."""
@@ -51,6 +53,39 @@ def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
     else:
         key, value = NEEDLE.match(needle).groups()
         assert value == s.answers[0] and f"for {key}" in s.prompt[s.context_end:]
+
+
+@pytest.fixture(scope="module")
+def kamradt():
+    """An essay-style haystack of plain sentences (what a user's essays would be)."""
+    import random
+
+    rng = random.Random(0)
+    paragraphs = [" ".join(tasks.filler_sentence(rng) for _ in range(12)) for _ in range(40)]
+    return tasks.Kamradt(haystack="\n\n".join(paragraphs))
+
+
+@pytest.mark.parametrize("depth", [0.0, 10.0, 50.0, 90.0, 100.0])
+def test_kamradt_needle_at_a_sentence_break_at_the_depth(depth, count_tokens, kamradt):
+    s = tasks.build_samples(tasks.KAMRADT_TASK, 1024, depth, 1, seed=3, count_tokens=count_tokens,
+                            kamradt=kamradt)[0]
+    context = s.prompt[s.context_start:s.context_end]
+    needle = s.needle_start - s.context_start
+    assert context[needle:].startswith(kamradt.needle)
+    assert needle == 0 or context[:needle].endswith(". ")  # a sentence break, never mid-sentence
+    rest = context.replace(kamradt.needle, "")
+    assert count_tokens(context[:needle]) / count_tokens(rest) == pytest.approx(depth / 100,
+                                                                                abs=0.05)
+    assert s.answers == ("eat a sandwich", "Dolores Park") and s.metric == "all"
+    assert "What is the best thing to do in San Francisco?" in s.prompt[s.context_end:]
+
+
+def test_kamradt_depth_grid_and_missing_haystack(count_tokens):
+    assert tasks.kamradt_depths(11) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0,
+                                        90.0, 100.0]
+    assert tasks.kamradt_depths(3) == [0.0, 50.0, 100.0]
+    with pytest.raises(ValueError, match="needs a haystack"):
+        tasks.build_samples(tasks.KAMRADT_TASK, 512, 0.0, 1, 0, count_tokens)
 
 
 def test_vt_chain_links_every_answer_to_the_value(count_tokens):

@@ -112,3 +112,14 @@ def test_gpu_run_with_an_odd_head_dim_is_refused(tmp_path, capsys):
     err = _run(tmp_path, capsys, **{"resources.device": "gpu", "model.hidden_size": 40,
                                     "model.intermediate_size": 80})
     assert "model: head_dim 10 (hidden_size / num_attention_heads) must be a multiple of 8" in err
+
+
+def test_missing_or_empty_kamradt_haystack(tmp_path, capsys):
+    err = _run(tmp_path, capsys, **{"eval.enabled": True,
+                                    "eval.kamradt": {"haystack": ["essays/*.txt"]}})
+    assert "eval.kamradt.haystack: 'essays/*.txt' matches no file" in err
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "a.txt").write_text("  \n")
+    err = _run(tmp_path, capsys, **{"eval.enabled": True,
+                                    "eval.kamradt": {"haystack": ["essays/*.txt"]}})
+    assert "a.txt is empty" in err
