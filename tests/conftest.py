@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 offline_environment()
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test that runs Ray Train's trainer in this process leaves its SIGINT handler installed;
+    put back what was there, so no later test sees another's handlers."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """Start Ray once for every area that needs it (two `ray.init`s in one process fail).

@@ -109,9 +109,13 @@ def _gen_settings(gen_kwargs: dict, default_max: int) -> tuple[list[str], int]:
 class _CheckpointModel:
     """A checkpoint's model and tokenizer, answering lm-eval's requests (greedy decoding)."""
 
-    def __init__(self, pretrained: str, device: str = "cpu", max_gen_toks: int = 256):
+    def __init__(self, pretrained: str, device: str = "cpu", max_gen_toks: int = 256,
+                 long_generate: Callable | None = None, max_local: int | None = None):
         from ray_jobs.eval.model import load_checkpoint, max_model_length
 
+        # Prompts longer than `max_local` tokens go to `long_generate`
+        # (ids, max_new_tokens, eos) -> new ids: an evaluation gang (ray_jobs.eval.gang).
+        self.long_generate, self.max_local = long_generate, max_local
         self.path = str(pretrained)
         self.model, self.tokenizer = load_checkpoint(pretrained, device)
         self.max_length = max_model_length(pretrained)
@@ -146,8 +150,13 @@ class _CheckpointModel:
         ids = self.encode(context)
         self._check_fits(len(ids) + max_new, f"a prompt of {len(ids)} tokens plus {max_new} "
                                               "generated")
-        new = greedy_tokens(self.model, torch.tensor([ids], device=self.torch_device), max_new,
-                            self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id
+        if (self.long_generate is not None and self.max_local is not None
+                and len(ids) > self.max_local):
+            new = self.long_generate(ids, max_new, eos)
+        else:
+            new = greedy_tokens(self.model, torch.tensor([ids], device=self.torch_device),
+                                max_new, eos)
         return _stop_at(self.tokenizer.decode(new, skip_special_tokens=True), until)
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
@@ -231,9 +240,11 @@ def register_backends() -> dict[str, type]:
         """A ringpilot checkpoint (`pretrained`: its local directory) as an lm-eval model."""
 
         def __init__(self, pretrained: str, device: str | None = None,
-                     max_gen_toks: int = 256, **_ignored):
+                     max_gen_toks: int = 256, long_generate: Callable | None = None,
+                     max_local: int | None = None, **_ignored):
             super().__init__()
-            self.ckpt = _CheckpointModel(pretrained, device or "cpu", int(max_gen_toks))
+            self.ckpt = _CheckpointModel(pretrained, device or "cpu", int(max_gen_toks),
+                                         long_generate, max_local)
             self._device = self.ckpt.torch_device
 
         @property
@@ -488,12 +499,15 @@ def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: 
 
 def evaluate_prepared(prepared: PreparedTasks, out_dir: str | Path, *, limit: int | None = None,
                       model: str | type = MODEL_NAME, apply_chat_template: bool = False,
-                      device: str = "cpu", lengths: Sequence[int] | None = None) -> RulerReport:
+                      device: str = "cpu", lengths: Sequence[int] | None = None,
+                      long_generate: Callable | None = None,
+                      max_local: int | None = None) -> RulerReport:
     """lm_eval.simple_evaluate over the prepared tasks with the registered backend `model`
     (`ringpilot`; the test-only ones, or an lm-eval LM class, for checks), `limit` samples per
     task and length (`lengths`: a subset of the prepared ones); writes lm-eval's results to
     OUT_DIR/lm_eval_results.json (its logged samples beside it) and OUT_DIR/ruler_table.json, and
-    returns the per-length table."""
+    returns the per-length table. `long_generate`: what generates for prompts longer than
+    `max_local` tokens (an evaluation gang), with the ringpilot backend."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -509,7 +523,9 @@ def evaluate_prepared(prepared: PreparedTasks, out_dir: str | Path, *, limit: in
     samples = {name: _first_per_length(task.eval_docs, limit, lengths)
                for name, task in prepared.tasks.items()}
     cls = classes[model] if isinstance(model, str) else model
-    lm = cls(pretrained=prepared.checkpoint, device=device)
+    extra = ({"long_generate": long_generate, "max_local": max_local}
+             if long_generate is not None else {})
+    lm = cls(pretrained=prepared.checkpoint, device=device, **extra)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=list(prepared.tasks.values()), task_manager=prepared.manager,
         samples=samples, apply_chat_template=apply_chat_template, log_samples=True,

@@ -149,22 +149,25 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
                            kamradt=kamradt, haystack_files=request.haystack_files,
                            kamradt_intervals=request.kamradt.depth_intervals
                            if request.kamradt else 11)
+        if request.ruler is not None and request.ruler_lengths:
+            del model  # lm-eval's backend loads its own copy
+            add_ruler(results, request, checkpoint, device, long)
     finally:
         long.shutdown()
-    if request.ruler is not None and request.ruler_lengths:
-        del model  # lm-eval's backend loads its own copy
-        add_ruler(results, request, checkpoint, device)
     save_results(results, request.out_dir)
     return EvalSummary(scores=results.scores, results=request.out_dir / RESULTS_FILE,
                        started_unix=started, pid=os.getpid(), skipped=len(results.skipped))
 
 
-def add_ruler(results, request: EvalRequest, checkpoint: str, device: str) -> None:
-    """RULER through lm-eval (ray_jobs.eval.lm_eval_backend) at the request's RULER lengths that
-    one evaluator holds, into `results.ruler` (per length, as RULER publishes: the mean over
-    tasks x 100, its samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1).
-    What cannot run (lm-eval missing, a task needing a download, a length beyond one evaluator)
-    is recorded with the reason; it never fails the evaluation of ringpilot's own tasks."""
+def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
+              long=None) -> None:
+    """RULER through lm-eval (ray_jobs.eval.lm_eval_backend) at the request's RULER lengths,
+    into `results.ruler` (per length, as RULER publishes: the mean over tasks x 100, its
+    samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1). Lengths beyond one
+    evaluator run on the evaluation gang `long` (ray_jobs.eval.gang.LongContexts) when there is
+    one. What cannot run (lm-eval missing, a task needing a download, a length no evaluator or
+    gang holds) is recorded with the reason; it never fails the evaluation of ringpilot's own
+    tasks."""
     from ray_jobs.eval.lm_eval_backend import (
         LmEvalMissing,
         RulerInputError,
@@ -173,18 +176,33 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str) -> No
     )
 
     r = request.ruler
-    here = [n for n in request.ruler_lengths if n <= request.max_length]
+    gang = long is not None and long.gang is not None
+    here = [n for n in request.ruler_lengths if n <= request.max_length or gang]
     doc: dict = {"tasks": list(r.tasks), "lengths": here, "rows": [], "unavailable": {},
                  "samples_per_task": r.samples, "not_run": {
-                     str(n): f"longer than the {request.max_length:,} tokens one evaluator "
-                     "holds; RULER on an evaluation gang is not built yet"
-                     for n in request.ruler_lengths if n > request.max_length}}
+                     str(n): (long.unavailable if long is not None and long.unavailable else
+                              f"longer than the {request.max_length:,} tokens one evaluator "
+                              "holds, and no evaluation gang ran")
+                     for n in request.ruler_lengths if n not in here}}
+    if gang:
+        doc["engines"] = {str(n): "one evaluator" if n <= request.max_length else long.engine
+                          for n in here}
+    on_gang = None
+    if gang:
+        doc["gang_prompts"] = 0
+
+        def on_gang(ids, max_new, eos):  # counted: what the gang really generated
+            doc["gang_prompts"] += 1
+            return long.gang.generate(ids, max_new, eos)
     if here:
         try:
             prepared = prepare_tasks_cached(checkpoint, r.tasks, here,
                                             apply_chat_template=r.chat_template)
-            report = evaluate_prepared(prepared, request.out_dir / "ruler", limit=r.samples,
-                                       apply_chat_template=r.chat_template, device=device)
+            report = evaluate_prepared(
+                prepared, request.out_dir / "ruler", limit=r.samples,
+                apply_chat_template=r.chat_template, device=device,
+                long_generate=on_gang,
+                max_local=request.max_length)
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)
