@@ -9,8 +9,17 @@ from ray_jobs.eval.results import load_results
 from ray_jobs.eval.runner import evaluate, plan_lengths
 from tests.eval.oracle import constant, oracle
 
+def _essay() -> str:
+    import random
+
+    rng = random.Random(5)
+    return "\n\n".join(" ".join(tasks.filler_sentence(rng) for _ in range(10))
+                       for _ in range(20))
+
+
+# Every task, Kamradt's on a haystack of plain sentences and a grid of 3 depths like the others.
 GRID = dict(tasks=list(tasks.ALL_TASKS), lengths=[384, 640], depths=[0.0, 50.0, 100.0],
-            samples=2, seed=11)
+            samples=2, seed=11, kamradt=tasks.Kamradt(haystack=_essay()), kamradt_intervals=3)
 
 
 def test_oracle_scores_one_on_every_task(count_tokens, tmp_path):
