@@ -11,10 +11,12 @@ loads without it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import time
@@ -346,28 +348,49 @@ class RulerReport:
                 "results_path": self.results_path, "seconds": self.seconds}
 
 
-def _check_vt_tokenizer(tokenizer) -> None:
-    """lm-eval 0.4.13's ruler_vt builds a worked example within 500 tokens and loops forever
-    (vt_utils.sys_vartrack_w_noise_random) when the tokenizer cannot fit five noise sentences,
-    the template and one chain in it; refuse such a tokenizer here instead."""
+def _check_vt_tokenizer(tokenizer, lengths: Sequence[int]) -> None:
+    """lm-eval 0.4.13's ruler_vt (vt_utils.sys_vartrack_w_noise_random) loops forever, printing,
+    when a sample does not fit: first its worked example (five noise sentences, the template and
+    one chain) in 500 tokens, then each sample (ten noise sentences and one chain, 30 tokens to
+    generate, the worked example) in the context length. Refuse here what would not fit."""
+    import contextlib
+    import os
     import random
 
     import numpy as np
     from lm_eval.tasks.ruler import vt_utils
 
+    def tokens(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
     # leave the data lm-eval generates next as they would be without this check
     state, np_state = random.getstate(), np.random.get_state()
     try:
         text, answer = vt_utils.generate_input_output(5, 1, 4, is_icl=True)
+        example = tokens(text + " " + " ".join(answer)) + 30
+        if example > 500:
+            raise RulerInputError(
+                f"ruler_vt cannot run with this tokenizer: its worked example takes {example} "
+                "tokens with lm-eval's 500-token budget for it (lm-eval would loop forever); use "
+                "a tokenizer with a vocabulary for English text")
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            icl = vt_utils.sys_vartrack_w_noise_random(tokenizer, num_samples=1,
+                                                       max_seq_length=500, incremental=5)[0]
+        shot = tokens(icl["input"] + " " + " ".join(icl["outputs"]) + "\n\n")
+        # as lm-eval sizes it: the input and its answer list, 30 to generate, the example;
+        # 5 % of margin for the random variable names it draws
+        text, answer = vt_utils.generate_input_output(10, 1, 4, is_icl=False)
+        smallest = int(1.05 * (tokens(text + f" {answer}") + 30 + shot))
     finally:
         random.setstate(state)
         np.random.set_state(np_state)
-    n = len(tokenizer(text + " " + " ".join(answer)).input_ids) + 30
-    if n > 500:
+    if smallest > min(lengths):
         raise RulerInputError(
-            f"ruler_vt cannot run with this tokenizer: its worked example takes {n} tokens with "
-            "lm-eval's 500-token budget for it (lm-eval would loop forever); use a tokenizer with "
-            "a vocabulary for English text")
+            f"ruler_vt cannot run at {min(lengths):,} tokens with this tokenizer: its smallest "
+            f"sample (worked example, ten noise sentences, one chain, 30 tokens to generate) "
+            f"takes {smallest:,} (lm-eval would loop forever); run it from "
+            f"{smallest:,} tokens up (ruler.min_length) or use a tokenizer with a vocabulary "
+            "for English text")
 
 
 def length_rows(results: dict, lengths: Sequence[int]) -> list[LengthRow]:
@@ -461,8 +484,10 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
     for name in names:
         try:
             if name == "ruler_vt":
-                _check_vt_tokenizer(tokenizer)
-            built.update(manager.load([name])["tasks"])
+                _check_vt_tokenizer(tokenizer, lengths)
+            # lm-eval's generators print a line per try; keep them out of the run's log
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                built.update(manager.load([name])["tasks"])
         except RulerInputError as e:
             unavailable[name] = str(e)
         except Exception as e:  # noqa: BLE001 - a task that cannot make its data is reported

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -330,3 +331,23 @@ def test_vt_refuses_a_wasteful_tokenizer(tmp_path):
     prepared = backend.prepare_tasks(ckpt, ["ruler_vt"], [1024])
     assert prepared.tasks == {}
     assert "worked example" in prepared.unavailable["ruler_vt"]
+
+
+def test_vt_refuses_a_length_its_smallest_sample_does_not_fit(tmp_path):
+    """The run's own small-vocabulary tokenizer fits the worked example but not the smallest
+    sample at 1K (lm-eval would loop forever, printing): refused at 1K with the length it needs,
+    accepted at 2K, where lm-eval then makes its data."""
+    import tempfile
+
+    from ray_jobs.tokenizer import build_tokenizer
+    from specs.loading import load_model
+    from specs.run import RunSpec
+
+    tok = build_tokenizer(load_model("configs/tiny.yaml", RunSpec), Path(tempfile.mkdtemp()))
+    ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tok), 2048), tok,
+                                    tmp_path / "step-1")
+    prepared = backend.prepare_tasks(ckpt, ["ruler_vt"], [1024])
+    assert prepared.tasks == {}
+    assert "cannot run at 1,024 tokens" in prepared.unavailable["ruler_vt"]
+    assert "from 1," in prepared.unavailable["ruler_vt"]  # says where it can run from
+    assert list(backend.prepare_tasks(ckpt, ["ruler_vt"], [2048]).tasks) == ["ruler_vt"]
