@@ -487,7 +487,10 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
                 _check_vt_tokenizer(tokenizer, lengths)
             # lm-eval's generators print a line per try; keep them out of the run's log
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-                built.update(manager.load([name])["tasks"])
+                loaded = manager.load([name])["tasks"]
+            for task_name, task in loaded.items():
+                _check_answers(task_name, task.eval_docs)
+            built.update(loaded)
         except RulerInputError as e:
             unavailable[name] = str(e)
         except Exception as e:  # noqa: BLE001 - a task that cannot make its data is reported
@@ -495,6 +498,18 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
             why = f"{type(e).__name__}: {first}"
             unavailable[name] = f"{DOWNLOADS[name]}; here: {why}" if name in DOWNLOADS else why
     return PreparedTasks(checkpoint, lengths, manager, built, unavailable)
+
+
+def _check_answers(name: str, docs) -> None:
+    """Refuse a task whose generated samples expect no answer: lm-eval 0.4.13's ruler_cwe
+    makes such samples with a small-vocabulary tokenizer, and RULER's string_match_all then
+    divides by zero when scoring them."""
+    empty = sum(1 for d in docs if not d.get("outputs"))
+    if empty:
+        raise RulerInputError(
+            f"lm-eval generated {empty} of {len(docs)} {name} samples with no expected answer "
+            "for this tokenizer (RULER's scorer cannot score them); use a tokenizer with a "
+            "vocabulary for English text")
 
 
 _PREPARED: dict[tuple, PreparedTasks] = {}

@@ -168,6 +168,7 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
     one. What cannot run (lm-eval missing, a task needing a download, a length no evaluator or
     gang holds) is recorded with the reason; it never fails the evaluation of ringpilot's own
     tasks."""
+    from ray_jobs.eval.gang import GangFailed
     from ray_jobs.eval.lm_eval_backend import (
         LmEvalMissing,
         RulerInputError,
@@ -206,6 +207,11 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)
+        except GangFailed:
+            raise  # the gang is gone: the evaluation is retried as a whole
+        except Exception as e:  # noqa: BLE001 - lm-eval failing must not lose ringpilot's tasks
+            doc["error"] = f"lm-eval failed: {type(e).__name__}: {e}"
+            log.warning("RULER failed on %s: %s: %s", request.checkpoint, type(e).__name__, e)
         else:
             doc.update(report.to_dict(), lengths=here)
             doc["results_path"] = os.path.relpath(report.results_path, request.out_dir)

@@ -351,3 +351,12 @@ def test_vt_refuses_a_length_its_smallest_sample_does_not_fit(tmp_path):
     assert "cannot run at 1,024 tokens" in prepared.unavailable["ruler_vt"]
     assert "from 1," in prepared.unavailable["ruler_vt"]  # says where it can run from
     assert list(backend.prepare_tasks(ckpt, ["ruler_vt"], [2048]).tasks) == ["ruler_vt"]
+
+
+def test_a_task_whose_samples_expect_no_answer_is_refused():
+    """lm-eval's ruler_cwe generates samples without answers for a small-vocabulary tokenizer;
+    RULER's scorer would divide by zero on them."""
+    with pytest.raises(backend.RulerInputError, match=r"lm-eval generated 1 of 2 ruler_cwe "
+                       "samples with no expected answer"):
+        backend._check_answers("ruler_cwe", [{"outputs": ["a"]}, {"outputs": []}])
+    backend._check_answers("ruler_fwe", [{"outputs": ["a", "b"]}])

@@ -9,6 +9,7 @@ from ray_jobs.eval.results import load_results
 from ray_jobs.eval.runner import evaluate, plan_lengths
 from tests.eval.oracle import constant, oracle
 
+
 def _essay() -> str:
     import random
 
