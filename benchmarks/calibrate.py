@@ -36,7 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps trained per stage (40)")
     args = parser.parse_args()
-    from ray_jobs.train import main as train
+    from ray_jobs.train.driver import main as train
     from ringpilot.cli import main as ringpilot
     from specs.loading import load_model
     from specs.plan import Plan

@@ -4,7 +4,7 @@
 
 1. Preparation: a generated jsonl corpus (`--files` files, `--docs` documents in all) is
    tokenized by a plain single-process loop (read each file, the run's fast tokenizer on batches
-   of 256 texts) and by the preparation job on Ray Data (ray_jobs.prepare, engine "ray", on
+   of 256 texts) and by the preparation job on Ray Data (ray_jobs.data.prepare, engine "ray", on
    this machine's cores; its time from the first task to the manifest, without Ray's start).
    `prepare_tokens_per_s_ratio_vs_single` = Ray Data's tokens/s over the loop's.
 2. Reads: prepared directories of `--fetch-tokens` and 10x as many tokens (token shards of the
@@ -56,7 +56,7 @@ def run_spec(tmp: Path, prepared: Path, sources: list[dict], seq_len: int = 64,
 
 
 def single_process(files: list[Path], tokenizer: str) -> tuple[int, float]:
-    from ray_jobs.prepare import load_tokenizer
+    from ray_jobs.data.prepare import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     t0, total = time.perf_counter(), 0
@@ -71,7 +71,7 @@ def single_process(files: list[Path], tokenizer: str) -> tuple[int, float]:
 def bench_prepare(tmp: Path, n_docs: int, n_files: int) -> dict:
     import ray
 
-    from ray_jobs.prepare import prepare, tokenizer_files
+    from ray_jobs.data.prepare import prepare, tokenizer_files
 
     per = n_docs // n_files
     files = [write_jsonl(tmp / "corpus" / f"part-{i:03d}.jsonl",
@@ -118,8 +118,8 @@ def fetch_worker(prepared: str, tmp: str) -> None:
     """Child process: a worker's data path at 1M tokens (prints one JSON line)."""
     import torch  # noqa: F401  (the worker has it loaded already)
 
-    from ray_jobs.data import SampleStream
-    from ray_jobs.tokenizer import build_tokenizer
+    from ray_jobs.data.samples import SampleStream
+    from ray_jobs.data.tokenizer import build_tokenizer
 
     steps = 8  # the same reads at every corpus size (each touches 4 MB of mapped pages)
     run = run_spec(Path(tmp), Path(prepared), [{"name": "x", "paths": ["unused"]}],

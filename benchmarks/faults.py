@@ -1,4 +1,4 @@
-"""Fault matrix of ray_jobs.train on a local Ray cluster: every fault against one uninterrupted run.
+"""Fault matrix of the trainer (ray_jobs.train) on local Ray: each fault vs an unbroken run.
 
     python benchmarks/faults.py [--only NAME ...]
 
@@ -47,7 +47,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import yaml  # noqa: E402
 
-from ray_jobs.checkpoint import read_state  # noqa: E402
+from ray_jobs.train.checkpoint import read_state  # noqa: E402
 from specs.ledger import Ledger, is_committed  # noqa: E402
 from tests.support.faults import (  # noqa: E402
     CrashOnce,
@@ -84,7 +84,7 @@ def write_spec(tmp: Path, name: str, **overrides) -> Path:
 
 
 def train(spec: Path, **hooks) -> int:
-    from ray_jobs.train import main
+    from ray_jobs.train.driver import main
 
     return main(["--run", str(spec)], **hooks)
 
@@ -262,7 +262,7 @@ def eval_actor_killed(tmp: Path, out: Outcome) -> Path:
 def ledger_broken(tmp: Path, out: Outcome, how: str) -> Path:
     spec = write_spec(tmp, f"ledger-{how}")
     run_dir = tmp / "runs" / f"ledger-{how}"
-    from ray_jobs.train import main
+    from ray_jobs.train.driver import main
 
     if main(["--run", str(spec), "--stage", "s64"]) != 0:
         out.problems.append("stage s64 failed")

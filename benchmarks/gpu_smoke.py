@@ -215,7 +215,7 @@ def llama_ring_vs_sdpa(device, seq: int) -> dict:
 def policy_step(device, storage: torch.dtype, seq: int) -> dict:
     """One AdamW step at lr 2e-5 through the trainer's parallelize (FSDP2 on a world of one)
     with bf16 compute: the share of weights with a gradient that changed, and peak memory."""
-    from ray_jobs.parallelize import build_mesh, build_optimizer, parallelize, ring_mean_loss
+    from ray_jobs.train.parallelize import build_mesh, build_optimizer, parallelize, ring_mean_loss
     from specs.degrees import ParallelDims
 
     layout = build_mesh(ParallelDims(), [[0]], device.type)

@@ -6,7 +6,7 @@
 1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout the
    planner chooses on its cluster (configs/llama3-{8b,70b}-1m.yaml), the cost model's peak per
    GPU (reserve excluded) against an FSDPMemTracker trace of the trainer's own parallelize()
-   under FakeTensorMode on a fake process group (ringpilot.memory): max |predicted - traced| /
+   under FakeTensorMode on a fake process group (ray_jobs.train.memory): max |predicted - traced| /
    traced. trace_seconds_8b: the wall time of the first 8B trace.
 2. memory_model_error_tiny: the tiny default's last stage (4K tokens, one ring of 2, FSDP2 over
    both) on 2 gloo processes: the peak rise of each process's resident set from just before the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ringpilot.memory import trace_stage_memory  # noqa: E402
+from ray_jobs.train.memory import trace_stage_memory  # noqa: E402
 from specs.loading import load_model  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
 from tests.support.worlds import run_world  # noqa: E402
@@ -98,8 +98,8 @@ def tiny_body(rank, world, mode: str, steps: int):
     import ctypes
     import gc
 
-    from ray_jobs.parallelize import build_mesh
     from ray_jobs.ring_attention import register_ring_attention
+    from ray_jobs.train.parallelize import build_mesh
     from specs.degrees import ParallelDims
 
     register_ring_attention()
@@ -117,9 +117,14 @@ def tiny_body(rank, world, mode: str, steps: int):
 def _tiny_session(layout, mode: str, steps: int) -> float:
     from torch.nn.parallel import DistributedDataParallel
 
-    from ray_jobs.model import build_model
-    from ray_jobs.parallelize import build_optimizer, clip_gradients, parallelize, ring_mean_loss
     from ray_jobs.ring_attention import use_ring_group, zigzag_position_ids, zigzag_shard
+    from ray_jobs.train.model import build_model
+    from ray_jobs.train.parallelize import (
+        build_optimizer,
+        clip_gradients,
+        parallelize,
+        ring_mean_loss,
+    )
 
     run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     index = len(run.stages) - 1
@@ -175,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, help="trace this many decoder layers (quick)")
     parser.add_argument("--max-ring", type=int, help="trace longer rings as their equivalent "
-                        "layout on a ring this long (ringpilot.memory.equivalent_layout): same "
-                        "tensors per GPU, a shorter loop; full-length rings of 70B take hours")
+                        "layout on a ring this long (ray_jobs.train.memory.equivalent_layout): "
+                        "same tensors per GPU, a shorter loop; full-length rings of 70B take "
+                        "hours")
     parser.add_argument("--steps", type=int, default=20, help="tiny training steps per mode")
     args = parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Benchmark of ray_jobs.train on this machine: throughput, recovery, the demo, retrieval learned.
+"""Benchmark of the trainer (ray_jobs.train): throughput, recovery, the demo, retrieval learned.
 
     python benchmarks/train.py [--skip-demo]
 
@@ -49,7 +49,7 @@ def _bench_spec(storage: Path, stage_index: int = 2, steps: int = STEPS) -> dict
 
 
 def _run_ray(spec: dict, tmp: Path, crash: CrashOnce | None = None) -> Path:
-    from ray_jobs.train import main
+    from ray_jobs.train.driver import main
 
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -68,9 +68,9 @@ def single_process_tokens_per_s(spec: dict, tmp: Path) -> float:
     """The same stage, same samples, plain HF loop in one process."""
     import torch
 
-    from ray_jobs.data import SampleStream
-    from ray_jobs.model import build_model
-    from ray_jobs.tokenizer import build_tokenizer
+    from ray_jobs.data.samples import SampleStream
+    from ray_jobs.data.tokenizer import build_tokenizer
+    from ray_jobs.train.model import build_model
 
     torch.set_num_threads(2)
     run = RunSpec.model_validate(spec)
@@ -105,8 +105,8 @@ def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
 
 
 def demo() -> tuple:
-    from ray_jobs.checkpoint import final_checkpoint
-    from ray_jobs.model import retrieval_scores
+    from ray_jobs.eval.retrieval import retrieval_scores
+    from ray_jobs.train.checkpoint import final_checkpoint
     from specs.ledger import Ledger
 
     t0 = time.perf_counter()

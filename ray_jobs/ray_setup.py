@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 
-from ray_jobs.worker_config import RAY_LOG_LEVEL
+# Ray's and Ray Train's console level on the driver and in the workers. Warnings and errors show;
+# INFO lines (connecting, worker-group start, each report) stay in Ray's session log files.
+# RINGPILOT_RAY_LOG_LEVEL=INFO shows them again (it is read where the driver and workers start).
+RAY_LOG_LEVEL = os.environ.get("RINGPILOT_RAY_LOG_LEVEL", "WARNING").upper()
 
 
 def connect_ray(address: str | None, local_cpus: int) -> None:

@@ -100,7 +100,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     run, spec = load_model(args.run, RunSpec), load_cluster(args.cluster)
     if args.repeats < 1:
         raise SpecError("ringpilot calibrate", ["--repeats: give at least 1"])
-    from ray_jobs.calibrate import calibrate  # torch and Ray: only when asked
+    from ray_jobs.train.calibrate import calibrate  # torch and Ray: only when asked
 
     try:
         doc = calibrate(run, spec, node_type=args.node_type, repeats=args.repeats,
@@ -131,7 +131,7 @@ def _plan(args: argparse.Namespace) -> int:
     code = run_plan(args)
     if code or not args.verify_memory:
         return code
-    from ringpilot.memory import render_checks, verify_plan_memory  # torch: only when asked
+    from ray_jobs.train.memory import render_checks, verify_plan_memory  # torch: only when asked
 
     run = load_model(args.run, RunSpec)
     plan = Plan.model_validate_json((Path(args.out) / "plan.json").read_text())

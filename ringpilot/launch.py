@@ -346,8 +346,8 @@ def _print_retrieval(run, run_dir: Path) -> None:
     """Passkey retrieval at the longest length: first stage's model vs the final model."""
     from transformers.utils import logging as hf_logging
 
-    from ray_jobs.checkpoint import final_checkpoint
-    from ray_jobs.model import retrieval_scores
+    from ray_jobs.eval.retrieval import retrieval_scores
+    from ray_jobs.train.checkpoint import final_checkpoint
     from specs.ledger import Ledger
 
     hf_logging.disable_progress_bar()

@@ -5,6 +5,11 @@ Floors, lowest first: specs/ (the seams), topology/, then ray_jobs/ and operator
 then ringpilot/ (the command line and the demo launcher). A module may import its own package
 and the floors below it; no product module imports tests/ or benchmarks/. Function-level imports
 count too: a lazy import is still a dependency, and a lazy circle still is one.
+
+Inside ray_jobs/ the same rule holds between its wings, lowest first: ring_attention/, data/,
+eval/, train/. Every module of ray_jobs/ sits in a wing, except ray_setup.py (which the wings
+share, and which imports none of them) and the packages' `__init__`/`__main__` files (the
+`python -m ray_jobs.prepare` and `python -m ray_jobs.evaluate` entry points).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"specs": 0, "topology": 1, "ray_jobs": 2, "operators": 2, "ringpilot": 3}
 NOT_PRODUCT = ("tests", "benchmarks")
+WINGS = {"ring_attention": 0, "data": 1, "eval": 2, "train": 3}
+SHARED_BY_WINGS = {"ray_jobs.ray_setup"}
 
 
 def module_files(root: Path, packages) -> dict[str, Path]:
@@ -65,8 +72,15 @@ def import_graph(root: Path, packages) -> nx.DiGraph:
     return graph
 
 
-def problems_of(graph: nx.DiGraph) -> list[str]:
-    """Circles and imports that point up a floor, across a floor, or into test code."""
+def wing_of(module: str) -> str | None:
+    """The wing of a ray_jobs module (its second name), or None for shared and entry modules."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in WINGS else None
+
+
+def problems_of(graph: nx.DiGraph, mods: dict[str, Path] | None = None) -> list[str]:
+    """Circles, imports that point up a floor, across a floor, up or across a ray_jobs wing, or
+    into test code; and ray_jobs modules that sit outside every wing."""
     found = [" -> ".join([*c, c[0]]) + ": an import circle"
              for c in nx.simple_cycles(graph) if len(c) > 1]
     for a, b in graph.edges:
@@ -76,11 +90,29 @@ def problems_of(graph: nx.DiGraph) -> list[str]:
         elif pa != pb and FLOORS[pb] >= FLOORS[pa]:
             found.append(f"{a} imports {b}: {pb}/ is on floor {FLOORS[pb]}, not below "
                          f"{pa}/ (floor {FLOORS[pa]}); move the shared piece down to specs/")
+        elif pa == pb == "ray_jobs":
+            found += _wing_problems(a, b)
+    for name, path in (mods or {}).items():
+        if (name.startswith("ray_jobs.") and wing_of(name) is None
+                and name not in SHARED_BY_WINGS
+                and path.name not in ("__init__.py", "__main__.py")):
+            found.append(f"{name} sits outside the wings of ray_jobs/ ({', '.join(WINGS)}): "
+                         "move it into the wing whose job it does")
     return sorted(found)
 
 
+def _wing_problems(a: str, b: str) -> list[str]:
+    wa, wb = wing_of(a), wing_of(b)
+    if a in SHARED_BY_WINGS and wb is not None:
+        return [f"{a} imports {b}: {a} is shared by the wings and must import none of them"]
+    if wa is None or wb is None or wa == wb or WINGS[wb] < WINGS[wa]:
+        return []
+    return [f"{a} imports {b}: ray_jobs/{wb}/ (wing {WINGS[wb]}) is not below ray_jobs/{wa}/ "
+            f"(wing {WINGS[wa]}); wings import only lower ones ({' < '.join(WINGS)})"]
+
+
 def test_no_import_circle_and_no_upward_import():
-    problems = problems_of(import_graph(ROOT, FLOORS))
+    problems = problems_of(import_graph(ROOT, FLOORS), module_files(ROOT, FLOORS))
     assert problems == [], "\n".join(problems)
 
 
@@ -110,6 +142,40 @@ def test_the_checker_sees_circles_upward_and_test_imports(tmp_path):
                for p in problems)
     assert any(p.endswith("an import circle") and "operators.e" in p and "operators.f" in p
                for p in problems)
+
+
+def test_the_checker_sees_wings_out_of_order_and_modules_outside_them(tmp_path):
+    """Wings: an upward import (eval/ -> train/), a sideways one into the shared module's
+    dependencies, and a module beside the wings are caught; downward imports and entry points
+    pass."""
+    files = {
+        "ray_jobs/__init__.py": "",
+        "ray_jobs/ray_setup.py": "from ray_jobs.train.driver import main  # shared -> wing\n",
+        "ray_jobs/loose.py": "",
+        "ray_jobs/ring_attention/__init__.py": "",
+        "ray_jobs/ring_attention/ring.py": "",
+        "ray_jobs/data/__init__.py": "",
+        "ray_jobs/data/samples.py": "from ray_jobs.ring_attention import ring  # down: fine\n",
+        "ray_jobs/eval/__init__.py": "",
+        "ray_jobs/eval/model.py": "from ray_jobs.train.checkpoint import read  # upward\n",
+        "ray_jobs/train/__init__.py": "",
+        "ray_jobs/train/__main__.py": "from ray_jobs.train.driver import main\n",
+        "ray_jobs/train/driver.py": "from ray_jobs.eval import model  # down: fine\n",
+        "ray_jobs/train/checkpoint.py": "",
+        "ray_jobs/evaluate/__init__.py": "",
+        "ray_jobs/evaluate/__main__.py": "from ray_jobs.eval import model\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    problems = problems_of(import_graph(tmp_path, FLOORS), module_files(tmp_path, FLOORS))
+    assert any(p.startswith("ray_jobs.eval.model imports ray_jobs.train.checkpoint")
+               for p in problems), problems
+    assert any(p.startswith("ray_jobs.ray_setup imports ray_jobs.train") for p in problems)
+    assert any(p.startswith("ray_jobs.loose sits outside the wings") for p in problems)
+    assert not any("ray_jobs.data.samples" in p or "ray_jobs.train.driver imports" in p
+                   or "ray_jobs.evaluate" in p or "__main__" in p for p in problems), problems
+    assert len(problems) == 3, problems
 
 
 def test_specs_import_nothing_of_the_project_but_specs():
@@ -147,7 +213,8 @@ _IMPORT_ALONE = textwrap.dedent("""
 
 
 def test_every_module_imports_alone():
-    names = sorted(module_files(ROOT, FLOORS))
+    # An entry point's __main__ runs its command when imported; its imports are its target's.
+    names = sorted(n for n in module_files(ROOT, FLOORS) if not n.endswith(".__main__"))
     code = _IMPORT_ALONE.replace("{FLOORS!r}", repr(set(FLOORS)))
     done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

@@ -52,15 +52,15 @@ class Needs:
 NEEDS = [
     Needs("ray", "2.53", "ray.train.ScalingConfig(label_selector=...)",
           "read in the ray 2.52.0 and 2.53.0 wheels' ray/train/v2/api/config.py: absent, present",
-          _ray_label_selector, "ray_jobs/train.py", "label_selector=label_selector"),
+          _ray_label_selector, "ray_jobs/train/driver.py", "label_selector=label_selector"),
     Needs("torch", "2.6", "torch.distributed.fsdp.fully_shard / FSDPModule / MixedPrecisionPolicy",
           "public in torch.distributed.fsdp from 2.6 (2.5 had them under "
           "torch.distributed._composable.fsdp); PyTorch docs page created 2024-12-04",
-          _public_fsdp2, "ray_jobs/parallelize.py",
+          _public_fsdp2, "ray_jobs/train/parallelize.py",
           "from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard"),
     Needs("transformers", "5.0", "PretrainedConfig.rope_parameters (rope_theta inside it)",
           "transformers 5 moved rope_theta into rope_parameters", _rope_parameters,
-          "ray_jobs/model.py", "rope_parameters="),
+          "ray_jobs/train/model.py", "rope_parameters="),
 ]
 
 

@@ -218,7 +218,7 @@ def layer_working_bytes(s: StageShape) -> float:
     keeps (the two norms' outputs and their fp32 upcasts, q, k, v before and after RoPE, the
     attention output, the o_proj output; the MLP's gate, up, activation and product) and the
     ring's fp32 accumulators of dq, dK, dV and the log-sum-exp. Counted from Llama's forward;
-    within 1% of the traced 8B working set (ringpilot.memory)."""
+    within 1% of the traced 8B working set (ray_jobs.train.memory)."""
     h, kv, i, cb = s.hidden, s.kv_heads * s.head_dim, s.intermediate, s.elem_bytes
     return (10 * h + 3 * kv + 4 * i) * cb + (h + 2 * kv) * 4 + s.heads * 4
 
@@ -228,7 +228,7 @@ def _bytes(dtype: str) -> int:
 
 
 def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
-    """Bytes per GPU by part, at the step's peak, for the layout ray_jobs.parallelize builds.
+    """Bytes per GPU by part, at the step's peak, for the layout ray_jobs.train.parallelize builds.
 
     Always held: the weights, their gradients and AdamW's two moments in the storage dtype,
     sharded over the shard group (FSDP2); the root's embedding and lm_head gathered in the
@@ -238,7 +238,7 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     compute dtype, upcast to fp32 and as its fp32 gradient, or while a decoder layer is
     recomputed and backpropagated (its activations, its gathered weights and the next layer's
     prefetched ones, its unsharded gradients, the ring's K/V buffers): whichever is larger.
-    Checked against FSDPMemTracker traces of the real parallelize (ringpilot.memory).
+    Checked against FSDPMemTracker traces of the real parallelize (ray_jobs.train.memory).
     Without activation checkpointing every layer's activations are held instead.
     """
     n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step

@@ -1,8 +1,8 @@
 """Step times a run measured, read back from its run directory, to set beside the planner's.
 
 The trainer records each stage's training seconds (optimizer steps only: no checkpointing, no
-reporting), their split by phase (ray_jobs.loop.StepClock) and steps in its checkpoints'
-`trainer_state/state.json` (ray_jobs.checkpoint.TrainerState); the newest committed checkpoint
+reporting), their split by phase (ray_jobs.train.loop.StepClock) and steps in its checkpoints'
+`trainer_state/state.json` (ray_jobs.train.checkpoint.TrainerState); the newest committed checkpoint
 of a stage holds the most.
 """
 

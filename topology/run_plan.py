@@ -170,7 +170,7 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
         "weights, gradients and AdamW state in the model's storage dtype (fp32: 16 bytes per "
         "parameter) sharded over each stage's shard group (FSDP2; HSDP across groups), layers "
         "computing in bf16, activations checkpointed per decoder layer, the loss in chunks: the "
-        "memory model describes ray_jobs.parallelize and is checked against traces of it "
+        "memory model describes ray_jobs.train.parallelize and is checked against traces of it "
         "(ringpilot plan --verify-memory); CUDA context and fragmentation are the reserve",
         "ring K/V transfers overlap the attention block compute only; weight all-gathers overlap "
         "the dense compute only; the data-parallel all-reduce is not overlapped",

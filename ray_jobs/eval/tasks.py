@@ -6,8 +6,8 @@ Every prompt is built with the evaluated model's own tokenizer to a token budget
 the answer's generation budget fit `length` tokens. Retrieval needles sit at the stated depth of
 the haystack, measured in tokens; the other needles (distractors) sit at seeded random depths.
 `cwe_lite` and `fwe_lite` list words instead of a haystack and have no depth. `passkey` is the
-classic passkey test in the trainer's own synthetic text (ray_jobs.data), for models trained on
-it.
+classic passkey test in the trainer's own synthetic text (ray_jobs.data.samples), for models
+trained on it.
 """
 
 from __future__ import annotations
@@ -254,9 +254,15 @@ def _keys_values(rng: random.Random, k: int) -> tuple[list[str], list[str]]:
 
 def _passkey(rng: random.Random, budget: int, depth: float, count: TokenCounter) -> Prompt:
     """The passkey retrieval test (Mohtashami & Jaggi, 2023) in the exact text the trainer's
-    synthetic task uses (ray_jobs.data), so a model trained on it is asked the way it learned:
-    no separators, a five-digit key with spaced digits, repeated filler sentences."""
-    from ray_jobs.data import FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, spaced_digits
+    synthetic task uses (ray_jobs.data.samples), so a model trained on it is asked the way it
+    learned: no separators, a five-digit key with spaced digits, repeated filler sentences."""
+    from ray_jobs.data.samples import (
+        FILLER,
+        PASSKEY_INTRO,
+        PASSKEY_NEEDLE,
+        PASSKEY_QUESTION,
+        spaced_digits,
+    )
 
     key = spaced_digits(rng)
     needle = PASSKEY_NEEDLE.format(key=key)

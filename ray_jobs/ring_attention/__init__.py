@@ -7,7 +7,7 @@ ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
     (batch, local_seq, kv_heads, head_dim) for k and v (heads % kv_heads == 0; only the K/V
     heads travel). Causal: shards in zigzag order (`zigzag_shard`), local_seq even.
     Non-causal: contiguous shards in ring order (`contiguous_shard`). `group` is a `Ring`
-    (`ray_jobs.parallelize.build_mesh(...).ring`), a process group (ring order = its rank
+    (`ray_jobs.train.parallelize.build_mesh(...).ring`), a process group (ring order = its rank
     order) or None (the world).
     Any strides are accepted: k and v are copied once into contiguous send buffers if needed.
     Exact: same math as single-device attention; log-sum-exp merge in fp32; out/dq/dK/dV
@@ -22,7 +22,7 @@ zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
 zigzag_position_ids, contiguous_shard, contiguous_unshard: helpers of the same kind.
 sequence_parallel_attention(q, k, v, *, mesh, causal=True, scale=None) -> out
     Layered sequence parallelism (Ulysses x ring, `ulysses.py`): `mesh` a SequenceMesh
-    (build_sequence_mesh(ulysses, ring), or ray_jobs.parallelize.build_mesh(...).sequence);
+    (build_sequence_mesh(ulysses, ring), or ray_jobs.train.parallelize.build_mesh(...).sequence);
     shards from sequence_shard / sequence_position_ids. ulysses 1 is ring_attention exactly.
 Hugging Face (transformers >= 5):
     register_ring_attention()
@@ -31,7 +31,7 @@ Hugging Face (transformers >= 5):
     with use_ring_group(ring):          # a Ring, or a SequenceMesh for Ulysses x ring
         ...
 The training recipe around it (device mesh from a plan's rings, FSDP2, activation
-checkpointing, the chunked ring-mean loss) is ray_jobs.parallelize.
+checkpointing, the chunked ring-mean loss) is ray_jobs.train.parallelize.
 record_ring_timings(): context manager collecting compute and communication-wait seconds.
 """
 

@@ -57,7 +57,7 @@ def resolve_ring(group: "Ring | dist.ProcessGroup | None") -> Ring:
     if me not in ring.ranks:
         raise ValueError(
             f"global rank {me} is not a member of the ring group {list(ring.ranks)}; pass the ring "
-            "group this rank belongs to (see ray_jobs.parallelize.build_mesh)"
+            "group this rank belongs to (see ray_jobs.train.parallelize.build_mesh)"
         )
     return ring
 

@@ -1,4 +1,4 @@
-"""The preparation job (ray_jobs.prepare) and the trainer's reads of its output by address.
+"""The preparation job (ray_jobs.data.prepare) and the trainer's reads of its output by address.
 
 Most tests use the in-process engine (the same per-file function Ray Data runs in its tasks);
 test_ray_data_matches_in_process runs it on Ray Data and compares byte for byte. The references
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_jobs.data import IGNORE, SampleStream, document_samples
-from ray_jobs.prepare import check_prepared, prepare
-from ray_jobs.prepared import MANIFEST, FeistelPermutation, PreparedCorpus, PrepareError
+from ray_jobs.data.prepare import check_prepared, prepare
+from ray_jobs.data.prepared import MANIFEST, FeistelPermutation, PreparedCorpus, PrepareError
+from ray_jobs.data.samples import IGNORE, SampleStream, document_samples
+from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.ring_attention.ulysses import sequence_position_ids, sequence_shard
-from ray_jobs.tokenizer import build_tokenizer
 from specs.run import RunSpec
 from tests.data.corpus import (
     conversations,

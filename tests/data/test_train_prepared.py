@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from ray_jobs.data import SampleStream
-from ray_jobs.prepared import MANIFEST
-from ray_jobs.tokenizer import build_tokenizer
-from ray_jobs.train import main
+from ray_jobs.data.prepared import MANIFEST
+from ray_jobs.data.samples import SampleStream
+from ray_jobs.data.tokenizer import build_tokenizer
+from ray_jobs.train.driver import main
 from specs.ledger import Ledger
 from specs.loading import load_model
 from specs.run import RunSpec

@@ -143,7 +143,7 @@ def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_pa
 
 def test_standalone_evaluate_runs_a_gang_and_refuses_one_larger_than_the_cluster(
         ray_cluster, tmp_path, tokenizer, capsys):
-    from ray_jobs.evaluate import main
+    from ray_jobs.eval.cli import main
 
     ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tokenizer), 1024), tokenizer,
                                     tmp_path / "llama", ringpilot=False)

@@ -339,7 +339,7 @@ def test_vt_refuses_a_length_its_smallest_sample_does_not_fit(tmp_path):
     accepted at 2K, where lm-eval then makes its data."""
     import tempfile
 
-    from ray_jobs.tokenizer import build_tokenizer
+    from ray_jobs.data.tokenizer import build_tokenizer
     from specs.loading import load_model
     from specs.run import RunSpec
 

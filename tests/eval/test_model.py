@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ray_jobs import evaluate as standalone
+from ray_jobs.eval import cli as standalone
 from ray_jobs.eval.model import (
     CheckpointError,
     build_generate,

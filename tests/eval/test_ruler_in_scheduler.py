@@ -12,7 +12,7 @@ from rich.console import Console
 from ray_jobs.eval.report import render_run_report
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
-from ray_jobs.progress import ruler_table
+from ray_jobs.train.progress import ruler_table
 from specs.ledger import Ledger
 from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures

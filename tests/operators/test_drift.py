@@ -10,8 +10,8 @@ import yaml
 from operators.__main__ import build_arg_parser as operator_parser
 from operators.rayjob import RUN_DIR, RUN_FILE, build_rayjob
 from operators.resource import StagedTrainingSpec
-from ray_jobs import train
-from ray_jobs.train import build_arg_parser as train_parser
+from ray_jobs.train import driver as train
+from ray_jobs.train.driver import build_arg_parser as train_parser
 from tests.manifests.conftest import KUSTOMIZATIONS, MANIFESTS, kustomize, load, samples
 
 
@@ -41,7 +41,8 @@ def test_rayjob_entrypoint_parses_with_the_trainers_parser(job):
     assert {"name": "run", "mountPath": RUN_DIR, "readOnly": True} in mounts
     source = open(train.__file__).read()
     for name in runtime_env.get("env_vars", {}):
-        assert name.startswith("RAY_") or name in source, f"{name} is not read by ray_jobs.train"
+        assert name.startswith("RAY_") or name in source, \
+            f"{name} is not read by ray_jobs.train.driver"
 
 
 def test_an_unknown_trainer_argument_would_be_caught():

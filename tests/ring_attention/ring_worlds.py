@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ray_jobs.parallelize import build_mesh, parallelize, ring_mean_loss
 from ray_jobs.ring_attention import (
     contiguous_shard,
     register_ring_attention,
@@ -18,6 +17,7 @@ from ray_jobs.ring_attention import (
     zigzag_shard,
     zigzag_unshard,
 )
+from ray_jobs.train.parallelize import build_mesh, parallelize, ring_mean_loss
 from specs.degrees import ParallelDims
 
 # Tolerances against single-process SDPA in the same dtype (values O(1), random normal inputs).

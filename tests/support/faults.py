@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.worker_config import StepInfo
+from ray_jobs.train.config import StepInfo
 
 
 def crash_marker(run_dir: Path, stage: str, step: int) -> Path:

@@ -4,7 +4,7 @@ there, positive and physical, and the profile it writes plans."""
 import pytest
 from topology_helpers import ROOT
 
-from ray_jobs.calibrate import Shapes, measure, same_switch_link, to_profile
+from ray_jobs.train.calibrate import Shapes, measure, same_switch_link, to_profile
 from specs.loading import load_model
 from specs.run import RunSpec
 from tests.support.worlds import run_world

@@ -16,19 +16,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ray_jobs.parallelize import (
+from ray_jobs.ring_attention import (
+    register_ring_attention,
+    sequence_position_ids,
+    sequence_shard,
+    use_ring_group,
+)
+from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
     clip_gradients,
     parallelize,
     ring_mean_loss,
     sync_gradients_in,
-)
-from ray_jobs.ring_attention import (
-    register_ring_attention,
-    sequence_position_ids,
-    sequence_shard,
-    use_ring_group,
 )
 from specs.degrees import ParallelDims
 
@@ -235,7 +235,7 @@ def checkpoint_round_trip(rank, world, run_dir):
     """Train a step, save through the trainer's save_checkpoint, load through its
     load_checkpoint into a fresh mesh; return where every optimizer state tensor and every
     torch.load of the load landed."""
-    from ray_jobs import checkpoint as ckpt
+    from ray_jobs.train import checkpoint as ckpt
     from specs.ledger import Ledger
 
     layout, root, opt = _setup(1, 1, 1, ac=False)
@@ -273,7 +273,7 @@ def stale_checkpoint_refused(rank, world, run_dir, when):
     """Two ranks of driver attempt 1 train a step; attempt 2 takes the run `when` "before" their
     checkpoint starts or "during" it (every file written, not yet committed): the checkpoint
     must be refused on every rank."""
-    from ray_jobs import checkpoint as ckpt
+    from ray_jobs.train import checkpoint as ckpt
     from specs.ledger import Fenced, Ledger
 
     ledger = Ledger(run_dir, "r")

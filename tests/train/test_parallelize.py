@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_jobs.parallelize import chunked_cross_entropy
+from ray_jobs.train.parallelize import chunked_cross_entropy
 from specs.degrees import ParallelDims
 from tests.support.worlds import run_world
 from tests.train import parallel_worlds as worlds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ray_jobs.train import ARCHITECTURE, main, preflight
+from ray_jobs.train.driver import ARCHITECTURE, main, preflight
 from specs.ledger import Ledger, mark_committed
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec, write_spec

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.checkpoint import read_state
-from ray_jobs.train import main
+from ray_jobs.train.checkpoint import read_state
+from ray_jobs.train.driver import main
 from specs.ledger import COMMITTED, Ledger
 from tests.support.faults import CrashOnce, StaleWriteOnce, TakeOverOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec
@@ -46,7 +46,7 @@ def baseline(ray_cluster, tmp_path_factory) -> Path:
 def test_stages_carry_weights_and_raise_theta(baseline):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from ray_jobs.model import weights_checksum
+    from ray_jobs.train.model import weights_checksum
     from specs.loading import load_model
     from specs.run import RunSpec
 
@@ -67,7 +67,7 @@ def test_stages_carry_weights_and_raise_theta(baseline):
     assert (s2.seq_len, s2.init_from) == (128, "checkpoints/s64/step-000006")
     assert s2.attention_kernel == "torch-cpu-flash (the CPU device)"
     assert s2.init_checksum == pytest.approx(weights_checksum(m1), rel=1e-12)
-    # the step's phases (ray_jobs.loop.StepClock) add up to the training time measured
+    # the step's phases (ray_jobs.train.loop.StepClock) add up to the training time measured
     assert set(s2.parts_seconds) == {"data", "forward + backward", "optimizer",
                                      "loss all-reduce"}
     assert all(v > 0 for v in s2.parts_seconds.values())

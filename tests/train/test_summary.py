@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from ray_jobs.checkpoint import STATE_DIR, TrainerState, checkpoint_dir
 from ray_jobs.eval.results import CellResult, EvalResults
-from ray_jobs.progress import render_summary
+from ray_jobs.train.checkpoint import STATE_DIR, TrainerState, checkpoint_dir
+from ray_jobs.train.progress import render_summary
 from specs.atomic import atomic_write
 from specs.ledger import EvalEntry, Ledger, mark_committed
 from specs.run import RunSpec
@@ -79,7 +79,7 @@ def _local_profile(**changes) -> dict:
 def test_summary_puts_the_calibrated_prediction_beside_the_measured_step(tmp_path):
     import yaml
 
-    from ray_jobs.calibrate import calibrated_plan
+    from ray_jobs.train.calibrate import calibrated_plan
 
     run = RunSpec.model_validate(mini_spec(tmp_path / "runs"))
     out = tmp_path / "calibration" / "local-cpu.yaml"
@@ -113,7 +113,7 @@ def test_a_profile_of_another_cluster_is_measured_again(tmp_path, monkeypatch):
     and the new profile replaces it; a measurement that does not fit writes nothing."""
     import yaml
 
-    import ray_jobs.calibrate as calibrate_mod
+    import ray_jobs.train.calibrate as calibrate_mod
     from topology.calibration import CalibrationError
 
     run = RunSpec.model_validate(mini_spec(tmp_path / "runs"))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_jobs.data import IGNORE, SampleStream, build_eval_prompt
-from ray_jobs.loop import LR_FLOOR, lr_factor, plan_start
-from ray_jobs.model import apply_rope_theta, build_model
-from ray_jobs.tokenizer import build_tokenizer
+from ray_jobs.data.samples import IGNORE, SampleStream, build_eval_prompt
+from ray_jobs.data.tokenizer import build_tokenizer
+from ray_jobs.train.loop import LR_FLOOR, lr_factor, plan_start
+from ray_jobs.train.model import apply_rope_theta, build_model
 from specs.ledger import COMMITTED, Ledger, mark_committed
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec
@@ -75,7 +75,7 @@ def test_eval_passkey_task_asks_in_the_training_text_token_for_token(tok):
     # The trainer encodes the pieces one by one; the evaluator encodes the whole prompt. Every
     # piece starts with a space, so both give the same tokens and a tiny model is asked the way
     # it learned.
-    from ray_jobs.data import PASSKEY_INTRO, PASSKEY_QUESTION
+    from ray_jobs.data.samples import PASSKEY_INTRO, PASSKEY_QUESTION
     from ray_jobs.eval.tasks import build_samples
 
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
@@ -174,7 +174,7 @@ def test_training_forward_keeps_no_kv_cache(monkeypatch):
     generation that never comes (transformers defaults use_cache to True)."""
     import transformers.models.llama.modeling_llama as llama
 
-    from ray_jobs.parallelize import CausalLMWithLoss
+    from ray_jobs.train.parallelize import CausalLMWithLoss
     from tests.train.parallel_worlds import tiny_llama
 
     class NoCache:
@@ -212,7 +212,7 @@ def _llama3_like_tokenizer(directory, *, with_config: bool):
 
 
 def test_a_given_tokenizer_keeps_its_own_special_tokens(tmp_path):
-    from ray_jobs.tokenizer import TokenizerError
+    from ray_jobs.data.tokenizer import TokenizerError
 
     size = _llama3_like_tokenizer(tmp_path / "llama3", with_config=True)
     run = RunSpec.model_validate(mini_spec(tmp_path, data={

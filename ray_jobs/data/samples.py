@@ -2,7 +2,7 @@
 
 Every sample is a pure function of (seed, stage, step, micro-step, index in the global batch),
 so a resumed run sees exactly the samples an uninterrupted one would, whatever restarted.
-Prepared documents (data.prepared, ray_jobs/prepared.py) are addressed the same way: the k-th
+Prepared documents (data.prepared, ray_jobs/data/prepared.py) are addressed the same way: the k-th
 document sample of a stage reads packed sequence perm(k) of the stage's seeded permutation by
 memory map, so no sequence is used twice in a stage and none is skipped for another.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_jobs.prepared import FeistelPermutation, PreparedCorpus, resolve, stage_sequences
+from ray_jobs.data.prepared import FeistelPermutation, PreparedCorpus, resolve, stage_sequences
 from specs.run import RunSpec
 
 IGNORE = -100

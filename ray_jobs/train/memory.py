@@ -8,7 +8,7 @@ reduce-scatter buffers. This is how torchtitan estimates memory. What it cannot 
 workspaces (flash-attn, cuBLAS), the CUDA caching allocator's fragmentation and the NCCL and
 CUDA context, which the planner's profile reserves separately (`memory_reserve_bytes`).
 
-    python -m ringpilot.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
+    python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ray_jobs.model import llama_config
-from ray_jobs.parallelize import (
+from ray_jobs.ring_attention import register_ring_attention, use_ring_group
+from ray_jobs.train.model import llama_config
+from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
     clip_gradients,
@@ -34,7 +35,6 @@ from ray_jobs.parallelize import (
     parallelize,
     ring_mean_loss,
 )
-from ray_jobs.ring_attention import register_ring_attention, use_ring_group
 from specs.degrees import ParallelDims
 from specs.loading import load_or_report
 from specs.plan import Plan
@@ -194,7 +194,7 @@ def render_checks(checks: list[MemoryCheck]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ringpilot.memory",
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train.memory",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="RunSpec YAML")
     parser.add_argument("--stage", required=True, help="stage name")

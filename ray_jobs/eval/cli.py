@@ -176,6 +176,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/results.json, tables.md and heatmaps")
     return status
 
-
-if __name__ == "__main__":
-    sys.exit(main())

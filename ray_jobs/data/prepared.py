@@ -1,6 +1,6 @@
 """Prepared documents on disk, and how the trainer reads them by sample address.
 
-Layout of a prepared directory (written by ray_jobs.prepare):
+Layout of a prepared directory (written by ray_jobs.data.prepare):
 
     manifest.json          what was prepared from what (written last; its presence = complete)
     tokens-00000.npy ...   one uint32 token stream cut into shards of `shard_tokens`

@@ -9,9 +9,9 @@ resumes: finished stages are skipped, the current one restarts from its last com
 The driver: (1) check the RunSpec against the filesystem and the Ray cluster, before any worker
 starts, and take the run (the ledger's next epoch: a driver still running, or the workers of a
 killed one, can no longer write to it); (2) build the tokenizer and the plan, and prepare
-data.prepared if it is missing (ray_jobs.prepare; stale or too small: refused); (3) start
-evaluation and progress; (4) run one TorchTrainer per stage (ray_jobs.loop.train_stage_worker),
-recording stages in the ledger; (5) print the summary.
+data.prepared if it is missing (ray_jobs.data.prepare; stale or too small: refused); (3) start
+evaluation and progress; (4) run one TorchTrainer per stage
+(ray_jobs.train.loop.train_stage_worker), recording stages in the ledger; (5) print the summary.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.checkpoint import final_checkpoint
-from ray_jobs.data import read_documents
-from ray_jobs.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
-from ray_jobs.prepare import check_prepared, list_files
-from ray_jobs.prepared import PrepareError
+from ray_jobs.data.prepare import check_prepared, list_files
+from ray_jobs.data.prepared import PrepareError
+from ray_jobs.data.samples import read_documents
+from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.kernels import kernel_problems
-from ray_jobs.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
-from ray_jobs.worker_config import StepInfo, WorkerConfig
+from ray_jobs.train.checkpoint import final_checkpoint
+from ray_jobs.train.config import StepInfo, WorkerConfig
+from ray_jobs.train.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
 from specs.atomic import writable_dir_problem
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
@@ -211,7 +211,7 @@ def train_stage(config: WorkerConfig) -> None:
     quiet = quiet_run_config()
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.loop import train_stage_worker
+    from ray_jobs.train.loop import train_stage_worker
 
     run, stage, run_dir = config.run, config.stage, config.run_dir
     res = run.resources
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None, *,
             return 2
 
     # 3. Evaluation actors (their own resources) and the progress lines.
-    from ray_jobs.progress import ProgressPrinter, render_summary
+    from ray_jobs.train.progress import ProgressPrinter, render_summary
     evaluator = _start_eval(run, run_dir, ledger, spec_dir)
     printer = ProgressPrinter(run_dir).start()
     wall, code = {}, 0
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None, *,
 def _calibrated_plan(run: RunSpec, run_dir: Path, args: argparse.Namespace) -> Plan | None:
     """The plan on --calibrate's cluster with its measured profile (None, said in one line,
     when the cluster file or the measurement does not fit)."""
-    from ray_jobs.calibrate import calibrated_plan
+    from ray_jobs.train.calibrate import calibrated_plan
     from topology.calibration import CalibrationError
 
     out = run_dir / "calibration" / f"{Path(args.calibrate).stem}.yaml"
@@ -372,6 +372,3 @@ def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger, spec_dir: Path):
     scheduler.start()
     return scheduler
 
-
-if __name__ == "__main__":
-    sys.exit(main())

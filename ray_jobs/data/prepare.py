@@ -11,7 +11,7 @@ tokenizer, batched; per-file tasks keep every document's (file, line) for error 
 give a fixed order), and hands the documents back in input order (`preserve_order`). The driver
 then filters (min/max tokens, duplicates by content hash), weights (per source and per length
 bucket) and appends them, each followed by EOS, to one token stream written as uint32 shards
-(ray_jobs/prepared.py describes the layout). Extra copies of upsampled documents go in later
+(ray_jobs/data/prepared.py describes the layout). Extra copies of upsampled documents go in later
 passes over the stream, so copies of one document do not land in one sequence. Everything is
 written to a temporary directory, the manifest last, then renamed into place: a failed or
 interrupted run leaves the previous prepared data (or none), never half of it.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_jobs.prepared import (
+from ray_jobs.data.prepared import (
     FORMAT_VERSION,
     MANIFEST,
     PrepareError,
@@ -96,7 +96,7 @@ def list_files(spec: PreparedSpec, spec_dir: Path | None) -> list[dict]:
 def tokenizer_files(run: RunSpec, run_dir: Path, spec_dir: Path | None) -> tuple[Path, str | None]:
     """The run's tokenizer.json (trained into the run directory first if it has none) and the
     chat template found beside it (chat_template.jinja or tokenizer_config.json), if any."""
-    from ray_jobs.tokenizer import build_tokenizer, resolve_tokenizer_source
+    from ray_jobs.data.tokenizer import build_tokenizer, resolve_tokenizer_source
 
     build_tokenizer(run, run_dir, spec_dir)
     source = resolve_tokenizer_source(run, spec_dir) or run_dir / "tokenizer" / "tokenizer.json"
@@ -258,7 +258,7 @@ def load_tokenizer(path: str):
     if path not in _TOKENIZERS:
         from transformers import PreTrainedTokenizerFast
 
-        from ray_jobs.tokenizer import SPECIAL_TOKENS
+        from ray_jobs.data.tokenizer import SPECIAL_TOKENS
 
         _TOKENIZERS[path] = PreTrainedTokenizerFast(tokenizer_file=path, **SPECIAL_TOKENS)
     return _TOKENIZERS[path]
@@ -539,7 +539,7 @@ def prepare(run: RunSpec, spec_dir: Path | None, run_dir: Path, *, engine: str =
     if old is not None:
         why = differences(old.get("inputs", {}), inputs) or ["forced"]
         log(f"prepare: {out} is stale: " + "; ".join(why[:5]) + "; preparing again")
-    from ray_jobs.tokenizer import TokenizerError
+    from ray_jobs.data.tokenizer import TokenizerError
 
     tok = load_tokenizer(str(tokenizer))
     if tok.eos_token_id is None:
@@ -635,7 +635,7 @@ def check_prepared(run: RunSpec, spec_dir: Path | None, run_dir: Path, *,
                    address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """The trainer's preflight: prepare when nothing is there; refuse data prepared from other
     inputs, tokenizer or settings, and a corpus too small for a stage. The manifest."""
-    from ray_jobs.data import budget_problems
+    from ray_jobs.data.samples import budget_problems
 
     spec = run.data.prepared
     out = resolve(spec.path, spec_dir)
@@ -673,7 +673,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.tokenizer import TokenizerError
+    from ray_jobs.data.tokenizer import TokenizerError
     from specs.loading import load_or_report
 
     args = build_arg_parser().parse_args(argv)
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.run}: cannot prepare\n" + "\n".join(f"  {x}" for x in str(e).splitlines()),
               file=sys.stderr)
         return 2
-    from ray_jobs.data import budget_problems
+    from ray_jobs.data.samples import budget_problems
 
     for line in budget_problems(run, int(manifest["total_tokens"]),
                                 resolve(run.data.prepared.path, args.run.resolve().parent)):
@@ -697,6 +697,3 @@ def main(argv: list[str] | None = None) -> int:
               "tokens", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

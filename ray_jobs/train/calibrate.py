@@ -409,7 +409,7 @@ def _optimizer(shapes: Shapes, world: int, repeats: int, device: torch.device) -
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from ray_jobs.parallelize import build_optimizer, clip_gradients
+    from ray_jobs.train.parallelize import build_optimizer, clip_gradients
 
     layer, rope = decoder_layer(shapes, device, getattr(torch, shapes.state_dtype))
     fully_shard(layer, mesh=init_device_mesh(device.type, (world,)))

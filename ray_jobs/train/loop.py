@@ -25,7 +25,16 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from ray_jobs.checkpoint import (
+from ray_jobs.data.samples import SampleStream, read_documents
+from ray_jobs.data.tokenizer import build_tokenizer
+from ray_jobs.ray_setup import quiet_worker_logs
+from ray_jobs.ring_attention import (
+    register_ring_attention,
+    select_block_kernel,
+    use_ring_group,
+)
+from ray_jobs.ring_attention.ulysses import sequence_position_ids
+from ray_jobs.train.checkpoint import (
     TrainerState,
     final_checkpoint,
     load_checkpoint,
@@ -33,9 +42,9 @@ from ray_jobs.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from ray_jobs.data import SampleStream, read_documents
-from ray_jobs.model import build_model, weights_checksum
-from ray_jobs.parallelize import (
+from ray_jobs.train.config import StepInfo, WorkerConfig
+from ray_jobs.train.model import build_model, weights_checksum
+from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
     clip_gradients,
@@ -44,22 +53,13 @@ from ray_jobs.parallelize import (
     ring_mean_loss,
     sync_gradients_in,
 )
-from ray_jobs.placement import (
+from ray_jobs.train.placement import (
     NODE_LABEL,
     WorkerSlot,
     build_rings,
     record_stage_plan,
     stage_plan_for,
 )
-from ray_jobs.ray_setup import quiet_worker_logs
-from ray_jobs.ring_attention import (
-    register_ring_attention,
-    select_block_kernel,
-    use_ring_group,
-)
-from ray_jobs.ring_attention.ulysses import sequence_position_ids
-from ray_jobs.tokenizer import build_tokenizer
-from ray_jobs.worker_config import StepInfo, WorkerConfig
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 

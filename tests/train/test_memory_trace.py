@@ -1,4 +1,4 @@
-"""Memory at real scale: the trainer's parallelize() traced on fake tensors (ringpilot.memory)
+"""Memory at real scale: the trainer's parallelize() traced on fake tensors (ray_jobs.train.memory)
 against the planner's cost model, on shallow Llama-3 shapes so the suite stays fast."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from topology.profile import get_profile
 from topology.run_plan import plan_run
 from topology.sources import load_cluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "llama3-8b-1m.yaml"
 
 
@@ -29,7 +29,7 @@ def _shallow(run: RunSpec, layers: int) -> RunSpec:
 def test_trace_of_a_two_layer_8b_matches_the_cost_model():
     """A fresh interpreter (the trace needs one without a process group) traces stage 65k of
     the 8B recipe at its planned layout, two decoder layers deep."""
-    done = subprocess.run([sys.executable, "-m", "ringpilot.memory", "--run", str(CONFIG),
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.train.memory", "--run", str(CONFIG),
                            "--stage", "65k", "--ring", "8", "--layers", "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +74,8 @@ def test_a_long_ring_traces_like_its_short_equivalent():
     the shard slots) hold the same bytes. The benchmark traces 70B's rings of 64 and 128 so."""
     done = subprocess.run([sys.executable, "-c", (
         "import sys, json; from specs.loading import load_model; from specs.run import RunSpec;"
-        "from specs.degrees import ParallelDims; from ringpilot.memory import trace_stage_memory;"
+        "from specs.degrees import ParallelDims;"
+        "from ray_jobs.train.memory import trace_stage_memory;"
         f"run = load_model({str(CONFIG)!r}, RunSpec); st = run.stages[1];"
         "dims = ParallelDims.of(32, 1, 32);"
         "a = trace_stage_memory(run, st, dims, layers=2);"
@@ -87,9 +88,9 @@ def test_a_long_ring_traces_like_its_short_equivalent():
 
 
 def test_a_ulysses_layout_is_refused_with_a_reason_not_traced_wrong():
-    from ringpilot.memory import trace_stage_memory
+    from ray_jobs.train.memory import trace_stage_memory
     from specs.degrees import ParallelDims
 
-    run = load_model(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", RunSpec)
+    run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     with pytest.raises(ValueError, match=r"tracing a Ulysses layout \(ring 1 x ulysses 2"):
         trace_stage_memory(run, run.stages[0], ParallelDims(ulysses=2))

@@ -85,7 +85,7 @@ def _train_bpe(run: RunSpec, out: Path, documents: list[str]) -> None:
     """Train a byte-level BPE with single-digit tokens on the synthetic tasks and the documents."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from ray_jobs.data import synthetic_corpus
+    from ray_jobs.data.samples import synthetic_corpus
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -190,7 +190,7 @@ def fsdp_modules(root: nn.Module) -> list[FSDPModule]:
 
 def build_optimizer(root: nn.Module, lr: float) -> torch.optim.Optimizer:
     """AdamW over the sharded parameters, stepping one parameter at a time: traced under
-    FakeTensorMode (ringpilot.memory), the multi-tensor (foreach) and fused steps on DTensor
+    FakeTensorMode (ray_jobs.train.memory), the multi-tensor (foreach) and fused steps on DTensor
     shards held about 13x the optimizer state in temporaries at 8B scale, while this keeps the
     step's extra memory to one shard."""
     return torch.optim.AdamW(root.parameters(), lr=lr, weight_decay=0.0, foreach=False)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from specs.plan import StagePlan
 from specs.run import RunSpec, StageSpec
-
-# Ray's and Ray Train's console level on the driver and in the workers. Warnings and errors show;
-# INFO lines (connecting, worker-group start, each report) stay in Ray's session log files.
-# RINGPILOT_RAY_LOG_LEVEL=INFO shows them again (it is read where the driver and workers start).
-RAY_LOG_LEVEL = os.environ.get("RINGPILOT_RAY_LOG_LEVEL", "WARNING").upper()
 
 
 @dataclass(frozen=True)
@@ -33,8 +27,8 @@ class WorkerConfig:
 
     `epoch` is the driver attempt's (specs.ledger fencing): the workers write to the run only
     while it owns the run. `before_step` and `before_commit` are for tests only (fault
-    injection): they are set through the Python API (`ray_jobs.train.main(...)`), never from a
-    RunSpec or the command line.
+    injection): they are set through the Python API (`ray_jobs.train.driver.main(...)`), never
+    from a RunSpec or the command line.
     """
 
     run: RunSpec
