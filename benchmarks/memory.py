@@ -1,6 +1,6 @@
 """Benchmark the memory model against ground truth, and FSDP2 against DDP on the tiny model.
 
-    .venv/bin/python benchmarks/memory.py --max-ring 8   # full depth, about half an hour
+    .venv/bin/python benchmarks/memory.py --max-ring 8   # full depth; run time: RESULTS.md
     .venv/bin/python benchmarks/memory.py --layers 2     # reduced depth, a few minutes
 
 1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout the

@@ -1,6 +1,6 @@
 """Planner benchmark: quality against exhaustive search and Ray's default order, and speed.
 
-Run: python benchmarks/planner.py            (~7 min on 2 shared cores)
+Run: python benchmarks/planner.py            (its run time here: benchmarks/RESULTS.md)
 Prints one table per measurement, then ONE JSON object on the last line:
   ratio_to_optimum        worst planned / optimal predicted step time over small exhaustive cases
                           (the named ones and SMALL_FABRICS generated ones, topology.fabrics)
