@@ -525,7 +525,7 @@ def prepare(run: RunSpec, spec_dir: Path | None, run_dir: Path, *, engine: str =
     """Prepare data.prepared (unless the manifest there already matches); the manifest."""
     spec = run.data.prepared
     if spec is None:
-        raise PrepareError("data.prepared is not set; add it to the run file (see README)")
+        raise PrepareError("data.prepared is not set; add it to the run file (see docs/data.md)")
     out = resolve(spec.path, spec_dir)
     files = list_files(spec, spec_dir)
     tokenizer, template = tokenizer_files(run, run_dir, spec_dir)
