@@ -130,7 +130,7 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
 
 def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
               long=None) -> None:
-    """RULER through lm-eval (ray_jobs.eval.lm_eval_backend) at the request's RULER lengths,
+    """RULER through lm-eval (ray_jobs.eval.lm_eval) at the request's RULER lengths,
     into `results.ruler` (per length, as RULER publishes: the mean over tasks x 100, its
     samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1). Lengths beyond one
     evaluator run on the evaluation gang `long` (ray_jobs.eval.gang.LongContexts) when there is
@@ -138,12 +138,8 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
     gang holds) is recorded with the reason; it never fails the evaluation of ringpilot's own
     tasks."""
     from ray_jobs.eval.gang import GangFailed
-    from ray_jobs.eval.lm_eval_backend import (
-        LmEvalMissing,
-        RulerInputError,
-        evaluate_prepared,
-        prepare_tasks_cached,
-    )
+    from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError
+    from ray_jobs.eval.lm_eval.ruler import evaluate_prepared, prepare_tasks_cached
 
     r = request.ruler
     gang = long is not None and long.gang is not None
@@ -214,7 +210,7 @@ class EvalActor:
 
     def __init__(self, threads: int, offline: bool = False):
         if offline:  # before huggingface_hub, datasets or nltk are imported in this process
-            from ray_jobs.eval.lm_eval_backend import offline_environment
+            from ray_jobs.eval.lm_eval.adapter import offline_environment
 
             offline_environment()
         import torch
