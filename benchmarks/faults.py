@@ -229,7 +229,7 @@ def eval_actor_killed(tmp: Path, out: Outcome) -> Path:
             running = [(s, p) for s, e in (doc.stages.items() if doc else ())
                        for p, ev in e.eval.items() if ev.status == "running"]
             if running:
-                pids = subprocess.run(["pgrep", "-f", "ray::_EvalActor"], capture_output=True,
+                pids = subprocess.run(["pgrep", "-f", "ray::EvalActor"], capture_output=True,
                                       text=True).stdout.split()
                 for pid in pids:
                     os.kill(int(pid), signal.SIGKILL)

@@ -32,15 +32,16 @@ def main() -> None:
     parser.add_argument("--online", action="store_true")
     args = parser.parse_args()
     if not args.online:  # before huggingface_hub, datasets and nltk are imported
-        from ray_jobs.eval.lm_eval_backend import offline_environment
+        from ray_jobs.eval.lm_eval.adapter import offline_environment
 
         offline_environment()
 
     import torch
 
-    from ray_jobs.eval import lm_eval_backend as backend
+    from ray_jobs.eval.lm_eval import ruler
     from tests.support import eval_fixtures as fixtures
     from tests.support.eval_fixtures import ruler_tokenizer
+    from tests.support.lm_eval_backends import ORACLE_NAME, register_test_backends
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,11 +49,12 @@ def main() -> None:
         model = fixtures.build_tiny_model(len(tokenizer), args.length)
         ckpt = fixtures.save_checkpoint(model, tokenizer, Path(tmp) / "step-1")
         t = time.perf_counter()
-        prepared = backend.prepare_tasks(ckpt, backend.RULER_TASKS, [args.length])
+        prepared = ruler.prepare_tasks(ckpt, ruler.RULER_TASKS, [args.length])
         prepare_s = time.perf_counter() - t
-        oracle = backend.evaluate_prepared(prepared, Path(tmp) / "oracle",
-                                           limit=args.oracle_samples, model=backend.ORACLE_NAME)
-        tiny = backend.evaluate_prepared(prepared, Path(tmp) / "tiny", limit=1)
+        register_test_backends()
+        oracle = ruler.evaluate_prepared(prepared, Path(tmp) / "oracle",
+                                         limit=args.oracle_samples, model=ORACLE_NAME)
+        tiny = ruler.evaluate_prepared(prepared, Path(tmp) / "tiny", limit=1)
     (row,) = tiny.rows
     result = {
         "ruler_oracle_score": round(oracle.rows[0].score, 2),

@@ -19,6 +19,7 @@ from specs.degrees import (
     ulysses_of,
     ulysses_problems,
 )
+from specs.eval_tasks import KAMRADT_TASK, EvalTask
 
 Auto = Literal["auto"]
 
@@ -350,12 +351,6 @@ class DataSpec(_Spec):
         return self
 
 
-EvalTask = Literal[
-    "passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite", "niah_multivalue_lite",
-    "niah_multiquery_lite", "vt_lite", "cwe_lite", "fwe_lite",
-]
-
-
 # Names ringpilot's own tasks had before they were told apart from RULER's.
 _RENAMED_TASKS = {t: f"{t}_lite" for t in ("niah", "niah_single", "niah_multikey",
                                            "niah_multivalue", "niah_multiquery", "vt", "cwe",
@@ -374,7 +369,7 @@ RULER_OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "r
 
 class RulerSpec(_Spec):
     """RULER itself: lm-evaluation-harness's RULER tasks with ringpilot as the model backend
-    (ray_jobs.eval.lm_eval_backend; needs the `eval` extra), scored by RULER's metrics."""
+    (ray_jobs.eval.lm_eval; needs the `eval` extra), scored by RULER's metrics."""
 
     tasks: list[RulerTask] = Field(
         default_factory=lambda: list(RULER_OFFLINE_TASKS), min_length=1,
@@ -431,6 +426,9 @@ class EvalSpec(_Spec):
                 "renamed: " + ", ".join(f"{t} -> {_RENAMED_TASKS[t]}" for t in old) + ". These "
                 "are ringpilot's own RULER-style tasks, not RULER's; write the new names, and "
                 "for RULER itself set eval.ruler (lm-eval's tasks)")
+        if isinstance(tasks, list) and KAMRADT_TASK in tasks:
+            raise ValueError(f"{KAMRADT_TASK} is not listed here: it runs when eval.kamradt "
+                             "gives its haystack (local text files); drop it from eval.tasks")
         return tasks
     context_lengths: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=list, description="Context lengths to test; empty: each stage's seq_len "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.eval.lm_eval_backend import offline_environment
+from ray_jobs.eval.lm_eval.adapter import offline_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 # lm-eval's RULER tasks stay off the network in every test (and in the Ray workers the tests

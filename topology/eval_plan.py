@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from specs.eval_tasks import DEPTH_TASKS
 from specs.plan import EvalLengthPlan, EvalPlan, Worker
 from specs.run import RunSpec
 from topology.cost import evaluate_flows, ring_flows
@@ -28,10 +29,6 @@ from topology.graph import split_gpu_vertex
 from topology.planner import Planner
 
 ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
-# ringpilot's own tasks that run at every needle depth (ray_jobs.eval.tasks.DEPTH_TASKS; the
-# others run once per length; tests/topology/test_eval_plan.py checks they agree)
-DEPTH_TASKS = {"passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
-               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite", "niah_kamradt"}
 
 
 def eval_lengths(run: RunSpec) -> list[int]:
@@ -43,7 +40,7 @@ def gang_size_for(longest: int, tokens_per_member: int, configured: int = 0) -> 
     """Members of the gang that evaluates a checkpoint's contexts longer than one evaluator
     holds: `configured` (eval.gang_size) when set, else the fewest that each hold at most
     `tokens_per_member` tokens of the longest context. One gang runs all of them (the rule of
-    ray_jobs.eval.scheduler.evaluate_request)."""
+    ray_jobs.eval.pipeline.evaluate_request)."""
     if tokens_per_member <= 0:
         raise ValueError(f"tokens_per_member must be positive, got {tokens_per_member}")
     return configured or max(1, math.ceil(longest / tokens_per_member))

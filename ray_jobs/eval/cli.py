@@ -33,6 +33,7 @@ from ray_jobs.eval.runner import (
     parse_checkpoint_path,
     plan_lengths,
 )
+from specs.eval_tasks import ALL_TASKS
 from specs.loading import SpecError, load_model
 from specs.run import EvalSpec, KamradtSpec, RunSpec
 from topology.eval_plan import gang_size_for
@@ -44,8 +45,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--tasks", nargs="+", default=list(_DEFAULTS.tasks), choices=task_lib.ALL_TASKS,
-                   metavar="TASK", help=f"tasks, from {', '.join(task_lib.ALL_TASKS)} "
+    p.add_argument("--tasks", nargs="+", default=list(_DEFAULTS.tasks), choices=ALL_TASKS,
+                   metavar="TASK", help=f"tasks, from {', '.join(ALL_TASKS)} "
                    f"(default: {' '.join(_DEFAULTS.tasks)})")
     p.add_argument("--lengths", "--context-lengths", nargs="+", type=int, default=None,
                    metavar="TOKENS",

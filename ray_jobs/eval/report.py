@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ray_jobs.eval import tasks as task_lib
 from ray_jobs.eval.results import RESULTS_FILE, TABLES_FILE, EvalResults, load_results
 from specs.atomic import atomic_write
+from specs.eval_tasks import DEPTH_TASKS, KAMRADT_TASK
 from specs.ledger import EvalEntry, Ledger
 
 REPORT_DIR = "eval"
@@ -31,7 +31,7 @@ def _grid(results: EvalResults, task: str) -> tuple[list[int], list[float], list
     lengths = sorted(set(results.lengths) | {c.length for c in cells})
     asked = results.task_depths.get(task, results.depths)
     depths = (sorted(set(asked) | {c.depth for c in cells if c.depth is not None})
-              if task in task_lib.DEPTH_TASKS else [])
+              if task in DEPTH_TASKS else [])
     by = {(c.length, c.depth): c.score for c in cells}
     return lengths, depths, [[by.get((n, d), float("nan")) for d in depths] for n in lengths]
 
@@ -49,7 +49,7 @@ def render_heatmap(results: EvalResults, task: str, path: str | Path) -> None:
     context length across and depth down, red to green)."""
     plt = _pyplot()
     lengths, depths, grid = _grid(results, task)
-    if task == task_lib.KAMRADT_TASK:
+    if task == KAMRADT_TASK:
         _kamradt_heatmap(plt, results, lengths, depths, grid, path)
         return
     fig, ax = plt.subplots(figsize=(3.0 + 0.7 * len(depths), 2.2 + 0.45 * len(lengths)))
@@ -274,7 +274,7 @@ def save_results(results: EvalResults, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task in results.tasks:
-        if task in task_lib.DEPTH_TASKS and any(c.task == task for c in results.cells):
+        if task in DEPTH_TASKS and any(c.task == task for c in results.cells):
             name = f"heatmap_{task}.png"
             render_heatmap(results, task, out_dir / name)
             results.files[f"heatmap_{task}"] = name

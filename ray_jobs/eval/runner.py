@@ -13,6 +13,7 @@ from ray_jobs.eval.model import Generate
 from ray_jobs.eval.report import save_results
 from ray_jobs.eval.results import CellResult, EvalResults, SampleResult, Skipped
 from ray_jobs.eval.scoring import score
+from specs.eval_tasks import DEPTH_TASKS, KAMRADT_TASK
 
 # One evaluator runs the whole sequence on one device with SDPA up to this length; longer
 # contexts run on an evaluation gang (ray_jobs.eval.gang) when one is configured, else they are
@@ -61,7 +62,7 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
         results.engines[str(length)] = engine
         for task in results.tasks:
             depths = (results.task_depths.get(task, results.depths)
-                      if task in task_lib.DEPTH_TASKS else [None])
+                      if task in DEPTH_TASKS else [None])
             for depth in depths:
                 try:
                     samples = task_lib.build_samples(task, length, depth, results.samples,
@@ -103,15 +104,15 @@ def evaluate(generate: Generate, count_tokens: Callable[[str], int], *, checkpoi
     """Run the grid and, with `out_dir`, write results.json, the heatmaps and tables.md (see
     run_grid for the contexts longer than `max_length`). With `kamradt`, Kamradt's
     needle-in-a-haystack test runs too, on his depth grid of `kamradt_intervals` depths."""
-    if kamradt is not None and task_lib.KAMRADT_TASK not in tasks:
-        tasks = [*tasks, task_lib.KAMRADT_TASK]
+    if kamradt is not None and KAMRADT_TASK not in tasks:
+        tasks = [*tasks, KAMRADT_TASK]
     stage, step = parse_checkpoint_path(checkpoint)
     results = EvalResults(checkpoint=str(checkpoint), stage=stage, step=step, tasks=list(tasks),
                           lengths=sorted(set(lengths)), depths=list(depths), samples=samples,
                           seed=seed, max_length=max_length, gang=gang,
                           started_unix=time.time())
     if kamradt is not None:
-        results.task_depths[task_lib.KAMRADT_TASK] = task_lib.kamradt_depths(kamradt_intervals)
+        results.task_depths[KAMRADT_TASK] = task_lib.kamradt_depths(kamradt_intervals)
         results.kamradt = {"needle": kamradt.needle, "question": kamradt.question,
                            "key_phrases": list(kamradt.key_phrases),
                            "haystack_files": list(haystack_files),

@@ -1,5 +1,5 @@
 """Evaluation prompts: ringpilot's own NIAH grid and RULER-style tasks (`*_lite`: not RULER's
-generators; RULER itself runs through lm-eval, ray_jobs.eval.lm_eval_backend) and Kamradt's
+generators; RULER itself runs through lm-eval, ray_jobs.eval.lm_eval) and Kamradt's
 needle-in-a-haystack test on a haystack of the user's files; a pure function of (seed, cell).
 
 Every prompt is built with the evaluated model's own tokenizer to a token budget: the prompt plus
@@ -19,15 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_jobs.eval.scoring import Metric
+from specs.eval_tasks import ALL_TASKS, KAMRADT_TASK, NO_DEPTH_TASKS
 
 TokenCounter = Callable[[str], int]
-
-# ringpilot's own tasks, in the style of RULER's but not RULER's generators (lm-eval runs RULER
-# itself: ray_jobs.eval.lm_eval_backend, eval.ruler); "_lite" keeps the two apart.
-DEPTH_TASKS = ("passkey", "niah_lite", "niah_single_lite", "niah_multikey_lite",
-               "niah_multivalue_lite", "niah_multiquery_lite", "vt_lite", "niah_kamradt")
-NO_DEPTH_TASKS = ("cwe_lite", "fwe_lite")
-ALL_TASKS = DEPTH_TASKS + NO_DEPTH_TASKS
 
 # Tokens RULER lets a model generate per task (its synthetic tasks' `tokens_to_generate`);
 # passkey keeps the training format's own budget.
@@ -100,9 +94,6 @@ class Kamradt:
     key_phrases: tuple[str, ...] = ("eat a sandwich", "Dolores Park")
 
 
-KAMRADT_TASK = "niah_kamradt"
-
-
 def haystack_files(patterns: Sequence[str], base: Path) -> list[Path]:
     """The haystack's files (globs relative to `base`), or one error naming the pattern."""
     files: list[Path] = []
@@ -158,7 +149,7 @@ def _fit(task: str, length: int, depth: float | None, index: int, seed: int,
          count: TokenCounter, kamradt: Kamradt | None = None) -> Sample:
     """Build, measure the whole prompt, and shrink the filler until it fits (token counts of
     pieces do not add up exactly under BPE, so the real prompt is the judge)."""
-    build = (_BUILDERS[task] if task != KAMRADT_TASK else
+    build = (BUILDERS[task] if task != KAMRADT_TASK else
              lambda rng, b, d, c: _kamradt(rng, b, d, c, kamradt))
     budget = length
     for _ in range(64):
@@ -428,7 +419,8 @@ def _kamradt(rng: random.Random, budget: int, depth: float, count: TokenCounter,
                   "your findings. Answer:", answers=tuple(k.key_phrases), metric="all")
 
 
-_BUILDERS: dict[str, Callable[..., Prompt]] = {
+# One generator per name of specs.eval_tasks.SPEC_TASKS (Kamradt's takes his haystack too: _fit).
+BUILDERS: dict[str, Callable[..., Prompt]] = {
     "passkey": _passkey,
     "niah_lite": lambda rng, b, d, c: _niah(rng, b, d, c, metric="exact"),
     "niah_single_lite": _niah,

@@ -9,13 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.eval import lm_eval_backend as backend
+from ray_jobs.eval.lm_eval import adapter, ruler
+from ray_jobs.eval.lm_eval.__main__ import main
 from specs.run import RULER_OFFLINE_TASKS
 from tests.support import eval_fixtures as fixtures
+from tests.support.lm_eval_backends import (
+    CONSTANT_NAME,
+    ORACLE_NAME,
+    answer_from_prompt,
+    register_test_backends,
+)
 
 # No importorskip: lm-eval comes with the `dev` extra the tests need anyway, so its absence is a
 # broken setup, not a reason to pass quietly.
-backend.require_lm_eval()
+adapter.require_lm_eval()
+register_test_backends()
 
 # The RULER tasks whose data lm-eval makes from the tokenizer alone (no essay/QA downloads).
 OFFLINE = list(RULER_OFFLINE_TASKS)
@@ -50,7 +58,7 @@ def chat_checkpoint(tmp_path_factory):
 def prepared(checkpoint):
     """lm-eval's data for the offline tasks at 1K and 4K, made once (500 samples per task and
     length whatever the limit: the slow part)."""
-    return backend.prepare_tasks(checkpoint, OFFLINE, LENGTHS)
+    return ruler.prepare_tasks(checkpoint, OFFLINE, LENGTHS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +75,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm(checkpoint):
-    return backend.register_backends()[backend.MODEL_NAME](pretrained=str(checkpoint))
+    return adapter.register_backend()(pretrained=str(checkpoint))
 
 
 def _request(context: str, **gen_kwargs):
@@ -92,8 +100,8 @@ def test_all_offline_tasks_are_prepared(prepared):
 
 
 def test_oracle_scores_100_on_every_task_and_length(prepared, tmp_path):
-    report = backend.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
-                                       model=backend.ORACLE_NAME)
+    report = ruler.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
+                                       model=ORACLE_NAME)
     assert [r.length for r in report.rows] == LENGTHS
     for row in report.rows:
         assert row.tasks == {t: 100.0 for t in OFFLINE}, row
@@ -102,8 +110,8 @@ def test_oracle_scores_100_on_every_task_and_length(prepared, tmp_path):
 
 
 def test_constant_answer_scores_low(prepared, tmp_path):
-    report = backend.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
-                                       model=backend.CONSTANT_NAME)
+    report = ruler.evaluate_prepared(prepared, tmp_path, limit=LIMIT,
+                                       model=CONSTANT_NAME)
     assert all(r.score < 10 for r in report.rows), report.table()
 
 
@@ -114,15 +122,15 @@ def test_table_matches_lm_eval_aggregates_and_its_samples(prepared, tmp_path):
     import statistics
     import zlib
 
-    oracle = backend.register_backends()[backend.ORACLE_NAME]
+    oracle = register_test_backends()[ORACLE_NAME]
 
     class HalfRight(oracle):
         @staticmethod
         def answer(prompt):
             right = zlib.crc32(prompt.encode()) % 2 == 0
-            return backend._answer_from_prompt(prompt) if right else " no idea"
+            return answer_from_prompt(prompt) if right else " no idea"
 
-    report = backend.evaluate_prepared(prepared, tmp_path, limit=3, model=HalfRight)
+    report = ruler.evaluate_prepared(prepared, tmp_path, limit=3, model=HalfRight)
     mixed = 0
     for row in report.rows:
         lm_eval_tasks = _lm_eval_per_task(tmp_path, row.length)
@@ -165,7 +173,7 @@ def decoded(monkeypatch):
 
 def test_tiny_model_runs_every_offline_task_through_lm_eval(prepared, tmp_path, decoded):
     t = time.perf_counter()
-    report = backend.evaluate_prepared(prepared, tmp_path, limit=1, lengths=[1024])
+    report = ruler.evaluate_prepared(prepared, tmp_path, limit=1, lengths=[1024])
     seconds = time.perf_counter() - t
     (row,) = report.rows
     assert row.length == 1024 and row.samples == len(OFFLINE)
@@ -194,7 +202,7 @@ def test_generate_until_stops_at_stop_sequences_and_budget(lm, decoded):
 
 
 def test_greedy_only(lm):
-    with pytest.raises(backend.RulerInputError, match="greedily"):
+    with pytest.raises(adapter.RulerInputError, match="greedily"):
         lm.generate_until([_request("x", do_sample=True, temperature=0.7)])
 
 
@@ -227,7 +235,7 @@ def test_chat_template_with_gen_prefix_runs_through_lm_eval(prepared, chat_check
     # same tokenizer vocabulary, so the data made for `checkpoint` serve this one
     chat = dataclasses.replace(prepared, checkpoint=str(chat_checkpoint),
                                tasks={"ruler_vt": prepared.tasks["ruler_vt"]})
-    report = backend.evaluate_prepared(chat, tmp_path, limit=1, lengths=[1024],
+    report = ruler.evaluate_prepared(chat, tmp_path, limit=1, lengths=[1024],
                                        apply_chat_template=True)
     assert report.rows[0].samples == 1
     (sample,) = [json.loads(x) for x in
@@ -240,9 +248,9 @@ def test_chat_template_with_gen_prefix_runs_through_lm_eval(prepared, chat_check
 
 
 def test_chat_template_asked_for_but_absent(checkpoint, lm):
-    with pytest.raises(backend.RulerInputError, match="chat template was asked for"):
-        backend.prepare_tasks(checkpoint, ["ruler_vt"], [1024], apply_chat_template=True)
-    with pytest.raises(backend.RulerInputError, match="has none"):
+    with pytest.raises(adapter.RulerInputError, match="chat template was asked for"):
+        ruler.prepare_tasks(checkpoint, ["ruler_vt"], [1024], apply_chat_template=True)
+    with pytest.raises(adapter.RulerInputError, match="has none"):
         lm.chat_template(True)
 
 
@@ -254,8 +262,8 @@ def test_the_data_are_those_lm_eval_makes_by_itself(checkpoint):
     the random state alone)."""
     import lm_eval
 
-    ours = backend.prepare_tasks(checkpoint, ["ruler_vt"], [1024]).tasks["ruler_vt"].eval_docs
-    oracle = backend.register_backends()[backend.ORACLE_NAME]()
+    ours = ruler.prepare_tasks(checkpoint, ["ruler_vt"], [1024]).tasks["ruler_vt"].eval_docs
+    oracle = register_test_backends()[ORACLE_NAME]()
     theirs = lm_eval.simple_evaluate(
         model=oracle, tasks=["ruler_vt"], limit=2, bootstrap_iters=0,
         metadata={"max_seq_lengths": [1024], "pretrained": str(checkpoint)})
@@ -265,7 +273,7 @@ def test_the_data_are_those_lm_eval_makes_by_itself(checkpoint):
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
-    code = backend.main(list(args))
+    code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -304,8 +312,8 @@ def test_lm_eval_missing_names_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(backend.LmEvalMissing, match=r"\[eval\]"):
-        backend.require_lm_eval()
+    with pytest.raises(adapter.LmEvalMissing, match=r"\[eval\]"):
+        adapter.require_lm_eval()
 
 
 def test_tasks_needing_downloads_are_reported_not_averaged(checkpoint, monkeypatch):
@@ -317,7 +325,7 @@ def test_tasks_needing_downloads_are_reported_not_averaged(checkpoint, monkeypat
     # fail at once rather than after ~25 s of retries on a machine without the hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    prepared = backend.prepare_tasks(checkpoint, ["niah_multikey_1", "ruler_vt"], [1024])
+    prepared = ruler.prepare_tasks(checkpoint, ["niah_multikey_1", "ruler_vt"], [1024])
     assert list(prepared.tasks) == ["ruler_vt"]
     assert "paul_graham_essays" in prepared.unavailable["niah_multikey_1"]
 
@@ -328,7 +336,7 @@ def test_vt_refuses_a_wasteful_tokenizer(tmp_path):
     tok = fixtures.build_tokenizer()
     ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tok), 1024), tok,
                                     tmp_path / "step-1")
-    prepared = backend.prepare_tasks(ckpt, ["ruler_vt"], [1024])
+    prepared = ruler.prepare_tasks(ckpt, ["ruler_vt"], [1024])
     assert prepared.tasks == {}
     assert "worked example" in prepared.unavailable["ruler_vt"]
 
@@ -346,17 +354,34 @@ def test_vt_refuses_a_length_its_smallest_sample_does_not_fit(tmp_path):
     tok = build_tokenizer(load_model("configs/tiny.yaml", RunSpec), Path(tempfile.mkdtemp()))
     ckpt = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tok), 2048), tok,
                                     tmp_path / "step-1")
-    prepared = backend.prepare_tasks(ckpt, ["ruler_vt"], [1024])
+    prepared = ruler.prepare_tasks(ckpt, ["ruler_vt"], [1024])
     assert prepared.tasks == {}
     assert "cannot run at 1,024 tokens" in prepared.unavailable["ruler_vt"]
     assert "from 1," in prepared.unavailable["ruler_vt"]  # says where it can run from
-    assert list(backend.prepare_tasks(ckpt, ["ruler_vt"], [2048]).tasks) == ["ruler_vt"]
+    assert list(ruler.prepare_tasks(ckpt, ["ruler_vt"], [2048]).tasks) == ["ruler_vt"]
 
 
 def test_a_task_whose_samples_expect_no_answer_is_refused():
     """lm-eval's ruler_cwe generates samples without answers for a small-vocabulary tokenizer;
     RULER's scorer would divide by zero on them."""
-    with pytest.raises(backend.RulerInputError, match=r"lm-eval generated 1 of 2 ruler_cwe "
+    with pytest.raises(adapter.RulerInputError, match=r"lm-eval generated 1 of 2 ruler_cwe "
                        "samples with no expected answer"):
-        backend._check_answers("ruler_cwe", [{"outputs": ["a"]}, {"outputs": []}])
-    backend._check_answers("ruler_fwe", [{"outputs": ["a", "b"]}])
+        ruler._check_answers("ruler_cwe", [{"outputs": ["a"]}, {"outputs": []}])
+    ruler._check_answers("ruler_fwe", [{"outputs": ["a", "b"]}])
+
+
+def test_unknown_backend_name_is_one_clear_error(prepared, tmp_path):
+    with pytest.raises(adapter.RulerInputError, match=r"unknown backend 'nope': ringpilot's is "
+                       "'ringpilot'; register another lm-eval LM class under its name first"):
+        ruler.evaluate_prepared(prepared, tmp_path, limit=1, model="nope")
+
+
+def test_no_product_module_knows_the_test_backends():
+    """The oracle and the constant backend live in tests/support/ only."""
+    root = Path(__file__).resolve().parents[2]
+    names = (ORACLE_NAME, CONSTANT_NAME, "answer_from_prompt", "lm_eval_backends")
+    found = [f"{path.relative_to(root)}: {name}"
+             for package in ("specs", "topology", "ray_jobs", "operators", "ringpilot")
+             for path in sorted((root / package).rglob("*.py"))
+             for name in names if name in path.read_text(encoding="utf-8")]
+    assert found == []

@@ -7,6 +7,7 @@ import pytest
 from ray_jobs.eval import tasks
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.runner import evaluate, plan_lengths
+from specs.eval_tasks import ALL_TASKS, DEPTH_TASKS, NO_DEPTH_TASKS
 from tests.eval.oracle import constant, oracle
 
 
@@ -19,22 +20,22 @@ def _essay() -> str:
 
 
 # Every task, Kamradt's on a haystack of plain sentences and a grid of 3 depths like the others.
-GRID = dict(tasks=list(tasks.ALL_TASKS), lengths=[384, 640], depths=[0.0, 50.0, 100.0],
+GRID = dict(tasks=list(ALL_TASKS), lengths=[384, 640], depths=[0.0, 50.0, 100.0],
             samples=2, seed=11, kamradt=tasks.Kamradt(haystack=_essay()), kamradt_intervals=3)
 
 
 def test_oracle_scores_one_on_every_task(count_tokens, tmp_path):
     res = evaluate(oracle, count_tokens, checkpoint="oracle", out_dir=tmp_path, **GRID)
-    assert res.scores == {t: 1.0 for t in tasks.ALL_TASKS}
+    assert res.scores == {t: 1.0 for t in ALL_TASKS}
     assert not res.skipped
-    depth_cells = len(tasks.DEPTH_TASKS) * 2 * 3
-    assert len(res.cells) == depth_cells + len(tasks.NO_DEPTH_TASKS) * 2
+    depth_cells = len(DEPTH_TASKS) * 2 * 3
+    assert len(res.cells) == depth_cells + len(NO_DEPTH_TASKS) * 2
     assert len(res.outputs) == 2 * len(res.cells)
 
 
 def test_constant_model_scores_zero(count_tokens):
     res = evaluate(constant, count_tokens, checkpoint="constant", **GRID)
-    assert res.scores == {t: 0.0 for t in tasks.ALL_TASKS}
+    assert res.scores == {t: 0.0 for t in ALL_TASKS}
 
 
 def test_half_right_model_scores_in_between(count_tokens):

@@ -6,13 +6,14 @@ from collections import Counter
 import pytest
 
 from ray_jobs.eval import tasks
+from specs.eval_tasks import ALL_TASKS, DEPTH_TASKS, KAMRADT_TASK, SPEC_TASKS
 from tests.eval.oracle import ASSIGN, NEEDLE, PASSKEY
 
 INSERTED = re.compile(r" ?(The special magic number for [\w-]+ is \d+\.|VAR [A-Z]+ = (VAR )?\w+\.|"
                       r"The pass key is [\d ]+\. Remember it\.)")
 
 
-@pytest.mark.parametrize("task", tasks.ALL_TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_same_seed_same_prompts_other_seed_other_prompts(task, count_tokens, kamradt):
     a = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens, kamradt=kamradt)
     b = tasks.build_samples(task, 512, 50.0, 2, seed=7, count_tokens=count_tokens, kamradt=kamradt)
@@ -22,7 +23,7 @@ def test_same_seed_same_prompts_other_seed_other_prompts(task, count_tokens, kam
     assert a[0].prompt != a[1].prompt  # samples of a cell differ
 
 
-@pytest.mark.parametrize("task", tasks.ALL_TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 @pytest.mark.parametrize("length", [384, 1024])
 def test_prompt_fills_the_length_and_leaves_room_for_the_answer(task, length, count_tokens,
                                                                  kamradt):
@@ -35,7 +36,7 @@ def test_prompt_fills_the_length_and_leaves_room_for_the_answer(task, length, co
         assert all(a in context for a in s.answers)  # answerable from the context alone
 
 
-@pytest.mark.parametrize("task", [t for t in tasks.DEPTH_TASKS if t != tasks.KAMRADT_TASK])
+@pytest.mark.parametrize("task", [t for t in DEPTH_TASKS if t != KAMRADT_TASK])
 @pytest.mark.parametrize("depth", [0.0, 25.0, 50.0, 75.0, 100.0])
 def test_needle_sits_at_the_stated_depth(task, depth, count_tokens):
     """Depth = share of the haystack's filler tokens before the needle (needles not counted)."""
@@ -67,7 +68,7 @@ def kamradt():
 
 @pytest.mark.parametrize("depth", [0.0, 10.0, 50.0, 90.0, 100.0])
 def test_kamradt_needle_at_a_sentence_break_at_the_depth(depth, count_tokens, kamradt):
-    s = tasks.build_samples(tasks.KAMRADT_TASK, 1024, depth, 1, seed=3, count_tokens=count_tokens,
+    s = tasks.build_samples(KAMRADT_TASK, 1024, depth, 1, seed=3, count_tokens=count_tokens,
                             kamradt=kamradt)[0]
     context = s.prompt[s.context_start:s.context_end]
     needle = s.needle_start - s.context_start
@@ -85,7 +86,7 @@ def test_kamradt_depth_grid_and_missing_haystack(count_tokens):
                                         90.0, 100.0]
     assert tasks.kamradt_depths(3) == [0.0, 50.0, 100.0]
     with pytest.raises(ValueError, match="needs a haystack"):
-        tasks.build_samples(tasks.KAMRADT_TASK, 512, 0.0, 1, 0, count_tokens)
+        tasks.build_samples(KAMRADT_TASK, 512, 0.0, 1, 0, count_tokens)
 
 
 def test_vt_chain_links_every_answer_to_the_value(count_tokens):
@@ -117,3 +118,12 @@ def test_refuses_unknown_task_bad_depth_and_too_short_length(count_tokens):
         tasks.build_samples("niah_lite", 512, 150.0, 1, 0, count_tokens)
     with pytest.raises(ValueError, match=r"context length 64 is too short.*at least \d+ tokens"):
         tasks.build_samples("niah_lite", 64, 0.0, 1, 0, count_tokens)
+
+
+def test_every_task_name_has_a_generator_and_every_generator_a_name():
+    """specs.eval_tasks is the one list: what eval.tasks accepts is what can be generated."""
+    assert set(tasks.BUILDERS) == set(SPEC_TASKS)
+    assert set(ALL_TASKS) == set(SPEC_TASKS) | {KAMRADT_TASK}
+    assert set(tasks.RULER_BUDGET) == set(ALL_TASKS) - {"passkey"}  # passkey: its own budget
+    with pytest.raises(ValueError, match="task 'needle' is unknown; use one of passkey, "):
+        tasks.build_samples("needle", 512, 50.0, 1, 0, len)

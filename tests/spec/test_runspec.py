@@ -197,3 +197,13 @@ def test_ringpilot_tasks_old_names_are_refused_with_the_new_ones():
                        "are ringpilot's own RULER-style tasks, not RULER's"):
         EvalSpec(tasks=["passkey", "niah", "vt"])
     assert EvalSpec(tasks=["passkey", "niah_lite"]).tasks == ["passkey", "niah_lite"]
+
+
+def test_every_task_name_is_accepted_and_kamradt_is_pointed_to_its_section():
+    from specs.eval_tasks import SPEC_TASKS
+    from specs.run import EvalSpec
+
+    assert EvalSpec(tasks=list(SPEC_TASKS)).tasks == list(SPEC_TASKS)
+    with pytest.raises(ValueError, match=r"niah_kamradt is not listed here: it runs when "
+                       r"eval\.kamradt gives its haystack"):
+        EvalSpec(tasks=["passkey", "niah_kamradt"])

@@ -64,7 +64,7 @@ def crash_on_first_attempt(request):
     then behaves: what a GPU fault or OOM kill looks like to the scheduler."""
     import os
 
-    from ray_jobs.eval.scheduler import evaluate_request
+    from ray_jobs.eval.pipeline import evaluate_request
 
     if request.attempt > 1:
         return evaluate_request(request)
@@ -155,7 +155,7 @@ def hang(request):
 def kill_gang_member_on_first_attempt(request):
     """An evaluation whose gang loses a member (killed, as a node loss would) on its first
     attempt, then behaves: the whole evaluation must fail and be retried."""
-    from ray_jobs.eval.scheduler import evaluate_request
+    from ray_jobs.eval.pipeline import evaluate_request
 
     def kill_one(gang, req):
         import ray

@@ -65,8 +65,18 @@ def test_gang_size_rule():
     assert gang_size_for(1_048_576, 98_304, configured=16) == 16
 
 
-def test_depth_tasks_agree_with_the_evaluation():
-    from ray_jobs.eval import tasks
-    from topology import eval_plan
+def test_prompts_per_checkpoint_agree_with_the_evaluation():
+    """The estimate counts, per length, the prompts the evaluation's grid really runs: every
+    task of eval.tasks, depth tasks at each depth, the others once."""
+    from ray_jobs.eval.runner import evaluate
+    from specs.eval_tasks import SPEC_TASKS
 
-    assert eval_plan.DEPTH_TASKS == set(tasks.DEPTH_TASKS)
+    run = _run("configs/llama3-8b-1m.yaml", tasks=list(SPEC_TASKS), depths=[0.0, 50.0, 100.0],
+               samples=2)
+    ev = plan_eval(Planner(load_cluster(CLUSTER_8B)), run)
+    # any generator and token counter (here: words) run the same grid
+    res = evaluate(lambda prompt, max_new: "", lambda text: len(text.split()), checkpoint="x",
+                   tasks=run.eval.tasks,
+                   lengths=[2048], depths=run.eval.depths, samples=run.eval.samples, seed=0)
+    assert not res.skipped
+    assert {r.prompts for r in ev.lengths} == {len(res.outputs)} == {(7 * 3 + 2) * 2}
