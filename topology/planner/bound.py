@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from topology.cost import FlowResult, StageShape
-from topology.graph import gpu_vertex
+from topology.graph import Router, gpu_vertex
 from topology.planner.orders import Orders
 from topology.routes import route_table
 
@@ -65,37 +65,47 @@ class RingBound:
         bandwidth); the leaf uplinks' fastest latency and widest bandwidth (`uplink`)."""
         if self._pairs is not None:
             return self._pairs
-        spec, graph, r = self.orders.spec, self.orders.graph, self.orders.router
-        table = route_table(r)
+        table, r = route_table(self.orders.router), self.orders.router
         doms = self.orders.domains()
-        src, dst = [], []
-        for node in spec.nodes:
-            ids = [table.index[gpu_vertex(node.name, g)]
-                   for g in spec.node_types[node.node_type].gpus]
-            for a, b in itertools.permutations(ids, 2):
-                src.append(a)
-                dst.append(b)
-
-        def ends(paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            ok = paths >= 0
-            return (np.where(ok, r.latency_us[np.maximum(paths, 0)], 0).sum(axis=1) * 1e-6,
-                    np.where(ok, r.bandwidth[np.maximum(paths, 0)], np.inf).min(axis=1))
-
-        out: dict = {"src": np.array(src, dtype=np.int64), "dst": np.array(dst, dtype=np.int64)}
-        out["lat"], out["bw"] = (ends(table.routes(out["src"], out["dst"])) if src
+        src, dst = self._pairs_in_nodes()
+        out: dict = {"src": src, "dst": dst}
+        out["lat"], out["bw"] = (route_ends(r, table.routes(src, dst)) if len(src)
                                  else (np.empty(0), np.empty(0)))
-        out["part"] = ((doms[0][out["src"]] != doms[0][out["dst"]]).astype(np.int64)
-                       + (doms[1][out["src"]] != doms[1][out["dst"]]))
+        out["part"] = ((doms[0][src] != doms[0][dst]).astype(np.int64)
+                       + (doms[1][src] != doms[1][dst]))
         if table.multi:
-            out["up"], out["down"] = ends(table.up), ends(table.down)
-            kind = dict(graph.nodes(data="kind"))
-            uplinks = [(d["latency_us"], d["bandwidth"]) for u, v, d in graph.edges(data=True)
-                       if "leaf" in (kind[u], kind[v]) and "nic" not in (kind[u], kind[v])]
-            out["uplink"] = (2e-6 * min((x for x, _ in uplinks), default=0.0),
-                             max((b for _, b in uplinks), default=np.inf))
+            out["up"], out["down"] = route_ends(r, table.up), route_ends(r, table.down)
+            out["uplink"] = self._leaf_uplinks()
         self._pairs = out
         return out
 
+    def _pairs_in_nodes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) GPU ids (RouteTable order) of every ordered pair of GPUs of one node."""
+        spec, index = self.orders.spec, route_table(self.orders.router).index
+        src, dst = [], []
+        for node in spec.nodes:
+            ids = [index[gpu_vertex(node.name, g)] for g in spec.node_types[node.node_type].gpus]
+            for a, b in itertools.permutations(ids, 2):
+                src.append(a)
+                dst.append(b)
+        return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+
+    def _leaf_uplinks(self) -> tuple[float, float]:
+        """The leaf uplinks' fastest latency (s, both ways) and widest bandwidth (GB/s)."""
+        graph = self.orders.graph
+        kind = dict(graph.nodes(data="kind"))
+        uplinks = [(d["latency_us"], d["bandwidth"]) for u, v, d in graph.edges(data=True)
+                   if "leaf" in (kind[u], kind[v]) and "nic" not in (kind[u], kind[v])]
+        return (2e-6 * min((x for x, _ in uplinks), default=0.0),
+                max((b for _, b in uplinks), default=np.inf))
+
+
+def route_ends(r: Router, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per route (rows of link ids, -1 padded): its latency in seconds and its narrowest
+    link's bandwidth in GB/s."""
+    ok = paths >= 0
+    return (np.where(ok, r.latency_us[np.maximum(paths, 0)], 0).sum(axis=1) * 1e-6,
+            np.where(ok, r.bandwidth[np.maximum(paths, 0)], np.inf).min(axis=1))
 
 def _ways_out(p: dict, level: int, nbytes: float, n: int) -> tuple[np.ndarray, ...]:
     """Per GPU, the fastest uncontended transfer of `nbytes` from it to a GPU of another

@@ -9,6 +9,7 @@ import numpy as np
 
 from topology.cost import StageShape, evaluate_flows, ring_flows
 from topology.graph import gpu_vertex, split_gpu_vertex
+from topology.planner.bound import route_ends
 from topology.planner.evaluation import Evaluator
 from topology.planner.exhaustive import cycles, partitions
 from topology.planner.orders import Orders
@@ -155,10 +156,7 @@ class CandidateRings:
         idx = np.array([table.index[v] for v in gpus], dtype=np.int64)
         m = len(idx)
         src, dst = np.repeat(idx, m), np.tile(idx, m)
-        routes = table.routes(src, dst)
-        ok = routes >= 0
-        lat = np.where(ok, r.latency_us[np.maximum(routes, 0)], 0).sum(axis=1) * 1e-6
-        bw = np.where(ok, r.bandwidth[np.maximum(routes, 0)], np.inf).min(axis=1)
+        lat, bw = route_ends(r, table.routes(src, dst))
         cost = (lat + nbytes / (bw * 1e9)).reshape(m, m)
         np.fill_diagonal(cost, np.inf)
         return cost

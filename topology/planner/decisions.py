@@ -3,8 +3,6 @@ search and bound of one cluster."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from specs.cluster import ClusterSpec
 from specs.degrees import DegreeError, NothingFits, resolve_degrees, ulysses_of
 from specs.run import RunSpec, StageSpec
@@ -43,7 +41,7 @@ class Planner:
         self.seed = seed
         self.orders = Orders(spec, self.graph, self.router)
         self.evaluator = Evaluator(self.router, self.graph, self.profile)
-        self.constructions = CandidateRings(self.orders, self.evaluator)
+        self.candidate_rings = CandidateRings(self.orders, self.evaluator)
         self.bound = RingBound(self.orders)
         self.moves = Moves(self.orders)
         self._health: dict[str, float] = {}
@@ -55,22 +53,19 @@ class Planner:
     def ray_default_order(self, seed: int = 0) -> list[str]:
         return self.orders.ray_default_order(seed)
 
-    def domains(self) -> list[np.ndarray]:
-        return self.orders.domains()
-
     def evaluate(self, rings: list[list[str]], shape: StageShape) -> Evaluated:
         return self.evaluator.evaluate(rings, shape)
 
     def candidates(self, gpus: list[str], ring: int, dp: int) -> dict[str, list[list[str]]]:
-        return self.constructions.named(gpus, ring, dp)
+        return self.candidate_rings.named(gpus, ring, dp)
 
     def domain_packed_rings(self, gpus: list[str], n: int, dp: int, shape: StageShape
                             ) -> list[list[str]] | None:
-        return self.constructions.domain_packed(gpus, n, dp, shape)
+        return self.candidate_rings.domain_packed(gpus, n, dp, shape)
 
     def nearest_neighbour_rings(self, gpus: list[str], n: int, dp: int, shape: StageShape
                                 ) -> list[list[str]]:
-        return self.constructions.nearest_neighbour(gpus, n, dp, shape)
+        return self.candidate_rings.nearest_neighbour(gpus, n, dp, shape)
 
     def ring_lower_bound(self, shape: StageShape) -> FlowResult:
         return self.bound.ring_lower_bound(shape)

@@ -61,13 +61,22 @@ class Moves:
         would pass through worse placements)."""
         if not spare:
             return
+        ordered = sorted(spare, key=self.orders.locality_rank().get)
+        for a, b in self._runs_of(flat, h, n):
+            # 48 sets bound the moves per run on big clusters; the closest domains come first
+            for new in itertools.islice(self._unused_sets(ordered, b - a), 48):
+                for order in (list(new), list(new)[::-1]):
+                    cand = flat[:a] + order + flat[b:]
+                    rest = [v for v in spare if v not in new] + flat[a:b]
+                    yield "move a run to unused GPUs", cand, rest
+
+    def _runs_of(self, flat: list[str], h: int, n: int) -> list[tuple[int, int]]:
+        """The [start, end) positions of h's run in its ring sharing its PCIe switch, its
+        socket, its node, then the whole ring; each once."""
         index = route_table(self.orders.router).index
-        doms = self.orders.domains()
-        local = self.orders.locality_rank()
-        ring = h // n
-        lo, hi = ring * n, ring * n + n
+        lo, hi = h // n * n, h // n * n + n
         runs = []
-        for dom in doms[:3]:
+        for dom in self.orders.domains()[:3]:
             key = [int(dom[index[v]]) for v in flat[lo:hi]]
             a = b = h - lo
             while a > 0 and key[a - 1] == key[h - lo]:
@@ -76,22 +85,21 @@ class Moves:
                 b += 1
             runs.append((lo + a, lo + b + 1))
         runs.append((lo, hi))
-        ordered = sorted(spare, key=local.get)
-        for a, b in dict.fromkeys(runs):
-            size = b - a
-            choices: dict[tuple[str, ...], None] = {}  # each set of unused GPUs once
-            for dom in doms:
-                by_domain: dict[int, list[str]] = {}
-                for v in ordered:
-                    by_domain.setdefault(int(dom[index[v]]), []).append(v)
-                for gpus in by_domain.values():
-                    if len(gpus) >= size:
-                        choices[tuple(gpus[:size])] = None
-            for new in itertools.islice(choices, 48):  # closest domains first (locality)
-                for order in (list(new), list(new)[::-1]):
-                    cand = flat[:a] + order + flat[b:]
-                    rest = [v for v in spare if v not in new] + flat[a:b]
-                    yield "move a run to unused GPUs", cand, rest
+        return list(dict.fromkeys(runs))
+
+    def _unused_sets(self, ordered: list[str], size: int) -> dict[tuple[str, ...], None]:
+        """Sets of `size` unused GPUs of one domain (of any level), the first of each domain
+        in `ordered`; each set once, in order of discovery."""
+        index = route_table(self.orders.router).index
+        choices: dict[tuple[str, ...], None] = {}
+        for dom in self.orders.domains():
+            by_domain: dict[int, list[str]] = {}
+            for v in ordered:
+                by_domain.setdefault(int(dom[index[v]]), []).append(v)
+            for gpus in by_domain.values():
+                if len(gpus) >= size:
+                    choices[tuple(gpus[:size])] = None
+        return choices
 
     def _unit_swaps(self, flat: list[str], h: int, n: int, spare: list[str]):
         """Swap the run of position h's ring that shares its PCIe switch / socket / node with
