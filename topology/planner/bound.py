@@ -42,15 +42,8 @@ class RingBound:
         t, lat_s, bw_s = 0.0, 0.0, 0.0
         for lv in range(0, level + 1) if every_gpu and level >= 0 else [level]:
             leave, enter, lat_of = _ways_out(p, lv, nbytes, n)
-            if every_gpu and lv >= 0:
-                forced = np.zeros(int(doms[lv].max()) + 1)
-                for per_gpu in (leave, enter):
-                    best = np.full(len(forced), np.inf)
-                    np.minimum.at(best, doms[lv], per_gpu)
-                    forced = np.maximum(forced, best)
-                here = float(forced.max())
-            else:
-                here = float(leave.min())
+            here = (_slowest_domain(doms[lv], leave, enter) if every_gpu and lv >= 0
+                    else float(leave.min()))
             if here > t:
                 # latency: the least of any way out; bandwidth: what makes up the rest of t
                 # (so the cost model prices the bound's hop as t for these bytes)
@@ -106,6 +99,17 @@ def route_ends(r: Router, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ok = paths >= 0
     return (np.where(ok, r.latency_us[np.maximum(paths, 0)], 0).sum(axis=1) * 1e-6,
             np.where(ok, r.bandwidth[np.maximum(paths, 0)], np.inf).min(axis=1))
+
+def _slowest_domain(dom: np.ndarray, leave: np.ndarray, enter: np.ndarray) -> float:
+    """Over the domains `dom` numbers, the slowest one's fastest way out or in (per GPU
+    `leave`, `enter`): what a ring through every domain pays at least once."""
+    forced = np.zeros(int(dom.max()) + 1)
+    for per_gpu in (leave, enter):
+        best = np.full(len(forced), np.inf)
+        np.minimum.at(best, dom, per_gpu)
+        forced = np.maximum(forced, best)
+    return float(forced.max())
+
 
 def _ways_out(p: dict, level: int, nbytes: float, n: int) -> tuple[np.ndarray, ...]:
     """Per GPU, the fastest uncontended transfer of `nbytes` from it to a GPU of another
