@@ -1,11 +1,10 @@
 """Placement planner: ring x data-parallel degrees, which GPUs form each ring, in which order."""
 
-from topology.planner.decisions import GREEDY_GPUS, SEARCH_SECONDS, PlanError, Planner
+from topology.planner.decisions import SEARCH_SECONDS, PlanError, Planner
 from topology.planner.evaluation import TIE, TIERS, Evaluated, floor_of, rank
 from topology.planner.exhaustive import exhaustive_count, plan_exhaustive, plan_exhaustive_any
 
 __all__ = [
-    "GREEDY_GPUS",
     "SEARCH_SECONDS",
     "TIE",
     "TIERS",
