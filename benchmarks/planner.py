@@ -140,7 +140,7 @@ def domain_chunks(planner: Planner, n: int, dp: int, shape: StageShape
     meets the bound, a placement at the bound exists."""
     index = route_table(planner.router).index
     order = planner.locality_order()
-    for doms in planner.domains():
+    for doms in planner.orders.domains():
         if max(np.bincount(doms)) < n:
             continue
         groups: dict[int, list[str]] = {}
