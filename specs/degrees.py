@@ -51,12 +51,10 @@ class ParallelDims(BaseModel):
         """From the user-facing degrees (ring_degree, data_parallel_degree, shard_degree,
         ulysses_degree)."""
         seq = ring * ulysses
+        if problem := shard_problem(shard, ring, ulysses):
+            raise ValueError(problem)
         what = f"ring_degree ({ring})" if ulysses == 1 else (
             f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
-        if shard % seq:
-            raise ValueError(f"shard_degree ({shard}) must be a multiple of {what}: "
-                             "a sequence's ranks shard the model together; use "
-                             f"{seq * max(1, round(shard / seq))}")
         if dp % (shard // seq):
             options = [seq * d for d in range(1, dp + 1) if dp % d == 0]
             raise ValueError(f"shard_degree ({shard}) must be {what} times a "
@@ -90,16 +88,7 @@ class ParallelDims(BaseModel):
     def problems(self, *, seq_len: int, batch_size: int, heads: int | None = None,
                  kv_heads: int | None = None) -> list[str]:
         """What a stage's shape makes impossible for these degrees, one line each with a fix."""
-        out = []
-        if self.ulysses > 1 and seq_len % (2 * self.sequence):
-            n = 2 * self.sequence
-            out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree x "
-                       f"ulysses_degree ({n}) for zigzag sharding and the Ulysses split; use "
-                       f"{-(-seq_len // n) * n} or other degrees")
-        elif self.ring > 1 and seq_len % (2 * self.ring):
-            out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree "
-                       f"({2 * self.ring}) for zigzag sharding; use "
-                       f"{-(-seq_len // (2 * self.ring)) * 2 * self.ring} or another ring_degree")
+        out = [p for p in [zigzag_problem(seq_len, self.ring, self.ulysses)] if p]
         if batch_size % self.dp:
             out.append(f"batch_size ({batch_size}) must be a multiple of data_parallel_degree "
                        f"({self.dp}); use batch_size {-(-batch_size // self.dp) * self.dp}")
@@ -132,6 +121,33 @@ class ParallelDims(BaseModel):
         if self.dp_replicate > 1:
             parts.append(f"{self.dp_replicate} replicas (HSDP)")
         return " x ".join(parts[:2]) + ", " + ", ".join(parts[2:])
+
+
+def shard_problem(shard: int, ring: int, ulysses: int = 1) -> str | None:
+    """The one rule for a shard group: whole sequences' GPUs (ring x ulysses) shard the model
+    state together; None when shard_degree is a multiple of them, else the line naming the fix."""
+    seq = ring * ulysses
+    if shard % seq == 0:
+        return None
+    what = f"ring_degree ({ring})" if ulysses == 1 else (
+        f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
+    whose = "a ring's" if ulysses == 1 else "a sequence's"
+    return (f"shard_degree ({shard}) must be a multiple of {what}: {whose} GPUs shard the model "
+            f"together; use {seq * max(1, round(shard / seq))}")
+
+
+def zigzag_problem(seq_len: int, ring: int, ulysses: int = 1) -> str | None:
+    """The one rule for a sequence's split: zigzag sharding cuts seq_len into 2 x ring x ulysses
+    chunks (a chunk pair per rank); None when it divides, else the line naming the fix."""
+    n = 2 * ring * ulysses
+    if ring * ulysses == 1 or seq_len % n == 0:
+        return None
+    if ulysses > 1:
+        return (f"seq_len ({seq_len}) must be divisible by 2 x ring_degree x ulysses_degree ({n}) "
+                f"for zigzag sharding and the Ulysses split; use {-(-seq_len // n) * n} or other "
+                "degrees")
+    return (f"seq_len ({seq_len}) must be divisible by 2 x ring_degree ({n}) for zigzag "
+            f"sharding; use {-(-seq_len // n) * n} or another ring_degree")
 
 
 def ulysses_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
@@ -207,7 +223,6 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
     if u > world:
         raise DegreeError(f"ulysses_degree {u} needs {u} workers, but {offer}; lower it or {grow}")
     positions = world // u  # ring positions the workers can fill
-    split = 2 * u  # each ring position's tokens split over u ranks, in two zigzag chunks
     if r != "auto" and d != "auto":
         if r * d * u > world:
             names = "ring_degree x data_parallel_degree" + ("" if u == 1 else " x ulysses_degree")
@@ -225,7 +240,7 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
                               f"it or {grow}")
         if strict and positions % r:
             divisors = [x for x in range(1, positions + 1)
-                        if positions % x == 0 and seq % (split * x) == 0]
+                        if positions % x == 0 and zigzag_problem(seq, x, u) is None]
             raise DegreeError(f"ring_degree {r}{per} does not divide the {world} workers "
                               f"({offer}); use one that does (e.g. {divisors[-4:]}) or set "
                               "data_parallel_degree to leave workers idle on purpose")
@@ -233,13 +248,11 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
         raise DegreeError(f"data_parallel_degree {d}{per} needs {d * u} workers, but {offer}; "
                           f"lower it or {grow}")
     rings = [r] if r != "auto" else [x for x in range(1, positions + 1)
-                                     if (x == 1 and u == 1) or seq % (split * x) == 0]
+                                     if zigzag_problem(seq, x, u) is None]
     options = []
     for x in rings:
-        if (x > 1 or u > 1) and seq % (split * x):
-            what = "2 x ring_degree" if u == 1 else "2 x ring_degree x ulysses_degree"
-            raise DegreeError(f"seq_len {seq} is not divisible by {what} = {split * x}; "
-                              f"pick degrees whose product divides {seq // 2}")
+        if problem := zigzag_problem(seq, x, u):
+            raise DegreeError(problem)
         dps = [d] if d != "auto" else [y for y in range(positions // x, 0, -1) if batch % y == 0]
         options += [(x, y) for y in dps if x * y <= positions]
     return options
