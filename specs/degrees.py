@@ -27,8 +27,8 @@ call it); a stage runs on ring x dp workers, which may be fewer than the run's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,6 +113,24 @@ class ParallelDims(BaseModel):
         grid = [[r[p * u:(p + 1) * u] for p in range(self.ring)] for r in rings]
         return [grid[i * self.dp_shard:(i + 1) * self.dp_shard]
                 for i in range(self.dp_replicate)]
+
+    def degree_keys(self) -> dict[str, int]:
+        """The layout in the user-facing keys plan.json and state.json have always carried."""
+        return {"ring_degree": self.ring, "dp_degree": self.dp, "shard_degree": self.shard,
+                "ulysses_degree": self.ulysses}
+
+    @classmethod
+    def from_degree_keys(cls, doc: Mapping[str, Any]) -> ParallelDims:
+        """Back from `degree_keys` (older files may lack shard_degree, null meaning a
+        sequence's GPUs, and ulysses_degree); the ValueError names the numbers and a fix."""
+        ring, dp, ulysses = (doc.get("ring_degree", 1), doc.get("dp_degree", 1),
+                             doc.get("ulysses_degree", 1))
+        return cls.of(ring, dp, doc.get("shard_degree") or ring * ulysses, ulysses)
+
+    def label(self) -> str:
+        """A table cell: 8 x 1 (ring x dp), or 4u2 x 1 with Ulysses (a ring of 4 groups of 2)."""
+        ring = f"{self.ring}" if self.ulysses == 1 else f"{self.ring}u{self.ulysses}"
+        return f"{ring} x {self.dp}"
 
     def describe(self) -> str:
         ring = f"ring {self.ring}" if self.ulysses == 1 else (
@@ -259,16 +277,16 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
 
 
 def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
-                    shard_for: Callable[[int, int], int | None] | None = None,
+                    shard_for: Callable[[int, int], ParallelDims | None] | None = None,
                     strict: bool = True, grow: str = "add workers"
                     ) -> tuple[ParallelDims, list[str]]:
     """The stage's layout on `world` workers, with notes on every choice made for it.
 
-    With a memory model (`shard_for(ring, dp)`: the shard degree whose memory fits, or None),
-    the first of `degree_options` that fits; without one (plain workers, no cluster
-    description), the largest ring: the sequence split as thinly as the workers allow. The one
-    resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the topology
-    planner, plans from Ray's placement and the operator's re-planning all call it."""
+    With a memory model (`shard_for(ring, dp)`: the layout of that ring x dp whose shard group
+    fits memory, or None), the first of `degree_options` that fits; without one (plain workers,
+    no cluster description), the largest ring: the sequence split as thinly as the workers
+    allow. The one resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the
+    topology planner, plans from Ray's placement and the operator's re-planning all call it."""
     options = degree_options(stage, world, offer, strict=strict, grow=grow)
     uly = ulysses_of(stage)
     auto = stage.ring_degree == "auto" or stage.data_parallel_degree == "auto"
@@ -278,26 +296,25 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
         ring, dp = next((x, y) for x, y in options if x == big)
         shard = ring * uly if stage.shard_degree == "auto" else stage.shard_degree
         why = "no memory model without a cluster description: the largest ring"
+        try:
+            dims = ParallelDims.of(ring, dp, shard, uly)
+        except ValueError as e:
+            raise DegreeError(str(e)) from None
     else:
         found, skip = None, set()
         for x, y in options:
             if x in skip:
                 continue
-            shard = shard_for(x, y)
-            if shard is not None:
-                found = (x, y, shard)
+            found = shard_for(x, y)
+            if found is not None:
                 break
             skip.add(x)  # fewer rings only shrink the shard groups: try the next ring
         if found is None:
             raise NothingFits(f"no layout of {stage.name!r} on {world} workers fits memory "
                               f"(tried ring x dp {sorted(set(options))[:6]}); shorten seq_len "
                               "or add GPUs", tried=options)
-        ring, dp, shard = found
+        dims, ring, dp = found, found.ring, found.dp
         why = "the smallest ring that fits memory, then the most rings the workers allow"
-    try:
-        dims = ParallelDims.of(ring, dp, shard, uly)
-    except ValueError as e:
-        raise DegreeError(str(e)) from None
     if auto:
         notes.append(f"auto degrees: ring {ring} x dp {dp}, shard {dims.shard} ({why}, with "
                      f"batch_size {stage.batch_size} divisible by dp)")
