@@ -50,6 +50,11 @@ class ParallelDims(BaseModel):
     def of(cls, ring: int, dp: int, shard: int, ulysses: int = 1) -> ParallelDims:
         """From the user-facing degrees (ring_degree, data_parallel_degree, shard_degree,
         ulysses_degree)."""
+        bad = [f"{k} ({v!r})" for k, v in (("ring_degree", ring), ("data_parallel_degree", dp),
+                                           ("shard_degree", shard), ("ulysses_degree", ulysses))
+               if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be a whole number of GPUs, 1 or more")
         seq = ring * ulysses
         if problem := shard_problem(shard, ring, ulysses):
             raise ValueError(problem)
