@@ -18,7 +18,8 @@ With Ulysses, a plan's "ring" lists ring x ulysses GPUs, ring position by ring p
 run of `ulysses` consecutive GPUs is one Ulysses group (put in one fast domain), and the K/V
 rings connect the groups' members of the same index. The trainer builds its DeviceMesh from
 exactly these numbers and the plan's ring order, and the planner's memory model divides the
-model state by `shard`.
+model state by `shard`. plan.json and state.json spell them as the user-facing degree keys
+(`degree_keys`, `from_degree_keys`), so files written before ParallelDims existed still load.
 
 `resolve_degrees` is the one place 'auto' degrees become numbers (RunSpec validation, the
 trainer's preflight, the planner, plans from Ray's placement and the operator's re-planning all

@@ -13,13 +13,7 @@ import networkx as nx
 import numpy as np
 
 from specs.cluster import ClusterSpec
-from specs.degrees import (
-    DegreeError,
-    NothingFits,
-    ParallelDims,
-    resolve_degrees,
-    ulysses_of,
-)
+from specs.degrees import DegreeError, NothingFits, ParallelDims, resolve_degrees, ulysses_of
 from specs.run import RunSpec, StageSpec
 from topology.cost import (
     FlowResult,
@@ -610,7 +604,7 @@ class Planner:
 
     def plan_rings(self, run: RunSpec, stage: StageSpec, dims: ParallelDims
                    ) -> tuple[Evaluated, list[str]]:
-        """Rings and their order for `ring` x `dp` (x `ulysses`: each ring position a group of
+        """Rings and their order for `dims`, ring x dp (x ulysses: each ring position a group of
         that many GPUs): the best (by `rank`) of a few hierarchy-aware layouts (whole nodes in
         fabric order; per-node templates found by exhaustive search over one node;
         socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
