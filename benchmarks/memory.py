@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from ray_jobs.train.memory import trace_stage_memory  # noqa: E402
+from specs.degrees import ParallelDims  # noqa: E402
 from specs.loading import load_model  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
 from tests.support.worlds import run_world  # noqa: E402
@@ -50,8 +51,8 @@ from topology.sources import load_cluster  # noqa: E402
 GB = 1e9
 
 
-def predicted_bytes(run: RunSpec, stage, ring: int, dp: int, shard: int) -> float:
-    parts = memory_per_gpu(StageShape.of(run, stage, ring, dp, shard), get_profile("l40s"))
+def predicted_bytes(run: RunSpec, stage, dims: ParallelDims) -> float:
+    parts = memory_per_gpu(StageShape.of(run, stage, dims), get_profile("l40s"))
     return sum(v for k, v in parts.items() if not k.startswith("reserve"))
 
 
@@ -68,7 +69,7 @@ def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], fl
             stage = next(s for s in run.stages if s.name == sp.name)
             dims = sp.dims
             trace = trace_stage_memory(run, stage, dims, max_ring=max_ring)
-            pred = predicted_bytes(run, stage, dims.ring, dims.dp, dims.shard)
+            pred = predicted_bytes(run, stage, dims)
             rows.append({"model": name, "stage": sp.name, "layout": dims.describe(),
                          "layers": trace.layers, "predicted_gb": pred / GB,
                          "traced_gb": trace.peak_bytes / GB,
@@ -100,7 +101,6 @@ def tiny_body(rank, world, mode: str, steps: int):
 
     from ray_jobs.ring_attention import register_ring_attention
     from ray_jobs.train.parallelize import build_mesh
-    from specs.degrees import ParallelDims
 
     register_ring_attention()
     layout = build_mesh(ParallelDims.of(2, 1, 2), [[0, 1]], "cpu")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, trace_8b = scale_rows(args.layers, args.max_ring)
     tiny_run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     stage = tiny_run.stages[-1]
-    predicted = predicted_bytes(tiny_run, stage, 2, 1, 2)
+    predicted = predicted_bytes(tiny_run, stage, ParallelDims(ring=2))
     ddp = run_world(2, tiny_body, "ddp", args.steps, timeout_s=600)
     fsdp = run_world(2, tiny_body, "fsdp", args.steps, timeout_s=600)
     ddp_again = run_world(2, tiny_body, "ddp", args.steps, timeout_s=600)

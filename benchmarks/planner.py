@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from specs.degrees import ParallelDims  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
 from topology.cost import StageShape  # noqa: E402
 from topology.fabrics import build_generated_cluster  # noqa: E402
@@ -82,11 +83,12 @@ def quality() -> float:
         run = small_model_run(ring, dp)
         planner = Planner(spec)
         t = time.perf_counter()
-        best, _ = planner.plan_rings(run, run.stages[0], ring, dp)
+        dims = ParallelDims(ring=ring, dp_replicate=dp)
+        best, _ = planner.plan_rings(run, run.stages[0], dims)
         t_plan = time.perf_counter() - t
         t = time.perf_counter()
         opt = plan_exhaustive(planner, planner.locality_order()[: ring * dp],
-                              StageShape.of(run, run.stages[0], ring, dp))
+                              StageShape.of(run, run.stages[0], dims))
         t_opt = time.perf_counter() - t
         ratio = best.cost.step_seconds / opt.cost.step_seconds
         worst = max(worst, ratio)
@@ -119,8 +121,9 @@ def generated_quality() -> dict:
         total, ring = rng.choice(options)
         run = small_model_run(ring, total // ring, seq_len=2048 * ring)
         planner = Planner(spec)
-        best, _ = planner.plan_rings(run, run.stages[0], ring, total // ring)
-        opt = plan_exhaustive_any(planner, StageShape.of(run, run.stages[0], ring, total // ring))
+        dims = ParallelDims(ring=ring, dp_replicate=total // ring)
+        best, _ = planner.plan_rings(run, run.stages[0], dims)
+        opt = plan_exhaustive_any(planner, StageShape.of(run, run.stages[0], dims))
         ratios.append(best.cost.step_seconds / opt.cost.step_seconds)
     ratios.sort()
     out = {"fabrics": len(ratios), "worst": ratios[-1], "median": ratios[len(ratios) // 2],
@@ -176,14 +179,15 @@ def mid_gaps() -> dict:
         # ring's hops, and the bound on them, decide the step time
         run = small_model_run(ring, dp, grad_accum=64)
         planner = Planner(spec)
-        shape = StageShape.of(run, run.stages[0], ring, dp)
+        dims = ParallelDims(ring=ring, dp_replicate=dp)
+        shape = StageShape.of(run, run.stages[0], dims)
         bound = planner.ring_lower_bound(shape).seconds
-        built = domain_chunks(planner, ring, dp, StageShape.of(run, run.stages[0], ring,
-                                                               spec.num_gpus // ring))
+        built = domain_chunks(planner, ring, dp, StageShape.of(
+            run, run.stages[0], ParallelDims(ring=ring, dp_replicate=spec.num_gpus // ring)))
         tried += 1
         if built is None or planner.evaluate(built, shape).ring.seconds > bound * (1 + 1e-9):
             continue
-        best, _ = planner.plan_rings(run, run.stages[0], ring, dp)
+        best, _ = planner.plan_rings(run, run.stages[0], dims)
         gaps.append(best.ring.seconds / bound)
         print(f"  seed {1000 + seed}: {spec.num_gpus} GPUs, {len(spec.nodes)} nodes, ring {ring}"
               f" x {dp}: gap {gaps[-1]:.4f}")
@@ -272,7 +276,7 @@ def ulysses_choice() -> dict[str, dict[str, float]]:
         alone, chosen = plan_run(spec, run), plan_run(spec, auto)
         for a, c in zip(alone.stages, chosen.stages):
             ratio = a.prediction.step_seconds / c.prediction.step_seconds
-            split = f"ring {c.ring_degree} x ulysses {c.ulysses_degree}"
+            split = f"ring {c.dims.ring} x ulysses {c.dims.ulysses}"
             out[f"{name} {a.name}"] = {"speedup": round(ratio, 4), "split": split}
             print(f"{name[7:] + ' ' + a.name:<22}{a.prediction.step_seconds:>13.1f}"
                   f"{c.prediction.step_seconds:>10.1f}  {split}")

@@ -18,7 +18,8 @@ With Ulysses, a plan's "ring" lists ring x ulysses GPUs, ring position by ring p
 run of `ulysses` consecutive GPUs is one Ulysses group (put in one fast domain), and the K/V
 rings connect the groups' members of the same index. The trainer builds its DeviceMesh from
 exactly these numbers and the plan's ring order, and the planner's memory model divides the
-model state by `shard`.
+model state by `shard`. plan.json and state.json spell them as the user-facing degree keys
+(`degree_keys`, `from_degree_keys`), so files written before ParallelDims existed still load.
 
 `resolve_degrees` is the one place 'auto' degrees become numbers (RunSpec validation, the
 trainer's preflight, the planner, plans from Ray's placement and the operator's re-planning all
@@ -27,8 +28,8 @@ call it); a stage runs on ring x dp workers, which may be fewer than the run's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,13 +51,16 @@ class ParallelDims(BaseModel):
     def of(cls, ring: int, dp: int, shard: int, ulysses: int = 1) -> ParallelDims:
         """From the user-facing degrees (ring_degree, data_parallel_degree, shard_degree,
         ulysses_degree)."""
+        bad = [f"{k} ({v!r})" for k, v in (("ring_degree", ring), ("data_parallel_degree", dp),
+                                           ("shard_degree", shard), ("ulysses_degree", ulysses))
+               if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be a whole number of GPUs, 1 or more")
         seq = ring * ulysses
+        if problem := shard_problem(shard, ring, ulysses):
+            raise ValueError(problem)
         what = f"ring_degree ({ring})" if ulysses == 1 else (
             f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
-        if shard % seq:
-            raise ValueError(f"shard_degree ({shard}) must be a multiple of {what}: "
-                             "a sequence's ranks shard the model together; use "
-                             f"{seq * max(1, round(shard / seq))}")
         if dp % (shard // seq):
             options = [seq * d for d in range(1, dp + 1) if dp % d == 0]
             raise ValueError(f"shard_degree ({shard}) must be {what} times a "
@@ -90,16 +94,7 @@ class ParallelDims(BaseModel):
     def problems(self, *, seq_len: int, batch_size: int, heads: int | None = None,
                  kv_heads: int | None = None) -> list[str]:
         """What a stage's shape makes impossible for these degrees, one line each with a fix."""
-        out = []
-        if self.ulysses > 1 and seq_len % (2 * self.sequence):
-            n = 2 * self.sequence
-            out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree x "
-                       f"ulysses_degree ({n}) for zigzag sharding and the Ulysses split; use "
-                       f"{-(-seq_len // n) * n} or other degrees")
-        elif self.ring > 1 and seq_len % (2 * self.ring):
-            out.append(f"seq_len ({seq_len}) must be divisible by 2 x ring_degree "
-                       f"({2 * self.ring}) for zigzag sharding; use "
-                       f"{-(-seq_len // (2 * self.ring)) * 2 * self.ring} or another ring_degree")
+        out = [p for p in [zigzag_problem(seq_len, self.ring, self.ulysses)] if p]
         if batch_size % self.dp:
             out.append(f"batch_size ({batch_size}) must be a multiple of data_parallel_degree "
                        f"({self.dp}); use batch_size {-(-batch_size // self.dp) * self.dp}")
@@ -125,6 +120,24 @@ class ParallelDims(BaseModel):
         return [grid[i * self.dp_shard:(i + 1) * self.dp_shard]
                 for i in range(self.dp_replicate)]
 
+    def degree_keys(self) -> dict[str, int]:
+        """The layout in the user-facing keys plan.json and state.json have always carried."""
+        return {"ring_degree": self.ring, "dp_degree": self.dp, "shard_degree": self.shard,
+                "ulysses_degree": self.ulysses}
+
+    @classmethod
+    def from_degree_keys(cls, doc: Mapping[str, Any]) -> ParallelDims:
+        """Back from `degree_keys` (older files may lack shard_degree, null meaning a
+        sequence's GPUs, and ulysses_degree); the ValueError names the numbers and a fix."""
+        ring, dp, ulysses = (doc.get("ring_degree", 1), doc.get("dp_degree", 1),
+                             doc.get("ulysses_degree", 1))
+        return cls.of(ring, dp, doc.get("shard_degree") or ring * ulysses, ulysses)
+
+    def label(self) -> str:
+        """A table cell: 8 x 1 (ring x dp), or 4u2 x 1 with Ulysses (a ring of 4 groups of 2)."""
+        ring = f"{self.ring}" if self.ulysses == 1 else f"{self.ring}u{self.ulysses}"
+        return f"{ring} x {self.dp}"
+
     def describe(self) -> str:
         ring = f"ring {self.ring}" if self.ulysses == 1 else (
             f"ring {self.ring} x ulysses {self.ulysses}")
@@ -132,6 +145,33 @@ class ParallelDims(BaseModel):
         if self.dp_replicate > 1:
             parts.append(f"{self.dp_replicate} replicas (HSDP)")
         return " x ".join(parts[:2]) + ", " + ", ".join(parts[2:])
+
+
+def shard_problem(shard: int, ring: int, ulysses: int = 1) -> str | None:
+    """The one rule for a shard group: whole sequences' GPUs (ring x ulysses) shard the model
+    state together; None when shard_degree is a multiple of them, else the line naming the fix."""
+    seq = ring * ulysses
+    if shard % seq == 0:
+        return None
+    what = f"ring_degree ({ring})" if ulysses == 1 else (
+        f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
+    whose = "a ring's" if ulysses == 1 else "a sequence's"
+    return (f"shard_degree ({shard}) must be a multiple of {what}: {whose} GPUs shard the model "
+            f"together; use {seq * max(1, round(shard / seq))}")
+
+
+def zigzag_problem(seq_len: int, ring: int, ulysses: int = 1) -> str | None:
+    """The one rule for a sequence's split: zigzag sharding cuts seq_len into 2 x ring x ulysses
+    chunks (a chunk pair per rank); None when it divides, else the line naming the fix."""
+    n = 2 * ring * ulysses
+    if ring * ulysses == 1 or seq_len % n == 0:
+        return None
+    if ulysses > 1:
+        return (f"seq_len ({seq_len}) must be divisible by 2 x ring_degree x ulysses_degree ({n}) "
+                f"for zigzag sharding and the Ulysses split; use {-(-seq_len // n) * n} or other "
+                "degrees")
+    return (f"seq_len ({seq_len}) must be divisible by 2 x ring_degree ({n}) for zigzag "
+            f"sharding; use {-(-seq_len // n) * n} or another ring_degree")
 
 
 def ulysses_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
@@ -207,7 +247,6 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
     if u > world:
         raise DegreeError(f"ulysses_degree {u} needs {u} workers, but {offer}; lower it or {grow}")
     positions = world // u  # ring positions the workers can fill
-    split = 2 * u  # each ring position's tokens split over u ranks, in two zigzag chunks
     if r != "auto" and d != "auto":
         if r * d * u > world:
             names = "ring_degree x data_parallel_degree" + ("" if u == 1 else " x ulysses_degree")
@@ -225,7 +264,7 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
                               f"it or {grow}")
         if strict and positions % r:
             divisors = [x for x in range(1, positions + 1)
-                        if positions % x == 0 and seq % (split * x) == 0]
+                        if positions % x == 0 and zigzag_problem(seq, x, u) is None]
             raise DegreeError(f"ring_degree {r}{per} does not divide the {world} workers "
                               f"({offer}); use one that does (e.g. {divisors[-4:]}) or set "
                               "data_parallel_degree to leave workers idle on purpose")
@@ -233,29 +272,27 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
         raise DegreeError(f"data_parallel_degree {d}{per} needs {d * u} workers, but {offer}; "
                           f"lower it or {grow}")
     rings = [r] if r != "auto" else [x for x in range(1, positions + 1)
-                                     if (x == 1 and u == 1) or seq % (split * x) == 0]
+                                     if zigzag_problem(seq, x, u) is None]
     options = []
     for x in rings:
-        if (x > 1 or u > 1) and seq % (split * x):
-            what = "2 x ring_degree" if u == 1 else "2 x ring_degree x ulysses_degree"
-            raise DegreeError(f"seq_len {seq} is not divisible by {what} = {split * x}; "
-                              f"pick degrees whose product divides {seq // 2}")
+        if problem := zigzag_problem(seq, x, u):
+            raise DegreeError(problem)
         dps = [d] if d != "auto" else [y for y in range(positions // x, 0, -1) if batch % y == 0]
         options += [(x, y) for y in dps if x * y <= positions]
     return options
 
 
 def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
-                    shard_for: Callable[[int, int], int | None] | None = None,
+                    shard_for: Callable[[int, int], ParallelDims | None] | None = None,
                     strict: bool = True, grow: str = "add workers"
                     ) -> tuple[ParallelDims, list[str]]:
     """The stage's layout on `world` workers, with notes on every choice made for it.
 
-    With a memory model (`shard_for(ring, dp)`: the shard degree whose memory fits, or None),
-    the first of `degree_options` that fits; without one (plain workers, no cluster
-    description), the largest ring: the sequence split as thinly as the workers allow. The one
-    resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the topology
-    planner, plans from Ray's placement and the operator's re-planning all call it."""
+    With a memory model (`shard_for(ring, dp)`: the layout of that ring x dp whose shard group
+    fits memory, or None), the first of `degree_options` that fits; without one (plain workers,
+    no cluster description), the largest ring: the sequence split as thinly as the workers
+    allow. The one resolver of 'auto' degrees: RunSpec validation, the trainer's preflight, the
+    topology planner, plans from Ray's placement and the operator's re-planning all call it."""
     options = degree_options(stage, world, offer, strict=strict, grow=grow)
     uly = ulysses_of(stage)
     auto = stage.ring_degree == "auto" or stage.data_parallel_degree == "auto"
@@ -265,26 +302,25 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
         ring, dp = next((x, y) for x, y in options if x == big)
         shard = ring * uly if stage.shard_degree == "auto" else stage.shard_degree
         why = "no memory model without a cluster description: the largest ring"
+        try:
+            dims = ParallelDims.of(ring, dp, shard, uly)
+        except ValueError as e:
+            raise DegreeError(str(e)) from None
     else:
         found, skip = None, set()
         for x, y in options:
             if x in skip:
                 continue
-            shard = shard_for(x, y)
-            if shard is not None:
-                found = (x, y, shard)
+            found = shard_for(x, y)
+            if found is not None:
                 break
             skip.add(x)  # fewer rings only shrink the shard groups: try the next ring
         if found is None:
             raise NothingFits(f"no layout of {stage.name!r} on {world} workers fits memory "
                               f"(tried ring x dp {sorted(set(options))[:6]}); shorten seq_len "
                               "or add GPUs", tried=options)
-        ring, dp, shard = found
+        dims, ring, dp = found, found.ring, found.dp
         why = "the smallest ring that fits memory, then the most rings the workers allow"
-    try:
-        dims = ParallelDims.of(ring, dp, shard, uly)
-    except ValueError as e:
-        raise DegreeError(str(e)) from None
     if auto:
         notes.append(f"auto degrees: ring {ring} x dp {dp}, shard {dims.shard} ({why}, with "
                      f"batch_size {stage.batch_size} divisible by dp)")

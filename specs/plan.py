@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from specs.degrees import ParallelDims
+
+DEGREE_KEYS = ("ring_degree", "dp_degree", "shard_degree", "ulysses_degree")
 
 
 class _Spec(BaseModel):
@@ -75,13 +85,13 @@ class StagePlan(_Spec):
     name: str = Field(description="Stage name from the RunSpec.")
     seq_len: int = Field(description="Tokens per sequence.")
     rope_theta: float = Field(description="RoPE base for the stage.")
-    ring_degree: int = Field(description="GPUs per ring.")
-    dp_degree: int = Field(description="Data-parallel rings.")
-    shard_degree: int | None = Field(None, description="GPUs that shard the model state "
-                                     "(FSDP2); null: ring_degree (one shard group per ring).")
-    ulysses_degree: int = Field(1, ge=1, description="GPUs per ring position splitting the "
-                                "heads (Ulysses); each ring lists ring_degree x ulysses_degree "
-                                "workers, one ring position's Ulysses group after another.")
+    dims: ParallelDims = Field(description="The stage's parallel layout. plan.json spells it "
+                               "ring_degree (GPUs per ring), dp_degree (data-parallel rings), "
+                               "shard_degree (GPUs sharding the model state, FSDP2; null: a "
+                               "sequence's GPUs) and ulysses_degree (GPUs per ring position "
+                               "splitting the heads; each ring lists ring_degree x "
+                               "ulysses_degree workers, one ring position's Ulysses group "
+                               "after another).")
     rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
                                       "first; each sends K/V to the next, the last to the first).")
     bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "
@@ -91,6 +101,28 @@ class StagePlan(_Spec):
     alternatives: list[Alternative] = Field(default_factory=list, description="Baselines and "
                                             "bound on the same cost model.")
     notes: list[str] = Field(default_factory=list, description="Choices made and why.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dims_from_degrees(cls, data: Any) -> Any:
+        """plan.json keeps the user-facing degree keys (older plans load unchanged)."""
+        if not isinstance(data, dict) or "dims" in data:
+            return data
+        data = dict(data)
+        degrees = {k: data.pop(k) for k in DEGREE_KEYS if k in data}
+        missing = [k for k in ("ring_degree", "dp_degree") if k not in degrees]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing: a stage plan gives ring_degree and "
+                             "dp_degree (shard_degree and ulysses_degree are optional)")
+        data["dims"] = ParallelDims.from_degree_keys(degrees)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _degrees_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in handler(self).items():
+            out.update(self.dims.degree_keys() if key == "dims" else {key: value})
+        return out
 
     @cached_property
     def _positions(self) -> dict[tuple[str, int], tuple[int, int]]:
@@ -106,13 +138,6 @@ class StagePlan(_Spec):
             raise KeyError(f"stage {self.name!r}: no worker (node={node!r}, gpu={local_gpu}) in "
                            f"the plan; planned nodes: {nodes[:6]}{'...' if len(nodes) > 6 else ''}"
                            ) from None
-
-    @property
-    def dims(self) -> ParallelDims:
-        """The degrees the trainer builds its mesh from."""
-        return ParallelDims.of(self.ring_degree, self.dp_degree,
-                               self.shard_degree or self.ring_degree * self.ulysses_degree,
-                               self.ulysses_degree)
 
     @property
     def workers(self) -> list[Worker]:

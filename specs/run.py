@@ -16,8 +16,10 @@ from specs.degrees import (
     DegreeError,
     ParallelDims,
     degree_options,
+    shard_problem,
     ulysses_of,
     ulysses_problems,
+    zigzag_problem,
 )
 from specs.eval_tasks import KAMRADT_TASK, EvalTask
 
@@ -158,25 +160,13 @@ class StageSpec(_Spec):
     def _divisibility(self) -> StageSpec:
         ring, dp, shard = self.ring_degree, self.data_parallel_degree, self.shard_degree
         uly = self.ulysses_degree if isinstance(self.ulysses_degree, int) else 1
-        if isinstance(shard, int) and isinstance(ring, int) and shard % (ring * uly):
-            what = "ring_degree" if uly == 1 else "ring_degree x ulysses_degree"
-            whose = "a ring's" if uly == 1 else "a sequence's"
-            raise ValueError(f"shard_degree ({shard}) must be a multiple of {what} "
-                             f"({ring * uly}): {whose} GPUs shard the model together")
+        if isinstance(shard, int) and isinstance(ring, int) and (
+                problem := shard_problem(shard, ring, uly)):
+            raise ValueError(problem)
         if isinstance(shard, int) and isinstance(ring, int) and isinstance(dp, int):
             ParallelDims.of(ring, dp, shard, uly)  # its ValueError names the numbers and a fix
-        if isinstance(ring, int) and uly > 1 and self.seq_len % (2 * ring * uly):
-            n = 2 * ring * uly
-            raise ValueError(
-                f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree x "
-                f"ulysses_degree ({n}) for zigzag sharding and the Ulysses split; use "
-                f"{_round_up(self.seq_len, n)} or other degrees")
-        if isinstance(self.ring_degree, int) and self.seq_len % (2 * self.ring_degree):
-            raise ValueError(
-                f"seq_len ({self.seq_len}) must be divisible by 2 x ring_degree "
-                f"({2 * self.ring_degree}) for zigzag sharding; use "
-                f"{_round_up(self.seq_len, 2 * self.ring_degree)} or another ring_degree"
-            )
+        if isinstance(ring, int) and (problem := zigzag_problem(self.seq_len, ring, uly)):
+            raise ValueError(problem)
         if (
             isinstance(self.data_parallel_degree, int)
             and self.batch_size % self.data_parallel_degree

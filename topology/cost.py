@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specs.degrees import ParallelDims
 from specs.run import RunSpec, StageSpec
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
@@ -138,13 +139,11 @@ class StageShape:
     ulysses: int = 1  # GPUs per ring position splitting the heads (all-to-all)
 
     @classmethod
-    def of(cls, run: RunSpec, stage: StageSpec, ring: int, dp: int,
-           shard: int | None = None, ulysses: int | None = None) -> StageShape:
+    def of(cls, run: RunSpec, stage: StageSpec, dims: ParallelDims) -> StageShape:
+        """The stage on the layout `dims` (its degrees, not the stage's possibly 'auto' ones)."""
         model = run.model
-        if ulysses is None:
-            ulysses = stage.ulysses_degree if isinstance(stage.ulysses_degree, int) else 1
-        return cls(seq_len=stage.seq_len, ring=ring, dp=dp, shard=shard, ulysses=ulysses,
-                   batch_size=stage.batch_size,
+        return cls(seq_len=stage.seq_len, ring=dims.ring, dp=dims.dp, shard=dims.shard,
+                   ulysses=dims.ulysses, batch_size=stage.batch_size,
                    grad_accum=stage.grad_accum_steps, steps=stage.steps,
                    layers=model.num_hidden_layers, hidden=model.hidden_size,
                    intermediate=model.intermediate_size, heads=model.num_attention_heads,

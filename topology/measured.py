@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specs.degrees import ParallelDims
 from specs.ledger import Ledger
 from specs.plan import Plan
 
@@ -44,12 +45,9 @@ def measured_steps(run_dir: str | Path) -> dict[str, Measured]:
             continue
         st = json.loads(state_file.read_text())
         if st.get("step", 0) > 0 and st.get("seconds", 0) > 0:
-            u = st.get("ulysses_degree", 1)
             out[stage] = Measured(stage=stage, steps=st["step"], seconds=st["seconds"],
                                   parts=st.get("parts_seconds", {}),
-                                  layout=(f"{st.get('ring_degree', 1)}"
-                                          + (f"u{u}" if u > 1 else "")
-                                          + f" x {st.get('dp_degree', 1)}"))
+                                  layout=ParallelDims.from_degree_keys(st).label())
     return out
 
 
@@ -78,8 +76,7 @@ def compare_rows(plan: Plan, measured: dict[str, Measured]) -> list[list[str]]:
              "measured ms: by phase"]]
     for s in plan.stages:
         m = measured.get(s.name)
-        planned = f"{s.ring_degree}" + (f"u{s.ulysses_degree}" if s.ulysses_degree > 1 else "") \
-            + f" x {s.dp_degree}"
+        planned = s.dims.label()
         if m is None:
             rows.append([s.name, planned, f"{s.prediction.step_seconds:.4f}", "not run", "", "",
                          phases_ms(s.prediction.parts_seconds, 1), ""])

@@ -32,7 +32,7 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
     total = sum(s.prediction.wall_minutes for s in plan.stages)
     ray = sum(_alt(s, "ray-default").wall_minutes for s in plan.stages)
     peak = max(sum(s.prediction.memory_gb.values()) for s in plan.stages)
-    gpus = max(s.ring_degree * s.ulysses_degree * s.dp_degree for s in plan.stages)
+    gpus = max(s.dims.world for s in plan.stages)
     rooms = [s.prediction.ring_headroom for s in plan.stages if s.prediction.ring_headroom]
     room = min(rooms) if rooms else None
     if room is None:
@@ -97,8 +97,7 @@ def _published(s: StagePlan, minutes: float, profile: str | None) -> str:
     from topology.profile import get_profile
 
     steps = s.prediction.wall_minutes * 60 / s.prediction.step_seconds
-    peak = (get_profile(profile or "l40s").peak_bf16_flops * s.ring_degree * s.ulysses_degree
-            * s.dp_degree)
+    peak = get_profile(profile or "l40s").peak_bf16_flops * s.dims.world
     mfu = s.prediction.model_flops_per_step * steps / (minutes * 60 * peak)
     return f"{_fmt_min(minutes)} ({mfu:.0%})"
 
@@ -258,7 +257,7 @@ def _draw_ring(ax, s, k: int, spec: ClusterSpec | None, more_rings: int) -> None
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="->", color="tab:blue", lw=0.8,
                                      mutation_scale=8))
         top = max(top, peak)
-    title = f"{s.name}: ring {k + 1} of {s.dp_degree} ({s.ring_degree * s.ulysses_degree} GPUs)"
+    title = f"{s.name}: ring {k + 1} of {s.dims.dp} ({s.dims.sequence} GPUs)"
     if more_rings > 0:
         title += f"; {more_rings} more rings not drawn"
     ax.set_title(title, fontsize=8)
@@ -382,5 +381,4 @@ def _eval_section(plan: Plan) -> list:
 
 def _layout(s) -> str:
     """A stage's "ring x dp" cell: 8 x 1, or 4u2 x 1 with Ulysses (a ring of 4 groups of 2)."""
-    ring = f"{s.ring_degree}" if s.ulysses_degree == 1 else f"{s.ring_degree}u{s.ulysses_degree}"
-    return f"{ring} x {s.dp_degree}"
+    return s.dims.label()

@@ -61,14 +61,14 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
         return _plan_fixed(planner, run, index, seed, relax)
     ring_only = _plan_fixed(planner, _with_stage(run, index, ulysses_degree=1), index, seed,
                             relax)
-    n, m = ring_only.ring_degree, run.model
+    n, m = ring_only.dims.sequence, run.model
     options = {1: ring_only}
     for u in range(2, n + 1):
         if n % u or ulysses_problems(m.num_attention_heads, m.num_key_value_heads, u):
             continue
         split = _with_stage(run, index, ring_degree=n // u, ulysses_degree=u,
-                            data_parallel_degree=ring_only.dp_degree,
-                            shard_degree=ring_only.shard_degree or n)
+                            data_parallel_degree=ring_only.dims.dp,
+                            shard_degree=ring_only.dims.shard)
         try:
             options[u] = _plan_fixed(planner, split, index, seed, relax)
         except (PlanError, ValueError):
@@ -113,18 +113,16 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
     try:
-        ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=not relax)
+        dims, notes = planner.plan_degrees(run, stage, n_gpus, strict=not relax)
     except PlanError as e:
         if not relax or stage.data_parallel_degree == "auto":
             raise
         stage = stage.model_copy(update={"data_parallel_degree": "auto"})
-        ring, dp, shard, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
+        dims, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
-    u = stage.ulysses_degree
-    best, more = planner.plan_rings(run, stage, ring, dp, shard, u)
-    stage = stage.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp})
-    shape = StageShape.of(run, stage, ring, dp, shard, u)
-    n = ring * u  # GPUs per sequence
+    best, more = planner.plan_rings(run, stage, dims)
+    shape = StageShape.of(run, stage, dims)
+    n, dp = dims.sequence, dims.dp
     alts = []
     ray = planner.ray_default_order(seed)[: n * dp]
     ev = planner.evaluate([ray[i * n:(i + 1) * n] for i in range(dp)], shape)
@@ -146,11 +144,11 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
             "ring_hop_bound_seconds": bound.seconds,
             "ring_hop_gap": best.ring.seconds / bound.seconds})
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     ring_degree=ring, dp_degree=dp, shard_degree=shard, ulysses_degree=u,
-                     rings=_workers(best.rings),
+                     dims=dims, rings=_workers(best.rings),
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=prediction, alternatives=alts,
-                     notes=notes + more + kv_replication_note(run.model.num_key_value_heads, u))
+                     notes=notes + more + kv_replication_note(run.model.num_key_value_heads,
+                                                              dims.ulysses))
 
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
@@ -177,7 +175,7 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
         "concurrent transfers share each link equally; ECMP spreads perfectly over a spine layer",
         "Ray discovery order is modelled as a seeded shuffle of the nodes",
     ]
-    if any(s.ulysses_degree > 1 for s in stages):
+    if any(s.dims.ulysses > 1 for s in stages):
         assumptions.append("Ulysses stages: memory is the model's alone (the tracer does not "
                            "follow their all-to-alls yet); all-to-alls are not overlapped")
     assumptions.append(
@@ -211,9 +209,7 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
         rings = [[Worker(node=node, gpu=g) for node, g in slots[i * n:(i + 1) * n]]
                  for i in range(d)]
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
-                                rope_theta=run.stage_theta(index), ring_degree=dims.ring,
-                                dp_degree=d, shard_degree=dims.shard,
-                                ulysses_degree=dims.ulysses, rings=rings,
+                                rope_theta=run.stage_theta(index), dims=dims, rings=rings,
                                 notes=notes + kv_replication_note(
                                     run.model.num_key_value_heads, dims.ulysses)
                                 + ["planned from Ray nodes: rings filled node by node, no "

@@ -37,7 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from specs.degrees import ParallelDims
 from specs.ledger import Fenced, Ledger, is_committed, mark_committed
+from specs.plan import DEGREE_KEYS
 
 STATE_DIR = "trainer_state"
 DCP_DIR = "dcp"
@@ -56,14 +58,17 @@ class TrainerState:
     seconds: float = 0.0  # training time in this stage so far
     parts_seconds: dict[str, float] = field(default_factory=dict)  # `seconds` by phase (StepClock)
     world_size: int = 1
-    ring_degree: int = 1
-    dp_degree: int = 1
-    shard_degree: int = 1
-    ulysses_degree: int = 1
+    dims: ParallelDims = field(default_factory=ParallelDims)  # the layout the plan gave
     losses: list[float] = field(default_factory=list)  # per optimizer step
     init_from: str | None = None  # checkpoint the stage started from (relative to the run dir)
     init_checksum: float = 0.0  # sum of |weights| at the stage's start: shows what carried over
     attention_kernel: str = ""  # the block kernel the ring ran on, and why (select_block_kernel)
+
+    def to_json(self) -> str:
+        """state.json, the layout under plan.json's degree keys (topology.measured reads them)."""
+        doc = asdict(self)
+        doc.update(doc.pop("dims").degree_keys())
+        return json.dumps(doc, indent=1) + "\n"
 
 
 def checkpoint_dir(run_dir: Path, stage: str, step: int) -> Path:
@@ -117,7 +122,7 @@ def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer
         sd = staged / STATE_DIR
         sd.mkdir()
         torch.save(scheduler.state_dict(), sd / "scheduler.pt")
-        (sd / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
+        (sd / "state.json").write_text(state.to_json())
         if before_commit is not None:
             before_commit(staged)
         mark_committed(staged)
@@ -176,7 +181,9 @@ def prune_checkpoints(ledger: Ledger, stage: str, keep_last: int) -> list[str]:
 
 
 def read_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((Path(path) / STATE_DIR / "state.json").read_text()))
+    doc = json.loads((Path(path) / STATE_DIR / "state.json").read_text())
+    degrees = {k: doc.pop(k) for k in DEGREE_KEYS if k in doc}
+    return TrainerState(**doc, dims=ParallelDims.from_degree_keys(degrees))
 
 
 def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:

@@ -56,9 +56,9 @@ from ray_jobs.train.parallelize import (
 from ray_jobs.train.placement import (
     NODE_LABEL,
     WorkerSlot,
+    agree_stage_plan,
     build_rings,
     record_stage_plan,
-    stage_plan_for,
 )
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
@@ -85,13 +85,14 @@ def _train(config: WorkerConfig) -> None:
     gpu = run.resources.device == "gpu"
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")
 
-    # 1. Place: the plan maps (node, local device) -> (ring, position); Ray's world rank only
-    #    names the process to torch.distributed, it does not decide the ring order.
+    # 1. Place: one plan for all ranks (the driver's, or rank 0's from the gathered places);
+    #    it maps (node, local device) -> (ring, position). Ray's world rank only names the
+    #    process to torch.distributed, it does not decide the ring order.
     runtime = ray.get_runtime_context()
     node = runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
     slots = [None] * world
     dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
-    stage_plan = stage_plan_for(run, index, slots, config.plan)
+    stage_plan = agree_stage_plan(run, index, slots, config.plan)
     dims = stage_plan.dims
     layout = build_mesh(dims, build_rings(slots, stage_plan), device.type)
     if rank == 0 and config.plan is None:  # the driver saved a ClusterSpec plan already
@@ -120,8 +121,7 @@ def _train(config: WorkerConfig) -> None:
         opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
                          rope_theta=run.stage_theta(index), seq_len=stage.seq_len,
-                         world_size=world, ring_degree=dims.ring, dp_degree=dims.dp,
-                         shard_degree=dims.shard, ulysses_degree=dims.ulysses)
+                         world_size=world, dims=dims)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum
     if dims.sequence > 1:

@@ -171,8 +171,7 @@ def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None
         stage = next(s for s in run.stages if s.name == stage_plan.name)
         dims = stage_plan.dims
         trace = trace_stage_memory(run, stage, dims)
-        parts = memory_per_gpu(StageShape.of(run, stage, dims.ring, dims.dp, dims.shard,
-                                             dims.ulysses), profile)
+        parts = memory_per_gpu(StageShape.of(run, stage, dims), profile)
         reserve = sum(v for k, v in parts.items() if k.startswith("reserve"))
         checks.append(MemoryCheck(
             stage=stage.name, layout=dims.describe(), predicted_bytes=sum(parts.values()) - reserve,

@@ -4,7 +4,9 @@ With `resources.cluster` the plan comes from topology's planner on the ClusterSp
 driver, and each worker is pinned to its planned node by a Ray label selector (nodes carry the
 label `ringpilot.io/node=<ClusterSpec node name>`, set with `ray start --labels`). Without one,
 the plan is made from where Ray actually placed the workers (topology.plan_from_workers), so it
-always matches. Either way the worker's ring position comes from its node and local device.
+always matches: once, by rank 0 from the gathered slots, and broadcast. Either way every worker
+builds its mesh from that one plan's ParallelDims and rings, and its ring position comes from
+its node and local device.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from specs.atomic import atomic_write
 from specs.plan import Plan, StagePlan
 from specs.run import RunSpec
+from topology.planner import PlanError
 from topology.run_plan import plan_from_workers, plan_run
 from topology.sources import load_cluster
 
@@ -45,16 +50,33 @@ def check_capacity(run: RunSpec) -> Plan:
     return plan_from_workers({"workers": run.resources.workers}, run)
 
 
-def stage_plan_for(run: RunSpec, stage_index: int, slots: list[WorkerSlot],
-                   planned: StagePlan | None) -> StagePlan:
-    """The stage's plan: the driver's (ClusterSpec) or one made from the workers' actual places."""
-    if planned is not None:
-        return planned
+def plan_from_slots(run: RunSpec, stage_index: int, slots: list[WorkerSlot]) -> StagePlan:
+    """The stage planned from the workers' actual places (no ClusterSpec)."""
     counts: dict[str, int] = {}
     for s in slots:
         counts[s.node] = counts.get(s.node, 0) + 1
     one_stage = run.model_copy(update={"stages": [run.stages[stage_index]]})
     return plan_from_workers(counts, one_stage).stage(run.stages[stage_index].name)
+
+
+def agree_stage_plan(run: RunSpec, stage_index: int, slots: list[WorkerSlot],
+                     planned: StagePlan | None) -> StagePlan:
+    """The one stage plan every rank builds its mesh from (collective): the driver's
+    (ClusterSpec), or made once by rank 0 from the gathered slots and broadcast as plan.json
+    text, so no rank plans for itself and all read the same degrees and rings."""
+    if planned is not None:
+        return planned
+    sent: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            sent = [(plan_from_slots(run, stage_index, slots).model_dump_json(), None)]
+        except PlanError as e:  # every rank fails with rank 0's reason instead of waiting
+            sent = [(None, str(e))]
+    dist.broadcast_object_list(sent)
+    text, error = sent[0]
+    if error is not None:
+        raise PlanError(error)
+    return StagePlan.model_validate_json(text)
 
 
 def build_rings(slots: list[WorkerSlot], stage_plan: StagePlan) -> list[list[int]]:

@@ -175,14 +175,11 @@ def _step_times(planned, st) -> tuple[str, str, str, str]:
     one is missing, '(other layout)' when the run's degrees were not the plan's."""
     if planned is None:
         return "-", "-", "-", "-"
-    layout = f"{planned.ring_degree}" + (f"u{planned.ulysses_degree}"
-                                         if planned.ulysses_degree > 1 else "") + \
-        f" x {planned.dp_degree}"
+    layout = planned.dims.label()
     pred = planned.prediction.step_seconds if planned.prediction else None
     meas = st.seconds / st.step if st is not None and st.step else None
     ratio = f"{pred / meas:.2f}x" if pred and meas else "-"
-    if pred and meas and (st.ring_degree, st.dp_degree, st.ulysses_degree) != (
-            planned.ring_degree, planned.dp_degree, planned.ulysses_degree):
+    if pred and meas and st.dims != planned.dims:
         ratio += " (other layout)"
     return layout, f"{pred:.4f}" if pred else "-", f"{meas:.4f}" if meas else "-", ratio
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from specs.degrees import DegreeError, NothingFits, degree_options, resolve_degrees
+from specs.degrees import DegreeError, NothingFits, ParallelDims, degree_options, resolve_degrees
 
 
 def stage(ring="auto", dp="auto", shard="auto", seq_len=4096, batch_size=8):
@@ -23,7 +23,7 @@ def test_options_smallest_ring_first_then_most_rings():
 
 def test_memory_model_picks_the_first_layout_that_fits():
     # pretend memory fits from ring 4 on, sharded over two rings
-    fits = {(4, 2): 8}
+    fits = {(4, 2): ParallelDims.of(4, 2, 8)}
     dims, notes = resolve_degrees(stage(), 8, "8 workers", shard_for=lambda r, d: fits.get((r, d)))
     assert (dims.ring, dims.dp, dims.shard, dims.dp_replicate) == (4, 2, 8, 1)
     assert "auto degrees: ring 4 x dp 2, shard 8" in notes[0]
@@ -34,7 +34,7 @@ def test_a_ring_whose_most_rings_do_not_fit_is_skipped():
 
     def shard_for(ring, dp):
         calls.append((ring, dp))
-        return ring if ring == 8 else None
+        return ParallelDims.of(ring, dp, ring) if ring == 8 else None
     dims, _ = resolve_degrees(stage(), 8, "8 workers", shard_for=shard_for)
     assert (dims.ring, dims.dp) == (8, 1)
     assert calls == [(1, 8), (2, 4), (4, 2), (8, 1)]  # one try per ring: fewer rings shard less

@@ -154,7 +154,7 @@ def test_ulysses_degree_splits_each_ring_position():
     data = run_with(**{"resources.workers": 4, "stages.0.ulysses_degree": 2})
     run = validate_data(data, RunSpec, source="run.yaml")
     stage = plan_from_workers({"n0": 4}, run).stage(run.stages[0].name)
-    assert (stage.ring_degree, stage.ulysses_degree, stage.dp_degree) == (2, 2, 1)
+    assert (stage.dims.ring, stage.dims.ulysses, stage.dims.dp) == (2, 2, 1)
     assert stage.dims.sequence == 4 and stage.dims.shard == 4
     assert [len(r) for r in stage.rings] == [4]
     assert any("ulysses 2" in note for note in stage.notes)

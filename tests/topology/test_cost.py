@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from specs.degrees import ParallelDims
 from topology.cost import (
     FlowResult,
     StageDoesNotFit,
@@ -189,8 +190,9 @@ def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
     with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs 49\.\d GB per GPU with "
                        r"ring_degree 4 .* above the 48 GB of a NVIDIA L40S; raise ring_degree "
                        r"to 8 or more"):
-        check_fits("65k", StageShape.of(llama8b_run, stage, 4, 1), L40S)
-    assert check_fits("65k", StageShape.of(llama8b_run, stage, 8, 1), L40S) < 48e9
+        check_fits("65k", StageShape.of(llama8b_run, stage, ParallelDims(ring=4)), L40S)
+    assert check_fits("65k", StageShape.of(llama8b_run, stage, ParallelDims(ring=8)),
+                      L40S) < 48e9
 
 
 def test_ulysses_shapes_and_all_to_all_by_hand():

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from topology_helpers import small_run
 
+from specs.degrees import ParallelDims
 from topology.cost import StageDoesNotFit, StageShape
 from topology.planner import PlanError, Planner, plan_exhaustive
 from topology.presets import build_l40s_server, build_leaf_spine_cluster
@@ -27,8 +28,8 @@ CASES = [  # (cluster, ring, dp): every placement of 8 GPUs is enumerated
 def test_planner_within_5_percent_of_exhaustive(name, build, ring, dp):
     run = small_run(ring=ring, dp=dp, batch=dp)
     planner = Planner(build())
-    best, _ = planner.plan_rings(run, run.stages[0], ring, dp)
-    shape = StageShape.of(run, run.stages[0], ring, dp)
+    best, _ = planner.plan_rings(run, run.stages[0], ParallelDims(ring=ring, dp_replicate=dp))
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=ring, dp_replicate=dp))
     optimum = plan_exhaustive(planner, planner.locality_order()[: ring * dp], shape)
     assert best.cost.step_seconds <= 1.05 * optimum.cost.step_seconds
     assert optimum.cost.step_seconds <= best.cost.step_seconds * (1 + 1e-9)  # it is the optimum
@@ -39,8 +40,8 @@ def test_planned_ring_beats_ray_default_where_ids_cross_sockets():
     # hop (4 transfers share each direction); the planned ring crosses it once each way.
     run = small_run(ring=8, dp=1)
     planner = Planner(build_l40s_server(interleaved=True))
-    best, _ = planner.plan_rings(run, run.stages[0], 8, 1)
-    shape = StageShape.of(run, run.stages[0], 8, 1)
+    best, _ = planner.plan_rings(run, run.stages[0], ParallelDims(ring=8))
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=8))
     ray = planner.evaluate([planner.ray_default_order()], shape)
     assert ray.ring.seconds / best.ring.seconds >= 2.0
     assert ray.ring.bottleneck[0].endswith("/cpu0") or ray.ring.bottleneck[0].endswith("/cpu1")
@@ -52,9 +53,9 @@ def test_rings_stay_under_a_leaf_on_an_oversubscribed_fabric():
     spec = build_leaf_spine_cluster(16, nodes_per_leaf=4, oversubscription=4.0, nics=1)
     run = small_run(ring=16, dp=8, batch=8, workers=128, seq_len=32768)
     planner = Planner(spec)
-    best, _ = planner.plan_rings(run, run.stages[0], 16, 8)
+    best, _ = planner.plan_rings(run, run.stages[0], ParallelDims(ring=16, dp_replicate=8))
     assert not any(link[1] == "spine" for link in best.ring.loads)
-    shape = StageShape.of(run, run.stages[0], 16, 8)
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=16, dp_replicate=8))
     ray = planner.evaluate([planner.ray_default_order()[i * 16:(i + 1) * 16] for i in range(8)],
                            shape)
     assert any(link[1] == "spine" for link in ray.ring.loads)
@@ -68,7 +69,7 @@ def test_plan_json_ring_positions_and_determinism():
     again = plan_run(spec, run)
     assert plan.model_dump_json() == again.model_dump_json()
     stage = plan.stages[0]
-    assert (stage.ring_degree, stage.dp_degree) == (4, 4)
+    assert (stage.dims.ring, stage.dims.dp) == (4, 4)
     seen = set()
     for i, ring in enumerate(stage.rings):
         for k, w in enumerate(ring):
@@ -90,7 +91,7 @@ def test_auto_degrees_pick_smallest_ring_that_fits(llama8b_run):
         update={"ring_degree": "auto", "data_parallel_degree": "auto"})]})
     plan = plan_run(build_l40s_server(), run)
     # 65,536 tokens of Llama-3 8B do not fit 4 L40S (49.7 GB each), they fit 8
-    assert (plan.stages[0].ring_degree, plan.stages[0].dp_degree) == (8, 1)
+    assert (plan.stages[0].dims.ring, plan.stages[0].dims.dp) == (8, 1)
 
 
 def test_ring_degree_that_does_not_divide_the_gpus():
@@ -112,7 +113,7 @@ def test_more_gpus_than_the_cluster_has():
 
 def test_fixed_degrees_may_leave_gpus_idle_and_say_so():
     plan = plan_run(build_l40s_server(), small_run(ring=4, dp=1, workers=8)).stage("s1")
-    assert (plan.ring_degree, plan.dp_degree, len(plan.workers)) == (4, 1, 4)
+    assert (plan.dims.ring, plan.dims.dp, len(plan.workers)) == (4, 1, 4)
     assert any("uses 4 of 8 workers" in n for n in plan.notes)
 
 
@@ -126,7 +127,7 @@ def test_stage_that_cannot_fit_is_refused(llama8b_run):
         plan_run(build_l40s_server(), run)
     auto = run.model_copy(update={"stages": [stage.model_copy(update={"shard_degree": "auto"})]})
     planned = plan_run(build_l40s_server(), auto).stages[0]
-    assert (planned.ring_degree, planned.dp_degree, planned.shard_degree) == (2, 4, 8)
+    assert (planned.dims.ring, planned.dims.dp, planned.dims.shard) == (2, 4, 8)
     assert any("auto shard_degree: 8 GPUs (4 rings)" in n for n in planned.notes)
 
 
@@ -151,7 +152,7 @@ def test_plan_from_workers_auto_takes_the_largest_ring_that_splits_the_sequence(
     """Without a memory model 'auto' splits the sequence as thinly as it can: 16,384 tokens do
     not zigzag over 3 workers (2 x 3 does not divide them), so 2 of the 3 form the ring."""
     stage = plan_from_workers({"a": 3}, small_run(workers=3)).stages[0]
-    assert (stage.ring_degree, stage.dp_degree) == (2, 1)
+    assert (stage.dims.ring, stage.dims.dp) == (2, 1)
     assert any("uses 2 of 3 workers" in n for n in stage.notes)
 
 
@@ -213,7 +214,7 @@ def test_ring_alone_when_it_hides_behind_compute():
     """A long sequence on the described fabric: the ring's K/V hides behind the attention
     blocks, while the all-to-alls are never overlapped: ring attention alone."""
     stage = plan_run(_two_servers(), _auto_ulysses(131072)).stages[0]
-    assert (stage.ring_degree, stage.ulysses_degree) == (16, 1)
+    assert (stage.dims.ring, stage.dims.ulysses) == (16, 1)
     assert stage.notes[0].startswith("ulysses auto: step time per split of the 16 GPUs")
     assert "chose ring 16 alone: ring attention alone exposes" in stage.notes[0]
 
@@ -223,9 +224,9 @@ def test_hybrid_when_the_network_is_slow_and_the_server_fast():
     exposed (16 positions: 2 crossings, 15 exposed steps), so the planner splits the heads
     among groups and keeps a short ring; the note gives every split's step time."""
     stage = plan_run(_two_servers(nic_gb_s=0.5), _auto_ulysses(16384)).stages[0]
-    assert stage.ulysses_degree > 1 and stage.ring_degree * stage.ulysses_degree == 16
-    u = stage.ulysses_degree
-    assert f"chose ring {stage.ring_degree} x ulysses {u}: its all-to-alls" in stage.notes[0]
+    assert stage.dims.ulysses > 1 and stage.dims.ring * stage.dims.ulysses == 16
+    u = stage.dims.ulysses
+    assert f"chose ring {stage.dims.ring} x ulysses {u}: its all-to-alls" in stage.notes[0]
     for split in ("ring 16 alone", "ring 8 x ulysses 2", "pure Ulysses 16"):
         assert split in stage.notes[0]
     assert stage.dims.sequence == 16 and stage.prediction.parts_seconds["Ulysses all-to-all"] > 0
@@ -234,6 +235,6 @@ def test_hybrid_when_the_network_is_slow_and_the_server_fast():
 
 def test_auto_ulysses_without_a_cluster_is_the_ring_alone():
     plan = plan_from_workers({"n0": 16}, _auto_ulysses(16384))
-    assert plan.stages[0].ulysses_degree == 1
+    assert plan.stages[0].dims.ulysses == 1
     assert any("ulysses auto: 1 (ring attention alone) without a cluster description" in n
                for n in plan.stages[0].notes)

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from topology_helpers import small_run
 
+from specs.degrees import ParallelDims
 from topology.cost import StageShape
 from topology.fabrics import build_generated_cluster
 from topology.planner import TIE, PlanError, Planner, exhaustive_count, plan_exhaustive_any
@@ -38,8 +39,8 @@ def test_generated_fabrics_against_exhaustive_search_and_ray(spec, data):
     dp = total // ring
     run = small_run(ring=ring, dp=dp, batch=dp, workers=total, seq_len=2048 * ring)
     planner = Planner(spec)
-    best, notes = planner.plan_rings(run, run.stages[0], ring, dp)
-    shape = StageShape.of(run, run.stages[0], ring, dp)
+    best, notes = planner.plan_rings(run, run.stages[0], ParallelDims(ring=ring, dp_replicate=dp))
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=ring, dp_replicate=dp))
     used = [v for r in best.rings for v in r]
     assert len(used) == len(set(used)) == total and all(len(r) == ring for r in best.rings)
     opt = plan_exhaustive_any(planner, shape)
@@ -60,7 +61,8 @@ def test_search_is_deterministic(spec):
     if total < 2:
         return
     run = small_run(ring=2, dp=total // 2, batch=total // 2, workers=total, seq_len=4096)
-    plans = [Planner(spec, seed=3).plan_rings(run, run.stages[0], 2, total // 2)
+    plans = [Planner(spec, seed=3).plan_rings(run, run.stages[0],
+                                              ParallelDims(ring=2, dp_replicate=total // 2))
              for _ in range(2)]
     assert plans[0][0].rings == plans[1][0].rings
 
@@ -74,8 +76,8 @@ def test_search_takes_the_ring_off_a_slow_socket_link_onto_two_nodes():
     spec = build_generated_cluster(random.Random(39).choice)
     run = small_run(ring=3, dp=1, workers=3, seq_len=6144)
     planner = Planner(spec)
-    best, notes = planner.plan_rings(run, run.stages[0], 3, 1)
-    shape = StageShape.of(run, run.stages[0], 3, 1)
+    best, notes = planner.plan_rings(run, run.stages[0], ParallelDims(ring=3))
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=3))
     optimum = plan_exhaustive_any(planner, shape)
     assert best.cost.step_seconds <= optimum.cost.step_seconds * (1 + TIE)
     assert best.ring.seconds <= planner.ring_lower_bound(shape).seconds * 1.05
@@ -132,7 +134,7 @@ def test_search_takes_a_ring_off_the_spine_when_that_costs_nothing():
     spec = build_leaf_spine_cluster(4, nodes_per_leaf=2, oversubscription=1.0, nics=1)
     run = small_run(ring=16, dp=2, batch=2, workers=32, seq_len=65536)
     planner = Planner(spec)
-    shape = StageShape.of(run, run.stages[0], 16, 2)
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=16, dp_replicate=2))
     nodes = [[f"node-00{k}/gpu{g}" for g in range(8)] for k in range(4)]
     crossing = planner.evaluate([nodes[0] + nodes[2], nodes[1] + nodes[3]], shape)
     assert crossing.traffic[TIERS.index("leaf uplinks")] > 0

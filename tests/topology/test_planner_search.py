@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 from topology_helpers import small_run
 
+from specs.degrees import ParallelDims
 from topology.cost import StageShape
 from topology.planner import Planner
 from topology.planner.search import LocalSearch
@@ -20,7 +21,7 @@ def setting():
     spec = build_leaf_spine_cluster(4, nodes_per_leaf=2, oversubscription=8.0, nics=1, gpus=4)
     run = small_run(ring=4, dp=2, batch=2, workers=8, seq_len=8192)
     planner = Planner(spec, search_seconds=0.05)
-    shape = StageShape.of(run, run.stages[0], 4, 2)
+    shape = StageShape.of(run, run.stages[0], ParallelDims(ring=4, dp_replicate=2))
     ray = planner.ray_default_order()
     start = planner.evaluate([ray[:4], ray[4:8]], shape)
     return planner, shape, start, ray[8:]

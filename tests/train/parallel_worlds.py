@@ -302,3 +302,27 @@ def stale_checkpoint_refused(rank, world, run_dir, when):
     except Fenced as e:
         return {"fenced": str(e).split(" (")[0], "staged": seen}
     return {"fenced": None, "staged": seen}
+
+
+def _no_planning(*_, **__):
+    raise AssertionError("a rank other than 0 planned the stage itself")
+
+
+def mesh_from_one_plan(rank, world, run, planned_json):
+    """The trainer's placement step: gather every rank's (node, local device), agree on one
+    stage plan (the driver's `planned_json`, or rank 0's from the slots), build the mesh. Local
+    devices run against rank order, so ranks and ring positions differ."""
+    from ray_jobs.train import placement
+    from specs.plan import StagePlan
+
+    if rank != 0:
+        placement.plan_from_workers = _no_planning
+    slots = [None] * world
+    dist.all_gather_object(slots, placement.WorkerSlot(node=f"node-{rank // 2}",
+                                                       local=1 - rank % 2, rank=rank))
+    planned = StagePlan.model_validate_json(planned_json) if planned_json else None
+    plan = placement.agree_stage_plan(run, 0, slots, planned)
+    layout = build_mesh(plan.dims, placement.build_rings(slots, plan), "cpu")
+    return {"plan": plan.model_dump_json(), "dims": layout.dims, "mesh": layout.mesh.mesh.tolist(),
+            "fsdp": layout.fsdp_mesh.mesh.tolist(), "ring": list(layout.ring.ranks),
+            "ulysses": list(layout.sequence.ulysses_ranks), "dp_rank": layout.dp_rank}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from specs.degrees import ParallelDims
 from specs.loading import load_model
 from specs.run import RunSpec
 from topology.cost import StageShape, memory_per_gpu
@@ -35,7 +36,8 @@ def test_trace_of_a_two_layer_8b_matches_the_cost_model():
     assert done.returncode == 0, done.stderr[-3000:]
     trace = json.loads(done.stdout.strip().splitlines()[-1])
     run = _shallow(load_model(CONFIG, RunSpec), 2)
-    parts = memory_per_gpu(StageShape.of(run, run.stages[0], 8, 1, 8), get_profile("l40s"))
+    parts = memory_per_gpu(StageShape.of(run, run.stages[0], ParallelDims(ring=8)),
+                           get_profile("l40s"))
     predicted = sum(v for k, v in parts.items() if not k.startswith("reserve"))
     assert trace["layers"] == 2
     assert abs(predicted - trace["peak_bytes"]) / trace["peak_bytes"] < 0.10
@@ -60,12 +62,12 @@ def test_70b_recipe_plans_a_shard_group_that_fits():
     config = ROOT / "configs" / "llama3-70b-1m.yaml"
     run = load_model(config, RunSpec)
     plan = plan_run(load_cluster(config.parent / run.resources.cluster), run)
-    assert [(s.ring_degree, s.dp_degree) for s in plan.stages] == [(8, 64), (32, 16), (64, 8),
+    assert [(s.dims.ring, s.dims.dp) for s in plan.stages] == [(8, 64), (32, 16), (64, 8),
                                                                    (128, 1)]
     for s in plan.stages:
-        assert s.shard_degree > s.ring_degree or s.dp_degree == 1  # a ring alone is too small
+        assert s.dims.shard > s.dims.ring or s.dims.dp == 1  # a ring alone is too small
         assert sum(s.prediction.memory_gb.values()) <= 48.0
-        assert s.dims.world == s.ring_degree * s.dp_degree
+        assert s.dims.world == s.dims.ring * s.dims.dp
 
 
 def test_a_long_ring_traces_like_its_short_equivalent():
@@ -89,7 +91,6 @@ def test_a_long_ring_traces_like_its_short_equivalent():
 
 def test_a_ulysses_layout_is_refused_with_a_reason_not_traced_wrong():
     from ray_jobs.train.memory import trace_stage_memory
-    from specs.degrees import ParallelDims
 
     run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     with pytest.raises(ValueError, match=r"tracing a Ulysses layout \(ring 1 x ulysses 2"):

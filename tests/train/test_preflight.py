@@ -39,7 +39,7 @@ def test_auto_ring_is_resolved_before_workers_start(tmp_path):
         tmp_path / "runs", **{"stages.0.seq_len": 66, "stages.0.ring_degree": "auto",
                               "stages.0.data_parallel_degree": "auto", "resources.workers": 4}))
     stage = preflight(run, tmp_path, run.run_dir).layout.stage("s64")
-    assert (stage.ring_degree, stage.dp_degree) == (3, 1)
+    assert (stage.dims.ring, stage.dims.dp) == (3, 1)
 
 
 def test_degrees_beyond_workers_are_a_spec_error(tmp_path, capsys):

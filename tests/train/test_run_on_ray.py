@@ -192,4 +192,4 @@ def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
     assert (plan["ring_degree"], plan["ulysses_degree"], [len(r) for r in plan["rings"]]) == (
         2, 2, [4])
     state = read_state(Ledger(hybrid).latest_committed("s64"))
-    assert (state.ring_degree, state.ulysses_degree) == (2, 2)
+    assert (state.dims.ring, state.dims.ulysses) == (2, 2)

@@ -4,7 +4,7 @@ search and bound of one cluster."""
 from __future__ import annotations
 
 from specs.cluster import ClusterSpec
-from specs.degrees import DegreeError, NothingFits, resolve_degrees, ulysses_of
+from specs.degrees import DegreeError, NothingFits, ParallelDims, resolve_degrees, ulysses_of
 from specs.run import RunSpec, StageSpec
 from topology.cost import FlowResult, StageShape, check_fits, predict_stage
 from topology.graph import Router, build_graph, split_gpu_vertex
@@ -78,49 +78,59 @@ class Planner:
                            self.search_seconds, self.seed).run(spare)
 
     # ---- decisions ----------------------------------------------------------------------------
-    def plan_shard(self, run: RunSpec, stage: StageSpec, ring: int, dp: int) -> int | None:
-        """The stage's shard_degree for ring x dp: as given, or the smallest shard group (the
-        ring, then 2, 3, ... rings) whose memory fits; None when none fits."""
+    def plan_shard(self, run: RunSpec, stage: StageSpec, ring: int, dp: int
+                   ) -> ParallelDims | None:
+        """The stage's layout for ring x dp with its shard_degree as given, or with the smallest
+        shard group (the ring, then 2, 3, ... rings) whose memory fits; None when none fits."""
+        ulysses = ulysses_of(stage)
         if stage.shard_degree != "auto":
             options = [stage.shard_degree]
         else:
-            seq = ring * ulysses_of(stage)  # GPUs per sequence
+            seq = ring * ulysses  # GPUs per sequence
             options = [seq * k for k in range(1, dp + 1) if dp % k == 0]
         for shard in options:
             try:
-                check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
+                dims = ParallelDims.of(ring, dp, shard, ulysses)
+            except ValueError as e:
+                raise DegreeError(str(e)) from None
+            try:
+                check_fits(stage.name, StageShape.of(run, stage, dims), self.profile)
             except ValueError:
                 continue
-            return shard
+            return dims
         return None
 
     def plan_degrees(self, run: RunSpec, stage: StageSpec, n_gpus: int, strict: bool = True
-                     ) -> tuple[int, int, int, list[str]]:
+                     ) -> tuple[ParallelDims, list[str]]:
         """The stage's layout on `n_gpus` GPUs (specs.degrees.resolve_degrees with this
         planner's memory model): given degrees are honoured, 'auto' ones pick the smallest ring
         that fits memory with the smallest shard group, then as many rings as GPUs and batch
-        allow. Returns (ring, dp, shard, notes); PlanError (or StageDoesNotFit, with the
-        shortfall of the layout closest to fitting) when there is none."""
+        allow. Returns (layout, notes); PlanError (or StageDoesNotFit, with the shortfall of
+        the layout closest to fitting) when there is none."""
         offer = (f"resources.workers is {run.resources.workers}"
                  if n_gpus == run.resources.workers and n_gpus < self.spec.num_gpus
                  else f"the cluster offers {n_gpus} GPUs")
         try:
-            dims, notes = resolve_degrees(
+            return resolve_degrees(
                 stage, n_gpus, offer, strict=strict, grow="add nodes",
                 shard_for=lambda ring, dp: self.plan_shard(run, stage, ring, dp))
         except NothingFits as e:
             ring, dp = max(e.tried)  # the layout closest to fitting: its shortfall and fix
-            shard = (ring * dp * ulysses_of(stage) if stage.shard_degree == "auto"
-                     else stage.shard_degree)
-            check_fits(stage.name, StageShape.of(run, stage, ring, dp, shard), self.profile)
+            u = ulysses_of(stage)
+            shard = ring * dp * u if stage.shard_degree == "auto" else stage.shard_degree
+            try:
+                closest = ParallelDims.of(ring, dp, shard, u)
+            except ValueError:  # a shard_degree this dp cannot take: no shortfall to report
+                closest = None
+            if closest is not None:
+                check_fits(stage.name, StageShape.of(run, stage, closest), self.profile)
             raise PlanError(f"stage {stage.name!r}: {e}") from None
         except DegreeError as e:
             raise PlanError(f"stage {stage.name!r}: {e}") from None
-        return dims.ring, dims.dp, dims.shard, notes
 
-    def plan_rings(self, run: RunSpec, stage: StageSpec, ring: int, dp: int,
-                   shard: int | None = None, ulysses: int = 1) -> tuple[Evaluated, list[str]]:
-        """Rings and their order for `ring` x `dp` (x `ulysses`: each ring position a group of
+    def plan_rings(self, run: RunSpec, stage: StageSpec, dims: ParallelDims
+                   ) -> tuple[Evaluated, list[str]]:
+        """Rings and their order for `dims`, ring x dp (x ulysses: each ring position a group of
         that many GPUs): the best (by `rank`) of a few hierarchy-aware layouts (whole nodes in
         fabric order; per-node templates found by exhaustive search over one node;
         socket/switch-sized chunks across nodes; data-parallel peers side by side; Ray's
@@ -129,7 +139,8 @@ class Planner:
         planner's budget. A ring of ring x ulysses GPUs in locality order keeps each
         Ulysses group on neighbouring GPUs. Notes: the start, the moves that improved it, and
         the slowest hop against `ring_lower_bound`."""
-        shape = StageShape.of(run, stage, ring, dp, shard, ulysses)
+        ring, dp, ulysses = dims.ring, dims.dp, dims.ulysses
+        shape = StageShape.of(run, stage, dims)
         check_fits(stage.name, shape, self.profile)
         n = ring * ulysses  # GPUs per sequence: what a candidate's "ring" lists
         total = n * dp
