@@ -123,12 +123,12 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
 
 def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_path, tokenizer,
                                                                           caplog):
-    from ray_jobs.eval.model import CheckpointError
     from ray_jobs.eval.scheduler import EvalRequest, check_stage_theta
+    from specs.checkpoint import CheckpointError
 
     model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
     fixtures.save_checkpoint(model, tokenizer, tmp_path / "checkpoints/s1k/step-000002")
-    request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002",
+    request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002", step=2,
                           run_dir=tmp_path, attempt=1, tasks=("niah_lite",), lengths=(1024,),
                           depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096,
                           rope_theta=10_000.0)

@@ -16,10 +16,13 @@ def test_newest_committed_checkpoint_is_evaluated_first(tmp_path):
         mark_committed(path)
         ledger.commit_checkpoint(stage, step, path)
     scheduler = EvalScheduler(run, run_dir)
-    assert [p for _, p in scheduler.pending()] == [
+    assert scheduler.pending() == [
+        ("s192", "checkpoints/s192/step-000002", 2), ("s192", "checkpoints/s192/step-000004", 4),
+        ("s384", "checkpoints/s384/step-000002", 2)]
+    assert [p for _, p, _ in scheduler.pending()] == [
         "checkpoints/s192/step-000002", "checkpoints/s192/step-000004",
         "checkpoints/s384/step-000002"]
     ledger.record_eval("s384", "checkpoints/s384/step-000002", EvalEntry(status="done"))
     ledger.record_eval("s192", "checkpoints/s192/step-000002", EvalEntry(status="running"))
-    assert [p for _, p in scheduler.pending()] == [  # "running" from a dead driver: redo it
+    assert [p for _, p, _ in scheduler.pending()] == [  # "running" from a dead driver: redo it
         "checkpoints/s192/step-000002", "checkpoints/s192/step-000004"]

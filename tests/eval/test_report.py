@@ -19,7 +19,7 @@ def run_dir(tmp_path, count_tokens):
                                ("s1k", 20, oracle)]:
         ckpt = f"checkpoints/{stage}/step-{step:06d}"
         out = run / "eval" / stage / f"step-{step:06d}"
-        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt),
+        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt), stage=stage, step=step,
                        tasks=["niah_lite", "cwe_lite"],
                        lengths=[384], depths=[0.0, 100.0], samples=1, seed=0, out_dir=out)
         ledger.record_eval(stage, ckpt, EvalEntry(

@@ -104,7 +104,7 @@ def test_gives_up_after_max_retries_and_refuses_an_incomplete_checkpoint(ray_clu
     assert "lacks tokenizer.json" in refused.error
     assert "checkpoints/s384/step-000004" not in doc.stages["s384"].eval
     mark_committed(run_dir / "checkpoints/s384/step-000004")  # marker alone is not enough
-    assert ("s384", "checkpoints/s384/step-000004") not in EvalScheduler(run, run_dir).pending()
+    assert ("s384", "checkpoints/s384/step-000004", 4) not in EvalScheduler(run, run_dir).pending()
 
 
 def test_stop_cancels_an_evaluation_that_outlives_its_timeout(ray_cluster, tmp_path, tiny_model,

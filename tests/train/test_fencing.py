@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.train.checkpoint import clear_stale_staging, prune_checkpoints, staging_dir
+from ray_jobs.train.checkpoint import clear_stale_staging, prune_checkpoints
 from ray_jobs.train.driver import main
+from specs.checkpoint import staging_dir
 from specs.ledger import COMMITTED, Fenced, Ledger, LedgerError, contained, mark_committed
 from tests.support.worlds import run_world
 from tests.train import parallel_worlds as worlds

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.train.checkpoint import read_state
 from ray_jobs.train.driver import main
+from specs.checkpoint import read_state
 from specs.ledger import COMMITTED, Ledger
 from tests.support.faults import CrashOnce, StaleWriteOnce, TakeOverOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec

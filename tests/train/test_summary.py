@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from ray_jobs.eval.results import CellResult, EvalResults
-from ray_jobs.train.checkpoint import STATE_DIR, TrainerState, checkpoint_dir
 from ray_jobs.train.progress import render_summary
 from specs.atomic import atomic_write
+from specs.checkpoint import STATE_DIR, TrainerState, checkpoint_dir, write_state
 from specs.ledger import EvalEntry, Ledger, mark_committed
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec
@@ -51,7 +49,7 @@ def test_summary_names_the_attention_kernel_the_stages_ran_on(tmp_path):
         path = checkpoint_dir(run.run_dir, stage, 1)
         (path / STATE_DIR).mkdir(parents=True)
         state = TrainerState(stage=stage, stage_index=0, step=1, attention_kernel=kernel)
-        (path / STATE_DIR / "state.json").write_text(json.dumps(asdict(state)))
+        write_state(path, state)
         mark_committed(path)
         ledger.commit_checkpoint(stage, 1, path, final=True)
     out = io.StringIO()
@@ -93,7 +91,7 @@ def test_summary_puts_the_calibrated_prediction_beside_the_measured_step(tmp_pat
     (path / STATE_DIR).mkdir(parents=True)
     state = TrainerState(stage="s64", stage_index=0, step=6, seconds=6 * 2 * predicted,
                          ring_degree=2, dp_degree=1)
-    (path / STATE_DIR / "state.json").write_text(json.dumps(asdict(state)))
+    write_state(path, state)
     mark_committed(path)
     ledger.commit_checkpoint("s64", 6, path, final=True)
     text = io.StringIO()
