@@ -1,6 +1,7 @@
 """The scheduler's queue, without Ray: what is evaluated next."""
 
 from ray_jobs.eval.scheduler import EvalScheduler
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import EvalEntry, Ledger, mark_committed
 from tests.eval.test_scheduler import tiny_run
 
@@ -11,7 +12,7 @@ def test_newest_committed_checkpoint_is_evaluated_first(tmp_path):
     run_dir = tmp_path / run.name
     ledger = Ledger(run_dir, run.name)
     for stage, step in [("s384", 2), ("s192", 2), ("s192", 4)]:
-        path = run_dir / f"checkpoints/{stage}/step-{step:06d}"
+        path = checkpoint_dir(run_dir, stage, step)
         path.mkdir(parents=True)
         mark_committed(path)
         ledger.commit_checkpoint(stage, step, path)

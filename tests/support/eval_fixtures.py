@@ -99,6 +99,7 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
 
     import torch
 
+    from specs.checkpoint import checkpoint_dir
     from specs.ledger import Ledger
 
     torch.set_num_threads(threads)
@@ -121,7 +122,7 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
             tokens += seq_len
             out["step_spans"].append((begin, time.time(), seq_len))
             if step % checkpoint_every == 0 or step == steps:
-                path = Path(run_dir) / "checkpoints" / name / f"step-{step:06d}"
+                path = checkpoint_dir(run_dir, name, step)
                 save_checkpoint(model, tokenizer, path)
                 ledger.commit_checkpoint(name, step, path, final=step == steps)
                 rel = str(path.relative_to(run_dir))
