@@ -105,8 +105,9 @@ def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
                                              f"stage); stages are {names}"])
         return plan_lengths([s.seq_len for s in run.stages], names.index(stage),
                             run.eval.context_lengths)
-    if is_trainer_checkpoint(checkpoint) and read_state(checkpoint).seq_len:
-        return [read_state(checkpoint).seq_len]
+    seq_len = read_state(checkpoint).seq_len if is_trainer_checkpoint(checkpoint) else 0
+    if seq_len:
+        return [seq_len]
     longest = max_model_length(checkpoint) or 4096
     return sorted({longest, max(longest // 4, 128)})
 

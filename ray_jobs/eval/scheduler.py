@@ -360,10 +360,9 @@ class EvalScheduler:
         index = names.index(stage) if stage in names else len(names) - 1
         lengths = plan_lengths([s.seq_len for s in self.run.stages], index, e.context_lengths)
         return EvalRequest(stage=stage, checkpoint=path, step=step, run_dir=self.run_dir,
-                           attempt=attempt,
-                           tasks=tuple(e.tasks), lengths=tuple(lengths), depths=tuple(e.depths),
-                           samples=e.samples, seed=e.seed, gpus=e.gpus, cpus=e.cpus,
-                           max_length=self.max_length, gang_size=e.gang_size,
+                           attempt=attempt, tasks=tuple(e.tasks), lengths=tuple(lengths),
+                           depths=tuple(e.depths), samples=e.samples, seed=e.seed, gpus=e.gpus,
+                           cpus=e.cpus, max_length=self.max_length, gang_size=e.gang_size,
                            gang_place_timeout_s=e.gang_place_timeout_s,
                            rope_theta=(self.run.stage_theta(index) if stage in names else None),
                            ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
