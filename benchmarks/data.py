@@ -56,7 +56,7 @@ def run_spec(tmp: Path, prepared: Path, sources: list[dict], seq_len: int = 64,
 
 
 def single_process(files: list[Path], tokenizer: str) -> tuple[int, float]:
-    from ray_jobs.data.prepare import load_tokenizer
+    from ray_jobs.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     t0, total = time.perf_counter(), 0

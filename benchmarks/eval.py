@@ -34,6 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from ray_jobs.eval.scheduler import EvalScheduler  # noqa: E402
+from specs.checkpoint import checkpoint_dir  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
 from tests.support import eval_fixtures as fixtures  # noqa: E402
 
@@ -118,7 +119,7 @@ def gang_benchmark(ray, length: int, repeats: int = 3) -> dict:
                          max_position_embeddings=length,
                          rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
     ckpt = fixtures.save_checkpoint(LlamaForCausalLM(config), tok,
-                                    Path(tempfile.mkdtemp()) / "checkpoints/s/step-000001")
+                                    checkpoint_dir(tempfile.mkdtemp(), "s", 1))
     rng = random.Random(0)
     prompt = [rng.randrange(1, len(tok)) for _ in range(length)]
     samples = [s for depth in (0.0, 50.0, 100.0) for s in task_lib.build_samples(

@@ -47,7 +47,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import yaml  # noqa: E402
 
-from ray_jobs.train.checkpoint import read_state  # noqa: E402
+from specs.checkpoint import CHECKPOINTS_DIR, STAGING_GLOB, dcp_dir, read_state  # noqa: E402
 from specs.ledger import Ledger, is_committed  # noqa: E402
 from tests.support.faults import (  # noqa: E402
     CrashOnce,
@@ -139,7 +139,7 @@ def unloadable(run_dir: Path) -> list[str]:
                 assert is_committed(path), "no COMMITTED marker"
                 LlamaForCausalLM.from_pretrained(path)
                 read_state(path)
-                FileSystemReader(str(path / "dcp")).read_metadata()
+                FileSystemReader(str(dcp_dir(path))).read_metadata()
             except Exception as e:  # noqa: BLE001 - reported, the scenario fails
                 problems.append(f"{ckpt.path}: does not load ({type(e).__name__}: {e})")
     return problems
@@ -209,7 +209,7 @@ def commit_interrupted(tmp: Path, out: Outcome) -> Path:
         out.problems.append("rank 0 never died before the commit")
     else:
         out.recovery_seconds = first_step_after(run_dir, marker.stat().st_mtime)
-    left = sorted(p.name for p in (run_dir / "checkpoints").rglob(".step-*"))
+    left = sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).rglob(STAGING_GLOB))
     if left:
         out.problems.append(f"staging directories left behind: {left}")
     return run_dir

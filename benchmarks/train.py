@@ -106,7 +106,7 @@ def recovery_seconds(run_dir: Path, stage: str, crash_step: int) -> float:
 
 def demo() -> tuple:
     from ray_jobs.eval.retrieval import retrieval_scores
-    from ray_jobs.train.checkpoint import final_checkpoint
+    from specs.checkpoint import final_checkpoint
     from specs.ledger import Ledger
 
     t0 = time.perf_counter()

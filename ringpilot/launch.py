@@ -347,7 +347,7 @@ def _print_retrieval(run, run_dir: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     from ray_jobs.eval.retrieval import retrieval_scores
-    from ray_jobs.train.checkpoint import final_checkpoint
+    from specs.checkpoint import final_checkpoint
     from specs.ledger import Ledger
 
     hf_logging.disable_progress_bar()

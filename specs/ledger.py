@@ -22,7 +22,7 @@ Layout of a run directory (``<storage.path>/<run name>/``)::
 
     ledger.json
     plan.json
-    checkpoints/<stage>/step-000050/   HF model files + tokenizer + trainer_state/ + COMMITTED
+    checkpoints/<stage>/step-000050/   a checkpoint, COMMITTED last (layout: specs/checkpoint.py)
     eval/<stage>/step-000050/          results.json, heatmap PNG, tables
 """
 

@@ -2,17 +2,16 @@
 
 The trainer records each stage's training seconds (optimizer steps only: no checkpointing, no
 reporting), their split by phase (ray_jobs.train.loop.StepClock) and steps in its checkpoints'
-`trainer_state/state.json` (ray_jobs.train.checkpoint.TrainerState); the newest committed checkpoint
-of a stage holds the most.
+trainer state (specs.checkpoint.TrainerState); the newest committed checkpoint of a stage holds
+the most.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specs.degrees import ParallelDims
+from specs.checkpoint import is_trainer_checkpoint, read_state
 from specs.ledger import Ledger
 from specs.plan import Plan
 
@@ -40,14 +39,12 @@ def measured_steps(run_dir: str | Path) -> dict[str, Measured]:
     out = {}
     for stage in ledger.read().stages:
         latest = ledger.latest_committed(stage)
-        state_file = latest / "trainer_state" / "state.json" if latest else None
-        if state_file is None or not state_file.is_file():
+        if latest is None or not is_trainer_checkpoint(latest):
             continue
-        st = json.loads(state_file.read_text())
-        if st.get("step", 0) > 0 and st.get("seconds", 0) > 0:
-            out[stage] = Measured(stage=stage, steps=st["step"], seconds=st["seconds"],
-                                  parts=st.get("parts_seconds", {}),
-                                  layout=ParallelDims.from_degree_keys(st).label())
+        st = read_state(latest)
+        if st.step > 0 and st.seconds > 0:
+            out[stage] = Measured(stage=stage, steps=st.step, seconds=st.seconds,
+                                  parts=dict(st.parts_seconds), layout=st.dims.label())
     return out
 
 

@@ -253,14 +253,13 @@ def content_hash(content: object) -> bytes:
 _TOKENIZERS: dict[str, object] = {}
 
 
-def load_tokenizer(path: str):
-    """The fast tokenizer as the trainer builds it (cached per process)."""
+def cached_tokenizer(path: str):
+    """The run's tokenizer (data.tokenizer.load_tokenizer), loaded once per process: every
+    batch of a file is tokenised by the same worker process."""
     if path not in _TOKENIZERS:
-        from transformers import PreTrainedTokenizerFast
+        from ray_jobs.data.tokenizer import load_tokenizer
 
-        from ray_jobs.data.tokenizer import SPECIAL_TOKENS
-
-        _TOKENIZERS[path] = PreTrainedTokenizerFast(tokenizer_file=path, **SPECIAL_TOKENS)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 
@@ -290,7 +289,7 @@ def render_chat(tok, messages: list[dict], template: str) -> tuple[list[int], li
 def tokenize_file(f: dict, tokenizer: str, template: str | None,
                   per_batch: int = DOCS_PER_BATCH) -> Iterator[dict]:
     """Batches of a file's documents: rows, token ids, masks (chat only), content hashes."""
-    tok = load_tokenizer(tokenizer)
+    tok = cached_tokenizer(tokenizer)
     pending: list[tuple[int, object]] = []
 
     def flush() -> dict:
@@ -539,11 +538,7 @@ def prepare(run: RunSpec, spec_dir: Path | None, run_dir: Path, *, engine: str =
     if old is not None:
         why = differences(old.get("inputs", {}), inputs) or ["forced"]
         log(f"prepare: {out} is stale: " + "; ".join(why[:5]) + "; preparing again")
-    from ray_jobs.data.tokenizer import TokenizerError
-
-    tok = load_tokenizer(str(tokenizer))
-    if tok.eos_token_id is None:
-        raise TokenizerError(f"{tokenizer}: no EOS token; documents are separated by EOS")
+    tok = cached_tokenizer(str(tokenizer))  # load_tokenizer refuses one without EOS
     with_mask = any(s.kind == "chat" for s in spec.sources)
     if engine == "ray":
         import ray

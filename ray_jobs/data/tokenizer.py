@@ -50,9 +50,10 @@ def build_tokenizer(run: RunSpec, run_dir: Path, spec_dir: Path | None = None,
         source = Path(run_dir) / TOKENIZER_DIR / "tokenizer.json"
         if not source.is_file():
             _train_bpe(run, source, documents or [])
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(source), **SPECIAL_TOKENS)
-    else:
-        tok = _load_local(source)
+    try:
+        tok = load_tokenizer(source)
+    except TokenizerError as e:
+        raise TokenizerError(f"data.tokenizer.path: {e}") from None
     if len(tok) > run.model.vocab_size:
         raise TokenizerError(
             f"data.tokenizer: the tokenizer has {len(tok)} tokens but model.vocab_size is "
@@ -61,23 +62,32 @@ def build_tokenizer(run: RunSpec, run_dir: Path, spec_dir: Path | None = None,
     return tok
 
 
-def _load_local(source: Path) -> PreTrainedTokenizerFast:
-    """A given tokenizer with its own special tokens: from its directory's tokenizer_config.json
-    when there is one (Llama-3's BOS and EOS are <|begin_of_text|> and <|end_of_text|>, not
-    <s> and </s>), else those of SPECIAL_TOKENS its vocabulary has. Never adds a token: a
-    special token missing from the vocabulary would grow it past the model's embedding."""
-    if (source.parent / "tokenizer_config.json").is_file():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(source.parent))
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """The one loader of a local tokenizer, as the run uses it (prepare, trainer, evaluators).
+
+    `path`: a tokenizer.json, or a folder holding one (a checkpoint, a model directory). Its own
+    special tokens: from the tokenizer_config.json beside it when there is one (Llama-3's BOS
+    and EOS are <|begin_of_text|> and <|end_of_text|>, not <s> and </s>), else those of
+    SPECIAL_TOKENS its vocabulary has. Never adds a token: a special token missing from the
+    vocabulary would grow it past the model's embedding. A tokenizer folder is data, never
+    code, and never fetched: PreTrainedTokenizerFast (no auto class, so no remote code), local
+    files only."""
+    path = Path(path)
+    source = path / "tokenizer.json" if path.is_dir() else path
+    if not source.is_file():
+        raise TokenizerError(f"no tokenizer.json at {source}; give a tokenizer.json or the folder "
+                             "the tokenizer was saved in (save_pretrained)")
+    if source.name == "tokenizer.json" and (source.parent / "tokenizer_config.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(source.parent), local_files_only=True)
     else:
-        bare = PreTrainedTokenizerFast(tokenizer_file=str(source))
-        vocab = bare.get_vocab()
+        vocab = PreTrainedTokenizerFast(tokenizer_file=str(source)).get_vocab()
         tok = PreTrainedTokenizerFast(tokenizer_file=str(source), **{
             k: v for k, v in SPECIAL_TOKENS.items() if v in vocab})
     if tok.eos_token_id is None:
         raise TokenizerError(
-            f"data.tokenizer.path: the tokenizer at {source} has no end-of-sequence token (no "
-            "tokenizer_config.json naming eos_token beside it, and no </s> in its vocabulary); "
-            "give the directory saved with the tokenizer (save_pretrained), which names it")
+            f"the tokenizer at {source} has no end-of-sequence token (no tokenizer_config.json "
+            "naming eos_token beside it, and no </s> in its vocabulary); give the directory "
+            "saved with the tokenizer (save_pretrained), which names it")
     return tok
 
 

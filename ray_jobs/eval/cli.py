@@ -12,26 +12,25 @@ Llama directory saved with its tokenizer. Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ray_jobs.eval import tasks as task_lib
 from ray_jobs.eval.gang import LongContexts
 from ray_jobs.eval.model import (
-    TRAINER_STATE,
-    CheckpointError,
     build_generate,
     build_token_counter,
-    check_checkpoint,
     load_checkpoint,
     max_model_length,
 )
-from ray_jobs.eval.runner import (
-    MAX_TOKENS_PER_EVALUATOR,
-    evaluate,
-    parse_checkpoint_path,
-    plan_lengths,
+from ray_jobs.eval.runner import MAX_TOKENS_PER_EVALUATOR, evaluate, plan_lengths
+from specs.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    eval_dir,
+    is_trainer_checkpoint,
+    locate,
+    read_state,
 )
 from specs.eval_tasks import ALL_TASKS
 from specs.loading import SpecError, load_model
@@ -51,7 +50,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", "--context-lengths", nargs="+", type=int, default=None,
                    metavar="TOKENS",
                    help="context lengths (default: with --run, the checkpoint's stage length and "
-                   "the shorter stages'; else trainer_state's seq_len; else the model's "
+                   "the shorter stages'; else the trainer state's seq_len; else the model's "
                    "max_position_embeddings and its quarter)")
     p.add_argument("--run", type=Path, default=None,
                    help="the run's RunSpec YAML, for the default lengths of a ringpilot checkpoint")
@@ -90,14 +89,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def default_out_dir(checkpoint: Path) -> Path:
-    stage, _ = parse_checkpoint_path(checkpoint)
-    if stage is not None:
-        return checkpoint.parent.parent.parent / "eval" / stage / checkpoint.name
+    place = locate(checkpoint)
+    if place is not None:
+        return eval_dir(*place)
     return Path(f"eval-{checkpoint.resolve().name}")
 
 
 def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
-    stage, _ = parse_checkpoint_path(checkpoint)
+    place = locate(checkpoint)
+    stage = place.stage if place is not None else None
     if run_file is not None:
         run = load_model(run_file, RunSpec)
         names = [s.name for s in run.stages]
@@ -106,9 +106,9 @@ def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
                                              f"stage); stages are {names}"])
         return plan_lengths([s.seq_len for s in run.stages], names.index(stage),
                             run.eval.context_lengths)
-    state = checkpoint / TRAINER_STATE / "state.json"
-    if state.is_file() and json.loads(state.read_text()).get("seq_len"):
-        return [int(json.loads(state.read_text())["seq_len"])]
+    seq_len = read_state(checkpoint).seq_len if is_trainer_checkpoint(checkpoint) else 0
+    if seq_len:
+        return [seq_len]
     longest = max_model_length(checkpoint) or 4096
     return sorted({longest, max(longest // 4, 128)})
 
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     kamradt, files = None, []
     if args.haystack:
         try:
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    place = locate(args.checkpoint)  # the standalone command has no ledger to ask
     out = args.out or default_out_dir(args.checkpoint)
     long, status = LongContexts(), 0
     if args.gang_size is not None:
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{long.engine} started for {', '.join(map(str, over))} tokens")
     try:
         results = evaluate(build_generate(model, tokenizer), build_token_counter(tokenizer),
-                           checkpoint=str(args.checkpoint), tasks=args.tasks, lengths=lengths,
+                           checkpoint=str(args.checkpoint), stage=place.stage if place else None,
+                           step=place.step if place else None, tasks=args.tasks, lengths=lengths,
                            depths=args.depths, samples=args.samples, seed=args.seed,
                            max_length=args.max_length, out_dir=out,
                            on_cell=lambda c: print(

@@ -5,44 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from specs.ledger import COMMITTED
+from specs.checkpoint import check_checkpoint
 
 # (prompt, max_new_tokens) -> the model's continuation. The runner only sees this, so a test can
 # plug in an oracle or a constant "model" and check that the harness can fail.
 Generate = Callable[[str, int], str]
-
-TRAINER_STATE = "trainer_state"
-
-
-class CheckpointError(ValueError):
-    """A directory that cannot be evaluated, with what is wrong and what to do."""
-
-
-def check_checkpoint(path: str | Path) -> Path:
-    """Refuse missing, incomplete (ringpilot dir without COMMITTED) or non-Llama directories."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a committed checkpoint "
-                              "directory (checkpoints/<stage>/step-NNNNNN/) or a HF Llama "
-                              "directory")
-    if (path / TRAINER_STATE).is_dir() and not (path / COMMITTED).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has {TRAINER_STATE}/ but no "
-                              f"{COMMITTED} marker (the trainer was still writing it, or crashed); "
-                              "evaluate a committed checkpoint from the run ledger instead")
-    missing = [f for f in ("config.json", "tokenizer.json") if not (path / f).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it must be a Hugging "
-                              "Face Llama directory saved with its tokenizer (save_pretrained)")
-    return path
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path)
-    if (path / "tokenizer_config.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
 
 
 def build_token_counter(tokenizer) -> Callable[[str], int]:
@@ -53,6 +20,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer) of a checked checkpoint."""
     import torch
     from transformers import LlamaForCausalLM
+
+    from ray_jobs.data.tokenizer import load_tokenizer
 
     path = check_checkpoint(path)
     # The trainer may have saved attn_implementation="ring", which is only registered inside

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.results import RESULTS_FILE
+from specs.checkpoint import CheckpointError, eval_dir
 from specs.ledger import contained
 from specs.run import KamradtSpec, RulerSpec
 
@@ -29,6 +29,7 @@ class EvalRequest:
 
     stage: str
     checkpoint: str  # relative to the run directory, as in the ledger
+    step: int  # the ledger's step of that checkpoint
     run_dir: Path
     attempt: int
     tasks: tuple[str, ...]
@@ -53,7 +54,7 @@ class EvalRequest:
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / "eval" / self.stage / Path(self.checkpoint).name
+        return eval_dir(self.run_dir, self.stage, self.step)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
                                    key_phrases=tuple(k.key_phrases))
     try:
         results = evaluate(generate, build_token_counter(tokenizer), checkpoint=checkpoint,
-                           tasks=request.tasks, lengths=request.lengths, depths=request.depths,
+                           stage=request.stage, step=request.step, tasks=request.tasks,
+                           lengths=request.lengths, depths=request.depths,
                            samples=request.samples, seed=request.seed,
                            max_length=request.max_length,
                            long_generate=long.generate, long_engine=long.engine,

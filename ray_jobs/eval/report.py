@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray_jobs.eval.results import RESULTS_FILE, TABLES_FILE, EvalResults, load_results
 from specs.atomic import atomic_write
+from specs.checkpoint import parse_checkpoint_name
 from specs.eval_tasks import DEPTH_TASKS, KAMRADT_TASK
 from specs.ledger import EvalEntry, Ledger
 
@@ -171,8 +172,7 @@ def _collect(run_dir: Path) -> list[tuple[str, str, EvalEntry, EvalResults | Non
 
 
 def _step_of(ckpt: str) -> int:
-    name = Path(ckpt).name
-    return int(name.split("-")[-1]) if name.startswith("step-") else 0
+    return parse_checkpoint_name(Path(ckpt).name) or 0
 
 
 def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:

@@ -21,13 +21,12 @@ def retrieval_scores(checkpoint: Path, seq_len: int, samples: int = 32, seed: in
     """Retrieval on held-out prompts at `seq_len`, needles at evenly spread depths. Exact match
     of every answer token under teacher forcing equals greedy decoding's exact match; digit
     accuracy and the loss show partial retrieval."""
-    from transformers import PreTrainedTokenizerFast
-
     from ray_jobs.data.samples import IGNORE, build_eval_prompt
+    from ray_jobs.data.tokenizer import load_tokenizer
 
     model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                              attn_implementation="sdpa").eval()
-    tok = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    tok = load_tokenizer(checkpoint)
     hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():
         for i in range(samples):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,15 +27,6 @@ def plan_lengths(stage_lengths: Sequence[int], stage_index: int, given: Sequence
     if given:
         return sorted(set(given))
     return sorted(set(stage_lengths[: stage_index + 1]))
-
-
-def parse_checkpoint_path(path: str | Path) -> tuple[str | None, int | None]:
-    """(stage, step) of `.../checkpoints/<stage>/step-NNNNNN`, else (None, None)."""
-    p = Path(path)
-    m = re.fullmatch(r"step-(\d+)", p.name)
-    if m and p.parent.parent.name == "checkpoints":
-        return p.parent.name, int(m.group(1))
-    return None, None
 
 
 def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[str], int],
@@ -94,19 +84,20 @@ def run_grid(results: EvalResults, generate: Generate, count_tokens: Callable[[s
 
 
 def evaluate(generate: Generate, count_tokens: Callable[[str], int], *, checkpoint: str,
-             tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
-             seed: int, max_length: int = MAX_TOKENS_PER_EVALUATOR, out_dir: Path | None = None,
+             stage: str | None = None, step: int | None = None, tasks: Sequence[str],
+             lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int,
+             max_length: int = MAX_TOKENS_PER_EVALUATOR, out_dir: Path | None = None,
              on_cell: Callable[[CellResult], None] | None = None,
              long_generate: Generate | None = None, long_engine: str = "",
              long_unavailable: str = "", gang: dict | None = None,
              kamradt: task_lib.Kamradt | None = None, kamradt_intervals: int = 11,
              haystack_files: Sequence[str] = ()) -> EvalResults:
     """Run the grid and, with `out_dir`, write results.json, the heatmaps and tables.md (see
-    run_grid for the contexts longer than `max_length`). With `kamradt`, Kamradt's
+    run_grid for the contexts longer than `max_length`). `stage` and `step` are the caller's
+    (the ledger's, for a ringpilot checkpoint; None for any other model). With `kamradt`, Kamradt's
     needle-in-a-haystack test runs too, on his depth grid of `kamradt_intervals` depths."""
     if kamradt is not None and KAMRADT_TASK not in tasks:
         tasks = [*tasks, KAMRADT_TASK]
-    stage, step = parse_checkpoint_path(checkpoint)
     results = EvalResults(checkpoint=str(checkpoint), stage=stage, step=step, tasks=list(tasks),
                           lengths=sorted(set(lengths)), depths=list(depths), samples=samples,
                           seed=seed, max_length=max_length, gang=gang,

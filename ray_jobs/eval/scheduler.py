@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from ray_jobs.eval import tasks as task_lib
-from ray_jobs.eval.model import CheckpointError
 from ray_jobs.eval.pipeline import EvalActor, EvalRequest, EvalSummary, EvaluateFn
 from ray_jobs.eval.runner import plan_lengths
+from specs.checkpoint import CheckpointError
 from specs.ledger import EvalEntry, Fenced, Ledger, is_committed
 from specs.run import RunSpec
 
@@ -129,8 +129,8 @@ class EvalScheduler:
             self._cancel_current()
             self._kill_actor()
 
-    def pending(self) -> list[tuple[str, str]]:
-        """(stage, checkpoint path) committed and not yet evaluated, oldest to newest."""
+    def pending(self) -> list[tuple[str, str, int]]:
+        """(stage, checkpoint path, step) committed and not yet evaluated, oldest to newest."""
         doc = self.ledger.read()
         order = {s.name: i for i, s in enumerate(self.run.stages)}
         found = []
@@ -141,17 +141,17 @@ class EvalScheduler:
                     continue
                 if is_committed(self.ledger.resolve(ckpt.path, f"stages.{stage}.checkpoints")):
                     found.append((order.get(stage, len(order)), ckpt.step, stage, ckpt.path))
-        return [(stage, path) for *_, stage, path in sorted(found)]
+        return [(stage, path, step) for _, step, stage, path in sorted(found)]
 
-    def _request(self, stage: str, path: str, attempt: int) -> EvalRequest:
+    def _request(self, stage: str, path: str, step: int, attempt: int) -> EvalRequest:
         e = self.run.eval
         names = [s.name for s in self.run.stages]
         index = names.index(stage) if stage in names else len(names) - 1
         lengths = plan_lengths([s.seq_len for s in self.run.stages], index, e.context_lengths)
-        return EvalRequest(stage=stage, checkpoint=path, run_dir=self.run_dir, attempt=attempt,
-                           tasks=tuple(e.tasks), lengths=tuple(lengths), depths=tuple(e.depths),
-                           samples=e.samples, seed=e.seed, gpus=e.gpus, cpus=e.cpus,
-                           max_length=self.max_length, gang_size=e.gang_size,
+        return EvalRequest(stage=stage, checkpoint=path, step=step, run_dir=self.run_dir,
+                           attempt=attempt, tasks=tuple(e.tasks), lengths=tuple(lengths),
+                           depths=tuple(e.depths), samples=e.samples, seed=e.seed, gpus=e.gpus,
+                           cpus=e.cpus, max_length=self.max_length, gang_size=e.gang_size,
                            gang_place_timeout_s=e.gang_place_timeout_s,
                            rope_theta=(self.run.stage_theta(index) if stage in names else None),
                            ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
@@ -169,10 +169,10 @@ class EvalScheduler:
                 return ()
         return tuple(n for n in lengths if n >= r.min_length)
 
-    def _submit(self, stage: str, path: str, attempt: int) -> None:
+    def _submit(self, stage: str, path: str, step: int, attempt: int) -> None:
         if self._actor is None:
             self._actor = self._new_actor()
-        request = self._request(stage, path, attempt)
+        request = self._request(stage, path, step, attempt)
         ref = self._actor.evaluate.remote(request, self._evaluate_fn)
         self._current = _Running(request=request, ref=ref)
         self._record(stage, path, EvalEntry(status="running", attempts=attempt))
@@ -217,7 +217,7 @@ class EvalScheduler:
                          "storage.keep_last) so it cannot be retried")
         elif req.attempt <= self.run.eval.max_retries:
             self._current = None
-            self._submit(req.stage, req.checkpoint, req.attempt + 1)
+            self._submit(req.stage, req.checkpoint, req.step, req.attempt + 1)
         else:
             self._finish("failed", error=f"{error}; gave up after {req.attempt} attempt(s) "
                          f"(eval.max_retries = {self.run.eval.max_retries})")

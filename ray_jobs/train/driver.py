@@ -31,10 +31,10 @@ from ray_jobs.data.samples import read_documents
 from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.kernels import kernel_problems
-from ray_jobs.train.checkpoint import final_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
 from ray_jobs.train.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
 from specs.atomic import writable_dir_problem
+from specs.checkpoint import final_checkpoint
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan

@@ -34,14 +34,7 @@ from ray_jobs.ring_attention import (
     use_ring_group,
 )
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
-from ray_jobs.train.checkpoint import (
-    TrainerState,
-    final_checkpoint,
-    load_checkpoint,
-    on_rank0,
-    read_state,
-    save_checkpoint,
-)
+from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
 from ray_jobs.train.model import build_model, weights_checksum
 from ray_jobs.train.parallelize import (
@@ -60,6 +53,7 @@ from ray_jobs.train.placement import (
     build_rings,
     record_stage_plan,
 )
+from specs.checkpoint import TrainerState, final_checkpoint, locate, read_state
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
@@ -265,8 +259,9 @@ def plan_start(run: RunSpec, index: int, ledger: Ledger,
     """(resume this stage?, checkpoint to load) from the ledger, or Ray's checkpoint if newer."""
     stage = run.stages[index]
     latest = ledger.latest_committed(stage.name)
-    if pointer is not None and pointer.parent.name == stage.name and (
-            latest is None or pointer.name > latest.name):
+    at = locate(pointer) if pointer is not None else None
+    if at is not None and at.stage == stage.name and (
+            latest is None or at.step > locate(latest).step):
         latest = pointer
     if latest is not None:
         return True, str(latest)

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ray_jobs.train.checkpoint import read_state
+from specs.checkpoint import read_state
 from specs.ledger import Ledger
 from specs.plan import Plan
 from specs.run import RunSpec

@@ -11,6 +11,7 @@ from ray_jobs.eval.gang import EvalGang, GangFailed, GangUnplaceable
 from ray_jobs.eval.model import greedy_tokens, load_checkpoint, prompt_ids
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import Ledger
 from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures
@@ -31,7 +32,7 @@ def long_checkpoint(tmp_path_factory, tokenizer):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=LENGTH,
                          rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
-    path = tmp_path_factory.mktemp("gang") / "checkpoints" / "s16k" / "step-000001"
+    path = checkpoint_dir(tmp_path_factory.mktemp("gang"), "s16k", 1)
     return fixtures.save_checkpoint(LlamaForCausalLM(config), tokenizer, path)
 
 
@@ -106,7 +107,7 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
                    max_tokens_per_evaluator=256)
     run_dir = tmp_path / run.name
     model = fixtures.build_tiny_model(len(tokenizer), 512)
-    path = fixtures.save_checkpoint(model, tokenizer, run_dir / "checkpoints/s192/step-000002")
+    path = fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(run_dir, "s192", 2))
     ledger = Ledger(run_dir, run.name)
     ledger.commit_checkpoint("s192", 2, path)
     scheduler = EvalScheduler(run, run_dir,
@@ -123,12 +124,12 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
 
 def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_path, tokenizer,
                                                                           caplog):
-    from ray_jobs.eval.model import CheckpointError
+    from specs.checkpoint import CheckpointError
     from ray_jobs.eval.pipeline import EvalRequest, check_stage_theta
 
     model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
-    fixtures.save_checkpoint(model, tokenizer, tmp_path / "checkpoints/s1k/step-000002")
-    request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002",
+    fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(tmp_path, "s1k", 2))
+    request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002", step=2,
                           run_dir=tmp_path, attempt=1, tasks=("niah_lite",), lengths=(1024,),
                           depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096,
                           rope_theta=10_000.0)

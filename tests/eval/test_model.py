@@ -5,12 +5,13 @@ import shutil
 import pytest
 
 from ray_jobs.eval import cli as standalone
-from ray_jobs.eval.model import (
+from ray_jobs.eval.model import build_generate, greedy_tokens, load_checkpoint
+from specs.checkpoint import (
     CheckpointError,
-    build_generate,
+    TrainerState,
     check_checkpoint,
-    greedy_tokens,
-    load_checkpoint,
+    checkpoint_dir,
+    write_state,
 )
 from tests.support import eval_fixtures as fixtures
 
@@ -19,10 +20,10 @@ from tests.support import eval_fixtures as fixtures
 def checkpoints(tmp_path_factory, tiny_model, tokenizer):
     root = tmp_path_factory.mktemp("ckpts")
     committed = fixtures.save_checkpoint(tiny_model, tokenizer,
-                                         root / "run/checkpoints/s256/step-000004")
+                                         checkpoint_dir(root / "run", "s256", 4))
     plain = fixtures.save_checkpoint(tiny_model, tokenizer, root / "plain", ringpilot=False)
     incomplete = fixtures.save_checkpoint(tiny_model, tokenizer,
-                                          root / "run/checkpoints/s256/step-000008", commit=False)
+                                          checkpoint_dir(root / "run", "s256", 8), commit=False)
     return {"committed": committed, "plain": plain, "incomplete": incomplete, "root": root}
 
 
@@ -103,7 +104,7 @@ def test_standalone_writes_next_to_the_run_and_refuses_incomplete(checkpoints, c
 
 def test_standalone_default_lengths_from_trainer_state_or_the_run(checkpoints, tmp_path):
     ckpt = checkpoints["committed"]  # .../checkpoints/s256/step-000004
-    (ckpt / "trainer_state/state.json").write_text('{"stage": "s256", "seq_len": 256}')
+    write_state(ckpt, TrainerState(stage="s256", stage_index=1, step=4, seq_len=256))
     assert standalone.default_lengths(ckpt, None) == [256]
     assert standalone.default_lengths(checkpoints["plain"], None) == [128, 512]  # max_position
     run = tmp_path / "run.yaml"

@@ -6,6 +6,7 @@ import pytest
 
 from ray_jobs.eval.runner import evaluate
 from ringpilot.cli import main as ringpilot
+from specs.checkpoint import eval_dir
 from specs.ledger import EvalEntry, Ledger
 from tests.eval.oracle import constant, oracle
 
@@ -18,8 +19,8 @@ def run_dir(tmp_path, count_tokens):
     for stage, step, model in [("s256", 25, constant), ("s256", 50, oracle),
                                ("s1k", 20, oracle)]:
         ckpt = f"checkpoints/{stage}/step-{step:06d}"
-        out = run / "eval" / stage / f"step-{step:06d}"
-        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt),
+        out = eval_dir(run, stage, step)
+        res = evaluate(model, count_tokens, checkpoint=str(run / ckpt), stage=stage, step=step,
                        tasks=["niah_lite", "cwe_lite"],
                        lengths=[384], depths=[0.0, 100.0], samples=1, seed=0, out_dir=out)
         ledger.record_eval(stage, ckpt, EvalEntry(

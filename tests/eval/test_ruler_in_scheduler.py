@@ -13,6 +13,7 @@ from ray_jobs.eval.report import render_run_report
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
 from ray_jobs.train.progress import ruler_table
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import Ledger
 from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures
@@ -38,8 +39,7 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     ledger = Ledger(run_dir, run.name)
     model = fixtures.build_tiny_model(len(tokenizer), 1024)
     for step, final in ((2, False), (4, True)):
-        path = fixtures.save_checkpoint(model, tokenizer,
-                                        run_dir / f"checkpoints/s192/step-{step:06d}")
+        path = fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(run_dir, "s192", step))
         ledger.commit_checkpoint("s192", step, path, final=final)
     scheduler = EvalScheduler(run, run_dir, spec_dir=tmp_path).start()
     scheduler.stop(wait=True, timeout=600)
@@ -88,7 +88,7 @@ def test_ruler_beyond_one_evaluator_runs_on_the_gang(ray_cluster, tmp_path):
     run_dir = tmp_path / run.name
     ledger = Ledger(run_dir, run.name)
     path = fixtures.save_checkpoint(fixtures.build_tiny_model(len(tokenizer), 2048), tokenizer,
-                                    run_dir / "checkpoints/s192/step-000002")
+                                    checkpoint_dir(run_dir, "s192", 2))
     ledger.commit_checkpoint("s192", 2, path)
     EvalScheduler(run, run_dir).start().stop(wait=True, timeout=600)
     entry = ledger.read().stages["s192"].eval["checkpoints/s192/step-000002"]

@@ -53,8 +53,8 @@ def test_half_right_model_scores_in_between(count_tokens):
 
 def test_outputs_results_json_heatmaps_and_tables(count_tokens, tmp_path):
     res = evaluate(oracle, count_tokens, checkpoint="run/checkpoints/s1k/step-000060",
-                   out_dir=tmp_path, tasks=["niah_lite", "cwe_lite"], lengths=[384, 100_000],
-                   depths=[0.0, 100.0], samples=1, seed=0, max_length=4096)
+                   stage="s1k", step=60, out_dir=tmp_path, tasks=["niah_lite", "cwe_lite"],
+                   lengths=[384, 100_000], depths=[0.0, 100.0], samples=1, seed=0, max_length=4096)
     assert (res.stage, res.step) == ("s1k", 60)
     saved = load_results(tmp_path / "results.json")
     assert saved.scores == res.scores == {"niah_lite": 1.0, "cwe_lite": 1.0}

@@ -6,6 +6,7 @@ import pytest
 
 from ray_jobs.eval.results import load_results
 from ray_jobs.eval.scheduler import EvalScheduler
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import Ledger, mark_committed
 from specs.run import RunSpec
 from tests.support import eval_fixtures as fixtures
@@ -83,15 +84,14 @@ def test_gives_up_after_max_retries_and_refuses_an_incomplete_checkpoint(ray_clu
     run = tiny_run(tmp_path, max_retries=0, context_lengths=[200])
     run_dir = tmp_path / run.name
     ledger = Ledger(run_dir, run.name)
-    good = fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s192/step-000002")
+    good = fixtures.save_checkpoint(tiny_model, tokenizer, checkpoint_dir(run_dir, "s192", 2))
     ledger.commit_checkpoint("s192", 2, good)
     # Committed, then its directory lost a file: the actor refuses it, without retrying.
-    broken = fixtures.save_checkpoint(tiny_model, tokenizer,
-                                      run_dir / "checkpoints/s384/step-000002")
+    broken = fixtures.save_checkpoint(tiny_model, tokenizer, checkpoint_dir(run_dir, "s384", 2))
     ledger.commit_checkpoint("s384", 2, broken)
     (broken / "tokenizer.json").unlink()
     # Written but never committed: not in the ledger, so never evaluated.
-    fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s384/step-000004",
+    fixtures.save_checkpoint(tiny_model, tokenizer, checkpoint_dir(run_dir, "s384", 4),
                              commit=False)
     scheduler = EvalScheduler(run, run_dir, evaluate_fn=fixtures.crash_on_first_attempt).start()
     scheduler.stop(wait=True, timeout=300)
@@ -103,8 +103,8 @@ def test_gives_up_after_max_retries_and_refuses_an_incomplete_checkpoint(ray_clu
     assert (refused.status, refused.attempts) == ("failed", 1)
     assert "lacks tokenizer.json" in refused.error
     assert "checkpoints/s384/step-000004" not in doc.stages["s384"].eval
-    mark_committed(run_dir / "checkpoints/s384/step-000004")  # marker alone is not enough
-    assert ("s384", "checkpoints/s384/step-000004") not in EvalScheduler(run, run_dir).pending()
+    mark_committed(checkpoint_dir(run_dir, "s384", 4))  # marker alone is not enough
+    assert ("s384", "checkpoints/s384/step-000004", 4) not in EvalScheduler(run, run_dir).pending()
 
 
 def test_stop_cancels_an_evaluation_that_outlives_its_timeout(ray_cluster, tmp_path, tiny_model,
@@ -114,7 +114,7 @@ def test_stop_cancels_an_evaluation_that_outlives_its_timeout(ray_cluster, tmp_p
     run = tiny_run(tmp_path, context_lengths=[200])
     run_dir = tmp_path / run.name
     ledger = Ledger(run_dir, run.name)
-    path = fixtures.save_checkpoint(tiny_model, tokenizer, run_dir / "checkpoints/s192/step-000002")
+    path = fixtures.save_checkpoint(tiny_model, tokenizer, checkpoint_dir(run_dir, "s192", 2))
     ledger.commit_checkpoint("s192", 2, path)
     scheduler = EvalScheduler(run, run_dir, evaluate_fn=fixtures.hang).start()
     deadline = time.monotonic() + 60

@@ -42,9 +42,10 @@ def build_tiny_model(vocab_size: int, max_len: int = 1024, theta: float = 10_000
 
 def save_checkpoint(model, tokenizer, path: str | Path, *, ringpilot: bool = True,
                     commit: bool = True) -> Path:
-    """Write a checkpoint as the trainer does: HF files, tokenizer, trainer_state/, then the
-    COMMITTED marker (`ringpilot=False`: a plain HF directory; `commit=False`: an incomplete
-    one)."""
+    """Write a checkpoint as the trainer does: HF files, tokenizer, the trainer state (its stage
+    and step from where `path` sits in a run, else stage "s" step 0), then the COMMITTED marker
+    (`ringpilot=False`: a plain HF directory; `commit=False`: an incomplete one)."""
+    from specs.checkpoint import STATE_DIR, TrainerState, locate, write_state
     from specs.ledger import mark_committed
 
     path = Path(path)
@@ -52,8 +53,10 @@ def save_checkpoint(model, tokenizer, path: str | Path, *, ringpilot: bool = Tru
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if ringpilot:
-        (path / "trainer_state").mkdir(exist_ok=True)
-        (path / "trainer_state" / "note.txt").write_text("optimizer state would be here\n")
+        place = locate(path)
+        (path / STATE_DIR).mkdir(exist_ok=True)
+        write_state(path, TrainerState(stage=place.stage if place else "s", stage_index=0,
+                                       step=place.step if place else 0))
         if commit:
             mark_committed(path)
     return path
@@ -96,6 +99,7 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
 
     import torch
 
+    from specs.checkpoint import checkpoint_dir
     from specs.ledger import Ledger
 
     torch.set_num_threads(threads)
@@ -118,7 +122,7 @@ def train_with_checkpoints(run_dir: str, run_name: str, stages: list[tuple[str, 
             tokens += seq_len
             out["step_spans"].append((begin, time.time(), seq_len))
             if step % checkpoint_every == 0 or step == steps:
-                path = Path(run_dir) / "checkpoints" / name / f"step-{step:06d}"
+                path = checkpoint_dir(run_dir, name, step)
                 save_checkpoint(model, tokenizer, path)
                 ledger.commit_checkpoint(name, step, path, final=step == steps)
                 rel = str(path.relative_to(run_dir))

@@ -117,15 +117,13 @@ def test_plan_with_a_profile_for_another_cluster_is_one_line(tmp_path, capsys):
 
 def _trained(run_dir, stage, step, seconds, ring=8, dp=1, parts=None):
     """A run directory whose stage has one committed checkpoint with its measured seconds."""
-    import json
-
+    from specs.checkpoint import STATE_DIR, TrainerState, checkpoint_dir, write_state
     from specs.ledger import Ledger, mark_committed
 
-    path = run_dir / "checkpoints" / stage / f"step-{step:06d}"
-    (path / "trainer_state").mkdir(parents=True)
-    (path / "trainer_state" / "state.json").write_text(json.dumps(
-        {"stage": stage, "step": step, "seconds": seconds, "ring_degree": ring,
-         "dp_degree": dp, "ulysses_degree": 1, **({"parts_seconds": parts} if parts else {})}))
+    path = checkpoint_dir(run_dir, stage, step)
+    (path / STATE_DIR).mkdir(parents=True)
+    write_state(path, TrainerState(stage=stage, stage_index=0, step=step, seconds=seconds,
+                                   ring_degree=ring, dp_degree=dp, parts_seconds=parts or {}))
     mark_committed(path)
     Ledger(run_dir, "small").commit_checkpoint(stage, step, path)
 

@@ -236,6 +236,7 @@ def checkpoint_round_trip(rank, world, run_dir):
     load_checkpoint into a fresh mesh; return where every optimizer state tensor and every
     torch.load of the load landed."""
     from ray_jobs.train import checkpoint as ckpt
+    from specs.checkpoint import TrainerState
     from specs.ledger import Ledger
 
     layout, root, opt = _setup(1, 1, 1, ac=False)
@@ -243,7 +244,7 @@ def checkpoint_round_trip(rank, world, run_dir):
     _step(layout, root, *next(batches(1, 1)))
     opt.step()
     sched.step()
-    state = ckpt.TrainerState(stage="s", stage_index=0, step=1)
+    state = TrainerState(stage="s", stage_index=0, step=1)
     path = ckpt.save_checkpoint(Ledger(run_dir, "r"), root.model, _Tokenizer(), opt, sched,
                                 state, keep_last=1, final=False)
     _, root2, opt2 = _setup(1, 1, 1, ac=False, seed=3)
@@ -274,6 +275,7 @@ def stale_checkpoint_refused(rank, world, run_dir, when):
     checkpoint starts or "during" it (every file written, not yet committed): the checkpoint
     must be refused on every rank."""
     from ray_jobs.train import checkpoint as ckpt
+    from specs.checkpoint import TrainerState
     from specs.ledger import Fenced, Ledger
 
     ledger = Ledger(run_dir, "r")
@@ -295,7 +297,7 @@ def stale_checkpoint_refused(rank, world, run_dir, when):
         seen.append(sorted(p.name for p in staged.iterdir()))
         Ledger(run_dir, "r").begin_attempt()
 
-    state = ckpt.TrainerState(stage="s", stage_index=0, step=1)
+    state = TrainerState(stage="s", stage_index=0, step=1)
     try:
         ckpt.save_checkpoint(ledger, root.model, _Tokenizer(), opt, sched, state, keep_last=1,
                              final=False, before_commit=take_over if when == "during" else None)

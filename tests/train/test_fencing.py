@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.train.checkpoint import clear_stale_staging, prune_checkpoints, staging_dir
+from ray_jobs.train.checkpoint import clear_stale_staging, prune_checkpoints
 from ray_jobs.train.driver import main
+from specs.checkpoint import STATE_DIR, checkpoint_dir, stage_dir, staging_dir
 from specs.ledger import COMMITTED, Fenced, Ledger, LedgerError, contained, mark_committed
 from tests.support.worlds import run_world
 from tests.train import parallel_worlds as worlds
@@ -42,12 +43,12 @@ def test_each_driver_attempt_takes_the_next_epoch(tmp_path):
 def test_a_superseded_attempt_writes_nothing(tmp_path):
     old = Ledger(tmp_path, "r").begin_attempt()
     old.start_stage("s64")
-    kept = _committed(tmp_path / "checkpoints" / "s64" / "step-000002")
+    kept = _committed(checkpoint_dir(tmp_path, "s64", 2))
     old.commit_checkpoint("s64", 2, kept)
-    old.commit_checkpoint("s64", 3, _committed(tmp_path / "checkpoints" / "s64" / "step-000003"))
+    old.commit_checkpoint("s64", 3, _committed(checkpoint_dir(tmp_path, "s64", 3)))
     new = Ledger(tmp_path, "r").begin_attempt()
     # the old attempt's straggler has a checkpoint written and marked in its staging dir
-    target = tmp_path / "checkpoints" / "s64" / "step-000004"
+    target = checkpoint_dir(tmp_path, "s64", 4)
     staged = _committed(staging_dir(target, old.epoch))
     before = _snapshot(tmp_path)
 
@@ -98,14 +99,14 @@ def test_a_takeover_waits_for_a_write_in_progress_and_then_fences_the_next(tmp_p
 
 
 def test_staging_of_older_attempts_is_cleared_never_a_newer_ones(tmp_path):
-    stage_dir = tmp_path / "checkpoints" / "s64"
+    staged = stage_dir(tmp_path, "s64")
     names = [".step-000004.epoch-1", ".step-000006.epoch-2", ".step-000004.epoch-2",
              ".step-000006.epoch-3"]
     for n in names:
-        (stage_dir / n).mkdir(parents=True)
-    clear_stale_staging(stage_dir, 2, "step-000004")
-    assert sorted(p.name for p in stage_dir.iterdir()) == [".step-000006.epoch-2",
-                                                           ".step-000006.epoch-3"]
+        (staged / n).mkdir(parents=True)
+    clear_stale_staging(staged, 2, "step-000004")
+    assert sorted(p.name for p in staged.iterdir()) == [".step-000006.epoch-2",
+                                                        ".step-000006.epoch-3"]
 
 
 @pytest.mark.parametrize("when", ["before", "during"])
@@ -117,13 +118,13 @@ def test_a_worker_group_of_a_superseded_attempt_stops_at_its_checkpoint(tmp_path
     fenced = "driver attempt 1 was superseded by attempt 2"
     assert [g["fenced"] for g in got] == [fenced, fenced]
     if when == "during":  # refused at the commit, with every file written
-        assert {"config.json", "model.safetensors", "dcp", "trainer_state"} <= set(
+        assert {"config.json", "model.safetensors", "dcp", STATE_DIR} <= set(
             got[0]["staged"][0])
-    stage_dir = tmp_path / "checkpoints" / "s"
+    staged = stage_dir(tmp_path, "s")
     if when == "before":  # refused before anything was written
-        assert not stage_dir.exists()
+        assert not staged.exists()
     else:
-        assert list(stage_dir.iterdir()) == []  # no step dir, the staging dir removed
+        assert list(staged.iterdir()) == []  # no step dir, the staging dir removed
     assert Ledger(tmp_path).read().stages.get("s") is None
 
 
@@ -143,9 +144,8 @@ def test_a_symlink_out_of_the_run_is_refused_and_nothing_outside_is_deleted(tmp_
     _committed(outside)
     ledger = Ledger(run_dir, "r")
     for step in (2, 4):
-        ledger.commit_checkpoint("s", step, _committed(run_dir / "checkpoints" / "s"
-                                                       / f"step-{step:06d}"))
-    first = run_dir / "checkpoints" / "s" / "step-000002"
+        ledger.commit_checkpoint("s", step, _committed(checkpoint_dir(run_dir, "s", step)))
+    first = checkpoint_dir(run_dir, "s", 2)
     for f in first.iterdir():
         f.unlink()
     first.rmdir()
@@ -155,8 +155,7 @@ def test_a_symlink_out_of_the_run_is_refused_and_nothing_outside_is_deleted(tmp_
     assert (outside / COMMITTED).is_file()
     with pytest.raises(LedgerError, match="'../x' leads to"):
         contained(run_dir, "../x", "pointer.json path")
-    assert contained(run_dir, "checkpoints/s/step-000004", "x") == (
-        run_dir / "checkpoints" / "s" / "step-000004")
+    assert contained(run_dir, "checkpoints/s/step-000004", "x") == checkpoint_dir(run_dir, "s", 4)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not a ledger"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ray_jobs.train.driver import ARCHITECTURE, main, preflight
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import Ledger, mark_committed
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec, write_spec
@@ -89,7 +90,7 @@ def test_bad_field_is_reported_by_path(tmp_path, capsys):
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     """A run directory reused after the model changed: refused before Ray starts."""
     spec = mini_spec(tmp_path / "runs")
-    ckpt = tmp_path / "runs" / "mini" / "checkpoints" / "s64" / "step-000003"
+    ckpt = checkpoint_dir(tmp_path / "runs" / "mini", "s64", 3)
     ckpt.mkdir(parents=True)
     config = {k: spec["model"][k] for k in ARCHITECTURE} | {"hidden_size": 64}
     (ckpt / "config.json").write_text(json.dumps(config))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.train.checkpoint import read_state
 from ray_jobs.train.driver import main
+from specs.checkpoint import checkpoint_dir, locate, read_state
 from specs.ledger import COMMITTED, Ledger
 from tests.support.faults import CrashOnce, StaleWriteOnce, TakeOverOnce, crash_marker
 from tests.train.conftest import mini_spec, write_spec
@@ -114,10 +114,10 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    step = int(ledger.latest_committed("s128").name.split("-")[1])
+    step = locate(ledger.latest_committed("s128")).step
     assert 0 < step < 40 and ledger.read().epoch == 1
     # a newer checkpoint left half-written (no COMMITTED marker) must be ignored
-    torn = run_dir / "checkpoints" / "s128" / f"step-{step + 1:06d}"
+    torn = checkpoint_dir(run_dir, "s128", step + 1)
     torn.mkdir(parents=True, exist_ok=True)
     (torn / "config.json").write_text("{")
     assert not (torn / COMMITTED).exists()

@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 from ray_jobs.eval.results import CellResult, EvalResults
-from ray_jobs.train.checkpoint import STATE_DIR, TrainerState, checkpoint_dir
 from ray_jobs.train.progress import render_summary
 from specs.atomic import atomic_write
+from specs.checkpoint import STATE_DIR, TrainerState, checkpoint_dir, write_state
 from specs.degrees import ParallelDims
 from specs.ledger import EvalEntry, Ledger, mark_committed
 from specs.run import RunSpec
@@ -50,7 +50,7 @@ def test_summary_names_the_attention_kernel_the_stages_ran_on(tmp_path):
         path = checkpoint_dir(run.run_dir, stage, 1)
         (path / STATE_DIR).mkdir(parents=True)
         state = TrainerState(stage=stage, stage_index=0, step=1, attention_kernel=kernel)
-        (path / STATE_DIR / "state.json").write_text(state.to_json())
+        write_state(path, state)
         mark_committed(path)
         ledger.commit_checkpoint(stage, 1, path, final=True)
     out = io.StringIO()
@@ -92,7 +92,7 @@ def test_summary_puts_the_calibrated_prediction_beside_the_measured_step(tmp_pat
     (path / STATE_DIR).mkdir(parents=True)
     state = TrainerState(stage="s64", stage_index=0, step=6, seconds=6 * 2 * predicted,
                          dims=ParallelDims(ring=2))
-    (path / STATE_DIR / "state.json").write_text(state.to_json())
+    write_state(path, state)
     mark_committed(path)
     ledger.commit_checkpoint("s64", 6, path, final=True)
     text = io.StringIO()

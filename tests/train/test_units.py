@@ -14,6 +14,7 @@ from ray_jobs.data.samples import IGNORE, SampleStream, build_eval_prompt
 from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.train.loop import LR_FLOOR, lr_factor, plan_start
 from ray_jobs.train.model import apply_rope_theta, build_model
+from specs.checkpoint import checkpoint_dir
 from specs.ledger import COMMITTED, Ledger, mark_committed
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec
@@ -120,7 +121,7 @@ def _writer(run_dir: str, worker: int, n: int) -> None:
     ledger = Ledger(run_dir, "mini")
     for i in range(n):
         step = worker * 100 + i
-        path = Path(run_dir) / "checkpoints" / "s64" / f"step-{step:06d}"
+        path = checkpoint_dir(run_dir, "s64", step)
         path.mkdir(parents=True)
         mark_committed(path)
         ledger.commit_checkpoint("s64", step, path)
@@ -145,22 +146,19 @@ def test_resume_point_skips_half_written_checkpoints(run, tmp_path):
     with pytest.raises(RuntimeError,
                        match="starts from stage s64's final checkpoint, but the ledger"):
         plan_start(run, 1, ledger)
-    good = tmp_path / "checkpoints" / "s64" / "step-000002"
+    good = checkpoint_dir(tmp_path, "s64", 2)
     good.mkdir(parents=True)
     mark_committed(good)
     ledger.commit_checkpoint("s64", 2, good)
-    torn = tmp_path / "checkpoints" / "s64" / "step-000004"  # written, then the marker removed
+    torn = checkpoint_dir(tmp_path, "s64", 4)  # written, then the marker removed
     torn.mkdir(parents=True)
     mark_committed(torn)
     ledger.commit_checkpoint("s64", 4, torn)
     (torn / COMMITTED).unlink()
-    (tmp_path / "checkpoints" / "s64" / "step-000005").mkdir()  # never committed at all
+    checkpoint_dir(tmp_path, "s64", 5).mkdir()  # never committed at all
     assert plan_start(run, 0, ledger) == (True, str(good))
-    ledger.commit_checkpoint("s64", 6,
-                             _committed(tmp_path / "checkpoints" / "s64" / "step-000006"),
-                             final=True)
-    assert plan_start(run, 1, ledger) == (False,
-                                          str(tmp_path / "checkpoints" / "s64" / "step-000006"))
+    ledger.commit_checkpoint("s64", 6, _committed(checkpoint_dir(tmp_path, "s64", 6)), final=True)
+    assert plan_start(run, 1, ledger) == (False, str(checkpoint_dir(tmp_path, "s64", 6)))
 
 
 def _committed(path: Path) -> Path:

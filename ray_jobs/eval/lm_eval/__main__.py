@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError, offline_environment
 from ray_jobs.eval.lm_eval.ruler import RULER_TASKS, run_ruler
-from ray_jobs.eval.model import CheckpointError
+from specs.checkpoint import CheckpointError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

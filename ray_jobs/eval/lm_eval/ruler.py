@@ -188,7 +188,9 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
     """Check the request and generate each task's data with the checkpoint's tokenizer; tasks
     whose data cannot be made here (downloads) are set aside with the reason."""
     require_lm_eval()
-    from ray_jobs.eval.model import check_checkpoint, load_tokenizer, max_model_length
+    from ray_jobs.data.tokenizer import load_tokenizer
+    from ray_jobs.eval.model import max_model_length
+    from specs.checkpoint import check_checkpoint
 
     checkpoint = str(check_checkpoint(checkpoint))
     lengths = sorted({int(n) for n in lengths})
@@ -258,7 +260,8 @@ def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: 
     import dataclasses
     import hashlib
 
-    from ray_jobs.eval.model import check_checkpoint, max_model_length
+    from ray_jobs.eval.model import max_model_length
+    from specs.checkpoint import check_checkpoint
 
     path = check_checkpoint(checkpoint)
     digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()

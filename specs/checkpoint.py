@@ -1,0 +1,212 @@
+"""The checkpoint format: where a run's checkpoints live, what they hold, and how they are read.
+
+The one owner of the on-disk layout. The trainer (ray_jobs/train/checkpoint.py) writes it with
+torch; the evaluator, the progress table, the launcher, the planner's measured step times and
+the benchmarks read it through the functions here, so none of them builds a checkpoint path or
+opens the trainer's state file by hand. Torch-free: the evaluator sits below the trainer.
+
+    <run dir>/
+        checkpoints/<stage>/step-000050/        one checkpoint (`checkpoint_dir`)
+            dcp/                 every rank's shards of the model and AdamW state (DCP)
+            trainer_state/       scheduler.pt, state.json (`TrainerState`)
+            config.json, model.safetensors, tokenizer.json, ...   the Hugging Face export
+            COMMITTED            written last (specs/ledger.py)
+        checkpoints/<stage>/.step-000050.epoch-3/   an attempt's staging folder (`staging_dir`)
+        eval/<stage>/step-000050/               that checkpoint's evaluation (`eval_dir`)
+
+The Hugging Face export is the checkpoint folder itself, so any Hugging Face loader (and the
+next stage) opens it as a model directory; the trainer's own files sit in subfolders beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from specs.degrees import ParallelDims
+from specs.ledger import COMMITTED, Ledger, is_committed
+from specs.plan import DEGREE_KEYS
+
+CHECKPOINTS_DIR = "checkpoints"
+EVAL_DIR = "eval"
+DCP_DIR = "dcp"
+STATE_DIR = "trainer_state"
+STATE_FILE = "state.json"
+SCHEDULER_FILE = "scheduler.pt"
+HF_EXPORT_FILES = ("config.json", "tokenizer.json")  # what an evaluator needs of the export
+STAGING_GLOB = ".step-*.epoch-*"
+
+_NAME = re.compile(r"step-(\d{6,})")
+_STAGING = re.compile(r"\.(step-\d{6,})\.epoch-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A directory that cannot be read as a checkpoint, with what is wrong and what to do."""
+
+
+class TrainerState(BaseModel):
+    """Where training stands: enough to continue exactly as if nothing had stopped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    stage_index: int = Field(ge=0)
+    step: int = Field(ge=0, description="Optimizer steps done in this stage.")
+    tokens: int = Field(0, description="Tokens trained on in this stage.")
+    rope_theta: float = 0.0
+    seq_len: int = 0
+    seconds: float = Field(0.0, description="Training time in this stage so far.")
+    parts_seconds: dict[str, float] = Field(default_factory=dict,
+                                            description="`seconds` by phase (StepClock).")
+    world_size: int = 1
+    dims: ParallelDims = Field(default_factory=ParallelDims, description="The layout the plan "
+                               "gave; state.json spells it with plan.json's degree keys.")
+    losses: list[float] = Field(default_factory=list, description="Per optimizer step.")
+    init_from: str | None = Field(None, description="Checkpoint the stage started from "
+                                  "(relative to the run directory).")
+    init_checksum: float = Field(0.0, description="Sum of |weights| at the stage's start: shows "
+                                 "what carried over.")
+    attention_kernel: str = Field("", description="The block kernel the ring ran on, and why "
+                                  "(select_block_kernel).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dims_from_degree_keys(cls, doc):
+        """state.json carries the layout as plan.json's degree keys (ring_degree, ...)."""
+        if isinstance(doc, dict) and any(k in doc for k in DEGREE_KEYS):
+            doc = dict(doc)
+            degrees = {k: doc.pop(k) for k in DEGREE_KEYS if k in doc}
+            doc["dims"] = ParallelDims.from_degree_keys(degrees)
+        return doc
+
+    def to_document(self) -> dict:
+        """state.json's document: the fields, the layout under plan.json's degree keys."""
+        doc = self.model_dump(exclude={"dims"})
+        doc.update(self.dims.degree_keys())
+        return doc
+
+
+class CheckpointPlace(NamedTuple):
+    """Where a checkpoint folder sits in its run: `checkpoint_dir(run_dir, stage, step)`."""
+
+    run_dir: Path
+    stage: str
+    step: int
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def parse_checkpoint_name(name: str) -> int | None:
+    """The step of a checkpoint folder's name (`step-000050` -> 50), else None."""
+    m = _NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / stage
+
+
+def checkpoint_dir(run_dir: str | Path, stage: str, step: int) -> Path:
+    return stage_dir(run_dir, stage) / checkpoint_name(step)
+
+
+def locate(path: str | Path) -> CheckpointPlace | None:
+    """(run dir, stage, step) of a folder laid out as `checkpoint_dir` lays it out, else None
+    (a plain Hugging Face directory, or a checkpoint copied elsewhere)."""
+    p = Path(path)
+    step = parse_checkpoint_name(p.name)
+    if step is None or p.parent.parent.name != CHECKPOINTS_DIR:
+        return None
+    return CheckpointPlace(p.parent.parent.parent, p.parent.name, step)
+
+
+def staging_dir(path: Path, epoch: int | None) -> Path:
+    """Where the attempt of `epoch` writes the checkpoint `path` before it is moved into place."""
+    return path.parent / f".{path.name}.epoch-{epoch or 0}"
+
+
+def parse_staging_name(name: str) -> tuple[str, int] | None:
+    """(checkpoint name, epoch) of a staging folder's name, else None."""
+    m = _STAGING.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def eval_dir(run_dir: str | Path, stage: str, step: int) -> Path:
+    """Where the evaluation of `checkpoint_dir(run_dir, stage, step)` writes its results."""
+    return Path(run_dir) / EVAL_DIR / stage / checkpoint_name(step)
+
+
+def dcp_dir(checkpoint: str | Path) -> Path:
+    return Path(checkpoint) / DCP_DIR
+
+
+def scheduler_file(checkpoint: str | Path) -> Path:
+    return Path(checkpoint) / STATE_DIR / SCHEDULER_FILE
+
+
+def is_trainer_checkpoint(checkpoint: str | Path) -> bool:
+    """Whether the folder is one of ringpilot's checkpoints (not a plain Hugging Face model)."""
+    return (Path(checkpoint) / STATE_DIR).is_dir()
+
+
+def write_state(checkpoint: str | Path, state: TrainerState) -> None:
+    """Write the trainer's state into a checkpoint being written (its trainer_state/ exists)."""
+    # json.dumps, not model_dump_json: a diverged loss (NaN, inf) must read back as itself
+    (Path(checkpoint) / STATE_DIR / STATE_FILE).write_text(
+        json.dumps(state.to_document(), indent=1) + "\n")
+
+
+def read_state(checkpoint: str | Path) -> TrainerState:
+    """The trainer's state saved in a checkpoint; CheckpointError if it is missing or invalid."""
+    path = Path(checkpoint) / STATE_DIR / STATE_FILE
+    try:
+        return TrainerState.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: {checkpoint} is not a checkpoint the "
+                              "trainer wrote; give a committed checkpoint from the run "
+                              "ledger") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({e}); the checkpoint is "
+                              "damaged: use another committed checkpoint of the run") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+        raise CheckpointError(f"{path}: not a trainer state: {where}: {first['msg']}; it is "
+                              "written by the trainer and never edited: restore it, or use "
+                              "another committed checkpoint of the run") from None
+
+
+def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:
+    """The stage's final committed checkpoint (the start of the next stage), else None."""
+    entry = ledger.read().stages.get(stage)
+    for ckpt in reversed(entry.checkpoints if entry else []):
+        path = ledger.resolve(ckpt.path, f"stages.{stage}.checkpoints path")
+        if ckpt.final and is_committed(path):
+            return path
+    return None
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """An evaluable folder: a committed ringpilot checkpoint or a plain Hugging Face Llama
+    directory saved with its tokenizer. Refuses missing and incomplete ones (a ringpilot folder
+    without its COMMITTED marker) and folders without the export's files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a committed checkpoint "
+                              f"directory ({CHECKPOINTS_DIR}/<stage>/step-NNNNNN/) or a HF Llama "
+                              "directory")
+    if is_trainer_checkpoint(path) and not is_committed(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has {STATE_DIR}/ but no "
+                              f"{COMMITTED} marker (the trainer was still writing it, or crashed); "
+                              "evaluate a committed checkpoint from the run ledger instead")
+    missing = [f for f in HF_EXPORT_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it must be a Hugging "
+                              "Face Llama directory saved with its tokenizer (save_pretrained)")
+    return path
