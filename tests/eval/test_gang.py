@@ -124,8 +124,8 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
 
 def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_path, tokenizer,
                                                                           caplog):
-    from specs.checkpoint import CheckpointError
     from ray_jobs.eval.pipeline import EvalRequest, check_stage_theta
+    from specs.checkpoint import CheckpointError
 
     model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
     fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(tmp_path, "s1k", 2))

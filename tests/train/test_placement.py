@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ray_jobs.train.checkpoint import STATE_DIR, TrainerState, read_state
+from specs.checkpoint import STATE_DIR, TrainerState, read_state, write_state
 from specs.degrees import ParallelDims
 from specs.plan import StagePlan, Worker
 from specs.run import RunSpec
@@ -79,7 +79,7 @@ def test_state_json_records_the_layout_and_old_files_still_load(tmp_path):
     state = TrainerState(stage="s64", stage_index=0, step=3,
                          dims=ParallelDims(dp_replicate=2, ring=2, ulysses=2))
     (tmp_path / STATE_DIR).mkdir()
-    (tmp_path / STATE_DIR / "state.json").write_text(state.to_json())
+    write_state(tmp_path, state)
     doc = json.loads((tmp_path / STATE_DIR / "state.json").read_text())
     assert (doc["ring_degree"], doc["dp_degree"], doc["shard_degree"],
             doc["ulysses_degree"]) == (2, 2, 4, 2)
