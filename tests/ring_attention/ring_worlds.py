@@ -10,9 +10,7 @@ import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
     contiguous_shard,
-    register_ring_attention,
     ring_attention,
-    use_ring_group,
     zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
@@ -144,11 +142,9 @@ def _tiny_llama(seed):
 def llama_world(rank, world, seq_per_rank=16, batch=2):
     """Tiny Llama through the trainer's parallelize() on one ring of `world` ranks (zigzag
     shards, FSDP2 over the ring) vs the unsharded model: loss and every gradient."""
-    register_ring_attention()
     reference = _tiny_llama(seed=0)
     reference.set_attn_implementation("sdpa")
-    model = _tiny_llama(seed=0)
-    model.set_attn_implementation("ring")
+    model = _tiny_llama(seed=0)  # parallelize() binds its attention to the ring
     seq = seq_per_rank * world
     ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(7))
     labels = torch.full_like(ids, -100)
@@ -160,9 +156,8 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
     root = parallelize(model, layout, activation_checkpointing=False, mixed_precision=None)
     x, y = (zigzag_shard(t, 1, layout.ring_rank, world) for t in (ids, labels))
     pos = zigzag_position_ids(seq, layout.ring_rank, world).unsqueeze(0).expand(batch, -1)
-    with use_ring_group(layout.ring):
-        loss = ring_mean_loss(*root(x, pos, y), layout.ring)
-        (loss * world).backward()  # FSDP averages over the ring; the shares must add
+    loss = ring_mean_loss(*root(x, pos, y), layout.ring)
+    (loss * world).backward()  # FSDP averages over the ring; the shares must add
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
