@@ -399,14 +399,13 @@ def _optimizer(shapes: Shapes, world: int, repeats: int, device: torch.device) -
     """Parameters per second per device that the trainer's clipping and AdamW update: one
     decoder layer sharded by FSDP2 over the group, its gradients from one forward and
     backward, then clip_gradients + step timed (the gradients stay: every step updates)."""
-    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
     from ray_jobs.train.parallelize import apply_fsdp, build_optimizer, clip_gradients
 
     layer, rope = decoder_layer(shapes, device, getattr(torch, shapes.state_dtype))
     # the layer is its own FSDP root: no decoder layers inside it to shard apart
-    apply_fsdp(layer, nn.ModuleList(), init_device_mesh(device.type, (world,)), None)
+    apply_fsdp(layer, (), init_device_mesh(device.type, (world,)), None)
     x = torch.randn(1, shapes.tokens, shapes.hidden, device=device,
                     dtype=getattr(torch, shapes.state_dtype))
     layer(x, position_embeddings=rope).sum().backward()

@@ -97,7 +97,8 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
             config = llama_config(model, stage.seq_len, model.rope_theta)
             if layers is not None:
                 config.num_hidden_layers = layers
-            config._attn_implementation = "sdpa"  # parallelize() binds the ring's attention
+            # parallelize() switches a ring's attention to "ring" and binds it to the ring
+            config._attn_implementation = "sdpa"
             default = torch.get_default_dtype()
             # Built in the storage dtype directly: .to(dtype) swaps tensors, which fake ones
             # do not support.

@@ -17,6 +17,7 @@ vocab) fp32 logits never exist at once. The planner's memory model
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,7 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
-def apply_fsdp(root: nn.Module, layers: nn.ModuleList, fsdp_mesh: DeviceMesh,
+def apply_fsdp(root: nn.Module, layers: Iterable[nn.Module], fsdp_mesh: DeviceMesh,
                mixed_precision: torch.dtype | None) -> None:
     """fully_shard per decoder layer (of `layers`, inside `root`), then the root (embedding,
     final norm, lm_head), over the shard group; HSDP (replicate x shard) when the mesh is 2-D."""
