@@ -44,10 +44,9 @@ import torch.distributed as dist  # noqa: E402
 
 from ray_jobs.ring_attention import (  # noqa: E402
     Ring,
+    apply_ring_attention,
     merge_block,
-    register_ring_attention,
     select_block_kernel,
-    use_ring_group,
     zigzag_shard,
     zigzag_unshard,
 )
@@ -195,16 +194,17 @@ def tiny_llama(device, dtype):
 
 def llama_ring_vs_sdpa(device, seq: int) -> dict:
     """Loss and gradients of one bf16 forward/backward, "ring" (a ring of one) against "sdpa"."""
-    register_ring_attention()
     base = tiny_llama(device, torch.bfloat16)
     ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
     for attn in ("sdpa", "ring"):
         model = copy.deepcopy(base)
-        model.set_attn_implementation(attn)
-        with use_ring_group(None):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+        if attn == "ring":
+            apply_ring_attention(model, None)  # the world of one as the ring
+        else:
+            model.set_attn_implementation(attn)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
         results[attn] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
     (sdpa_loss, sdpa_grads), (ring_loss, ring_grads) = results["sdpa"], results["ring"]
     return {"loss_sdpa": sdpa_loss, "loss_ring": ring_loss,

@@ -99,10 +99,8 @@ def tiny_body(rank, world, mode: str, steps: int):
     import ctypes
     import gc
 
-    from ray_jobs.ring_attention import register_ring_attention
     from ray_jobs.train.parallelize import build_mesh
 
-    register_ring_attention()
     layout = build_mesh(ParallelDims.of(2, 1, 2), [[0, 1]], "cpu")
     _tiny_session(layout, mode, 1)
     gc.collect()
@@ -117,7 +115,7 @@ def tiny_body(rank, world, mode: str, steps: int):
 def _tiny_session(layout, mode: str, steps: int) -> float:
     from torch.nn.parallel import DistributedDataParallel
 
-    from ray_jobs.ring_attention import use_ring_group, zigzag_position_ids, zigzag_shard
+    from ray_jobs.ring_attention import apply_ring_attention, zigzag_position_ids, zigzag_shard
     from ray_jobs.train.model import build_model
     from ray_jobs.train.parallelize import (
         build_optimizer,
@@ -129,7 +127,7 @@ def _tiny_session(layout, mode: str, steps: int) -> float:
     run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     index = len(run.stages) - 1
     stage = run.stages[index]
-    model = build_model(run, index, None, seed=0, attn_implementation="ring")
+    model = build_model(run, index, None, seed=0, attn_implementation="sdpa")
     seq, per_ring = stage.seq_len, stage.batch_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, run.model.vocab_size, (per_ring, seq), generator=gen)
@@ -149,6 +147,7 @@ def _tiny_session(layout, mode: str, steps: int) -> float:
         def clip():
             clip_gradients(root, 1.0)
     else:
+        apply_ring_attention(model, layout.ring)  # what parallelize() does in the other mode
         ddp = DistributedDataParallel(model)
         opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
 
@@ -162,8 +161,7 @@ def _tiny_session(layout, mode: str, steps: int) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
 
     def step():
-        with use_ring_group(layout.ring):
-            (loss_of() * 2).backward()
+        (loss_of() * 2).backward()
         clip()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,23 +25,16 @@ sequence_parallel_attention(q, k, v, *, mesh, causal=True, scale=None) -> out
     (build_sequence_mesh(ulysses, ring), or ray_jobs.train.parallelize.build_mesh(...).sequence);
     shards from sequence_shard / sequence_position_ids. ulysses 1 is ring_attention exactly.
 Hugging Face (transformers >= 5):
-    register_ring_attention()
-    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="ring")
-    # or model.set_attn_implementation("ring") on a built model; forward AND backward inside
-    with use_ring_group(ring):          # a Ring, or a SequenceMesh for Ulysses x ring
-        ...
+    apply_ring_attention(model, ring)   # a Ring, or a SequenceMesh for Ulysses x ring
+    # every attention module of the model now runs attn_implementation="ring" around `ring`;
+    # another model in the same process may be bound to another ring
 The training recipe around it (device mesh from a plan's rings, FSDP2, activation
 checkpointing, the chunked ring-mean loss) is ray_jobs.train.parallelize.
 record_ring_timings(): context manager collecting compute and communication-wait seconds.
 """
 
 from ray_jobs.ring_attention.comm import Ring, RingTimings, record_ring_timings, resolve_ring
-from ray_jobs.ring_attention.hf import (
-    register_ring_attention,
-    ring_attention_forward,
-    set_ring_group,
-    use_ring_group,
-)
+from ray_jobs.ring_attention.hf import apply_ring_attention, ring_attention_forward
 from ray_jobs.ring_attention.kernels import KernelChoice, merge_block, select_block_kernel
 from ray_jobs.ring_attention.ring import ring_attention
 from ray_jobs.ring_attention.ulysses import (
@@ -60,10 +53,9 @@ from ray_jobs.ring_attention.zigzag import (
 )
 
 __all__ = [
-    "KernelChoice", "Ring", "RingTimings", "SequenceMesh", "build_sequence_mesh",
-    "contiguous_shard", "contiguous_unshard", "merge_block", "record_ring_timings",
-    "register_ring_attention", "resolve_ring", "ring_attention", "ring_attention_forward",
+    "KernelChoice", "Ring", "RingTimings", "SequenceMesh", "apply_ring_attention",
+    "build_sequence_mesh", "contiguous_shard", "contiguous_unshard", "merge_block",
+    "record_ring_timings", "resolve_ring", "ring_attention", "ring_attention_forward",
     "select_block_kernel", "sequence_parallel_attention", "sequence_position_ids",
-    "sequence_shard", "set_ring_group", "use_ring_group", "zigzag_position_ids", "zigzag_shard",
-    "zigzag_unshard",
+    "sequence_shard", "zigzag_position_ids", "zigzag_shard", "zigzag_unshard",
 ]

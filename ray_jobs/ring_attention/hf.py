@@ -1,58 +1,59 @@
-"""transformers integration: the "ring" attention implementation and the active ring (or the
-active Ulysses x ring sequence mesh: the same registered function runs either)."""
+"""transformers integration: the "ring" attention implementation, bound to a model's attention
+modules with the ring (or the Ulysses x ring sequence mesh) each of them runs around."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch.distributed as dist
+from torch import nn
 
 from ray_jobs.ring_attention.comm import Ring, resolve_ring
 from ray_jobs.ring_attention.ring import ring_attention
 from ray_jobs.ring_attention.ulysses import SequenceMesh, sequence_parallel_attention
 
 ATTENTION_NAME = "ring"
-_ACTIVE_RING: Ring | SequenceMesh | None = None
+# The attribute of an attention module holding its Ring or SequenceMesh: transformers hands
+# the module to the attention function, so each model carries its own split (two models with
+# different rings can run in one process, and nothing has to be switched on around a step).
+RING_ATTRIBUTE = "ring_attention_group"
 
 
-def set_ring_group(group: "Ring | SequenceMesh | dist.ProcessGroup | None") -> None:
-    """Set the ring (or sequence mesh) used by attn_implementation="ring" in this process
-    (None: the whole world as one ring)."""
-    global _ACTIVE_RING
-    _ACTIVE_RING = group if isinstance(group, SequenceMesh) else resolve_ring(group)
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules: every decoder layer's `self_attn` (wrapped or not)."""
+    return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "self_attn"]
 
 
-@contextmanager
-def use_ring_group(group: "Ring | SequenceMesh | dist.ProcessGroup | None"
-                   ) -> Iterator[Ring | SequenceMesh]:
-    """Run model forward AND backward inside this block so "ring" attention finds its ring.
-
-    group: a Ring (build_mesh(...).ring), a SequenceMesh (Ulysses x ring), a process group, or
-    None for the world. The previous one (or none) is restored on exit.
-    """
-    global _ACTIVE_RING
-    previous = _ACTIVE_RING
-    set_ring_group(group)
-    try:
-        yield _ACTIVE_RING
-    finally:
-        _ACTIVE_RING = previous
+def apply_ring_attention(model: nn.Module,
+                         group: "Ring | SequenceMesh | dist.ProcessGroup | None") -> None:
+    """Make every attention module of `model` (a Hugging Face Llama, or any module holding
+    decoder layers) run "ring" attention around `group`, in place: a Ring (build_mesh(...).ring),
+    a SequenceMesh (Ulysses x ring), a process group, or None for the whole world as one ring.
+    Registers the "ring" implementation with transformers and sets it on the modules' configs."""
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules named 'self_attn' to "
+                         "bind a ring to; pass a Llama (or a module holding its decoder layers)")
+    bound = group if isinstance(group, SequenceMesh) else resolve_ring(group)
+    _register()
+    for module in modules:
+        module.config._attn_implementation = ATTENTION_NAME
+        setattr(module, RING_ATTRIBUTE, bound)
 
 
 def ring_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
 ):
     """transformers attention function: (B, H, S_local, D) after RoPE in,
-    ((B, S_local, H, D), None) out.
+    ((B, S_local, H, D), None) out, around the ring bound to `module`.
 
     Causality comes from the module (`is_causal`, True for Llama); transformers passes no mask
     to custom functions, and any other mask (padding) cannot be honoured and is refused.
     """
-    if _ACTIVE_RING is None:
+    group = getattr(module, RING_ATTRIBUTE, None)
+    if group is None:
         raise RuntimeError(
-            'attn_implementation="ring" needs a ring: wrap forward and backward in '
-            "`with use_ring_group(group):` (or call set_ring_group(group))"
+            f'attn_implementation="{ATTENTION_NAME}" needs a ring bound to each attention '
+            f"module ({type(module).__name__} has none): call apply_ring_attention(model, "
+            "group) (the trainer's parallelize() does)"
         )
     if dropout:
         raise ValueError(
@@ -70,17 +71,14 @@ def ring_attention_forward(
     q, k, v = (query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype),
                value.transpose(1, 2))
     causal = getattr(module, "is_causal", True)
-    if isinstance(_ACTIVE_RING, SequenceMesh):
-        out = sequence_parallel_attention(q, k, v, mesh=_ACTIVE_RING, causal=causal,
-                                          scale=scaling)
+    if isinstance(group, SequenceMesh):
+        out = sequence_parallel_attention(q, k, v, mesh=group, causal=causal, scale=scaling)
     else:
-        out = ring_attention(q, k, v, group=_ACTIVE_RING, causal=causal, scale=scaling)
+        out = ring_attention(q, k, v, group=group, causal=causal, scale=scaling)
     return out, None
 
 
-def register_ring_attention() -> str:
-    """Register ring attention with transformers; select it with attn_implementation="ring"."""
+def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
-    return ATTENTION_NAME

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ray_jobs.ring_attention.comm import Ring, resolve_ring
+from ray_jobs.ring_attention.hf import attention_modules
 from ray_jobs.ring_attention.kernels import build_block_kernel, merge_block
 from ray_jobs.ring_attention.ring import ring_attention
 from ray_jobs.ring_attention.zigzag import zigzag_position_ids, zigzag_shard, zigzag_unshard
@@ -86,17 +87,22 @@ class ShardedKVCache:
         return self.held[self.ring.rank]
 
 
-_ACTIVE: ShardedKVCache | None = None
+# The attribute of an attention module holding the session's cache while the session runs the
+# model (as "ring" attention finds its ring: per model, no process-global), and only then, so a
+# finished prompt's K/V are not kept alive by the model.
+CACHE_ATTRIBUTE = "ring_inference_cache"
 
 
 @contextmanager
-def _use_cache(cache: ShardedKVCache) -> Iterator[ShardedKVCache]:
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, cache
+def _cache_bound(model, cache: ShardedKVCache) -> Iterator[ShardedKVCache]:
+    modules = attention_modules(model)
+    for module in modules:
+        setattr(module, CACHE_ATTRIBUTE, cache)
     try:
         yield cache
     finally:
-        _ACTIVE = previous
+        for module in modules:
+            delattr(module, CACHE_ATTRIBUTE)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, ring: Ring) -> torch.Tensor:
@@ -120,7 +126,7 @@ def inference_attention_forward(module, query, key, value, attention_mask, scali
                                 dropout=0.0, **kwargs):
     """transformers attention function for sequence-parallel inference (see the module doc):
     (B, H, S, D) after RoPE in, ((B, S, H, D), None) out."""
-    cache = _ACTIVE
+    cache = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
         raise RuntimeError(f'attn_implementation="{INFERENCE_ATTENTION}" runs only inside '
                            "GangSession.prefill/step (it needs the sharded KV cache)")
@@ -163,7 +169,7 @@ class GangSession:
         self.position = 0
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int):
-        with _use_cache(self.cache), torch.inference_mode():
+        with _cache_bound(self.model, self.cache), torch.inference_mode():
             return self.model(input_ids=ids.to(self.device), position_ids=positions.to(
                 self.device)[None], use_cache=False, logits_to_keep=keep).logits
 

@@ -126,10 +126,9 @@ def _no_attention(module, query, key, value, attention_mask, **kwargs):
     return out, None
 
 
-def decoder_layer(shapes: Shapes, device: torch.device, dtype: torch.dtype,
-                  attention: str = NO_ATTENTION):
-    """One Llama decoder layer of the model's shapes (attention passed through, or the named
-    attention implementation) and the RoPE table of its n local tokens."""
+def decoder_layer(shapes: Shapes, device: torch.device, dtype: torch.dtype):
+    """One Llama decoder layer of the model's shapes, its attention passed through (until
+    apply_layout binds a ring to it), and the RoPE table of its n local tokens."""
     from transformers import AttentionInterface, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -138,7 +137,7 @@ def decoder_layer(shapes: Shapes, device: torch.device, dtype: torch.dtype,
                          num_attention_heads=shapes.heads, num_key_value_heads=shapes.kv_heads,
                          head_dim=shapes.head_dim, num_hidden_layers=1,
                          max_position_embeddings=max(shapes.tokens, 2))
-    config._attn_implementation = attention
+    config._attn_implementation = NO_ATTENTION
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device=device, dtype=dtype)
     positions = torch.arange(shapes.tokens, device=device).unsqueeze(0)
     x = torch.zeros(1, shapes.tokens, shapes.hidden, device=device, dtype=dtype)
@@ -283,7 +282,7 @@ def _framework_overhead(shapes: Shapes, world: int, repeats: int, device: torch.
     Per layer: what a decoder layer costs as training runs it, beyond the compute
     and communication the cost model prices: a stack of decoder layers checkpointed, each
     sharded by FSDP2 over the group under a root, computing ring attention around it (the
-    trainer's own wrappers), forward and backward, timed with two layers and with one; the
+    trainer's own apply_layout), forward and backward, timed with two layers and with one; the
     difference is one layer without the root's own per-step work. Less its dense work at
     `dense` FLOP/s (forward again for the recompute), its ring attention's blocks at
     `attention` FLOP/s, its K/V hops and its FSDP collectives (2 all-gathers, 1
@@ -293,28 +292,23 @@ def _framework_overhead(shapes: Shapes, world: int, repeats: int, device: torch.
     out near zero. Per root: what the one-layer stack costs beyond its layer (priced plus its
     overhead): the FSDP root's own work per forward and backward. Never negative."""
     from torch import nn
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    from ray_jobs.ring_attention import Ring, register_ring_attention, use_ring_group
+    from ray_jobs.ring_attention import Ring
+    from ray_jobs.train.parallelize import apply_layout
 
     dtype = getattr(torch, shapes.dtype)
     mesh = init_device_mesh(device.type, (world,))
     ring = Ring(group=dist.group.WORLD, ranks=tuple(range(world)))
-    attention_name = register_ring_attention()
 
     class Stack(nn.Module):
         def __init__(self, count: int):
             super().__init__()
-            built = [decoder_layer(shapes, device, dtype, attention=attention_name)
-                     for _ in range(count)]
+            built = [decoder_layer(shapes, device, dtype) for _ in range(count)]
             self.rope = built[0][1]
-            self.layers = nn.ModuleList(
-                checkpoint_wrapper(layer, preserve_rng_state=False) for layer, _ in built)
-            for layer in self.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            self.layers = nn.ModuleList(layer for layer, _ in built)
+            apply_layout(self, self.layers, attention=ring, fsdp_mesh=mesh,
+                         activation_checkpointing=True, mixed_precision=None)
 
         def forward(self, h: torch.Tensor) -> torch.Tensor:
             for layer in self.layers:
@@ -326,8 +320,7 @@ def _framework_overhead(shapes: Shapes, world: int, repeats: int, device: torch.
 
     def step(model: nn.Module) -> Callable[[], None]:
         def go() -> None:
-            with use_ring_group(ring):
-                model(x).sum().backward()
+            model(x).sum().backward()
         return go
 
     one, two = Stack(1), Stack(2)
@@ -407,12 +400,12 @@ def _optimizer(shapes: Shapes, world: int, repeats: int, device: torch.device) -
     decoder layer sharded by FSDP2 over the group, its gradients from one forward and
     backward, then clip_gradients + step timed (the gradients stay: every step updates)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    from ray_jobs.train.parallelize import build_optimizer, clip_gradients
+    from ray_jobs.train.parallelize import apply_fsdp, build_optimizer, clip_gradients
 
     layer, rope = decoder_layer(shapes, device, getattr(torch, shapes.state_dtype))
-    fully_shard(layer, mesh=init_device_mesh(device.type, (world,)))
+    # the layer is its own FSDP root: no decoder layers inside it to shard apart
+    apply_fsdp(layer, (), init_device_mesh(device.type, (world,)), None)
     x = torch.randn(1, shapes.tokens, shapes.hidden, device=device,
                     dtype=getattr(torch, shapes.state_dtype))
     layer(x, position_embeddings=rope).sum().backward()

@@ -28,11 +28,7 @@ import torch.distributed as dist
 from ray_jobs.data.samples import SampleStream, read_documents
 from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.ray_setup import quiet_worker_logs
-from ray_jobs.ring_attention import (
-    register_ring_attention,
-    select_block_kernel,
-    use_ring_group,
-)
+from ray_jobs.ring_attention import select_block_kernel
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
@@ -98,11 +94,11 @@ def _train(config: WorkerConfig) -> None:
     dist.broadcast_object_list(start)
     resume, init_from = start[0]
 
-    # 3. Model: every rank builds the same weights, then parallelize() shards them.
+    # 3. Model: every rank builds the same weights, then parallelize() splits its attention
+    #    over the ring (SDPA until then) and shards them.
     tok = build_tokenizer(run, run_dir, spec_dir)
-    attn = register_ring_attention() if dims.sequence > 1 else "sdpa"
     hf_model = build_model(run, index, Path(init_from) if init_from else None,
-                           seed=run.data.seed, attn_implementation=attn,
+                           seed=run.data.seed, attn_implementation="sdpa",
                            spec_dir=spec_dir).to(device)
     init_checksum = weights_checksum(hf_model)  # before sharding: the whole model
     model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
@@ -161,10 +157,9 @@ def _train(config: WorkerConfig) -> None:
             x, y = inputs.to(device), labels.to(device)
             clock.lap("data")
             sync_gradients_in(model, micro, stage.grad_accum_steps)
-            with use_ring_group(layout.attention_group):
-                loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
-                # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
-                (loss * dims.sequence / stage.grad_accum_steps).backward()
+            loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
+            # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
+            (loss * dims.sequence / stage.grad_accum_steps).backward()
             loss_sum += loss.detach() / stage.grad_accum_steps
             clock.lap("forward + backward")
         clip_gradients(model, run.training.grad_clip)

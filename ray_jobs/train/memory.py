@@ -25,7 +25,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ray_jobs.ring_attention import register_ring_attention, use_ring_group
 from ray_jobs.train.model import llama_config
 from ray_jobs.train.parallelize import (
     build_mesh,
@@ -93,13 +92,13 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
         # The mesh is built outside FakeTensorMode (inside it, DeviceMesh fails).
         layout = build_mesh(dims, [list(range(i * dims.ring, (i + 1) * dims.ring))
                                    for i in range(dims.dp)], "cpu")
-        attn = register_ring_attention() if dims.ring > 1 else "sdpa"
         model, training = run.model, run.training
         with FakeTensorMode():
             config = llama_config(model, stage.seq_len, model.rope_theta)
             if layers is not None:
                 config.num_hidden_layers = layers
-            config._attn_implementation = attn
+            # parallelize() switches a ring's attention to "ring" and binds it to the ring
+            config._attn_implementation = "sdpa"
             default = torch.get_default_dtype()
             # Built in the storage dtype directly: .to(dtype) swaps tensors, which fake ones
             # do not support.
@@ -121,9 +120,8 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
             with tracker:
                 for _ in range(2):
                     for _ in range(min(stage.grad_accum_steps, 2)):
-                        with use_ring_group(layout.ring if dims.ring > 1 else None):
-                            loss = ring_mean_loss(*root(tokens, positions, tokens), layout.ring)
-                            loss.backward()
+                        loss = ring_mean_loss(*root(tokens, positions, tokens), layout.ring)
+                        loss.backward()
                         tracker.reset_mod_stats()  # per-module stats; the peak is kept
                     clip_gradients(root, training.grad_clip)
                     opt.step()

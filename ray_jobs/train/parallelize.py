@@ -4,17 +4,20 @@
     model = parallelize(llama, mesh, dims, ...)      # -> CausalLMWithLoss, FSDP2 root
 
 Order (torchtitan's `parallelize_llama` is the model): (1) attention runs around the mesh's
-"ring" dim, its heads split over the "ulysses" dim when that is > 1 (attn_implementation=
-"ring"); (2) each decoder layer is wrapped for activation checkpointing, so only its input is
-kept and its inside is recomputed in backward; (3) FSDP2 `fully_shard` per decoder layer, then
-on the root, over the "shard" dims (dp_shard x ring x ulysses, flattened) and replicated over
-"dp_replicate" (HSDP); (4) the loss is computed inside the root's forward, over token chunks
-that are recomputed in backward, so (tokens x vocab) fp32 logits never exist at once. The
-planner's memory model (topology.cost.memory_per_gpu) describes exactly this layout.
+"ring" dim, its heads split over the "ulysses" dim when that is > 1: every attention module is
+bound to this rank's ring or sequence mesh and switched to attn_implementation="ring" (a layout
+that splits no sequence keeps the model's own attention); (2) each decoder layer is wrapped for
+activation checkpointing, so only its input is kept and its inside is recomputed in backward;
+(3) FSDP2 `fully_shard` per decoder layer, then on the root, over the "shard" dims (dp_shard x
+ring x ulysses, flattened) and replicated over "dp_replicate" (HSDP); (4) the loss is computed
+inside the root's forward, over token chunks that are recomputed in backward, so (tokens x
+vocab) fp32 logits never exist at once. The planner's memory model
+(topology.cost.memory_per_gpu) describes exactly this layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from ray_jobs.ring_attention import Ring
+from ray_jobs.ring_attention import Ring, apply_ring_attention
 from ray_jobs.ring_attention.ulysses import SequenceMesh
 from specs.degrees import MESH_DIMS, ParallelDims
 from specs.run import RunSpec
@@ -56,8 +59,8 @@ class Layout:
 
     @property
     def attention_group(self) -> Ring | SequenceMesh | None:
-        """What `use_ring_group` takes for this layout: the ring alone without Ulysses (today's
-        ring attention, exactly), the sequence mesh with it, None when nothing is split."""
+        """What this layout's attention runs around: the ring alone without Ulysses (plain ring
+        attention, exactly), the sequence mesh with it, None when no sequence is split."""
         if self.dims.ulysses > 1:
             return self.sequence
         return self.ring if self.dims.ring > 1 else None
@@ -92,11 +95,24 @@ def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: b
     """Apply the stage's layout to a Hugging Face Llama in place; return the FSDP root that
     computes the loss. `mixed_precision`: the dtype layers compute in (gradients are reduced in
     fp32), or None to compute in the parameters' own dtype."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
     root = CausalLMWithLoss(model, loss_chunk_tokens)
-    apply_fsdp(root, layout.fsdp_mesh, mixed_precision)
+    apply_layout(root, model.model.layers, attention=layout.attention_group,
+                 fsdp_mesh=layout.fsdp_mesh, activation_checkpointing=activation_checkpointing,
+                 mixed_precision=mixed_precision)
     return root
+
+
+def apply_layout(root: nn.Module, layers: nn.ModuleList, *,
+                 attention: Ring | SequenceMesh | None, fsdp_mesh: DeviceMesh,
+                 activation_checkpointing: bool, mixed_precision: torch.dtype | None) -> None:
+    """parallelize()'s steps (1)-(3), in its order, on any `root` holding these decoder
+    `layers` (calibration times a bare stack of layers this way): attention around `attention`
+    (None: the layers' own attention), activation checkpointing, FSDP2."""
+    if attention is not None:
+        apply_ring_attention(root, attention)
+    if activation_checkpointing:
+        apply_activation_checkpointing(layers)
+    apply_fsdp(root, layers, fsdp_mesh, mixed_precision)
 
 
 def compute_dtype_of(run: RunSpec) -> torch.dtype | None:
@@ -104,21 +120,21 @@ def compute_dtype_of(run: RunSpec) -> torch.dtype | None:
     return torch.bfloat16 if run.compute_dtype != run.model.dtype else None
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
     """Keep only each decoder layer's input; recompute its inside (ring attention included:
-    the K/V blocks travel the ring again) in backward."""
-    layers = model.model.layers
+    the K/V blocks travel the ring again) in backward. `layers`: the decoder layers, replaced
+    in place by their wrappers."""
     for i, layer in enumerate(layers):
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
-def apply_fsdp(root: nn.Module, fsdp_mesh: DeviceMesh, mixed_precision: torch.dtype | None
-               ) -> None:
-    """fully_shard per decoder layer, then the root (embedding, final norm, lm_head), over the
-    shard group; HSDP (replicate x shard) when the mesh is 2-D."""
+def apply_fsdp(root: nn.Module, layers: Iterable[nn.Module], fsdp_mesh: DeviceMesh,
+               mixed_precision: torch.dtype | None) -> None:
+    """fully_shard per decoder layer (of `layers`, inside `root`), then the root (embedding,
+    final norm, lm_head), over the shard group; HSDP (replicate x shard) when the mesh is 2-D."""
     policy = (MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
               if mixed_precision is not None else MixedPrecisionPolicy())
-    for layer in root.model.model.layers:
+    for layer in layers:
         fully_shard(layer, mesh=fsdp_mesh, mp_policy=policy)
     fully_shard(root, mesh=fsdp_mesh, mp_policy=policy)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from ray_jobs.eval.model import greedy_tokens
+from ray_jobs.ring_attention.hf import attention_modules
 from ray_jobs.ring_attention.inference import (
+    CACHE_ATTRIBUTE,
     INFERENCE_ATTENTION,
     GangSession,
     greedy_generate,
@@ -54,4 +56,5 @@ def gang_body(rank: int, world: int, length: int, new_tokens: int) -> dict:
     # numpy, not tensors: a tensor crosses the result queue as shared memory that dies with
     # the rank's process.
     return {"logits": logits.numpy(), "tokens": tokens,
-            "held": session2.cache.held, "local": session2.cache.local_tokens()}
+            "held": session2.cache.held, "local": session2.cache.local_tokens(),
+            "caches_left": sum(hasattr(m, CACHE_ATTRIBUTE) for m in attention_modules(model))}

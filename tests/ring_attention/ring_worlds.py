@@ -10,9 +10,7 @@ import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
     contiguous_shard,
-    register_ring_attention,
     ring_attention,
-    use_ring_group,
     zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
@@ -144,11 +142,9 @@ def _tiny_llama(seed):
 def llama_world(rank, world, seq_per_rank=16, batch=2):
     """Tiny Llama through the trainer's parallelize() on one ring of `world` ranks (zigzag
     shards, FSDP2 over the ring) vs the unsharded model: loss and every gradient."""
-    register_ring_attention()
     reference = _tiny_llama(seed=0)
     reference.set_attn_implementation("sdpa")
-    model = _tiny_llama(seed=0)
-    model.set_attn_implementation("ring")
+    model = _tiny_llama(seed=0)  # parallelize() binds its attention to the ring
     seq = seq_per_rank * world
     ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(7))
     labels = torch.full_like(ids, -100)
@@ -160,9 +156,8 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
     root = parallelize(model, layout, activation_checkpointing=False, mixed_precision=None)
     x, y = (zigzag_shard(t, 1, layout.ring_rank, world) for t in (ids, labels))
     pos = zigzag_position_ids(seq, layout.ring_rank, world).unsqueeze(0).expand(batch, -1)
-    with use_ring_group(layout.ring):
-        loss = ring_mean_loss(*root(x, pos, y), layout.ring)
-        (loss * world).backward()  # FSDP averages over the ring; the shares must add
+    loss = ring_mean_loss(*root(x, pos, y), layout.ring)
+    (loss * world).backward()  # FSDP averages over the ring; the shares must add
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
@@ -180,3 +175,58 @@ def ring_and_llama_world(rank, world, cases):
 def large_result_world(rank: int, world: int) -> bytes:
     """A result far larger than a pipe's buffer (64 KiB), first byte the rank."""
     return bytes([rank]) + bytes(4 << 20)
+
+
+def two_models_world(rank, world, seq_per_rank=8, batch=2):
+    """Two tiny Llamas bound to different rings in one process, interleaved: model A around the
+    ring of every rank (zigzag shards), model B around a ring of this rank alone (the whole
+    sequence), both checkpointed so backward recomputes their attention; one backward through
+    both losses. Each against its own unsharded SDPA reference: the largest gradient errors."""
+    from ray_jobs.ring_attention import Ring, apply_ring_attention
+    from ray_jobs.train.parallelize import apply_activation_checkpointing
+
+    alone = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    rings = {"a": Ring(group=None, ranks=tuple(range(world))),
+             "b": Ring(group=alone[rank], ranks=(rank,))}
+    seq = seq_per_rank * world
+    gen = torch.Generator().manual_seed(11)
+    ids = {name: torch.randint(0, 128, (batch, seq), generator=gen) for name in rings}
+    losses, models, refs = {}, {}, {}
+    for seed, name in enumerate(rings):
+        refs[name] = _tiny_llama(seed)
+        refs[name].set_attn_implementation("sdpa")
+        _sum_loss(refs[name], ids[name], torch.arange(seq)).backward()
+        models[name] = _tiny_llama(seed)
+        apply_ring_attention(models[name], rings[name])
+        apply_activation_checkpointing(models[name].model.layers)
+    a_ids = zigzag_shard(ids["a"], 1, rank, world)
+    losses["a"] = _sum_loss(models["a"], a_ids, zigzag_position_ids(seq, rank, world),
+                            labels=zigzag_shard(_next_tokens(ids["a"]), 1, rank, world))
+    losses["b"] = _sum_loss(models["b"], ids["b"], torch.arange(seq))
+    (losses["a"] + losses["b"]).backward()
+    errors = {}
+    for name, model in models.items():
+        worst = 0.0
+        for (pname, p), (_, p_ref) in zip(model.named_parameters(),
+                                         refs[name].named_parameters()):
+            grad = p.grad.clone()
+            if name == "a":
+                dist.all_reduce(grad)  # each rank holds its tokens' share: the shares add
+            torch.testing.assert_close(grad, p_ref.grad, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"model {name}, {pname}: {m}")
+            worst = max(worst, (grad - p_ref.grad).abs().max().item())
+        errors[name] = worst
+    return errors
+
+
+def _next_tokens(ids):
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]  # shift before sharding: a shard lacks its successor token
+    return labels
+
+
+def _sum_loss(model, ids, positions, labels=None):
+    labels = _next_tokens(ids) if labels is None else labels
+    logits = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
+                   use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")

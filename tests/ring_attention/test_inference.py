@@ -25,6 +25,8 @@ def test_gang_matches_one_process(world, length):
     held = results[0]["held"]
     assert sum(held) == length and max(held) - min(held) <= 1
     assert [r["local"] for r in results] == held
+    # A session binds its cache to the model only while it runs it: no prompt's K/V outlive it.
+    assert [r["caches_left"] for r in results] == [0] * world
 
 
 def _body(rank, world, length, new_tokens):

@@ -8,6 +8,7 @@ from ring_worlds import (
     large_result_world,
     plan_groups_world,
     ring_and_llama_world,
+    two_models_world,
 )
 
 from tests.support.worlds import run_world
@@ -42,6 +43,13 @@ def test_two_rings_of_two_from_a_plan():
              if c["heads"] != c["kv_heads"] or c["dtype"] == torch.float32]
     results = run_world(4, plan_groups_world, rings, cases)
     assert [(r["dp_rank"], r["ring_rank"]) for r in results] == [(0, 1), (1, 0), (1, 1), (0, 0)]
+
+
+def test_two_models_with_different_rings_in_one_process():
+    # Each model carries its own ring: A's attention runs around both ranks while B's, in the
+    # same processes and the same backward, runs on each rank alone.
+    results = run_world(2, two_models_world)
+    assert all(set(r) == {"a", "b"} for r in results)
 
 
 @pytest.mark.timeout(120)

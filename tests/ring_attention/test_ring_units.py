@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from ray_jobs.ring_attention import (
     Ring,
+    apply_ring_attention,
     contiguous_shard,
     contiguous_unshard,
     merge_block,
     ring_attention,
+    ring_attention_forward,
     zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
@@ -167,3 +169,26 @@ def test_single_rank_ring_equals_sdpa_also_for_strided_inputs(world_of_one, caus
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     for got, r in zip((q, k, v), ref):
         torch.testing.assert_close(got.grad, r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_attention_needs_a_ring_bound_to_its_module():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"\(Identity has none\).*apply_ring_attention"):
+        ring_attention_forward(torch.nn.Identity(), q, q, q, None)
+    with pytest.raises(ValueError, match=r"Linear has no attention modules named 'self_attn'"):
+        apply_ring_attention(torch.nn.Linear(2, 2), None)
+
+
+def test_apply_ring_attention_binds_each_model_to_its_own_ring(world_of_one):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    one, two = (LlamaForCausalLM(LlamaConfig(**config)) for _ in range(2))
+    ring_one, ring_two = Ring(group=None, ranks=(0,)), Ring(group=dist.group.WORLD, ranks=(0,))
+    apply_ring_attention(one, ring_one)
+    apply_ring_attention(two, ring_two)
+    assert one.config._attn_implementation == two.config._attn_implementation == "ring"
+    assert [layer.self_attn.ring_attention_group for layer in one.model.layers] == [ring_one] * 2
+    assert all(layer.self_attn.ring_attention_group is ring_two for layer in two.model.layers)
+

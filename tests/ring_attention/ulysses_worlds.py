@@ -74,7 +74,7 @@ def mismatched_layouts(rank, world):
 def tiny_llama_loss_and_grads(rank, world, ulysses, ring):
     """A tiny Llama's loss and gradients with the hybrid through attn_implementation="ring",
     against the same model unsharded (SDPA); returns the largest gradient error."""
-    from ray_jobs.ring_attention import register_ring_attention, use_ring_group
+    from ray_jobs.ring_attention import apply_ring_attention
     from ray_jobs.ring_attention.ulysses import sequence_position_ids
     from tests.train.parallel_worlds import tiny_llama
 
@@ -90,16 +90,14 @@ def tiny_llama_loss_and_grads(rank, world, ulysses, ring):
     ref_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
     ref_loss.backward()
 
-    register_ring_attention()
     model = tiny_llama(0)
-    model.set_attn_implementation("ring")
+    apply_ring_attention(model, mesh)
     x = sequence_shard(ids, 1, r, ring, u, ulysses)
     y = sequence_shard(labels, 1, r, ring, u, ulysses)
     pos = sequence_position_ids(seq, r, ring, u, ulysses).unsqueeze(0).expand(2, -1)
-    with use_ring_group(mesh):
-        logits = model(input_ids=x, position_ids=pos).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-        loss.backward()
+    logits = model(input_ids=x, position_ids=pos).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
     worst = 0.0

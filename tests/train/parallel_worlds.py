@@ -16,12 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ray_jobs.ring_attention import (
-    register_ring_attention,
-    sequence_position_ids,
-    sequence_shard,
-    use_ring_group,
-)
+from ray_jobs.ring_attention import sequence_position_ids, sequence_shard
 from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
@@ -60,13 +55,12 @@ def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: 
            ulysses: int = 1):
     """The trainer's recipe on a tiny Llama: mesh from rings (in reversed rank order, so ring
     order differs from rank order), parallelize, AdamW."""
-    register_ring_attention()
     dims = ParallelDims.of(ring, dp, shard, ulysses)
     n = dims.sequence
     rings = [list(range(i * n, (i + 1) * n)) for i in range(dp)]
     layout = build_mesh(dims, [r[::-1] if reverse else r for r in rings], "cpu")
     model = tiny_llama(seed)
-    model.set_attn_implementation("ring" if n > 1 else "sdpa")
+    model.set_attn_implementation("sdpa")  # parallelize() switches it to "ring" when n > 1
     root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
                        loss_chunk_tokens=8)
     return layout, root, build_optimizer(root, 1e-2)
@@ -79,9 +73,8 @@ def _step(layout, root, ids, labels):
     place = (layout.ring_rank, dims.ring, layout.ulysses_rank, dims.ulysses)
     x, y = (sequence_shard(t[mine], 1, *place) for t in (ids, labels))
     pos = sequence_position_ids(SEQ, *place).unsqueeze(0).expand(PER_RING, -1)
-    with use_ring_group(layout.attention_group):
-        loss = ring_mean_loss(*root(x, pos, y), layout.sequence)
-        (loss * dims.sequence).backward()  # FSDP averages over all ranks: the shares must add
+    loss = ring_mean_loss(*root(x, pos, y), layout.sequence)
+    (loss * dims.sequence).backward()  # FSDP averages over all ranks: the shares must add
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     return mean.item() / dist.get_world_size()
