@@ -56,6 +56,9 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".parquet": "parquet"}
+# The index a `datasets` save_to_disk folder lists its Arrow files in (datasets.config.
+# DATASET_STATE_JSON_FILENAME): read without importing datasets, which the core does not need.
+SAVED_DATASET_INDEX = "state.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,9 +84,10 @@ def list_files(spec: PreparedSpec, spec_dir: Path | None) -> list[dict]:
                     raise PrepareError(f"{path}: unknown extension {path.suffix!r} (source "
                                        f"{src.name}); use .jsonl, .txt, .parquet or set "
                                        f"data.prepared.sources[{si}].format")
-                if fmt == "hf_dataset" and not (path / "state.json").is_file():
+                if fmt == "hf_dataset" and not (path / SAVED_DATASET_INDEX).is_file():
                     raise PrepareError(f"{path}: not a `datasets` save_to_disk directory (no "
-                                       "state.json); give files, or the saved dataset's folder")
+                                       f"{SAVED_DATASET_INDEX}); give files, or the saved "
+                                       "dataset's folder")
                 if fmt != "hf_dataset" and (not path.is_file() or path.stat().st_size == 0):
                     what = "is empty" if path.is_file() else "is not a file"
                     raise PrepareError(f"{path}: {what} (source {src.name}); remove it or fix "
@@ -213,8 +217,8 @@ def iter_contents(f: dict) -> Iterator[tuple[int, object]]:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         batches = pf.iter_batches(columns=[field]) if field in names else None
-    else:  # a `datasets` save_to_disk directory: Arrow stream files listed in state.json
-        state = json.loads((Path(path) / "state.json").read_text())
+    else:  # a `datasets` save_to_disk directory: Arrow stream files listed in its index
+        state = json.loads((Path(path) / SAVED_DATASET_INDEX).read_text())
         tables = [pa.ipc.open_stream(Path(path) / d["filename"]).read_all()
                   for d in state.get("_data_files", [])]
         names = tables[0].schema.names if tables else []

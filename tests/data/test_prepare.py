@@ -365,3 +365,13 @@ def test_small_corpus_documents_and_synthetic_samples_shard_alike(tmp_path):
             part = stream.batch(step, 0, range(2), sequence_position_ids(64, r, 2, 0, 1))
             assert part[0].tolist() == sequence_shard(whole[0], 1, r, 2, 0, 1).tolist()
             assert part[1].tolist() == sequence_shard(whole[1], 1, r, 2, 0, 1).tolist()
+
+
+def test_the_saved_dataset_index_is_the_one_datasets_writes():
+    """prepare reads save_to_disk folders without importing datasets: its file name for the
+    folder's index must be the one datasets itself uses."""
+    import datasets.config
+
+    from ray_jobs.data.prepare import SAVED_DATASET_INDEX
+
+    assert SAVED_DATASET_INDEX == datasets.config.DATASET_STATE_JSON_FILENAME
