@@ -71,7 +71,8 @@ def single_process(files: list[Path], tokenizer: str) -> tuple[int, float]:
 def bench_prepare(tmp: Path, n_docs: int, n_files: int) -> dict:
     import ray
 
-    from ray_jobs.data.prepare import prepare, tokenizer_files
+    from ray_jobs.data.inputs import tokenizer_files
+    from ray_jobs.data.prepare import prepare
 
     per = n_docs // n_files
     files = [write_jsonl(tmp / "corpus" / f"part-{i:03d}.jsonl",

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.data.prepare import check_prepared, list_files
+from ray_jobs.data.inputs import list_files
+from ray_jobs.data.prepare import check_prepared
 from ray_jobs.data.prepared import PrepareError
 from ray_jobs.data.samples import read_documents
 from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source

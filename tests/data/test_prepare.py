@@ -372,6 +372,6 @@ def test_the_saved_dataset_index_is_the_one_datasets_writes():
     folder's index must be the one datasets itself uses."""
     import datasets.config
 
-    from ray_jobs.data.prepare import SAVED_DATASET_INDEX
+    from ray_jobs.data.inputs import SAVED_DATASET_INDEX
 
     assert SAVED_DATASET_INDEX == datasets.config.DATASET_STATE_JSON_FILENAME

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_jobs.data.prepare import cached_tokenizer
+from ray_jobs.data.readers import cached_tokenizer
 from ray_jobs.data.tokenizer import SPECIAL_TOKENS, TokenizerError, load_tokenizer
 
 
