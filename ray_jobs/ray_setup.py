@@ -1,9 +1,12 @@
 """Joining Ray and keeping its console quiet: shared by the training driver, its workers and
-`ringpilot calibrate`."""
+`ringpilot calibrate`; and the one way this project picks a port for a server it starts."""
 
 from __future__ import annotations
 
 import os
+import random
+import socket
+from pathlib import Path
 
 # Ray's and Ray Train's console level on the driver and in the workers. Warnings and errors show;
 # INFO lines (connecting, worker-group start, each report) stay in Ray's session log files.
@@ -49,3 +52,40 @@ def quiet_worker_logs() -> None:
 
     logging.getLogger().setLevel(RAY_LOG_LEVEL)
     transformers.utils.logging.disable_progress_bar()
+
+
+# Ports for the servers this project starts (a Ray head's listeners, a process group's store) come
+# from above Ray's worker ports (its default --max-worker-port) and below the kernel's ephemeral
+# range. A port from the ephemeral range (what binding port 0 returns) is free only for the
+# moment it was asked: until the server binds it, every outgoing connection and every port-0
+# server on the machine may take it (a Ray head starting opens hundreds), and then the server
+# dies at bind. Below the ephemeral range the kernel hands out nothing by itself.
+RAY_MAX_WORKER_PORT = 19999
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_given: set[int] = set()
+_random = random.SystemRandom()  # not the process's seeded generator: forked ranks share it
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host`, outside the kernel's ephemeral range, and not one
+    this process handed out before."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    low, high = RAY_MAX_WORKER_PORT + 1, ephemeral_low - 1
+    for _ in range(1000 if high - low >= 100 else 0):
+        port = _random.randint(low, high)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    # an unusual kernel setting leaves no room below the ephemeral range: ask the kernel
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

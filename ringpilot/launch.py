@@ -26,22 +26,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ray_jobs.ray_setup import free_port
 from ringpilot import processes
 
 LOOPBACK = "127.0.0.1"
 EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs",
             "out"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -56,12 +52,11 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _wait_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_dashboard(url: str, alive, timeout: float = 120) -> None:
+    """Until the dashboard at `url` answers; `alive()` raises once the head is gone."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode} before the dashboard "
-                               "came up")
+        alive()
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
                 return
@@ -135,6 +130,8 @@ class Demo:
         self.url: str | None = None
         self.job: str | None = None
         self.gcs_port: int | None = None
+        self.head_log: Path | None = None
+        self.keep_head_log = False  # it names why the head died
         self.timings: dict[str, float] = {}
 
     def start_head(self, dashboard_port: int, num_cpus: int) -> None:
@@ -142,23 +139,37 @@ class Demo:
         # Ray's fixed default ports (agent 52365, ...) collide with any other Ray on the
         # machine, and a head whose agent cannot bind accepts no jobs: every listener gets a
         # free port.
-        agent_ports = [f"--{name}={_free_port()}" for name in (
+        agent_ports = [f"--{name}={free_port()}" for name in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
             "metrics-export-port", "ray-client-server-port")]
         # Its own session: a terminal's Ctrl-C reaches the launcher only, which stops it. No
         # drain on SIGTERM (Ray's default waits up to 30 s for the node to drain, for Serve
         # replicas; this private head runs one job, which the launcher has stopped by then).
         env = {**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-        self.gcs_port = _free_port()
+        self.gcs_port = free_port()
+        # `ray start --block` says on its output which of its processes died and where its
+        # logs are, then stops the rest: kept, so that a head gone mid-demo can say why.
+        fd, log = tempfile.mkstemp(prefix="ringpilot-ray-head-", suffix=".log")
+        self.head_log = Path(log)
         self.head = subprocess.Popen(
             [self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
              f"--port={self.gcs_port}", "--include-dashboard=true",
              f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
              *agent_ports, f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env=env, stdout=fd, stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(fd)
         say(f"demo: Ray head started (pid {self.head.pid}), dashboard {self.url}")
-        _wait_dashboard(self.url, self.head)
+        _wait_dashboard(self.url, self.head_alive)
+
+    def head_alive(self) -> None:
+        """Raise, with the end of the head's own output, if the head has exited."""
+        if self.head is None or self.head.poll() is None:
+            return
+        lines = self.head_log.read_text(encoding="utf-8", errors="replace").splitlines()
+        said = [line for line in lines if line.strip()][-12:]
+        self.keep_head_log = True
+        raise RuntimeError(f"the Ray head exited with code {self.head.returncode}; the end of "
+                           f"its output ({self.head_log}):\n" + "\n".join(said))
 
     def submit(self, job: str, run_path: str, calibrate: str | None = None) -> None:
         # No preemption watcher: it guards against cloud nodes being reclaimed, which a
@@ -181,6 +192,7 @@ class Demo:
         if calibrate:
             submit += ["--calibrate", calibrate]
         for attempt in range(30):  # the job agent registers a little after the dashboard answers
+            self.head_alive()
             if subprocess.run(submit, env=self.env, capture_output=attempt < 29,
                               start_new_session=True).returncode == 0:
                 self.job = job
@@ -230,6 +242,8 @@ class Demo:
         if self.job is not None and self.signals.stopping and not hurry():
             _stop_job(self.url, self.job, GRACE_S["job"], hurry)
         self.timings["job"] = time.perf_counter() - t0
+        if self.head_log is not None and not self.keep_head_log:
+            self.head_log.unlink(missing_ok=True)  # the head's own logs stay in its session dir
         if self.head is None or self.head.poll() is not None:
             return
         t0 = time.perf_counter()
@@ -293,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     if not _port_free(args.dashboard_port):  # never submit to somebody else's Ray
-        port = _free_port()
+        port = free_port()
         print(f"demo: port {args.dashboard_port} is taken by another process; this head's "
               f"dashboard uses {port}", flush=True)
         args.dashboard_port = port

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from ray_jobs.ray_setup import free_port
 from ringpilot import processes
-from ringpilot.launch import STOP_SIGNALS, Interrupted, StopSignals, _free_port, _port_free
+from ringpilot.launch import STOP_SIGNALS, Interrupted, StopSignals, _port_free
 from specs.ledger import Ledger, is_committed
 from tests.train.conftest import mini_spec, write_spec
 
@@ -98,7 +99,7 @@ def interrupt(mini_run, signum: int, whole_group: bool) -> tuple[str, float]:
     launcher's process group, as a terminal's Ctrl-C does, or to the launcher alone, as `kill`
     does); check everything the issue asks of the clean-up. Returns (output, clean-up s)."""
     spec, run_dir = mini_run
-    port = _free_port()
+    port = free_port()
     launcher = Launcher(spec, port)
     try:
         head = launcher.head_pid()
@@ -136,7 +137,7 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     interrupt(mini_run, signal.SIGINT, whole_group=True)
     spec, run_dir = mini_run
     last = Ledger(run_dir, "mini").latest_committed("s64")
-    again = Launcher(spec, _free_port())
+    again = Launcher(spec, free_port())
     try:
         code = again.wait(timeout=600)
     finally:

@@ -18,9 +18,10 @@ cluster, or after `place_timeout_s` when its resources stay taken; it never hang
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass, field
+
+from ray_jobs.ray_setup import free_port
 
 GANG_RANK_TIMEOUT_S = 300.0  # gloo/NCCL collectives of a gang give up after this
 
@@ -35,12 +36,6 @@ class GangUnplaceable(GangError):
 
 class GangFailed(GangError):
     """A gang member died or raised; the whole gang was torn down."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class GangMember:
@@ -67,7 +62,7 @@ class GangMember:
         """(host, free port) for the process group's rendezvous (asked of member 0)."""
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port("0.0.0.0")
 
     def join(self, rank: int, world: int, host: str, port: int, ring: list[int]) -> int:
         from datetime import timedelta

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ringpilot.launch import EXCLUDES, LOOPBACK, Demo, StopSignals, _free_port
+from ray_jobs.ray_setup import free_port
+from ringpilot.launch import EXCLUDES, LOOPBACK, Demo, StopSignals
 from tests.data.corpus import documents, write_jsonl, write_parquet
 from tests.train.conftest import mini_spec, write_spec
 
@@ -33,7 +34,7 @@ def test_prepare_runs_under_ray_job_submit(tmp_path):
     env.pop("RAY_ADDRESS", None)
     demo = Demo(str(Path(sys.executable).parent / "ray"), env, StopSignals())
     try:
-        demo.start_head(_free_port(), 2)
+        demo.start_head(free_port(), 2)
         runtime_env = {"excludes": EXCLUDES, "env_vars": {
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": f"{LOOPBACK}:{demo.gcs_port}"}}

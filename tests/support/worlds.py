@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -11,15 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ray_jobs.ray_setup import free_port
+
 
 class WorldError(RuntimeError):
     """A rank of a spawned world failed; the message holds every failing rank's traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, timeout_s, body, args, results):
@@ -46,7 +41,7 @@ def run_world(world: int, body, *args, timeout_s: float = 90) -> list:
     rank raises WorldError in the caller with that rank's traceback.
     """
     results = mp.get_context("spawn").SimpleQueue()
-    ranks = mp.start_processes(_entry, args=(world, _free_port(), timeout_s, body, args, results),
+    ranks = mp.start_processes(_entry, args=(world, free_port(), timeout_s, body, args, results),
                                nprocs=world, start_method="spawn", join=False)
     collected, error = {}, None
 
