@@ -221,7 +221,7 @@ def policy_step(device, storage: torch.dtype, seq: int) -> dict:
     layout = build_mesh(ParallelDims(), [[0]], device.type)
     model = tiny_llama(device, storage)
     model.set_attn_implementation("sdpa")
-    root = parallelize(model, layout, activation_checkpointing=True,
+    root = parallelize(model, layout, activation_checkpointing="full",
                        mixed_precision=torch.bfloat16, loss_chunk_tokens=256)
     opt = build_optimizer(root, 2e-5)
     ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(1)).to(device)

@@ -116,6 +116,10 @@ def _convert_union(node: dict, defs: dict, path: str) -> dict[str, Any]:
         out["nullable"] = True
         return out
     kinds = sorted(o.get("type", "?") for o in non_null)
+    values = [o.get("enum") or ([o["const"]] if "const" in o else None) for o in non_null]
+    if set(kinds) == {"string"} and all(values):
+        # Literal[...] | 'auto': one string enum of all their values
+        return {"type": "string", "enum": [v for vs in values for v in vs], **shared}
     if kinds == ["integer", "string"]:
         # int | 'auto': the int-or-string pattern. Value checks stay outside anyOf: `minimum`
         # applies to numbers only and `pattern` to strings only, so they do not interfere.

@@ -29,7 +29,7 @@ call it); a stage runs on ring x dp workers, which may be fewer than the run's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -336,3 +336,11 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
         notes.append(f"uses {dims.world} of {world} workers ({layout}); the other "
                      f"{world - dims.world} stay idle in this stage")
     return dims, notes
+
+
+# Activation checkpointing of the decoder layers: `full` keeps each layer's input and recomputes
+# the layer in backward (ring attention included: its K/V travel the ring again), `attention`
+# recomputes all but ring attention (its output and log-sum-exp are kept), `none` recomputes
+# nothing.
+CheckpointPolicy = Literal["full", "attention", "none"]
+CHECKPOINT_POLICIES: tuple[str, ...] = ("full", "attention", "none")

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from specs.degrees import ParallelDims
+from specs.degrees import CheckpointPolicy, ParallelDims
 
 DEGREE_KEYS = ("ring_degree", "dp_degree", "shard_degree", "ulysses_degree")
 
@@ -92,6 +92,9 @@ class StagePlan(_Spec):
                                "splitting the heads; each ring lists ring_degree x "
                                "ulysses_degree workers, one ring position's Ulysses group "
                                "after another).")
+    activation_checkpointing: CheckpointPolicy = Field(
+        "full", description="The activation checkpointing policy the trainer applies (the "
+        "stage's, or the planner's choice for 'auto').")
     rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
                                       "first; each sends K/V to the next, the last to the first).")
     bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "

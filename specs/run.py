@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specs.degrees import (
+    CheckpointPolicy,
     DegreeError,
     ParallelDims,
     degree_options,
@@ -155,6 +156,15 @@ class StageSpec(_Spec):
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
         "model's rope_theta and pretrain_seq_len.",
     )
+    activation_checkpointing: CheckpointPolicy | Auto = Field(
+        "auto", description="What backward recomputes of each decoder layer: 'full' (keep only "
+        "its input, recompute the layer, ring attention included: its K/V travel the ring "
+        "again), 'attention' (recompute all but ring attention, whose output and log-sum-exp "
+        "are kept: the ring runs once each way), 'none' (keep everything). 'auto': the "
+        "planner's choice, the fastest policy whose memory fits the GPU with its reserve "
+        "(plan.json and the report give each policy's time and memory); 'full' when planned "
+        "without a cluster.",
+    )
 
     @model_validator(mode="after")
     def _divisibility(self) -> StageSpec:
@@ -188,11 +198,9 @@ def _round_up(n: int, k: int) -> int:
 
 
 class TrainingSpec(_Spec):
-    """How each step is computed: memory against recomputation, precision, clipping."""
+    """How each step is computed: precision, the loss in chunks, clipping (what each stage
+    recomputes is its own: stages[].activation_checkpointing)."""
 
-    activation_checkpointing: bool = Field(
-        True, description="Keep only each decoder layer's input and recompute the layer in "
-        "backward (ring attention included).")
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
         "auto", description="Compute dtype of the layers: 'bf16' (weights gathered in bf16, "
         "gradients reduced in fp32), 'none' (model.dtype throughout). 'auto': bf16 on GPUs, "
@@ -202,6 +210,16 @@ class TrainingSpec(_Spec):
         "backward): the fp32 (tokens x vocab) logits are never held whole. At Llama-3's 128K "
         "vocabulary, 1024 tokens take about 1.8 GB with their bf16 copy and gradient.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clipping threshold.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpointing_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "activation_checkpointing" in data:
+            raise ValueError(
+                "training.activation_checkpointing moved to each stage: remove it here and set "
+                "stages[].activation_checkpointing to 'full' (was true), 'none' (was false), "
+                "'attention' or 'auto' (the default: the planner's choice)")
+        return data
 
 
 class ResourcesSpec(_Spec):
@@ -500,7 +518,7 @@ class RunSpec(_Spec):
     storage: StorageSpec = Field(description="Checkpoints, ledger and reports.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
     training: TrainingSpec = Field(default_factory=TrainingSpec,
-                                   description="Checkpointing, precision and clipping.")
+                                   description="Precision, loss chunks and clipping.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunSpec:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specs.degrees import ParallelDims
+from specs.degrees import CheckpointPolicy, ParallelDims
 from specs.run import RunSpec, StageSpec
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
@@ -135,12 +135,17 @@ class StageShape:
     shard: int | None = None  # GPUs sharding the model state; None: the ring's
     state_bytes: int = 4  # bytes of the weights' storage dtype (master weights, grads, AdamW)
     loss_chunk: int = 1024  # tokens whose logits exist at once
-    checkpointing: bool = True  # activation checkpointing per decoder layer
+    checkpointing: CheckpointPolicy = "full"  # activation checkpointing per decoder layer
     ulysses: int = 1  # GPUs per ring position splitting the heads (all-to-all)
 
     @classmethod
-    def of(cls, run: RunSpec, stage: StageSpec, dims: ParallelDims) -> StageShape:
-        """The stage on the layout `dims` (its degrees, not the stage's possibly 'auto' ones)."""
+    def of(cls, run: RunSpec, stage: StageSpec, dims: ParallelDims,
+           policy: CheckpointPolicy | None = None) -> StageShape:
+        """The stage on the layout `dims` (its degrees, not the stage's possibly 'auto' ones)
+        under activation checkpointing `policy` (None: the stage's; 'full' for its 'auto')."""
+        if policy is None:
+            policy = "full" if stage.activation_checkpointing == "auto" else \
+                stage.activation_checkpointing
         model = run.model
         return cls(seq_len=stage.seq_len, ring=dims.ring, dp=dims.dp, shard=dims.shard,
                    ulysses=dims.ulysses, batch_size=stage.batch_size,
@@ -151,7 +156,7 @@ class StageShape:
                    vocab=model.vocab_size, params=model.num_parameters,
                    elem_bytes=_bytes(run.compute_dtype), state_bytes=_bytes(model.dtype),
                    loss_chunk=run.training.loss_chunk_tokens,
-                   checkpointing=run.training.activation_checkpointing)
+                   checkpointing=policy)
 
     @property
     def shard_ways(self) -> int:
@@ -222,6 +227,13 @@ def layer_working_bytes(s: StageShape) -> float:
     return (10 * h + 3 * kv + 4 * i) * cb + (h + 2 * kv) * 4 + s.heads * 4
 
 
+def kept_attention_bytes(s: StageShape) -> float:
+    """Bytes per token and layer the `attention` policy keeps beyond `full`: ring attention's
+    output in the compute dtype and its fp32 log-sum-exp, for all heads (with Ulysses a GPU
+    keeps 1/U of the heads for U times the tokens: the same count)."""
+    return s.heads * s.head_dim * s.elem_bytes + s.heads * 4
+
+
 def _bytes(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else 4
 
@@ -238,14 +250,19 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     recomputed and backpropagated (its activations, its gathered weights and the next layer's
     prefetched ones, its unsharded gradients, the ring's K/V buffers): whichever is larger.
     Checked against FSDPMemTracker traces of the real parallelize (ray_jobs.train.memory).
-    Without activation checkpointing every layer's activations are held instead.
+    Under the `attention` policy every layer also keeps ring attention's output and
+    log-sum-exp (kept_attention_bytes); without activation checkpointing (`none`) every
+    layer's activations are held instead, and nothing is recomputed.
     """
     n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step
     cb, sb, shard = s.elem_bytes, s.state_bytes, s.shard_ways
     root = s.root_params
     layer = (s.params - root) / s.layers
-    if s.checkpointing:
+    recomputes = s.checkpointing != "none"
+    if recomputes:
         held = (s.layers + 4) * n * s.hidden * cb  # each layer's input, embedding, final norm
+        if s.checkpointing == "attention":
+            held += s.layers * n * kept_attention_bytes(s)
     else:  # every layer keeps what its backward needs
         held = s.layers * n * layer_working_bytes(s)
     parts = {
@@ -263,7 +280,7 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
         "decoder layer gradients (unsharded, reduced in fp32)": layer * (4 if cb < sb else cb),
         "lm_head gradient (unsharded until the root's reduce)": s.vocab * s.hidden * cb,
         "layer recomputed and backpropagated":
-            n * layer_working_bytes(s) if s.checkpointing else 0.0,
+            n * layer_working_bytes(s) if recomputes else 0.0,
         "ring buffers": 4 * s.kv_block_bytes if s.ring > 1 else 0.0,
     }
     parts.update(max(loss_phase, layer_phase, key=lambda d: sum(d.values())))
@@ -317,10 +334,12 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     Per micro-step and GPU (the trainer feeds each ring B = batch_size / dp sequences at once,
     grad_accum times per step; n = seq_len / ring local tokens, R = ring, L layers):
     - dense: (6N + 2N') n B FLOPs (6N forward+backward, 2N' recomputing the decoder layers'
-      forward under activation checkpointing: N' = N less the root's embedding and lm_head)
+      forward under the `full` and `attention` policies: N' = N less the root's embedding and
+      lm_head; 0 under `none`)
       at `dense_rate`;
     - attention: causal forward 2 S^2 (heads x head_dim) / R per layer, split evenly over R
-      ring steps by zigzag; phases forward, recompute, backward (x attention_bwd_over_fwd);
+      ring steps by zigzag; phases forward, recompute (only under the `full` policy),
+      backward (x attention_bwd_over_fwd);
       in each phase R block computes, R-1 K/V transfers each overlapped with one block:
       phase = R c + (R-1) max(0, t - c), t the hop time of the bytes passed (K,V of the B
       sequences; backward also dK,dV, in fp32 from rings of 3 on): one latency per hop for
@@ -355,7 +374,8 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       not the K/V rings.
     """
     R, D, n, U, B = s.ring, s.dp, s.local_tokens, s.ulysses, s.seqs_per_ring
-    recomputed = s.params - s.root_params if s.checkpointing else 0  # the layers, forward again
+    # the layers' forward again (not under `none`)
+    recomputed = s.params - s.root_params if s.checkpointing != "none" else 0
     dense = (6 * s.params + 2 * recomputed) * n * B / profile.dense_rate(n * B)
     attn_fwd_layer = 2 * s.seq_len**2 * s.heads * s.head_dim / (R * U)
     block = B * attn_fwd_layer / R / profile.attention_rate(n * B)
@@ -373,7 +393,10 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     kv = B * s.kv_block_bytes
     headroom = float("inf")
     backward = (block * profile.attention_bwd_over_fwd, kv + B * s.kv_grad_bytes)
-    for c, nbytes in [(block, kv), (block, kv), backward]:
+    # the ring's phases: forward, its recomputation (only under `full`: `attention` keeps its
+    # results), backward
+    phases = [(block, kv)] * (2 if s.checkpointing == "full" else 1) + [backward]
+    for c, nbytes in phases:
         t = hop(nbytes, ring) if R > 1 else 0.0
         if t > 0:
             headroom = min(headroom, c / t)
@@ -402,8 +425,10 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     if U > 1:
         if a2a is None:
             raise ValueError("a Ulysses stage needs the all-to-all flows' result (a2a)")
-        # three phases (forward, recomputed forward, backward), one round trip each
-        per_micro["Ulysses all-to-all"] = 3 * s.layers * hop(B * s.all_to_all_bytes, a2a)
+        # a round trip per phase: forward, recomputed forward (under `full` and `attention`:
+        # the all-to-alls around the kept ring results are recomputed), backward
+        trips = 2 if s.checkpointing == "none" else 3
+        per_micro["Ulysses all-to-all"] = trips * s.layers * hop(B * s.all_to_all_bytes, a2a)
     parts = {k: v * s.grad_accum for k, v in per_micro.items()}
     parts["data-parallel sync"] = (2 * (D - 1) * hop(reduced / D, dp)) if D > 1 else 0.0
     parts["optimizer"] = profile.optimizer_seconds(s.params / S)

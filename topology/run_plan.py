@@ -8,13 +8,14 @@ import networkx as nx
 
 from specs.cluster import ClusterSpec
 from specs.degrees import (
+    CheckpointPolicy,
     DegreeError,
     kv_replication_note,
     resolve_degrees,
     ulysses_problems,
 )
 from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
-from specs.run import RunSpec
+from specs.run import RunSpec, StageSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
@@ -143,8 +144,10 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
         prediction = prediction.model_copy(update={
             "ring_hop_bound_seconds": bound.seconds,
             "ring_hop_gap": best.ring.seconds / bound.seconds})
+    policy, policy_notes = policy_without_cluster(stage)  # TODO(helper): the planner's choice
+    notes = notes + policy_notes
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     dims=dims, rings=_workers(best.rings),
+                     dims=dims, rings=_workers(best.rings), activation_checkpointing=policy,
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=prediction, alternatives=alts,
                      notes=notes + more + kv_replication_note(run.model.num_key_value_heads,
@@ -188,6 +191,15 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
                 eval=plan_eval(planner, run))
 
 
+def policy_without_cluster(stage: StageSpec) -> tuple[CheckpointPolicy, list[str]]:
+    """The stage's activation checkpointing policy where no memory model can choose: its own,
+    or `full` (the one that fits wherever any does) for 'auto'."""
+    if stage.activation_checkpointing != "auto":
+        return stage.activation_checkpointing, []
+    return "full", ["activation checkpointing auto: full without a cluster description (no "
+                    "memory model to tell whether keeping more fits)"]
+
+
 def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
     """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
     sorted node order), no predictions. 'auto' degrees resolve without a memory model
@@ -208,9 +220,11 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
         n, d = dims.sequence, dims.dp  # a "ring" lists ring x ulysses workers
         rings = [[Worker(node=node, gpu=g) for node, g in slots[i * n:(i + 1) * n]]
                  for i in range(d)]
+        policy, policy_notes = policy_without_cluster(stage)
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
                                 rope_theta=run.stage_theta(index), dims=dims, rings=rings,
-                                notes=notes + kv_replication_note(
+                                activation_checkpointing=policy,
+                                notes=notes + policy_notes + kv_replication_note(
                                     run.model.num_key_value_heads, dims.ulysses)
                                 + ["planned from Ray nodes: rings filled node by node, no "
                                    "cluster description"]))

@@ -69,6 +69,7 @@ class RingTimings:
     compute_s: float = 0.0
     wait_s: float = 0.0
     exchanges: int = 0
+    exchanges_by_tag: dict[int, int] = field(default_factory=dict)  # ring.py: 1 K/V, 2 dK/dV
     bytes_sent: int = 0
     per_step_wait_s: list[float] = field(default_factory=list)
 
@@ -119,6 +120,7 @@ class Exchange:
         self._works = dist.batch_isend_irecv(ops)
         if _TIMINGS is not None:
             _TIMINGS.exchanges += 1
+            _TIMINGS.exchanges_by_tag[tag] = _TIMINGS.exchanges_by_tag.get(tag, 0) + 1
             _TIMINGS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
 
     def wait(self) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ray_jobs.ring_attention import saving
 from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_compute
 from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
 
@@ -176,7 +177,14 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring, causal: bool, scale: float):
         kernel = build_block_kernel(q.device)
-        out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel)
+        # Recomputed under the `attention` checkpointing policy: the first forward's results,
+        # no second trip around the ring (saving.py).
+        kept = saving.kept_result()
+        if kept is None:
+            out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel)
+            saving.keep_result(out, lse)
+        else:
+            out, lse = kept
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.scale, ctx.kernel = ring, causal, scale, kernel
         return out

@@ -308,7 +308,7 @@ def _framework_overhead(shapes: Shapes, world: int, repeats: int, device: torch.
             self.rope = built[0][1]
             self.layers = nn.ModuleList(layer for layer, _ in built)
             apply_layout(self, self.layers, attention=ring, fsdp_mesh=mesh,
-                         activation_checkpointing=True, mixed_precision=None)
+                         activation_checkpointing="full", mixed_precision=None)
 
         def forward(self, h: torch.Tensor) -> torch.Tensor:
             for layer in self.layers:

@@ -102,7 +102,7 @@ def _train(config: WorkerConfig) -> None:
                            spec_dir=spec_dir).to(device)
     init_checksum = weights_checksum(hf_model)  # before sharding: the whole model
     model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
-                        activation_checkpointing=run.training.activation_checkpointing,
+                        activation_checkpointing=stage_plan.activation_checkpointing,
                         loss_chunk_tokens=run.training.loss_chunk_tokens)
 
     # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.

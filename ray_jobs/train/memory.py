@@ -34,7 +34,7 @@ from ray_jobs.train.parallelize import (
     parallelize,
     ring_mean_loss,
 )
-from specs.degrees import ParallelDims
+from specs.degrees import CheckpointPolicy, ParallelDims
 from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
@@ -68,7 +68,8 @@ def equivalent_layout(stage: StageSpec, dims: ParallelDims, ring: int
 
 
 def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
-                       layers: int | None = None, max_ring: int | None = None) -> MemoryTrace:
+                       policy: CheckpointPolicy = "full", layers: int | None = None,
+                       max_ring: int | None = None) -> MemoryTrace:
     """Trace two optimizer steps of `stage` on rank 0 of `dims` (micro-steps: up to two of the
     stage's gradient accumulation), as the trainer runs it on run.resources.device. With
     `max_ring`, a longer ring is traced as its equivalent_layout (the trace's time grows with
@@ -110,7 +111,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
             finally:
                 torch.set_default_dtype(default)
             root = parallelize(hf, layout, mixed_precision=compute_dtype_of(run),
-                               activation_checkpointing=training.activation_checkpointing,
+                               activation_checkpointing=policy,
                                loss_chunk_tokens=training.loss_chunk_tokens)
             opt = build_optimizer(root, lr=1e-5)
             tokens = torch.zeros(per_ring, local_tokens, dtype=torch.long)

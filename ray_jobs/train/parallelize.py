@@ -7,7 +7,10 @@ Order (torchtitan's `parallelize_llama` is the model): (1) attention runs around
 "ring" dim, its heads split over the "ulysses" dim when that is > 1: every attention module is
 bound to this rank's ring or sequence mesh and switched to attn_implementation="ring" (a layout
 that splits no sequence keeps the model's own attention); (2) each decoder layer is wrapped for
-activation checkpointing, so only its input is kept and its inside is recomputed in backward;
+activation checkpointing under the stage's policy: `full` keeps only its input and recomputes
+its inside in backward, `attention` does the same except for ring attention, whose output and
+log-sum-exp are kept (ring_attention/saving.py: the ring runs once each way), `none` keeps
+everything;
 (3) FSDP2 `fully_shard` per decoder layer, then on the root, over the "shard" dims (dp_shard x
 ring x ulysses, flattened) and replicated over "dp_replicate" (HSDP); (4) the loss is computed
 inside the root's forward, over token chunks that are recomputed in backward, so (tokens x
@@ -30,8 +33,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ray_jobs.ring_attention import Ring, apply_ring_attention
+from ray_jobs.ring_attention.saving import saving_contexts
 from ray_jobs.ring_attention.ulysses import SequenceMesh
-from specs.degrees import MESH_DIMS, ParallelDims
+from specs.degrees import CHECKPOINT_POLICIES, MESH_DIMS, CheckpointPolicy, ParallelDims
 from specs.run import RunSpec
 
 IGNORE = -100
@@ -89,7 +93,7 @@ def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> 
                   dp_rank=replica * dims.dp_shard + slot)
 
 
-def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: bool,
+def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: CheckpointPolicy,
                 mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
                 ) -> CausalLMWithLoss:
     """Apply the stage's layout to a Hugging Face Llama in place; return the FSDP root that
@@ -104,14 +108,14 @@ def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: b
 
 def apply_layout(root: nn.Module, layers: nn.ModuleList, *,
                  attention: Ring | SequenceMesh | None, fsdp_mesh: DeviceMesh,
-                 activation_checkpointing: bool, mixed_precision: torch.dtype | None) -> None:
+                 activation_checkpointing: CheckpointPolicy,
+                 mixed_precision: torch.dtype | None) -> None:
     """parallelize()'s steps (1)-(3), in its order, on any `root` holding these decoder
     `layers` (calibration times a bare stack of layers this way): attention around `attention`
     (None: the layers' own attention), activation checkpointing, FSDP2."""
     if attention is not None:
         apply_ring_attention(root, attention)
-    if activation_checkpointing:
-        apply_activation_checkpointing(layers)
+    apply_activation_checkpointing(layers, activation_checkpointing)
     apply_fsdp(root, layers, fsdp_mesh, mixed_precision)
 
 
@@ -120,12 +124,20 @@ def compute_dtype_of(run: RunSpec) -> torch.dtype | None:
     return torch.bfloat16 if run.compute_dtype != run.model.dtype else None
 
 
-def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
-    """Keep only each decoder layer's input; recompute its inside (ring attention included:
-    the K/V blocks travel the ring again) in backward. `layers`: the decoder layers, replaced
-    in place by their wrappers."""
+def apply_activation_checkpointing(layers: nn.ModuleList, policy: CheckpointPolicy = "full"
+                                   ) -> None:
+    """Wrap each decoder layer of `layers` (in place) for the policy: `full` keeps only the
+    layer's input and recomputes its inside in backward, ring attention included (the K/V
+    blocks travel the ring again); `attention` recomputes all but ring attention, whose output
+    and log-sum-exp the first forward keeps; `none` wraps nothing."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r} is not one of "
+                         f"{', '.join(CHECKPOINT_POLICIES)}")
+    if policy == "none":
+        return
+    extra = {"context_fn": saving_contexts} if policy == "attention" else {}
     for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False, **extra)
 
 
 def apply_fsdp(root: nn.Module, layers: Iterable[nn.Module], fsdp_mesh: DeviceMesh,

@@ -153,7 +153,7 @@ def llama_world(rank, world, seq_per_rank=16, batch=2):
     ref_loss.backward()
 
     layout = build_mesh(ParallelDims.of(world, 1, world), [list(range(world))], "cpu")
-    root = parallelize(model, layout, activation_checkpointing=False, mixed_precision=None)
+    root = parallelize(model, layout, activation_checkpointing="none", mixed_precision=None)
     x, y = (zigzag_shard(t, 1, layout.ring_rank, world) for t in (ids, labels))
     pos = zigzag_position_ids(seq, layout.ring_rank, world).unsqueeze(0).expand(batch, -1)
     loss = ring_mean_loss(*root(x, pos, y), layout.ring)

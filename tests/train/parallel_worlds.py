@@ -31,12 +31,12 @@ VOCAB, SEQ, PER_RING = 128, 16, 2
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=256, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
@@ -51,15 +51,15 @@ def batches(dp: int, steps: int):
         yield ids, labels
 
 
-def _setup(ring: int, dp: int, shard: int, *, ac: bool, seed: int = 0, reverse: bool = True,
-           ulysses: int = 1):
+def _setup(ring: int, dp: int, shard: int, *, ac: str, seed: int = 0, reverse: bool = True,
+           ulysses: int = 1, kv_heads: int = 2):
     """The trainer's recipe on a tiny Llama: mesh from rings (in reversed rank order, so ring
     order differs from rank order), parallelize, AdamW."""
     dims = ParallelDims.of(ring, dp, shard, ulysses)
     n = dims.sequence
     rings = [list(range(i * n, (i + 1) * n)) for i in range(dp)]
     layout = build_mesh(dims, [r[::-1] if reverse else r for r in rings], "cpu")
-    model = tiny_llama(seed)
+    model = tiny_llama(seed, kv_heads)
     model.set_attn_implementation("sdpa")  # parallelize() switches it to "ring" when n > 1
     root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
                        loss_chunk_tokens=8)
@@ -129,21 +129,26 @@ def reference(dp: int, steps: int) -> dict:
     return {"losses": losses, "norms": norms, "grads": first_grads, "params": params}
 
 
-def gradients_with_and_without_checkpointing(rank, world):
-    """One step of the same batch with activation checkpointing on and off."""
-    out = []
-    for ac in (True, False):
-        layout, root, _ = _setup(2, 1, 2, ac=ac)
+def gradients_under_each_policy(rank, world, ring, ulysses, kv_heads):
+    """One step of the same batch under each activation checkpointing policy, one sequence over
+    the world (ring x ulysses): {policy: (full gradients, ring exchanges by tag)}."""
+    from ray_jobs.ring_attention import record_ring_timings
+    from specs.degrees import CHECKPOINT_POLICIES
+
+    out = {}
+    for policy in CHECKPOINT_POLICIES:
+        layout, root, _ = _setup(ring, 1, world, ac=policy, ulysses=ulysses, kv_heads=kv_heads)
         ids, labels = next(batches(1, 1))
-        _step(layout, root, ids, labels)
-        out.append(_full_grads(root))
+        with record_ring_timings() as timings:
+            _step(layout, root, ids, labels)
+        out[policy] = (_full_grads(root), dict(timings.exchanges_by_tag))
     return out
 
 
 def save_after_steps(rank, world, ring, dp, shard, path, steps):
     """Train, then save model and optimizer with torch.distributed.checkpoint; return the full
     model and optimizer state as every rank saw them."""
-    layout, root, opt = _setup(ring, dp, shard, ac=True, reverse=False)
+    layout, root, opt = _setup(ring, dp, shard, ac="full", reverse=False)
     for ids, labels in batches(dp, steps):
         _step(layout, root, ids, labels)
         opt.step()
@@ -156,7 +161,7 @@ def save_after_steps(rank, world, ring, dp, shard, path, steps):
 
 def load_checkpoint(rank, world, ring, dp, shard, path):
     """A model built with other weights (seed 7) and another mesh, loaded from `path`."""
-    layout, root, opt = _setup(ring, dp, shard, ac=True, seed=7, reverse=False)
+    layout, root, opt = _setup(ring, dp, shard, ac="full", seed=7, reverse=False)
     model_sd, optim_sd = get_state_dict(root.model, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
@@ -179,7 +184,7 @@ def _full_state(root, opt) -> dict:
 def gradient_all_reduces(rank, world, accum, sync_every_micro):
     """One optimizer step of `accum` micro-steps on HSDP (2 replicas of a 1-rank shard group);
     returns how many all-reduces went to the replicate group and the summed gradients."""
-    layout, root, _ = _setup(1, 2, 1, ac=False)
+    layout, root, _ = _setup(1, 2, 1, ac="none")
     replicas = layout.fsdp_mesh.get_group("dp_replicate")
     calls, original = [], dist.all_reduce
 
@@ -202,10 +207,10 @@ def step_changes(rank, world, storage: str, compute: str | None, lr: float):
     """One AdamW step at `lr` with weights stored in `storage` and layers computing in `compute`
     (None: the storage dtype), as the trainer applies them: each weight's gradient and how far
     the step moved it."""
-    layout, _, _ = _setup(1, 1, 1, ac=False)
+    layout, _, _ = _setup(1, 1, 1, ac="none")
     model = tiny_llama(0).to(getattr(torch, storage))
     model.set_attn_implementation("sdpa")
-    root = parallelize(model, layout, activation_checkpointing=False,
+    root = parallelize(model, layout, activation_checkpointing="none",
                        mixed_precision=getattr(torch, compute) if compute else None,
                        loss_chunk_tokens=8)
     opt = build_optimizer(root, lr)
@@ -232,7 +237,7 @@ def checkpoint_round_trip(rank, world, run_dir):
     from specs.checkpoint import TrainerState
     from specs.ledger import Ledger
 
-    layout, root, opt = _setup(1, 1, 1, ac=False)
+    layout, root, opt = _setup(1, 1, 1, ac="none")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     _step(layout, root, *next(batches(1, 1)))
     opt.step()
@@ -240,7 +245,7 @@ def checkpoint_round_trip(rank, world, run_dir):
     state = TrainerState(stage="s", stage_index=0, step=1)
     path = ckpt.save_checkpoint(Ledger(run_dir, "r"), root.model, _Tokenizer(), opt, sched,
                                 state, keep_last=1, final=False)
-    _, root2, opt2 = _setup(1, 1, 1, ac=False, seed=3)
+    _, root2, opt2 = _setup(1, 1, 1, ac="none", seed=3)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
     loads, original = [], torch.load
 
@@ -277,7 +282,7 @@ def stale_checkpoint_refused(rank, world, run_dir, when):
     epochs = [ledger.epoch]
     dist.broadcast_object_list(epochs)
     ledger = Ledger(run_dir, "r", epoch=epochs[0])
-    layout, root, opt = _setup(2, 1, 2, ac=False)
+    layout, root, opt = _setup(2, 1, 2, ac="none")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     _step(layout, root, *next(batches(1, 1)))
     opt.step()

@@ -30,14 +30,14 @@ def references():
 
 
 @pytest.mark.parametrize("world,ring,dp,shard,ac,ulysses", [
-    (2, 2, 1, 2, True, 1),    # one ring of 2, sharded over it (the tiny default's layout)
-    (2, 1, 2, 2, False, 1),   # plain FSDP over two data-parallel ranks, no ring
-    (4, 2, 2, 2, True, 1),    # two rings, each its own shard group: HSDP, 2 replicas
-    (4, 2, 2, 4, False, 1),   # two rings, one shard group over all four
-    (4, 4, 1, 4, True, 1),    # one ring of 4
-    (2, 1, 1, 2, True, 2),    # pure Ulysses: two ranks split the heads of one sequence
-    (4, 2, 1, 4, True, 2),    # Ulysses 2 x ring 2, one sequence over four ranks
-    (4, 1, 2, 2, False, 2),   # two Ulysses groups as HSDP replicas
+    (2, 2, 1, 2, "full", 1),       # one ring of 2, sharded over it (the tiny default's layout)
+    (2, 1, 2, 2, "none", 1),       # plain FSDP over two data-parallel ranks, no ring
+    (4, 2, 2, 2, "attention", 1),  # two rings, each its own shard group: HSDP, 2 replicas
+    (4, 2, 2, 4, "none", 1),       # two rings, one shard group over all four
+    (4, 4, 1, 4, "attention", 1),  # one ring of 4, its output kept through checkpointing
+    (2, 1, 1, 2, "full", 2),       # pure Ulysses: two ranks split the heads of one sequence
+    (4, 2, 1, 4, "attention", 2),  # Ulysses 2 x ring 2, one sequence over four ranks
+    (4, 1, 2, 2, "none", 2),       # two Ulysses groups as HSDP replicas
 ])
 def test_layout_trains_like_one_process(references, world, ring, dp, shard, ac, ulysses):
     results = run_world(world, worlds.train_layout, ring, dp, shard, ac, STEPS, ulysses,
@@ -53,9 +53,28 @@ def test_layout_trains_like_one_process(references, world, ring, dp, shard, ac, 
                atol=5e-5)
 
 
-def test_activation_checkpointing_keeps_gradients():
-    on, off = run_world(2, worlds.gradients_with_and_without_checkpointing, timeout_s=180)[0]
-    _close(on, off, "checkpointed vs not", atol=1e-7)
+@pytest.mark.parametrize("world,ring,ulysses,kv_heads", [
+    (2, 2, 1, 2),  # a ring of 2
+    (4, 4, 1, 1),  # a ring of 4, GQA 4:1
+    (4, 2, 2, 1),  # Ulysses 2 x ring 2, GQA 4:1 (its K/V head replicated over Ulysses)
+])
+def test_checkpointing_policies_keep_gradients_and_attention_halves_the_rings_forwards(
+        world, ring, ulysses, kv_heads):
+    """`attention` and `none` give `full`'s gradients; `full` runs the ring forward twice (the
+    forward and the recomputation), `attention` once, and both run its backward once."""
+    got = run_world(world, worlds.gradients_under_each_policy, ring, ulysses, kv_heads,
+                    timeout_s=240)
+    for rank, policies in enumerate(got):
+        full, full_exchanges = policies["full"]
+        for policy in ("attention", "none"):
+            _close(policies[policy][0], full, f"rank {rank}: {policy} vs full", atol=1e-7)
+        hops = ring - 1  # ring exchanges per pass around the ring, per layer
+        layers = 2
+        # K/V (tag 1): forward + recomputed forward + backward under full; forward + backward
+        # under attention and none. dK/dV (tag 2): once, in backward, under every policy.
+        assert full_exchanges == {1: 3 * hops * layers, 2: hops * layers}, full_exchanges
+        for policy in ("attention", "none"):
+            assert policies[policy][1] == {1: 2 * hops * layers, 2: hops * layers}, policy
 
 
 def test_resume_from_2_ranks_to_4_and_back(tmp_path):
