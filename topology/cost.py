@@ -228,9 +228,11 @@ def layer_working_bytes(s: StageShape) -> float:
 
 
 def kept_attention_bytes(s: StageShape) -> float:
-    """Bytes per token and layer the `attention` policy keeps beyond `full`: ring attention's
-    output in the compute dtype and its fp32 log-sum-exp, for all heads (with Ulysses a GPU
-    keeps 1/U of the heads for U times the tokens: the same count)."""
+    """Bytes per token and layer the `attention` policy keeps from forward to backward: ring
+    attention's output in the compute dtype and its fp32 log-sum-exp, for all heads (with
+    Ulysses a GPU keeps 1/U of the heads for U times the tokens: the same count). Part of
+    layer_working_bytes: the layer being recomputed holds its own anyway, so the peak grows by
+    (layers - 1) of these (traced: ray_jobs.train.memory)."""
     return s.heads * s.head_dim * s.elem_bytes + s.heads * 4
 
 
@@ -279,8 +281,12 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
         "decoder layer (gathered, and the next)": 2 * layer * cb,
         "decoder layer gradients (unsharded, reduced in fp32)": layer * (4 if cb < sb else cb),
         "lm_head gradient (unsharded until the root's reduce)": s.vocab * s.hidden * cb,
+        # under `attention` the recomputed layer's attention output and log-sum-exp are the
+        # kept ones, counted in "activations held"
         "layer recomputed and backpropagated":
-            n * layer_working_bytes(s) if recomputes else 0.0,
+            n * (layer_working_bytes(s) - (kept_attention_bytes(s)
+                                           if s.checkpointing == "attention" else 0.0))
+            if recomputes else 0.0,
         "ring buffers": 4 * s.kv_block_bytes if s.ring > 1 else 0.0,
     }
     parts.update(max(loss_phase, layer_phase, key=lambda d: sum(d.values())))
