@@ -12,7 +12,9 @@ fp32 on CPU) on one ring of 2 gloo processes, one thread each, FSDP2 over both, 
   ring's forward run again), both through the trainer's parallelize() in the same processes,
   sessions alternating full, attention, full, attention (each policy's best session counts).
   no_ac_speedup: the same for `none` (nothing recomputed).
-- ring_kv_exchanges_full / _attention: K/V exchanges of one step (counted by the ring).
+- ring_forward_kv_exchanges_full / _attention: forward K/V exchanges of one step (counted by
+  the ring): the forward and its recomputation under `full`, the forward alone under
+  `attention` (backward's K/V and dK/dV exchanges are the same under both).
 - selective_ac_memory_delta_traced_mb / _predicted_mb: the per-GPU peak of `attention` minus
   that of `full`, traced (FSDPMemTracker under FakeTensorMode on a fake process group, the
   trainer's own parallelize: ray_jobs.train.memory) and predicted by the cost model
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         p = slowest["policy"]
         best[p] = max(best.get(p, 0.0), slowest["tokens_per_s"])
         print(f"{p:<10} {slowest['tokens_per_s']:8.0f} tokens/s  ring exchanges per step "
-              f"{slowest['exchanges']} (1: K/V, 2: dK/dV)", flush=True)
+              f"{slowest['exchanges']} (1: K/V forward, 2: dK/dV, 3: K/V backward)", flush=True)
     exchanges = {r["policy"]: r["exchanges"] for r in sessions[0]}
     traced, predicted = traced_delta(bench_run(seq_len))
     print(f"attention over full, peak per GPU: traced {traced / 1e6:+.2f} MB, predicted "
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "selective_ac_speedup": round(best["attention"] / best["full"], 3),
         "no_ac_speedup": round(best["none"] / best["full"], 3),
         "tokens_per_s": {p: round(v, 1) for p, v in best.items()},
-        "ring_kv_exchanges_full": exchanges["full"].get(1, 0),
-        "ring_kv_exchanges_attention": exchanges["attention"].get(1, 0),
+        "ring_forward_kv_exchanges_full": exchanges["full"].get(1, 0),
+        "ring_forward_kv_exchanges_attention": exchanges["attention"].get(1, 0),
         "selective_ac_memory_delta_traced_mb": round(traced / 1e6, 3),
         "selective_ac_memory_delta_predicted_mb": round(predicted / 1e6, 3),
         "selective_ac_memory_delta_error": round(abs(predicted - traced) / traced, 4)

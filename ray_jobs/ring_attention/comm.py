@@ -69,7 +69,8 @@ class RingTimings:
     compute_s: float = 0.0
     wait_s: float = 0.0
     exchanges: int = 0
-    exchanges_by_tag: dict[int, int] = field(default_factory=dict)  # ring.py: 1 K/V, 2 dK/dV
+    # ring.py's tags: 1 K/V forward, 2 dK/dV, 3 K/V in backward
+    exchanges_by_tag: dict[int, int] = field(default_factory=dict)
     bytes_sent: int = 0
     per_step_wait_s: list[float] = field(default_factory=list)
 

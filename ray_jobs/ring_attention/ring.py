@@ -33,7 +33,8 @@ from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_com
 from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
 
 _ALL = slice(None)
-_KV_TAG, _GRAD_TAG = 1, 2
+# gloo tags of the three streams (their counts tell the passes apart: record_ring_timings)
+KV_TAG, GRAD_TAG, BACKWARD_KV_TAG = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            exchange = Exchange(ring, current, incoming, _KV_TAG)
+            exchange = Exchange(ring, current, incoming, KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             block_out, block_lse = kernel.forward(
@@ -122,7 +123,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
         kv_exchange = None
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
-            kv_exchange = Exchange(ring, current, incoming, _KV_TAG)
+            kv_exchange = Exchange(ring, current, incoming, BACKWARD_KV_TAG)
         plan = plan_block(rank, (rank - step) % size, local_len, causal)
         with timed_compute():
             bdq, bdk, bdv = kernel.backward(
@@ -155,7 +156,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                     _accumulate(_rows(grads[1], plan.kv_rows), bdv)
             del bdq, bdk, bdv
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
-            grads_exchange = Exchange(ring, grads, grads_incoming, _GRAD_TAG)
+            grads_exchange = Exchange(ring, grads, grads_incoming, GRAD_TAG)
         else:
             del bdq, bdk, bdv
         if kv_exchange is not None:

@@ -68,13 +68,12 @@ def test_checkpointing_policies_keep_gradients_and_attention_halves_the_rings_fo
         full, full_exchanges = policies["full"]
         for policy in ("attention", "none"):
             _close(policies[policy][0], full, f"rank {rank}: {policy} vs full", atol=1e-7)
-        hops = ring - 1  # ring exchanges per pass around the ring, per layer
-        layers = 2
-        # K/V (tag 1): forward + recomputed forward + backward under full; forward + backward
-        # under attention and none. dK/dV (tag 2): once, in backward, under every policy.
-        assert full_exchanges == {1: 3 * hops * layers, 2: hops * layers}, full_exchanges
+        passes = (ring - 1) * 2  # exchanges of one pass around the ring, 2 layers
+        # forward K/V (tag 1): the forward and its recomputation under full, the forward alone
+        # under attention (and none); backward K/V (3) and dK/dV (2): once under every policy
+        assert full_exchanges == {1: 2 * passes, 2: passes, 3: passes}, full_exchanges
         for policy in ("attention", "none"):
-            assert policies[policy][1] == {1: 2 * hops * layers, 2: hops * layers}, policy
+            assert policies[policy][1] == {1: passes, 2: passes, 3: passes}, policy
 
 
 def test_resume_from_2_ranks_to_4_and_back(tmp_path):
