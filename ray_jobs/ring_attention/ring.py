@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ray_jobs.ring_attention import saving
 from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_compute
 from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
+from ray_jobs.ring_attention.saving import keep_result, kept_result
 
 _ALL = slice(None)
 # gloo tags of the three streams (their counts tell the passes apart: record_ring_timings)
@@ -180,10 +180,10 @@ class RingAttentionFunction(torch.autograd.Function):
         kernel = build_block_kernel(q.device)
         # Recomputed under the `attention` checkpointing policy: the first forward's results,
         # no second trip around the ring (saving.py).
-        kept = saving.kept_result()
+        kept = kept_result()
         if kept is None:
             out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel)
-            saving.keep_result(out, lse)
+            keep_result(out, lse)
         else:
             out, lse = kept
         ctx.save_for_backward(q, k, v, out, lse)
