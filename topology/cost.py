@@ -251,7 +251,11 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     prefetched ones, its unsharded gradients, the ring's K/V buffers): whichever is larger.
     Checked against FSDPMemTracker traces of the real parallelize (ray_jobs.train.memory).
     Under the `attention` policy every layer also keeps ring attention's output and
-    log-sum-exp (kept_attention_bytes); without activation checkpointing (`none`) every
+    log-sum-exp (kept_attention_bytes) until its backward: all L layers' in the loss; in the
+    layer phase, whose peak the traces place at the second layer backpropagated (the first
+    one's gradients still being reduce-scattered), the L - 1 layers not yet done, one of which
+    (the layer at work) only stands in for the output its recomputation would have made under
+    `full`: L - 2 layers' more than `full`. Without activation checkpointing (`none`) every
     layer's activations are held instead, and nothing is recomputed.
     """
     n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step
@@ -261,8 +265,6 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     recomputes = s.checkpointing != "none"
     if recomputes:
         held = (s.layers + 4) * n * s.hidden * cb  # each layer's input, embedding, final norm
-        if s.checkpointing == "attention":
-            held += s.layers * n * kept_attention_bytes(s)
     else:  # every layer keeps what its backward needs
         held = s.layers * n * layer_working_bytes(s)
     parts = {
@@ -283,6 +285,10 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
             n * layer_working_bytes(s) if recomputes else 0.0,
         "ring buffers": 4 * s.kv_block_bytes if s.ring > 1 else 0.0,
     }
+    if s.checkpointing == "attention":
+        kept = n * kept_attention_bytes(s)
+        loss_phase["ring attention outputs kept"] = s.layers * kept
+        layer_phase["ring attention outputs kept"] = max(0, s.layers - 2) * kept
     parts.update(max(loss_phase, layer_phase, key=lambda d: sum(d.values())))
     parts["reserve (CUDA context, NCCL, fragmentation)"] = profile.memory_reserve_bytes
     return parts
