@@ -31,6 +31,10 @@ from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
 from topology.profile import HardwareProfile
 
+# what a policy keeps beyond `full`, for the planner's note
+KEEPS = {"attention": "keeps ring attention's output and log-sum-exp through the recomputation",
+         "none": "keeps every layer's activations, recomputes nothing"}
+
 
 def _workers(rings: list[list[str]]) -> list[list[Worker]]:
     return [[Worker(node=n, gpu=g) for n, g in map(split_gpu_vertex, r)] for r in rings]
@@ -223,10 +227,6 @@ def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePl
         shape = StageShape.of(run, stage, plan.dims, chosen.policy)
         update["prediction"], update["alternatives"] = _priced(planner, placed, shape, seed)
     return plan.model_copy(update=update)
-
-
-KEEPS = {"attention": "keeps ring attention's output and log-sum-exp through the recomputation",
-         "none": "keeps every layer's activations, recomputes nothing"}  # beyond `full`
 
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
