@@ -78,8 +78,9 @@ goldens: setup
 		$(VENV)/bin/ringpilot validate $$f > tests/golden/validate-$$(basename $$f .yaml).txt; done
 	for f in configs/clusters/*.yaml; do $(VENV)/bin/ringpilot validate --cluster $$f \
 		> tests/golden/validate-cluster-$$(basename $$f .yaml).txt; done
-	$(VENV)/bin/ringpilot plan --run configs/llama3-8b-1m.yaml --out $(VENV)/goldens-plan > /dev/null
-	cp $(VENV)/goldens-plan/report.md tests/golden/plan-llama3-8b-1m.report.md
+	for r in llama3-8b-1m llama3-70b-1m; do $(VENV)/bin/ringpilot plan --run configs/$$r.yaml \
+		--out $(VENV)/goldens-plan > /dev/null && \
+		cp $(VENV)/goldens-plan/report.md tests/golden/plan-$$r.report.md || exit 1; done
 
 # flash-attn is optional (ring attention on CUDA uses torch's own flash kernel without it). Its
 # setup.py imports torch, so it builds without pip's build isolation, against the venv's pinned

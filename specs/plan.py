@@ -79,6 +79,17 @@ class Alternative(_Spec):
     wall_minutes: float = Field(description="All steps of the stage.")
 
 
+class CheckpointOption(_Spec):
+    """One activation checkpointing policy priced on a stage's planned layout."""
+
+    policy: CheckpointPolicy = Field(description="'full', 'attention' or 'none'.")
+    step_seconds: float = Field(description="Predicted optimizer step under this policy (the "
+                                "same rings and degrees).")
+    peak_gb: float = Field(description="Predicted memory per GPU at the step's peak, reserve "
+                           "included, GB.")
+    fits: bool = Field(description="Whether peak_gb fits the GPU's memory.")
+
+
 class StagePlan(_Spec):
     """Placement and prediction for one stage."""
 
@@ -92,9 +103,6 @@ class StagePlan(_Spec):
                                "splitting the heads; each ring lists ring_degree x "
                                "ulysses_degree workers, one ring position's Ulysses group "
                                "after another).")
-    activation_checkpointing: CheckpointPolicy = Field(
-        "full", description="The activation checkpointing policy the trainer applies (the "
-        "stage's, or the planner's choice for 'auto').")
     rings: list[list[Worker]] = Field(description="Per ring, its workers in ring order (rank 0 "
                                       "first; each sends K/V to the next, the last to the first).")
     bottleneck_links: list[LinkLoad] = Field(default_factory=list, description="Most contended "
@@ -103,6 +111,13 @@ class StagePlan(_Spec):
                                           "planned without a cluster description).")
     alternatives: list[Alternative] = Field(default_factory=list, description="Baselines and "
                                             "bound on the same cost model.")
+    activation_checkpointing: CheckpointPolicy = Field(
+        "full", description="The activation checkpointing policy the trainer applies (the "
+        "stage's, or the planner's choice for 'auto').")
+    checkpointing_options: list[CheckpointOption] = Field(
+        default_factory=list, description="Every policy priced on the planned layout, in "
+        "specs.degrees.CHECKPOINT_POLICIES order: what 'auto' chose from (empty when planned "
+        "without a cluster description).")
     notes: list[str] = Field(default_factory=list, description="Choices made and why.")
 
     @model_validator(mode="before")

@@ -253,7 +253,12 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     prefetched ones, its unsharded gradients, the ring's K/V buffers): whichever is larger.
     Checked against FSDPMemTracker traces of the real parallelize (ray_jobs.train.memory).
     Under the `attention` policy every layer also keeps ring attention's output and
-    log-sum-exp (kept_attention_bytes); without activation checkpointing (`none`) every
+    log-sum-exp (kept_attention_bytes) until its backward: all L layers' in the loss; in the
+    layer phase L - 2 layers' more than `full` where its peak is at the second layer
+    backpropagated (the first one's gradients still being reduce-scattered: 8B and 70B), L - 1
+    where it is at the first (a layer's gradients smaller than its input: the tiny model), as
+    the traces show; the layer at work's own kept output stands in for the one its
+    recomputation would make under `full`. Without activation checkpointing (`none`) every
     layer's activations are held instead, and nothing is recomputed.
     """
     n = s.seqs_per_ring * s.local_tokens  # tokens on this GPU per micro-step
@@ -263,8 +268,6 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
     recomputes = s.checkpointing != "none"
     if recomputes:
         held = (s.layers + 4) * n * s.hidden * cb  # each layer's input, embedding, final norm
-        if s.checkpointing == "attention":
-            held += s.layers * n * kept_attention_bytes(s)
     else:  # every layer keeps what its backward needs
         held = s.layers * n * layer_working_bytes(s)
     parts = {
@@ -281,14 +284,21 @@ def memory_per_gpu(s: StageShape, profile: HardwareProfile) -> dict[str, float]:
         "decoder layer (gathered, and the next)": 2 * layer * cb,
         "decoder layer gradients (unsharded, reduced in fp32)": layer * (4 if cb < sb else cb),
         "lm_head gradient (unsharded until the root's reduce)": s.vocab * s.hidden * cb,
-        # under `attention` the recomputed layer's attention output and log-sum-exp are the
-        # kept ones, counted in "activations held"
         "layer recomputed and backpropagated":
-            n * (layer_working_bytes(s) - (kept_attention_bytes(s)
-                                           if s.checkpointing == "attention" else 0.0))
-            if recomputes else 0.0,
+            n * layer_working_bytes(s) if recomputes else 0.0,
         "ring buffers": 4 * s.kv_block_bytes if s.ring > 1 else 0.0,
     }
+    if s.checkpointing == "attention":
+        kept = n * kept_attention_bytes(s)
+        loss_phase["ring attention outputs kept"] = s.layers * kept
+        # The layer phase peaks at the first layer backpropagated or at the second (which holds
+        # the first one's gradients while they are reduce-scattered, and one layer input less):
+        # the second is later by `d`. The first keeps L - 1 other layers' outputs (its own
+        # stands in for the one its recomputation makes under `full`), the second L - 2.
+        d = (layer_phase["decoder layer gradients (unsharded, reduced in fp32)"]
+             - n * s.hidden * cb)
+        layer_phase["ring attention outputs kept"] = max(
+            (s.layers - 1) * kept - max(d, 0.0), max(0, s.layers - 2) * kept + min(d, 0.0))
     parts.update(max(loss_phase, layer_phase, key=lambda d: sum(d.values())))
     parts["reserve (CUDA context, NCCL, fragmentation)"] = profile.memory_reserve_bytes
     return parts

@@ -131,10 +131,11 @@ def render_plots(plan: Plan, out: Path, spec: ClusterSpec | None = None) -> list
     files.append(_save(fig, out / "step_breakdown.png"))
     # memory per GPU
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    parts = list(plan.stages[0].prediction.memory_gb)
+    # the peak's parts differ by phase (loss or layer) and by checkpointing policy
+    parts = list(dict.fromkeys(k for s in plan.stages for k in s.prediction.memory_gb))
     bottom = [0.0] * len(names)
     for part in parts:
-        vals = [s.prediction.memory_gb[part] for s in plan.stages]
+        vals = [s.prediction.memory_gb.get(part, 0.0) for s in plan.stages]
         ax.bar(names, vals, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
     device = _device(plan)
@@ -297,6 +298,8 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
     lines, rows = _headline(main, spec, compare_minutes)
     pngs = render_plots(main, out, spec)
     sections: list[tuple[str, list]] = [("Headline", lines + [rows])]
+    if any(s.checkpointing_options for s in main.stages):
+        sections.append(("Activation checkpointing", _checkpointing_section(main)))
     if whatif is not None:
         diff = [["stage", "before: wall", "after: wall", "change", "after: ring x dp",
                  "after: slowest link"]]
@@ -377,6 +380,32 @@ def _eval_section(plan: Plan) -> list:
             f"Evaluating one checkpoint's whole grid takes {e.checkpoint_hours:.1f} h on one "
             f"gang at a time ({e.answer_tokens} tokens decoded per prompt; cost model).",
             rows, *e.notes]
+
+
+def _checkpointing_section(plan: Plan) -> list:
+    """Per stage the policy the trainer applies, its predicted gain against `full`, and every
+    policy's step time and memory per GPU on the stage's layout."""
+    gpu = _device(plan).hbm_bytes / 1e9
+    policies = list(dict.fromkeys(o.policy for s in plan.stages
+                                  for o in s.checkpointing_options))
+    rows = [["stage", "policy", "against full", *(f"{p}: step, mem" for p in policies)]]
+    for s in plan.stages:
+        by = {o.policy: o for o in s.checkpointing_options}
+        chosen, full = by.get(s.activation_checkpointing), by.get("full")
+        if chosen is None or full is None or chosen is full:
+            gain = "-"
+        else:
+            gain = (f"{chosen.peak_gb - full.peak_gb:+.1f} GB, "
+                    f"{chosen.step_seconds / full.step_seconds - 1:+.0%} step")
+        rows.append([s.name, s.activation_checkpointing, gain, *(
+            f"{by[p].step_seconds:,.1f} s, {by[p].peak_gb:.1f} GB"
+            + ("" if by[p].fits else " (does not fit)") if p in by else "-"
+            for p in policies)])
+    return [f"Each stage's policy, priced on its layout (memory per GPU at the peak, of "
+            f"{gpu:.0f} GB): full recomputes every decoder layer in backward, ring attention "
+            "included; attention keeps ring attention's output and log-sum-exp, so the ring "
+            "runs once forward and once backward; none keeps every activation. A stage set to "
+            "auto gets the fastest that fits.", rows]
 
 
 def _layout(s) -> str:

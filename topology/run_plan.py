@@ -8,19 +8,32 @@ import networkx as nx
 
 from specs.cluster import ClusterSpec
 from specs.degrees import (
+    CHECKPOINT_POLICIES,
     CheckpointPolicy,
     DegreeError,
     kv_replication_note,
     resolve_degrees,
     ulysses_problems,
 )
-from specs.plan import Alternative, LinkLoad, Plan, Prediction, StagePlan, Worker
+from specs.plan import (
+    Alternative,
+    CheckpointOption,
+    LinkLoad,
+    Plan,
+    Prediction,
+    StagePlan,
+    Worker,
+)
 from specs.run import RunSpec, StageSpec
 from topology.cost import GB, StageShape, evaluate_flows, predict_stage
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
 from topology.profile import HardwareProfile
+
+# what a policy keeps beyond `full`, for the planner's note
+KEEPS = {"attention": "keeps ring attention's output and log-sum-exp through the recomputation",
+         "none": "keeps every layer's activations, recomputes nothing"}
 
 
 def _workers(rings: list[list[str]]) -> list[list[Worker]]:
@@ -56,31 +69,34 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
     """Degrees, rings and order for stage `index`, its prediction, baselines and bound. With
     `relax` (what-if), a stage whose fixed degrees no longer fit the GPUs gets fewer rings.
     ulysses_degree 'auto': the ring-only layout's GPUs per sequence, split every legal way
-    between Ulysses and the ring; the fastest predicted step wins (ring-only on a tie)."""
+    between Ulysses and the ring; the fastest predicted step wins (ring-only on a tie).
+    Degrees and rings are searched under the stage's activation checkpointing policy ('full'
+    for 'auto'); every policy is then priced on the chosen layout (plan_checkpointing)."""
     stage = run.stages[index]
     if stage.ulysses_degree != "auto":
-        return _plan_fixed(planner, run, index, seed, relax)
+        return plan_checkpointing(planner, run, index, *_plan_fixed(planner, run, index, seed,
+                                                                    relax), seed)
     ring_only = _plan_fixed(planner, _with_stage(run, index, ulysses_degree=1), index, seed,
                             relax)
-    n, m = ring_only.dims.sequence, run.model
+    n, m = ring_only[0].dims.sequence, run.model
     options = {1: ring_only}
     for u in range(2, n + 1):
         if n % u or ulysses_problems(m.num_attention_heads, m.num_key_value_heads, u):
             continue
         split = _with_stage(run, index, ring_degree=n // u, ulysses_degree=u,
-                            data_parallel_degree=ring_only.dims.dp,
-                            shard_degree=ring_only.dims.shard)
+                            data_parallel_degree=ring_only[0].dims.dp,
+                            shard_degree=ring_only[0].dims.shard)
         try:
             options[u] = _plan_fixed(planner, split, index, seed, relax)
         except (PlanError, ValueError):
             continue  # a split that does not fit memory or the GPUs is no option
-    step = {u: p.prediction.step_seconds for u, p in options.items()}
+    step = {u: p.prediction.step_seconds for u, (p, _) in options.items()}
     # a split must beat the ring alone by more than TIE (ring attention alone is simpler)
     best = min((u for u in step if u == 1 or step[u] < step[1] * (1 - TIE)), key=step.get)
-    chosen = options[best]
+    chosen, placed = options[best]
     named = "; ".join(f"{_split_name(n // u, u)} {step[u]:.1f} s" for u in sorted(step))
     parts = chosen.prediction.parts_seconds
-    alone = ring_only.prediction.parts_seconds
+    alone = ring_only[0].prediction.parts_seconds
     exposed = alone["exposed ring K/V"] + alone["exposed weight sharding"]
     if len(step) == 1:
         why = "no Ulysses degree fits the heads and the GPUs"
@@ -94,7 +110,8 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
                "that ring attention alone exposes")
     note = (f"ulysses auto: step time per split of the {n} GPUs of a sequence: {named}; "
             f"chose {_split_name(n // best, best)}: {why}")
-    return chosen.model_copy(update={"notes": [note, *chosen.notes]})
+    chosen = chosen.model_copy(update={"notes": [note, *chosen.notes]})
+    return plan_checkpointing(planner, run, index, chosen, placed, seed)
 
 
 def _split_name(ring: int, ulysses: int) -> str:
@@ -110,7 +127,9 @@ def _with_stage(run: RunSpec, index: int, **changes) -> RunSpec:
 
 
 def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bool
-                ) -> StagePlan:
+                ) -> tuple[StagePlan, Evaluated]:
+    """The stage on its given (or memory-chosen) degrees under its search policy: the plan
+    and the placement it priced."""
     stage = run.stages[index]
     n_gpus = min(planner.spec.num_gpus, run.resources.workers)
     try:
@@ -122,8 +141,22 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
         dims, notes = planner.plan_degrees(run, stage, n_gpus, strict=False)
         notes = [f"re-planned with fewer rings: {e}"]
     best, more = planner.plan_rings(run, stage, dims)
-    shape = StageShape.of(run, stage, dims)
-    n, dp = dims.sequence, dims.dp
+    policy = StageShape.of(run, stage, dims).checkpointing  # the search's: the stage's, or full
+    prediction, alts = _priced(planner, best, StageShape.of(run, stage, dims), seed)
+    return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
+                     dims=dims, rings=_workers(best.rings), activation_checkpointing=policy,
+                     bottleneck_links=_bottlenecks(planner, best),
+                     prediction=prediction, alternatives=alts,
+                     notes=notes + more + kv_replication_note(run.model.num_key_value_heads,
+                                                              dims.ulysses)), best
+
+
+def _priced(planner: Planner, placed: Evaluated, shape: StageShape, seed: int
+            ) -> tuple[Prediction, list[Alternative]]:
+    """The prediction of the rings of `placed` for `shape` (its policy included), and the
+    baselines (Ray's order, a seeded shuffle of the same GPUs) and bound beside it."""
+    best = planner.evaluate(placed.rings, shape)
+    n, dp = shape.ring * shape.ulysses, shape.dp
     alts = []
     ray = planner.ray_default_order(seed)[: n * dp]
     ev = planner.evaluate([ray[i * n:(i + 1) * n] for i in range(dp)], shape)
@@ -144,14 +177,56 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
         prediction = prediction.model_copy(update={
             "ring_hop_bound_seconds": bound.seconds,
             "ring_hop_gap": best.ring.seconds / bound.seconds})
-    policy, policy_notes = policy_without_cluster(stage)  # TODO(helper): the planner's choice
-    notes = notes + policy_notes
-    return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     dims=dims, rings=_workers(best.rings), activation_checkpointing=policy,
-                     bottleneck_links=_bottlenecks(planner, best),
-                     prediction=prediction, alternatives=alts,
-                     notes=notes + more + kv_replication_note(run.model.num_key_value_heads,
-                                                              dims.ulysses))
+    return prediction, alts
+
+
+def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePlan,
+                       placed: Evaluated, seed: int = 0) -> StagePlan:
+    """Every activation checkpointing policy priced on the planned layout (`plan`, whose rings
+    `placed` holds): step time and memory per GPU. A stage that sets its policy keeps it; for
+    'auto' the fastest policy that fits the GPU wins, one that holds more memory only when it
+    is faster by more than TIE. The plan's prediction and baselines are then the chosen
+    policy's."""
+    stage = run.stages[index]
+    profile = planner.profile
+    options = []
+    for policy in CHECKPOINT_POLICIES:
+        cost = planner.evaluate(placed.rings, StageShape.of(run, stage, plan.dims, policy)).cost
+        peak = sum(cost.memory.values())
+        options.append(CheckpointOption(policy=policy, step_seconds=cost.step_seconds,
+                                        peak_gb=peak / GB, fits=peak <= profile.hbm_bytes))
+    by = {o.policy: o for o in options}
+    searched = by[plan.activation_checkpointing]
+    priced = "; ".join(
+        f"{o.policy} {o.step_seconds:,.1f} s, {o.peak_gb:.1f} GB"
+        + ("" if o.fits else f" (over the {profile.hbm_bytes / GB:.0f} GB)") for o in options)
+    if stage.activation_checkpointing != "auto":
+        chosen = searched
+        note = f"activation checkpointing {chosen.policy}, as the stage sets it"
+    else:  # CHECKPOINT_POLICIES lists them by the memory they hold, least first
+        chosen = searched
+        for o in options:
+            if o.fits and o.step_seconds < chosen.step_seconds * (1 - TIE):
+                chosen = o
+        full = by["full"]
+        if chosen is not full:
+            why = (f"{KEEPS[chosen.policy]}: {chosen.peak_gb - full.peak_gb:+.1f} GB per GPU, "
+                   f"{chosen.step_seconds / full.step_seconds - 1:+.0%} step vs full")
+        else:
+            faster = [o for o in options if o.step_seconds < full.step_seconds * (1 - TIE)]
+            why = ("; ".join(f"{o.policy} would take {o.step_seconds / full.step_seconds - 1:+.0%}"
+                             f" step but needs {o.peak_gb:.1f} GB" for o in faster)
+                   + f", over the {profile.hbm_bytes / GB:.0f} GB" if faster else
+                   f"no other policy is faster by more than {TIE:.1%}")
+        note = (f"activation checkpointing auto: {chosen.policy} ({why}; the degrees and rings "
+                f"were searched under {searched.policy}, the policy then chosen on them)")
+    notes = [f"{note}; per policy on this layout: {priced}"]
+    update: dict = {"activation_checkpointing": chosen.policy, "checkpointing_options": options,
+                    "notes": [*plan.notes, *notes]}
+    if chosen is not searched:
+        shape = StageShape.of(run, stage, plan.dims, chosen.policy)
+        update["prediction"], update["alternatives"] = _priced(planner, placed, shape, seed)
+    return plan.model_copy(update=update)
 
 
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
@@ -170,8 +245,10 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
     assumptions += [
         "weights, gradients and AdamW state in the model's storage dtype (fp32: 16 bytes per "
         "parameter) sharded over each stage's shard group (FSDP2; HSDP across groups), layers "
-        "computing in bf16, activations checkpointed per decoder layer, the loss in chunks: the "
-        "memory model describes ray_jobs.train.parallelize and is checked against traces of it "
+        "computing in bf16, activations checkpointed per decoder layer as each stage's policy "
+        "says (full: its input; attention: also ring attention's output and log-sum-exp, so "
+        "the ring runs once forward; none: everything), the loss in chunks: the memory model "
+        "describes ray_jobs.train.parallelize and is checked against traces of it "
         "(ringpilot plan --verify-memory); CUDA context and fragmentation are the reserve",
         "ring K/V transfers overlap the attention block compute only; weight all-gathers overlap "
         "the dense compute only; the data-parallel all-reduce is not overlapped",

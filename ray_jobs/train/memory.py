@@ -9,6 +9,8 @@ workspaces (flash-attn, cuBLAS), the CUDA caching allocator's fragmentation and 
 CUDA context, which the planner's profile reserves separately (`memory_reserve_bytes`).
 
     python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
+
+with --policy attention (or none) to trace another activation checkpointing policy than full.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ray_jobs.train.parallelize import (
     parallelize,
     ring_mean_loss,
 )
-from specs.degrees import CheckpointPolicy, ParallelDims
+from specs.degrees import CHECKPOINT_POLICIES, CheckpointPolicy, ParallelDims
 from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
@@ -142,6 +144,7 @@ class MemoryCheck:
 
     stage: str
     layout: str
+    policy: CheckpointPolicy  # activation checkpointing, as planned
     predicted_bytes: float
     traced_bytes: int
     reserve_bytes: float
@@ -159,8 +162,9 @@ class MemoryCheck:
 
 def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None
                        ) -> list[MemoryCheck]:
-    """Trace every planned stage's layout and set it beside the cost model's peak for the same
-    shape (`layers`: a shallower model for both, for quick checks)."""
+    """Trace every planned stage's layout under its planned activation checkpointing policy
+    and set it beside the cost model's peak for the same shape and policy (`layers`: a
+    shallower model for both, for quick checks)."""
     if layers is not None:
         run = run.model_copy(update={"model": run.model.model_copy(
             update={"num_hidden_layers": layers})})
@@ -168,12 +172,13 @@ def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None
     checks = []
     for stage_plan in plan.stages:
         stage = next(s for s in run.stages if s.name == stage_plan.name)
-        dims = stage_plan.dims
-        trace = trace_stage_memory(run, stage, dims)
-        parts = memory_per_gpu(StageShape.of(run, stage, dims), profile)
+        dims, policy = stage_plan.dims, stage_plan.activation_checkpointing
+        trace = trace_stage_memory(run, stage, dims, policy=policy)
+        parts = memory_per_gpu(StageShape.of(run, stage, dims, policy), profile)
         reserve = sum(v for k, v in parts.items() if k.startswith("reserve"))
         checks.append(MemoryCheck(
-            stage=stage.name, layout=dims.describe(), predicted_bytes=sum(parts.values()) - reserve,
+            stage=stage.name, layout=dims.describe(), policy=policy,
+            predicted_bytes=sum(parts.values()) - reserve,
             traced_bytes=trace.peak_bytes, reserve_bytes=reserve, gpu_bytes=profile.hbm_bytes,
             trace_seconds=trace.seconds))
     return checks
@@ -181,10 +186,10 @@ def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None
 
 def render_checks(checks: list[MemoryCheck]) -> str:
     """The table `ringpilot plan --verify-memory` prints."""
-    lines = [f"{'stage':<8}{'layout':<46}{'predicted':>11}{'traced':>9}{'error':>8}"
+    lines = [f"{'stage':<8}{'layout':<46}{'policy':<11}{'predicted':>11}{'traced':>9}{'error':>8}"
              f"{'+reserve':>10}  fits?"]
     for c in checks:
-        lines.append(f"{c.stage:<8}{c.layout:<46}{c.predicted_bytes / GB:>9.1f}GB"
+        lines.append(f"{c.stage:<8}{c.layout:<46}{c.policy:<11}{c.predicted_bytes / GB:>9.1f}GB"
                      f"{c.traced_bytes / GB:>7.1f}GB{c.error:>+8.1%}"
                      f"{(c.traced_bytes + c.reserve_bytes) / GB:>8.1f}GB  "
                      f"{'yes' if c.fits else f'NO (> {c.gpu_bytes / GB:.0f} GB)'}")
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel degree")
     parser.add_argument("--shard", type=int, help="shard degree (default: the ring)")
     parser.add_argument("--layers", type=int, help="trace fewer decoder layers (tests)")
+    parser.add_argument("--policy", choices=CHECKPOINT_POLICIES, default="full",
+                        help="activation checkpointing policy (default: full)")
     args = parser.parse_args(argv)
     run = load_or_report(args.run, RunSpec)
     if run is None:
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--ring/--dp/--shard: {e}", file=sys.stderr)
         return 2
-    trace = trace_stage_memory(run, stage, dims, layers=args.layers)
+    trace = trace_stage_memory(run, stage, dims, policy=args.policy, layers=args.layers)
     print(json.dumps(asdict(trace)))
     return 0
 

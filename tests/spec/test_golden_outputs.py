@@ -1,5 +1,5 @@
 """What users see stays the same: `ringpilot validate` of every shipped config and the planning
-report of the published 8B recipe, byte for byte against tests/golden/.
+reports of the published 8B and 70B recipes, byte for byte against tests/golden/.
 
 The goldens were written before the seams moved to specs/ (issue "The house"), so this test is
 the proof that the move changed no output. A deliberate change of an output (the cost model, a
@@ -40,8 +40,9 @@ def test_validate_cluster_output_is_unchanged(name, capsys, monkeypatch):
     assert capsys.readouterr().out == (GOLDEN / f"validate-cluster-{name}.txt").read_text()
 
 
-def test_plan_report_of_the_8b_recipe_is_unchanged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["llama3-8b-1m", "llama3-70b-1m"])
+def test_plan_report_of_the_published_recipes_is_unchanged(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main(["plan", "--run", "configs/llama3-8b-1m.yaml", "--out", str(tmp_path)]) == 0
+    assert main(["plan", "--run", f"configs/{name}.yaml", "--out", str(tmp_path)]) == 0
     got = (tmp_path / "report.md").read_text()
-    assert got == (GOLDEN / "plan-llama3-8b-1m.report.md").read_text()
+    assert got == (GOLDEN / f"plan-{name}.report.md").read_text()

@@ -185,6 +185,23 @@ def test_memory_parts_by_hand():
     assert small["loss chunk (logits)"] == 1024 * 32000 * (2 + 4 + 8)
 
 
+def test_memory_of_each_checkpointing_policy_by_hand():
+    """SHAPE (2 layers, n = 4096) under `attention` and `none`, against `full`."""
+    deep = StageShape(**{**SHAPE.__dict__, "layers": 6, "params": 1.2e9})
+    full = memory_per_gpu(deep, PROFILE)
+    kept = memory_per_gpu(StageShape(**{**deep.__dict__, "checkpointing": "attention"}),
+                          PROFILE)
+    n, out_and_lse = 4096, 8 * 128 * 2 + 8 * 4  # bf16 output, fp32 log-sum-exp, 8 heads
+    # the layer phase's peak: the second layer backpropagated, 6 - 2 layers' outputs more
+    assert kept["ring attention outputs kept"] == 4 * n * out_and_lse
+    assert sum(kept.values()) - sum(full.values()) == 4 * n * out_and_lse
+    held = memory_per_gpu(StageShape(**{**deep.__dict__, "checkpointing": "none"}), PROFILE)
+    per_token = (10 * 1024 + 3 * 256 + 4 * 4096) * 2 + (1024 + 2 * 256) * 4 + 8 * 4
+    assert held["activations held"] == 6 * n * per_token  # every layer's, none recomputed
+    assert held["layer recomputed and backpropagated"] == 0
+    assert "ring attention outputs kept" not in full and "ring attention outputs kept" not in held
+
+
 def test_stage_that_does_not_fit_names_stage_and_fix(llama8b_run):
     stage = llama8b_run.stages[0]  # 65,536 tokens on Llama-3 8B
     with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs 49\.\d GB per GPU with "

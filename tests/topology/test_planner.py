@@ -238,3 +238,56 @@ def test_auto_ulysses_without_a_cluster_is_the_ring_alone():
     assert plan.stages[0].dims.ulysses == 1
     assert any("ulysses auto: 1 (ring attention alone) without a cluster description" in n
                for n in plan.stages[0].notes)
+
+
+def _one_stage(run, **changes):
+    """The 65k stage of the 8B recipe alone on one server's 8 GPUs, ring-only."""
+    stage = run.stages[0].model_copy(update={"ulysses_degree": 1, **changes})
+    return run.model_copy(update={"stages": [stage]})
+
+
+def test_auto_checkpointing_keeps_attention_where_it_fits(llama8b_run):
+    """8B at 65k on a ring of 8: 8,192 tokens per GPU; keeping ring attention's output and
+    log-sum-exp costs 8,192 x 8,320 B a layer (at the peak, 32 - 2 layers' more than full:
+    about 2 GB) and saves the ring's second forward pass: auto takes it, and the plan's
+    prediction is the chosen policy's."""
+    stage = plan_run(build_l40s_server(), _one_stage(llama8b_run)).stages[0]
+    by = {o.policy: o for o in stage.checkpointing_options}
+    assert list(by) == ["full", "attention", "none"]
+    assert by["attention"].fits and not by["none"].fits  # none holds every activation
+    assert stage.activation_checkpointing == "attention"
+    assert by["attention"].peak_gb - by["full"].peak_gb == pytest.approx(
+        30 * 8192 * (32 * 128 * 2 + 32 * 4) / 1e9)
+    assert by["attention"].step_seconds < by["full"].step_seconds * 0.9
+    p = stage.prediction
+    assert p.step_seconds == by["attention"].step_seconds
+    assert sum(p.memory_gb.values()) == pytest.approx(by["attention"].peak_gb)
+    # the baselines are priced under the same policy
+    assert stage.alternatives[2].step_seconds <= p.step_seconds
+    assert any(n.startswith("activation checkpointing auto: attention (keeps ring attention's "
+                            "output") and "step vs full" in n for n in stage.notes)
+
+
+def test_auto_checkpointing_falls_back_to_full_where_keeping_does_not_fit(llama8b_run):
+    """The same stage on GPUs of 30.5 GB: full fits (29.4 GB), attention (31.4 GB) does not."""
+    from topology.profile import L40S
+
+    small = L40S.model_copy(update={"hbm_bytes": 30.5e9})
+    stage = plan_run(build_l40s_server(), _one_stage(llama8b_run), profile=small).stages[0]
+    by = {o.policy: o for o in stage.checkpointing_options}
+    assert stage.activation_checkpointing == "full"
+    assert by["full"].fits and not by["attention"].fits
+    assert stage.prediction.step_seconds == by["full"].step_seconds
+    assert any("attention would take -" in n and "over the 30 GB" in n for n in stage.notes)
+
+
+def test_a_stage_that_sets_its_policy_keeps_it_and_gets_every_policy_priced(llama8b_run):
+    run = _one_stage(llama8b_run, activation_checkpointing="full")
+    stage = plan_run(build_l40s_server(), run).stages[0]
+    assert stage.activation_checkpointing == "full"
+    assert [o.policy for o in stage.checkpointing_options] == ["full", "attention", "none"]
+    assert any(n.startswith("activation checkpointing full, as the stage sets it")
+               for n in stage.notes)
+    # a policy that does not fit the GPU is refused, not quietly swapped
+    with pytest.raises(StageDoesNotFit, match=r"stage '65k' needs \d+\.\d GB per GPU"):
+        plan_run(build_l40s_server(), _one_stage(llama8b_run, activation_checkpointing="none"))

@@ -47,6 +47,42 @@ def test_trace_of_a_two_layer_8b_matches_the_cost_model():
     assert trace["parts"]["_FSDPRefType.OPT"] == pytest.approx(2 * sharded, rel=0.01)
 
 
+def test_each_checkpointing_policy_traces_as_the_cost_model_predicts():
+    """Stage 65k of the 8B recipe, four decoder layers, traced under full, attention and none.
+    The memory held by `attention` beyond `full` (ring attention's output and fp32
+    log-sum-exp, kept through the recomputation) is small beside the model state, so its
+    delta is checked on its own: the trace must show it, and the cost model must price it."""
+    layers = 4
+    done = subprocess.run([sys.executable, "-c", (
+        "import json; from specs.loading import load_model; from specs.run import RunSpec;"
+        "from specs.degrees import ParallelDims;"
+        "from ray_jobs.train.memory import trace_stage_memory;"
+        f"run = load_model({str(CONFIG)!r}, RunSpec);"
+        f"traces = {{p: trace_stage_memory(run, run.stages[0], ParallelDims(ring=8), policy=p,"
+        f" layers={layers}) for p in ('full', 'attention', 'none')}};"
+        "print(json.dumps({p: [t.peak_bytes, t.parts['_FSDPRefType.ACT']]"
+        " for p, t in traces.items()}))")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traced = json.loads(done.stdout.strip().splitlines()[-1])
+    run = _shallow(load_model(CONFIG, RunSpec), layers)
+    predicted = {}
+    for policy in traced:
+        shape = StageShape.of(run, run.stages[0], ParallelDims(ring=8), policy)
+        parts = memory_per_gpu(shape, get_profile("l40s"))
+        predicted[policy] = sum(v for k, v in parts.items() if not k.startswith("reserve"))
+        assert abs(predicted[policy] / traced[policy][0] - 1) < 0.10, (policy, predicted, traced)
+    # every layer waiting for its backward keeps its output (bf16) and log-sum-exp (fp32)
+    out_and_lse = 8192 * (32 * 128 * 2 + 32 * 4)  # 8,192 tokens per GPU, 32 heads of 128
+    kept = traced["attention"][1] - traced["full"][1]
+    assert kept == pytest.approx((layers - 1) * out_and_lse, rel=0.01)
+    delta = traced["attention"][0] - traced["full"][0]
+    assert delta > 0
+    assert abs((predicted["attention"] - predicted["full"]) / delta - 1) < 0.10, (delta,
+                                                                                 predicted)
+    assert traced["none"][0] > traced["attention"][0]  # every layer's activations
+
+
 def test_plan_verify_memory_prints_predicted_and_traced(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ringpilot.cli", "plan", "--run", str(CONFIG),
                            "--out", str(tmp_path), "--verify-memory", "--trace-layers", "2"],
@@ -55,6 +91,7 @@ def test_plan_verify_memory_prints_predicted_and_traced(tmp_path):
     assert "predicted" in done.stdout and "traced" in done.stdout
     checks = json.loads((tmp_path / "memory.json").read_text())
     assert [c["stage"] for c in checks] == ["65k", "262k", "524k", "1m"]
+    assert [c["policy"] for c in checks] == ["attention"] * 4  # as planned (golden report)
     assert all(c["fits"] and abs(c["error"]) < 0.10 for c in checks), checks
 
 
@@ -67,6 +104,9 @@ def test_70b_recipe_plans_a_shard_group_that_fits():
     for s in plan.stages:
         assert s.dims.shard > s.dims.ring or s.dims.dp == 1  # a ring alone is too small
         assert sum(s.prediction.memory_gb.values()) <= 48.0
+        # 8,192 tokens per GPU: keeping 78 layers' ring outputs does not fit beside 70B's state
+        by = {o.policy: o for o in s.checkpointing_options}
+        assert s.activation_checkpointing == "full" and not by["attention"].fits
         assert s.dims.world == s.dims.ring * s.dims.dp
 
 
