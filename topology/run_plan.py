@@ -224,8 +224,19 @@ def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePl
     update: dict = {"activation_checkpointing": chosen.policy, "checkpointing_options": options,
                     "notes": [*plan.notes, *notes]}
     if chosen is not searched:
+        # The rings were ordered for the searched policy's mix of compute and traffic: order
+        # them again for the chosen one (same degrees), so the plan is the search's best for
+        # what the trainer runs, and never worse than Ray's order under it.
+        stage = stage.model_copy(update={"activation_checkpointing": chosen.policy})
+        placed, _ = planner.plan_rings(_with_stage(run, index, activation_checkpointing=
+                                                   chosen.policy), stage, plan.dims)
         shape = StageShape.of(run, stage, plan.dims, chosen.policy)
         update["prediction"], update["alternatives"] = _priced(planner, placed, shape, seed)
+        update["rings"] = _workers(placed.rings)
+        update["bottleneck_links"] = _bottlenecks(planner, placed)
+        update["checkpointing_options"] = [
+            o.model_copy(update={"step_seconds": update["prediction"].step_seconds})
+            if o is chosen else o for o in options]
     return plan.model_copy(update=update)
 
 
