@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/memory.py --max-ring 8   # full depth; run time: RESULTS.md
     .venv/bin/python benchmarks/memory.py --layers 2     # reduced depth, a few minutes
 
-1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout the
-   planner chooses on its cluster (configs/llama3-{8b,70b}-1m.yaml), the cost model's peak per
+1. memory_model_error_max: for Llama-3 8B and 70B, every published stage at the layout and
+   activation checkpointing policy the planner chooses on its cluster
+   (configs/llama3-{8b,70b}-1m.yaml), the cost model's peak per
    GPU (reserve excluded) against an FSDPMemTracker trace of the trainer's own parallelize()
    under FakeTensorMode on a fake process group (ray_jobs.train.memory): max |predicted - traced| /
    traced. trace_seconds_8b: the wall time of the first 8B trace.
@@ -16,8 +17,9 @@
    freed tensor's pages go back to the OS and the resident set follows live tensors; the rise
    under glibc's default (freed blocks kept in the heap, like a caching allocator's reserve) is
    printed beside it.
-3. fsdp_step_ratio_vs_ddp: tokens/s of that tiny stage through parallelize() (FSDP2, activation
-   checkpointing, chunked loss) over the same ring with the model replicated under
+3. fsdp_step_ratio_vs_ddp: tokens/s of that tiny stage through parallelize() (FSDP2, the
+   stage's activation checkpointing policy, chunked loss) over the same ring with the model
+   replicated under
    DistributedDataParallel and a full-logits loss (the trainer before FSDP2), same processes.
 Last line: one JSON object. Timings on a shared 2-core machine are noisy.
 """
@@ -45,14 +47,14 @@ from specs.run import RunSpec  # noqa: E402
 from tests.support.worlds import run_world  # noqa: E402
 from topology.cost import StageShape, memory_per_gpu  # noqa: E402
 from topology.profile import get_profile  # noqa: E402
-from topology.run_plan import plan_run  # noqa: E402
+from topology.run_plan import plan_from_workers, plan_run  # noqa: E402
 from topology.sources import load_cluster  # noqa: E402
 
 GB = 1e9
 
 
-def predicted_bytes(run: RunSpec, stage, dims: ParallelDims) -> float:
-    parts = memory_per_gpu(StageShape.of(run, stage, dims), get_profile("l40s"))
+def predicted_bytes(run: RunSpec, stage, dims: ParallelDims, policy: str | None = None) -> float:
+    parts = memory_per_gpu(StageShape.of(run, stage, dims, policy), get_profile("l40s"))
     return sum(v for k, v in parts.items() if not k.startswith("reserve"))
 
 
@@ -68,9 +70,11 @@ def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], fl
         for sp in plan.stages:
             stage = next(s for s in run.stages if s.name == sp.name)
             dims = sp.dims
-            trace = trace_stage_memory(run, stage, dims, max_ring=max_ring)
-            pred = predicted_bytes(run, stage, dims)
+            policy = sp.activation_checkpointing  # the plan's, as the trainer applies it
+            trace = trace_stage_memory(run, stage, dims, policy=policy, max_ring=max_ring)
+            pred = predicted_bytes(run, stage, dims, policy)
             rows.append({"model": name, "stage": sp.name, "layout": dims.describe(),
+                         "checkpointing": policy,
                          "layers": trace.layers, "predicted_gb": pred / GB,
                          "traced_gb": trace.peak_bytes / GB,
                          "error": (pred - trace.peak_bytes) / trace.peak_bytes,
@@ -78,7 +82,8 @@ def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], fl
             if first_8b is None:
                 first_8b = trace.seconds
             r = rows[-1]
-            print(f"{name:<14}{sp.name:<6}{r['layout']:<34}{r['layers']:>4} layers  predicted "
+            print(f"{name:<14}{sp.name:<6}{r['layout']:<34}{policy:<10}{r['layers']:>4} layers  "
+                  "predicted "
                   f"{r['predicted_gb']:6.1f} GB  traced {r['traced_gb']:6.1f} GB  "
                   f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)"
                   + (f"  traced as {trace.traced_as}" if trace.traced_as else ""), flush=True)
@@ -137,7 +142,8 @@ def _tiny_session(layout, mode: str, steps: int) -> float:
     pos = zigzag_position_ids(seq, layout.ring_rank, 2).unsqueeze(0).expand(per_ring, -1)
     if mode == "fsdp":
         root = parallelize(model, layout, mixed_precision=None,
-                           activation_checkpointing="full",  # the trace it is compared with
+                           activation_checkpointing=plan_from_workers(
+                               {"local": 2}, run).stages[index].activation_checkpointing,
                            loss_chunk_tokens=run.training.loss_chunk_tokens)
         opt = build_optimizer(root, stage.lr)
 
