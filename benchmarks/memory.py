@@ -82,7 +82,7 @@ def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], fl
             if first_8b is None:
                 first_8b = trace.seconds
             r = rows[-1]
-            print(f"{name:<14}{sp.name:<6}{r['layout']:<34}{policy:<10}{r['layers']:>4} layers  "
+            print(f"{name:<14}{sp.name:<6}{r['layout']:<34} {policy:<10}{r['layers']:>4} layers  "
                   "predicted "
                   f"{r['predicted_gb']:6.1f} GB  traced {r['traced_gb']:6.1f} GB  "
                   f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)"
