@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,46 @@ from specs.ledger import contained
 from specs.run import KamradtSpec, RulerSpec
 
 log = logging.getLogger("ringpilot.eval")
+# ringpilot's own loggers in the actor: the job's console keeps them while the libraries' output
+# goes to the run's log file (library_output_to)
+OWN_LOGGERS = ("ringpilot", "ray_jobs")
+LIBRARY_LOG = "evaluation.log"  # in the run directory's logs/
+
+
+@contextmanager
+def library_output_to(path: Path) -> Iterator[None]:
+    """Inside the block, what the libraries write (lm-eval's, datasets' and transformers'
+    loggers and progress bars, and the subprocesses they start, such as lm-eval's `git
+    describe`) goes to the file `path` instead of the process's stdout and stderr, which Ray
+    forwards to the job's console; ringpilot's own log lines keep the console. Works on the
+    file descriptors, so output written below Python (a subprocess, a C library) follows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    handler = logging.StreamHandler(console)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    own = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in OWN_LOGGERS]
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        for logger, _ in own:
+            logger.addHandler(handler)
+            logger.propagate = False
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+        for logger, propagate in own:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        console.close()
 
 
 @dataclass(frozen=True)
@@ -230,4 +272,5 @@ class EvalActor:
         return os.getpid()
 
     def evaluate(self, request: EvalRequest, fn: EvaluateFn | None = None) -> EvalSummary:
-        return (fn or evaluate_request)(request)
+        with library_output_to(Path(request.run_dir) / "logs" / LIBRARY_LOG):
+            return (fn or evaluate_request)(request)

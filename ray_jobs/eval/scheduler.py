@@ -246,8 +246,12 @@ class EvalScheduler:
         import ray
 
         e = self.run.eval
+        # tqdm's bars (lm-eval's sample generation, datasets') off from the actor's start: the
+        # variable is read when tqdm is imported. Their other output goes to the run's log file
+        # (pipeline.library_output_to).
         cls = ray.remote(EvalActor).options(num_cpus=e.cpus, num_gpus=e.gpus, max_restarts=0,
-                                             max_concurrency=1)
+                                             max_concurrency=1,
+                                             runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
         return cls.remote(max(1, int(e.cpus)), offline=e.ruler is not None and e.ruler.offline)
 
     def _kill_actor(self) -> None:

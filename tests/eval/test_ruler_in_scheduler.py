@@ -5,6 +5,8 @@ needle-in-a-haystack test on the run's haystack files, beside it."""
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -19,6 +21,31 @@ from tests.eval.test_scheduler import tiny_run
 from tests.support import eval_fixtures as fixtures
 
 pytestmark = pytest.mark.ray
+
+# What must not reach the job's console from an evaluation actor: tqdm's bars, terminal escape
+# sequences, and the libraries' log lines (lm-eval's, datasets', transformers') and advice
+LIBRARY_NOISE = re.compile(r"\d+%\||it/s\]|\x1b\[|Generating synthetic samples|Custom kwargs|"
+                           r"\[(?:task|evaluator|utils|registry|huggingface)\.py:\d+\]|"
+                           r"^(?:INFO|WARNING|DEBUG) +\[|fatal: not a git repository", re.M)
+
+
+def worker_output() -> dict[Path, int]:
+    """Every Ray worker's stdout and stderr file in this session (what log_to_driver forwards
+    to the driver's console) and its size now."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return {p: p.stat().st_size for p in logs.glob("worker-*") if p.suffix in (".out", ".err")}
+
+
+def written_since(sizes: dict[Path, int]) -> str:
+    """What the session's workers wrote to their stdout and stderr since `sizes`."""
+    text = []
+    for path, size in worker_output().items():
+        with path.open("rb") as f:
+            f.seek(sizes.get(path, 0))
+            text.append(f.read().decode("utf-8", "replace"))
+    return "".join(text)
 
 
 def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_cluster, tmp_path):
@@ -41,11 +68,17 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     for step, final in ((2, False), (4, True)):
         path = fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(run_dir, "s192", step))
         ledger.commit_checkpoint("s192", step, path, final=final)
+    before = worker_output()
     scheduler = EvalScheduler(run, run_dir, spec_dir=tmp_path).start()
     scheduler.stop(wait=True, timeout=600)
     evals = ledger.read().stages["s192"].eval
     middle, final = (evals[f"checkpoints/s192/step-{s:06d}"] for s in (2, 4))
     assert (middle.status, final.status) == ("done", "done"), (middle.error, final.error)
+    # lm-eval ran RULER in the actor: its output is in the run's log file, not on the console
+    console = written_since(before)
+    assert not LIBRARY_NOISE.search(console), LIBRARY_NOISE.search(console).group(0) + console
+    library = (run_dir / "logs" / "evaluation.log").read_text()
+    assert "Custom kwargs can be passed" in library  # lm-eval's advice, kept for the curious
     assert load_results(run_dir / middle.results).ruler is None  # final_only
     res = load_results(run_dir / final.results)
     # Kamradt's test ran too, on its own depth grid, on the haystack resolved beside the run file
