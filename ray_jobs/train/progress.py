@@ -116,6 +116,12 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
     return table
 
 
+# Below this size a model trained here (the tiny default: 0.5M) has learned no language, so
+# RULER's natural-language prompts score near 0 whatever its context length: the summary says
+# what the numbers are for.
+PLUMBING_ONLY_PARAMS = 100_000_000
+
+
 def ruler_table(run: RunSpec, doc, run_dir: Path) -> Table | None:
     """RULER as published, per stage's evaluated checkpoints that ran it: per length, the mean
     over lm-eval's RULER tasks x 100 with its 95% interval and samples; None without eval.ruler."""
@@ -149,6 +155,10 @@ def ruler_table(run: RunSpec, doc, run_dir: Path) -> Table | None:
                               ", ".join(skipped) or "-")
     table.caption = ("each checkpoint's tables.md has the per-task scores and the reasons; "
                      "lm-eval's own results are beside it (ruler/lm_eval_results.json)")
+    if run.model.num_parameters < PLUMBING_ONLY_PARAMS:
+        table.caption = (f"a {run.model.num_parameters / 1e6:.1f}M-parameter model has never "
+                         "read RULER's instructions: its scores test the pipeline, not the "
+                         "model; " + table.caption)
     return table if table.row_count else None
 
 

@@ -107,6 +107,7 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     console.print(ruler_table(run, ledger.read(), run_dir))
     printed = console.file.getvalue()
     assert "RULER (lm-eval's tasks" in printed and "step-000004" in printed
+    assert "has never read RULER's instructions" in printed  # a tiny model's scores, explained
     line = next(x for x in printed.splitlines() if "1,024" in x)
     assert f"{row['score']:.1f}" in line and "niah_single_2" in line  # listed as not run
     assert "step-000002" not in printed
