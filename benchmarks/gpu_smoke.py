@@ -1,28 +1,32 @@
 """The GPU path's first run: a smoke check on one CUDA device, under ten minutes, no network.
 
-    .venv/bin/python benchmarks/gpu_smoke.py                  # on a GPU machine
+    .venv/bin/python benchmarks/gpu_smoke.py                  # on a GPU machine, one device
     .venv/bin/python benchmarks/gpu_smoke.py --device cpu --quick   # the same checks on CPU
 
 Prints one JSON line (the last). Without a CUDA device it prints {"skipped": why} and exits 0;
-`--device cpu` runs every check on the CPU kernels instead, which is how the test suite keeps
-this script honest on machines without a GPU. What it checks, each against an fp32 reference
-computed from the same (bf16-rounded) inputs:
+`--device cpu` runs every check on the CPU kernels (gloo instead of NCCL), which is how the test
+suite keeps this script honest on machines without a GPU. `ok` is true only when every check of
+the mode ran and passed: a check that did not run, or ran and could not say, is a failure.
+Exit status 0 iff `ok`.
 
+One device (no torchrun, or a world of one). Each check against an fp32 reference computed from
+the same (bf16-rounded) inputs:
 1. kernel parity, for every block kernel available on the device (on CUDA: torch's own flash
    op, and flash-attn when it imports): forward output, log-sum-exp, dq, dk, dv, causal and
    not, at B=2, H=32, Hk=8, D=128, S=1024 in bf16. Errors are max |got - want| / max |want|.
 2. an emulated ring of P = 2, 3, 4 on one device: the zigzag block plan, the kernel and the
    log-sum-exp merge called directly (no process group, no autograd), forward and backward,
    against full attention.
-3. the point-to-point exchange (NCCL on CUDA, gloo on CPU) on a ring of one rank sending to
-   itself: what arrives is what was sent.
+3. (CUDA only) the point-to-point exchange over NCCL on a ring of one rank sending to itself:
+   what arrives is what was sent. gloo refuses a send to oneself, so on CPU this check is not
+   part of the mode.
 4. a tiny bf16 Llama's loss and gradients with attn_implementation "ring" (a ring of one) and
    "sdpa".
 5. the precision policy: the share of the weights with a gradient that one AdamW step at
    lr 2e-5 changes, with fp32 master weights and bf16 compute (the trainer's default), and
    with bf16 storage for contrast; the peak memory of that step per parameter (CUDA only).
-`ok` is true when every error is within its bound (bf16: 2e-2 for outputs and gradients of
-the kernels and rings, 5e-2 for the Llama's gradients) and the policy step moves every weight.
+Bounds (bf16): 2e-2 for the kernels and rings, 5e-2 for the Llama's loss and gradients; the
+policy step must move every weight.
 """
 
 from __future__ import annotations
@@ -61,6 +65,44 @@ from ray_jobs.ring_attention.ring import plan_block  # noqa: E402
 KERNEL_BOUND, LLAMA_BOUND = 2e-2, 5e-2
 FULL = {"batch": 2, "heads": 32, "kv_heads": 8, "head_dim": 128, "seq": 1024, "ring_seq": 1152}
 QUICK = {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 64, "seq": 128, "ring_seq": 96}
+# The checks that must run and pass (on CUDA also "self_exchange").
+SINGLE_CHECKS = ("kernel_parity", "emulated_ring", "llama_loss", "llama_grads",
+                 "policy_moves_every_weight")
+
+
+# The arguments handed to torch for a device are built here, apart, so that a CPU test can check
+# them: no GPU runs CI, and an unindexed torch.device("cuda") as device_id once crashed this
+# script on the first CUDA machine (torch refuses it: "Please use a device_id with index").
+def local_rank() -> int:
+    """This process's GPU on its node: torchrun's LOCAL_RANK, 0 when run alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_device(kind: str, rank: int) -> torch.device:
+    """The device this process computes on: cuda:<rank> (always indexed), or the CPU."""
+    if kind == "cuda":
+        return torch.device("cuda", rank)
+    if kind == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device kind must be 'cuda' or 'cpu', got {kind!r}")
+
+
+def process_group_args(device: torch.device, rank: int) -> dict:
+    """backend and device_id for init_process_group: NCCL bound to this rank's indexed GPU, or
+    gloo (no device_id) on the CPU."""
+    if device.type == "cpu":
+        return {"backend": "gloo", "device_id": None}
+    if device.type != "cuda" or device.index is None or device.index != rank:
+        raise ValueError(f"NCCL needs device_id cuda:<LOCAL_RANK> = cuda:{rank}, got {device}; "
+                         "build it with build_device('cuda', local_rank())")
+    return {"backend": "nccl", "device_id": device}
+
+
+def all_passed(per_rank: list[dict], expected: tuple[str, ...]) -> bool:
+    """True only when every rank reports every expected check, and each one is exactly True: a
+    check missing, None (it could not say) or anything else counts as a failure."""
+    return bool(per_rank) and bool(expected) and all(
+        checks.get(name) is True for checks in per_rank for name in expected)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -165,9 +207,8 @@ def init_world_of_one(device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(store=store, rank=0, world_size=1,
+                            **process_group_args(device, local_rank()))
 
 
 def self_exchange(device) -> dict:
@@ -177,7 +218,7 @@ def self_exchange(device) -> dict:
     received = [torch.empty_like(t) for t in sent]
     try:
         Exchange(ring, sent, received, tag=1).wait()
-    except RuntimeError as err:  # gloo may refuse a send to oneself; say so, don't fail
+    except RuntimeError as err:  # reported, and `ok` None counts as a failed check
         return {"ok": None, "error": str(err).splitlines()[0]}
     return {"ok": all(torch.equal(a, b) for a, b in zip(sent, received))}
 
@@ -244,6 +285,47 @@ def policy_step(device, storage: torch.dtype, seq: int) -> dict:
     return {"share_changed": changed / moved, "peak_bytes_per_param": peak}
 
 
+def single_device(device: torch.device, quick: bool) -> dict:
+    """The one-device checks (module docstring); the report, with `checks` and `ok`."""
+    shape = QUICK if quick else FULL
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else "cpu", "torch": torch.__version__, "world_size": 1, "shape": shape,
+                    "selected_kernel": select_block_kernel(device.type).record()}
+    report["kernels"] = {name: kernel_parity(kernel, shape, device)
+                         for name, kernel in available_kernels(device).items()}
+    kernel = select_block_kernel(device.type).kernel
+    report["emulated_ring"] = {f"p{p}": emulated_ring(kernel, shape, p, device) for p in (2, 3, 4)}
+    init_world_of_one(device)
+    try:
+        if device.type == "cuda":
+            report["self_exchange"] = self_exchange(device)
+        report["llama_ring_vs_sdpa"] = llama_ring_vs_sdpa(device, 64 if quick else 512)
+        seq = 64 if quick else 1024
+        fp32 = policy_step(device, torch.float32, seq)
+        bf16 = policy_step(device, torch.bfloat16, seq)
+    finally:
+        dist.destroy_process_group()
+    report["share_of_weights_changed_lr2e-5"] = fp32["share_changed"]
+    report["share_of_weights_changed_lr2e-5_bf16_storage"] = bf16["share_changed"]
+    report["peak_bytes_per_param"] = fp32["peak_bytes_per_param"]
+    kernel_errors = [e for k in report["kernels"].values() for e in k.values()]
+    ring_errors = [e for r in report["emulated_ring"].values() for e in r.values()]
+    llama = report["llama_ring_vs_sdpa"]
+    checks = {
+        "kernel_parity": bool(kernel_errors) and max(kernel_errors) <= KERNEL_BOUND,
+        "emulated_ring": bool(ring_errors) and max(ring_errors) <= KERNEL_BOUND,
+        "llama_loss": llama["loss_rel_err"] <= LLAMA_BOUND,
+        "llama_grads": llama["grad_rel_err_max"] <= LLAMA_BOUND,
+        "policy_moves_every_weight": fp32["share_changed"] == 1.0,
+    }
+    if "self_exchange" in report:
+        checks["self_exchange"] = report["self_exchange"]["ok"]
+    expected = SINGLE_CHECKS + (("self_exchange",) if device.type == "cuda" else ())
+    report["checks"] = checks
+    report["ok"] = all_passed([checks], expected)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -253,36 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"skipped": "no CUDA device here (torch.cuda.is_available() is False); "
                           "run it on a GPU machine, or pass --device cpu for the CPU kernels"}))
         return 0
-    device = torch.device(args.device)
-    shape = QUICK if args.quick else FULL
+    device = build_device(args.device, local_rank())
     start = time.perf_counter()
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else "cpu", "torch": torch.__version__, "shape": shape,
-                    "selected_kernel": select_block_kernel(device.type).record()}
-    report["kernels"] = {name: kernel_parity(kernel, shape, device)
-                         for name, kernel in available_kernels(device).items()}
-    kernel = select_block_kernel(device.type).kernel
-    report["emulated_ring"] = {f"p{p}": emulated_ring(kernel, shape, p, device) for p in (2, 3, 4)}
-    init_world_of_one(device)
-    try:
-        report["self_exchange"] = self_exchange(device)
-        report["llama_ring_vs_sdpa"] = llama_ring_vs_sdpa(device, 64 if args.quick else 512)
-        seq = 64 if args.quick else 1024
-        fp32 = policy_step(device, torch.float32, seq)
-        bf16 = policy_step(device, torch.bfloat16, seq)
-    finally:
-        dist.destroy_process_group()
-    report["share_of_weights_changed_lr2e-5"] = fp32["share_changed"]
-    report["share_of_weights_changed_lr2e-5_bf16_storage"] = bf16["share_changed"]
-    report["peak_bytes_per_param"] = fp32["peak_bytes_per_param"]
-    errors = [e for k in report["kernels"].values() for e in k.values()]
-    errors += [e for r in report["emulated_ring"].values() for e in r.values()]
-    llama = report["llama_ring_vs_sdpa"]
-    report["ok"] = bool(max(errors) <= KERNEL_BOUND
-                        and llama["loss_rel_err"] <= LLAMA_BOUND
-                        and llama["grad_rel_err_max"] <= LLAMA_BOUND
-                        and report["self_exchange"]["ok"] is not False
-                        and fp32["share_changed"] == 1.0)
+    report = single_device(device, args.quick)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report))
     return 0 if report["ok"] else 1
