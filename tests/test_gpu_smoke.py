@@ -1,5 +1,5 @@
 """benchmarks/gpu_smoke.py: skips cleanly without CUDA, its checks pass on the CPU kernels (every
-step of it but the CUDA kernels themselves runs here); the
+step of it but the CUDA kernels themselves runs here), alone and as two torchrun ranks; the
 arguments it hands torch for a GPU are the ones torch accepts; an unknown check is a failure."""
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ class _Stop(Exception):
     pass
 
 
-def test_what_the_script_hands_init_process_group_on_cuda(monkeypatch):
-    """The script's own call into torch, up to init_process_group, with that call replaced by
+@pytest.mark.parametrize("world", [1, 2])
+def test_what_each_mode_hands_init_process_group_on_cuda(monkeypatch, world):
+    """Both modes' own call into torch, up to init_process_group, with that call replaced by
     torch's device_id checks (which need a GPU to run for real)."""
     seen = {}
 
@@ -104,8 +105,13 @@ def test_what_the_script_hands_init_process_group_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.update(set_device=device))
     device = smoke.build_device("cuda", smoke.local_rank())
     with pytest.raises(_Stop):
-        smoke.init_world_of_one(device)
+        if world == 1:
+            smoke.init_world_of_one(device)
+        else:
+            smoke.multi_rank(device, smoke.LAYER_QUICK, corrupt_rank=None)
     assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 1)
+    if world > 1:
+        assert seen["set_device"] == torch.device("cuda", 1)
 
 
 # Unknown is failure: a check that did not run, or could not say, fails the run.
@@ -118,3 +124,35 @@ def test_ok_only_when_every_rank_passed_every_check():
         assert not smoke.all_passed([{"a": True, "b": True}, broken], expected), broken
     assert not smoke.all_passed([], expected)
     assert not smoke.all_passed([{"a": True}], ())
+
+
+def _torchrun(*args: str) -> tuple[int, list[str]]:
+    from ray_jobs.ray_setup import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT),
+         "--device", "cpu", "--quick", *args],
+        capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout.strip().splitlines()
+
+
+def test_two_ranks_run_the_ring_layer_against_sdpa_on_cpu():
+    rc, lines = _torchrun()
+    report = json.loads(lines[-1])
+    assert rc == 0 and report["world_size"] == 2 and report["ok"] is True, report
+    assert sum(line.startswith("{") for line in lines) == 1  # rank 1 prints no second report
+    errors = report["ring_vs_sdpa_errors"]
+    assert sorted(errors) == sorted(("out", "input_grad", "attn_out", "attn_input_grad"))
+    # bf16 ring against the fp32 reference: small, and not zero (the two really differ)
+    assert all(0 < e < 2e-2 for e in errors.values()), errors
+    assert report["ring_vs_sdpa_max_err"] == max(errors.values())
+    assert report["failed_checks"] == [] and report["ring_max_memory_allocated_gib"] is None
+
+
+def test_one_broken_rank_turns_ok_false_on_rank_0():
+    rc, lines = _torchrun("--corrupt-rank", "1")
+    report = json.loads(lines[-1])
+    assert rc == 1 and report["ok"] is False, report
+    assert report["failed_checks"] == ["ring_vs_sdpa_attn_out"]
+    assert report["ring_vs_sdpa_errors"]["attn_out"] > 0.5
