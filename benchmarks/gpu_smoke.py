@@ -1,33 +1,53 @@
-"""The GPU path's first run: a smoke check on one CUDA device, under ten minutes, no network.
+"""The GPU path's first run: a smoke check on one CUDA device, or on N under torchrun; no network.
 
-    .venv/bin/python benchmarks/gpu_smoke.py                  # on a GPU machine
+    .venv/bin/python benchmarks/gpu_smoke.py                  # on a GPU machine, one device
     .venv/bin/python benchmarks/gpu_smoke.py --device cpu --quick   # the same checks on CPU
+    .venv/bin/torchrun --nproc-per-node N benchmarks/gpu_smoke.py   # N >= 2 GPUs: the real ring
+    .venv/bin/torchrun --nproc-per-node 2 benchmarks/gpu_smoke.py --device cpu --quick
 
-Prints one JSON line (the last). Without a CUDA device it prints {"skipped": why} and exits 0;
-`--device cpu` runs every check on the CPU kernels instead, which is how the test suite keeps
-this script honest on machines without a GPU. What it checks, each against an fp32 reference
-computed from the same (bf16-rounded) inputs:
+Prints one JSON line (the last; under torchrun rank 0 prints it, the other ranks nothing). Without
+a CUDA device it prints {"skipped": why} and exits 0; `--device cpu` runs every check on the CPU
+kernels (gloo instead of NCCL), which is how the test suite keeps this script honest on machines
+without a GPU. `ok` is true only when every check of the mode ran (on every rank) and passed: a
+check that did not run, or ran and could not say, is a failure. Exit status 0 iff `ok`.
 
+One device (no torchrun, or a world of one). Each check against an fp32 reference computed from
+the same (bf16-rounded) inputs:
 1. kernel parity, for every block kernel available on the device (on CUDA: torch's own flash
    op, and flash-attn when it imports): forward output, log-sum-exp, dq, dk, dv, causal and
    not, at B=2, H=32, Hk=8, D=128, S=1024 in bf16. Errors are max |got - want| / max |want|.
 2. an emulated ring of P = 2, 3, 4 on one device: the zigzag block plan, the kernel and the
    log-sum-exp merge called directly (no process group, no autograd), forward and backward,
    against full attention.
-3. the point-to-point exchange (NCCL on CUDA, gloo on CPU) on a ring of one rank sending to
-   itself: what arrives is what was sent.
+3. (CUDA only) the point-to-point exchange over NCCL on a ring of one rank sending to itself:
+   what arrives is what was sent. gloo refuses a send to oneself, so on CPU this check is not
+   part of the mode; the multi-rank mode checks the exchange between two ranks instead.
 4. a tiny bf16 Llama's loss and gradients with attn_implementation "ring" (a ring of one) and
    "sdpa".
 5. the precision policy: the share of the weights with a gradient that one AdamW step at
    lr 2e-5 changes, with fp32 master weights and bf16 compute (the trainer's default), and
    with bf16 storage for contrast; the peak memory of that step per parameter (CUDA only).
-`ok` is true when every error is within its bound (bf16: 2e-2 for outputs and gradients of
-the kernels and rings, 5e-2 for the Llama's gradients) and the policy step moves every weight.
+Bounds (bf16): 2e-2 for the kernels and rings, 5e-2 for the Llama's loss and gradients; the
+policy step must move every weight.
+
+N ranks (torchrun, WORLD_SIZE >= 2; one process per GPU, NCCL bound to cuda:LOCAL_RANK):
+1. the ring's exchange between the N ranks: each receives exactly what its previous peer sent.
+2. one Llama-3-8B-shaped decoder layer (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336;
+   `--quick`: 256, 8 / 2 heads of 32, MLP 512) in bf16 with attn_implementation "ring" bound by
+   apply_ring_attention: each rank runs its zigzag shard of 8192 tokens (`--quick`: 64) of a
+   sequence of 8192 N, forward and backward, through ring_attention (zigzag block plan, the
+   log-sum-exp merge, the exchange). Every rank also runs the same layer, upcast to fp32, with
+   "sdpa" on the whole sequence, and compares its shard of: the layer's output and input
+   gradient, and the attention's output and the gradient at its input (without the residual,
+   which would hide an attention error). Errors as above, max over ranks (all_reduce); bound 5e-2.
+Reported beside them, not checked: the ring layer's forward+backward seconds (the second of two
+runs, max over ranks), the reference's seconds, and torch.cuda.max_memory_allocated (CUDA only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -46,7 +66,9 @@ from ray_jobs.ring_attention import (  # noqa: E402
     Ring,
     apply_ring_attention,
     merge_block,
+    resolve_ring,
     select_block_kernel,
+    zigzag_position_ids,
     zigzag_shard,
     zigzag_unshard,
 )
@@ -61,6 +83,52 @@ from ray_jobs.ring_attention.ring import plan_block  # noqa: E402
 KERNEL_BOUND, LLAMA_BOUND = 2e-2, 5e-2
 FULL = {"batch": 2, "heads": 32, "kv_heads": 8, "head_dim": 128, "seq": 1024, "ring_seq": 1152}
 QUICK = {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 64, "seq": 128, "ring_seq": 96}
+# One decoder layer of Llama 3 8B, and a shrunken one that runs on two CPU cores in seconds.
+LAYER_FULL = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128,
+              "tokens_per_rank": 8192}
+LAYER_QUICK = {"hidden": 256, "intermediate": 512, "heads": 8, "kv_heads": 2, "head_dim": 32,
+               "tokens_per_rank": 64}
+# What the layer check compares, ring shard against the fp32 "sdpa" reference's shard.
+LAYER_QUANTITIES = ("out", "input_grad", "attn_out", "attn_input_grad")
+# The checks each mode must run and pass (on CUDA the one-device mode adds "self_exchange").
+SINGLE_CHECKS = ("kernel_parity", "emulated_ring", "llama_loss", "llama_grads",
+                 "policy_moves_every_weight")
+MULTI_CHECKS = ("ring_exchange", *(f"ring_vs_sdpa_{q}" for q in LAYER_QUANTITIES))
+
+
+# The arguments handed to torch for a device are built here, apart, so that a CPU test can check
+# them: no GPU runs CI, and an unindexed torch.device("cuda") as device_id once crashed this
+# script on the first CUDA machine (torch refuses it: "Please use a device_id with index").
+def local_rank() -> int:
+    """This process's GPU on its node: torchrun's LOCAL_RANK, 0 when run alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_device(kind: str, rank: int) -> torch.device:
+    """The device this process computes on: cuda:<rank> (always indexed), or the CPU."""
+    if kind == "cuda":
+        return torch.device("cuda", rank)
+    if kind == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device kind must be 'cuda' or 'cpu', got {kind!r}")
+
+
+def process_group_args(device: torch.device, rank: int) -> dict:
+    """backend and device_id for init_process_group: NCCL bound to this rank's indexed GPU, or
+    gloo (no device_id) on the CPU."""
+    if device.type == "cpu":
+        return {"backend": "gloo", "device_id": None}
+    if device.type != "cuda" or device.index is None or device.index != rank:
+        raise ValueError(f"NCCL needs device_id cuda:<LOCAL_RANK> = cuda:{rank}, got {device}; "
+                         "build it with build_device('cuda', local_rank())")
+    return {"backend": "nccl", "device_id": device}
+
+
+def all_passed(per_rank: list[dict], expected: tuple[str, ...]) -> bool:
+    """True only when every rank reports every expected check, and each one is exactly True: a
+    check missing, None (it could not say) or anything else counts as a failure."""
+    return bool(per_rank) and bool(expected) and all(
+        checks.get(name) is True for checks in per_rank for name in expected)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -165,9 +233,8 @@ def init_world_of_one(device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(store=store, rank=0, world_size=1,
+                            **process_group_args(device, local_rank()))
 
 
 def self_exchange(device) -> dict:
@@ -177,7 +244,7 @@ def self_exchange(device) -> dict:
     received = [torch.empty_like(t) for t in sent]
     try:
         Exchange(ring, sent, received, tag=1).wait()
-    except RuntimeError as err:  # gloo may refuse a send to oneself; say so, don't fail
+    except RuntimeError as err:  # reported, and `ok` None counts as a failed check
         return {"ok": None, "error": str(err).splitlines()[0]}
     return {"ok": all(torch.equal(a, b) for a, b in zip(sent, received))}
 
@@ -244,20 +311,11 @@ def policy_step(device, storage: torch.dtype, seq: int) -> dict:
     return {"share_changed": changed / moved, "peak_bytes_per_param": peak}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="small shapes (seconds on a CPU)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"skipped": "no CUDA device here (torch.cuda.is_available() is False); "
-                          "run it on a GPU machine, or pass --device cpu for the CPU kernels"}))
-        return 0
-    device = torch.device(args.device)
-    shape = QUICK if args.quick else FULL
-    start = time.perf_counter()
+def single_device(device: torch.device, quick: bool) -> dict:
+    """The one-device checks (module docstring); the report, with `checks` and `ok`."""
+    shape = QUICK if quick else FULL
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else "cpu", "torch": torch.__version__, "shape": shape,
+                    else "cpu", "torch": torch.__version__, "world_size": 1, "shape": shape,
                     "selected_kernel": select_block_kernel(device.type).record()}
     report["kernels"] = {name: kernel_parity(kernel, shape, device)
                          for name, kernel in available_kernels(device).items()}
@@ -265,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     report["emulated_ring"] = {f"p{p}": emulated_ring(kernel, shape, p, device) for p in (2, 3, 4)}
     init_world_of_one(device)
     try:
-        report["self_exchange"] = self_exchange(device)
-        report["llama_ring_vs_sdpa"] = llama_ring_vs_sdpa(device, 64 if args.quick else 512)
-        seq = 64 if args.quick else 1024
+        if device.type == "cuda":
+            report["self_exchange"] = self_exchange(device)
+        report["llama_ring_vs_sdpa"] = llama_ring_vs_sdpa(device, 64 if quick else 512)
+        seq = 64 if quick else 1024
         fp32 = policy_step(device, torch.float32, seq)
         bf16 = policy_step(device, torch.bfloat16, seq)
     finally:
@@ -275,14 +334,229 @@ def main(argv: list[str] | None = None) -> int:
     report["share_of_weights_changed_lr2e-5"] = fp32["share_changed"]
     report["share_of_weights_changed_lr2e-5_bf16_storage"] = bf16["share_changed"]
     report["peak_bytes_per_param"] = fp32["peak_bytes_per_param"]
-    errors = [e for k in report["kernels"].values() for e in k.values()]
-    errors += [e for r in report["emulated_ring"].values() for e in r.values()]
+    kernel_errors = [e for k in report["kernels"].values() for e in k.values()]
+    ring_errors = [e for r in report["emulated_ring"].values() for e in r.values()]
     llama = report["llama_ring_vs_sdpa"]
-    report["ok"] = bool(max(errors) <= KERNEL_BOUND
-                        and llama["loss_rel_err"] <= LLAMA_BOUND
-                        and llama["grad_rel_err_max"] <= LLAMA_BOUND
-                        and report["self_exchange"]["ok"] is not False
-                        and fp32["share_changed"] == 1.0)
+    checks = {
+        "kernel_parity": bool(kernel_errors) and max(kernel_errors) <= KERNEL_BOUND,
+        "emulated_ring": bool(ring_errors) and max(ring_errors) <= KERNEL_BOUND,
+        "llama_loss": llama["loss_rel_err"] <= LLAMA_BOUND,
+        "llama_grads": llama["grad_rel_err_max"] <= LLAMA_BOUND,
+        "policy_moves_every_weight": fp32["share_changed"] == 1.0,
+    }
+    if "self_exchange" in report:
+        checks["self_exchange"] = report["self_exchange"]["ok"]
+    expected = SINGLE_CHECKS + (("self_exchange",) if device.type == "cuda" else ())
+    report["checks"] = checks
+    report["ok"] = all_passed([checks], expected)
+    return report
+
+
+def ring_exchange(ring: Ring, device: torch.device) -> bool:
+    """One exchange around the whole ring: each rank receives what its previous peer sent."""
+    def payload(position: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(100 + position)
+        return [torch.randn(2, 16, 4, 8, generator=gen).to(device, torch.bfloat16)
+                for _ in range(2)]
+
+    sent = payload(ring.rank)
+    received = [torch.empty_like(t) for t in sent]
+    Exchange(ring, sent, received, tag=1).wait()
+    want = payload((ring.rank - 1) % ring.size)
+    return all(torch.equal(got, w) for got, w in zip(received, want))
+
+
+REFERENCE_ATTENTION = "gpu-smoke-reference-sdpa"
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        **kwargs):
+    """transformers attention function: plain causal SDPA on the whole sequence, with the K/V
+    heads repeated to the query heads. fp32 SDPA with GQA left to SDPA may take the math kernel
+    on CUDA, whose S x S scores would not fit at 8K tokens per rank; without GQA it takes the
+    memory-efficient one."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                           scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def decoder_layer(shape: dict, seq: int, device: torch.device, dtype: torch.dtype):
+    """A Llama decoder layer of `shape` (the same weights on every rank: a fixed seed, built on
+    the CPU, rounded to bf16 first) and its rotary embedding, running the reference attention
+    until apply_ring_attention binds the ring; parameters frozen, since the check is about the
+    layer's and the attention's inputs and outputs."""
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    AttentionInterface.register(REFERENCE_ATTENTION, reference_attention)
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         head_dim=shape["head_dim"], max_position_embeddings=seq)
+    config._attn_implementation = REFERENCE_ATTENTION
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, layer_idx=0).to(torch.bfloat16)
+    layer = layer.to(device=device, dtype=dtype).requires_grad_(False)
+    return layer, LlamaRotaryEmbedding(config).to(device)
+
+
+def run_layer(layer, rotary, x: torch.Tensor, positions: torch.Tensor,
+              dout: torch.Tensor) -> dict:
+    """One forward and backward of `layer` on x (B, S, hidden): its output and input gradient,
+    and the attention module's output and the gradient at its input (taken by hooks)."""
+    seen: dict = {}
+
+    def before_attention(module, args, kwargs):
+        kwargs["hidden_states"].retain_grad()
+        seen["attn_in"] = kwargs["hidden_states"]
+
+    def after_attention(module, args, kwargs, output):
+        seen["attn_out"] = output[0].detach()
+
+    hooks = [layer.self_attn.register_forward_pre_hook(before_attention, with_kwargs=True),
+             layer.self_attn.register_forward_hook(after_attention, with_kwargs=True)]
+    try:
+        x = x.detach().requires_grad_()
+        out = layer(x, position_ids=positions, position_embeddings=rotary(x, positions))
+        out.backward(dout)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"out": out.detach(), "input_grad": x.grad, "attn_out": seen["attn_out"],
+            "attn_input_grad": seen["attn_in"].grad}
+
+
+def reference_kernels(device: torch.device):
+    """On CUDA, SDPA without its math kernel: an error says so rather than an out-of-memory."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ring_layer_vs_sdpa(shape: dict, device: torch.device, ring: Ring,
+                       corrupt: bool = False) -> dict:
+    """This rank's errors (its zigzag shard of the ring layer against the same shard of the fp32
+    "sdpa" reference on the whole sequence), the ring's seconds and peak memory.
+    `corrupt` spoils this rank's ring output before the comparison (the tests' broken rank)."""
+    world, rank = ring.size, ring.rank
+    seq = shape["tokens_per_rank"] * world
+    gen = torch.Generator().manual_seed(1)
+    x, dout = (torch.randn(1, seq, shape["hidden"], generator=gen).to(device, torch.bfloat16)
+               for _ in range(2))
+    layer, rotary = decoder_layer(shape, seq, device, torch.bfloat16)
+    apply_ring_attention(layer, ring)
+    mine = [zigzag_shard(t, 1, rank, world) for t in (x, dout)]
+    positions = zigzag_position_ids(seq, rank, world, device).unsqueeze(0)
+    run_layer(layer, rotary, mine[0], positions, mine[1])  # warm-up: kernels, NCCL connections
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    got = run_layer(layer, rotary, mine[0], positions, mine[1])
+    synchronize(device)
+    ring_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del layer
+    reference, rotary = decoder_layer(shape, seq, device, torch.float32)
+    start = time.perf_counter()
+    with reference_kernels(device):
+        want = run_layer(reference, rotary, x.float(),
+                         torch.arange(seq, device=device).unsqueeze(0), dout.float())
+    synchronize(device)
+    reference_s = time.perf_counter() - start
+    if corrupt:
+        got["attn_out"] = got["attn_out"] + want["attn_out"].abs().max()
+    errors = {}
+    for name in LAYER_QUANTITIES:
+        diff = (got[name].float() - zigzag_shard(want[name], 1, rank, world)).abs().max()
+        errors[name] = float(diff / want[name].abs().max().clamp_min(1e-30))
+    return {"errors": errors, "ring_s": ring_s, "reference_s": reference_s, "peak": peak}
+
+
+def multi_rank(device: torch.device, shape: dict, corrupt_rank: int | None) -> dict:
+    """The N-rank checks (module docstring) over torchrun's world: the report, its "print" true
+    on rank 0 only."""
+    args = process_group_args(device, local_rank())
+    if args["backend"] == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    else:
+        torch.cuda.set_device(device)
+    dist.init_process_group(**args)
+    try:
+        ring = resolve_ring(None)
+        rank, world = ring.rank, ring.size  # ring.rank asks the process group: keep it
+        checks: dict = {"ring_exchange": ring_exchange(ring, device)}
+        result = ring_layer_vs_sdpa(shape, device, ring, corrupt=rank == corrupt_rank)
+        for name, err in result["errors"].items():
+            checks[f"ring_vs_sdpa_{name}"] = err <= LLAMA_BOUND
+        # The numbers, max over ranks (-1 stands for "no peak memory" off CUDA).
+        numbers = torch.tensor([*result["errors"].values(), result["ring_s"],
+                                result["reference_s"], result["peak"] or -1.0],
+                               dtype=torch.float64, device=device)
+        dist.all_reduce(numbers, op=dist.ReduceOp.MAX)
+        per_rank: list = [None] * world
+        dist.all_gather_object(per_rank, checks)
+    finally:
+        dist.destroy_process_group()
+    ok = all_passed(per_rank, MULTI_CHECKS)
+    if rank != 0:
+        return {"ok": ok, "print": False}
+    values = numbers.tolist()
+    errors = dict(zip(LAYER_QUANTITIES, values))
+    peak = values[-1] if values[-1] >= 0 else None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "world_size": world, "layer": shape,
+        "sequence_tokens": shape["tokens_per_rank"] * world,
+        "selected_kernel": select_block_kernel(device.type).record(),
+        "ring_vs_sdpa_errors": errors, "ring_vs_sdpa_max_err": max(errors.values()),
+        "bound": LLAMA_BOUND, "ring_forward_backward_s": round(values[-3], 3),
+        "sdpa_reference_s": round(values[-2], 3),
+        "ring_max_memory_allocated_gib": None if peak is None else round(peak / 2**30, 2),
+        "failed_checks": sorted({name for checks in per_rank for name in MULTI_CHECKS
+                                 if checks.get(name) is not True}),
+        "ok": ok, "print": True,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="small shapes (seconds on a CPU)")
+    parser.add_argument("--tokens-per-rank", type=int, default=None,
+                        help="multi-rank: each rank's share of the sequence, even (default 8192, "
+                             "--quick 64)")
+    parser.add_argument("--corrupt-rank", type=int, default=None,
+                        help="for the tests: spoil this rank's ring output (ok must turn false)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = ("no CUDA device here (torch.cuda.is_available() is False); run it on a GPU "
+               "machine, or pass --device cpu for the CPU kernels")
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, under torchrun too
+            print(json.dumps({"skipped": why}))
+        return 0
+    device = build_device(args.device, local_rank())
+    start = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        shape = dict(LAYER_QUICK if args.quick else LAYER_FULL)
+        if args.tokens_per_rank is not None:
+            if args.tokens_per_rank < 2 or args.tokens_per_rank % 2:
+                parser.error(f"--tokens-per-rank must be even and >= 2 (a rank's zigzag shard is "
+                             f"two equal chunks), got {args.tokens_per_rank}")
+            shape["tokens_per_rank"] = args.tokens_per_rank
+        report = multi_rank(device, shape, args.corrupt_rank)
+        if not report.pop("print"):
+            return 0 if report["ok"] else 1
+    else:
+        report = single_device(device, args.quick)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report))
     return 0 if report["ok"] else 1
