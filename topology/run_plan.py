@@ -218,8 +218,11 @@ def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePl
                              f" step but needs {o.peak_gb:.1f} GB" for o in faster)
                    + f", over the {profile.hbm_bytes / GB:.0f} GB" if faster else
                    f"no other policy is faster by more than {TIE:.1%}")
-        note = (f"activation checkpointing auto: {chosen.policy} ({why}; the degrees and rings "
-                f"were searched under {searched.policy}, the policy then chosen on them)")
+        how = (f"the degrees and rings were searched under {searched.policy}, the policy then "
+               "chosen on them" if chosen is searched else
+               f"the degrees were searched under {searched.policy} and the policy chosen on "
+               f"them; the rings were then ordered again for {chosen.policy}")
+        note = f"activation checkpointing auto: {chosen.policy} ({why}; {how})"
     notes = [f"{note}; per policy on this layout: {priced}"]
     update: dict = {"activation_checkpointing": chosen.policy, "checkpointing_options": options,
                     "notes": [*plan.notes, *notes]}
