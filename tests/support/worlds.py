@@ -25,13 +25,22 @@ def _entry(rank, world, port, timeout_s, body, args, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        results.put((rank, "ok", body(rank, world, *args)))
+        result = body(rank, world, *args)
+        # Every rank past its last operation before any rank tears its connections down: a
+        # gloo peer closing while the other still completes a send aborted that process
+        # ("terminate called without an active exception", SIGABRT) once in CI.
+        dist.barrier()
+        results.put((rank, "ok", result))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The result is delivered (SimpleQueue.put writes the pipe synchronously) and the group is
+    # destroyed: leave without the interpreter's finalization, where gloo's worker threads can
+    # still release tensors they held and abort the process (pytorch/pytorch#179291).
+    os._exit(0)
 
 
 def run_world(world: int, body, *args, timeout_s: float = 90) -> list:
