@@ -33,18 +33,10 @@ class SpecError(Exception):
 
 def read_yaml(path: str | Path) -> dict:
     """The mapping at the top of a YAML file; missing files and bad syntax become SpecError."""
-    path = Path(path)
+    from specs.files import read_bounded  # specs.files imports SpecError from here
+
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(source, ["<file>: not found (check the path; relative paths start "
-                                 f"at {Path.cwd()})"]) from None
-    except IsADirectoryError:
-        raise SpecError(source, ["<file>: is a directory (give the YAML file inside it)"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(source, [f"<file>: cannot be read as UTF-8 text ({e.__class__.__name__}; "
-                                 "save it as UTF-8)"]) from None
+    text = read_bounded(path, "spec")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
