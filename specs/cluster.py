@@ -9,19 +9,45 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specs.degrees import MAX_GPUS
+
+# Ceilings, far above real hardware and finite so that building the graph stays polynomial in
+# what a real cluster has: 2**15 nodes (more than 100k GPUs at 8 per node; and at most MAX_GPUS
+# GPUs in all), 256 GPUs, switches or NICs per node (servers have 8-16 GPUs; the routes inside a
+# node type are computed for every pair of its GPUs and NICs), fabrics at most 8 switch levels
+# deep (leaf, spine, core are 3), names of at most 253 characters (a DNS name, as Kubernetes node
+# names are).
+MAX_NODES = 1 << 15
+MAX_GPU_INDEX = 255
+MAX_PER_NODE = 256  # GPUs, sockets, switches or NICs of one node
+MAX_SWITCHES = 1 << 16
+MAX_FABRIC_DEPTH = 8
+MAX_NAME = 253
+MAX_BANDWIDTH_GB_S = 1e6  # GB/s of one link: 1000x an NVLink 5 GPU's total
+MAX_LATENCY_US = 1e9      # us: over 15 minutes, far past any link
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `inf`/`nan` bandwidths or latencies are refused as "should be a finite
+    # number" instead of reaching a division in the cost model.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LinkType(_Spec):
     """A kind of link: every link of this kind has this bandwidth and latency."""
 
-    bandwidth_gb_s: float = Field(description="Usable bandwidth per direction, GB/s (> 0).")
-    latency_us: float = Field(0.0, ge=0, description="One-way latency of one traversal, us.")
-    description: str = Field("", description="What the link is, and where its number comes from.")
+    bandwidth_gb_s: float = Field(le=MAX_BANDWIDTH_GB_S, description="Usable bandwidth per "
+                                  "direction, GB/s (> 0, finite, at most 1e6).")
+    latency_us: float = Field(0.0, ge=0, le=MAX_LATENCY_US, description="One-way latency of one "
+                              "traversal, us (finite, at most 1e9).")
+    description: str = Field("", max_length=4096, description="What the link is, and where its "
+                             "number comes from.")
 
     @field_validator("bandwidth_gb_s")
     @classmethod
@@ -35,39 +61,45 @@ class LinkType(_Spec):
 class NicSpec(_Spec):
     """A network port of a node, hanging off a PCIe switch or straight off a socket."""
 
-    name: str = Field(description="NIC name inside the node, e.g. 'nic0' or 'mlx5_0'.")
-    link: str = Field(description="Link type (key of link_types) from the NIC to its leaf switch.")
-    pcie_link: str = Field("pcie", description="Link type between the NIC and its PCIe switch "
+    name: Name = Field(description="NIC name inside the node, e.g. 'nic0' or 'mlx5_0'.")
+    link: Name = Field(description="Link type (key of link_types) from the NIC to its leaf switch.")
+    pcie_link: Name = Field("pcie", description="Link type between the NIC and its PCIe switch "
                            "or socket.")
 
 
 class PcieSwitchSpec(_Spec):
     """A PCIe switch (or a bare root port) with the GPUs and NICs below it."""
 
-    name: str = Field(description="Switch name inside the node, e.g. 'sw0'.")
-    gpus: list[int] = Field(default_factory=list, description="Local GPU indices (CUDA order) "
-                            "below this switch.")
-    nics: list[NicSpec] = Field(default_factory=list, description="NICs below this switch.")
-    gpu_link: str = Field("pcie", description="Link type between a GPU or NIC and this switch.")
-    uplink: str = Field("pcie", description="Link type between this switch and its CPU socket.")
+    name: Name = Field(description="Switch name inside the node, e.g. 'sw0'.")
+    gpus: list[Annotated[int, Field(ge=0, le=MAX_GPU_INDEX)]] = Field(
+        default_factory=list, max_length=MAX_PER_NODE, description="Local GPU indices (CUDA "
+        "order) below this switch: 0 to 255 (servers have 8-16 GPUs).")
+    nics: list[NicSpec] = Field(default_factory=list, max_length=MAX_PER_NODE,
+                                description="NICs below this switch (at most 256).")
+    gpu_link: Name = Field("pcie", description="Link type between a GPU or NIC and this switch.")
+    uplink: Name = Field("pcie", description="Link type between this switch and its CPU socket.")
 
 
 class SocketSpec(_Spec):
     """A CPU socket (one PCIe root complex / NUMA node)."""
 
-    name: str = Field(description="Socket name inside the node, e.g. 'cpu0'.")
-    switches: list[PcieSwitchSpec] = Field(default_factory=list,
-                                           description="PCIe switches under this socket.")
-    nics: list[NicSpec] = Field(default_factory=list, description="NICs on a root port of this "
-                                "socket (no switch between).")
+    name: Name = Field(description="Socket name inside the node, e.g. 'cpu0'.")
+    switches: list[PcieSwitchSpec] = Field(default_factory=list, max_length=MAX_PER_NODE,
+                                           description="PCIe switches under this socket (at "
+                                           "most 256).")
+    nics: list[NicSpec] = Field(default_factory=list, max_length=MAX_PER_NODE,
+                                description="NICs on a root port of this socket (no switch "
+                                "between; at most 256).")
 
 
 class NodeTypeSpec(_Spec):
     """The inside of one kind of server: sockets, PCIe switches, GPUs, NICs."""
 
-    gpu_model: str = Field("NVIDIA L40S", description="GPU model (for the report).")
-    sockets: list[SocketSpec] = Field(min_length=1, description="CPU sockets, in NUMA order.")
-    socket_link: str | None = Field("socket", description="Link type between sockets; required "
+    gpu_model: str = Field("NVIDIA L40S", max_length=MAX_NAME, description="GPU model (for the "
+                           "report).")
+    sockets: list[SocketSpec] = Field(min_length=1, max_length=64, description="CPU sockets, in "
+                                      "NUMA order (at most 64).")
+    socket_link: Name | None = Field("socket", description="Link type between sockets; required "
                                     "with more than one socket.")
 
     @property
@@ -98,6 +130,9 @@ class NodeTypeSpec(_Spec):
                              "local GPU index belongs to exactly one switch")
         if not gpus:
             raise ValueError("node type has no GPUs; list local GPU indices under a PCIe switch")
+        if len(gpus) > MAX_PER_NODE:
+            raise ValueError(f"node type has {len(gpus)} GPUs, more than the {MAX_PER_NODE} a "
+                             "node may have; describe each server, not a whole rack, as a node")
         names = [s.name for s in self.sockets]
         names += [sw.name for s in self.sockets for sw in s.switches]
         names += self.nics
@@ -115,11 +150,12 @@ class NodeTypeSpec(_Spec):
 class NodeSpec(_Spec):
     """One server and where its NICs plug into the fabric."""
 
-    name: str = Field(description="Node name (Kubernetes node / hostname / Ray node id).")
-    node_type: str = Field(description="Key of node_types.")
-    leaf: str | None = Field(None, description="Leaf switch all NICs plug into (null for a "
-                             "single-node cluster).")
-    nic_leaves: dict[str, str] = Field(default_factory=dict, description="Per-NIC leaf, "
+    name: Name = Field(description="Node name (Kubernetes node / hostname / Ray node id).")
+    node_type: Name = Field(description="Key of node_types.")
+    leaf: Name | None = Field(None, description="Leaf switch all NICs plug into (null for a "
+                              "single-node cluster).")
+    nic_leaves: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_PER_NODE,
+                                         description="Per-NIC leaf, "
                                        "overriding `leaf` (rail-optimised fabrics: NIC k -> "
                                        "rail k).")
 
@@ -131,16 +167,18 @@ class SwitchSpec(_Spec):
     """A fabric switch level element: a leaf, or a spine/core layer seen as one vertex (ECMP
     across its members is modelled as perfect spreading over the aggregate uplink)."""
 
-    name: str = Field(description="Switch name, e.g. 'leaf-00' or 'spine'.")
+    name: Name = Field(description="Switch name, e.g. 'leaf-00' or 'spine'.")
     level: Literal["leaf", "spine", "core"] = Field(description="Level, closest to the nodes "
                                                     "first.")
-    parent: str | None = Field(None, description="The switch above (spine of a leaf, core of a "
+    parent: Name | None = Field(None, description="The switch above (spine of a leaf, core of a "
                                "spine); null at the top.")
-    uplink_gb_s: float | None = Field(None, description="Aggregate bandwidth to the parent per "
-                                      "direction, GB/s; null: downlink total / oversubscription.")
-    oversubscription: float = Field(1.0, gt=0, description="Downlink:uplink ratio used when "
-                                    "uplink_gb_s is null (1 = non-blocking).")
-    latency_us: float = Field(1.0, ge=0, description="Latency through this switch, us.")
+    uplink_gb_s: float | None = Field(None, le=MAX_BANDWIDTH_GB_S * MAX_NODES, description=
+                                      "Aggregate bandwidth to the parent per direction, GB/s "
+                                      "(finite); null: downlink total / oversubscription.")
+    oversubscription: float = Field(1.0, gt=0, le=1e4, description="Downlink:uplink ratio used "
+                                    "when uplink_gb_s is null (1 = non-blocking; at most 1e4).")
+    latency_us: float = Field(1.0, ge=0, le=MAX_LATENCY_US, description="Latency through this "
+                              "switch, us (finite, at most 1e9).")
 
     @field_validator("uplink_gb_s")
     @classmethod
@@ -151,27 +189,60 @@ class SwitchSpec(_Spec):
         return v
 
 
+def _switch_roots(switches: dict[str, SwitchSpec]) -> dict[str, str]:
+    """The top switch above each switch, each chain walked once (linear in the switches, however
+    deep the chains); ValueError naming a switch on a cycle or a chain deeper than
+    MAX_FABRIC_DEPTH levels (which would make every route that long)."""
+    root: dict[str, str] = {}
+    depth: dict[str, int] = {}  # levels from a switch up to its top, both counted
+    for start in switches:
+        chain: list[str] = []
+        on_chain: set[str] = set()
+        cur: str | None = start
+        while cur is not None and cur not in root:
+            if cur in on_chain:
+                raise ValueError(f"switch parents form a cycle through {cur!r}; the fabric "
+                                 "must be a tree (leaf -> spine -> core)")
+            chain.append(cur)
+            on_chain.add(cur)
+            cur = switches[cur].parent
+        top, above = (root[cur], depth[cur]) if cur is not None else (chain[-1], 0)
+        for k, name in enumerate(reversed(chain), start=1):
+            root[name], depth[name] = top, above + k
+        if depth[start] > MAX_FABRIC_DEPTH:
+            raise ValueError(f"switch {start!r} is {depth[start]} levels deep under its top "
+                             f"switch {top!r}; a fabric has at most {MAX_FABRIC_DEPTH} levels "
+                             "(leaf, spine, core: 3); check the parent fields")
+    return root
+
+
 class UnknownNode(_Spec):
     """A node whose network position is unknown: reported, never planned into a ring."""
 
-    name: str = Field(description="Node name.")
-    gpus: int = Field(ge=0, description="GPUs the node offers.")
-    reason: str = Field(description="Why its position is unknown (e.g. missing labels).")
+    name: Name = Field(description="Node name.")
+    gpus: int = Field(ge=0, le=MAX_PER_NODE, description="GPUs the node offers (at most 256).")
+    reason: str = Field(max_length=4096, description="Why its position is unknown (e.g. missing "
+                        "labels).")
 
 
 class ClusterSpec(_Spec):
     """The cluster's hardware and network: what the planner places rings on."""
 
-    name: str = Field(description="Cluster name.")
-    description: str = Field("", description="Free text (what it is, where numbers come from).")
-    profile: str = Field("l40s", description="Hardware profile (topology.profile) for compute, "
+    name: Name = Field(description="Cluster name.")
+    description: str = Field("", max_length=1 << 16, description="Free text (what it is, where "
+                             "numbers come from).")
+    profile: Name = Field("l40s", description="Hardware profile (topology.profile) for compute, "
                          "memory and default link numbers.")
-    link_types: dict[str, LinkType] = Field(description="Link kinds by name.")
-    node_types: dict[str, NodeTypeSpec] = Field(description="Server kinds by name.")
-    nodes: list[NodeSpec] = Field(min_length=1, description="Servers, in any order.")
-    switches: list[SwitchSpec] = Field(default_factory=list, description="Fabric switches.")
+    link_types: dict[Name, LinkType] = Field(max_length=1024, description="Link kinds by name "
+                                             "(at most 256).")
+    node_types: dict[Name, NodeTypeSpec] = Field(max_length=1024, description="Server kinds by "
+                                                 "name (at most 256).")
+    nodes: list[NodeSpec] = Field(min_length=1, max_length=MAX_NODES, description="Servers, in "
+                                  "any order; at most 2**15 (and 2**17 GPUs in all).")
+    switches: list[SwitchSpec] = Field(default_factory=list, max_length=MAX_SWITCHES,
+                                       description="Fabric switches (at most 2**16).")
     unknown_topology: list[UnknownNode] = Field(
-        default_factory=list, description="Nodes without a known network position: listed in "
+        default_factory=list, max_length=MAX_NODES, description="At most 2**15. ""Nodes without a known network position: listed in "
         "reports, left out of plans.")
 
     @model_validator(mode="after")
@@ -191,14 +262,12 @@ class ClusterSpec(_Spec):
             if s.parent is not None and s.parent not in switches:
                 raise ValueError(f"switch {s.name!r} has parent {s.parent!r}, an unknown vertex; "
                                  f"declare it under switches (known: {sorted(switches)[:8]})")
-        for s in self.switches:  # parent chains must end (no cycles)
-            seen, cur = set(), s
-            while cur.parent is not None:
-                if cur.name in seen:
-                    raise ValueError(f"switch parents form a cycle through {cur.name!r}; the "
-                                     "fabric must be a tree (leaf -> spine -> core)")
-                seen.add(cur.name)
-                cur = switches[cur.parent]
+        roots = _switch_roots(switches)  # parent chains must end (no cycles)
+        gpus = sum(len(self.node_types[n.node_type].gpus) for n in self.nodes
+                   if n.node_type in self.node_types)
+        if gpus > MAX_GPUS:
+            raise ValueError(f"nodes: {gpus} GPUs in all, more than the {MAX_GPUS} a cluster "
+                             "description may hold; describe the part of the cluster a run uses")
         for node in self.nodes:
             if node.node_type not in self.node_types:
                 raise ValueError(f"node {node.name!r} has node_type {node.node_type!r}, which is "
@@ -213,10 +282,10 @@ class ClusterSpec(_Spec):
                     raise ValueError(f"node {node.name!r} NIC {nic!r} links to leaf {leaf!r}, "
                                      f"an unknown vertex; declare it under switches")
         if len(self.nodes) > 1:
-            self._check_fabric_connects(switches)
+            self._check_fabric_connects(roots)
         return self
 
-    def _check_fabric_connects(self, switches: dict[str, SwitchSpec]) -> None:
+    def _check_fabric_connects(self, root_of: dict[str, str]) -> None:
         roots = set()
         for node in self.nodes:
             leaves = [node.leaf_of(n) for n in self.node_types[node.node_type].nics]
@@ -226,11 +295,7 @@ class ClusterSpec(_Spec):
                     f"node {node.name!r} has no NIC connected to a leaf switch, so its GPUs are "
                     "disconnected from the other nodes; give it `leaf:` (and NICs in its node "
                     "type) or move it to unknown_topology")
-            for lf in leaves:
-                cur = switches[lf]
-                while cur.parent is not None:
-                    cur = switches[cur.parent]
-                roots.add(cur.name)
+            roots.update(root_of[lf] for lf in leaves)
         if len(roots) > 1:
             raise ValueError(f"the fabric has several top switches {sorted(roots)} with no common "
                              "parent, so their GPUs are disconnected; give them a common "

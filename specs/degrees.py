@@ -31,9 +31,32 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
+from math import isqrt
+
 from pydantic import BaseModel, ConfigDict, Field
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ring", "ulysses")
+
+# Ceilings on the numbers a spec may hold, so that no input, however absurd, makes validation or
+# planning loop for long (each is far above real use and stated in the field descriptions).
+MAX_GPUS = 1 << 17       # 131,072: above the largest clusters trained on (~100k GPUs)
+MAX_SEQ_LEN = 1 << 24    # 16M tokens per sequence: 16x the 1M-token runs this tool targets
+MAX_BATCH = 1 << 20      # sequences per micro-step; a divisor search bounded by its square root
+MAX_STEPS = 1 << 30      # optimizer steps in a stage (a billion: no run takes that many)
+
+
+def divisors(n: int, at_most: int | None = None) -> list[int]:
+    """The divisors of `n` (>= 1) up to `at_most`, ascending, by trial up to sqrt(n): the only way
+    degrees are enumerated, so the work grows with sqrt(n), never with a user's number itself.
+
+    >>> divisors(12), divisors(12, at_most=5)
+    ([1, 2, 3, 4, 6, 12], [1, 2, 3, 4])
+    """
+    if n < 1:
+        return []
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    found = sorted(set(small) | {n // d for d in small})
+    return found if at_most is None else [d for d in found if d <= at_most]
 
 
 class ParallelDims(BaseModel):
@@ -41,11 +64,14 @@ class ParallelDims(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dp_replicate: int = Field(1, gt=0, description="Replicas of the sharded model state (HSDP).")
-    dp_shard: int = Field(1, gt=0, description="Rings a shard group spans.")
-    ring: int = Field(1, gt=0, description="Ranks per ring (sequence split).")
-    ulysses: int = Field(1, ge=1, description="Ranks of a Ulysses group (heads split by "
-                         "all-to-all) at each ring position.")
+    dp_replicate: int = Field(1, gt=0, le=MAX_GPUS, description="Replicas of the sharded model "
+                              "state (HSDP); at most 2**17, the GPU ceiling.")
+    dp_shard: int = Field(1, gt=0, le=MAX_GPUS, description="Rings a shard group spans; at most "
+                          "2**17, the GPU ceiling.")
+    ring: int = Field(1, gt=0, le=MAX_GPUS, description="Ranks per ring (sequence split); at "
+                      "most 2**17, the GPU ceiling.")
+    ulysses: int = Field(1, ge=1, le=MAX_GPUS, description="Ranks of a Ulysses group (heads split "
+                         "by all-to-all) at each ring position; at most 2**17, the GPU ceiling.")
 
     @classmethod
     def of(cls, ring: int, dp: int, shard: int, ulysses: int = 1) -> ParallelDims:
@@ -62,7 +88,7 @@ class ParallelDims(BaseModel):
         what = f"ring_degree ({ring})" if ulysses == 1 else (
             f"ring_degree x ulysses_degree ({ring} x {ulysses} = {seq})")
         if dp % (shard // seq):
-            options = [seq * d for d in range(1, dp + 1) if dp % d == 0]
+            options = [seq * d for d in divisors(dp)]
             raise ValueError(f"shard_degree ({shard}) must be {what} times a "
                              f"divisor of data_parallel_degree ({dp}); use one of {options}")
         return cls(dp_replicate=dp // (shard // seq), dp_shard=shard // seq, ring=ring,
@@ -180,9 +206,8 @@ def ulysses_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
     degree divides them, each replicated when it is a multiple of them)."""
     out = []
     if heads % ulysses:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
         out.append(f"ulysses_degree ({ulysses}) must divide the {heads} query heads; use one of "
-                   f"{divisors}")
+                   f"{divisors(heads)}")
     elif kv_heads % ulysses and ulysses % kv_heads:
         out.append(f"ulysses_degree ({ulysses}) must divide the {kv_heads} key/value heads or be "
                    f"a multiple of them (then each is replicated); use a divisor or multiple of "
@@ -263,23 +288,32 @@ def degree_options(stage: StageDegrees, world: int, offer: str, *, strict: bool 
             raise DegreeError(f"ring_degree {r}{per} needs {r * u} workers, but {offer}; lower "
                               f"it or {grow}")
         if strict and positions % r:
-            divisors = [x for x in range(1, positions + 1)
-                        if positions % x == 0 and zigzag_problem(seq, x, u) is None]
+            fits = [x for x in divisors(positions) if zigzag_problem(seq, x, u) is None]
             raise DegreeError(f"ring_degree {r}{per} does not divide the {world} workers "
-                              f"({offer}); use one that does (e.g. {divisors[-4:]}) or set "
+                              f"({offer}); use one that does (e.g. {fits[-4:]}) or set "
                               "data_parallel_degree to leave workers idle on purpose")
     if d != "auto" and d * u > world:
         raise DegreeError(f"data_parallel_degree {d}{per} needs {d * u} workers, but {offer}; "
                           f"lower it or {grow}")
-    rings = [r] if r != "auto" else [x for x in range(1, positions + 1)
-                                     if zigzag_problem(seq, x, u) is None]
+    rings = [r] if r != "auto" else _zigzag_rings(seq, u, positions)
+    batch_divisors = divisors(batch) if d == "auto" else []
     options = []
     for x in rings:
         if problem := zigzag_problem(seq, x, u):
             raise DegreeError(problem)
-        dps = [d] if d != "auto" else [y for y in range(positions // x, 0, -1) if batch % y == 0]
+        dps = [d] if d != "auto" else [y for y in reversed(batch_divisors) if y <= positions // x]
         options += [(x, y) for y in dps if x * y <= positions]
     return options
+
+
+def _zigzag_rings(seq: int, ulysses: int, at_most: int) -> list[int]:
+    """The ring degrees up to `at_most` that zigzag-split `seq` tokens with this Ulysses degree,
+    ascending: 1 alone without Ulysses, else the divisors of seq / (2 x ulysses)."""
+    chunks = 2 * ulysses
+    rings = divisors(seq // chunks, at_most) if seq % chunks == 0 else []
+    if ulysses == 1 and 1 not in rings:
+        rings.insert(0, 1)
+    return rings
 
 
 def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,

@@ -13,10 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specs.degrees import (
+    MAX_BATCH,
+    MAX_GPUS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
     CheckpointPolicy,
     DegreeError,
     ParallelDims,
     degree_options,
+    divisors,
     shard_problem,
     ulysses_of,
     ulysses_problems,
@@ -28,7 +33,22 @@ Auto = Literal["auto"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: an `inf` or `nan` is refused as "should be a finite number", never
+    # carried into a division or a loop bound.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Ceilings of the model's shape: far above every Llama-family model (Llama-3 405B has 126 layers,
+# 128 heads, width 16,384, MLP 53,248, vocabulary 128,256), finite so that the parameter count and
+# the divisor searches stay small numbers.
+MAX_HEADS = 1 << 14
+MAX_LAYERS = 1 << 14
+MAX_HIDDEN = 1 << 20
+MAX_VOCAB = 1 << 24
+MAX_THETA = 1e15  # RoPE base: Llama-3's 1M-token stage uses 3.6e9
+MAX_PATH = 4096   # characters of a path (Linux PATH_MAX)
+MAX_TEXT = 1 << 16  # characters of a free-text field (a needle, a question)
+MAX_LIST = 1 << 12  # entries of a list of files, tasks, lengths or depths
 
 
 def rope_theta_for(seq_len: int, theta0: float, pretrain_seq_len: int) -> float:
@@ -51,22 +71,31 @@ class ModelSpec(_Spec):
     """The Llama model to extend: its architecture (always), and where its weights come from."""
 
     path: str | None = Field(
-        None,
+        None, max_length=MAX_PATH,
         description="Local directory of a Hugging Face Llama checkpoint (config.json, weights, "
         "tokenizer). Null: build a randomly initialised model from the fields below (the tiny "
         "default). Never fetched from a hub.",
     )
-    vocab_size: int = Field(gt=0, description="Vocabulary size (LlamaConfig.vocab_size).")
-    hidden_size: int = Field(gt=0, description="Model width (LlamaConfig.hidden_size).")
-    intermediate_size: int = Field(gt=0, description="MLP width (LlamaConfig.intermediate_size).")
-    num_hidden_layers: int = Field(gt=0, description="Decoder layers.")
-    num_attention_heads: int = Field(gt=0, description="Query heads.")
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB, description="Vocabulary size "
+                            "(LlamaConfig.vocab_size); at most 2**24: Llama-3's is 128,256.")
+    hidden_size: int = Field(gt=0, le=MAX_HIDDEN, description="Model width "
+                             "(LlamaConfig.hidden_size); at most 2**20: Llama-3 405B's is 16,384.")
+    intermediate_size: int = Field(gt=0, le=MAX_HIDDEN * 4, description="MLP width "
+                                   "(LlamaConfig.intermediate_size); at most 2**22 (4 x the "
+                                   "width ceiling).")
+    num_hidden_layers: int = Field(gt=0, le=MAX_LAYERS, description="Decoder layers; at most "
+                                   "2**14: no Llama-family model has more than 126.")
+    num_attention_heads: int = Field(gt=0, le=MAX_HEADS, description="Query heads; at most "
+                                     "2**14: no Llama-family model has more than 128.")
     num_key_value_heads: int = Field(
-        gt=0, description="Key/value heads (grouped-query attention); divides num_attention_heads."
+        gt=0, le=MAX_HEADS, description="Key/value heads (grouped-query attention); divides "
+        "num_attention_heads; at most 2**14, as the query heads."
     )
-    rope_theta: float = Field(gt=0, description="RoPE base of the model before extension (theta0).")
+    rope_theta: float = Field(gt=0, le=MAX_THETA, description="RoPE base of the model before "
+                              "extension (theta0); at most 1e15 (Llama-3 uses 500,000).")
     pretrain_seq_len: int = Field(
-        gt=0, description="Context length the model was pretrained at (T0 of the theta rule)."
+        gt=0, le=MAX_SEQ_LEN, description="Context length the model was pretrained at (T0 of "
+        "the theta rule); at most 2**24, the sequence ceiling."
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Storage dtype of the weights: FSDP2's sharded master copy, "
@@ -106,10 +135,10 @@ class ModelSpec(_Spec):
 
 
 def _largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, k + 1) if n % d == 0)
+    return max(divisors(n, at_most=k))
 
 
-Degree = Annotated[int, Field(gt=0)] | Auto
+Degree = Annotated[int, Field(gt=0, le=MAX_GPUS)] | Auto
 
 
 class StageSpec(_Spec):
@@ -117,17 +146,21 @@ class StageSpec(_Spec):
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40,
                       description="Stage name (lowercase letters, digits, '-'), e.g. '65k'.")
-    seq_len: int = Field(gt=0, description="Tokens per training sequence.")
-    steps: int = Field(gt=0, description="Optimizer steps in this stage.")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="Tokens per training sequence; at "
+                         "most 2**24 (16M), 16 times the 1M-token contexts this tool targets.")
+    steps: int = Field(gt=0, le=MAX_STEPS, description="Optimizer steps in this stage; at most "
+                       "2**30.")
     batch_size: int = Field(
-        1, gt=0,
+        1, gt=0, le=MAX_BATCH,
         description="Sequences per micro-step across all data-parallel replicas (global); a "
-        "multiple of data_parallel_degree.",
+        "multiple of data_parallel_degree; at most 2**20.",
     )
-    grad_accum_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    grad_accum_steps: int = Field(1, gt=0, le=1 << 16, description="Micro-steps per optimizer "
+                                  "step; at most 2**16.")
     lr: float = Field(gt=0, lt=1, description="Peak learning rate (AdamW); after the warm-up it "
                       "decays along a cosine to a tenth of the peak at the stage's last step.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up steps; at most "
+                              "2**30, as steps.")
     ring_degree: Degree = Field(
         "auto", description="GPUs (workers) per ring: the sequence is split over them. 'auto': "
         "with resources.cluster, the smallest ring that fits memory; without, the largest ring "
@@ -152,9 +185,9 @@ class StageSpec(_Spec):
         "splits each sequence's GPUs (ring_degree of them, as if ring-only) between Ulysses and "
         "the ring, taking the split with the fastest predicted step; without a cluster, 1.",
     )
-    rope_theta: Annotated[float, Field(gt=0)] | Auto = Field(
+    rope_theta: Annotated[float, Field(gt=0, le=MAX_THETA)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
-        "model's rope_theta and pretrain_seq_len.",
+        "model's rope_theta and pretrain_seq_len. At most 1e15.",
     )
     activation_checkpointing: CheckpointPolicy | Auto = Field(
         "auto", description="What backward recomputes of each decoder layer: 'full' (keep only "
@@ -206,10 +239,11 @@ class TrainingSpec(_Spec):
         "gradients reduced in fp32), 'none' (model.dtype throughout). 'auto': bf16 on GPUs, "
         "none on CPUs.")
     loss_chunk_tokens: int = Field(
-        1024, gt=0, description="Tokens whose logits exist at once in the loss (forward and "
+        1024, gt=0, le=MAX_SEQ_LEN, description="At most 2**24, the sequence ceiling. ""Tokens whose logits exist at once in the loss (forward and "
         "backward): the fp32 (tokens x vocab) logits are never held whole. At Llama-3's 128K "
         "vocabulary, 1024 tokens take about 1.8 GB with their bf16 copy and gradient.")
-    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clipping threshold.")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Global gradient-norm clipping "
+                             "threshold; at most 1e6.")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,10 +260,12 @@ class ResourcesSpec(_Spec):
     """What the training may use."""
 
     device: Literal["cpu", "gpu"] = Field("gpu", description="Train on GPUs (NCCL) or CPUs (gloo).")
-    workers: int = Field(gt=0, description="Training workers available: GPUs, or CPU processes.")
-    cpus_per_worker: int = Field(1, gt=0, description="CPU cores reserved for each worker.")
+    workers: int = Field(gt=0, le=MAX_GPUS, description="Training workers available: GPUs, or CPU "
+                         "processes; at most 2**17 (131,072), above the largest GPU clusters.")
+    cpus_per_worker: int = Field(1, gt=0, le=1024, description="CPU cores reserved for each "
+                                 "worker; at most 1024, more than any one server has.")
     cluster: str | None = Field(
-        None, description="ClusterSpec YAML describing the cluster's network (relative to this "
+        None, max_length=MAX_PATH, description="ClusterSpec YAML describing the cluster's network (relative to this "
         "file). Null: plan from the nodes Ray reports.",
     )
 
@@ -238,22 +274,24 @@ class TokenizerSpec(_Spec):
     """Where the tokenizer comes from."""
 
     path: str | None = Field(
-        None, description="Local tokenizer (a tokenizer.json or a directory holding one). Null: "
+        None, max_length=MAX_PATH, description="Local tokenizer (a tokenizer.json or a directory holding one). Null: "
         "use model.path's tokenizer, or train a byte-level BPE locally on the data.",
     )
     vocab_size: int = Field(
-        512, ge=64, description="Vocabulary of a locally trained tokenizer; must not exceed "
-        "model.vocab_size.",
+        512, ge=64, le=MAX_VOCAB, description="Vocabulary of a locally trained tokenizer; must "
+        "not exceed model.vocab_size (at most 2**24).",
     )
 
 
 class DataMix(_Spec):
     """Relative weights of the sample sources (normalised; at least one positive)."""
 
-    documents: float = Field(0.0, ge=0, description="Packed long documents: sequences of "
-                             "data.prepared (or, for small corpora, of data.documents).")
-    passkey: float = Field(0.5, ge=0, description="Passkey retrieval over filler text.")
-    kv_retrieval: float = Field(0.5, ge=0, description="Key-value retrieval over filler text.")
+    documents: float = Field(0.0, ge=0, le=1e6, description="Packed long documents: sequences "
+                             "of data.prepared (or, for small corpora, of data.documents). Each "
+                             "weight is finite, at most 1e6.")
+    passkey: float = Field(0.5, ge=0, le=1e6, description="Passkey retrieval over filler text.")
+    kv_retrieval: float = Field(0.5, ge=0, le=1e6, description="Key-value retrieval over filler "
+                                "text.")
 
     @model_validator(mode="after")
     def _some(self) -> DataMix:
@@ -268,9 +306,10 @@ class SourceSpec(_Spec):
     name: str = Field(pattern=r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$", max_length=40,
                       description="Source name (lowercase letters, digits, '-', '_'): reports "
                       "and the manifest count documents by it.")
-    paths: list[str] = Field(
-        min_length=1, description="Local files or globs (relative to the run file). A "
-        "`datasets` directory saved with save_to_disk is given as the directory.")
+    paths: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
+        min_length=1, max_length=MAX_LIST, description="Local files or globs (relative to the "
+        "run file), at most 4096. A `datasets` directory saved with save_to_disk is given as the "
+        "directory.")
     format: Literal["auto", "jsonl", "txt", "parquet", "hf_dataset"] = Field(
         "auto", description="File format. 'auto': by extension (.jsonl/.json, .txt, .parquet; "
         "a directory is an HF `datasets` save_to_disk directory). A .txt file is one document; "
@@ -280,18 +319,19 @@ class SourceSpec(_Spec):
         "{role, content}) rendered with the tokenizer's chat template (or, when it has none, "
         "the plain template 'role: content' one message a line); labels only on the "
         "assistant's tokens.")
-    field: str = Field("text", min_length=1, description="Column or JSON key holding the text "
+    field: str = Field("text", min_length=1, max_length=256, description="Column or JSON key holding the text "
                        "(kind text) or the messages (kind chat: usually 'messages').")
-    weight: float = Field(1.0, ge=0, description="Copies of each document in the packed "
+    weight: float = Field(1.0, ge=0, le=1e4, description="Copies of each document in the packed "
                           "stream: 2 doubles the source, 0.5 keeps half its documents (chosen "
-                          "by content hash, reproducibly).")
+                          "by content hash, reproducibly); at most 1e4.")
 
 
 class LengthBucket(_Spec):
     """Long-document upsampling: documents of at least `min_tokens` tokens get `factor` copies."""
 
-    min_tokens: int = Field(ge=0, description="Lower bound of the bucket (tokens, EOS excluded).")
-    factor: float = Field(ge=0, description="Copies of each document in the bucket (multiplies "
+    min_tokens: int = Field(ge=0, le=1 << 40, description="Lower bound of the bucket (tokens, "
+                            "EOS excluded); at most 2**40.")
+    factor: float = Field(ge=0, le=1e4, description="At most 1e4. ""Copies of each document in the bucket (multiplies "
                           "the source's weight); the bucket with the largest min_tokens that a "
                           "document reaches applies.")
 
@@ -301,19 +341,21 @@ class PreparedSpec(_Spec):
     ray_jobs.prepare --run RUN.yaml` (a Ray Data job; the trainer runs it first when `path`
     holds no prepared data)."""
 
-    path: str = Field(description="Directory of the prepared data (relative to the run file): "
+    path: str = Field(max_length=MAX_PATH, description="Directory of the prepared data (relative to the run file): "
                       "token shards (.npy, uint32), document starts and manifest.json.")
-    sources: list[SourceSpec] = Field(min_length=1, description="Inputs, in order.")
-    min_tokens: int = Field(1, ge=1, description="Drop documents shorter than this (tokens).")
-    max_tokens: int | None = Field(None, gt=0, description="Drop documents longer than this "
-                                   "(tokens); null: no limit.")
+    sources: list[SourceSpec] = Field(min_length=1, max_length=1024, description="Inputs, in "
+                                      "order; at most 1024.")
+    min_tokens: int = Field(1, ge=1, le=1 << 40, description="Drop documents shorter than this "
+                            "(tokens); at most 2**40.")
+    max_tokens: int | None = Field(None, gt=0, le=1 << 40, description="Drop documents longer "
+                                   "than this (tokens); null: no limit; at most 2**40.")
     dedup: bool = Field(True, description="Drop documents whose content (text or messages) "
                         "repeats an earlier one (sha256 of the content), before weighting.")
     upsample: list[LengthBucket] = Field(
-        default_factory=list, description="Long-document upsampling by length bucket, e.g. "
+        default_factory=list, max_length=64, description="At most 64 buckets. ""Long-document upsampling by length bucket, e.g. "
         "[{min_tokens: 32768, factor: 3}].")
-    shard_tokens: int = Field(1 << 24, ge=1024, description="Tokens per shard file (the last "
-                              "one holds the rest).")
+    shard_tokens: int = Field(1 << 24, ge=1024, le=1 << 32, description="Tokens per shard file "
+                              "(the last one holds the rest); at most 2**32 (16 GiB of uint32).")
 
     @model_validator(mode="after")
     def _consistent(self) -> PreparedSpec:
@@ -333,9 +375,10 @@ class PreparedSpec(_Spec):
 class DataSpec(_Spec):
     """Training samples: a deterministic function of (seed, stage, step)."""
 
-    seed: int = Field(0, ge=0, description="Seed of the sample order and the synthetic tasks.")
-    documents: list[str] = Field(
-        default_factory=list, description="Small corpora: local text files or globs (relative "
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sample order and the "
+                      "synthetic tasks; at most 2**32 - 1 (numpy's seed range).")
+    documents: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
+        default_factory=list, max_length=MAX_LIST, description="At most 4096 entries. ""Small corpora: local text files or globs (relative "
         "to this file) that every worker reads and tokenizes whole. Use data.prepared for "
         "anything larger.",
     )
@@ -384,9 +427,11 @@ class RulerSpec(_Spec):
         description="lm-eval task names. The default: the six that need no download (essay "
         "haystacks and QA sets come from the Hugging Face hub and the web).",
     )
-    min_length: int = Field(1024, gt=0, description="Shortest context run: RULER's prompts and "
-                            "answer budgets (30-128 tokens) need room.")
-    samples: int = Field(4, gt=0, description="Samples per task and length.")
+    min_length: int = Field(1024, gt=0, le=MAX_SEQ_LEN, description="Shortest context run: "
+                            "RULER's prompts and answer budgets (30-128 tokens) need room; at "
+                            "most 2**24.")
+    samples: int = Field(4, gt=0, le=1 << 16, description="Samples per task and length; at most "
+                         "2**16.")
     chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat "
                                 "template (the checkpoint must have one).")
     final_only: bool = Field(True, description="Run only on each stage's final checkpoint "
@@ -401,17 +446,20 @@ class KamradtSpec(_Spec):
     essay-style haystack of your own local text files, his depth grid, inserted at a sentence
     break, scored by the key phrases the answer contains."""
 
-    haystack: list[str] = Field(min_length=1, description="Local text files or globs "
+    haystack: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
+        min_length=1, max_length=MAX_LIST, description="At most 4096 entries. ""Local text files or globs "
                                 "(relative to the run file), joined and repeated to each length.")
     needle: str = Field("The best thing to do in San Francisco is eat a sandwich and sit in "
-                        "Dolores Park on a sunny day.", min_length=1, description="The needle.")
+                        "Dolores Park on a sunny day.", min_length=1, max_length=MAX_TEXT,
+                        description="The needle.")
     question: str = Field("What is the best thing to do in San Francisco?", min_length=1,
-                          description="The question about it.")
-    key_phrases: list[str] = Field(default_factory=lambda: ["eat a sandwich", "Dolores Park"],
-                                   min_length=1, description="Phrases a right answer contains; "
+                          max_length=MAX_TEXT, description="The question about it.")
+    key_phrases: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(
+        default_factory=lambda: ["eat a sandwich", "Dolores Park"], min_length=1,
+        max_length=256, description="At most 256. ""Phrases a right answer contains; "
                                    "the score is the share found.")
-    depth_intervals: int = Field(11, ge=2, description="Depths from 0 to 100 %, evenly spaced "
-                                 "(his grid).")
+    depth_intervals: int = Field(11, ge=2, le=1001, description="Depths from 0 to 100 %, evenly "
+                                 "spaced (his grid); at most 1001 (steps of 0.1 %).")
 
 
 class EvalSpec(_Spec):
@@ -420,7 +468,7 @@ class EvalSpec(_Spec):
     enabled: bool = Field(True, description="Evaluate checkpoints as they land.")
     tasks: list[EvalTask] = Field(
         default_factory=lambda: ["niah_lite", "niah_single_lite", "niah_multikey_lite", "vt_lite"],
-        min_length=1, description="ringpilot's own tasks: the passkey test in the training "
+        min_length=1, max_length=64, description="ringpilot's own tasks: the passkey test in the training "
         "text, and a NIAH grid and tasks in the style of RULER's (`_lite`: not RULER's "
         "generators nor its numbers; RULER itself runs through `ruler`).",
     )
@@ -438,35 +486,38 @@ class EvalSpec(_Spec):
             raise ValueError(f"{KAMRADT_TASK} is not listed here: it runs when eval.kamradt "
                              "gives its haystack (local text files); drop it from eval.tasks")
         return tasks
-    context_lengths: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=list, description="Context lengths to test; empty: each stage's seq_len "
-        "and the shorter ones before it.",
+    context_lengths: list[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)]] = Field(
+        default_factory=list, max_length=256, description="Context lengths to test (at most "
+        "256, each at most 2**24); empty: each stage's seq_len and the shorter ones before it.",
     )
     depths: list[Annotated[float, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0],
-        min_length=1, description="Needle depths in percent of the context.",
+        min_length=1, max_length=1001, description="Needle depths in percent of the context (at "
+        "most 1001).",
     )
-    samples: int = Field(4, gt=0, description="Samples per (task, length, depth) cell.")
-    seed: int = Field(1234, ge=0, description="Seed of the evaluation prompts.")
-    cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
-    gpus: float = Field(0.0, ge=0, description="GPUs per evaluation actor (spare ones, never "
-                        "the training workers').")
-    max_retries: int = Field(2, ge=0, description="Retries of a crashed evaluation actor (or "
-                             "gang: a gang is retried as a whole).")
+    samples: int = Field(4, gt=0, le=1 << 16, description="Samples per (task, length, depth) "
+                         "cell; at most 2**16.")
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seed of the evaluation prompts; at "
+                      "most 2**32 - 1.")
+    cpus: float = Field(1.0, gt=0, le=1024, description="CPUs per evaluation actor; at most 1024.")
+    gpus: float = Field(0.0, ge=0, le=64, description="GPUs per evaluation actor (spare ones, "
+                        "never the training workers'); at most 64.")
+    max_retries: int = Field(2, ge=0, le=1000, description="Retries of a crashed evaluation actor "
+                             "(or gang: a gang is retried as a whole); at most 1000.")
     max_tokens_per_evaluator: int = Field(
-        32_768, gt=0, description="Longest context one evaluator holds on its device (weights, "
+        32_768, gt=0, le=MAX_SEQ_LEN, description="At most 2**24. ""Longest context one evaluator holds on its device (weights, "
         "KV cache, prefill activations); longer contexts run on an evaluation gang. 32,768 fits "
         "an 8B Llama on a 48 GB L40S with room to spare.",
     )
     gang_size: int = Field(
-        0, ge=0, description="Members of the evaluation gang that runs contexts longer than "
+        0, ge=0, le=MAX_GPUS, description="At most 2**17, the GPU ceiling. ""Members of the evaluation gang that runs contexts longer than "
         "max_tokens_per_evaluator with ring-attention prefill and sequence-parallel decoding "
         "(each member takes eval.cpus and eval.gpus, never the training workers'). 0: the "
         "fewest members that each hold at most max_tokens_per_evaluator tokens of the longest "
         "context.",
     )
     gang_place_timeout_s: float = Field(
-        120.0, gt=0, description="How long a gang waits for its resources before the long "
+        120.0, gt=0, le=7 * 86400, description="At most a week. ""How long a gang waits for its resources before the long "
         "contexts are reported as not run (a gang larger than the cluster fails at once).",
     )
     kamradt: KamradtSpec | None = Field(
@@ -482,23 +533,25 @@ class EvalSpec(_Spec):
 class StorageSpec(_Spec):
     """Where checkpoints, the run ledger and reports go."""
 
-    path: str = Field(description="Run directory root (a local or shared filesystem path).")
+    path: str = Field(max_length=MAX_PATH, description="Run directory root (a local or shared "
+                      "filesystem path).")
     checkpoint_every: int = Field(
-        50, gt=0, description="Optimizer steps between checkpoints (each stage's last step "
-        "always checkpoints).",
+        50, gt=0, le=MAX_STEPS, description="Optimizer steps between checkpoints (each stage's "
+        "last step always checkpoints); at most 2**30.",
     )
-    keep_last: int = Field(2, gt=0, description="Committed checkpoints kept per stage.")
+    keep_last: int = Field(2, gt=0, le=1 << 16, description="Committed checkpoints kept per "
+                           "stage; at most 2**16.")
 
 
 class FailureSpec(_Spec):
     """How failures are handled."""
 
-    max_failures: int = Field(3, ge=0, description="Worker-group restarts per stage (Ray Train "
-                              "FailureConfig.max_failures).")
-    stage_retries: int = Field(2, ge=0, description="Resubmissions of a failed stage by the "
-                               "Kubernetes operator.")
+    max_failures: int = Field(3, ge=0, le=1000, description="Worker-group restarts per stage (Ray "
+                              "Train FailureConfig.max_failures); at most 1000.")
+    stage_retries: int = Field(2, ge=0, le=1000, description="Resubmissions of a failed stage by "
+                               "the Kubernetes operator; at most 1000.")
     report_every: int = Field(
-        10, gt=0, description="Optimizer steps between progress records (loss, tokens/s, ETA) "
+        10, gt=0, le=MAX_STEPS, description="At most 2**30. ""Optimizer steps between progress records (loss, tokens/s, ETA) "
         "that the driver prints. Only checkpoints are reported to Ray Train: each report waits "
         "for its controller's poll of the workers (~2 s).",
     )
@@ -511,7 +564,8 @@ class RunSpec(_Spec):
                       description="Run name (lowercase letters, digits, '-'): names the run "
                       "directory and Kubernetes objects.")
     model: ModelSpec = Field(description="The model to extend.")
-    stages: list[StageSpec] = Field(min_length=1, description="The curriculum, in order.")
+    stages: list[StageSpec] = Field(min_length=1, max_length=64, description="The curriculum, in "
+                                    "order; at most 64 stages (real curricula have 3-6).")
     resources: ResourcesSpec = Field(description="Workers and the cluster description.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Checkpoint evaluation.")
@@ -544,6 +598,16 @@ class RunSpec(_Spec):
                                grow="raise resources.workers")
             except DegreeError as e:
                 raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
+            try:  # the scaling rule raises theta0 to a power that can leave the floats
+                theta = self.stage_theta(i)
+            except OverflowError:
+                theta = math.inf
+            if not theta <= MAX_THETA:
+                raise ValueError(
+                    f"stages[{i}] ({stage.name}): rope_theta 'auto' gives a RoPE base above "
+                    f"{MAX_THETA:g} for seq_len {stage.seq_len} from model.rope_theta "
+                    f"{m.rope_theta:g} at pretrain_seq_len {m.pretrain_seq_len}; set "
+                    "stages[].rope_theta explicitly or give the real pretrain_seq_len")
         if self.data.tokenizer.path is None and self.model.path is None:
             if self.data.tokenizer.vocab_size > self.model.vocab_size:
                 raise ValueError(

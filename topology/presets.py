@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from specs.cluster import (
+    MAX_NODES,
+    MAX_PER_NODE,
     ClusterSpec,
     LinkType,
     NicSpec,
@@ -13,6 +15,16 @@ from specs.cluster import (
     SwitchSpec,
 )
 from topology.profile import L40S, HardwareProfile
+
+
+def _check_count(name: str, value: object, most: int, least: int = 1) -> int:
+    """A preset's count, refused before anything is built when it is not a whole number in
+    [least, most]: the ceilings of specs.cluster, so a preset of 10**8 nodes costs nothing."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number (got {value!r})")
+    if not least <= value <= most:
+        raise ValueError(f"{name}={value} is out of range: give {least} to {most}")
+    return value
 
 
 def build_link_types(profile: HardwareProfile = L40S) -> dict[str, LinkType]:
@@ -35,6 +47,8 @@ def build_l40s_node_type(nics: int = 4, gpus: int = 8, interleaved: bool = False
     spread evenly over the switches (4: one per switch, 2: one per socket, 1: on socket 0).
     `interleaved`: GPU indices alternate between the sockets (0, 2, 4.. on cpu0), as on servers
     whose device order does not follow the PCIe tree."""
+    _check_count("gpus", gpus, MAX_PER_NODE)
+    _check_count("nics", nics, 4, least=0)
     if gpus % 4 or gpus <= 0:
         raise ValueError(f"gpus={gpus}: the L40S preset needs a multiple of 4 GPUs (2 sockets x "
                          "PCIe switches of 2 GPUs)")
@@ -58,6 +72,7 @@ def build_l40s_node_type(nics: int = 4, gpus: int = 8, interleaved: bool = False
 def build_generic_node_type(gpus: int) -> NodeTypeSpec:
     """A one-socket server with switches of two GPUs and one NIC (for GPU counts the two-socket
     preset does not cover)."""
+    _check_count("gpus", gpus, MAX_PER_NODE)
     switches = [PcieSwitchSpec(name=f"sw{i // 2}", gpus=list(range(i, min(i + 2, gpus))),
                                nics=[NicSpec(name="nic0", link="nic")] if i == 0 else [])
                 for i in range(0, gpus, 2)]
@@ -89,8 +104,10 @@ def build_leaf_spine_cluster(nodes: int, nodes_per_leaf: int = 16, oversubscript
     """`nodes` 8x L40S servers under leaves of `nodes_per_leaf`, one spine layer (and a core
     layer when `leaves_per_spine` splits the leaves into pods). With `rails`, NIC k of every
     node in a leaf group plugs into that group's rail-k leaf (rail-optimised)."""
-    if nodes <= 0 or nodes_per_leaf <= 0:
-        raise ValueError(f"nodes ({nodes}) and nodes_per_leaf ({nodes_per_leaf}) must be > 0")
+    _check_count("nodes", nodes, MAX_NODES)
+    _check_count("nodes_per_leaf", nodes_per_leaf, MAX_NODES)
+    if leaves_per_spine is not None:
+        _check_count("leaves_per_spine", leaves_per_spine, MAX_NODES)
     node_type = build_l40s_node_type(nics, gpus, interleaved)
     groups = -(-nodes // nodes_per_leaf)
     switches: list[SwitchSpec] = []

@@ -109,7 +109,7 @@ def test_cross_field_rules_name_field_value_and_fix(changes, message):
          r"'seq_len'\?\)$"),
         ({"modle": {}}, r"^modle: unknown field \(got \{\}; did you mean 'model'\?\)$"),
         ({"stages.0.steps": "many"}, r"^stages\[0\]\.steps: Input should be a valid integer.* "
-         r"\(got 'many'; Optimizer steps in this stage\.\)$"),
+         r"\(got 'many'; Optimizer steps in this stage; at most 2\*\*30\.\)$"),
         ({"stages.0.ring_degree": "x"}, r"^stages\[0\]\.ring_degree: should be a valid integer.* "
          r"or 'auto' \(got 'x'\)$"),
         ({"stages.0.ring_degree": 0}, r"^stages\[0\]\.ring_degree: should be greater than 0 or "
@@ -136,7 +136,7 @@ def test_missing_fields_say_what_to_add():
     del data["model"]["pretrain_seq_len"]
     assert sorted(errors_of(data)) == [
         "model.pretrain_seq_len: required field is missing (add it: Context length the model "
-        "was pretrained at (T0 of the theta rule).)",
+        "was pretrained at (T0 of the theta rule); at most 2**24, the sequence ceiling.)",
         "storage: required field is missing (add it: Checkpoints, ledger and reports.)",
     ]
 
