@@ -31,19 +31,127 @@ class SpecError(Exception):
         return "\n".join([head, *(f"  {line}" for line in self.lines)])
 
 
-def read_yaml(path: str | Path) -> dict:
-    """The mapping at the top of a YAML file; missing files and bad syntax become SpecError."""
-    from specs.files import read_bounded  # specs.files imports SpecError from here
+# A spec's YAML is a few levels deep and repeats itself with a handful of aliases at most. The
+# limits refuse alias bombs ("billion laughs": each alias doubles what the next expands to) and
+# nesting deep enough to exhaust recursion, while the document is still a tree of YAML nodes.
+MAX_YAML_DEPTH = 64
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 1 << 20  # values once aliases are expanded (a 10 KB spec has ~1,000)
 
-    source = str(path)
-    text = read_bounded(path, "spec")
+
+_FLOW_RUN = re.compile(r"(?:[\[{][ \t\r\n]*){%d}" % (MAX_YAML_DEPTH + 1))
+
+
+class _YamlLimit(Exception):
+    """A limit of `_BoundedLoader` exceeded; `mark` is where."""
+
+    def __init__(self, problem: str, mark: object):
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts aliases and nesting depth while composing, before any Python
+    object is built."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} aliases (*name) (remove the "
+                                 "anchors and aliases; write the values out)",
+                                 self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested more than {MAX_YAML_DEPTH} levels deep (a spec is a "
+                                 "few levels deep; flatten the document)",
+                                 self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it past MAX_YAML_NODES values, or make it refer to
+    itself: each distinct node is weighed once, so the check is linear in the text."""
+    weight: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def weigh(node: yaml.Node) -> int:  # recursion bounded by MAX_YAML_DEPTH
+        key = id(node)
+        if key in weight:
+            return weight[key]
+        if key in open_nodes:
+            raise _YamlLimit("an alias refers to a value that contains it (remove the "
+                             "recursive alias)", node.start_mark)
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(weigh(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(weigh(k) + weigh(v) for k, v in node.value)
+        if total > MAX_YAML_NODES:
+            raise _YamlLimit(f"aliases expand the document past {MAX_YAML_NODES} values (an "
+                             "alias bomb?); write the values out instead", node.start_mark)
+        open_nodes.discard(key)
+        weight[key] = total
+        return total
+
+    weigh(root)
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """The document in `text`, with alias and nesting limits; bad syntax and exceeded limits
+    become one SpecError line naming the place."""
+    # A run of flow openers ("[[[[..."): refused before the scanner, which would first look
+    # ahead up to 1,024 characters of them, each a pending simple key (~0.3 s of work).
+    run = _FLOW_RUN.search(text)
+    if run is not None:
+        line = text.count("\n", 0, run.start()) + 1
+        column = run.start() - (text.rfind("\n", 0, run.start()) + 1) + 1
+        raise SpecError(source, [f"<yaml>: line {line}, column {column}: nested more than "
+                                 f"{MAX_YAML_DEPTH} levels deep (a spec is a few levels deep; "
+                                 "flatten the document)"])
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except _YamlLimit as e:
+        where = f"line {e.mark.line + 1}, column {e.mark.column + 1}: " if e.mark else ""
+        raise SpecError(source, [f"<yaml>: {where}{e.problem}"]) from None
+    except RecursionError:  # a limit above should make this unreachable; never a traceback
+        raise SpecError(source, [f"<yaml>: nested too deeply (at most {MAX_YAML_DEPTH} "
+                                 "levels)"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(source, [f"<yaml>: {where}{problem} (fix the YAML syntax there)"]) from None
+    except (ValueError, OverflowError) as e:  # a scalar PyYAML resolves but cannot convert
+        raise SpecError(source, [f"<yaml>: a value cannot be read ({_short(str(e), 120)}; "
+                                 "quote it to keep it as text)"]) from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file; missing files, bad syntax, alias bombs and deep
+    nesting become SpecError."""
+    from specs.files import read_bounded  # specs.files imports SpecError from here
+
+    source = str(path)
+    text = read_bounded(path, "spec")
+    data = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise SpecError(source, [f"<top>: expected a mapping of fields (got {_short(data)}; "
                                  "the file must start with `name: ...` style keys)"])
@@ -162,5 +270,8 @@ def _model_in(annotation: object) -> type[BaseModel] | None:
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit limit for str()
+        text = f"<a number of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
