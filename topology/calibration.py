@@ -20,7 +20,7 @@ KIND = "ringpilot.io/calibrated-profile"
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Measured(_Spec):

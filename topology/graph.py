@@ -134,8 +134,9 @@ def apply_degrade_link(g: nx.Graph, text: str) -> tuple[str, str, float]:
     except ValueError:
         raise TopologyError(f"--degrade-link {text!r}: expected A-B=FACTOR, e.g. "
                             "node-000/cpu0-node-000/cpu1=0.5") from None
-    if not 0 < factor:
-        raise TopologyError(f"--degrade-link {text!r}: FACTOR must be > 0 (0.5 halves the link)")
+    if not 0 < factor < float("inf"):
+        raise TopologyError(f"--degrade-link {text!r}: FACTOR must be a finite number > 0 (0.5 "
+                            "halves the link)")
     parts = ends.split("-")
     for i in range(1, len(parts)):
         a, b = "-".join(parts[:i]), "-".join(parts[i:])

@@ -4,7 +4,14 @@ search and bound of one cluster."""
 from __future__ import annotations
 
 from specs.cluster import ClusterSpec
-from specs.degrees import DegreeError, NothingFits, ParallelDims, resolve_degrees, ulysses_of
+from specs.degrees import (
+    DegreeError,
+    NothingFits,
+    ParallelDims,
+    divisors,
+    resolve_degrees,
+    ulysses_of,
+)
 from specs.run import RunSpec, StageSpec
 from topology.cost import FlowResult, StageShape, check_fits, predict_stage
 from topology.graph import Router, build_graph, split_gpu_vertex
@@ -87,7 +94,7 @@ class Planner:
             options = [stage.shard_degree]
         else:
             seq = ring * ulysses  # GPUs per sequence
-            options = [seq * k for k in range(1, dp + 1) if dp % k == 0]
+            options = [seq * k for k in divisors(dp)]
         for shard in options:
             try:
                 dims = ParallelDims.of(ring, dp, shard, ulysses)
