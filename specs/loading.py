@@ -119,8 +119,9 @@ def parse_yaml(text: str, source: str) -> object:
         raise SpecError(source, [f"<yaml>: line {line}, column {column}: nested more than "
                                  f"{MAX_YAML_DEPTH} levels deep (a spec is a few levels deep; "
                                  "flatten the document)"])
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters at once
         node = loader.get_single_node()
         if node is None:
             return None
@@ -141,7 +142,8 @@ def parse_yaml(text: str, source: str) -> object:
         raise SpecError(source, [f"<yaml>: a value cannot be read ({_short(str(e), 120)}; "
                                  "quote it to keep it as text)"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -232,6 +234,13 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[str, object, type[BaseMod
             annotation = _item_type(annotation)
             cls = _model_in(annotation)
             continue
+        if part == "[key]":  # pydantic's marker for a problem with the dict key itself
+            return text or "<top>", None, None, ()
+        values = _value_type(annotation) if cls is None else None
+        if values is not None and isinstance(part, str):  # a key of a dict field
+            text = _join(text, part)
+            annotation, cls = values, _model_in(values)
+            continue
         if cls is None or part not in cls.model_fields:
             if cls is not None and i == len(loc) - 1:  # an unknown key inside `cls`
                 return _join(text, part), None, cls, ()
@@ -248,6 +257,19 @@ def _join(text: str, key: object) -> str:
     if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
         return f"{text}.{key}" if text else key
     return f"{text}[{json.dumps(str(key))}]"
+
+
+def _value_type(annotation: object) -> object | None:
+    """The value type of a `dict[K, V]` annotation (or of `dict[K, V] | None`), else None."""
+    if typing.get_origin(annotation) is dict:
+        args = typing.get_args(annotation)
+        return args[1] if len(args) == 2 else typing.Any
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _value_type(arg)
+            if found is not None:
+                return found
+    return None
 
 
 def _item_type(annotation: object) -> object:
