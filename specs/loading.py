@@ -67,6 +67,12 @@ class _BoundedLoader(yaml.SafeLoader):
                                  "anchors and aliases; write the values out)",
                                  self.peek_event().start_mark)
             return super().compose_node(parent, index)
+        event = self.peek_event()
+        if getattr(event, "tag", None) not in (None, "!"):
+            # A spec needs no tags, and PyYAML's constructors fail on tagged values in ways of
+            # their own (`!!int ''` is an IndexError): refused, with the place.
+            raise _YamlLimit(f"explicit tag {event.tag!r} (a spec needs none: remove it, and "
+                             "quote a value to keep it as text)", event.start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
