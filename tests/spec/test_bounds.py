@@ -434,3 +434,24 @@ def test_the_fuzzers_reach_valid_specs():
     assert isinstance(validate_data(TINY, RunSpec, source="x"), RunSpec)
     assert isinstance(build_cluster(copy.deepcopy(CLUSTER), source="x"), ClusterSpec)
     assert math.isfinite(validate_data(TINY, RunSpec, source="x").stage_theta(3))
+
+
+def test_the_operator_refuses_every_count_at_10_to_12_fast():
+    import datetime as dt
+
+    from operators.decide import plan_reconcile
+
+    doc = TINY
+    for path in RUN_COUNTS:
+        doc = with_value(doc, path, HUGE)
+    st = {"apiVersion": "ringpilot.io/v1alpha1", "kind": "StagedTraining",
+          "metadata": {"name": "tiny", "namespace": "default", "generation": 1, "uid": "u1"},
+          "spec": doc}
+    start = time.monotonic()
+    decision = plan_reconcile(st, [], [], dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    assert time.monotonic() - start < FAST
+    status = decision.status
+    assert status.phase == "Failed"
+    message = next(c.message for c in status.conditions if c.type == "SpecValid")
+    assert "spec.model.num_attention_heads: Input should be less than or equal to 16384" in message
+    assert "spec.resources.workers: Input should be less than or equal to 131072" in message
