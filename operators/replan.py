@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from operators.rayjob import CLUSTER_FILE, worker_pods
 from operators.resource import StagedTrainingSpec
-from specs.loading import SpecError
+from specs.loading import SpecError, parse_yaml
 from topology.planner import PlanError
 from topology.run_plan import plan_from_workers
 from topology.sources import build_cluster
@@ -53,11 +51,9 @@ def plan_topology(spec: StagedTrainingSpec, cluster_yaml: str | None) -> str | N
         return f"{where} (key {CLUSTER_FILE}) not found; create it or use topology.source: " \
                "node-labels"
     try:
-        build_cluster(yaml.safe_load(cluster_yaml), source=where)
+        build_cluster(parse_yaml(cluster_yaml, where), source=where)  # alias/depth-bounded
     except SpecError as e:
         return "; ".join([f"{where}: {line}" for line in e.lines])
-    except yaml.YAMLError as e:
-        return f"{where}: {CLUSTER_FILE} is not YAML ({e.__class__.__name__})"
     return None
 
 

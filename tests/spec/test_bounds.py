@@ -455,3 +455,18 @@ def test_the_operator_refuses_every_count_at_10_to_12_fast():
     message = next(c.message for c in status.conditions if c.type == "SpecValid")
     assert "spec.model.num_attention_heads: Input should be less than or equal to 16384" in message
     assert "spec.resources.workers: Input should be less than or equal to 131072" in message
+
+
+@pytest.mark.parametrize("name", ["alias bomb", "20,000-deep flow nesting", "empty tagged integer"])
+def test_the_operator_reads_a_topology_config_map_with_the_same_limits(name):
+    from operators.replan import plan_topology
+    from operators.resource import StagedTrainingSpec
+
+    spec = StagedTrainingSpec.model_validate(
+        {**TINY, "topology": {"source": "config-map", "config_map": "topo"}})
+    start = time.monotonic()
+    problem = plan_topology(spec, BAD_YAML[name][0])
+    assert time.monotonic() - start < FAST
+    assert problem is not None and problem.startswith("ConfigMap topo: <yaml>: "), problem
+    assert re.search(BAD_YAML[name][1], problem), problem
+    assert plan_topology(spec, yaml.safe_dump(CLUSTER)) is None
