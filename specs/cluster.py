@@ -7,9 +7,7 @@ XML files are expanded into plain data by `topology.sources` before validation.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,8 +61,8 @@ class NicSpec(_Spec):
 
     name: Name = Field(description="NIC name inside the node, e.g. 'nic0' or 'mlx5_0'.")
     link: Name = Field(description="Link type (key of link_types) from the NIC to its leaf switch.")
-    pcie_link: Name = Field("pcie", description="Link type between the NIC and its PCIe switch "
-                           "or socket.")
+    pcie_link: Name = Field("pcie", description="Link type between the NIC and its PCIe switch or "
+                           "socket.")
 
 
 class PcieSwitchSpec(_Spec):
@@ -85,8 +83,8 @@ class SocketSpec(_Spec):
 
     name: Name = Field(description="Socket name inside the node, e.g. 'cpu0'.")
     switches: list[PcieSwitchSpec] = Field(default_factory=list, max_length=MAX_PER_NODE,
-                                           description="PCIe switches under this socket (at "
-                                           "most 256).")
+                                           description="PCIe switches under this socket (at most "
+                                           "256).")
     nics: list[NicSpec] = Field(default_factory=list, max_length=MAX_PER_NODE,
                                 description="NICs on a root port of this socket (no switch "
                                 "between; at most 256).")
@@ -155,9 +153,8 @@ class NodeSpec(_Spec):
     leaf: Name | None = Field(None, description="Leaf switch all NICs plug into (null for a "
                               "single-node cluster).")
     nic_leaves: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_PER_NODE,
-                                         description="Per-NIC leaf, "
-                                       "overriding `leaf` (rail-optimised fabrics: NIC k -> "
-                                       "rail k).")
+                                         description="Per-NIC leaf, overriding `leaf` "
+                                       "(rail-optimised fabrics: NIC k -> rail k).")
 
     def leaf_of(self, nic: str) -> str | None:
         return self.nic_leaves.get(nic, self.leaf)
@@ -233,8 +230,8 @@ class ClusterSpec(_Spec):
                              "numbers come from).")
     profile: Name = Field("l40s", description="Hardware profile (topology.profile) for compute, "
                          "memory and default link numbers.")
-    link_types: dict[Name, LinkType] = Field(max_length=1024, description="Link kinds by name "
-                                             "(at most 256).")
+    link_types: dict[Name, LinkType] = Field(max_length=1024, description="Link kinds by name (at "
+                                             "most 256).")
     node_types: dict[Name, NodeTypeSpec] = Field(max_length=1024, description="Server kinds by "
                                                  "name (at most 256).")
     nodes: list[NodeSpec] = Field(min_length=1, max_length=MAX_NODES, description="Servers, in "
@@ -242,8 +239,8 @@ class ClusterSpec(_Spec):
     switches: list[SwitchSpec] = Field(default_factory=list, max_length=MAX_SWITCHES,
                                        description="Fabric switches (at most 2**16).")
     unknown_topology: list[UnknownNode] = Field(
-        default_factory=list, max_length=MAX_NODES, description="At most 2**15. ""Nodes without a known network position: listed in "
-        "reports, left out of plans.")
+        default_factory=list, max_length=MAX_NODES, description="Nodes without a known network "
+        "position: listed in reports, left out of plans. At most 2**15.")
 
     @model_validator(mode="after")
     def _references(self) -> ClusterSpec:

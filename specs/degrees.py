@@ -29,9 +29,8 @@ call it); a stage runs on ring x dp workers, which may be fewer than the run's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol
-
 from math import isqrt
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 

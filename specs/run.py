@@ -81,12 +81,12 @@ class ModelSpec(_Spec):
     hidden_size: int = Field(gt=0, le=MAX_HIDDEN, description="Model width "
                              "(LlamaConfig.hidden_size); at most 2**20: Llama-3 405B's is 16,384.")
     intermediate_size: int = Field(gt=0, le=MAX_HIDDEN * 4, description="MLP width "
-                                   "(LlamaConfig.intermediate_size); at most 2**22 (4 x the "
-                                   "width ceiling).")
+                                   "(LlamaConfig.intermediate_size); at most 2**22 (4 x the width "
+                                   "ceiling).")
     num_hidden_layers: int = Field(gt=0, le=MAX_LAYERS, description="Decoder layers; at most "
                                    "2**14: no Llama-family model has more than 126.")
-    num_attention_heads: int = Field(gt=0, le=MAX_HEADS, description="Query heads; at most "
-                                     "2**14: no Llama-family model has more than 128.")
+    num_attention_heads: int = Field(gt=0, le=MAX_HEADS, description="Query heads; at most 2**14: "
+                                     "no Llama-family model has more than 128.")
     num_key_value_heads: int = Field(
         gt=0, le=MAX_HEADS, description="Key/value heads (grouped-query attention); divides "
         "num_attention_heads; at most 2**14, as the query heads."
@@ -94,15 +94,15 @@ class ModelSpec(_Spec):
     rope_theta: float = Field(gt=0, le=MAX_THETA, description="RoPE base of the model before "
                               "extension (theta0); at most 1e15 (Llama-3 uses 500,000).")
     pretrain_seq_len: int = Field(
-        gt=0, le=MAX_SEQ_LEN, description="Context length the model was pretrained at (T0 of "
-        "the theta rule); at most 2**24, the sequence ceiling."
+        gt=0, le=MAX_SEQ_LEN, description="Context length the model was pretrained at (T0 of the "
+        "theta rule); at most 2**24, the sequence ceiling."
     )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Storage dtype of the weights: FSDP2's sharded master copy, "
-        "their gradients and AdamW's state (16 bytes per parameter in float32, sharded). "
-        "Layers compute in training.mixed_precision (bf16 on GPUs by default). bfloat16 here "
-        "halves that memory but drops every update smaller than 1/256 of its weight: at lr "
-        "2e-5 most weights stop moving."
+        "float32", description="Storage dtype of the weights: FSDP2's sharded master copy, their "
+        "gradients and AdamW's state (16 bytes per parameter in float32, sharded). Layers compute "
+        "in training.mixed_precision (bf16 on GPUs by default). bfloat16 here halves that memory "
+        "but drops every update smaller than 1/256 of its weight: at lr 2e-5 most weights stop "
+        "moving."
     )
 
     @model_validator(mode="after")
@@ -146,8 +146,8 @@ class StageSpec(_Spec):
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40,
                       description="Stage name (lowercase letters, digits, '-'), e.g. '65k'.")
-    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="Tokens per training sequence; at "
-                         "most 2**24 (16M), 16 times the 1M-token contexts this tool targets.")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="Tokens per training sequence; at most "
+                         "2**24 (16M), 16 times the 1M-token contexts this tool targets.")
     steps: int = Field(gt=0, le=MAX_STEPS, description="Optimizer steps in this stage; at most "
                        "2**30.")
     batch_size: int = Field(
@@ -172,18 +172,18 @@ class StageSpec(_Spec):
         "data_parallel_degree workers, at most resources.workers; the rest stay idle.",
     )
     shard_degree: Degree = Field(
-        "auto", description="GPUs (workers) that shard the weights, gradients and optimizer "
-        "state (FSDP2): ring_degree times a divisor of data_parallel_degree; shard groups are "
+        "auto", description="GPUs (workers) that shard the weights, gradients and optimizer state "
+        "(FSDP2): ring_degree times a divisor of data_parallel_degree; shard groups are "
         "replicated (HSDP) when there are several. 'auto': each ring is one shard group.",
     )
     ulysses_degree: Degree = Field(
         1, description="GPUs per ring position that split the attention heads among them "
-        "(DeepSpeed-Ulysses all-to-all, inside a fast domain); the ring runs across these "
-        "groups, so a sequence is split over ring_degree x ulysses_degree GPUs. It must divide "
-        "the query heads, and divide the key/value heads or be a multiple of them (each is then "
-        "replicated). 1: ring attention alone. 'auto': with resources.cluster the planner "
-        "splits each sequence's GPUs (ring_degree of them, as if ring-only) between Ulysses and "
-        "the ring, taking the split with the fastest predicted step; without a cluster, 1.",
+        "(DeepSpeed-Ulysses all-to-all, inside a fast domain); the ring runs across these groups, "
+        "so a sequence is split over ring_degree x ulysses_degree GPUs. It must divide the query "
+        "heads, and divide the key/value heads or be a multiple of them (each is then "
+        "replicated). 1: ring attention alone. 'auto': with resources.cluster the planner splits "
+        "each sequence's GPUs (ring_degree of them, as if ring-only) between Ulysses and the "
+        "ring, taking the split with the fastest predicted step; without a cluster, 1.",
     )
     rope_theta: Annotated[float, Field(gt=0, le=MAX_THETA)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
@@ -191,12 +191,11 @@ class StageSpec(_Spec):
     )
     activation_checkpointing: CheckpointPolicy | Auto = Field(
         "auto", description="What backward recomputes of each decoder layer: 'full' (keep only "
-        "its input, recompute the layer, ring attention included: its K/V travel the ring "
-        "again), 'attention' (recompute all but ring attention, whose output and log-sum-exp "
-        "are kept: the ring runs once each way), 'none' (keep everything). 'auto': the "
-        "planner's choice, the fastest policy whose memory fits the GPU with its reserve "
-        "(plan.json and the report give each policy's time and memory); 'full' when planned "
-        "without a cluster.",
+        "its input, recompute the layer, ring attention included: its K/V travel the ring again), "
+        "'attention' (recompute all but ring attention, whose output and log-sum-exp are kept: "
+        "the ring runs once each way), 'none' (keep everything). 'auto': the planner's choice, "
+        "the fastest policy whose memory fits the GPU with its reserve (plan.json and the report "
+        "give each policy's time and memory); 'full' when planned without a cluster.",
     )
 
     @model_validator(mode="after")
@@ -236,12 +235,13 @@ class TrainingSpec(_Spec):
 
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
         "auto", description="Compute dtype of the layers: 'bf16' (weights gathered in bf16, "
-        "gradients reduced in fp32), 'none' (model.dtype throughout). 'auto': bf16 on GPUs, "
-        "none on CPUs.")
+        "gradients reduced in fp32), 'none' (model.dtype throughout). 'auto': bf16 on GPUs, none "
+        "on CPUs.")
     loss_chunk_tokens: int = Field(
-        1024, gt=0, le=MAX_SEQ_LEN, description="At most 2**24, the sequence ceiling. ""Tokens whose logits exist at once in the loss (forward and "
-        "backward): the fp32 (tokens x vocab) logits are never held whole. At Llama-3's 128K "
-        "vocabulary, 1024 tokens take about 1.8 GB with their bf16 copy and gradient.")
+        1024, gt=0, le=MAX_SEQ_LEN, description="Tokens whose logits exist at once in the loss "
+        "(forward and backward): the fp32 (tokens x vocab) logits are never held whole. At "
+        "Llama-3's 128K vocabulary, 1024 tokens take about 1.8 GB with their bf16 copy and "
+        "gradient. At most 2**24, the sequence ceiling.")
     grad_clip: float = Field(1.0, gt=0, le=1e6, description="Global gradient-norm clipping "
                              "threshold; at most 1e6.")
 
@@ -265,8 +265,8 @@ class ResourcesSpec(_Spec):
     cpus_per_worker: int = Field(1, gt=0, le=1024, description="CPU cores reserved for each "
                                  "worker; at most 1024, more than any one server has.")
     cluster: str | None = Field(
-        None, max_length=MAX_PATH, description="ClusterSpec YAML describing the cluster's network (relative to this "
-        "file). Null: plan from the nodes Ray reports.",
+        None, max_length=MAX_PATH, description="ClusterSpec YAML describing the cluster's network "
+        "(relative to this file). Null: plan from the nodes Ray reports.",
     )
 
 
@@ -274,8 +274,9 @@ class TokenizerSpec(_Spec):
     """Where the tokenizer comes from."""
 
     path: str | None = Field(
-        None, max_length=MAX_PATH, description="Local tokenizer (a tokenizer.json or a directory holding one). Null: "
-        "use model.path's tokenizer, or train a byte-level BPE locally on the data.",
+        None, max_length=MAX_PATH, description="Local tokenizer (a tokenizer.json or a directory "
+        "holding one). Null: use model.path's tokenizer, or train a byte-level BPE locally on the "
+        "data.",
     )
     vocab_size: int = Field(
         512, ge=64, le=MAX_VOCAB, description="Vocabulary of a locally trained tokenizer; must "
@@ -286,8 +287,8 @@ class TokenizerSpec(_Spec):
 class DataMix(_Spec):
     """Relative weights of the sample sources (normalised; at least one positive)."""
 
-    documents: float = Field(0.0, ge=0, le=1e6, description="Packed long documents: sequences "
-                             "of data.prepared (or, for small corpora, of data.documents). Each "
+    documents: float = Field(0.0, ge=0, le=1e6, description="Packed long documents: sequences of "
+                             "data.prepared (or, for small corpora, of data.documents). Each "
                              "weight is finite, at most 1e6.")
     passkey: float = Field(0.5, ge=0, le=1e6, description="Passkey retrieval over filler text.")
     kv_retrieval: float = Field(0.5, ge=0, le=1e6, description="Key-value retrieval over filler "
@@ -304,36 +305,37 @@ class SourceSpec(_Spec):
     """One input of the preparation job: local files of one format and kind."""
 
     name: str = Field(pattern=r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$", max_length=40,
-                      description="Source name (lowercase letters, digits, '-', '_'): reports "
-                      "and the manifest count documents by it.")
+                      description="Source name (lowercase letters, digits, '-', '_'): reports and "
+                      "the manifest count documents by it.")
     paths: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
-        min_length=1, max_length=MAX_LIST, description="Local files or globs (relative to the "
-        "run file), at most 4096. A `datasets` directory saved with save_to_disk is given as the "
+        min_length=1, max_length=MAX_LIST, description="Local files or globs (relative to the run "
+        "file), at most 4096. A `datasets` directory saved with save_to_disk is given as the "
         "directory.")
     format: Literal["auto", "jsonl", "txt", "parquet", "hf_dataset"] = Field(
-        "auto", description="File format. 'auto': by extension (.jsonl/.json, .txt, .parquet; "
-        "a directory is an HF `datasets` save_to_disk directory). A .txt file is one document; "
-        "a jsonl line, parquet row or dataset row is one document.")
+        "auto", description="File format. 'auto': by extension (.jsonl/.json, .txt, .parquet; a "
+        "directory is an HF `datasets` save_to_disk directory). A .txt file is one document; a "
+        "jsonl line, parquet row or dataset row is one document.")
     kind: Literal["text", "chat"] = Field(
         "text", description="'text': every token is trained on. 'chat': `messages` (a list of "
-        "{role, content}) rendered with the tokenizer's chat template (or, when it has none, "
-        "the plain template 'role: content' one message a line); labels only on the "
-        "assistant's tokens.")
-    field: str = Field("text", min_length=1, max_length=256, description="Column or JSON key holding the text "
-                       "(kind text) or the messages (kind chat: usually 'messages').")
+        "{role, content}) rendered with the tokenizer's chat template (or, when it has none, the "
+        "plain template 'role: content' one message a line); labels only on the assistant's "
+        "tokens.")
+    field: str = Field("text", min_length=1, max_length=256, description="Column or JSON key "
+                       "holding the text (kind text) or the messages (kind chat: usually "
+                       "'messages').")
     weight: float = Field(1.0, ge=0, le=1e4, description="Copies of each document in the packed "
-                          "stream: 2 doubles the source, 0.5 keeps half its documents (chosen "
-                          "by content hash, reproducibly); at most 1e4.")
+                          "stream: 2 doubles the source, 0.5 keeps half its documents (chosen by "
+                          "content hash, reproducibly); at most 1e4.")
 
 
 class LengthBucket(_Spec):
     """Long-document upsampling: documents of at least `min_tokens` tokens get `factor` copies."""
 
-    min_tokens: int = Field(ge=0, le=1 << 40, description="Lower bound of the bucket (tokens, "
-                            "EOS excluded); at most 2**40.")
-    factor: float = Field(ge=0, le=1e4, description="At most 1e4. ""Copies of each document in the bucket (multiplies "
-                          "the source's weight); the bucket with the largest min_tokens that a "
-                          "document reaches applies.")
+    min_tokens: int = Field(ge=0, le=1 << 40, description="Lower bound of the bucket (tokens, EOS "
+                            "excluded); at most 2**40.")
+    factor: float = Field(ge=0, le=1e4, description="Copies of each document in the bucket "
+                          "(multiplies the source's weight); the bucket with the largest "
+                          "min_tokens that a document reaches applies. At most 1e4.")
 
 
 class PreparedSpec(_Spec):
@@ -341,8 +343,9 @@ class PreparedSpec(_Spec):
     ray_jobs.prepare --run RUN.yaml` (a Ray Data job; the trainer runs it first when `path`
     holds no prepared data)."""
 
-    path: str = Field(max_length=MAX_PATH, description="Directory of the prepared data (relative to the run file): "
-                      "token shards (.npy, uint32), document starts and manifest.json.")
+    path: str = Field(max_length=MAX_PATH, description="Directory of the prepared data (relative "
+                      "to the run file): token shards (.npy, uint32), document starts and "
+                      "manifest.json.")
     sources: list[SourceSpec] = Field(min_length=1, max_length=1024, description="Inputs, in "
                                       "order; at most 1024.")
     min_tokens: int = Field(1, ge=1, le=1 << 40, description="Drop documents shorter than this "
@@ -352,8 +355,8 @@ class PreparedSpec(_Spec):
     dedup: bool = Field(True, description="Drop documents whose content (text or messages) "
                         "repeats an earlier one (sha256 of the content), before weighting.")
     upsample: list[LengthBucket] = Field(
-        default_factory=list, max_length=64, description="At most 64 buckets. ""Long-document upsampling by length bucket, e.g. "
-        "[{min_tokens: 32768, factor: 3}].")
+        default_factory=list, max_length=64, description="Long-document upsampling by length "
+        "bucket, e.g. [{min_tokens: 32768, factor: 3}]. At most 64 buckets.")
     shard_tokens: int = Field(1 << 24, ge=1024, le=1 << 32, description="Tokens per shard file "
                               "(the last one holds the rest); at most 2**32 (16 GiB of uint32).")
 
@@ -378,13 +381,13 @@ class DataSpec(_Spec):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sample order and the "
                       "synthetic tasks; at most 2**32 - 1 (numpy's seed range).")
     documents: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
-        default_factory=list, max_length=MAX_LIST, description="At most 4096 entries. ""Small corpora: local text files or globs (relative "
-        "to this file) that every worker reads and tokenizes whole. Use data.prepared for "
-        "anything larger.",
+        default_factory=list, max_length=MAX_LIST, description="Small corpora: local text files "
+        "or globs (relative to this file) that every worker reads and tokenizes whole. Use "
+        "data.prepared for anything larger. At most 4096 entries.",
     )
     prepared: PreparedSpec | None = Field(
-        None, description="Prepared (tokenized, packed) documents, read by memory map: the "
-        "source of mix.documents for real corpora. Null: data.documents.")
+        None, description="Prepared (tokenized, packed) documents, read by memory map: the source "
+        "of mix.documents for real corpora. Null: data.documents.")
     mix: DataMix = Field(default_factory=DataMix, description="Sample sources and their weights.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer source.")
 
@@ -447,8 +450,9 @@ class KamradtSpec(_Spec):
     break, scored by the key phrases the answer contains."""
 
     haystack: list[Annotated[str, Field(max_length=MAX_PATH)]] = Field(
-        min_length=1, max_length=MAX_LIST, description="At most 4096 entries. ""Local text files or globs "
-                                "(relative to the run file), joined and repeated to each length.")
+        min_length=1, max_length=MAX_LIST, description="Local text files or globs (relative to "
+                                "the run file), joined and repeated to each length. At most 4096 "
+                                "entries.")
     needle: str = Field("The best thing to do in San Francisco is eat a sandwich and sit in "
                         "Dolores Park on a sunny day.", min_length=1, max_length=MAX_TEXT,
                         description="The needle.")
@@ -456,8 +460,8 @@ class KamradtSpec(_Spec):
                           max_length=MAX_TEXT, description="The question about it.")
     key_phrases: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(
         default_factory=lambda: ["eat a sandwich", "Dolores Park"], min_length=1,
-        max_length=256, description="At most 256. ""Phrases a right answer contains; "
-                                   "the score is the share found.")
+        max_length=256, description="Phrases a right answer contains; the score is the share "
+                                   "found. At most 256.")
     depth_intervals: int = Field(11, ge=2, le=1001, description="Depths from 0 to 100 %, evenly "
                                  "spaced (his grid); at most 1001 (steps of 0.1 %).")
 
@@ -468,8 +472,8 @@ class EvalSpec(_Spec):
     enabled: bool = Field(True, description="Evaluate checkpoints as they land.")
     tasks: list[EvalTask] = Field(
         default_factory=lambda: ["niah_lite", "niah_single_lite", "niah_multikey_lite", "vt_lite"],
-        min_length=1, max_length=64, description="ringpilot's own tasks: the passkey test in the training "
-        "text, and a NIAH grid and tasks in the style of RULER's (`_lite`: not RULER's "
+        min_length=1, max_length=64, description="ringpilot's own tasks: the passkey test in the "
+        "training text, and a NIAH grid and tasks in the style of RULER's (`_lite`: not RULER's "
         "generators nor its numbers; RULER itself runs through `ruler`).",
     )
 
@@ -487,8 +491,8 @@ class EvalSpec(_Spec):
                              "gives its haystack (local text files); drop it from eval.tasks")
         return tasks
     context_lengths: list[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)]] = Field(
-        default_factory=list, max_length=256, description="Context lengths to test (at most "
-        "256, each at most 2**24); empty: each stage's seq_len and the shorter ones before it.",
+        default_factory=list, max_length=256, description="Context lengths to test (at most 256, "
+        "each at most 2**24); empty: each stage's seq_len and the shorter ones before it.",
     )
     depths: list[Annotated[float, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0],
@@ -505,28 +509,29 @@ class EvalSpec(_Spec):
     max_retries: int = Field(2, ge=0, le=1000, description="Retries of a crashed evaluation actor "
                              "(or gang: a gang is retried as a whole); at most 1000.")
     max_tokens_per_evaluator: int = Field(
-        32_768, gt=0, le=MAX_SEQ_LEN, description="At most 2**24. ""Longest context one evaluator holds on its device (weights, "
-        "KV cache, prefill activations); longer contexts run on an evaluation gang. 32,768 fits "
-        "an 8B Llama on a 48 GB L40S with room to spare.",
+        32_768, gt=0, le=MAX_SEQ_LEN, description="Longest context one evaluator holds on its "
+        "device (weights, KV cache, prefill activations); longer contexts run on an evaluation "
+        "gang. 32,768 fits an 8B Llama on a 48 GB L40S with room to spare. At most 2**24.",
     )
     gang_size: int = Field(
-        0, ge=0, le=MAX_GPUS, description="At most 2**17, the GPU ceiling. ""Members of the evaluation gang that runs contexts longer than "
-        "max_tokens_per_evaluator with ring-attention prefill and sequence-parallel decoding "
-        "(each member takes eval.cpus and eval.gpus, never the training workers'). 0: the "
-        "fewest members that each hold at most max_tokens_per_evaluator tokens of the longest "
-        "context.",
+        0, ge=0, le=MAX_GPUS, description="Members of the evaluation gang that runs contexts "
+        "longer than max_tokens_per_evaluator with ring-attention prefill and sequence-parallel "
+        "decoding (each member takes eval.cpus and eval.gpus, never the training workers'). 0: "
+        "the fewest members that each hold at most max_tokens_per_evaluator tokens of the longest "
+        "context. At most 2**17, the GPU ceiling.",
     )
     gang_place_timeout_s: float = Field(
-        120.0, gt=0, le=7 * 86400, description="At most a week. ""How long a gang waits for its resources before the long "
-        "contexts are reported as not run (a gang larger than the cluster fails at once).",
+        120.0, gt=0, le=7 * 86400, description="How long a gang waits for its resources before "
+        "the long contexts are reported as not run (a gang larger than the cluster fails at "
+        "once). At most a week.",
     )
     kamradt: KamradtSpec | None = Field(
         None, description="Also run Kamradt's needle-in-a-haystack test on your own haystack "
         "files; null: not run.",
     )
     ruler: RulerSpec | None = Field(
-        None, description="Also run RULER through lm-eval (per length, as RULER publishes), "
-        "at each evaluated length from ruler.min_length that one evaluator holds; null: not run.",
+        None, description="Also run RULER through lm-eval (per length, as RULER publishes), at "
+        "each evaluated length from ruler.min_length that one evaluator holds; null: not run.",
     )
 
 
@@ -551,9 +556,9 @@ class FailureSpec(_Spec):
     stage_retries: int = Field(2, ge=0, le=1000, description="Resubmissions of a failed stage by "
                                "the Kubernetes operator; at most 1000.")
     report_every: int = Field(
-        10, gt=0, le=MAX_STEPS, description="At most 2**30. ""Optimizer steps between progress records (loss, tokens/s, ETA) "
-        "that the driver prints. Only checkpoints are reported to Ray Train: each report waits "
-        "for its controller's poll of the workers (~2 s).",
+        10, gt=0, le=MAX_STEPS, description="Optimizer steps between progress records (loss, "
+        "tokens/s, ETA) that the driver prints. Only checkpoints are reported to Ray Train: each "
+        "report waits for its controller's poll of the workers (~2 s). At most 2**30.",
     )
 
 
