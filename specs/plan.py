@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from specs.degrees import CheckpointPolicy, ParallelDims
+from specs.degrees import MAX_GPUS, MAX_SEQ_LEN, CheckpointPolicy, ParallelDims
 
 DEGREE_KEYS = ("ring_degree", "dp_degree", "shard_degree", "ulysses_degree")
 
@@ -27,8 +27,8 @@ class Worker(_Spec):
     """A training worker: one GPU (or CPU process) on one node."""
 
     node: str = Field(description="Node name (ClusterSpec node, Kubernetes node or Ray node id).")
-    gpu: int = Field(ge=0, description="Local GPU index on the node (CUDA order), or worker "
-                     "index on the node for CPU workers.")
+    gpu: int = Field(ge=0, lt=MAX_GPUS, description="Local GPU index on the node (CUDA order), "
+                     "or worker index on the node for CPU workers; below 2**17, the GPU ceiling.")
 
 
 class LinkLoad(_Spec):
@@ -94,7 +94,7 @@ class StagePlan(_Spec):
     """Placement and prediction for one stage."""
 
     name: str = Field(description="Stage name from the RunSpec.")
-    seq_len: int = Field(description="Tokens per sequence.")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="Tokens per sequence (at most 2**24).")
     rope_theta: float = Field(description="RoPE base for the stage.")
     dims: ParallelDims = Field(description="The stage's parallel layout. plan.json spells it "
                                "ring_degree (GPUs per ring), dp_degree (data-parallel rings), "
