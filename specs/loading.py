@@ -36,8 +36,15 @@ class SpecError(Exception):
 # nesting deep enough to exhaust recursion, while the document is still a tree of YAML nodes.
 MAX_YAML_DEPTH = 64
 MAX_YAML_ALIASES = 100
-MAX_YAML_NODES = 1 << 20  # values once aliases are expanded (a 10 KB spec has ~1,000)
+# Values in the text, and once aliases are expanded: a 10 KB spec has ~1,000, a 1,000-node
+# cluster written out ~10,000 (bigger clusters come from presets or node labels); composing
+# 2**15 takes a few tenths of a second, 2**18 already two on a busy machine.
+MAX_YAML_NODES = 1 << 15
 
+# libyaml's parser (when PyYAML was built with it) makes the events 20x faster than PyYAML's
+# Python scanner, which takes minutes over 4 MiB of `[1,1,1,...`; composing stays in Python,
+# where the limits below are counted.
+_EventParser = getattr(yaml, "cyaml", None) and yaml.cyaml.CParser
 
 _FLOW_RUN = re.compile(r"(?:[\[{][ \t\r\n]*){%d}" % (MAX_YAML_DEPTH + 1))
 
@@ -50,14 +57,29 @@ class _YamlLimit(Exception):
         self.problem, self.mark = problem, mark
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts aliases and nesting depth while composing, before any Python
-    object is built."""
+class _PythonEvents(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """PyYAML's own event source, where libyaml is missing."""
 
     def __init__(self, stream: str):
-        super().__init__(stream)
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+class _BoundedLoader(yaml.composer.Composer, _EventParser or _PythonEvents,
+                     yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """A safe loader that counts values, aliases and nesting depth while composing, before any
+    Python object is built. Composer comes first so that its Python composing (where the
+    counts are kept) is used over libyaml's."""
+
+    def __init__(self, stream: str):
+        (_EventParser or _PythonEvents).__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
         self._depth = 0
         self._aliases = 0
+        self._nodes = 0
 
     def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
         if self.check_event(yaml.AliasEvent):
@@ -73,6 +95,10 @@ class _BoundedLoader(yaml.SafeLoader):
             # their own (`!!int ''` is an IndexError): refused, with the place.
             raise _YamlLimit(f"explicit tag {event.tag!r} (a spec needs none: remove it, and "
                              "quote a value to keep it as text)", event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _YamlLimit(f"more than {MAX_YAML_NODES} values (a spec has a few thousand; "
+                             "is this the right file?)", event.start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -118,7 +144,7 @@ def parse_yaml(text: str, source: str) -> object:
     become one SpecError line naming the place."""
     # A run of flow openers ("[[[[..."): refused before the scanner, which would first look
     # ahead up to 1,024 characters of them, each a pending simple key (~0.3 s of work).
-    run = _FLOW_RUN.search(text)
+    run = _FLOW_RUN.search(text) if text.count("[") + text.count("{") > MAX_YAML_DEPTH else None
     if run is not None:
         line = text.count("\n", 0, run.start()) + 1
         column = run.start() - (text.rfind("\n", 0, run.start()) + 1) + 1

@@ -45,7 +45,8 @@ MAX_HEADS = 1 << 14
 MAX_LAYERS = 1 << 14
 MAX_HIDDEN = 1 << 20
 MAX_VOCAB = 1 << 24
-MAX_THETA = 1e30  # RoPE base: Llama-3 uses 5e5, its 1M-token stage 3.6e9; far below float overflow
+MAX_THETA = 1e18  # RoPE base: Llama-3 uses 5e5, its 1M-token stage 3.6e9 (kustomize writes
+# whole numbers past int64 as 1e+19, which YAML 1.1 readers take for text: kept below)
 MAX_PATH = 4096   # characters of a path (Linux PATH_MAX)
 MAX_TEXT = 1 << 16  # characters of a free-text field (a needle, a question)
 MAX_LIST = 1 << 12  # entries of a list of files, tasks, lengths or depths
@@ -92,7 +93,7 @@ class ModelSpec(_Spec):
         "num_attention_heads; at most 2**14, as the query heads."
     )
     rope_theta: float = Field(gt=0, le=MAX_THETA, description="RoPE base of the model before "
-                              "extension (theta0); at most 1e30 (Llama-3 uses 500,000).")
+                              "extension (theta0); at most 1e18 (Llama-3 uses 500,000).")
     pretrain_seq_len: int = Field(
         gt=0, le=MAX_SEQ_LEN, description="Context length the model was pretrained at (T0 of the "
         "theta rule); at most 2**24, the sequence ceiling."
@@ -187,7 +188,7 @@ class StageSpec(_Spec):
     )
     rope_theta: Annotated[float, Field(gt=0, le=MAX_THETA)] | Auto = Field(
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
-        "model's rope_theta and pretrain_seq_len. At most 1e30.",
+        "model's rope_theta and pretrain_seq_len. At most 1e18.",
     )
     activation_checkpointing: CheckpointPolicy | Auto = Field(
         "auto", description="What backward recomputes of each decoder layer: 'full' (keep only "
@@ -480,7 +481,9 @@ class EvalSpec(_Spec):
     @field_validator("tasks", mode="before")
     @classmethod
     def _renamed(cls, tasks):
-        old = [t for t in tasks or [] if isinstance(t, str) and t in _RENAMED_TASKS]
+        if not isinstance(tasks, list):
+            return tasks  # not a list: the type check says so, naming the field
+        old = [t for t in tasks if isinstance(t, str) and t in _RENAMED_TASKS]
         if old:
             raise ValueError(
                 "renamed: " + ", ".join(f"{t} -> {_RENAMED_TASKS[t]}" for t in old) + ". These "
