@@ -170,6 +170,9 @@ def parse_yaml(text: str, source: str) -> object:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(source, [f"<yaml>: {where}{problem} (fix the YAML syntax there)"]) from None
+    except UnicodeError as e:  # text from an API (a ConfigMap) may hold a lone surrogate
+        raise SpecError(source, [f"<yaml>: not valid Unicode text ({e.reason} at character "
+                                 f"{e.start}; save it as UTF-8)"]) from None
     except (ValueError, OverflowError) as e:  # a scalar PyYAML resolves but cannot convert
         raise SpecError(source, [f"<yaml>: a value cannot be read ({_short(str(e), 120)}; "
                                  "quote it to keep it as text)"]) from None

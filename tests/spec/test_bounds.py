@@ -284,6 +284,12 @@ def test_hostile_yaml_is_one_spec_error_fast(tmp_path, capsys, name):
     assert rc == 2 and elapsed < FAST and "<yaml>: " in err, err
 
 
+def test_text_from_an_api_with_a_lone_surrogate_is_one_error():
+    with pytest.raises(SpecError, match=r"<yaml>: not valid Unicode text \(surrogates not "
+                                        r"allowed at character 3"):
+        parse_yaml("a: \ud800", "ConfigMap topo")
+
+
 def test_ordinary_anchors_and_merge_keys_still_load():
     doc = parse_yaml("base: &b {lr: 1.0e-3, steps: 10}\n"
                      "stages: [{<<: *b, name: a}, {<<: *b, name: b, steps: 20}]\n", "x.yaml")
