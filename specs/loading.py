@@ -81,7 +81,7 @@ class _BoundedLoader(yaml.composer.Composer, _EventParser or _PythonEvents,
         self._aliases = 0
         self._nodes = 0
 
-    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
@@ -140,10 +140,11 @@ def _check_expansion(root: yaml.Node) -> None:
 
 
 def parse_yaml(text: str, source: str) -> object:
-    """The document in `text`, with alias and nesting limits; bad syntax and exceeded limits
-    become one SpecError line naming the place."""
-    # A run of flow openers ("[[[[..."): refused before the scanner, which would first look
-    # ahead up to 1,024 characters of them, each a pending simple key (~0.3 s of work).
+    """The document in `text`, within the limits above (values, aliases, their expansion,
+    nesting) and without tags; bad syntax and exceeded limits become one SpecError line naming
+    the place."""
+    # A run of flow openers ("[[[[..."): refused before parsing; PyYAML's Python scanner would
+    # first look ahead up to 1,024 characters of them, each a pending simple key (~0.3 s).
     run = _FLOW_RUN.search(text) if text.count("[") + text.count("{") > MAX_YAML_DEPTH else None
     if run is not None:
         line = text.count("\n", 0, run.start()) + 1
