@@ -25,8 +25,7 @@ from specs.plan import (
     Worker,
 )
 from specs.run import RunSpec, StageSpec
-from topology.cost import (GB, StageShape, evaluate_flows, policy_without_memory_model,
-                           predict_stage)
+from topology.cost import GB, StageShape, evaluate_flows, policy_without_memory_model, predict_stage
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
