@@ -17,7 +17,7 @@ class HardwareProfile(BaseModel):
     """Numbers the cost model multiplies by. `assumptions` lists the ones that are not datasheet
     figures: a capacity planner should treat predictions as only as good as those."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Profile name, e.g. 'l40s'.")
     gpu_model: str = Field(description="GPU the profile describes.")
