@@ -81,7 +81,7 @@ def parse_topo_matrix(text: str, source: str = SOURCE
     words = lines[header_i].split()
     devices: list[str] = []
     for w in words:
-        if _device(w) is None:
+        if not _DEVICE.fullmatch(w):
             break
         devices.append(w)
     tail = words[len(devices):]
@@ -92,14 +92,15 @@ def parse_topo_matrix(text: str, source: str = SOURCE
     if len(devices) > MAX_DEVICES:
         fail(header_i + 1, f"{len(devices)} devices in the header, more than the {MAX_DEVICES} "
              "a server has", "give the output of one server")
-    seen: dict[tuple[str, int], str] = {}
+    seen: set[tuple[str, int]] = set()
     for d in devices:
-        kind, i = _device(d)
-        if d != f"{kind}{i}" or i > MAX_INDEX:
+        parsed = _device(d)
+        kind = d[:3]
+        if parsed is None or d != f"{kind}{parsed[1]}" or parsed[1] > MAX_INDEX:
             fail(header_i + 1, f"device name {_short(d)} is not {kind}0..{kind}{MAX_INDEX}")
-        if (kind, i) in seen:
+        if parsed in seen:
             fail(header_i + 1, f"{d} appears twice in the header")
-        seen[(kind, i)] = d
+        seen.add(parsed)
     numa_col = None
     if "NUMA" in tail:  # 'CPU Affinity' and 'NUMA Affinity' are two words each
         numa_col = len(devices) + tail.index("NUMA") // 2
