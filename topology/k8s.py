@@ -6,6 +6,7 @@ from typing import Iterable
 
 from specs.cluster import ClusterSpec, NodeSpec, NodeTypeSpec, SwitchSpec, UnknownNode
 from topology.presets import build_generic_node_type, build_l40s_node_type, build_link_types
+from topology.profile import MAX_GPUS_PER_NODE  # more is a broken device plugin or a forged node
 
 TOPOGRAPH = "network.topology.nvidia.com"
 # Topograph's levels, closest to the node first (accelerator = NVLink domain: not a switch of a
@@ -15,9 +16,6 @@ TOPOGRAPH_LEVELS = [f"{TOPOGRAPH}/leaf", f"{TOPOGRAPH}/spine", f"{TOPOGRAPH}/cor
 KUEUE_LEVELS = ["cloud.provider.com/topology-block", "cloud.provider.com/topology-rack",
                 "kubernetes.io/hostname"]
 GPU_RESOURCE = "nvidia.com/gpu"
-# A server holds a few dozen GPUs at most; a node object claiming more is a broken device plugin
-# or a forged node, and building its inside (one PCIe switch per two GPUs) would never end.
-MAX_GPUS_PER_NODE = 128
 _LEVEL_NAMES = ["leaf", "spine", "core"]
 
 

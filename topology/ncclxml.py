@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from specs.cluster import LinkType, NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
 from topology.graph import TopologyError
-from topology.profile import L40S, HardwareProfile
+from topology.profile import L40S, MAX_GPUS_PER_NODE, HardwareProfile
 
 _BRIDGE = "0x0604"  # PCI class code of a PCI-to-PCI bridge (a switch port)
 SOURCE = "NCCL topology XML"
@@ -130,9 +130,9 @@ def _attr_int(el: Element, key: str, source: str, limit: int) -> int:
 
 def _pcie_gb_s(el: Element, profile: HardwareProfile, source: str) -> float | None:
     """Usable GB/s per direction of a PCIe link from NCCL's link_speed / link_width; None when
-    NCCL left them out (it writes an empty string for links it could not read)."""
+    NCCL could not read them (an empty or 'Unknown' speed, a width of 0)."""
     speed, width = el.get("link_speed", ""), el.get("link_width", "")
-    if not speed.strip() and not width.strip():
+    if speed.strip().lower() in ("", "unknown") or width.strip() in ("", "0"):
         return None
     m = _LINK_SPEED.match(speed)
     if not m or not _INT.fullmatch(width.strip()):
@@ -187,6 +187,9 @@ def build_node_type_from_nccl_xml(text: str, profile: HardwareProfile = L40S,
         if dev in devs:
             _fail(gpu, source, f"GPU dev={dev} appears twice (first on line {devs[dev].line})")
         devs[dev] = gpu
+        if len(devs) > MAX_GPUS_PER_NODE:
+            _fail(gpu, source, f"more than {MAX_GPUS_PER_NODE} GPUs, more than one server holds",
+                  "give the dump of one server")
     numaids: dict[int, Element] = {}
     for cpu in cpus:
         nid = _attr_int(cpu, "numaid", source, 4095) if "numaid" in cpu.attrib else len(numaids)

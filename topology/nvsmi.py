@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from specs.cluster import NicSpec, NodeTypeSpec, PcieSwitchSpec, SocketSpec
 from topology.graph import TopologyError
+from topology.profile import MAX_GPUS_PER_NODE
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Control characters no terminal output of nvidia-smi holds (tab, CR, LF and ANSI escapes do).
@@ -201,6 +202,9 @@ def build_node_type_from_nvsmi(text: str, nic_link: str = "nic", gpu_model: str 
     gpus = [d for d in devices if d.startswith("GPU")]
     if not gpus:
         raise TopologyError(f"{source}: lists no GPUs; {HINT}")
+    if len(gpus) > MAX_GPUS_PER_NODE:
+        raise TopologyError(f"{source}: lists {len(gpus)} GPUs, more than the "
+                            f"{MAX_GPUS_PER_NODE} one server holds; give the output of one server")
     # A socket's place: the lowest (NUMA node, GPU index) among its GPUs; GPU-less ones last.
     first_gpu: dict[str, tuple[int, int]] = {}
     for g in gpus:

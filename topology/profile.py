@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 # gradient and two moments and writes the parameter and both moments back.
 OPTIMIZER_BYTES_PER_PARAM = 4 * (2 + 4 + 3)
 
+# The most GPUs one server holds (eight or sixteen today): what a topology dump or a node's
+# capacity may claim. Beyond it the input is a mistake or an attack, and building its inside
+# (per-GPU switches, rings, routes) would take unbounded time.
+MAX_GPUS_PER_NODE = 128
+
 
 class HardwareProfile(BaseModel):
     """Numbers the cost model multiplies by. `assumptions` lists the ones that are not datasheet

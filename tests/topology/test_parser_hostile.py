@@ -67,6 +67,10 @@ NVSMI_BAD = [
     ("\tGPU0\tCPU Affinity\tGPU1\n", r"device 'GPU1' comes after the column titles"),
     ("\t" + "\t".join(f"GPU{i}" for i in range(100_000)) + "\n",
      r"line 1: 100000 devices in the header, more than the 256 a server has"),
+    ("\t" + "\t".join(f"GPU{i}" for i in range(200)) + "\n" + "\n".join(
+        "\t".join([f"GPU{i}", *("X" if i == j else "SYS" for j in range(200))])
+        for i in range(200)), r"nvidia-smi topo -m text: lists 200 GPUs, more than the 128 one "
+     "server holds"),
     (_matrix(TWO) + "wrapped-tail\tPIX\n", r"line 4: expected a row starting with GPUk or NICk"),
     (_matrix([["NIC0", "X", "PIX", "PIX"], ["GPU0", "PIX", "X", "PIX"],
               ["GPU1", "PIX", "PIX", "X"]], ["GPU0", "NIC0", "GPU1"]),
@@ -132,6 +136,8 @@ NCCL_BAD = [
     (_xml(f'<cpu numaid="0">{ONE_GPU}\n{ONE_GPU}</cpu>'),
      r"line 2, <gpu>: GPU dev=0 appears twice \(first on line 1\)"),
     (_xml('<pci><gpu dev="0"/></pci>'), r"<gpu>: is not inside a <cpu>"),
+    (_xml('<cpu numaid="0">' + "".join(GPU_PCI.format(f'<gpu dev="{i}"/>') for i in range(129))
+          + "</cpu>"), r"<gpu>: more than 128 GPUs, more than one server holds"),
     (_xml(f'<cpu numaid="x">{ONE_GPU}</cpu>'), r"<cpu>: numaid='x' is not a whole number"),
     (_xml(f'<cpu numaid="0">{ONE_GPU}</cpu><cpu numaid="0">{ONE_GPU.replace("0", "1")}</cpu>'),
      r"<cpu>: numaid=0 is given to two <cpu>"),
@@ -152,7 +158,7 @@ NCCL_BAD = [
             .format(*sw)), r"<pci>: (link_speed=.* is not a PCIe link|a PCIe link of .* is not "
        r"physical)") for sw in [("inf GT/s", "16"), ("nan GT/s", "16"), ("16 GT/s", "-16"),
                                 ("16 GT/s", "x16"), ("1.2.3 GT/s", "16"), ("0 GT/s", "16"),
-                                ("16 GT/s", "0"), ("16 GT/s", "4096"), ("9999 GT/s", "16")]],
+                                ("16 GT/s", "4096"), ("9999 GT/s", "16")]],
     ("<a>" * 100_000 + "</a>" * 100_000, r"line 1: elements nested more than 64 deep"),
     (_xml("<x/>" * 30_000), r"more than 20000 elements"),
 ]
@@ -193,6 +199,12 @@ def test_real_fixtures_still_parse_to_the_same_server():
     # CRLF line ends and ANSI colours (nvidia-smi to a terminal) are what a careful paste keeps
     colored = re.sub(r"\b(PIX|SYS)\b", "\x1b[32m\\1\x1b[0m", NVSMI).replace("\n", "\r\n")
     assert build_node_type_from_nvsmi(colored) == nv
+    # a link NCCL could not read is left out of the slowest-link minimum, not refused
+    for speed, width in [("", ""), ("Unknown", "16"), ("16.0 GT/s PCIe", "0")]:
+        unread = NCCL.replace('link_speed="16.0 GT/s PCIe" link_width="16">\n        <gpu dev="0"',
+                              f'link_speed="{speed}" link_width="{width}">\n        <gpu dev="0"')
+        assert unread != NCCL
+        assert build_node_type_from_nccl_xml(unread)[1]["pcie"] == links["pcie"]
 
 
 # --- files: size-bounded reads, and the error names the file ---
