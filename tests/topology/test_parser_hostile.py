@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import networkx as nx
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -17,14 +18,15 @@ from kubernetes.client import V1Node, V1NodeStatus, V1ObjectMeta
 from topology_helpers import FIXTURES, ROOT
 
 from ringpilot.cli import main
-from specs.cluster import NodeTypeSpec
+from specs.cluster import ClusterSpec, NodeSpec, NodeTypeSpec
 from specs.files import LIMITS
 from specs.loading import SpecError, load_model
 from topology.calibration import CalibratedProfile
-from topology.graph import TopologyError
+from topology.graph import TopologyError, build_graph
 from topology.k8s import build_cluster_from_k8s
 from topology.ncclxml import build_node_type_from_nccl_xml, read_nccl_xml_file
 from topology.nvsmi import build_node_type_from_nvsmi, read_nvsmi_file
+from topology.presets import build_link_types
 
 NVSMI = (FIXTURES / "l40s-8x-2s.nvsmi.txt").read_text()
 NCCL = (FIXTURES / "l40s-8x-2s.nccl-topo.xml").read_text()
@@ -236,10 +238,14 @@ def _outcome(build, text: str, prefix: str) -> None:
         msg = str(e)
         assert msg.startswith(prefix) and "; " in msg and "\n" not in msg.split("; ")[-1], msg
         return
-    nt = result[0] if isinstance(result, tuple) else result
-    assert isinstance(nt, NodeTypeSpec) and nt.gpus
-    if isinstance(result, tuple):
-        assert all(0 < lt.bandwidth_gb_s < 1e6 for lt in result[1].values())
+    nt, links = result if isinstance(result, tuple) else (result, {})
+    assert isinstance(nt, NodeTypeSpec) and 0 < len(nt.gpus) <= 128
+    assert all(0 < lt.bandwidth_gb_s < 1e6 for lt in links.values())
+    # a server that parsed is usable: it joins a cluster and becomes a connected graph
+    spec = ClusterSpec(name="fuzz", link_types={**build_link_types(), **links},
+                       node_types={"t": nt}, nodes=[NodeSpec(name="n0", node_type="t")])
+    graph = build_graph(spec)
+    assert nx.is_connected(graph.to_undirected()), nt
 
 
 NVSMI_TOKENS = ["X", "PIX", "PXB", "PHB", "NODE", "SYS", "NV4", "GPU0", "GPU9", "NIC0", "NIC7",
@@ -293,17 +299,30 @@ XML_VALUES = ["inf", "-inf", "nan", "-1", "0", "", "1e400", "x", "16", "200000",
 
 @st.composite
 def mutated_xml(draw):
+    """The real dump with attributes changed or dropped, leaf elements deleted, doubled or
+    renamed, and now and then its lines cut about (which mostly breaks the XML itself)."""
     text = NCCL
-    attrs = list(re.finditer(r'(\w+)="([^"]*)"', text))
     for _ in range(draw(st.integers(1, 3))):
-        m = draw(st.sampled_from(attrs))
-        value = draw(st.sampled_from(XML_VALUES) | st.text(
-            alphabet=st.characters(blacklist_characters='"<&'), max_size=8))
-        action = draw(st.sampled_from(["value", "drop"]))
-        new = "" if action == "drop" else f'{m.group(1)}="{value}"'
-        text = text.replace(m.group(0), new, 1)
-    return draw(mutated_lines(text, ["<gpu dev=\"0\"/>", "<cpu>", "</cpu>", "<nvlink/>",
-                                     "<!DOCTYPE x>", "<system>", "</pci>", "&x;"]))
+        attrs = list(re.finditer(r'(\w+)="([^"]*)"', text))
+        leaves = list(re.finditer(r"<(\w+)[^<>]*/>", text))
+        action = draw(st.sampled_from(["value", "value", "drop", "delete", "double", "rename"]))
+        if action in ("value", "drop") and attrs:
+            m = draw(st.sampled_from(attrs))
+            value = draw(st.sampled_from(XML_VALUES) | st.text(
+                alphabet=st.characters(blacklist_characters='"<&'), max_size=8))
+            new = "" if action == "drop" else f'{m.group(1)}="{value}"'
+        elif leaves:
+            m = draw(st.sampled_from(leaves))
+            tag = draw(st.sampled_from(["gpu", "net", "nvlink", "cpu", "pci", "nic", "x"]))
+            new = {"delete": "", "double": m.group(0) * 2,
+                   "rename": m.group(0).replace(m.group(1), tag, 1)}[action]
+        else:
+            continue
+        text = text[:m.start()] + new + text[m.end():]
+    if draw(st.integers(0, 3)) == 0:
+        text = draw(mutated_lines(text, ["<gpu dev=\"0\"/>", "<cpu>", "</cpu>", "<nvlink/>",
+                                         "<!DOCTYPE x>", "<system>", "</pci>", "&x;"]))
+    return text
 
 
 @FUZZ
