@@ -43,6 +43,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.atomic import atomic_write, fsync_dir
+from specs.files import read_bounded
+from specs.loading import SpecError
+from specs.names import check_name, check_relative
+from specs.names import contained as _contained
 
 COMMITTED = "COMMITTED"
 LEDGER_FILE = "ledger.json"
@@ -67,13 +71,9 @@ class Fenced(RuntimeError):
 
 
 def _relative_inside(value: str | None) -> str | None:
-    """A stored path: relative, normalised, without `..` (checked when the ledger is read)."""
-    if value is None:
-        return value
-    parts = Path(value).parts
-    if not value or Path(value).is_absolute() or ".." in parts:
-        raise ValueError(f"{value!r} is not a path inside the run directory (relative, no '..')")
-    return value
+    """A stored path: relative, simple names only, no `.`/`..` (checked when the ledger is read;
+    `Ledger.resolve` then follows symlinks)."""
+    return None if value is None else check_relative(value, "path")
 
 
 class _Doc(BaseModel):
@@ -115,6 +115,13 @@ class StageEntry(_Doc):
     starts: list[StartEntry] = Field(default_factory=list,
                                      description="Every start of its workers, restarts included.")
 
+    @field_validator("eval")
+    @classmethod
+    def _eval_keys_inside(cls, value: dict[str, EvalEntry]) -> dict[str, EvalEntry]:
+        for key in value:  # a checkpoint path: the evaluator opens it
+            check_relative(key, f"eval key {key!r}")
+        return value
+
 
 class LedgerDoc(_Doc):
     run: str
@@ -122,6 +129,13 @@ class LedgerDoc(_Doc):
     updated_at: str = ""
     epoch: int = Field(0, ge=0, description="The driver attempt that owns the run.")
     holder: str = Field("", description="Who took the current epoch: host, pid, time.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names_simple(cls, value: dict[str, StageEntry]) -> dict[str, StageEntry]:
+        for key in value:  # each becomes checkpoints/<stage>/ and eval/<stage>/
+            check_name(key, f"stage name {key!r}")
+        return value
 
     def latest_checkpoint(self, stage: str) -> CheckpointEntry | None:
         entry = self.stages.get(stage)
@@ -165,13 +179,17 @@ class Ledger:
         self._held = threading.local()  # lock depth in this thread: fenced() may call update()
 
     def read(self) -> LedgerDoc:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if not self.path.exists() and not self.path.is_symlink():
             return LedgerDoc(run=self.run_name)
-        except (OSError, UnicodeDecodeError) as e:
-            raise LedgerError(f"{self.path}: cannot read the run ledger ({e}); restore it from a "
-                              "backup or point storage.path / name at another run") from e
+        if self.path.is_symlink():  # the ledger is the run's own file, never a link elsewhere
+            raise LedgerError(f"{self.path}: the run ledger is a symlink; ringpilot only reads "
+                              "the run's own ledger file: replace the link with the file")
+        try:
+            text = read_bounded(self.path, "ledger")
+        except SpecError as e:
+            raise LedgerError(f"{self.path}: cannot read the run ledger "
+                              f"({'; '.join(e.lines)}); restore it from a backup or point "
+                              "storage.path / name at another run") from None
         try:
             return LedgerDoc.model_validate_json(text)
         except ValidationError as e:
@@ -248,6 +266,7 @@ class Ledger:
                 f.write(json.dumps(record) + "\n")
 
     def stage(self, doc: LedgerDoc, name: str) -> StageEntry:
+        check_name(name, "stage name")  # never write a name the next read would refuse
         return doc.stages.setdefault(name, StageEntry())
 
     def start_stage(self, name: str) -> LedgerDoc:
@@ -268,7 +287,8 @@ class Ledger:
         if not is_committed(written):
             raise ValueError(f"checkpoint {written} has no {COMMITTED} marker; call "
                              "mark_committed() after all of its files are written")
-        rel = os.path.relpath(checkpoint_dir, self.run_dir)
+        rel = check_relative(Path(os.path.relpath(checkpoint_dir, self.run_dir)).as_posix(),
+                             "checkpoint path")
         entry = CheckpointEntry(step=step, path=rel, committed_at=_now(), final=final,
                                 epoch=self.epoch or 0)
 
@@ -320,11 +340,6 @@ class Ledger:
 
 
 def contained(root: str | Path, rel: str | Path, what: str) -> Path:
-    """`root / rel`; LedgerError unless, symlinks followed, it stays inside `root`."""
-    real_root = Path(root).resolve()
-    real = (real_root / rel).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise LedgerError(f"{what}: {str(rel)!r} leads to {real}, outside the run directory "
-                          f"{real_root}; a run only reads and deletes inside its own directory. "
-                          "Fix or restore the file that holds this path")
-    return Path(root) / rel  # as the caller named the run directory (relative paths stay so)
+    """`root / rel`; LedgerError unless, symlinks followed, it stays inside `root`
+    (specs/names.py's check, with the ledger's error)."""
+    return _contained(root, rel, what, error=LedgerError)
