@@ -204,6 +204,18 @@ def read_state(checkpoint: str | Path) -> TrainerState:
                               "another committed checkpoint of the run") from None
 
 
+def read_pointer(path: str | Path) -> str:
+    """The checkpoint path (relative to the run) in Ray Train's pointer.json, checked to be a
+    relative path of simple names; CheckpointError (one line) for a damaged or tampered one."""
+    try:
+        doc = json.loads(read_bounded(path, "metadata"))
+        return check_relative(doc["path"], "path")
+    except (SpecError, ValueError, TypeError, KeyError, RecursionError) as e:
+        why = "; ".join(e.lines) if isinstance(e, SpecError) else " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a checkpoint pointer ({why}); it is written by the "
+                              "trainer: start the run again from its ledger") from None
+
+
 def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:
     """The stage's final committed checkpoint (the start of the next stage), else None."""
     entry = ledger.read().stages.get(stage)

@@ -417,3 +417,65 @@ def test_fuzz_results_reader_on_random_json(tmp_path, over, cut):
 def test_a_valid_results_file_reads_back(tmp_path):
     assert _read_results_bytes(tmp_path, json.dumps(_results()).encode()).scores == {
         "niah_lite": 1.0}
+
+
+# ---- evaluation folders, the standalone evaluator, Ray Train's pointer ------------------------
+
+def _request(run, **over):
+    from ray_jobs.eval.pipeline import EvalRequest
+
+    fields = dict(stage="s", checkpoint="checkpoints/s/step-000001", step=1, run_dir=run,
+                  attempt=1, tasks=("niah_lite",), lengths=(256,), depths=(0.0,), samples=1,
+                  seed=0, gpus=0.0, max_length=1024, rope_theta=10000.0)
+    return EvalRequest(**{**fields, **over})
+
+
+def test_an_evaluation_folder_is_built_from_a_simple_stage_and_stays_in_the_run(tmp_path,
+                                                                               sentinel):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert _request(run).out_dir == run / "eval" / "s" / "step-000001"
+    with pytest.raises(UnsafePath, match="stage: not a simple name"):
+        _request(run, stage="..").out_dir
+    (run / "eval").symlink_to(sentinel)
+    with pytest.raises(LedgerError, match="evaluation folder of stage 's'.*outside the run"):
+        _request(run).out_dir
+
+
+@pytest.mark.parametrize("config", [b"\xff\xfe", b'{"rope_theta": ', b"[1, 2]",
+                                    b'{"rope_theta": "lots"}', b'{"rope_parameters": 7}'])
+def test_a_damaged_checkpoint_config_is_the_evaluation_error_not_a_traceback(tmp_path, config):
+    from ray_jobs.eval.pipeline import check_stage_theta
+
+    run = tmp_path / "run"
+    ckpt = checkpoint_dir(run, "s", 1)
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_bytes(config)
+    with pytest.raises(CheckpointError, match="config.json has rope_theta .* but stage 's'"):
+        check_stage_theta(_request(run))
+    assert "config.json has rope_theta" in load_results(
+        eval_dir(run, "s", 1) / "results.json").error
+
+
+def test_the_evaluator_refuses_a_checkpoint_whose_stage_folder_is_not_a_name(tmp_path, capsys):
+    from ray_jobs.eval.cli import main as evaluate_main
+
+    ckpt = tmp_path / "run" / "checkpoints" / "my stage" / "step-000001"
+    ckpt.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json"):
+        (ckpt / f).write_text("{}")
+    assert evaluate_main(["--checkpoint", str(ckpt)]) == 2
+    assert "stage: not a simple name (got 'my stage'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"path": "../../x"}', b'{"path": "/etc"}', b'{"path": 3}',
+                                     b"{}", b"[]", b'{"pa', b"\xff"])
+def test_a_damaged_or_tampered_ray_pointer_is_one_clear_error(tmp_path, content):
+    from specs.checkpoint import read_pointer
+
+    (tmp_path / "pointer.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"pointer\.json: not a checkpoint pointer \("):
+        read_pointer(tmp_path / "pointer.json")
+    (tmp_path / "pointer.json").write_text('{"path": "checkpoints/s/step-000001", "step": 1}')
+    assert read_pointer(tmp_path / "pointer.json") == "checkpoints/s/step-000001"
