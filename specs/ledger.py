@@ -213,7 +213,7 @@ class Ledger:
                 self._held.depth -= 1
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / ".ledger.lock", "a") as lock:
+        with _open_append(self.run_dir / ".ledger.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._held.depth = 1
             try:
@@ -262,7 +262,7 @@ class Ledger:
         """Append one JSON line to a shared file of the run, fenced (metrics, progress)."""
         with self.fenced():
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with _open_append(path) as f:
                 f.write(json.dumps(record) + "\n")
 
     def stage(self, doc: LedgerDoc, name: str) -> StageEntry:
@@ -337,6 +337,19 @@ class Ledger:
             if is_committed(path):
                 return path
         return None
+
+
+def _open_append(path: Path):
+    """`path` opened for appending text, never through a symlink (a link planted in the run
+    would make every append write outside it); LedgerError if it is one."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        if os.path.islink(path):
+            raise LedgerError(f"{path}: is a symlink; a run's shared files are its own: remove "
+                              "the link") from None
+        raise
+    return open(fd, "a", encoding="utf-8")
 
 
 def contained(root: str | Path, rel: str | Path, what: str) -> Path:

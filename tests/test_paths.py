@@ -479,3 +479,35 @@ def test_a_damaged_or_tampered_ray_pointer_is_one_clear_error(tmp_path, content)
         read_pointer(tmp_path / "pointer.json")
     (tmp_path / "pointer.json").write_text('{"path": "checkpoints/s/step-000001", "step": 1}')
     assert read_pointer(tmp_path / "pointer.json") == "checkpoints/s/step-000001"
+
+
+@pytest.mark.parametrize("planted", [".ledger.lock", "metrics.jsonl"])
+def test_a_symlink_planted_in_the_run_is_never_written_through(tmp_path, sentinel, planted):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / planted).symlink_to(sentinel / "data.txt")
+    ledger = Ledger(run)
+    with pytest.raises(LedgerError, match=f"{planted}: is a symlink"):
+        if planted == ".ledger.lock":
+            ledger.start_stage("s")
+        else:
+            ledger.append_line(run / planted, {"step": 1})
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | _json.map(lambda d: json.dumps(d).encode())
+       | st.fixed_dictionaries({"stage": _stage_key, "stage_index": st.integers(-1, 2),
+                                "step": st.integers(-1, 2)},
+                               optional={"init_from": _path_val}).map(
+                                   lambda d: json.dumps(d).encode()))
+def test_fuzz_trainer_state_reader(tmp_path, data):
+    path = tmp_path / "trainer_state" / "state.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    try:
+        state = read_state(tmp_path)
+    except CheckpointError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+        return
+    check_name(state.stage, "stage")
+    assert state.init_from is None or check_relative(state.init_from, "init_from")
