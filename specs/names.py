@@ -10,7 +10,7 @@ directory it belongs to. Nothing else in ringpilot decides what a safe name is.
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 # One path component: starts with a letter or digit (so never `.`, `..` or a hidden file),
 # then letters, digits, `.`, `_`, `-`; no separator, no NUL, no newline, at most 128 characters.
@@ -66,16 +66,3 @@ def contained(root: str | Path, rel: str | Path, what: str,
                     "Fix or restore the file that holds this path")
     return Path(root) / rel  # as the caller named the root (relative paths stay so)
 
-
-def is_plain_relative(value: str) -> bool:
-    """Whether `value` passes `check_relative` (for callers that skip rather than raise)."""
-    try:
-        check_relative(value, "path")
-    except UnsafePath:
-        return False
-    return True
-
-
-def as_posix_rel(path: str | Path) -> str:
-    """A relative path spelled with '/' whatever the platform (how stored paths are compared)."""
-    return PurePosixPath(*Path(path).parts).as_posix()
