@@ -511,3 +511,15 @@ def test_fuzz_trainer_state_reader(tmp_path, data):
         return
     check_name(state.stage, "stage")
     assert state.init_from is None or check_relative(state.init_from, "init_from")
+
+
+def test_an_oversized_ledger_or_results_file_is_refused_unread(tmp_path, monkeypatch, capsys):
+    import specs.files
+
+    run, out = _evaluated_run(tmp_path)
+    monkeypatch.setitem(specs.files.LIMITS, "results", 64)
+    assert ringpilot(["eval", "report", str(run)]) == 2
+    assert "results.json" in (err := capsys.readouterr().err) and "larger than the" in err
+    monkeypatch.setitem(specs.files.LIMITS, "ledger", 64)
+    with pytest.raises(LedgerError, match="cannot read the run ledger .*larger than"):
+        Ledger(run).read()
