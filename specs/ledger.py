@@ -14,9 +14,11 @@ writes nothing. Checkpoints are written into a staging directory named by their 
 renamed into place under the lock, so a straggler can never write into a directory the new
 attempt reads or writes.
 
-Every path stored in the ledger is relative to the run directory and must stay inside it:
-`Ledger.resolve` refuses one that leaves it (by `..`, an absolute path or a symlink), so an
-edited or corrupted ledger cannot make ringpilot read or delete anything else.
+Every path stored in the ledger is relative to the run directory and must stay inside it: stage
+names are simple names and stored paths are relative paths of simple names (specs/names.py,
+checked when the ledger is read and before it is written), and `Ledger.resolve` refuses one that
+leads out through a symlink, so an edited or corrupted ledger cannot make ringpilot read, write
+or delete anything else. The file itself is read with a size cap and never through a symlink.
 
 Layout of a run directory (``<storage.path>/<run name>/``)::
 
@@ -317,6 +319,8 @@ class Ledger:
         return self.update(change)
 
     def record_eval(self, stage: str, checkpoint: str, result: EvalEntry) -> LedgerDoc:
+        check_relative(checkpoint, "eval checkpoint path")  # the next read would refuse it
+
         def change(doc: LedgerDoc) -> None:
             self.stage(doc, stage).eval[checkpoint] = result
         return self.update(change)
