@@ -16,8 +16,9 @@ import yaml
 
 from operators.rayjob import CLUSTER_FILE, build_ray_cluster_spec
 from operators.resource import API_VERSION, DEFAULT_IMAGE, KIND, StagedTrainingSpec, build_crd
+from specs.errors import SpecError
 from specs.files import read_bounded
-from specs.loading import SpecError, read_yaml, validate_data
+from specs.loading import read_yaml, validate_data
 from specs.run import RunSpec
 from topology.sources import load_cluster
 

@@ -35,10 +35,10 @@ from pydantic import (
 )
 
 from specs.degrees import ParallelDims
+from specs.errors import SpecError
 from specs.files import read_bounded
 from specs.ledger import COMMITTED, Ledger, is_committed
-from specs.loading import SpecError
-from specs.names import check_name, check_relative
+from specs.names import check_name, check_relative, error_location
 from specs.plan import DEGREE_KEYS
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -198,7 +198,7 @@ def read_state(checkpoint: str | Path) -> TrainerState:
                               "is damaged: use another committed checkpoint of the run") from None
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+        where = error_location(first.get("loc", ()))
         raise CheckpointError(f"{path}: not a trainer state: {where}: {first['msg']}; it is "
                               "written by the trainer and never edited: restore it, or use "
                               "another committed checkpoint of the run") from None

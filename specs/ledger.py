@@ -45,9 +45,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.atomic import atomic_write, fsync_dir
+from specs.errors import SpecError
 from specs.files import read_bounded
-from specs.loading import SpecError
-from specs.names import check_name, check_relative
+from specs.names import check_name, check_relative, error_location
 from specs.names import contained as _contained
 
 COMMITTED = "COMMITTED"
@@ -196,7 +196,7 @@ class Ledger:
             return LedgerDoc.model_validate_json(text)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+            where = error_location(first.get("loc", ()))
             what = ("it is not complete JSON (truncated or overwritten)"
                     if first.get("type", "").startswith("json") else
                     f"{where}: {first.get('msg', 'invalid')}")

@@ -66,3 +66,13 @@ def contained(root: str | Path, rel: str | Path, what: str,
                     "Fix or restore the file that holds this path")
     return Path(root) / rel  # as the caller named the root (relative paths stay so)
 
+
+
+def error_location(loc: tuple) -> str:
+    """A pydantic error's `loc` as `a.b.0.c`, a key that is not a plain printable word shown as
+    its repr: a key read from a hostile file (a newline, a NUL) must not break the one-line
+    error that names it."""
+    parts = [str(p) if isinstance(p, int) or (str(p).isprintable() and "." not in str(p)
+                                               and str(p).strip() == str(p) and str(p))
+             else repr(p) for p in loc]
+    return ".".join(parts) or "the document"

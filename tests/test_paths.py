@@ -523,3 +523,17 @@ def test_an_oversized_ledger_or_results_file_is_refused_unread(tmp_path, monkeyp
     monkeypatch.setitem(specs.files.LIMITS, "ledger", 64)
     with pytest.raises(LedgerError, match="cannot read the run ledger .*larger than"):
         Ledger(run).read()
+
+
+def test_a_hostile_key_is_shown_quoted_and_the_error_stays_one_line(tmp_path):
+    """Found by the fuzzer: a key with a newline broke the one-line error that named it."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results(scores={"\n": None})))
+    with pytest.raises(ResultsError, match=r"results\.json: not an evaluation results file: "
+                                           r"scores\.'\\n': ") as e:
+        load_results(path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "ledger.json").write_text(json.dumps({"run": "r", "stages": {"a.b\0": {}}}))
+    with pytest.raises(LedgerError) as e:
+        Ledger(tmp_path).read()
+    assert "\0" not in str(e.value) and "\n" not in str(e.value)

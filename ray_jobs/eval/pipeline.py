@@ -239,8 +239,8 @@ def check_stage_theta(request: EvalRequest) -> None:
     import json
 
     from ray_jobs.eval.results import write_error
+    from specs.errors import SpecError
     from specs.files import read_bounded
-    from specs.loading import SpecError
 
     try:  # a damaged or hostile config.json is this checkpoint's error, not a traceback
         config = json.loads(read_bounded(request.checkpoint_dir / "config.json", "metadata"))

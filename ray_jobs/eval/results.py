@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from specs.errors import SpecError
 from specs.files import read_bounded
-from specs.loading import SpecError
-from specs.names import check_name
+from specs.names import check_name, error_location
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "tables.md"
@@ -118,7 +118,7 @@ def load_results(path: str | Path) -> EvalResults:
                            "re-run the evaluation of that checkpoint") from None
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+        where = error_location(first.get("loc", ()))
         what = ("it is not complete JSON (truncated or overwritten)"
                 if first.get("type", "").startswith("json") else
                 f"{where}: {first.get('msg', 'invalid')}")
