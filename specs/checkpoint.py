@@ -190,6 +190,9 @@ def read_state(checkpoint: str | Path) -> TrainerState:
         raise CheckpointError(f"{path} does not exist: {checkpoint} is not a checkpoint the "
                               "trainer wrote; give a committed checkpoint from the run "
                               "ledger")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path}: not a regular file; the checkpoint is damaged: use "
+                              "another committed checkpoint of the run")
     try:
         return TrainerState.model_validate(json.loads(read_bounded(path, "metadata")))
     except (SpecError, json.JSONDecodeError, RecursionError) as e:

@@ -186,6 +186,9 @@ class Ledger:
         if self.path.is_symlink():  # the ledger is the run's own file, never a link elsewhere
             raise LedgerError(f"{self.path}: the run ledger is a symlink; ringpilot only reads "
                               "the run's own ledger file: replace the link with the file")
+        if not self.path.is_file():  # a FIFO or device would block or never end
+            raise LedgerError(f"{self.path}: not a regular file; the run ledger is a JSON file: "
+                              "move this aside and restore the ledger from a backup")
         try:
             text = read_bounded(self.path, "ledger")
         except SpecError as e:

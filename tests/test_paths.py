@@ -537,3 +537,16 @@ def test_a_hostile_key_is_shown_quoted_and_the_error_stays_one_line(tmp_path):
     with pytest.raises(LedgerError) as e:
         Ledger(tmp_path).read()
     assert "\0" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_fifo_in_place_of_a_ledger_or_results_file_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "ledger.json")
+    with pytest.raises(LedgerError, match="not a regular file"):
+        Ledger(tmp_path).read()
+    os.mkfifo(tmp_path / "results.json")
+    with pytest.raises(ResultsError, match="not a regular file"):
+        load_results(tmp_path / "results.json")
+    (tmp_path / "trainer_state").mkdir()
+    os.mkfifo(tmp_path / "trainer_state" / "state.json")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_state(tmp_path)

@@ -111,6 +111,8 @@ def load_results(path: str | Path) -> EvalResults:
     if path.is_symlink():  # a results file is written in place, never linked from elsewhere
         raise ResultsError(f"{path}: is a symlink; ringpilot reads only the results file the "
                            "evaluation wrote there: remove the link and re-run the evaluation")
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ResultsError(f"{path}: not a regular file; re-run the evaluation of that checkpoint")
     try:
         return EvalResults.model_validate_json(read_bounded(path, "results"))
     except SpecError as e:
