@@ -550,3 +550,16 @@ def test_a_fifo_in_place_of_a_ledger_or_results_file_is_refused_without_blocking
     os.mkfifo(tmp_path / "trainer_state" / "state.json")
     with pytest.raises(CheckpointError, match="not a regular file"):
         read_state(tmp_path)
+
+
+@pytest.mark.parametrize("linked", ["checkpoints", "checkpoints/s"])
+def test_a_checkpoint_is_never_written_through_a_symlinked_folder(tmp_path, sentinel, linked):
+    from ray_jobs.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    (run / linked).parent.mkdir(parents=True, exist_ok=True)
+    (run / linked).symlink_to(sentinel)
+    state = TrainerState(stage="s", stage_index=0, step=1)
+    with pytest.raises(LedgerError, match="the checkpoint folder: .*outside the run directory"):
+        save_checkpoint(Ledger(run), None, None, None, None, state, keep_last=1, final=False)
+    assert sorted(p.name for p in sentinel.iterdir()) == [COMMITTED, "data.txt"]

@@ -71,6 +71,8 @@ def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer
     inside the FSDP root. `before_commit(staged_dir)` is a fault-injection hook for tests, run
     on rank 0 after every file is written and before the COMMITTED marker. Returns the dir."""
     path = checkpoint_dir(ledger.run_dir, state.stage, state.step)
+    # a checkpoints/ or stage folder that is a symlink out of the run would be written through
+    ledger.resolve(path.relative_to(ledger.run_dir), "the checkpoint folder")
     staged = staging_dir(path, ledger.epoch)
     rank = dist.get_rank()
 
