@@ -124,7 +124,7 @@ def _image_refusal(field: str, image: Any, allowed: Sequence[str]) -> Refusal:
 
 
 def _plan_template(template: dict[str, Any], allowed: Sequence[str]) -> list[Refusal]:
-    found = [Refusal(f"{TEMPLATE}.{key}", "is not a RayCluster field the operator can check "
+    found = [Refusal(f"{TEMPLATE}.{_seg(key)}", "is not a RayCluster field the operator can check "
                      f"(it accepts {', '.join(TEMPLATE_FIELDS)})", "remove it")
              for key in template if key not in TEMPLATE_FIELDS]
     if template.get("enableInTreeAutoscaling"):
@@ -178,7 +178,7 @@ def _plan_auth(auth: Any) -> list[Refusal]:
         found.append(Refusal(f"{where}.enableK8sTokenAuth", "needs a Kubernetes API token in "
                              "every Ray pod", "remove it"))
     for key in sorted(set(auth) - {"mode", "secretName", "enableK8sTokenAuth"}):
-        found.append(Refusal(f"{where}.{key}", "is not an auth option the operator can check",
+        found.append(Refusal(f"{where}.{_seg(key)}", "is not an auth option the operator can check",
                              "remove it"))
     return found
 
@@ -238,8 +238,17 @@ FIELD_REASONS = {
 }
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
+
+
+def _seg(key: Any) -> str:
+    """A key written by the user, as a path segment: quoted when it is not a plain name, so a
+    key cannot break the message (newlines) or pose as another path."""
+    return key if isinstance(key, str) and _PLAIN_KEY.match(key) else _short(key)
+
+
 def _refuse_extra(node: dict[str, Any], allowed: Sequence[str], where: str) -> list[Refusal]:
-    return [Refusal(f"{where}.{key}", FIELD_REASONS.get(key, "is not a field the operator "
+    return [Refusal(f"{where}.{_seg(key)}", FIELD_REASONS.get(key, "is not a field the operator "
                                                          "allows here"),
                     f"remove it (allowed: {', '.join(allowed)})")
             for key in node if key not in allowed]
@@ -312,7 +321,7 @@ def _plan_group(group: dict[str, Any], where: str, allowed: Sequence[str]) -> li
         labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
         for key, value in sorted(labels.items()):
             if TRUSTED_LABELS.get(key) == value:
-                found.append(Refusal(f"{where}.template.metadata.labels.{key}", f"{value!r} is "
+                found.append(Refusal(f"{where}.template.metadata.labels.{_seg(key)}", f"{value!r} is "
                                      "a label the operator's NetworkPolicy trusts", "remove it"))
     return found + _plan_pod(pod["spec"], f"{where}.template.spec", allowed)
 
@@ -320,7 +329,7 @@ def _plan_group(group: dict[str, Any], where: str, allowed: Sequence[str]) -> li
 def _plan_string_map(value: Any, where: str) -> list[Refusal]:
     node, found = _typed(value, dict, where, "an object of strings")
     for key, item in (node or {}).items():
-        found += _typed(item, str, f"{where}.{key}", "a string")[1]
+        found += _typed(item, str, f"{where}.{_seg(key)}", "a string")[1]
     return found
 
 
@@ -387,12 +396,12 @@ def _plan_volume(volume: dict[str, Any], where: str) -> list[Refusal]:
     found = _strings(volume, ("name",), where)
     kinds = [k for k in volume if k != "name"]
     if len(kinds) != 1:
-        return [*found, Refusal(where, f"has {len(kinds)} sources ({', '.join(kinds) or 'none'})"
+        return [*found, Refusal(where, f"has {len(kinds)} sources ({', '.join(map(_seg, kinds)) or 'none'})"
                                 "; a volume has exactly one", f"keep one of "
                                 f"{', '.join(SAFE_VOLUMES)}")]
     kind = kinds[0]
     if kind not in SAFE_VOLUMES:
-        return [*found, Refusal(f"{where}.{kind}", VOLUME_REASONS.get(
+        return [*found, Refusal(f"{where}.{_seg(kind)}", VOLUME_REASONS.get(
             kind, "is not a volume type the operator allows"), f"use {', '.join(SAFE_VOLUMES)} "
             "volumes")]
     return found + _typed(volume[kind], dict, f"{where}.{kind}", "an object")[1]
@@ -489,7 +498,7 @@ def _plan_resources(value: Any, where: str) -> list[Refusal]:
                               "an object of quantities")
         found += bad
         for name, amount in (amounts or {}).items():
-            found += _typed(amount, (str, int, float), f"{where}.{key}.{name}",
+            found += _typed(amount, (str, int, float), f"{where}.{key}.{_seg(name)}",
                             "a quantity (e.g. 4 or 16Gi)")[1]
         given |= set(amounts or {})
     for name in ("cpu", "memory"):
