@@ -321,8 +321,9 @@ def _plan_group(group: dict[str, Any], where: str, allowed: Sequence[str]) -> li
         labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
         for key, value in sorted(labels.items()):
             if TRUSTED_LABELS.get(key) == value:
-                found.append(Refusal(f"{where}.template.metadata.labels.{_seg(key)}", f"{value!r} is "
-                                     "a label the operator's NetworkPolicy trusts", "remove it"))
+                found.append(Refusal(f"{where}.template.metadata.labels.{_seg(key)}",
+                                     f"{value!r} is a label the operator's NetworkPolicy trusts",
+                                     "remove it"))
     return found + _plan_pod(pod["spec"], f"{where}.template.spec", allowed)
 
 
@@ -396,8 +397,9 @@ def _plan_volume(volume: dict[str, Any], where: str) -> list[Refusal]:
     found = _strings(volume, ("name",), where)
     kinds = [k for k in volume if k != "name"]
     if len(kinds) != 1:
-        return [*found, Refusal(where, f"has {len(kinds)} sources ({', '.join(map(_seg, kinds)) or 'none'})"
-                                "; a volume has exactly one", f"keep one of "
+        named = ", ".join(map(_seg, kinds)) or "none"
+        return [*found, Refusal(where, f"has {len(kinds)} sources ({named}); a volume has "
+                                "exactly one", f"keep one of "
                                 f"{', '.join(SAFE_VOLUMES)}")]
     kind = kinds[0]
     if kind not in SAFE_VOLUMES:
