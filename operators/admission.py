@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators.rayjob import RAY_HEAD_PORTS, RAY_UID, build_ray_start_params
-from operators.resource import StagedTrainingSpec
+from operators.resource import MAX_REPLICAS, StagedTrainingSpec
 
 TEMPLATE = "spec.ray_cluster.template"
 # RayCluster fields a template may set: what the operator can check. Anything else (autoscaler
@@ -47,7 +47,6 @@ PINNED_PORTS = {"port": str(RAY_HEAD_PORTS["gcs-server"]),
 _IMAGE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*(?::\d+(?=/))?(?:/[a-z0-9][a-z0-9._-]*)*)"
                     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
                     r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
-MAX_REPLICAS = 10_000  # per group: far above any cluster, far below what would hang the API
 
 
 @dataclass(frozen=True)
