@@ -116,6 +116,26 @@ def plan_admission(spec: StagedTrainingSpec, allowed_images: Sequence[str]) -> l
     return found
 
 
+AUTH_SECRET_SUFFIX = "-ray-token"
+
+
+def plan_auth_secret(name: str, spec: StagedTrainingSpec) -> list[Refusal]:
+    """ray_cluster.auth_secret must be the run's own: `<name>-ray-token`.
+
+    The token Secret is mounted into the run's Ray pods, where the tenant's code reads it; any
+    other name could hand the run another run's token. A label on the Secret would say the same
+    only if the operator could read Secrets, which its Role deliberately does not grant; a name
+    is checked without reading anything (StagedTraining names are unique in the namespace)."""
+    secret = spec.ray_cluster.auth_secret
+    own = f"{name}{AUTH_SECRET_SUFFIX}"
+    if secret is None or secret == own:
+        return []
+    return [Refusal("spec.ray_cluster.auth_secret", f"{secret!r} is not this run's token "
+                    f"Secret; a run may only use a Secret named {own!r}", f"create the token "
+                    f"Secret as {own} (key auth_token), or remove auth_secret (KubeRay then "
+                    "generates one)")]
+
+
 def _image_refusal(field: str, image: Any, allowed: Sequence[str]) -> Refusal:
     return Refusal(field, f"{image!r} is not on the operator's image allow-list "
                    f"({', '.join(allowed)})", "use an image from that list, or have the cluster "

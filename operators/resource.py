@@ -41,7 +41,8 @@ class RayClusterSource(_K8s):
         "PSS restricted security contexts, limits and no API token.",
     )
     selector: dict[str, str] | None = Field(
-        None, max_length=MAX_LABELS, description="Labels of an existing RayCluster to submit every stage to (the "
+        None, max_length=MAX_LABELS,
+        description="Labels of an existing RayCluster to submit every stage to (the "
         "RayJob's clusterSelector, e.g. {ray.io/cluster: l40s}). The operator then cannot move "
         "work off lost nodes itself; the cluster's own worker groups must.",
     )
@@ -49,16 +50,18 @@ class RayClusterSource(_K8s):
         None, max_length=253, pattern=K8S_NAME,
         description="Secret (key auth_token) holding the Ray token for the clusters the "
         "operator builds. Null: KubeRay generates one per cluster. Token auth is always on. "
-        "The Secret must carry the label ringpilot.io/auth-for: <this StagedTraining's name>, "
-        "set by whoever may read it (the namespace admin): the operator refuses any other, so "
-        "a StagedTraining cannot hand another run's token to its own pods.",
+        "It must be named <this StagedTraining's name>-ray-token: the operator refuses any "
+        "other, so a StagedTraining cannot hand another run's token (or another Secret with an "
+        "auth_token key) to its own pods.",
     )
     gpus_per_node: int = Field(
-        8, gt=0, le=MAX_GPUS_PER_NODE, description="GPUs per worker pod when the operator builds the cluster "
+        8, gt=0, le=MAX_GPUS_PER_NODE,
+        description="GPUs per worker pod when the operator builds the cluster "
         "(resources.device gpu); workers / gpus_per_node pods are requested.",
     )
     storage_claim: str | None = Field(
-        None, max_length=253, pattern=K8S_NAME, description="PersistentVolumeClaim mounted at storage.path in every Ray pod the "
+        None, max_length=253, pattern=K8S_NAME,
+        description="PersistentVolumeClaim mounted at storage.path in every Ray pod the "
         "operator builds (the run ledger and checkpoints must be shared by all of them).",
     )
 
@@ -77,10 +80,12 @@ class TopologySource(_K8s):
         "labels. 'config-map': a ClusterSpec YAML in a ConfigMap (key cluster.yaml).",
     )
     config_map: str | None = Field(
-        None, max_length=253, pattern=K8S_NAME, description="Name of the ConfigMap with the ClusterSpec, for source: config-map.",
+        None, max_length=253, pattern=K8S_NAME,
+        description="Name of the ConfigMap with the ClusterSpec, for source: config-map.",
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, max_length=MAX_LABELS, description="Labels of the nodes training may use (e.g. "
+        default_factory=dict, max_length=MAX_LABELS,
+        description="Labels of the nodes training may use (e.g. "
         "{nvidia.com/gpu.product: NVIDIA-L40S}); the operator watches them to re-plan when one "
         "becomes NotReady or cordoned.",
     )
@@ -96,7 +101,8 @@ class TopologySource(_K8s):
 class StagedTrainingSpec(RunSpec):
     """A RunSpec (the same YAML as `--run`) plus where on Kubernetes it runs."""
 
-    image: str = Field(DEFAULT_IMAGE, max_length=512, description="Container image with ringpilot installed, "
+    image: str = Field(DEFAULT_IMAGE, max_length=512,
+                       description="Container image with ringpilot installed, "
                        "used by every Ray pod the operator builds. It must be on the operator's "
                        "image allow-list (RINGPILOT_ALLOWED_IMAGES; by default the operator's "
                        "own image).")
