@@ -130,11 +130,11 @@ def _set_condition(conditions: list[Condition], type_: str, status: str, reason:
     return out
 
 
-def with_condition(st: dict[str, Any], type_: str, status: str, reason: str, message: str,
-                   now: dt.datetime) -> StagedTrainingStatus:
-    """The object's current status with one condition set: for what is found while applying a
-    decision (the decision's own status is then not written, as its actions did not happen)."""
-    current = _read_status(st)
+def with_condition(st: dict[str, Any] | StagedTrainingStatus, type_: str, status: str,
+                   reason: str, message: str, now: dt.datetime) -> StagedTrainingStatus:
+    """A status (or the object's current one) with one condition set: for what the loop or
+    apply finds (the decision's own status is not written when its actions did not happen)."""
+    current = st if isinstance(st, StagedTrainingStatus) else _read_status(st)
     return current.model_copy(update={"conditions": _set_condition(
         current.conditions, type_, status, reason, message, now)})
 
