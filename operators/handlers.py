@@ -86,6 +86,8 @@ class Cache:
     inflight: dict[tuple[str, str], tuple[Future, float]] = field(default_factory=dict)
     # Objects whose last reconcile overran its deadline: (retry not before, overruns in a row).
     backoff: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+    # Objects whose in-flight reconcile has been marked stuck (once per reconcile).
+    marked: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _api() -> client.ApiClient:
@@ -230,7 +232,7 @@ async def _reconcile_all(memo: kopf.Memo) -> None:
         # Snapshot on the event loop: kopf updates the indices here, never mid-copy.
         jobs = _observed_jobs(memo, st)
         nodes = [n for store in cache.nodes.values() for n in store]
-        future = memo.pool.submit(_reconcile_one, memo, st, jobs, nodes)
+        future = memo.pool.submit(_reconcile_one, memo, st, jobs, nodes, key in cache.backoff)
         cache.inflight[key] = (future, now)
         future.add_done_callback(lambda f, key=key: memo.loop.call_soon_threadsafe(
             _finished, memo, key, f))
@@ -245,7 +247,10 @@ async def _reconcile_all(memo: kopf.Memo) -> None:
 def _finished(memo: kopf.Memo, key: tuple[str, str], future: Future) -> None:
     """On the event loop, when one object's reconcile ends (in time or late)."""
     cache: Cache = memo.cache
-    cache.inflight.pop(key, None)
+    _, started = cache.inflight.pop(key, (None, 0.0))
+    cache.marked.discard(key)
+    if time.monotonic() - started <= memo.loop_settings.deadline_seconds:
+        cache.backoff.pop(key, None)  # in time: the next overrun starts the backoff afresh
     error = future.exception() if not future.cancelled() else None
     if error is not None:  # one broken object must not stop the others
         log.error("reconcile of %s/%s failed; retrying next round", *key,
@@ -253,9 +258,6 @@ def _finished(memo: kopf.Memo, key: tuple[str, str], future: Future) -> None:
         return
     if future.cancelled():
         return
-    retry, overruns = cache.backoff.get(key, (0.0, 0))
-    if overruns and retry <= time.monotonic():
-        cache.backoff.pop(key, None)  # in time again after its backoff: reset
     updated = future.result()
     if updated is not None and key in cache.trainings:
         # don't act twice on a status the watch hasn't echoed yet
@@ -268,6 +270,9 @@ async def _mark_stuck(memo: kopf.Memo, key: tuple[str, str], deadline: float) ->
     The thread cannot be stopped; it keeps its pool slot until it returns, and the liveness
     probe fails meanwhile, so a reconcile that never returns gets the operator restarted."""
     cache: Cache = memo.cache
+    if key in cache.marked:
+        return
+    cache.marked.add(key)
     _, overruns = cache.backoff.get(key, (0.0, 0))
     settings: Settings = memo.settings
     delay = min(settings.backoff_seconds * 2 ** overruns, settings.backoff_cap_seconds)
@@ -302,13 +307,15 @@ def _observed_jobs(memo: kopf.Memo, st: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _reconcile_one(memo: kopf.Memo, st: dict[str, Any], jobs: list[dict[str, Any]],
-                   nodes: list[dict[str, Any]]) -> dict[str, Any] | None:
+                   nodes: list[dict[str, Any]], was_stuck: bool = False
+                   ) -> dict[str, Any] | None:
     ns = st["metadata"]["namespace"]
     now = dt.datetime.now(dt.timezone.utc)
     spec = st.get("spec") or {}
     decision = plan_reconcile(st, jobs, nodes, now, read_ledger(spec), memo.settings,
                               read_cluster_yaml(memo.api, ns, spec))
-    if any(c.type == RECONCILED and c.status == "False" for c in decision.status.conditions):
+    if was_stuck or any(c.type == RECONCILED and c.status == "False"
+                        for c in decision.status.conditions):
         decision.status = with_condition(decision.status, RECONCILED, "True", "InTime", "", now)
     updated, created = apply_decision(memo.api, st, decision, now)
     for job in created:  # known at once, so the next pass does not find it "missing"
