@@ -61,6 +61,31 @@ def expand_cluster_data(data: object, *, source: str, base_dir: Path | None = No
     return data
 
 
+def inline_node_files(data: dict, *, source: str, base_dir: Path) -> dict:
+    """`data` with each node-type file reference replaced by the file's text under the inline key
+    (`nvidia_smi_topo: F` -> `nvidia_smi_topo_text: <F's contents>`): the form a ConfigMap must
+    carry, since the operator reads no file a tenant names. Unchanged when there is none."""
+    from specs.files import read_bounded
+
+    types = data.get("node_types")
+    if not isinstance(types, dict):
+        return data
+    out = dict(types)
+    for tname, value in types.items():
+        if isinstance(value, dict) and len(value) == 1 and set(value) <= set(NODE_FILE_KEYS):
+            key, name = next(iter(value.items()))
+            if not isinstance(name, str):
+                continue  # build_cluster says what is wrong with it
+            path = Path(name) if Path(name).is_absolute() else base_dir / name
+            try:
+                out[tname] = {f"{key}_text": read_bounded(path, "topology")}
+            except SpecError as e:
+                raise SpecError(source, [f"node_types.{tname}.{key}: cannot read {str(path)!r} "
+                                         f"({line.removeprefix('<file>: ')})"
+                                         for line in e.lines]) from None
+    return {**data, "node_types": out} if out != types else data
+
+
 def _expand_preset(data: dict, source: str) -> dict:
     """`preset: {kind: l40s-leaf-spine, nodes: 64, ...}` stands for the whole spec."""
     rest = {k: v for k, v in data.items() if k != "preset"}
