@@ -234,14 +234,20 @@ async def _reconcile_all(memo: kopf.Memo) -> None:
         nodes = [n for store in cache.nodes.values() for n in store]
         future = memo.pool.submit(_reconcile_one, memo, st, jobs, nodes, key in cache.backoff)
         cache.inflight[key] = (future, now)
-        future.add_done_callback(lambda f, key=key: memo.loop.call_soon_threadsafe(
-            _finished, memo, key, f))
+        future.add_done_callback(lambda f, key=key: _on_loop(memo, _finished, memo, key, f))
         started.append(key)
     if started:  # look again once their deadline has passed (the loop never waits on them)
         memo.loop.call_later(deadline + 0.05, memo.wake.set)
     for key in find_stuck(cache, deadline, time.monotonic()):
         ns, name = key.split("/", 1)
         await _mark_stuck(memo, (ns, name), deadline)
+
+
+def _on_loop(memo: kopf.Memo, fn: Any, *args: Any) -> None:
+    try:
+        memo.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the operator is stopping and its loop closed: nothing to record
+        pass
 
 
 def _finished(memo: kopf.Memo, key: tuple[str, str], future: Future) -> None:
