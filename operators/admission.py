@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from operators.rayjob import RAY_HEAD_PORTS, RAY_UID, build_ray_start_params
+from operators.rayjob import RAY_HEAD_PORTS, RAY_UID, build_ray_start_params, worker_pods
 from operators.resource import MAX_REPLICAS, StagedTrainingSpec
 
 TEMPLATE = "spec.ray_cluster.template"
@@ -111,6 +111,13 @@ def plan_admission(spec: StagedTrainingSpec, allowed_images: Sequence[str]) -> l
     found = []
     if not image_allowed(spec.image, allowed_images):
         found.append(_image_refusal("spec.image", spec.image, allowed_images))
+    pods = worker_pods(spec)
+    if spec.ray_cluster.template is None and spec.ray_cluster.selector is None \
+            and pods > MAX_REPLICAS:
+        found.append(Refusal("spec.resources.workers", f"{spec.resources.workers} workers need "
+                             f"{pods} worker pods, more than the {MAX_REPLICAS} the operator "
+                             "builds a cluster with", "give fewer workers (or more "
+                             "ray_cluster.gpus_per_node)"))
     if spec.ray_cluster.template is not None:
         found += _plan_template(spec.ray_cluster.template, allowed_images)
     return found

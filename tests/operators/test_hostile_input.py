@@ -235,3 +235,20 @@ def test_loop_settings_refuse_unbounded_values(monkeypatch, env):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="RINGPILOT_RECONCILE"):
         build_loop_settings()
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s["resources"].update(workers=10**12),
+    lambda s: s.setdefault("ray_cluster", {}).update(gpus_per_node=10**12),
+    lambda s: [stage.update(data_parallel_degree=10**12) for stage in s["stages"]],
+    lambda s: [stage.update(ring_degree=10**12) for stage in s["stages"]],
+], ids=["workers", "gpus-per-node", "dp-degree", "ring-degree"])
+def test_counts_of_ten_to_the_twelve_are_refused_within_a_second(change):
+    st = make_training()
+    change(st["spec"])
+    started = time.perf_counter()
+    d = plan_reconcile(st, [], NODES, T0, settings=FAST)
+    assert time.perf_counter() - started < 1.0
+    assert d.of(CreateObject) == [] and d.status.phase == "Failed"
+    [cond] = [c for c in d.status.conditions if c.type == "SpecValid"]
+    assert cond.status == "False" and cond.message.startswith("spec.")
