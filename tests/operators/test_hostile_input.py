@@ -252,3 +252,36 @@ def test_counts_of_ten_to_the_twelve_are_refused_within_a_second(change):
     assert d.of(CreateObject) == [] and d.status.phase == "Failed"
     [cond] = [c for c in d.status.conditions if c.type == "SpecValid"]
     assert cond.status == "False" and cond.message.startswith("spec.")
+
+
+# --- `ringpilot manifests`: no argument can inject a document ---------------------------------
+
+@pytest.mark.parametrize("args, flag", [
+    (["--name", "tiny\n---\nkind: Secret"], "--name"),
+    (["--namespace", "ml\nkind: Secret"], "--namespace"),
+    (["--storage-claim", "../x"], "--storage-claim"),
+    (["--image", "ghcr.io/r/r:1\n---"], "--image"),
+    (["--node-selector", "a=b\nkind: Secret"], "--node-selector"),
+    (["--gpus-per-node", "1000000000000"], "--gpus-per-node"),
+    (["--run", "configs/tiny.yaml\n---\nkind: Secret"], "--run"),
+])
+def test_manifest_arguments_with_newlines_or_bad_syntax_exit_2(args, flag, capsys):
+    from operators.cli import main
+
+    argv = ["manifests", "render", "--run", "configs/tiny.yaml", *args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_a_rendered_manifest_is_the_documents_it_should_be(capsys, monkeypatch):
+    from operators.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["manifests", "render", "--run", "configs/tiny.yaml", "--name", "t-1",
+                 "--node-selector", "nvidia.com/gpu.product=NVIDIA-L40S"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert [d["kind"] for d in docs] == ["StagedTraining"]
+    assert docs[0]["metadata"]["name"] == "t-1"
