@@ -37,13 +37,17 @@ from operators.apply import apply_decision
 from operators.decide import Requeue, Settings, plan_reconcile, with_condition
 from operators.rayjob import CLUSTER_FILE, LABEL_TRAINING
 from operators.resource import DEFAULT_IMAGE, GROUP, PLURAL, VERSION
+from specs.files import read_bounded
 from specs.ledger import LEDGER_FILE, LedgerDoc
+from specs.loading import SpecError
 
 log = logging.getLogger("ringpilot.operator")
 # The images StagedTrainings may run (comma separated); `python -m operators --allowed-image`
 # sets it. Unset: the operator's own image as the manifests name it.
 ALLOWED_IMAGES_ENV = "RINGPILOT_ALLOWED_IMAGES"
 DEADLINE_ENV = "RINGPILOT_RECONCILE_DEADLINE_SECONDS"
+# Where the operator's pod mounts the runs volume (read-only); ledgers are read only inside it.
+RUNS_ROOT_ENV = "RINGPILOT_RUNS_ROOT"
 WORKERS_ENV = "RINGPILOT_RECONCILE_WORKERS"
 RECONCILED = "Reconciled"  # condition: False while the object's reconcile is past its deadline
 
@@ -98,13 +102,23 @@ def _api() -> client.ApiClient:
     return client.ApiClient()
 
 
-def read_ledger(spec: dict[str, Any]) -> LedgerDoc | None:
-    """The run ledger, when the run's storage is mounted in the operator's pod too."""
+def read_ledger(spec: dict[str, Any], root: str | None = None) -> LedgerDoc | None:
+    """The run ledger, when the run's storage is mounted in the operator's pod too.
+
+    storage.path is written by the tenant, so it is only a hint: the ledger is read only when
+    its real path (symlinks resolved) is a regular file inside the runs volume the operator
+    mounts (`RINGPILOT_RUNS_ROOT`; unset: no ledger is read), and its size is bounded."""
+    root = root if root is not None else os.environ.get(RUNS_ROOT_ENV)
+    if not root:
+        return None
     try:
-        path = Path(spec["storage"]["path"]) / spec["name"] / LEDGER_FILE
-        if path.is_file():
-            return LedgerDoc.model_validate_json(path.read_text(encoding="utf-8"))
-    except (KeyError, TypeError, OSError, ValueError) as e:
+        base = os.path.realpath(root)
+        path = os.path.realpath(Path(str(spec["storage"]["path"])) / str(spec["name"])
+                                / LEDGER_FILE)
+        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+            return None
+        return LedgerDoc.model_validate_json(read_bounded(path, "ledger"))
+    except (KeyError, TypeError, OSError, ValueError, SpecError) as e:
         log.warning("run ledger not readable: %s", e)
     return None
 

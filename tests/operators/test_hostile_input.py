@@ -285,3 +285,28 @@ def test_a_rendered_manifest_is_the_documents_it_should_be(capsys, monkeypatch):
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert [d["kind"] for d in docs] == ["StagedTraining"]
     assert docs[0]["metadata"]["name"] == "t-1"
+
+
+# --- the ledger: read only inside the runs volume the operator mounts -------------------------
+
+def test_the_ledger_is_read_only_inside_the_runs_root(tmp_path):
+    import os
+
+    from operators.handlers import read_ledger
+
+    root, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    for base in (root, outside):
+        (base / "r").mkdir(parents=True)
+        (base / "r" / "ledger.json").write_text('{"run": "r"}')
+    os.symlink(outside / "r", root / "link")
+    inside = {"storage": {"path": str(root)}, "name": "r"}
+    assert read_ledger(inside, str(root)).run == "r"
+    assert read_ledger(inside, "") is None  # no runs root configured: nothing is read
+    for spec in ({"storage": {"path": str(outside)}, "name": "r"},  # absolute, elsewhere
+                 {"storage": {"path": str(root)}, "name": "../elsewhere/r"},  # climbs out
+                 {"storage": {"path": str(root)}, "name": "link"},  # a symlink out
+                 {"storage": {"path": "/"}, "name": "etc"},
+                 {"storage": {"path": 3}, "name": None}):
+        assert read_ledger(spec, str(root)) is None, spec
+    (root / "r" / "ledger.json").write_bytes(b"\xff\xfe")  # binary: a warning, not a traceback
+    assert read_ledger(inside, str(root)) is None
