@@ -20,7 +20,7 @@ from specs.errors import SpecError
 from specs.files import read_bounded
 from specs.loading import read_yaml, validate_data
 from specs.run import RunSpec
-from topology.sources import load_cluster
+from topology.sources import inline_node_files, load_cluster
 
 CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, specs/run.py) by\n"
               "#   ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml\n"
@@ -108,12 +108,17 @@ def build_cluster_map(run_file: str | Path, data: dict[str, Any],
         return None
     path = Path(run_file).parent / rel
     load_cluster(path)  # a broken cluster file fails here, by field
+    text = read_bounded(path, "spec")
+    data_in = read_yaml(path)
+    inlined = inline_node_files(data_in, source=str(path), base_dir=path.resolve().parent)
+    if inlined is not data_in:  # the operator reads no file a ConfigMap names: carry the dumps
+        text = yaml.safe_dump(inlined, sort_keys=False)
     meta: dict[str, Any] = {"name": cluster_map_name(data["name"]),
                             "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
     if namespace:
         meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {CLUSTER_FILE: read_bounded(path, "spec")}}
+            "data": {CLUSTER_FILE: text}}
 
 
 def render_staged_training(run_file: str | Path, *, name: str | None = None,
