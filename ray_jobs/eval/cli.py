@@ -35,6 +35,7 @@ from specs.checkpoint import (
 from specs.eval_tasks import ALL_TASKS
 from specs.loading import SpecError, load_model
 from specs.run import EvalSpec, KamradtSpec, RunSpec
+from specs.trust import check_checkpoint_is_data
 from topology.eval_plan import gang_size_for
 
 _DEFAULTS = EvalSpec()
@@ -116,7 +117,7 @@ def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        check_checkpoint(args.checkpoint)
+        check_checkpoint_is_data(check_checkpoint(args.checkpoint))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
