@@ -87,8 +87,8 @@ def check_checkpoint_is_data(path: str | Path) -> Path:
     refused with TrustError when it carries code: a Python file anywhere in it, or a config
     naming code (`auto_map`, `custom_pipelines`). Returns the folder checked."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if not folder.is_dir():
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    if folder is None:
         raise CheckpointError(f"{path}: does not exist; give a local checkpoint or model "
                               "directory (models are never fetched by name)")
     for entry, is_dir in _walk(folder):
