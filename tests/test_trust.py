@@ -420,3 +420,18 @@ def test_no_loader_in_ringpilot_trusts_remote_code():
                         missing.append(f"{f.relative_to(root)}:{node.lineno}")
     assert not missing, f"from_pretrained without trust_remote_code=False: {missing}"
     assert sys.modules.get("transformers_modules") is None  # no dynamic module was imported
+
+
+def test_the_train_command_refuses_a_model_path_with_code_before_starting(hostile, tmp_path,
+                                                                          capsys):
+    import yaml
+
+    from ray_jobs.train.driver import main as train_main
+
+    path, marker = hostile
+    spec = mini_spec(tmp_path / "runs", **{"model.path": str(path)})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(spec))
+    assert train_main(["--run", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start" in err and f"model.path: {path / 'evil_tokenizer.py'}" in err
+    assert "Traceback" not in err and not marker.exists()
