@@ -44,10 +44,11 @@ def _refuse(path: Path, problem: str, fix: str) -> TrustError:
                       f"data and never runs code from them ({fix})")
 
 
-def _walk(root: Path):
-    """(path, is_dir) of every entry under `root`, not following symlinked folders; bounded."""
+def _walk(root: Path, *, follow: bool = False):
+    """(path, is_dir) of every entry under `root`, into symlinked folders only if `follow`;
+    bounded (a symlink loop ends at MAX_ENTRIES)."""
     n = 0
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=follow):
         for name in dirnames + filenames:
             n += 1
             if n > MAX_ENTRIES:
@@ -144,9 +145,9 @@ def _check_owned(path: Path, *, what: str) -> None:
 
 def check_run_dir(path: str | Path) -> Path:
     """Before DCP unpickles from checkpoint `path`: the folders from its run directory down to
-    it, and everything inside it, owned by this user (or root) and not group/world-writable;
-    TrustError naming the first that is not, with the chmod/chown that fixes it. Returns
-    `path`."""
+    it, and everything inside it (through symlinks), owned by this user (or root) and not
+    group/world-writable; TrustError naming the first that is not, with the chmod/chown that
+    fixes it. Returns `path`."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; give a committed checkpoint "
@@ -157,7 +158,7 @@ def check_run_dir(path: str | Path) -> Path:
         chain += [path.parent, path.parent.parent, place.run_dir]
     for folder in reversed(chain):
         _check_owned(folder, what="a folder of the run")
-    for entry, is_dir in _walk(path):
+    for entry, is_dir in _walk(path, follow=True):  # what DCP reads is what links point to
         _check_owned(entry, what="a folder of the checkpoint" if is_dir
                      else "a file of the checkpoint")
     return path

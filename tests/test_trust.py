@@ -338,6 +338,18 @@ def test_a_symlinked_shard_is_checked_where_it_points(saved, tmp_path):
         check_run_dir(path)
 
 
+def test_a_symlinked_dcp_folder_is_walked_into(saved, tmp_path):
+    path, _, _, _ = saved
+    outside = tmp_path / "shared-dcp"
+    shutil.move(dcp_dir(path), outside)
+    dcp_dir(path).symlink_to(outside, target_is_directory=True)
+    check_run_dir(path)
+    (outside / ".metadata").chmod(0o646)
+    with pytest.raises(TrustError, match=r"dcp/\.metadata: a file of the checkpoint is writable "
+                                         "by everyone"):
+        check_run_dir(path)
+
+
 def test_check_run_dir_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         check_run_dir(tmp_path / "checkpoints" / "s" / "step-000001")
