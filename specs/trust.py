@@ -66,8 +66,8 @@ def _is_config(name: str) -> bool:
     return low.endswith(".json") and "config" in low
 
 
-def _code_key(doc) -> str | None:
-    """The dotted place of the first code-naming key in a JSON document, searched without
+def _code_key(doc) -> tuple[str, str] | None:
+    """(dotted place, key) of the first code-naming key in a JSON document, searched without
     recursion (a deeply nested document cannot exhaust the stack)."""
     todo = [("", doc)]
     while todo:
@@ -76,11 +76,17 @@ def _code_key(doc) -> str | None:
             for key, value in node.items():
                 place = f"{where}.{key}" if where else str(key)
                 if key in CODE_KEYS:
-                    return place
+                    return _printable(place), key
                 todo.append((place, value))
         elif isinstance(node, list):
             todo.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
     return None
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """`text` for a one-line message: control characters escaped, at most `limit` characters."""
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return out if len(out) <= limit else f"...{out[-limit:]}"
 
 
 def check_checkpoint_is_data(path: str | Path) -> Path:
@@ -107,14 +113,15 @@ def check_checkpoint_is_data(path: str | Path) -> Path:
             raise _refuse(entry, "; ".join(e.lines), "restore the file Hugging Face "
                           "wrote") from None
         except (ValueError, RecursionError) as e:
-            problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            problem = _printable(str(e).splitlines()[0]) if str(e) else type(e).__name__
             raise _refuse(entry, f"not JSON a loader could read ({problem})",
                           "restore the file Hugging Face wrote (save_pretrained)") from None
-        key = _code_key(doc)
-        if key is not None:
-            raise _refuse(entry, f"`{key}` names code for the loader to import",
-                          f"remove `{key.split('.')[0].split('[')[0]}` from {entry.name}; "
-                          "ringpilot loads Llama with transformers' own classes only")
+        found = _code_key(doc)
+        if found is not None:
+            place, key = found
+            raise _refuse(entry, f"`{place}` names code for the loader to import",
+                          f"remove `{key}` from {entry.name}; ringpilot loads Llama with "
+                          "transformers' own classes only")
     return folder
 
 

@@ -154,8 +154,12 @@ def test_code_nested_anywhere_is_refused(plain, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["text_config"] = {"layers": [{"auto_map": {"AutoModel": "x.Y"}}]}
     (path / "config.json").write_text(json.dumps(config))
-    _refused(lambda: check_checkpoint_is_data(path), tmp_path / "none",
-             "`text_config.layers[0].auto_map`")
+    err = _refused(lambda: check_checkpoint_is_data(path), tmp_path / "none",
+                   "`text_config.layers[0].auto_map`", "remove `auto_map` from config.json")
+    config["text_config"] = {"a\nb" * 200: {"custom_pipelines": {}}}  # a hostile key: one line
+    (path / "config.json").write_text(json.dumps(config))
+    err = _refused(lambda: check_checkpoint_is_data(path), tmp_path / "none", "\\nb.custom_")
+    assert "\n" not in str(err) and len(str(err)) < 700
 
 
 def test_unreadable_configs_are_one_clear_error(plain, tmp_path):
