@@ -22,8 +22,8 @@ import stat
 from pathlib import Path
 
 from specs.checkpoint import CheckpointError, locate
+from specs.errors import SpecError
 from specs.files import read_bounded
-from specs.loading import SpecError
 
 # Files Python imports or executes. Hugging Face only imports `.py` files named by `auto_map`,
 # but a model directory has no business holding any of these.
