@@ -36,6 +36,7 @@ from specs.eval_tasks import ALL_TASKS
 from specs.loading import SpecError, load_model
 from specs.names import UnsafePath
 from specs.run import EvalSpec, KamradtSpec, RunSpec
+from specs.trust import check_checkpoint_is_data
 from topology.eval_plan import gang_size_for
 
 _DEFAULTS = EvalSpec()
@@ -117,7 +118,7 @@ def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        check_checkpoint(args.checkpoint)
+        check_checkpoint_is_data(check_checkpoint(args.checkpoint))
         out = args.out or default_out_dir(args.checkpoint)  # a stage folder must be a name
     except (CheckpointError, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,6 +46,7 @@ from specs.checkpoint import (
     write_state,
 )
 from specs.ledger import Fenced, Ledger, is_committed, mark_committed
+from specs.trust import check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def on_rank0(rank: int, write) -> None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
     """Load a checkpoint's model and optimizer shards into this mesh, and its scheduler.
     Collective: every rank calls it."""
+    check_run_dir(path)  # DCP unpickles its metadata: only from files no one else can write
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=dcp_dir(path))

@@ -44,11 +44,12 @@ from ray_jobs.train.placement import (
     write_plan,
 )
 from specs.atomic import writable_dir_problem
-from specs.checkpoint import final_checkpoint
+from specs.checkpoint import CheckpointError, final_checkpoint
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec
+from specs.trust import check_checkpoint_is_data
 from topology.planner import PlanError
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -140,6 +141,11 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
         resolve_tokenizer_source(run, spec_dir)
     except TokenizerError as e:
         problems.append(str(e))
+    if run.model.path is not None:  # a model directory is data: refused if it carries code
+        try:
+            check_checkpoint_is_data(spec_dir / run.model.path)
+        except CheckpointError as e:
+            problems.append(f"model.path: {e}")
     problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
     try:
         documents = read_documents(run, spec_dir)
