@@ -14,6 +14,14 @@ Scenarios (the tiny two-stage run of the tests, 2 CPU workers in one ring):
   storage_full          the run's filesystem (a tmpfs mounted here, root needed) fills during a
                         stage: the stage fails, the previous committed checkpoint survives and
                         loads; with space again, the rerun finishes
+Hostile input (a careless or malicious edit, not a crash):
+  ledger_tampered x5    the newest checkpoint's path in the ledger set to '.', '..', an absolute
+                        path, a symlink out of the run, or a stage renamed '../NAME': refused
+                        with one message, nothing inside or outside the run changes; restored,
+                        the run resumes
+  spec_absurd           each count of the spec at 10^12: one message, in under a second
+  checkpoint_with_code  model.path is a checkpoint whose tokenizer_config names a shipped .py:
+                        refused before anything loads; the code never runs
 Each asserts: no sample skipped or repeated in the steps that made the final model, the losses
 equal the uninterrupted run's (rel 1e-5), every committed checkpoint loads (HF export, trainer
 state, DCP metadata). Last line: one JSON object with `scenarios`, `passed`, `samples_lost`,
@@ -291,6 +299,118 @@ def ledger_broken(tmp: Path, out: Outcome, how: str) -> Path:
     return run_dir
 
 
+def refused(spec: Path) -> tuple[int, list[str], float]:
+    """Run the driver on `spec`: its exit code, its non-empty stderr lines and its seconds."""
+    err = tempfile.TemporaryFile(mode="w+")
+    saved, sys.stderr = sys.stderr, err
+    started = time.perf_counter()
+    try:
+        code = train(spec)
+    finally:
+        sys.stderr = saved
+    seconds = time.perf_counter() - started
+    err.seek(0)
+    return code, [x for x in err.read().splitlines() if x.strip()], seconds
+
+
+def snapshot(*roots: Path) -> dict[Path, int]:
+    """Every file (and symlink) under `roots` with its modification time."""
+    return {p: p.lstat().st_mtime_ns for root in roots for p in root.rglob("*")
+            if p.is_file() or p.is_symlink()}
+
+
+def ledger_tampered(tmp: Path, out: Outcome, how: str) -> Path:
+    """The ledger edited to lead out of the run: the newest committed checkpoint at '.', '..',
+    an absolute path or a symlink to a directory outside, or a stage named '../NAME'. The driver
+    refuses with one message; nothing inside or outside the run is read into, written or
+    deleted; with the ledger restored, the run resumes."""
+    spec = write_spec(tmp, f"tampered-{how}")
+    run_dir = tmp / "runs" / f"tampered-{how}"
+    outside = tmp / f"outside-{how}"
+    (outside / "checkpoint").mkdir(parents=True)
+    (outside / "checkpoint" / "COMMITTED").write_text("a directory that looks like one\n")
+    (outside / "keep.txt").write_text("must survive\n")
+    from ray_jobs.train.driver import main
+
+    if main(["--run", str(spec), "--stage", "s64"]) != 0:
+        out.problems.append("stage s64 failed")
+    good = (run_dir / "ledger.json").read_text()
+    doc = json.loads(good)
+    newest = doc["stages"]["s64"]["checkpoints"][-1]
+    if how == "dot":
+        newest["path"] = "."
+    elif how == "dotdot":
+        newest["path"] = f"../../outside-{how}/checkpoint"
+    elif how == "absolute":
+        newest["path"] = str(outside / "checkpoint")
+    elif how == "symlink":
+        link = run_dir / "checkpoints" / "s64" / "step-999999"
+        link.symlink_to(outside / "checkpoint", target_is_directory=True)
+        newest["path"] = str(link.relative_to(run_dir))
+    elif how == "stage-name":
+        doc["stages"][f"../../outside-{how}"] = doc["stages"].pop("s64")
+    (run_dir / "ledger.json").write_text(json.dumps(doc))
+    tampered = (run_dir / "ledger.json").read_text()
+    before = snapshot(run_dir, outside)
+    code, lines, _ = refused(spec)
+    if code != 2 or not 1 <= len(lines) <= 2:
+        out.problems.append(f"the driver did not refuse with one message: {code} {lines}")
+    if (run_dir / "ledger.json").read_text() != tampered:
+        out.problems.append("the tampered ledger was rewritten")
+    after = snapshot(run_dir, outside)
+    changed = sorted(str(p) for p in set(before) | set(after) if before.get(p) != after.get(p))
+    if changed:
+        out.problems.append(f"the refused run changed files: {changed}")
+    if how == "symlink":
+        (run_dir / "checkpoints" / "s64" / "step-999999").unlink()
+    (run_dir / "ledger.json").write_text(good)  # the operator restores it from a backup
+    if train(spec) != 0:
+        out.problems.append("the run did not resume with the restored ledger")
+    return run_dir
+
+
+def checkpoint_with_code(tmp: Path, out: Outcome, baseline: Path) -> None:
+    """A run whose model.path is a checkpoint carrying code (a tokenizer module named by an
+    auto_map): the driver refuses before anything loads, with one message, and the code never
+    runs (the marker it would write does not appear)."""
+    from tests.test_trust import plant_code
+
+    model = tmp / "hostile-model"
+    latest = Ledger(baseline).latest_committed("s64")
+    shutil.copytree(latest, model, ignore=shutil.ignore_patterns("dcp", "trainer_state",
+                                                                 "COMMITTED"))
+    marker = tmp / "CODE-RAN"
+    plant_code(model, marker)
+    spec = write_spec(tmp, "hostile-model", **{"model.path": str(model)})
+    code, lines, _ = refused(spec)
+    if code != 2 or not 1 <= len(lines) <= 2:
+        out.problems.append(f"not one clear refusal: {code} {lines}")
+    if marker.exists():
+        out.problems.append("the checkpoint's code ran")
+    if (tmp / "runs" / "hostile-model").exists():
+        out.problems.append("a refused run created its run directory")
+
+
+# Counts no real run has: each must be refused at once, before Ray or a model is touched.
+ABSURD = {"model.num_key_value_heads": 10**12, "model.num_attention_heads": 10**12,
+          "model.num_hidden_layers": 10**12, "model.vocab_size": 10**12,
+          "stages.0.data_parallel_degree": 10**12, "stages.0.ring_degree": 10**12,
+          "stages.0.seq_len": 10**12, "stages.0.steps": 10**12, "resources.workers": 10**12}
+
+
+def spec_absurd(tmp: Path, out: Outcome) -> None:
+    """Every count at 10^12, one at a time: refused with one message in under a second."""
+    for dotted, value in ABSURD.items():
+        spec = write_spec(tmp, "absurd", **{dotted: value})
+        code, lines, seconds = refused(spec)
+        if code != 2 or not 1 <= len(lines) <= 2 or dotted.split(".")[-1] not in lines[-1]:
+            out.problems.append(f"{dotted}={value}: not one clear refusal: {code} {lines}")
+        if seconds > 1.0:
+            out.problems.append(f"{dotted}={value}: refused after {seconds:.1f} s (limit 1 s)")
+    if (tmp / "runs" / "absurd").exists():
+        out.problems.append("a refused spec created its run directory")
+
+
 def storage_full(tmp: Path, out: Outcome) -> Path | None:
     mount = tmp / "small-fs"
     mount.mkdir()
@@ -349,6 +469,10 @@ def main() -> int:
              ("ledger_truncated", lambda o: ledger_broken(tmp, o, "truncated")),
              ("ledger_corrupt", lambda o: ledger_broken(tmp, o, "corrupt")),
              ("storage_full", lambda o: storage_full(tmp, o))]
+    plan += [(f"ledger_tampered/{how}", lambda o, how=how: ledger_tampered(tmp, o, how))
+             for how in ("dot", "dotdot", "absolute", "symlink", "stage-name")]
+    plan += [("spec_absurd", lambda o: spec_absurd(tmp, o)),
+             ("checkpoint_with_code", lambda o: checkpoint_with_code(tmp, o, baseline))]
     if args.only:
         plan = [(n, f) for n, f in plan if any(n.startswith(p) for p in args.only)]
     outcomes = []

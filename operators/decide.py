@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from operators.admission import describe, plan_admission
+from operators.admission import describe, plan_admission, plan_auth_secret
 from operators.rayjob import build_configmap, build_rayjob
 from operators.replan import (
     plan_eligible_nodes,
@@ -130,6 +130,15 @@ def _set_condition(conditions: list[Condition], type_: str, status: str, reason:
     return out
 
 
+def with_condition(st: dict[str, Any] | StagedTrainingStatus, type_: str, status: str,
+                   reason: str, message: str, now: dt.datetime) -> StagedTrainingStatus:
+    """A status (or the object's current one) with one condition set: for what the loop or
+    apply finds (the decision's own status is not written when its actions did not happen)."""
+    current = st if isinstance(st, StagedTrainingStatus) else _read_status(st)
+    return current.model_copy(update={"conditions": _set_condition(
+        current.conditions, type_, status, reason, message, now)})
+
+
 def _job_outcome(job: dict[str, Any]) -> tuple[str, str]:
     """('succeeded' | 'failed' | 'running', message) from a RayJob's status."""
     status = job.get("status") or {}
@@ -193,6 +202,7 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
     except ValidationError as e:
         return _invalid(st, e, now)
     refusals = plan_admission(spec, settings.allowed_images)
+    refusals += plan_auth_secret(str(st.get("metadata", {}).get("name", "")), spec)
     if refusals:  # images off the allow-list, templates wider than the operator's own pods
         return _refuse(st, "Refused", describe(refusals), now, stop_running=True)
     meta = st["metadata"]

@@ -1,7 +1,14 @@
-"""Render the Kubernetes objects for a RunSpec file: the StagedTraining, a RayCluster, the CRD."""
+"""Render the Kubernetes objects for a RunSpec file: the StagedTraining, a RayCluster, the CRD.
+
+Every object is built as Python data and dumped by a yaml.SafeDumper, never assembled from
+strings: a value (a --name, a label, a file's text) is always one scalar, so a newline in it
+cannot start another document. The only text written by hand is the header comment, which is
+kept to one line per comment whatever the command line holds.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +16,11 @@ import yaml
 
 from operators.rayjob import CLUSTER_FILE, build_ray_cluster_spec
 from operators.resource import API_VERSION, DEFAULT_IMAGE, KIND, StagedTrainingSpec, build_crd
+from specs.errors import SpecError
+from specs.files import read_bounded
 from specs.loading import read_yaml, validate_data
 from specs.run import RunSpec
-from topology.sources import load_cluster
+from topology.sources import inline_node_files, load_cluster
 
 CRD_HEADER = ("# Generated from the pydantic models (operators/resource.py, specs/run.py) by\n"
               "#   ringpilot manifests crd > manifests/base/crd/stagedtrainings.ringpilot.io.yaml\n"
@@ -30,6 +39,30 @@ def _text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 
 _NoAliases.add_representer(str, _text)
 
+# Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label)
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+ARGUMENTS = "ringpilot manifests arguments"  # the source named by a bad --name's error
+
+
+def check_object_names(source: str, **fields: str | None) -> None:
+    """SpecError naming each given metadata field that Kubernetes would refuse (names given on a
+    command line end up in the objects: refuse them here, with the fix, not at `kubectl apply`)."""
+    lines = []
+    for field, value in fields.items():
+        if value is None:
+            continue
+        label = field == "namespace"
+        limit = 63 if label else 253
+        pattern = _DNS_LABEL if label else _DNS_SUBDOMAIN
+        if len(value) > limit or not pattern.fullmatch(value):
+            kind = "DNS-1123 label" if label else "DNS-1123 subdomain"
+            lines.append(f"--{field.replace('_', '-')}: not a Kubernetes name (got {value!r}; a "
+                         f"{kind}: lower-case letters, digits and '-', at most {limit} "
+                         "characters, e.g. tiny-run)")
+    if lines:
+        raise SpecError(source, lines)
+
 
 def _dump(obj: dict[str, Any]) -> str:
     return yaml.dump(obj, Dumper=_NoAliases, sort_keys=False, width=100)
@@ -39,6 +72,7 @@ def build_spec(run_file: str | Path, *, image: str = DEFAULT_IMAGE, ray_cluster:
                node_selector: dict[str, str] | None = None, storage_claim: str | None = None,
                gpus_per_node: int | None = None) -> dict[str, Any]:
     """The StagedTraining `spec`: the run file's own YAML, plus where it runs on Kubernetes."""
+    check_object_names(ARGUMENTS, ray_cluster=ray_cluster, storage_claim=storage_claim)
     data = read_yaml(run_file)
     validate_data(data, RunSpec, source=str(run_file))  # a bad run file fails here, by field
     cluster: dict[str, Any] = {}
@@ -74,18 +108,24 @@ def build_cluster_map(run_file: str | Path, data: dict[str, Any],
         return None
     path = Path(run_file).parent / rel
     load_cluster(path)  # a broken cluster file fails here, by field
+    text = read_bounded(path, "spec")
+    data_in = read_yaml(path)
+    inlined = inline_node_files(data_in, source=str(path), base_dir=path.resolve().parent)
+    if inlined is not data_in:  # the operator reads no file a ConfigMap names: carry the dumps
+        text = yaml.safe_dump(inlined, sort_keys=False)
     meta: dict[str, Any] = {"name": cluster_map_name(data["name"]),
                             "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
     if namespace:
         meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {CLUSTER_FILE: path.read_text(encoding="utf-8")}}
+            "data": {CLUSTER_FILE: text}}
 
 
 def render_staged_training(run_file: str | Path, *, name: str | None = None,
                            namespace: str | None = None, command: str = "", **kw: Any) -> str:
     """The StagedTraining object for `run_file` as YAML, headed by the command that made it;
     preceded by a ConfigMap with the ClusterSpec when the run names a cluster file."""
+    check_object_names(ARGUMENTS, name=name, namespace=namespace)
     spec = build_spec(run_file, **kw)
     meta: dict[str, Any] = {"name": name or spec["name"]}
     if namespace:
@@ -99,6 +139,7 @@ def render_staged_training(run_file: str | Path, *, name: str | None = None,
 def render_ray_cluster(run_file: str | Path, *, name: str, namespace: str | None = None,
                        command: str = "", **kw: Any) -> str:
     """A standalone RayCluster sized for the run (what the operator would build per stage)."""
+    check_object_names(ARGUMENTS, name=name, namespace=namespace)
     spec = StagedTrainingSpec.model_validate(build_spec(run_file, **kw))
     meta: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "ringpilot"}}
     if namespace:
@@ -113,6 +154,9 @@ def render_crd() -> str:
 
 
 def _header(command: str) -> str:
+    """The comment naming the command; anything YAML could read as a line break (\\n, \\r,
+    NEL, U+2028/9) or any other unprintable character is escaped, so it stays one comment."""
     if not command:
         return ""
-    return f"# Generated by: {command}\n# Regenerate instead of editing; tests fail on drift.\n"
+    line = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in command)
+    return f"# Generated by: {line}\n# Regenerate instead of editing; tests fail on drift.\n"

@@ -42,18 +42,34 @@ def plan_lost_nodes(used: list[str], nodes: list[dict[str, Any]]) -> list[str]:
     return sorted(n for n in used if n not in by_name or not node_usable(by_name[n]))
 
 
+# A ConfigMap holds at most 1 MiB; anything longer did not come from one.
+MAX_CLUSTER_YAML = 1 << 20
+
+
 def plan_topology(spec: StagedTrainingSpec, cluster_yaml: str | None) -> str | None:
-    """Why the topology ConfigMap cannot be used (None: it can, or none is needed)."""
+    """Why the topology ConfigMap cannot be used (None: it can, or none is needed).
+
+    The ConfigMap is written by the tenant, so it is read as data only: node-type file keys are
+    refused unread (the operator opens no path a tenant names) and the dumps must be inline
+    (`nvidia_smi_topo_text:` / `nccl_topo_xml_text:`)."""
     if spec.topology.source != "config-map":
         return None
     where = f"ConfigMap {spec.topology.config_map}"
     if cluster_yaml is None:
         return f"{where} (key {CLUSTER_FILE}) not found; create it or use topology.source: " \
                "node-labels"
+    if not isinstance(cluster_yaml, str) or len(cluster_yaml) > MAX_CLUSTER_YAML:
+        return f"{where}: {CLUSTER_FILE} is larger than a ConfigMap can hold; shorten it"
     try:
-        build_cluster(parse_yaml(cluster_yaml, where), source=where)  # alias/depth-bounded
+        build_cluster(parse_yaml(cluster_yaml, where), source=where, allow_files=False)
     except SpecError as e:
         return "; ".join([f"{where}: {line}" for line in e.lines])
+    except (RecursionError, MemoryError):
+        return f"{where}: {CLUSTER_FILE} nests too deeply or expands too far (YAML aliases); " \
+               "write it out plainly"
+    except Exception as e:  # a parser bug must not become a traceback in the operator's loop
+        return f"{where}: {CLUSTER_FILE} could not be read ({e.__class__.__name__}); check the " \
+               "topology dumps in it"
     return None
 
 

@@ -15,6 +15,14 @@ KIND = "StagedTraining"
 PLURAL = "stagedtrainings"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_IMAGE = "ghcr.io/ringpilot/ringpilot:0.1.0"
+# Bounds on what a StagedTraining may ask for: far above any real run, far below what would make
+# the operator (or the API server, through the CRD's maxima) loop or allocate without end.
+MAX_GPUS_PER_NODE = 64
+MAX_LABELS = 64
+MAX_STAGES_STATUS = 1024
+MAX_REPLICAS = 10_000  # per worker group of a ray_cluster.template
+# A Kubernetes object name (DNS-1123 subdomain); what the operator looks up by name.
+K8S_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class _K8s(BaseModel):
@@ -33,20 +41,27 @@ class RayClusterSource(_K8s):
         "PSS restricted security contexts, limits and no API token.",
     )
     selector: dict[str, str] | None = Field(
-        None, description="Labels of an existing RayCluster to submit every stage to (the "
+        None, max_length=MAX_LABELS,
+        description="Labels of an existing RayCluster to submit every stage to (the "
         "RayJob's clusterSelector, e.g. {ray.io/cluster: l40s}). The operator then cannot move "
         "work off lost nodes itself; the cluster's own worker groups must.",
     )
     auth_secret: str | None = Field(
-        None, description="Secret (key auth_token) holding the Ray token for the clusters the "
-        "operator builds. Null: KubeRay generates one per cluster. Token auth is always on.",
+        None, max_length=253, pattern=K8S_NAME,
+        description="Secret (key auth_token) holding the Ray token for the clusters the "
+        "operator builds. Null: KubeRay generates one per cluster. Token auth is always on. "
+        "It must be named <this StagedTraining's name>-ray-token: the operator refuses any "
+        "other, so a StagedTraining cannot hand another run's token (or another Secret with an "
+        "auth_token key) to its own pods.",
     )
     gpus_per_node: int = Field(
-        8, gt=0, description="GPUs per worker pod when the operator builds the cluster "
+        8, gt=0, le=MAX_GPUS_PER_NODE,
+        description="GPUs per worker pod when the operator builds the cluster "
         "(resources.device gpu); workers / gpus_per_node pods are requested.",
     )
     storage_claim: str | None = Field(
-        None, description="PersistentVolumeClaim mounted at storage.path in every Ray pod the "
+        None, max_length=253, pattern=K8S_NAME,
+        description="PersistentVolumeClaim mounted at storage.path in every Ray pod the "
         "operator builds (the run ledger and checkpoints must be shared by all of them).",
     )
 
@@ -65,10 +80,12 @@ class TopologySource(_K8s):
         "labels. 'config-map': a ClusterSpec YAML in a ConfigMap (key cluster.yaml).",
     )
     config_map: str | None = Field(
-        None, description="Name of the ConfigMap with the ClusterSpec, for source: config-map.",
+        None, max_length=253, pattern=K8S_NAME,
+        description="Name of the ConfigMap with the ClusterSpec, for source: config-map.",
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Labels of the nodes training may use (e.g. "
+        default_factory=dict, max_length=MAX_LABELS,
+        description="Labels of the nodes training may use (e.g. "
         "{nvidia.com/gpu.product: NVIDIA-L40S}); the operator watches them to re-plan when one "
         "becomes NotReady or cordoned.",
     )
@@ -84,7 +101,8 @@ class TopologySource(_K8s):
 class StagedTrainingSpec(RunSpec):
     """A RunSpec (the same YAML as `--run`) plus where on Kubernetes it runs."""
 
-    image: str = Field(DEFAULT_IMAGE, description="Container image with ringpilot installed, "
+    image: str = Field(DEFAULT_IMAGE, max_length=512,
+                       description="Container image with ringpilot installed, "
                        "used by every Ray pod the operator builds. It must be on the operator's "
                        "image allow-list (RINGPILOT_ALLOWED_IMAGES; by default the operator's "
                        "own image).")
@@ -115,7 +133,7 @@ class StageStatus(_K8s):
     name: str = Field(description="Stage name.")
     state: StageState = Field("Pending", description="Where the stage stands.")
     ray_job: str | None = Field(None, description="Name of the stage's current RayJob.")
-    attempts: int = Field(0, ge=0, description="RayJobs started for this stage.")
+    attempts: int = Field(0, ge=0, le=1_000_000, description="RayJobs started for this stage.")
     last_checkpoint: str | None = Field(None, description="Newest committed checkpoint (ledger).")
     scores: dict[str, float] = Field(default_factory=dict,
                                      description="Eval score per task of the newest evaluation.")
@@ -139,7 +157,8 @@ class StagedTrainingStatus(_K8s):
     phase: Phase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
     current_stage: str | None = Field(None, description="The stage running or next to run.")
     last_score: float | None = Field(None, description="Mean eval score of the newest evaluation.")
-    stages: list[StageStatus] = Field(default_factory=list, description="Per stage, in order.")
+    stages: list[StageStatus] = Field(default_factory=list, max_length=MAX_STAGES_STATUS,
+                                      description="Per stage, in order.")
     excluded_nodes: list[str] = Field(default_factory=list,
                                       description="Nodes re-planning has excluded.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
@@ -202,8 +221,10 @@ def build_template_schema(generated: dict[str, Any]) -> dict[str, Any]:
     return {**generated, "properties": {
         "authOptions": auth,
         "headGroupSpec": _open(template=_open(spec=_cel_pod_spec())),
-        "workerGroupSpecs": {"type": "array", "maxItems": 64,
-                             "items": _open(template=_open(spec=_cel_pod_spec()))},
+        "workerGroupSpecs": {"type": "array", "maxItems": 64, "items": _open(
+            template=_open(spec=_cel_pod_spec()),
+            **{key: {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS}
+               for key in ("replicas", "minReplicas", "maxReplicas", "numOfHosts")})},
     }}
 
 

@@ -156,11 +156,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _eval_report(args: argparse.Namespace) -> int:
     from ray_jobs.eval.report import render_run_report  # matplotlib: only when asked for
+    from ray_jobs.eval.results import ResultsError
+    from specs.ledger import LedgerError
+    from specs.names import UnsafePath
 
     try:
         md, page = render_run_report(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, LedgerError, ResultsError, UnsafePath) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     print(f"wrote {md} and {page}")
     return 0

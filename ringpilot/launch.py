@@ -184,7 +184,9 @@ class Demo:
                                     # API takes the newest Ray on the machine, and with another
                                     # Ray there it found no controller and removed the
                                     # workers' placement group mid-stage. Name this head.
-                                    "RAY_ADDRESS": f"{LOOPBACK}:{self.gcs_port}"}}
+                                    "RAY_ADDRESS": f"{LOOPBACK}:{self.gcs_port}",
+                                    # The job's tables are printed to fit this terminal.
+                                    "COLUMNS": str(shutil.get_terminal_size((160, 24)).columns)}}
         submit = [self.ray, "job", "submit", "--address", self.url, "--working-dir", ".",
                   "--no-wait", "--submission-id", job, "--runtime-env-json",
                   json.dumps(runtime_env), "--",

@@ -25,10 +25,20 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from specs.degrees import ParallelDims
+from specs.errors import SpecError
+from specs.files import read_bounded
 from specs.ledger import COMMITTED, Ledger, is_committed
+from specs.names import check_name, check_relative, error_location
 from specs.plan import DEGREE_KEYS
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -73,6 +83,16 @@ class TrainerState(BaseModel):
     attention_kernel: str = Field("", description="The block kernel the ring ran on, and why "
                                   "(select_block_kernel).")
 
+    @field_validator("stage")
+    @classmethod
+    def _stage_is_a_name(cls, value: str) -> str:
+        return check_name(value, "stage")  # it names checkpoints/<stage>/ on resume
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_inside(cls, value: str | None) -> str | None:
+        return None if value is None else check_relative(value, "init_from")
+
     @model_validator(mode="before")
     @classmethod
     def _dims_from_degree_keys(cls, doc):
@@ -109,7 +129,8 @@ def parse_checkpoint_name(name: str) -> int | None:
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / stage
+    """`<run>/checkpoints/<stage>`; UnsafePath unless `stage` is a simple name."""
+    return Path(run_dir) / CHECKPOINTS_DIR / check_name(stage, "stage")
 
 
 def checkpoint_dir(run_dir: str | Path, stage: str, step: int) -> Path:
@@ -139,7 +160,7 @@ def parse_staging_name(name: str) -> tuple[str, int] | None:
 
 def eval_dir(run_dir: str | Path, stage: str, step: int) -> Path:
     """Where the evaluation of `checkpoint_dir(run_dir, stage, step)` writes its results."""
-    return Path(run_dir) / EVAL_DIR / stage / checkpoint_name(step)
+    return Path(run_dir) / EVAL_DIR / check_name(stage, "stage") / checkpoint_name(step)
 
 
 def dcp_dir(checkpoint: str | Path) -> Path:
@@ -165,21 +186,37 @@ def write_state(checkpoint: str | Path, state: TrainerState) -> None:
 def read_state(checkpoint: str | Path) -> TrainerState:
     """The trainer's state saved in a checkpoint; CheckpointError if it is missing or invalid."""
     path = Path(checkpoint) / STATE_DIR / STATE_FILE
-    try:
-        return TrainerState.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
+    if not path.exists():
         raise CheckpointError(f"{path} does not exist: {checkpoint} is not a checkpoint the "
                               "trainer wrote; give a committed checkpoint from the run "
-                              "ledger") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the trainer state ({e}); the checkpoint is "
-                              "damaged: use another committed checkpoint of the run") from None
+                              "ledger")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path}: not a regular file; the checkpoint is damaged: use "
+                              "another committed checkpoint of the run")
+    try:
+        return TrainerState.model_validate(json.loads(read_bounded(path, "metadata")))
+    except (SpecError, json.JSONDecodeError, RecursionError) as e:
+        why = "; ".join(e.lines) if isinstance(e, SpecError) else f"not JSON: {e}"[:200]
+        raise CheckpointError(f"{path}: cannot read the trainer state ({why}); the checkpoint "
+                              "is damaged: use another committed checkpoint of the run") from None
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+        where = error_location(first.get("loc", ()))
         raise CheckpointError(f"{path}: not a trainer state: {where}: {first['msg']}; it is "
                               "written by the trainer and never edited: restore it, or use "
                               "another committed checkpoint of the run") from None
+
+
+def read_pointer(path: str | Path) -> str:
+    """The checkpoint path (relative to the run) in Ray Train's pointer.json, checked to be a
+    relative path of simple names; CheckpointError (one line) for a damaged or tampered one."""
+    try:
+        doc = json.loads(read_bounded(path, "metadata"))
+        return check_relative(doc["path"], "path")
+    except (SpecError, ValueError, TypeError, KeyError, RecursionError) as e:
+        why = "; ".join(e.lines) if isinstance(e, SpecError) else " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a checkpoint pointer ({why}); it is written by the "
+                              "trainer: start the run again from its ledger") from None
 
 
 def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specs.loading import SpecError
+from specs.errors import SpecError
 
 # Caps by kind of file. Each is far above any real file of that kind, and far below what would
 # exhaust a 24 GiB host: an input that big is a mistake or an attack, and is refused unread.

@@ -14,9 +14,11 @@ writes nothing. Checkpoints are written into a staging directory named by their 
 renamed into place under the lock, so a straggler can never write into a directory the new
 attempt reads or writes.
 
-Every path stored in the ledger is relative to the run directory and must stay inside it:
-`Ledger.resolve` refuses one that leaves it (by `..`, an absolute path or a symlink), so an
-edited or corrupted ledger cannot make ringpilot read or delete anything else.
+Every path stored in the ledger is relative to the run directory and must stay inside it: stage
+names are simple names and stored paths are relative paths of simple names (specs/names.py,
+checked when the ledger is read and before it is written), and `Ledger.resolve` refuses one that
+leads out through a symlink, so an edited or corrupted ledger cannot make ringpilot read, write
+or delete anything else. The file itself is read with a size cap and never through a symlink.
 
 Layout of a run directory (``<storage.path>/<run name>/``)::
 
@@ -43,6 +45,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.atomic import atomic_write, fsync_dir
+from specs.errors import SpecError
+from specs.files import read_bounded
+from specs.names import check_name, check_relative, error_location
+from specs.names import contained as _contained
 
 COMMITTED = "COMMITTED"
 LEDGER_FILE = "ledger.json"
@@ -67,13 +73,9 @@ class Fenced(RuntimeError):
 
 
 def _relative_inside(value: str | None) -> str | None:
-    """A stored path: relative, normalised, without `..` (checked when the ledger is read)."""
-    if value is None:
-        return value
-    parts = Path(value).parts
-    if not value or Path(value).is_absolute() or ".." in parts:
-        raise ValueError(f"{value!r} is not a path inside the run directory (relative, no '..')")
-    return value
+    """A stored path: relative, simple names only, no `.`/`..` (checked when the ledger is read;
+    `Ledger.resolve` then follows symlinks)."""
+    return None if value is None else check_relative(value, "path")
 
 
 class _Doc(BaseModel):
@@ -115,6 +117,13 @@ class StageEntry(_Doc):
     starts: list[StartEntry] = Field(default_factory=list,
                                      description="Every start of its workers, restarts included.")
 
+    @field_validator("eval")
+    @classmethod
+    def _eval_keys_inside(cls, value: dict[str, EvalEntry]) -> dict[str, EvalEntry]:
+        for key in value:  # a checkpoint path: the evaluator opens it
+            check_relative(key, f"eval key {key!r}")
+        return value
+
 
 class LedgerDoc(_Doc):
     run: str
@@ -122,6 +131,13 @@ class LedgerDoc(_Doc):
     updated_at: str = ""
     epoch: int = Field(0, ge=0, description="The driver attempt that owns the run.")
     holder: str = Field("", description="Who took the current epoch: host, pid, time.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names_simple(cls, value: dict[str, StageEntry]) -> dict[str, StageEntry]:
+        for key in value:  # each becomes checkpoints/<stage>/ and eval/<stage>/
+            check_name(key, f"stage name {key!r}")
+        return value
 
     def latest_checkpoint(self, stage: str) -> CheckpointEntry | None:
         entry = self.stages.get(stage)
@@ -165,18 +181,25 @@ class Ledger:
         self._held = threading.local()  # lock depth in this thread: fenced() may call update()
 
     def read(self) -> LedgerDoc:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if not self.path.exists() and not self.path.is_symlink():
             return LedgerDoc(run=self.run_name)
-        except (OSError, UnicodeDecodeError) as e:
-            raise LedgerError(f"{self.path}: cannot read the run ledger ({e}); restore it from a "
-                              "backup or point storage.path / name at another run") from e
+        if self.path.is_symlink():  # the ledger is the run's own file, never a link elsewhere
+            raise LedgerError(f"{self.path}: the run ledger is a symlink; ringpilot only reads "
+                              "the run's own ledger file: replace the link with the file")
+        if not self.path.is_file():  # a FIFO or device would block or never end
+            raise LedgerError(f"{self.path}: not a regular file; the run ledger is a JSON file: "
+                              "move this aside and restore the ledger from a backup")
+        try:
+            text = read_bounded(self.path, "ledger")
+        except SpecError as e:
+            raise LedgerError(f"{self.path}: cannot read the run ledger "
+                              f"({'; '.join(e.lines)}); restore it from a backup or point "
+                              "storage.path / name at another run") from None
         try:
             return LedgerDoc.model_validate_json(text)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ())) or "the document"
+            where = error_location(first.get("loc", ()))
             what = ("it is not complete JSON (truncated or overwritten)"
                     if first.get("type", "").startswith("json") else
                     f"{where}: {first.get('msg', 'invalid')}")
@@ -195,7 +218,7 @@ class Ledger:
                 self._held.depth -= 1
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / ".ledger.lock", "a") as lock:
+        with _open_append(self.run_dir / ".ledger.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._held.depth = 1
             try:
@@ -244,10 +267,11 @@ class Ledger:
         """Append one JSON line to a shared file of the run, fenced (metrics, progress)."""
         with self.fenced():
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with _open_append(path) as f:
                 f.write(json.dumps(record) + "\n")
 
     def stage(self, doc: LedgerDoc, name: str) -> StageEntry:
+        check_name(name, "stage name")  # never write a name the next read would refuse
         return doc.stages.setdefault(name, StageEntry())
 
     def start_stage(self, name: str) -> LedgerDoc:
@@ -268,7 +292,8 @@ class Ledger:
         if not is_committed(written):
             raise ValueError(f"checkpoint {written} has no {COMMITTED} marker; call "
                              "mark_committed() after all of its files are written")
-        rel = os.path.relpath(checkpoint_dir, self.run_dir)
+        rel = check_relative(Path(os.path.relpath(checkpoint_dir, self.run_dir)).as_posix(),
+                             "checkpoint path")
         entry = CheckpointEntry(step=step, path=rel, committed_at=_now(), final=final,
                                 epoch=self.epoch or 0)
 
@@ -297,6 +322,8 @@ class Ledger:
         return self.update(change)
 
     def record_eval(self, stage: str, checkpoint: str, result: EvalEntry) -> LedgerDoc:
+        check_relative(checkpoint, "eval checkpoint path")  # the next read would refuse it
+
         def change(doc: LedgerDoc) -> None:
             self.stage(doc, stage).eval[checkpoint] = result
         return self.update(change)
@@ -319,12 +346,20 @@ class Ledger:
         return None
 
 
+def _open_append(path: Path):
+    """`path` opened for appending text, never through a symlink (a link planted in the run
+    would make every append write outside it); LedgerError if it is one."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        if os.path.islink(path):
+            raise LedgerError(f"{path}: is a symlink; a run's shared files are its own: remove "
+                              "the link") from None
+        raise
+    return open(fd, "a", encoding="utf-8")
+
+
 def contained(root: str | Path, rel: str | Path, what: str) -> Path:
-    """`root / rel`; LedgerError unless, symlinks followed, it stays inside `root`."""
-    real_root = Path(root).resolve()
-    real = (real_root / rel).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise LedgerError(f"{what}: {str(rel)!r} leads to {real}, outside the run directory "
-                          f"{real_root}; a run only reads and deletes inside its own directory. "
-                          "Fix or restore the file that holds this path")
-    return Path(root) / rel  # as the caller named the run directory (relative paths stay so)
+    """`root / rel`; LedgerError unless, symlinks followed, it stays inside `root`
+    (specs/names.py's check, with the ledger's error)."""
+    return _contained(root, rel, what, error=LedgerError)

@@ -14,21 +14,10 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from specs.errors import SpecError
+from specs.files import read_bounded
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class SpecError(Exception):
-    """A spec file that cannot be used; `lines` are `path.to.field: problem (got X; hint)`."""
-
-    def __init__(self, source: str, lines: list[str]):
-        self.source = source
-        self.lines = lines
-        super().__init__(f"{source}: " + "; ".join(lines))
-
-    def render(self) -> str:
-        n = len(self.lines)
-        head = f"{self.source}: {n} problem{'s' if n != 1 else ''}"
-        return "\n".join([head, *(f"  {line}" for line in self.lines)])
 
 
 # A spec's YAML is a few levels deep and repeats itself with a handful of aliases at most. The
@@ -185,8 +174,6 @@ def parse_yaml(text: str, source: str) -> object:
 def read_yaml(path: str | Path) -> dict:
     """The mapping at the top of a YAML file; missing files, bad syntax, alias bombs and deep
     nesting become SpecError."""
-    from specs.files import read_bounded  # specs.files imports SpecError from here
-
     source = str(path)
     text = read_bounded(path, "spec")
     data = parse_yaml(text, source)

@@ -9,7 +9,7 @@ assumptions say so, one line each.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,7 +20,15 @@ KIND = "ringpilot.io/calibrated-profile"
 
 
 class _Spec(BaseModel):
+    # inf and nan are refused: a profile is a file anyone can edit, and an infinite bandwidth
+    # or FLOP rate divides the cost model by zero downstream.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Sizes the rates were measured at (tokens per device per micro-step): the cost model
+# interpolates in log(tokens), so a size must be positive.
+Tokens = Annotated[int, Field(gt=0, le=1 << 40)]
+MAX_SIZES = 256  # measured sizes per table; `ringpilot calibrate` writes one per stage
 
 
 class Measured(_Spec):
@@ -68,18 +76,21 @@ class CalibratedProfile(_Spec):
                                          "backward, at the longest stage's micro-batch.")
     attention_flops: Measured | None = Field(None, description="Achieved FLOP/s per device of "
                                              "the attention block kernel, forward.")
-    dense_flops_at: dict[int, Measured] = Field(
-        default_factory=dict, description="dense_flops by tokens per device per micro-step "
-        "(each stage's micro-batch).")
-    attention_flops_at: dict[int, Measured] = Field(
-        default_factory=dict, description="attention_flops by tokens per device per micro-step.")
-    layer_overhead_s_at: dict[int, MeasuredSeconds] = Field(
-        default_factory=dict, description="Seconds per decoder layer and micro-step beyond "
-        "the priced compute and communication (checkpointing, FSDP2 and ring attention "
-        "wrappers), by tokens per device per micro-step.")
-    root_overhead_s_at: dict[int, MeasuredSeconds] = Field(
-        default_factory=dict, description="Seconds per micro-step of the FSDP root's own work "
-        "(beyond its layers), by tokens per device per micro-step.")
+    dense_flops_at: dict[Tokens, Measured] = Field(
+        default_factory=dict, max_length=MAX_SIZES,
+        description="dense_flops by tokens per device per micro-step (each stage's micro-batch).")
+    attention_flops_at: dict[Tokens, Measured] = Field(
+        default_factory=dict, max_length=MAX_SIZES,
+        description="attention_flops by tokens per device per micro-step.")
+    layer_overhead_s_at: dict[Tokens, MeasuredSeconds] = Field(
+        default_factory=dict, max_length=MAX_SIZES,
+        description="Seconds per decoder layer and micro-step beyond the priced compute and "
+        "communication (checkpointing, FSDP2 and ring attention wrappers), by tokens per device "
+        "per micro-step.")
+    root_overhead_s_at: dict[Tokens, MeasuredSeconds] = Field(
+        default_factory=dict, max_length=MAX_SIZES,
+        description="Seconds per micro-step of the FSDP root's own work (beyond its layers), by "
+        "tokens per device per micro-step.")
     comm_overlap: MeasuredFraction | None = Field(
         None, description="Fraction of an all-gather that hid behind concurrent matmuls.")
     optimizer_params_per_s: Measured | None = Field(
@@ -87,12 +98,13 @@ class CalibratedProfile(_Spec):
         "AdamW update (the trainer's own, on an FSDP2-sharded decoder layer).")
     attention_bwd_over_fwd: Measured | None = Field(None, description="Attention block backward "
                                                     "time over its forward time.")
-    links: dict[str, LinkMeasurement] = Field(default_factory=dict,
+    links: dict[str, LinkMeasurement] = Field(default_factory=dict, max_length=MAX_SIZES,
                                               description="Measured link types, by name.")
     collectives: dict[str, Measured] = Field(
-        default_factory=dict, description="Collective bus bandwidth, GB/s, by "
-        "'<op>/<group size>' (e.g. 'all_gather/2'); all_gather and reduce_scatter price the "
-        "sharding collectives of groups of that size.")
+        default_factory=dict, max_length=MAX_SIZES,
+        description="Collective bus bandwidth, GB/s, by '<op>/<group size>' (e.g. "
+        "'all_gather/2'); all_gather and reduce_scatter price the sharding collectives of groups "
+        "of that size.")
 
     @model_validator(mode="after")
     def _something_measured(self) -> CalibratedProfile:

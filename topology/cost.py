@@ -47,6 +47,12 @@ class LinkLoads(Mapping):
         return self._used, self._counts
 
 
+def policy_without_memory_model(stage: StageSpec) -> CheckpointPolicy:
+    """The stage's activation checkpointing policy where nothing measures memory: its own, or
+    `full` for 'auto' (the policy that fits wherever any does)."""
+    return "full" if stage.activation_checkpointing == "auto" else stage.activation_checkpointing
+
+
 @dataclass(frozen=True)
 class FlowResult:
     """Concurrent transfers of `nbytes` each: the slowest one and the link that limits it."""
@@ -144,8 +150,7 @@ class StageShape:
         """The stage on the layout `dims` (its degrees, not the stage's possibly 'auto' ones)
         under activation checkpointing `policy` (None: the stage's; 'full' for its 'auto')."""
         if policy is None:
-            policy = "full" if stage.activation_checkpointing == "auto" else \
-                stage.activation_checkpointing
+            policy = policy_without_memory_model(stage)
         model = run.model
         return cls(seq_len=stage.seq_len, ring=dims.ring, dp=dims.dp, shard=dims.shard,
                    ulysses=dims.ulysses, batch_size=stage.batch_size,

@@ -6,6 +6,7 @@ from typing import Iterable
 
 from specs.cluster import ClusterSpec, NodeSpec, NodeTypeSpec, SwitchSpec, UnknownNode
 from topology.presets import build_generic_node_type, build_l40s_node_type, build_link_types
+from topology.profile import MAX_GPUS_PER_NODE  # more is a broken device plugin or a forged node
 
 TOPOGRAPH = "network.topology.nvidia.com"
 # Topograph's levels, closest to the node first (accelerator = NVLink domain: not a switch of a
@@ -23,11 +24,17 @@ def _items(nodes) -> list:
 
 
 def _gpus(node) -> int:
+    """The node's `nvidia.com/gpu` capacity; ValueError naming the node when it is not a
+    whole number from 0 to MAX_GPUS_PER_NODE."""
     cap = (node.status.capacity or {}) if node.status else {}
-    try:
-        return int(cap.get(GPU_RESOURCE, 0))
-    except (TypeError, ValueError):
-        return 0
+    raw = cap.get(GPU_RESOURCE, 0)
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not (text.isascii() and text.isdigit() and len(text) <= 6) \
+            or int(text) > MAX_GPUS_PER_NODE:
+        raise ValueError(f"node {node.metadata.name!r}: capacity {GPU_RESOURCE} is "
+                         f"{text[:20]!r}, not a whole number from 0 to {MAX_GPUS_PER_NODE}; fix "
+                         "the node's device plugin, or leave the node out")
+    return int(text)
 
 
 def _levels_of(labels: dict[str, str], kueue_levels: list[str]) -> list[str] | None:
@@ -124,5 +131,9 @@ def iter_label_summary(nodes: Iterable) -> list[str]:
     out = []
     for n in sorted(_items(nodes), key=lambda n: n.metadata.name):
         labels = {k: v for k, v in (n.metadata.labels or {}).items() if "topology" in k}
-        out.append(f"{n.metadata.name}: {_gpus(n)} GPUs {labels}")
+        try:
+            gpus = f"{_gpus(n)} GPUs"
+        except ValueError as e:  # the summary is for finding such nodes: say it, go on
+            gpus = str(e)
+        out.append(f"{n.metadata.name}: {gpus} {labels}")
     return out

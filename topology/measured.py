@@ -8,6 +8,7 @@ the most.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def measured_steps(run_dir: str | Path) -> dict[str, Measured]:
         if latest is None or not is_trainer_checkpoint(latest):
             continue
         st = read_state(latest)
+        bad = [f"{k} = {v}" for k, v in [("seconds", st.seconds),
+                                          *(("parts_seconds." + p, v)
+                                            for p, v in st.parts_seconds.items())]
+               if not (math.isfinite(v) and v >= 0)]
+        if bad:  # a tampered or corrupt trainer state: refuse, never print inf/nan ratios
+            raise ValueError(f"{latest}: the trainer state of stage {stage!r} has {bad[0]}, not "
+                             "a finite number of seconds >= 0; its state file is corrupt: "
+                             "compare another run, or none")
         if st.step > 0 and st.seconds > 0:
             out[stage] = Measured(stage=stage, steps=st.step, seconds=st.seconds,
                                   parts=dict(st.parts_seconds), layout=st.dims.label())

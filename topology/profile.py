@@ -12,12 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field
 # gradient and two moments and writes the parameter and both moments back.
 OPTIMIZER_BYTES_PER_PARAM = 4 * (2 + 4 + 3)
 
+# The most GPUs one server holds (eight or sixteen today): what a topology dump or a node's
+# capacity may claim. Beyond it the input is a mistake or an attack, and building its inside
+# (per-GPU switches, rings, routes) would take unbounded time.
+MAX_GPUS_PER_NODE = 128
+
 
 class HardwareProfile(BaseModel):
     """Numbers the cost model multiplies by. `assumptions` lists the ones that are not datasheet
     figures: a capacity planner should treat predictions as only as good as those."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Profile name, e.g. 'l40s'.")
     gpu_model: str = Field(description="GPU the profile describes.")

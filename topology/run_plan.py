@@ -25,7 +25,7 @@ from specs.plan import (
     Worker,
 )
 from specs.run import RunSpec, StageSpec
-from topology.cost import GB, StageShape, evaluate_flows, predict_stage
+from topology.cost import GB, StageShape, evaluate_flows, policy_without_memory_model, predict_stage
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
@@ -285,9 +285,10 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
 def policy_without_cluster(stage: StageSpec) -> tuple[CheckpointPolicy, list[str]]:
     """The stage's activation checkpointing policy where no memory model can choose: its own,
     or `full` (the one that fits wherever any does) for 'auto'."""
+    policy = policy_without_memory_model(stage)
     if stage.activation_checkpointing != "auto":
-        return stage.activation_checkpointing, []
-    return "full", ["activation checkpointing auto: full without a cluster description (no "
+        return policy, []
+    return policy, ["activation checkpointing auto: full without a cluster description (no "
                     "memory model to tell whether keeping more fits)"]
 
 

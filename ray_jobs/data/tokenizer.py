@@ -78,7 +78,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise TokenizerError(f"no tokenizer.json at {source}; give a tokenizer.json or the folder "
                              "the tokenizer was saved in (save_pretrained)")
     if source.name == "tokenizer.json" and (source.parent / "tokenizer_config.json").is_file():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(source.parent), local_files_only=True)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(source.parent), local_files_only=True,
+                                                      trust_remote_code=False)
     else:
         vocab = PreTrainedTokenizerFast(tokenizer_file=str(source)).get_vocab()
         tok = PreTrainedTokenizerFast(tokenizer_file=str(source), **{

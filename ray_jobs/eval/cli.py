@@ -34,7 +34,9 @@ from specs.checkpoint import (
 )
 from specs.eval_tasks import ALL_TASKS
 from specs.loading import SpecError, load_model
+from specs.names import UnsafePath
 from specs.run import EvalSpec, KamradtSpec, RunSpec
+from specs.trust import check_checkpoint_is_data
 from topology.eval_plan import gang_size_for
 
 _DEFAULTS = EvalSpec()
@@ -116,8 +118,9 @@ def default_lengths(checkpoint: Path, run_file: Path | None) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        check_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        check_checkpoint_is_data(check_checkpoint(args.checkpoint))
+        out = args.out or default_out_dir(args.checkpoint)  # a stage folder must be a name
+    except (CheckpointError, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -142,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     place = locate(args.checkpoint)  # the standalone command has no ledger to ask
-    out = args.out or default_out_dir(args.checkpoint)
     long, status = LongContexts(), 0
     if args.gang_size is not None:
         from ray_jobs.eval.gang import start_long_contexts

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from specs.checkpoint import check_checkpoint
+from specs.trust import check_checkpoint_is_data
 
 # (prompt, max_new_tokens) -> the model's continuation. The runner only sees this, so a test can
 # plug in an oracle or a constant "model" and check that the harness can fail.
@@ -23,11 +24,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
     from ray_jobs.data.tokenizer import load_tokenizer
 
-    path = check_checkpoint(path)
+    path = check_checkpoint_is_data(check_checkpoint(path))
     # The trainer may have saved attn_implementation="ring", which is only registered inside
     # training workers; one evaluator runs the whole sequence with PyTorch's SDPA.
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                             attn_implementation="sdpa")
+                                             attn_implementation="sdpa",
+                                             trust_remote_code=False, local_files_only=True)
     return model.to(device).eval(), load_tokenizer(path)
 
 

@@ -96,7 +96,10 @@ class EvalRequest:
 
     @property
     def out_dir(self) -> Path:
-        return eval_dir(self.run_dir, self.stage, self.step)
+        """eval/<stage>/step-NNNNNN: the stage must be a simple name and the folder (symlinks
+        followed) inside the run, or the results would be written elsewhere."""
+        rel = eval_dir(Path(), self.stage, self.step)
+        return contained(self.run_dir, rel, f"the evaluation folder of stage {self.stage!r}")
 
 
 @dataclass(frozen=True)
@@ -236,10 +239,17 @@ def check_stage_theta(request: EvalRequest) -> None:
     import json
 
     from ray_jobs.eval.results import write_error
+    from specs.errors import SpecError
+    from specs.files import read_bounded
 
-    config = json.loads((request.checkpoint_dir / "config.json").read_text())
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
-    if theta is None or abs(float(theta) - request.rope_theta) > 1e-6 * request.rope_theta:
+    try:  # a damaged or hostile config.json is this checkpoint's error, not a traceback
+        config = json.loads(read_bounded(request.checkpoint_dir / "config.json", "metadata"))
+        theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+        theta = None if theta is None else float(theta)
+    except (SpecError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        theta = f"that cannot be read ({' '.join(str(e).split())[:200]})"
+    if (not isinstance(theta, float)
+            or abs(theta - request.rope_theta) > 1e-6 * request.rope_theta):
         error = (f"checkpoint {request.checkpoint}: config.json has rope_theta {theta}, but stage "
                  f"{request.stage!r} trains with {request.rope_theta:g}; it was not saved by "
                  "this stage (or its config was edited): evaluate the stage's own checkpoint, or "

@@ -11,7 +11,8 @@ from ray_jobs.eval.results import RESULTS_FILE, TABLES_FILE, EvalResults, load_r
 from specs.atomic import atomic_write
 from specs.checkpoint import parse_checkpoint_name
 from specs.eval_tasks import DEPTH_TASKS, KAMRADT_TASK
-from specs.ledger import EvalEntry, Ledger
+from specs.ledger import EvalEntry, Ledger, contained
+from specs.names import check_name
 
 REPORT_DIR = "eval"
 
@@ -157,14 +158,17 @@ def ruler_lines(ruler: dict) -> list[str]:
 
 def _collect(run_dir: Path) -> list[tuple[str, str, EvalEntry, EvalResults | None]]:
     """(stage, checkpoint path, ledger entry, results) in stage order, then step order."""
-    doc = Ledger(run_dir).read()
+    ledger = Ledger(run_dir)
+    doc = ledger.read()
     rows = []
     for stage, entry in doc.stages.items():
         found = []
         for ckpt, ev in entry.eval.items():
             res = None
-            if ev.results and (run_dir / ev.results).is_file():
-                res = load_results(run_dir / ev.results)
+            path = (ledger.resolve(ev.results, f"stages.{stage}.eval.{ckpt}.results")
+                    if ev.results else None)
+            if path is not None and (path.is_file() or path.is_symlink()):
+                res = load_results(path)  # refuses a symlink
             found.append((stage, ckpt, ev, res))
         found.sort(key=lambda r: r[1])  # step-NNNNNN sorts by step
         rows += found
@@ -181,9 +185,9 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not (run_dir / "ledger.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no ledger.json; pass a run directory "
                                 "(<storage.path>/<run name>/)")
-    out = run_dir / REPORT_DIR
+    rows = _collect(run_dir)  # before writing anything: a bad ledger or results file stops here
+    out = contained(run_dir, REPORT_DIR, "the report folder")  # eval/ may not link elsewhere
     out.mkdir(parents=True, exist_ok=True)
-    rows = _collect(run_dir)
     tasks = sorted({t for *_, r in rows if r for t in r.scores})
     stages = list(dict.fromkeys(s for s, *_ in rows))
     # Steps restart in each stage: offset every stage by the last step seen before it.
@@ -193,8 +197,8 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
         total += max(_step_of(c) for s, c, *_ in rows if s == stage)
     plots = []
     for task in tasks:
-        name = f"score_vs_step_{task}.png"
-        _plot_scores(rows, task, offsets, out / name)
+        name = check_name(f"score_vs_step_{task}.png", "plot file name")
+        _plot_scores(rows, task, offsets, _fresh(out / name))
         plots.append((task, name))
     header = ["stage", "step", "status", "attempts"] + tasks
     table = []
@@ -250,6 +254,14 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     return md_path, html_path
 
 
+def _fresh(path: Path) -> Path:
+    """`path`, with a symlink there removed first: matplotlib writes through links, and a
+    report must never write outside its folder."""
+    if path.is_symlink():
+        path.unlink()
+    return path
+
+
 def _plot_scores(rows, task: str, offsets: dict[str, int], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -275,8 +287,8 @@ def save_results(results: EvalResults, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for task in results.tasks:
         if task in DEPTH_TASKS and any(c.task == task for c in results.cells):
-            name = f"heatmap_{task}.png"
-            render_heatmap(results, task, out_dir / name)
+            name = check_name(f"heatmap_{task}.png", "heatmap file name")
+            render_heatmap(results, task, _fresh(out_dir / name))
             results.files[f"heatmap_{task}"] = name
     atomic_write(out_dir / TABLES_FILE, render_checkpoint_tables(results))
     results.files["tables"] = TABLES_FILE

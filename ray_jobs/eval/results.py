@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from specs.errors import SpecError
+from specs.files import read_bounded
+from specs.names import check_name, error_location
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "tables.md"
+
+
+class ResultsError(ValueError):
+    """A results.json that cannot be read: missing, a symlink, too large, not UTF-8, truncated
+    or not a results document. The message names the file and what to do."""
 
 
 class _Doc(BaseModel):
@@ -73,9 +82,50 @@ class EvalResults(_Doc):
                                "over tasks x 100, 95% interval, samples, per task), tasks and "
                                "lengths not run with the reason, lm-eval's results file.")
 
+    @field_validator("files")
+    @classmethod
+    def _files_are_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, name in value.items():  # the report links them beside results.json
+            check_name(name, f"files.{key}")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_are_names(cls, value: list[str]) -> list[str]:
+        for task in value:  # heatmap_<task>.png
+            check_name(task, "tasks")
+        return value
+
+    @field_validator("scores")
+    @classmethod
+    def _scored_tasks_are_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for task in value:  # score_vs_step_<task>.png in the run's report
+            check_name(task, "scores")
+        return value
+
 
 def load_results(path: str | Path) -> EvalResults:
-    return EvalResults.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    """results.json read back; ResultsError (one line) if it is a symlink, too large, not UTF-8,
+    truncated or not a results document."""
+    path = Path(path)
+    if path.is_symlink():  # a results file is written in place, never linked from elsewhere
+        raise ResultsError(f"{path}: is a symlink; ringpilot reads only the results file the "
+                           "evaluation wrote there: remove the link and re-run the evaluation")
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ResultsError(f"{path}: not a regular file; re-run the evaluation of that checkpoint")
+    try:
+        return EvalResults.model_validate_json(read_bounded(path, "results"))
+    except SpecError as e:
+        raise ResultsError(f"{path}: cannot read the evaluation results ({'; '.join(e.lines)}); "
+                           "re-run the evaluation of that checkpoint") from None
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = error_location(first.get("loc", ()))
+        what = ("it is not complete JSON (truncated or overwritten)"
+                if first.get("type", "").startswith("json") else
+                f"{where}: {first.get('msg', 'invalid')}")
+        raise ResultsError(f"{path}: not an evaluation results file: {what}; re-run the "
+                           "evaluation of that checkpoint") from None
 
 
 def write_error(out_dir: Path, checkpoint: str, error: str) -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from specs.trust import check_checkpoint_is_data
+
 
 @dataclass(frozen=True)
 class RetrievalScores:
@@ -24,8 +26,9 @@ def retrieval_scores(checkpoint: Path, seq_len: int, samples: int = 32, seed: in
     from ray_jobs.data.samples import IGNORE, build_eval_prompt
     from ray_jobs.data.tokenizer import load_tokenizer
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
-                                             attn_implementation="sdpa").eval()
+    model = LlamaForCausalLM.from_pretrained(check_checkpoint_is_data(checkpoint),
+                                             dtype=torch.float32, attn_implementation="sdpa",
+                                             trust_remote_code=False).eval()
     tok = load_tokenizer(checkpoint)
     hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():

@@ -18,6 +18,7 @@ depend on it. Evaluation and the next stage read the Hugging Face export.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -37,12 +38,17 @@ from specs.checkpoint import (
     TrainerState,
     checkpoint_dir,
     dcp_dir,
+    parse_checkpoint_name,
     parse_staging_name,
     scheduler_file,
+    stage_dir,
     staging_dir,
     write_state,
 )
-from specs.ledger import Fenced, Ledger, mark_committed
+from specs.ledger import Fenced, Ledger, is_committed, mark_committed
+from specs.trust import check_run_dir
+
+log = logging.getLogger(__name__)
 
 
 def clear_stale_staging(stage_dir: Path, epoch: int | None, name: str | None = None) -> None:
@@ -66,6 +72,8 @@ def save_checkpoint(ledger: Ledger, model: torch.nn.Module, tokenizer, optimizer
     inside the FSDP root. `before_commit(staged_dir)` is a fault-injection hook for tests, run
     on rank 0 after every file is written and before the COMMITTED marker. Returns the dir."""
     path = checkpoint_dir(ledger.run_dir, state.stage, state.step)
+    # a checkpoints/ or stage folder that is a symlink out of the run would be written through
+    ledger.resolve(path.relative_to(ledger.run_dir), "the checkpoint folder")
     staged = staging_dir(path, ledger.epoch)
     rank = dist.get_rank()
 
@@ -120,6 +128,7 @@ def on_rank0(rank: int, write) -> None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
     """Load a checkpoint's model and optimizer shards into this mesh, and its scheduler.
     Collective: every rank calls it."""
+    check_run_dir(path)  # DCP unpickles its metadata: only from files no one else can write
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=dcp_dir(path))
@@ -134,12 +143,39 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
 
 def prune_checkpoints(ledger: Ledger, stage: str, keep_last: int) -> list[str]:
     """Forget all but the newest `keep_last` committed checkpoints in the ledger, then delete
-    them."""
+    them. Only a checkpoint directory directly inside the stage's directory, not a symlink,
+    named `step-NNNNNN` and carrying its COMMITTED marker is ever deleted; any other entry is
+    logged and kept (ledger entry and files), and one leading out of the run is a LedgerError."""
     entry = ledger.read().stages.get(stage)
     old = [c.path for c in (entry.checkpoints if entry else [])][:-keep_last]
-    doomed = [ledger.resolve(rel, f"stages.{stage}.checkpoints path") for rel in old]
-    if old:
-        ledger.forget_checkpoints(stage, old)
-        for path in doomed:
+    doomed, kept = [], []
+    for rel in old:
+        path = ledger.resolve(rel, f"stages.{stage}.checkpoints path")
+        why = _not_prunable(ledger.run_dir, stage, path)
+        if why:
+            log.warning("not pruning %s (stages.%s.checkpoints path %r): %s; kept", path, stage,
+                        rel, why)
+            kept.append(rel)
+        else:
+            doomed.append((rel, path))
+    if doomed:
+        ledger.forget_checkpoints(stage, [rel for rel, _ in doomed])
+        for _, path in doomed:
             shutil.rmtree(path, ignore_errors=True)
-    return old
+    return [rel for rel, _ in doomed]
+
+
+def _not_prunable(run_dir: Path, stage: str, path: Path) -> str | None:
+    """Why `path` is not a checkpoint of `stage` that pruning may delete, else None (a missing
+    one too: it is only forgotten)."""
+    expected = stage_dir(run_dir, stage)
+    if path.is_symlink():
+        return "it is a symlink, not the checkpoint directory itself"
+    if (path.absolute().parent != expected.absolute()
+            or path.resolve().parent != expected.resolve()):
+        return f"it is not directly inside the stage's directory {expected}"
+    if parse_checkpoint_name(path.name) is None:
+        return "its name is not a checkpoint's (step-NNNNNN)"
+    if path.exists() and not (path.is_dir() and is_committed(path)):
+        return "it is not a committed checkpoint directory (no COMMITTED marker)"
+    return None

@@ -3,6 +3,9 @@
 Submitted to a Ray cluster with
     ray job submit --address http://HEAD:8265 --working-dir . \\
         -- python -m ray_jobs.train --run RUN.yaml
+One stage on its own GPUs (the 8B recipe's first stage on one 8-GPU node):
+    python -m ray_jobs.train --run configs/llama3-8b-1m.yaml --stage 65k \\
+        --cluster configs/clusters/l40s-8x-2s.yaml
 With no --run it trains the embedded default, configs/tiny.yaml. Rerunning the same command
 resumes: finished stages are skipped, the current one restarts from its last committed checkpoint.
 
@@ -33,13 +36,20 @@ from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tok
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.train.config import StepInfo, WorkerConfig
-from ray_jobs.train.placement import NODE_LABEL, check_capacity, plan_for_cluster, write_plan
+from ray_jobs.train.placement import (
+    NODE_LABEL,
+    check_capacity,
+    only_stages,
+    plan_for_cluster,
+    write_plan,
+)
 from specs.atomic import writable_dir_problem
-from specs.checkpoint import final_checkpoint
+from specs.checkpoint import CheckpointError, final_checkpoint
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec
+from specs.trust import check_checkpoint_is_data
 from topology.planner import PlanError
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -51,8 +61,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", type=Path, default=DEFAULT_RUN,
                         help="RunSpec YAML (default: the embedded tiny run)")
     parser.add_argument("--stage", default=None,
-                        help="train only this stage (by name), resuming from the ledger; the "
-                        "Kubernetes operator runs one stage per RayJob this way")
+                        help="train only this stage (by name), resuming from the ledger; only "
+                        "its ring x dp x ulysses GPUs are planned and checked. The Kubernetes "
+                        "operator runs one stage per RayJob this way")
+    parser.add_argument("--cluster", type=Path, default=None,
+                        help="ClusterSpec YAML to plan on instead of the run's "
+                        "resources.cluster (e.g. configs/clusters/l40s-8x-2s.yaml, one 8-GPU "
+                        "node, for a first stage)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, the job's cluster, or a "
                         "new local one)")
@@ -79,6 +94,20 @@ class Prepared:
     documents: list[str]  # data.documents' texts (empty when the mix has none)
     plan: Plan | None  # the plan on resources.cluster; None: planned where Ray puts workers
     layout: Plan | None  # the degrees every stage runs with: `plan`, or from resources.workers
+    workers: int  # the workers Ray must offer: resources.workers, or a --stage's world
+    workers_from: str  # what asks for them, named in the capacity error
+
+
+def select_stages(run: RunSpec, only: str | None) -> list[int] | None:
+    """The index of the --stage to train (None: every stage); PreflightError for an unknown
+    name. Whether it may start (the previous stage done) is plan_stages' question."""
+    names = [s.name for s in run.stages]
+    if only is None:
+        return None
+    if only not in names:
+        raise PreflightError([f"--stage: no stage {only!r} in the run "
+                              f"(stages: {', '.join(names)})"])
+    return [names.index(only)]
 
 
 def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
@@ -86,10 +115,7 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
     names = [s.name for s in run.stages]
     if only is None:
         return list(range(len(names)))
-    if only not in names:
-        raise PreflightError([f"--stage: no stage {only!r} in the run "
-                              f"(stages: {', '.join(names)})"])
-    index = names.index(only)
+    [index] = select_stages(run, only)
     if index > 0:
         prev = names[index - 1]
         entry = Ledger(run_dir, run.name).read().stages.get(prev)
@@ -100,10 +126,12 @@ def plan_stages(run: RunSpec, only: str | None, run_dir: Path) -> list[int]:
     return [index]
 
 
-def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
+def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
+              stages: list[int] | None = None) -> Prepared:
     """Everything checkable without workers: storage, tokenizer, attention kernel, documents,
-    degrees, cluster plan. Returns what it read and planned; raises PreflightError with every
-    problem."""
+    degrees, cluster plan. `stages` (--stage): plan and check the capacity for these alone, on
+    their own ring x dp x ulysses GPUs. Returns what it read and planned; raises PreflightError
+    with every problem."""
     problems, documents, plan = [], [], None
     unwritable = writable_dir_problem(run_dir)
     if unwritable:
@@ -113,6 +141,11 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         resolve_tokenizer_source(run, spec_dir)
     except TokenizerError as e:
         problems.append(str(e))
+    if run.model.path is not None:  # a model directory is data: refused if it carries code
+        try:
+            check_checkpoint_is_data(spec_dir / run.model.path)
+        except CheckpointError as e:
+            problems.append(f"model.path: {e}")
     problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
     try:
         documents = read_documents(run, spec_dir)
@@ -134,17 +167,26 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path) -> Prepared:
         check_ledger(Ledger(run_dir, run.name))
     except LedgerError as e:
         problems.append(f"storage: {e}")
-    layout = None
+    layout, planned = None, only_stages(run, stages)
     try:  # the degrees, resolved once (specs.degrees.resolve_degrees), or why they cannot be
         if run.resources.cluster:
-            plan = layout = plan_for_cluster(run, spec_dir)
+            plan = layout = plan_for_cluster(planned, spec_dir)
         else:
-            layout = check_capacity(run)
+            layout = check_capacity(planned)
     except (PlanError, SpecError, ValueError) as e:
-        problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}")
+        hint = ("; or train one stage at a time on its own GPUs (--stage NAME)"
+                if stages is None and len(run.stages) > 1 and isinstance(e, PlanError) else "")
+        problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}{hint}")
     if problems:
         raise PreflightError(problems)
-    return Prepared(documents=documents, plan=plan, layout=layout)
+    workers, workers_from = run.resources.workers, "resources.workers"
+    if stages is not None:
+        dims = layout.stage(run.stages[stages[0]].name).dims
+        workers = dims.world
+        workers_from = (f"--stage {run.stages[stages[0]].name} (ring x dp x ulysses = "
+                        f"{dims.ring} x {dims.dp} x {dims.ulysses})")
+    return Prepared(documents=documents, plan=plan, layout=layout, workers=workers,
+                    workers_from=workers_from)
 
 
 def check_ledger(ledger: Ledger) -> None:
@@ -184,17 +226,23 @@ def check_checkpoint_shapes(run: RunSpec, run_dir: Path, indices: list[int]) -> 
         raise PreflightError(problems)
 
 
-def check_ray_capacity(run: RunSpec) -> None:
-    """Refuse to start a trainer that Ray could never schedule (it would wait forever)."""
+def check_ray_capacity(run: RunSpec, workers: int | None = None,
+                       workers_from: str = "resources.workers") -> None:
+    """Refuse to start a trainer that Ray could never schedule (it would wait forever).
+    `workers` (default resources.workers): what the stages to train start, `workers_from` what
+    asks for them (a --stage needs only its own world)."""
     import ray
 
+    workers = run.resources.workers if workers is None else workers
     key = "GPU" if run.resources.device == "gpu" else "CPU"
-    need = run.resources.workers * (1 if key == "GPU" else run.resources.cpus_per_worker)
+    need = workers * (1 if key == "GPU" else run.resources.cpus_per_worker)
     have = ray.cluster_resources().get(key, 0)
     if have < need:
-        raise PreflightError([f"resources.workers: {run.resources.workers} {run.resources.device} "
+        fix = ("lower resources.workers / cpus_per_worker" if workers_from == "resources.workers"
+               else "lower the stage's degrees or resources.cpus_per_worker")
+        raise PreflightError([f"{workers_from}: {workers} {run.resources.device} "
                               f"workers need {need:g} {key} but the Ray cluster has {have:g}; "
-                              "add nodes or lower resources.workers / cpus_per_worker"])
+                              f"add nodes or {fix}"])
 
 
 def ray_train_name(run: RunSpec, stage: str, epoch: int | None) -> str:
@@ -248,11 +296,19 @@ def main(argv: list[str] | None = None, *,
     run = load_or_report(args.run, RunSpec)
     if run is None:
         return 2
+    if args.cluster is not None:
+        if not args.cluster.is_file():
+            print(f"--cluster: no file {args.cluster} (give a ClusterSpec YAML, e.g. "
+                  "configs/clusters/l40s-8x-2s.yaml for one 8-GPU node)", file=sys.stderr)
+            return 2
+        run = run.model_copy(update={"resources": run.resources.model_copy(
+            update={"cluster": str(args.cluster.resolve())})})
     spec_dir, run_dir = args.run.resolve().parent, run.run_dir
 
     # 1. Check everything that can be checked before a worker starts.
     try:
-        prepared = preflight(run, spec_dir, run_dir)
+        chosen = select_stages(run, args.stage)
+        prepared = preflight(run, spec_dir, run_dir, chosen)
         indices = plan_stages(run, args.stage, run_dir)
         check_checkpoint_shapes(run, run_dir, indices)
     except PreflightError as e:
@@ -267,11 +323,11 @@ def main(argv: list[str] | None = None, *,
     # 2. Tokenizer (trained once, saved in the run dir) and the cluster plan, if described.
     build_tokenizer(run, run_dir, spec_dir, prepared.documents)
     if prepared.plan is not None:
-        write_plan(run_dir, prepared.plan)
+        write_plan(run_dir, prepared.plan, keep_others=chosen is not None)
 
-    connect_ray(args.address, run.resources.workers * run.resources.cpus_per_worker + 2)
+    connect_ray(args.address, prepared.workers * run.resources.cpus_per_worker + 2)
     try:
-        check_ray_capacity(run)
+        check_ray_capacity(run, prepared.workers, prepared.workers_from)
         if run.data.prepared is not None and run.data.mix.documents > 0:
             # prepared data: made now (a Ray Data job) if missing; refused if made from other
             # inputs, tokenizer or settings, or too small for a stage
@@ -286,7 +342,7 @@ def main(argv: list[str] | None = None, *,
 
     predicted = prepared.plan
     if args.calibrate is not None:
-        predicted = _calibrated_plan(run, run_dir, args)
+        predicted = _calibrated_plan(only_stages(run, chosen), run_dir, args)
         if predicted is None:
             return 2
 

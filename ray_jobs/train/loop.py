@@ -49,7 +49,7 @@ from ray_jobs.train.placement import (
     build_rings,
     record_stage_plan,
 )
-from specs.checkpoint import TrainerState, final_checkpoint, locate, read_state
+from specs.checkpoint import TrainerState, final_checkpoint, locate, read_pointer, read_state
 from specs.ledger import Fenced, Ledger, contained, is_committed
 from specs.run import RunSpec
 
@@ -283,7 +283,7 @@ def _from_ray_pointer(run_dir: Path) -> Path | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        rel = json.loads((Path(d) / "pointer.json").read_text())["path"]
+        rel = read_pointer(Path(d) / "pointer.json")
     path = contained(run_dir, rel, "the path in Ray Train's checkpoint pointer.json")
     return path if is_committed(path) else None
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from specs.run import ModelSpec, RunSpec
+from specs.trust import check_checkpoint_is_data
 
 
 def llama_config(m: ModelSpec, seq_len: int, theta: float) -> LlamaConfig:
@@ -37,8 +38,11 @@ def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed:
         if not source.is_absolute() and spec_dir is not None:
             source = spec_dir / source
     if source is not None:
+        # a checkpoint is data: refused if it carries code, and never asked to run any
+        check_checkpoint_is_data(source)
         model = LlamaForCausalLM.from_pretrained(source, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+                                                 attn_implementation=attn_implementation,
+                                                 trust_remote_code=False, local_files_only=True)
     else:
         torch.manual_seed(seed)  # every worker builds identical weights
         config = llama_config(run.model, stage.seq_len, theta)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from specs.atomic import atomic_write
 from specs.plan import Plan, StagePlan
 from specs.run import RunSpec
-from topology.planner import PlanError
+from topology.planner import SEARCH_SECONDS, PlanError
 from topology.run_plan import plan_from_workers, plan_run
 from topology.sources import load_cluster
 
@@ -36,12 +36,23 @@ class WorkerSlot:
     rank: int
 
 
+def only_stages(run: RunSpec, indices: list[int] | None) -> RunSpec:
+    """The run as planning sees it: every stage (None), or only those being trained (--stage),
+    so that a stage trained on its own needs its own ring x dp x ulysses GPUs, not the most any
+    stage of the run needs (the 8B recipe's first stage runs on one 8-GPU node, its last on 512).
+    A stage's plan does not depend on the others (its RoPE base comes from its own seq_len)."""
+    if indices is None:
+        return run
+    return run.model_copy(update={"stages": [run.stages[i] for i in indices]})
+
+
 def plan_for_cluster(run: RunSpec, spec_dir: Path | None) -> Plan:
-    """Plan every stage on the ClusterSpec named by resources.cluster (relative to the run file)."""
+    """Plan every stage on the ClusterSpec named by resources.cluster (relative to the run file;
+    the trainer's --cluster sets it to an absolute path)."""
     path = Path(run.resources.cluster)
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
-    return plan_run(load_cluster(path), run)
+    return plan_run(load_cluster(path), run, search_seconds=SEARCH_SECONDS)
 
 
 def check_capacity(run: RunSpec) -> Plan:
@@ -55,8 +66,8 @@ def plan_from_slots(run: RunSpec, stage_index: int, slots: list[WorkerSlot]) -> 
     counts: dict[str, int] = {}
     for s in slots:
         counts[s.node] = counts.get(s.node, 0) + 1
-    one_stage = run.model_copy(update={"stages": [run.stages[stage_index]]})
-    return plan_from_workers(counts, one_stage).stage(run.stages[stage_index].name)
+    plan = plan_from_workers(counts, only_stages(run, [stage_index]))
+    return plan.stage(run.stages[stage_index].name)
 
 
 def agree_stage_plan(run: RunSpec, stage_index: int, slots: list[WorkerSlot],
@@ -99,9 +110,17 @@ def build_rings(slots: list[WorkerSlot], stage_plan: StagePlan) -> list[list[int
     return rings
 
 
-def write_plan(run_dir: Path, plan: Plan) -> Path:
-    """Save the driver's plan as plan.json in the run directory."""
-    return atomic_write(Path(run_dir) / PLAN_FILE, plan.model_dump_json(indent=1) + "\n")
+def write_plan(run_dir: Path, plan: Plan, *, keep_others: bool = False) -> Path:
+    """Save the driver's plan as plan.json in the run directory. `keep_others` (a --stage run,
+    which plans its stage alone): the stages of an earlier plan.json that this plan does not
+    cover stay, so the file still holds every stage trained so far."""
+    path = Path(run_dir) / PLAN_FILE
+    if keep_others and path.exists():
+        mine = {s.name for s in plan.stages}
+        earlier = Plan.model_validate_json(path.read_text()).stages
+        plan = plan.model_copy(update={"stages": [s for s in earlier if s.name not in mine]
+                                       + plan.stages})
+    return atomic_write(path, plan.model_dump_json(indent=1) + "\n")
 
 
 def record_stage_plan(run_dir: Path, run_name: str, stage_plan: StagePlan) -> Path:

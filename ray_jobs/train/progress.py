@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from ray_jobs.train.sheet import Sheet
 from specs.checkpoint import read_state
 from specs.ledger import Ledger
 from specs.plan import Plan
@@ -69,18 +69,24 @@ class ProgressPrinter:
                     self.console.print(render_progress_line(json.loads(line)), markup=False)
 
 
+SUMMARY_COLUMNS = ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
+                   "this driver", "final loss", "checkpoints", "eval")
+RULER_COLUMNS = ("stage", "checkpoint", "length", "RULER", "95% CI", "samples", "tasks",
+                 "not run")
+STEP_TIME_COLUMNS = ("stage", "layout", "predicted s/step", "measured s/step",
+                     "predicted / measured")
+
+
 def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
-                   console: Console | None = None, predicted: Plan | None = None) -> Table:
+                   console: Console | None = None, predicted: Plan | None = None) -> Sheet:
     """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints;
     with a plan that predicts step times (`predicted`: the cluster's, or a calibrated one), the
     predicted and measured seconds per step and their ratio."""
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()
-    table = Table(title=f"run {run.name}  ({run_dir})")
-    for col in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
-                "this driver", "final loss", "checkpoints", "eval"):
-        table.add_column(col, justify="left" if col in ("stage", "state", "checkpoints", "eval")
-                         else "right")
+    table = Sheet(f"run {run.name}  ({run_dir})", [
+        (col, "left" if col in ("stage", "state", "checkpoints", "eval") else "right")
+        for col in SUMMARY_COLUMNS])
     for i, stage in enumerate(run.stages):
         entry = doc.stages.get(stage.name)
         latest = ledger.latest_committed(stage.name)
@@ -106,7 +112,8 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
                      - {""})
     if kernels:
         table.caption += "\nattention kernel: " + "; ".join(kernels)
-    console = console or Console(width=160)
+    # The terminal's width where the launcher passed it (COLUMNS), else rich's default.
+    console = console or Console(highlight=False)
     console.print(table)
     ruler = ruler_table(run, doc, run_dir)
     if ruler is not None:
@@ -122,19 +129,16 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
 PLUMBING_ONLY_PARAMS = 100_000_000
 
 
-def ruler_table(run: RunSpec, doc, run_dir: Path) -> Table | None:
+def ruler_table(run: RunSpec, doc, run_dir: Path) -> Sheet | None:
     """RULER as published, per stage's evaluated checkpoints that ran it: per length, the mean
     over lm-eval's RULER tasks x 100 with its 95% interval and samples; None without eval.ruler."""
     from ray_jobs.eval.results import load_results
 
     if run.eval.ruler is None:
         return None
-    table = Table(title="RULER (lm-eval's tasks, ringpilot backend): per length, mean over "
-                  "tasks x 100")
-    for col in ("stage", "checkpoint", "length", "RULER", "95% CI", "samples", "tasks",
-                "not run"):
-        table.add_column(col, justify="right" if col in ("length", "RULER", "samples")
-                         else "left")
+    table = Sheet("RULER (lm-eval's tasks, ringpilot backend): per length, mean over tasks x 100",
+                  [(col, "right" if col in ("length", "RULER", "samples") else "left")
+                   for col in RULER_COLUMNS])
     for stage in run.stages:
         entry = doc.stages.get(stage.name)
         for path, ev in sorted(entry.eval.items()) if entry else []:
@@ -162,14 +166,14 @@ def ruler_table(run: RunSpec, doc, run_dir: Path) -> Table | None:
     return table if table.row_count else None
 
 
-def step_time_table(run: RunSpec, ledger: Ledger, predicted: Plan) -> Table:
+def step_time_table(run: RunSpec, ledger: Ledger, predicted: Plan) -> Sheet:
     """Per stage: the plan's predicted seconds per step (on a calibrated profile, when it is
     one) beside the measured ones and their ratio."""
     calibrated = any(a.startswith("calibrated profile") for a in predicted.assumptions)
-    table = Table(title="step time: predicted" + (" on the calibrated profile" if calibrated
-                                                  else "") + " against measured")
-    for col in ("stage", "layout", "predicted s/step", "measured s/step", "predicted / measured"):
-        table.add_column(col, justify="left" if col in ("stage", "layout") else "right")
+    table = Sheet("step time: predicted" + (" on the calibrated profile" if calibrated else "")
+                  + " against measured",
+                  [(col, "left" if col in ("stage", "layout") else "right")
+                   for col in STEP_TIME_COLUMNS])
     planned = {s.name: s for s in predicted.stages}
     for stage in run.stages:
         latest = ledger.latest_committed(stage.name)

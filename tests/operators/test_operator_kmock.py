@@ -238,3 +238,78 @@ def test_spec_edit_deletes_the_removed_stage_and_rewrites_the_run_file(api, oper
     reasons = {e["reason"] for e in api.list(f"/api/v1/namespaces/{NS}/events")}
     assert {"SpecChanged", "StageRemoved"} <= reasons
     operator.check_calls()
+
+
+# A test-only hook, loaded by the operator process as sitecustomize: StagedTraining "stuck"
+# plans until the file named by $RINGPILOT_TEST_RELEASE appears (the operator has no such hook).
+HANGING_PLANNER = '''
+import os, time
+import operators.decide as decide
+_real = decide.plan_reconcile
+def plan_reconcile(st, *args, **kwargs):
+    while st["metadata"]["name"] == "stuck" and not os.path.exists(
+            os.environ["RINGPILOT_TEST_RELEASE"]):
+        time.sleep(0.05)
+    return _real(st, *args, **kwargs)
+decide.plan_reconcile = plan_reconcile
+'''
+
+
+def liveness(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0  # not serving yet
+
+
+def test_a_stuck_reconcile_blocks_no_other_and_fails_liveness(api, operator, tmp_path):
+    import socket
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANGING_PLANNER)
+    release = tmp_path / "release"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/healthz"
+    env = {**os.environ, "KUBECONFIG": str(api.kubeconfig()), "RINGPILOT_POLL_SECONDS": "0.5",
+           "RINGPILOT_BACKOFF_SECONDS": "0.2", "RINGPILOT_RECONCILE_DEADLINE_SECONDS": "1",
+           "RINGPILOT_TEST_RELEASE": str(release), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    log = open(tmp_path / "operator.log", "a")
+    operator.procs.append(subprocess.Popen(
+        [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", NS, "--liveness", url,
+         "-m", "operators.handlers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    wait_for("the liveness endpoint healthy", lambda: liveness(url) == 200, timeout=20)
+    for name, uid in (("stuck", "uid-stuck"), ("tiny", "uid-tiny")):
+        api.request("POST", TRAININGS, {
+            "apiVersion": "ringpilot.io/v1alpha1", "kind": "StagedTraining",
+            "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": 1},
+            "spec": {**tiny_spec(), "name": name}})
+        time.sleep(0.3)  # "stuck" is seen first
+    # The other object is reconciled to its RayJob while "stuck" plans on.
+    wait_for("tiny's first RayJob", lambda: "tiny-s256-a1" in jobs(api))
+    stuck = f"{TRAININGS}/stuck"
+
+    def deadline_condition():
+        conds = (api.request("GET", stuck).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "Reconciled"), None)
+
+    cond = wait_for("stuck's DeadlineExceeded condition", deadline_condition)
+    assert (cond["status"], cond["reason"]) == ("False", "DeadlineExceeded")
+    assert not any(j.startswith("stuck-") for j in jobs(api))
+    # kopf caches probe results for 10 s: the stuck state shows within that.
+    wait_for("liveness failing", lambda: liveness(url) == 500, timeout=15)
+    release.touch()
+    wait_for("stuck's RayJob once released", lambda: "stuck-s256-a1" in jobs(api), timeout=15)
+    wait_for("liveness healthy again", lambda: liveness(url) == 200, timeout=15)
+    wait_for("the condition back to True",
+             lambda: (deadline_condition() or {}).get("status") == "True")
+    operator.check_nothing_forbidden()

@@ -1,5 +1,7 @@
 """Calibrated profiles: validated, refused when they do not fit the cluster, and used."""
 
+import re
+
 import pytest
 import yaml
 from topology_helpers import ROOT, small_run
@@ -155,3 +157,30 @@ def test_plan_compare_puts_measured_step_time_beside_the_prediction(tmp_path, ca
     rc = ringpilot(["plan", "--run", str(ROOT / "configs/llama3-8b-1m.yaml"), "--out",
                     str(tmp_path / "out"), "--compare", str(tmp_path / "nowhere")])
     assert rc == 2 and "has no ledger.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds, parts, bad", [
+    (float("inf"), None, "seconds = inf"),
+    (float("nan"), None, "seconds = nan"),
+    (-5.0, None, "seconds = -5.0"),
+    (1.0, {"optimizer": float("inf")}, "parts_seconds.optimizer = inf"),
+])
+def test_compare_refuses_a_trainer_state_with_non_finite_seconds(tmp_path, seconds, parts,
+                                                                 bad):
+    # A tampered or corrupt state file must not become an inf/nan ratio (or 0.00x) in the report.
+    from topology.measured import measured_steps
+
+    _trained(tmp_path, "s1", step=10, seconds=seconds, parts=parts)
+    with pytest.raises(ValueError, match=rf"stage 's1' has {re.escape(bad)}, not a finite "
+                       r"number of seconds >= 0"):
+        measured_steps(tmp_path)
+
+
+def test_plan_compare_with_an_infinite_trainer_state_exits_2(tmp_path, capsys):
+    _trained(tmp_path / "run", "s4k", step=10, seconds=float("inf"))
+    rc = ringpilot(["plan", "--run", str(ROOT / "configs/tiny.yaml"), "--cluster",
+                    str(ROOT / "configs/clusters/local-cpu.yaml"), "--search-seconds", "0.05",
+                    "--out", str(tmp_path / "out"), "--compare", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "stage 's4k' has seconds = inf, not a finite number" in err, err

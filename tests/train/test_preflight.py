@@ -124,3 +124,14 @@ def test_missing_or_empty_kamradt_haystack(tmp_path, capsys):
     err = _run(tmp_path, capsys, **{"eval.enabled": True,
                                     "eval.kamradt": {"haystack": ["essays/*.txt"]}})
     assert "a.txt is empty" in err
+
+
+def test_stage_flag_asks_ray_for_the_stage_alone(tmp_path):
+    """Without a cluster file too, --stage plans its own stage and needs only its world."""
+    run = RunSpec.model_validate(mini_spec(tmp_path / "runs", **{"stages.0.ring_degree": 1}))
+    whole = preflight(run, tmp_path, run.run_dir)
+    assert (whole.workers, whole.workers_from) == (2, "resources.workers")
+    alone = preflight(run, tmp_path, run.run_dir, [0])
+    assert [s.name for s in alone.layout.stages] == ["s64"]
+    assert (alone.workers, alone.workers_from) == (1, "--stage s64 (ring x dp x ulysses = "
+                                                      "1 x 1 x 1)")

@@ -134,3 +134,47 @@ def test_a_profile_of_another_cluster_is_measured_again(tmp_path, monkeypatch):
     with pytest.raises(CalibrationError, match="not link types of cluster 'local-cpu'"):
         calibrate_mod.calibrated_plan(run, LOCAL_CPU, fresh_out)
     assert not fresh_out.exists()
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_every_table_of_the_summary_keeps_its_headers_at_terminal_width(tmp_path, width):
+    """The summary, the RULER table and the predicted-against-measured table, printed at the
+    width of an 80- and a 200-column terminal: each header cell whole on a header line, no line
+    wider than the terminal."""
+    import yaml
+
+    from ray_jobs.train.calibrate import calibrated_plan
+    from ray_jobs.train.progress import RULER_COLUMNS
+    from ray_jobs.train.sheet import Sheet, header_lines
+
+    run = RunSpec.model_validate(mini_spec(tmp_path / "runs"))
+    out = tmp_path / "calibration" / "local-cpu.yaml"
+    out.parent.mkdir()
+    out.write_text(yaml.safe_dump(_local_profile()))
+    plan, _ = calibrated_plan(run, LOCAL_CPU, out)
+    ledger = Ledger(run.run_dir, run.name)
+    path = checkpoint_dir(run.run_dir, "s64", 6)
+    (path / STATE_DIR).mkdir(parents=True)
+    write_state(path, TrainerState(stage="s64", stage_index=0, step=6, seconds=3.0,
+                                   losses=[2.5], dims=ParallelDims(ring=2)))
+    mark_committed(path)
+    ledger.commit_checkpoint("s64", 6, path, final=True)
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    render_summary(run, run.run_dir, {"s64": 12.0}, console, predicted=plan)
+    text = console.file.getvalue()
+    headers = " ".join(header_lines(text))
+    for cell in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
+                 "this driver", "final loss", "checkpoints", "eval", "layout",
+                 "predicted s/step", "measured s/step", "predicted / measured"):
+        assert f" {cell} " in headers, (cell, text)
+    assert "predicted on the calibrated profile against measured" in text
+    assert max(len(line) for line in text.splitlines()) <= width
+
+    # The RULER table's own columns, with a row as long as the demo's.
+    wide = Sheet("RULER", [(c, "left") for c in RULER_COLUMNS])
+    wide.add_row("s4k", "step-000012", "4,096", "0.0", "+/- 0.0", "12",
+                 "niah_single_1, niah_single_2, niah_single_3, niah_multikey_1", "-")
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(wide)
+    headers = " ".join(header_lines(console.file.getvalue()))
+    assert all(f" {cell} " in headers for cell in RULER_COLUMNS), console.file.getvalue()

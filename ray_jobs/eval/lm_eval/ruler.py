@@ -183,16 +183,50 @@ def _task_manager(names: Sequence[str], metadata: dict):
     return manager
 
 
+def tokenizer_folder(tokenizer, parent: str | Path) -> Path:
+    """`tokenizer` (as ringpilot loaded it, PreTrainedTokenizerFast: no code) saved alone into a
+    new folder under `parent`, for lm-eval's RULER generators: they load their tokenizer by path
+    with `AutoTokenizer.from_pretrained(path, trust_remote_code=True)` (lm-eval 0.4.13,
+    tasks/ruler/common_utils.py: get_tokenizer) and take no argument to turn that off. This folder
+    holds only the tokenizer files ringpilot wrote, with no `auto_map`, so there is no code for
+    that call to run; its name carries the files' digest because lm-eval caches tokenizers by
+    path."""
+    import hashlib
+    import tempfile
+
+    from specs.trust import check_checkpoint_is_data
+
+    staging = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=parent))
+    tokenizer.save_pretrained(staging)
+    config_path = staging / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("auto_map", "custom_pipelines"):  # refused upstream; never written onwards
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    digest = hashlib.sha256()
+    for f in sorted(staging.iterdir()):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    folder = staging.with_name(f"{staging.name}-{digest.hexdigest()[:16]}")
+    staging.rename(folder)
+    return check_checkpoint_is_data(folder)
+
+
 def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int], *,
                   apply_chat_template: bool = False) -> PreparedTasks:
     """Check the request and generate each task's data with the checkpoint's tokenizer; tasks
-    whose data cannot be made here (downloads) are set aside with the reason."""
+    whose data cannot be made here (downloads) are set aside with the reason. The checkpoint is
+    refused if it carries code (specs/trust.py), and lm-eval only ever sees a code-free copy of
+    the tokenizer ringpilot loaded (`tokenizer_folder`), never the checkpoint's path."""
     require_lm_eval()
+    import shutil
+    import tempfile
+
     from ray_jobs.data.tokenizer import load_tokenizer
     from ray_jobs.eval.model import max_model_length
     from specs.checkpoint import check_checkpoint
+    from specs.trust import check_checkpoint_is_data
 
-    checkpoint = str(check_checkpoint(checkpoint))
+    checkpoint = str(check_checkpoint_is_data(check_checkpoint(checkpoint)))
     lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] <= 0:
         raise RulerInputError(f"lengths must be positive token counts, got {lengths}")
@@ -207,7 +241,19 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
         raise RulerInputError(f"a chat template was asked for, but the tokenizer of checkpoint "
                               f"{checkpoint} has none; run without it")
     names = list(dict.fromkeys(tasks))
-    manager = _task_manager(names, {"max_seq_lengths": lengths, "pretrained": checkpoint})
+    private = tempfile.mkdtemp(prefix="ringpilot-lm-eval-")  # mode 0700: this user's only
+    try:
+        manager = _task_manager(names, {"max_seq_lengths": lengths,
+                                        "tokenizer": str(tokenizer_folder(tokenizer, private))})
+        built, unavailable = _load_tasks(manager, names, tokenizer, lengths)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return PreparedTasks(checkpoint, lengths, manager, built, unavailable)
+
+
+def _load_tasks(manager, names: list[str], tokenizer, lengths: list[int]
+                ) -> tuple[dict, dict[str, str]]:
+    """(task name -> lm-eval Task with its data generated, task name -> why it could not be)."""
     # seeded as lm_eval.simple_evaluate seeds before it loads tasks: the same samples as
     # `lm-eval run --tasks ...` with this tokenizer
     import random
@@ -234,7 +280,7 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             why = f"{type(e).__name__}: {first}"
             unavailable[name] = f"{DOWNLOADS[name]}; here: {why}" if name in DOWNLOADS else why
-    return PreparedTasks(checkpoint, lengths, manager, built, unavailable)
+    return built, unavailable
 
 
 def _check_answers(name: str, docs) -> None:
@@ -262,8 +308,9 @@ def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: 
 
     from ray_jobs.eval.model import max_model_length
     from specs.checkpoint import check_checkpoint
+    from specs.trust import check_checkpoint_is_data
 
-    path = check_checkpoint(checkpoint)
+    path = check_checkpoint_is_data(check_checkpoint(checkpoint))  # a hit is checked too
     digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
     key = (digest, tuple(dict.fromkeys(tasks)), tuple(sorted(set(lengths))),
            apply_chat_template)
