@@ -401,14 +401,14 @@ PROFILE = {"cluster": "c", "node_type": "t", "measured_at": "2026-01-01T00:00Z",
 
 
 @pytest.mark.parametrize("path, value, expected", [
-    # (specs.loading names a dict's field, not the key inside it: `links`)
-    (("links", "pcie", "bandwidth_gb_s", "value"), ".inf", r"links: should be a finite number "
-     r"\(got inf\)"),
+    # (specs.loading walks into dict fields: the path names the key and the field inside it)
+    (("links", "pcie", "bandwidth_gb_s", "value"), ".inf", r"links\.pcie\.bandwidth_gb_s\.value: "
+     r"Input should be a finite number \(got inf"),
     (("links", "pcie", "bandwidth_gb_s", "value"), ".nan", r"should be a finite number \(got nan"),
     (("links", "pcie", "bandwidth_gb_s", "spread"), ".inf", r"should be a finite number"),
     (("links", "pcie", "bandwidth_gb_s", "value"), "-3", r"greater than 0"),
-    (("dense_flops_at",), "{0: {value: 1.0e+12}}", r"dense_flops_at\[0\]: should be greater "
-     r"than 0 \(got 0\)"),
+    (("dense_flops_at",), "{0: {value: 1.0e+12}}", r"dense_flops_at\[0\]: Input should be "
+     r"greater than 0 \(got 0\)"),
     (("dense_flops_at",), "{-4096: {value: 1.0e+12}}", r"greater than 0"),
     (("dense_flops_at",), "{" + ", ".join(f"{i + 1}: {{value: 1}}" for i in range(300)) + "}",
      r"dense_flops_at: Dictionary should have at most 256 items"),
@@ -441,7 +441,7 @@ def test_plan_with_an_infinite_profile_exits_2(tmp_path, capsys):
                "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert "links: should be a finite number (got inf)" in err, err
+    assert "links.pcie.bandwidth_gb_s.value: Input should be a finite number (got inf" in err, err
 
 
 # --- Kubernetes node capacity ---
