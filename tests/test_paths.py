@@ -394,7 +394,7 @@ def _read_results_bytes(tmp_path, data: bytes):
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
         return None
     assert isinstance(res, EvalResults)
-    for task in [*res.tasks, *res.scores]:
+    for task in [*res.tasks, *(key.partition("@")[0] for key in res.scores)]:
         check_name(task, "task")
     return res
 
@@ -417,6 +417,16 @@ def test_fuzz_results_reader_on_random_json(tmp_path, over, cut):
 def test_a_valid_results_file_reads_back(tmp_path):
     assert _read_results_bytes(tmp_path, json.dumps(_results()).encode()).scores == {
         "niah_lite": 1.0}
+
+
+def test_rulers_score_per_length_reads_back_and_a_path_in_its_place_does_not(tmp_path):
+    """RULER's mean per length is stored as `ruler@<length>` (what every RULER evaluation
+    writes); a key that would make the report's plot name a path is still refused."""
+    doc = _results(scores={"niah_lite": 1.0, "ruler@4096": 0.25})
+    assert _read_results_bytes(tmp_path, json.dumps(doc).encode()).scores["ruler@4096"] == 0.25
+    for key in ("ruler@../x", "ruler@", "../x@4096", "ruler@4096@1"):
+        bad = _results(scores={key: 0.5})
+        assert _read_results_bytes(tmp_path, json.dumps(bad).encode()) is None, key
 
 
 # ---- evaluation folders, the standalone evaluator, Ray Train's pointer ------------------------

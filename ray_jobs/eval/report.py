@@ -197,7 +197,7 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
         total += max(_step_of(c) for s, c, *_ in rows if s == stage)
     plots = []
     for task in tasks:
-        name = check_name(f"score_vs_step_{task}.png", "plot file name")
+        name = check_name(f"score_vs_step_{task.replace('@', '_at_')}.png", "plot file name")
         _plot_scores(rows, task, offsets, _fresh(out / name))
         plots.append((task, name))
     header = ["stage", "step", "status", "attempts"] + tasks

@@ -99,8 +99,13 @@ class EvalResults(_Doc):
     @field_validator("scores")
     @classmethod
     def _scored_tasks_are_names(cls, value: dict[str, float]) -> dict[str, float]:
-        for task in value:  # score_vs_step_<task>.png in the run's report
-            check_name(task, "scores")
+        # RULER's mean per length is keyed `ruler@<length>`; the report's plot file names
+        # spell the `@` as `_at_` (score_vs_step_<task>.png)
+        for task in value:
+            name, _, length = task.partition("@")
+            check_name(name, "scores")
+            if _ and not (length.isascii() and length.isdigit() and len(length) <= 9):
+                raise ValueError(f"scores: {task!r} is not NAME or NAME@LENGTH")
         return value
 
 
