@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import math
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -494,3 +497,19 @@ def test_the_operator_reads_a_topology_config_map_with_the_same_limits(name):
     assert problem is not None and problem.startswith("ConfigMap topo: <yaml>: "), problem
     assert re.search(BAD_YAML[name][1], problem), problem
     assert plan_topology(spec, yaml.safe_dump(CLUSTER)) is None
+
+
+def test_the_train_command_refuses_a_bad_spec_before_importing_torch_or_ray(tmp_path):
+    """`python -m ray_jobs.train` checks the spec first: the refusal costs an interpreter's
+    start, not torch's and Ray's imports (seconds), and prints the one message."""
+    spec = write(tmp_path, with_value(TINY, RUN_COUNTS[0], HUGE))
+    probe = ("import json, runpy, sys\n"
+             f"sys.argv = ['ray_jobs.train', '--run', {str(spec)!r}]\n"
+             "try:\n    runpy.run_module('ray_jobs.train', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules,"
+             " 'ray': 'ray' in sys.modules}))\n")
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert json.loads(got.stdout.splitlines()[-1]) == {"code": 2, "torch": False, "ray": False}
+    assert f"  {dotted(RUN_COUNTS[0])}: " in got.stderr and "Traceback" not in got.stderr
