@@ -197,8 +197,8 @@ def plan_eval(planner: Planner, run: RunSpec, stages: list[StagePlan] | None = N
     """The evaluation section of the plan (see the module docstring); with the training
     `stages`, where each stage's checkpoints are evaluated, checked (check_eval_capacity)."""
     plan = _plan_lengths(planner, run)
-    if not stages or not run.eval.enabled:
-        return plan
+    if not stages or not run.eval.enabled or not plan.lengths:
+        return plan  # nothing is evaluated on GPUs, so nothing is reserved
     evals = plan_eval_stages(planner, run, stages)
     check_eval_capacity(stages, evals, gpus_per_node(planner))
     return plan.model_copy(update={"stages": evals})

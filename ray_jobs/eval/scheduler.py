@@ -21,7 +21,8 @@ evaluation holds GPUs only while it runs, never for the whole run. Where it runs
 (plan.json, eval.stages; topology.eval_plan): "beside training" pins the actor and its gang to
 the nodes the plan reserved (a Ray label selector on ringpilot.io/node), never a training
 node; "at the stage boundary" holds the stage's checkpoints until the ledger says the stage
-ended, and the driver waits for them (`wait_for_stage`) before starting the next stage.
+ended; before starting a stage the driver waits (`make_room`) for every evaluation that could
+hold a GPU of its training nodes.
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ class _Running:
 PLAN_FILE = "plan.json"  # ray_jobs.train.placement.PLAN_FILE, written by the driver
 
 
-def read_eval_plan(run_dir: Path) -> EvalPlan | None:
-    """The evaluation section of the run's plan.json (None without one: no cluster plan)."""
+def read_eval_plan(run_dir: Path) -> tuple[EvalPlan | None, dict[str, set[str]]]:
+    """The evaluation section of the run's plan.json and each stage's training nodes (None and
+    {} without one: no cluster plan)."""
     path = Path(run_dir) / PLAN_FILE
-    return Plan.model_validate_json(path.read_text()).eval if path.is_file() else None
+    if not path.is_file():
+        return None, {}
+    plan = Plan.model_validate_json(path.read_text())
+    return plan.eval, {s.name: {w.node for w in s.workers} for s in plan.stages}
 
 
 def actor_options(run: RunSpec, placement: EvalStagePlan | None) -> dict:
@@ -125,6 +130,7 @@ class EvalScheduler:
                  max_length: int | None = None,
                  evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None,
                  spec_dir: Path | None = None, plan: EvalPlan | None = None,
+                 training_nodes: dict[str, set[str]] | None = None,
                  actors: RayActors | None = None):
         self.run, self.run_dir = run, Path(run_dir)
         # eval.kamradt.haystack, resolved now (relative to the run file): one error up front
@@ -136,6 +142,7 @@ class EvalScheduler:
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: pipeline.evaluate_request
         # where each stage's checkpoints are evaluated: the plan's (plan.json's, read at start)
         self.plan = plan
+        self.training_nodes = training_nodes or {}  # per stage, the nodes its workers use
         self._actors = actors or RayActors()
         self._handled: set[str] = set()
         self._current: _Running | None = None
@@ -158,7 +165,7 @@ class EvalScheduler:
                                    "ray.init() (the training driver does) before starting the "
                                    "scheduler")
         if self.plan is None:
-            self.plan = read_eval_plan(self.run_dir)
+            self.plan, self.training_nodes = read_eval_plan(self.run_dir)
         # No actor yet: one is created per checkpoint, so no GPU is held until one lands.
         self._thread = threading.Thread(target=self._loop, name="ringpilot-eval", daemon=True)
         self._thread.start()
@@ -184,24 +191,38 @@ class EvalScheduler:
         """The plan's word on where `stage`'s checkpoints are evaluated (None: no plan)."""
         return self.plan.stage(stage) if self.plan is not None else None
 
-    def wait_for_stage(self, stage: str, timeout: float | None = None) -> bool:
-        """Block until no checkpoint of `stage` is pending or being evaluated (the driver calls
-        it between stages, so a stage evaluated at its boundary has the GPUs before the next
-        stage takes them back). True when done, False on timeout or without a thread."""
-        if self._thread is None:
-            return False
+    def make_room(self, stage: str, timeout: float | None = None) -> bool:
+        """Block until no evaluation pending or running could hold a GPU of `stage`'s training
+        nodes (the driver calls it before starting `stage`): checkpoints of a stage evaluated
+        at its boundary, and of one evaluated beside training on nodes `stage` now trains on,
+        are evaluated first. Without a plan nothing waits. True when there is room, False on
+        timeout or once the scheduler stopped."""
+        if self.plan is None or self._thread is None:
+            return True
+        training = self.training_nodes.get(stage, set())
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._thread is not None and self._thread.is_alive():
                 cur = self._current
-                if (cur is None or cur.request.stage != stage) and not any(
-                        s == stage for s, _, _ in self.pending()):
+                stages = {st for st, _, _ in self.pending()}
+                if cur is not None:
+                    stages.add(cur.request.stage)
+                if not any(self._in_the_way(st, training) for st in stages):
                     return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._idle.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
         return False
+
+    def _in_the_way(self, stage: str, training: set[str]) -> bool:
+        """Whether evaluating a checkpoint of `stage` may take GPUs on the `training` nodes."""
+        placement = self.placement(stage)
+        if placement is None or placement.gpus == 0:
+            return False
+        if placement.when == "beside training" and placement.nodes:
+            return bool(set(placement.nodes) & training)
+        return True  # at a boundary it runs wherever the freed GPUs are
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -340,10 +361,10 @@ class EvalScheduler:
         cur, self._current = self._current, None
         self._release(cur)  # its GPUs go back before the next checkpoint asks for some
         req = cur.request
-        self._handled.add(req.checkpoint)
         self._record(req.stage, req.checkpoint, EvalEntry(
             status=status, attempts=req.attempt, scores=scores or {}, results=results,
             error=error))
+        self._handled.add(req.checkpoint)  # after the ledger says so (make_room reads both)
         self.history.append(Finished(path=req.checkpoint, status=status, attempts=req.attempt,
                                      submitted_unix=cur.submitted_unix,
                                      started_unix=started_unix, finished_unix=time.time()))

@@ -243,17 +243,36 @@ def test_boundary_stage_is_evaluated_after_it_ends_and_the_driver_waits(tmp_path
                     answer_tokens=1, lengths=[], checkpoint_hours=0, stages=[
                         EvalStagePlan(stage="s192", gpus=1, when="at the stage boundary")])
     actors = FakeActors()
-    scheduler = EvalScheduler(run, run_dir, plan=plan, actors=actors).start()
+    scheduler = EvalScheduler(run, run_dir, plan=plan, actors=actors,
+                              training_nodes={"s192": {"n1"}, "s384": {"n1"}}).start()
     try:
         ledger.start_stage("s192")
         _commit(run_dir, ledger, "s192", 2)
-        assert scheduler.wait_for_stage("s192", timeout=0.3) is False  # held while it trains
-        assert actors.created == []
+        time.sleep(0.3)
+        assert actors.created == []  # held while its stage trains on every GPU
         ledger.finish_stage("s192", "done")
-        assert scheduler.wait_for_stage("s192", timeout=10) is True
+        assert scheduler.make_room("s384", timeout=10) is True  # the driver, between stages
         assert [a for a, _ in actors.created] == ["actor-0"] and actors.killed == ["actor-0"]
         assert "label_selector" not in actors.created[0][1]
         assert ledger.read().stages["s192"].eval[
             "checkpoints/s192/step-000002"].status == "done"
     finally:
         scheduler.stop(wait=False)
+
+
+def test_next_stage_waits_only_for_evaluations_on_its_nodes(tmp_path, fast_poll):
+    """A checkpoint evaluated beside training on n7 is in the way of a next stage training on
+    n7, not of one training on n1; without a plan nothing waits."""
+    run = tiny_run(tmp_path)
+    plan = EvalPlan(tokens_per_device=1, max_tokens_per_evaluator=1, gpus_per_member=1,
+                    answer_tokens=1, lengths=[], checkpoint_hours=0, stages=[
+                        EvalStagePlan(stage="s192", gpus=1, when="beside training",
+                                      nodes=["n7"])])
+    scheduler = EvalScheduler(run, tmp_path, plan=plan, actors=FakeActors(),
+                              training_nodes={"s192": {"n1"}, "s384": {"n7", "n8"}})
+    assert scheduler._in_the_way("s192", {"n7", "n8"})
+    assert not scheduler._in_the_way("s192", {"n1"})
+    boundary = plan.model_copy(update={"stages": [EvalStagePlan(
+        stage="s192", gpus=1, when="at the stage boundary")]})
+    assert EvalScheduler(run, tmp_path, plan=boundary)._in_the_way("s192", {"n1"})
+    assert not EvalScheduler(run, tmp_path)._in_the_way("s192", {"n1"})
