@@ -36,7 +36,7 @@ from specs.plan import EvalLengthPlan, EvalPlan, EvalStagePlan, StagePlan, Worke
 from specs.run import RunSpec
 from topology.cost import evaluate_flows, ring_flows
 from topology.graph import split_gpu_vertex
-from topology.planner import Planner, PlanError
+from topology.planner import PlanError, Planner
 
 ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
 
@@ -262,3 +262,14 @@ def _plan_lengths(planner: Planner, run: RunSpec) -> EvalPlan:
                     gpus_per_member=e.gpus,
                     answer_tokens=ANSWER_TOKENS, lengths=rows,
                     checkpoint_hours=sum(r.checkpoint_hours for r in rows), notes=notes)
+
+
+def eval_gpus_beside(plan: EvalPlan | None, stages: list[str]) -> float:
+    """GPUs Ray must have beyond training's for `stages` (the driver's capacity check): the
+    most any of them evaluates beside training; a stage evaluated at its boundary uses the GPUs
+    its training frees, so it adds none."""
+    if plan is None:
+        return 0.0
+    return max((s.gpus for s in plan.stages if s.stage in stages and s.when == BESIDE),
+               default=0.0)
+

@@ -378,7 +378,7 @@ def _eval_section(plan: Plan) -> list:
     for s in e.stages:
         nodes = ", ".join(s.nodes[:4]) + (" ..." if len(s.nodes) > 4 else "") or "-"
         where.append([s.stage, f"{s.gpus:g}", s.when, nodes])
-    placed = ([f"Where each stage's checkpoints are evaluated: an evaluation actor is created "
+    placed = (["Where each stage's checkpoints are evaluated: an evaluation actor is created "
                "when a checkpoint lands and released after it, on whole nodes holding none of "
                "the stage's training workers; a stage that leaves too few evaluates at its "
                "boundary, on the GPUs it frees, before the next stage starts.", where]

@@ -152,7 +152,8 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
         [n for n in request.lengths if n > request.max_length], request.max_length,
         request.gang_size, checkpoint, tokenizer, cpus=request.cpus, gpus=request.gpus,
         place_timeout_s=request.gang_place_timeout_s, compute_dtype=request.compute_dtype,
-        nodes=request.nodes, on_gang=None if on_gang is None else lambda gang: on_gang(gang, request))
+        nodes=request.nodes,
+        on_gang=None if on_gang is None else lambda gang: on_gang(gang, request))
     if long.generate is not None and wrap_generate is not None:
         long.generate = wrap_generate(long.generate)
     kamradt = None

@@ -31,7 +31,7 @@ from topology.eval_plan import (
     plan_eval,
     tokens_per_device,
 )
-from topology.planner import Planner, PlanError
+from topology.planner import PlanError, Planner
 from topology.sources import load_cluster
 
 RECIPE_8B = "configs/llama3-8b-1m.yaml"
