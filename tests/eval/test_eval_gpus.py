@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import ray.exceptions
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
 
 from ray_jobs.eval import scheduler as scheduler_mod
 from ray_jobs.eval.gang import NODE_LABEL, node_selector
@@ -54,9 +56,6 @@ def test_eval_dtype_refuses_an_unknown_device():
 def test_cuda_load_arguments_are_bf16_and_load_a_bf16_model(tmp_path):
     """The exact from_pretrained arguments the CUDA path uses, applied on the CPU: the weights
     arrive in bf16, not fp32; a CPU evaluator of the same run keeps fp32."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     cuda = load_arguments("bfloat16", "cuda")
     assert cuda == {"dtype": torch.bfloat16, "attn_implementation": "sdpa",
                     "trust_remote_code": False, "local_files_only": True}
@@ -276,3 +275,26 @@ def test_next_stage_waits_only_for_evaluations_on_its_nodes(tmp_path, fast_poll)
         stage="s192", gpus=1, when="at the stage boundary")]})
     assert EvalScheduler(run, tmp_path, plan=boundary)._in_the_way("s192", {"n1"})
     assert not EvalScheduler(run, tmp_path)._in_the_way("s192", {"n1"})
+
+
+def test_ray_capacity_counts_evaluation_beside_training(plan_8b, monkeypatch):
+    """The driver's check asks Ray for training's GPUs plus what the plan evaluates beside it;
+    a stage evaluated at its boundary adds nothing (no Ray started: its answer is faked)."""
+    import ray
+
+    from ray_jobs.train.driver import PreflightError, check_ray_capacity
+    from topology.eval_plan import eval_gpus_beside
+
+    run, plan = plan_8b
+    assert eval_gpus_beside(plan.eval, ["65k"]) == 12
+    assert eval_gpus_beside(plan.eval, ["524k"]) == 0
+    assert eval_gpus_beside(None, ["65k"]) == 0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4096.0, "GPU": 16.0})
+    with pytest.raises(PreflightError, match=r"8 gpu workers need 8 GPU plus 12 for evaluation "
+                       r"beside training \(plan.json eval.stages; or set eval.gpus 0\) but the "
+                       r"Ray cluster has 16"):
+        check_ray_capacity(run, 8, "--stage 65k", eval_gpus_beside(plan.eval, ["65k"]))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4096.0, "GPU": 20.0})
+    check_ray_capacity(run, 8, "--stage 65k", eval_gpus_beside(plan.eval, ["65k"]))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4096.0, "GPU": 512.0})
+    check_ray_capacity(run, 512, "--stage 524k", eval_gpus_beside(plan.eval, ["524k"]))
