@@ -223,7 +223,7 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
                 prepared, request.out_dir / "ruler", limit=r.samples,
                 apply_chat_template=r.chat_template, device=device,
                 long_generate=on_gang,
-                max_local=request.max_length)
+                max_local=request.max_length, compute_dtype=request.compute_dtype)
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)

@@ -70,6 +70,22 @@ def test_cuda_load_arguments_are_bf16_and_load_a_bf16_model(tmp_path):
     assert {p.dtype for p in on_cpu.parameters()} == {torch.float32}
 
 
+def test_ruler_backend_loads_in_the_runs_compute_dtype(tmp_path, monkeypatch):
+    """lm-eval's RULER backend loads its own copy of the checkpoint: with the run's compute
+    dtype, so on CUDA it is bf16 like the evaluator's (the pipeline passes it through)."""
+    from ray_jobs.eval import model as model_mod
+    from ray_jobs.eval.lm_eval.adapter import _CheckpointModel
+
+    seen, real = [], model_mod.load_checkpoint
+    monkeypatch.setattr(model_mod, "load_checkpoint", lambda path, device, dtype="float32": (
+        seen.append((device, dtype)), real(path, device, dtype))[1])
+    path = fixtures.save_checkpoint(fixtures.build_tiny_model(1000),
+                                    fixtures.build_tokenizer(1000), tmp_path / "ckpt")
+    ckpt = _CheckpointModel(str(path), "cpu", compute_dtype="bfloat16")
+    assert seen == [("cpu", "bfloat16")]
+    assert next(ckpt.model.parameters()).dtype is torch.float32  # on CPU: fp32, eval_dtype's rule
+
+
 def _run(path: str, **resources) -> RunSpec:
     run = load_model(path, RunSpec)
     return run.model_copy(update={"resources": run.resources.model_copy(update=resources)})
