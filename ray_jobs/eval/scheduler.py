@@ -77,7 +77,11 @@ def read_eval_plan(run_dir: Path) -> tuple[EvalPlan | None, dict[str, set[str]]]
     path = Path(run_dir) / PLAN_FILE
     if not path.is_file():
         return None, {}
-    plan = Plan.model_validate_json(path.read_text())
+    try:
+        plan = Plan.model_validate_json(path.read_text())
+    except ValueError as e:  # pydantic's ValidationError included
+        raise ValueError(f"{path}: not a plan ringpilot can read ({str(e).splitlines()[0]}); "
+                         "delete it and restart the driver, which plans again") from None
     return plan.eval, {s.name: {w.node for w in s.workers} for s in plan.stages}
 
 
@@ -147,7 +151,6 @@ class EvalScheduler:
         self._handled: set[str] = set()
         self._current: _Running | None = None
         self._idle = threading.Condition()
-        self.actors_created = 0
         self._draining, self._halt = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.history: list[Finished] = []
@@ -379,7 +382,6 @@ class EvalScheduler:
 
     def _new_actor(self, stage: str):
         e = self.run.eval
-        self.actors_created += 1
         return self._actors.create(actor_options(self.run, self.placement(stage)),
                                    max(1, int(e.cpus)),
                                    offline=e.ruler is not None and e.ruler.offline)

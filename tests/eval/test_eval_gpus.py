@@ -119,7 +119,7 @@ def plan_8b():
     stages = list(run.stages)
     stages[2] = stages[2].model_copy(update={"ulysses_degree": 1})
     run = only_stages(run.model_copy(update={"stages": stages}), [0, 2])
-    return run, plan_run(load_cluster(CLUSTER_8B), run, search_seconds=0.05)
+    return run, plan_run(load_cluster(CLUSTER_8B), run, search_seconds=0.02)
 
 
 def test_8b_plan_counts_evaluation_gpus_and_its_524k_stage_is_schedulable(plan_8b):
@@ -314,3 +314,18 @@ def test_ray_capacity_counts_evaluation_beside_training(plan_8b, monkeypatch):
     check_ray_capacity(run, 8, "--stage 65k", eval_gpus_beside(plan.eval, ["65k"]))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4096.0, "GPU": 512.0})
     check_ray_capacity(run, 512, "--stage 524k", eval_gpus_beside(plan.eval, ["524k"]))
+
+
+def test_scheduler_reads_where_to_evaluate_from_plan_json(tmp_path, plan_8b):
+    from ray_jobs.eval.scheduler import read_eval_plan
+
+    _, plan = plan_8b
+    assert read_eval_plan(tmp_path) == (None, {})  # no cluster plan: evaluated anywhere
+    (tmp_path / "plan.json").write_text(plan.model_dump_json())
+    ev, training = read_eval_plan(tmp_path)
+    assert ev.stage("524k").when == "at the stage boundary"
+    assert training["65k"] == {w.node for w in plan.stage("65k").workers}
+    (tmp_path / "plan.json").write_text('{"run": 1}')
+    with pytest.raises(ValueError, match=r"plan.json: not a plan ringpilot can read .*; delete "
+                       "it and restart the driver"):
+        read_eval_plan(tmp_path)
