@@ -132,7 +132,11 @@ def plan_eval_stages(planner: Planner, run: RunSpec, stages: list[StagePlan]
     total = sum(per_node.values())
     rows = []
     for index, stage in enumerate(stages):
-        need = checkpoint_gpus(run, index)
+        need, short = checkpoint_gpus(run, index), ""
+        if need > total:  # its gang cannot start here (GangUnplaceable): the evaluator alone runs
+            short = (f"; a gang for its longer contexts ({need:g} GPUs with the evaluator) does "
+                     f"not fit the cluster's {total}, so they are not evaluated here")
+            need = run.eval.gpus
         training = {w.node for w in stage.workers}
         nodes, held = [], 0
         for node, count in per_node.items():
@@ -149,7 +153,7 @@ def plan_eval_stages(planner: Planner, run: RunSpec, stages: list[StagePlan]
             rows.append(EvalStagePlan(
                 stage=stage.name, gpus=need, when=BESIDE, nodes=nodes,
                 note=f"{need:g} GPUs on {len(nodes)} node(s) training does not use "
-                     f"({world} of the {total} GPUs train)"))
+                     f"({world} of the {total} GPUs train){short}"))
         else:
             free = sum(c for n, c in per_node.items() if n not in training)
             rows.append(EvalStagePlan(
@@ -157,9 +161,7 @@ def plan_eval_stages(planner: Planner, run: RunSpec, stages: list[StagePlan]
                 note=f"training uses {world} of the {total} GPUs and nodes without training "
                      f"workers hold {free}, fewer than the {need:g} one checkpoint's evaluation "
                      "needs: its checkpoints are evaluated after the stage, on the GPUs it frees, "
-                     "before the next stage starts"
-                     + ("" if need <= total else
-                        f"; the whole cluster ({total} GPUs) is too small for that")))
+                     f"before the next stage starts{short}"))
     return rows
 
 
