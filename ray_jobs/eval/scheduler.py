@@ -207,7 +207,8 @@ class EvalScheduler:
         with self._idle:
             while self._thread is not None and self._thread.is_alive():
                 cur = self._current
-                stages = {st for st, _, _ in self.pending()}
+                # `stage`'s own checkpoints (a resumed stage's) wait for its own end instead
+                stages = {st for st, _, _ in self.pending() if st != stage}
                 if cur is not None:
                     stages.add(cur.request.stage)
                 if not any(self._in_the_way(st, training) for st in stages):

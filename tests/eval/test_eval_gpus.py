@@ -271,6 +271,12 @@ def test_boundary_stage_is_evaluated_after_it_ends_and_the_driver_waits(tmp_path
         assert "label_selector" not in actors.created[0][1]
         assert ledger.read().stages["s192"].eval[
             "checkpoints/s192/step-000002"].status == "done"
+        # A resumed boundary stage (still "running" in the ledger of a driver that died) does
+        # not wait for its own checkpoints, which only its end lets start: no deadlock.
+        ledger.start_stage("s192")
+        _commit(run_dir, ledger, "s192", 4)
+        assert scheduler.make_room("s192", timeout=5) is True
+        assert len(actors.created) == 1
     finally:
         scheduler.stop(wait=False)
 
