@@ -335,3 +335,24 @@ def test_scheduler_reads_where_to_evaluate_from_plan_json(tmp_path, plan_8b):
     with pytest.raises(ValueError, match=r"plan.json: not a plan ringpilot can read .*; delete "
                        "it and restart the driver"):
         read_eval_plan(tmp_path)
+
+
+def test_standalone_evaluation_loads_in_the_given_compute_dtype(tmp_path, monkeypatch):
+    """`python -m ray_jobs.evaluate` loads as the driver's evaluators do: --dtype (bf16 by
+    default, the dtype GPU runs compute in) goes to load_checkpoint, which keeps fp32 on CPU."""
+    from ray_jobs.eval import cli
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, device, dtype="float32"):
+        raise Loaded(device, dtype)
+
+    monkeypatch.setattr(cli, "load_checkpoint", fake_load)
+    path = fixtures.save_checkpoint(fixtures.build_tiny_model(1000),
+                                    fixtures.build_tokenizer(1000), tmp_path / "ckpt")
+    for argv, expected in (([], ("cpu", "bfloat16")),
+                           (["--device", "cuda", "--dtype", "float32"], ("cuda", "float32"))):
+        with pytest.raises(Loaded) as got:
+            cli.main(["--checkpoint", str(path), "--lengths", "128", *argv])
+        assert got.value.args == expected
