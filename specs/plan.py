@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -178,12 +178,30 @@ class EvalLengthPlan(_Spec):
                                     "checkpoint, on one gang (cost model).")
 
 
+class EvalStagePlan(_Spec):
+    """Where and when the checkpoints of one stage are evaluated (topology.eval_plan)."""
+
+    stage: str = Field(description="Stage name.")
+    gpus: float = Field(ge=0, description="GPUs one checkpoint's evaluation holds at its peak: "
+                        "the evaluator plus its gang's members (eval.gpus each).")
+    when: Literal["beside training", "at the stage boundary"] = Field(
+        description="'beside training': on `nodes` while the stage trains; 'at the stage "
+                    "boundary': after the stage, on the GPUs it frees, before the next starts.")
+    nodes: list[str] = Field(default_factory=list, description="Nodes reserved for evaluation "
+                             "(none holds a training worker of the stage); empty at the "
+                             "boundary.")
+    note: str = Field("", description="Why.")
+
+
 class EvalPlan(_Spec):
     """The evaluation gangs of a run (topology.eval_plan): sizes, rings, predicted cost."""
 
     tokens_per_device: int = Field(description="Context tokens one evaluator GPU holds for "
                                    "this model (memory model: weights, KV cache, prefill "
                                    "activations, reserve).")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "float32", description="What evaluators load the checkpoints in (eval_dtype); the "
+        "memory and decoding numbers use its element size.")
     max_tokens_per_evaluator: int = Field(description="eval.max_tokens_per_evaluator.")
     gpus_per_member: float = Field(description="GPUs each evaluator or gang member takes "
                                    "(eval.gpus; never the training workers').")
@@ -191,7 +209,12 @@ class EvalPlan(_Spec):
     lengths: list[EvalLengthPlan] = Field(description="Per context length, shortest first.")
     checkpoint_hours: float = Field(description="One checkpoint's whole grid on one evaluator "
                                     "or gang at a time (cost model).")
+    stages: list[EvalStagePlan] = Field(default_factory=list, description="Per training stage, "
+                                        "where its checkpoints are evaluated and the GPUs held.")
     notes: list[str] = Field(default_factory=list, description="Problems and choices.")
+
+    def stage(self, name: str) -> EvalStagePlan | None:
+        return next((s for s in self.stages if s.stage == name), None)
 
 
 class Plan(_Spec):

@@ -15,6 +15,16 @@ Per context length L of the grid (eval.context_lengths, or every stage's seq_len
   latencies);
 - prompts per checkpoint: tasks x (depths for NIAH tasks) x samples, each prefilled once and
   decoding `ANSWER_TOKENS` tokens.
+
+Dtype: evaluators load checkpoints in `eval_dtype` (bf16 on CUDA when the run computes in bf16,
+fp32 on CPU); ray_jobs.eval.model loads with the same function, so these numbers are what runs.
+
+GPUs, per stage (`plan_eval_stages`): evaluating one checkpoint holds eval.gpus for its
+evaluator plus eval.gpus per gang member while its long contexts run. When whole nodes without
+any of the stage's training workers hold that many, the plan reserves them (named) and the
+evaluation runs beside training there; otherwise evaluation waits for the stage boundary and
+runs on the GPUs the stage frees. `check_eval_capacity` refuses a plan whose reservation
+overlaps training or overflows the cluster.
 """
 
 from __future__ import annotations
@@ -22,13 +32,31 @@ from __future__ import annotations
 import math
 
 from specs.eval_tasks import DEPTH_TASKS
-from specs.plan import EvalLengthPlan, EvalPlan, Worker
+from specs.plan import EvalLengthPlan, EvalPlan, EvalStagePlan, StagePlan, Worker
 from specs.run import RunSpec
 from topology.cost import evaluate_flows, ring_flows
 from topology.graph import split_gpu_vertex
-from topology.planner import Planner
+from topology.planner import PlanError, Planner
 
 ANSWER_TOKENS = 32  # generated per prompt in the estimate (RULER allows 30-128)
+
+
+BESIDE, BOUNDARY = "beside training", "at the stage boundary"
+
+
+def eval_dtype(compute_dtype: str, device_type: str) -> str:
+    """The dtype an evaluator loads a checkpoint in: the run's compute dtype on CUDA (bf16 for
+    a mixed-precision run: half the weights and KV cache of fp32, and what the gang's ring
+    attention runs on CUDA), float32 on CPU (bf16 matmuls there are slow and imprecise)."""
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    return "bfloat16" if compute_dtype == "bfloat16" and device_type == "cuda" else "float32"
+
+
+def plan_device_type(run: RunSpec) -> str:
+    """The torch device type the run's evaluators get: CUDA when it trains on GPUs and gives
+    evaluators GPUs (eval.gpus), else CPU."""
+    return "cuda" if run.resources.device == "gpu" and run.eval.gpus > 0 else "cpu"
 
 
 def eval_lengths(run: RunSpec) -> list[int]:
@@ -65,11 +93,120 @@ def tokens_per_device(run: RunSpec, device_bytes: float, reserve_bytes: float) -
 
 
 def _elem(run: RunSpec) -> int:
-    return 2 if run.compute_dtype == "bfloat16" else 4
+    """Bytes per weight and KV element as the evaluator loads them (`eval_dtype`)."""
+    return 2 if eval_dtype(run.compute_dtype, plan_device_type(run)) == "bfloat16" else 4
 
 
-def plan_eval(planner: Planner, run: RunSpec) -> EvalPlan:
-    """The evaluation section of the plan (see the module docstring)."""
+def stage_eval_lengths(run: RunSpec, index: int) -> list[int]:
+    """The contexts a checkpoint of stage `index` is evaluated at: eval.context_lengths, or that
+    stage's seq_len and the shorter stages' (ray_jobs.eval.runner.plan_lengths)."""
+    if run.eval.context_lengths:
+        return sorted(set(run.eval.context_lengths))
+    return sorted({s.seq_len for s in run.stages[: index + 1]})
+
+
+def checkpoint_gpus(run: RunSpec, index: int) -> float:
+    """GPUs evaluating one checkpoint of stage `index` holds at its peak: the evaluator's
+    eval.gpus, plus eval.gpus per member of the gang its longer contexts start beside it."""
+    e = run.eval
+    long = [n for n in stage_eval_lengths(run, index) if n > e.max_tokens_per_evaluator]
+    members = gang_size_for(max(long), e.max_tokens_per_evaluator, e.gang_size) if long else 0
+    return e.gpus * (1 + members)
+
+
+def gpus_per_node(planner: Planner) -> dict[str, int]:
+    """GPUs per node, nodes in the cluster's locality order (closest first, so the nodes
+    reserved for a gang are neighbours)."""
+    per_node: dict[str, int] = {}
+    for vertex in planner.locality_order():
+        node, _ = split_gpu_vertex(vertex)
+        per_node[node] = per_node.get(node, 0) + 1
+    return per_node
+
+
+def plan_eval_stages(planner: Planner, run: RunSpec, stages: list[StagePlan]
+                     ) -> list[EvalStagePlan]:
+    """Per stage, where its checkpoints are evaluated (see the module docstring): on named
+    nodes that hold none of the stage's training workers, or after the stage."""
+    per_node = gpus_per_node(planner)
+    total = sum(per_node.values())
+    rows = []
+    for index, stage in enumerate(stages):
+        need, short = checkpoint_gpus(run, index), ""
+        if need > total:  # its gang cannot start here (GangUnplaceable): the evaluator alone runs
+            short = (f"; a gang for its longer contexts ({need:g} GPUs with the evaluator) does "
+                     f"not fit the cluster's {total}, so they are not evaluated here")
+            need = run.eval.gpus
+        training = {w.node for w in stage.workers}
+        nodes, held = [], 0
+        for node, count in per_node.items():
+            if held >= need:
+                break
+            if node not in training:
+                nodes.append(node)
+                held += count
+        world = len(stage.workers)
+        if need == 0:
+            rows.append(EvalStagePlan(stage=stage.name, gpus=0, when=BESIDE, nodes=[],
+                                      note="evaluation on CPUs (eval.gpus is 0)"))
+        elif held >= need:
+            rows.append(EvalStagePlan(
+                stage=stage.name, gpus=need, when=BESIDE, nodes=nodes,
+                note=f"{need:g} GPUs on {len(nodes)} node(s) training does not use "
+                     f"({world} of the {total} GPUs train){short}"))
+        else:
+            free = sum(c for n, c in per_node.items() if n not in training)
+            rows.append(EvalStagePlan(
+                stage=stage.name, gpus=need, when=BOUNDARY, nodes=[],
+                note=f"training uses {world} of the {total} GPUs and nodes without training "
+                     f"workers hold {free}, fewer than the {need:g} one checkpoint's evaluation "
+                     "needs: its checkpoints are evaluated after the stage, on the GPUs it frees, "
+                     f"before the next stage starts{short}"))
+    return rows
+
+
+def check_eval_capacity(stages: list[StagePlan], evals: list[EvalStagePlan],
+                        gpus_per_node: dict[str, int]) -> None:
+    """PlanError unless each stage's evaluation fits beside its training: reserved nodes hold no
+    training worker and have the GPUs, and training plus evaluation fit the cluster."""
+    total = sum(gpus_per_node.values())
+    for stage, ev in zip(stages, evals, strict=True):
+        world = len(stage.workers)
+        if ev.when != BESIDE or ev.gpus == 0:
+            if ev.gpus > total:
+                raise PlanError(f"eval ({stage.name}): one checkpoint's evaluation needs "
+                                f"{ev.gpus:g} GPUs and the cluster has {total}; lower "
+                                "eval.gang_size or raise eval.max_tokens_per_evaluator")
+            continue
+        shared = sorted({w.node for w in stage.workers} & set(ev.nodes))
+        if shared:
+            raise PlanError(f"eval ({stage.name}): evaluation nodes {shared} also hold training "
+                            "workers of the stage; evaluate at the stage boundary instead")
+        unknown = [n for n in ev.nodes if n not in gpus_per_node]
+        if unknown:
+            raise PlanError(f"eval ({stage.name}): evaluation nodes {unknown} are not in the "
+                            "cluster")
+        held = sum(gpus_per_node[n] for n in ev.nodes)
+        if held < ev.gpus or world + ev.gpus > total:
+            raise PlanError(f"eval ({stage.name}): training's {world} GPUs plus evaluation's "
+                            f"{ev.gpus:g} on {held} reserved do not fit the cluster's {total}; "
+                            "evaluate at the stage boundary (lower the stage's degrees to "
+                            "evaluate beside it)")
+
+
+def plan_eval(planner: Planner, run: RunSpec, stages: list[StagePlan] | None = None
+              ) -> EvalPlan:
+    """The evaluation section of the plan (see the module docstring); with the training
+    `stages`, where each stage's checkpoints are evaluated, checked (check_eval_capacity)."""
+    plan = _plan_lengths(planner, run)
+    if not stages or not run.eval.enabled or not plan.lengths:
+        return plan  # nothing is evaluated on GPUs, so nothing is reserved
+    evals = plan_eval_stages(planner, run, stages)
+    check_eval_capacity(stages, evals, gpus_per_node(planner))
+    return plan.model_copy(update={"stages": evals})
+
+
+def _plan_lengths(planner: Planner, run: RunSpec) -> EvalPlan:
     p, m, e = planner.profile, run.model, run.eval
     capacity = tokens_per_device(run, p.hbm_bytes, p.memory_reserve_bytes)
     order = planner.locality_order()
@@ -85,7 +222,9 @@ def plan_eval(planner: Planner, run: RunSpec) -> EvalPlan:
                      f"fit one {p.gpu_model}: gang members hold the whole model, so this run's "
                      "checkpoints need weight-sharded (tensor-parallel) evaluation, which "
                      "ringpilot does not build; no length is evaluable")
-        return EvalPlan(tokens_per_device=0, max_tokens_per_evaluator=e.max_tokens_per_evaluator,
+        return EvalPlan(tokens_per_device=0, dtype=eval_dtype(run.compute_dtype,
+                                                              plan_device_type(run)),
+                        max_tokens_per_evaluator=e.max_tokens_per_evaluator,
                         gpus_per_member=e.gpus, answer_tokens=ANSWER_TOKENS, lengths=[],
                         checkpoint_hours=0.0, notes=notes)
     if e.max_tokens_per_evaluator > capacity:
@@ -120,7 +259,19 @@ def plan_eval(planner: Planner, run: RunSpec) -> EvalPlan:
             tokens_per_member=per, prefill_seconds=prefill, decode_ms_per_token=decode * 1e3,
             prompts=prompts, checkpoint_hours=seconds / 3600))
     return EvalPlan(tokens_per_device=capacity,
+                    dtype=eval_dtype(run.compute_dtype, plan_device_type(run)),
                     max_tokens_per_evaluator=e.max_tokens_per_evaluator,
                     gpus_per_member=e.gpus,
                     answer_tokens=ANSWER_TOKENS, lengths=rows,
                     checkpoint_hours=sum(r.checkpoint_hours for r in rows), notes=notes)
+
+
+def eval_gpus_beside(plan: EvalPlan | None, stages: list[str]) -> float:
+    """GPUs Ray must have beyond training's for `stages` (the driver's capacity check): the
+    most any of them evaluates beside training; a stage evaluated at its boundary uses the GPUs
+    its training frees, so it adds none."""
+    if plan is None:
+        return 0.0
+    return max((s.gpus for s in plan.stages if s.stage in stages and s.when == BESIDE),
+               default=0.0)
+

@@ -374,12 +374,22 @@ def _eval_section(plan: Plan) -> list:
         rows.append([f"{r.length:,}", r.engine, ring, f"{r.tokens_per_member:,}",
                      f"{r.prefill_seconds:.1f} s", f"{r.decode_ms_per_token:.1f} ms",
                      str(r.prompts), f"{r.checkpoint_hours:.2f} h"])
-    return [f"One GPU holds {e.tokens_per_device:,} context tokens of this model "
+    where = [["stage", "GPUs per checkpoint", "when", "evaluation nodes"]]
+    for s in e.stages:
+        nodes = ", ".join(s.nodes[:4]) + (" ..." if len(s.nodes) > 4 else "") or "-"
+        where.append([s.stage, f"{s.gpus:g}", s.when, nodes])
+    placed = (["Where each stage's checkpoints are evaluated: an evaluation actor is created "
+               "when a checkpoint lands and released after it, on whole nodes holding none of "
+               "the stage's training workers; a stage that leaves too few evaluates at its "
+               "boundary, on the GPUs it frees, before the next stage starts.", where]
+              if e.stages else [])
+    return [f"Evaluators load checkpoints in {e.dtype}. One GPU holds "
+            f"{e.tokens_per_device:,} context tokens of this model "
             f"(eval.max_tokens_per_evaluator: {e.max_tokens_per_evaluator:,}); longer contexts "
             "run on evaluation gangs: ring-attention prefill, sequence-parallel decoding. "
             f"Evaluating one checkpoint's whole grid takes {e.checkpoint_hours:.1f} h on one "
             f"gang at a time ({e.answer_tokens} tokens decoded per prompt; cost model).",
-            rows, *e.notes]
+            rows, *placed, *e.notes]
 
 
 def _checkpointing_section(plan: Plan) -> list:

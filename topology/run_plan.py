@@ -275,11 +275,13 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
     assumptions.append(
         "evaluation: gang members hold the whole model each (only the sequence and its KV cache "
         f"are split); decoding is memory-bound; {ANSWER_TOKENS} tokens decoded per prompt; "
-        "gangs on GPUs beside training's, in the cluster's locality order")
+        "gangs on GPUs beside training's, in the cluster's locality order; evaluators load in "
+        "bf16 on CUDA when layers compute in bf16 (fp32 on CPU); a stage's evaluation runs on "
+        "whole nodes without its training workers, or after the stage when they are too few")
     return Plan(run=run.name, cluster=spec.name, profile=p.name, stages=stages,
                 unknown_topology=[u.name for u in spec.unknown_topology],
                 excluded=excluded or [], assumptions=assumptions,
-                eval=plan_eval(planner, run))
+                eval=plan_eval(planner, run, stages))
 
 
 def policy_without_cluster(stage: StageSpec) -> tuple[CheckpointPolicy, list[str]]:

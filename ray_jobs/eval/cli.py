@@ -84,6 +84,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--kamradt-depths", type=int, default=k["depth_intervals"].default,
                    metavar="N", help="Kamradt's depth grid: N depths from 0 to 100 %%")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="the run's compute dtype: bfloat16 loads bf16 on CUDA, as the training "
+                        "driver's evaluators do (the gang's ring needs it); on CPU the model "
+                        "is always loaded in float32")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <run>/eval/<stage>/<step-dir> for a ringpilot "
                    "checkpoint, else ./eval-<checkpoint name>)")
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(e).replace('eval.kamradt.haystack', '--haystack')}",
                   file=sys.stderr)
             return 2
-    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device, args.dtype)
     place = locate(args.checkpoint)  # the standalone command has no ledger to ask
     long, status = LongContexts(), 0
     if args.gang_size is not None:
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             connect_ray(None, local_cpus=max(2, int(size * args.gang_cpus)))
         long = start_long_contexts(over, args.max_length, args.gang_size, str(args.checkpoint),
                                    tokenizer, cpus=args.gang_cpus, gpus=args.gang_gpus,
-                                   place_timeout_s=args.gang_place_timeout)
+                                   place_timeout_s=args.gang_place_timeout,
+                                   compute_dtype=args.dtype)
         if long.unavailable:
             print(f"error: {long.unavailable}", file=sys.stderr)
             status = 2

@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 from ray_jobs.ray_setup import free_port
 
 GANG_RANK_TIMEOUT_S = 300.0  # gloo/NCCL collectives of a gang give up after this
+NODE_LABEL = "ringpilot.io/node"  # ray_jobs.train.placement's: `ray start --labels` per node
+
+
+def node_selector(nodes: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """A Ray label selector for "on one of `nodes`" (the plan's evaluation nodes)."""
+    return {NODE_LABEL: f"in({', '.join(nodes)})"}
 
 
 class GangError(RuntimeError):
@@ -80,7 +86,7 @@ class GangMember:
         self.ring = Ring(group=None, ranks=tuple(ring))
         return os.getpid()
 
-    def load(self, checkpoint: str) -> None:
+    def load(self, checkpoint: str, compute_dtype: str = "float32") -> None:
         import torch
 
         from ray_jobs.eval.model import load_checkpoint
@@ -89,8 +95,9 @@ class GangMember:
             register_inference_attention,
         )
 
+        # the evaluator's dtype rule (bf16 on CUDA for a bf16 run): the ring refuses fp32 there
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, _ = load_checkpoint(checkpoint, device)
+        model, _ = load_checkpoint(checkpoint, device, compute_dtype)
         register_inference_attention()
         model.set_attn_implementation(INFERENCE_ATTENTION)
         self.model = model
@@ -142,6 +149,9 @@ class EvalGang:
     ring: list[int] | None = None
     place_timeout_s: float = 60.0
     locality_order: bool = True  # order the ring by (node, GPU ids) once placed
+    # the plan's evaluation nodes (NODE_LABEL values): every bundle is placed on one of them,
+    # never beside the training workers; empty: wherever Ray finds room
+    nodes: tuple[str, ...] = ()
     members: list = field(default_factory=list)
     _pg: object = None
 
@@ -180,7 +190,9 @@ class EvalGang:
 
         self._check_fits()
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        self._pg = placement_group([dict(bundle) for _ in range(self.size)], strategy="PACK")
+        self._pg = placement_group([dict(bundle) for _ in range(self.size)], strategy="PACK",
+                                   bundle_label_selector=[node_selector(self.nodes)] * self.size
+                                   if self.nodes else None)
         ready, _ = ray.wait([self._pg.ready()], timeout=self.place_timeout_s)
         if not ready:
             remove_placement_group(self._pg)
@@ -213,8 +225,8 @@ class EvalGang:
             raise
         return self
 
-    def load(self, checkpoint: str) -> None:
-        self._gather([m.load.remote(checkpoint) for m in self.members], "load")
+    def load(self, checkpoint: str, compute_dtype: str = "float32") -> None:
+        self._gather([m.load.remote(checkpoint, compute_dtype) for m in self.members], "load")
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
         """The gang's greedy continuation (member 0's, which every member shares)."""
@@ -273,6 +285,7 @@ class LongContexts:
 
 def start_long_contexts(long: list[int], max_length: int, gang_size: int, checkpoint: str,
                         tokenizer, *, cpus: float, gpus: float, place_timeout_s: float,
+                        compute_dtype: str = "float32", nodes: tuple[str, ...] = (),
                         on_gang=None) -> LongContexts:
     """Start one gang for every context in `long` (sized for the longest, or `gang_size`) and
     load the checkpoint in it. A gang that cannot be placed is no error here: the contexts are
@@ -288,14 +301,15 @@ def start_long_contexts(long: list[int], max_length: int, gang_size: int, checkp
     log = logging.getLogger("ringpilot.eval")
     t0 = time.time()
     try:
-        gang = EvalGang(size, cpus=cpus, gpus=gpus, place_timeout_s=place_timeout_s).start()
+        gang = EvalGang(size, cpus=cpus, gpus=gpus, place_timeout_s=place_timeout_s,
+                        nodes=tuple(nodes)).start()
     except GangUnplaceable as e:
         log.warning("evaluation gang: %s", e)
         return LongContexts(unavailable=f"not run: {e}")
     try:
         if on_gang is not None:
             on_gang(gang)
-        gang.load(checkpoint)
+        gang.load(checkpoint, compute_dtype)
         info = {"size": size, "ring": gang.ring, "pids": gang.call("pid"),
                 "start_seconds": round(time.time() - t0, 2)}
     except BaseException:

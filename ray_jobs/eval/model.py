@@ -17,19 +17,38 @@ def build_token_counter(tokenizer) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer) of a checked checkpoint."""
+def evaluation_device(gpus: float) -> str:
+    """Where an evaluator or gang member computes: CUDA when it was given GPUs and sees one."""
     import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def load_arguments(compute_dtype: str, device: str) -> dict:
+    """The keyword arguments of `from_pretrained` for an evaluator on `device` of a run that
+    computes in `compute_dtype`: the dtype is topology.eval_plan.eval_dtype's, the one the
+    plan's evaluation memory numbers use (bf16 on CUDA for a bf16 run: an 8B model's weights
+    are 16 GB, not 32, and the gang's ring attention runs bf16 on CUDA; fp32 on CPU)."""
+    import torch
+
+    from topology.eval_plan import eval_dtype
+
+    # The trainer may have saved attn_implementation="ring", which is only registered inside
+    # training workers; one evaluator runs the whole sequence with PyTorch's SDPA.
+    return {"dtype": getattr(torch, eval_dtype(compute_dtype, torch.device(device).type)),
+            "attn_implementation": "sdpa", "trust_remote_code": False,
+            "local_files_only": True}
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = "float32"):
+    """(model in eval mode, tokenizer) of a checked checkpoint, in the dtype `load_arguments`
+    picks for `device` and the run's `compute_dtype`."""
     from transformers import LlamaForCausalLM
 
     from ray_jobs.data.tokenizer import load_tokenizer
 
     path = check_checkpoint_is_data(check_checkpoint(path))
-    # The trainer may have saved attn_implementation="ring", which is only registered inside
-    # training workers; one evaluator runs the whole sequence with PyTorch's SDPA.
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                             attn_implementation="sdpa",
-                                             trust_remote_code=False, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(str(path), **load_arguments(compute_dtype, device))
     return model.to(device).eval(), load_tokenizer(path)
 
 

@@ -89,6 +89,10 @@ class EvalRequest:
     haystack_files: tuple[str, ...] = ()
     ruler: RulerSpec | None = None  # lm-eval's RULER tasks, at `ruler_lengths`
     ruler_lengths: tuple[int, ...] = ()
+    compute_dtype: str = "float32"  # the run's (RunSpec.compute_dtype): bf16 loads bf16 on CUDA
+    # ray_jobs.train.placement.NODE_LABEL values the gang may use (the plan's evaluation nodes);
+    # empty: anywhere Ray finds room
+    nodes: tuple[str, ...] = ()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -124,27 +128,31 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     checkpoint (and shut down after it). A gang that cannot be placed leaves those contexts
     recorded as not run, with the reason; a gang member that fails fails the evaluation, which
     the scheduler retries as a whole. `on_gang(gang)` is a test hook called once it started."""
-    import torch
-
     from ray_jobs.eval import tasks as task_lib
     from ray_jobs.eval.gang import start_long_contexts
-    from ray_jobs.eval.model import build_generate, build_token_counter, load_checkpoint
+    from ray_jobs.eval.model import (
+        build_generate,
+        build_token_counter,
+        evaluation_device,
+        load_checkpoint,
+    )
     from ray_jobs.eval.report import save_results
     from ray_jobs.eval.runner import evaluate
 
     started = time.time()
-    device = "cuda" if request.gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = evaluation_device(request.gpus)
     checkpoint = str(request.checkpoint_dir)
     if request.rope_theta is not None:
         check_stage_theta(request)
-    model, tokenizer = load_checkpoint(checkpoint, device)
+    model, tokenizer = load_checkpoint(checkpoint, device, request.compute_dtype)
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
         generate = wrap_generate(generate)
     long = start_long_contexts(
         [n for n in request.lengths if n > request.max_length], request.max_length,
         request.gang_size, checkpoint, tokenizer, cpus=request.cpus, gpus=request.gpus,
-        place_timeout_s=request.gang_place_timeout_s,
+        place_timeout_s=request.gang_place_timeout_s, compute_dtype=request.compute_dtype,
+        nodes=request.nodes,
         on_gang=None if on_gang is None else lambda gang: on_gang(gang, request))
     if long.generate is not None and wrap_generate is not None:
         long.generate = wrap_generate(long.generate)
@@ -215,7 +223,7 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
                 prepared, request.out_dir / "ruler", limit=r.samples,
                 apply_chat_template=r.chat_template, device=device,
                 long_generate=on_gang,
-                max_local=request.max_length)
+                max_local=request.max_length, compute_dtype=request.compute_dtype)
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)

@@ -15,6 +15,14 @@ Policy: one evaluation at a time (this machine has 2 cores); when checkpoints pi
 is evaluated first (LIFO), older ones after it if they still exist (pruned ones are dropped). An
 actor that dies or raises is replaced and the checkpoint retried up to `eval.max_retries` times,
 then recorded as failed; nothing here ever touches the training workers.
+
+GPUs: an actor is created for one checkpoint and killed once its evaluation is recorded, so
+evaluation holds GPUs only while it runs, never for the whole run. Where it runs is the plan's
+(plan.json, eval.stages; topology.eval_plan): "beside training" pins the actor and its gang to
+the nodes the plan reserved (a Ray label selector on ringpilot.io/node), never a training
+node; "at the stage boundary" holds the stage's checkpoints until the ledger says the stage
+ended; before starting a stage the driver waits (`make_room`) for every evaluation that could
+hold a GPU of its training nodes.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ from pathlib import Path
 from typing import Literal
 
 from ray_jobs.eval import tasks as task_lib
+from ray_jobs.eval.gang import node_selector
 from ray_jobs.eval.pipeline import EvalActor, EvalRequest, EvalSummary, EvaluateFn
 from ray_jobs.eval.runner import plan_lengths
 from specs.checkpoint import CheckpointError
 from specs.ledger import EvalEntry, Fenced, Ledger, is_committed
+from specs.plan import EvalPlan, EvalStagePlan, Plan
 from specs.run import RunSpec
 
 log = logging.getLogger("ringpilot.eval")
@@ -54,7 +64,67 @@ class Finished:
 class _Running:
     request: EvalRequest
     ref: object  # the actor call's ObjectRef
+    actor: object = None  # created for this checkpoint, killed when it is recorded
     submitted_unix: float = field(default_factory=time.time)
+
+
+PLAN_FILE = "plan.json"  # ray_jobs.train.placement.PLAN_FILE, written by the driver
+
+
+def read_eval_plan(run_dir: Path) -> tuple[EvalPlan | None, dict[str, set[str]]]:
+    """The evaluation section of the run's plan.json and each stage's training nodes (None and
+    {} without one: no cluster plan)."""
+    path = Path(run_dir) / PLAN_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        plan = Plan.model_validate_json(path.read_text())
+    except ValueError as e:  # pydantic's ValidationError included
+        raise ValueError(f"{path}: not a plan ringpilot can read ({str(e).splitlines()[0]}); "
+                         "delete it and restart the driver, which plans again") from None
+    return plan.eval, {s.name: {w.node for w in s.workers} for s in plan.stages}
+
+
+def actor_options(run: RunSpec, placement: EvalStagePlan | None) -> dict:
+    """Ray options of the actor that evaluates one checkpoint: eval.cpus and eval.gpus, and for
+    a stage evaluated beside training, a label selector for the plan's evaluation nodes (never
+    a node of the stage's training workers)."""
+    e = run.eval
+    # tqdm's bars (lm-eval's sample generation, datasets') off from the actor's start: the
+    # variable is read when tqdm is imported. Their other output goes to the run's log file
+    # (pipeline.library_output_to).
+    options = {"num_cpus": e.cpus, "num_gpus": e.gpus, "max_restarts": 0, "max_concurrency": 1,
+               "runtime_env": {"env_vars": {"TQDM_DISABLE": "1"}}}
+    if placement is not None and placement.when == "beside training" and placement.nodes:
+        options["label_selector"] = node_selector(placement.nodes)
+    return options
+
+
+class RayActors:
+    """How the scheduler creates, calls, polls and kills actors (tests pass a fake)."""
+
+    def create(self, options: dict, threads: int, offline: bool):
+        import ray
+
+        return ray.remote(EvalActor).options(**options).remote(threads, offline=offline)
+
+    def submit(self, actor, request: EvalRequest, fn: EvaluateFn | None):
+        return actor.evaluate.remote(request, fn)
+
+    def ready(self, ref) -> bool:
+        import ray
+
+        return bool(ray.wait([ref], timeout=0)[0])
+
+    def get(self, ref) -> EvalSummary:
+        import ray
+
+        return ray.get(ref)
+
+    def kill(self, actor) -> None:
+        import ray
+
+        ray.kill(actor)
 
 
 class EvalScheduler:
@@ -63,7 +133,9 @@ class EvalScheduler:
     def __init__(self, run: RunSpec, run_dir: str | Path, *,
                  max_length: int | None = None,
                  evaluate_fn: EvaluateFn | None = None, ledger: Ledger | None = None,
-                 spec_dir: Path | None = None):
+                 spec_dir: Path | None = None, plan: EvalPlan | None = None,
+                 training_nodes: dict[str, set[str]] | None = None,
+                 actors: RayActors | None = None):
         self.run, self.run_dir = run, Path(run_dir)
         # eval.kamradt.haystack, resolved now (relative to the run file): one error up front
         self.haystack = (tuple(str(p) for p in task_lib.haystack_files(
@@ -72,24 +144,32 @@ class EvalScheduler:
         # the driver's fenced ledger: a superseded driver's scheduler records nothing more
         self.ledger = ledger or Ledger(self.run_dir, run.name)
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: pipeline.evaluate_request
+        # where each stage's checkpoints are evaluated: the plan's (plan.json's, read at start)
+        self.plan = plan
+        self.training_nodes = training_nodes or {}  # per stage, the nodes its workers use
+        self._actors = actors or RayActors()
         self._handled: set[str] = set()
         self._current: _Running | None = None
-        self._actor = None
+        self._idle = threading.Condition()
         self._draining, self._halt = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.history: list[Finished] = []
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> EvalScheduler:
-        import ray
-
         if not self.run.eval.enabled:
             log.info("eval.enabled is false: checkpoints will not be evaluated")
             return self
-        if not ray.is_initialized():
-            raise RuntimeError("EvalScheduler.start(): Ray is not initialised; call ray.init() "
-                               "(the training driver does) before starting the scheduler")
-        self._actor = self._new_actor()  # started now so a checkpoint does not wait for it
+        if type(self._actors) is RayActors:
+            import ray
+
+            if not ray.is_initialized():
+                raise RuntimeError("EvalScheduler.start(): Ray is not initialised; call "
+                                   "ray.init() (the training driver does) before starting the "
+                                   "scheduler")
+        if self.plan is None:
+            self.plan, self.training_nodes = read_eval_plan(self.run_dir)
+        # No actor yet: one is created per checkpoint, so no GPU is held until one lands.
         self._thread = threading.Thread(target=self._loop, name="ringpilot-eval", daemon=True)
         self._thread.start()
         return self
@@ -110,15 +190,54 @@ class EvalScheduler:
     def busy(self) -> bool:
         return self._current is not None
 
+    def placement(self, stage: str) -> EvalStagePlan | None:
+        """The plan's word on where `stage`'s checkpoints are evaluated (None: no plan)."""
+        return self.plan.stage(stage) if self.plan is not None else None
+
+    def make_room(self, stage: str, timeout: float | None = None) -> bool:
+        """Block until no evaluation pending or running could hold a GPU of `stage`'s training
+        nodes (the driver calls it before starting `stage`): checkpoints of a stage evaluated
+        at its boundary, and of one evaluated beside training on nodes `stage` now trains on,
+        are evaluated first. Without a plan nothing waits. True when there is room, False on
+        timeout or once the scheduler stopped."""
+        if self.plan is None or self._thread is None:
+            return True
+        training = self.training_nodes.get(stage, set())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._thread is not None and self._thread.is_alive():
+                cur = self._current
+                # `stage`'s own checkpoints (a resumed stage's) wait for its own end instead
+                stages = {st for st, _, _ in self.pending() if st != stage}
+                if cur is not None:
+                    stages.add(cur.request.stage)
+                if not any(self._in_the_way(st, training) for st in stages):
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
+        return False
+
+    def _in_the_way(self, stage: str, training: set[str]) -> bool:
+        """Whether evaluating a checkpoint of `stage` may take GPUs on the `training` nodes."""
+        placement = self.placement(stage)
+        if placement is None or placement.gpus == 0:
+            return False
+        if placement.when == "beside training" and placement.nodes:
+            return bool(set(placement.nodes) & training)
+        return True  # at a boundary it runs wherever the freed GPUs are
+
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while not self._halt.is_set():
                 if self._current is None:
                     pending = self.pending()
-                    if pending:
-                        self._submit(*pending[-1], attempt=1)  # newest first
-                    elif self._draining.is_set():
+                    ready = [p for p in pending if self._may_start(p[0])]
+                    if ready:
+                        self._submit(*ready[-1], attempt=1)  # newest first
+                    elif self._draining.is_set() and not pending:
                         break
                 else:
                     self._check_current()
@@ -127,7 +246,19 @@ class EvalScheduler:
             log.exception("evaluation scheduler stopped on an unexpected error")
         finally:
             self._cancel_current()
-            self._kill_actor()
+            with self._idle:
+                self._idle.notify_all()
+
+    def _may_start(self, stage: str) -> bool:
+        """A stage evaluated at its boundary waits until the ledger says it ended (its GPUs
+        are free) or the scheduler drains; any other starts at once."""
+        placement = self.placement(stage)
+        if placement is None or placement.when != "at the stage boundary":
+            return True
+        if self._draining.is_set():
+            return True
+        entry = self.ledger.read().stages.get(stage)
+        return entry is not None and entry.state in ("done", "failed")
 
     def pending(self) -> list[tuple[str, str, int]]:
         """(stage, checkpoint path, step) committed and not yet evaluated, oldest to newest."""
@@ -155,7 +286,15 @@ class EvalScheduler:
                            gang_place_timeout_s=e.gang_place_timeout_s,
                            rope_theta=(self.run.stage_theta(index) if stage in names else None),
                            ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
-                           kamradt=e.kamradt, haystack_files=self.haystack)
+                           kamradt=e.kamradt, haystack_files=self.haystack,
+                           compute_dtype=self.run.compute_dtype,
+                           nodes=tuple(self._reserved_nodes(stage)))
+
+    def _reserved_nodes(self, stage: str) -> list[str]:
+        placement = self.placement(stage)
+        if placement is None or placement.when != "beside training":
+            return []
+        return placement.nodes
 
     def _ruler_lengths(self, stage: str, path: str, lengths: list[int]) -> tuple[int, ...]:
         r = self.run.eval.ruler
@@ -170,11 +309,10 @@ class EvalScheduler:
         return tuple(n for n in lengths if n >= r.min_length)
 
     def _submit(self, stage: str, path: str, step: int, attempt: int) -> None:
-        if self._actor is None:
-            self._actor = self._new_actor()
         request = self._request(stage, path, step, attempt)
-        ref = self._actor.evaluate.remote(request, self._evaluate_fn)
-        self._current = _Running(request=request, ref=ref)
+        actor = self._new_actor(stage)
+        ref = self._actors.submit(actor, request, self._evaluate_fn)
+        self._current = _Running(request=request, ref=ref, actor=actor)
         self._record(stage, path, EvalEntry(status="running", attempts=attempt))
         log.info("evaluating %s (attempt %d)", path, attempt)
 
@@ -190,13 +328,11 @@ class EvalScheduler:
         import ray
 
         cur = self._current
-        ready, _ = ray.wait([cur.ref], timeout=0)
-        if not ready:
+        if not self._actors.ready(cur.ref):
             return
         try:
-            summary: EvalSummary = ray.get(cur.ref)
+            summary: EvalSummary = self._actors.get(cur.ref)
         except ray.exceptions.RayActorError as err:  # the actor process died mid-evaluation
-            self._actor = None
             self._retry_or_fail(f"evaluation actor died: {type(err).__name__}")
             return
         except ray.exceptions.RayTaskError as err:
@@ -216,6 +352,7 @@ class EvalScheduler:
             self._finish("failed", error=f"{error}; the checkpoint is gone (pruned by "
                          "storage.keep_last) so it cannot be retried")
         elif req.attempt <= self.run.eval.max_retries:
+            self._release(self._current)
             self._current = None
             self._submit(req.stage, req.checkpoint, req.step, req.attempt + 1)
         else:
@@ -226,37 +363,32 @@ class EvalScheduler:
                 results: str | None = None, error: str | None = None,
                 started_unix: float | None = None) -> None:
         cur, self._current = self._current, None
+        self._release(cur)  # its GPUs go back before the next checkpoint asks for some
         req = cur.request
-        self._handled.add(req.checkpoint)
         self._record(req.stage, req.checkpoint, EvalEntry(
             status=status, attempts=req.attempt, scores=scores or {}, results=results,
             error=error))
+        self._handled.add(req.checkpoint)  # after the ledger says so (make_room reads both)
         self.history.append(Finished(path=req.checkpoint, status=status, attempts=req.attempt,
                                      submitted_unix=cur.submitted_unix,
                                      started_unix=started_unix, finished_unix=time.time()))
         log.info("evaluation of %s: %s", req.checkpoint, status)
+        with self._idle:
+            self._idle.notify_all()
 
     def _cancel_current(self) -> None:
         if self._current is not None:
-            self._kill_actor()
             self._finish("failed", error="cancelled: the scheduler was stopped before the "
                          "evaluation finished")
 
-    def _new_actor(self):
-        import ray
-
+    def _new_actor(self, stage: str):
         e = self.run.eval
-        # tqdm's bars (lm-eval's sample generation, datasets') off from the actor's start: the
-        # variable is read when tqdm is imported. Their other output goes to the run's log file
-        # (pipeline.library_output_to).
-        cls = ray.remote(EvalActor).options(num_cpus=e.cpus, num_gpus=e.gpus, max_restarts=0,
-                                             max_concurrency=1,
-                                             runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
-        return cls.remote(max(1, int(e.cpus)), offline=e.ruler is not None and e.ruler.offline)
+        return self._actors.create(actor_options(self.run, self.placement(stage)),
+                                   max(1, int(e.cpus)),
+                                   offline=e.ruler is not None and e.ruler.offline)
 
-    def _kill_actor(self) -> None:
-        import ray
-
-        if self._actor is not None:
-            ray.kill(self._actor)
-            self._actor = None
+    def _release(self, cur: _Running | None) -> None:
+        """Kill the checkpoint's actor (a dead one too: Ray forgets it)."""
+        if cur is not None and cur.actor is not None:
+            actor, cur.actor = cur.actor, None
+            self._actors.kill(actor)

@@ -50,6 +50,7 @@ from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec
 from specs.trust import check_checkpoint_is_data
+from topology.eval_plan import eval_gpus_beside
 from topology.planner import PlanError
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -227,22 +228,26 @@ def check_checkpoint_shapes(run: RunSpec, run_dir: Path, indices: list[int]) -> 
 
 
 def check_ray_capacity(run: RunSpec, workers: int | None = None,
-                       workers_from: str = "resources.workers") -> None:
+                       workers_from: str = "resources.workers", eval_gpus: float = 0) -> None:
     """Refuse to start a trainer that Ray could never schedule (it would wait forever).
     `workers` (default resources.workers): what the stages to train start, `workers_from` what
-    asks for them (a --stage needs only its own world)."""
+    asks for them (a --stage needs only its own world); `eval_gpus`: what the plan evaluates
+    beside training (topology.eval_plan.eval_gpus_beside)."""
     import ray
 
     workers = run.resources.workers if workers is None else workers
     key = "GPU" if run.resources.device == "gpu" else "CPU"
     need = workers * (1 if key == "GPU" else run.resources.cpus_per_worker)
+    extra = eval_gpus if key == "GPU" else 0
     have = ray.cluster_resources().get(key, 0)
-    if have < need:
+    if have < need + extra:
         fix = ("lower resources.workers / cpus_per_worker" if workers_from == "resources.workers"
                else "lower the stage's degrees or resources.cpus_per_worker")
+        beside = (f" plus {extra:g} for evaluation beside training (plan.json eval.stages; "
+                  "or set eval.gpus 0)" if extra else "")
         raise PreflightError([f"{workers_from}: {workers} {run.resources.device} "
-                              f"workers need {need:g} {key} but the Ray cluster has {have:g}; "
-                              f"add nodes or {fix}"])
+                              f"workers need {need:g} {key}{beside} but the Ray cluster has "
+                              f"{have:g}; add nodes or {fix}"])
 
 
 def ray_train_name(run: RunSpec, stage: str, epoch: int | None) -> str:
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None, *,
 
     connect_ray(args.address, prepared.workers * run.resources.cpus_per_worker + 2)
     try:
-        check_ray_capacity(run, prepared.workers, prepared.workers_from)
+        check_ray_capacity(run, prepared.workers, prepared.workers_from, eval_gpus_beside(
+            prepared.plan and prepared.plan.eval, [run.stages[i].name for i in indices]))
         if run.data.prepared is not None and run.data.mix.documents > 0:
             # prepared data: made now (a Ray Data job) if missing; refused if made from other
             # inputs, tokenizer or settings, or too small for a stage
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None, *,
             print(f"[{name}] seq_len {run.stages[index].seq_len:,}, rope_theta "
                   f"{run.stage_theta(index):,.0f}; "
                   f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
+            if evaluator is not None:  # evaluations on this stage's GPUs finish first
+                evaluator.make_room(name)
             ledger.start_stage(name)
             t0 = time.perf_counter()
             stage_plan = prepared.plan.stage(name) if prepared.plan is not None else None

@@ -80,3 +80,52 @@ def test_prompts_per_checkpoint_agree_with_the_evaluation():
                    lengths=[2048], depths=run.eval.depths, samples=run.eval.samples, seed=0)
     assert not res.skipped
     assert {r.prompts for r in ev.lengths} == {len(res.outputs)} == {(7 * 3 + 2) * 2}
+
+
+def _first_stage_plan(cluster: str, **eval_fields):
+    """The 8B recipe's 65K stage (ring 8) planned on `cluster`, evaluation on."""
+    from ray_jobs.train.placement import only_stages
+    from topology.run_plan import plan_run
+
+    run = only_stages(_run("configs/llama3-8b-1m.yaml", **eval_fields), [0])
+    return plan_run(load_cluster(cluster), run, search_seconds=0.02)
+
+
+def test_evaluation_beside_training_gets_whole_nodes_training_leaves():
+    plan = _first_stage_plan(CLUSTER_8B, gang_size=3)  # 1 evaluator + a gang of 3: 4 GPUs
+    (ev,) = plan.eval.stages
+    training = {w.node for w in plan.stages[0].workers}
+    assert (ev.stage, ev.gpus, ev.when) == ("65k", 4, "beside training")
+    assert len(ev.nodes) == 1 and not set(ev.nodes) & training
+    # 1 + the default gang of 11: 12 GPUs, two whole nodes (the same training stages)
+    default = plan_eval(Planner(load_cluster(CLUSTER_8B)),
+                        _run("configs/llama3-8b-1m.yaml"), plan.stages).stages[0]
+    assert (default.gpus, len(default.nodes)) == (12, 2) and not set(default.nodes) & training
+
+
+def test_evaluation_waits_for_the_boundary_when_training_touches_every_node():
+    """On two 8-GPU nodes the planner spreads the 65K ring over both (4 + 4 GPUs): no node is
+    free of training, so even a 4-GPU evaluation waits for the stage boundary rather than share
+    a node with training workers."""
+    plan = _first_stage_plan("configs/clusters/l40s-2node-leaf.yaml", gang_size=3)
+    (ev,) = plan.eval.stages
+    assert {w.node for w in plan.stages[0].workers} == {"node-000", "node-001"}
+    assert (ev.gpus, ev.when, ev.nodes) == (4, "at the stage boundary", [])
+    assert "training uses 8 of the 16 GPUs and nodes without training workers hold 0" in ev.note
+
+
+def test_a_gang_larger_than_the_cluster_reserves_the_evaluator_alone():
+    """A gang that cannot start on the cluster leaves its contexts not run (GangUnplaceable),
+    so the plan counts only the evaluator, and says so, instead of refusing the run."""
+    plan = _first_stage_plan("configs/clusters/l40s-2node-leaf.yaml", gang_size=16)
+    (ev,) = plan.eval.stages
+    assert ev.gpus == 1
+    assert "(17 GPUs with the evaluator) does not fit the cluster's 16" in ev.note
+
+
+def test_without_evaluation_nothing_is_reserved():
+    two = "configs/clusters/l40s-2node-leaf.yaml"
+    plan = _first_stage_plan(two, gpus=0)
+    assert (plan.eval.stages[0].gpus, plan.eval.stages[0].nodes) == (0, [])
+    off = _run("configs/llama3-8b-1m.yaml", enabled=False)
+    assert plan_eval(Planner(load_cluster(two)), off, plan.stages).stages == []

@@ -75,14 +75,16 @@ class _CheckpointModel:
     """A checkpoint's model and tokenizer, answering lm-eval's requests (greedy decoding)."""
 
     def __init__(self, pretrained: str, device: str = "cpu", max_gen_toks: int = 256,
-                 long_generate: Callable | None = None, max_local: int | None = None):
+                 long_generate: Callable | None = None, max_local: int | None = None,
+                 compute_dtype: str = "float32"):
         from ray_jobs.eval.model import load_checkpoint, max_model_length
 
         # Prompts longer than `max_local` tokens go to `long_generate`
         # (ids, max_new_tokens, eos) -> new ids: an evaluation gang (ray_jobs.eval.gang).
         self.long_generate, self.max_local = long_generate, max_local
         self.path = str(pretrained)
-        self.model, self.tokenizer = load_checkpoint(pretrained, device)
+        # the evaluator's dtype (bf16 on CUDA for a bf16 run; ray_jobs.eval.model.load_arguments)
+        self.model, self.tokenizer = load_checkpoint(pretrained, device, compute_dtype)
         self.max_length = max_model_length(pretrained)
         self.max_gen_toks = max_gen_toks
         self.warned = False
@@ -171,10 +173,11 @@ def register_backend() -> type:
 
         def __init__(self, pretrained: str, device: str | None = None,
                      max_gen_toks: int = 256, long_generate: Callable | None = None,
-                     max_local: int | None = None, **_ignored):
+                     max_local: int | None = None, compute_dtype: str = "float32",
+                     **_ignored):
             super().__init__()
             self.ckpt = _CheckpointModel(pretrained, device or "cpu", int(max_gen_toks),
-                                         long_generate, max_local)
+                                         long_generate, max_local, compute_dtype)
             self._device = self.ckpt.torch_device
 
         @property

@@ -326,7 +326,8 @@ def evaluate_prepared(prepared: PreparedTasks, out_dir: str | Path, *, limit: in
                       model: str | type = MODEL_NAME, apply_chat_template: bool = False,
                       device: str = "cpu", lengths: Sequence[int] | None = None,
                       long_generate: Callable | None = None,
-                      max_local: int | None = None) -> RulerReport:
+                      max_local: int | None = None,
+                      compute_dtype: str = "float32") -> RulerReport:
     """lm_eval.simple_evaluate over the prepared tasks with the registered backend `model`
     (`ringpilot`; another registered name, or an lm-eval LM class, for checks), `limit` samples per
     task and length (`lengths`: a subset of the prepared ones); writes lm-eval's results to
@@ -347,6 +348,8 @@ def evaluate_prepared(prepared: PreparedTasks, out_dir: str | Path, *, limit: in
                for name, task in prepared.tasks.items()}
     extra = ({"long_generate": long_generate, "max_local": max_local}
              if long_generate is not None else {})
+    if compute_dtype != "float32":  # the run's: the backend loads bf16 on CUDA, as evaluators do
+        extra["compute_dtype"] = compute_dtype
     lm = cls(pretrained=prepared.checkpoint, device=device, **extra)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=list(prepared.tasks.values()), task_manager=prepared.manager,
