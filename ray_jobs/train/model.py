@@ -7,7 +7,7 @@
     load_hf_weights(model, source) | init_weights(model, seed) | (resume) load_checkpoint
 
 No rank ever holds a whole model: a Hugging Face checkpoint is read slice by slice (the rows a
-rank owns), a new model is drawn block by block from generators seeded by (seed, parameter,
+rank owns, a few MB at a time), a new model is drawn block by block from generators seeded by (seed, parameter,
 block), so its weights are the same in every layout. `build_model` does the same in one process
 (benchmarks and tests that want a whole model).
 """
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,6 +34,8 @@ from specs.trust import check_checkpoint_is_data
 # A new model is drawn in blocks of whole rows of about this many elements, each block from its
 # own generator: a rank draws only the blocks its rows fall in (at most two more than its own).
 INIT_BLOCK_ELEMENTS = 1 << 20
+# A checkpoint is read this many bytes of a rank's rows at a time (its transient memory).
+READ_CHUNK_BYTES = 32 << 20
 WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in names
 
 
@@ -110,45 +111,72 @@ def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed:
     return model
 
 
-def load_hf_weights(model: nn.Module, source: Path) -> None:
-    """Fill `model`'s parameters (sharded or whole) from the Hugging Face safetensors files in
-    `source`, each rank reading only the slices it holds (DCP's Hugging Face reader plans the
-    reads from each DTensor's shard; safetensors reads them through a memory map). Collective
-    when the parameters are DTensors."""
-    state = get_model_state_dict(model)  # clean names (model.layers.0...), this rank's shards
-    _check_hf_files(source, state)
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(source)))
-    set_model_state_dict(model, state)
+def load_hf_weights(model: nn.Module, source: Path, *,
+                    chunk_bytes: int = READ_CHUNK_BYTES) -> None:
+    """Fill `model`'s parameters (this rank's shards once parallelize() has run, else whole)
+    from the Hugging Face safetensors files in `source`: each rank reads only the rows it holds,
+    `chunk_bytes` at a time, each read through its own short-lived memory map.
+
+    Not torch's DCP Hugging Face reader (dcp.HuggingFaceStorageReader, which plans the same
+    slices and gives the same weights): it keeps each file mapped while it reads all of that
+    file's slices, and the pages a mapping has touched count as the rank's resident memory
+    until it closes, so a rank peaked at its shards plus as much again (measured: 864 MB for a
+    rank holding half of an 844 MB model)."""
+    files = _hf_tensor_files(source)
+    params = {f"{m}.{n}".replace(WRAPPED, "").lstrip("."): p
+              for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False)}
+    _check_hf_tensors(source, files, params)
+    with torch.no_grad():
+        for name, param in params.items():
+            local = _local(param)
+            shape, offset = _placement(param)
+            if local.numel() == 0:
+                continue
+            row_bytes = max(1, math.prod(shape[1:]) * local.element_size())
+            rows = max(1, chunk_bytes // row_bytes)
+            for start in range(0, shape[0], rows):
+                stop = min(start + rows, shape[0])
+                index = (slice(offset[0] + start, offset[0] + stop),) + tuple(
+                    slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
+                with safe_open(str(files[name][0]), framework="pt") as f:
+                    local[start:stop].copy_(f.get_slice(name)[index])
 
 
-def _check_hf_files(source: Path, state: dict[str, torch.Tensor]) -> None:
-    """One clear error when the safetensors files cannot fill `state` (instead of DCP's)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(source).glob("*.safetensors"))
-    if not files:
+def _hf_tensor_files(source: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """name -> (safetensors file, shape) of every tensor of a Hugging Face checkpoint (headers
+    only)."""
+    found = sorted(Path(source).glob("*.safetensors"))
+    if not found:
         raise CheckpointError(f"{source}: no *.safetensors files; give a Hugging Face checkpoint "
                               "saved with save_pretrained(safe_serialization=True)")
-    shapes = {}
-    for f in files:  # headers only
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                shapes[key] = tuple(st.get_slice(key).get_shape())
-    missing = [k for k in state if k not in shapes]
-    wrong = [f"{k} {shapes[k]} (model {tuple(v.shape)})" for k, v in state.items()
-             if k in shapes and shapes[k] != tuple(v.shape)]
+    files = {}
+    for path in found:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                files[key] = (path, tuple(f.get_slice(key).get_shape()))
+    return files
+
+
+def _check_hf_tensors(source: Path, files: dict, params: dict[str, torch.Tensor]) -> None:
+    """One clear error when the safetensors files cannot fill the model's parameters."""
+    missing = [k for k in params if k not in files]
+    wrong = [f"{k} {files[k][1]} (model {tuple(p.shape)})" for k, p in params.items()
+             if k in files and files[k][1] != tuple(p.shape)]
     if missing or wrong:
         problem = (f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
                    if missing else f"other shapes: {', '.join(wrong[:5])}")
-        raise CheckpointError(f"{source}: the safetensors files do not fit the model config.json "
-                              f"describes ({problem}); give the checkpoint's own config.json")
+        raise CheckpointError(f"{source}: the safetensors files do not fit the model its "
+                              f"config.json describes ({problem}); give a checkpoint saved "
+                              "whole, with its own config.json")
 
 
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, *,
+                 block_elements: int = INIT_BLOCK_ELEMENTS) -> None:
     """Initialise a new model as Hugging Face's Llama does (Linear and Embedding weights
     normal(0, initializer_range), the embedding's padding row zero, RMSNorm weights one, biases
     zero), with values that depend only on (seed, parameter name, position): every layout gets
-    bitwise the same model, and each rank draws only the row blocks holding its shard.
+    bitwise the same model, and each rank draws only the blocks of whole rows (about
+    `block_elements` each; the values depend on it) holding its shard.
 
     DTensor's own random ops do not give this: torch supports them only on CUDA-like devices
     (torch.distributed.tensor._random.is_rng_supported_mesh), and their values are tied to
@@ -162,7 +190,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 if name == "bias":
                     _local(param).zero_()
                 elif isinstance(module, (nn.Linear, nn.Embedding)):
-                    _fill_normal(param, std, seed, full)
+                    _fill_normal(param, std, seed, full, block_elements)
                     pad = getattr(module, "padding_idx", None)
                     if pad is not None:
                         _zero_row(param, pad)
@@ -186,13 +214,14 @@ def _placement(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(param.shape), (0,) * param.dim()
 
 
-def _fill_normal(param: torch.Tensor, std: float, seed: int, name: str) -> None:
+def _fill_normal(param: torch.Tensor, std: float, seed: int, name: str,
+                 block_elements: int) -> None:
     local = _local(param)
     shape, offset = _placement(param)
     if local.numel() == 0:
         return
     row = math.prod(param.shape[1:])
-    rows_per_block = max(1, INIT_BLOCK_ELEMENTS // row)
+    rows_per_block = max(1, block_elements // row)
     first, stop = offset[0], offset[0] + shape[0]
     for block in range(first // rows_per_block, (stop - 1) // rows_per_block + 1):
         lo = block * rows_per_block
@@ -248,7 +277,11 @@ def weights_checksum(model: nn.Module) -> float:
                 local = p.to_local()
                 key = (p.device_mesh,
                        tuple(i for i, pl in enumerate(p.placements) if pl.is_shard()))
-            part = torch.linalg.vector_norm(local.detach(), 1, dtype=torch.float64)
+            # in pieces: a float64 copy of a whole embedding shard would be the largest
+            # allocation of the stage's start
+            part = sum(torch.linalg.vector_norm(piece, 1, dtype=torch.float64)
+                       for piece in local.detach().reshape(-1).split(READ_CHUNK_BYTES // 8))
+            part = torch.as_tensor(part, dtype=torch.float64, device=local.device)
             sums[key] = sums[key] + part if key in sums else part
     total = 0.0
     for key, value in sums.items():  # the same keys in the same order on every rank
