@@ -135,18 +135,47 @@ def sharded_weights(rank, world, ring, dp, shard, fills, theta, seq_len, block_e
     layout = _tiny_layout(ring, dp, shard)
     out = {}
     for label, (config, source, seed, resume) in fills.items():
-        model, *_ = _sharded(layout, config, source, seed, resume, theta, seq_len,
-                             block_elements, chunk_bytes)
+        model, root, _, _ = _sharded(layout, config, source, seed, resume, theta, seq_len,
+                                     block_elements, chunk_bytes)
         checksum = weights_checksum(model)
+        loss = _first_loss(layout, root, model.config.vocab_size, seq_len)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
-        out[label] = {"checksum": checksum}
+        out[label] = {"checksum": checksum, "loss": loss}
         if rank == 0:
             out[label].update(
                 state={k: np.array(v.numpy(), copy=True) for k, v in full.items()},
                 inv_freq=model.model.rotary_emb.inv_freq.numpy().copy(),
                 local_shapes={n: tuple(p.to_local().shape) for n, p in model.named_parameters()})
     return out
+
+
+def sample_batch(dp: int, vocab: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample per ring: (input ids, next-token labels), the same on every rank."""
+    ids = torch.randint(0, vocab, (dp, seq_len), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return ids, labels
+
+
+def _first_loss(layout, root, vocab: int, seq_len: int) -> float:
+    """The loss of sample_batch through the FSDP root (what training computes from these
+    weights), mean over the rings: the all-gathers must see what was filled."""
+    import torch.distributed as dist
+
+    from ray_jobs.ring_attention import sequence_position_ids, sequence_shard
+    from ray_jobs.train.parallelize import ring_mean_loss
+
+    dims = layout.dims
+    ids, labels = sample_batch(dims.dp, vocab, seq_len)
+    mine = slice(layout.dp_rank, layout.dp_rank + 1)
+    place = (layout.ring_rank, dims.ring, layout.ulysses_rank, dims.ulysses)
+    x, y = (sequence_shard(t[mine], 1, *place) for t in (ids, labels))
+    pos = sequence_position_ids(seq_len, *place).unsqueeze(0)
+    with torch.no_grad():
+        loss = ring_mean_loss(*root(x, pos, y), layout.sequence).detach().clone()
+    dist.all_reduce(loss)
+    return loss.item() / dist.get_world_size()
 
 
 def save_sharded_checkpoint(rank, world, ring, dp, shard, source, path, theta, seq_len):

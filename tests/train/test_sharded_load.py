@@ -45,6 +45,15 @@ def whole(config: LlamaConfig, fill) -> LlamaForCausalLM:
     return model
 
 
+def reference_loss(state: dict[str, torch.Tensor], dp: int) -> float:
+    """The loss of worlds.sample_batch on the unsharded model holding `state`."""
+    model = whole(tiny_config(), lambda m: m.load_state_dict(state))
+    ids, labels = worlds.sample_batch(dp, 131, SEQ)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A Hugging Face checkpoint of a trained-looking tiny Llama (HF's own init, then moved off
@@ -91,6 +100,8 @@ def test_every_layout_fills_bitwise_the_unsharded_weights(checkpoints, world, ri
         total = float(sum(v.double().abs().sum() for v in state.values()))
         for rank in range(world):
             assert got[rank][label]["checksum"] == pytest.approx(total, rel=1e-12), label
+        # training computes from what was filled (FSDP all-gathers its own storage)
+        assert got[0][label]["loss"] == pytest.approx(reference_loss(state, dp), rel=1e-5)
         # RoPE's non-persistent buffer is rebuilt for the stage after to_empty
         assert torch.allclose(torch.from_numpy(got[0][label]["inv_freq"]), inv_freq)
     # and each rank held only its rows: the embedding's 131 over the shard group
