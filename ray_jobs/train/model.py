@@ -7,9 +7,9 @@
     load_hf_weights(model, source) | init_weights(model, seed) | (resume) load_checkpoint
 
 No rank ever holds a whole model: a Hugging Face checkpoint is read slice by slice (the rows a
-rank owns, a few MB at a time), a new model is drawn block by block from generators seeded by (seed, parameter,
-block), so its weights are the same in every layout. `build_model` does the same in one process
-(benchmarks and tests that want a whole model).
+rank owns, a few MB at a time), a new model is drawn block by block from generators seeded by
+(seed, parameter, block), so its weights are the same in every layout. `build_model` does the
+same in one process (benchmarks and tests that want a whole model).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -91,7 +91,10 @@ def materialize(model: LlamaForCausalLM, device: torch.device | str, theta: floa
     """Give every parameter (this rank's shard of it, once parallelize() has run) storage on
     `device`, uninitialised; set RoPE for the stage, which rebuilds the non-persistent inv_freq
     buffer that to_empty left as garbage."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.to_empty(device=device)
+    if tied:  # to_empty gives each module its own new parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
     apply_rope_theta(model, theta, seq_len)
 
 
@@ -123,8 +126,11 @@ def load_hf_weights(model: nn.Module, source: Path, *,
     until it closes, so a rank peaked at its shards plus as much again (measured: 864 MB for a
     rank holding half of an 844 MB model)."""
     files = _hf_tensor_files(source)
-    params = {f"{m}.{n}".replace(WRAPPED, "").lstrip("."): p
-              for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False)}
+    params: dict[str, torch.Tensor] = {}
+    for m, mod in model.named_modules():
+        for n, p in mod.named_parameters(recurse=False):
+            if all(p is not q for q in params.values()):  # tied weights: the first name
+                params[f"{m}.{n}".replace(WRAPPED, "").lstrip(".")] = p
     _check_hf_tensors(source, files, params)
     with torch.no_grad():
         for name, param in params.items():
@@ -151,9 +157,13 @@ def _hf_tensor_files(source: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
                               "saved with save_pretrained(safe_serialization=True)")
     files = {}
     for path in found:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                files[key] = (path, tuple(f.get_slice(key).get_shape()))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    files[key] = (path, tuple(f.get_slice(key).get_shape()))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); restore the "
+                                  "file save_pretrained wrote") from None
     return files
 
 
