@@ -32,7 +32,15 @@ from ray_jobs.ring_attention import select_block_kernel
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
-from ray_jobs.train.model import build_model, weights_checksum
+from ray_jobs.train.model import (
+    build_meta_model,
+    init_weights,
+    load_hf_weights,
+    materialize,
+    model_config,
+    model_source,
+    weights_checksum,
+)
 from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
@@ -94,16 +102,27 @@ def _train(config: WorkerConfig) -> None:
     dist.broadcast_object_list(start)
     resume, init_from = start[0]
 
-    # 3. Model: every rank builds the same weights, then parallelize() splits its attention
-    #    over the ring (SDPA until then) and shards them.
+    # 3. Model: built on the meta device (shapes only), parallelize() splits its attention
+    #    over the ring (SDPA until then) and shards it, and only then does each rank give its
+    #    shards storage and fill them: from the checkpoint's DCP shards when resuming (step 4),
+    #    else the slices it owns of the Hugging Face checkpoint (model.path, or the previous
+    #    stage's export), else a new model drawn the same in every layout. No rank ever holds
+    #    the whole model (docs/training.md, "Loading at scale").
     tok = build_tokenizer(run, run_dir, spec_dir)
-    hf_model = build_model(run, index, Path(init_from) if init_from else None,
-                           seed=run.data.seed, attn_implementation="sdpa",
-                           spec_dir=spec_dir).to(device)
-    init_checksum = weights_checksum(hf_model)  # before sharding: the whole model
+    source = model_source(run, index, Path(init_from) if init_from else None, spec_dir)
+    hf_model = build_meta_model(model_config(run, index, source, attn_implementation="sdpa"),
+                                getattr(torch, run.model.dtype))
     model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
                         activation_checkpointing=stage_plan.activation_checkpointing,
                         loss_chunk_tokens=run.training.loss_chunk_tokens)
+    materialize(hf_model, device, run.stage_theta(index), stage.seq_len)
+    init_checksum = 0.0  # a resumed stage keeps the one its checkpoint recorded (step 4)
+    if not resume:
+        if source is not None:
+            load_hf_weights(hf_model, source)
+        else:
+            init_weights(hf_model, run.data.seed)
+        init_checksum = weights_checksum(hf_model)  # of the whole model, summed over shards
 
     # 4. Optimizer and schedule (linear warm-up, then cosine decay), restored when resuming.
     opt = build_optimizer(model, stage.lr)
