@@ -133,6 +133,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """`ringpilot plan`, then with --verify-memory the trace of every planned stage."""
+    given = [flag for flag, value in (("--trace-layers", args.trace_layers is not None),
+                                      ("--trace-exact", args.trace_exact)) if value]
+    if given and not args.verify_memory:
+        raise SpecError("ringpilot plan", [f"{given[0]}: only with --verify-memory (got it "
+                                           "without; add --verify-memory or drop it)"])
+    if args.trace_layers is not None and args.trace_layers < 1:
+        raise SpecError("ringpilot plan", [f"--trace-layers: give 1 or more decoder layers "
+                                           f"(got {args.trace_layers})"])
     code = run_plan(args)
     if code or not args.verify_memory:
         return code
@@ -144,9 +152,6 @@ def _plan(args: argparse.Namespace) -> int:
         verify_plan_memory,
     )
 
-    if args.trace_layers is not None and args.trace_layers < 1:
-        raise SpecError("ringpilot plan", [f"--trace-layers: give 1 or more decoder layers "
-                                           f"(got {args.trace_layers})"])
     run = load_model(args.run, RunSpec)
     plan = Plan.model_validate_json((Path(args.out) / "plan.json").read_text())
     depths, max_ring = (None, None) if args.trace_exact else (TRACE_DEPTHS, TRACE_RING)

@@ -8,6 +8,10 @@ reduce-scatter buffers. This is how torchtitan estimates memory. What it cannot 
 workspaces (flash-attn, cuBLAS), the CUDA caching allocator's fragmentation and the NCCL and
 CUDA context, which the planner's profile reserves separately (`memory_reserve_bytes`).
 
+A full-depth trace takes about 4 s a layer here, longer on long rings, so `ringpilot plan
+--verify-memory` traces each stage at TRACE_DEPTHS layers on a ring of at most TRACE_RING
+(`equivalent_layout`: the same tensors per GPU) and extrapolates per layer (`trace_stage_peak`).
+
     python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
 
 with --policy attention (or none) to trace another activation checkpointing policy than full.

@@ -4,6 +4,7 @@ against the planner's cost model, on shallow Llama-3 shapes so the suite stays f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,17 @@ def test_verify_memory_reports_each_stage_as_it_starts_and_ends():
         assert start == (f"stage {s.name} ({i + 1}/2): tracing ring 2 x dp 1, shard 2 as the "
                          "planned ring, 1 and 2 of 3 layers, none checkpointing"), start
         assert end.startswith(f"stage {s.name} ({i + 1}/2): traced ") and " s: fits" in end, end
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trace-layers", "0", "--verify-memory"], r"--trace-layers: give 1 or more decoder "
+                                                  r"layers \(got 0\)"),
+    (["--trace-exact"], r"--trace-exact: only with --verify-memory"),
+])
+def test_plan_refuses_a_bad_trace_flag_before_planning(tmp_path, capsys, argv, message):
+    from ringpilot.cli import main
+
+    code = main(["plan", "--run", str(CONFIG), "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "plan.json").exists()
