@@ -40,12 +40,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ray_jobs.train.memory import trace_stage_memory  # noqa: E402
+from ray_jobs.train.memory import predicted_step_bytes, trace_stage_memory  # noqa: E402
 from specs.degrees import ParallelDims  # noqa: E402
 from specs.loading import load_model  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
 from tests.support.worlds import run_world  # noqa: E402
-from topology.cost import StageShape, memory_per_gpu  # noqa: E402
 from topology.profile import get_profile  # noqa: E402
 from topology.run_plan import plan_from_workers, plan_run  # noqa: E402
 from topology.sources import load_cluster  # noqa: E402
@@ -54,8 +53,7 @@ GB = 1e9
 
 
 def predicted_bytes(run: RunSpec, stage, dims: ParallelDims, policy: str | None = None) -> float:
-    parts = memory_per_gpu(StageShape.of(run, stage, dims, policy), get_profile("l40s"))
-    return sum(v for k, v in parts.items() if not k.startswith("reserve"))
+    return predicted_step_bytes(run, stage, dims, policy, get_profile("l40s"))[0]
 
 
 def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], float]:

@@ -64,12 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
     plan = add_plan_parser(sub)
     plan.add_argument("--verify-memory", action="store_true",
-                      help="trace one training step of each stage's planned layout (FSDP2 memory "
-                      "tracker on fake tensors, full model depth; minutes for 70B) and print "
-                      "predicted vs traced peak memory per GPU")
+                      help="trace a training step of each stage's planned layout (FSDP2 memory "
+                      "tracker on fake tensors; a few layers on a ring of at most 8, "
+                      "extrapolated per layer: minutes for 70B), print predicted vs traced peak "
+                      "memory per GPU with a verdict, and exit 2 unless every stage fits with "
+                      "its margin")
     plan.add_argument("--trace-layers", type=int, metavar="N",
                       help="with --verify-memory: trace (and model) only N decoder layers, for a "
                       "quick check of the machinery; the fit verdict then covers that model only")
+    plan.add_argument("--trace-exact", action="store_true",
+                      help="with --verify-memory: trace every layer on the planned ring instead "
+                      "of extrapolating (hours for 70B; for checking the extrapolation)")
     plan.set_defaults(func=_plan)
     calibrate = sub.add_parser(
         "calibrate", help="measure the cost model's numbers on a cluster (a profile for plan)",
@@ -128,30 +133,60 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """`ringpilot plan`, then with --verify-memory the trace of every planned stage."""
+    given = [flag for flag, value in (("--trace-layers", args.trace_layers is not None),
+                                      ("--trace-exact", args.trace_exact)) if value]
+    if given and not args.verify_memory:
+        raise SpecError("ringpilot plan", [f"{given[0]}: only with --verify-memory (got it "
+                                           "without; add --verify-memory or drop it)"])
+    if args.trace_layers is not None and args.trace_layers < 1:
+        raise SpecError("ringpilot plan", [f"--trace-layers: give 1 or more decoder layers "
+                                           f"(got {args.trace_layers})"])
     code = run_plan(args)
     if code or not args.verify_memory:
         return code
-    from ray_jobs.train.memory import render_checks, verify_plan_memory  # torch: only when asked
+    from ray_jobs.train.memory import (  # torch: only when asked
+        TRACE_DEPTHS,
+        TRACE_RING,
+        describe_tracing,
+        render_checks,
+        verify_plan_memory,
+    )
 
     run = load_model(args.run, RunSpec)
     plan = Plan.model_validate_json((Path(args.out) / "plan.json").read_text())
+    depths, max_ring = (None, None) if args.trace_exact else (TRACE_DEPTHS, TRACE_RING)
+    if args.trace_layers is not None:
+        depths = None
+    print(f"\nverify-memory: tracing {len(plan.stages)} stages. "
+          f"{describe_tracing(depths, max_ring)}", flush=True)
     try:
-        checks = verify_plan_memory(run, plan, layers=args.trace_layers)
+        checks = verify_plan_memory(run, plan, layers=args.trace_layers, depths=depths,
+                                    max_ring=max_ring,
+                                    progress=lambda line: print(f"verify-memory: {line}",
+                                                                flush=True))
     except ValueError as e:  # a layout the tracer cannot follow yet
         print(f"ringpilot plan --verify-memory: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     print("\nMemory per GPU: the cost model's prediction against a trace of the trainer's own "
-          "parallelize() (reserve for the CUDA context, NCCL and fragmentation added to the "
-          "trace for the fit):")
+          "parallelize(). The verdict takes the larger of the two plus the reserve (CUDA "
+          "context, NCCL, fragmentation: what a trace cannot see), and wants room for the "
+          "margin above it (the larger of 10% and the stage's own trace-vs-model error); within "
+          "the margin of the GPU is 'at the limit'.")
     print(render_checks(checks))
     atomic_write(Path(args.out) / "memory.json", json.dumps(
-        [{**asdict(c), "error": c.error, "fits": c.fits} for c in checks], indent=1) + "\n")
-    misfits = [c.stage for c in checks if not c.fits]
+        [{**asdict(c), "error": c.error, "peak_bytes": c.peak_bytes,
+          "margin_bytes": c.margin_bytes, "verdict": c.verdict, "fits": c.fits}
+         for c in checks], indent=1) + "\n")
+    misfits = [c.stage for c in checks if c.verdict == "does not fit"]
+    tight = [c.stage for c in checks if c.verdict == "at the limit"]
     if misfits:
         print(f"ringpilot plan: stages {misfits} do not fit in the traced memory; raise their "
               "ring_degree or shard_degree", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    if tight:
+        print(f"ringpilot plan: stages {tight} are at the limit: the GPU holds their peak but "
+              "not the margin of the trace's error; raise their ring_degree or shard_degree, or "
+              "use a checkpointing policy that keeps less", file=sys.stderr)
+    return EXIT_USER_ERROR if misfits or tight else 0
 
 
 def _eval_report(args: argparse.Namespace) -> int:

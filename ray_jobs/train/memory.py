@@ -8,6 +8,10 @@ reduce-scatter buffers. This is how torchtitan estimates memory. What it cannot 
 workspaces (flash-attn, cuBLAS), the CUDA caching allocator's fragmentation and the NCCL and
 CUDA context, which the planner's profile reserves separately (`memory_reserve_bytes`).
 
+A full-depth trace takes about 4 s a layer here, longer on long rings, so `ringpilot plan
+--verify-memory` traces each stage at TRACE_DEPTHS layers on a ring of at most TRACE_RING
+(`equivalent_layout`: the same tensors per GPU) and extrapolates per layer (`trace_stage_peak`).
+
     python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
 
 with --policy attention (or none) to trace another activation checkpointing policy than full.
@@ -19,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,7 +46,7 @@ from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
 from topology.cost import GB, StageShape, memory_per_gpu
-from topology.profile import get_profile
+from topology.profile import HardwareProfile, get_profile
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,50 @@ class MemoryTrace:
     layers: int  # decoder layers traced (the model's, unless a test asked for fewer)
     seconds: float  # wall time of the trace
     traced_as: str = ""  # the equivalent layout traced, when not the stage's own
+    extrapolated_from: tuple[int, ...] = ()  # depths traced, when `layers` is extrapolated
 
 
-def equivalent_layout(stage: StageSpec, dims: ParallelDims, ring: int
+TRACE_RING = 8  # rings longer than this are traced as their equivalent on a ring this long
+# Decoder layers traced; the peak is extrapolated per layer from them. From 3 layers on the
+# peak grows by the same bytes per layer (8B, 70B, tiny: all policies); at 1 or 2 it sits in
+# another phase of the step and the slope is wrong (70B 65k: 1.9 GB a layer from 2 to 3, 0.21
+# from 3 on).
+TRACE_DEPTHS = (4, 6)
+TRACE_TOLERANCE = 0.10  # trace vs cost model, as the tests and benchmarks/memory.py hold it
+
+
+def equivalent_ring(ring: int, max_ring: int) -> int:
+    """The ring length a ring of `ring` is traced on: itself up to `max_ring`, else its longest
+    divisor from 2 to `max_ring` (a ring of one exchanges nothing: not the same buffers)."""
+    if ring <= max_ring:
+        return ring
+    return max((r for r in range(2, max_ring + 1) if ring % r == 0), default=ring)
+
+
+def equivalent_layout(stage: StageSpec, dims: ParallelDims, max_ring: int
                       ) -> tuple[StageSpec, ParallelDims]:
-    """The same per-GPU work on a shorter ring: a ring of `ring` over 1/k of the sequence, with
-    k times the shard slots, so every tensor a rank holds has the same shape (tokens per GPU,
-    K/V blocks, shard group, sequences per ring); only the ring's loop is shorter."""
-    if dims.ring <= ring or dims.ring % ring:
+    """The same per-GPU work on a shorter ring: a ring of `equivalent_ring` over 1/k of the
+    sequence, with k times the shard slots, so every tensor a rank holds has the same shape
+    (tokens per GPU, K/V blocks, heads per Ulysses rank, shard group, sequences per ring) and the
+    world is the same size; only the ring's loop is shorter. The trace's time grows with the
+    ring, its memory does not (tests/train/test_memory_trace.py traces both)."""
+    ring = equivalent_ring(dims.ring, max_ring)
+    if ring == dims.ring:
         return stage, dims
     k = dims.ring // ring
-    short = ParallelDims(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard * k, ring=ring)
+    short = ParallelDims(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard * k, ring=ring,
+                         ulysses=dims.ulysses)
     per_ring = stage.batch_size // dims.dp
     return stage.model_copy(update={"seq_len": stage.seq_len // k,
                                     "batch_size": per_ring * short.dp}), short
+
+
+def per_gpu_shapes(stage: StageSpec, dims: ParallelDims) -> dict[str, int]:
+    """What sets the size of every tensor one rank holds: an equivalent layout keeps these."""
+    return {"tokens_per_gpu": stage.seq_len // dims.sequence,
+            "sequences_per_ring": stage.batch_size // dims.dp,
+            "shard_group": dims.shard, "ulysses": dims.ulysses,
+            "grad_accum_steps": stage.grad_accum_steps, "world": dims.world}
 
 
 def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
@@ -83,7 +118,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
         raise ValueError(f"stage {stage.name!r}: tracing a Ulysses layout ({dims.describe()}) "
                          "is not supported yet; the cost model's memory for it is untraced")
     traced_as = ""
-    if max_ring is not None and dims.ring > max_ring:
+    if max_ring is not None and equivalent_ring(dims.ring, max_ring) != dims.ring:
         stage, dims = equivalent_layout(stage, dims, max_ring)
         traced_as = (f"ring {dims.ring} over {stage.seq_len:,} tokens, {dims.shard}-GPU shard "
                      "group (the same tensors per GPU)")
@@ -138,9 +173,47 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                        traced_as=traced_as)
 
 
+def trace_stage_peak(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                     policy: CheckpointPolicy = "full", depths: tuple[int, int] = TRACE_DEPTHS,
+                     max_ring: int | None = TRACE_RING) -> MemoryTrace:
+    """The full-depth peak without tracing every layer: two shallow traces (`depths` decoder
+    layers, longer rings as their equivalent_layout) extrapolated per layer to the model's
+    depth, category by category. Assumes what the trainer's layout makes so: each decoder layer
+    adds the same bytes at the peak (its sharded weights, gradients and AdamW state; its
+    checkpointed input, or under `attention` its kept output and log-sum-exp), the rest
+    (embedding, head, loss, one layer's recomputation) does not grow with depth. A model no
+    deeper than `depths` is traced whole."""
+    full, (lo, hi) = run.model.num_hidden_layers, depths
+    if not 0 < lo < hi:
+        raise ValueError(f"depths {depths}: give two layer counts, the first smaller")
+    if full <= hi:
+        return trace_stage_memory(run, stage, dims, policy=policy, max_ring=max_ring)
+    a, b = (trace_stage_memory(run, stage, dims, policy=policy, layers=n, max_ring=max_ring)
+            for n in depths)
+
+    def at_full(x: int, y: int) -> int:
+        return round(y + (y - x) * (full - hi) / (hi - lo))
+
+    return MemoryTrace(peak_bytes=at_full(a.peak_bytes, b.peak_bytes),
+                       parts={k: at_full(a.parts.get(k, 0), v) for k, v in b.parts.items()},
+                       layers=full, seconds=a.seconds + b.seconds, traced_as=b.traced_as,
+                       extrapolated_from=depths)
+
+
+def predicted_step_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims,
+                         policy: CheckpointPolicy | None, profile: HardwareProfile
+                         ) -> tuple[float, float]:
+    """The cost model's peak per GPU of a training step, (reserve excluded, the reserve)."""
+    parts = memory_per_gpu(StageShape.of(run, stage, dims, policy), profile)
+    reserve = sum(v for k, v in parts.items() if k.startswith("reserve"))
+    return sum(parts.values()) - reserve, reserve
+
+
 @dataclass(frozen=True)
 class MemoryCheck:
-    """One stage's predicted peak (cost model, reserve excluded) against its trace."""
+    """One stage's predicted peak (cost model, reserve excluded) against its trace, in one
+    phase of the stage's life: "step" (a training step) for now; a phase that loads or exports
+    a checkpoint is another row of the same table."""
 
     stage: str
     layout: str
@@ -150,49 +223,107 @@ class MemoryCheck:
     reserve_bytes: float
     gpu_bytes: float
     trace_seconds: float
+    phase: str = "step"
+    traced_as: str = ""  # how it was traced, when not layer by layer on the planned ring
 
     @property
     def error(self) -> float:
         return (self.predicted_bytes - self.traced_bytes) / self.traced_bytes
 
     @property
+    def peak_bytes(self) -> float:
+        """The larger of the two estimates, with the reserve: what the verdict is about."""
+        return max(self.predicted_bytes, self.traced_bytes) + self.reserve_bytes
+
+    @property
+    def margin_bytes(self) -> float:
+        """How far the real peak may sit above `peak_bytes`: the larger of the documented
+        tolerance (TRACE_TOLERANCE) and this stage's own trace-vs-model error, of the tensors'
+        bytes (the reserve is a budget, not an estimate)."""
+        return max(TRACE_TOLERANCE, abs(self.error)) * (self.peak_bytes - self.reserve_bytes)
+
+    @property
+    def verdict(self) -> str:
+        """"fits", "at the limit" (the GPU holds the peak but not its margin) or "does not
+        fit"; only "fits" passes."""
+        if self.peak_bytes > self.gpu_bytes:
+            return "does not fit"
+        return "at the limit" if self.peak_bytes + self.margin_bytes > self.gpu_bytes else "fits"
+
+    @property
     def fits(self) -> bool:
-        return self.traced_bytes + self.reserve_bytes <= self.gpu_bytes
+        return self.verdict == "fits"
 
 
-def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None
-                       ) -> list[MemoryCheck]:
+def describe_tracing(depths: tuple[int, int] | None, max_ring: int | None) -> str:
+    """The assumptions a verify-memory table rests on, one sentence each, for its caption."""
+    out = []
+    if depths is not None:
+        out.append(f"Each stage is traced at {depths[0]} and {depths[1]} decoder layers and its "
+                   "peak extrapolated per layer to the model's depth (each layer adds the same "
+                   "bytes: its shard of weights, gradients and optimizer state, its kept "
+                   "activations).")
+    if max_ring is not None:
+        out.append(f"Rings longer than {max_ring} are traced as their equivalent on a ring of "
+                   f"at most {max_ring} (the same tokens per GPU and shard group: the same "
+                   "tensors per GPU, a shorter loop).")
+    return " ".join(out)
+
+
+def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None,
+                       depths: tuple[int, int] | None = TRACE_DEPTHS,
+                       max_ring: int | None = TRACE_RING,
+                       progress: Callable[[str], None] | None = None) -> list[MemoryCheck]:
     """Trace every planned stage's layout under its planned activation checkpointing policy
-    and set it beside the cost model's peak for the same shape and policy (`layers`: a
-    shallower model for both, for quick checks)."""
+    and set it beside the cost model's peak for the same shape and policy. By default each
+    stage is traced shallow and on a short ring and extrapolated (trace_stage_peak: minutes
+    for 70B, where layer by layer on a ring of 128 took hours); `depths=None, max_ring=None`
+    traces every layer on the planned ring. `layers`: a shallower model for both the trace and
+    the cost model, traced whole, for quick checks. `progress` gets a line as each stage starts
+    and finishes."""
     if layers is not None:
         run = run.model_copy(update={"model": run.model.model_copy(
             update={"num_hidden_layers": layers})})
+        depths = None
     profile = get_profile(plan.profile or "l40s")
+    say = progress or (lambda line: None)
     checks = []
-    for stage_plan in plan.stages:
+    for i, stage_plan in enumerate(plan.stages, 1):
         stage = next(s for s in run.stages if s.name == stage_plan.name)
         dims, policy = stage_plan.dims, stage_plan.activation_checkpointing
-        trace = trace_stage_memory(run, stage, dims, policy=policy)
-        parts = memory_per_gpu(StageShape.of(run, stage, dims, policy), profile)
-        reserve = sum(v for k, v in parts.items() if k.startswith("reserve"))
-        checks.append(MemoryCheck(
-            stage=stage.name, layout=dims.describe(), policy=policy,
-            predicted_bytes=sum(parts.values()) - reserve,
+        short = equivalent_layout(stage, dims, max_ring)[1] if max_ring else dims
+        how = (f"ring {short.ring} x dp {short.dp}" if short != dims else "the planned ring")
+        how += (f", {depths[0]} and {depths[1]} of {run.model.num_hidden_layers} layers"
+                if depths and run.model.num_hidden_layers > depths[1]
+                else f", all {run.model.num_hidden_layers} layers")
+        say(f"stage {stage.name} ({i}/{len(plan.stages)}): tracing {dims.describe()} as "
+            f"{how}, {policy} checkpointing")
+        if depths is None:
+            trace = trace_stage_memory(run, stage, dims, policy=policy, max_ring=max_ring)
+        else:
+            trace = trace_stage_peak(run, stage, dims, policy=policy, depths=depths,
+                                     max_ring=max_ring)
+        predicted, reserve = predicted_step_bytes(run, stage, dims, policy, profile)
+        check = MemoryCheck(
+            stage=stage.name, layout=dims.describe(), policy=policy, predicted_bytes=predicted,
             traced_bytes=trace.peak_bytes, reserve_bytes=reserve, gpu_bytes=profile.hbm_bytes,
-            trace_seconds=trace.seconds))
+            trace_seconds=trace.seconds, traced_as=how)
+        checks.append(check)
+        say(f"stage {stage.name} ({i}/{len(plan.stages)}): traced {trace.peak_bytes / GB:.1f} GB "
+            f"per GPU in {trace.seconds:.1f} s: {check.verdict}")
     return checks
 
 
 def render_checks(checks: list[MemoryCheck]) -> str:
-    """The table `ringpilot plan --verify-memory` prints."""
-    lines = [f"{'stage':<8}{'layout':<46}{'policy':<11}{'predicted':>11}{'traced':>9}{'error':>8}"
-             f"{'+reserve':>10}  fits?"]
+    """The table `ringpilot plan --verify-memory` prints: one row per stage and phase."""
+    lines = [f"{'stage':<7}{'phase':<6}{'layout':<46}{'policy':<11}{'predicted':>11}"
+             f"{'traced':>9}{'error':>8}{'peak+reserve':>14}{'margin':>9}  verdict"]
     for c in checks:
-        lines.append(f"{c.stage:<8}{c.layout:<46}{c.policy:<11}{c.predicted_bytes / GB:>9.1f}GB"
-                     f"{c.traced_bytes / GB:>7.1f}GB{c.error:>+8.1%}"
-                     f"{(c.traced_bytes + c.reserve_bytes) / GB:>8.1f}GB  "
-                     f"{'yes' if c.fits else f'NO (> {c.gpu_bytes / GB:.0f} GB)'}")
+        verdict = c.verdict if c.fits else f"{c.verdict.upper()} ({c.gpu_bytes / GB:.0f} GB GPU)"
+        lines.append(f"{c.stage:<7}{c.phase:<6}{c.layout:<46}{c.policy:<11}"
+                     f"{c.predicted_bytes / GB:>9.1f}GB{c.traced_bytes / GB:>7.1f}GB"
+                     f"{c.error:>+8.1%}{c.peak_bytes / GB:>12.1f}GB{c.margin_bytes / GB:>7.1f}GB"
+                     f"  {verdict}")
     return "\n".join(lines)
 
 
