@@ -451,3 +451,4 @@ def test_the_train_command_refuses_a_model_path_with_code_before_starting(hostil
     err = capsys.readouterr().err
     assert "cannot start" in err and f"model.path: {path / 'evil_tokenizer.py'}" in err
     assert "Traceback" not in err and not marker.exists()
+    assert not (tmp_path / "runs" / spec["name"]).exists()  # a refused run leaves nothing

@@ -134,6 +134,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
     their own ring x dp x ulysses GPUs. Returns what it read and planned; raises PreflightError
     with every problem."""
     problems, documents, plan = [], [], None
+    new_run_dir = not run_dir.exists()
     unwritable = writable_dir_problem(run_dir)
     if unwritable:
         problems.append(f"storage.path: cannot write the run directory {run_dir} "
@@ -179,6 +180,8 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
                 if stages is None and len(run.stages) > 1 and isinstance(e, PlanError) else "")
         problems.append(f"resources: {e.render() if isinstance(e, SpecError) else e}{hint}")
     if problems:
+        if new_run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a refused run leaves nothing behind (the write probe made it)
         raise PreflightError(problems)
     workers, workers_from = run.resources.workers, "resources.workers"
     if stages is not None:
