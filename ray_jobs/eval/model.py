@@ -36,8 +36,7 @@ def load_arguments(compute_dtype: str, device: str) -> dict:
     # The trainer may have saved attn_implementation="ring", which is only registered inside
     # training workers; one evaluator runs the whole sequence with PyTorch's SDPA.
     return {"dtype": getattr(torch, eval_dtype(compute_dtype, torch.device(device).type)),
-            "attn_implementation": "sdpa", "trust_remote_code": False,
-            "local_files_only": True}
+            "attn_implementation": "sdpa", "local_files_only": True}
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = "float32"):
@@ -48,7 +47,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = 
     from ray_jobs.data.tokenizer import load_tokenizer
 
     path = check_checkpoint_is_data(check_checkpoint(path))
-    model = LlamaForCausalLM.from_pretrained(str(path), **load_arguments(compute_dtype, device))
+    model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False,
+                                             **load_arguments(compute_dtype, device))
     return model.to(device).eval(), load_tokenizer(path)
 
 

@@ -58,13 +58,13 @@ def test_cuda_load_arguments_are_bf16_and_load_a_bf16_model(tmp_path):
     arrive in bf16, not fp32; a CPU evaluator of the same run keeps fp32."""
     cuda = load_arguments("bfloat16", "cuda")
     assert cuda == {"dtype": torch.bfloat16, "attn_implementation": "sdpa",
-                    "trust_remote_code": False, "local_files_only": True}
+                    "local_files_only": True}
     assert load_arguments("bfloat16", "cuda:3")["dtype"] is torch.bfloat16  # a device index
     assert load_arguments("bfloat16", "cpu")["dtype"] is torch.float32
     assert load_arguments("float32", "cuda")["dtype"] is torch.float32
     path = fixtures.save_checkpoint(fixtures.build_tiny_model(1000),
                                     fixtures.build_tokenizer(1000), tmp_path / "ckpt")
-    model = LlamaForCausalLM.from_pretrained(str(path), **cuda)
+    model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False, **cuda)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     on_cpu, _ = load_checkpoint(path, "cpu", "bfloat16")
     assert {p.dtype for p in on_cpu.parameters()} == {torch.float32}

@@ -115,12 +115,15 @@ def train_timed(path: Path, capsys) -> tuple[int, str, float]:
 
 
 @pytest.fixture(autouse=True)
-def no_ray_started():
-    yield
-    import sys
+def no_ray_started(monkeypatch):
+    """A refused spec must not start or join Ray: any ray.init during the test fails it. (Not
+    `ray.is_initialized()` afterwards: in the whole suite, the session's local Ray is up.)"""
+    import ray
 
-    if "ray" in sys.modules:
-        assert not sys.modules["ray"].is_initialized(), "a refused spec must not start Ray"
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: calls.append(kw))
+    yield
+    assert not calls, f"a refused spec started Ray: ray.init({calls[0]})"
 
 
 @pytest.mark.parametrize("path", RUN_COUNTS, ids=dotted)
