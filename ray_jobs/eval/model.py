@@ -73,9 +73,11 @@ def load_from_dcp(path: Path, device: str, dtype):
 
     import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    from specs.checkpoint import CheckpointError
     from specs.trust import check_run_dir
 
     config = LlamaConfig.from_pretrained(str(path), trust_remote_code=False,
@@ -96,7 +98,16 @@ def load_from_dcp(path: Path, device: str, dtype):
     check_run_dir(path)  # DCP unpickles its metadata: only from files no one else can write
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load({"model": state}, checkpoint_id=dcp_dir(path), no_dist=True)
+        try:
+            dcp.load({"model": state}, checkpoint_id=dcp_dir(path), no_dist=True)
+        except (CheckpointException, RuntimeError, ValueError) as e:
+            cause = e  # DCP wraps the cause with its traceback: name the cause alone
+            if isinstance(e, CheckpointException):
+                cause = next(iter(e.failures.values()))[0]
+            why = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+            raise CheckpointError(f"checkpoint {path}: its {dcp_dir(path).name}/ shards do not "
+                                  f"fill the model its config.json describes ({why}); evaluate "
+                                  "another committed checkpoint of the run") from None
     return model
 
 

@@ -173,6 +173,15 @@ def test_a_trainer_checkpoint_without_weights_is_one_clear_error(saved, tmp_path
         load_checkpoint(copy)  # the evaluator checks before it builds anything
 
 
+def test_shards_that_do_not_fit_the_config_are_one_clear_error(saved, tmp_path):
+    copy = Path(shutil.copytree(saved[1]["path"], tmp_path / "step-000001"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(CheckpointError, match=r"step-000001: its dcp/ shards do not fill the "
+                                              r"model its config.json describes \(.*\); evaluate"):
+        load_checkpoint(copy)
+
+
 @settings(max_examples=150, deadline=1000)
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(1, 120))
 def test_export_files_group_tensors_in_order_up_to_the_cap(sizes, cap):
