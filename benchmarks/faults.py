@@ -134,10 +134,11 @@ def compare(run_dir: Path, baseline: Path, out: Outcome) -> None:
 
 
 def unloadable(run_dir: Path) -> list[str]:
-    """Every checkpoint the ledger lists: committed, and its HF export, trainer state and DCP
-    metadata load."""
+    """Every checkpoint the ledger lists: committed, and its weights (the HF export of a final
+    one, else the DCP shards, as an evaluator reads them), trainer state and DCP metadata load."""
     from torch.distributed.checkpoint import FileSystemReader
-    from transformers import LlamaForCausalLM
+
+    from ray_jobs.eval.model import load_checkpoint
 
     problems, ledger = [], Ledger(run_dir)
     for stage, entry in ledger.read().stages.items():
@@ -145,7 +146,7 @@ def unloadable(run_dir: Path) -> list[str]:
             path = ledger.resolve(ckpt.path)
             try:
                 assert is_committed(path), "no COMMITTED marker"
-                LlamaForCausalLM.from_pretrained(path)
+                load_checkpoint(path)  # the export, or the DCP shards of an intermediate one
                 read_state(path)
                 FileSystemReader(str(dcp_dir(path))).read_metadata()
             except Exception as e:  # noqa: BLE001 - reported, the scenario fails

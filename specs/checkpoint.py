@@ -9,13 +9,19 @@ opens the trainer's state file by hand. Torch-free: the evaluator sits below the
         checkpoints/<stage>/step-000050/        one checkpoint (`checkpoint_dir`)
             dcp/                 every rank's shards of the model and AdamW state (DCP)
             trainer_state/       scheduler.pt, state.json (`TrainerState`)
-            config.json, model.safetensors, tokenizer.json, ...   the Hugging Face export
+            config.json, generation_config.json, tokenizer.json, ...
             COMMITTED            written last (specs/ledger.py)
+        checkpoints/<stage>/step-000100/        the stage's final checkpoint: the same, and
+            model-00001-of-0000N.safetensors, ..., model.safetensors.index.json
+                                 the Hugging Face export (`has_export`), written by every rank
         checkpoints/<stage>/.step-000050.epoch-3/   an attempt's staging folder (`staging_dir`)
         eval/<stage>/step-000050/               that checkpoint's evaluation (`eval_dir`)
 
-The Hugging Face export is the checkpoint folder itself, so any Hugging Face loader (and the
-next stage) opens it as a model directory; the trainer's own files sit in subfolders beside it.
+Every checkpoint is a Hugging Face model directory by its config.json and tokenizer; only the
+stage's final one holds the weights in Hugging Face form (the export: the next stage starts
+from it, any Hugging Face loader opens it). The others hold the weights only as DCP shards,
+which the evaluator reads (ray_jobs/eval/model.py) and a resume reads (always: a resume never
+reads an export). The trainer's own files sit in subfolders beside them.
 """
 
 from __future__ import annotations
@@ -171,6 +177,17 @@ def scheduler_file(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / STATE_DIR / SCHEDULER_FILE
 
 
+def export_files(checkpoint: str | Path) -> list[Path]:
+    """The Hugging Face weight files of a folder (`*.safetensors`), sorted; [] if none."""
+    return sorted(Path(checkpoint).glob("*.safetensors"))
+
+
+def has_export(checkpoint: str | Path) -> bool:
+    """Whether the folder holds weights in Hugging Face form (a stage's final checkpoint, or a
+    plain Hugging Face model), not only the trainer's DCP shards."""
+    return bool(export_files(checkpoint))
+
+
 def is_trainer_checkpoint(checkpoint: str | Path) -> bool:
     """Whether the folder is one of ringpilot's checkpoints (not a plain Hugging Face model)."""
     return (Path(checkpoint) / STATE_DIR).is_dir()
@@ -230,9 +247,11 @@ def final_checkpoint(ledger: Ledger, stage: str) -> Path | None:
 
 
 def check_checkpoint(path: str | Path) -> Path:
-    """An evaluable folder: a committed ringpilot checkpoint or a plain Hugging Face Llama
-    directory saved with its tokenizer. Refuses missing and incomplete ones (a ringpilot folder
-    without its COMMITTED marker) and folders without the export's files."""
+    """An evaluable folder: a committed ringpilot checkpoint (with its Hugging Face export, or
+    only its DCP shards) or a plain Hugging Face Llama directory saved with its tokenizer.
+    Refuses missing and incomplete ones (a ringpilot folder without its COMMITTED marker),
+    folders without config.json and the tokenizer, and a ringpilot folder with no weights (no
+    export and no dcp/)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a committed checkpoint "
@@ -246,4 +265,8 @@ def check_checkpoint(path: str | Path) -> Path:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it must be a Hugging "
                               "Face Llama directory saved with its tokenizer (save_pretrained)")
+    if is_trainer_checkpoint(path) and not has_export(path) and not dcp_dir(path).is_dir():
+        raise CheckpointError(f"checkpoint {path} has no weights: neither *.safetensors (the "
+                              f"Hugging Face export) nor {DCP_DIR}/ (the trainer's shards); it is "
+                              "damaged: evaluate another committed checkpoint of the run")
     return path

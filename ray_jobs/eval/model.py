@@ -1,11 +1,18 @@
-"""Load an evaluable checkpoint and turn it into a `Generate` callable (greedy decoding)."""
+"""Load an evaluable checkpoint and turn it into a `Generate` callable (greedy decoding).
+
+A checkpoint with a Hugging Face export (a stage's final one, or a plain Hugging Face folder)
+loads through from_pretrained; an intermediate checkpoint of the trainer has none (only the
+DCP shards, docs/training.md "Saving and exporting at scale"), and loads from them: the model
+is built from its config.json on the meta device, given storage on the evaluator's device in
+the evaluation dtype, and DCP copies each saved shard into it (fp32 saved -> bf16 by copy_, one
+saved shard at a time: never a whole fp32 copy of the model)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from specs.checkpoint import check_checkpoint
+from specs.checkpoint import check_checkpoint, dcp_dir, has_export, is_trainer_checkpoint
 from specs.trust import check_checkpoint_is_data
 
 # (prompt, max_new_tokens) -> the model's continuation. The runner only sees this, so a test can
@@ -41,15 +48,67 @@ def load_arguments(compute_dtype: str, device: str) -> dict:
 
 def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = "float32"):
     """(model in eval mode, tokenizer) of a checked checkpoint, in the dtype `load_arguments`
-    picks for `device` and the run's `compute_dtype`."""
+    picks for `device` and the run's `compute_dtype`: a trainer checkpoint without a Hugging
+    Face export from its DCP model shards (`load_from_dcp`), anything else by from_pretrained."""
     from transformers import LlamaForCausalLM
 
     from ray_jobs.data.tokenizer import load_tokenizer
 
     path = check_checkpoint_is_data(check_checkpoint(path))
-    model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False,
-                                             **load_arguments(compute_dtype, device))
+    arguments = load_arguments(compute_dtype, device)
+    if is_trainer_checkpoint(path) and not has_export(path):
+        model = load_from_dcp(path, device, arguments["dtype"])
+    else:
+        model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False,
+                                                 **arguments)
     return model.to(device).eval(), load_tokenizer(path)
+
+
+def load_from_dcp(path: Path, device: str, dtype):
+    """The model of a trainer checkpoint without an export, filled from its DCP shards in one
+    process: built from config.json on the meta device, storage on `device` in `dtype` only,
+    and each saved shard copied in (DCP converts by copy_: one saved shard in host memory at a
+    time). The optimizer state in the same files is not read."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from specs.checkpoint import CheckpointError
+    from specs.trust import check_run_dir
+
+    config = LlamaConfig.from_pretrained(str(path), trust_remote_code=False,
+                                         local_files_only=True)
+    config._attn_implementation = "sdpa"  # as load_arguments: the trainer's "ring" is not here
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    model.to_empty(device=device)
+    if tied:  # to_empty gives each module its own new parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # RoPE's inverse frequencies are a non-persistent buffer, not in the checkpoint, left as
+    # garbage by to_empty: rebuild them, in fp32 as from_pretrained has them
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    state = model.state_dict()
+    if tied:
+        state.pop("lm_head.weight", None)
+    check_run_dir(path)  # DCP unpickles its metadata: only from files no one else can write
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        try:
+            dcp.load({"model": state}, checkpoint_id=dcp_dir(path), no_dist=True)
+        except (CheckpointException, RuntimeError, ValueError) as e:
+            cause = e  # DCP wraps the cause with its traceback: name the cause alone
+            if isinstance(e, CheckpointException):
+                cause = next(iter(e.failures.values()))[0]
+            why = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+            raise CheckpointError(f"checkpoint {path}: its {dcp_dir(path).name}/ shards do not "
+                                  f"fill the model its config.json describes ({why}); evaluate "
+                                  "another committed checkpoint of the run") from None
+    return model
 
 
 def max_model_length(path: str | Path) -> int | None:

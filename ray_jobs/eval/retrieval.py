@@ -6,9 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
-
-from specs.trust import check_checkpoint_is_data
 
 
 @dataclass(frozen=True)
@@ -24,12 +21,10 @@ def retrieval_scores(checkpoint: Path, seq_len: int, samples: int = 32, seed: in
     of every answer token under teacher forcing equals greedy decoding's exact match; digit
     accuracy and the loss show partial retrieval."""
     from ray_jobs.data.samples import IGNORE, build_eval_prompt
-    from ray_jobs.data.tokenizer import load_tokenizer
+    from ray_jobs.eval.model import load_checkpoint
 
-    model = LlamaForCausalLM.from_pretrained(check_checkpoint_is_data(checkpoint),
-                                             dtype=torch.float32, attn_implementation="sdpa",
-                                             trust_remote_code=False).eval()
-    tok = load_tokenizer(checkpoint)
+    # the evaluators' loader (checked, export or DCP shards), in fp32 on the CPU
+    model, tok = load_checkpoint(checkpoint, "cpu", "float32")
     hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():
         for i in range(samples):

@@ -98,6 +98,7 @@ def test_evaluable_folders_are_committed_checkpoints_or_plain_hf_models(tmp_path
     ours.mkdir(parents=True)
     for f in ("config.json", "tokenizer.json"):
         (ours / f).write_text(json.dumps({}))
+    (ours / "dcp").mkdir()  # its weights (an intermediate checkpoint has no export)
     _written(ours, stage="s", stage_index=0, step=1)
     with pytest.raises(CheckpointError, match="is incomplete: it has trainer_state/ but no "
                        "COMMITTED marker"):
