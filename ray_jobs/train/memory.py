@@ -24,15 +24,24 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ray_jobs.train.model import llama_config
+from ray_jobs.train.model import (
+    READ_CHUNK_BYTES,
+    build_meta_model,
+    fill_parameters,
+    hf_parameters,
+    llama_config,
+    materialize,
+)
 from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
@@ -45,7 +54,13 @@ from specs.degrees import CHECKPOINT_POLICIES, CheckpointPolicy, ParallelDims
 from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
-from topology.cost import GB, StageShape, memory_per_gpu
+from topology.cost import (
+    GB,
+    StageShape,
+    lifecycle_memory,
+    memory_per_gpu,
+    policy_without_memory_model,
+)
 from topology.profile import HardwareProfile, get_profile
 
 
@@ -198,6 +213,132 @@ def trace_stage_peak(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                        parts={k: at_full(a.parts.get(k, 0), v) for k, v in b.parts.items()},
                        layers=full, seconds=a.seconds + b.seconds, traced_as=b.traced_as,
                        extrapolated_from=depths)
+
+
+LIFECYCLE_TRACED = ("load", "export")  # the phases besides the step that verify-memory traces
+
+
+@contextmanager
+def _fake_world(dims: ParallelDims):
+    """A fake process group of the layout's world (rank 0) and its mesh on the CPU."""
+    if dist.is_initialized():
+        raise RuntimeError("a memory trace needs a process without a process group: it "
+                           "creates a fake one of the stage's world size")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dims.world)
+    try:
+        # The mesh is built outside FakeTensorMode (inside it, DeviceMesh fails).
+        yield build_mesh(dims, [list(range(i * dims.ring, (i + 1) * dims.ring))
+                                for i in range(dims.dp)], "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_meta_model(run: RunSpec, stage: StageSpec, layout, layers: int | None):
+    """The trainer's step 3 up to materialize: the model on the meta device, parallelized."""
+    model = run.model
+    config = llama_config(model, stage.seq_len, model.rope_theta)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    config._attn_implementation = "sdpa"
+    hf = build_meta_model(config, getattr(torch, model.dtype))
+    root = parallelize(hf, layout, mixed_precision=compute_dtype_of(run),
+                       activation_checkpointing=policy_without_memory_model(stage),
+                       loss_chunk_tokens=run.training.loss_chunk_tokens)
+    return hf, root
+
+
+def _peak(tracker: FSDPMemTracker) -> tuple[int, dict[str, int]]:
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return int(peak["Total"]), {str(k): int(v) for k, v in peak.items() if str(k) != "Total"}
+
+
+def trace_load_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                      layers: int | None = None,
+                      chunk_bytes: int = READ_CHUNK_BYTES) -> MemoryTrace:
+    """Trace a stage's load on rank 0 of `dims` with the trainer's own code: build_meta_model,
+    parallelize, materialize (fake storage), then load_hf_weights's fill loop
+    (model.fill_parameters) with the safetensors reader replaced by fake slices of the shapes
+    and storage dtype it would return. The peak counts the sharded weights and the slice read
+    (on the CPU trace both sit on the one device). Needs a process without a process group."""
+    t0 = time.perf_counter()
+    with _fake_world(dims) as layout:
+        hf, root = _sharded_meta_model(run, stage, layout, layers)
+        # meta tensors are real ones to FakeTensorMode: allow them as inputs of to_empty
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+        params = hf_parameters(hf)
+
+        def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+            # made from a fake tensor, outside the fake mode, so the tracker sees it (the
+            # placements fill_parameters reads use the real mesh: not under the fake mode)
+            local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+            return local.new_empty([i.stop - i.start for i in index])
+
+        tracker = FSDPMemTracker(root)
+        with tracker:
+            fill_parameters(params, read, chunk_bytes=chunk_bytes)
+        peak, parts = _peak(tracker)
+    return MemoryTrace(peak_bytes=peak, parts=parts, layers=hf.config.num_hidden_layers,
+                       seconds=time.perf_counter() - t0)
+
+
+def trace_export_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                        layers: int | None = None) -> MemoryTrace:
+    """Trace a stage's Hugging Face export on rank 0 of `dims`: the model built, sharded and
+    materialized as the trainer does, one AdamW step (gradients set to zeros: the state
+    an optimizer step leaves, without tracing a training step), zero_grad(set_to_none=True),
+    then, tracked, the export's state dict. What HuggingFaceStorageWriter and the consolidation
+    then hold is host memory: modelled (topology.cost.lifecycle_memory), not traced."""
+    t0 = time.perf_counter()
+    with _fake_world(dims) as layout:
+        hf, root = _sharded_meta_model(run, stage, layout, layers)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+            opt = build_optimizer(root, lr=1e-5)
+            for p in root.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        tracker = FSDPMemTracker(root, opt)
+        with tracker:
+            # TODO(export): ray_jobs.train.checkpoint.export_state_dict(hf) once merged
+            state = get_model_state_dict(hf)
+            del state
+        peak, parts = _peak(tracker)
+    return MemoryTrace(peak_bytes=peak, parts=parts, layers=hf.config.num_hidden_layers,
+                       seconds=time.perf_counter() - t0)
+
+
+def trace_phase_peak(phase: str, run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                     depths: tuple[int, int] | None = TRACE_DEPTHS) -> MemoryTrace:
+    """`phase` ("load" or "export") traced at `depths` decoder layers and extrapolated per
+    layer to the model's depth (each layer adds its shard of weights, and for export of AdamW
+    state; the read chunk does not grow), or whole when `depths` is None or the model is no
+    deeper."""
+    trace = {"load": trace_load_memory, "export": trace_export_memory}[phase]
+    full = run.model.num_hidden_layers
+    if depths is None or full <= depths[1]:
+        return trace(run, stage, dims)
+    lo, hi = depths
+    a, b = (trace(run, stage, dims, layers=n) for n in depths)
+
+    def at_full(x: int, y: int) -> int:
+        return round(y + (y - x) * (full - hi) / (hi - lo))
+
+    return MemoryTrace(peak_bytes=at_full(a.peak_bytes, b.peak_bytes),
+                       parts={k: at_full(a.parts.get(k, 0), v) for k, v in b.parts.items()},
+                       layers=full, seconds=a.seconds + b.seconds, extrapolated_from=depths)
+
+
+def predicted_phase_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims, phase: str,
+                          profile: HardwareProfile) -> tuple[float, float, float]:
+    """The cost model's peak of `phase` per GPU (reserve excluded), the reserve, and the peak
+    per rank's host process (topology.cost.lifecycle_memory)."""
+    sides = lifecycle_memory(StageShape.of(run, stage, dims), profile)[phase]
+    reserve = sum(v for k, v in sides["device"].items() if k.startswith("reserve"))
+    return sum(sides["device"].values()) - reserve, reserve, sum(sides["host"].values())
 
 
 def predicted_step_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims,
