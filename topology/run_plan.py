@@ -50,7 +50,9 @@ def _prediction(ev: Evaluated, profile) -> Prediction:
         dp_hop_seconds=ev.dp.seconds, mfu=c.model_flops_per_step / peak,
         ring_headroom=None if c.ring_headroom == float("inf") else c.ring_headroom,
         model_flops_per_step=c.model_flops_per_step,
-        memory_gb={k: v / GB for k, v in c.memory.items()})
+        memory_gb={k: v / GB for k, v in c.memory.items()},
+        lifecycle_gb={phase: {k: v / GB for k, v in sides.items()}
+                      for phase, sides in (c.lifecycle or {}).items()})
 
 
 def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad]:

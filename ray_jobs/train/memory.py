@@ -14,7 +14,10 @@ A full-depth trace takes about 4 s a layer here, longer on long rings, so `ringp
 
     python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
 
-with --policy attention (or none) to trace another activation checkpointing policy than full.
+with --policy attention (or none) to trace another activation checkpointing policy than full,
+--phase load or export to trace the stage's loading or its Hugging Face export instead of its
+step (seconds, no training step: `trace_load_memory`, `trace_export_memory`; the host memory
+of those phases is the cost model's, topology.cost.lifecycle_memory, not traced).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from ray_jobs.train.model import (
@@ -352,9 +355,11 @@ def predicted_step_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims,
 
 @dataclass(frozen=True)
 class MemoryCheck:
-    """One stage's predicted peak (cost model, reserve excluded) against its trace, in one
-    phase of the stage's life: "step" (a training step) for now; a phase that loads or exports
-    a checkpoint is another row of the same table."""
+    """One stage's predicted peak per GPU (cost model, reserve excluded) against its trace, in
+    one phase of the stage's life: "step" (a training step), "load" (the model built, sharded
+    and filled from a Hugging Face checkpoint) or "export" (the stage's final checkpoint
+    written as Hugging Face files). `host_bytes`: the cost model's peak per rank's host
+    process in that phase (modelled, not traced)."""
 
     stage: str
     layout: str
@@ -366,6 +371,7 @@ class MemoryCheck:
     trace_seconds: float
     phase: str = "step"
     traced_as: str = ""  # how it was traced, when not layer by layer on the planned ring
+    host_bytes: float | None = None
 
     @property
     def error(self) -> float:
@@ -408,20 +414,28 @@ def describe_tracing(depths: tuple[int, int] | None, max_ring: int | None) -> st
         out.append(f"Rings longer than {max_ring} are traced as their equivalent on a ring of "
                    f"at most {max_ring} (the same tokens per GPU and shard group: the same "
                    "tensors per GPU, a shorter loop).")
+    out.append("Load and export rows trace the trainer's own loading (meta build, parallelize, "
+               "materialize, load_hf_weights's read loop on fake slices) and export (the state "
+               "an AdamW step leaves, the export's state dict) on the planned layout; their "
+               "host column (per rank process) is modelled from torch's and safetensors' "
+               "code (the staged file share and its serialised bytes, the consolidated full "
+               "tensor, the read chunk), not traced.")
     return " ".join(out)
 
 
 def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None,
                        depths: tuple[int, int] | None = TRACE_DEPTHS,
                        max_ring: int | None = TRACE_RING,
+                       phases: tuple[str, ...] = LIFECYCLE_TRACED,
                        progress: Callable[[str], None] | None = None) -> list[MemoryCheck]:
     """Trace every planned stage's layout under its planned activation checkpointing policy
     and set it beside the cost model's peak for the same shape and policy. By default each
     stage is traced shallow and on a short ring and extrapolated (trace_stage_peak: minutes
     for 70B, where layer by layer on a ring of 128 took hours); `depths=None, max_ring=None`
     traces every layer on the planned ring. `layers`: a shallower model for both the trace and
-    the cost model, traced whole, for quick checks. `progress` gets a line as each stage starts
-    and finishes."""
+    the cost model, traced whole, for quick checks. Each stage's step row is followed by one row
+    per phase of `phases` ("load", "export": fast, no training step). `progress` gets a line
+    as each stage starts and finishes, and one for its other phases."""
     if layers is not None:
         run = run.model_copy(update={"model": run.model.model_copy(
             update={"num_hidden_layers": layers})})
@@ -452,19 +466,36 @@ def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None,
         checks.append(check)
         say(f"stage {stage.name} ({i}/{len(plan.stages)}): traced {trace.peak_bytes / GB:.1f} GB "
             f"per GPU in {trace.seconds:.1f} s: {check.verdict}")
+        done = []
+        for phase in phases:
+            trace = trace_phase_peak(phase, run, stage, dims, depths=depths)
+            predicted, reserve, host = predicted_phase_bytes(run, stage, dims, phase, profile)
+            how = (f"{depths[0]} and {depths[1]} of {run.model.num_hidden_layers} layers"
+                   if trace.extrapolated_from else f"all {run.model.num_hidden_layers} layers")
+            checks.append(MemoryCheck(
+                stage=stage.name, layout=dims.describe(), policy=policy,
+                predicted_bytes=predicted, traced_bytes=trace.peak_bytes, reserve_bytes=reserve,
+                gpu_bytes=profile.hbm_bytes, trace_seconds=trace.seconds, phase=phase,
+                traced_as=f"the planned layout, {how}", host_bytes=host))
+            done.append(f"{phase} {trace.peak_bytes / GB:.1f} GB in {trace.seconds:.1f} s: "
+                        f"{checks[-1].verdict}")
+        if done:
+            say(f"stage {stage.name} ({i}/{len(plan.stages)}): traced " + ", ".join(done))
     return checks
 
 
 def render_checks(checks: list[MemoryCheck]) -> str:
-    """The table `ringpilot plan --verify-memory` prints: one row per stage and phase."""
-    lines = [f"{'stage':<7}{'phase':<6}{'layout':<46}{'policy':<11}{'predicted':>11}"
-             f"{'traced':>9}{'error':>8}{'peak+reserve':>14}{'margin':>9}  verdict"]
+    """The table `ringpilot plan --verify-memory` prints: one row per stage and phase; `host`
+    is the cost model's peak per rank's host process (modelled; "-" where not priced)."""
+    lines = [f"{'stage':<7}{'phase':<8}{'layout':<46}{'policy':<11}{'predicted':>11}"
+             f"{'traced':>9}{'error':>8}{'peak+reserve':>14}{'margin':>9}{'host':>9}  verdict"]
     for c in checks:
         verdict = c.verdict if c.fits else f"{c.verdict.upper()} ({c.gpu_bytes / GB:.0f} GB GPU)"
-        lines.append(f"{c.stage:<7}{c.phase:<6}{c.layout:<46}{c.policy:<11}"
+        host = "-" if c.host_bytes is None else f"{c.host_bytes / GB:.1f}GB"
+        lines.append(f"{c.stage:<7}{c.phase:<8}{c.layout:<46}{c.policy:<11}"
                      f"{c.predicted_bytes / GB:>9.1f}GB{c.traced_bytes / GB:>7.1f}GB"
                      f"{c.error:>+8.1%}{c.peak_bytes / GB:>12.1f}GB{c.margin_bytes / GB:>7.1f}GB"
-                     f"  {verdict}")
+                     f"{host:>9}  {verdict}")
     return "\n".join(lines)
 
 
@@ -479,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="trace fewer decoder layers (tests)")
     parser.add_argument("--policy", choices=CHECKPOINT_POLICIES, default="full",
                         help="activation checkpointing policy (default: full)")
+    parser.add_argument("--phase", choices=("step", *LIFECYCLE_TRACED), default="step",
+                        help="the phase traced (default: step)")
     args = parser.parse_args(argv)
     run = load_or_report(args.run, RunSpec)
     if run is None:
@@ -493,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--ring/--dp/--shard: {e}", file=sys.stderr)
         return 2
-    trace = trace_stage_memory(run, stage, dims, policy=args.policy, layers=args.layers)
+    if args.phase == "step":
+        trace = trace_stage_memory(run, stage, dims, policy=args.policy, layers=args.layers)
+    else:
+        trace = (trace_load_memory if args.phase == "load" else trace_export_memory)(
+            run, stage, dims, layers=args.layers)
     print(json.dumps(asdict(trace)))
     return 0
 
