@@ -590,16 +590,16 @@ def check_lifecycle_fits(name: str, s: StageShape, profile: HardwareProfile, *,
         if peak["device"] > profile.hbm_bytes:
             raise StageDoesNotFit(
                 f"stage {name!r}: its {phase} needs {peak['device'] / GB:.1f} GB per GPU with "
-                f"a {shard_text(s)}, above the {profile.hbm_bytes / GB:.0f} GB of a "
-                f"{profile.gpu_model}; shard the model over more GPUs (a larger ring or "
-                "data_parallel_shard)")
+                f"{shard_text(s)}, above the {profile.hbm_bytes / GB:.0f} GB of a "
+                f"{profile.gpu_model}; shard the model over more GPUs (raise ring_degree or "
+                "shard_degree)")
         if host_bytes is not None and peak["host"] * ranks_per_host > host_bytes:
             raise StageDoesNotFit(
                 f"stage {name!r}: its {phase} needs {peak['host'] * ranks_per_host / GB:.1f} GB "
-                f"of host memory ({ranks_per_host} ranks of {peak['host'] / GB:.1f} GB) with a "
+                f"of host memory ({ranks_per_host} ranks of {peak['host'] / GB:.1f} GB) with "
                 f"{shard_text(s)}, above the host's {host_bytes / GB:.0f} GB; shard the model "
                 "over more GPUs or give the stage fewer GPUs per host")
 
 
 def shard_text(s: StageShape) -> str:
-    return f"{s.shard_ways}-GPU shard group"
+    return f"the model sharded over {s.shard_ways} GPUs"
