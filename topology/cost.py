@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -346,7 +347,7 @@ class StageCost:
     dp_hop: FlowResult
     memory: dict[str, float]
     ring_headroom: float  # how many times slower the slowest hop may get before it shows
-    lifecycle: dict[str, dict[str, float]] | None = None  # lifecycle_peaks: phase -> device, host
+    shape: StageShape | None = None  # what it was priced for (lifecycle_peaks, on demand)
 
 
 def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
@@ -463,7 +464,7 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
                      ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),
-                     ring_headroom=headroom, lifecycle=lifecycle_peaks(s, profile))
+                     ring_headroom=headroom, shape=s)
 
 
 # What the trainer's load and export move at a time (the constants of the code they model; a
@@ -474,18 +475,22 @@ DCP_COPY_AHEAD_BYTES = 10_000_000  # torch FileSystemWriter's per_thread_copy_ah
 LIFECYCLE_PHASES = ("load", "resume", "step", "save", "export")
 
 
+def _layer_shapes(s: StageShape) -> list[tuple[str, int, int]]:
+    h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
+    return [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i), ("input_layernorm", h, 1),
+            ("post_attention_layernorm", h, 1)]
+
+
 def parameter_shapes(s: StageShape) -> list[tuple[str, int, int]]:
     """(name, rows, elements per row) of every weight, in Hugging Face Llama's state-dict order
     (embedding, each decoder layer's attention, MLP and norms, final norm, lm_head): FSDP2
     shards each along its rows, and the export files group them in this order."""
-    h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
-    layer = [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
-             ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i),
-             ("input_layernorm", h, 1), ("post_attention_layernorm", h, 1)]
-    out = [("embed_tokens", s.vocab, h)]
+    out = [("embed_tokens", s.vocab, s.hidden)]
     for n in range(s.layers):
-        out += [(f"layers.{n}.{name}", rows, row) for name, rows, row in layer]
-    return out + [("norm", h, 1), ("lm_head", s.vocab, h)]
+        out += [(f"layers.{n}.{name}", rows, row) for name, rows, row in _layer_shapes(s)]
+    return out + [("norm", s.hidden, 1), ("lm_head", s.vocab, s.hidden)]
 
 
 def _local_rows(rows: int, shard: int) -> int:
@@ -493,13 +498,16 @@ def _local_rows(rows: int, shard: int) -> int:
     return -(-rows // shard)
 
 
+@functools.lru_cache(maxsize=256)
 def export_file_shares(s: StageShape, file_bytes: int = EXPORT_FILE_BYTES
                        ) -> list[tuple[float, float]]:
     """Per export file: (its bytes, the most bytes of it one rank holds). Files are filled in
     state-dict order up to `file_bytes`, a larger tensor alone (checkpoint.export_file_index)."""
     files: list[list[float]] = []
     used = file_bytes  # start a new file at the first tensor
-    for _, rows, row in parameter_shapes(s):
+    layer = [(rows, row) for _, rows, row in _layer_shapes(s)]
+    order = ([(s.vocab, s.hidden)] + layer * s.layers + [(s.hidden, 1), (s.vocab, s.hidden)])
+    for rows, row in order:
         size = rows * row * s.state_bytes
         if not files or (used and used + size > file_bytes):
             files.append([0.0, 0.0])
@@ -544,7 +552,8 @@ def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
     """
     sb, shard = s.state_bytes, s.shard_ways
     weights = s.params * sb / shard
-    shapes = parameter_shapes(s)
+    shapes = [("embed_tokens", s.vocab, s.hidden), *_layer_shapes(s), ("norm", s.hidden, 1),
+              ("lm_head", s.vocab, s.hidden)]  # each distinct weight once: the largest matter
     local = [(_local_rows(rows, shard), row * sb) for _, rows, row in shapes]
     chunk = max(min(n, max(1, chunk_bytes // row_b)) * row_b for n, row_b in local)
     item = max(n * row_b for n, row_b in local)  # the largest saved item: a rank's rows
