@@ -112,3 +112,37 @@ def test_a_layout_whose_export_does_not_fit_is_refused_with_the_number(llama8b_r
         check_lifecycle_fits("65k", shape, L40S, host_bytes=8e9, ranks_per_host=4)
     check_lifecycle_fits("65k", shape, L40S, host_bytes=64e9, ranks_per_host=4)  # fits
     assert check_fits("65k", shape, L40S) == pytest.approx(peaks["step"]["device"])
+
+
+def test_the_plan_report_shows_every_phase_per_gpu_rank_and_host(tmp_path):
+    """`ringpilot plan` of the tiny run on two CPU workers of one node: plan.json carries each
+    stage's lifecycle peaks (the cost model's, for the planned layout) and report.md a row per
+    stage with the two ranks the node runs."""
+    from topology_helpers import ROOT
+
+    from ringpilot.cli import main
+    from specs.loading import load_model
+    from specs.plan import Plan
+    from specs.run import RunSpec
+    from topology.profile import get_profile
+
+    code = main(["plan", "--run", str(ROOT / "configs" / "tiny.yaml"), "--cluster",
+                 str(ROOT / "configs" / "clusters" / "local-cpu.yaml"), "--out", str(tmp_path)])
+    assert code == 0
+    run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
+    plan = Plan.model_validate_json((tmp_path / "plan.json").read_text())
+    profile = get_profile(plan.profile)
+    for sp, stage in zip(plan.stages, run.stages):
+        shape = StageShape.of(run, stage, sp.dims, sp.activation_checkpointing)
+        want = lifecycle_peaks(shape, profile)
+        got = sp.prediction.lifecycle_gb
+        assert list(got) == ["load", "resume", "step", "save", "export"]
+        for phase, sides in want.items():
+            assert got[phase]["device"] == pytest.approx(sides["device"] / 1e9)
+            assert got[phase]["host"] == pytest.approx(sides["host"] / 1e9)
+    report = (tmp_path / "report.md").read_text()
+    section = report[report.index("## Memory by phase"):report.index("## Where the time goes")]
+    rows = [line for line in section.splitlines() if line.startswith("| s")][1:]  # no header
+    assert [r.split(" | ")[:3] for r in rows] == [[f"| {s.name}", "2", "2"] for s in run.stages]
+    assert "per host (a host runs one rank process per GPU" in section
+    assert "modelled from torch's and safetensors' code, not traced" in section
