@@ -492,7 +492,8 @@ def render_checks(checks: list[MemoryCheck]) -> str:
     for c in checks:
         verdict = c.verdict if c.fits else f"{c.verdict.upper()} ({c.gpu_bytes / GB:.0f} GB GPU)"
         host = "-" if c.host_bytes is None else f"{c.host_bytes / GB:.1f}GB"
-        lines.append(f"{c.stage:<7}{c.phase:<8}{c.layout:<46}{c.policy:<11}"
+        policy = c.policy if c.phase == "step" else "-"  # checkpointing acts in a step only
+        lines.append(f"{c.stage:<7}{c.phase:<8}{c.layout:<46}{policy:<11}"
                      f"{c.predicted_bytes / GB:>9.1f}GB{c.traced_bytes / GB:>7.1f}GB"
                      f"{c.error:>+8.1%}{c.peak_bytes / GB:>12.1f}GB{c.margin_bytes / GB:>7.1f}GB"
                      f"{host:>9}  {verdict}")

@@ -318,6 +318,8 @@ def test_render_checks_prints_a_row_per_phase_with_its_host_memory():
     lines = render_checks([step, load, export]).splitlines()
     assert lines[0].split()[:2] == ["stage", "phase"] and "host" in lines[0].split()
     assert lines[1].split()[:2] == ["1m", "step"] and lines[1].split()[-2:] == ["-", "fits"]
-    assert lines[2].split()[:2] == ["1m", "load"] and "0.1GB" in lines[2].split()
+    assert lines[1].split()[9] == "full"  # the step's policy; the other phases have none
+    assert lines[2].split()[:2] == ["1m", "load"] and lines[2].split()[9] == "-"
+    assert "0.1GB" in lines[2].split()
     assert lines[3].split()[:2] == ["1m", "export"] and "4.2GB" in lines[3].split()
     assert lines[3].endswith("DOES NOT FIT (48 GB GPU)")  # 50 GB traced + 4 GB reserve
