@@ -9,6 +9,11 @@
    GPU (reserve excluded) against an FSDPMemTracker trace of the trainer's own parallelize()
    under FakeTensorMode on a fake process group (ray_jobs.train.memory): max |predicted - traced| /
    traced. trace_seconds_8b: the wall time of the first 8B trace.
+   lifecycle_peak_error_max: the same for the load and export phases of every one of those
+   stages (ray_jobs.train.memory.trace_load_memory / trace_export_memory, at TRACE_DEPTHS
+   layers extrapolated per layer, or at --layers): max |predicted - traced| / traced of the
+   peak per GPU. Their host memory is the cost model's only (printed, not traced).
+   `--lifecycle-only` runs just this part (seconds per stage).
 2. memory_model_error_tiny: the tiny default's last stage (4K tokens, one ring of 2, FSDP2 over
    both) on 2 gloo processes: the peak rise of each process's resident set from just before the
    model is built to the end of the training steps (VmHWM after a reset through
@@ -40,7 +45,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ray_jobs.train.memory import predicted_step_bytes, trace_stage_memory  # noqa: E402
+from ray_jobs.train.memory import (  # noqa: E402
+    LIFECYCLE_TRACED,
+    TRACE_DEPTHS,
+    predicted_phase_bytes,
+    predicted_step_bytes,
+    trace_phase_peak,
+    trace_stage_memory,
+)
 from specs.degrees import ParallelDims  # noqa: E402
 from specs.loading import load_model  # noqa: E402
 from specs.run import RunSpec  # noqa: E402
@@ -58,13 +70,8 @@ def predicted_bytes(run: RunSpec, stage, dims: ParallelDims, policy: str | None 
 
 def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], float]:
     rows, first_8b = [], None
-    for name in ("llama3-8b-1m", "llama3-70b-1m"):
-        path = ROOT / "configs" / f"{name}.yaml"
-        run = load_model(path, RunSpec)
-        plan = plan_run(load_cluster(path.parent / run.resources.cluster), run)
-        if layers is not None:  # the cost model sees the same shallow model as the trace
-            run = run.model_copy(update={"model": run.model.model_copy(
-                update={"num_hidden_layers": layers})})
+    # with `layers` the cost model sees the same shallow model as the trace
+    for name, run, plan in _recipes(layers):
         for sp in plan.stages:
             stage = next(s for s in run.stages if s.name == sp.name)
             dims = sp.dims
@@ -86,6 +93,45 @@ def scale_rows(layers: int | None, max_ring: int | None) -> tuple[list[dict], fl
                   f"{r['error']:+6.1%}  ({r['trace_s']:.0f} s)"
                   + (f"  traced as {trace.traced_as}" if trace.traced_as else ""), flush=True)
     return rows, first_8b
+
+
+def _recipes(layers: int | None):
+    """(name, run, plan) of the 8B and 70B recipes on their clusters; with `layers` the run's
+    model is that shallow (the plan is the full model's)."""
+    for name in ("llama3-8b-1m", "llama3-70b-1m"):
+        path = ROOT / "configs" / f"{name}.yaml"
+        run = load_model(path, RunSpec)
+        plan = plan_run(load_cluster(path.parent / run.resources.cluster), run)
+        if layers is not None:
+            run = run.model_copy(update={"model": run.model.model_copy(
+                update={"num_hidden_layers": layers})})
+        yield name, run, plan
+
+
+def lifecycle_rows(layers: int | None, stages: set[str] | None = None) -> list[dict]:
+    """Load and export of every planned stage (or those named in `stages`) of the 8B and 70B
+    recipes: the cost model's peak per GPU against the trace of the trainer's code."""
+    rows, profile = [], get_profile("l40s")
+    for name, run, plan in _recipes(layers):
+        for sp in plan.stages:
+            if stages is not None and sp.name not in stages:
+                continue
+            stage = next(s for s in run.stages if s.name == sp.name)
+            for phase in LIFECYCLE_TRACED:
+                trace = trace_phase_peak(phase, run, stage, sp.dims,
+                                         depths=None if layers is not None else TRACE_DEPTHS)
+                pred, _, host = predicted_phase_bytes(run, stage, sp.dims, phase, profile)
+                rows.append({"model": name, "stage": sp.name, "phase": phase,
+                             "layout": sp.dims.describe(), "layers": trace.layers,
+                             "predicted_gb": pred / GB, "traced_gb": trace.peak_bytes / GB,
+                             "error": (pred - trace.peak_bytes) / trace.peak_bytes,
+                             "host_gb_modelled": host / GB, "trace_s": trace.seconds})
+                r = rows[-1]
+                print(f"{name:<14}{sp.name:<6}{phase:<7}{r['layout']:<34}{r['layers']:>4} layers"
+                      f"  predicted {r['predicted_gb']:6.2f} GB  traced {r['traced_gb']:6.2f} GB"
+                      f"  {r['error']:+.2%}  host {r['host_gb_modelled']:.2f} GB (modelled)"
+                      f"  ({r['trace_s']:.1f} s)", flush=True)
+    return rows
 
 
 def _rss() -> tuple[int, int]:
@@ -186,8 +232,20 @@ def main(argv: list[str] | None = None) -> int:
                         "same tensors per GPU, a shorter loop; full-length rings of 70B take "
                         "hours")
     parser.add_argument("--steps", type=int, default=20, help="tiny training steps per mode")
+    parser.add_argument("--lifecycle-only", action="store_true",
+                        help="only the load and export traces (lifecycle_peak_error_max)")
+    parser.add_argument("--stage", action="append", help="with --lifecycle-only: only this "
+                        "stage (repeatable; default: every planned stage)")
     args = parser.parse_args(argv)
 
+    life = lifecycle_rows(args.layers, set(args.stage) if args.stage else None)
+    lifecycle_error = round(max(abs(r["error"]) for r in life), 6) if life else None
+    if args.lifecycle_only:
+        print(json.dumps({"lifecycle_peak_error_max": lifecycle_error,
+                          "traced_layers": "full" if args.layers is None else args.layers,
+                          "lifecycle": [{k: (round(v, 6) if isinstance(v, float) else v)
+                                         for k, v in r.items()} for r in life]}))
+        return 0
     rows, trace_8b = scale_rows(args.layers, args.max_ring)
     tiny_run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     stage = tiny_run.stages[-1]
@@ -217,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
           "runs before and after)")
     print(json.dumps({
         "memory_model_error_max": round(max(abs(r["error"]) for r in rows), 4),
+        "lifecycle_peak_error_max": lifecycle_error,
         "memory_model_error_tiny": round(tiny_error, 4),
         "tiny_rss_rise_mb": round(max(rises) / 1e6, 1),
         "tiny_rss_rise_default_malloc_mb": round(max(cached) / 1e6, 1),
@@ -226,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_ring_traced": args.max_ring,
         "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                    for r in rows],
+        "lifecycle": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+                      for r in life],
     }))
     return 0
 

@@ -68,6 +68,10 @@ class Prediction(_Spec):
     model_flops_per_step: float = Field(description="Model FLOPs of one optimizer step (6N per "
                                         "token plus causal attention, no recompute).")
     memory_gb: dict[str, float] = Field(description="Memory per GPU by part, GB.")
+    lifecycle_gb: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Peak memory of each phase of the stage's life "
+        "(load, resume, step, save, export): GB per GPU ('device', reserve included) and per "
+        "rank's host process ('host'); empty in plans made before it was modelled.")
 
 
 class Alternative(_Spec):

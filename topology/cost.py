@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -317,6 +318,7 @@ def check_fits(name: str, s: StageShape, profile: HardwareProfile) -> float:
     """Total bytes per GPU, or StageDoesNotFit naming the stage and the smallest ring that fits."""
     total = sum(memory_per_gpu(s, profile).values())
     if total <= profile.hbm_bytes:
+        check_lifecycle_fits(name, s, profile)  # load, resume, save, export
         return total
     fix = None
     r = s.ring
@@ -349,6 +351,7 @@ class StageCost:
     dp_hop: FlowResult
     memory: dict[str, float]
     ring_headroom: float  # how many times slower the slowest hop may get before it shows
+    shape: StageShape | None = None  # what it was priced for (lifecycle_peaks, on demand)
 
 
 def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
@@ -465,4 +468,151 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
                      ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),
-                     ring_headroom=headroom)
+                     ring_headroom=headroom, shape=s)
+
+
+# What the trainer's load and export move at a time (the constants of the code they model; a
+# test pins each to its source):
+READ_CHUNK_BYTES = 32 << 20  # ray_jobs.train.model.READ_CHUNK_BYTES: rows read at a time
+EXPORT_FILE_BYTES = 5 * 10**9  # ray_jobs.train.checkpoint.EXPORT_FILE_BYTES: export file size
+DCP_COPY_AHEAD_BYTES = 10_000_000  # torch FileSystemWriter's per_thread_copy_ahead
+LIFECYCLE_PHASES = ("load", "resume", "step", "save", "export")
+
+
+def _layer_shapes(s: StageShape) -> list[tuple[str, int, int]]:
+    h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
+    return [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i), ("input_layernorm", h, 1),
+            ("post_attention_layernorm", h, 1)]
+
+
+def parameter_shapes(s: StageShape) -> list[tuple[str, int, int]]:
+    """(name, rows, elements per row) of every weight, in Hugging Face Llama's state-dict order
+    (embedding, each decoder layer's attention, MLP and norms, final norm, lm_head): FSDP2
+    shards each along its rows, and the export files group them in this order."""
+    out = [("embed_tokens", s.vocab, s.hidden)]
+    for n in range(s.layers):
+        out += [(f"layers.{n}.{name}", rows, row) for name, rows, row in _layer_shapes(s)]
+    return out + [("norm", s.hidden, 1), ("lm_head", s.vocab, s.hidden)]
+
+
+def _local_rows(rows: int, shard: int) -> int:
+    """Rows of a weight on the rank holding the most of them (FSDP2 gives each rank ceil)."""
+    return -(-rows // shard)
+
+
+@functools.lru_cache(maxsize=256)
+def export_file_shares(s: StageShape, file_bytes: int = EXPORT_FILE_BYTES
+                       ) -> list[tuple[float, float]]:
+    """Per export file: (its bytes, the most bytes of it one rank holds). Files are filled in
+    state-dict order up to `file_bytes`, a larger tensor alone (checkpoint.export_file_index)."""
+    files: list[list[float]] = []
+    used = file_bytes  # start a new file at the first tensor
+    layer = [(rows, row) for _, rows, row in _layer_shapes(s)]
+    order = ([(s.vocab, s.hidden)] + layer * s.layers + [(s.hidden, 1), (s.vocab, s.hidden)])
+    for rows, row in order:
+        size = rows * row * s.state_bytes
+        if not files or (used and used + size > file_bytes):
+            files.append([0.0, 0.0])
+            used = 0
+        files[-1][0] += size
+        files[-1][1] += _local_rows(rows, s.shard_ways) * row * s.state_bytes
+        used += size
+    return [(a, b) for a, b in files]
+
+
+def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
+                     chunk_bytes: int = READ_CHUNK_BYTES,
+                     file_bytes: int = EXPORT_FILE_BYTES) -> dict[str, dict[str, dict[str, float]]]:
+    """Bytes by part at the peak of each phase of a stage's life, per GPU ("device") and per
+    rank's host process ("host"; a host holds one such process per GPU it gives the stage).
+    The phases, as ray_jobs/train/loop.py runs them:
+
+    - load: the model built on the meta device, sharded, its shards given storage, then filled
+      by load_hf_weights: per weight, `chunk_bytes` of the rank's rows read at a time from the
+      safetensors file into a host tensor and copied into the shard. Device: the sharded
+      weights and one chunk (the trace sees the chunk beside them); host: the chunk and the
+      file pages its read touched (mapped until the read ends). A new model (init_weights)
+      draws blocks of about 4 MB: less.
+    - resume: the DCP shards of weights and AdamW read back. Device: the sharded weights,
+      gradients (DCP's optimizer-state initialisation sets zeros for one step) and AdamW's two
+      moments; host: FileSystemReader's bytes of one saved item and the tensor loaded from them
+      (the largest item: a rank's rows of the embedding or lm_head).
+    - step: memory_per_gpu; host: nothing the model counts.
+    - save (every checkpoint: DCP shards of weights and AdamW, after zero_grad(set_to_none)):
+      device: the sharded weights and AdamW state; host: FileSystemWriter's staged copies, one
+      item beyond its copy-ahead.
+    - export (the stage's final checkpoint): device as save (get_model_state_dict returns the
+      shards as they are, in the storage dtype); host: the larger of HuggingFaceStorageWriter's
+      write of one file (a rank's share of its tensors staged on the host, then the serialised
+      bytes safetensors builds of them: twice the share) and the consolidation of one output
+      file (one full tensor as a bytearray, plus the piece of it one rank's shard file holds).
+
+    The device parts are traced (ray_jobs.train.memory.trace_load_memory and
+    trace_export_memory); the host parts are modelled from torch's and safetensors' code, not
+    traced (fake tensors do not tell host from device on a CPU trace). Each device phase
+    carries the profile's reserve, as memory_per_gpu does.
+    """
+    sb, shard = s.state_bytes, s.shard_ways
+    weights = s.params * sb / shard
+    shapes = [("embed_tokens", s.vocab, s.hidden), *_layer_shapes(s), ("norm", s.hidden, 1),
+              ("lm_head", s.vocab, s.hidden)]  # each distinct weight once: the largest matter
+    local = [(_local_rows(rows, shard), row * sb) for _, rows, row in shapes]
+    chunk = max(min(n, max(1, chunk_bytes // row_b)) * row_b for n, row_b in local)
+    item = max(n * row_b for n, row_b in local)  # the largest saved item: a rank's rows
+    _, big_rows, big_row = max(shapes, key=lambda t: t[1] * t[2])  # the largest weight
+    full_tensor = big_rows * big_row * sb
+    shares = export_file_shares(s, file_bytes)
+    reserve = {"reserve (CUDA context, NCCL, fragmentation)": profile.memory_reserve_bytes}
+    after_step = {"weights (sharded)": weights, "AdamW state (sharded)": 2 * weights}
+    step = memory_per_gpu(s, profile)
+    return {
+        "load": {"device": {"weights (sharded)": weights, "read chunk": chunk, **reserve},
+                 "host": {"read chunk": chunk, "mapped file pages of the chunk": chunk}},
+        "resume": {"device": {"weights (sharded)": weights, "gradients (sharded)": weights,
+                              "AdamW state (sharded)": 2 * weights, **reserve},
+                   "host": {"saved item read": item, "tensor loaded from it": item}},
+        "step": {"device": step, "host": {}},
+        "save": {"device": {**after_step, **reserve},
+                 "host": {"staged item": item, "writer copy-ahead": DCP_COPY_AHEAD_BYTES}},
+        "export": {"device": {**after_step, **reserve},
+                   "host": max(
+                       {"file share staged": max(b for _, b in shares),
+                        "file share serialised": max(b for _, b in shares)},
+                       {"full tensor consolidated": full_tensor,
+                        "shard piece read": _local_rows(big_rows, shard) * big_row * sb},
+                       key=lambda d: sum(d.values()))},
+    }
+
+
+def lifecycle_peaks(s: StageShape, profile: HardwareProfile, **kw) -> dict[str, dict[str, float]]:
+    """phase -> {"device": bytes per GPU, "host": bytes per rank's host process} at its peak."""
+    return {phase: {where: sum(parts.values()) for where, parts in sides.items()}
+            for phase, sides in lifecycle_memory(s, profile, **kw).items()}
+
+
+def check_lifecycle_fits(name: str, s: StageShape, profile: HardwareProfile, *,
+                         host_bytes: float | None = None, ranks_per_host: int = 1) -> None:
+    """StageDoesNotFit naming the stage, the phase and its bytes when loading, resuming, saving
+    or exporting does not fit the GPU, or (when `host_bytes`, one host's memory, is known) the
+    `ranks_per_host` rank processes of a host do not fit it together."""
+    for phase, peak in lifecycle_peaks(s, profile).items():
+        if phase == "step":
+            continue  # check_fits prices the step, with its own hint
+        if peak["device"] > profile.hbm_bytes:
+            raise StageDoesNotFit(
+                f"stage {name!r}: its {phase} needs {peak['device'] / GB:.1f} GB per GPU with "
+                f"{shard_text(s)}, above the {profile.hbm_bytes / GB:.0f} GB of a "
+                f"{profile.gpu_model}; shard the model over more GPUs (raise ring_degree or "
+                "shard_degree)")
+        if host_bytes is not None and peak["host"] * ranks_per_host > host_bytes:
+            raise StageDoesNotFit(
+                f"stage {name!r}: its {phase} needs {peak['host'] * ranks_per_host / GB:.1f} GB "
+                f"of host memory ({ranks_per_host} ranks of {peak['host'] / GB:.1f} GB) with "
+                f"{shard_text(s)}, above the host's {host_bytes / GB:.0f} GB; shard the model "
+                "over more GPUs or give the stage fewer GPUs per host")
+
+
+def shard_text(s: StageShape) -> str:
+    return f"the model sharded over {s.shard_ways} GPUs"

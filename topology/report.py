@@ -300,6 +300,8 @@ def render_report(plan: Plan, spec: ClusterSpec, out: str | Path,
     sections: list[tuple[str, list]] = [("Headline", lines + [rows])]
     if any(s.checkpointing_options for s in main.stages):
         sections.append(("Activation checkpointing", _checkpointing_section(main)))
+    if any(s.prediction.lifecycle_gb for s in main.stages):
+        sections.append(("Memory by phase", _lifecycle_section(main)))
     if whatif is not None:
         diff = [["stage", "before: wall", "after: wall", "change", "after: ring x dp",
                  "after: slowest link"]]
@@ -390,6 +392,50 @@ def _eval_section(plan: Plan) -> list:
             f"Evaluating one checkpoint's whole grid takes {e.checkpoint_hours:.1f} h on one "
             f"gang at a time ({e.answer_tokens} tokens decoded per prompt; cost model).",
             rows, *placed, *e.notes]
+
+
+def _ranks_per_host(s: StagePlan) -> int:
+    """The most of the stage's ranks one node holds: the rank processes sharing its memory."""
+    per_node: dict[str, int] = {}
+    for ring in s.rings:
+        for w in ring:
+            per_node[w.node] = per_node.get(w.node, 0) + 1
+    return max(per_node.values(), default=1)
+
+
+def _lifecycle_section(plan: Plan) -> list:
+    """Per stage the peak of each phase of its life per GPU, per rank's host process, and per
+    host (the stage's ranks on its fullest node together)."""
+    gpu = _device(plan).hbm_bytes / 1e9
+    phases = list(dict.fromkeys(p for s in plan.stages for p in s.prediction.lifecycle_gb))
+    rows = [["stage", "shard group", "ranks per host",
+             *(f"{p}: GPU / rank's host / host" for p in phases)]]
+    for s in plan.stages:
+        life, n = s.prediction.lifecycle_gb, _ranks_per_host(s)
+        cells = []
+        for p in phases:
+            if p not in life:
+                cells.append("-")
+                continue
+            device, host = life[p].get("device", 0.0), life[p].get("host")
+            fit = "" if device <= gpu else " (does not fit)"
+            cells.append(f"{device:.1f} GB / - / -{fit}" if not host else
+                         f"{device:.1f} / {host:.2f} / {host * n:.1f} GB{fit}")
+        rows.append([s.name, str(s.dims.shard), str(n), *cells])
+    return [f"Each phase of a stage's life at its peak (cost model: topology.cost."
+            f"lifecycle_memory), per GPU (of {gpu:.0f} GB, the reserve included), per rank's "
+            "host process, and per host (a host runs one rank process per GPU it gives the "
+            "stage: the ranks per host column; an upper bound, every rank at its own peak at "
+            "once; '-': not modelled). load: the model built on the meta device, "
+            "sharded, then filled from a Hugging Face checkpoint 32 MB of rows at a time; "
+            "resume: the DCP shards of weights and AdamW read back; step: a training step; "
+            "save: a checkpoint's DCP shards written; export: the stage's final checkpoint "
+            "written as Hugging Face files by every rank, then consolidated one full tensor at "
+            "a time. No phase gathers the model on one rank. The GPU numbers of load and export "
+            "are checked against traces of the trainer's code (ringpilot plan --verify-memory); "
+            "the host numbers are modelled from torch's and safetensors' code, not traced, and "
+            "the profile does not know a host's memory, so they are reported, not checked.",
+            rows]
 
 
 def _checkpointing_section(plan: Plan) -> list:

@@ -25,7 +25,14 @@ from specs.plan import (
     Worker,
 )
 from specs.run import RunSpec, StageSpec
-from topology.cost import GB, StageShape, evaluate_flows, policy_without_memory_model, predict_stage
+from topology.cost import (
+    GB,
+    StageShape,
+    evaluate_flows,
+    lifecycle_peaks,
+    policy_without_memory_model,
+    predict_stage,
+)
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
 from topology.graph import split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
@@ -50,7 +57,10 @@ def _prediction(ev: Evaluated, profile) -> Prediction:
         dp_hop_seconds=ev.dp.seconds, mfu=c.model_flops_per_step / peak,
         ring_headroom=None if c.ring_headroom == float("inf") else c.ring_headroom,
         model_flops_per_step=c.model_flops_per_step,
-        memory_gb={k: v / GB for k, v in c.memory.items()})
+        memory_gb={k: v / GB for k, v in c.memory.items()},
+        # priced once per planned stage, not per placement the search evaluates
+        lifecycle_gb={phase: {k: v / GB for k, v in sides.items()}
+                      for phase, sides in lifecycle_peaks(c.shape, profile).items()})
 
 
 def _bottlenecks(planner: Planner, ev: Evaluated, top: int = 8) -> list[LinkLoad]:

@@ -14,7 +14,10 @@ A full-depth trace takes about 4 s a layer here, longer on long rings, so `ringp
 
     python -m ray_jobs.train.memory --run configs/llama3-8b-1m.yaml --stage 65k --ring 8 --shard 8
 
-with --policy attention (or none) to trace another activation checkpointing policy than full.
+with --policy attention (or none) to trace another activation checkpointing policy than full,
+--phase load or export to trace the stage's loading or its Hugging Face export instead of its
+step (seconds, no training step: `trace_load_memory`, `trace_export_memory`; the host memory
+of those phases is the cost model's, topology.cost.lifecycle_memory, not traced).
 """
 
 from __future__ import annotations
@@ -24,15 +27,24 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ray_jobs.train.model import llama_config
+from ray_jobs.train.model import (
+    READ_CHUNK_BYTES,
+    build_meta_model,
+    fill_parameters,
+    hf_parameters,
+    llama_config,
+    materialize,
+)
 from ray_jobs.train.parallelize import (
     build_mesh,
     build_optimizer,
@@ -45,7 +57,13 @@ from specs.degrees import CHECKPOINT_POLICIES, CheckpointPolicy, ParallelDims
 from specs.loading import load_or_report
 from specs.plan import Plan
 from specs.run import RunSpec, StageSpec
-from topology.cost import GB, StageShape, memory_per_gpu
+from topology.cost import (
+    GB,
+    StageShape,
+    lifecycle_memory,
+    memory_per_gpu,
+    policy_without_memory_model,
+)
 from topology.profile import HardwareProfile, get_profile
 
 
@@ -200,6 +218,132 @@ def trace_stage_peak(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                        extrapolated_from=depths)
 
 
+LIFECYCLE_TRACED = ("load", "export")  # the phases besides the step that verify-memory traces
+
+
+@contextmanager
+def _fake_world(dims: ParallelDims):
+    """A fake process group of the layout's world (rank 0) and its mesh on the CPU."""
+    if dist.is_initialized():
+        raise RuntimeError("a memory trace needs a process without a process group: it "
+                           "creates a fake one of the stage's world size")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dims.world)
+    try:
+        # The mesh is built outside FakeTensorMode (inside it, DeviceMesh fails).
+        yield build_mesh(dims, [list(range(i * dims.ring, (i + 1) * dims.ring))
+                                for i in range(dims.dp)], "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_meta_model(run: RunSpec, stage: StageSpec, layout, layers: int | None):
+    """The trainer's step 3 up to materialize: the model on the meta device, parallelized."""
+    model = run.model
+    config = llama_config(model, stage.seq_len, model.rope_theta)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    config._attn_implementation = "sdpa"
+    hf = build_meta_model(config, getattr(torch, model.dtype))
+    root = parallelize(hf, layout, mixed_precision=compute_dtype_of(run),
+                       activation_checkpointing=policy_without_memory_model(stage),
+                       loss_chunk_tokens=run.training.loss_chunk_tokens)
+    return hf, root
+
+
+def _peak(tracker: FSDPMemTracker) -> tuple[int, dict[str, int]]:
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return int(peak["Total"]), {str(k): int(v) for k, v in peak.items() if str(k) != "Total"}
+
+
+def trace_load_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                      layers: int | None = None,
+                      chunk_bytes: int = READ_CHUNK_BYTES) -> MemoryTrace:
+    """Trace a stage's load on rank 0 of `dims` with the trainer's own code: build_meta_model,
+    parallelize, materialize (fake storage), then load_hf_weights's fill loop
+    (model.fill_parameters) with the safetensors reader replaced by fake slices of the shapes
+    and storage dtype it would return. The peak counts the sharded weights and the slice read
+    (on the CPU trace both sit on the one device). Needs a process without a process group."""
+    t0 = time.perf_counter()
+    with _fake_world(dims) as layout:
+        hf, root = _sharded_meta_model(run, stage, layout, layers)
+        # meta tensors are real ones to FakeTensorMode: allow them as inputs of to_empty
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+        params = hf_parameters(hf)
+
+        def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+            # made from a fake tensor, outside the fake mode, so the tracker sees it (the
+            # placements fill_parameters reads use the real mesh: not under the fake mode)
+            local = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+            return local.new_empty([i.stop - i.start for i in index])
+
+        tracker = FSDPMemTracker(root)
+        with tracker:
+            fill_parameters(params, read, chunk_bytes=chunk_bytes)
+        peak, parts = _peak(tracker)
+    return MemoryTrace(peak_bytes=peak, parts=parts, layers=hf.config.num_hidden_layers,
+                       seconds=time.perf_counter() - t0)
+
+
+def trace_export_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                        layers: int | None = None) -> MemoryTrace:
+    """Trace a stage's Hugging Face export on rank 0 of `dims`: the model built, sharded and
+    materialized as the trainer does, one AdamW step (gradients set to zeros: the state
+    an optimizer step leaves, without tracing a training step), zero_grad(set_to_none=True),
+    then, tracked, the export's state dict. What HuggingFaceStorageWriter and the consolidation
+    then hold is host memory: modelled (topology.cost.lifecycle_memory), not traced."""
+    t0 = time.perf_counter()
+    with _fake_world(dims) as layout:
+        hf, root = _sharded_meta_model(run, stage, layout, layers)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+            opt = build_optimizer(root, lr=1e-5)
+            for p in root.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        tracker = FSDPMemTracker(root, opt)
+        with tracker:
+            # TODO(export): ray_jobs.train.checkpoint.export_state_dict(hf) once merged
+            state = get_model_state_dict(hf)
+            del state
+        peak, parts = _peak(tracker)
+    return MemoryTrace(peak_bytes=peak, parts=parts, layers=hf.config.num_hidden_layers,
+                       seconds=time.perf_counter() - t0)
+
+
+def trace_phase_peak(phase: str, run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
+                     depths: tuple[int, int] | None = TRACE_DEPTHS) -> MemoryTrace:
+    """`phase` ("load" or "export") traced at `depths` decoder layers and extrapolated per
+    layer to the model's depth (each layer adds its shard of weights, and for export of AdamW
+    state; the read chunk does not grow), or whole when `depths` is None or the model is no
+    deeper."""
+    trace = {"load": trace_load_memory, "export": trace_export_memory}[phase]
+    full = run.model.num_hidden_layers
+    if depths is None or full <= depths[1]:
+        return trace(run, stage, dims)
+    lo, hi = depths
+    a, b = (trace(run, stage, dims, layers=n) for n in depths)
+
+    def at_full(x: int, y: int) -> int:
+        return round(y + (y - x) * (full - hi) / (hi - lo))
+
+    return MemoryTrace(peak_bytes=at_full(a.peak_bytes, b.peak_bytes),
+                       parts={k: at_full(a.parts.get(k, 0), v) for k, v in b.parts.items()},
+                       layers=full, seconds=a.seconds + b.seconds, extrapolated_from=depths)
+
+
+def predicted_phase_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims, phase: str,
+                          profile: HardwareProfile) -> tuple[float, float, float]:
+    """The cost model's peak of `phase` per GPU (reserve excluded), the reserve, and the peak
+    per rank's host process (topology.cost.lifecycle_memory)."""
+    sides = lifecycle_memory(StageShape.of(run, stage, dims), profile)[phase]
+    reserve = sum(v for k, v in sides["device"].items() if k.startswith("reserve"))
+    return sum(sides["device"].values()) - reserve, reserve, sum(sides["host"].values())
+
+
 def predicted_step_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims,
                          policy: CheckpointPolicy | None, profile: HardwareProfile
                          ) -> tuple[float, float]:
@@ -211,9 +355,11 @@ def predicted_step_bytes(run: RunSpec, stage: StageSpec, dims: ParallelDims,
 
 @dataclass(frozen=True)
 class MemoryCheck:
-    """One stage's predicted peak (cost model, reserve excluded) against its trace, in one
-    phase of the stage's life: "step" (a training step) for now; a phase that loads or exports
-    a checkpoint is another row of the same table."""
+    """One stage's predicted peak per GPU (cost model, reserve excluded) against its trace, in
+    one phase of the stage's life: "step" (a training step), "load" (the model built, sharded
+    and filled from a Hugging Face checkpoint) or "export" (the stage's final checkpoint
+    written as Hugging Face files). `host_bytes`: the cost model's peak per rank's host
+    process in that phase (modelled, not traced)."""
 
     stage: str
     layout: str
@@ -225,6 +371,7 @@ class MemoryCheck:
     trace_seconds: float
     phase: str = "step"
     traced_as: str = ""  # how it was traced, when not layer by layer on the planned ring
+    host_bytes: float | None = None
 
     @property
     def error(self) -> float:
@@ -267,20 +414,28 @@ def describe_tracing(depths: tuple[int, int] | None, max_ring: int | None) -> st
         out.append(f"Rings longer than {max_ring} are traced as their equivalent on a ring of "
                    f"at most {max_ring} (the same tokens per GPU and shard group: the same "
                    "tensors per GPU, a shorter loop).")
+    out.append("Load and export rows trace the trainer's own loading (meta build, parallelize, "
+               "materialize, load_hf_weights's read loop on fake slices) and export (the state "
+               "an AdamW step leaves, the export's state dict) on the planned layout; their "
+               "host column (per rank process) is modelled from torch's and safetensors' "
+               "code (the staged file share and its serialised bytes, the consolidated full "
+               "tensor, the read chunk), not traced.")
     return " ".join(out)
 
 
 def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None,
                        depths: tuple[int, int] | None = TRACE_DEPTHS,
                        max_ring: int | None = TRACE_RING,
+                       phases: tuple[str, ...] = LIFECYCLE_TRACED,
                        progress: Callable[[str], None] | None = None) -> list[MemoryCheck]:
     """Trace every planned stage's layout under its planned activation checkpointing policy
     and set it beside the cost model's peak for the same shape and policy. By default each
     stage is traced shallow and on a short ring and extrapolated (trace_stage_peak: minutes
     for 70B, where layer by layer on a ring of 128 took hours); `depths=None, max_ring=None`
     traces every layer on the planned ring. `layers`: a shallower model for both the trace and
-    the cost model, traced whole, for quick checks. `progress` gets a line as each stage starts
-    and finishes."""
+    the cost model, traced whole, for quick checks. Each stage's step row is followed by one row
+    per phase of `phases` ("load", "export": fast, no training step). `progress` gets a line
+    as each stage starts and finishes, and one for its other phases."""
     if layers is not None:
         run = run.model_copy(update={"model": run.model.model_copy(
             update={"num_hidden_layers": layers})})
@@ -311,19 +466,37 @@ def verify_plan_memory(run: RunSpec, plan: Plan, *, layers: int | None = None,
         checks.append(check)
         say(f"stage {stage.name} ({i}/{len(plan.stages)}): traced {trace.peak_bytes / GB:.1f} GB "
             f"per GPU in {trace.seconds:.1f} s: {check.verdict}")
+        done = []
+        for phase in phases:
+            trace = trace_phase_peak(phase, run, stage, dims, depths=depths)
+            predicted, reserve, host = predicted_phase_bytes(run, stage, dims, phase, profile)
+            how = (f"{depths[0]} and {depths[1]} of {run.model.num_hidden_layers} layers"
+                   if trace.extrapolated_from else f"all {run.model.num_hidden_layers} layers")
+            checks.append(MemoryCheck(
+                stage=stage.name, layout=dims.describe(), policy=policy,
+                predicted_bytes=predicted, traced_bytes=trace.peak_bytes, reserve_bytes=reserve,
+                gpu_bytes=profile.hbm_bytes, trace_seconds=trace.seconds, phase=phase,
+                traced_as=f"the planned layout, {how}", host_bytes=host))
+            done.append(f"{phase} {trace.peak_bytes / GB:.1f} GB in {trace.seconds:.1f} s: "
+                        f"{checks[-1].verdict}")
+        if done:
+            say(f"stage {stage.name} ({i}/{len(plan.stages)}): traced " + ", ".join(done))
     return checks
 
 
 def render_checks(checks: list[MemoryCheck]) -> str:
-    """The table `ringpilot plan --verify-memory` prints: one row per stage and phase."""
-    lines = [f"{'stage':<7}{'phase':<6}{'layout':<46}{'policy':<11}{'predicted':>11}"
-             f"{'traced':>9}{'error':>8}{'peak+reserve':>14}{'margin':>9}  verdict"]
+    """The table `ringpilot plan --verify-memory` prints: one row per stage and phase; `host`
+    is the cost model's peak per rank's host process (modelled; "-" where not priced)."""
+    lines = [f"{'stage':<7}{'phase':<8}{'layout':<46}{'policy':<11}{'predicted':>11}"
+             f"{'traced':>9}{'error':>8}{'peak+reserve':>14}{'margin':>9}{'host':>9}  verdict"]
     for c in checks:
         verdict = c.verdict if c.fits else f"{c.verdict.upper()} ({c.gpu_bytes / GB:.0f} GB GPU)"
-        lines.append(f"{c.stage:<7}{c.phase:<6}{c.layout:<46}{c.policy:<11}"
+        host = "-" if c.host_bytes is None else f"{c.host_bytes / GB:.1f}GB"
+        policy = c.policy if c.phase == "step" else "-"  # checkpointing acts in a step only
+        lines.append(f"{c.stage:<7}{c.phase:<8}{c.layout:<46}{policy:<11}"
                      f"{c.predicted_bytes / GB:>9.1f}GB{c.traced_bytes / GB:>7.1f}GB"
                      f"{c.error:>+8.1%}{c.peak_bytes / GB:>12.1f}GB{c.margin_bytes / GB:>7.1f}GB"
-                     f"  {verdict}")
+                     f"{host:>9}  {verdict}")
     return "\n".join(lines)
 
 
@@ -338,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="trace fewer decoder layers (tests)")
     parser.add_argument("--policy", choices=CHECKPOINT_POLICIES, default="full",
                         help="activation checkpointing policy (default: full)")
+    parser.add_argument("--phase", choices=("step", *LIFECYCLE_TRACED), default="step",
+                        help="the phase traced (default: step)")
     args = parser.parse_args(argv)
     run = load_or_report(args.run, RunSpec)
     if run is None:
@@ -352,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--ring/--dp/--shard: {e}", file=sys.stderr)
         return 2
-    trace = trace_stage_memory(run, stage, dims, policy=args.policy, layers=args.layers)
+    if args.phase == "step":
+        trace = trace_stage_memory(run, stage, dims, policy=args.policy, layers=args.layers)
+    else:
+        trace = (trace_load_memory if args.phase == "load" else trace_export_memory)(
+            run, stage, dims, layers=args.layers)
     print(json.dumps(asdict(trace)))
     return 0
 

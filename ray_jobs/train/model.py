@@ -126,12 +126,33 @@ def load_hf_weights(model: nn.Module, source: Path, *,
     until it closes, so a rank peaked at its shards plus as much again (measured: 864 MB for a
     rank holding half of an 844 MB model)."""
     files = _hf_tensor_files(source)
+    params = hf_parameters(model)
+    _check_hf_tensors(source, files, params)
+
+    def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        with safe_open(str(files[name][0]), framework="pt") as f:
+            return f.get_slice(name)[index]
+
+    fill_parameters(params, read, chunk_bytes=chunk_bytes)
+
+
+def hf_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters under their Hugging Face names (activation checkpointing's prefix
+    dropped; tied weights under their first name only)."""
     params: dict[str, torch.Tensor] = {}
     for m, mod in model.named_modules():
         for n, p in mod.named_parameters(recurse=False):
             if all(p is not q for q in params.values()):  # tied weights: the first name
                 params[f"{m}.{n}".replace(WRAPPED, "").lstrip(".")] = p
-    _check_hf_tensors(source, files, params)
+    return params
+
+
+def fill_parameters(params: dict[str, torch.Tensor], read, *,
+                    chunk_bytes: int = READ_CHUNK_BYTES) -> None:
+    """Copy into each parameter's local rows what `read(name, index)` returns for them (a CPU
+    tensor of the rows and columns `index` selects of the full tensor), `chunk_bytes` of rows
+    at a time. load_hf_weights reads safetensors files; the memory trace
+    (ray_jobs.train.memory.trace_load_memory) reads fake slices of the same shapes."""
     with torch.no_grad():
         for name, param in params.items():
             local = _local(param)
@@ -144,8 +165,7 @@ def load_hf_weights(model: nn.Module, source: Path, *,
                 stop = min(start + rows, shape[0])
                 index = (slice(offset[0] + start, offset[0] + stop),) + tuple(
                     slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
-                with safe_open(str(files[name][0]), framework="pt") as f:
-                    local[start:stop].copy_(f.get_slice(name)[index])
+                local[start:stop].copy_(read(name, index))
 
 
 def _hf_tensor_files(source: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:

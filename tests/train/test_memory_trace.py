@@ -104,9 +104,12 @@ def test_plan_verify_memory_prints_predicted_and_traced(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predicted" in done.stdout and "traced" in done.stdout
     checks = json.loads((tmp_path / "memory.json").read_text())
-    assert [c["stage"] for c in checks] == ["65k", "262k", "524k", "1m"]
-    assert [c["policy"] for c in checks] == ["attention"] * 4  # as planned (golden report)
+    stages = ["65k", "262k", "524k", "1m"]
+    assert [(c["stage"], c["phase"]) for c in checks] == [
+        (s, p) for s in stages for p in ("step", "load", "export")]
+    assert [c["policy"] for c in checks] == ["attention"] * 12  # as planned (golden report)
     assert all(c["fits"] and abs(c["error"]) < 0.10 for c in checks), checks
+    assert all(c["host_bytes"] > 0 for c in checks if c["phase"] != "step")
 
 
 def test_70b_recipe_plans_a_shard_group_that_fits():
@@ -237,10 +240,13 @@ def test_verify_memory_reports_each_stage_as_it_starts_and_ends():
     lines = []
     checks = verify_plan_memory(run, plan_from_workers({"local": 2}, run), depths=(1, 2),
                                 progress=lines.append)
-    assert [c.stage for c in checks] == ["s64", "s256"]
-    assert len(lines) == 4
+    assert [(c.stage, c.phase) for c in checks] == [
+        (s, p) for s in ("s64", "s256") for p in ("step", "load", "export")]
+    assert len(lines) == 6
     for i, s in enumerate(run.stages):
-        start, end = lines[2 * i], lines[2 * i + 1]
+        start, end, phases = lines[3 * i], lines[3 * i + 1], lines[3 * i + 2]
+        assert re.fullmatch(rf"stage {s.name} \({i + 1}/2\): traced load \d+\.\d GB in "
+                            r"[\d.]+ s: fits, export \d+\.\d GB in [\d.]+ s: fits", phases), phases
         assert start == (f"stage {s.name} ({i + 1}/2): tracing ring 2 x dp 1, shard 2 as the "
                          "planned ring, 1 and 2 of 3 layers, none checkpointing"), start
         assert end.startswith(f"stage {s.name} ({i + 1}/2): traced ") and " s: fits" in end, end
@@ -258,3 +264,62 @@ def test_plan_refuses_a_bad_trace_flag_before_planning(tmp_path, capsys, argv, m
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err), err
     assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("config, layers, dims", [
+    ("tiny.yaml", None, ParallelDims(ring=2)),
+    ("llama3-8b-1m.yaml", 2, ParallelDims(ring=8)),
+    ("llama3-70b-1m.yaml", 2, ParallelDims.of(8, 64, 128)),  # its planned 65k layout (HSDP)
+])
+def test_load_and_export_trace_as_the_cost_model_predicts(config, layers, dims):
+    """The trainer's own load (meta build, parallelize, materialize, the read loop on fake
+    slices) and the state its export starts from, traced, against topology.cost's model."""
+    run = load_model(ROOT / "configs" / config, RunSpec)
+    if layers is not None:
+        run = _shallow(run, layers)
+    stage, profile = run.stages[0], get_profile("l40s")
+    weights = memory_per_gpu(StageShape.of(run, stage, dims), profile)["weights (sharded)"]
+    for phase, trace in (("load", memory.trace_load_memory), ("export",
+                                                              memory.trace_export_memory)):
+        traced = trace(run, stage, dims)
+        predicted = memory.predicted_phase_bytes(run, stage, dims, phase, profile)[0]
+        assert abs(predicted - traced.peak_bytes) / traced.peak_bytes < memory.TRACE_TOLERANCE
+        assert traced.parts["_FSDPRefType.SHARDED_PARAM"] == pytest.approx(weights, rel=0.01)
+        assert traced.seconds < 30  # no training step: seconds, even for 70B's layout
+    assert traced.parts["_FSDPRefType.OPT"] == pytest.approx(2 * weights, rel=0.01)
+
+
+def test_the_load_trace_counts_the_slices_it_reads():
+    """8B, two layers, ring 8: the peak is the sharded weights plus one chunk of rows read
+    (32 MB of the embedding's 16,032 rows), and a smaller chunk lowers it by the difference."""
+    run, dims = _shallow(load_model(CONFIG, RunSpec), 2), ParallelDims(ring=8)
+    big = memory.trace_load_memory(run, run.stages[0], dims)
+    small = memory.trace_load_memory(run, run.stages[0], dims, chunk_bytes=1 << 20)
+    assert big.peak_bytes - small.peak_bytes == (32 << 20) - (1 << 20)
+    assert big.parts["_FSDPRefType.SHARDED_PARAM"] == small.parts["_FSDPRefType.SHARDED_PARAM"]
+
+
+def test_load_and_export_extrapolate_per_layer_to_the_whole_trace():
+    run = _shallow(load_model(ROOT / "configs" / "tiny.yaml", RunSpec), 4)
+    stage, dims = run.stages[0], ParallelDims(ring=2)
+    for phase in memory.LIFECYCLE_TRACED:
+        whole = memory.trace_phase_peak(phase, run, stage, dims, depths=None)
+        guess = memory.trace_phase_peak(phase, run, stage, dims, depths=(1, 2))
+        assert guess.extrapolated_from == (1, 2) and whole.layers == guess.layers == 4
+        assert guess.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.001), phase
+
+
+def test_render_checks_prints_a_row_per_phase_with_its_host_memory():
+    step = _check(37.0, 37.4)
+    load = MemoryCheck(**{**step.__dict__, "phase": "load", "predicted_bytes": 6.24e9,
+                          "traced_bytes": int(6.24e9), "host_bytes": 0.07e9})
+    export = MemoryCheck(**{**step.__dict__, "phase": "export", "predicted_bytes": 50e9,
+                            "traced_bytes": int(50e9), "host_bytes": 4.24e9})
+    lines = render_checks([step, load, export]).splitlines()
+    assert lines[0].split()[:2] == ["stage", "phase"] and "host" in lines[0].split()
+    assert lines[1].split()[:2] == ["1m", "step"] and lines[1].split()[-2:] == ["-", "fits"]
+    assert lines[1].split()[9] == "full"  # the step's policy; the other phases have none
+    assert lines[2].split()[:2] == ["1m", "load"] and lines[2].split()[9] == "-"
+    assert "0.1GB" in lines[2].split()
+    assert lines[3].split()[:2] == ["1m", "export"] and "4.2GB" in lines[3].split()
+    assert lines[3].endswith("DOES NOT FIT (48 GB GPU)")  # 50 GB traced + 4 GB reserve
