@@ -107,3 +107,90 @@ def install_exact_rotation() -> None:
                            f"replaced by {current!r}; RoPE in fp32 cannot wrap two patches, "
                            "remove the other one")
     modeling_llama.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def measure(theta: float, end: int, *, tokens: int = 1024, heads: int = 4, head_dim: int = 128,
+            seed: int = 0) -> dict[str, float]:
+    """Errors of each way of rotating bf16 q/k at positions end-tokens..end-1 against an fp64
+    rotation by the model's fp32 frequencies (docs/training.md, "RoPE at a million positions").
+    Vector errors: worst component error / the vector's norm; logit errors: worst |q.k| error /
+    (|q||k|), keys at the same positions (distance ~0) or at 0..tokens-1 (distance ~end)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
+    hf, exact = LlamaRotaryEmbedding(config), ExactRotaryEmbedding(config)
+    inv_freq = hf.inv_freq
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, heads, tokens, head_dim, generator=g).bfloat16() for _ in range(2))
+    near, far = torch.arange(end - tokens, end), torch.arange(tokens)
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+
+    def reference(x, pos):
+        a = pos[:, None].double() * inv_freq.double()
+        e, x = torch.cat((a, a), -1), x.double()
+        return x * e.cos() + rotate_half(x) * e.sin()
+
+    def ways(x, pos):
+        cos, sin = hf(bf16, pos[None])  # transformers under bf16 compute
+        c32, s32 = exact(bf16, pos[None])
+        return {"transformers": _HF_APPLY_ROTARY(x, x, cos, sin)[0],
+                "exact angle, bf16 rotation": _HF_APPLY_ROTARY(x, x, c32.bfloat16(),
+                                                               s32.bfloat16())[0],
+                "transformers angle, fp32 rotation": _rotate(x, *(t.float().unsqueeze(1) for t in
+                                                                  hf(torch.zeros(1), pos[None]))),
+                "trainer": apply_rotary_pos_emb(x, x, c32, s32)[0],
+                "bf16 storage": reference(x, pos).bfloat16()}
+
+    def vector(x, ref):
+        return ((x.double() - ref).abs().amax(-1) / ref.norm(dim=-1)).max().item()
+
+    def logit(qx, kx, qr, kr):
+        diff = qx.double() @ kx.double().transpose(-1, -2) - qr @ kr.transpose(-1, -2)
+        return (diff.abs() / (qr.norm(dim=-1)[..., :, None] * kr.norm(dim=-1)[..., None, :])
+                ).max().item()
+
+    angle = (near[:, None].float() * inv_freq).double() - near[:, None].double() * inv_freq.double()
+    q_ref, k_near_ref, k_far_ref = reference(q, near), reference(k, near), reference(k, far)
+    cos_ref = torch.cat([near[:, None].double() * inv_freq.double()] * 2, -1).cos()
+    out = {"fp32 angle error (rad)": angle.abs().max().item(),
+           "bf16 cos error": (hf(bf16, near[None])[0][0].double() - cos_ref).abs().max().item()}
+    qs, kn, kf = ways(q, near), ways(k, near), ways(k, far)
+    for name in qs:
+        out[f"{name}: vector"] = vector(qs[name], q_ref)
+        out[f"{name}: logit d~0"] = logit(qs[name], kn[name], q_ref, k_near_ref)
+        out[f"{name}: logit d~{end:,}"] = logit(qs[name], kf[name], q_ref, k_far_ref)
+    return out
+
+
+def render_table(theta: float, ends: tuple[int, ...] = (8192, 65536, 262144, 1_048_576)
+                 ) -> str:
+    """measure() at each window end as a Markdown table (the docs' table)."""
+    rows = ["| positions up to | fp32 angle error (rad) | transformers | exact angle, bf16 "
+            "rotation | fp32 angle, fp32 rotation | **trainer** | bf16 storage | logit d~0: "
+            "transformers / trainer / storage | logit d~p: transformers / trainer / storage |",
+            "|" + "---|" * 9]
+    for end in ends:
+        m = measure(theta, end)
+        far = f"logit d~{end:,}"
+        rows.append(
+            f"| {end:,} | {m['fp32 angle error (rad)']:.2g} | {m['transformers: vector']:.2g} | "
+            f"{m['exact angle, bf16 rotation: vector']:.2g} | "
+            f"{m['transformers angle, fp32 rotation: vector']:.2g} | "
+            f"**{m['trainer: vector']:.2g}** | {m['bf16 storage: vector']:.2g} | "
+            + " / ".join(f"{m[f'{w}: logit d~0']:.2g}" for w in
+                         ("transformers", "trainer", "bf16 storage")) + " | "
+            + " / ".join(f"{m[f'{w}: {far}']:.2g}" for w in
+                         ("transformers", "trainer", "bf16 storage")) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    from specs.loading import load_model
+    from specs.run import RunSpec
+
+    recipe = load_model("configs/llama3-8b-1m.yaml", RunSpec)
+    theta = recipe.stage_theta(len(recipe.stages) - 1)
+    print(f"theta {theta:,.0f} (llama3-8b-1m, stage {recipe.stages[-1].name}), head_dim 128, "
+          "1024 tokens x 4 heads of bf16 N(0, 1) q and k per window")
+    print(render_table(theta))
