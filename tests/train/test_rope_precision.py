@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AttentionInterface, LlamaConfig
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
@@ -24,6 +26,7 @@ from ray_jobs.train.model import (
     llama_config,
     materialize,
 )
+from ray_jobs.train.parallelize import CausalLMWithLoss, build_mesh, parallelize
 from ray_jobs.train.rope import (
     _HF_APPLY_ROTARY,
     ExactRotaryEmbedding,
@@ -31,6 +34,7 @@ from ray_jobs.train.rope import (
     apply_rotary_pos_emb,
     exact_angles,
 )
+from specs.degrees import ParallelDims
 from specs.loading import load_model
 from specs.run import RunSpec
 
@@ -214,22 +218,19 @@ def test_gradient_through_the_fp32_rotation():
     assert vector_error(q.grad, want) <= VECTOR_BOUND
 
 
-def test_the_trainer_model_rotates_exactly_end_to_end():
-    """A bf16 Llama built the trainer's way (meta device, materialize, seeded init) with
-    head_dim 128 and the 1M stage's theta: the q and k its attention receives near position 1M
-    are the exact rotation of its projections, to bf16 storage; put transformers' rotary module
-    back and they are not."""
+def test_the_trainer_rotates_exactly_end_to_end():
+    """The trainer's own path (loop.py step 3): a Llama with head_dim 128 and the 1M stage's
+    theta built on the meta device in fp32, parallelize()d with FSDP2 computing in bf16 (a world
+    of one gloo rank), materialized, seeded. The q and k its attention receives near position
+    1M are the exact rotation of its bf16 projections, to bf16 storage. Put transformers' rotary
+    module back and they are not; let FSDP2 cast the layers' inputs (its default, which turns
+    RoPE's fp32 cos/sin to bf16) and they are not either."""
     theta = RECIPE.stage_theta(3)
     config = LlamaConfig(vocab_size=64, hidden_size=HEADS * HEAD_DIM, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=HEADS, num_key_value_heads=1,
                          max_position_embeddings=ONE_M, pad_token_id=3,
                          rope_parameters={"rope_type": "default", "rope_theta": theta})
-    model = build_meta_model(config, torch.bfloat16)
-    materialize(model, "cpu", theta, ONE_M)
-    init_weights(model, seed=0)
-    assert isinstance(model.model.rotary_emb, ExactRotaryEmbedding)
-    assert modeling_llama.apply_rotary_pos_emb is apply_rotary_pos_emb
-
+    config._attn_implementation = "sdpa"
     seen = {}
 
     def capture(module, query, key, value, attention_mask, **_):
@@ -238,34 +239,62 @@ def test_the_trainer_model_rotates_exactly_end_to_end():
         return value.transpose(1, 2).repeat_interleave(HEADS, dim=2), None
 
     AttentionInterface.register("rope_capture", capture)
-    attn = model.model.layers[0].self_attn
-    attn.config._attn_implementation = "rope_capture"  # as apply_ring_attention switches it
-    hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q0", o)),
-             attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k0", o))]
-    positions = torch.arange(ONE_M - TOKENS, ONE_M)
+    positions = torch.arange(ONE_M - TOKENS, ONE_M)[None]
     # tokens other than the padding id 3, whose embedding row is zero
     ids = torch.randint(4, 64, (1, TOKENS), generator=torch.Generator().manual_seed(0))
 
-    def run_and_check():
-        with torch.no_grad():
-            model.model(input_ids=ids, position_ids=positions[None], use_cache=False)
+    def errors(model, root) -> tuple[float, float, float]:
+        attn = next(m for n, m in model.named_modules() if n.endswith("self_attn"))
+        attn.config._attn_implementation = "rope_capture"
+        hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q0", o)),
+                 attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k0", o))]
+        try:
+            with torch.no_grad():
+                root(ids, positions, ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
         inv_freq = model.model.rotary_emb.inv_freq
         q0 = seen["q0"].view(1, TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
         k0 = seen["k0"].view(1, TOKENS, 1, HEAD_DIM).transpose(1, 2)
-        assert seen["q"].dtype == seen["k"].dtype == torch.bfloat16
-        q_ref, k_ref = reference(q0, positions, inv_freq), reference(k0, positions, inv_freq)
+        assert q0.dtype == seen["q"].dtype == seen["k"].dtype == torch.bfloat16
+        q_ref = reference(q0, positions[0], inv_freq)
+        k_ref = reference(k0, positions[0], inv_freq)
         return (vector_error(seen["q"], q_ref), vector_error(seen["k"], k_ref),
                 vector_error(q_ref.bfloat16(), q_ref))
 
+    def trainer_model(cast_layer_inputs: bool = False):
+        model = build_meta_model(config, torch.float32)
+        layout = build_mesh(ParallelDims.of(1, 1, 1), [[0]], "cpu")
+        if cast_layer_inputs:  # what parallelize() did before: FSDP2's default policy
+            root = CausalLMWithLoss(model, 1024)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                          reduce_dtype=torch.float32)
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=layout.fsdp_mesh, mp_policy=policy)
+            fully_shard(root, mesh=layout.fsdp_mesh, mp_policy=policy)
+        else:
+            root = parallelize(model, layout, activation_checkpointing="full",
+                               mixed_precision=torch.bfloat16)
+        materialize(model, "cpu", theta, ONE_M)
+        init_weights(model, seed=0)
+        assert isinstance(model.model.rotary_emb, ExactRotaryEmbedding)
+        assert modeling_llama.apply_rotary_pos_emb is apply_rotary_pos_emb
+        return model, root
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        q_err, k_err, storage = run_and_check()
-        assert max(q_err, k_err) <= VECTOR_BOUND and q_err <= 1.05 * storage + 1e-6
+        model, root = trainer_model()
+        q_err, k_err, storage = errors(model, root)
+        assert max(q_err, k_err) <= VECTOR_BOUND and q_err <= 1.05 * storage + 1e-6, \
+            (q_err, k_err, storage)
         model.model.rotary_emb = LlamaRotaryEmbedding(config)  # transformers' own, unfixed
-        q_err, k_err, _ = run_and_check()
-        assert min(q_err, k_err) > 3 * VECTOR_BOUND
+        q_err, k_err, _ = errors(model, root)
+        assert min(q_err, k_err) > 3 * VECTOR_BOUND, (q_err, k_err)
+        q_err, k_err, storage = errors(*trainer_model(cast_layer_inputs=True))
+        assert q_err > 1.2 * storage, (q_err, storage)  # measured: 1.4x
     finally:
-        for hook in hooks:
-            hook.remove()
+        dist.destroy_process_group()
 
 
 def test_apply_rope_theta_keeps_transformers_frequencies():
