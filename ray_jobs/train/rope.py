@@ -14,11 +14,14 @@ all bf16) that costs, at positions near 1,048,576 with head_dim 128 and the 1M s
   of the rotated q costs one (at every position alike).
 
 Measured against an fp64 reference, the rotated vector's worst component error relative to its
-norm is 0.0092 at 1M (bf16 storage alone: 0.0011); see docs/training.md, "RoPE at a million
-positions", and tests/train/test_rope_precision.py. Here the angle is the exact product of the
-position and the model's fp32 inv_freq (in fp64, where it is exact below 2**29 positions),
-reduced modulo 2*pi before it is cast to fp32; cos/sin stay fp32 and q, k are rotated in fp32
-and cast back to their own dtype, so the only rounding left is that of bf16 storage.
+norm is 0.010 at 1M (bf16 storage alone: 0.0013); see docs/training.md, "RoPE at a million
+positions" (`python -m ray_jobs.train.rope` prints its table), and
+tests/train/test_rope_precision.py. Here the angle is the exact product of the position and the
+model's fp32 inv_freq (in fp64, where it is exact below 2**29 positions), reduced modulo 2*pi
+before it is cast to fp32; cos/sin stay fp32 and q, k are rotated in fp32 and cast back to their
+own dtype, so the only rounding left is that of bf16 storage. cos/sin reach the decoder layers
+in fp32 because parallelize() shards them with cast_forward_inputs=False (FSDP2's default would
+cast them to bf16 at each layer).
 
 inv_freq itself stays transformers' fp32 value: it is what every reader of the checkpoint
 (transformers, vLLM) computes from rope_theta, and a frequency off by one fp32 ulp shifts every
