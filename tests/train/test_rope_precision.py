@@ -33,6 +33,7 @@ from ray_jobs.train.rope import (
     apply_exact_rope,
     apply_rotary_pos_emb,
     exact_angles,
+    install_exact_rotation,
 )
 from specs.degrees import ParallelDims
 from specs.loading import load_model
@@ -332,3 +333,12 @@ def test_traces_under_fake_tensors():
         q_rot, _ = apply_rotary_pos_emb(q, q, cos, sin)
     assert cos.dtype == torch.float32 and q_rot.dtype == torch.bfloat16
     assert tuple(q_rot.shape) == (1, HEADS, TOKENS, HEAD_DIM)
+
+
+def test_another_patch_of_the_rotation_is_refused(monkeypatch):
+    def foreign(q, k, cos, sin, unsqueeze_dim=1):
+        return q, k
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", foreign)
+    with pytest.raises(RuntimeError, match="already replaced by .*foreign.*remove the other one"):
+        install_exact_rotation()
