@@ -34,6 +34,8 @@ from ray_jobs.train.rope import (
     apply_rotary_pos_emb,
     exact_angles,
     install_exact_rotation,
+    measure,
+    render_table,
 )
 from specs.degrees import ParallelDims
 from specs.loading import load_model
@@ -342,3 +344,14 @@ def test_another_patch_of_the_rotation_is_refused(monkeypatch):
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", foreign)
     with pytest.raises(RuntimeError, match="already replaced by .*foreign.*remove the other one"):
         install_exact_rotation()
+
+
+def test_the_docs_table_tool_measures_the_same():
+    """`python -m ray_jobs.train.rope` (the docs' table) agrees with the tests above."""
+    theta = RECIPE.stage_theta(3)
+    m = measure(theta, ONE_M, tokens=128, heads=2)
+    assert m["trainer: vector"] <= 1.05 * m["bf16 storage: vector"]
+    assert m["transformers: vector"] > 3 * m["bf16 storage: vector"]
+    assert 0.01 < m["fp32 angle error (rad)"] <= 0.03125
+    table = render_table(theta, ends=(ONE_M,))
+    assert table.splitlines()[2].startswith("| 1,048,576 | 0.031 |")
