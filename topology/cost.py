@@ -474,7 +474,7 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
 # What the trainer's load and export move at a time (the constants of the code they model; a
 # test pins each to its source):
 READ_CHUNK_BYTES = 32 << 20  # ray_jobs.train.model.READ_CHUNK_BYTES: rows read at a time
-EXPORT_FILE_BYTES = 5 * 10**9  # ray_jobs.train.checkpoint.EXPORT_FILE_BYTES: export file size
+EXPORT_FILE_BYTES = 5 * 10**9  # ray_jobs.train.checkpoint.EXPORT_FILE_BYTES (a test pins both)
 DCP_COPY_AHEAD_BYTES = 10_000_000  # torch FileSystemWriter's per_thread_copy_ahead
 LIFECYCLE_PHASES = ("load", "resume", "step", "save", "export")
 

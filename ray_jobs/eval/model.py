@@ -53,6 +53,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = 
     from transformers import LlamaForCausalLM
 
     from ray_jobs.data.tokenizer import load_tokenizer
+    from ray_jobs.ring_attention.rope import apply_exact_rope
 
     path = check_checkpoint_is_data(check_checkpoint(path))
     arguments = load_arguments(compute_dtype, device)
@@ -61,6 +62,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = 
     else:
         model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False,
                                                  **arguments)
+    # RoPE as the trainer computes it: exact angles, rotation in fp32 (transformers' own path
+    # is off by 1% of |q| near 1M positions in bf16; ray_jobs/ring_attention/rope.py)
+    apply_exact_rope(model)
     return model.to(device).eval(), load_tokenizer(path)
 
 
@@ -75,7 +79,6 @@ def load_from_dcp(path: Path, device: str, dtype):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from specs.checkpoint import CheckpointError
     from specs.trust import check_run_dir
@@ -90,8 +93,8 @@ def load_from_dcp(path: Path, device: str, dtype):
     if tied:  # to_empty gives each module its own new parameter: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     # RoPE's inverse frequencies are a non-persistent buffer, not in the checkpoint, left as
-    # garbage by to_empty: rebuild them, in fp32 as from_pretrained has them
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    # garbage by to_empty: rebuilt (in fp32, as from_pretrained has them) by load_checkpoint's
+    # apply_exact_rope
     state = model.state_dict()
     if tied:
         state.pop("lm_head.weight", None)

@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from ray_jobs.ring_attention.rope import apply_exact_rope
+from ray_jobs.train.checkpoint import export_state_dict
 from ray_jobs.train.model import (
     READ_CHUNK_BYTES,
     build_meta_model,
@@ -163,6 +164,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                 from transformers import LlamaForCausalLM
 
                 hf = LlamaForCausalLM(config)
+                apply_exact_rope(hf)  # as the trainer's apply_rope_theta: cos/sin in fp32
             finally:
                 torch.set_default_dtype(default)
             root = parallelize(hf, layout, mixed_precision=compute_dtype_of(run),
@@ -306,8 +308,7 @@ def trace_export_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
             opt.zero_grad(set_to_none=True)
         tracker = FSDPMemTracker(root, opt)
         with tracker:
-            # TODO(export): ray_jobs.train.checkpoint.export_state_dict(hf) once merged
-            state = get_model_state_dict(hf)
+            state = export_state_dict(hf)  # what write_hf_export is handed
             del state
         peak, parts = _peak(tracker)
     return MemoryTrace(peak_bytes=peak, parts=parts, layers=hf.config.num_hidden_layers,

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ray_jobs.train.rope import apply_exact_rope
+from ray_jobs.ring_attention.rope import apply_exact_rope
 from specs.checkpoint import CheckpointError
 from specs.run import ModelSpec, RunSpec
 from specs.trust import check_checkpoint_is_data
@@ -280,8 +280,8 @@ def _zero_row(param: torch.Tensor, row: int) -> None:
 def apply_rope_theta(model: LlamaForCausalLM, theta: float, seq_len: int) -> None:
     """Set RoPE's base in the config (so checkpoints carry it) and rebuild the cached inv_freq:
     transformers 5 computes it once when the rotary module is built. The new module computes
-    exact angles and rotates in fp32 (ray_jobs/train/rope.py: transformers' bf16 path is off by
-    0.9% of |q| at 1M positions)."""
+    exact angles and rotates in fp32 (ray_jobs/ring_attention/rope.py: transformers' bf16 path
+    is off by 0.9% of |q| at 1M positions)."""
     config = model.config
     params = dict(config.rope_parameters or {"rope_type": "default"})
     params["rope_theta"] = float(theta)

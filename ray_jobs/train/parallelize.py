@@ -147,9 +147,9 @@ def apply_fsdp(root: nn.Module, layers: Iterable[nn.Module], fsdp_mesh: DeviceMe
     policy = (MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
               if mixed_precision is not None else MixedPrecisionPolicy())
     # A layer's inputs are not cast: its hidden states arrive in the compute dtype already, and
-    # RoPE's cos/sin must stay fp32 so that q and k are rotated in fp32 (ray_jobs/train/rope.py:
-    # rotated in bf16 they carry 2x bf16's own rounding; cast, each checkpointed layer would
-    # also keep its own bf16 copy of them).
+    # RoPE's cos/sin must stay fp32 so that q and k are rotated in fp32
+    # (ray_jobs/ring_attention/rope.py: rotated in bf16 they carry 2x bf16's own rounding;
+    # cast, each checkpointed layer would also keep its own bf16 copy of them).
     layer_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
                                         reduce_dtype=policy.reduce_dtype,
                                         cast_forward_inputs=False)

@@ -90,10 +90,13 @@ def test_more_shards_shrink_every_phase_but_the_consolidated_tensor(llama8b_run)
         assert eight[phase]["device"] < eight["step"]["device"]
 
 
-def test_the_chunk_is_the_loaders():
+def test_the_chunk_and_the_file_size_are_the_trainers():
+    from ray_jobs.train.checkpoint import EXPORT_FILE_BYTES as WRITER
     from ray_jobs.train.model import READ_CHUNK_BYTES as LOADER
+    from topology.cost import EXPORT_FILE_BYTES
 
-    assert READ_CHUNK_BYTES == LOADER  # TODO(export): pin EXPORT_FILE_BYTES to checkpoint's
+    assert READ_CHUNK_BYTES == LOADER
+    assert EXPORT_FILE_BYTES == WRITER
 
 
 def test_a_layout_whose_export_does_not_fit_is_refused_with_the_number(llama8b_run):

@@ -19,15 +19,7 @@ from transformers import AttentionInterface, LlamaConfig
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
 
-from ray_jobs.train.model import (
-    apply_rope_theta,
-    build_meta_model,
-    init_weights,
-    llama_config,
-    materialize,
-)
-from ray_jobs.train.parallelize import CausalLMWithLoss, build_mesh, parallelize
-from ray_jobs.train.rope import (
+from ray_jobs.ring_attention.rope import (
     _HF_APPLY_ROTARY,
     ExactRotaryEmbedding,
     apply_exact_rope,
@@ -37,6 +29,14 @@ from ray_jobs.train.rope import (
     measure,
     render_table,
 )
+from ray_jobs.train.model import (
+    apply_rope_theta,
+    build_meta_model,
+    init_weights,
+    llama_config,
+    materialize,
+)
+from ray_jobs.train.parallelize import CausalLMWithLoss, build_mesh, parallelize
 from specs.degrees import ParallelDims
 from specs.loading import load_model
 from specs.run import RunSpec
@@ -347,7 +347,7 @@ def test_another_patch_of_the_rotation_is_refused(monkeypatch):
 
 
 def test_the_docs_table_tool_measures_the_same():
-    """`python -m ray_jobs.train.rope` (the docs' table) agrees with the tests above."""
+    """`python -m ray_jobs.ring_attention.rope` (the docs' table) agrees with the tests above."""
     theta = RECIPE.stage_theta(3)
     m = measure(theta, ONE_M, tokens=128, heads=2)
     assert m["trainer: vector"] <= 1.05 * m["bf16 storage: vector"]

@@ -15,7 +15,7 @@ all bf16) that costs, at positions near 1,048,576 with head_dim 128 and the 1M s
 
 Measured against an fp64 reference, the rotated vector's worst component error relative to its
 norm is 0.010 at 1M (bf16 storage alone: 0.0013); see docs/training.md, "RoPE at a million
-positions" (`python -m ray_jobs.train.rope` prints its table), and
+positions" (`python -m ray_jobs.ring_attention.rope` prints its table), and
 tests/train/test_rope_precision.py. Here the angle is the exact product of the position and the
 model's fp32 inv_freq (in fp64, where it is exact below 2**29 positions), reduced modulo 2*pi
 before it is cast to fp32; cos/sin stay fp32 and q, k are rotated in fp32 and cast back to their
