@@ -137,6 +137,12 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     interrupt(mini_run, signal.SIGINT, whole_group=True)
     spec, run_dir = mini_run
     last = Ledger(run_dir, "mini").latest_committed("s64")
+    # The rerun finishes the stage: with a checkpoint every 3 steps (there so that the first one
+    # lands early) that is ~50 more saves, most of this test's time; the rerun saves only at
+    # the end of each stage (a spec's storage section may change between runs).
+    write_spec(spec, mini_spec(run_dir.parent, **{"stages.0.steps": 150, "stages.1.steps": 3,
+                                                 "storage.checkpoint_every": 150,
+                                                 "failure.report_every": 50}))
     again = Launcher(spec, free_port())
     try:
         code = again.wait(timeout=600)
@@ -162,8 +168,16 @@ def test_sigterm_stops_job_and_head(mini_run):
     interrupt(mini_run, signal.SIGTERM, whole_group=False)
 
 
-def test_sighup_stops_job_and_head(mini_run):
-    interrupt(mini_run, signal.SIGHUP, whole_group=False)
+@pytest.mark.parametrize("signum", sorted(STOP_SIGNALS))
+def test_every_stop_signal_interrupts_with_its_exit_code(signum):
+    """SIGHUP (a closed terminal) takes the launcher's one path that the end-to-end tests above
+    follow for SIGINT and SIGTERM: the handler raises Interrupted with the signal, whose exit
+    code is 128 + its number."""
+    with StopSignals():
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler runs before this returns
+    assert e.value.signum == signum and STOP_SIGNALS[signum] == 128 + signum
 
 
 def test_first_signal_interrupts_a_second_only_hurries():

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from ray_jobs.eval.model import load_checkpoint
+from ray_jobs.ring_attention.rope import apply_exact_rope
 from ray_jobs.train import checkpoint as ckpt
 from ray_jobs.train.checkpoint import EXPORT_SHARDS_DIR, export_file_index
 from specs.checkpoint import CheckpointError, check_checkpoint, export_files, has_export
@@ -73,6 +74,7 @@ def _reference(state: dict[str, torch.Tensor], path: Path):
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     model.load_state_dict(state, strict=False)
+    apply_exact_rope(model)  # the RoPE the trainer and every evaluator compute with
     return model.eval()
 
 
