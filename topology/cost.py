@@ -547,7 +547,8 @@ def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
       shards as they are, in the storage dtype); host: the larger of HuggingFaceStorageWriter's
       write of one file (a rank's share of its tensors staged on the host, then the serialised
       bytes safetensors builds of them: twice the share) and the consolidation of one output
-      file (one full tensor as a bytearray, plus the piece of it one rank's shard file holds).
+      file (one full tensor as a bytearray, the piece of it one rank's shard file holds, read
+      as bytes, and the copy that slicing those bytes makes before they are placed).
 
     The device parts are traced (ray_jobs.train.memory.trace_load_memory and
     trace_export_memory); the host parts are modelled from torch's and safetensors' code, not
@@ -564,6 +565,7 @@ def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
     _, big_rows, big_row = max(shapes, key=lambda t: t[1] * t[2])  # the largest weight
     full_tensor = big_rows * big_row * sb
     shares = export_file_shares(s, file_bytes)
+    piece = _local_rows(big_rows, shard) * big_row * sb  # one rank's piece of that weight
     reserve = {"reserve (CUDA context, NCCL, fragmentation)": profile.memory_reserve_bytes}
     after_step = {"weights (sharded)": weights, "AdamW state (sharded)": 2 * weights}
     step = memory_per_gpu(s, profile)
@@ -581,7 +583,7 @@ def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
                        {"file share staged": max(b for _, b in shares),
                         "file share serialised": max(b for _, b in shares)},
                        {"full tensor consolidated": full_tensor,
-                        "shard piece read": _local_rows(big_rows, shard) * big_row * sb},
+                        "shard piece read": piece, "its copy (a bytes slice)": piece},
                        key=lambda d: sum(d.values()))},
     }
 
