@@ -252,6 +252,19 @@ def _sharded_meta_model(run: RunSpec, stage: StageSpec, layout, layers: int | No
     return hf, root
 
 
+@contextmanager
+def _materialized_model(run: RunSpec, stage: StageSpec, dims: ParallelDims, layers: int | None):
+    """(hf, root, fake mode) on a fake world of `dims`: the trainer's step 3 through
+    materialize, the shards given fake storage."""
+    with _fake_world(dims) as layout:
+        hf, root = _sharded_meta_model(run, stage, layout, layers)
+        # meta tensors are real ones to FakeTensorMode: allow them as inputs of to_empty
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+        yield hf, root, mode
+
+
 def _peak(tracker: FSDPMemTracker) -> tuple[int, dict[str, int]]:
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     return int(peak["Total"]), {str(k): int(v) for k, v in peak.items() if str(k) != "Total"}
@@ -266,12 +279,7 @@ def trace_load_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
     and storage dtype it would return. The peak counts the sharded weights and the slice read
     (on the CPU trace both sit on the one device). Needs a process without a process group."""
     t0 = time.perf_counter()
-    with _fake_world(dims) as layout:
-        hf, root = _sharded_meta_model(run, stage, layout, layers)
-        # meta tensors are real ones to FakeTensorMode: allow them as inputs of to_empty
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+    with _materialized_model(run, stage, dims, layers) as (hf, root, _):
         params = hf_parameters(hf)
 
         def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
@@ -296,11 +304,8 @@ def trace_export_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
     then, tracked, the export's state dict. What HuggingFaceStorageWriter and the consolidation
     then hold is host memory: modelled (topology.cost.lifecycle_memory), not traced."""
     t0 = time.perf_counter()
-    with _fake_world(dims) as layout:
-        hf, root = _sharded_meta_model(run, stage, layout, layers)
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with _materialized_model(run, stage, dims, layers) as (hf, root, mode):
         with mode:
-            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
             opt = build_optimizer(root, lr=1e-5)
             for p in root.parameters():
                 p.grad = torch.zeros_like(p)
