@@ -54,8 +54,9 @@ def main() -> int:
 
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    from ray_jobs.ray_setup import start_local_ray
+
+    start_local_ray(4, log_to_driver=False)
     t0 = time.perf_counter()
     profile = tmp / "local-profile.yaml"
     assert ringpilot(["calibrate", "--run", str(run_file), "--cluster", str(CLUSTER),

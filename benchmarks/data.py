@@ -73,6 +73,7 @@ def bench_prepare(tmp: Path, n_docs: int, n_files: int) -> dict:
 
     from ray_jobs.data.inputs import tokenizer_files
     from ray_jobs.data.prepare import prepare
+    from ray_jobs.ray_setup import start_local_ray
 
     per = n_docs // n_files
     files = [write_jsonl(tmp / "corpus" / f"part-{i:03d}.jsonl",
@@ -82,9 +83,7 @@ def bench_prepare(tmp: Path, n_docs: int, n_files: int) -> dict:
     tokenizer, _ = tokenizer_files(run, run.run_dir, tmp)
     single_tokens, single_s = single_process(files, str(tokenizer))
     cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray(cpus, log_to_driver=False, env_vars={"PYTHONPATH": str(ROOT)})
     try:
         manifest = prepare(run, tmp, run.run_dir, engine="ray", log=lambda line: None)
     finally:

@@ -170,9 +170,10 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
-                                                            "OMP_NUM_THREADS": "1"}})
+    from ray_jobs.ray_setup import start_local_ray
+
+    start_local_ray(4, log_to_driver=False,
+                    env_vars={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     gang = gang_benchmark(ray, args.gang_length)
     if not args.no_ruler:
         gang.update(ruler_keys())

@@ -55,6 +55,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import yaml  # noqa: E402
 
+from ray_jobs.ray_setup import state_api_env  # noqa: E402
 from specs.checkpoint import CHECKPOINTS_DIR, STAGING_GLOB, dcp_dir, read_state  # noqa: E402
 from specs.ledger import Ledger, is_committed  # noqa: E402
 from tests.support.faults import (  # noqa: E402
@@ -184,8 +185,8 @@ def driver_killed(tmp: Path, seed: int, out: Outcome, gcs: str) -> Path:
     ledger = Ledger(run_dir)
     wait_for = 0 if seed == 0 else rng.randrange(1, 4)  # committed checkpoints before the kill
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.train", "--run", str(spec),
-                             "--address", gcs], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--address", gcs], cwd=REPO, env={**os.environ, **state_api_env()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         doc = ledger.read() if ledger.path.exists() else None
@@ -451,11 +452,10 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
-                                       "OMP_NUM_THREADS": "1"}})
-    gcs = ray.get_runtime_context().gcs_address
+    from ray_jobs.ray_setup import start_local_ray
+
+    gcs = start_local_ray(4, log_to_driver=False,
+                          env_vars={"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"})
     tmp = Path(tempfile.mkdtemp(prefix="ringpilot-faults-"))
     t0 = time.perf_counter()
     base_spec = write_spec(tmp, "baseline")

@@ -6,7 +6,8 @@
    plain single-process Hugging Face training loop (SDPA, 2 threads: the same cores) on the same
    samples and the same total tokens, at the 1K stage's shape;
 2. recovery: a worker killed mid-stage (os._exit) -> seconds until the first step after restart;
-3. the whole embedded default as `make demo` runs it (ray start, ray job submit, ray stop);
+3. the whole embedded default as `make demo` runs it (ray start, ray job submit, ray stop),
+   without the calibration `make demo` runs first (`--calibrate`, about 40 s here);
 4. passkey exact match at the longest length (4K) on held-out prompts: the first stage's final
    model (niah_before) vs the last stage's (niah_after), their digit accuracy and answer-token loss.
 Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
@@ -128,12 +129,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
         tmp = Path(d)
         import ray
+
+        from ray_jobs.ray_setup import start_local_ray
         spec = _bench_spec(tmp / "runs")
         # The single-process baseline runs before Ray starts and after the Ray run; the faster
         # one counts (other processes share the cores; Ray's own start-up would disturb it).
         singles = [single_process_tokens_per_s(spec, tmp)]
-        ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False)
+        start_local_ray(4, log_to_driver=False)
         ring = ray_tokens_per_s(_run_ray(spec, tmp), spec["stages"][0]["name"])
         time.sleep(5)  # let the finished workers exit
         singles.append(single_process_tokens_per_s(spec, tmp))

@@ -12,6 +12,7 @@ from pathlib import Path
 # INFO lines (connecting, worker-group start, each report) stay in Ray's session log files.
 # RINGPILOT_RAY_LOG_LEVEL=INFO shows them again (it is read where the driver and workers start).
 RAY_LOG_LEVEL = os.environ.get("RINGPILOT_RAY_LOG_LEVEL", "WARNING").upper()
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
 
 
 def connect_ray(address: str | None, local_cpus: int) -> None:
@@ -20,13 +21,53 @@ def connect_ray(address: str | None, local_cpus: int) -> None:
     import ray
 
     if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        # a driver started beside a cluster that start_local_ray made (tests, benchmarks: its
+        # environment has state_api_env()) passes the State API on to its own job's actors
+        api = os.environ.get(STATE_API_ENV)
+        extra = ({"runtime_env": {"env_vars": {STATE_API_ENV: api}}}
+                 if api and not ray.is_initialized() else {})
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
-                 logging_level=RAY_LOG_LEVEL)
+                 logging_level=RAY_LOG_LEVEL, **extra)
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=local_cpus, logging_level=RAY_LOG_LEVEL)
+        start_local_ray(local_cpus, logging_level=RAY_LOG_LEVEL)
+
+
+_local_state_api: str | None = None  # the State API of the cluster start_local_ray started
+
+
+def state_api_env() -> dict[str, str]:
+    """The environment a driver started in a subprocess beside the cluster start_local_ray
+    started here needs (its connect_ray hands the State API on to its own job's actors); empty
+    when this process started none."""
+    return {STATE_API_ENV: _local_state_api} if _local_state_api else {}
+
+
+def start_local_ray(num_cpus: int, *, env_vars: dict[str, str] | None = None, **options) -> str:
+    """Start a private Ray on loopback with `num_cpus` CPUs (the one way the trainer, the tests
+    and the benchmarks start one); every actor of this driver gets `env_vars` and
+    RAY_API_SERVER_ADDRESS, the State API of this cluster. Returns the GCS address.
+
+    Why the State API: Ray Train's placement-group cleaner (an actor each TorchTrainer.fit
+    starts) asks it every second whether the controller still lives, and stopping the cleaner
+    waits for that check. A cluster that ray.init starts leaves an actor no way to find its API
+    server, so each check waited 40 s for a GCS it could not discover and every fit's shutdown
+    waited out the cleaner's 12 s stop timeout: 16 s from a stage's last report to fit
+    returning, 5 s with the address given (benchmarks/RESULTS.md). The dashboard serves the
+    State API; it listens on loopback, on a free port."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    global _local_state_api
+    port = free_port()
+    # Only the job's actors get it, never this process's environment: a `ray job submit` or a
+    # launcher started from here would follow it to this cluster instead of its own --address.
+    _local_state_api = f"http://127.0.0.1:{port}"
+    env = {STATE_API_ENV: _local_state_api, **(env_vars or {})}
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": env}, **options)
+    return ray.get_runtime_context().gcs_address
 
 
 def quiet_run_config() -> dict:

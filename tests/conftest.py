@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -35,13 +34,11 @@ def local_ray():
     Four logical CPUs: two training workers plus evaluation actors and drivers beside them.
     Returns the GCS address, for drivers started in subprocesses.
     """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                       "RAY_USAGE_STATS_ENABLED": "0"}})
-    yield ray.get_runtime_context().gcs_address
+    from ray_jobs.ray_setup import start_local_ray
+
+    yield start_local_ray(4, log_to_driver=False,
+                          env_vars={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                    "RAY_USAGE_STATS_ENABLED": "0"})
     ray.shutdown()

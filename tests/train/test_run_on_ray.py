@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_jobs.ray_setup import state_api_env
 from ray_jobs.train.driver import main
 from specs.checkpoint import checkpoint_dir, locate, read_state
 from specs.ledger import COMMITTED, Ledger
@@ -102,7 +103,7 @@ def test_driver_killed_then_rerun_resumes_without_redoing_stages(ray_cluster, tm
         tmp_path / "runs", **{"stages.1.steps": 40, "storage.checkpoint_every": 3}))
     run_dir = tmp_path / "runs" / "mini"
     ledger = Ledger(run_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **state_api_env()}
     driver = subprocess.Popen([sys.executable, "-m", "ray_jobs.train", "--run", str(spec),
                                "--address", ray_cluster], env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
