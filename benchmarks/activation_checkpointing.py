@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/activation_checkpointing.py            # 16K tokens, minutes
     .venv/bin/python benchmarks/activation_checkpointing.py --quick    # 4K tokens, under a minute
 
-Stage: the tiny default's model (configs/tiny.yaml: 2 layers, hidden 128, 4 heads, GQA 2:1,
+Stage: the tiny default's model (configs/tiny.yaml: 2 layers, hidden 128, 8 heads, GQA 2:1,
 fp32 on CPU) on one ring of 2 gloo processes, one thread each, FSDP2 over both, a sequence of
 16K tokens (8K per rank), batch 1: attention is most of the step, as at 65K-1M on GPUs.
 

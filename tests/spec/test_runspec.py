@@ -78,10 +78,10 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
         ({"stages.1.name": "s64"}, r"stages: names must be unique, got \['s64'\] twice"),
         ({"stages.1.seq_len": 32}, r"seq_len must not decrease .* got \[64, 32, 1024, 4096\]; "
          r"order the stages by length"),
-        ({"model.num_key_value_heads": 3}, r"model: num_attention_heads \(4\) must be a multiple "
+        ({"model.num_key_value_heads": 3}, r"model: num_attention_heads \(8\) must be a multiple "
          r"of num_key_value_heads \(3\); pick a divisor, e.g. 2"),
         ({"model.hidden_size": 66}, r"model: hidden_size \(66\) must be divisible by "
-         r"num_attention_heads \(4\)"),
+         r"num_attention_heads \(8\)"),
         ({"data.tokenizer": {"vocab_size": 1024}}, r"data.tokenizer.vocab_size \(1024\) exceeds "
          r"model.vocab_size \(512\)"),
         ({"data.mix": {"documents": 1.0, "passkey": 0, "kv_retrieval": 0}},
@@ -162,7 +162,7 @@ def test_ulysses_degree_splits_each_ring_position():
 
 @pytest.mark.parametrize("changes,message", [
     ({"stages.0.ulysses_degree": 3, "stages.0.seq_len": 96}, "stages[0] (s64): ulysses_degree "
-     "(3) must divide the 4 query heads; use one of [1, 2, 4]"),
+     "(3) must divide the 8 query heads; use one of [1, 2, 4, 8]"),
     ({"stages.0.ulysses_degree": 3}, "stages[0]: seq_len (64) must be divisible by 2 x "
      "ring_degree x ulysses_degree (12) for zigzag sharding and the Ulysses split; use 72"),
     ({"stages.0.ulysses_degree": 2}, "stages[0] (s64): ring_degree x data_parallel_degree x "
@@ -183,10 +183,10 @@ def test_auto_ulysses_validates_and_counts_as_one_until_planned():
 def test_a_ulysses_degree_above_the_kv_heads_says_they_are_replicated():
     from topology.run_plan import plan_from_workers
 
-    data = run_with(**{"resources.workers": 8, "stages.0.ulysses_degree": 4})
+    data = run_with(**{"resources.workers": 16, "stages.0.ulysses_degree": 8})
     run = validate_data(data, RunSpec, source="run.yaml")
-    stage = plan_from_workers({"n0": 8}, run).stage(run.stages[0].name)
-    assert ("ulysses 4 exceeds the 2 key/value heads: each is replicated 2 times"
+    stage = plan_from_workers({"n0": 16}, run).stage(run.stages[0].name)
+    assert ("ulysses 8 exceeds the 4 key/value heads: each is replicated 2 times"
             in " ".join(stage.notes))
 
 
