@@ -74,6 +74,8 @@ class TrainerState(BaseModel):
     step: int = Field(ge=0, description="Optimizer steps done in this stage.")
     tokens: int = Field(0, description="Tokens trained on in this stage.")
     rope_theta: float = 0.0
+    rope: dict = Field(default_factory=dict, description="transformers' rope_parameters the "
+                       "stage trains with (config.json carries them too).")
     seq_len: int = 0
     seconds: float = Field(0.0, description="Training time in this stage so far.")
     parts_seconds: dict[str, float] = Field(default_factory=dict,
@@ -270,3 +272,28 @@ def check_checkpoint(path: str | Path) -> Path:
                               f"Hugging Face export) nor {DCP_DIR}/ (the trainer's shards); it is "
                               "damaged: evaluate another committed checkpoint of the run")
     return path
+
+
+def config_rope(model_dir: str | Path) -> dict | None:
+    """The RoPE rule in a Hugging Face checkpoint's config.json as transformers' rope_parameters
+    (transformers 5 writes `rope_parameters`; older files have `rope_theta` and `rope_scaling`,
+    whose `type` is the old name of `rope_type`); None when the file does not exist."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(read_bounded(path, "metadata"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e}); restore the config.json that "
+                              "save_pretrained wrote") from None
+    params = config.get("rope_parameters") or dict(config.get("rope_scaling") or {})
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: rope_parameters is {type(params).__name__}, not a "
+                              "mapping; restore the config.json that save_pretrained wrote")
+    params = dict(params)
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    params.setdefault("rope_type", "default")
+    if config.get("rope_theta") is not None:
+        params.setdefault("rope_theta", config["rope_theta"])
+    return params

@@ -123,6 +123,11 @@ class StagePlan(_Spec):
         "specs.degrees.CHECKPOINT_POLICIES order: what 'auto' chose from (empty when planned "
         "without a cluster description).")
     notes: list[str] = Field(default_factory=list, description="Choices made and why.")
+    rope: dict[str, Any] = Field(default_factory=dict, description="transformers' "
+                                 "rope_parameters of the stage as its RunSpec resolves them (a "
+                                 "base model with its own rule, e.g. Llama 3.1's llama3, keeps "
+                                 "it in stages without a rope block: the trainer's state and "
+                                 "summary show it).")
 
     @model_validator(mode="before")
     @classmethod

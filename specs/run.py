@@ -68,6 +68,131 @@ def rope_theta_for(seq_len: int, theta0: float, pretrain_seq_len: int) -> float:
     return theta0**exponent
 
 
+RopeMethod = Literal["theta", "linear", "dynamic", "yarn", "llama3", "longrope"]
+# transformers' rope_type of each method ("theta" is plain RoPE with a new base)
+ROPE_TYPES: dict[str, str] = {"theta": "default", "linear": "linear", "dynamic": "dynamic",
+                              "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
+METHOD_OF_TYPE = {t: m for m, t in ROPE_TYPES.items()}
+MAX_ROPE_FACTOR = 1 << 16  # 64K x a context: far beyond any extension
+
+
+class RopeSpec(_Spec):
+    """How a stage extends RoPE: a method and its parameters ('auto' ones from the stage's length
+    and the model's pretraining length). Each becomes transformers' `rope_parameters` for the
+    stage's model, written into every checkpoint's config.json, so every later reader (next
+    stage, evaluators, lm-eval, exports, vLLM) computes the same positions."""
+
+    method: RopeMethod = Field(
+        "theta", description="'theta': plain RoPE with a larger base (the scaling-law rule); "
+        "'linear': position interpolation (positions divided by factor); 'dynamic': dynamic NTK "
+        "(the base grows with the sequence's length; in training, fixed at the stage's seq_len); "
+        "'yarn': YaRN (NTK-by-parts and an attention temperature); 'llama3': Llama 3.1's "
+        "frequency rule; 'longrope': LongRoPE's per-dimension factors (give short_factor and "
+        "long_factor: they come from a search, never 'auto').")
+    theta: Annotated[float, Field(gt=0, le=MAX_THETA)] | Auto = Field(
+        "auto", description="RoPE base. 'theta' method: 'auto' is the scaling-law rule from "
+        "model.rope_theta and pretrain_seq_len; the other methods scale this base, 'auto' being "
+        "the base model's. At most 1e18.")
+    factor: Annotated[float, Field(ge=1, le=MAX_ROPE_FACTOR)] | Auto = Field(
+        "auto", description="Context extension factor (linear, dynamic, yarn, llama3, longrope). "
+        "'auto': seq_len / original_max_position_embeddings, at least 1; for 'dynamic', 1 "
+        "(transformers grows its base by (factor x length / original - factor + 1) ** (d / "
+        "(d - 2)): factor 1 makes that the length's own ratio).")
+    original_max_position_embeddings: Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)] | Auto = Field(
+        "auto", description="The context the frequencies were pretrained for. 'auto': "
+        "model.pretrain_seq_len.")
+    beta_fast: float | None = Field(None, gt=0, le=1e4, description="YaRN: rotations above which "
+                                    "a dimension is not interpolated; null: transformers' 32.")
+    beta_slow: float | None = Field(None, gt=0, le=1e4, description="YaRN: rotations below which "
+                                    "a dimension is fully interpolated; null: transformers' 1.")
+    attention_factor: float | None = Field(
+        None, gt=0, le=100, description="YaRN and LongRoPE: the scale of cos/sin (attention "
+        "temperature); null: the paper's rule (YaRN: 0.1 ln(factor) + 1).")
+    low_freq_factor: float = Field(1.0, gt=0, le=1e4, description="llama3: wavelengths above "
+                                   "original / low_freq_factor are divided by factor (Llama 3.1: "
+                                   "1).")
+    high_freq_factor: float = Field(4.0, gt=0, le=1e4, description="llama3: wavelengths below "
+                                    "original / high_freq_factor are kept (Llama 3.1: 4).")
+    short_factor: list[Annotated[float, Field(gt=0, le=MAX_ROPE_FACTOR)]] | None = Field(
+        None, max_length=MAX_HEADS, description="longrope: per-frequency factors (head_dim / 2 of "
+        "them) within the original context.")
+    long_factor: list[Annotated[float, Field(gt=0, le=MAX_ROPE_FACTOR)]] | None = Field(
+        None, max_length=MAX_HEADS, description="longrope: per-frequency factors beyond it.")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> RopeSpec:
+        given = self.model_fields_set
+        allowed = {"method", "theta"} | {
+            "theta": set(), "linear": {"factor", "original_max_position_embeddings"},
+            "dynamic": {"factor", "original_max_position_embeddings"},
+            "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                     "attention_factor"},
+            "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor",
+                       "high_freq_factor"},
+            "longrope": {"factor", "original_max_position_embeddings", "attention_factor",
+                         "short_factor", "long_factor"}}[self.method]
+        if extra := sorted(given - allowed):
+            raise ValueError(f"rope method {self.method!r} takes no {', '.join(extra)}; remove "
+                             f"it, or choose the method it belongs to")
+        if self.method == "yarn" and (self.beta_fast or 32) <= (self.beta_slow or 1):
+            raise ValueError(f"rope.beta_fast ({self.beta_fast or 32}) must exceed rope.beta_slow "
+                             f"({self.beta_slow or 1}); YaRN interpolates between the two")
+        if self.method == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope.high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"rope.low_freq_factor ({self.low_freq_factor}); Llama 3.1 uses 4 "
+                             "and 1")
+        if self.method == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("rope method 'longrope' needs short_factor and long_factor (head_dim "
+                             "/ 2 numbers each, from a LongRoPE search or the checkpoint's "
+                             "config.json); there is no 'auto' for them")
+        return self
+
+
+def rope_parameters(rope: RopeSpec, *, seq_len: int, theta0: float, pretrain_seq_len: int,
+                    head_dim: int) -> dict[str, Any]:
+    """transformers' `rope_parameters` of a stage's RopeSpec, 'auto' values resolved."""
+    original = (pretrain_seq_len if rope.original_max_position_embeddings == "auto"
+                else rope.original_max_position_embeddings)
+    if rope.method == "theta":
+        theta = (rope_theta_for(seq_len, theta0, original) if rope.theta == "auto"
+                 else float(rope.theta))
+        return {"rope_type": "default", "rope_theta": theta}
+    theta = theta0 if rope.theta == "auto" else float(rope.theta)
+    if rope.factor != "auto":
+        factor = float(rope.factor)
+    else:
+        factor = 1.0 if rope.method == "dynamic" else max(1.0, seq_len / original)
+    params: dict[str, Any] = {"rope_type": ROPE_TYPES[rope.method], "rope_theta": theta,
+                              "factor": factor}
+    if rope.method in ("yarn", "llama3", "longrope"):
+        params["original_max_position_embeddings"] = original
+    if rope.method == "yarn":
+        params.update({k: v for k, v in (("beta_fast", rope.beta_fast),
+                                         ("beta_slow", rope.beta_slow),
+                                         ("attention_factor", rope.attention_factor))
+                       if v is not None})
+    elif rope.method == "llama3":
+        params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    elif rope.method == "longrope":
+        for name in ("short_factor", "long_factor"):
+            values = getattr(rope, name)
+            if len(values) != head_dim // 2:
+                raise ValueError(f"rope.{name} has {len(values)} numbers; the model's head_dim "
+                                 f"{head_dim} needs {head_dim // 2}, one per frequency")
+            params[name] = list(values)
+        if rope.attention_factor is not None:
+            params["attention_factor"] = rope.attention_factor
+    return params
+
+
+def describe_rope(params: dict[str, Any]) -> str:
+    """A stage's RoPE in a few characters, for tables: 'theta 283,461,213', 'yarn x8'."""
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return f"theta {params['rope_theta']:,.0f}"
+    return f"{METHOD_OF_TYPE.get(kind, kind)} x{params.get('factor', 1):g}"
+
+
 class ModelSpec(_Spec):
     """The Llama model to extend: its architecture (always), and where its weights come from."""
 
@@ -190,6 +315,11 @@ class StageSpec(_Spec):
         "auto", description="RoPE base for this stage. 'auto': the RoPE scaling-law rule from the "
         "model's rope_theta and pretrain_seq_len. At most 1e18.",
     )
+    rope: RopeSpec | None = Field(
+        None, description="How this stage extends RoPE (method and parameters). Null: the base "
+        "model's own rule when its config.json has one other than plain RoPE (a Llama 3.1 "
+        "checkpoint keeps its 'llama3' rule, unchanged), else the 'theta' method with "
+        "stages[].rope_theta. A block here replaces the base model's rule, and the plan says so.")
     activation_checkpointing: CheckpointPolicy | Auto = Field(
         "auto", description="What backward recomputes of each decoder layer: 'full' (keep only "
         "its input, recompute the layer, ring attention included: its K/V travel the ring again), "
@@ -198,6 +328,14 @@ class StageSpec(_Spec):
         "the fastest policy whose memory fits the GPU with its reserve (plan.json and the report "
         "give each policy's time and memory); 'full' when planned without a cluster.",
     )
+
+    @model_validator(mode="after")
+    def _one_rope(self) -> StageSpec:
+        if self.rope is not None and self.rope_theta != "auto":
+            raise ValueError("give the stage's RoPE once: rope_theta is the 'theta' method's "
+                             "base; with a rope block, set rope.theta there and remove "
+                             "rope_theta")
+        return self
 
     @model_validator(mode="after")
     def _divisibility(self) -> StageSpec:
@@ -610,6 +748,8 @@ class RunSpec(_Spec):
                 theta = self.stage_theta(i)
             except OverflowError:
                 theta = math.inf
+            except ValueError as e:  # a rope block that does not fit the model
+                raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
             if not theta <= MAX_THETA:
                 raise ValueError(
                     f"stages[{i}] ({stage.name}): rope_theta 'auto' gives a RoPE base above "
@@ -638,12 +778,47 @@ class RunSpec(_Spec):
         """`<storage.path>/<name>`: the ledger, plan, checkpoints and evaluations of this run."""
         return Path(self.storage.path).expanduser().absolute() / self.name
 
-    def stage_theta(self, index: int) -> float:
-        """RoPE base of stage `index`: as given, or by the scaling-law rule."""
+    def base_rope(self, spec_dir: Path | None = None) -> dict[str, Any] | None:
+        """The base model's RoPE rule: model.path's config.json (relative to `spec_dir`, the
+        spec's directory), or None for a model built from this spec (plain RoPE with
+        model.rope_theta)."""
+        from specs.checkpoint import config_rope
+
+        if self.model.path is None:
+            return None
+        path = Path(self.model.path).expanduser()
+        return config_rope(path if path.is_absolute() or spec_dir is None else spec_dir / path)
+
+    def stage_rope(self, index: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """transformers' `rope_parameters` for stage `index`. `base`: the base model's own (its
+        config.json's, when model.path has one; None: plain RoPE with model.rope_theta). A stage
+        without a rope block keeps a base rule other than plain RoPE unchanged; otherwise its
+        method (the 'theta' rule with stages[].rope_theta by default) is resolved against the
+        base's theta, model.pretrain_seq_len and the stage's length."""
         stage = self.stages[index]
-        if stage.rope_theta != "auto":
-            return float(stage.rope_theta)
-        return rope_theta_for(stage.seq_len, self.model.rope_theta, self.model.pretrain_seq_len)
+        if stage.rope is None and base and base.get("rope_type", "default") != "default":
+            return dict(base)
+        rope = stage.rope or RopeSpec(theta=stage.rope_theta)
+        theta0 = float(base["rope_theta"]) if base and base.get("rope_theta") else \
+            self.model.rope_theta
+        return rope_parameters(rope, seq_len=stage.seq_len, theta0=theta0,
+                               pretrain_seq_len=self.model.pretrain_seq_len,
+                               head_dim=self.model.head_dim)
+
+    def stage_rope_words(self, index: int, base: dict[str, Any] | None = None) -> str:
+        """The stage's RoPE for people, and whether it keeps or replaces the base model's rule:
+        'llama3 x8 (the base model's, kept)', 'theta 283,461,213 (replaces the base's llama3)'."""
+        words = describe_rope(self.stage_rope(index, base))
+        kind = (base or {}).get("rope_type", "default")
+        if kind == "default":
+            return words
+        if self.stages[index].rope is None:
+            return f"{words} (the base model's, kept)"
+        return f"{words} (replaces the base model's {METHOD_OF_TYPE.get(kind, kind)})"
+
+    def stage_theta(self, index: int, base: dict[str, Any] | None = None) -> float:
+        """RoPE base of stage `index` (the base a scaling method scales, for the others)."""
+        return float(self.stage_rope(index, base)["rope_theta"])
 
     def summary(self) -> str:
         m = self.model
@@ -653,7 +828,7 @@ class RunSpec(_Spec):
             f"{m.num_attention_heads}/{m.num_key_value_heads} heads, {m.dtype}), "
             f"{self.resources.workers} {self.resources.device} workers",
             f"{'stage':<10}{'seq_len':>10}{'steps':>7}{'tokens/step':>13}{'ring x dp':>11}"
-            f"{'rope_theta':>16}{'lr':>9}",
+            f"{'rope':>20}{'lr':>9}",
         ]
         for i, s in enumerate(self.stages):
             u = s.ulysses_degree
@@ -661,7 +836,7 @@ class RunSpec(_Spec):
             lines.append(
                 f"{s.name:<10}{s.seq_len:>10,}{s.steps:>7}{s.tokens_per_step:>13,}"
                 f"{f'{ring} x {s.data_parallel_degree}':>11}"
-                f"{self.stage_theta(i):>16,.0f}{s.lr:>9.1e}"
+                f"{describe_rope(self.stage_rope(i)):>20}{s.lr:>9.1e}"
             )
         hybrid = next((s for s in self.stages if ulysses_of(s) > 1), None)
         if hybrid is not None:

@@ -436,7 +436,8 @@ def _request(run, **over):
 
     fields = dict(stage="s", checkpoint="checkpoints/s/step-000001", step=1, run_dir=run,
                   attempt=1, tasks=("niah_lite",), lengths=(256,), depths=(0.0,), samples=1,
-                  seed=0, gpus=0.0, max_length=1024, rope_theta=10000.0)
+                  seed=0, gpus=0.0, max_length=1024,
+                  rope={"rope_type": "default", "rope_theta": 10000.0})
     return EvalRequest(**{**fields, **over})
 
 
@@ -455,15 +456,16 @@ def test_an_evaluation_folder_is_built_from_a_simple_stage_and_stays_in_the_run(
 @pytest.mark.parametrize("config", [b"\xff\xfe", b'{"rope_theta": ', b"[1, 2]",
                                     b'{"rope_theta": "lots"}', b'{"rope_parameters": 7}'])
 def test_a_damaged_checkpoint_config_is_the_evaluation_error_not_a_traceback(tmp_path, config):
-    from ray_jobs.eval.pipeline import check_stage_theta
+    from ray_jobs.eval.pipeline import check_stage_rope
 
     run = tmp_path / "run"
     ckpt = checkpoint_dir(run, "s", 1)
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_bytes(config)
-    with pytest.raises(CheckpointError, match="config.json has rope_theta .* but stage 's'"):
-        check_stage_theta(_request(run))
-    assert "config.json has rope_theta" in load_results(
+    with pytest.raises(CheckpointError, match="config.json .* but stage 's' trains with "
+                       "rope_theta 10000.0"):
+        check_stage_rope(_request(run))
+    assert "config.json" in load_results(
         eval_dir(run, "s", 1) / "results.json").error
 
 

@@ -15,6 +15,7 @@ from matplotlib.path import Path as MplPath  # noqa: E402
 from specs.atomic import atomic_write
 from specs.cluster import ClusterSpec  # noqa: E402
 from specs.plan import Plan, StagePlan  # noqa: E402
+from specs.run import describe_rope  # noqa: E402
 
 PARTS = ["dense compute", "attention compute", "exposed ring K/V", "exposed weight sharding",
          "data-parallel sync"]
@@ -56,7 +57,7 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
         f"{', '.join(plan.unknown_topology) or 'none'}.",
         net,
     ]
-    head = ["stage", "seq_len", "rope_theta", "ring x dp", "step s", "tokens/s", "MFU",
+    head = ["stage", "seq_len", "rope", "ring x dp", "step s", "tokens/s", "MFU",
             "wall", "ring hop ms (planned / Ray / bound)", "hop headroom", "slowest link",
             "mem GB"]
     if compare:
@@ -65,7 +66,9 @@ def _headline(plan: Plan, spec: ClusterSpec, compare: list[float] | None) -> tup
     for i, s in enumerate(plan.stages):
         p = s.prediction
         worst = s.bottleneck_links[0] if s.bottleneck_links else None
-        row = [s.name, f"{s.seq_len:,}", f"{s.rope_theta:,.0f}", _layout(s),
+        row = [s.name, f"{s.seq_len:,}",
+               describe_rope(s.rope or {"rope_type": "default", "rope_theta": s.rope_theta}),
+               _layout(s),
                f"{p.step_seconds:,.1f}", f"{p.tokens_per_second:,.0f}", f"{p.mfu:.0%}",
                _fmt_min(p.wall_minutes),
                f"{p.ring_hop_seconds * 1e3:.2f} / "

@@ -154,6 +154,7 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
     policy = StageShape.of(run, stage, dims).checkpointing  # the search's: the stage's, or full
     prediction, alts = _priced(planner, best, StageShape.of(run, stage, dims), seed)
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
+                     rope=run.stage_rope(index),
                      dims=dims, rings=_workers(best.rings), activation_checkpointing=policy,
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=prediction, alternatives=alts,
@@ -326,7 +327,8 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
                  for i in range(d)]
         policy, policy_notes = policy_without_cluster(stage)
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
-                                rope_theta=run.stage_theta(index), dims=dims, rings=rings,
+                                rope_theta=run.stage_theta(index), rope=run.stage_rope(index),
+                                dims=dims, rings=rings,
                                 activation_checkpointing=policy,
                                 notes=notes + policy_notes + kv_replication_note(
                                     run.model.num_key_value_heads, dims.ulysses)

@@ -84,7 +84,7 @@ class EvalRequest:
     cpus: float = 1.0
     gang_size: int = 0  # 0: derived from the longest context and max_length
     gang_place_timeout_s: float = 120.0
-    rope_theta: float | None = None  # the stage's RoPE base, which the checkpoint must carry
+    rope: dict | None = None  # the stage's rope_parameters, which the checkpoint must carry
     kamradt: KamradtSpec | None = None  # Kamradt's test, on `haystack_files`
     haystack_files: tuple[str, ...] = ()
     ruler: RulerSpec | None = None  # lm-eval's RULER tasks, at `ruler_lengths`
@@ -142,8 +142,8 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
     started = time.time()
     device = evaluation_device(request.gpus)
     checkpoint = str(request.checkpoint_dir)
-    if request.rope_theta is not None:
-        check_stage_theta(request)
+    if request.rope is not None:
+        check_stage_rope(request)
     model, tokenizer = load_checkpoint(checkpoint, device, request.compute_dtype)
     generate = build_generate(model, tokenizer)
     if wrap_generate is not None:
@@ -240,31 +240,47 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
     results.ruler = doc
 
 
-def check_stage_theta(request: EvalRequest) -> None:
-    """Refuse a checkpoint whose config does not carry its stage's RoPE base (a model evaluated
-    with the wrong theta retrieves nothing past its old context, and the grid would blame the
-    training): the error goes into results.json and the log, and is not retried."""
-    import json
-
+def check_stage_rope(request: EvalRequest) -> None:
+    """Refuse a checkpoint whose config does not carry its stage's RoPE (method, base and
+    factor): a model evaluated with other positions retrieves nothing past its old context, and
+    the grid would blame the training. The error goes into results.json and the log, and is not
+    retried."""
     from ray_jobs.eval.results import write_error
+    from specs.checkpoint import config_rope
     from specs.errors import SpecError
-    from specs.files import read_bounded
 
+    want = request.rope
     try:  # a damaged or hostile config.json is this checkpoint's error, not a traceback
-        config = json.loads(read_bounded(request.checkpoint_dir / "config.json", "metadata"))
-        theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
-        theta = None if theta is None else float(theta)
+        have = config_rope(request.checkpoint_dir) or {}
+        problem = _rope_difference(have, want)
     except (SpecError, ValueError, TypeError, AttributeError, RecursionError) as e:
-        theta = f"that cannot be read ({' '.join(str(e).split())[:200]})"
-    if (not isinstance(theta, float)
-            or abs(theta - request.rope_theta) > 1e-6 * request.rope_theta):
-        error = (f"checkpoint {request.checkpoint}: config.json has rope_theta {theta}, but stage "
-                 f"{request.stage!r} trains with {request.rope_theta:g}; it was not saved by "
-                 "this stage (or its config was edited): evaluate the stage's own checkpoint, or "
-                 "fix rope_parameters.rope_theta in its config.json")
+        problem = f"a config.json that cannot be read ({' '.join(str(e).split())[:200]})"
+    if problem:
+        error = (f"checkpoint {request.checkpoint}: {problem}, but stage {request.stage!r} "
+                 f"trains with {_rope_words(want)}; it was not saved by this stage (or its "
+                 "config was edited): evaluate the stage's own checkpoint, or fix "
+                 "rope_parameters in its config.json")
         log.error("%s", error)
         write_error(request.out_dir, request.checkpoint, error)
         raise CheckpointError(error)
+
+
+def _rope_difference(have: dict, want: dict) -> str:
+    """'' when `have` rotates as `want` does (type, base and factor; bases within 1e-6), else
+    what the checkpoint has."""
+    same = have.get("rope_type", "default") == want.get("rope_type", "default")
+    for key in ("rope_theta", "factor"):
+        a, b = have.get(key), want.get(key)
+        if b is not None:
+            same = same and a is not None and abs(float(a) - float(b)) <= 1e-6 * abs(float(b))
+    return "" if same else f"config.json has {_rope_words(have)}"
+
+
+def _rope_words(params: dict) -> str:
+    kind = params.get("rope_type", "default")
+    words = f"rope_theta {params.get('rope_theta')}"
+    return words if kind == "default" else \
+        f"rope_type {kind} (factor {params.get('factor')}), {words}"
 
 
 class EvalActor:

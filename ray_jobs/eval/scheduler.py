@@ -141,6 +141,7 @@ class EvalScheduler:
         self.haystack = (tuple(str(p) for p in task_lib.haystack_files(
             run.eval.kamradt.haystack, spec_dir or Path.cwd())) if run.eval.kamradt else ())
         self.max_length = max_length or run.eval.max_tokens_per_evaluator
+        self.base_rope = run.base_rope(spec_dir)  # what each stage's RoPE is resolved against
         # the driver's fenced ledger: a superseded driver's scheduler records nothing more
         self.ledger = ledger or Ledger(self.run_dir, run.name)
         self._evaluate_fn = evaluate_fn  # tests inject faults here; None: pipeline.evaluate_request
@@ -284,7 +285,8 @@ class EvalScheduler:
                            depths=tuple(e.depths), samples=e.samples, seed=e.seed, gpus=e.gpus,
                            cpus=e.cpus, max_length=self.max_length, gang_size=e.gang_size,
                            gang_place_timeout_s=e.gang_place_timeout_s,
-                           rope_theta=(self.run.stage_theta(index) if stage in names else None),
+                           rope=(self.run.stage_rope(index, self.base_rope) if stage in names
+                                 else None),
                            ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
                            kamradt=e.kamradt, haystack_files=self.haystack,
                            compute_dtype=self.run.compute_dtype,

@@ -41,14 +41,51 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotat
 _HF_APPLY_ROTARY = modeling_llama.apply_rotary_pos_emb
 
 
+# rope types whose frequencies transformers recomputes from the largest position it is given
+LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
 class ExactRotaryEmbedding(LlamaRotaryEmbedding):
     """LlamaRotaryEmbedding whose cos/sin are those of the exact angle (position x inv_freq in
     fp64, reduced mod 2*pi) and are returned in fp32 whatever the hidden states' dtype; the
-    rotation (apply_rotary_pos_emb, patched by apply_exact_rope) then runs in fp32."""
+    rotation (apply_rotary_pos_emb, patched by apply_exact_rope) then runs in fp32.
+
+    `length`: the length of the sequences this module's positions belong to (a training stage's
+    seq_len). For 'dynamic' and 'longrope', whose frequencies transformers recomputes from the
+    largest position of each call, they are computed once for `length` instead: a rank of a
+    ring sees only its own shard's positions, and would otherwise rotate by frequencies of its
+    own. None: transformers' behaviour (each call's own length), for one process holding whole
+    sequences."""
+
+    def __init__(self, config, device=None, length: int | None = None):
+        super().__init__(config)
+        self.length = length
+        if length is not None and self.rope_type in LENGTH_DEPENDENT:
+            inv_freq, self.attention_scaling = self.rope_init_fn(config, device, seq_len=length)
+            self.inv_freq = torch.nn.Buffer(inv_freq, persistent=False)
+        if device is not None:
+            self.to(device)
+
+    @property
+    def rope_init_fn(self):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters
+        return ROPE_INIT_FUNCTIONS[self.rope_type]
 
     @torch.no_grad()
-    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length is None or self.rope_type not in LENGTH_DEPENDENT:
+            return self._adaptive_forward(x, position_ids)
+        return self._tables(x, position_ids)
+
+    @dynamic_rope_update
+    def _adaptive_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self._tables(x, position_ids)
+
+    def _tables(self, x: torch.Tensor, position_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = exact_angles(position_ids, self.inv_freq.to(x.device))  # (B, S, D/2) fp32
         emb = torch.cat((angles, angles), dim=-1)  # (B, S, D)
@@ -89,14 +126,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.to(x.dtype)
 
 
-def apply_exact_rope(model: torch.nn.Module) -> None:
+def apply_exact_rope(model: torch.nn.Module, length: int | None = None) -> None:
     """Replace a Hugging Face Llama's rotary embedding by an ExactRotaryEmbedding of its config
-    (same inv_freq, same device) and route Llama attention's rotation through
-    apply_rotary_pos_emb above. The latter is a process-wide swap of the module-level function
-    that LlamaAttention.forward calls (transformers offers no per-model hook for it); it is a
-    no-op for every model whose cos/sin have q's dtype, i.e. any model not built here."""
+    (same inv_freq, same device; `length`: see the class) and route Llama attention's rotation
+    through apply_rotary_pos_emb above. The latter is a process-wide swap of the module-level
+    function that LlamaAttention.forward calls (transformers offers no per-model hook for it);
+    it is a no-op for every model whose cos/sin have q's dtype, i.e. any model not built here."""
     old = model.model.rotary_emb
-    model.model.rotary_emb = ExactRotaryEmbedding(model.config).to(old.inv_freq.device)
+    model.model.rotary_emb = ExactRotaryEmbedding(model.config, old.inv_freq.device,
+                                                  length=length)
     install_exact_rotation()
 
 

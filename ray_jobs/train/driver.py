@@ -148,6 +148,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
             check_checkpoint_is_data(spec_dir / run.model.path)
         except CheckpointError as e:
             problems.append(f"model.path: {e}")
+    problems += rope_problems(run, spec_dir)
     problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
     try:
         documents = read_documents(run, spec_dir)
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None, *,
     evaluator = _start_eval(run, run_dir, ledger, spec_dir)
     printer = ProgressPrinter(run_dir).start()
     wall, code = {}, 0
+    base_rope = run.base_rope(spec_dir)  # the base model's RoPE rule, each stage's reference
     try:
         # 4. One trainer per stage; a finished stage is never trained again.
         for index in indices:
@@ -369,8 +371,8 @@ def main(argv: list[str] | None = None, *,
                 print(f"[{name}] done in the ledger; skipping", flush=True)
                 continue
             latest = ledger.latest_committed(name)
-            print(f"[{name}] seq_len {run.stages[index].seq_len:,}, rope_theta "
-                  f"{run.stage_theta(index):,.0f}; "
+            print(f"[{name}] seq_len {run.stages[index].seq_len:,}, rope "
+                  f"{run.stage_rope_words(index, base_rope)}; "
                   f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
             if evaluator is not None:  # evaluations on this stage's GPUs finish first
                 evaluator.make_room(name)
@@ -440,3 +442,24 @@ def _start_eval(run: RunSpec, run_dir: Path, ledger: Ledger, spec_dir: Path):
     scheduler.start()
     return scheduler
 
+
+def rope_problems(run: RunSpec, spec_dir: Path) -> list[str]:
+    """Each stage's RoPE as the installed transformers checks it (the RunSpec checks the fields;
+    transformers the rule they make with the model's shapes), one line per stage it refuses."""
+    from ray_jobs.train.model import llama_config, set_rope
+
+    try:
+        base = run.base_rope(spec_dir)
+    except CheckpointError as e:
+        return [f"model.path: {e}"]
+    problems = []
+    for i, stage in enumerate(run.stages):
+        rope = run.stage_rope(i, base)
+        try:
+            set_rope(llama_config(run.model, stage.seq_len, rope), rope, seq_len=stage.seq_len,
+                     pretrain_seq_len=run.model.pretrain_seq_len)
+        except ValueError as e:
+            where = "rope" if stage.rope is not None else "rope (the base model's rule, kept)"
+            problems.append(f"stages[{i}] ({stage.name}).{where}: {e}; fix the stage's rope "
+                            "block")
+    return problems

@@ -39,6 +39,7 @@ from ray_jobs.train.model import (
     materialize,
     model_config,
     model_source,
+    stage_rope,
     weights_checksum,
 )
 from ray_jobs.train.parallelize import (
@@ -115,7 +116,8 @@ def _train(config: WorkerConfig) -> None:
     model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
                         activation_checkpointing=stage_plan.activation_checkpointing,
                         loss_chunk_tokens=run.training.loss_chunk_tokens)
-    materialize(hf_model, device, run.stage_theta(index), stage.seq_len)
+    rope = stage_rope(run, index, spec_dir)
+    materialize(hf_model, device, rope, stage.seq_len, run.model.pretrain_seq_len)
     init_checksum = 0.0  # a resumed stage keeps the one its checkpoint recorded (step 4)
     if not resume:
         if source is not None:
@@ -129,7 +131,7 @@ def _train(config: WorkerConfig) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
-                         rope_theta=run.stage_theta(index), seq_len=stage.seq_len,
+                         rope_theta=rope["rope_theta"], rope=rope, seq_len=stage.seq_len,
                          world_size=world, dims=dims)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum

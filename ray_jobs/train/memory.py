@@ -151,7 +151,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                                    for i in range(dims.dp)], "cpu")
         model, training = run.model, run.training
         with FakeTensorMode():
-            config = llama_config(model, stage.seq_len, model.rope_theta)
+            config = llama_config(model, stage.seq_len, plain_rope(model))
             if layers is not None:
                 config.num_hidden_layers = layers
             # parallelize() switches a ring's attention to "ring" and binds it to the ring
@@ -164,7 +164,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
                 from transformers import LlamaForCausalLM
 
                 hf = LlamaForCausalLM(config)
-                apply_exact_rope(hf)  # as the trainer's apply_rope_theta: cos/sin in fp32
+                apply_exact_rope(hf)  # as the trainer's apply_rope: cos/sin in fp32
             finally:
                 torch.set_default_dtype(default)
             root = parallelize(hf, layout, mixed_precision=compute_dtype_of(run),
@@ -241,7 +241,7 @@ def _fake_world(dims: ParallelDims):
 def _sharded_meta_model(run: RunSpec, stage: StageSpec, layout, layers: int | None):
     """The trainer's step 3 up to materialize: the model on the meta device, parallelized."""
     model = run.model
-    config = llama_config(model, stage.seq_len, model.rope_theta)
+    config = llama_config(model, stage.seq_len, plain_rope(model))
     if layers is not None:
         config.num_hidden_layers = layers
     config._attn_implementation = "sdpa"
@@ -261,7 +261,8 @@ def _materialized_model(run: RunSpec, stage: StageSpec, dims: ParallelDims, laye
         # meta tensors are real ones to FakeTensorMode: allow them as inputs of to_empty
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            materialize(hf, "cpu", run.model.rope_theta, stage.seq_len)
+            materialize(hf, "cpu", plain_rope(run.model), stage.seq_len,
+                        run.model.pretrain_seq_len)
         yield hf, root, mode
 
 
@@ -544,3 +545,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def plain_rope(model) -> dict:
+    """The base model's plain RoPE: a stage's rotary tables are a few KB, whatever the method."""
+    return {"rope_type": "default", "rope_theta": model.rope_theta}

@@ -3,7 +3,7 @@
     config = model_config(run, index, source, attn_implementation="sdpa")
     model = build_meta_model(config, dtype)          # shapes only: no memory anywhere
     root = parallelize(model, layout, ...)           # FSDP2 shards the (meta) parameters
-    materialize(model, device, theta, seq_len)       # this rank's shards, uninitialised
+    materialize(model, device, rope, seq_len, T0)    # this rank's shards, uninitialised
     load_hf_weights(model, source) | init_weights(model, seed) | (resume) load_checkpoint
 
 No rank ever holds a whole model: a Hugging Face checkpoint is read slice by slice (the rows a
@@ -15,8 +15,11 @@ same in one process (benchmarks and tests that want a whole model).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,17 +42,19 @@ READ_CHUNK_BYTES = 32 << 20
 WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in names
 
 
-def llama_config(m: ModelSpec, seq_len: int, theta: float) -> LlamaConfig:
+def llama_config(m: ModelSpec, seq_len: int, rope: dict[str, Any]) -> LlamaConfig:
     """The LlamaConfig of a ModelSpec's architecture (a model built without model.path, and the
-    shapes the memory trace uses)."""
-    return LlamaConfig(
+    shapes the memory trace uses); `rope` is set and checked by apply_rope (materialize)."""
+    config = LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads,
         max_position_embeddings=max(seq_len, m.pretrain_seq_len),
-        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]},
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
     )
+    config.rope_parameters = dict(rope)
+    return config
 
 
 def model_source(run: RunSpec, stage_index: int, init_from: Path | None,
@@ -75,7 +80,7 @@ def model_config(run: RunSpec, stage_index: int, source: Path | None, *,
                                              local_files_only=True)
     else:
         config = llama_config(run.model, run.stages[stage_index].seq_len,
-                              run.stage_theta(stage_index))
+                              run.stage_rope(stage_index))
     config._attn_implementation = attn_implementation
     return config
 
@@ -86,8 +91,8 @@ def build_meta_model(config: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalL
         return LlamaForCausalLM(config).to(dtype)
 
 
-def materialize(model: LlamaForCausalLM, device: torch.device | str, theta: float,
-                seq_len: int) -> None:
+def materialize(model: LlamaForCausalLM, device: torch.device | str, rope: dict[str, Any],
+                seq_len: int, pretrain_seq_len: int) -> None:
     """Give every parameter (this rank's shard of it, once parallelize() has run) storage on
     `device`, uninitialised; set RoPE for the stage, which rebuilds the non-persistent inv_freq
     buffer that to_empty left as garbage."""
@@ -95,7 +100,7 @@ def materialize(model: LlamaForCausalLM, device: torch.device | str, theta: floa
     model.to_empty(device=device)
     if tied:  # to_empty gives each module its own new parameter: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
-    apply_rope_theta(model, theta, seq_len)
+    apply_rope(model, rope, seq_len=seq_len, pretrain_seq_len=pretrain_seq_len)
 
 
 def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed: int,
@@ -106,7 +111,8 @@ def build_model(run: RunSpec, stage_index: int, init_from: Path | None, *, seed:
     source = model_source(run, stage_index, init_from, spec_dir)
     config = model_config(run, stage_index, source, attn_implementation=attn_implementation)
     model = build_meta_model(config, getattr(torch, run.model.dtype))
-    materialize(model, "cpu", run.stage_theta(stage_index), run.stages[stage_index].seq_len)
+    materialize(model, "cpu", stage_rope(run, stage_index, spec_dir),
+                run.stages[stage_index].seq_len, run.model.pretrain_seq_len)
     if source is not None:
         load_hf_weights(model, source)
     else:
@@ -277,17 +283,79 @@ def _zero_row(param: torch.Tensor, row: int) -> None:
         _local(param)[row - offset[0]].zero_()
 
 
-def apply_rope_theta(model: LlamaForCausalLM, theta: float, seq_len: int) -> None:
-    """Set RoPE's base in the config (so checkpoints carry it) and rebuild the cached inv_freq:
-    transformers 5 computes it once when the rotary module is built. The new module computes
-    exact angles and rotates in fp32 (ray_jobs/ring_attention/rope.py: transformers' bf16 path
-    is off by 0.9% of |q| at 1M positions)."""
-    config = model.config
-    params = dict(config.rope_parameters or {"rope_type": "default"})
-    params["rope_theta"] = float(theta)
-    config.rope_parameters = params
-    config.max_position_embeddings = max(config.max_position_embeddings or 0, seq_len)
-    apply_exact_rope(model)
+def stage_rope(run: RunSpec, index: int, spec_dir: Path | None = None) -> dict[str, Any]:
+    """transformers' rope_parameters stage `index` trains with (RunSpec.stage_rope against the
+    base model's own rule)."""
+    return run.stage_rope(index, run.base_rope(spec_dir))
+
+
+def apply_rope(model: LlamaForCausalLM, rope: dict[str, Any], *, seq_len: int,
+               pretrain_seq_len: int) -> None:
+    """Set the stage's RoPE in the config (so every checkpoint carries it), check it as the
+    installed transformers does, and rebuild the rotary module: transformers 5 computes its
+    frequencies once, when the module is built. The new module computes exact angles and
+    rotates in fp32 (ray_jobs/ring_attention/rope.py: transformers' bf16 path is off by 0.9% of
+    |q| at 1M positions), and fixes the frequencies of the length-dependent methods (dynamic,
+    longrope) at the stage's length, so that every rank of a ring, which sees only its own
+    positions, rotates by the same ones.
+
+    max_position_embeddings becomes the stage's length, except for 'dynamic', where
+    transformers reads it as the pretraining length the base grows from."""
+    set_rope(model.config, rope, seq_len=seq_len, pretrain_seq_len=pretrain_seq_len)
+    apply_exact_rope(model, length=seq_len)
+
+
+def set_rope(config, rope: dict[str, Any], *, seq_len: int, pretrain_seq_len: int) -> None:
+    """apply_rope's part on the config: rope_parameters, max_position_embeddings, checked."""
+    config.rope_parameters = dict(rope)
+    if rope.get("rope_type") == "dynamic":
+        config.max_position_embeddings = pretrain_seq_len
+    else:
+        config.max_position_embeddings = max(config.max_position_embeddings or 0, seq_len)
+    check_rope(config)
+
+
+def check_rope(config) -> None:
+    """transformers' own validation of config.rope_parameters, its warnings raised as one error
+    (rope_checked)."""
+    with rope_checked(config.rope_parameters):
+        config.validate_rope()
+
+
+@contextmanager
+def rope_checked(rope: dict[str, Any]):
+    """Raise one ValueError for what transformers says of `rope` inside the block: it only logs
+    a wrong key or value (at construction and in validate_rope), and the model would train
+    with positions nobody asked for."""
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    problems: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                problems.append(record.getMessage())
+
+    handler, level, propagate = _Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # heard even when transformers' verbosity is 'error'
+    logger.propagate = False  # said once, in the error below
+    try:
+        yield
+    except KeyError as e:  # a missing key
+        problems.append(str(e).strip('"'))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    if problems:
+        raise ValueError(f"transformers {_transformers_version()} refuses rope_parameters "
+                         f"{rope}: {problems[0]}")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def rope_theta_of(model: LlamaForCausalLM) -> float:

@@ -17,7 +17,7 @@ from ray_jobs.train.sheet import Sheet
 from specs.checkpoint import read_state
 from specs.ledger import Ledger
 from specs.plan import Plan
-from specs.run import RunSpec
+from specs.run import RunSpec, describe_rope
 
 
 def _eta(seconds: float) -> str:
@@ -69,7 +69,7 @@ class ProgressPrinter:
                     self.console.print(render_progress_line(json.loads(line)), markup=False)
 
 
-SUMMARY_COLUMNS = ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
+SUMMARY_COLUMNS = ("stage", "state", "seq_len", "rope", "steps", "tokens", "train time",
                    "this driver", "final loss", "checkpoints", "eval")
 RULER_COLUMNS = ("stage", "checkpoint", "length", "RULER", "95% CI", "samples", "tasks",
                  "not run")
@@ -98,7 +98,8 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
             evals = _eval_label(run_dir, last) or last.status
         table.add_row(
             stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
-            f"{run.stage_theta(i):,.0f}", f"{st.step if st else 0}/{stage.steps}",
+            describe_rope(st.rope if st and st.rope else run.stage_rope(i)),
+            f"{st.step if st else 0}/{stage.steps}",
             f"{st.tokens if st else 0:,}", _eta(st.seconds) if st else "-",
             _eta(wall[stage.name]) if stage.name in wall else "-",
             f"{st.losses[-1]:.4f}" if st and st.losses else "-", ckpts or "-", evals or "-",

@@ -122,24 +122,30 @@ def test_scheduler_runs_long_contexts_on_a_gang_and_retries_it_whole(ray_cluster
     assert all(c.engine == results.engines[str(c.length)] for c in results.cells)
 
 
-def test_checkpoint_without_its_stage_theta_is_refused_in_results_and_log(tmp_path, tokenizer,
-                                                                          caplog):
-    from ray_jobs.eval.pipeline import EvalRequest, check_stage_theta
+def test_checkpoint_without_its_stage_rope_is_refused_in_results_and_log(tmp_path, tokenizer,
+                                                                         caplog):
+    from ray_jobs.eval.pipeline import EvalRequest, check_stage_rope
     from specs.checkpoint import CheckpointError
 
     model = fixtures.build_tiny_model(len(tokenizer), 512, theta=10_000.0)
     fixtures.save_checkpoint(model, tokenizer, checkpoint_dir(tmp_path, "s1k", 2))
+    plain = {"rope_type": "default", "rope_theta": 10_000.0}
     request = EvalRequest(stage="s1k", checkpoint="checkpoints/s1k/step-000002", step=2,
                           run_dir=tmp_path, attempt=1, tasks=("niah_lite",), lengths=(1024,),
-                          depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096,
-                          rope_theta=10_000.0)
-    check_stage_theta(request)  # the right theta passes
-    wrong = EvalRequest(**{**request.__dict__, "rope_theta": 283_461_213.0})
-    with pytest.raises(CheckpointError, match="rope_theta 10000.0, but stage 's1k' trains "
-                       "with 2.83461e"):
-        check_stage_theta(wrong)
+                          depths=(0.0,), samples=1, seed=0, gpus=0, max_length=4096, rope=plain)
+    check_stage_rope(request)  # the right RoPE passes
+    wrong = EvalRequest(**{**request.__dict__, "rope": {**plain, "rope_theta": 283_461_213.0}})
+    with pytest.raises(CheckpointError, match="config.json has rope_theta 10000.0, but stage "
+                       "'s1k' trains with rope_theta 283461213.0"):
+        check_stage_rope(wrong)
     assert "rope_theta 10000.0" in load_results(wrong.out_dir / "results.json").error
     assert "rope_theta 10000.0" in caplog.text
+    # the same base under another method is another model's positions
+    yarn = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+            "original_max_position_embeddings": 256}
+    other = EvalRequest(**{**request.__dict__, "rope": yarn, "attempt": 2})
+    with pytest.raises(CheckpointError, match="trains with rope_type yarn \\(factor 4.0\\)"):
+        check_stage_rope(other)
 
 
 def test_standalone_evaluate_runs_a_gang_and_refuses_one_larger_than_the_cluster(

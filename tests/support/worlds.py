@@ -108,7 +108,7 @@ def _sharded(layout, config, source, seed: int, resume, theta: float, seq_len: i
     config._attn_implementation = "sdpa"
     model = build_meta_model(config, torch.float32)
     root = parallelize(model, layout, activation_checkpointing="full", mixed_precision=None)
-    materialize(model, "cpu", theta, seq_len)
+    materialize(model, "cpu", {"rope_type": "default", "rope_theta": theta}, seq_len, seq_len)
     if resume is not None:
         opt = build_optimizer(root, 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

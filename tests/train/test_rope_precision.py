@@ -30,7 +30,7 @@ from ray_jobs.ring_attention.rope import (
     render_table,
 )
 from ray_jobs.train.model import (
-    apply_rope_theta,
+    apply_rope,
     build_meta_model,
     init_weights,
     llama_config,
@@ -57,7 +57,7 @@ LOGIT_BOUND = 2 * 2.0**-9 + 2.0**-18
 def stage_config(index: int) -> LlamaConfig:
     """The recipe's config at stage `index` (shapes only: no weights are made)."""
     stage = RECIPE.stages[index]
-    config = llama_config(RECIPE.model, stage.seq_len, RECIPE.stage_theta(index))
+    config = llama_config(RECIPE.model, stage.seq_len, RECIPE.stage_rope(index))
     assert config.hidden_size // config.num_attention_heads == HEAD_DIM
     return config
 
@@ -187,7 +187,7 @@ def test_short_positions_in_fp32_change_only_by_the_angle_rounding():
     is transformers' function, bit for bit."""
     run = load_model(ROOT / "configs" / "tiny.yaml", RunSpec)
     last = len(run.stages) - 1
-    config = llama_config(run.model, run.stages[last].seq_len, run.stage_theta(last))
+    config = llama_config(run.model, run.stages[last].seq_len, run.stage_rope(last))
     positions = torch.arange(run.stages[last].seq_len)[None]
     x = torch.zeros(1, dtype=torch.float32)
     old_cos, old_sin = LlamaRotaryEmbedding(config)(x, positions)
@@ -279,7 +279,7 @@ def test_the_trainer_rotates_exactly_end_to_end():
         else:
             root = parallelize(model, layout, activation_checkpointing="full",
                                mixed_precision=torch.bfloat16)
-        materialize(model, "cpu", theta, ONE_M)
+        materialize(model, "cpu", {"rope_type": "default", "rope_theta": theta}, ONE_M, 8192)
         init_weights(model, seed=0)
         assert isinstance(model.model.rotary_emb, ExactRotaryEmbedding)
         assert modeling_llama.apply_rotary_pos_emb is apply_rotary_pos_emb
@@ -300,13 +300,13 @@ def test_the_trainer_rotates_exactly_end_to_end():
         dist.destroy_process_group()
 
 
-def test_apply_rope_theta_keeps_transformers_frequencies():
+def test_apply_rope_keeps_transformers_frequencies():
     config = stage_config(0)
     model = build_meta_model(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2,
                                          num_key_value_heads=1), torch.float32)
-    materialize(model, "cpu", config.rope_parameters["rope_theta"], 65536)
-    apply_rope_theta(model, config.rope_parameters["rope_theta"], 65536)  # twice: idempotent
+    materialize(model, "cpu", config.rope_parameters, 65536, 8192)
+    apply_rope(model, config.rope_parameters, seq_len=65536, pretrain_seq_len=8192)  # idempotent
     assert torch.equal(model.model.rotary_emb.inv_freq, LlamaRotaryEmbedding(config).inv_freq)
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
 
@@ -315,7 +315,7 @@ def test_a_model_cast_after_its_rope_is_refused_clearly():
     model = build_meta_model(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2,
                                          num_key_value_heads=1), torch.float32)
-    materialize(model, "cpu", 5e5, 64)
+    materialize(model, "cpu", {"rope_type": "default", "rope_theta": 5e5}, 64, 64)
     model.to(torch.bfloat16)  # casts the inv_freq buffer too
     with pytest.raises(TypeError, match="inv_freq is torch.bfloat16, not float32.*apply_exact_"):
         model.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), torch.arange(4)[None])

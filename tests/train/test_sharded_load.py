@@ -40,7 +40,7 @@ def whole(config: LlamaConfig, fill) -> LlamaForCausalLM:
     """The unsharded model in this process, filled by `fill(model)`."""
     config._attn_implementation = "sdpa"
     model = build_meta_model(config, torch.float32)
-    materialize(model, "cpu", THETA, SEQ)
+    materialize(model, "cpu", {"rope_type": "default", "rope_theta": THETA}, SEQ, SEQ)
     fill(model)
     return model
 

@@ -163,7 +163,7 @@ def test_every_table_of_the_summary_keeps_its_headers_at_terminal_width(tmp_path
     render_summary(run, run.run_dir, {"s64": 12.0}, console, predicted=plan)
     text = console.file.getvalue()
     headers = " ".join(header_lines(text))
-    for cell in ("stage", "state", "seq_len", "rope_theta", "steps", "tokens", "train time",
+    for cell in ("stage", "state", "seq_len", "rope", "steps", "tokens", "train time",
                  "this driver", "final loss", "checkpoints", "eval", "layout",
                  "predicted s/step", "measured s/step", "predicted / measured"):
         assert f" {cell} " in headers, (cell, text)

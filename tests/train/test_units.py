@@ -13,7 +13,7 @@ import torch
 from ray_jobs.data.samples import IGNORE, SampleStream, build_eval_prompt
 from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.train.loop import LR_FLOOR, lr_factor, plan_start
-from ray_jobs.train.model import apply_rope_theta, build_model
+from ray_jobs.train.model import apply_rope, build_model
 from specs.checkpoint import checkpoint_dir
 from specs.ledger import COMMITTED, Ledger, mark_committed
 from specs.run import RunSpec
@@ -109,7 +109,7 @@ def test_locally_trained_tokenizer_is_reused(run, tmp_path):
 def test_rope_theta_rebuilds_inverse_frequencies(run):
     model = build_model(run, 0, None, seed=0, attn_implementation="sdpa")
     before = model.model.rotary_emb.inv_freq.clone()
-    apply_rope_theta(model, run.stage_theta(1), 128)
+    apply_rope(model, run.stage_rope(1), seq_len=128, pretrain_seq_len=run.model.pretrain_seq_len)
     after = model.model.rotary_emb.inv_freq
     assert model.config.rope_parameters["rope_theta"] == pytest.approx(run.stage_theta(1))
     head_dim = run.model.head_dim
