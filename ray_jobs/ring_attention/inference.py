@@ -37,6 +37,7 @@ from ray_jobs.ring_attention.comm import Ring, resolve_ring
 from ray_jobs.ring_attention.hf import attention_modules
 from ray_jobs.ring_attention.kernels import build_block_kernel, merge_block
 from ray_jobs.ring_attention.ring import ring_attention
+from ray_jobs.ring_attention.rope import fix_rope_length
 from ray_jobs.ring_attention.zigzag import zigzag_position_ids, zigzag_shard, zigzag_unshard
 
 INFERENCE_ATTENTION = "ring_inference"
@@ -167,6 +168,7 @@ class GangSession:
         self.device = next(model.parameters()).device
         self.cache = ShardedKVCache(self.ring, extra_tokens=max_new_tokens + 2 * self.ring.size)
         self.position = 0
+        self.prompt_tokens = 0
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int):
         with _cache_bound(self.model, self.cache), torch.inference_mode():
@@ -180,6 +182,8 @@ class GangSession:
         sequence's logits gathered on every rank)."""
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         size, rank = self.ring.size, self.ring.rank
+        self.prompt_tokens = ids.shape[1]  # a length-dependent RoPE's length (fix_rope_length)
+        fix_rope_length(self.model, self.prompt_tokens)
         main = ids.shape[1] - ids.shape[1] % (2 * size)
         if main == 0:
             raise PromptTooShort(f"a prompt of {ids.shape[1]} tokens is too short for a gang of "
@@ -204,6 +208,7 @@ class GangSession:
     def step(self, token: int) -> torch.Tensor:
         """Feed one token at the next position; its next-token logits (vocab,) on every rank."""
         self.cache.begin_decode_token()
+        fix_rope_length(self.model, max(self.prompt_tokens, self.position + 1))
         logits = self._forward(torch.tensor([[token]]), torch.tensor([self.position]), 1)
         self.cache.end_decode_token()
         self.position += 1

@@ -138,6 +138,19 @@ def apply_exact_rope(model: torch.nn.Module, length: int | None = None) -> None:
     install_exact_rotation()
 
 
+def fix_rope_length(model: torch.nn.Module, length: int) -> None:
+    """For a model whose RoPE depends on the sequence's length (dynamic, longrope): rotate by the
+    frequencies of `length` tokens on this rank, whatever positions it holds. Ring inference
+    calls it with the length one process would see (the prompt's, then each decoded token's
+    position + 1), so every rank of a gang rotates as transformers does in one process. A no-op
+    for every other rule."""
+    rotary = model.model.rotary_emb
+    if rotary.rope_type in LENGTH_DEPENDENT and getattr(rotary, "length", None) != length:
+        model.model.rotary_emb = ExactRotaryEmbedding(model.config, rotary.inv_freq.device,
+                                                      length=length)
+        install_exact_rotation()
+
+
 def install_exact_rotation() -> None:
     """Point transformers' Llama at apply_rotary_pos_emb above (idempotent)."""
     current = modeling_llama.apply_rotary_pos_emb

@@ -29,10 +29,26 @@ def test_gang_matches_one_process(world, length):
     assert [r["caches_left"] for r in results] == [0] * world
 
 
-def _body(rank, world, length, new_tokens):
+def _body(rank, world, length, new_tokens, rope=None):
     from inference_worlds import gang_body
 
-    return gang_body(rank, world, length, new_tokens)
+    return gang_body(rank, world, length, new_tokens, rope)
+
+
+def test_gang_with_a_length_dependent_rope_matches_one_process():
+    """Dynamic NTK: one process rotates the prompt by the frequencies of its length and each
+    decoded token by those of its position + 1; every rank of the gang does the same, though
+    it holds only its own positions (the largest differs from rank to rank)."""
+    from inference_worlds import DYNAMIC
+
+    length, new_tokens = 1027, 6
+    ref_logits, ref_tokens = single_process(length, new_tokens, DYNAMIC)
+    plain_logits, _ = single_process(length, 0)
+    # the rule changes the output (by 0.004 here, 200x the tolerance below)
+    assert (ref_logits - plain_logits).abs().max() > 1e-3
+    for r in run_world(2, _body, length, new_tokens, DYNAMIC):
+        torch.testing.assert_close(torch.from_numpy(r["logits"]), ref_logits, atol=2e-5, rtol=1e-4)
+        assert r["tokens"] == ref_tokens
 
 
 def test_prompt_shorter_than_two_chunks_per_rank_is_refused():
