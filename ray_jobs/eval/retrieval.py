@@ -17,14 +17,21 @@ class RetrievalScores:
 
 def retrieval_scores(checkpoint: Path, seq_len: int, samples: int = 32, seed: int = 10_000,
                      kind: str = "passkey") -> RetrievalScores:
-    """Retrieval on held-out prompts at `seq_len`, needles at evenly spread depths. Exact match
-    of every answer token under teacher forcing equals greedy decoding's exact match; digit
-    accuracy and the loss show partial retrieval."""
-    from ray_jobs.data.samples import IGNORE, build_eval_prompt
+    """Retrieval on held-out prompts at `seq_len`, needles at evenly spread depths, of a
+    checkpoint loaded as the evaluators load it (checked, export or DCP shards; fp32, CPU)."""
     from ray_jobs.eval.model import load_checkpoint
 
-    # the evaluators' loader (checked, export or DCP shards), in fp32 on the CPU
     model, tok = load_checkpoint(checkpoint, "cpu", "float32")
+    return model_retrieval_scores(model, tok, seq_len, samples, seed, kind)
+
+
+def model_retrieval_scores(model, tok, seq_len: int, samples: int = 32, seed: int = 10_000,
+                           kind: str = "passkey") -> RetrievalScores:
+    """retrieval_scores of a model in memory. Exact match of every answer token under teacher
+    forcing equals greedy decoding's exact match; digit accuracy and the loss show partial
+    retrieval."""
+    from ray_jobs.data.samples import IGNORE, build_eval_prompt
+
     hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():
         for i in range(samples):
