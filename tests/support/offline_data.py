@@ -61,11 +61,12 @@ def write_data_dir(root: str | Path, babilong_configs: Sequence[str] = ("0k",)) 
 
 
 def write_babilong(folder: Path, rng: random.Random, rows: int = 6) -> None:
-    """qa1 and qa2 splits, where the answer is the last place the asked person went."""
+    """Splits qa1..qa5 (lm-eval's long-context BABILong tasks), where the answer is the last
+    place the asked person went."""
     import datasets
 
     splits = {}
-    for split in ("qa1", "qa2"):
+    for split in ("qa1", "qa2", "qa3", "qa4", "qa5"):
         records = []
         for _ in range(rows):
             facts = [(rng.choice(NAMES), rng.choice(PLACES)) for _ in range(4)]

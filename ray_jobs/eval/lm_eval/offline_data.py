@@ -209,14 +209,32 @@ def babilong_splits(data: DataDir, config: str) -> list[str]:
     return sorted(_load_babilong(data.root / BABILONG / config), key=lambda s: int(s[2:]))
 
 
-def babilong_dataset(data: DataDir, config: str):
-    """lm-eval's `custom_dataset` hook for a BABILong task: its split of `config`, read from
-    the folder (lm-eval calls it with the task's metadata and dataset_kwargs; qa_split names the
-    split, as in lm-eval's own babilong common_utils.load_dataset)."""
-    def load(**kwargs):
-        split = kwargs["qa_split"]
+@contextlib.contextmanager
+def local_babilong(data: DataDir) -> Iterator[None]:
+    """Inside: lm-eval's BABILong tasks read their config and split from `data`, through their
+    own `custom_dataset` function (babilong/common_utils.load_dataset, which calls
+    `datasets.load_dataset(BABILONG_DATASET, name=max_seq_lengths, split=qa_split)`), replaced
+    on the module copy lm-eval's task loader resolves YAML functions from."""
+    _check_lm_eval_version()
+    import lm_eval.tasks
+    from lm_eval.tasks import _yaml_loader
+
+    module = _yaml_loader._load_module_with_cache(
+        (Path(lm_eval.tasks.__file__).parent / "babilong" / "common_utils.py").resolve())
+    original = module.load_dataset
+    if "RMT-team/babilong-1k-samples" not in original.__code__.co_consts:
+        raise DataDirError("lm-eval's BABILong loader is not the one eval.data_dir replaces "
+                           f"(lm-eval {LM_EVAL_VERSIONS}); run without eval.data_dir")
+
+    def load_dataset(**kwargs):  # lm-eval's signature: metadata and dataset_kwargs
+        config, split = kwargs.get("max_seq_lengths", "0k"), kwargs["qa_split"]
         return {split: _load_babilong(data.root / BABILONG / config)[split]}
-    return load
+
+    module.load_dataset = load_dataset
+    try:
+        yield
+    finally:
+        module.load_dataset = original
 
 
 # -- lm-eval's download functions, answered from the folder -----------------------------------
