@@ -191,14 +191,14 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
 
 
 def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
-              long=None) -> None:
+              long=None, model: str | None = None) -> None:
     """RULER through lm-eval (ray_jobs.eval.lm_eval) at the request's RULER lengths,
     into `results.ruler` (per length, as RULER publishes: the mean over tasks x 100, its
     samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1). Lengths beyond one
     evaluator run on the evaluation gang `long` (ray_jobs.eval.gang.LongContexts) when there is
     one. What cannot run (lm-eval missing, a task needing a download, a length no evaluator or
     gang holds) is recorded with the reason; it never fails the evaluation of ringpilot's own
-    tasks."""
+    tasks. `model`: another registered lm-eval backend than ringpilot's (tests)."""
     from ray_jobs.eval.gang import GangFailed
     from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError
     from ray_jobs.eval.lm_eval.effective_length import score_key, summarize
@@ -232,7 +232,8 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
                 prepared, request.out_dir / "ruler", limit=r.samples,
                 apply_chat_template=r.chat_template, device=device,
                 long_generate=on_gang,
-                max_local=request.max_length, compute_dtype=request.compute_dtype)
+                max_local=request.max_length, compute_dtype=request.compute_dtype,
+                **({"model": model} if model else {}))
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)
@@ -252,7 +253,8 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
     results.ruler = doc
 
 
-def add_babilong(results, request: EvalRequest, checkpoint: str, device: str) -> None:
+def add_babilong(results, request: EvalRequest, checkpoint: str, device: str,
+                 model: str | None = None) -> None:
     """BABILong through lm-eval at the request's lengths (each runs the largest BABILong config
     that fits it, up to one evaluator's length), into `results.babilong` (per config: mean
     accuracy over the tasks x 100) and `results.scores` ("babilong@CONFIG_TOKENS", 0..1). What
@@ -271,7 +273,8 @@ def add_babilong(results, request: EvalRequest, checkpoint: str, device: str) ->
         doc["unavailable"] = dict(prepared.unavailable)
         if prepared.tasks:
             doc.update(evaluate_babilong(prepared, request.out_dir / "babilong", limit=b.samples,
-                                         device=device, compute_dtype=request.compute_dtype))
+                                         device=device, compute_dtype=request.compute_dtype,
+                                         **({"model": model} if model else {})))
     except (LmEvalMissing, RulerInputError) as e:
         doc["error"] = str(e)
         log.warning("BABILong not run on %s: %s", request.checkpoint, e)

@@ -29,9 +29,12 @@ def write_data_dir(root: str | Path, babilong_configs: Sequence[str] = ("0k",)) 
     """Write the folder; returns its path."""
     rng = random.Random(7)
     root = Path(root)
+    from lm_eval.tasks.ruler import cwe_utils
+
+    vocabulary = cwe_utils.WORDS[:4000]  # words tests' ruler_tokenizer knows: ~1 token each
     (root / od.ESSAYS).mkdir(parents=True)
     for n in range(3):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "."
+        sentences = [" ".join(rng.choice(vocabulary) for _ in range(8)).capitalize() + "."
                      for _ in range(120)]
         (root / od.ESSAYS / f"essay-{n:04d}.txt").write_text(
             "\n\n".join(" ".join(sentences[i:i + 6]) for i in range(0, 120, 6)) + "\n")

@@ -55,6 +55,7 @@ SQUAD = "squad/dev-v2.0.json"
 HOTPOT = "hotpotqa/hotpot_dev_distractor_v1.json"
 PUNKT = "nltk_data/tokenizers/punkt_tab/english"
 BABILONG = "babilong"
+QUESTIONS = 500  # lm-eval's RULER QA tasks make 500 samples per length, one question each
 MAX_FILE_BYTES = 1 << 30  # the real files are 3 MB (essays), 4 MB (SQuAD), 46 MB (HotpotQA)
 
 
@@ -163,12 +164,14 @@ def _squad_problem(doc) -> str | None:
                     return "a question or its is_impossible has the wrong type"
                 texts = [a["text"] for a in qa["answers"]]
                 answerable += not qa["is_impossible"] and bool(texts)
-    return None if answerable else "no answerable question"
+    return (None if answerable >= QUESTIONS else f"{answerable} answerable questions, and "
+            f"lm-eval reads one per sample, {QUESTIONS} per length")
 
 
 def _hotpot_problem(doc) -> str | None:
-    if not isinstance(doc, list) or not doc:
-        return "not a non-empty list of questions"
+    if not isinstance(doc, list) or len(doc) < QUESTIONS:
+        return (f"{len(doc)} questions, and lm-eval reads one per sample, {QUESTIONS} per length"
+                if isinstance(doc, list) else "not a list of questions")
     for d in doc:
         if not isinstance(d["question"], str) or not isinstance(d["answer"], str):
             return "a question or answer is not text"
