@@ -29,7 +29,7 @@ from tests.support.offline_data import write_data_dir
 adapter.require_lm_eval()
 register_test_backends()
 
-LENGTHS = [1024, 2048]
+LENGTHS = [1024, 1536]  # two lengths for a curve, both short: generation is the slow part
 LIMIT = 2
 CONSTANT = "I do not know, maybe 42."  # tests/support/lm_eval_backends.py's constant answer
 
@@ -73,7 +73,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_data_dir(tmp_path_factory.mktemp("data") / "lm-eval-data",
-                          babilong_configs=("1k", "2k"))
+                          babilong_configs=("1k",))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(checkpoint, data_dir, no_network):
-    return ruler.prepare_tasks(checkpoint, ruler.RULER_TASKS, LENGTHS, data_dir=data_dir)
+    # cached: the report's test evaluates these same samples through the actors' entry point
+    return ruler.prepare_tasks_cached(checkpoint, ruler.RULER_TASKS, LENGTHS,
+                                      data_dir=str(data_dir))
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +108,10 @@ def test_all_13_ruler_tasks_and_babilong_build_their_samples_offline(
     assert "One of the special magic numbers" in doc["input"]
     assert len(set(doc["input"].split()) & essay_words) > 100
     assert "Document 1:" in prepared.tasks["ruler_qa_squad"].eval_docs[0]["input"]
-    # BABILong: each length runs the config it holds (1k = 1,024 tokens); qa1..qa5 from the folder
-    assert prepared_babilong.configs == {"1k": [1024], "2k": [2048]}
+    # BABILong: each length runs the largest config it holds (1k = 1,024 tokens), from the folder
+    assert prepared_babilong.configs == {"1k": [1024, 1536]}
     assert prepared_babilong.unavailable == {}
-    for config in ("1k", "2k"):
-        assert sorted(prepared_babilong.tasks[config]) == sorted(babilong.LONG_TASKS)
+    assert sorted(prepared_babilong.tasks["1k"]) == sorted(babilong.LONG_TASKS)
     assert no_network == []
 
 
@@ -121,7 +122,7 @@ def test_oracle_scores_100_on_every_task(prepared, prepared_babilong, tmp_path, 
         assert row.tasks == {t: 100.0 for t in ruler.RULER_TASKS}, row
     doc = babilong.evaluate_babilong(prepared_babilong, tmp_path / "babilong", limit=LIMIT,
                                      model=ORACLE_NAME)
-    assert [r["config"] for r in doc["rows"]] == ["1k", "2k"]
+    assert [r["config"] for r in doc["rows"]] == ["1k"]
     for row in doc["rows"]:
         assert row["tasks"] == {t: 100.0 for t in babilong.LONG_TASKS}, row
     assert no_network == []
@@ -228,7 +229,7 @@ def test_fewer_than_13_tasks_is_partial_and_has_no_effective_length():
 # -- the report of a tiny run -------------------------------------------------------------------
 
 def test_report_shows_average_effective_length_and_published_curves(
-        checkpoint, data_dir, count_tokens, tmp_path, no_network):
+        checkpoint, data_dir, count_tokens, tmp_path, prepared, no_network):
     from ray_jobs.eval.pipeline import EvalRequest, add_babilong, add_ruler
     from ray_jobs.eval.report import RULER_CURVES_PNG, render_run_report, save_results
     from ray_jobs.eval.results import load_results
@@ -239,7 +240,7 @@ def test_report_shows_average_effective_length_and_published_curves(
 
     run = tmp_path / "tiny"
     ledger = Ledger(run)
-    for step, tasks in ((1, list(RULER_OFFLINE_TASKS)), (2, list(ruler.RULER_TASKS))):
+    for step, tasks in ((1, ["niah_single_1"]), (2, list(ruler.RULER_TASKS))):
         ckpt = f"checkpoints/s2k/step-{step:06d}"
         shutil.copytree(checkpoint, run / ckpt)
         req = EvalRequest(stage="s2k", checkpoint=ckpt, step=step, run_dir=run, attempt=1,
@@ -257,19 +258,19 @@ def test_report_shows_average_effective_length_and_published_curves(
         ledger.record_eval("s2k", ckpt, EvalEntry(status="done", attempts=1, scores=res.scores,
                                                   results=os.path.relpath(path, run)))
     partial, full = (load_results(eval_dir(run, "s2k", s) / "results.json") for s in (1, 2))
-    assert full.ruler["average"] == {"1024": 100.0, "2048": 100.0}
-    assert (full.ruler["complete"], full.ruler["effective_length"]) == (True, 2048)
-    assert full.scores["ruler@2048"] == 1.0 and full.scores["ruler_effective_length"] == 2048
-    assert [r["score"] for r in full.babilong["rows"]] == [100.0, 100.0]
-    assert full.scores["babilong@1024"] == full.scores["babilong@2048"] == 1.0
-    assert partial.ruler["label"] == "partial: 6 of 13 tasks, no effective length"
+    assert full.ruler["average"] == {"1024": 100.0, "1536": 100.0}
+    assert (full.ruler["complete"], full.ruler["effective_length"]) == (True, 1536)
+    assert full.scores["ruler@1536"] == 1.0 and full.scores["ruler_effective_length"] == 1536
+    assert [r["score"] for r in full.babilong["rows"]] == [100.0]
+    assert full.scores["babilong@1024"] == 1.0
+    assert partial.ruler["label"] == "partial: 1 of 13 tasks, no effective length"
     assert "ruler_partial@1024" in partial.scores and "ruler@1024" not in partial.scores
     assert ledger.read().stages["s2k"].eval[
-        "checkpoints/s2k/step-000002"].scores["ruler_effective_length"] == 2048
+        "checkpoints/s2k/step-000002"].scores["ruler_effective_length"] == 1536
     _, page = render_run_report(run)
     html = page.read_text()
-    assert "effective length 2,048" in html and "partial: 6 of 13 tasks" in html
-    assert "1,024: 100.0, 2,048: 100.0" in html
+    assert "effective length 1,536" in html and "partial: 1 of 13 tasks" in html
+    assert "1,024: 100.0, 1,536: 100.0" in html
     for curve in REFERENCE_CURVES:
         assert curve.model in html and f"effective length {curve.effective_length // 1024}K" \
             in html
