@@ -278,3 +278,15 @@ def test_report_shows_average_effective_length_and_published_curves(
     assert f"<img src='{RULER_CURVES_PNG}'" in html and "BABILong per config" in html
     assert (run / "eval" / RULER_CURVES_PNG).read_bytes()[:4] == b"\x89PNG"
     assert no_network == []
+
+
+def test_fetch_data_refuses_an_existing_folder_or_an_unknown_config(tmp_path, capsys):
+    """Only the argument checks, which come before any download (the tests never fetch)."""
+    from ringpilot.cli import main as ringpilot
+
+    assert ringpilot(["eval", "fetch-data", str(tmp_path)]) == 2
+    assert "exists; give a new folder" in capsys.readouterr().err
+    assert ringpilot(["eval", "fetch-data", str(tmp_path / "new"),
+                      "--babilong-configs", "3k"]) == 2
+    assert "BABILong has no config ['3k']" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -313,3 +313,51 @@ def local_sources(data: DataDir) -> Iterator[None]:
             c.cache_clear()
         with contextlib.suppress(ValueError):
             nltk.data.path.remove(nltk_dir)
+
+
+# -- building the folder, on a machine with internet ----------------------------------------
+
+def fetch_data_dir(dest: str | Path, babilong_configs: Sequence[str] = tuple(BABILONG_CONFIGS)
+                   ) -> Path:
+    """Download what the suites need into a new folder `dest` (`ringpilot eval fetch-data`):
+    written beside it first, checked, then renamed into place, so `dest` is complete or
+    absent. Needs the network; the tests never call it."""
+    import shutil
+    import tempfile
+
+    import datasets
+    import nltk
+    import requests
+
+    unknown = [c for c in babilong_configs if c not in BABILONG_CONFIGS]
+    if unknown:
+        raise DataDirError(f"BABILong has no config {unknown}; its configs are "
+                           f"{list(BABILONG_CONFIGS)}")
+    dest = Path(dest).expanduser()
+    if dest.exists():
+        raise DataDirError(f"{dest} exists; give a new folder (it is created complete, or not "
+                           "at all)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        (staging / ESSAYS).mkdir()
+        for i, text in enumerate(datasets.load_dataset(ESSAYS_DATASET, split="train")["text"]):
+            (staging / ESSAYS / f"{i:04d}.txt").write_text(text, encoding="utf-8")  # row order
+        for url, rel in ((SQUAD_URL, SQUAD), (HOTPOT_URL, HOTPOT)):
+            response = requests.get(url, timeout=120)
+            response.raise_for_status()
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(response.content)
+        if not nltk.download("punkt_tab", download_dir=str(staging / "nltk_data"), quiet=True,
+                             raise_on_error=True):
+            raise DataDirError("nltk could not download punkt_tab")
+        for config in babilong_configs:
+            datasets.load_dataset(BABILONG_DATASET, name=config).save_to_disk(
+                str(staging / BABILONG / config))
+        check_data_dir(staging, ESSAY_TASKS + ("ruler_qa_squad", "ruler_qa_hotpot"),
+                       babilong_configs)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
