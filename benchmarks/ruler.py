@@ -12,8 +12,8 @@ ringpilot backend, one process, one thread, one sample per task: RULER's generat
 essays, SQuAD- and HotpotQA-format JSON, BABILong save_to_disk; tests/support/offline_data.py):
 `ruler_tasks_offline_with_data` (RULER tasks whose data lm-eval made from it: 13 expected),
 `babilong_tasks_offline_with_data` (BABILong's long-context tasks qa1-qa5 loaded from it: 5) and
-`ruler_oracle_score_with_data` (the oracle on all of them). Unless `--online`, HF_HUB_OFFLINE=1 makes tasks that need the hub fail at once
-rather than after retries. Last line: one JSON object.
+`ruler_oracle_score_with_data` (the oracle on all of them). Unless `--online`, HF_HUB_OFFLINE=1
+makes tasks that need the hub fail at once rather than after retries. Last line: one JSON object.
 """
 
 from __future__ import annotations
