@@ -431,7 +431,8 @@ class RulerSpec(_Spec):
     tasks: list[RulerTask] = Field(
         default_factory=lambda: list(RULER_OFFLINE_TASKS), min_length=1,
         description="lm-eval task names. The default: the six that need no download (essay "
-        "haystacks and QA sets come from the Hugging Face hub and the web).",
+        "haystacks and QA sets come from the Hugging Face hub and the web); with eval.data_dir, "
+        "all 13.",
     )
     min_length: int = Field(1024, gt=0, le=MAX_SEQ_LEN, description="Shortest context run: "
                             "RULER's prompts and answer budgets (30-128 tokens) need room; at "

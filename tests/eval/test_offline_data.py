@@ -290,3 +290,21 @@ def test_fetch_data_refuses_an_existing_folder_or_an_unknown_config(tmp_path, ca
                       "--babilong-configs", "3k"]) == 2
     assert "BABILong has no config ['3k']" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_the_scheduler_checks_eval_data_dir_before_evaluating(data_dir, tmp_path):
+    """Relative to the run file; all 13 RULER tasks by default with it; a folder lacking a file
+    stops the scheduler at construction with the file named."""
+    from ray_jobs.eval.scheduler import EvalScheduler
+    from tests.eval.test_scheduler import tiny_run
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    run = tiny_run(tmp_path, ruler=dict(samples=1), data_dir="data",
+                   babilong=dict(samples=1), context_lengths=[1024])
+    assert run.eval.ruler.tasks == list(ruler.RULER_TASKS)
+    scheduler = EvalScheduler(run, tmp_path / run.name, spec_dir=tmp_path)
+    assert scheduler.data_dir == str(tmp_path / "data")
+    (tmp_path / "data" / od.HOTPOT).unlink()
+    with pytest.raises(od.DataDirError,
+                       match=r"(?s)eval.data_dir .* missing .*hotpot_dev_distractor"):
+        EvalScheduler(run, tmp_path / run.name, spec_dir=tmp_path)
