@@ -148,8 +148,8 @@ def ruler_table(run: RunSpec, doc, run_dir: Path) -> Sheet | None:
                 ruler = None
             if not ruler:
                 continue
-            skipped = sorted(set(ruler.get("unavailable", {})) | set(
-                ruler.get("tasks_missing", []))) + (["(error)"] if ruler.get("error") else [])
+            skipped = sorted(ruler.get("unavailable", {})) + (["(error)"] if ruler.get("error")
+                                                              else [])
             for row in ruler["rows"] or [{}]:
                 table.add_row(stage.name, Path(path).name,
                               f"{row['length']:,}" if row else "-",
