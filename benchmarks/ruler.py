@@ -8,8 +8,12 @@ text, lets lm-eval generate its 13 RULER tasks for it at `--length`, and reports
 sets, see `unavailable`), `ruler_oracle_score` (the test-only oracle that reads answers from the
 prompts, through lm_eval.simple_evaluate: 100 expected) and `ruler_seconds_per_sample_4k` (the
 ringpilot backend, one process, one thread, one sample per task: RULER's generation budgets of
-30-128 tokens). Unless `--online`, HF_HUB_OFFLINE=1 makes tasks that need the hub fail at once
-rather than after retries. Last line: one JSON object.
+30-128 tokens). With a data folder made on the spot in the real files' schemas (synthetic
+essays, SQuAD- and HotpotQA-format JSON, BABILong save_to_disk; tests/support/offline_data.py):
+`ruler_tasks_offline_with_data` (RULER tasks whose data lm-eval made from it: 13 expected),
+`babilong_tasks_offline_with_data` (BABILong's long-context tasks qa1-qa5 loaded from it: 5) and
+`ruler_oracle_score_with_data` (the oracle on all of them). Unless `--online`, HF_HUB_OFFLINE=1
+makes tasks that need the hub fail at once rather than after retries. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def main() -> None:
         oracle = ruler.evaluate_prepared(prepared, Path(tmp) / "oracle",
                                          limit=args.oracle_samples, model=ORACLE_NAME)
         tiny = ruler.evaluate_prepared(prepared, Path(tmp) / "tiny", limit=1)
+        from ray_jobs.eval.lm_eval import babilong
+        from ray_jobs.eval.lm_eval.offline_data import babilong_config
+        from tests.support.offline_data import write_data_dir
+
+        data = write_data_dir(Path(tmp) / "data", (babilong_config(args.length),))
+        t = time.perf_counter()
+        with_data = ruler.prepare_tasks(ckpt, ruler.RULER_TASKS, [args.length], data_dir=data)
+        prepare_data_s = time.perf_counter() - t
+        bab = babilong.prepare_babilong(ckpt, [args.length], data_dir=data)
+        oracle_data = ruler.evaluate_prepared(with_data, Path(tmp) / "oracle-data",
+                                              limit=args.oracle_samples, model=ORACLE_NAME)
     (row,) = tiny.rows
     result = {
         "ruler_oracle_score": round(oracle.rows[0].score, 2),
@@ -66,6 +81,11 @@ def main() -> None:
         "tasks_run": sorted(prepared.tasks),
         "unavailable": {k: v.split(";")[0] for k, v in prepared.unavailable.items()},
         "prepare_seconds": round(prepare_s, 1),
+        "ruler_tasks_offline_with_data": len(with_data.tasks),
+        "babilong_tasks_offline_with_data": sum(len(t) for t in bab.tasks.values()),
+        "ruler_oracle_score_with_data": round(oracle_data.rows[0].score, 2),
+        "unavailable_with_data": sorted(with_data.unavailable) + sorted(bab.unavailable),
+        "prepare_seconds_with_data": round(prepare_data_s, 1),
     }
     print(json.dumps(result))
 

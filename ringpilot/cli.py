@@ -204,6 +204,22 @@ def _eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_fetch_data(args: argparse.Namespace) -> int:
+    from ray_jobs.eval.lm_eval.offline_data import (
+        BABILONG_CONFIGS,
+        DataDirError,
+        fetch_data_dir,
+    )
+
+    try:
+        dest = fetch_data_dir(args.dest, args.babilong_configs or tuple(BABILONG_CONFIGS))
+    except DataDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"wrote {dest}: give it as eval.data_dir (or --data-dir)")
+    return 0
+
+
 def _add_eval_parser(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="checkpoint evaluation reports",
                                description="Reports of the evaluation actors' results.")
@@ -213,6 +229,16 @@ def _add_eval_parser(subparsers) -> None:
                             "of every evaluated checkpoint, score-vs-step plots and heatmaps.")
     report.add_argument("run_dir", metavar="RUN_DIR", help="run directory (<storage.path>/<name>)")
     report.set_defaults(func=_eval_report)
+    fetch = sub.add_parser(
+        "fetch-data", help="download what RULER's essay/QA tasks and BABILong need (eval.data_dir)",
+        description="On a machine with internet: write DIR with Paul Graham's essays, SQuAD's "
+        "and HotpotQA's dev sets, nltk's punkt_tab and BABILong's configs, checked, for "
+        "eval.data_dir on a cluster without it. DIR must not exist; it appears complete or not "
+        "at all.")
+    fetch.add_argument("dest", metavar="DIR", help="the folder to create")
+    fetch.add_argument("--babilong-configs", nargs="+", default=None, metavar="CONFIG",
+                       help="BABILong configs to fetch (default: all, 0k .. 128k)")
+    fetch.set_defaults(func=_eval_fetch_data)
 
 
 def main(argv: list[str] | None = None) -> int:

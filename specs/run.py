@@ -7,6 +7,7 @@ The same YAML is the `--run` file of `python -m ray_jobs.train` and the `spec` o
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -555,6 +556,7 @@ RulerTask = Literal[
     "niah_multikey_3", "niah_multiquery", "niah_multivalue", "ruler_vt", "ruler_cwe", "ruler_fwe",
     "ruler_qa_squad", "ruler_qa_hotpot",
 ]
+RULER_TASK_NAMES: tuple[str, ...] = typing.get_args(RulerTask)
 # Those lm-eval generates from the tokenizer alone (the others download essays or QA sets).
 RULER_OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt",
                        "ruler_cwe", "ruler_fwe")
@@ -567,7 +569,8 @@ class RulerSpec(_Spec):
     tasks: list[RulerTask] = Field(
         default_factory=lambda: list(RULER_OFFLINE_TASKS), min_length=1,
         description="lm-eval task names. The default: the six that need no download (essay "
-        "haystacks and QA sets come from the Hugging Face hub and the web).",
+        "haystacks and QA sets come from the Hugging Face hub and the web); with eval.data_dir, "
+        "all 13.",
     )
     min_length: int = Field(1024, gt=0, le=MAX_SEQ_LEN, description="Shortest context run: "
                             "RULER's prompts and answer budgets (30-128 tokens) need room; at "
@@ -581,6 +584,22 @@ class RulerSpec(_Spec):
     offline: bool = Field(True, description="Set HF_HUB_OFFLINE=1 in the evaluation actors, so "
                           "tasks that need a download fail at once with the reason instead of "
                           "retrying for ~25 s each.")
+
+
+BabilongTask = Literal[tuple(f"babilong_qa{i}" for i in range(1, 21))]  # lm-eval's 20 tasks
+
+
+class BabilongSpec(_Spec):
+    """BABILong through lm-eval's tasks (ringpilot backend), at the BABILong config each
+    evaluated length holds (0k, 1k, ... 128k; k = 1,024 tokens)."""
+
+    tasks: list[BabilongTask] = Field(
+        default_factory=lambda: [f"babilong_qa{i}" for i in range(1, 6)], min_length=1,
+        description="lm-eval task names. The default: qa1-qa5, the ones BABILong has at every "
+        "length (qa6-qa20 have 0k only).")
+    samples: int = Field(4, gt=0, le=1 << 16, description="Samples per task and length; at most "
+                         "2**16.")
+    final_only: bool = Field(True, description="Run only on each stage's final checkpoint.")
 
 
 class KamradtSpec(_Spec):
@@ -674,6 +693,25 @@ class EvalSpec(_Spec):
         None, description="Also run RULER through lm-eval (per length, as RULER publishes), at "
         "each evaluated length from ruler.min_length that one evaluator holds; null: not run.",
     )
+    babilong: BabilongSpec | None = Field(
+        None, description="Also run BABILong through lm-eval at each evaluated length; null: "
+        "not run.",
+    )
+    data_dir: str | None = Field(
+        None, max_length=MAX_PATH, description="A local folder with what RULER's essay and QA "
+        "tasks and BABILong would download (`ringpilot eval fetch-data DIR` builds it on a "
+        "machine with internet), readable where the evaluation actors run; checked before "
+        "evaluating. With it, ruler.tasks defaults to all 13. null: those tasks need the network "
+        "and are listed as not run offline.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _all_ruler_tasks_with_data(cls, data):
+        if isinstance(data, dict) and data.get("data_dir") is not None and \
+                isinstance(data.get("ruler"), dict) and "tasks" not in data["ruler"]:
+            data = {**data, "ruler": {**data["ruler"], "tasks": list(RULER_TASK_NAMES)}}
+        return data
 
 
 class StorageSpec(_Spec):

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray_jobs.eval.results import RESULTS_FILE
 from specs.checkpoint import CheckpointError, eval_dir
 from specs.ledger import contained
-from specs.run import KamradtSpec, RulerSpec
+from specs.run import BabilongSpec, KamradtSpec, RulerSpec
 
 log = logging.getLogger("ringpilot.eval")
 # ringpilot's own loggers in the actor: the job's console keeps them while the libraries' output
@@ -89,6 +89,9 @@ class EvalRequest:
     haystack_files: tuple[str, ...] = ()
     ruler: RulerSpec | None = None  # lm-eval's RULER tasks, at `ruler_lengths`
     ruler_lengths: tuple[int, ...] = ()
+    babilong: BabilongSpec | None = None  # lm-eval's BABILong tasks, at `babilong_lengths`
+    babilong_lengths: tuple[int, ...] = ()
+    data_dir: str | None = None  # eval.data_dir, resolved and checked by the scheduler
     compute_dtype: str = "float32"  # the run's (RunSpec.compute_dtype): bf16 loads bf16 on CUDA
     # ray_jobs.train.placement.NODE_LABEL values the gang may use (the plan's evaluation nodes);
     # empty: anywhere Ray finds room
@@ -173,9 +176,13 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
                            kamradt=kamradt, haystack_files=request.haystack_files,
                            kamradt_intervals=request.kamradt.depth_intervals
                            if request.kamradt else 11)
-        if request.ruler is not None and request.ruler_lengths:
+        if (request.ruler is not None and request.ruler_lengths) or \
+                (request.babilong is not None and request.babilong_lengths):
             del model  # lm-eval's backend loads its own copy
+        if request.ruler is not None and request.ruler_lengths:
             add_ruler(results, request, checkpoint, device, long)
+        if request.babilong is not None and request.babilong_lengths:
+            add_babilong(results, request, checkpoint, device)
     finally:
         long.shutdown()
     save_results(results, request.out_dir)
@@ -184,16 +191,17 @@ def evaluate_request(request: EvalRequest, wrap_generate: Callable | None = None
 
 
 def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
-              long=None) -> None:
+              long=None, model: str | None = None) -> None:
     """RULER through lm-eval (ray_jobs.eval.lm_eval) at the request's RULER lengths,
     into `results.ruler` (per length, as RULER publishes: the mean over tasks x 100, its
     samples and 95% interval) and `results.scores` ("ruler@LENGTH", 0..1). Lengths beyond one
     evaluator run on the evaluation gang `long` (ray_jobs.eval.gang.LongContexts) when there is
     one. What cannot run (lm-eval missing, a task needing a download, a length no evaluator or
     gang holds) is recorded with the reason; it never fails the evaluation of ringpilot's own
-    tasks."""
+    tasks. `model`: another registered lm-eval backend than ringpilot's (tests)."""
     from ray_jobs.eval.gang import GangFailed
     from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError
+    from ray_jobs.eval.lm_eval.effective_length import score_key, summarize
     from ray_jobs.eval.lm_eval.ruler import evaluate_prepared, prepare_tasks_cached
 
     r = request.ruler
@@ -218,12 +226,14 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
     if here:
         try:
             prepared = prepare_tasks_cached(checkpoint, r.tasks, here,
-                                            apply_chat_template=r.chat_template)
+                                            apply_chat_template=r.chat_template,
+                                            data_dir=request.data_dir)
             report = evaluate_prepared(
                 prepared, request.out_dir / "ruler", limit=r.samples,
                 apply_chat_template=r.chat_template, device=device,
                 long_generate=on_gang,
-                max_local=request.max_length, compute_dtype=request.compute_dtype)
+                max_local=request.max_length, compute_dtype=request.compute_dtype,
+                **({"model": model} if model else {}))
         except (LmEvalMissing, RulerInputError) as e:
             doc["error"] = str(e)
             log.warning("RULER not run on %s: %s", request.checkpoint, e)
@@ -235,9 +245,45 @@ def add_ruler(results, request: EvalRequest, checkpoint: str, device: str,
         else:
             doc.update(report.to_dict(), lengths=here)
             doc["results_path"] = os.path.relpath(report.results_path, request.out_dir)
-            for row in report.rows:
-                results.scores[f"ruler@{row.length}"] = row.score / 100
+    doc.update(summarize(doc["rows"], r.tasks))  # average per length, effective length or partial
+    for row in doc["rows"]:
+        results.scores[score_key(doc, row["length"])] = row["score"] / 100
+    if doc["effective_length"] is not None:
+        results.scores["ruler_effective_length"] = float(doc["effective_length"])
     results.ruler = doc
+
+
+def add_babilong(results, request: EvalRequest, checkpoint: str, device: str,
+                 model: str | None = None) -> None:
+    """BABILong through lm-eval at the request's lengths (each runs the largest BABILong config
+    that fits it, up to one evaluator's length), into `results.babilong` (per config: mean
+    accuracy over the tasks x 100) and `results.scores` ("babilong@CONFIG_TOKENS", 0..1). What
+    cannot run is recorded with the reason; it never fails the rest of the evaluation."""
+    from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError
+    from ray_jobs.eval.lm_eval.babilong import evaluate_babilong, prepare_babilong
+
+    b = request.babilong
+    here = [n for n in request.babilong_lengths if n <= request.max_length]
+    doc: dict = {"tasks": list(b.tasks), "samples_per_task": b.samples, "rows": [],
+                 "unavailable": {}, "not_run": {
+                     str(n): f"longer than the {request.max_length:,} tokens one evaluator holds"
+                     for n in request.babilong_lengths if n not in here}}
+    try:
+        prepared = prepare_babilong(checkpoint, here, b.tasks, data_dir=request.data_dir)
+        doc["unavailable"] = dict(prepared.unavailable)
+        if prepared.tasks:
+            doc.update(evaluate_babilong(prepared, request.out_dir / "babilong", limit=b.samples,
+                                         device=device, compute_dtype=request.compute_dtype,
+                                         **({"model": model} if model else {})))
+    except (LmEvalMissing, RulerInputError) as e:
+        doc["error"] = str(e)
+        log.warning("BABILong not run on %s: %s", request.checkpoint, e)
+    except Exception as e:  # noqa: BLE001 - lm-eval failing must not lose the other tasks
+        doc["error"] = f"lm-eval failed: {type(e).__name__}: {e}"
+        log.warning("BABILong failed on %s: %s: %s", request.checkpoint, type(e).__name__, e)
+    for row in doc["rows"]:
+        results.scores[f"babilong@{row['length']}"] = row["score"] / 100
+    results.babilong = doc
 
 
 def check_stage_rope(request: EvalRequest) -> None:

@@ -17,6 +17,9 @@ from specs.names import check_name
 REPORT_DIR = "eval"
 
 
+RULER_CURVES_PNG = "ruler_vs_published.png"
+
+
 def _pyplot():
     import matplotlib
 
@@ -133,6 +136,8 @@ def render_checkpoint_tables(results: EvalResults) -> str:
                 "sequence-parallel decoding.", ""]
     if results.ruler is not None:
         out += ruler_lines(results.ruler)
+    if results.babilong is not None:
+        out += babilong_lines(results.babilong)
     if results.skipped:
         out += ["## skipped", ""]
         out += [f"- {s.task} at {s.length:,} tokens: {s.reason}" for s in results.skipped]
@@ -149,11 +154,73 @@ def ruler_lines(ruler: dict) -> list[str]:
              ", ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items())] for r in ruler["rows"]]
     if rows:
         out += [_md_table(["length", "RULER", "95% CI", "samples", "per task"], rows), ""]
+    if ruler.get("label"):
+        out += [f"**{ruler['label']}** (threshold {ruler['threshold']}: "
+                f"{ruler['threshold_source']})", ""]
+        if ruler.get("tasks_missing"):
+            out += [f"- not in the average: {', '.join(ruler['tasks_missing'])}"]
     if ruler.get("error"):
         out += [f"- not run: {ruler['error']}"]
     out += [f"- not run: {task}: {why}" for task, why in ruler.get("unavailable", {}).items()]
     out += [f"- not run at {int(n):,} tokens: {why}" for n, why in ruler.get("not_run", {}).items()]
     return out + [""]
+
+
+def babilong_lines(doc: dict) -> list[str]:
+    """BABILong per config: the mean accuracy over the tasks x 100, and what could not run."""
+    out = ["## BABILong (lm-eval's tasks, ringpilot backend)", "",
+           f"Tasks: {', '.join(doc['tasks'])}; {doc.get('samples_per_task', '?')} samples per "
+           "task; score = mean accuracy over the tasks that ran, x 100.", ""]
+    rows = [[r["config"], ", ".join(f"{n:,}" for n in r["lengths"]), f"{r['score']:.1f}",
+             str(r["samples"]), ", ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items())]
+            for r in doc["rows"]]
+    if rows:
+        out += [_md_table(["config", "for lengths", "BABILong", "samples", "per task"], rows), ""]
+    if doc.get("error"):
+        out += [f"- not run: {doc['error']}"]
+    out += [f"- not run: {task}: {why}" for task, why in doc.get("unavailable", {}).items()]
+    out += [f"- not run at {int(n):,} tokens: {why}" for n, why in doc.get("not_run", {}).items()]
+    return out + [""]
+
+
+def _plot_ruler_curves(curves: list[tuple[str, dict]], path: Path) -> None:
+    """Our RULER average per length, one line per checkpoint, against the published curves
+    (dashed) and RULER's threshold."""
+    from ray_jobs.eval.lm_eval.effective_length import REFERENCE_CURVES, THRESHOLD
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for ref in REFERENCE_CURVES:
+        ax.plot(ref.lengths, ref.scores, linestyle="--", marker=".",
+                label=f"{ref.model} (published)")
+    for name, average in curves:
+        pts = sorted((int(n), v) for n, v in average.items())
+        ax.plot(*zip(*pts), marker="o", linewidth=2, label=name)
+    ax.axhline(THRESHOLD, color="grey", linestyle=":", label=f"threshold {THRESHOLD}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("RULER average x 100")
+    ax.set_title("RULER per length: this run against published curves")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _ruler_headline(rows) -> tuple[list[list[str]], list[tuple[str, dict]]]:
+    """Per checkpoint that ran RULER: its average per length and its label (effective length
+    or partial); and the curves to plot."""
+    table, curves = [], []
+    for stage, ckpt, ev, res in rows:
+        r = res.ruler if res else None
+        if not r or not r.get("average"):
+            continue
+        name = f"{stage} step {_step_of(ckpt)}" + ("" if r["complete"] else " (partial)")
+        curves.append((name, r["average"]))
+        table.append([stage, str(_step_of(ckpt)), ", ".join(
+            f"{int(n):,}: {v:.1f}" for n, v in r["average"].items()), r["label"]])
+    return table, curves
 
 
 def _collect(run_dir: Path) -> list[tuple[str, str, EvalEntry, EvalResults | None]]:
@@ -189,6 +256,7 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     out = contained(run_dir, REPORT_DIR, "the report folder")  # eval/ may not link elsewhere
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for *_, r in rows if r for t in r.scores})
+    lengths_not_scores = [t for t in tasks if t == "ruler_effective_length"]
     stages = list(dict.fromkeys(s for s, *_ in rows))
     # Steps restart in each stage: offset every stage by the last step seen before it.
     offsets, total = {}, 0
@@ -196,14 +264,15 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
         offsets[stage] = total
         total += max(_step_of(c) for s, c, *_ in rows if s == stage)
     plots = []
-    for task in tasks:
+    for task in (t for t in tasks if t not in lengths_not_scores):
         name = check_name(f"score_vs_step_{task.replace('@', '_at_')}.png", "plot file name")
         _plot_scores(rows, task, offsets, _fresh(out / name))
         plots.append((task, name))
     header = ["stage", "step", "status", "attempts"] + tasks
     table = []
     for stage, ckpt, ev, res in rows:
-        scores = [f"{ev.scores[t]:.3f}" if t in ev.scores else "-" for t in tasks]
+        scores = [("-" if t not in ev.scores else f"{ev.scores[t]:,.0f}"
+                   if t in lengths_not_scores else f"{ev.scores[t]:.3f}") for t in tasks]
         status = ev.status + (f" ({ev.error})" if ev.error else "")
         table.append([stage, str(_step_of(ckpt)), status, str(ev.attempts)] + scores)
     heatmaps = []
@@ -228,6 +297,32 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
                _md_table(["stage", "step", "length", "RULER", "95% CI", "samples"], ruler_rows),
                "", "Each checkpoint's tables.md lists the tasks, per-task scores and what could "
                "not run.", ""]
+    from ray_jobs.eval.lm_eval.effective_length import (
+        REFERENCE_CURVES,
+        THRESHOLD,
+        THRESHOLD_SOURCE,
+    )
+
+    headline, curves = _ruler_headline(rows)
+    refs = [f"{c.model}: " + ", ".join(f"{n // 1024}K {v}" for n, v in zip(c.lengths, c.scores))
+            + f"; effective length {c.effective_length // 1024}K (source: {c.source})"
+            for c in REFERENCE_CURVES]
+    if curves:
+        _plot_ruler_curves(curves, _fresh(out / RULER_CURVES_PNG))
+        md += ["## RULER average per length and effective length", "",
+               _md_table(["stage", "step", "average per length (x 100)", "effective length"],
+                         headline), "",
+               f"Effective length: the longest length whose average over RULER's 13 tasks stays "
+               f"above {THRESHOLD} ({THRESHOLD_SOURCE}); fewer tasks: partial, not comparable.",
+               "", f"![RULER against published curves]({RULER_CURVES_PNG})", "",
+               "Reference curves (dashed):", ""] + [f"- {r}" for r in refs] + [""]
+    babilong_rows = [[stage, str(_step_of(ckpt)), r["config"], f"{r['score']:.1f}",
+                      str(r["samples"])]
+                     for stage, ckpt, ev, res in rows if res and res.babilong
+                     for r in res.babilong["rows"]]
+    if babilong_rows:
+        md += ["## BABILong per config (lm-eval's tasks, mean accuracy x 100)", "",
+               _md_table(["stage", "step", "config", "BABILong", "samples"], babilong_rows), ""]
     md += ["## Heatmaps (context length x depth)", ""]
     md += [f"### {cap}\n\n![{cap}]({p})\n" for cap, p in heatmaps]
     md_path = out / "report.md"
@@ -245,6 +340,26 @@ def render_run_report(run_dir: str | Path) -> tuple[Path, Path]:
                                                       "95% CI", "samples")) + "</tr>"]
         body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in ruler_rows]
         body += ["</table>"]
+    if curves:
+        body += ["<h2>RULER average per length and effective length</h2>",
+                 "<table border='1' cellspacing='0' cellpadding='3'><tr>"
+                 + "".join(f"<th>{h}</th>" for h in ("stage", "step",
+                                                      "average per length (x 100)",
+                                                      "effective length")) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in headline]
+        body += ["</table>", f"<p>Effective length: the longest length whose average over "
+                 f"RULER's 13 tasks stays above {THRESHOLD} ({e(THRESHOLD_SOURCE)}); fewer "
+                 "tasks: partial, not comparable.</p>",
+                 f"<img src='{RULER_CURVES_PNG}' alt='RULER against published curves'>",
+                 "<p>Reference curves (dashed):</p><ul>"]
+        body += [f"<li>{e(r)}</li>" for r in refs] + ["</ul>"]
+    if babilong_rows:
+        body += ["<h2>BABILong per config (lm-eval's tasks, mean accuracy x 100)</h2>",
+                 "<table border='1' cellspacing='0' cellpadding='3'><tr>"
+                 + "".join(f"<th>{h}</th>" for h in ("stage", "step", "config", "BABILong",
+                                                      "samples")) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                 for r in babilong_rows] + ["</table>"]
     body += ["<h2>Heatmaps (context length x depth)</h2>"]
     body += [f"<figure><img src='{e(p)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
              for c, p in heatmaps]

@@ -80,7 +80,11 @@ class EvalResults(_Doc):
                                  "key phrases scored, haystack files.")
     ruler: dict | None = Field(None, description="RULER through lm-eval: per-length rows (mean "
                                "over tasks x 100, 95% interval, samples, per task), tasks and "
-                               "lengths not run with the reason, lm-eval's results file.")
+                               "lengths not run with the reason, lm-eval's results file; the "
+                               "average per length and the effective length, or `partial`.")
+    babilong: dict | None = Field(None, description="BABILong through lm-eval: per BABILong "
+                                  "config, the mean accuracy over tasks x 100, samples, per task; "
+                                  "what did not run with the reason.")
 
     @field_validator("files")
     @classmethod

@@ -127,6 +127,21 @@ class RayActors:
         ray.kill(actor)
 
 
+def _checked_data_dir(run: RunSpec, spec_dir: Path | None) -> str | None:
+    """eval.data_dir, resolved against the run file's folder and checked for what eval.ruler and
+    eval.babilong need (one error naming each missing or malformed file), before any checkpoint
+    is evaluated."""
+    e = run.eval
+    if e.data_dir is None:
+        return None
+    from ray_jobs.eval.lm_eval.offline_data import babilong_config, check_data_dir
+
+    root = (spec_dir or Path.cwd()) / Path(e.data_dir).expanduser()
+    lengths = e.context_lengths or [s.seq_len for s in run.stages]
+    configs = sorted({babilong_config(n) for n in lengths}) if e.babilong else []
+    return str(check_data_dir(root, e.ruler.tasks if e.ruler else (), configs).root)
+
+
 class EvalScheduler:
     """Driver-side thread: watch the ledger, evaluate new committed checkpoints in actors."""
 
@@ -140,6 +155,7 @@ class EvalScheduler:
         # eval.kamradt.haystack, resolved now (relative to the run file): one error up front
         self.haystack = (tuple(str(p) for p in task_lib.haystack_files(
             run.eval.kamradt.haystack, spec_dir or Path.cwd())) if run.eval.kamradt else ())
+        self.data_dir = _checked_data_dir(run, spec_dir)
         self.max_length = max_length or run.eval.max_tokens_per_evaluator
         self.base_rope = run.base_rope(spec_dir)  # what each stage's RoPE is resolved against
         # the driver's fenced ledger: a superseded driver's scheduler records nothing more
@@ -288,6 +304,8 @@ class EvalScheduler:
                            rope=(self.run.stage_rope(index, self.base_rope) if stage in names
                                  else None),
                            ruler=e.ruler, ruler_lengths=self._ruler_lengths(stage, path, lengths),
+                           babilong=e.babilong, data_dir=self.data_dir,
+                           babilong_lengths=self._babilong_lengths(stage, path, lengths),
                            kamradt=e.kamradt, haystack_files=self.haystack,
                            compute_dtype=self.run.compute_dtype,
                            nodes=tuple(self._reserved_nodes(stage)))
@@ -300,15 +318,19 @@ class EvalScheduler:
 
     def _ruler_lengths(self, stage: str, path: str, lengths: list[int]) -> tuple[int, ...]:
         r = self.run.eval.ruler
-        if r is None:
+        if r is None or (r.final_only and not self._is_final(stage, path)):
             return ()
-        if r.final_only:
-            entry = self.ledger.read().stages.get(stage)
-            final = entry is not None and any(c.path == path and c.final
-                                              for c in entry.checkpoints)
-            if not final:
-                return ()
         return tuple(n for n in lengths if n >= r.min_length)
+
+    def _babilong_lengths(self, stage: str, path: str, lengths: list[int]) -> tuple[int, ...]:
+        b = self.run.eval.babilong
+        if b is None or (b.final_only and not self._is_final(stage, path)):
+            return ()
+        return tuple(lengths)
+
+    def _is_final(self, stage: str, path: str) -> bool:
+        entry = self.ledger.read().stages.get(stage)
+        return entry is not None and any(c.path == path and c.final for c in entry.checkpoints)
 
     def _submit(self, stage: str, path: str, step: int, attempt: int) -> None:
         request = self._request(stage, path, step, attempt)

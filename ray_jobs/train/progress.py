@@ -72,7 +72,7 @@ class ProgressPrinter:
 SUMMARY_COLUMNS = ("stage", "state", "seq_len", "rope", "steps", "tokens", "train time",
                    "this driver", "final loss", "checkpoints", "eval")
 RULER_COLUMNS = ("stage", "checkpoint", "length", "RULER", "95% CI", "samples", "tasks",
-                 "not run")
+                 "not run", "effective length")
 STEP_TIME_COLUMNS = ("stage", "layout", "predicted s/step", "measured s/step",
                      "predicted / measured")
 
@@ -157,7 +157,7 @@ def ruler_table(run: RunSpec, doc, run_dir: Path) -> Sheet | None:
                               f"{row['score']:.1f}" if row else "-",
                               f"+/- {row['ci95']:.1f}" if row else "-",
                               str(row.get("samples", "-")), ", ".join(row.get("tasks", {})),
-                              ", ".join(skipped) or "-")
+                              ", ".join(skipped) or "-", ruler.get("label", "-"))
     table.caption = ("each checkpoint's tables.md has the per-task scores and the reasons; "
                      "lm-eval's own results are beside it (ruler/lm_eval_results.json)")
     if run.model.num_parameters < PLUMBING_ONLY_PARAMS:

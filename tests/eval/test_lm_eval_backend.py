@@ -305,6 +305,8 @@ def test_cli_prints_the_table(checkpoint, tmp_path, capsys, monkeypatch):
     assert lines[1].split()[:4] == ["length", "score", "95%", "CI"]
     assert lines[2].split()[0] == "1024" and lines[2].split()[4] == "1"
     assert lines[3].startswith("not run: niah_single_2: its haystack is Paul Graham's essays")
+    assert "give eval.data_dir" in lines[3]
+    assert lines[-1] == "partial: 1 of 13 tasks, no effective length"  # never an effective length
     assert (tmp_path / "lm_eval_results.json").is_file()
 
 

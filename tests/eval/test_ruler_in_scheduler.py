@@ -92,7 +92,10 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     assert sorted(row["tasks"]) == ["niah_single_1", "ruler_vt"]
     assert row["samples"] == 2 * 2  # two tasks x two samples
     assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2)
-    assert final.scores["ruler@1024"] == pytest.approx(row["score"] / 100)
+    # two of 13 tasks: the average is labelled partial, and no effective length is claimed
+    assert final.scores["ruler_partial@1024"] == pytest.approx(row["score"] / 100)
+    assert "ruler@1024" not in final.scores and "ruler_effective_length" not in final.scores
+    assert ruler["complete"] is False and ruler["label"].startswith("partial: 2 of 13")
     # the essay-haystack task needs the hub: listed with the reason, not averaged in
     assert "Paul Graham" in ruler["unavailable"]["niah_single_2"]
     out = run_dir / final.results
@@ -107,6 +110,9 @@ def test_final_checkpoints_get_ruler_per_length_and_downloads_are_listed(ray_clu
     console.print(ruler_table(run, ledger.read(), run_dir))
     printed = console.file.getvalue()
     assert "RULER (lm-eval's tasks" in printed and "step-000004" in printed
+    # which tasks ran, which did not, and that the average is partial
+    assert "niah_single_1, ruler_vt" in printed and "niah_single_2" in printed
+    assert "partial: 2 of 13 tasks" in printed
     assert "has never read RULER's instructions" in printed  # a tiny model's scores, explained
     line = next(x for x in printed.splitlines() if "1,024" in x)
     assert f"{row['score']:.1f}" in line and "niah_single_2" in line  # listed as not run

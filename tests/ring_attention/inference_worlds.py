@@ -14,7 +14,6 @@ from ray_jobs.ring_attention.inference import (
     register_inference_attention,
 )
 
-
 # dynamic NTK from a 256-token original: its base grows with the sequence, so each rank of a
 # gang, seeing only its own positions, would rotate by frequencies of its own
 DYNAMIC = {"rope_type": "dynamic", "rope_theta": 10_000.0, "factor": 1.0}

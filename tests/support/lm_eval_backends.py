@@ -52,6 +52,11 @@ def answer_from_prompt(prompt: str) -> str:
         body = prompt[prompt.find("coded words.") + len("coded words."):prompt.rfind("\nQuestion:")]
         counts = Counter(w for w in body.split() if w != "...")
         return " " + ", ".join(w for w, _ in counts.most_common(3))
+    from tests.support.offline_data import answer_from_prompt as data_dir_answer
+
+    answer = data_dir_answer(prompt)  # the QA and BABILong prompts of a test eval.data_dir
+    if answer is not None:
+        return answer
     raise RulerInputError(f"the test oracle does not know this prompt: ...{prompt[-300:]!r}")
 
 

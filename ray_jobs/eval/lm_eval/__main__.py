@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ray_jobs.eval.lm_eval.adapter import LmEvalMissing, RulerInputError, offline_environment
+from ray_jobs.eval.lm_eval.effective_length import summarize
 from ray_jobs.eval.lm_eval.ruler import RULER_TASKS, run_ruler
 from specs.checkpoint import CheckpointError
 
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--online", action="store_true", help="let lm-eval download what "
                         "tasks need (essay haystacks, QA sets, nltk's punkt); default: offline")
+    parser.add_argument("--data-dir", default=None, help="eval.data_dir: what the essay and QA "
+                        "tasks would download (`ringpilot eval fetch-data DIR` builds it)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("--verbose", action="store_true", help="lm-eval's own log messages")
     args = parser.parse_args(argv)
@@ -50,11 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             report = run_ruler(args.checkpoint, args.tasks, args.lengths, args.out,
                                limit=args.limit, apply_chat_template=args.chat_template,
-                               device=args.device)
+                               device=args.device, data_dir=args.data_dir)
     except (LmEvalMissing, RulerInputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    doc = {**report.to_dict(), **summarize([r.__dict__ for r in report.rows], args.tasks)}
+    print(json.dumps(doc, indent=2) if args.json else report.table() + "\n" + doc["label"])
     return 0
 
 

@@ -27,7 +27,8 @@ def offline_environment() -> None:
     imported (they read these at import): the hub in offline mode (tasks needing a download fail
     at once with the reason instead of ~25 s of retries each), and an empty `punkt_tab` on
     NLTK_DATA, because importing lm-eval's NIAH module downloads nltk's sentence splitter when
-    it finds none. Only the essay haystacks use it, and they are downloads themselves."""
+    it finds none. Only the essay haystacks use it; with eval.data_dir the folder's real
+    punkt_tab is put first on nltk's path (offline_data.local_sources)."""
     import os
     import tempfile
 

@@ -26,6 +26,7 @@ from ray_jobs.eval.lm_eval.adapter import (
     register_backend,
     require_lm_eval,
 )
+from ray_jobs.eval.lm_eval.offline_data import check_data_dir, local_sources
 from specs.run import RulerTask
 
 # lm-eval's 13 RULER tasks, as lm-eval spells them (the `ruler` group of lm_eval/tasks/ruler/).
@@ -42,6 +43,7 @@ DOWNLOADS = {
     "ruler_qa_hotpot": "its documents and questions are HotpotQA's dev set, which lm-eval loads "
                        "from the Hugging Face hub",
 }
+NO_DATA_DIR = "; give eval.data_dir (`ringpilot eval fetch-data DIR` builds it) to run it offline"
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 
@@ -212,11 +214,14 @@ def tokenizer_folder(tokenizer, parent: str | Path) -> Path:
 
 
 def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int], *,
-                  apply_chat_template: bool = False) -> PreparedTasks:
+                  apply_chat_template: bool = False,
+                  data_dir: str | Path | None = None) -> PreparedTasks:
     """Check the request and generate each task's data with the checkpoint's tokenizer; tasks
     whose data cannot be made here (downloads) are set aside with the reason. The checkpoint is
     refused if it carries code (specs/trust.py), and lm-eval only ever sees a code-free copy of
-    the tokenizer ringpilot loaded (`tokenizer_folder`), never the checkpoint's path."""
+    the tokenizer ringpilot loaded (`tokenizer_folder`), never the checkpoint's path.
+    `data_dir` (eval.data_dir, offline_data.py): what the essay and QA tasks would download,
+    checked before anything is generated."""
     require_lm_eval()
     import shutil
     import tempfile
@@ -241,17 +246,19 @@ def prepare_tasks(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequenc
         raise RulerInputError(f"a chat template was asked for, but the tokenizer of checkpoint "
                               f"{checkpoint} has none; run without it")
     names = list(dict.fromkeys(tasks))
+    data = check_data_dir(data_dir, names) if data_dir is not None else None
     private = tempfile.mkdtemp(prefix="ringpilot-lm-eval-")  # mode 0700: this user's only
     try:
         manager = _task_manager(names, {"max_seq_lengths": lengths,
                                         "tokenizer": str(tokenizer_folder(tokenizer, private))})
-        built, unavailable = _load_tasks(manager, names, tokenizer, lengths)
+        with local_sources(data) if data else contextlib.nullcontext():
+            built, unavailable = _load_tasks(manager, names, tokenizer, lengths, data)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return PreparedTasks(checkpoint, lengths, manager, built, unavailable)
 
 
-def _load_tasks(manager, names: list[str], tokenizer, lengths: list[int]
+def _load_tasks(manager, names: list[str], tokenizer, lengths: list[int], data=None
                 ) -> tuple[dict, dict[str, str]]:
     """(task name -> lm-eval Task with its data generated, task name -> why it could not be)."""
     # seeded as lm_eval.simple_evaluate seeds before it loads tasks: the same samples as
@@ -279,7 +286,8 @@ def _load_tasks(manager, names: list[str], tokenizer, lengths: list[int]
         except Exception as e:  # noqa: BLE001 - a task that cannot make its data is reported
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             why = f"{type(e).__name__}: {first}"
-            unavailable[name] = f"{DOWNLOADS[name]}; here: {why}" if name in DOWNLOADS else why
+            unavailable[name] = (f"{DOWNLOADS[name]}; here: {why}{'' if data else NO_DATA_DIR}"
+                                 if name in DOWNLOADS else why)
     return built, unavailable
 
 
@@ -299,7 +307,8 @@ _PREPARED: dict[tuple, PreparedTasks] = {}
 
 
 def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int],
-                         *, apply_chat_template: bool = False) -> PreparedTasks:
+                         *, apply_chat_template: bool = False,
+                         data_dir: str | Path | None = None) -> PreparedTasks:
     """`prepare_tasks`, reusing the data generated for an earlier checkpoint with the same
     tokenizer (a run's checkpoints share theirs), so an evaluation actor generates RULER's data
     once per run instead of once per checkpoint. The checks of the request still run."""
@@ -313,12 +322,13 @@ def prepare_tasks_cached(checkpoint: str | Path, tasks: Sequence[str], lengths: 
     path = check_checkpoint_is_data(check_checkpoint(checkpoint))  # a hit is checked too
     digest = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
     key = (digest, tuple(dict.fromkeys(tasks)), tuple(sorted(set(lengths))),
-           apply_chat_template)
+           apply_chat_template, None if data_dir is None else str(data_dir))
     cached = _PREPARED.get(key)
     top = max_model_length(path)
     if cached is None or (top and max(lengths) > top):
         cached = _PREPARED[key] = prepare_tasks(path, tasks, lengths,
-                                                apply_chat_template=apply_chat_template)
+                                                apply_chat_template=apply_chat_template,
+                                                data_dir=data_dir)
     return dataclasses.replace(cached, checkpoint=str(path))
 
 
@@ -385,10 +395,12 @@ def backend_class(name: str) -> type:
 
 def run_ruler(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int],
               out_dir: str | Path, *, limit: int | None = None, model: str = MODEL_NAME,
-              apply_chat_template: bool = False, device: str = "cpu") -> RulerReport:
+              apply_chat_template: bool = False, device: str = "cpu",
+              data_dir: str | Path | None = None) -> RulerReport:
     """lm-eval's `tasks` at `lengths` for one checkpoint: prepare_tasks, then
     evaluate_prepared."""
-    prepared = prepare_tasks(checkpoint, tasks, lengths, apply_chat_template=apply_chat_template)
+    prepared = prepare_tasks(checkpoint, tasks, lengths, apply_chat_template=apply_chat_template,
+                             data_dir=data_dir)
     return evaluate_prepared(prepared, out_dir, limit=limit, model=model,
                              apply_chat_template=apply_chat_template, device=device)
 
