@@ -42,6 +42,12 @@ def test_validate_cluster_output_is_unchanged(name, capsys, monkeypatch):
 
 @pytest.mark.parametrize("name", ["llama3-8b-1m", "llama3-70b-1m"])
 def test_plan_report_of_the_published_recipes_is_unchanged(name, tmp_path, monkeypatch):
+    """The search's budget is counted in moves, so the report is the same on a busy machine;
+    its wall-clock guard (10x the budget's nominal seconds) is lifted here, where the machine
+    may be as busy as a parallel test run makes it (seen: a load of 10 on 2 cores)."""
+    from topology.planner import search
+
+    monkeypatch.setattr(search, "WALL_CLOCK_GUARD", 1e6)
     monkeypatch.chdir(ROOT)
     assert main(["plan", "--run", f"configs/{name}.yaml", "--out", str(tmp_path)]) == 0
     got = (tmp_path / "report.md").read_text()

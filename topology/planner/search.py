@@ -12,6 +12,10 @@ from topology.planner.moves import FULL_NEIGHBOURHOOD, Moves
 NO_MOVE_HELPS = "no move helps"
 
 
+# The search stops after its budget of moves; the wall clock only guards against a machine so
+# slow that the budget would take this many times its nominal seconds.
+WALL_CLOCK_GUARD = 10
+
 class LocalSearch:
     """One search from `start`: first-improvement hill climbing on `rank`, each move evaluated
     on the full contention model, until no move helps or the budget of `search_seconds` is
@@ -30,7 +34,7 @@ class LocalSearch:
         total, u = len(start.rings) * len(start.rings[0]), shape.ulysses
         per_move = 2e-4 + 1.5e-6 * total * (1 if u == 1 else 2) + 0.5e-6 * total * (u - 1)
         self.budget = max(1, int(search_seconds / per_move))  # Ulysses: all-to-alls priced
-        self.deadline = time.perf_counter() + 10 * search_seconds
+        self.deadline = time.perf_counter() + WALL_CLOCK_GUARD * search_seconds
         self.floor = floor or (start.cost.step_seconds, start.ring.seconds)
         self.tried = 0  # moves evaluated
         self.stop = NO_MOVE_HELPS  # why the search stopped
@@ -116,7 +120,8 @@ class LocalSearch:
             self.stop = (f"the budget of {self.search_seconds:g} s ({self.budget} moves) is "
                          "spent")
         elif time.perf_counter() > self.deadline:
-            self.stop = f"10x the time budget of {self.search_seconds:g} s passed"
+            self.stop = (f"{WALL_CLOCK_GUARD:g}x the time budget of {self.search_seconds:g} s "
+                         "passed")
         return self.stop != NO_MOVE_HELPS
 
     def _notes(self, best: Evaluated, kicks: int) -> list[str]:
