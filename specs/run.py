@@ -194,21 +194,36 @@ def describe_rope(params: dict[str, Any]) -> str:
     return f"{METHOD_OF_TYPE.get(kind, kind)} x{params.get('factor', 1):g}"
 
 
+# The architectures ring attention, the exact-RoPE patch, parallelize() and the memory model
+# cover: causal LMs whose attention goes through transformers' attention interface and whose
+# positions are RoPE (ray_jobs/train/families.py maps each to its transformers classes).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+Architecture = Literal["llama", "mistral", "qwen2", "qwen3"]
+FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
 class ModelSpec(_Spec):
-    """The Llama model to extend: its architecture (always), and where its weights come from."""
+    """The model to extend: its architecture (always), and where its weights come from."""
 
     path: str | None = Field(
         None, max_length=MAX_PATH,
-        description="Local directory of a Hugging Face Llama checkpoint (config.json, weights, "
-        "tokenizer). Null: build a randomly initialised model from the fields below (the tiny "
-        "default). Never fetched from a hub.",
+        description="Local directory of a Hugging Face checkpoint (config.json, weights, "
+        "tokenizer) of one of the architectures below; its config.json's model_type must be "
+        "`architecture`. Null: build a randomly initialised model from the fields below (the "
+        "tiny default). Never fetched from a hub.",
+    )
+    architecture: Architecture = Field(
+        "llama", description="The model family, as transformers' model_type: 'llama' (Llama 2 "
+        "and 3.x), 'mistral', 'qwen2' (Qwen2 and Qwen2.5), 'qwen3'. Other families are refused: "
+        "ring attention needs attention that goes through transformers' attention interface and "
+        "RoPE positions.",
     )
     vocab_size: int = Field(gt=0, le=MAX_VOCAB, description="Vocabulary size "
-                            "(LlamaConfig.vocab_size); at most 2**24: Llama-3's is 128,256.")
+                            "(config.json vocab_size); at most 2**24: Llama-3's is 128,256.")
     hidden_size: int = Field(gt=0, le=MAX_HIDDEN, description="Model width "
-                             "(LlamaConfig.hidden_size); at most 2**20: Llama-3 405B's is 16,384.")
+                             "(config.json hidden_size); at most 2**20: Llama-3 405B's is 16,384.")
     intermediate_size: int = Field(gt=0, le=MAX_HIDDEN * 4, description="MLP width "
-                                   "(LlamaConfig.intermediate_size); at most 2**22 (4 x the width "
+                                   "(config.json intermediate_size); at most 2**22 (4 x the width "
                                    "ceiling).")
     num_hidden_layers: int = Field(gt=0, le=MAX_LAYERS, description="Decoder layers; at most "
                                    "2**14: no Llama-family model has more than 126.")
@@ -217,6 +232,27 @@ class ModelSpec(_Spec):
     num_key_value_heads: int = Field(
         gt=0, le=MAX_HEADS, description="Key/value heads (grouped-query attention); divides "
         "num_attention_heads; at most 2**14, as the query heads."
+    )
+    head_dim: int | None = Field(
+        None, gt=0, le=MAX_HIDDEN, description="Width of one attention head (config.json "
+        "head_dim). Null: hidden_size / num_attention_heads (then filled in). Qwen3 sets it "
+        "(Qwen3-0.6B: 128 with hidden 1024 and 16 heads).",
+    )
+    attention_bias: bool | None = Field(
+        None, description="Biases on the attention projections (config.json attention_bias): "
+        "on q/k/v for qwen2 (transformers hard-codes them: must be true), on q/k/v/o for llama "
+        "and qwen3 when true; mistral has none (must be false). Null: the architecture's own "
+        "(true for qwen2, false for the others; then filled in).",
+    )
+    tie_word_embeddings: bool = Field(
+        False, description="lm_head shares the input embedding's weight (config.json "
+        "tie_word_embeddings; small Qwen models do): one vocab x hidden matrix instead of two.",
+    )
+    sliding_window: int | None = Field(
+        None, gt=0, le=MAX_SEQ_LEN, description="Sliding-window attention width (config.json "
+        "sliding_window; mistral, and qwen2/qwen3 with use_sliding_window). Ring attention has "
+        "no sliding window, so it must be null or at least the longest stage's seq_len (then "
+        "it masks nothing). llama has none (must be null).",
     )
     rope_theta: float = Field(gt=0, le=MAX_THETA, description="RoPE base of the model before "
                               "extension (theta0); at most 1e18 (Llama-3 uses 500,000).")
@@ -240,25 +276,57 @@ class ModelSpec(_Spec):
                 f"num_key_value_heads ({self.num_key_value_heads}); pick a divisor, e.g. "
                 f"{_largest_divisor_at_most(self.num_attention_heads, self.num_key_value_heads)}"
             )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads}) so every head has the same width"
-            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) so every head has the same width, or give "
+                    "head_dim"
+                )
+            # frozen: filled once here, so every reader sees the width the model is built with
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        bias = self.attention_bias
+        if self.architecture == "qwen2" and bias is False:
+            raise ValueError("attention_bias is false, but transformers' qwen2 always has q/k/v "
+                             "biases; set attention_bias: true (or null)")
+        if self.architecture == "mistral" and bias:
+            raise ValueError("attention_bias is true, but transformers' mistral has no attention "
+                             "biases; set attention_bias: false (or null)")
+        if bias is None:
+            object.__setattr__(self, "attention_bias", self.architecture == "qwen2")
+        if self.architecture == "llama" and self.sliding_window is not None:
+            raise ValueError(f"sliding_window is {self.sliding_window}, but llama has no sliding "
+                             "window; set sliding_window: null")
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def qkv_bias(self) -> bool:
+        """q, k and v projections carry biases."""
+        return bool(self.attention_bias)
+
+    @property
+    def o_bias(self) -> bool:
+        """The output projection carries a bias too (llama and qwen3 with attention_bias; qwen2
+        puts biases on q/k/v only)."""
+        return bool(self.attention_bias) and self.architecture != "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm of each head's q and k before RoPE (qwen3): 2 x head_dim weights a layer."""
+        return self.architecture == "qwen3"
 
     @property
     def num_parameters(self) -> int:
-        """Parameters of a Llama with untied input and output embeddings."""
-        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        attention = h * h * 2 + h * kv * 2  # q, o ; k, v
+        """Parameters of the model the fields describe (the sum over ray_jobs' per-weight list
+        topology.cost.parameter_shapes; tests check it against each family's built model)."""
+        h, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attention = 2 * h * q + 2 * h * kv  # q, o ; k, v
+        attention += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * hd * self.qk_norm
         mlp = 3 * h * self.intermediate_size  # gate, up, down
         norms = 2 * h
-        return self.num_hidden_layers * (attention + mlp + norms) + 2 * self.vocab_size * h + h
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * h
+        return self.num_hidden_layers * (attention + mlp + norms) + embeddings + h
 
 
 def _largest_divisor_at_most(n: int, k: int) -> int:
@@ -772,6 +840,12 @@ class RunSpec(_Spec):
             )
         workers = self.resources.workers
         m = self.model
+        if m.sliding_window is not None and m.sliding_window < lengths[-1]:
+            raise ValueError(
+                f"model.sliding_window ({m.sliding_window}) is shorter than the longest stage "
+                f"({lengths[-1]} tokens): ring attention has no sliding window and would attend "
+                "past it; set model.sliding_window to null (Mistral v0.2 on) or train at most "
+                f"{m.sliding_window} tokens")
         for i, stage in enumerate(self.stages):
             problems = ulysses_problems(m.num_attention_heads, m.num_key_value_heads,
                                         ulysses_of(stage))
@@ -861,7 +935,8 @@ class RunSpec(_Spec):
     def summary(self) -> str:
         m = self.model
         lines = [
-            f"run {self.name}: Llama {m.num_parameters / 1e6:,.1f}M params "
+            f"run {self.name}: {FAMILY_NAMES[m.architecture]} "
+            f"{m.num_parameters / 1e6:,.1f}M params "
             f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads}/{m.num_key_value_heads} heads, {m.dtype}), "
             f"{self.resources.workers} {self.resources.device} workers",

@@ -148,6 +148,13 @@ class StageShape:
     loss_chunk: int = 1024  # tokens whose logits exist at once
     checkpointing: CheckpointPolicy = "full"  # activation checkpointing per decoder layer
     ulysses: int = 1  # GPUs per ring position splitting the heads (all-to-all)
+    # the family's weights beyond Llama's (specs.run.ModelSpec): q/k/v biases (qwen2; llama and
+    # qwen3 with attention_bias), an o_proj bias (llama, qwen3), q/k RMSNorm (qwen3), lm_head
+    # tied to the embedding
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    tied: bool = False
 
     @classmethod
     def of(cls, run: RunSpec, stage: StageSpec, dims: ParallelDims,
@@ -166,7 +173,8 @@ class StageShape:
                    vocab=model.vocab_size, params=model.num_parameters,
                    elem_bytes=_bytes(run.compute_dtype), state_bytes=_bytes(model.dtype),
                    loss_chunk=run.training.loss_chunk_tokens,
-                   checkpointing=policy)
+                   checkpointing=policy, qkv_bias=model.qkv_bias, o_bias=model.o_bias,
+                   qk_norm=model.qk_norm, tied=model.tie_word_embeddings)
 
     @property
     def shard_ways(self) -> int:
@@ -219,8 +227,9 @@ class StageShape:
 
     @property
     def root_params(self) -> int:
-        """Parameters of the FSDP root unit: embedding, lm_head, final norm."""
-        return 2 * self.vocab * self.hidden + self.hidden
+        """Parameters of the FSDP root unit: embedding, lm_head (unless tied to it), final
+        norm."""
+        return (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
 
     @property
     def seqs_per_ring(self) -> int:
@@ -480,21 +489,35 @@ LIFECYCLE_PHASES = ("load", "resume", "step", "save", "export")
 
 
 def _layer_shapes(s: StageShape) -> list[tuple[str, int, int]]:
+    """A decoder layer's weights in its family's state-dict order: q, k, v, o (each with its
+    bias where the family has one), the q/k norms (qwen3), the MLP, the two norms."""
     h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
-    return [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i), ("input_layernorm", h, 1),
-            ("post_attention_layernorm", h, 1)]
+    out = []
+    for name, rows, row, bias in (("q_proj", q, h, s.qkv_bias), ("k_proj", kv, h, s.qkv_bias),
+                                  ("v_proj", kv, h, s.qkv_bias), ("o_proj", h, q, s.o_bias)):
+        out.append((f"self_attn.{name}", rows, row))
+        if bias:
+            out.append((f"self_attn.{name}.bias", rows, 1))
+    if s.qk_norm:
+        out += [("self_attn.q_norm", s.head_dim, 1), ("self_attn.k_norm", s.head_dim, 1)]
+    return out + [("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i),
+                  ("input_layernorm", h, 1), ("post_attention_layernorm", h, 1)]
+
+
+def _root_tail(s: StageShape) -> list[tuple[str, int, int]]:
+    """The final norm and lm_head (none of its own when tied to the embedding)."""
+    return [("norm", s.hidden, 1)] + ([] if s.tied else [("lm_head", s.vocab, s.hidden)])
 
 
 def parameter_shapes(s: StageShape) -> list[tuple[str, int, int]]:
-    """(name, rows, elements per row) of every weight, in Hugging Face Llama's state-dict order
-    (embedding, each decoder layer's attention, MLP and norms, final norm, lm_head): FSDP2
-    shards each along its rows, and the export files group them in this order."""
+    """(name, rows, elements per row) of every weight, in the Hugging Face state-dict order of
+    Llama and its kin (embedding, each decoder layer's attention, MLP and norms, final norm,
+    lm_head unless tied): FSDP2 shards each along its rows, and the export files group them in
+    this order."""
     out = [("embed_tokens", s.vocab, s.hidden)]
     for n in range(s.layers):
         out += [(f"layers.{n}.{name}", rows, row) for name, rows, row in _layer_shapes(s)]
-    return out + [("norm", s.hidden, 1), ("lm_head", s.vocab, s.hidden)]
+    return out + _root_tail(s)
 
 
 def _local_rows(rows: int, shard: int) -> int:
@@ -510,7 +533,8 @@ def export_file_shares(s: StageShape, file_bytes: int = EXPORT_FILE_BYTES
     files: list[list[float]] = []
     used = file_bytes  # start a new file at the first tensor
     layer = [(rows, row) for _, rows, row in _layer_shapes(s)]
-    order = ([(s.vocab, s.hidden)] + layer * s.layers + [(s.hidden, 1), (s.vocab, s.hidden)])
+    order = ([(s.vocab, s.hidden)] + layer * s.layers
+             + [(rows, row) for _, rows, row in _root_tail(s)])
     for rows, row in order:
         size = rows * row * s.state_bytes
         if not files or (used and used + size > file_bytes):
@@ -557,8 +581,8 @@ def lifecycle_memory(s: StageShape, profile: HardwareProfile, *,
     """
     sb, shard = s.state_bytes, s.shard_ways
     weights = s.params * sb / shard
-    shapes = [("embed_tokens", s.vocab, s.hidden), *_layer_shapes(s), ("norm", s.hidden, 1),
-              ("lm_head", s.vocab, s.hidden)]  # each distinct weight once: the largest matter
+    # each distinct weight once: the largest matter
+    shapes = [("embed_tokens", s.vocab, s.hidden), *_layer_shapes(s), *_root_tail(s)]
     local = [(_local_rows(rows, shard), row * sb) for _, rows, row in shapes]
     chunk = max(min(n, max(1, chunk_bytes // row_b)) * row_b for n, row_b in local)
     item = max(n * row_b for n, row_b in local)  # the largest saved item: a rank's rows

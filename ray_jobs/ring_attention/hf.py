@@ -18,7 +18,8 @@ RING_ATTRIBUTE = "ring_attention_group"
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's attention modules: every decoder layer's `self_attn` (wrapped or not)."""
+    """The model's attention modules: every decoder layer's `self_attn` (wrapped or not; the
+    name in Llama, Mistral, Qwen2 and Qwen3)."""
     return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "self_attn"]
 
 
@@ -64,6 +65,13 @@ def ring_attention_forward(
         raise ValueError(
             "ring attention takes no attention_mask (padding masks are unsupported); "
             "pack sequences without padding and pass attention_mask=None"
+        )
+    window = kwargs.get("sliding_window")  # Mistral's and Qwen's sliding-window layers
+    if window is not None and window < query.shape[2] * group.size:
+        raise ValueError(
+            f"ring attention has no sliding window, and this layer's ({window} tokens) is "
+            f"shorter than the sequence ({query.shape[2] * group.size} tokens); use a model "
+            "whose sliding_window is null or at least the sequence's length"
         )
     # RoPE may hand back q and k upcast (fp32 cos/sin under autocast): the ring's kernels and
     # its K/V exchange run in the compute dtype, which is value's.

@@ -36,9 +36,18 @@ import torch
 from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
 
 # transformers' own rotation, kept for inputs that need no upcast (bitwise its results)
 _HF_APPLY_ROTARY = modeling_llama.apply_rotary_pos_emb
+# The modeling modules of the supported families (ray_jobs/train/families.py) and their own
+# apply_rotary_pos_emb: each is a copy of Llama's (transformers' "Copied from" / modular
+# files), as is each family's rotary module, so ExactRotaryEmbedding and the rotation below
+# stand in for all of them (tests/train/test_families.py compares them).
+ROTARY_MODULES = {m: m.apply_rotary_pos_emb
+                  for m in (modeling_llama, modeling_mistral, modeling_qwen2, modeling_qwen3)}
 
 
 # rope types whose frequencies transformers recomputes from the largest position it is given
@@ -127,11 +136,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def apply_exact_rope(model: torch.nn.Module, length: int | None = None) -> None:
-    """Replace a Hugging Face Llama's rotary embedding by an ExactRotaryEmbedding of its config
-    (same inv_freq, same device; `length`: see the class) and route Llama attention's rotation
-    through apply_rotary_pos_emb above. The latter is a process-wide swap of the module-level
-    function that LlamaAttention.forward calls (transformers offers no per-model hook for it);
-    it is a no-op for every model whose cos/sin have q's dtype, i.e. any model not built here."""
+    """Replace a Hugging Face Llama's (Mistral's, Qwen's) rotary embedding by an
+    ExactRotaryEmbedding of its config (same inv_freq, same device; `length`: see the class)
+    and route the attention's rotation through apply_rotary_pos_emb above. The latter is a
+    process-wide swap of the module-level function that each family's attention forward calls
+    (transformers offers no per-model hook for it); it is a no-op for every model whose cos/sin
+    have q's dtype, i.e. any model not built here."""
     old = model.model.rotary_emb
     model.model.rotary_emb = ExactRotaryEmbedding(model.config, old.inv_freq.device,
                                                   length=length)
@@ -152,15 +162,17 @@ def fix_rope_length(model: torch.nn.Module, length: int) -> None:
 
 
 def install_exact_rotation() -> None:
-    """Point transformers' Llama at apply_rotary_pos_emb above (idempotent)."""
-    current = modeling_llama.apply_rotary_pos_emb
-    if current is apply_rotary_pos_emb:
-        return
-    if current is not _HF_APPLY_ROTARY:
-        raise RuntimeError("transformers' modeling_llama.apply_rotary_pos_emb was already "
-                           f"replaced by {current!r}; RoPE in fp32 cannot wrap two patches, "
-                           "remove the other one")
-    modeling_llama.apply_rotary_pos_emb = apply_rotary_pos_emb
+    """Point the attention of transformers' Llama, Mistral, Qwen2 and Qwen3 at
+    apply_rotary_pos_emb above (idempotent)."""
+    for module, original in ROTARY_MODULES.items():
+        current = module.apply_rotary_pos_emb
+        if current is apply_rotary_pos_emb:
+            continue
+        if current is not original:
+            raise RuntimeError(f"transformers' {module.__name__}.apply_rotary_pos_emb was "
+                               f"already replaced by {current!r}; RoPE in fp32 cannot wrap two "
+                               "patches, remove the other one")
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
 def measure(theta: float, end: int, *, tokens: int = 1024, heads: int = 4, head_dim: int = 128,

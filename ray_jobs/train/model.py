@@ -1,4 +1,5 @@
-"""The Llama being extended: built on the meta device, sharded, then each rank's shards filled.
+"""The model being extended: built on the meta device, sharded, then each rank's shards filled
+(a Llama, Mistral or Qwen: ray_jobs/train/families.py).
 
     config = model_config(run, index, source, attn_implementation="sdpa")
     model = build_meta_model(config, dtype)          # shapes only: no memory anywhere
@@ -27,9 +28,16 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM, PretrainedConfig
 
 from ray_jobs.ring_attention.rope import apply_exact_rope
+from ray_jobs.train.families import (
+    causal_lm_class,
+    check_sliding_window,
+    checkpoint_config,
+    config_class,
+    family_kwargs,
+)
 from specs.checkpoint import CheckpointError
 from specs.run import ModelSpec, RunSpec
 from specs.trust import check_checkpoint_is_data
@@ -42,16 +50,17 @@ READ_CHUNK_BYTES = 32 << 20
 WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in names
 
 
-def llama_config(m: ModelSpec, seq_len: int, rope: dict[str, Any]) -> LlamaConfig:
-    """The LlamaConfig of a ModelSpec's architecture (a model built without model.path, and the
-    shapes the memory trace uses); `rope` is set and checked by apply_rope (materialize)."""
-    config = LlamaConfig(
+def llama_config(m: ModelSpec, seq_len: int, rope: dict[str, Any]) -> PretrainedConfig:
+    """The transformers config of a ModelSpec's architecture, in its family (LlamaConfig,
+    MistralConfig, ...): a model built without model.path, and the shapes the memory trace
+    uses; `rope` is set and checked by apply_rope (materialize)."""
+    config = config_class(m.architecture)(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads,
         max_position_embeddings=max(seq_len, m.pretrain_seq_len),
         rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]},
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, **family_kwargs(m),
     )
     config.rope_parameters = dict(rope)
     return config
@@ -73,11 +82,12 @@ def model_source(run: RunSpec, stage_index: int, init_from: Path | None,
 
 
 def model_config(run: RunSpec, stage_index: int, source: Path | None, *,
-                 attn_implementation: str) -> LlamaConfig:
-    """The architecture of a stage's model: the checkpoint's config, else the spec's."""
+                 attn_implementation: str) -> PretrainedConfig:
+    """The architecture of a stage's model: the checkpoint's config (refused unless a supported
+    family without a sliding window shorter than the stage), else the spec's."""
     if source is not None:
-        config = LlamaConfig.from_pretrained(source, trust_remote_code=False,
-                                             local_files_only=True)
+        config = checkpoint_config(source)
+        check_sliding_window(config, run.stages[stage_index].seq_len, f"{source}/config.json")
     else:
         config = llama_config(run.model, run.stages[stage_index].seq_len,
                               run.stage_rope(stage_index))
@@ -85,10 +95,11 @@ def model_config(run: RunSpec, stage_index: int, source: Path | None, *,
     return config
 
 
-def build_meta_model(config: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
-    """The model with every parameter and buffer on the meta device: shapes, no storage."""
+def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The model of the config's family with every parameter and buffer on the meta device:
+    shapes, no storage."""
     with torch.device("meta"):
-        return LlamaForCausalLM(config).to(dtype)
+        return causal_lm_class(config.model_type)(config).to(dtype)
 
 
 def materialize(model: LlamaForCausalLM, device: torch.device | str, rope: dict[str, Any],
@@ -96,10 +107,11 @@ def materialize(model: LlamaForCausalLM, device: torch.device | str, rope: dict[
     """Give every parameter (this rank's shard of it, once parallelize() has run) storage on
     `device`, uninitialised; set RoPE for the stage, which rebuilds the non-persistent inv_freq
     buffer that to_empty left as garbage."""
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embed.weight
     model.to_empty(device=device)
     if tied:  # to_empty gives each module its own new parameter: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
+        head.weight = embed.weight
     apply_rope(model, rope, seq_len=seq_len, pretrain_seq_len=pretrain_seq_len)
 
 

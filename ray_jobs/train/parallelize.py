@@ -1,4 +1,4 @@
-"""parallelize(): the layout of one stage applied to a Llama, in one fixed order.
+"""parallelize(): the layout of one stage applied to a Llama, Mistral or Qwen, in a fixed order.
 
     mesh = build_mesh(dims, rings, "cpu")           # (dp_replicate, dp_shard, ring, ulysses)
     model = parallelize(llama, mesh, dims, ...)      # -> CausalLMWithLoss, FSDP2 root
@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ray_jobs.ring_attention import Ring, apply_ring_attention
 from ray_jobs.ring_attention.saving import saving_contexts
 from ray_jobs.ring_attention.ulysses import SequenceMesh
+from ray_jobs.train.families import decoder_layers
 from specs.degrees import CHECKPOINT_POLICIES, MESH_DIMS, CheckpointPolicy, ParallelDims
 from specs.run import RunSpec
 
@@ -96,11 +97,12 @@ def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> 
 def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: CheckpointPolicy,
                 mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
                 ) -> CausalLMWithLoss:
-    """Apply the stage's layout to a Hugging Face Llama in place; return the FSDP root that
-    computes the loss. `mixed_precision`: the dtype layers compute in (gradients are reduced in
-    fp32), or None to compute in the parameters' own dtype."""
+    """Apply the stage's layout in place to a Hugging Face causal LM of a supported family
+    (ray_jobs/train/families.py; its decoder layers found from the model); return the FSDP root
+    that computes the loss. `mixed_precision`: the dtype layers compute in (gradients are reduced
+    in fp32), or None to compute in the parameters' own dtype."""
     root = CausalLMWithLoss(model, loss_chunk_tokens)
-    apply_layout(root, model.model.layers, attention=layout.attention_group,
+    apply_layout(root, decoder_layers(model), attention=layout.attention_group,
                  fsdp_mesh=layout.fsdp_mesh, activation_checkpointing=activation_checkpointing,
                  mixed_precision=mixed_precision)
     return root
@@ -169,10 +171,10 @@ class CausalLMWithLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.model(input_ids=input_ids, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state  # (B, S_local, H)
-        loss_sum = chunked_cross_entropy(hidden, self.model.lm_head.weight, labels,
-                                         self.loss_chunk_tokens)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state  # (B, S_local, H)
+        head = self.model.get_output_embeddings().weight  # the embedding's, when tied
+        loss_sum = chunked_cross_entropy(hidden, head, labels, self.loss_chunk_tokens)
         return loss_sum, (labels != IGNORE).sum()
 
 
