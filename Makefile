@@ -78,7 +78,7 @@ goldens: setup
 		$(VENV)/bin/ringpilot validate $$f > tests/golden/validate-$$(basename $$f .yaml).txt; done
 	for f in configs/clusters/*.yaml; do $(VENV)/bin/ringpilot validate --cluster $$f \
 		> tests/golden/validate-cluster-$$(basename $$f .yaml).txt; done
-	for r in llama3-8b-1m llama3-70b-1m; do $(VENV)/bin/ringpilot plan --run configs/$$r.yaml \
+	for r in llama3-8b-1m llama3-70b-1m qwen2.5-7b-1m; do $(VENV)/bin/ringpilot plan --run configs/$$r.yaml \
 		--out $(VENV)/goldens-plan > /dev/null && \
 		cp $(VENV)/goldens-plan/report.md tests/golden/plan-$$r.report.md || exit 1; done
 

@@ -1,6 +1,6 @@
 """Memory per GPU at real scale without the hardware: the trainer's own parallelize() traced.
 
-One rank of the stage's world runs two training steps of a full-size Llama under torch's
+One rank of the stage's world runs two training steps of a full-size model under torch's
 FakeTensorMode (tensors have shapes and dtypes, no storage) on a fake process group (collectives
 do nothing), while torch's FSDPMemTracker counts every tensor alive by category: sharded and
 unsharded parameters and gradients, optimizer state, activations, temporaries, all-gather and
@@ -38,6 +38,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from ray_jobs.ring_attention.rope import apply_exact_rope
 from ray_jobs.train.checkpoint import export_state_dict
+from ray_jobs.train.families import causal_lm_class
 from ray_jobs.train.model import (
     READ_CHUNK_BYTES,
     build_meta_model,
@@ -161,9 +162,7 @@ def trace_stage_memory(run: RunSpec, stage: StageSpec, dims: ParallelDims, *,
             # do not support.
             torch.set_default_dtype(getattr(torch, model.dtype))
             try:
-                from transformers import LlamaForCausalLM
-
-                hf = LlamaForCausalLM(config)
+                hf = causal_lm_class(config.model_type)(config)
                 apply_exact_rope(hf)  # as the trainer's apply_rope: cos/sin in fp32
             finally:
                 torch.set_default_dtype(default)

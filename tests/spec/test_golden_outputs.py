@@ -1,5 +1,6 @@
 """What users see stays the same: `ringpilot validate` of every shipped config and the planning
-reports of the published 8B and 70B recipes, byte for byte against tests/golden/.
+reports of the published 8B and 70B recipes and of Qwen2.5-7B on the same curriculum (a model
+family beside Llama), byte for byte against tests/golden/.
 
 The goldens were written before the seams moved to specs/ (issue "The house"), so this test is
 the proof that the move changed no output. A deliberate change of an output (the cost model, a
@@ -40,7 +41,7 @@ def test_validate_cluster_output_is_unchanged(name, capsys, monkeypatch):
     assert capsys.readouterr().out == (GOLDEN / f"validate-cluster-{name}.txt").read_text()
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-1m", "llama3-70b-1m"])
+@pytest.mark.parametrize("name", ["llama3-8b-1m", "llama3-70b-1m", "qwen2.5-7b-1m"])
 def test_plan_report_of_the_published_recipes_is_unchanged(name, tmp_path, monkeypatch):
     """The search's budget is counted in moves, so the report is the same on a busy machine;
     its wall-clock guard (10x the budget's nominal seconds) is lifted here, where the machine

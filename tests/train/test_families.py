@@ -39,11 +39,12 @@ def test_ring_step_matches_the_unsharded_model(family, ac):
 @pytest.mark.multiprocess
 def test_bf16_ring_step_matches_one_process_in_bf16():
     """Layers computing in bf16 (FSDP2 mixed precision, as on GPUs): the ring of 2 against the
-    same parallelize() on one process (SDPA), for Qwen3 (QK-norm, head_dim != hidden/heads)."""
+    same parallelize() on one process (SDPA), for Qwen3 (QK-norm, head_dim != hidden/heads),
+    within the bf16 tolerances of tests/ring_attention (3e-2) and tighter."""
     one = run_world(1, worlds.ring_step, "qwen3", "full", "bfloat16", timeout_s=120)[0]
     two = run_world(2, worlds.ring_step, "qwen3", "full", "bfloat16", timeout_s=180)
     for rank, result in enumerate(two):
-        assert result["loss"] == pytest.approx(one["loss"], rel=1e-2), f"rank {rank} loss"
+        assert result["loss"] == pytest.approx(one["loss"], rel=1e-4), f"rank {rank} loss"
         worlds.close(result["grads"], one["grads"], f"bf16 rank {rank} gradients",
                      atol=2e-3, rtol=5e-2)
 
