@@ -196,7 +196,7 @@ def describe_rope(params: dict[str, Any]) -> str:
 
 # The architectures ring attention, the exact-RoPE patch, parallelize() and the memory model
 # cover: causal LMs whose attention goes through transformers' attention interface and whose
-# positions are RoPE (ray_jobs/train/families.py maps each to its transformers classes).
+# positions are RoPE (ray_jobs/ring_attention/families.py maps each to its transformers classes).
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 Architecture = Literal["llama", "mistral", "qwen2", "qwen3"]
 FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}

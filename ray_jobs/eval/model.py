@@ -50,9 +50,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = 
     """(model in eval mode, tokenizer) of a checked checkpoint, in the dtype `load_arguments`
     picks for `device` and the run's `compute_dtype`: a trainer checkpoint without a Hugging
     Face export from its DCP model shards (`load_from_dcp`), anything else by from_pretrained."""
-    from transformers import LlamaForCausalLM
-
     from ray_jobs.data.tokenizer import load_tokenizer
+    from ray_jobs.ring_attention.families import causal_lm_class, checkpoint_config
     from ray_jobs.ring_attention.rope import apply_exact_rope
 
     path = check_checkpoint_is_data(check_checkpoint(path))
@@ -60,8 +59,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", compute_dtype: str = 
     if is_trainer_checkpoint(path) and not has_export(path):
         model = load_from_dcp(path, device, arguments["dtype"])
     else:
-        model = LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False,
-                                                 **arguments)
+        # a supported family only (refused up front otherwise), by its own class
+        family = causal_lm_class(checkpoint_config(path).model_type)
+        model = family.from_pretrained(str(path), trust_remote_code=False, **arguments)
     # RoPE as the trainer computes it: exact angles, rotation in fp32 (transformers' own path
     # is off by 1% of |q| near 1M positions in bf16; ray_jobs/ring_attention/rope.py)
     apply_exact_rope(model)
@@ -78,20 +78,20 @@ def load_from_dcp(path: Path, device: str, dtype):
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ray_jobs.ring_attention.families import causal_lm_class, checkpoint_config
     from specs.checkpoint import CheckpointError
     from specs.trust import check_run_dir
 
-    config = LlamaConfig.from_pretrained(str(path), trust_remote_code=False,
-                                         local_files_only=True)
+    config = checkpoint_config(path)
     config._attn_implementation = "sdpa"  # as load_arguments: the trainer's "ring" is not here
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(dtype)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+        model = causal_lm_class(config.model_type)(config).to(dtype)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embed.weight
     model.to_empty(device=device)
     if tied:  # to_empty gives each module its own new parameter: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
+        head.weight = embed.weight
     # RoPE's inverse frequencies are a non-persistent buffer, not in the checkpoint, left as
     # garbage by to_empty: rebuilt (in fp32, as from_pretrained has them) by load_checkpoint's
     # apply_exact_rope

@@ -42,7 +42,7 @@ from transformers.models.qwen3 import modeling_qwen3
 
 # transformers' own rotation, kept for inputs that need no upcast (bitwise its results)
 _HF_APPLY_ROTARY = modeling_llama.apply_rotary_pos_emb
-# The modeling modules of the supported families (ray_jobs/train/families.py) and their own
+# The modeling modules of the supported families (ring_attention/families.py) and their own
 # apply_rotary_pos_emb: each is a copy of Llama's (transformers' "Copied from" / modular
 # files), as is each family's rotary module, so ExactRotaryEmbedding and the rotation below
 # stand in for all of them (tests/train/test_families.py compares them).

@@ -34,6 +34,7 @@ from ray_jobs.data.prepared import PrepareError
 from ray_jobs.data.samples import read_documents
 from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
+from ray_jobs.ring_attention.families import checkpoint_problems
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.train.config import StepInfo, WorkerConfig
 from ray_jobs.train.placement import (
@@ -146,6 +147,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
     if run.model.path is not None:  # a model directory is data: refused if it carries code
         try:
             check_checkpoint_is_data(spec_dir / run.model.path)
+            problems += [f"model.path: {p}" for p in checkpoint_problems(run, spec_dir)]
         except CheckpointError as e:
             problems.append(f"model.path: {e}")
     problems += rope_problems(run, spec_dir)

@@ -36,9 +36,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from ray_jobs.ring_attention.families import causal_lm_class
 from ray_jobs.ring_attention.rope import apply_exact_rope
 from ray_jobs.train.checkpoint import export_state_dict
-from ray_jobs.train.families import causal_lm_class
 from ray_jobs.train.model import (
     READ_CHUNK_BYTES,
     build_meta_model,

@@ -1,5 +1,5 @@
 """The model being extended: built on the meta device, sharded, then each rank's shards filled
-(a Llama, Mistral or Qwen: ray_jobs/train/families.py).
+(a Llama, Mistral or Qwen: ray_jobs/ring_attention/families.py).
 
     config = model_config(run, index, source, attn_implementation="sdpa")
     model = build_meta_model(config, dtype)          # shapes only: no memory anywhere
@@ -30,14 +30,14 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import LlamaForCausalLM, PretrainedConfig
 
-from ray_jobs.ring_attention.rope import apply_exact_rope
-from ray_jobs.train.families import (
+from ray_jobs.ring_attention.families import (
     causal_lm_class,
     check_sliding_window,
     checkpoint_config,
     config_class,
     family_kwargs,
 )
+from ray_jobs.ring_attention.rope import apply_exact_rope
 from specs.checkpoint import CheckpointError
 from specs.run import ModelSpec, RunSpec
 from specs.trust import check_checkpoint_is_data

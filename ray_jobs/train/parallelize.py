@@ -33,9 +33,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ray_jobs.ring_attention import Ring, apply_ring_attention
+from ray_jobs.ring_attention.families import decoder_layers
 from ray_jobs.ring_attention.saving import saving_contexts
 from ray_jobs.ring_attention.ulysses import SequenceMesh
-from ray_jobs.train.families import decoder_layers
 from specs.degrees import CHECKPOINT_POLICIES, MESH_DIMS, CheckpointPolicy, ParallelDims
 from specs.run import RunSpec
 
@@ -98,9 +98,9 @@ def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: C
                 mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
                 ) -> CausalLMWithLoss:
     """Apply the stage's layout in place to a Hugging Face causal LM of a supported family
-    (ray_jobs/train/families.py; its decoder layers found from the model); return the FSDP root
-    that computes the loss. `mixed_precision`: the dtype layers compute in (gradients are reduced
-    in fp32), or None to compute in the parameters' own dtype."""
+    (ray_jobs/ring_attention/families.py; its decoder layers found from the model); return the
+    FSDP root that computes the loss. `mixed_precision`: the dtype layers compute in (gradients
+    are reduced in fp32), or None to compute in the parameters' own dtype."""
     root = CausalLMWithLoss(model, loss_chunk_tokens)
     apply_layout(root, decoder_layers(model), attention=layout.attention_group,
                  fsdp_mesh=layout.fsdp_mesh, activation_checkpointing=activation_checkpointing,

@@ -36,7 +36,8 @@ def errors_of(data: dict) -> list[str]:
     return info.value.lines
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "llama3-8b-1m.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama3-8b-1m.yaml", "qwen2.5-7b-1m.yaml",
+                                  "mistral-7b-1m.yaml"])
 def test_shipped_configs_validate(name):
     run = load_model(ROOT / "configs" / name, RunSpec)
     assert run.summary().startswith(f"run {run.name}:")
@@ -51,10 +52,38 @@ def test_llama3_8b_recipe_matches_the_published_card():
     assert 8.0e9 < run.model.num_parameters < 8.1e9  # Llama-3 8B: 8.03B parameters
 
 
+def test_other_families_count_their_published_parameters():
+    """The Hub's model pages: Qwen2.5-7B 7.62B parameters (q/k/v biases counted), Mistral-7B
+    v0.3 7.25B."""
+    qwen = load_model(ROOT / "configs" / "qwen2.5-7b-1m.yaml", RunSpec).model
+    mistral = load_model(ROOT / "configs" / "mistral-7b-1m.yaml", RunSpec).model
+    assert 7.61e9 < qwen.num_parameters < 7.62e9
+    assert 7.24e9 < mistral.num_parameters < 7.25e9
+
+
 def test_rope_theta_rule_reproduces_published_llama3_configs():
     assert round(rope_theta_for(262_144, 500_000.0, 8_192)) == 283_461_213
     assert round(rope_theta_for(1_048_576, 500_000.0, 8_192)) == 3_580_165_449
     assert rope_theta_for(4_096, 500_000.0, 8_192) == 500_000.0  # never lowered
+
+
+@pytest.mark.parametrize("changes, head_dim, bias", [
+    ({}, 16, False),  # hidden 128 / 8 heads
+    ({"model.architecture": "qwen2"}, 16, True),  # transformers' Qwen2 has q/k/v biases
+    ({"model.architecture": "qwen3", "model.head_dim": 32}, 32, False),
+    ({"model.architecture": "mistral", "model.sliding_window": 4096}, 16, False),
+])
+def test_family_facts_are_filled_in_from_the_architecture(changes, head_dim, bias):
+    run = RunSpec.model_validate(run_with(**changes))
+    assert (run.model.head_dim, run.model.attention_bias) == (head_dim, bias)
+    again = RunSpec.model_validate(run.model_dump(mode="json"))  # a dump validates as itself
+    assert again == run
+
+
+def test_tied_embeddings_count_one_matrix():
+    untied = RunSpec.model_validate(run_with()).model
+    tied = RunSpec.model_validate(run_with(**{"model.tie_word_embeddings": True})).model
+    assert untied.num_parameters - tied.num_parameters == untied.vocab_size * untied.hidden_size
 
 
 def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
@@ -95,6 +124,20 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
          r"\(2\) times a divisor of data_parallel_degree \(1\); use one of \[2\]"),
         ({"training": {"loss_chunk_tokens": 0}}, r"training.loss_chunk_tokens: Input should be "
          r"greater than 0"),
+        ({"model.architecture": "gpt2"}, r"model.architecture: Input should be 'llama', "
+         r"'mistral', 'qwen2' or 'qwen3'"),
+        ({"model.architecture": "qwen2", "model.attention_bias": False},
+         r"model: attention_bias is false, but transformers' qwen2 always has q/k/v biases; set "
+         r"attention_bias: true \(or null\)"),
+        ({"model.architecture": "mistral", "model.attention_bias": True},
+         r"model: attention_bias is true, but transformers' mistral has no attention biases"),
+        ({"model.sliding_window": 4096}, r"model: sliding_window is 4096, but llama has no "
+         r"sliding window; set sliding_window: null"),
+        ({"model.architecture": "mistral", "model.sliding_window": 1024},
+         r"model.sliding_window \(1024\) is shorter than the longest stage \(4096 tokens\): "
+         r"ring attention has no sliding window .*; set model.sliding_window to null"),
+        ({"model.hidden_size": 66, "model.architecture": "qwen3"}, r"model: hidden_size \(66\) "
+         r"must be divisible by num_attention_heads \(8\) .*, or give head_dim"),
     ],
 )
 def test_cross_field_rules_name_field_value_and_fix(changes, message):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ray_jobs.train.families import (
+from ray_jobs.ring_attention.families import (
     UnsupportedModel,
     check_sliding_window,
     checkpoint_config,
@@ -147,3 +147,31 @@ def test_a_sliding_window_shorter_than_the_stage_is_refused(tmp_path):
         check_sliding_window(config, 8192, "here")
     qwen = checkpoint_config(_save_config(tmp_path, "qwen2"))
     check_sliding_window(qwen, 1 << 20, "here")  # use_sliding_window false: no layer uses it
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gpt2"}, "model_type is 'gpt2': supported are llama, mistral, qwen2, qwen3"),
+    ("qwen2", "model.path: model.architecture is 'llama' but the checkpoint's config.json says "
+              "'qwen2'; set model.architecture: \"qwen2\""),
+    ("mistral-4096", "sliding_window 4096 is shorter than the stage's 8192 tokens"),
+])
+def test_the_preflight_refuses_a_checkpoint_the_spec_cannot_train(tmp_path, capsys, config,
+                                                                  message):
+    from ray_jobs.train.driver import main
+    from tests.train.conftest import mini_spec, write_spec
+
+    model = tmp_path / "model"
+    model.mkdir()
+    if isinstance(config, dict):
+        (model / "config.json").write_text(json.dumps(config))
+    elif config == "qwen2":
+        _save_config(model, "qwen2", vocab_size=512)
+    else:
+        _save_config(model, "mistral", sliding_window=4096, vocab_size=512)
+    spec = mini_spec(tmp_path / "runs", **{"model.path": str(model)})
+    if config == "mistral-4096":
+        spec["model"].update(architecture="mistral", vocab_size=512)
+        spec["stages"][1].update(seq_len=8192)
+    path = write_spec(tmp_path / "run.yaml", spec)
+    assert main(["--run", str(path)]) == 2
+    assert message in capsys.readouterr().err

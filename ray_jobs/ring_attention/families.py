@@ -3,7 +3,7 @@ refusal of any other, the spec's shape facts checked against a checkpoint, and t
 layers of a built model (found from the model, not assumed at model.model.layers).
 
     config = checkpoint_config(path)                  # refused unless a supported model_type
-    problems = spec_problems(run.model, config)       # the spec must describe the checkpoint
+    problems = checkpoint_problems(run, spec_dir)     # the spec must describe model.path
     layers = decoder_layers(model)                    # parallelize(), checkpointing, FSDP2
 
 Supported: causal LMs whose attention goes through transformers' attention interface (so the
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from specs.checkpoint import CheckpointError
-from specs.run import ARCHITECTURES, ModelSpec
+from specs.run import ARCHITECTURES, ModelSpec, RunSpec
 
 # model_type -> (config class, causal-LM class) in transformers
 CLASSES = {
@@ -51,7 +51,7 @@ def _supported(architecture: str, where: str = "model.architecture") -> str:
             f"{where} is {architecture!r}: supported are {', '.join(ARCHITECTURES)} (causal LMs "
             "whose attention goes through transformers' attention interface and whose positions "
             "are RoPE, which ring attention and the exact-RoPE patch need); convert the "
-            "checkpoint to one of them or extend ray_jobs/train/families.py")
+            "checkpoint to one of them or extend ray_jobs/ring_attention/families.py")
     return architecture
 
 
@@ -133,6 +133,21 @@ def spec_problems(m: ModelSpec, config: PretrainedConfig) -> list[str]:
     if getattr(config, "mlp_bias", False):
         problems.append("the checkpoint's config.json sets mlp_bias, which the memory model does "
                         "not count; give a checkpoint without MLP biases")
+    return problems
+
+
+def checkpoint_problems(run: RunSpec, spec_dir: Path) -> list[str]:
+    """Why model.path cannot be trained as the spec says, found before any worker starts: an
+    unsupported architecture (raised), the spec's fields against its config.json, a sliding
+    window shorter than the longest stage."""
+    source = Path(run.model.path)
+    source = source if source.is_absolute() else spec_dir / source
+    config = checkpoint_config(source)
+    problems = spec_problems(run.model, config)
+    try:
+        check_sliding_window(config, run.stages[-1].seq_len, f"{source}/config.json")
+    except UnsupportedModel as e:
+        problems.append(str(e))
     return problems
 
 
