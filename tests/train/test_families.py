@@ -175,3 +175,18 @@ def test_the_preflight_refuses_a_checkpoint_the_spec_cannot_train(tmp_path, caps
     path = write_spec(tmp_path / "run.yaml", spec)
     assert main(["--run", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ring_attention_refuses_a_sliding_window_shorter_than_the_sequence():
+    """The last guard, in the attention function itself (Mistral passes its window on every
+    call): 8 local tokens on a ring of 2 are a 16-token sequence."""
+    from types import SimpleNamespace
+
+    from ray_jobs.ring_attention.comm import Ring
+    from ray_jobs.ring_attention.hf import RING_ATTRIBUTE, ring_attention_forward
+
+    module = SimpleNamespace(is_causal=True, **{RING_ATTRIBUTE: Ring(group=None, ranks=(0, 1))})
+    q = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"this layer's \(15 tokens\) is shorter than the "
+                                         r"sequence \(16 tokens\)"):
+        ring_attention_forward(module, q, q, q, None, sliding_window=15)
