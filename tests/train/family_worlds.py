@@ -14,6 +14,7 @@ from specs.degrees import ParallelDims
 from specs.run import ModelSpec
 
 VOCAB, SEQ, BATCH, THETA = 128, 16, 2, 10_000.0
+ROPE = {"rope_type": "default", "rope_theta": THETA}
 WRAPPED = "_checkpoint_wrapped_module."
 
 # Each family's shape facts that differ from Llama's, at tiny size (hidden 32, 4 query heads,
@@ -39,12 +40,12 @@ def spec_of(family: str) -> ModelSpec:
 def build(family: str, dtype=torch.float32):
     """The family's model as the trainer builds it: config from the spec, meta, storage, RoPE
     for the stage, weights drawn from seed 0 (the same in every layout)."""
-    model = build_meta_model(llama_config(spec_of(family), SEQ, THETA), dtype)
+    model = build_meta_model(llama_config(spec_of(family), SEQ, ROPE), dtype)
     return model
 
 
 def _fill(model) -> None:
-    materialize(model, "cpu", THETA, SEQ)
+    materialize(model, "cpu", ROPE, SEQ, SEQ)
     init_weights(model, seed=0)
 
 
