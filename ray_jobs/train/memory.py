@@ -506,6 +506,11 @@ def render_checks(checks: list[MemoryCheck]) -> str:
     return "\n".join(lines)
 
 
+def plain_rope(model) -> dict:
+    """The base model's plain RoPE: a stage's rotary tables are a few KB, whatever the method."""
+    return {"rope_type": "default", "rope_theta": model.rope_theta}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.train.memory",
                                      description=__doc__.splitlines()[0])
@@ -545,7 +550,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def plain_rope(model) -> dict:
-    """The base model's plain RoPE: a stage's rotary tables are a few KB, whatever the method."""
-    return {"rope_type": "default", "rope_theta": model.rope_theta}
