@@ -118,6 +118,7 @@ class Observer:
         self.state.setdefault("started", [])
         self.sinks: list = []
         self._built = False
+        self._feed_warned = False
         self._read: dict[str, int] = {}  # bytes of each metrics file read by this driver
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -130,7 +131,7 @@ class Observer:
 
     def finish_stage(self, stage: str, state: str) -> None:
         with self._lock:
-            self._poll()
+            self._guarded_poll()
             self._each("end_stage", stage, state, [self.run_dir / "plan.json"])
             self._save()
 
@@ -143,7 +144,7 @@ class Observer:
             self._warn("observability: a sink is still busy; its last records are not sent")
             return
         try:
-            self._poll()
+            self._guarded_poll()
             for stage in self.run.stages:
                 reports = self.run_dir / "eval" / stage.name
                 if stage.name in self.state["started"] and reports.is_dir():
@@ -156,9 +157,20 @@ class Observer:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._poll()
+                self._guarded_poll()
             if self._stop.wait(self.interval):
                 return
+
+    def _guarded_poll(self) -> None:
+        """A poll whose own failure (a record or file it cannot read) is reported once: the
+        feed must never take the driver down, and the next poll tries again."""
+        try:
+            self._poll()
+        except Exception as e:  # noqa: BLE001 - never let the feed reach training
+            if not self._feed_warned:
+                self._feed_warned = True
+                self._warn(f"observability: reading the run directory failed "
+                           f"({e.__class__.__name__}: {e}); the sinks may miss records")
 
     # -- sinks -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -224,7 +236,7 @@ class Observer:
             sp = None
         if sp is not None:
             params["layout"] = sp.dims.label()
-            params["rings"] = json.dumps([[f"{w.node}:{w.local}" for w in r] for r in sp.rings])
+            params["rings"] = json.dumps([[f"{w.node}:{w.gpu}" for w in r] for r in sp.rings])
             params["activation_checkpointing"] = sp.activation_checkpointing
             if sp.prediction is not None:
                 params["predicted_step_s"] = f"{sp.prediction.step_seconds:.6g}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ class WandbSink:
         import wandb
 
         root = Path(run_dir)
-        state.setdefault("wandb", {}).setdefault("id", wandb.util.generate_id())
+        state.setdefault("wandb", {}).setdefault("id", uuid.uuid4().hex[:12])
         self.run = wandb.init(project=spec.project, name=run.name, id=state["wandb"]["id"],
                               resume="allow", mode=spec.mode, dir=str(root), config=params,
                               settings=wandb.Settings(silent=True, console="off",
