@@ -196,7 +196,7 @@ def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
     assert (state.dims.ring, state.dims.ulysses) == (2, 2)
 
 
-def test_every_sink_sees_each_step_once_across_a_worker_kill(ray_cluster, tmp_path):
+def test_every_sink_sees_each_step_once_across_a_worker_kill(ray_cluster, tmp_path, capsys):
     """All sinks on; the last worker dies before s64's step 6, after step 4's records were
     written and step 3's checkpoint committed: the restart replays steps 4-5, and each sink
     still holds every step once, on one axis over both stages (s128's steps are 7-10)."""
@@ -210,6 +210,7 @@ def test_every_sink_sees_each_step_once_across_a_worker_kill(ray_cluster, tmp_pa
         "tensorboard": True, "mlflow": {"tracking_uri": "mlruns"},
         "wandb": {"project": "ringpilot-test"}, "prometheus": True})
     assert crash_marker(run_dir, "s64", 5).exists()
+    assert "observability:" not in capsys.readouterr().err  # no sink failed
     recorded = [json.loads(line)["step"] for line in
                 (run_dir / "metrics" / "s64.jsonl").read_text().splitlines()]
     assert recorded.count(4) == 2  # the replay really wrote step 4 twice
