@@ -152,7 +152,8 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     # what a newcomer sees: the project's lines, and none of Ray's INFO chatter
     out = again.output
     for line in ("demo: Ray head started", "run mini: Llama", "[s64] step", "[s128] step",
-                 "final loss", "demo: job finished with exit code 0"):
+                 "final loss", "demo: job finished with exit code 0",
+                 "demo: TensorBoard curves of every stage", "--logdir"):
         assert line in out, f"{line!r} missing from:\n{out}"
     for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher",
                   "Started training worker group", "Setting up process group",
