@@ -91,3 +91,19 @@ def test_step_and_eval_metrics(tmp_path):
     assert out["eval/niah_lite"] == 0.75 and out["eval/niah_lite/len64"] == 0.75
     assert out["eval/niah_lite/len64/depth50"] == 0.5 and out["eval/ruler/len4096"] == 60.0
     assert out["eval/effective_length"] == 2048  # 8K scores well again, but 4K broke the run
+
+
+def test_sink_libraries_keep_off_the_console(tmp_path, capfd):
+    """MLflow (a file store in the run directory) and W&B offline: files, and no line of theirs
+    on the driver's console (make demo prints only ringpilot's lines)."""
+    run = _run(tmp_path, mlflow={"tracking_uri": "mlruns"}, wandb={"project": "t"})
+    run_dir = tmp_path / "runs" / "mini"
+    _write(run_dir, "s64", [1, 2])
+    warnings: list[str] = []
+    obs = Observer(run, run_dir, interval=60, warn=warnings.append).start()
+    obs.finish_stage("s64", "done")
+    obs.stop("done")
+    out, err = capfd.readouterr()
+    assert warnings == [] and out == "" and err == "", (warnings, out, err)
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((run_dir / "mlruns").rglob("train/loss"))
