@@ -119,6 +119,7 @@ class Observer:
         self.sinks: list = []
         self._built = False
         self._feed_warned = False
+        self._state_warned = False
         self._read: dict[str, int] = {}  # bytes of each metrics file read by this driver
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -305,7 +306,7 @@ class Observer:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.state_path, json.dumps(self.state, indent=1))
         except OSError as e:
-            if "state" not in getattr(self, "_state_warned", ()):
-                self._state_warned = ("state",)
+            if not self._state_warned:
+                self._state_warned = True
                 self._warn(f"observability: cannot save {self.state_path}: {e}; a rerun may "
                            "send some steps again")

@@ -149,7 +149,6 @@ class MlflowSink:
         self.client = MlflowClient(tracking_uri=uri)
         self.state = state.setdefault("mlflow", {})
         self.state.setdefault("stages", {})
-        self.params = params
         if self.state.get("uri") != uri or "parent" not in self.state:
             exp = self.client.get_experiment_by_name(spec.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(spec.experiment)
