@@ -28,9 +28,9 @@ log = logging.getLogger("ringpilot.observe")
 STATE_FILE = Path("observability") / "state.json"
 PHASE_KEYS = {"data": "data", "forward + backward": "forward_backward",
               "optimizer": "optimizer", "loss all-reduce": "loss_all_reduce"}
-# RULER's effective length: the longest length up to which every length scores above
-# Llama-2-7B's 4K score in the RULER paper (85.6, its threshold).
-RULER_THRESHOLD = 85.6
+# The evaluation's RULER effective length (ray_jobs/eval/lm_eval/effective_length.py), which it
+# files among the scores: a length in tokens, not a 0..1 score.
+EFFECTIVE_LENGTH = "ruler_effective_length"
 
 
 def flatten(value, prefix: str = "") -> dict[str, str]:
@@ -67,10 +67,13 @@ def step_metrics(rec: dict, predicted_s: float | None) -> dict[str, float]:
 
 def eval_metrics(entry, run_dir: Path) -> dict[str, float]:
     """A checkpoint's evaluation: each task's score, the NIAH grid (per length, and per length
-    and depth), RULER per length and its effective length (when RULER ran)."""
+    and depth), RULER per length and its effective length (when the evaluation found one)."""
     from ray_jobs.eval.results import load_results
 
-    out = {f"eval/{task}": score for task, score in entry.scores.items()}
+    out = {f"eval/{task}": score for task, score in entry.scores.items()
+           if task != EFFECTIVE_LENGTH}
+    if entry.scores.get(EFFECTIVE_LENGTH) is not None:
+        out["eval/effective_length"] = entry.scores[EFFECTIVE_LENGTH]
     try:
         results = load_results(run_dir / entry.results) if entry.results else None
     except (OSError, ValueError):
@@ -87,13 +90,6 @@ def eval_metrics(entry, run_dir: Path) -> dict[str, float]:
     rows = sorted((results.ruler or {}).get("rows") or [], key=lambda r: r["length"])
     for row in rows:
         out[f"eval/ruler/len{row['length']}"] = row["score"]
-    effective = None
-    for row in rows:
-        if row["score"] <= RULER_THRESHOLD:
-            break
-        effective = row["length"]
-    if effective is not None:
-        out["eval/effective_length"] = effective
     return out
 
 

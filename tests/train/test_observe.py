@@ -1,5 +1,5 @@
-"""The driver's metric feed without Ray: step axis, replayed steps, a sink that fails, RULER's
-effective length (the local-Ray run with every sink is in test_run_on_ray.py)."""
+"""The driver's metric feed without Ray: step axis, replayed steps, a sink that fails, the eval
+metrics (the local-Ray run with every sink is in test_run_on_ray.py)."""
 
 from __future__ import annotations
 
@@ -86,11 +86,13 @@ def test_step_and_eval_metrics(tmp_path):
         "cells": [{"task": "niah_lite", "length": 64, "depth": d, "score": v, "samples": 1}
                   for d, v in ((0.0, 1.0), (50.0, 0.5))],
         "ruler": {"rows": rows}}))
-    out = eval_metrics(EvalEntry(status="done", scores={"niah_lite": 0.75},
+    out = eval_metrics(EvalEntry(status="done", scores={"niah_lite": 0.75,
+                                                        "ruler_effective_length": 2048.0},
                                  results="results.json"), tmp_path)
     assert out["eval/niah_lite"] == 0.75 and out["eval/niah_lite/len64"] == 0.75
     assert out["eval/niah_lite/len64/depth50"] == 0.5 and out["eval/ruler/len4096"] == 60.0
-    assert out["eval/effective_length"] == 2048  # 8K scores well again, but 4K broke the run
+    # the evaluation's effective length is a length, kept apart from the 0..1 scores
+    assert out["eval/effective_length"] == 2048 and "eval/ruler_effective_length" not in out
 
 
 def test_sink_libraries_keep_off_the_console(tmp_path, capfd):
