@@ -1,6 +1,7 @@
 """Benchmark of the trainer (ray_jobs.train): throughput, recovery, the demo, retrieval learned.
 
     python benchmarks/train.py [--skip-demo]
+    python benchmarks/train.py --observability   # only 5., a few minutes
 
 1. tokens/s of the tiny model on 2 Ray Train workers with ring attention (one ring of 2) vs a
    plain single-process Hugging Face training loop (SDPA, 2 threads: the same cores) on the same
@@ -9,7 +10,12 @@
 3. the whole embedded default as `make demo` runs it (ray start, ray job submit, ray stop),
    without the calibration `make demo` runs first (`--calibrate`, about 40 s here);
 4. passkey exact match at the longest length (4K) on held-out prompts: the first stage's final
-   model (niah_before) vs the last stage's (niah_after), their digit accuracy and answer-token loss.
+   model (niah_before) vs the last stage's (niah_after), their digit accuracy and answer-token loss;
+5. observability_overhead: the same run with every sink on (TensorBoard, MLflow pointed at a
+   tracking server that does not exist, W&B offline, Prometheus) over the run with them off, in
+   seconds per step as the workers measure it (each run's median step after the first, the
+   fastest of the rounds on each side, the two orders alternating), minus 1; and the warnings
+   each run with them on printed (observability_warnings: the MLflow one, once, is expected).
 Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
 """
 
@@ -121,11 +127,61 @@ def demo() -> tuple:
     return seconds, before, after
 
 
+def median_step_seconds(run_dir: Path, stage: str) -> float:
+    """Median of the workers' own step times, the first step (warm-up) left out."""
+    import statistics
+
+    lines = (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()
+    return statistics.median(json.loads(x)["step_s"] for x in lines[1:])
+
+
+def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float]:
+    """(all sinks on over off, minus 1; warnings per run with them on): alternating runs of the
+    same spec, so a slow spell of the shared cores hits both; the fastest round of each side
+    counts (other processes share the 2 cores: noise only ever adds)."""
+    import contextlib
+    import io
+
+    from ray_jobs.ray_setup import free_port
+
+    off, on, warnings = [], [], 0
+    for i in range(rounds):
+        for sinks in ((False, True) if i % 2 == 0 else (True, False)):
+            spec = _bench_spec(tmp / f"obs-{i}-{sinks}")
+            spec["name"] = f"obs-{int(sinks)}"
+            spec["observability"] = {"tensorboard": False} if not sinks else {
+                "tensorboard": True, "prometheus": True, "wandb": {"project": "bench"},
+                "mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"}}
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                run_dir = _run_ray(spec, tmp)
+            warnings += sum("observability:" in line for line in err.getvalue().splitlines())
+            (on if sinks else off).append(median_step_seconds(run_dir,
+                                                              spec["stages"][0]["name"]))
+    print(f"observability: s/step with every sink on {' / '.join(f'{x:.4f}' for x in on)}, "
+          f"off {' / '.join(f'{x:.4f}' for x in off)}; {warnings} warning(s) in {rounds} "
+          f"run(s) with them on; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return min(on) / min(off) - 1, warnings / rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-demo", action="store_true", help="skip the full demo run (3.-4.)")
+    parser.add_argument("--observability", action="store_true",
+                        help="measure only the sinks' overhead (5.)")
     args = parser.parse_args()
     result = {}
+    if args.observability:
+        import ray
+
+        from ray_jobs.ray_setup import start_local_ray
+        with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
+            start_local_ray(4, log_to_driver=False)
+            overhead, warnings = observability_overhead(Path(d))
+            ray.shutdown()
+        print(json.dumps({"observability_overhead": round(overhead, 4),
+                          "observability_warnings": warnings}))
+        return
     with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
         tmp = Path(d)
         import ray
@@ -148,9 +204,11 @@ def main() -> None:
                                STEPS // 2 + 2)
         print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart",
               flush=True)
+        overhead, warnings = observability_overhead(tmp, rounds=1)
         ray.shutdown()
         result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3),
-                      recovery_seconds=round(rec, 1))
+                      recovery_seconds=round(rec, 1), observability_overhead=round(overhead, 4),
+                      observability_warnings=warnings)
     if args.skip_demo:
         result.update(demo_seconds=None, niah_before=None, niah_after=None)
     else:

@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             log = demo.save_job_log(run_dir)
             say(f"demo: job finished with exit code {code} after {time.perf_counter() - t0:.0f} s"
                 + (f"; its whole log: {log}" if log else ""))
+            _print_tensorboard(run, run_dir)
             if code == 0 and len(run.stages) > 1:
                 _print_retrieval(run, run_dir)
         except Interrupted as e:
@@ -356,6 +357,25 @@ def _job_exit_code(url: str, job: str) -> int:
                                                           JobStatus.STOPPED):
         time.sleep(1)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _print_tensorboard(run, run_dir: Path) -> None:
+    """Where the loss curves are and the one command that opens them (observability)."""
+    logdir = run_dir / "tensorboard"
+    if not (run.observability.tensorboard and logdir.is_dir()):
+        return
+    venv_tool = Path(sys.executable).parent / "tensorboard"
+    tool = venv_tool if venv_tool.is_file() else Path("tensorboard")
+    say(f"demo: TensorBoard curves of every stage on one step axis are in {_short(logdir)}; "
+        f"open them with: {_short(tool)} --logdir {_short(logdir)}")
+
+
+def _short(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _print_retrieval(run, run_dir: Path) -> None:

@@ -809,6 +809,40 @@ class FailureSpec(_Spec):
     )
 
 
+class MlflowSinkSpec(_Spec):
+    """MLflow: one parent run per training run, one nested run per stage."""
+
+    tracking_uri: str = Field(
+        min_length=1, max_length=MAX_PATH, pattern=r"^(https?|file|databricks)://|^[^:]+$",
+        description="Tracking server (http://host:5000) or local file store (file:///abs/dir, or "
+        "a plain path relative to the run directory, e.g. mlruns).")
+    experiment: str = Field("ringpilot", min_length=1, max_length=200,
+                            description="Experiment the runs go to (made if missing).")
+
+
+class WandbSinkSpec(_Spec):
+    """Weights & Biases: one run per training run; offline files unless mode is online."""
+
+    project: str = Field("ringpilot", min_length=1, max_length=128,
+                         description="W&B project.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under RUN_DIR/wandb (`wandb sync` uploads them "
+        "later, no account needed to train); online: needs WANDB_API_KEY.")
+
+
+class ObservabilitySpec(_Spec):
+    """Where per-step training metrics and evaluation scores go besides the run directory's own
+    progress files (docs/observability.md). A sink that fails is reported once and dropped;
+    training never waits for one."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files under "
+                              "RUN_DIR/tensorboard, one run per stage on one step axis.")
+    mlflow: MlflowSinkSpec | None = Field(None, description="MLflow tracking (off when absent).")
+    wandb: WandbSinkSpec | None = Field(None, description="Weights & Biases (off when absent).")
+    prometheus: bool = Field(False, description="Gauges through Ray's metrics API "
+                             "(ray_ringpilot_*), served by each Ray node's metrics exporter.")
+
+
 class RunSpec(_Spec):
     """A staged context-extension run."""
 
@@ -825,6 +859,9 @@ class RunSpec(_Spec):
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
     training: TrainingSpec = Field(default_factory=TrainingSpec,
                                    description="Precision, loss chunks and clipping.")
+    observability: ObservabilitySpec = Field(
+        default_factory=ObservabilitySpec,
+        description="Metric sinks: TensorBoard, MLflow, W&B, Prometheus.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunSpec:

@@ -152,7 +152,8 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     # what a newcomer sees: the project's lines, and none of Ray's INFO chatter
     out = again.output
     for line in ("demo: Ray head started", "run mini: Llama", "[s64] step", "[s128] step",
-                 "final loss", "demo: job finished with exit code 0"):
+                 "final loss", "demo: job finished with exit code 0",
+                 "demo: TensorBoard curves of every stage", "--logdir"):
         assert line in out, f"{line!r} missing from:\n{out}"
     for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher",
                   "Started training worker group", "Setting up process group",
@@ -195,3 +196,22 @@ def test_first_signal_interrupts_a_second_only_hurries():
         time.sleep(0.1)
         assert signals.hurry
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_the_demo_says_where_the_tensorboard_files_are(tmp_path, capsys, monkeypatch):
+    from ringpilot.launch import _print_tensorboard
+    from specs.run import RunSpec
+
+    monkeypatch.chdir(tmp_path)
+    run = RunSpec.model_validate(mini_spec(Path("runs")))
+    _print_tensorboard(run, Path("runs") / "mini")
+    assert capsys.readouterr().out == ""  # no event files yet: nothing to open
+    (tmp_path / "runs" / "mini" / "tensorboard" / "s64").mkdir(parents=True)
+    _print_tensorboard(run, Path("runs") / "mini")
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("demo: TensorBoard curves of every stage")
+    assert line.endswith("tensorboard --logdir runs/mini/tensorboard"), line
+    off = run.model_copy(update={"observability": run.observability.model_copy(
+        update={"tensorboard": False})})
+    _print_tensorboard(off, Path("runs") / "mini")
+    assert capsys.readouterr().out == ""

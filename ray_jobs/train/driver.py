@@ -358,10 +358,13 @@ def main(argv: list[str] | None = None, *,
         if predicted is None:
             return 2
 
-    # 3. Evaluation actors (their own resources) and the progress lines.
+    # 3. Evaluation actors (their own resources), the progress lines and the metric sinks
+    #    (observability:), the last two fed from the run directory on driver threads.
+    from ray_jobs.train.observe import Observer
     from ray_jobs.train.progress import ProgressPrinter, render_summary
     evaluator = _start_eval(run, run_dir, ledger, spec_dir)
     printer = ProgressPrinter(run_dir).start()
+    observer = Observer(run, run_dir, predicted, warn=_warn).start()
     wall, code = {}, 0
     base_rope = run.base_rope(spec_dir)  # the base model's RoPE rule, each stage's reference
     try:
@@ -395,9 +398,11 @@ def main(argv: list[str] | None = None, *,
                 except OSError as err:  # e.g. the storage that failed the stage is full
                     print(f"[{name}] the ledger {ledger.path} still says 'running': "
                           f"{err.strerror or err}", file=sys.stderr, flush=True)
+                observer.finish_stage(name, "failed")
                 break
             wall[name] = time.perf_counter() - t0
             ledger.finish_stage(name, "done")
+            observer.finish_stage(name, "done")
     except Fenced as e:  # its workers stopped at their next write; so does the driver
         print(f"{args.run}: stopped: {e}", file=sys.stderr, flush=True)
         code = FENCED_EXIT
@@ -405,9 +410,14 @@ def main(argv: list[str] | None = None, *,
         printer.stop()
         if evaluator is not None:
             evaluator.stop(wait=code == 0, timeout=300)
+        observer.stop("done" if code == 0 else "failed")  # after the last scores are in
     # 5. Summary.
     render_summary(run, run_dir, wall, predicted=predicted)
     return code
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _calibrated_plan(run: RunSpec, run_dir: Path, args: argparse.Namespace) -> Plan | None:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ray_jobs.data.samples import SampleStream, read_documents
 from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.ray_setup import quiet_worker_logs
-from ray_jobs.ring_attention import select_block_kernel
+from ray_jobs.ring_attention import record_ring_timings, select_block_kernel
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
@@ -169,21 +169,24 @@ def _train(config: WorkerConfig) -> None:
             config.before_step(StepInfo(stage=stage.name, step=step, rank=rank, world=world,
                                         run_dir=run_dir))
         clock.start()
+        phases0 = dict(clock.parts)
+        lr = sched.get_last_lr()[0]  # the rate this step's update uses
         loss_sum, ids = torch.zeros((), device=device), []
-        for micro in range(stage.grad_accum_steps):
-            # (B, S / (ring x ulysses)): only this rank's positions (prepared documents are
-            # read only there)
-            inputs, labels, sample_ids = stream.batch(step, micro, my_samples, my_positions)
-            ids += sample_ids
-            x, y = inputs.to(device), labels.to(device)
-            clock.lap("data")
-            sync_gradients_in(model, micro, stage.grad_accum_steps)
-            loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
-            # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
-            (loss * dims.sequence / stage.grad_accum_steps).backward()
-            loss_sum += loss.detach() / stage.grad_accum_steps
-            clock.lap("forward + backward")
-        clip_gradients(model, run.training.grad_clip)
+        with record_ring_timings() as hops:  # this step's K/V hop waits, a fresh tally
+            for micro in range(stage.grad_accum_steps):
+                # (B, S / (ring x ulysses)): only this rank's positions (prepared documents are
+                # read only there)
+                inputs, labels, sample_ids = stream.batch(step, micro, my_samples, my_positions)
+                ids += sample_ids
+                x, y = inputs.to(device), labels.to(device)
+                clock.lap("data")
+                sync_gradients_in(model, micro, stage.grad_accum_steps)
+                loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
+                # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
+                (loss * dims.sequence / stage.grad_accum_steps).backward()
+                loss_sum += loss.detach() / stage.grad_accum_steps
+                clock.lap("forward + backward")
+        grad_norm = clip_gradients(model, run.training.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -196,7 +199,11 @@ def _train(config: WorkerConfig) -> None:
         state.losses.append(loss_value)
         steps_since += 1
         pending.append({"step": state.step, "loss": loss_value, "time": time.time(),
-                        "pid": os.getpid(), "epoch": config.epoch, "samples": ids})
+                        "pid": os.getpid(), "epoch": config.epoch, "samples": ids,
+                        "lr": lr, "grad_norm": float(grad_norm), "step_s": clock.total,
+                        "tokens": stage.tokens_per_step,
+                        "phases": {k: v - phases0.get(k, 0.0) for k, v in clock.parts.items()},
+                        "memory_peak_bytes": _memory_peak(device), "kv_wait_s": hops.wait_s})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
@@ -309,16 +316,33 @@ def _from_ray_pointer(run_dir: Path) -> Path | None:
     return path if is_committed(path) else None
 
 
+PER_RANK = ("memory_peak_bytes", "kv_wait_s")  # figures that differ per rank: kept as lists
+
+
 def _gather_metrics(records: list[dict], rank: int, world: int) -> list[dict]:
-    """Per-step loss and the sample ids every rank actually trained on, gathered per report
-    (not per step: a collective per step would cost more than a tiny model's step). Rank 0
-    gets the records to write; the others an empty list."""
+    """Per-step loss, the sample ids every rank actually trained on and the per-rank figures
+    (memory peak, K/V hop wait), gathered per report (not per step: a collective per step would
+    cost more than a tiny model's step). Rank 0 gets the records to write; the others an empty
+    list."""
     gathered = [None] * world
-    dist.all_gather_object(gathered, [r["samples"] for r in records])
+    dist.all_gather_object(gathered, [(r["samples"], [r[k] for k in PER_RANK]) for r in records])
     if rank != 0:
         return []
-    return [{**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i]})}
+    return [{**rec, "samples": sorted({s for per_rank in gathered for s in per_rank[i][0]}),
+             **{k: [per_rank[i][1][j] for per_rank in gathered] for j, k in enumerate(PER_RANK)}}
             for i, rec in enumerate(records)]
+
+
+def _memory_peak(device: torch.device) -> int:
+    """Bytes: the device's allocation peak since the last call (GPU), else the process's peak
+    resident set (CPU: the kernel keeps only the lifetime peak)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(peak)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _append_all(ledger: Ledger, path: Path, records: list[dict]) -> None:

@@ -250,3 +250,14 @@ def test_every_task_name_is_accepted_and_kamradt_is_pointed_to_its_section():
     with pytest.raises(ValueError, match=r"niah_kamradt is not listed here: it runs when "
                        r"eval\.kamradt gives its haystack"):
         EvalSpec(tasks=["passkey", "niah_kamradt"])
+
+
+def test_observability_defaults_to_tensorboard_only_and_bad_sinks_name_the_field():
+    obs = RunSpec.model_validate(TINY).observability
+    assert (obs.tensorboard, obs.mlflow, obs.wandb, obs.prometheus) == (True, None, None, False)
+    [line] = errors_of(run_with(observability={"mlflow": {"tracking_uri": "sqlite:///m.db"}}))
+    assert line.startswith("observability.mlflow.tracking_uri: ") and "file:///" in line
+    [line] = errors_of(run_with(observability={"wandb": {"mode": "cloud"}}))
+    assert line.startswith("observability.wandb.mode: ") and "'offline' or 'online'" in line
+    [line] = errors_of(run_with(observability={"grafana": True}))
+    assert "observability.grafana" in line

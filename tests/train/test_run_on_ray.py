@@ -194,3 +194,71 @@ def test_two_rings_and_ulysses_train_like_one_ring(ray_cluster, tmp_path):
         2, 2, [4])
     state = read_state(Ledger(hybrid).latest_committed("s64"))
     assert (state.dims.ring, state.dims.ulysses) == (2, 2)
+
+
+def test_every_sink_sees_each_step_once_across_a_worker_kill(ray_cluster, tmp_path, capsys):
+    """All sinks on; the last worker dies before s64's step 6, after step 4's records were
+    written and step 3's checkpoint committed: the restart replays steps 4-5, and each sink
+    still holds every step once, on one axis over both stages (s128's steps are 7-10)."""
+    import urllib.request
+
+    import ray
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = _train(tmp_path, CrashOnce("s64", 5), observability={
+        "tensorboard": True, "mlflow": {"tracking_uri": "mlruns"},
+        "wandb": {"project": "ringpilot-test"}, "prometheus": True})
+    assert crash_marker(run_dir, "s64", 5).exists()
+    assert "observability:" not in capsys.readouterr().err  # no sink failed
+    recorded = [json.loads(line)["step"] for line in
+                (run_dir / "metrics" / "s64.jsonl").read_text().splitlines()]
+    assert recorded.count(4) == 2  # the replay really wrote step 4 twice
+
+    # TensorBoard: one run per stage, every step's loss once, the values the workers recorded
+    for stage, steps in (("s64", range(1, 7)), ("s128", range(7, 11))):
+        acc = EventAccumulator(str(run_dir / "tensorboard" / stage))
+        acc.Reload()
+        got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+        want = _trajectory(run_dir, stage)
+        offset = 0 if stage == "s64" else 6
+        assert [s for s, _ in got] == list(steps)
+        assert [v for _, v in got] == pytest.approx([want[s - offset][0] for s, _ in got],
+                                                    rel=1e-6)
+        assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "phase/forward_backward",
+                "rank0/memory_peak_bytes", "rank1/kv_wait_s"} <= set(acc.Tags()["scalars"])
+
+    # MLflow: a parent run, a nested run per stage, params, metrics and artifacts
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("ringpilot")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"s64", "s128"} and len(runs) == 3
+    assert parent.data.params["model.hidden_size"] == "32"
+    assert children["s128"].data.params["seq_len"] == "128"
+    assert float(children["s128"].data.params["rope_theta"]) > float(
+        children["s64"].data.params["rope_theta"])
+    assert children["s64"].data.params["layout"]
+    history = client.get_metric_history(children["s64"].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert "plan.json" in {a.path for a in client.list_artifacts(children["s64"].info.run_id)}
+    assert {children[s].info.status for s in children} == {"FINISHED"}
+
+    # W&B offline: its files, made without an account
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    # Prometheus: Ray's exporter on this node serves ringpilot's gauges with run/stage/rank
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    wanted = ('ray_ringpilot_train_loss{', 'ray_ringpilot_train_kv_wait_seconds{')
+    for _ in range(60):  # Ray's agent exports what processes recorded every few seconds
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        lines = [ln for ln in body.decode().splitlines() if 'run="mini"' in ln]
+        if all(any(ln.startswith(w) and 'stage="s128"' in ln for ln in lines) for w in wanted):
+            break
+        time.sleep(1)
+    loss = next(ln for ln in lines if ln.startswith(wanted[0]) and 'stage="s128"' in ln)
+    assert 'rank="all"' in loss
+    assert any(ln.startswith(wanted[1]) and 'rank="1"' in ln for ln in lines)
