@@ -20,6 +20,8 @@ from tests.support.lm_eval_backends import (
     register_test_backends,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # No importorskip: lm-eval comes with the `dev` extra the tests need anyway, so its absence is a
 # broken setup, not a reason to pass quietly.
 adapter.require_lm_eval()
@@ -60,17 +62,6 @@ def prepared(checkpoint):
     length whatever the limit: the slow part)."""
     return ruler.prepare_tasks(checkpoint, OFFLINE, LENGTHS)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model decodes ~30x faster on one thread than on two contended ones (128 tokens at
-    4K: 0.13 s against 4.4 s measured on this 2-core machine under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

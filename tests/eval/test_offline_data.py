@@ -26,6 +26,8 @@ from tests.support import eval_fixtures as fixtures
 from tests.support.lm_eval_backends import CONSTANT_NAME, ORACLE_NAME, register_test_backends
 from tests.support.offline_data import write_data_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 adapter.require_lm_eval()
 register_test_backends()
 
@@ -59,15 +61,6 @@ def no_network():
         mp.setattr(socket, "create_connection", refuse("create_connection"))
         yield attempts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
