@@ -15,7 +15,9 @@
    tracking server that does not exist, W&B offline, Prometheus) over the run with them off, in
    seconds per step as the workers measure it (each run's median step after the first, the
    fastest of the rounds on each side, the two orders alternating), minus 1; and the warnings
-   each run with them on printed (observability_warnings: the MLflow one, once, is expected).
+   each run with them on printed (observability_warnings: the MLflow one, once, is expected);
+   observability_cpu_share: the driver's extra CPU seconds with every sink on (its threads and
+   W&B's service process) over the workers' seconds in steps, which a busy machine cannot blur.
 Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
 """
 
@@ -135,16 +137,47 @@ def median_step_seconds(run_dir: Path, stage: str) -> float:
     return statistics.median(json.loads(x)["step_s"] for x in lines[1:])
 
 
-def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float]:
-    """(all sinks on over off, minus 1; warnings per run with them on): alternating runs of the
-    same spec, so a slow spell of the shared cores hits both; the fastest round of each side
-    counts (other processes share the 2 cores: noise only ever adds)."""
+def driver_cpu_seconds() -> float:
+    """CPU seconds of this process (the driver: its threads, the sinks' included) and of W&B's
+    service processes, running or exited (not Ray's, which are children too: the workers')."""
+    import resource
+
+    import psutil
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "wandb" in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    exited = resource.getrusage(resource.RUSAGE_CHILDREN)  # Ray's stay up for the whole run
+    return total + exited.ru_utime + exited.ru_stime
+
+
+def worker_step_seconds(run_dir: Path, stage: str, world: int = 2) -> float:
+    """Seconds the workers spent in optimizer steps: each step's time (rank 0's record) times
+    the ranks that computed it."""
+    lines = (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()
+    return world * sum(json.loads(x)["step_s"] for x in lines)
+
+
+def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float, float]:
+    """(all sinks on over off, minus 1; warnings per run with them on; the driver's extra CPU
+    seconds with them on over the workers' step seconds): alternating runs of the same spec, so
+    a slow spell of the shared cores hits both; the fastest round of each side counts (other
+    processes share the 2 cores: noise only ever adds). The CPU share is the one a busy machine
+    cannot blur: CPU time, not the wall clock, of what the sinks add to the driver, which
+    shares the cores with the workers."""
     import contextlib
     import io
 
     from ray_jobs.ray_setup import free_port
 
     off, on, warnings = [], [], 0
+    cpu = {True: [], False: []}
     for i in range(rounds):
         for sinks in ((False, True) if i % 2 == 0 else (True, False)):
             spec = _bench_spec(tmp / f"obs-{i}-{sinks}")
@@ -153,15 +186,22 @@ def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float]:
                 "tensorboard": True, "prometheus": True, "wandb": {"project": "bench"},
                 "mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"}}
             err = io.StringIO()
+            cpu0 = driver_cpu_seconds()
             with contextlib.redirect_stderr(err):
                 run_dir = _run_ray(spec, tmp)
+            stage = spec["stages"][0]["name"]
+            cpu[sinks].append((driver_cpu_seconds() - cpu0, worker_step_seconds(run_dir, stage)))
             warnings += sum("observability:" in line for line in err.getvalue().splitlines())
-            (on if sinks else off).append(median_step_seconds(run_dir,
-                                                              spec["stages"][0]["name"]))
+            (on if sinks else off).append(median_step_seconds(run_dir, stage))
+    extra = [c_on - c_off for (c_on, _), (c_off, _) in zip(cpu[True], cpu[False])]
+    share = max(extra) / min(w for _, w in cpu[True])
     print(f"observability: s/step with every sink on {' / '.join(f'{x:.4f}' for x in on)}, "
-          f"off {' / '.join(f'{x:.4f}' for x in off)}; {warnings} warning(s) in {rounds} "
+          f"off {' / '.join(f'{x:.4f}' for x in off)}; driver CPU s on "
+          f"{' / '.join(f'{c:.2f}' for c, _ in cpu[True])}, off "
+          f"{' / '.join(f'{c:.2f}' for c, _ in cpu[False])}, workers' step s "
+          f"{' / '.join(f'{w:.1f}' for _, w in cpu[True])}; {warnings} warning(s) in {rounds} "
           f"run(s) with them on; load average {os.getloadavg()[0]:.1f}", flush=True)
-    return min(on) / min(off) - 1, warnings / rounds
+    return min(on) / min(off) - 1, warnings / rounds, share
 
 
 def main() -> None:
@@ -177,10 +217,11 @@ def main() -> None:
         from ray_jobs.ray_setup import start_local_ray
         with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
             start_local_ray(4, log_to_driver=False)
-            overhead, warnings = observability_overhead(Path(d))
+            overhead, warnings, share = observability_overhead(Path(d))
             ray.shutdown()
         print(json.dumps({"observability_overhead": round(overhead, 4),
-                          "observability_warnings": warnings}))
+                          "observability_warnings": warnings,
+                          "observability_cpu_share": round(share, 4)}))
         return
     with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
         tmp = Path(d)
@@ -204,11 +245,11 @@ def main() -> None:
                                STEPS // 2 + 2)
         print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart",
               flush=True)
-        overhead, warnings = observability_overhead(tmp, rounds=1)
+        overhead, warnings, share = observability_overhead(tmp, rounds=1)
         ray.shutdown()
         result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3),
                       recovery_seconds=round(rec, 1), observability_overhead=round(overhead, 4),
-                      observability_warnings=warnings)
+                      observability_warnings=warnings, observability_cpu_share=round(share, 4))
     if args.skip_demo:
         result.update(demo_seconds=None, niah_before=None, niah_after=None)
     else:
