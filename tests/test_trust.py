@@ -195,7 +195,7 @@ def test_lm_eval_only_sees_a_code_free_copy_of_ringpilots_tokenizer(plain, monke
         seen["metadata"] = dict(metadata)
         return "manager"
 
-    def inspect_folder(manager, names, tokenizer, lengths):
+    def inspect_folder(manager, names, tokenizer, lengths, data):
         folder = Path(seen["metadata"]["tokenizer"])
         seen["files"] = sorted(p.name for p in folder.iterdir())
         seen["mode"] = stat.S_IMODE(folder.parent.stat().st_mode)
