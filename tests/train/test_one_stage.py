@@ -11,6 +11,7 @@ import yaml
 
 from ray_jobs.train import driver, placement
 from ray_jobs.train.driver import PreflightError, check_ray_capacity, main, preflight
+from ray_jobs.train.model import llama_config
 from ray_jobs.train.placement import PLAN_FILE, check_capacity, write_plan
 from specs.run import RunSpec
 from tests.train.conftest import mini_spec, write_spec
@@ -35,6 +36,9 @@ def recipe_here(tmp_path: Path, **resources) -> Path:
     model = tmp_path / "model"
     model.mkdir()
     (model / "tokenizer.json").write_text("{}")  # the preflight checks it is there
+    # and that config.json describes the model the spec does (its weights are never read here)
+    spec = RunSpec.model_validate({**doc, "model": {**doc["model"], "path": None}})
+    llama_config(spec.model, spec.stages[0].seq_len, spec.stage_rope(0)).save_pretrained(model)
     doc["model"]["path"] = str(model)
     doc["storage"]["path"] = str(tmp_path / "runs")
     (tmp_path / "docs.jsonl").write_text('{"text": "a long document"}\n')

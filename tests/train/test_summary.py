@@ -173,7 +173,8 @@ def test_every_table_of_the_summary_keeps_its_headers_at_terminal_width(tmp_path
     # The RULER table's own columns, with a row as long as the demo's.
     wide = Sheet("RULER", [(c, "left") for c in RULER_COLUMNS])
     wide.add_row("s4k", "step-000012", "4,096", "0.0", "+/- 0.0", "12",
-                 "niah_single_1, niah_single_2, niah_single_3, niah_multikey_1", "-")
+                 "niah_single_1, niah_single_2, niah_single_3, niah_multikey_1", "-",
+                 "partial: 4 of 13 tasks, no effective length")
     console = Console(file=io.StringIO(), width=width, color_system=None)
     console.print(wide)
     headers = " ".join(header_lines(console.file.getvalue()))
