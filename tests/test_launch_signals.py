@@ -160,7 +160,7 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
                   "Connecting to existing Ray cluster", "WebSocket closed", "SUCC cli.py",
                   "Runtime env is setting up", "Running entrypoint", "Traceback"):
         assert noise not in out, f"{noise!r} in:\n{out}"
-    assert f"[s64] seq_len 64, rope_theta 10,000; resuming from {last.name}" in again.output
+    assert f"[s64] seq_len 64, rope theta 10,000; resuming from {last.name}" in again.output
     doc = Ledger(run_dir, "mini").read()
     assert doc.stages["s64"].state == "done" and doc.stages["s128"].state == "done"
 
