@@ -58,12 +58,13 @@ def run_plan(args: argparse.Namespace) -> int:
                 a, b, f = apply_degrade_link(graph, text)
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
+        base_rope = run.base_rope(Path(args.run).parent)  # a base model's own rule, if any
         plan = plan_run(spec, run, profile=profile, notes=notes,
-                        search_seconds=args.search_seconds)
+                        search_seconds=args.search_seconds, base_rope=base_rope)
         if graph is not None:
             whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True,
                               profile=profile, notes=notes,
-                              search_seconds=args.search_seconds)
+                              search_seconds=args.search_seconds, base_rope=base_rope)
         table = None
         if args.compare:
             from topology.measured import compare_rows, measured_steps

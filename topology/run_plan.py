@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import networkx as nx
 
@@ -154,7 +155,6 @@ def _plan_fixed(planner: Planner, run: RunSpec, index: int, seed: int, relax: bo
     policy = StageShape.of(run, stage, dims).checkpointing  # the search's: the stage's, or full
     prediction, alts = _priced(planner, best, StageShape.of(run, stage, dims), seed)
     return StagePlan(name=stage.name, seq_len=stage.seq_len, rope_theta=run.stage_theta(index),
-                     rope=run.stage_rope(index),
                      dims=dims, rings=_workers(best.rings), activation_checkpointing=policy,
                      bottleneck_links=_bottlenecks(planner, best),
                      prediction=prediction, alternatives=alts,
@@ -257,13 +257,16 @@ def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePl
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
              excluded: list[str] | None = None, relax: bool = False,
              profile: HardwareProfile | None = None, notes: list[str] | None = None,
-             search_seconds: float = SEARCH_SECONDS) -> Plan:
+             search_seconds: float = SEARCH_SECONDS,
+             base_rope: dict[str, Any] | None = None) -> Plan:
     """Plan all stages of `run` on the cluster `spec` (optionally on a modified `graph`), with
     the cluster's hardware profile or `profile` (a calibrated one, topology.calibration, whose
     `notes` lead the plan's assumptions); `search_seconds`: the placement search's budget per
-    stage layout tried."""
+    stage layout tried; `base_rope`: the base model's RoPE rule (RunSpec.base_rope), which
+    each stage's `rope` is resolved against."""
     planner = Planner(spec, graph, profile, search_seconds=search_seconds)
-    stages = [plan_stage(planner, run, i, relax=relax) for i in range(len(run.stages))]
+    stages = with_rope(run, [plan_stage(planner, run, i, relax=relax)
+                             for i in range(len(run.stages))], base_rope)
     p = planner.profile
     assumptions = list(notes or [])
     assumptions += [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
@@ -305,10 +308,20 @@ def policy_without_cluster(stage: StageSpec) -> tuple[CheckpointPolicy, list[str
                     "memory model to tell whether keeping more fits)"]
 
 
-def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
+def with_rope(run: RunSpec, stages: list[StagePlan],
+              base_rope: dict[str, Any] | None) -> list[StagePlan]:
+    """The stage plans with each stage's RoPE (RunSpec.stage_rope against the base model's
+    rule): what the trainer will set, whatever the layout."""
+    return [s.model_copy(update={"rope": run.stage_rope(i, base_rope)})
+            for i, s in enumerate(stages)]
+
+
+def plan_from_workers(workers: dict[str, int], run: RunSpec,
+                      base_rope: dict[str, Any] | None = None) -> Plan:
     """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
     sorted node order), no predictions. 'auto' degrees resolve without a memory model
-    (specs.degrees.resolve_degrees): the largest ring the workers allow."""
+    (specs.degrees.resolve_degrees): the largest ring the workers allow. `base_rope`: as
+    plan_run's."""
     if not workers or any(n <= 0 for n in workers.values()):
         raise PlanError(f"workers {workers}: give at least one node with > 0 workers")
     slots = [(node, i) for node in sorted(workers) for i in range(workers[node])]
@@ -327,11 +340,12 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec) -> Plan:
                  for i in range(d)]
         policy, policy_notes = policy_without_cluster(stage)
         stages.append(StagePlan(name=stage.name, seq_len=stage.seq_len,
-                                rope_theta=run.stage_theta(index), rope=run.stage_rope(index),
+                                rope_theta=run.stage_theta(index),
                                 dims=dims, rings=rings,
                                 activation_checkpointing=policy,
                                 notes=notes + policy_notes + kv_replication_note(
                                     run.model.num_key_value_heads, dims.ulysses)
                                 + ["planned from Ray nodes: rings filled node by node, no "
                                    "cluster description"]))
-    return Plan(run=run.name, cluster=None, profile=None, stages=stages)
+    return Plan(run=run.name, cluster=None, profile=None,
+                stages=with_rope(run, stages, base_rope))

@@ -177,7 +177,7 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
         if run.resources.cluster:
             plan = layout = plan_for_cluster(planned, spec_dir)
         else:
-            layout = check_capacity(planned)
+            layout = check_capacity(planned, spec_dir)
     except (PlanError, SpecError, ValueError) as e:
         hint = ("; or train one stage at a time on its own GPUs (--stage NAME)"
                 if stages is None and len(run.stages) > 1 and isinstance(e, PlanError) else "")

@@ -52,13 +52,14 @@ def plan_for_cluster(run: RunSpec, spec_dir: Path | None) -> Plan:
     path = Path(run.resources.cluster)
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
-    return plan_run(load_cluster(path), run, search_seconds=SEARCH_SECONDS)
+    return plan_run(load_cluster(path), run, search_seconds=SEARCH_SECONDS,
+                    base_rope=run.base_rope(spec_dir))
 
 
-def check_capacity(run: RunSpec) -> Plan:
+def check_capacity(run: RunSpec, spec_dir: Path | None = None) -> Plan:
     """Check the degrees against the workers the run asks for, before any worker starts
     (PlanError if they do not tile them)."""
-    return plan_from_workers({"workers": run.resources.workers}, run)
+    return plan_from_workers({"workers": run.resources.workers}, run, run.base_rope(spec_dir))
 
 
 def plan_from_slots(run: RunSpec, stage_index: int, slots: list[WorkerSlot]) -> StagePlan:

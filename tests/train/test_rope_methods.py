@@ -12,6 +12,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ray_jobs.train.model import apply_rope, build_model, check_rope, stage_rope
+from ray_jobs.train.placement import check_capacity
 from specs.errors import SpecError
 from specs.loading import load_model, validate_data
 from specs.run import RunSpec, describe_rope, rope_theta_for
@@ -180,6 +181,11 @@ def test_a_llama3_base_keeps_its_rule_unless_a_stage_says_otherwise(tmp_path):
     assert stage_rope(kept, 1)["rope_type"] == "llama3"
     model = build_model(kept, 1, None, seed=0, attn_implementation="sdpa")
     assert model.config.rope_parameters["rope_type"] == "llama3"
+    # the plan (plan.json, the report) shows what the trainer sets, not the rule of a base
+    # without one
+    planned = check_capacity(kept, tmp_path)
+    assert planned.stages[1].rope == rule
+    assert planned.stages[0].rope == kept.stage_rope(0, rule)
 
     replaced = _run(tmp_path, {"method": "theta"},
                     **{"model.path": str(base), "model.num_hidden_layers": 1})
