@@ -164,7 +164,24 @@ def worker_step_seconds(run_dir: Path, stage: str, world: int = 2) -> float:
     return world * sum(json.loads(x)["step_s"] for x in lines)
 
 
-def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float, float]:
+SINKS = ("tensorboard", "mlflow", "wandb", "prometheus")
+
+
+def sinks_block(sinks: tuple[str, ...]) -> dict:
+    """The RunSpec's observability block with `sinks` on (MLflow at a loopback port nothing
+    listens on, W&B offline) and the others off."""
+    from ray_jobs.ray_setup import free_port
+
+    block: dict = {"tensorboard": "tensorboard" in sinks, "prometheus": "prometheus" in sinks}
+    if "wandb" in sinks:
+        block["wandb"] = {"project": "bench"}
+    if "mlflow" in sinks:
+        block["mlflow"] = {"tracking_uri": f"http://127.0.0.1:{free_port()}"}
+    return block
+
+
+def observability_overhead(tmp: Path, rounds: int = 3, sinks: tuple[str, ...] = SINKS,
+                           steps: int = STEPS) -> tuple[float, float, float]:
     """(all sinks on over off, minus 1; warnings per run with them on; the driver's extra CPU
     seconds with them on over the workers' step seconds): alternating runs of the same spec, so
     a slow spell of the shared cores hits both; the fastest round of each side counts (other
@@ -174,28 +191,24 @@ def observability_overhead(tmp: Path, rounds: int = 3) -> tuple[float, float, fl
     import contextlib
     import io
 
-    from ray_jobs.ray_setup import free_port
-
     off, on, warnings = [], [], 0
     cpu = {True: [], False: []}
     for i in range(rounds):
-        for sinks in ((False, True) if i % 2 == 0 else (True, False)):
-            spec = _bench_spec(tmp / f"obs-{i}-{sinks}")
-            spec["name"] = f"obs-{int(sinks)}"
-            spec["observability"] = {"tensorboard": False} if not sinks else {
-                "tensorboard": True, "prometheus": True, "wandb": {"project": "bench"},
-                "mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"}}
+        for side in ((False, True) if i % 2 == 0 else (True, False)):
+            spec = _bench_spec(tmp / f"obs-{i}-{side}", steps=steps)
+            spec["name"] = f"obs-{int(side)}"
+            spec["observability"] = sinks_block(sinks if side else ())
             err = io.StringIO()
             cpu0 = driver_cpu_seconds()
             with contextlib.redirect_stderr(err):
                 run_dir = _run_ray(spec, tmp)
             stage = spec["stages"][0]["name"]
-            cpu[sinks].append((driver_cpu_seconds() - cpu0, worker_step_seconds(run_dir, stage)))
+            cpu[side].append((driver_cpu_seconds() - cpu0, worker_step_seconds(run_dir, stage)))
             warnings += sum("observability:" in line for line in err.getvalue().splitlines())
-            (on if sinks else off).append(median_step_seconds(run_dir, stage))
+            (on if side else off).append(median_step_seconds(run_dir, stage))
     extra = [c_on - c_off for (c_on, _), (c_off, _) in zip(cpu[True], cpu[False])]
     share = max(extra) / min(w for _, w in cpu[True])
-    print(f"observability: s/step with every sink on {' / '.join(f'{x:.4f}' for x in on)}, "
+    print(f"observability: s/step with {'+'.join(sinks)} on {' / '.join(f'{x:.4f}' for x in on)}, "
           f"off {' / '.join(f'{x:.4f}' for x in off)}; driver CPU s on "
           f"{' / '.join(f'{c:.2f}' for c, _ in cpu[True])}, off "
           f"{' / '.join(f'{c:.2f}' for c, _ in cpu[False])}, workers' step s "
@@ -209,6 +222,13 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true", help="skip the full demo run (3.-4.)")
     parser.add_argument("--observability", action="store_true",
                         help="measure only the sinks' overhead (5.)")
+    parser.add_argument("--sinks", default=",".join(SINKS),
+                        help="with --observability: the sinks to turn on (comma-separated; "
+                        "default all), to tell which one costs")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --observability: rounds of on/off runs (default 3)")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"with --observability: steps per run (default {STEPS})")
     args = parser.parse_args()
     result = {}
     if args.observability:
@@ -217,7 +237,13 @@ def main() -> None:
         from ray_jobs.ray_setup import start_local_ray
         with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
             start_local_ray(4, log_to_driver=False)
-            overhead, warnings, share = observability_overhead(Path(d))
+            sinks = tuple(x for x in args.sinks.split(",") if x)
+            unknown = set(sinks) - set(SINKS)
+            if unknown:
+                parser.error(f"--sinks: {', '.join(sorted(unknown))} unknown; give any of "
+                             f"{', '.join(SINKS)}")
+            overhead, warnings, share = observability_overhead(Path(d), args.rounds, sinks,
+                                                               args.steps)
             ray.shutdown()
         print(json.dumps({"observability_overhead": round(overhead, 4),
                           "observability_warnings": warnings,
