@@ -41,10 +41,16 @@ def test_prepare_runs_under_ray_job_submit(tmp_path):
         submit = [demo.ray, "job", "submit", "--address", demo.url, "--working-dir", ".",
                   "--runtime-env-json", json.dumps(runtime_env), "--",
                   sys.executable, "-m", "ray_jobs.prepare", "--run", str(run)]
-        for _ in range(15):  # the job agent registers a little after the dashboard answers
+        # The job agent registers a little after the dashboard answers; until it does, a
+        # submit fails with one of these (a loaded machine has taken more than 30 s). Retried
+        # for up to 2 minutes, as the demo's launcher retries its submit.
+        deadline = time.monotonic() + 120
+        while True:
             done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
                                   timeout=240)
-            if "Failed to connect" not in done.stdout + done.stderr:
+            said = done.stdout + done.stderr
+            if time.monotonic() > deadline or not any(
+                    m in said for m in ("Failed to connect", "No available agent")):
                 break
             time.sleep(2)
         output = done.stdout + done.stderr
