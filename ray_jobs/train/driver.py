@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None, *,
             evaluator.stop(wait=code == 0, timeout=300)
         observer.stop("done" if code == 0 else "failed")  # after the last scores are in
     # 5. Summary.
-    render_summary(run, run_dir, wall, predicted=predicted)
+    render_summary(run, run_dir, wall, predicted=predicted, base_rope=base_rope)
     return code
 
 

@@ -78,10 +78,12 @@ STEP_TIME_COLUMNS = ("stage", "layout", "predicted s/step", "measured s/step",
 
 
 def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
-                   console: Console | None = None, predicted: Plan | None = None) -> Sheet:
+                   console: Console | None = None, predicted: Plan | None = None,
+                   base_rope: dict | None = None) -> Sheet:
     """A table per stage: state, steps, tokens, train time, final loss, committed checkpoints;
     with a plan that predicts step times (`predicted`: the cluster's, or a calibrated one), the
-    predicted and measured seconds per step and their ratio."""
+    predicted and measured seconds per step and their ratio. `base_rope`: the base model's RoPE
+    rule (RunSpec.base_rope), for the rope of stages without a checkpoint yet."""
     ledger = Ledger(run_dir, run.name)
     doc = ledger.read()
     table = Sheet(f"run {run.name}  ({run_dir})", [
@@ -98,7 +100,7 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
             evals = _eval_label(run_dir, last) or last.status
         table.add_row(
             stage.name, entry.state if entry else "pending", f"{stage.seq_len:,}",
-            describe_rope(st.rope if st and st.rope else run.stage_rope(i)),
+            describe_rope(st.rope if st and st.rope else run.stage_rope(i, base_rope)),
             f"{st.step if st else 0}/{stage.steps}",
             f"{st.tokens if st else 0:,}", _eta(st.seconds) if st else "-",
             _eta(wall[stage.name]) if stage.name in wall else "-",
