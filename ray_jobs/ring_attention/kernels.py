@@ -100,6 +100,51 @@ class CpuFlashKernel:
         return _from_bhsd_grads(*grads, groups)
 
 
+def _masked_scores(q, k, mask, scale):
+    """fp32 scores (B, H, Sq, Sk) with the pairs outside `mask` at -inf, and the GQA factor."""
+    groups = q.shape[2] // k.shape[2]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), _repeat_kv(k, groups).float()) * scale
+    return scores.masked_fill_(~mask, float("-inf")), groups
+
+
+def masked_block_forward(q, k, v, mask, scale):
+    """Attention of a block under a (Sq, Sk) boolean mask (True = attend), shared by the batch
+    and heads: (out in q's dtype, lse (B, Sq, H) fp32), the layout of the flash kernels.
+
+    Document masking's mixed blocks (documents.py). Plain torch math in fp32 rather than
+    per-document sub-blocks through the flash kernel: one exact code path whatever the
+    documents look like (a block may cut dozens of tiny documents), at the price of the
+    block's (B, H, Sq, Sk) fp32 scores in memory, fine for CPU. A row that sees no key gets
+    out 0 and lse -inf, which merge_block folds in as nothing. Device-agnostic ops, but only
+    ever run on CPU: ring_attention refuses document masking on other devices.
+    """
+    scores, groups = _masked_scores(q, k, mask, scale)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for a row that sees nothing
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, _repeat_kv(v, groups).float())
+    return out.to(q.dtype), lse.transpose(1, 2)
+
+
+def masked_block_backward(dout, q, k, v, out, lse, mask, scale):
+    """(dq, dk, dv) of a masked block given the GLOBAL out and lse (B, Sq, H) fp32, which are
+    finite on every row (each token sees itself); dk/dv summed to the K/V heads, input dtypes.
+
+    The flash backward's math in fp32: P = exp(S - lse) (0 outside the mask), dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+    """
+    scores, groups = _masked_scores(q, k, mask, scale)
+    probs = torch.exp(scores - lse.transpose(1, 2).unsqueeze(-1))
+    do = dout.float()
+    dv = torch.einsum("bhqk,bqhd->bkhd", probs, do)
+    dprobs = torch.einsum("bqhd,bkhd->bhqk", do, _repeat_kv(v, groups).float())
+    delta = (do * out.float()).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, Sq, 1)
+    dscores = probs * (dprobs - delta) * scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, _repeat_kv(k, groups).float())
+    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.float())
+    return (dq.to(q.dtype), _reduce_kv(dk, groups).to(k.dtype),
+            _reduce_kv(dv, groups).to(v.dtype))
+
+
 HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # both CUDA flash kernels: head_dim a multiple of 8, at most 256
 
@@ -262,7 +307,8 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
     computed from the DIFFERENCE of the two lse so large magnitudes lose no precision; then
     out = lerp(out, block_out, w), one fused elementwise pass, and lse = logaddexp(lse,
-    block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1).
+    block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1); a block
+    row that sees no key (block_lse = -inf, a masked block's row) changes nothing (w = 0).
     """
     # Chunks of rows bound the fp32 temporaries (the block's upcast) to _MERGE_CHUNK_BYTES
     # instead of a copy of the whole shard; a tiny or short shard is one chunk.
@@ -271,7 +317,8 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     for start in range(0, out.shape[1], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         o, m, bo, bm = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
-        w = torch.sigmoid(bm - m).unsqueeze(-1)
+        # A row that saw no key on either side (both lse -inf) gives NaN here: it keeps out.
+        w = torch.sigmoid(bm - m).nan_to_num_(0.0).unsqueeze(-1)
         if o.dtype == torch.float32:
             o.lerp_(bo.float(), w)
         else:  # a bf16 accumulator: the same fp32 arithmetic, rounded once
