@@ -122,7 +122,7 @@ def masked_block_forward(q, k, v, mask, scale):
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq); -inf for a row that sees nothing
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", probs, _repeat_kv(v, groups).float())
-    return out.to(q.dtype), lse.transpose(1, 2)
+    return out.to(q.dtype).contiguous(), lse.transpose(1, 2)
 
 
 def masked_block_backward(dout, q, k, v, out, lse, mask, scale):
@@ -141,8 +141,9 @@ def masked_block_backward(dout, q, k, v, out, lse, mask, scale):
     dscores = probs * (dprobs - delta) * scale
     dq = torch.einsum("bhqk,bkhd->bqhd", dscores, _repeat_kv(k, groups).float())
     dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.float())
-    return (dq.to(q.dtype), _reduce_kv(dk, groups).to(k.dtype),
-            _reduce_kv(dv, groups).to(v.dtype))
+    # Contiguous, as the flash ops return them: the ring may send dk/dv as they are.
+    return (dq.to(q.dtype).contiguous(), _reduce_kv(dk, groups).to(k.dtype).contiguous(),
+            _reduce_kv(dv, groups).to(v.dtype).contiguous())
 
 
 HALF = (torch.float16, torch.bfloat16)

@@ -227,3 +227,20 @@ def test_one_rank_ring_with_documents_equals_attention_per_document(world_of_one
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
     for got, r in zip(leaves, ref):
         torch.testing.assert_close(got.grad, r.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_the_distributed_layouts_exercise_every_block_kind():
+    # document_worlds' layouts are what test_ring_documents_distributed runs; each ring size
+    # must meet skipped, dense and masked blocks, and dense off-diagonal ones, or those ring
+    # paths would go untested across processes.
+    from document_worlds import document_layouts
+
+    for world in (2, 3, 4):
+        chunk = 8
+        seq = 2 * world * chunk
+        kinds = {(kind, step > 0)
+                 for starts in document_layouts(seq, 2 * chunk).values()
+                 for row in plan_document_table(world, seq, torch.tensor(starts)).kinds
+                 for step, kind in enumerate(row)}
+        assert {("skip", True), ("dense", True), ("masked", True), ("masked", False),
+                ("dense", False)} <= kinds, (world, kinds)
