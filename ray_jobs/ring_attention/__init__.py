@@ -2,7 +2,7 @@
 
 Public API
 ----------
-ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
+ring_attention(q, k, v, *, group, causal=True, scale=None, doc_starts=None) -> out
     Local shards, layout (batch, local_seq, heads, head_dim) for q and out,
     (batch, local_seq, kv_heads, head_dim) for k and v (heads % kv_heads == 0; only the K/V
     heads travel). Causal: shards in zigzag order (`zigzag_shard`), local_seq even.
@@ -15,7 +15,10 @@ ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
     dK/dV travel home with their K/V. CPU tensors use PyTorch's CPU flash kernel; CUDA
     tensors flash-attn >= 2.7 when it imports (optional, imported lazily), else torch's own
     CUDA flash op (select_block_kernel says which, and why).
-    No dropout, no attention mask beyond causal.
+    No dropout. doc_starts (int64 global start positions of the packed documents of the whole
+    sequence, the same on every rank) masks attention to causal within each document
+    (`documents.py`: each ring block is skipped, run by the plain kernel, or run masked; nothing
+    extra travels). Causal zigzag on CPU only so far; not yet through Ulysses or the HF hook.
 zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
     in ring order, or this rank's shard and all-gathers over `group`.

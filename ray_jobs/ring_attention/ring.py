@@ -19,6 +19,10 @@ At step s rank r holds the K/V of rank src = (r - s) mod P and computes exactly 
 Each off-diagonal step is half a full block and the diagonal step is a causal full block, also
 half the work: every rank does the same work at every step, so none idles. Non-causal attention
 uses contiguous shards and full blocks at every step.
+
+Document masking (doc_starts, documents.py) keeps these blocks and the lock-step exchange, and
+only changes what a block computes: nothing (skip), the plain kernel (dense), or the masked
+kernel (masked). Packed documents break the zigzag balance: ranks may then do unequal work.
 """
 
 from __future__ import annotations
