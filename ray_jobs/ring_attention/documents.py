@@ -13,8 +13,9 @@ with K/V. Each ring step's block, as zigzag.plan_block cuts it, is then one of
     masked  some pairs the plain plan computes cross a document boundary: the masked kernel
             (kernels.masked_block_forward/backward) with a (q rows, kv rows) boolean mask
 
-Classifying is counting, O(rows) per block, without building a mask; only masked blocks build
-one. One layout serves the whole batch (packed rows share their document starts).
+Classifying is counting, O(rows) per block, without building a mask; a masked block keeps only
+the positions and documents of its rows and builds its mask a chunk of query rows at a time.
+One layout serves the whole batch (packed rows share their document starts).
 """
 
 from __future__ import annotations
@@ -29,14 +30,35 @@ SKIP, DENSE, MASKED = "skip", "dense", "masked"
 
 
 @dataclass(frozen=True)
+class DocumentMask:
+    """The mask (True = attend) of a masked block, built on demand for a slice of its query rows:
+    mask[rows] is (rows, kv rows) bool. Holding O(rows) positions instead of the O(rows^2) mask
+    keeps a long block's plan small between forward and backward."""
+
+    q_pos: torch.Tensor
+    q_doc: torch.Tensor
+    kv_pos: torch.Tensor
+    kv_doc: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.q_pos), len(self.kv_pos)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        q_pos, q_doc = self.q_pos[rows], self.q_doc[rows]
+        return ((self.kv_pos[None, :] <= q_pos[:, None])
+                & (self.kv_doc[None, :] == q_doc[:, None]))
+
+
+@dataclass(frozen=True)
 class DocumentBlock:
     """One ring step of one rank under document masking: the plain plan, its kind, the allowed
-    (query, key) pairs it holds, and the mask (True = attend) of a masked block, else None."""
+    (query, key) pairs it holds, and the mask of a masked block, else None."""
 
     plan: BlockPlan
     kind: str
     pairs: int
-    mask: torch.Tensor | None
+    mask: DocumentMask | None
 
 
 @dataclass(frozen=True)
@@ -114,7 +136,7 @@ def plan_document_block(rank: int, src: int, world: int, local_len: int, starts:
     document [s, e): keys in [max(a, s), min(b, e, p + 1)) of each visiting range [a, b). The
     plain plan's pairs are counted the same way with the document left out (every pair, for an
     off-diagonal block). skip: none allowed; dense: all the plain plan's pairs allowed; masked:
-    otherwise, with the mask built when `build_mask` (the table needs only the kinds).
+    otherwise, with its DocumentMask when `build_mask` (the table needs only the kinds).
     """
     plan = plan_block(rank, src, local_len, causal=True)
     q_pos = _positions(shard_ranges(rank, world, local_len, plan.q_rows))
@@ -132,8 +154,7 @@ def plan_document_block(rank: int, src: int, world: int, local_len: int, starts:
     mask = None
     if build_mask:
         kv_pos = _positions(kv_ranges)
-        mask = ((kv_pos[None, :] <= q_pos[:, None])
-                & (_documents(kv_pos, starts)[None, :] == q_doc[:, None]))
+        mask = DocumentMask(q_pos, q_doc, kv_pos, _documents(kv_pos, starts))
     return DocumentBlock(plan, MASKED, pairs, mask)
 
 

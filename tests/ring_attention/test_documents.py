@@ -100,7 +100,9 @@ def test_kinds_masks_and_pair_count_agree_with_brute_force(world):
             elif block.kind == "dense":
                 assert torch.equal(want, plain) and block.mask is None
             else:
-                assert torch.equal(block.mask, want) and not torch.equal(want, plain)
+                assert torch.equal(block.mask[:], want) and not torch.equal(want, plain)
+                assert block.mask.shape == tuple(want.shape)
+                assert torch.equal(block.mask[1:3], want[1:3])
             q_pos = zigzag_position_ids(seq, rank, world)[block.plan.q_rows]
             k_pos = zigzag_position_ids(seq, (rank - step) % world, world)[block.plan.kv_rows]
             covered[q_pos[:, None], k_pos[None, :]] += want.long()
@@ -244,3 +246,21 @@ def test_the_distributed_layouts_exercise_every_block_kind():
                  for step, kind in enumerate(row)}
         assert {("skip", True), ("dense", True), ("masked", True), ("masked", False),
                 ("dense", False)} <= kinds, (world, kinds)
+
+
+def test_masked_block_in_row_chunks_equals_one_pass(monkeypatch):
+    from ray_jobs.ring_attention import kernels
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, n, h, 16, generator=gen)
+                     for n, h in ((11, 4), (9, 2), (9, 2), (11, 4)))
+    mask = torch.rand(11, 9, generator=gen) < 0.6
+    mask[:, 0] = True
+    whole = masked_block_forward(q, k, v, mask, 0.25)
+    whole_grads = masked_block_backward(dout, q, k, v, *whole, mask, 0.25)
+    monkeypatch.setattr(kernels, "_MASKED_CHUNK_BYTES", 4 * 2 * 4 * 9 * 3)  # 3 rows a chunk
+    assert len(kernels._masked_row_chunks(q, 9)) == 4
+    chunked = masked_block_forward(q, k, v, mask, 0.25)
+    chunked_grads = masked_block_backward(dout, q, k, v, *chunked, mask, 0.25)
+    for got, want in zip((*chunked, *chunked_grads), (*whole, *whole_grads)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
