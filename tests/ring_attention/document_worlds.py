@@ -96,3 +96,38 @@ def check_one_document_is_the_causal_ring(local, out, dout):
 def document_world(rank, world, cases):
     """Every document case on the default group (ring order = rank order)."""
     return [check_document_case(rank, world, case, seed=i) for i, case in enumerate(cases)]
+
+
+def ulysses_document_world(rank, world, ulysses, ring, cases, chunk=4):
+    """Ulysses x ring with doc_starts on sequence_shard shards vs the per-document reference."""
+    from ray_jobs.ring_attention.ulysses import (
+        build_sequence_mesh,
+        sequence_parallel_attention,
+        sequence_shard,
+    )
+
+    mesh = build_sequence_mesh(ulysses, ring)
+    u, r = mesh.ulysses_rank, mesh.ring.rank
+    seq = 2 * ring * ulysses * chunk
+    errors = []
+    for i, case in enumerate(cases):
+        gen = torch.Generator().manual_seed(200 + i)
+        dtype, (h, hk) = case["dtype"], HEADS[case["heads"]]
+        starts = document_layouts(seq, seq // ring)[case["layout"]]
+        q = torch.randn(2, seq, h, 16, generator=gen).to(dtype)
+        k, v = (torch.randn(2, seq, hk, 16, generator=gen).to(dtype) for _ in range(2))
+        dout = torch.randn(2, seq, h, 16, generator=gen).to(dtype)
+        ref = reference_by_document(q, k, v, dout, starts)
+
+        def mine(t):
+            return sequence_shard(t, 1, r, ring, u, ulysses, True)
+
+        local = [mine(t).requires_grad_() for t in (q, k, v)]
+        out = sequence_parallel_attention(*local, mesh=mesh, doc_starts=torch.tensor(starts))
+        out.backward(mine(dout))
+        for name, got, want in zip(("out", "dq", "dk", "dv"),
+                                   (out.detach(), *(t.grad for t in local)), ref):
+            torch.testing.assert_close(got, mine(want), **TOLERANCE[dtype],
+                                       msg=lambda m, n=name: f"{n} {case} rank {rank}: {m}")
+        errors.append(float((out.detach().float() - mine(ref[0]).float()).abs().max()))
+    return errors

@@ -5,7 +5,7 @@ from itertools import product
 
 import pytest
 import torch
-from document_worlds import document_world
+from document_worlds import document_world, ulysses_document_world
 
 from tests.support.worlds import run_world
 
@@ -33,4 +33,13 @@ def test_documents_on_four_ranks():
     cases = [c for i, c in enumerate(CASES) if (c["heads"] == "gqa") == (i % 2 == 0)]
     assert {c["layout"] for c in cases} == set(LAYOUTS) and len(cases) == 8
     results = run_world(4, document_world, cases)
+    assert [len(r) for r in results] == [len(cases)] * 4
+
+
+def test_documents_through_ulysses_two_by_ring_two():
+    # After Ulysses' all-to-all each rank holds its ring position's zigzag shard: doc_starts
+    # pass through unchanged. GQA 4:1 replicates the one K/V head over the Ulysses pair.
+    cases = [dict(dtype=torch.float32, heads=heads, layout=layout)
+             for heads, layout in (("gqa", "crossing"), ("mha", "tiny"), ("gqa", "long"))]
+    results = run_world(4, ulysses_document_world, 2, 2, cases, timeout_s=240)
     assert [len(r) for r in results] == [len(cases)] * 4
