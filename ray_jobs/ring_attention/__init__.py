@@ -2,7 +2,7 @@
 
 Public API
 ----------
-ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
+ring_attention(q, k, v, *, group, causal=True, scale=None, doc_starts=None) -> out
     Local shards, layout (batch, local_seq, heads, head_dim) for q and out,
     (batch, local_seq, kv_heads, head_dim) for k and v (heads % kv_heads == 0; only the K/V
     heads travel). Causal: shards in zigzag order (`zigzag_shard`), local_seq even.
@@ -15,12 +15,16 @@ ring_attention(q, k, v, *, group, causal=True, scale=None) -> out
     dK/dV travel home with their K/V. CPU tensors use PyTorch's CPU flash kernel; CUDA
     tensors flash-attn >= 2.7 when it imports (optional, imported lazily), else torch's own
     CUDA flash op (select_block_kernel says which, and why).
-    No dropout, no attention mask beyond causal.
+    No dropout. doc_starts (int64 global start positions of the packed documents of the whole
+    sequence, the same on every rank) masks attention to causal within each document
+    (`documents.py`: each ring block is skipped, run by the plain kernel, or run masked; nothing
+    extra travels; sequence_parallel_attention passes it to its ring). Causal zigzag on CPU only
+    so far; not yet through the HF hook.
 zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
     in ring order, or this rank's shard and all-gathers over `group`.
 zigzag_position_ids, contiguous_shard, contiguous_unshard: helpers of the same kind.
-sequence_parallel_attention(q, k, v, *, mesh, causal=True, scale=None) -> out
+sequence_parallel_attention(q, k, v, *, mesh, causal=True, scale=None, doc_starts=None) -> out
     Layered sequence parallelism (Ulysses x ring, `ulysses.py`): `mesh` a SequenceMesh
     (build_sequence_mesh(ulysses, ring), or ray_jobs.train.parallelize.build_mesh(...).sequence);
     shards from sequence_shard / sequence_position_ids. ulysses 1 is ring_attention exactly.

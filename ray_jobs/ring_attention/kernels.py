@@ -100,6 +100,74 @@ class CpuFlashKernel:
         return _from_bhsd_grads(*grads, groups)
 
 
+_MASKED_CHUNK_BYTES = 64 * 2**20  # fp32 scores of one row chunk of a masked block
+
+
+def _masked_row_chunks(q: torch.Tensor, keys: int) -> list[slice]:
+    # Query rows per chunk so that one chunk's (B, H, rows, Sk) fp32 scores fit the budget.
+    per_row = 4 * q.shape[0] * q.shape[2] * max(keys, 1)
+    rows = max(1, _MASKED_CHUNK_BYTES // per_row)
+    return [slice(start, start + rows) for start in range(0, q.shape[1], rows)]
+
+
+def _masked_scores(q, k, mask, scale):
+    """fp32 scores (B, H, Sq, Sk) with the pairs outside `mask` at -inf."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    return scores.masked_fill_(~mask, float("-inf"))
+
+
+def masked_block_forward(q, k, v, mask, scale):
+    """Attention of a block under a (Sq, Sk) boolean mask (True = attend), shared by the batch
+    and heads: (out in q's dtype, lse (B, Sq, H) fp32), the layout of the flash kernels.
+
+    Document masking's mixed blocks (documents.py). Plain torch math in fp32 rather than
+    per-document sub-blocks through the flash kernel: one exact code path whatever the
+    documents look like (a block may cut thousands of tiny documents, one kernel call each).
+    Query rows go in chunks so the fp32 scores stay within _MASKED_CHUNK_BYTES; `mask` is
+    anything whose [rows] gives those rows' (rows, Sk) bool mask (a tensor, or
+    documents.DocumentMask, which builds them on demand). A row that sees no key gets out 0
+    and lse -inf, which merge_block folds in as nothing. Device-agnostic ops, but only ever
+    run on CPU: ring_attention refuses document masking on other devices.
+    """
+    groups = q.shape[2] // k.shape[2]
+    kf, vf = _repeat_kv(k, groups).float(), _repeat_kv(v, groups).float()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for rows in _masked_row_chunks(q, k.shape[1]):
+        scores = _masked_scores(q[:, rows], kf, mask[rows], scale)
+        chunk_lse = torch.logsumexp(scores, dim=-1)  # (B, H, rows); -inf: a row sees nothing
+        probs = scores.sub_(chunk_lse.nan_to_num(neginf=0.0).unsqueeze(-1)).exp_()
+        out[:, rows] = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+        lse[:, rows] = chunk_lse.transpose(1, 2)
+    return out, lse
+
+
+def masked_block_backward(dout, q, k, v, out, lse, mask, scale):
+    """(dq, dk, dv) of a masked block given the GLOBAL out and lse (B, Sq, H) fp32, which are
+    finite on every row (each token sees itself); dk/dv summed to the K/V heads, input dtypes.
+
+    The flash backward's math in fp32, in the forward's row chunks: P = exp(S - lse) (0
+    outside the mask), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K,
+    dK = scale dS^T Q; dK and dV sum over the chunks in fp32.
+    """
+    groups = q.shape[2] // k.shape[2]
+    kf, vf = _repeat_kv(k, groups).float(), _repeat_kv(v, groups).float()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # (B, Sk, H, D) in query heads, contiguous: the ring may send dk/dv as they are
+    dk = torch.zeros(kf.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(vf.shape, dtype=torch.float32, device=q.device)
+    for rows in _masked_row_chunks(q, k.shape[1]):
+        qc, do = q[:, rows].float(), dout[:, rows].float()
+        scores = _masked_scores(qc, kf, mask[rows], scale)
+        probs = scores.sub_(lse[:, rows].transpose(1, 2).unsqueeze(-1)).exp_()
+        dv += torch.einsum("bhqk,bqhd->bkhd", probs, do)
+        delta = (do * out[:, rows].float()).sum(-1).transpose(1, 2).unsqueeze(-1)
+        dscores = probs.mul_(torch.einsum("bqhd,bkhd->bhqk", do, vf).sub_(delta)).mul_(scale)
+        dq[:, rows] = torch.einsum("bhqk,bkhd->bqhd", dscores, kf)
+        dk += torch.einsum("bhqk,bqhd->bkhd", dscores, qc)
+    return dq, _reduce_kv(dk, groups).to(k.dtype), _reduce_kv(dv, groups).to(v.dtype)
+
+
 HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # both CUDA flash kernels: head_dim a multiple of 8, at most 256
 
@@ -262,7 +330,8 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     w = exp(block_lse) / (exp(lse) + exp(block_lse)) = sigmoid(block_lse - lse),
     computed from the DIFFERENCE of the two lse so large magnitudes lose no precision; then
     out = lerp(out, block_out, w), one fused elementwise pass, and lse = logaddexp(lse,
-    block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1).
+    block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1); a block
+    row that sees no key (block_lse = -inf, a masked block's row) changes nothing (w = 0).
     """
     # Chunks of rows bound the fp32 temporaries (the block's upcast) to _MERGE_CHUNK_BYTES
     # instead of a copy of the whole shard; a tiny or short shard is one chunk.
@@ -271,7 +340,8 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     for start in range(0, out.shape[1], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         o, m, bo, bm = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
-        w = torch.sigmoid(bm - m).unsqueeze(-1)
+        # A row that saw no key on either side (both lse -inf) gives NaN here: it keeps out.
+        w = torch.sigmoid(bm - m).nan_to_num_(0.0).unsqueeze(-1)
         if o.dtype == torch.float32:
             o.lerp_(bo.float(), w)
         else:  # a bf16 accumulator: the same fp32 arithmetic, rounded once

@@ -19,50 +19,55 @@ At step s rank r holds the K/V of rank src = (r - s) mod P and computes exactly 
 Each off-diagonal step is half a full block and the diagonal step is a causal full block, also
 half the work: every rank does the same work at every step, so none idles. Non-causal attention
 uses contiguous shards and full blocks at every step.
+
+Document masking (doc_starts, documents.py) keeps these blocks and the lock-step exchange, and
+only changes what a block computes: nothing (skip), the plain kernel (dense), or the masked
+kernel (masked). Packed documents break the zigzag balance: ranks may then do unequal work.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ray_jobs.ring_attention.comm import Exchange, Ring, resolve_ring, timed_compute
-from ray_jobs.ring_attention.kernels import BlockKernel, build_block_kernel, merge_block
+from ray_jobs.ring_attention.documents import (
+    MASKED,
+    SKIP,
+    DocumentBlock,
+    check_doc_starts,
+    plan_document_steps,
+)
+from ray_jobs.ring_attention.kernels import (
+    BlockKernel,
+    build_block_kernel,
+    masked_block_backward,
+    masked_block_forward,
+    merge_block,
+)
 from ray_jobs.ring_attention.saving import keep_result, kept_result
+from ray_jobs.ring_attention.zigzag import BlockPlan, plan_block  # noqa: F401 (its old home)
 
 _ALL = slice(None)
 # gloo tags of the three streams (their counts tell the passes apart: record_ring_timings)
 KV_TAG, GRAD_TAG, BACKWARD_KV_TAG = 1, 2, 3
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """Rows of the local queries and the visiting K/V that one ring step attends, and its mask."""
-
-    q_rows: slice
-    kv_rows: slice
-    causal: bool
-
-
-def plan_block(rank: int, src: int, local_len: int, causal: bool) -> BlockPlan:
-    """What rank `rank` computes against the K/V shard of ring rank `src` (see module docstring)."""
-    if not causal:
-        return BlockPlan(_ALL, _ALL, False)
-    half = local_len // 2
-    if src == rank:
-        return BlockPlan(_ALL, _ALL, True)
-    if src < rank:
-        return BlockPlan(_ALL, slice(0, half), False)
-    return BlockPlan(slice(half, None), _ALL, False)
-
-
 def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x[:, rows]
 
 
-def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: BlockKernel):
+def _step_plan(blocks, rank: int, step: int, size: int, local_len: int,
+               causal: bool) -> tuple[BlockPlan, DocumentBlock | None]:
+    # Without documents the plain plan; with them, the step's entry of the document plan
+    # (documents.py), whose plan is the same plain plan plus its kind and mask.
+    if blocks is None:
+        return plan_block(rank, (rank - step) % size, local_len, causal), None
+    return blocks[step].plan, blocks[step]
+
+
+def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: BlockKernel,
+                  blocks: list[DocumentBlock] | None = None):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     out = lse = None
     current, spare = (k, v), None
@@ -71,18 +76,26 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
             exchange = Exchange(ring, current, incoming, KV_TAG)
-        plan = plan_block(rank, (rank - step) % size, local_len, causal)
-        with timed_compute():
-            block_out, block_lse = kernel.forward(
-                _rows(q, plan.q_rows), _rows(current[0], plan.kv_rows),
-                _rows(current[1], plan.kv_rows),
-                plan.causal, scale,
-            )
-            if out is None:  # step 0 covers every local row (a token always sees itself)
-                out, lse = block_out.to(accumulator_dtype(size, q.dtype)), block_lse.contiguous()
-            else:
-                merge_block(_rows(out, plan.q_rows), _rows(lse, plan.q_rows), block_out, block_lse)
-            del block_out, block_lse
+        plan, doc = _step_plan(blocks, rank, step, size, local_len, causal)
+        # A skipped block (no query sees a key of it) computes nothing; step 0 never skips.
+        if doc is None or doc.kind != SKIP:
+            with timed_compute():
+                block_q, block_k, block_v = (_rows(q, plan.q_rows),
+                                             _rows(current[0], plan.kv_rows),
+                                             _rows(current[1], plan.kv_rows))
+                if doc is not None and doc.kind == MASKED:
+                    block_out, block_lse = masked_block_forward(block_q, block_k, block_v,
+                                                                doc.mask, scale)
+                else:
+                    block_out, block_lse = kernel.forward(block_q, block_k, block_v,
+                                                          plan.causal, scale)
+                if out is None:  # step 0 covers every local row (a token always sees itself)
+                    out = block_out.to(accumulator_dtype(size, q.dtype))
+                    lse = block_lse.contiguous()
+                else:
+                    merge_block(_rows(out, plan.q_rows), _rows(lse, plan.q_rows), block_out,
+                                block_lse)
+                del block_out, block_lse
         if exchange is not None:
             exchange.wait()
             # The buffers just sent are free again once the exchange completed: reuse them next.
@@ -114,7 +127,7 @@ def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> Non
 
 
 def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float,
-                   kernel: BlockKernel):
+                   kernel: BlockKernel, blocks: list[DocumentBlock] | None = None):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     acc_dtype = accumulator_dtype(size, q.dtype)
     current, spare = (k, v), None
@@ -124,13 +137,20 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
         if step + 1 < size:
             incoming = spare or (torch.empty_like(k), torch.empty_like(v))
             kv_exchange = Exchange(ring, current, incoming, BACKWARD_KV_TAG)
-        plan = plan_block(rank, (rank - step) % size, local_len, causal)
+        plan, doc = _step_plan(blocks, rank, step, size, local_len, causal)
+        # A skipped block adds nothing, but the dK/dV accumulator still passes through.
+        skip = doc is not None and doc.kind == SKIP
+        bdq = bdk = bdv = None
         with timed_compute():
-            bdq, bdk, bdv = kernel.backward(
-                _rows(dout, plan.q_rows), _rows(q, plan.q_rows),
-                _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
-                _rows(out, plan.q_rows), _rows(lse, plan.q_rows), plan.causal, scale,
-            )
+            if not skip:
+                args = (_rows(dout, plan.q_rows), _rows(q, plan.q_rows),
+                        _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
+                        _rows(out, plan.q_rows), _rows(lse, plan.q_rows))
+                if doc is not None and doc.kind == MASKED:
+                    bdq, bdk, bdv = masked_block_backward(*args, doc.mask, scale)
+                else:
+                    bdq, bdk, bdv = kernel.backward(*args, plan.causal, scale)
+                del args
             if step + 1 == size:
                 current = spare = None  # the K/V buffers are done with; free them before more grads
             if step == 0:
@@ -138,11 +158,11 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 # gradient of our own K/V stays home in the kernel's dtype (one block result
                 # loses nothing there; the visitors' sum is added in fp32 at the end).
                 dq, own = bdq.to(acc_dtype), (bdk, bdv)
-            else:
+            elif not skip:
                 _accumulate(_rows(dq, plan.q_rows), bdq)
         if step > 0:
             # Visitors' contributions travel with the K/V (P - 1 hops) and are added at home.
-            if grads_exchange is None and plan.kv_rows == _ALL:
+            if grads_exchange is None and not skip and plan.kv_rows == _ALL:
                 grads = (bdk.to(acc_dtype), bdv.to(acc_dtype))
             else:
                 if grads_exchange is None:
@@ -151,9 +171,10 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 else:
                     grads_exchange.wait()
                     grads_spare, grads = grads, grads_incoming
-                with timed_compute():
-                    _accumulate(_rows(grads[0], plan.kv_rows), bdk)
-                    _accumulate(_rows(grads[1], plan.kv_rows), bdv)
+                if not skip:
+                    with timed_compute():
+                        _accumulate(_rows(grads[0], plan.kv_rows), bdk)
+                        _accumulate(_rows(grads[1], plan.kv_rows), bdv)
             del bdq, bdk, bdv
             grads_incoming = grads_spare or tuple(torch.empty_like(g) for g in grads)
             grads_exchange = Exchange(ring, grads, grads_incoming, GRAD_TAG)
@@ -173,30 +194,35 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves the local q, k, v, the output and the fp32 log-sum-exp."""
+    """Autograd wrapper: saves the local q, k, v, the output and the fp32 log-sum-exp.
+
+    `blocks` is this rank's document plan (documents.plan_document_steps), None without one.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring, causal: bool, scale: float):
+    def forward(ctx, q, k, v, ring: Ring, causal: bool, scale: float, blocks=None):
         kernel = build_block_kernel(q.device)
         # Recomputed under the `attention` checkpointing policy: the first forward's results,
         # no second trip around the ring (saving.py).
         kept = kept_result()
         if kept is None:
-            out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel)
+            out, lse = _ring_forward(q, k, v, ring, causal, scale, kernel, blocks)
             keep_result(out, lse)
         else:
             out, lse = kept
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.causal, ctx.scale, ctx.kernel = ring, causal, scale, kernel
+        ctx.blocks = blocks
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(
-            dout.contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale, ctx.kernel
+            dout.contiguous(), q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale, ctx.kernel,
+            ctx.blocks,
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -241,19 +267,38 @@ def ring_attention(
     group: "Ring | dist.ProcessGroup | None",
     causal: bool = True,
     scale: float | None = None,
+    doc_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention on a sequence sharded across a ring of processes; see the package docstring.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim).
     Causal: shards in zigzag order (zigzag_shard); non-causal: contiguous shards in ring order.
     Returns out (batch, local_seq, heads, head_dim) in q's dtype; differentiable in q, k, v.
+
+    doc_starts: document masking (documents.py). The global start positions of the packed
+    documents of the WHOLE sequence (int64, first 0, strictly increasing; the same on every
+    rank and for every row of the batch): the query at position i then sees the key at j iff
+    j <= i and both lie in one document. Every rank derives the documents of every shard from
+    them, so nothing extra travels. Causal zigzag only, CPU tensors only so far (the masked
+    blocks have no CUDA kernel yet). A single document [0] is exactly the plain causal ring.
     """
     _check_inputs(q, k, v, causal)
     ring = resolve_ring(group)
+    blocks = None
+    if doc_starts is not None:
+        if not causal:
+            raise ValueError("doc_starts (document masking) needs causal=True: documents are "
+                             "masked causally in zigzag shards; drop doc_starts or set causal")
+        if q.device.type != "cpu":
+            raise ValueError(
+                f"doc_starts: document masking runs on CPU kernels only so far, got {q.device} "
+                "tensors; drop doc_starts (plain causal attention across documents) on GPUs")
+        starts = check_doc_starts(doc_starts, q.shape[1] * ring.size)
+        blocks = plan_document_steps(ring.rank, ring.size, q.shape[1], starts)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     # isend/irecv need contiguous buffers; q may stay a strided view (the kernels take strides).
     k, v = k.contiguous(), v.contiguous()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return RingAttentionFunction.apply(q, k, v, ring, causal, float(scale))
+    return RingAttentionFunction.apply(q, k, v, ring, causal, float(scale), blocks)

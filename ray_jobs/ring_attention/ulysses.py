@@ -179,11 +179,15 @@ def _check_layouts_agree(q, k, group, what: str) -> None:
 
 def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                 mesh: SequenceMesh, causal: bool = True,
-                                scale: float | None = None) -> torch.Tensor:
+                                scale: float | None = None,
+                                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of a sequence sharded over a Ulysses x ring mesh (see module docstring).
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim), this
     rank's `sequence_shard`. Returns out like q; differentiable in q, k, v.
+    doc_starts: document masking, as ring_attention takes it (the whole sequence's document
+    starts). It passes straight to the ring: after the first all-to-all every rank holds its
+    ring position's whole zigzag shard, the layout ring_attention plans documents for.
     """
     u = mesh.ulysses_size
     problems = ulysses_problems(q.shape[2], k.shape[2], u)
@@ -196,7 +200,8 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     _check_layouts_agree(q, k, mesh.ulysses, "Ulysses")
     _check_layouts_agree(q, k, mesh.ring.group if mesh.ring.size > 1 else None, "ring")
     if u == 1:
-        return ring_attention(q, k, v, group=mesh.ring, causal=causal, scale=scale)
+        return ring_attention(q, k, v, group=mesh.ring, causal=causal, scale=scale,
+                              doc_starts=doc_starts)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     rep = kv_replication(k.shape[2], u)
@@ -204,5 +209,6 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     group, order = mesh.ulysses, mesh.order
     q2, k2, v2 = (_AllToAll.apply(t.contiguous(), group, u, order, True) for t in (q, k, v))
-    out = ring_attention(q2, k2, v2, group=resolve_ring(mesh.ring), causal=causal, scale=scale)
+    out = ring_attention(q2, k2, v2, group=resolve_ring(mesh.ring), causal=causal, scale=scale,
+                         doc_starts=doc_starts)
     return _AllToAll.apply(out.contiguous(), group, u, order, False)

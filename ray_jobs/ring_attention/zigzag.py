@@ -1,13 +1,16 @@
-"""Ring sequence sharding: zigzag (causal) and contiguous (non-causal) shards and their inverses."""
+"""Ring sequence sharding: zigzag (causal) and contiguous shards, their inverses, the block plan."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from ray_jobs.ring_attention.comm import Ring, resolve_ring
+
+_ALL = slice(None)
 
 
 def _check_split(length: int, parts: int, rank: int, world: int, what: str) -> None:
@@ -89,3 +92,25 @@ def contiguous_unshard(x: "torch.Tensor | Sequence[torch.Tensor]", dim: int, wor
     """Inverse of contiguous_shard, from a list of shards in ring order or by all-gather over
     `group`."""
     return torch.cat(_shards_in_ring_order(x, world, group), dim=dim)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Rows of the local queries and the visiting K/V that one ring step attends, and its mask."""
+
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+
+
+def plan_block(rank: int, src: int, local_len: int, causal: bool) -> BlockPlan:
+    """What rank `rank` computes against the K/V shard of ring rank `src` (see ring.py's module
+    docstring: the zigzag layout makes every off-diagonal block half a block, without a mask)."""
+    if not causal:
+        return BlockPlan(_ALL, _ALL, False)
+    half = local_len // 2
+    if src == rank:
+        return BlockPlan(_ALL, _ALL, True)
+    if src < rank:
+        return BlockPlan(_ALL, slice(0, half), False)
+    return BlockPlan(slice(half, None), _ALL, False)
