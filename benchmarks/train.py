@@ -17,7 +17,10 @@
    fastest of the rounds on each side, the two orders alternating), minus 1; and the warnings
    each run with them on printed (observability_warnings: the MLflow one, once, is expected);
    observability_cpu_share: the driver's extra CPU seconds with every sink on (its threads and
-   W&B's service process) over the workers' seconds in steps, which a busy machine cannot blur.
+   W&B's service process) over the workers' seconds in steps, which a busy machine cannot blur;
+   observability_cpu_ms_per_step: what the four sinks cost the driver per step once running
+   (their start-up left out), each sink handed a real step's metrics 200 times (--observability
+   only).
 Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
 """
 
@@ -180,6 +183,47 @@ def sinks_block(sinks: tuple[str, ...]) -> dict:
     return block
 
 
+def sink_cpu_ms_per_step(tmp: Path, steps: int = 200) -> dict[str, float]:
+    """Each sink's CPU milliseconds per optimizer step on the driver, steady state: a real
+    step record's metrics (ray_jobs.train.observe.step_metrics) handed to it `steps` times,
+    flushed every 6 (the Observer polls every 2 s; a step takes about 0.3 s here), after the
+    sink was built and its stage started. MLflow on a local file store here (an unreachable
+    server drops the sink at its first call, costing nothing after); W&B offline; Prometheus
+    through Ray's metrics API (needs ray.init). What a long run pays per step, without the
+    start-up (imports, W&B's service, the MLflow client) that a 36-step run's CPU share
+    includes."""
+    from ray_jobs.train import sinks
+    from ray_jobs.train.observe import flatten, step_metrics
+    from specs.loading import load_model
+    from specs.run import MlflowSinkSpec, RunSpec, WandbSinkSpec
+
+    run = load_model(REPO / "configs" / "tiny.yaml", RunSpec)
+    rec = {"step": 1, "loss": 3.2, "lr": 1e-3, "grad_norm": 1.2, "step_s": 0.3, "tokens": 4096,
+           "phases": {"data": 0.01, "forward + backward": 0.25, "optimizer": 0.02,
+                      "loss all-reduce": 0.001},
+           "memory_peak_bytes": [1e8, 1.1e8], "kv_wait_s": [0.01, 0.02]}
+    metrics = step_metrics(rec, 0.28)
+    params, state = flatten(run.model_dump(mode="json")), {}
+    built = {
+        "tensorboard": sinks.TensorBoardSink(tmp),
+        "mlflow": sinks.MlflowSink(MlflowSinkSpec(tracking_uri=f"file://{tmp}/mlruns"), tmp,
+                                   run, params, state),
+        "wandb": sinks.WandbSink(WandbSinkSpec(project="bench"), tmp, run, params, state),
+        "prometheus": sinks.PrometheusSink(run),
+    }
+    out = {}
+    for name, sink in built.items():
+        getattr(sink, "start_stage", lambda *a: None)("s1k", 0, {"seq_len": "1024"})
+        cpu = time.process_time()
+        for step in range(1, steps + 1):
+            sink.log_step("s1k", step, metrics, time.time())
+            if step % 6 == 0:
+                sink.flush()
+        out[name] = (time.process_time() - cpu) * 1000 / steps
+        sink.close("done")
+    return out
+
+
 def observability_overhead(tmp: Path, rounds: int = 3, sinks: tuple[str, ...] = SINKS,
                            steps: int = STEPS) -> tuple[float, float, float]:
     """(all sinks on over off, minus 1; warnings per run with them on; the driver's extra CPU
@@ -244,10 +288,14 @@ def main() -> None:
                              f"{', '.join(SINKS)}")
             overhead, warnings, share = observability_overhead(Path(d), args.rounds, sinks,
                                                                args.steps)
+            per_step = sink_cpu_ms_per_step(Path(d) / "per-step")
             ray.shutdown()
+        print("observability: driver CPU per step, steady state: " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in per_step.items()), flush=True)
         print(json.dumps({"observability_overhead": round(overhead, 4),
                           "observability_warnings": warnings,
-                          "observability_cpu_share": round(share, 4)}))
+                          "observability_cpu_share": round(share, 4),
+                          "observability_cpu_ms_per_step": round(sum(per_step.values()), 2)}))
         return
     with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
         tmp = Path(d)

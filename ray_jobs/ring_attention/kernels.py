@@ -321,7 +321,7 @@ _MERGE_CHUNK_BYTES = 64 * 2**20  # fp32 temporaries of one merge chunk
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
-                block_lse: torch.Tensor) -> None:
+                block_lse: torch.Tensor, empty_rows: bool = False) -> None:
     """Fold one block's partial attention into the running (out, lse), in place, in fp32.
 
     out: (B, S, H, D) fp32 (or the input dtype on 2-rank rings, see ring.accumulator_dtype);
@@ -332,6 +332,9 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     out = lerp(out, block_out, w), one fused elementwise pass, and lse = logaddexp(lse,
     block_lse). A row that saw no key yet (lse = -inf) takes the block's values (w = 1); a block
     row that sees no key (block_lse = -inf, a masked block's row) changes nothing (w = 0).
+    Both at once (-inf - -inf: NaN) needs `empty_rows`, which zeroes those weights: one more
+    pass, 2-9 % of a merge, that the ring never needs (its running lse is finite from step 0 on,
+    where every token sees itself, document masking or not).
     """
     # Chunks of rows bound the fp32 temporaries (the block's upcast) to _MERGE_CHUNK_BYTES
     # instead of a copy of the whole shard; a tiny or short shard is one chunk.
@@ -340,8 +343,10 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     for start in range(0, out.shape[1], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         o, m, bo, bm = out[:, rows], lse[:, rows], block_out[:, rows], block_lse[:, rows]
-        # A row that saw no key on either side (both lse -inf) gives NaN here: it keeps out.
-        w = torch.sigmoid(bm - m).nan_to_num_(0.0).unsqueeze(-1)
+        w = torch.sigmoid(bm - m)
+        if empty_rows:  # a row that saw no key on either side (both -inf: NaN) keeps out
+            w.nan_to_num_(0.0)
+        w = w.unsqueeze(-1)
         if o.dtype == torch.float32:
             o.lerp_(bo.float(), w)
         else:  # a bf16 accumulator: the same fp32 arithmetic, rounded once

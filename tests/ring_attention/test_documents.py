@@ -180,7 +180,7 @@ def test_merge_block_folds_rows_that_see_nothing_without_nan():
     out, lse = torch.full((1, 3, 1, 2), 2.0), torch.tensor([[[0.5], [float("-inf")], [1.0]]])
     block = torch.tensor([[[[7.0, 7.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])
     block_lse = torch.tensor([[[0.5], [float("-inf")], [float("-inf")]]])
-    merge_block(out, lse, block, block_lse)
+    merge_block(out, lse, block, block_lse, empty_rows=True)
     assert not out.isnan().any() and not lse.isnan().any()
     # row 0 merges normally; rows 1 and 2 saw nothing in the block and keep what they had
     torch.testing.assert_close(out[0, :, 0], torch.tensor([[4.5, 4.5], [2.0, 2.0], [2.0, 2.0]]))
