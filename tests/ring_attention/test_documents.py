@@ -1,12 +1,9 @@
 """Document masking without processes: the block table on hand-made layouts, the pair count,
 the masked block kernel against autograd, the merge of rows that see nothing, input errors."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ray_jobs.ring_attention import merge_block, ring_attention, zigzag_position_ids
@@ -21,19 +18,6 @@ from ray_jobs.ring_attention.kernels import (
     masked_block_backward,
     masked_block_forward,
 )
-
-
-@pytest.fixture
-def world_of_one():
-    """An in-process gloo world of size 1 on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _starts(*values):

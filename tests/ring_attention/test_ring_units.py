@@ -1,7 +1,5 @@
 """Single-process checks: block plan coverage, LSE merge, sharding helpers, labels, input errors."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +23,6 @@ from ray_jobs.ring_attention import (
 )
 from ray_jobs.ring_attention.kernels import CpuFlashKernel
 from ray_jobs.ring_attention.ring import plan_block
-
-
-@pytest.fixture
-def world_of_one():
-    """An in-process gloo world of size 1 on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
