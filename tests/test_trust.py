@@ -365,10 +365,12 @@ def test_checks_are_fast_on_a_checkpoint_with_many_shards(plain, tmp_path):
     (path / "dcp").mkdir()
     for i in range(4096):
         (path / "dcp" / f"__{i}_0.distcp").write_bytes(b"")
-    start = time.perf_counter()
+    # CPU seconds of this process, not the wall clock: other processes on the shared cores
+    # cannot make it look slow (a CI run beside benchmarks saw 1.14 s against the bound)
+    start = time.process_time()
     check_checkpoint_is_data(path)
     check_run_dir(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_a_tree_too_big_to_be_a_checkpoint_is_refused(plain, tmp_path, monkeypatch):

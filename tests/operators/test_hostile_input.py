@@ -141,10 +141,12 @@ def test_another_secret_as_auth_secret_is_refused_and_the_own_one_runs():
     ({"image": "a" * 600}, "image"),
 ])
 def test_absurd_values_are_refused_fast_by_the_model(change, field):
-    started = time.perf_counter()
+    # CPU seconds of this process, not the wall clock: other processes on the shared cores
+    # cannot make it look slow (a CI run beside benchmarks saw 1.14 s against the bound)
+    started = time.process_time()
     with pytest.raises(ValidationError) as e:
         StagedTrainingSpec.model_validate({**tiny_spec(), **change})
-    assert time.perf_counter() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert field in str(e.value)
 
 
@@ -246,9 +248,9 @@ def test_loop_settings_refuse_unbounded_values(monkeypatch, env):
 def test_counts_of_ten_to_the_twelve_are_refused_within_a_second(change):
     st = make_training()
     change(st["spec"])
-    started = time.perf_counter()
+    started = time.process_time()
     d = plan_reconcile(st, [], NODES, T0, settings=FAST)
-    assert time.perf_counter() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert d.of(CreateObject) == [] and d.status.phase == "Failed"
     [cond] = [c for c in d.status.conditions if c.type == "SpecValid"]
     assert cond.status == "False" and cond.message.startswith("spec.")

@@ -98,10 +98,12 @@ def test_nvsmi_malformed_text_is_one_clear_error(text, expected):
     if expected is None:
         assert build_node_type_from_nvsmi(text).gpus == [0]
         return
-    start = time.perf_counter()
+    # CPU seconds of this process, not the wall clock: other processes on the shared cores
+    # cannot make it look slow (a CI run beside benchmarks saw 1.14 s against the bound)
+    start = time.process_time()
     with pytest.raises(TopologyError, match=expected) as e:
         build_node_type_from_nvsmi(text)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert str(e.value).startswith("nvidia-smi topo -m text")
     assert "; " in str(e.value)  # ... and the fix
 
@@ -168,10 +170,10 @@ NCCL_BAD = [
 
 @pytest.mark.parametrize("text, expected", NCCL_BAD)
 def test_nccl_xml_malformed_input_is_one_clear_error(text, expected):
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(TopologyError, match=expected) as e:
         build_node_type_from_nccl_xml(text)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert str(e.value).startswith("NCCL topology XML")
     assert "; " in str(e.value)
 
@@ -186,10 +188,10 @@ def _laughs(levels: int, fan: int) -> str:
 @pytest.mark.parametrize("levels, fan", [(10, 10), (30, 10), (2, 100_000)])
 def test_billion_laughs_is_refused_in_under_a_second_without_expanding(levels, fan):
     # (30, 10) would expand to 10^30 'lol's; (2, 100_000) is the quadratic blow-up variant.
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(TopologyError, match=r"has a DOCTYPE declaration"):
         build_node_type_from_nccl_xml(_laughs(levels, fan))
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 # --- valid outcomes must still be right ---
@@ -451,8 +453,8 @@ def test_k8s_absurd_gpu_capacity_is_refused_at_once(gpus):
     node = V1Node(metadata=V1ObjectMeta(name="n0", labels={
         "network.topology.nvidia.com/leaf": "l0"}), status=V1NodeStatus(
         capacity={"nvidia.com/gpu": gpus}))
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(ValueError, match=r"node 'n0': capacity nvidia.com/gpu is .* not a whole "
                        r"number from 0 to 128"):
         build_cluster_from_k8s([node])
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
