@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +95,20 @@ def eval_metrics(entry, run_dir: Path) -> dict[str, float]:
     return out
 
 
+def lower_this_thread_priority() -> bool:
+    """Run the calling thread at the lowest CPU priority (nice 19), so the sinks' work (and
+    W&B's service process, started from this thread) never takes a core from a worker that
+    shares the machine: on Linux a thread's nice value is its own (setpriority(2) on its thread
+    id); elsewhere, or where it is refused, nothing changes. True when lowered."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        return False
+    return True
+
+
 class Observer:
     """Feeds the sinks from the run directory, on a thread: `start()`, `finish_stage(name,
     state)` after each stage, `stop(state)` at the end (after evaluation has finished)."""
@@ -152,6 +168,7 @@ class Observer:
             self._lock.release()
 
     def _loop(self) -> None:
+        lower_this_thread_priority()
         while True:
             with self._lock:
                 self._guarded_poll()

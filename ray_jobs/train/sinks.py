@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -73,32 +74,41 @@ def quiet_library_loggers() -> None:
 
 class TensorBoardSink:
     """Event files under RUN_DIR/tensorboard/<stage>: one TensorBoard run per stage on the run's
-    step axis, so `tensorboard --logdir RUN_DIR/tensorboard` shows the whole curriculum."""
+    step axis, so `tensorboard --logdir RUN_DIR/tensorboard` shows the whole curriculum.
+
+    A step is one event holding all its scalars (tensorboard's own EventFileWriter; torch's
+    SummaryWriter writes an event per scalar): 17 events a step cost the driver 1.2 ms of CPU,
+    one costs a tenth of that (benchmarks/train.py `sink_cpu_ms_per_step`)."""
 
     name = "tensorboard"
 
     def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from torch.utils.tensorboard.summary import text
 
         self.root = Path(run_dir) / "tensorboard"
-        self._writer_cls = SummaryWriter
+        self._event, self._summary, self._text = Event, Summary, text
+        self._open = lambda logdir: EventFileWriter(logdir, flush_secs=30)
         self._writers: dict[str, Any] = {}
 
     def _writer(self, stage: str):
         if stage not in self._writers:
-            self._writers[stage] = self._writer_cls(log_dir=str(self.root / stage),
-                                                    flush_secs=30)
+            self._writers[stage] = self._open(str(self.root / stage))
         return self._writers[stage]
+
+    def _write(self, stage: str, summary, step: int, at: float) -> None:
+        self._writer(stage).add_event(self._event(wall_time=at, step=step, summary=summary))
 
     def start_stage(self, stage: str, offset: int, params: dict[str, str]) -> None:
         # RoPE theta and the sequence length: TensorBoard has no params, so a text card
-        self._writer(stage).add_text("params", "\n".join(
-            f"    {k}: {v}" for k, v in sorted(params.items())), global_step=offset)
+        self._write(stage, self._text("params", "\n".join(
+            f"    {k}: {v}" for k, v in sorted(params.items()))), offset, time.time())
 
     def log_step(self, stage: str, step: int, metrics: dict[str, float], at: float) -> None:
-        w = self._writer(stage)
-        for key, value in metrics.items():
-            w.add_scalar(key, value, global_step=step, walltime=at)
+        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+        self._write(stage, self._summary(value=values), step, at)
 
     def log_eval(self, stage: str, step: int, scores: dict[str, float], at: float) -> None:
         self.log_step(stage, step, scores, at)
@@ -156,6 +166,7 @@ class MlflowSink:
                                             tags={"ringpilot.run": run.name})
             self.state.update(uri=uri, experiment=exp_id, parent=parent.info.run_id, stages={})
             self._log_params(parent.info.run_id, params)
+        self._pending: dict[str, list] = {}  # run id -> metrics not sent yet
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -178,21 +189,27 @@ class MlflowSink:
         return runs[stage]
 
     def log_step(self, stage: str, step: int, metrics: dict[str, float], at: float) -> None:
+        """Kept until `flush` (the Observer's every poll, ~6 steps here): one request per poll,
+        not per step, to a tracking server (and one read of the run's meta.yaml on a file
+        store)."""
         from mlflow.entities import Metric
 
         ms = int(at * 1000)
-        batch = [Metric(k, float(v), ms, step) for k, v in metrics.items()]
-        run_id = self._stage_run(stage)
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+        self._pending.setdefault(self._stage_run(stage), []).extend(
+            Metric(k, float(v), ms, step) for k, v in metrics.items())
 
     def log_eval(self, stage: str, step: int, scores: dict[str, float], at: float) -> None:
         self.log_step(stage, step, scores, at)
 
     def flush(self) -> None:
-        pass
+        while self._pending:
+            run_id, batch = next(iter(self._pending.items()))
+            for i in range(0, len(batch), 1000):  # MLflow takes at most 1,000 per batch
+                self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+            del self._pending[run_id]
 
     def end_stage(self, stage: str, state: str, artifacts: list[Path]) -> None:
+        self.flush()
         run_id = self._stage_run(stage)
         for path in artifacts:
             if path.is_file():
@@ -202,6 +219,7 @@ class MlflowSink:
         self.client.set_terminated(run_id, "FINISHED" if state == "done" else "FAILED")
 
     def close(self, state: str) -> None:
+        self.flush()
         self.client.set_terminated(self.state["parent"],
                                    "FINISHED" if state == "done" else "KILLED")
 

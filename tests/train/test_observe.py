@@ -109,3 +109,61 @@ def test_sink_libraries_keep_off_the_console(tmp_path, capfd):
     assert warnings == [] and out == "" and err == "", (warnings, out, err)
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert list((run_dir / "mlruns").rglob("train/loss"))
+
+
+def test_the_feed_thread_runs_at_the_lowest_priority():
+    """The sinks' thread gives way to the workers sharing the cores; the driver's own thread
+    keeps its priority (Linux: nice is per thread)."""
+    import os
+    import sys
+    import threading
+
+    from ray_jobs.train.observe import lower_this_thread_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are Linux's")
+    seen = {}
+
+    def probe():
+        seen["lowered"] = lower_this_thread_priority()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen == {"lowered": True, "nice": 19}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_mlflow_sends_a_polls_steps_in_one_batch(tmp_path, monkeypatch):
+    """Steps wait in the sink until the poll's flush: one request per poll to a server; none is
+    lost at a stage's end or at close."""
+    from ray_jobs.train.observe import flatten
+    from ray_jobs.train.sinks import MlflowSink
+    from specs.run import MlflowSinkSpec
+
+    run = _run(tmp_path)
+    sink = MlflowSink(MlflowSinkSpec(tracking_uri="mlruns"), tmp_path, run,
+                      flatten({"a": 1}), {})
+    calls = []
+    real = sink.client.log_batch
+
+    def counting(run_id, **kw):
+        if kw.get("metrics"):
+            calls.append(len(kw["metrics"]))
+        return real(run_id, **kw)
+
+    monkeypatch.setattr(sink.client, "log_batch", counting)
+    for step in (1, 2, 3):
+        sink.log_step("s64", step, {"train/loss": 1.0 / step, "train/lr": 1e-3}, time.time())
+    assert calls == []
+    sink.flush()
+    assert calls == [6]
+    sink.log_step("s64", 4, {"train/loss": 0.25}, time.time())
+    sink.end_stage("s64", "done", [])
+    assert calls == [6, 1]
+    history = sink.client.get_metric_history(sink.state["stages"]["s64"], "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5),
+                                                           (3, pytest.approx(1 / 3)), (4, 0.25)]
+    sink.close("done")
