@@ -13,14 +13,17 @@
    model (niah_before) vs the last stage's (niah_after), their digit accuracy and answer-token loss;
 5. observability_overhead: the same run with every sink on (TensorBoard, MLflow pointed at a
    tracking server that does not exist, W&B offline, Prometheus) over the run with them off, in
-   seconds per step as the workers measure it (each run's median step after the first, the
-   fastest of the rounds on each side, the two orders alternating), minus 1; and the warnings
+   seconds per step as the workers measure it (each run's median step after the first, the two
+   orders alternating), minus 1; and the warnings
    each run with them on printed (observability_warnings: the MLflow one, once, is expected);
    observability_cpu_share: the driver's extra CPU seconds with every sink on (its threads and
    W&B's service process) over the workers' seconds in steps, which a busy machine cannot blur;
    observability_cpu_ms_per_step: what the four sinks cost the driver per step once running
    (their start-up left out), each sink handed a real step's metrics 200 times (--observability
-   only).
+   only); observability_step_share_bound: that over the off runs' median step, the most the
+   sinks could add to a step if every CPU millisecond they take came off the step's critical
+   path (--observability only). observability_overhead is the median over rounds of each
+   round's on / off - 1 (--rounds; one round in the full benchmark).
 Last line: one JSON object. Timings are noisy: other processes share the 2 CPU cores.
 """
 
@@ -183,9 +186,10 @@ def sinks_block(sinks: tuple[str, ...]) -> dict:
     return block
 
 
-def sink_cpu_ms_per_step(tmp: Path, steps: int = 200) -> dict[str, float]:
-    """Each sink's CPU milliseconds per optimizer step on the driver, steady state: a real
-    step record's metrics (ray_jobs.train.observe.step_metrics) handed to it `steps` times,
+def sink_cpu_ms_per_step(tmp: Path, rec: dict, steps: int = 200) -> dict[str, float]:
+    """Each sink's CPU milliseconds per optimizer step on the driver, steady state: `rec`, a
+    step record a real run wrote (its metrics as ray_jobs.train.observe.step_metrics makes them),
+    handed to each sink `steps` times,
     flushed every 6 (the Observer polls every 2 s; a step takes about 0.3 s here), after the
     sink was built and its stage started. MLflow on a local file store here (an unreachable
     server drops the sink at its first call, costing nothing after); W&B offline; Prometheus
@@ -198,11 +202,7 @@ def sink_cpu_ms_per_step(tmp: Path, steps: int = 200) -> dict[str, float]:
     from specs.run import MlflowSinkSpec, RunSpec, WandbSinkSpec
 
     run = load_model(REPO / "configs" / "tiny.yaml", RunSpec)
-    rec = {"step": 1, "loss": 3.2, "lr": 1e-3, "grad_norm": 1.2, "step_s": 0.3, "tokens": 4096,
-           "phases": {"data": 0.01, "forward + backward": 0.25, "optimizer": 0.02,
-                      "loss all-reduce": 0.001},
-           "memory_peak_bytes": [1e8, 1.1e8], "kv_wait_s": [0.01, 0.02]}
-    metrics = step_metrics(rec, 0.28)
+    metrics = step_metrics(rec, rec["step_s"])
     params, state = flatten(run.model_dump(mode="json")), {}
     built = {
         "tensorboard": sinks.TensorBoardSink(tmp),
@@ -225,18 +225,21 @@ def sink_cpu_ms_per_step(tmp: Path, steps: int = 200) -> dict[str, float]:
 
 
 def observability_overhead(tmp: Path, rounds: int = 3, sinks: tuple[str, ...] = SINKS,
-                           steps: int = STEPS) -> tuple[float, float, float]:
-    """(all sinks on over off, minus 1; warnings per run with them on; the driver's extra CPU
-    seconds with them on over the workers' step seconds): alternating runs of the same spec, so
-    a slow spell of the shared cores hits both; the fastest round of each side counts (other
-    processes share the 2 cores: noise only ever adds). The CPU share is the one a busy machine
-    cannot blur: CPU time, not the wall clock, of what the sinks add to the driver, which
-    shares the cores with the workers."""
+                           steps: int = STEPS) -> dict:
+    """Alternating runs of the same spec with `sinks` on and off (the order swapped each round, so
+    a slow spell of the shared cores hits both sides). Returns `overhead`: the median over rounds
+    of (on / off - 1) in the workers' median seconds per step (paired: a round's two runs are
+    minutes apart, the rounds may be far apart in load); `warnings` per run with the sinks on;
+    `cpu_share`: the driver's extra CPU seconds with them on (its threads, W&B's service) over the
+    workers' step seconds, the largest round's, start-up included; `step_s`: the off runs'
+    median step; `record`: a step record the last run with them on wrote."""
     import contextlib
     import io
+    import statistics
 
     off, on, warnings = [], [], 0
     cpu = {True: [], False: []}
+    record = None
     for i in range(rounds):
         for side in ((False, True) if i % 2 == 0 else (True, False)):
             spec = _bench_spec(tmp / f"obs-{i}-{side}", steps=steps)
@@ -250,15 +253,22 @@ def observability_overhead(tmp: Path, rounds: int = 3, sinks: tuple[str, ...] = 
             cpu[side].append((driver_cpu_seconds() - cpu0, worker_step_seconds(run_dir, stage)))
             warnings += sum("observability:" in line for line in err.getvalue().splitlines())
             (on if side else off).append(median_step_seconds(run_dir, stage))
+            if side:
+                lines = (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()
+                record = json.loads(lines[len(lines) // 2])
     extra = [c_on - c_off for (c_on, _), (c_off, _) in zip(cpu[True], cpu[False])]
     share = max(extra) / min(w for _, w in cpu[True])
+    paired = [a / b - 1 for a, b in zip(on, off)]
     print(f"observability: s/step with {'+'.join(sinks)} on {' / '.join(f'{x:.4f}' for x in on)}, "
-          f"off {' / '.join(f'{x:.4f}' for x in off)}; driver CPU s on "
+          f"off {' / '.join(f'{x:.4f}' for x in off)}; per round on/off - 1: "
+          f"{' / '.join(f'{x:+.3f}' for x in paired)} (median {statistics.median(paired):+.4f}, "
+          f"fastest on over fastest off {min(on) / min(off) - 1:+.4f}); driver CPU s on "
           f"{' / '.join(f'{c:.2f}' for c, _ in cpu[True])}, off "
           f"{' / '.join(f'{c:.2f}' for c, _ in cpu[False])}, workers' step s "
           f"{' / '.join(f'{w:.1f}' for _, w in cpu[True])}; {warnings} warning(s) in {rounds} "
           f"run(s) with them on; load average {os.getloadavg()[0]:.1f}", flush=True)
-    return min(on) / min(off) - 1, warnings / rounds, share
+    return {"overhead": statistics.median(paired), "warnings": warnings / rounds,
+            "cpu_share": share, "step_s": statistics.median(off), "record": record}
 
 
 def main() -> None:
@@ -269,8 +279,8 @@ def main() -> None:
     parser.add_argument("--sinks", default=",".join(SINKS),
                         help="with --observability: the sinks to turn on (comma-separated; "
                         "default all), to tell which one costs")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="with --observability: rounds of on/off runs (default 3)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="with --observability: rounds of on/off runs (default 6)")
     parser.add_argument("--steps", type=int, default=STEPS,
                         help=f"with --observability: steps per run (default {STEPS})")
     args = parser.parse_args()
@@ -286,16 +296,19 @@ def main() -> None:
             if unknown:
                 parser.error(f"--sinks: {', '.join(sorted(unknown))} unknown; give any of "
                              f"{', '.join(SINKS)}")
-            overhead, warnings, share = observability_overhead(Path(d), args.rounds, sinks,
-                                                               args.steps)
-            per_step = sink_cpu_ms_per_step(Path(d) / "per-step")
+            obs = observability_overhead(Path(d), args.rounds, sinks, args.steps)
+            per_step = sink_cpu_ms_per_step(Path(d) / "per-step", obs["record"])
             ray.shutdown()
+        cpu_ms = sum(per_step.values())
         print("observability: driver CPU per step, steady state: " + ", ".join(
-            f"{k} {v:.2f} ms" for k, v in per_step.items()), flush=True)
-        print(json.dumps({"observability_overhead": round(overhead, 4),
-                          "observability_warnings": warnings,
-                          "observability_cpu_share": round(share, 4),
-                          "observability_cpu_ms_per_step": round(sum(per_step.values()), 2)}))
+            f"{k} {v:.2f} ms" for k, v in per_step.items()) + f"; {cpu_ms:.2f} ms in all over "
+            f"a {obs['step_s'] * 1000:.0f} ms step", flush=True)
+        print(json.dumps({"observability_overhead": round(obs["overhead"], 4),
+                          "observability_warnings": obs["warnings"],
+                          "observability_cpu_share": round(obs["cpu_share"], 4),
+                          "observability_cpu_ms_per_step": round(cpu_ms, 2),
+                          "observability_step_share_bound": round(
+                              cpu_ms / 1000 / obs["step_s"], 4)}))
         return
     with tempfile.TemporaryDirectory(prefix="ringpilot-bench-") as d:
         tmp = Path(d)
@@ -319,11 +332,13 @@ def main() -> None:
                                STEPS // 2 + 2)
         print(f"recovery: {rec:.1f} s from a worker's death to the first step after restart",
               flush=True)
-        overhead, warnings, share = observability_overhead(tmp, rounds=1)
+        obs = observability_overhead(tmp, rounds=1)
         ray.shutdown()
         result.update(tokens_per_s_ratio_vs_single=round(ring / single, 3),
-                      recovery_seconds=round(rec, 1), observability_overhead=round(overhead, 4),
-                      observability_warnings=warnings, observability_cpu_share=round(share, 4))
+                      recovery_seconds=round(rec, 1),
+                      observability_overhead=round(obs["overhead"], 4),
+                      observability_warnings=obs["warnings"],
+                      observability_cpu_share=round(obs["cpu_share"], 4))
     if args.skip_demo:
         result.update(demo_seconds=None, niah_before=None, niah_after=None)
     else:
