@@ -20,6 +20,7 @@ One layout serves the whole batch (packed rows share their document starts).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,21 @@ def plan_document_steps(rank: int, world: int, local_len: int,
     """Rank `rank`'s blocks in ring-step order (step s visits rank (rank - s) mod world)."""
     return [plan_document_block(rank, (rank - step) % world, world, local_len, starts)
             for step in range(world)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_steps(rank: int, world: int, local_len: int,
+                  starts: tuple[int, ...]) -> tuple[DocumentBlock, ...]:
+    return tuple(plan_document_steps(rank, world, local_len,
+                                     torch.tensor(starts, dtype=torch.int64)))
+
+
+def document_steps(rank: int, world: int, local_len: int,
+                   starts: torch.Tensor) -> tuple[DocumentBlock, ...]:
+    """plan_document_steps once per sample: every layer of a model's forward (and its
+    recomputation) asks for the same plan, which costs O(world x local_len) to build; the last
+    16 samples' plans are kept (their masks are positions, O(local_len) each, not matrices)."""
+    return _cached_steps(rank, world, local_len, tuple(starts.tolist()))
 
 
 def plan_document_table(world: int, seq_len: int, doc_starts: torch.Tensor) -> DocumentTable:

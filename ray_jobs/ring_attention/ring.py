@@ -27,6 +27,8 @@ kernel (masked). Packed documents break the zigzag balance: ranks may then do un
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -36,7 +38,7 @@ from ray_jobs.ring_attention.documents import (
     SKIP,
     DocumentBlock,
     check_doc_starts,
-    plan_document_steps,
+    document_steps,
 )
 from ray_jobs.ring_attention.kernels import (
     BlockKernel,
@@ -67,7 +69,7 @@ def _step_plan(blocks, rank: int, step: int, size: int, local_len: int,
 
 
 def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: BlockKernel,
-                  blocks: list[DocumentBlock] | None = None):
+                  blocks: Sequence[DocumentBlock] | None = None):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     out = lse = None
     current, spare = (k, v), None
@@ -127,7 +129,7 @@ def _accumulate(acc: torch.Tensor, block: torch.Tensor, rows: int = 1024) -> Non
 
 
 def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: float,
-                   kernel: BlockKernel, blocks: list[DocumentBlock] | None = None):
+                   kernel: BlockKernel, blocks: Sequence[DocumentBlock] | None = None):
     size, rank, local_len = ring.size, ring.rank, q.shape[1]
     acc_dtype = accumulator_dtype(size, q.dtype)
     current, spare = (k, v), None
@@ -196,7 +198,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
 class RingAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves the local q, k, v, the output and the fp32 log-sum-exp.
 
-    `blocks` is this rank's document plan (documents.plan_document_steps), None without one.
+    `blocks` is this rank's document plan (documents.document_steps), None without one.
     """
 
     @staticmethod
@@ -294,7 +296,7 @@ def ring_attention(
                 f"doc_starts: document masking runs on CPU kernels only so far, got {q.device} "
                 "tensors; drop doc_starts (plain causal attention across documents) on GPUs")
         starts = check_doc_starts(doc_starts, q.shape[1] * ring.size)
-        blocks = plan_document_steps(ring.rank, ring.size, q.shape[1], starts)
+        blocks = document_steps(ring.rank, ring.size, q.shape[1], starts)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     # isend/irecv need contiguous buffers; q may stay a strided view (the kernels take strides).

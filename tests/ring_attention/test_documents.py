@@ -248,3 +248,14 @@ def test_masked_block_in_row_chunks_equals_one_pass(monkeypatch):
     chunked_grads = masked_block_backward(dout, q, k, v, *chunked, mask, 0.25)
     for got, want in zip((*chunked, *chunked_grads), (*whole, *whole_grads)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_samples_plan_is_built_once_for_all_layers():
+    """Every layer of a forward asks for the same plan: the second ask is the first answer."""
+    from ray_jobs.ring_attention.documents import document_steps, plan_document_steps
+
+    starts = torch.tensor([0, 5, 17])
+    first = document_steps(1, 4, 8, starts)
+    assert document_steps(1, 4, 8, starts.clone()) is first
+    assert document_steps(1, 4, 8, torch.tensor([0, 6, 17])) is not first
+    assert [b.kind for b in first] == [b.kind for b in plan_document_steps(1, 4, 8, starts)]
