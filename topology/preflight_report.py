@@ -123,7 +123,7 @@ def write_preflight(out_dir: str | Path, rounds: Sequence[Sequence[HopTiming]],
 def render_table(explanation: Explanation) -> str:
     """Every hop as one row of at most TABLE_WIDTH columns: round, from, to, MiB, predicted and
     measured milliseconds, ratio, slow, and the suspects a slow hop crosses."""
-    widths = {"round": 7, "from": 15, "to": 15, "MiB": 6, "pred ms": 8, "meas ms": 8,
+    widths = {"round": 6, "from": 16, "to": 16, "MiB": 6, "pred ms": 8, "meas ms": 8,
               "ratio": 6, "slow": 4}
     widths["suspects"] = TABLE_WIDTH - sum(widths.values()) - len(widths)
     right = {"MiB", "pred ms", "meas ms", "ratio"}

@@ -223,6 +223,13 @@ def probe_pairs(router: Router, explanation: Explanation, gpus: Sequence[str]
     return _batches(chosen)
 
 
+def route_suspects(router: Router, src: str, dst: str) -> set[Suspect]:
+    """Every suspect a transfer from GPU `src` to GPU `dst` crosses: its links (each as the
+    suspect it belongs to, see the module) and the vertices on its way, ends included."""
+    _check_pairs(router, [(src, dst)])
+    return _crossed(router.route(src, dst), src, _LinkClasses(router))
+
+
 def simulate_round(model: Router, truth: Router, batches: Sequence[Sequence[Pair]],
                    nbytes: float, noise: float = 0.0,
                    rng: np.random.Generator | None = None) -> list[HopTiming]:
