@@ -32,6 +32,9 @@ Prints one table per measurement, then ONE JSON object on the last line:
                           around each shard group, and the replicas' all-reduce of its gradient
                           shard; ring algorithms, hop times from the cost model) and of one
                           probe round (as tomography chooses it for a link throttled 20x)
+  preflight_seconds_64_gpus  the same on 64 GPUs (8 nodes of 8 L40S on one leaf, GPUS_64) for
+                          the recipe's stages at degrees that fill 64 GPUs (recipe_on_64_gpus:
+                          per stage the smallest ring that fits, data parallel over the rest)
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from topology.cost import StageShape, dp_flows, evaluate_flows, ring_flows  # no
 from topology.fabrics import build_generated_cluster  # noqa: E402
 from topology.graph import Router, build_graph  # noqa: E402
 from topology.run_plan import plan_run  # noqa: E402
-from topology.sources import load_cluster  # noqa: E402
+from topology.sources import build_cluster, load_cluster  # noqa: E402
 from topology.tomography import (  # noqa: E402
     SLOW_FACTOR,
     Explanation,
@@ -248,6 +251,37 @@ def preflight_seconds(spec: ClusterSpec, run: RunSpec) -> dict:
     return {"total": total, "parts": parts, "analysis_longest": analysis_s[longest]}
 
 
+GPUS_64 = {"name": "l40s-8x8", "description": "8 nodes x 8 L40S on one leaf, 4 NICs each",
+           "preset": {"kind": "l40s-leaf-spine", "nodes": 8, "nodes_per_leaf": 8,
+                      "oversubscription": 1.0, "nics": 4}}
+
+
+def recipe_on_64_gpus(run: RunSpec, spec: ClusterSpec) -> RunSpec:
+    """`run`'s stages with degrees that fill 64 GPUs: per stage the smallest ring (8, 16, 32, 64)
+    whose layout (data parallel over the rest, each replica's sequences per step as the recipe
+    has them) the planner accepts; its fixed degrees are for 512 GPUs (ring 32 x 16 replicas)."""
+    from topology.cost import StageDoesNotFit
+    from topology.planner import PlanError
+
+    stages = []
+    for st in run.stages:
+        for ring in (8, 16, 32, 64):
+            dp = spec.num_gpus // ring
+            recipe_dp = st.data_parallel_degree if isinstance(st.data_parallel_degree, int) else 1
+            batch = dp * max(1, st.batch_size // recipe_dp)
+            stage = st.model_copy(update={"ring_degree": ring, "data_parallel_degree": dp,
+                                          "batch_size": batch})
+            try:
+                plan_run(spec, run.model_copy(update={"stages": [stage]}))
+            except (StageDoesNotFit, PlanError):
+                continue
+            stages.append(stage)
+            break
+        else:
+            raise SystemExit(f"stage {st.name} fits no layout of {spec.num_gpus} GPUs")
+    return run.model_copy(update={"stages": stages})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=TRIALS, help=f"accuracy trials ({TRIALS})")
@@ -257,6 +291,8 @@ def main() -> None:
     acc = accuracy(args.trials)
     run = RunSpec.model_validate(yaml.safe_load((ROOT / "configs/llama3-8b-1m.yaml").read_text()))
     pre = preflight_seconds(load_cluster(ROOT / "configs/clusters/l40s-64-leaf-spine.yaml"), run)
+    spec64 = build_cluster(GPUS_64, source="benchmarks/preflight.py")
+    pre64 = preflight_seconds(spec64, recipe_on_64_gpus(run, spec64))
     print(json.dumps({
         "tomography_accuracy": round(acc["correct"], 3),
         "tomography_ambiguous": round(acc["ambiguous"], 3),
@@ -269,6 +305,8 @@ def main() -> None:
         "tomography_seconds_64_nodes": round(pre["analysis_longest"], 3),
         "preflight_seconds_64_nodes": round(pre["total"], 1),
         "preflight_parts_64_nodes": {k: round(v, 2) for k, v in pre["parts"].items()},
+        "preflight_seconds_64_gpus": round(pre64["total"], 1),
+        "preflight_parts_64_gpus": {k: round(v, 2) for k, v in pre64["parts"].items()},
         "noise": NOISE, "reps": REPS, "startup_seconds": STARTUP_S,
     }))
 
