@@ -24,8 +24,8 @@ Prints one table per measurement, then ONE JSON object on the last line:
                           stage of the plan below with one link throttled (this process)
   preflight_seconds_64_nodes  simulated wall seconds of a preflight of configs/llama3-8b-1m.yaml's
                           plan on configs/clusters/l40s-64-leaf-spine.yaml (64 nodes of 8 L40S:
-                          512 GPUs; the recipe's 524k stage does not fit 64 GPUs, 79.6 GB per
-                          GPU at ring 32, so there is no 64-GPU plan to time). STARTUP_S, then per
+                          512 GPUs: the recipe's fixed degrees, ring 32 x 16 replicas, need
+                          512 GPUs; preflight_seconds_64_gpus below is 64). STARTUP_S, then per
                           stage REPS timed repetitions (and one warm-up) of the ring round (all
                           ring hops at once at the K/V block size: the slowest hop), of the
                           collective round (one decoder layer's all-gather and reduce-scatter
