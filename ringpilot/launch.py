@@ -80,6 +80,34 @@ def supervisor_header(line: str) -> bool:
             or line.startswith("Running entrypoint for job "))
 
 
+class TransientRayWarning:
+    """Drops one warning of Ray Train's from the console: its controller asks Ray's autoscaling
+    coordinator for the workers' resources with a 5 s timeout, and on a loaded machine it logs
+    the timeout as a warning with a 20-line traceback that says itself it is "safe to ignore"
+    (nothing autoscales a private head). A newcomer reads a traceback as a failure. The job's
+    whole log (save_job_log) keeps it; any other line, from any process, is shown."""
+
+    START = "Failed to send resource request for "
+    END = "GetTimeoutError"
+
+    def __init__(self) -> None:
+        self._tag: str | None = None  # the warning's "(TrainController pid=N)" prefix
+
+    def drop(self, line: str) -> bool:
+        if self._tag is None:
+            if self.START in line and "safe to ignore" in line:
+                self._tag = line[: line.index(self.START)]
+                return True
+            return False
+        rest = line[len(self._tag):] if line.startswith(self._tag) else None
+        if rest is not None and (rest.startswith(("Traceback", " ")) or self.END in rest):
+            if self.END in rest:
+                self._tag = None
+            return True
+        self._tag = None  # the block ended otherwise: show this line
+        return False
+
+
 class Interrupted(Exception):
     """A stop signal arrived while the demo ran."""
 
@@ -214,10 +242,12 @@ class Demo:
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
         client = JobSubmissionClient(self.url)
 
+        transient = TransientRayWarning()
+
         async def tail() -> None:
             async for chunk in client.tail_job_logs(self.job):
                 for line in chunk.rstrip("\n").split("\n"):
-                    if not supervisor_header(line):
+                    if not supervisor_header(line) and not transient.drop(line):
                         say(line)
 
         asyncio.run(tail())

@@ -23,6 +23,7 @@ import pytest
 from ray_jobs.ray_setup import free_port
 from ringpilot import processes
 from ringpilot.launch import STOP_SIGNALS, Interrupted, StopSignals, _port_free
+from specs.checkpoint import locate
 from specs.ledger import Ledger, is_committed
 from tests.train.conftest import mini_spec, write_spec
 
@@ -137,12 +138,15 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     interrupt(mini_run, signal.SIGINT, whole_group=True)
     spec, run_dir = mini_run
     last = Ledger(run_dir, "mini").latest_committed("s64")
-    # The rerun finishes the stage: with a checkpoint every 3 steps (there so that the first one
-    # lands early) that is ~50 more saves, most of this test's time; the rerun saves only at
-    # the end of each stage (a spec's storage section may change between runs).
-    write_spec(spec, mini_spec(run_dir.parent, **{"stages.0.steps": 150, "stages.1.steps": 3,
+    # The rerun finishes the stage six steps after the checkpoint it resumes from (150 steps were
+    # there only to keep the first run busy until the signal; training the rest was 40 s of this
+    # test) and saves only at the end of each stage: a spec's steps and storage may change
+    # between runs.
+    resume_at = locate(last).step
+    write_spec(spec, mini_spec(run_dir.parent, **{"stages.0.steps": resume_at + 6,
+                                                 "stages.1.steps": 3,
                                                  "storage.checkpoint_every": 150,
-                                                 "failure.report_every": 50}))
+                                                 "failure.report_every": 3}))
     again = Launcher(spec, free_port())
     try:
         code = again.wait(timeout=600)
@@ -215,3 +219,29 @@ def test_the_demo_says_where_the_tensorboard_files_are(tmp_path, capsys, monkeyp
         update={"tensorboard": False})})
     _print_tensorboard(off, Path("runs") / "mini")
     assert capsys.readouterr().out == ""
+
+
+def test_rays_transient_resource_request_warning_stays_off_the_console():
+    """On a loaded machine Ray Train's controller logs a timed-out request to the autoscaling
+    coordinator as a warning with a traceback ("safe to ignore"): dropped, and only it."""
+    from ringpilot.launch import TransientRayWarning
+
+    tag = "\x1b[36m(TrainController pid=7421)\x1b[0m "
+    block = [tag + "Failed to send resource request for train-b32d. If this only happens "
+             "transiently during network partition or CPU being overloaded, it's safe to ignore "
+             "this error. If this error persists, file a GitHub issue.",
+             tag + "Traceback (most recent call last):",
+             tag + '  File "ray/train/v2/autoscaling_coordinator_client.py", line 58, in send',
+             tag + "    ray.get(",
+             tag + "    ^^^^^^^^",
+             tag + "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."]
+    lines = (["[s64] seq_len 64, rope theta 10,000; starting"] + block
+             + ["[s64] step    50/150  loss 2.4132", tag + "Traceback (most recent call last):",
+                tag + "  File \"x.py\", line 1", tag + "ValueError: ours"])
+    transient = TransientRayWarning()
+    shown = [line for line in lines if not transient.drop(line)]
+    assert shown == [lines[0]] + lines[len(block) + 1:]  # our own traceback stays
+    # a block cut short by another line ends there: that line and what follows are shown
+    transient = TransientRayWarning()
+    cut = block[:2] + ["[s64] step 3/150", tag + "  File \"y.py\", line 2"]
+    assert [line for line in cut if not transient.drop(line)] == cut[2:]
