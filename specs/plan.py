@@ -235,7 +235,9 @@ class Plan(_Spec):
     stages: list[StagePlan] = Field(description="One per RunSpec stage, in order.")
     unknown_topology: list[str] = Field(default_factory=list, description="Nodes left out "
                                         "because their network position is unknown.")
-    excluded: list[str] = Field(default_factory=list, description="Nodes removed (what-if).")
+    excluded: list[str] = Field(default_factory=list, description="Nodes removed (what-if), "
+                                "and what `ringpilot plan --exclude` left out: nodes, GPUs, "
+                                "devices, links.")
     assumptions: list[str] = Field(default_factory=list, description="Cost-model assumptions "
                                    "behind the predictions.")
     eval: EvalPlan | None = Field(None, description="Evaluation gangs and their predicted "

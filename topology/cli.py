@@ -16,6 +16,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from specs.loading import load_model
     from specs.run import RunSpec
     from topology.cost import StageDoesNotFit
+    from topology.exclusions import (
+        Exclusions,
+        apply_exclusions,
+        degrade_excluded,
+        parse_exclusions,
+    )
     from topology.graph import TopologyError, apply_degrade_link, build_graph
     from topology.planner import PlanError
     from topology.report import render_report
@@ -50,20 +56,29 @@ def run_plan(args: argparse.Namespace) -> int:
                                                                   CalibratedProfile))
         compare = [float(x) for x in args.compare_minutes.split(",")] if args.compare_minutes \
             else None
+        ex, base_graph = Exclusions(), None
+        if args.exclude:  # the plan itself goes around what a preflight found
+            ex = parse_exclusions(spec, build_graph(spec), args.exclude)
+            spec = apply_exclusions(spec, ex)
+            base_graph = build_graph(spec)
+            degrade_excluded(base_graph, ex)
+            notes = [*(notes or []), ex.describe()]
         whatif, label, graph, changed = None, [], None, spec
         if args.without_node or args.degrade_link:  # checked before the (slower) planning
             changed = spec.without_nodes(args.without_node) if args.without_node else spec
             graph = build_graph(changed)
+            degrade_excluded(graph, ex)
             for text in args.degrade_link:
                 a, b, f = apply_degrade_link(graph, text)
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
         base_rope = run.base_rope(Path(args.run).parent)  # a base model's own rule, if any
-        plan = plan_run(spec, run, profile=profile, notes=notes,
+        plan = plan_run(spec, run, graph=base_graph, excluded=ex.names, relax=bool(ex.names),
+                        profile=profile, notes=notes,
                         search_seconds=args.search_seconds, base_rope=base_rope)
         if graph is not None:
-            whatif = plan_run(changed, run, graph=graph, excluded=args.without_node, relax=True,
-                              profile=profile, notes=notes,
+            whatif = plan_run(changed, run, graph=graph, excluded=[*ex.names, *args.without_node],
+                              relax=True, profile=profile, notes=notes,
                               search_seconds=args.search_seconds, base_rope=base_rope)
         table = None
         if args.compare:
@@ -92,6 +107,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--from-k8s", action="store_true", help="read node labels from the current "
                    "kube context instead of --cluster (needs an API server)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--exclude", action="append", default=[], metavar="X[,Y]",
+                   help="plan around what a preflight found: a node (host1), a GPU "
+                   "(host1/gpu0), a device (host1/nic0) or a link as findings print it "
+                   "(host1/nic0->leaf0); nodes and GPUs are not placed, links and devices are "
+                   "priced at near zero bandwidth so rings go around them (repeatable)")
     p.add_argument("--without-node", action="append", default=[], metavar="NAME",
                    help="what-if: re-plan without this node (repeatable)")
     p.add_argument("--degrade-link", action="append", default=[], metavar="A-B=FACTOR",
