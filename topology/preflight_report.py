@@ -161,9 +161,9 @@ def fabric_figure(router: Router, explanation: Explanation) -> plt.Figure:
     is drawn as an arrow in its direction (with the links merged into it)."""
     g = router.graph
     pos = _layout(router)
-    certain = (set.intersection(*(set(c) for c in explanation.candidates))
-               if explanation.candidates else set())
-    possible = {s for c in explanation.candidates for s in c} - certain
+    certain = _members(explanation, set.intersection(*(set(c) for c in explanation.candidates))
+                       if explanation.candidates else set())
+    possible = _members(explanation, {s for c in explanation.candidates for s in c}) - certain
     width = min(40.0, max(6.0, 0.35 * sum(1 for _, k in g.nodes(data="kind") if k == "gpu")))
     fig, ax = plt.subplots(figsize=(width, 5.5))
     for u, v in g.edges:
@@ -182,9 +182,8 @@ def fabric_figure(router: Router, explanation: Explanation) -> plt.Figure:
                     ha="center", fontsize=8)
     for suspects, colour, style in ((certain, "#d62728", "-"), (possible, "#ff7f0e", "--")):
         for s in suspects:
-            if isinstance(s, str):
-                continue
-            for u, v in explanation.aliases.get(s, (s,)):
+            if not isinstance(s, str):
+                u, v = s
                 ax.add_patch(FancyArrowPatch(pos[u], pos[v], arrowstyle="-|>", mutation_scale=12,
                                              color=colour, lw=2.2, linestyle=style, zorder=2,
                                              connectionstyle="arc3,rad=0.18"))
@@ -214,9 +213,14 @@ def _suspect_finding(e: Explanation, s: Suspect) -> Finding:
         kind = "slow link"
         others = [suspect_name(x) for x in e.aliases.get(s, ()) if x != s]
         if others:
-            what += f" (or {', '.join(others)}: every route crosses them together)"
+            what += f" (or {', '.join(others)}: no GPU pair tells them apart)"
     return Finding(kind, f"{what}: {_hop_text(hops)} (unique explanation; re-plan around it: "
                    f"--exclude {name})", (name,))
+
+
+def _members(e: Explanation, suspects: set[Suspect]) -> set[Suspect]:
+    """The suspects with the links and vertices merged into each."""
+    return {m for s in suspects for m in e.aliases.get(s, (s,))}
 
 
 def _hop_text(hops: list[HopTiming]) -> str:

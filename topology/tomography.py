@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from topology.cost import evaluate_flows
+from topology.cost import GB, evaluate_flows
 from topology.graph import Link, Router
 
 Suspect = Link | str  # a directed link (u, v), or a vertex of the cluster graph
@@ -86,7 +86,8 @@ class Explanation:
     crosses every slow hop and no fast one), sorted; `unique` when exactly one is left.
     `unexplained`: slow hops whose every suspect also carried a fast hop (inconsistent evidence:
     noise, a transient, or a slowdown the model cannot express). `hop_suspects` gives, per hop,
-    the candidate suspects its route crosses; `aliases` the links merged into a suspect.
+    the candidate suspects its route crosses; `aliases` the links and vertices merged into a
+    suspect because no GPU pair tells them apart (the suspect itself included).
     """
 
     rounds: tuple[tuple[HopTiming, ...], ...]
@@ -97,7 +98,7 @@ class Explanation:
     candidates: tuple[frozenset[Suspect], ...]
     unexplained: tuple[HopTiming, ...]
     hop_suspects: tuple[tuple[Suspect, ...], ...]
-    aliases: Mapping[Suspect, tuple[Link, ...]] = field(default_factory=dict)
+    aliases: Mapping[Suspect, tuple[Suspect, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
     @property
@@ -153,7 +154,8 @@ def classify(hops: Sequence[HopTiming], slow_factor: float = SLOW_FACTOR,
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"hop {h.src} -> {h.dst}: {name} is {value}; every hop needs "
                                  "a finite value > 0 (a transfer that failed is no timing)")
-    median = statistics.median(h.ratio for h in hops) if median_ratio is None else median_ratio
+    median = (statistics.median_low(h.ratio for h in hops) if median_ratio is None
+              else median_ratio)
     return Classification(median, tuple(h.ratio > slow_factor * median for h in hops),
                           slow_factor, fabric_factor)
 
@@ -191,14 +193,16 @@ def probe_pairs(router: Router, explanation: Explanation, gpus: Sequence[str]
     if len(cands) < 2:
         return []
     suspects = explanation.suspects()
-    pool = _probe_pool(explanation, gpus)
+    pool = _probe_pool(explanation.slow_hops, gpus)
     classes = _LinkClasses(router)
+    rep_of = {classes.canonical(m) if not isinstance(m, str) else m: x for x in suspects
+              for m in explanation.aliases.get(x, (x,))}
     rows: list[tuple[Pair, frozenset[Suspect], list[Link]]] = []
     for src in pool:
         for dst in pool:
             if src != dst:
                 route = router.route(src, dst)
-                crossed = _crossed(route, src, classes) & set(suspects)
+                crossed = {rep_of[x] for x in _crossed(route, src, classes) if x in rep_of}
                 if crossed:
                     rows.append(((src, dst), frozenset(crossed), route))
     rows.sort(key=lambda r: (len(r[2]), r[0]))  # short routes first: fewer other links at play
@@ -270,23 +274,105 @@ def slowed(router: Router, factors: Mapping[Suspect, float]) -> Router:
 
 # ---- the explanation ---------------------------------------------------------------------------
 
+@dataclass
+class _Hop:
+    """A hop as the model sees it: the suspects it crosses, each with the smallest bandwidth
+    share (GB/s) the hop gets on that suspect's links, its latency and its modelled time."""
+
+    shares: dict[Suspect, float]
+    latency_s: float
+    model_s: float
+    nbytes: float
+
+    def throttle_to(self, suspect: Suspect, ratio: float) -> float:
+        """How many times slower `suspect` must run for this hop to take `ratio` times its
+        modelled time (its other links as they are; at least the slack the suspect has)."""
+        return self.shares[suspect] * GB * (ratio * self.model_s - self.latency_s) / self.nbytes
+
+
+def _evidence(router: Router, rounds: tuple[tuple[HopTiming, ...], ...],
+              classes: _LinkClasses) -> list[_Hop]:
+    """Per hop, the shares it got: round one's hops ran at once (each link's bandwidth split
+    among the hops crossing it); a probe round's batches share no link, so its hops had their
+    links to themselves."""
+    out = []
+    for k, hops in enumerate(rounds):
+        routes = [router.route(h.src, h.dst) for h in hops]
+        load: dict[Link, int] = {}
+        for route in routes:
+            for lk in route:
+                load[lk] = load.get(lk, 0) + 1 if k == 0 else 1
+        for h, route in zip(hops, routes):
+            shares: dict[Suspect, float] = {}
+            for lk in route:
+                share = float(router.bandwidth[router.link_id[lk]]) / load[lk]
+                for s in (classes.canonical(lk), *lk):
+                    shares[s] = min(shares.get(s, share), share)
+            latency = float(sum(router.latency_us[router.link_id[lk]] for lk in route)) * 1e-6
+            rate = min(shares[classes.canonical(lk)] for lk in route)
+            out.append(_Hop(shares, latency, latency + h.nbytes / (rate * GB), h.nbytes))
+    return out
+
+
 def _explain(router: Router, rounds: tuple[tuple[HopTiming, ...], ...], slow: tuple[bool, ...],
              median: float, slow_factor: float, fabric_factor: float) -> Explanation:
     hops = [h for r in rounds for h in r]
     _check_pairs(router, [(h.src, h.dst) for h in hops])
     classes = _LinkClasses(router)
-    crossed = [_crossed(router.route(h.src, h.dst), h.src, classes) for h in hops]
-    cleared = set().union(*(c for c, s in zip(crossed, slow) if not s))
-    open_sets = [frozenset(c - cleared) for c, s in zip(crossed, slow) if s]
-    unexplained = tuple(h for h, c, s in zip(hops, crossed, slow) if s and not c - cleared)
-    candidates, notes = _minimal_hitting_sets([c for c in open_sets if c])
-    named = {s for c in candidates for s in c}
-    hop_suspects = tuple(tuple(sorted(c & named, key=suspect_name)) if s else ()
-                         for c, s in zip(crossed, slow))
-    aliases = {s: classes.members(s) for s in named
-               if not isinstance(s, str) and len(classes.members(s)) > 1}
+    evidence = _evidence(router, rounds, classes)
+    # The throttle each suspect would need to explain the slowest-to-show of its slow hops
+    throttle: dict[Suspect, float] = {}
+    for h, e, s in zip(hops, evidence, slow):
+        if s:
+            for x in e.shares:
+                throttle[x] = min(throttle.get(x, math.inf), e.throttle_to(x, h.ratio / median))
+    # A fast hop clears a suspect when that throttle would have made it slow too
+    cleared = {x for e, s in zip(evidence, slow) if not s for x in e.shares
+               if x in throttle and e.throttle_to(x, slow_factor) <= throttle[x]}
+    open_sets = [frozenset(set(e.shares) - cleared) for e, s in zip(evidence, slow) if s]
+    unexplained = tuple(h for h, c in zip((h for h, s in zip(hops, slow) if s), open_sets)
+                        if not c)
+    rep, members = _indistinguishable(router, set().union(*open_sets), hops, slow, classes)
+    candidates, notes = _minimal_hitting_sets([frozenset(rep[x] for x in c)
+                                               for c in open_sets if c])
+    named = {x for c in candidates for x in c}
+    hop_suspects = tuple(tuple(sorted({rep[x] for x in e.shares if x in rep} & named,
+                                      key=suspect_name)) if s else ()
+                         for e, s in zip(evidence, slow))
+    aliases = {x: members[x] for x in named if len(members[x]) > 1}
     return Explanation(rounds, slow, median, slow_factor, fabric_factor, candidates,
                        unexplained, hop_suspects, aliases, tuple(notes))
+
+
+def _indistinguishable(router: Router, candidates: set[Suspect], hops: list[HopTiming],
+                       slow: tuple[bool, ...], classes: _LinkClasses
+                       ) -> tuple[dict[Suspect, Suspect], dict[Suspect, tuple[Suspect, ...]]]:
+    """Candidates that exactly the same GPU pairs cross (over the pool of `_probe_pool`: the
+    cluster's GPUs up to MAX_PROBE_GPUS) can never be told apart by timing pairs: one
+    suspect, named by a link before a vertex, the link nearest the fabric first. Returns each
+    candidate's representative and each representative's members (the links every route
+    crosses with a member link included)."""
+    gpus = [v for v, k in router.graph.nodes(data="kind") if k == "gpu"]
+    crossing: dict[Suspect, list[int]] = {x: [] for x in candidates}
+    if len(candidates) > 1:
+        pool = _probe_pool([h for h, s in zip(hops, slow) if s], gpus)
+        pairs = [(a, b) for a in pool for b in pool if a != b]
+        for i, (a, b) in enumerate(pairs):
+            for x in _crossed(router.route(a, b), a, classes) & candidates:
+                crossing[x].append(i)
+    groups: dict[tuple[int, ...], list[Suspect]] = {}
+    for x in candidates:
+        groups.setdefault(tuple(crossing[x]), []).append(x)
+    rep: dict[Suspect, Suspect] = {}
+    members: dict[Suspect, tuple[Suspect, ...]] = {}
+    for group in groups.values():
+        head = min(group, key=lambda x: (isinstance(x, str), classes.preference(x)
+                                         if not isinstance(x, str) else (), suspect_name(x)))
+        flat = [m for x in sorted(group, key=suspect_name)
+                for m in ((x,) if isinstance(x, str) else classes.members(x))]
+        members[head] = tuple(dict.fromkeys(flat))
+        rep.update({x: head for x in group})
+    return rep, members
 
 
 def _minimal_hitting_sets(sets: list[frozenset[Suspect]]
@@ -360,18 +446,17 @@ class _LinkClasses:
             u = w
         return chain
 
+    def preference(self, link: Link) -> tuple:
+        """Sort key: a NIC's link to a fabric switch first, then other fabric links."""
+        kinds = {self.graph.nodes[link[0]].get("kind"), self.graph.nodes[link[1]].get("kind")}
+        fabric = bool(kinds & set(FABRIC_KINDS))
+        return (not (fabric and "nic" in kinds), not fabric, link)
+
     def canonical(self, link: Link) -> Link:
         hit = self._canonical.get(link)
         if hit is None:
             chain = self._chain(link)
-            kind = self.graph.nodes
-
-            def preference(lk: Link) -> tuple:
-                kinds = {kind[lk[0]].get("kind"), kind[lk[1]].get("kind")}
-                fabric = bool(kinds & set(FABRIC_KINDS))
-                return (not (fabric and "nic" in kinds), not fabric, lk)
-
-            hit = min(chain, key=preference)
+            hit = min(chain, key=self.preference)
             for lk in chain:
                 self._canonical[lk] = hit
             self._members[hit] = tuple(chain)
@@ -383,14 +468,14 @@ class _LinkClasses:
 
 # ---- probes ------------------------------------------------------------------------------------
 
-def _probe_pool(explanation: Explanation, gpus: Sequence[str]) -> list[str]:
+def _probe_pool(slow_hops: Sequence[HopTiming], gpus: Sequence[str]) -> list[str]:
     """The GPUs probes may use: all of `gpus` up to MAX_PROBE_GPUS; above, the slow hops' own
     nodes' GPUs first, then one GPU of each other node, up to that many."""
     gpus = sorted(set(gpus))
     if len(gpus) <= MAX_PROBE_GPUS:
         return gpus
     node = {g: g.rpartition("/gpu")[0] for g in gpus}
-    near = {node[x] for h in explanation.slow_hops for x in (h.src, h.dst) if x in node}
+    near = {node[x] for h in slow_hops for x in (h.src, h.dst) if x in node}
     pool = [g for g in gpus if node[g] in near]
     seen = set(near)
     for g in gpus:

@@ -17,6 +17,7 @@ from topology.tomography import (
     classify,
     explain,
     predict_hops,
+    probe_pairs,
     refine,
     route_suspects,
     simulate_round,
@@ -155,3 +156,50 @@ def test_bad_factors_and_pairs_are_refused(netns):
         slowed(netns, {("host9/nic0", "leaf0"): 2})
     with pytest.raises(ValueError, match="needs rng"):
         simulate_round(netns, netns, [[("host0/gpu0", "host0/gpu1")]], NBYTES, noise=0.1)
+
+
+def test_a_fast_hop_limited_elsewhere_does_not_clear_the_slow_link(netns):
+    """host1's uplink throttled 4x carries two hops; one of them is limited by host3's slow
+    downlink (the profile knows it: a tenth of the bandwidth), so the throttle does not show on
+    it. That fast hop must not clear the uplink: the throttle the slow hop implies (4x) is far
+    below what it would take to slow the other one (about 10x)."""
+    model = slowed(netns, {("leaf0", "host3/nic0"): 10})
+    truth = slowed(model, {UPLINK: 4})
+    pairs = [("host1/gpu0", "host2/gpu0"), ("host1/gpu1", "host3/gpu0"),
+             ("host0/gpu0", "host0/gpu1"), ("host2/gpu1", "host2/gpu0")]
+    hops = simulate_round(model, truth, [pairs], NBYTES)
+    assert [h.ratio > 2 for h in hops] == [True, False, False, False]
+    first = explain(model, hops)
+    assert frozenset({UPLINK}) in first.candidates
+    final = refine(model, first, simulate_round(model, truth,
+                                                probe_pairs(model, first, ring_host_by_host()),
+                                                NBYTES))
+    assert final.candidates == (frozenset({UPLINK}),)
+
+
+def test_links_no_gpu_pair_tells_apart_are_one_suspect():
+    """Two nodes of one GPU each: every link from node a's GPU to node b's is crossed by the one
+    pair a -> b and no other, so they are one suspect (named by a NIC's fabric link), the
+    throttled PCIe link among its aliases; a socket with a second, GPU-less PCIe switch is no
+    chain the structural rule sees."""
+    from specs.cluster import ClusterSpec
+    from topology.graph import Router, build_graph
+
+    spec = ClusterSpec.model_validate({
+        "name": "pair", "link_types": {"pcie": {"bandwidth_gb_s": 25.0},
+                                       "nic": {"bandwidth_gb_s": 20.0}},
+        "node_types": {"one": {"socket_link": None, "sockets": [{
+            "name": "cpu0", "nics": [{"name": "nic0", "link": "nic"}],
+            "switches": [{"name": "sw0", "gpus": [0]}, {"name": "sw1", "gpus": []}]}]}},
+        "switches": [{"name": "leaf0", "level": "leaf"}],
+        "nodes": [{"name": "a", "node_type": "one", "leaf": "leaf0"},
+                  {"name": "b", "node_type": "one", "leaf": "leaf0"}]})
+    router = Router(spec, build_graph(spec))
+    throttled = ("a/sw0", "a/cpu0")
+    truth = slowed(router, {throttled: 20})
+    e = explain(router, simulate_round(router, truth, [[("a/gpu0", "b/gpu0"),
+                                                        ("b/gpu0", "a/gpu0")]], NBYTES))
+    named = ("a/nic0", "leaf0")
+    assert e.candidates == (frozenset({named}),)
+    assert throttled in e.aliases[named] and ("b/cpu0", "b/sw0") in e.aliases[named]
+    assert probe_pairs(router, e, ["a/gpu0", "b/gpu0"]) == []
