@@ -16,9 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ray_jobs.preflight.cli import DESCRIPTION, add_arguments
 from ray_jobs.preflight.run import (
-    MAX_BYTES,
-    REPS,
     PreflightConfig,
     StageResult,
     plan_preflight,
@@ -29,7 +28,6 @@ from specs.loading import SpecError, load_model
 from specs.run import RunSpec
 from topology.graph import split_gpu_vertex
 from topology.sources import load_cluster
-from topology.tomography import SLOW_FACTOR
 
 EXIT_USER_ERROR = 2
 
@@ -111,41 +109,22 @@ def read_results(config: PreflightConfig) -> list[StageResult]:
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The preflight's arguments (shared by `ringpilot preflight` and this module)."""
-    p.add_argument("--run", required=True, help="RunSpec YAML: stages, model and resources")
-    p.add_argument("--cluster", required=True, help="ClusterSpec YAML of the cluster to probe")
-    p.add_argument("--stage", help="probe only this stage's plan (default: every stage)")
-    p.add_argument("--out", help="report directory (default: <run dir>/preflight); each "
-                   "stage's preflight.json, table.txt and fabric.png go to OUT/<stage>/")
-    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, metavar="N",
-                   help=f"largest message a probe moves (default {MAX_BYTES:,}: K/V blocks and "
-                   "collectives above it are timed at N bytes)")
-    p.add_argument("--reps", type=int, default=REPS, help=f"timed repetitions (default {REPS})")
-    p.add_argument("--slow-factor", type=float, default=SLOW_FACTOR, metavar="X",
-                   help=f"a hop is slow above X times the round's median ratio of measured to "
-                   f"predicted time (default {SLOW_FACTOR:g}; raise it on a noisy fabric)")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, or a private "
-                   "local one)")
-    p.add_argument("--write-config", type=Path, metavar="FILE",
-                   help="only plan and write the ranks' configuration (JSON) for ranks started "
-                   "by hand (python -m ray_jobs.preflight.rank), then exit")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`python -m ray_jobs.preflight`: the arguments of ray_jobs/preflight/cli.py."""
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.preflight", description=DESCRIPTION)
+    return run_preflight(add_arguments(parser).parse_args(argv))
+
+
+def run_preflight(args: argparse.Namespace) -> int:
     """Plan, probe on Ray (or write the ranks' config), print the findings; 0 when nothing was
     found, 1 with findings, 2 for bad input."""
-    args = add_arguments(argparse.ArgumentParser(
-        prog="python -m ray_jobs.preflight",
-        description="Time every planned ring hop and collective, check the layout's "
-        "numerics, and name the links that explain slow hops.")).parse_args(argv)
     try:
         run, spec = load_model(args.run, RunSpec), load_cluster(args.cluster)
         out = Path(args.out) if args.out else run.run_dir / "preflight"
         config = plan_preflight(run, spec, out.absolute(), stage=args.stage,
                                 max_bytes=args.max_bytes, reps=args.reps,
-                                slow_factor=args.slow_factor)
+                                slow_factor=args.slow_factor,
+                                fabric_factor=args.fabric_factor)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_USER_ERROR

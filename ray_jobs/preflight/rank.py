@@ -1,8 +1,8 @@
 """One preflight rank started by hand, where Ray cannot start it (torchrun, network namespaces).
 
-    python -m ray_jobs.preflight.rank --config preflight.json --node host1 [--local 0]
+    python -m ray_jobs.preflight.rank --config ranks.json --node host1 [--local 0]
 
-`--config` is a PreflightConfig as JSON (`ray_jobs.preflight.job --write-config` writes one);
+`--config` is a PreflightConfig as JSON (`ringpilot preflight ... --write-config FILE` writes it);
 the rendezvous is torch.distributed's env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
 torchrun sets them; gloo binds where GLOO_SOCKET_IFNAME says). --node and --local say which
 planned worker this process is (defaults: RINGPILOT_NODE and LOCAL_RANK). Rank 0 writes the

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ray_jobs.preflight.cli import MAX_BYTES, REPS
 from ray_jobs.preflight.numerics import NumericsShape, attention_numerics, numerics_finding
 from ray_jobs.preflight.probe import (
     gather_records,
@@ -54,6 +55,7 @@ from topology.preflight_report import exit_code, findings, plot_fabric, render_t
 from topology.preflight_report import write_preflight as write_report
 from topology.run_plan import plan_run
 from topology.tomography import (
+    FABRIC_FACTOR,
     SLOW_FACTOR,
     HopTiming,
     explain,
@@ -61,9 +63,6 @@ from topology.tomography import (
     probe_pairs,
     refine,
 )
-
-MAX_BYTES = 64 * 2**20  # a probe's message at most (--max-bytes): the 8B recipe's blocks fit
-REPS = 5
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,7 @@ class PreflightConfig:
     out_dir: str
     reps: int = REPS
     slow_factor: float = SLOW_FACTOR  # a hop is slow above this x the round's median ratio
+    fabric_factor: float = FABRIC_FACTOR  # that median itself off by more: a fabric finding
     seed: int = 0
 
     def to_json(self) -> str:
@@ -137,7 +137,8 @@ def stage_probe(run: RunSpec, index: int, dims: ParallelDims, rings: list[list[s
 
 def plan_preflight(run: RunSpec, cluster: ClusterSpec, out_dir: Path, *,
                    stage: str | None = None, max_bytes: int = MAX_BYTES, reps: int = REPS,
-                   slow_factor: float = SLOW_FACTOR) -> PreflightConfig:
+                   slow_factor: float = SLOW_FACTOR,
+                   fabric_factor: float = FABRIC_FACTOR) -> PreflightConfig:
     """Plan the run's stages (or `stage` alone, on its own GPUs) on `cluster` as `ringpilot
     plan` does, and size each stage's probes. ValueError names a bad argument."""
     names = [s.name for s in run.stages]
@@ -147,9 +148,10 @@ def plan_preflight(run: RunSpec, cluster: ClusterSpec, out_dir: Path, *,
         raise ValueError(f"--max-bytes {max_bytes}: give a message size of 1 byte or more")
     if reps < 1:
         raise ValueError(f"--reps {reps}: give at least 1 timed repetition")
-    if not slow_factor > 1:
-        raise ValueError(f"--slow-factor {slow_factor}: give a number above 1 (e.g. 2: twice "
-                         "the round's median ratio)")
+    for flag, value in (("--slow-factor", slow_factor), ("--fabric-factor", fabric_factor)):
+        if not value > 1:
+            raise ValueError(f"{flag} {value}: give a number above 1 (e.g. 2: twice the "
+                             "median ratio, or half of it)")
     indices = [names.index(stage)] if stage is not None else list(range(len(names)))
     planned = only_stages(run, indices if stage is not None else None)
     plan = plan_run(cluster, planned)
@@ -157,7 +159,8 @@ def plan_preflight(run: RunSpec, cluster: ClusterSpec, out_dir: Path, *,
                                             for ring in sp.rings], max_bytes)
               for i, sp in zip(indices, plan.stages)]
     return PreflightConfig(cluster=cluster.model_dump(mode="json"), stages=probes,
-                           out_dir=str(out_dir), reps=reps, slow_factor=slow_factor)
+                           out_dir=str(out_dir), reps=reps, slow_factor=slow_factor,
+                           fabric_factor=fabric_factor)
 
 
 # ---- every rank -------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def _probe_stage(config: PreflightConfig, probe: StageProbe, rank_of: dict[str, 
     rounds, explanation, sent = [], None, [[]]
     if me == 0 and first:
         rounds.append(_timings(router, first, places, probe.kv_bytes))
-        explanation = explain(router, rounds[0], config.slow_factor)
+        explanation = explain(router, rounds[0], config.slow_factor, config.fabric_factor)
         sent = [[[(rank_of[a], rank_of[b]) for a, b in batch]
                  for batch in probe_pairs(router, explanation, probe.gpus)]]
     # 2. a probe round when several explanations fit
