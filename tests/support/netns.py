@@ -1,9 +1,9 @@
 """A small fabric of network namespaces: hosts on one switch, links that can be throttled.
 
-    with namespace_fabric(4) as fabric:       # rpf<id>-host0..3 and a bridge (leaf0)
+    with namespace_fabric(4, logs) as fabric: # rpf<id>-host0..3 and a bridge (leaf0)
         fabric.throttle(1, "up", "100mbit")    # host1/nic0 -> leaf0 runs at 100 Mbit/s
         ranks = fabric.launch(["-m", "ray_jobs.preflight.rank", ...], ranks_per_host=2)
-        wait_ranks(ranks, timeout_s=300)
+        codes = wait_ranks(ranks, timeout_s=300)
 
 Host i is a namespace with `lo` and one veth end `eth0` (10.77.0.(10 + i)/24); the other end
 sits in the bridge's own namespace, enslaved to the bridge `br0`: the leaf switch. A host's
@@ -154,20 +154,25 @@ class NamespaceFabric:
         return errors
 
 
-def wait_ranks(ranks: Sequence[RankProcess], timeout_s: float) -> None:
-    """Wait for every rank to exit 0; FabricError with the failing ranks' output otherwise
-    (a rank still running at the timeout is killed by the fabric's clean-up)."""
-    failed = []
+def wait_ranks(ranks: Sequence[RankProcess], timeout_s: float,
+               allowed: Sequence[int] = (0,)) -> list[int]:
+    """Wait for every rank to exit with a status in `allowed`; their statuses in rank order,
+    or FabricError with the failing ranks' output (a rank still running at the timeout is
+    killed by the fabric's clean-up)."""
+    codes, failed = [], []
     for r in ranks:
         try:
             code = r.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            code = "still running"
-        if code != 0:
-            failed.append(f"rank {r.rank} (host{r.host}, slot {r.slot}): exit {code}\n"
+            code = None
+        codes.append(code)
+        if code not in allowed:
+            failed.append(f"rank {r.rank} (host{r.host}, slot {r.slot}): "
+                          f"{'still running' if code is None else f'exit {code}'}\n"
                           f"{r.output()[-3000:]}")
     if failed:
         raise FabricError("\n".join(failed))
+    return codes
 
 
 @contextmanager
