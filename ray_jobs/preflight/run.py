@@ -18,8 +18,8 @@ hand runs (ray_jobs/preflight/rank.py: torchrun, or the namespace fabric of the 
    time for the same transfers;
 4. the numerics check (numerics.py) on the stage's layout.
 
-Rank 0 writes DIR/<stage>/preflight.json (the other helpers' report: topology.preflight_report,
-plus `collectives` and `stage`), table.txt and fabric.png, into the run directory by default
+Rank 0 writes DIR/<stage>/preflight.json (topology.preflight_report's, plus the stage's
+layout, rings and collectives), table.txt and fabric.png, into the run directory by default
 (shared storage, as training's). The exit status is 0 when no stage found anything, 1 otherwise,
 with one line per finding.
 """
@@ -172,7 +172,6 @@ class StageResult:
     stage: str
     lines: list[str] = field(default_factory=list)
     code: int = 0
-    table: str = ""
 
 
 def preflight_ranks(config: PreflightConfig, node: str, local: int,
@@ -210,15 +209,9 @@ def _probe_stage(config: PreflightConfig, probe: StageProbe, rank_of: dict[str, 
     seconds = time_ring_hops(mine, probe.kv_bytes, config.reps, device)
     prev = mine[mine.index(me) - 1]
     first = gather_records([{"src": prev, "dst": me, "seconds": seconds}] if seconds else [])
-    rounds, explanation, sent = [], None, [[]]
-    if me == 0 and first:
-        rounds.append(_timings(router, first, places, probe.kv_bytes))
-        explanation = explain(router, rounds[0], config.slow_factor, config.fabric_factor)
-        sent = [[[(rank_of[a], rank_of[b]) for a, b in batch]
-                 for batch in probe_pairs(router, explanation, probe.gpus)]]
+    timings, batches = _agree(lambda: _round_one(config, probe, router, first, places, rank_of))
+    rounds = [timings] if timings else []
     # 2. a probe round when several explanations fit
-    dist.broadcast_object_list(sent)
-    batches = sent[0]
     if batches:
         timed = time_pairs(batches, probe.kv_bytes, config.reps, device)
         second = gather_records([{"src": s, "dst": d, "seconds": t}
@@ -227,16 +220,52 @@ def _probe_stage(config: PreflightConfig, probe: StageProbe, rank_of: dict[str, 
             rounds.append([h for batch in batches for h in _timings(
                 router, [r for r in second if (r["src"], r["dst"]) in batch], places,
                 probe.kv_bytes)])
-            explanation = refine(router, explanation, rounds[1])
     # 3. the shard group's and the replicas' collectives; 4. numerics, on the stage's layout
     layout = build_mesh(probe.dims, [[rank_of[g] for g in ring] for ring in probe.rings],
                         device.type)
-    collectives = _collectives(probe, layout, places, router, config.reps, device)
+    timed_collectives = _time_collectives(probe, layout, config.reps, device)
     numerics = attention_numerics(layout, probe.numerics, device, seed=config.seed)
     if me != 0:
         return None
+    # rank 0 alone from here: an error no longer leaves the others waiting in a collective
+    explanation = None
+    if rounds:
+        explanation = explain(router, rounds[0], config.slow_factor, config.fabric_factor)
+        if len(rounds) > 1:
+            explanation = refine(router, explanation, rounds[1])
+    collectives = [row for op, nbytes, records in timed_collectives
+                   for row in _collective_rows(op, nbytes, records, places, router)]
     return _report(Path(config.out_dir) / probe.stage, probe, router, rounds, explanation,
                    collectives, numerics)
+
+
+def _round_one(config: PreflightConfig, probe: StageProbe, router: Router,
+               records: list[dict], places: list[str], rank_of: dict[str, int]
+               ) -> tuple[list[HopTiming], list[list[tuple[int, int]]]]:
+    """Rank 0: round one's timings, and the probe round's batches of (source, destination)
+    ranks, empty when its slow hops have one explanation (or no hop was timed)."""
+    if not records:
+        return [], []
+    timings = _timings(router, records, places, probe.kv_bytes)
+    first = explain(router, timings, config.slow_factor, config.fabric_factor)
+    return timings, [[(rank_of[a], rank_of[b]) for a, b in batch]
+                     for batch in probe_pairs(router, first, probe.gpus)]
+
+
+def _agree(decide):
+    """Rank 0's `decide()` on every rank (collective). Should it raise, every rank raises its
+    reason rather than wait for a transfer rank 0 will never make."""
+    sent: list = [(None, None)]
+    if dist.get_rank() == 0:
+        try:
+            sent = [(decide(), None)]
+        except Exception as e:  # handed to every rank, raised there
+            sent = [(None, f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(sent)
+    value, error = sent[0]
+    if error is not None:
+        raise RuntimeError(f"rank 0 could not choose the probe round: {error}")
+    return value
 
 
 def _timings(router: Router, records: list[dict], places: list[str], nbytes: int
@@ -249,12 +278,11 @@ def _timings(router: Router, records: list[dict], places: list[str], nbytes: int
             for (src, dst), p, r in zip(pairs, predicted, records)]
 
 
-def _collectives(probe: StageProbe, layout, places: list[str], router: Router | None,
-                 reps: int, device: torch.device) -> list[dict]:
+def _time_collectives(probe: StageProbe, layout, reps: int, device: torch.device
+                      ) -> list[tuple[str, int, list[dict]]]:
     """Each collective a step runs, every group at once: FSDP's shard groups (per decoder
     layer) and, with several replicas, the replicas' gradient all-reduce. Rank 0 gets per
-    group the median over repetitions of its slowest member, its bus bandwidth (NCCL-tests'
-    convention) and the cost model's time for the same ring transfers."""
+    collective (op, bytes, every rank's {group, seconds}); the others an empty list."""
     shard = layout.fsdp_mesh.get_group("shard")
     work = [("all_gather", shard), ("reduce_scatter", shard)]
     if probe.dims.dp_replicate > 1:
@@ -268,12 +296,14 @@ def _collectives(probe: StageProbe, layout, places: list[str], router: Router | 
         seconds = time_collective(group, op, nbytes, reps, device)
         records = gather_records([{"group": members, "seconds": seconds}])
         if records is not None:
-            out += _collective_rows(op, nbytes, records, places, router)
+            out.append((op, nbytes, records))
     return out
 
 
 def _collective_rows(op: str, nbytes: int, records: list[dict], places: list[str],
                      router: Router) -> list[dict]:
+    """Per group: the median over repetitions of its slowest member, its bus bandwidth
+    (NCCL-tests' convention) and the cost model's time for the same ring transfers."""
     groups: dict[tuple[int, ...], list[list[float]]] = {}
     for r in records:
         groups.setdefault(tuple(r["group"]), []).append(r["seconds"])
@@ -309,10 +339,9 @@ def _report(out: Path, probe: StageProbe, router: Router, rounds: list[list[HopT
         result.lines.append("no ring hop to time: each ring is one GPU")
     else:
         path = write_report(out, rounds, explanation, numerics=numerics)
-        (out / "table.txt").write_text(render_table(explanation) + "\n")
+        atomic_write(out / "table.txt", render_table(explanation) + "\n")
         plot_fabric(router, explanation, out / "fabric.png")
         result.lines += [f.text for f in findings(explanation)]
-        result.table = render_table(explanation)
         result.code = exit_code(explanation)
     doc = json.loads(path.read_text())
     doc.update(stage=probe.stage, layout=probe.dims.degree_keys(), rings=probe.rings,

@@ -49,6 +49,7 @@ def probe_world(rank: int, world: int) -> dict:
         time_pairs,
         time_ring_hops,
     )
+    from ray_jobs.preflight.run import _agree
 
     cpu = torch.device("cpu")
     out = {"ring": time_ring_hops([0, 1, 2], 4096, 3, cpu),
@@ -63,4 +64,8 @@ def probe_world(rank: int, world: int) -> dict:
         time_ring_hops([r for r in range(world) if r != rank], 4096, 1, cpu)
     with pytest.raises(ValueError, match="a pair joins two different ranks"):
         time_pairs([[(1, 1)]], 4096, 1, cpu)
+    # what rank 0 decides reaches every rank; its failure too, instead of a hang
+    out["agreed"] = _agree(lambda: ("batches", dist.get_rank()))
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        _agree(lambda: 1 / 0)
     return out

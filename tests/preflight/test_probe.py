@@ -26,6 +26,7 @@ def test_every_probe_times_what_it_moves_on_three_ranks():
                                       {"rank": 1, "second": True}, {"rank": 2},
                                       {"rank": 2, "second": True}]
     assert results[1]["gathered"] is None and results[2]["gathered"] is None
+    assert [got["agreed"] for got in results] == [("batches", 0)] * 3
 
 
 def test_an_unknown_collective_is_refused_before_any_transfer():
