@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +54,18 @@ def findings(explanation: Explanation) -> list[Finding]:
         hops = _hop_text([h for h, c in zip(e.hops, e.hop_suspects) if c])
         options = " | ".join(" + ".join(suspect_name(s) for s in sorted(c, key=suspect_name))
                              for c in e.candidates)
+        then = ("a probe round tells them apart" if len(e.rounds) == 1 else
+                "no probe among the stage's GPUs told them apart: exclude them all")
         out.append(Finding("ambiguous", f"ambiguous: {len(e.candidates)} explanations fit the "
-                           f"slow hops ({hops}): {options}; a probe round tells them apart",
+                           f"slow hops ({hops}): {options}; {then}",
                            tuple(suspect_name(s) for s in e.suspects())))
     if e.unexplained:
         out.append(Finding("inconsistent", f"inconsistent: {_hop_text(list(e.unexplained))}, "
-                           "yet every link and device on the way also carried a fast hop "
-                           "(noise, a transient, or a slowdown the model cannot express)"))
+                           "yet fast hops clear every link and device on the way (noise, a "
+                           "transient, or a slowdown the model cannot express)"))
     if not out:
-        ratio = statistics.median(h.ratio for h in e.hops)
         out.append(Finding("none", f"no finding: all {len(e.hops)} hops within "
-                           f"{e.slow_factor:g}x of the median ratio ({ratio:.2f}x their "
+                           f"{e.slow_factor:g}x of the median ratio ({e.median_ratio:.2f}x their "
                            "prediction)"))
     return out
 

@@ -2,17 +2,21 @@
 
 A preflight times every hop a plan's rings make (all at once, as training runs them) and sets
 each measurement beside the cost model's prediction for the same concurrent transfers. A hop is
-slow when its ratio measured / predicted exceeds `slow_factor` times the round's median ratio:
-the median absorbs a fabric that is uniformly off its profile (reported apart, as a fabric-wide
-finding), so only what stands out from the rest is blamed on a link.
+slow when its ratio measured / predicted exceeds `slow_factor` times the round's (lower) median
+ratio: the median absorbs a fabric that is uniformly off its profile (reported apart, as a
+fabric-wide finding), so only what stands out from the rest is blamed on a link.
 
 Suspects are directed links and vertices (a GPU, NIC or switch that slows everything through
-it). A suspect crossed by any fast hop is exonerated; the explanations are the smallest sets of
-the remaining suspects that cross every slow hop (a minimum hitting set, found exactly over the
-small candidate sets exoneration leaves). Links that every route crosses together (through a
-vertex that is no GPU and has only two neighbours, as a NIC between its PCIe switch and its
-leaf) can never be told apart by timing GPU pairs: they are one suspect, named by the link
-nearest the fabric, the others kept as its aliases.
+it). A fast hop exonerates a suspect it crosses when the throttle the slow hops imply for that
+suspect would have slowed the fast hop too: a hop limited by a bottleneck elsewhere has slack on
+its other links and clears none of them (the fair-share model says how much). The explanations
+are the smallest sets of the remaining suspects that cross every slow hop (a minimum hitting
+set, found exactly over the few candidates exoneration leaves). Suspects that exactly the same
+GPU pairs cross can never be told apart by timing GPU pairs: they are one suspect, named by the
+link nearest the fabric, the others kept as its aliases. The commonest case is structural (a
+route into a vertex that is no GPU and has two neighbours leaves by the other: a NIC between its
+PCIe switch and its leaf) and is found from the graph alone; the rest from the routes of the
+GPU pairs themselves.
 
 When several explanations remain, `probe_pairs` picks GPU pairs on which they predict different
 outcomes, grouped into batches whose routes share no link, and `refine` explains again with both
@@ -171,7 +175,9 @@ def explain(router: Router, hops: Sequence[HopTiming], slow_factor: float = SLOW
 def refine(router: Router, first: Explanation, probes: Sequence[HopTiming]) -> Explanation:
     """Explain again with the probe round's evidence beside everything `first` saw; probes are
     classified against the first round's median ratio (a probe round has too few hops, and
-    deliberately slow ones, to set its own)."""
+    deliberately slow ones, to set its own). The probes are taken to have run as probe_pairs
+    batches them, each with its links to itself, and to be predicted so: `predict_hops` of
+    each batch."""
     if not probes:
         return first
     cls = classify(probes, first.slow_factor, first.fabric_factor, first.median_ratio)
@@ -192,6 +198,8 @@ def probe_pairs(router: Router, explanation: Explanation, gpus: Sequence[str]
     cands = explanation.candidates
     if len(cands) < 2:
         return []
+    for g in gpus:
+        _check_gpu(router, g, f"gpus: {g!r}")
     suspects = explanation.suspects()
     pool = _probe_pool(explanation.slow_hops, gpus)
     classes = _LinkClasses(router)
@@ -320,7 +328,8 @@ def _explain(router: Router, rounds: tuple[tuple[HopTiming, ...], ...], slow: tu
     _check_pairs(router, [(h.src, h.dst) for h in hops])
     classes = _LinkClasses(router)
     evidence = _evidence(router, rounds, classes)
-    # The throttle each suspect would need to explain the slowest-to-show of its slow hops
+    # If a suspect is the culprit, it is throttled at least enough to explain one of its slow
+    # hops: the least such throttle, per suspect
     throttle: dict[Suspect, float] = {}
     for h, e, s in zip(hops, evidence, slow):
         if s:
@@ -509,13 +518,17 @@ def _check_factor(name: str, value: float) -> None:
 
 def _check_pairs(router: Router, pairs: Sequence[Pair]) -> None:
     """ValueError naming the first pair that is not two different GPUs of the cluster."""
-    gpus = router.graph.nodes
     for src, dst in pairs:
         for end in (src, dst):
-            if end not in gpus or gpus[end].get("kind") != "gpu":
-                raise ValueError(f"hop {src} -> {dst}: {end!r} is not a GPU of cluster "
-                                 f"{router.spec.name!r}; GPUs are named NODE/gpuK, e.g. "
-                                 f"{next(v for v, k in gpus(data='kind') if k == 'gpu')}")
+            _check_gpu(router, end, f"hop {src} -> {dst}: {end!r}")
         if src == dst:
             raise ValueError(f"hop {src} -> {dst}: a GPU does not send to itself; give two "
                              "different GPUs")
+
+
+def _check_gpu(router: Router, name: str, where: str) -> None:
+    nodes = router.graph.nodes
+    if name not in nodes or nodes[name].get("kind") != "gpu":
+        example = next(v for v, k in nodes(data="kind") if k == "gpu")
+        raise ValueError(f"{where} is not a GPU of cluster {router.spec.name!r}; GPUs are named "
+                         f"NODE/gpuK, e.g. {example}")

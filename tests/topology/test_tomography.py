@@ -154,6 +154,9 @@ def test_bad_factors_and_pairs_are_refused(netns):
         explain(netns, [HopTiming("host0/gpu0", "host0/gpu0", NBYTES, 1e-3, 1e-3)])
     with pytest.raises(ValueError, match="link host9/nic0->leaf0 is not in the cluster graph"):
         slowed(netns, {("host9/nic0", "leaf0"): 2})
+    first, _, _ = preflight(netns, slowed(netns, {UPLINK: 40}))
+    with pytest.raises(ValueError, match="gpus: 'host9/gpu0' is not a GPU of cluster"):
+        probe_pairs(netns, first, ["host0/gpu0", "host9/gpu0"])
     with pytest.raises(ValueError, match="needs rng"):
         simulate_round(netns, netns, [[("host0/gpu0", "host0/gpu1")]], NBYTES, noise=0.1)
 
