@@ -125,7 +125,10 @@ def stage_probe(run: RunSpec, index: int, dims: ParallelDims, rings: list[list[s
     sizes = {"all_gather": shape.elem_bytes * layer,
              "reduce_scatter": shape.grad_reduce_bytes * layer,
              "all_reduce": shape.grad_reduce_bytes * shape.params // shape.shard_ways}
-    cap = lambda n: int(max(1, min(n, max_bytes)))  # noqa: E731
+
+    def cap(n: float) -> int:
+        return int(max(1, min(n, max_bytes)))
+
     m = run.model
     return StageProbe(
         stage=run.stages[index].name, dims=dims, rings=rings,
