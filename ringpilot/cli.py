@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from operators.cli import add_manifests_parser
+from ray_jobs.preflight.cli import add_preflight_parser
 from specs.atomic import atomic_write
 from specs.loading import SpecError, load_model
 from specs.plan import Plan
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, or a "
                            "private local one)")
     calibrate.set_defaults(func=_calibrate)
+    add_preflight_parser(sub).set_defaults(func=_preflight)
     _add_eval_parser(sub)
     add_manifests_parser(sub)
     return parser
@@ -129,6 +131,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}; plan with: ringpilot plan --run {args.run} --cluster "
           f"{args.cluster} --profile {args.out} --out DIR")
     return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    """`ringpilot preflight`: ray_jobs/preflight/job.py's run_preflight."""
+    from ray_jobs.preflight.job import run_preflight  # torch and Ray: only when asked
+
+    return run_preflight(args)
 
 
 def _plan(args: argparse.Namespace) -> int:

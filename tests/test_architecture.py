@@ -7,9 +7,9 @@ and the floors below it; no product module imports tests/ or benchmarks/. Functi
 count too: a lazy import is still a dependency, and a lazy circle still is one.
 
 Inside ray_jobs/ the same rule holds between its wings, lowest first: ring_attention/, data/,
-eval/, train/. Every module of ray_jobs/ sits in a wing, except ray_setup.py (which the wings
-share, and which imports none of them) and the packages' `__init__`/`__main__` files (the
-`python -m ray_jobs.prepare` and `python -m ray_jobs.evaluate` entry points).
+eval/, train/, preflight/. Every module of ray_jobs/ sits in a wing, except ray_setup.py (which
+the wings share, and which imports none of them) and the packages' `__init__`/`__main__` files
+(the `python -m ray_jobs.prepare` and `python -m ray_jobs.evaluate` entry points).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"specs": 0, "topology": 1, "ray_jobs": 2, "operators": 2, "ringpilot": 3}
 NOT_PRODUCT = ("tests", "benchmarks")
-WINGS = {"ring_attention": 0, "data": 1, "eval": 2, "train": 3}
+WINGS = {"ring_attention": 0, "data": 1, "eval": 2, "train": 3, "preflight": 4}
 SHARED_BY_WINGS = {"ray_jobs.ray_setup"}
 
 

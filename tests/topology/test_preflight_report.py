@@ -29,11 +29,11 @@ def test_findings_of_a_throttled_link_before_and_after_the_probes(netns):
     (ambiguous,) = findings(first)
     assert ambiguous.kind == "ambiguous" and "host1/nic0->leaf0" in ambiguous.suspects
     assert ambiguous.text.startswith("ambiguous: 4 explanations fit the slow hops (hop "
-                                     "host1/gpu1 -> host2/gpu0 ran 39.5x its prediction)")
+                                     "host1/gpu1 -> host2/gpu0 ran 39.9x its prediction)")
     (named,) = findings(final)
     assert named.kind == "slow link" and named.suspects == ("host1/nic0->leaf0",)
     assert named.text.startswith("slow link host1/nic0 -> leaf0 (or host1/sw0->host1/nic0")
-    assert "ran 39.5x their prediction (unique explanation" in named.text
+    assert "ran 39.9x their prediction (unique explanation" in named.text
     assert named.text.endswith("--exclude host1/nic0->leaf0)")
     assert "\n" not in named.text
     assert exit_code(first) == exit_code(final) == 1
