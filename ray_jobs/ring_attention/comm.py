@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,6 +102,18 @@ def timed_compute() -> Iterator[None]:
             _TIMINGS.compute_s += time.perf_counter() - start
 
 
+# Fault injection, for tests only (tests/support/faults.py delays or stops a rank's sends): called
+# with the ring and the tag just before this process posts an exchange. Nothing in ringpilot sets
+# it; it is None in every production process.
+_before_exchange: Callable[[Ring, int], None] | None = None
+
+
+def set_exchange_hook(hook: Callable[[Ring, int], None] | None) -> None:
+    """Install (or, with None, remove) the test hook called before each exchange is posted."""
+    global _before_exchange
+    _before_exchange = hook
+
+
 class Exchange:
     """One posted ring shift: send tensors to the next peer, receive same-shaped ones from
     the previous.
@@ -114,6 +126,8 @@ class Exchange:
 
     def __init__(self, ring: Ring, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor],
                  tag: int = 0) -> None:
+        if _before_exchange is not None:
+            _before_exchange(ring, tag)
         ops = [dist.P2POp(dist.isend, t, peer=ring.next_peer, group=ring.group, tag=tag)
                for t in send]
         ops += [dist.P2POp(dist.irecv, t, peer=ring.prev_peer, group=ring.group, tag=tag)
