@@ -281,12 +281,6 @@ def train_stage(config: WorkerConfig) -> None:
     label_selector = None
     if config.plan is not None:  # pin each worker to its planned node; positions from the plan
         label_selector = [{NODE_LABEL: w.node} for w in config.plan.workers]
-    runtime_env = {}
-    if gpu:  # a hang that reaches NCCL's timeout leaves its flight recorder's dump in the run
-        beats = health_dir(run_dir, stage.name, config.epoch)
-        beats.mkdir(parents=True, exist_ok=True)
-        runtime_env = {"worker_runtime_env": {"env_vars": flight_recorder_env(
-            beats / FLIGHT_RECORDER_PREFIX)}}
     scaling = ScalingConfig(num_workers=config.workers, use_gpu=gpu,
                             resources_per_worker={"CPU": res.cpus_per_worker,
                                                   **({"GPU": 1} if gpu else {})},
@@ -297,10 +291,21 @@ def train_stage(config: WorkerConfig) -> None:
             name=ray_train_name(run, stage.name, config.epoch), storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=run.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.storage.keep_last),
-            **quiet, **runtime_env,
+            worker_runtime_env=worker_runtime_env(config), **quiet,
         ),
     )
     trainer.fit()
+
+
+def worker_runtime_env(config: WorkerConfig) -> dict:
+    """The stage's workers' runtime environment (merged by Ray with the job's): on GPUs, NCCL's
+    flight recorder on, dumping into the attempt's health directory (made now: the dump does
+    not make it), so a hang that reaches NCCL's timeout leaves a record of every collective."""
+    if config.run.resources.device != "gpu":
+        return {}
+    beats = health_dir(config.run_dir, config.stage.name, config.epoch)
+    beats.mkdir(parents=True, exist_ok=True)
+    return {"env_vars": flight_recorder_env(beats / FLIGHT_RECORDER_PREFIX)}
 
 
 FENCED_EXIT = 3  # a newer driver took the run over while this one ran
