@@ -435,7 +435,8 @@ def _apply_health(stages: list[StageStatus], ledger: LedgerDoc | None
             out.append(s)
             continue
         new = [f for f in entry.findings if f.seq > s.health_seen]
-        events += [Emit("Warning", HEALTH_REASONS[f.kind], f"stage {s.name}: {f.message}")
+        events += [Emit("Warning", HEALTH_REASONS[f.kind],
+                        f"stage {s.name} step {f.step}: {f.message}")
                    for f in new[-MAX_HEALTH_EVENTS:]]
         newest = entry.findings[-1]
         out.append(s.model_copy(update={"health": newest.message,
@@ -452,4 +453,4 @@ def _health_condition(conds: list[Condition], stage: StageStatus | None, ledger:
         return _set_condition(conds, RING_HEALTHY, "True", "NoFindings", "", now)
     newest = entry.findings[-1]
     return _set_condition(conds, RING_HEALTHY, "False", HEALTH_REASONS[newest.kind],
-                          f"stage {stage.name}: {newest.message}", now)
+                          f"stage {stage.name} step {newest.step}: {newest.message}", now)

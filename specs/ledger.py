@@ -110,6 +110,7 @@ class StartEntry(_Doc):
 
 MAX_FINDINGS = 100  # per stage: the newest are kept (a flapping link must not grow the ledger)
 MAX_LINKS = 64
+MAX_MESSAGE = 2048
 
 
 class HealthFinding(_Doc):
@@ -134,7 +135,7 @@ class HealthFinding(_Doc):
                              "description.")
     dump: str | None = Field(None, description="hang on NCCL: the flight recorder's dump "
                              "files (prefix, then the rank), relative to the run directory.")
-    message: str = Field(max_length=2048, description="The finding in one line.")
+    message: str = Field(max_length=MAX_MESSAGE, description="The finding in one line.")
 
     _inside = field_validator("dump")(_relative_inside)
 

@@ -245,8 +245,14 @@ def diagnose_hang(views: dict[int, RankView], now: float, timeout: float) -> Han
                 waiting=waiting, frozen=frozen)
 
 
-def render_slow_hop(stage: str, hop: SlowHop, places: dict[int, Beat],
-                    links: list[Link] | None, factor: float) -> str:
+# What a hang finding calls each phase of a worker (ray_jobs/train/heartbeat.py marks them).
+PHASE_WORDS = {"start": "while starting", "load": "while loading", "step": "inside the step",
+               "checkpoint": "while saving a checkpoint"}
+MAX_NAMED_LINKS = 8  # a finding stays one readable line; the ledger keeps every link
+
+
+def render_slow_hop(hop: SlowHop, places: dict[int, Beat], links: list[Link] | None,
+                    factor: float) -> str:
     """The finding in one line: the hop, its places, how slow against what, and where to look:
     the sender when its attention compute is `factor` times its ring's, else the links of the
     hop no healthy hop shares (`links` None: no cluster description to route on)."""
@@ -260,21 +266,23 @@ def render_slow_hop(stage: str, hop: SlowHop, places: dict[int, Beat],
     elif links is None:
         suspects = "links unknown (no cluster description: resources.cluster)"
     elif links:
-        suspects = "suspect links " + ", ".join(f"{a} -> {b}" for a, b in links)
+        more = len(links) - MAX_NAMED_LINKS
+        suspects = "suspect links " + ", ".join(
+            f"{a} -> {b}" for a, b in links[:MAX_NAMED_LINKS]) + (
+            f" and {more} more" if more > 0 else "")
     else:
         suspects = "healthy hops share every link of its route: suspect its endpoints"
-    return (f"[{stage}] step {hop.step}: slow ring hop rank {hop.sender} -> rank {hop.receiver}"
-            f"{where}: rank {hop.receiver} waited {hop.wait_s:.3f} s/step for K/V, "
-            f"{hop.excess_s:.3f} s more than its sender (its ring's other hops: "
-            f"{hop.peers_s:.3f} s){predicted}; slow in {hop.slow_steps} of the last "
-            f"{hop.window} steps; {suspects}")
+    return (f"slow ring hop rank {hop.sender} -> rank {hop.receiver}{where}: rank "
+            f"{hop.receiver} waited {hop.wait_s:.3f} s/step for K/V, {hop.excess_s:.3f} s more "
+            f"than its sender (its ring's other hops: {hop.peers_s:.3f} s){predicted}; slow in "
+            f"{hop.slow_steps} of the last {hop.window} steps; {suspects}")
 
 
-def render_hang(stage: str, hang: Hang, action: str, dump: str | None) -> str:
+def render_hang(hang: Hang, action: str, dump: str | None) -> str:
     """The finding in one line: who stopped, where, for how long, what the driver did."""
     if hang.stopped or hang.missing:
-        parts = [f"rank {b.rank} (node {b.node}, GPU {b.vertex}, pid {b.pid}) stopped in "
-                 f"{b.phase} at step {b.step}"
+        parts = [f"rank {b.rank} (node {b.node}, GPU {b.vertex}, pid {b.pid}) stopped at step "
+                 f"{b.step} {PHASE_WORDS.get(b.phase, b.phase)}"
                  + (", its heartbeat too" if b.rank in hang.frozen else f", at {b.where}")
                  for b in hang.stopped]
         parts += [f"rank {r} never sent a heartbeat" for r in hang.missing]
@@ -285,5 +293,4 @@ def render_hang(stage: str, hang: Hang, action: str, dump: str | None) -> str:
         who = (f"every rank waits in a collective at step {hang.step} (a transfer that never "
                "completes, not a rank)")
     trace = f"; NCCL flight recorder dumps to {dump}<rank>" if dump else ""
-    return (f"[{stage}] step {hang.step}: hang, no progress for {hang.stalled_s:.0f} s: {who}; "
-            f"{action}{trace}")
+    return f"hang, no progress for {hang.stalled_s:.0f} s: {who}; {action}{trace}"

@@ -26,7 +26,7 @@ def _eta(seconds: float) -> str:
 
 def render_progress_line(rec: dict) -> str:
     if "health" in rec:  # a ring-health finding (ray_jobs/train/watch.py): its own line
-        return rec["message"]
+        return f"[{rec['stage']}] step {rec['step']}: {rec['message']}"
     ckpt = "  checkpoint" if rec.get("checkpoint") else ""
     return (f"[{rec['stage']}] step {rec['step']:>5}/{rec['steps']}  loss {rec['loss']:.4f}  "
             f"{rec['tokens_per_s']:>9,.0f} tok/s  ETA {_eta(rec['eta_s'])}{ckpt}")

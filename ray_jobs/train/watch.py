@@ -41,7 +41,7 @@ from ray_jobs.train.heartbeat import (
     health_dir,
     process_started,
 )
-from specs.ledger import Fenced, Ledger
+from specs.ledger import MAX_LINKS, MAX_MESSAGE, Fenced, Ledger
 from specs.plan import Plan
 from specs.run import RunSpec
 from topology.graph import Link
@@ -79,6 +79,8 @@ def end_worker_process(beat: Beat) -> str | None:
 
 
 def _end_process(pid: int, started: float) -> str | None:
+    if started < 0:  # no /proc where it beat: nothing tells that pid is still the worker
+        return f"pid {pid} cannot be checked to be that worker"
     if process_started(pid) != started:  # ended meanwhile, or the number is another's now
         return f"pid {pid} is no longer that worker"
     os.kill(pid, signal.SIGKILL)
@@ -205,10 +207,11 @@ class HealthWatch:
             healthy = [(places[a].vertex, places[b].vertex)
                        for a, b in stage.detector.healthy() if a in places and b in places]
             links = suspect_links(self.route, (src.vertex, dst.vertex), healthy)
-        message = render_slow_hop(stage.name, hop, places, links, stage.detector.factor)
+        message = render_slow_hop(hop, places, links, stage.detector.factor)
         self._record(stage.name, message, kind="slow_hop", step=hop.step, rank=hop.receiver,
                      node=dst.node if dst else None, gpu=dst.vertex if dst else None,
-                     sender=hop.sender, links=[f"{a} -> {b}" for a, b in links or []])
+                     sender=hop.sender,
+                     links=[f"{a} -> {b}" for a, b in links or []][:MAX_LINKS])
 
     # -- hangs -----------------------------------------------------------------------------
     def _read_beats(self, stage: _Stage) -> None:
@@ -241,7 +244,7 @@ class HealthWatch:
                 if gpu else None)
         action = self._act(hang, gpu)
         first = hang.stopped[0] if hang.stopped else None
-        self._record(stage.name, render_hang(stage.name, hang, action, dump), kind="hang",
+        self._record(stage.name, render_hang(hang, action, dump), kind="hang",
                      step=hang.step, rank=first.rank if first else None,
                      node=first.node if first else None, gpu=first.vertex if first else None,
                      dump=dump)
@@ -267,7 +270,9 @@ class HealthWatch:
 
     def _record(self, stage: str, message: str, **finding) -> None:
         """One finding: the ledger's entry, then the progress log's line."""
+        message = message[:MAX_MESSAGE]  # many ranks named at once: the line is cut, not lost
         self.ledger.record_finding(stage, {**finding, "message": message})
         self.ledger.append_line(self.run_dir / "progress" / f"{stage}.jsonl",
-                                {"stage": stage, "health": finding["kind"], "message": message,
+                                {"stage": stage, "step": finding["step"],
+                                 "health": finding["kind"], "message": message,
                                  "time": time.time()})

@@ -286,7 +286,7 @@ def test_unusable_topology_config_map_waits_with_a_warning(cluster_yaml, problem
 def finding(seq: int, kind: str = "slow_hop", step: int = 40) -> HealthFinding:
     return HealthFinding(seq=seq, kind=kind, step=step, at="2026-12-07T03:00:00+00:00", rank=3,
                          node="n1", gpu="n1/gpu3", sender=2 if kind == "slow_hop" else None,
-                         message=f"[s256] step {step}: {kind} finding {seq}")
+                         message=f"{kind} finding {seq}")
 
 
 def test_ring_health_findings_become_one_event_each_and_a_condition():
@@ -299,9 +299,8 @@ def test_ring_health_findings_become_one_event_each_and_a_condition():
                        settings=FAST)
     [event] = d.events()
     assert (event.type, event.reason) == ("Warning", "SlowRingHop")
-    assert event.message == "stage s256: [s256] step 40: slow_hop finding 1"
-    assert (stage(d, "s256").health, stage(d, "s256").health_seen) == (
-        "[s256] step 40: slow_hop finding 1", 1)
+    assert event.message == "stage s256 step 40: slow_hop finding 1"
+    assert (stage(d, "s256").health, stage(d, "s256").health_seen) == ("slow_hop finding 1", 1)
     healthy = next(c for c in d.status.conditions if c.type == "RingHealthy")
     assert (healthy.status, healthy.reason) == ("False", "SlowRingHop")
 
@@ -313,7 +312,7 @@ def test_ring_health_findings_become_one_event_each_and_a_condition():
     later = plan_reconcile(make_training(status=dumped(again)), job, NODES, T0, ledger=ledger,
                            settings=FAST)
     assert [(e.reason, e.message) for e in later.events()] == [
-        ("RankStopped", "stage s256: [s256] step 55: hang finding 2")]
+        ("RankStopped", "stage s256 step 55: hang finding 2")]
     healthy = next(c for c in later.status.conditions if c.type == "RingHealthy")
     assert (healthy.status, healthy.reason) == ("False", "RankStopped")
 

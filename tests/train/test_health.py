@@ -122,7 +122,7 @@ def test_a_slow_sender_is_told_from_a_slow_link_by_its_compute():
         found += watch.observe(step, STEP_S, waits(rng, {1: 0.35}), PREVS, computes)
     [hop] = found
     assert hop.sender == 0 and hop.sender_compute == pytest.approx(4.5)
-    assert "suspect the sender, not the link" in render_slow_hop("s1", hop, {}, None, 3.0)
+    assert "suspect the sender, not the link" in render_slow_hop(hop, {}, None, 3.0)
 
 
 def test_suspect_links_are_the_hops_own():
@@ -157,8 +157,9 @@ def test_the_rank_outside_any_wait_is_the_one_that_stopped():
     hang = diagnose_hang(views(beat(0), beat(1), stuck, beat(3)), now=100.0, timeout=60.0)
     assert [b.rank for b in hang.stopped] == [2] and hang.waiting == (0, 1, 3)
     assert (hang.step, hang.stalled_s, hang.endable) == (5, 100.0, (stuck,))
-    line = render_hang("s1", hang, "ended its process", "health/s1/attempt-1/nccl-trace-rank")
-    for part in ("rank 2 (node n1, GPU n1/gpu0, pid 102)", "tests/support/faults.py:9",
+    line = render_hang(hang, "ended its process", "health/s1/attempt-1/nccl-trace-rank")
+    for part in ("rank 2 (node n1, GPU n1/gpu0, pid 102) stopped at step 5 inside the step, at "
+                 "tests/support/faults.py:9",
                  "ranks 0, 1, 3 wait for it", "ended its process",
                  "dumps to health/s1/attempt-1/nccl-trace-rank<rank>"):
         assert part in line
@@ -174,7 +175,7 @@ def test_who_stopped_is_told_by_those_who_wait(case, make, stopped, missing):
     hang = diagnose_hang(make(), now=100.0, timeout=60.0)
     assert [b.rank for b in hang.stopped] == stopped and hang.missing == missing, case
     if case == "all wait":
-        assert "every rank waits in a collective at step 5" in render_hang("s", hang, "", None)
+        assert "every rank waits in a collective at step 5" in render_hang(hang, "", None)
 
 
 def test_no_hang_while_progress_is_recent_or_once_every_heartbeat_stopped():

@@ -87,9 +87,9 @@ def test_a_slow_hop_is_recorded_once_with_its_places(tmp_path):
     assert "slow ring hop rank 0 -> rank 1 (n0/gpu0 -> n0/gpu1)" in hop.message
     lines = [json.loads(x) for x in (w.run_dir / "progress" / "s64.jsonl").read_text()
              .splitlines()]
-    assert lines == [{"stage": "s64", "health": "slow_hop", "message": hop.message,
+    assert lines == [{"stage": "s64", "step": 3, "health": "slow_hop", "message": hop.message,
                       "time": lines[0]["time"]}]
-    assert render_progress_line(lines[0]) == hop.message
+    assert render_progress_line(lines[0]) == f"[s64] step 3: {hop.message}"
     table = health_table(w.run, w.ledger.read())
     assert table.rows == [["s64", "3", hop.message]]
 
@@ -105,8 +105,8 @@ def test_a_stopped_rank_is_reported_once_and_ended(tmp_path):
     assert [b.rank for b in w.ended] == [1] and w.ended[0].pid == 1001
     assert (hang.kind, hang.rank, hang.node, hang.gpu, hang.step, hang.dump) == (
         "hang", 1, "n0", "n0/gpu1", 5, None)
-    for part in ("no progress for 61 s", "rank 1 (node n0, GPU n0/gpu1, pid 1001) stopped in "
-                 "step at step 5, at tests/x.py:3 in hook", "ranks 0 wait for it",
+    for part in ("no progress for 61 s", "rank 1 (node n0, GPU n0/gpu1, pid 1001) stopped at "
+                 "step 5 inside the step, at tests/x.py:3 in hook", "ranks 0 wait for it",
                  "ended its process (pid 1001)", "failure.max_failures 2"):
         assert part in hang.message
     w.now = 2 * TIMEOUT
@@ -226,3 +226,26 @@ def test_a_heartbeat_says_where_its_training_thread_is(tmp_path):
         release.set()
         thread.join()
         box["hb"].stop()
+
+
+def test_a_stopped_worker_is_ended_only_while_its_pid_is_still_that_process():
+    """What the zero-CPU Ray task runs on the stopped rank's node (without Ray here)."""
+    import signal
+    import subprocess
+    import sys
+
+    from ray_jobs.train.watch import _end_process
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        started = process_started(proc.pid)
+        assert _end_process(proc.pid, started + 1) == f"pid {proc.pid} is no longer that worker"
+        assert _end_process(proc.pid, -1.0) == f"pid {proc.pid} cannot be checked to be that " \
+                                               "worker"
+        assert proc.poll() is None  # refused: still running
+        assert _end_process(proc.pid, started) is None
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
