@@ -74,8 +74,8 @@ def _run_ray(spec: dict, tmp: Path, crash: CrashOnce | None = None) -> Path:
 
 def ray_tokens_per_s(run_dir: Path, stage: str) -> float:
     """Steady-state tokens/s: the reports after the first (which includes start-up)."""
-    recs = [json.loads(x)
-            for x in (run_dir / "progress" / f"{stage}.jsonl").read_text().splitlines()]
+    recs = [r for x in (run_dir / "progress" / f"{stage}.jsonl").read_text().splitlines()
+            if "tokens_per_s" in (r := json.loads(x))]  # not ring-health findings' lines
     return sum(r["tokens_per_s"] for r in recs[1:]) / len(recs[1:])
 
 

@@ -34,6 +34,12 @@ from operators.resource import (
 from specs.ledger import LedgerDoc
 from specs.loading import format_errors
 
+# Ring-health findings (specs/ledger.py HealthFinding): the Event reason of each kind, and how
+# many new ones one pass announces per stage (a flapping link must not flood the namespace).
+HEALTH_REASONS = {"slow_hop": "SlowRingHop", "hang": "RankStopped"}
+MAX_HEALTH_EVENTS = 10
+RING_HEALTHY = "RingHealthy"  # condition: False while the current stage has findings
+
 # What KubeRay reports (RayJob status.jobStatus / status.jobDeploymentStatus).
 JOB_SUCCEEDED = {"SUCCEEDED"}
 JOB_FAILED = {"FAILED", "STOPPED"}
@@ -282,6 +288,11 @@ def plan_reconcile(st: dict[str, Any], jobs: list[dict[str, Any]], nodes: list[d
     actions.insert(0, ApplyConfigMap(build_configmap(st, with_workers(spec, workers),
                                                      cluster_yaml)))
     stages, last_score = _apply_ledger(stages, ledger)
+    stages, announced = _apply_health(stages, ledger)
+    actions.extend(announced)
+    if ledger is not None:
+        conds = _health_condition(conds, current or (stages[-1] if stages else None), ledger,
+                                  now)
     new = StagedTrainingStatus(
         phase=phase, current_stage=current.name if current else None,
         last_score=last_score if last_score is not None else status.last_score,
@@ -409,3 +420,37 @@ def _apply_ledger(stages: list[StageStatus], ledger: LedgerDoc | None
             last_score = sum(newest.values()) / len(newest)
         out.append(s.model_copy(update=update))
     return out, last_score
+
+
+def _apply_health(stages: list[StageStatus], ledger: LedgerDoc | None
+                  ) -> tuple[list[StageStatus], list[Emit]]:
+    """Each stage's newest ring-health finding from the ledger, and a Warning Event for every
+    finding not announced before (by the ledger's finding number, kept in the status)."""
+    if ledger is None:
+        return stages, []
+    out, events = [], []
+    for s in stages:
+        entry = ledger.stages.get(s.name)
+        if entry is None or not entry.findings:
+            out.append(s)
+            continue
+        new = [f for f in entry.findings if f.seq > s.health_seen]
+        events += [Emit("Warning", HEALTH_REASONS[f.kind],
+                        f"stage {s.name} step {f.step}: {f.message}")
+                   for f in new[-MAX_HEALTH_EVENTS:]]
+        newest = entry.findings[-1]
+        out.append(s.model_copy(update={"health": newest.message,
+                                        "health_seen": max(s.health_seen, newest.seq)}))
+    return out, events
+
+
+def _health_condition(conds: list[Condition], stage: StageStatus | None, ledger: LedgerDoc,
+                      now: dt.datetime) -> list[Condition]:
+    """RingHealthy: False while `stage` (the current one) has ring-health findings in the
+    ledger, with the newest as its reason and message; True otherwise."""
+    entry = ledger.stages.get(stage.name) if stage is not None else None
+    if entry is None or not entry.findings:
+        return _set_condition(conds, RING_HEALTHY, "True", "NoFindings", "", now)
+    newest = entry.findings[-1]
+    return _set_condition(conds, RING_HEALTHY, "False", HEALTH_REASONS[newest.kind],
+                          f"stage {stage.name} step {newest.step}: {newest.message}", now)

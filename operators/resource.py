@@ -143,6 +143,11 @@ class StageStatus(_K8s):
                                 "around lost nodes shrank it below resources.workers.")
     finished_at: str | None = Field(None, description="When the last attempt ended (UTC).")
     message: str | None = Field(None, description="Why the last attempt ended as it did.")
+    health: str | None = Field(None, max_length=2048, description="The newest ring-health "
+                               "finding of the stage (a slow ring hop or a stopped rank, from "
+                               "the run ledger).")
+    health_seen: int = Field(0, ge=0, description="The ledger's number of the newest "
+                             "ring-health finding announced as an Event.")
 
 
 class Condition(_K8s):

@@ -108,6 +108,38 @@ class StartEntry(_Doc):
     at: str = Field(description="UTC time of the start.")
 
 
+MAX_FINDINGS = 100  # per stage: the newest are kept (a flapping link must not grow the ledger)
+MAX_LINKS = 64
+MAX_MESSAGE = 2048
+
+
+class HealthFinding(_Doc):
+    """What the driver's ring-health watch found (ray_jobs/train/health.py): a slow ring hop,
+    or a rank that stopped. The operator turns each new one into a Kubernetes Event."""
+
+    seq: int = Field(ge=1, description="Its number among the stage's findings, from 1.")
+    kind: Literal["slow_hop", "hang"] = Field(description="slow_hop: one rank's incoming K/V "
+                                              "hop is persistently slower than its ring's "
+                                              "others; hang: a rank stopped making progress.")
+    step: int = Field(ge=0, description="The stage's step it was found at.")
+    at: str = Field(description="UTC time it was recorded.")
+    rank: int | None = Field(None, ge=0, description="The rank slow to receive, or the one "
+                             "that stopped (null: no single rank could be blamed).")
+    node: str | None = Field(None, max_length=253, description="That rank's node.")
+    gpu: str | None = Field(None, max_length=300, description="That rank's GPU vertex "
+                            "(node/gpuN).")
+    sender: int | None = Field(None, ge=0, description="slow_hop: the rank sending on the hop.")
+    links: list[str] = Field(default_factory=list, max_length=MAX_LINKS,
+                             description="slow_hop: directed links of the hop's route that no "
+                             "healthy hop crosses ('A -> B'); empty without a cluster "
+                             "description.")
+    dump: str | None = Field(None, description="hang on NCCL: the flight recorder's dump "
+                             "files (prefix, then the rank), relative to the run directory.")
+    message: str = Field(max_length=MAX_MESSAGE, description="The finding in one line.")
+
+    _inside = field_validator("dump")(_relative_inside)
+
+
 class StageEntry(_Doc):
     state: Literal["pending", "running", "done", "failed"] = "pending"
     checkpoints: list[CheckpointEntry] = Field(default_factory=list)
@@ -116,6 +148,9 @@ class StageEntry(_Doc):
     attempts: int = Field(0, ge=0, description="Times the stage was started.")
     starts: list[StartEntry] = Field(default_factory=list,
                                      description="Every start of its workers, restarts included.")
+    findings: list[HealthFinding] = Field(default_factory=list, max_length=MAX_FINDINGS,
+                                          description="Ring-health findings, oldest first (the "
+                                          "newest MAX_FINDINGS).")
 
     @field_validator("eval")
     @classmethod
@@ -315,6 +350,19 @@ class Ledger:
             self.stage(doc, stage).starts.append(
                 StartEntry(epoch=self.epoch or 0, step=step, at=_now()))
         return self.update(change)
+
+    def record_finding(self, stage: str, finding: dict) -> HealthFinding:
+        """Append a ring-health finding (HealthFinding's fields less `seq` and `at`) to the
+        stage, numbered after the last; the oldest beyond MAX_FINDINGS are dropped."""
+        recorded: list[HealthFinding] = []
+
+        def change(doc: LedgerDoc) -> None:
+            entry = self.stage(doc, stage)
+            seq = entry.findings[-1].seq + 1 if entry.findings else 1
+            recorded.append(HealthFinding(seq=seq, at=_now(), **finding))
+            entry.findings = (entry.findings + recorded)[-MAX_FINDINGS:]
+        self.update(change)
+        return recorded[0]
 
     def finish_stage(self, name: str, state: Literal["done", "failed"] = "done") -> LedgerDoc:
         def change(doc: LedgerDoc) -> None:

@@ -807,6 +807,15 @@ class FailureSpec(_Spec):
         "tokens/s, ETA) that the driver prints. Only checkpoints are reported to Ray Train: each "
         "report waits for its controller's poll of the workers (~2 s). At most 2**30.",
     )
+    hang_timeout_s: float = Field(
+        300.0, ge=1.0, le=86_400.0, description="Seconds a worker may go without progress (a "
+        "step begun, a checkpoint saved, a loading phase done) while the others wait for it, "
+        "before the driver reports the hang naming that rank, its node and GPU. Once the ranks "
+        "have taken their first step, the driver then ends the stopped rank's process, so Ray "
+        "Train restarts the group (max_failures) as for a dead worker. Above the longest "
+        "checkpoint save; below NCCL's own collective timeout (10 min by default), which ends "
+        "a hang no single rank can be blamed for and dumps its flight recorder. 1 s to 1 day.",
+    )
 
 
 class MlflowSinkSpec(_Spec):
@@ -830,6 +839,28 @@ class WandbSinkSpec(_Spec):
         "later, no account needed to train); online: needs WANDB_API_KEY.")
 
 
+class RingHealthSpec(_Spec):
+    """When the driver reports a slow ring hop (docs/observability.md, "Ring health")."""
+
+    window_steps: int = Field(20, ge=1, le=10_000, description="Steps of each hop's rolling "
+                              "window; at most 10,000.")
+    slow_steps: int = Field(10, ge=1, le=10_000, description="A hop is reported once it was "
+                            "slow in at least this many steps of its window (one stall is not "
+                            "a slow link); again only after a whole window without a slow "
+                            "step. At most window_steps.")
+    slow_factor: float = Field(3.0, gt=1.0, le=1000.0, description="A step is slow for a hop "
+                               "when the hop's K/V wait exceeds this many times the median "
+                               "wait of the other hops of its ring and (with a cluster plan) "
+                               "the plan's predicted exposed K/V time. Above 1, at most 1000.")
+
+    @model_validator(mode="after")
+    def _steps_fit_window(self) -> RingHealthSpec:
+        if self.slow_steps > self.window_steps:
+            raise ValueError(f"slow_steps ({self.slow_steps}) exceeds window_steps "
+                             f"({self.window_steps}); lower slow_steps or widen the window")
+        return self
+
+
 class ObservabilitySpec(_Spec):
     """Where per-step training metrics and evaluation scores go besides the run directory's own
     progress files (docs/observability.md). A sink that fails is reported once and dropped;
@@ -841,6 +872,9 @@ class ObservabilitySpec(_Spec):
     wandb: WandbSinkSpec | None = Field(None, description="Weights & Biases (off when absent).")
     prometheus: bool = Field(False, description="Gauges through Ray's metrics API "
                              "(ray_ringpilot_*), served by each Ray node's metrics exporter.")
+    ring_health: RingHealthSpec = Field(default_factory=RingHealthSpec,
+                                        description="Slow ring hop reports: the window and "
+                                        "thresholds.")
 
 
 class RunSpec(_Spec):

@@ -81,7 +81,7 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
         plan, doc = _step_plan(blocks, rank, step, size, local_len, causal)
         # A skipped block (no query sees a key of it) computes nothing; step 0 never skips.
         if doc is None or doc.kind != SKIP:
-            with timed_compute():
+            with timed_compute(q.device):
                 block_q, block_k, block_v = (_rows(q, plan.q_rows),
                                              _rows(current[0], plan.kv_rows),
                                              _rows(current[1], plan.kv_rows))
@@ -143,7 +143,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
         # A skipped block adds nothing, but the dK/dV accumulator still passes through.
         skip = doc is not None and doc.kind == SKIP
         bdq = bdk = bdv = None
-        with timed_compute():
+        with timed_compute(q.device):
             if not skip:
                 args = (_rows(dout, plan.q_rows), _rows(q, plan.q_rows),
                         _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
@@ -174,7 +174,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                     grads_exchange.wait()
                     grads_spare, grads = grads, grads_incoming
                 if not skip:
-                    with timed_compute():
+                    with timed_compute(q.device):
                         _accumulate(_rows(grads[0], plan.kv_rows), bdk)
                         _accumulate(_rows(grads[1], plan.kv_rows), bdv)
             del bdq, bdk, bdv
@@ -189,7 +189,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
     if grads_exchange is not None:
         grads_exchange.wait()
         del grads, grads_spare
-        with timed_compute():
+        with timed_compute(q.device):
             _accumulate(own[0], grads_incoming[0])
             _accumulate(own[1], grads_incoming[1])
     return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)

@@ -13,7 +13,8 @@ The driver: (1) check the RunSpec against the filesystem and the Ray cluster, be
 starts, and take the run (the ledger's next epoch: a driver still running, or the workers of a
 killed one, can no longer write to it); (2) build the tokenizer and the plan, and prepare
 data.prepared if it is missing (ray_jobs.data.prepare; stale or too small: refused); (3) start
-evaluation and progress; (4) run one TorchTrainer per stage
+evaluation, progress and the ring-health watch (ray_jobs.train.watch: slow ring hops, stopped
+ranks); (4) run one TorchTrainer per stage
 (ray_jobs.train.loop.train_stage_worker), recording stages in the ledger; (5) print the summary.
 """
 
@@ -37,6 +38,7 @@ from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.families import checkpoint_problems
 from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.train.config import StepInfo, WorkerConfig
+from ray_jobs.train.heartbeat import FLIGHT_RECORDER_PREFIX, flight_recorder_env, health_dir
 from ray_jobs.train.placement import (
     NODE_LABEL,
     check_capacity,
@@ -289,10 +291,21 @@ def train_stage(config: WorkerConfig) -> None:
             name=ray_train_name(run, stage.name, config.epoch), storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=run.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.storage.keep_last),
-            **quiet,
+            worker_runtime_env=worker_runtime_env(config), **quiet,
         ),
     )
     trainer.fit()
+
+
+def worker_runtime_env(config: WorkerConfig) -> dict:
+    """The stage's workers' runtime environment (merged by Ray with the job's): on GPUs, NCCL's
+    flight recorder on, dumping into the attempt's health directory (made now: the dump does
+    not make it), so a hang that reaches NCCL's timeout leaves a record of every collective."""
+    if config.run.resources.device != "gpu":
+        return {}
+    beats = health_dir(config.run_dir, config.stage.name, config.epoch)
+    beats.mkdir(parents=True, exist_ok=True)
+    return {"env_vars": flight_recorder_env(beats / FLIGHT_RECORDER_PREFIX)}
 
 
 FENCED_EXIT = 3  # a newer driver took the run over while this one ran
@@ -358,13 +371,17 @@ def main(argv: list[str] | None = None, *,
         if predicted is None:
             return 2
 
-    # 3. Evaluation actors (their own resources), the progress lines and the metric sinks
-    #    (observability:), the last two fed from the run directory on driver threads.
+    # 3. Evaluation actors (their own resources), the progress lines, the metric sinks
+    #    (observability:) and the ring-health watch, the last three fed from the run directory
+    #    on driver threads.
     from ray_jobs.train.observe import Observer
     from ray_jobs.train.progress import ProgressPrinter, render_summary
+    from ray_jobs.train.watch import HealthWatch, cluster_route
     evaluator = _start_eval(run, run_dir, ledger, spec_dir)
     printer = ProgressPrinter(run_dir).start()
     observer = Observer(run, run_dir, predicted, warn=_warn).start()
+    watch = HealthWatch(run, run_dir, ledger, predicted, route=cluster_route(run, spec_dir),
+                        warn=_warn).start()
     wall, code = {}, 0
     base_rope = run.base_rope(spec_dir)  # the base model's RoPE rule, each stage's reference
     try:
@@ -384,6 +401,7 @@ def main(argv: list[str] | None = None, *,
             ledger.start_stage(name)
             t0 = time.perf_counter()
             stage_plan = prepared.plan.stage(name) if prepared.plan is not None else None
+            watch.begin_stage(name)
             try:
                 train_stage(WorkerConfig(run=run, stage_index=index, run_dir=run_dir,
                                          spec_dir=spec_dir, plan=stage_plan,
@@ -391,6 +409,7 @@ def main(argv: list[str] | None = None, *,
                                          epoch=ledger.epoch, before_step=before_step,
                                          before_commit=before_commit))
             except Exception as e:  # Ray Train gave up after failure.max_failures restarts
+                watch.end_stage()
                 print(f"[{name}] failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
                 code = 1
                 try:
@@ -400,6 +419,7 @@ def main(argv: list[str] | None = None, *,
                           f"{err.strerror or err}", file=sys.stderr, flush=True)
                 observer.finish_stage(name, "failed")
                 break
+            watch.end_stage()
             wall[name] = time.perf_counter() - t0
             ledger.finish_stage(name, "done")
             observer.finish_stage(name, "done")
@@ -407,6 +427,7 @@ def main(argv: list[str] | None = None, *,
         print(f"{args.run}: stopped: {e}", file=sys.stderr, flush=True)
         code = FENCED_EXIT
     finally:
+        watch.stop()
         printer.stop()
         if evaluator is not None:
             evaluator.stop(wait=code == 0, timeout=300)

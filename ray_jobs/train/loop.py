@@ -32,6 +32,7 @@ from ray_jobs.ring_attention import record_ring_timings, select_block_kernel
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
+from ray_jobs.train.heartbeat import Heartbeat, beat_interval, health_dir
 from ray_jobs.train.model import (
     build_meta_model,
     init_weights,
@@ -64,16 +65,31 @@ from specs.run import RunSpec
 
 
 def train_stage_worker(config: WorkerConfig) -> None:
-    """Train one stage; returns early, writing nothing more, once a newer driver owns the run."""
-    rank = ray.train.get_context().get_world_rank()
+    """Train one stage; returns early, writing nothing more, once a newer driver owns the run.
+    A heartbeat thread tells the driver's health watch where this rank is meanwhile."""
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    heartbeat = Heartbeat(health_dir(config.run_dir, config.stage.name, config.epoch),
+                          rank=rank, world=ctx.get_world_size(), node=_node_name(),
+                          gpu=ctx.get_local_rank(),
+                          node_id=ray.get_runtime_context().get_node_id(),
+                          interval=beat_interval(config.run.failure.hang_timeout_s)).start()
     try:
-        _train(config)
+        _train(config, heartbeat)
     except Fenced as e:
         if rank == 0:
             print(f"[{config.stage.name}] stopped: {e}", flush=True)
+    finally:
+        heartbeat.stop()
 
 
-def _train(config: WorkerConfig) -> None:
+def _node_name() -> str:
+    """This worker's node as the plan names it: its ringpilot node label, else Ray's node id."""
+    runtime = ray.get_runtime_context()
+    return runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
+
+
+def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
     run, index, run_dir, spec_dir = config.run, config.stage_index, config.run_dir, config.spec_dir
     stage = config.stage
     torch.set_num_threads(run.resources.cpus_per_worker)
@@ -87,13 +103,15 @@ def _train(config: WorkerConfig) -> None:
     # 1. Place: one plan for all ranks (the driver's, or rank 0's from the gathered places);
     #    it maps (node, local device) -> (ring, position). Ray's world rank only names the
     #    process to torch.distributed, it does not decide the ring order.
-    runtime = ray.get_runtime_context()
-    node = runtime.get_node_labels().get(NODE_LABEL) or runtime.get_node_id()
     slots = [None] * world
-    dist.all_gather_object(slots, WorkerSlot(node=node, local=ctx.get_local_rank(), rank=rank))
+    dist.all_gather_object(slots, WorkerSlot(node=_node_name(), local=ctx.get_local_rank(),
+                                             rank=rank))
     stage_plan = agree_stage_plan(run, index, slots, config.plan)
     dims = stage_plan.dims
     layout = build_mesh(dims, build_rings(slots, stage_plan), device.type)
+    ring_prev = layout.ring.prev_peer if dims.ring > 1 else None  # the one hop it receives on
+    heartbeat.ring_prev = ring_prev
+    heartbeat.mark("load")
     if rank == 0 and config.plan is None:  # the driver saved a ClusterSpec plan already
         record_stage_plan(run_dir, run.name, stage_plan)
 
@@ -168,6 +186,7 @@ def _train(config: WorkerConfig) -> None:
         if config.before_step is not None:
             config.before_step(StepInfo(stage=stage.name, step=step, rank=rank, world=world,
                                         run_dir=run_dir))
+        heartbeat.mark("step", step + 1)
         clock.start()
         phases0 = dict(clock.parts)
         lr = sched.get_last_lr()[0]  # the rate this step's update uses
@@ -203,7 +222,8 @@ def _train(config: WorkerConfig) -> None:
                         "lr": lr, "grad_norm": float(grad_norm), "step_s": clock.total,
                         "tokens": stage.tokens_per_step,
                         "phases": {k: v - phases0.get(k, 0.0) for k, v in clock.parts.items()},
-                        "memory_peak_bytes": _memory_peak(device), "kv_wait_s": hops.wait_s})
+                        "memory_peak_bytes": _memory_peak(device), "kv_wait_s": hops.wait_s,
+                        "attn_compute_s": hops.compute_s, "ring_prev": ring_prev})
 
         final = state.step == stage.steps
         checkpoint_now = final or state.step % run.storage.checkpoint_every == 0
@@ -221,9 +241,11 @@ def _train(config: WorkerConfig) -> None:
             checkpoint = None
             if checkpoint_now:
                 metrics["checkpoint"] = True
+                heartbeat.mark("checkpoint")
                 path = save_checkpoint(ledger, hf_model, tok, opt, sched, state,
                                        keep_last=run.storage.keep_last, final=final,
                                        before_commit=config.before_commit)
+                heartbeat.mark("step")
                 if rank == 0:
                     checkpoint = _ray_pointer(path, ledger.run_dir, state.step)
             on_rank0(rank, lambda: ledger.append_line(
@@ -316,12 +338,14 @@ def _from_ray_pointer(run_dir: Path) -> Path | None:
     return path if is_committed(path) else None
 
 
-PER_RANK = ("memory_peak_bytes", "kv_wait_s")  # figures that differ per rank: kept as lists
+# figures that differ per rank, kept as lists: memory peak, the wait on the one incoming K/V hop
+# (ring_prev -> this rank) and the attention compute it overlaps (ray_jobs/train/health.py)
+PER_RANK = ("memory_peak_bytes", "kv_wait_s", "attn_compute_s", "ring_prev")
 
 
 def _gather_metrics(records: list[dict], rank: int, world: int) -> list[dict]:
     """Per-step loss, the sample ids every rank actually trained on and the per-rank figures
-    (memory peak, K/V hop wait), gathered per report (not per step: a collective per step would
+    (PER_RANK), gathered per report (not per step: a collective per step would
     cost more than a tiny model's step). Rank 0 gets the records to write; the others an empty
     list."""
     gathered = [None] * world

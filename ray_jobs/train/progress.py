@@ -25,6 +25,8 @@ def _eta(seconds: float) -> str:
 
 
 def render_progress_line(rec: dict) -> str:
+    if "health" in rec:  # a ring-health finding (ray_jobs/train/watch.py): its own line
+        return f"[{rec['stage']}] step {rec['step']}: {rec['message']}"
     ckpt = "  checkpoint" if rec.get("checkpoint") else ""
     return (f"[{rec['stage']}] step {rec['step']:>5}/{rec['steps']}  loss {rec['loss']:.4f}  "
             f"{rec['tokens_per_s']:>9,.0f} tok/s  ETA {_eta(rec['eta_s'])}{ckpt}")
@@ -123,7 +125,24 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
         console.print(ruler)
     if predicted is not None:
         console.print(step_time_table(run, ledger, predicted))
+    health = health_table(run, doc)
+    if health is not None:
+        console.print(health)
     return table
+
+
+def health_table(run: RunSpec, doc) -> Sheet | None:
+    """Every stage's ring-health findings (slow hops, stopped ranks) from the ledger; None when
+    there are none."""
+    table = Sheet("ring health: what the driver's watch found",
+                  [("stage", "left"), ("step", "right"), ("finding", "left")])
+    for stage in run.stages:
+        entry = doc.stages.get(stage.name)
+        for finding in entry.findings if entry else []:
+            table.add_row(stage.name, str(finding.step), finding.message)
+    table.caption = ("slow hop: one rank's K/V wait against its ring's other hops; hang: a rank "
+                     "the others waited for (docs/observability.md, Ring health)")
+    return table if table.row_count else None
 
 
 # Below this size a model trained here (the tiny default: 0.5M) has learned no language, so

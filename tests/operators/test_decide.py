@@ -15,7 +15,7 @@ from operators.decide import (
     plan_backoff,
     plan_reconcile,
 )
-from specs.ledger import CheckpointEntry, EvalEntry, LedgerDoc, StageEntry
+from specs.ledger import CheckpointEntry, EvalEntry, HealthFinding, LedgerDoc, StageEntry
 from tests.operators.conftest import T0, make_job, make_node, make_training
 
 FAST = Settings(backoff_seconds=30, backoff_cap_seconds=600, poll_seconds=5)
@@ -281,3 +281,45 @@ def test_unusable_topology_config_map_waits_with_a_warning(cluster_yaml, problem
     again = plan_reconcile(config_map_training(status=dumped(d)), [], NODES, T0, settings=FAST,
                            cluster_yaml=cluster_yaml)
     assert again.events() == []
+
+
+def finding(seq: int, kind: str = "slow_hop", step: int = 40) -> HealthFinding:
+    return HealthFinding(seq=seq, kind=kind, step=step, at="2026-12-07T03:00:00+00:00", rank=3,
+                         node="n1", gpu="n1/gpu3", sender=2 if kind == "slow_hop" else None,
+                         message=f"{kind} finding {seq}")
+
+
+def test_ring_health_findings_become_one_event_each_and_a_condition():
+    """The driver's ring-health findings in the ledger: each is announced once as a Warning
+    Event, the stage shows the newest, RingHealthy turns False with its kind as reason."""
+    ledger = LedgerDoc(run="tiny", stages={"s256": StageEntry(state="running",
+                                                                findings=[finding(1)])})
+    job = [make_job("tiny-s256-a1")]
+    d = plan_reconcile(make_training(status=running_status()), job, NODES, T0, ledger=ledger,
+                       settings=FAST)
+    [event] = d.events()
+    assert (event.type, event.reason) == ("Warning", "SlowRingHop")
+    assert event.message == "stage s256 step 40: slow_hop finding 1"
+    assert (stage(d, "s256").health, stage(d, "s256").health_seen) == ("slow_hop finding 1", 1)
+    healthy = next(c for c in d.status.conditions if c.type == "RingHealthy")
+    assert (healthy.status, healthy.reason) == ("False", "SlowRingHop")
+
+    again = plan_reconcile(make_training(status=dumped(d)), job, NODES, T0, ledger=ledger,
+                           settings=FAST)
+    assert again.events() == []  # announced already
+
+    ledger.stages["s256"].findings.append(finding(2, "hang", 55))
+    later = plan_reconcile(make_training(status=dumped(again)), job, NODES, T0, ledger=ledger,
+                           settings=FAST)
+    assert [(e.reason, e.message) for e in later.events()] == [
+        ("RankStopped", "stage s256 step 55: hang finding 2")]
+    healthy = next(c for c in later.status.conditions if c.type == "RingHealthy")
+    assert (healthy.status, healthy.reason) == ("False", "RankStopped")
+
+
+def test_a_stage_without_findings_is_ring_healthy():
+    ledger = LedgerDoc(run="tiny", stages={"s256": StageEntry(state="running")})
+    d = plan_reconcile(make_training(status=running_status()), [make_job("tiny-s256-a1")], NODES,
+                       T0, ledger=ledger, settings=FAST)
+    healthy = next(c for c in d.status.conditions if c.type == "RingHealthy")
+    assert (healthy.status, healthy.reason) == ("True", "NoFindings") and d.events() == []

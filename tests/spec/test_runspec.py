@@ -165,6 +165,11 @@ def test_cross_field_rules_name_field_value_and_fix(changes, message):
          r"\(got 'needle'"),
         ({"eval.depths": [50, 120]}, r"^eval\.depths\[1\]: Input should be less than or equal "
          r"to 100 \(got 120"),
+        ({"observability": {"ring_health": {"window_steps": 5, "slow_steps": 8}}},
+         r"^observability\.ring_health: slow_steps \(8\) exceeds window_steps \(5\); lower "
+         r"slow_steps or widen the window"),
+        ({"failure.hang_timeout_s": 0}, r"^failure\.hang_timeout_s: Input should be greater "
+         r"than or equal to 1"),
     ],
 )
 def test_field_errors_are_one_line_each(changes, message):

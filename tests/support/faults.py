@@ -1,10 +1,12 @@
 """Faults injected into real runs: a worker that dies mid-stage or mid-checkpoint, a straggler
-of a superseded driver, a filesystem that fills up."""
+of a superseded driver, a filesystem that fills up, a rank whose ring sends come late or that
+stops inside a step."""
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +124,66 @@ class TakeOverOnce:
             return
         marker.touch()
         Ledger(info.run_dir).begin_attempt()
+
+
+@dataclass(frozen=True)
+class Each:
+    """A `before_step` hook that runs several, in order."""
+
+    hooks: tuple
+
+    def __call__(self, info: StepInfo) -> None:
+        for hook in self.hooks:
+            hook(info)
+
+
+def _late(seconds: float):
+    def hook(ring, tag: int) -> None:
+        time.sleep(seconds)
+    return hook
+
+
+def _stop_forever(ring, tag: int) -> None:
+    """Never posts the exchange: the rank stays alive, inside its step, until it is killed."""
+    while True:
+        time.sleep(3600)
+
+
+@dataclass(frozen=True)
+class DelaySends:
+    """A `before_step` hook: in `stage`, rank `rank` posts every ring exchange `seconds` late,
+    as a slow link out of it would deliver its K/V (ray_jobs.ring_attention.comm's test hook)."""
+
+    stage: str
+    rank: int
+    seconds: float
+
+    def __call__(self, info: StepInfo) -> None:
+        from ray_jobs.ring_attention.comm import set_exchange_hook
+
+        if (info.stage, info.rank) == (self.stage, self.rank):
+            set_exchange_hook(_late(self.seconds))
+
+
+@dataclass(frozen=True)
+class StopInStepOnce:
+    """A `before_step` hook: at `stage`'s `step`, rank `rank` stops at its next ring exchange
+    and never goes on (alive, sleeping inside the step), once per run directory, so the group
+    Ray Train restarts trains on."""
+
+    stage: str
+    step: int
+    rank: int
+
+    def __call__(self, info: StepInfo) -> None:
+        from ray_jobs.ring_attention.comm import set_exchange_hook
+
+        if (info.stage, info.step, info.rank) != (self.stage, self.step, self.rank):
+            return
+        marker = Path(info.run_dir) / f".stopped-{self.stage}-{self.step}"
+        if marker.exists():
+            return
+        marker.write_text(str(os.getpid()))
+        print(f"[test] rank {info.rank} stops inside {info.stage} step {info.step + 1}",
+              flush=True)
+        set_exchange_hook(_stop_forever)
