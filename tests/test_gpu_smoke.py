@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.cuda_calls import Reached, checking_init_process_group
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
 
 
@@ -83,8 +85,6 @@ def test_an_unindexed_or_foreign_gpu_is_refused_before_torch_sees_it(device):
         smoke.process_group_args(device, 0)
 
 
-class _Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -93,18 +93,13 @@ def test_what_each_mode_hands_init_process_group_on_cuda(monkeypatch, world):
     torch's device_id checks (which need a GPU to run for real)."""
     seen = {}
 
-    def init_process_group(backend=None, *, device_id=None, **kwargs):
-        seen.update(backend=backend, device_id=device_id)
-        if device_id is not None and device_id.index is None:
-            raise ValueError("Please use a device_id with index.")
-        raise _Stop
-
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(smoke.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(smoke.dist, "init_process_group",
+                        checking_init_process_group(seen))
     monkeypatch.setattr(smoke.dist, "TCPStore", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.update(set_device=device))
     device = smoke.build_device("cuda", smoke.local_rank())
-    with pytest.raises(_Stop):
+    with pytest.raises(Reached):
         if world == 1:
             smoke.init_world_of_one(device)
         else:

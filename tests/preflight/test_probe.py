@@ -7,6 +7,7 @@ from preflight_worlds import probe_world
 
 from ray_jobs.preflight import rank as rank_module
 from ray_jobs.preflight.probe import barrier_kwargs, check_device, time_collective
+from tests.support.cuda_calls import Reached, checking_init_process_group
 from tests.support.worlds import run_world
 
 
@@ -51,8 +52,6 @@ def test_a_gpu_without_an_index_is_refused_where_a_cpu_test_sees_it():
             build(torch.device("cuda"))
 
 
-class _Stop(Exception):
-    pass
 
 
 def test_a_rank_started_by_hand_binds_nccl_to_its_local_gpu(tmp_path, monkeypatch):
@@ -62,17 +61,12 @@ def test_a_rank_started_by_hand_binds_nccl_to_its_local_gpu(tmp_path, monkeypatc
 
     seen = {}
 
-    def init_process_group(backend=None, *, device_id=None, **kwargs):
-        seen.update(backend=backend, device_id=device_id)
-        if device_id is not None and device_id.index is None:
-            raise ValueError("Please use a device_id with index.")
-        raise _Stop
-
     config = tmp_path / "ranks.json"
     config.write_text(PreflightConfig(cluster={}, stages=[], out_dir=str(tmp_path)).to_json())
-    monkeypatch.setattr(rank_module.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(rank_module.dist, "init_process_group",
+                        checking_init_process_group(seen))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.update(set_device=d))
-    with pytest.raises(_Stop):
+    with pytest.raises(Reached):
         rank_module.main(["--config", str(config), "--node", "host1", "--local", "3",
                           "--device", "cuda"])
     assert seen == {"backend": "nccl", "device_id": torch.device("cuda", 3),
