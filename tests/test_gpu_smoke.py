@@ -85,14 +85,11 @@ def test_an_unindexed_or_foreign_gpu_is_refused_before_torch_sees_it(device):
         smoke.process_group_args(device, 0)
 
 
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_what_each_mode_hands_init_process_group_on_cuda(monkeypatch, world):
     """Both modes' own call into torch, up to init_process_group, with that call replaced by
     torch's device_id checks (which need a GPU to run for real)."""
     seen = {}
-
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(smoke.dist, "init_process_group",
                         checking_init_process_group(seen))

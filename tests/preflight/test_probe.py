@@ -52,15 +52,12 @@ def test_a_gpu_without_an_index_is_refused_where_a_cpu_test_sees_it():
             build(torch.device("cuda"))
 
 
-
-
 def test_a_rank_started_by_hand_binds_nccl_to_its_local_gpu(tmp_path, monkeypatch):
     """rank.main's own calls into torch on CUDA, up to init_process_group, which is replaced
     by torch's device_id check (it needs a GPU to run for real)."""
     from ray_jobs.preflight.run import PreflightConfig
 
     seen = {}
-
     config = tmp_path / "ranks.json"
     config.write_text(PreflightConfig(cluster={}, stages=[], out_dir=str(tmp_path)).to_json())
     monkeypatch.setattr(rank_module.dist, "init_process_group",
