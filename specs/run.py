@@ -816,6 +816,13 @@ class FailureSpec(_Spec):
         "checkpoint save; below NCCL's own collective timeout (10 min by default), which ends "
         "a hang no single rank can be blamed for and dumps its flight recorder. 1 s to 1 day.",
     )
+    preflight: bool = Field(
+        False, description="Before training, the driver runs `ringpilot preflight` on the stages "
+        "it trains (needs resources.cluster, or the driver's --cluster): every planned ring hop "
+        "and collective timed on the planned workers, slow links named by tomography, the "
+        "layout's attention checked against unsharded attention. A finding stops the run "
+        "before its first step (exit 1); the report is in RUN_DIR/preflight/.",
+    )
 
 
 class MlflowSinkSpec(_Spec):

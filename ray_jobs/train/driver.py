@@ -311,6 +311,36 @@ def worker_runtime_env(config: WorkerConfig) -> dict:
 FENCED_EXIT = 3  # a newer driver took the run over while this one ran
 
 
+def preflight_command(run: RunSpec, spec_dir: Path, run_path: Path, address: str | None,
+                      stage: str | None) -> list[str]:
+    """The `python -m ray_jobs.preflight` command failure.preflight runs before training: the
+    stages this driver trains, on its cluster file, joining its Ray cluster."""
+    cluster = Path(run.resources.cluster)
+    cmd = [sys.executable, "-m", "ray_jobs.preflight", "--run", str(run_path.resolve()),
+           "--cluster", str(cluster if cluster.is_absolute() else spec_dir / cluster),
+           "--out", str(run.run_dir / "preflight")]
+    return cmd + (["--address", address] if address else []) + (
+        ["--stage", stage] if stage else [])
+
+
+def fabric_preflight(run: RunSpec, spec_dir: Path, run_path: Path, address: str | None,
+                     stage: str | None, runner: Callable[[list[str]], int] | None = None) -> int:
+    """Run the preflight (failure.preflight) and return its exit status: 0 nothing found, 1
+    findings, 2 bad input. A process of its own, not an import: the preflight wing sits above
+    the trainer's (it builds the trainer's meshes), and its Ray Train worker group ends before
+    the stage's starts."""
+    import subprocess
+
+    if not run.resources.cluster:
+        print("failure.preflight: the preflight times the planned rings of a cluster "
+              "description; give resources.cluster (or --cluster CLUSTER.yaml), or set "
+              "failure.preflight: false", file=sys.stderr)
+        return 2
+    cmd = preflight_command(run, spec_dir, run_path, address, stage)
+    print(f"preflight (failure.preflight): {' '.join(cmd[1:])}", flush=True)
+    return (runner or (lambda c: subprocess.run(c).returncode))(cmd)
+
+
 def main(argv: list[str] | None = None, *,
          before_step: Callable[[StepInfo], None] | None = None,
          before_commit: Callable[[Path], None] | None = None) -> int:
@@ -339,6 +369,13 @@ def main(argv: list[str] | None = None, *,
         print(f"{args.run}: cannot start\n" + "\n".join(f"  {line}" for line in e.lines),
               file=sys.stderr)
         return 2
+    if run.failure.preflight:
+        code = fabric_preflight(run, spec_dir, args.run, args.address, args.stage)
+        if code != 0:
+            print(f"{args.run}: the preflight (failure.preflight) found what is printed above "
+                  f"(report: {run_dir / 'preflight'}); fix it, re-plan around it "
+                  "(ringpilot plan --exclude), or set failure.preflight: false", file=sys.stderr)
+            return code
     # From here this driver owns the run: the workers of any earlier attempt are fenced off.
     ledger = Ledger(run_dir, run.name).begin_attempt()
     print(run.summary(), flush=True)

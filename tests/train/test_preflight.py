@@ -135,3 +135,40 @@ def test_stage_flag_asks_ray_for_the_stage_alone(tmp_path):
     assert [s.name for s in alone.layout.stages] == ["s64"]
     assert (alone.workers, alone.workers_from) == (1, "--stage s64 (ring x dp x ulysses = "
                                                       "1 x 1 x 1)")
+
+
+def test_failure_preflight_runs_the_fabric_preflight_first_and_stops_on_a_finding(
+        tmp_path, capsys, monkeypatch):
+    """failure.preflight: the driver runs `python -m ray_jobs.preflight` on its stages, cluster
+    file and Ray cluster before it owns the run; a finding (exit 1) stops it there."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = write_spec(tmp_path / "run.yaml", mini_spec(tmp_path / "runs", **{
+        "failure.preflight": True,
+        "resources.cluster": str(root / "configs/clusters/local-cpu.yaml")}))
+    ran = []
+
+    def fake_run(cmd, *args, **kwargs):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert main(["--run", str(spec), "--address", "127.0.0.1:1", "--stage", "s64"]) == 1
+    [cmd] = ran
+    assert cmd[1:3] == ["-m", "ray_jobs.preflight"]
+    args = dict(zip(cmd[3::2], cmd[4::2]))
+    assert args == {"--run": str(spec.resolve()),
+                    "--cluster": str(root / "configs/clusters/local-cpu.yaml"),
+                    "--out": str(tmp_path / "runs" / "mini" / "preflight"),
+                    "--address": "127.0.0.1:1", "--stage": "s64"}
+    assert "set failure.preflight: false" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "mini" / "ledger.json").exists()  # it never owned the run
+
+
+def test_failure_preflight_needs_a_cluster_description(tmp_path, capsys):
+    spec = write_spec(tmp_path / "run.yaml",
+                      mini_spec(tmp_path / "runs", **{"failure.preflight": True}))
+    assert main(["--run", str(spec)]) == 2
+    assert "give resources.cluster (or --cluster CLUSTER.yaml)" in capsys.readouterr().err
