@@ -120,8 +120,9 @@ def test_the_feed_thread_runs_at_the_lowest_priority():
 
     from ray_jobs.train.observe import lower_this_thread_priority
 
-    if not sys.platform.startswith("linux"):
-        pytest.skip("per-thread nice values are Linux's")
+    if not sys.platform.startswith("linux"):  # nice is per process there: left alone
+        assert lower_this_thread_priority() is False
+        return
     seen = {}
 
     def probe():
