@@ -17,6 +17,7 @@ SETUP_LOG   := $(VENV)/setup.log
 PIP_FLAGS   ?=
 RUN         ?= configs/tiny.yaml
 DEMO_ARGS   ?=
+TEST_WORKERS ?= 2
 # The default run calibrates this machine first (configs/clusters/local-cpu.yaml: two CPU workers
 # on loopback), so its summary shows predicted against measured step time; other runs, or
 # CALIBRATE=, skip it.
@@ -57,8 +58,10 @@ demo: setup
 	$(VENV)/bin/ringpilot validate $(RUN)
 	$(PY) -m ringpilot.launch --run $(RUN) $(if $(CALIBRATE),--calibrate $(CALIBRATE),) $(DEMO_ARGS)
 
+# Two pytest-xdist workers: the tests that start Ray run in turn on one (they form one
+# xdist_group, tests/conftest.py), everything else on the other; TEST_WORKERS=0 runs in one process.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # Regenerate the CRD from the pydantic models and manifests/samples/ from configs/ (tests fail
 # when they drift apart).

@@ -14,6 +14,28 @@ ROOT = Path(__file__).resolve().parents[1]
 offline_environment()
 
 
+def _starts_ray(item: pytest.Item) -> bool:
+    return item.get_closest_marker("ray") is not None or "local_ray" in item.fixturenames
+
+
+def pytest_itemcollected(item):
+    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). The tests that
+    start Ray form one group, run in turn on one worker while the other takes everything else:
+    two Ray clusters at once on this machine's two cores would starve each other's heartbeats.
+    (Marked here, as each test is collected: xdist reads the groups in its own
+    pytest_collection_modifyitems, which can run before this file's.)"""
+    if _starts_ray(item):
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Ray group goes first, so that one worker starts on it at once (loadgroup hands out
+    work in collection order) and the long Ray tests overlap the many short ones."""
+    ray_tests = [item for item in items if _starts_ray(item)]
+    ray_ids = {id(item) for item in ray_tests}
+    items[:] = ray_tests + [item for item in items if id(item) not in ray_ids]
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
     """A test that runs Ray Train's trainer in this process leaves its SIGINT handler installed;

@@ -134,6 +134,7 @@ def interrupt(mini_run, signum: int, whole_group: bool) -> tuple[str, float]:
     return out, cleanup
 
 
+@pytest.mark.ray
 def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     interrupt(mini_run, signal.SIGINT, whole_group=True)
     spec, run_dir = mini_run
@@ -169,6 +170,7 @@ def test_ctrl_c_stops_job_and_head_and_the_next_run_resumes(mini_run):
     assert doc.stages["s64"].state == "done" and doc.stages["s128"].state == "done"
 
 
+@pytest.mark.ray
 def test_sigterm_stops_job_and_head(mini_run):
     interrupt(mini_run, signal.SIGTERM, whole_group=False)
 

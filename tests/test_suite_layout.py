@@ -1,0 +1,69 @@
+"""How `make test` spreads the suite over two pytest-xdist workers.
+
+The tests that start Ray (marked `ray`, or using the `local_ray` fixture) must run one after
+another on one worker: two local Ray clusters on this machine's two cores starve each other's
+heartbeats and health windows. tests/conftest.py puts them in one xdist_group; this checks that
+the installed pytest and pytest-xdist honour it (pytest 9.2 silently stopped doing so:
+pytest-xdist#1386), on a small suite run the way the Makefile runs the real one.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUITE = {
+    "conftest.py": """
+        import pytest
+        from tests.conftest import pytest_collection_modifyitems, pytest_itemcollected  # noqa: F401
+
+        @pytest.fixture(scope="session")
+        def local_ray():
+            yield "127.0.0.1:0"
+        """,
+    "test_plain.py": """
+        import time
+        import pytest
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_plain(i):
+            time.sleep(0.2)
+        """,
+    "test_cluster.py": """
+        import time
+        import pytest
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_uses_the_cluster(local_ray, i):
+            time.sleep(0.2)
+
+        @pytest.mark.ray
+        def test_starts_its_own_head():
+            time.sleep(0.2)
+        """,
+}
+
+
+def test_the_ray_tests_run_first_and_on_one_worker(tmp_path):
+    for name, text in SUITE.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v",
+         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    ran = re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED (\S+)", out.stdout)
+    assert len(ran) == 10, out.stdout
+    ray = [(worker, test) for worker, test in ran if "test_cluster.py" in test]
+    assert {worker for worker, _ in ray} == {ray[0][0]}, f"the Ray tests were split: {ray}"
+    assert all(test.endswith("@ray") for _, test in ray), ray
+    assert not any(test.endswith("@ray") for _, test in ran if "test_plain.py" in test), ran
+    # the group went out first: its worker's first test is one of them
+    first_on_its_worker = next(test for worker, test in ran if worker == ray[0][0])
+    assert "test_cluster.py" in first_on_its_worker, out.stdout
