@@ -33,6 +33,18 @@ process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0
   hybrid's largest abs error against SDPA (fp32, 512 tokens, output and gradients).
 - comm_hidden_fraction = 1 - (seconds blocked in request waits) / (seconds the same transfers
   take alone, run back to back without compute), averaged over ranks.
+- docmask_speedup_p2_16k: fwd+bwd time of the plain causal ring at P = 2 over the same ring
+  with document masking (`doc_starts`), on one packed sequence of documents 1-4K tokens long
+  (seeded; --quick: 128-512 in 2K), bf16, slowest rank, best of reps, the two alternating in one
+  run. The document plan is rebuilt every rep (a new sample every step in training).
+  docmask_block_kinds: how many (rank, step) blocks are skip, dense and masked.
+- docmask_exact_max_err: largest abs error of document-masked attention (output, dq, dk, dv)
+  against SDPA with a block-diagonal causal mask on the whole sequence, fp32, 512 tokens of
+  documents 16-96 long, on a ring of 2 and on Ulysses 2 x ring 2.
+- docmask_balance_max_over_mean_zigzag: the busiest rank's allowed (query, key) pairs over the
+  mean, zigzag sharding (no per-document sharding yet), documents 1-4K in 16K at P = 2 and 8,
+  and 1-64K in 1M at P = 16 (each the worst of 8 seeded sequences): the figure per-document
+  sharding would bring to about 1.
 Timings on a shared 2-core machine are noisy; numbers are from one run.
 """
 
@@ -41,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -50,10 +63,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ray_jobs.ring_attention import record_ring_timings, ring_attention  # noqa: E402
+from ray_jobs.ring_attention import documents, record_ring_timings, ring_attention  # noqa: E402
 from ray_jobs.ring_attention.comm import resolve_ring, shift_tensors  # noqa: E402
 from ray_jobs.ring_attention.kernels import CpuFlashKernel, merge_block  # noqa: E402
 from ray_jobs.ring_attention.ulysses import (  # noqa: E402
@@ -123,8 +137,19 @@ def _pure_comm_seconds(ring, k, v):
     return time.perf_counter() - start
 
 
-def ring_body(rank, world, seq, dtype, reps, memory):
-    """Our ring on zigzag shards (random data: timing and memory do not depend on values)."""
+def document_starts(seq: int, low: int, high: int, seed: int) -> list[int]:
+    """Start positions of documents of seeded random lengths in [low, high] packed back to back
+    into `seq` tokens (the last one cut where the sequence ends, as packing cuts the stream)."""
+    rng, starts = random.Random(seed), [0]
+    while (nxt := starts[-1] + rng.randint(low, high)) < seq:
+        starts.append(nxt)
+    return starts
+
+
+def ring_body(rank, world, seq, dtype, reps, memory, doc_starts=None):
+    """Our ring on zigzag shards (random data: timing and memory do not depend on values);
+    with `doc_starts`, document-masked, its plan rebuilt every rep."""
+    starts = None if doc_starts is None else torch.tensor(doc_starts, dtype=torch.int64)
     q, k, v, dout = _inputs(seq // world, dtype, rank)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     small = [t[:, :256].detach().clone().requires_grad_() for t in (q, k, v)]
@@ -132,11 +157,12 @@ def ring_body(rank, world, seq, dtype, reps, memory):
     times, cpu_times, peak = [], [], None
     for _ in range(reps):
         q.grad = k.grad = v.grad = None
+        documents._cached_steps.cache_clear()
         dist.barrier()
         base = _reset_peak()
         with record_ring_timings() as timings:
             start, cpu_start = time.perf_counter(), time.process_time()
-            ring_attention(q, k, v, group=None).backward(dout)
+            ring_attention(q, k, v, group=None, doc_starts=starts).backward(dout)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
         peak = _rss()[1] - base
@@ -191,6 +217,85 @@ def hybrid_error_body(rank, world, ulysses):
     out.backward(mine(dout))
     pairs = [(out, want), *((t.grad, r.grad) for t, r in zip(local, ref))]
     return max(float((a.detach() - mine(b.detach())).abs().max()) for a, b in pairs)
+
+
+def document_error_body(rank, world, ulysses):
+    """Max abs error of document-masked attention's output and gradients against SDPA with a
+    block-diagonal causal mask on the whole sequence, fp32, 512 tokens."""
+    ring, seq = world // ulysses, 512
+    mesh = build_sequence_mesh(ulysses, ring)
+    starts = torch.tensor(document_starts(seq, 16, 96, 11), dtype=torch.int64)
+    q, k, v, dout = _inputs(seq, torch.float32, 7)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    pos = torch.arange(seq)
+    doc = torch.searchsorted(starts, pos, right=True)
+    allowed = (pos[None, :] <= pos[:, None]) & (doc[None, :] == doc[:, None])
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in ref), attn_mask=allowed).transpose(1, 2)
+    want.backward(dout)
+
+    def mine(t):
+        return sequence_shard(t, 1, mesh.ring.rank, ring, mesh.ulysses_rank, ulysses)
+
+    local = [mine(t).requires_grad_() for t in (q, k, v)]
+    out = sequence_parallel_attention(*local, mesh=mesh, doc_starts=starts)
+    out.backward(mine(dout))
+    pairs = [(out, want), *((t.grad, r.grad) for t, r in zip(local, ref))]
+    return max(float((a.detach() - mine(b.detach())).abs().max()) for a, b in pairs)
+
+
+def zigzag_pairs(seq: int, world: int, starts: list[int]) -> list[int]:
+    """Allowed (query, key) pairs per rank of a causal zigzag ring under document masking: the
+    query at p sees p - start(p) + 1 keys; rank r holds chunks r and 2 world - 1 - r. (The
+    kernel's block table counts the same, block by block: O(world x seq) instead of O(seq).)"""
+    pos = np.arange(seq)
+    first = np.asarray(starts)[np.searchsorted(starts, pos, side="right") - 1]
+    per_chunk = (pos - first + 1).reshape(2 * world, -1).sum(axis=1)
+    return [int(per_chunk[r] + per_chunk[2 * world - 1 - r]) for r in range(world)]
+
+
+def balance_max_over_mean(seq: int, world: int, low: int, high: int, samples: int = 8) -> float:
+    """The busiest rank's allowed pairs over the mean under zigzag sharding, the worst of
+    `samples` seeded packed sequences."""
+    worst = 1.0
+    for seed in range(samples):
+        pairs = zigzag_pairs(seq, world, document_starts(seq, low, high, seed))
+        worst = max(worst, max(pairs) * world / sum(pairs))
+    return worst
+
+
+def documents_report(seq: int, reps: int) -> dict:
+    """The docmask_* keys (module docstring)."""
+    bf16, scale = torch.bfloat16, seq / 16384
+    low, high = max(16, round(1024 * scale)), max(64, round(4096 * scale))
+    starts = document_starts(seq, low, high, 0)
+    table = documents.plan_document_table(2, seq, torch.tensor(starts))
+    assert table.pairs == zigzag_pairs(seq, 2, starts), "the two counts of pairs disagree"
+    kinds = [kind for row in table.kinds for kind in row]
+    plain, masked = [], []
+    for _ in range(reps):  # alternate, so that a busy spell of the machine hits both
+        plain.append(_ring_time(run_ranks(2, ring_body, seq, bf16, 1, False)))
+        masked.append(_ring_time(run_ranks(2, ring_body, seq, bf16, 1, False, starts)))
+    report = {"docmask_speedup_p2_16k": min(plain) / min(masked),
+              "docmask_documents": len(starts), "docmask_doc_tokens": [low, high],
+              "docmask_pairs_over_causal": sum(table.pairs) / (seq * (seq + 1) / 2),
+              "docmask_block_kinds": {k: kinds.count(k) for k in (documents.SKIP,
+                                                                documents.DENSE,
+                                                                documents.MASKED)},
+              "t_docmask_plain_s": min(plain), "t_docmask_masked_s": min(masked)}
+    report["docmask_exact_max_err"] = max(max(run_ranks(2, document_error_body, 1)),
+                                          max(run_ranks(4, document_error_body, 2)))
+    report["docmask_balance_max_over_mean_zigzag"] = {
+        "16k_p2": balance_max_over_mean(16384, 2, 1024, 4096),
+        "16k_p8": balance_max_over_mean(16384, 8, 1024, 4096),
+        "1m_p16": balance_max_over_mean(1 << 20, 16, 1024, 65536)}
+    print(f"S={seq} bf16 ring P=2, {len(starts)} documents of {low}-{high} tokens "
+          f"({report['docmask_pairs_over_causal']:.2f} of the causal pairs; blocks "
+          f"{report['docmask_block_kinds']}): causal {min(plain):.2f}s, document-masked "
+          f"{min(masked):.2f}s ({report['docmask_speedup_p2_16k']:.2f}x); max abs error vs "
+          f"SDPA {report['docmask_exact_max_err']:.1e}; busiest rank over mean (zigzag) "
+          f"{report['docmask_balance_max_over_mean_zigzag']}", flush=True)
+    return report
 
 
 def _ensure_peer():
@@ -332,6 +437,8 @@ def main():
           f"bytes sent per rank {report['bytes_per_rank_ring_p4'] / 2**20:.0f} MiB vs "
           f"{report['bytes_per_rank_hybrid_u2r2'] / 2**20:.0f} MiB; hybrid max abs error vs "
           f"SDPA {report['hybrid_exact_max_err']:.1e}", flush=True)
+
+    report |= documents_report(seq, reps)
 
     if args.skip_peer:
         report["speedup_vs_ring_attention_pytorch"] = None
