@@ -121,6 +121,21 @@ def _documents(positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(starts, positions, right=True) - 1
 
 
+def document_index(positions: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
+    """The document (0, 1, ...) each of `positions` lies in, for any global positions of the
+    sequence (a rank's zigzag or Ulysses shard): the segment ids of those tokens."""
+    starts = doc_starts.to(positions.device, torch.int64)
+    return torch.searchsorted(starts, positions, right=True) - 1
+
+
+def document_position_ids(positions: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at each document (position_ids: per_document): each global
+    position minus the start of its document, for any positions of the sequence, so a rank
+    computes its own shard's without the others'."""
+    starts = doc_starts.to(positions.device, torch.int64)
+    return positions - starts[document_index(positions, starts)]
+
+
 def _count_pairs(q_pos: torch.Tensor, kv_ranges, lo: torch.Tensor, hi: torch.Tensor) -> int:
     # Keys of range [a, b) that query p sees: those in [max(a, lo_p), min(b, hi_p)).
     total = 0
