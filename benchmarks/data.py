@@ -136,7 +136,7 @@ def fetch_worker(prepared: str, tmp: str) -> None:
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        inputs, labels, _ = stream.batch(step, 0, range(1))
+        inputs = stream.batch(step, 0, range(1)).inputs
         times.append((time.perf_counter() - t0) * 1000)
         assert inputs.shape == (1, SEQ_1M)
     # what a worker of a ring of 32 reads: its zigzag shard only (two runs of 16K tokens)
@@ -146,7 +146,7 @@ def fetch_worker(prepared: str, tmp: str) -> None:
     rank_times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        inputs, _, _ = stream.batch(step, 0, range(1), pos)
+        inputs = stream.batch(step, 0, range(1), pos).inputs
         rank_times.append((time.perf_counter() - t0) * 1000)
         assert inputs.shape == (1, SEQ_1M // 32)
     print(json.dumps({"fetch_ms": statistics.median(times[1:]), "first_ms": times[0],

@@ -73,7 +73,7 @@ def train_stage(model, run: RunSpec, index: int, tok) -> list[float]:
     stream, losses = SampleStream(run, index, tok), []
     model.train()
     for step in range(stage.steps):
-        x, y, _ = stream.batch(step, 0, range(stage.batch_size))
+        x, y, *_ = stream.batch(step, 0, range(stage.batch_size))
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
                                                  ignore_index=IGNORE)

@@ -98,7 +98,7 @@ def single_process_tokens_per_s(spec: dict, tmp: Path) -> float:
     for step in range(stage.steps):
         if step == 4:  # same as the Ray side: the first report interval is not counted
             start = time.perf_counter()
-        x, y, _ = stream.batch(step, 0, range(stage.batch_size))
+        x, y, *_ = stream.batch(step, 0, range(stage.batch_size))
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
                                                  ignore_index=-100)

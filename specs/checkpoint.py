@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from specs.degrees import ParallelDims
+from specs.degrees import AttentionMasking, ParallelDims, PositionIds
 from specs.errors import SpecError
 from specs.files import read_bounded
 from specs.ledger import COMMITTED, Ledger, is_committed
@@ -90,6 +90,12 @@ class TrainerState(BaseModel):
                                  "what carried over.")
     attention_kernel: str = Field("", description="The block kernel the ring ran on, and why "
                                   "(select_block_kernel).")
+    attention: AttentionMasking = Field(
+        "causal", description="What a token attended to (the stage's attention): 'causal' or "
+        "'document'. States written before the choice existed read 'causal', as they trained.")
+    position_ids: PositionIds = Field(
+        "continuous", description="The RoPE positions the stage trained with: 'continuous' or "
+        "'per_document'.")
 
     @field_validator("stage")
     @classmethod

@@ -377,3 +377,10 @@ def resolve_degrees(stage: StageDegrees, world: int, offer: str, *,
 # nothing.
 CheckpointPolicy = Literal["full", "attention", "none"]
 CHECKPOINT_POLICIES: tuple[str, ...] = ("full", "attention", "none")
+
+# What a token of a packed sequence attends to: `causal` every earlier token of the sequence,
+# whichever document it belongs to; `document` only the earlier tokens of its own document.
+# RoPE positions: `continuous` along the sequence, `per_document` from 0 at each document.
+# Per-stage choices of the RunSpec that plan.json and state.json record beside the layout.
+AttentionMasking = Literal["causal", "document"]
+PositionIds = Literal["continuous", "per_document"]

@@ -14,7 +14,14 @@ from pydantic import (
     model_validator,
 )
 
-from specs.degrees import MAX_GPUS, MAX_SEQ_LEN, CheckpointPolicy, ParallelDims
+from specs.degrees import (
+    MAX_GPUS,
+    MAX_SEQ_LEN,
+    AttentionMasking,
+    CheckpointPolicy,
+    ParallelDims,
+    PositionIds,
+)
 
 DEGREE_KEYS = ("ring_degree", "dp_degree", "shard_degree", "ulysses_degree")
 
@@ -123,6 +130,13 @@ class StagePlan(_Spec):
         "specs.degrees.CHECKPOINT_POLICIES order: what 'auto' chose from (empty when planned "
         "without a cluster description).")
     notes: list[str] = Field(default_factory=list, description="Choices made and why.")
+    attention: AttentionMasking = Field(
+        "causal", description="What a token attends to, as the RunSpec's stages[].attention: "
+        "'causal' (across the packed documents) or 'document' (its own document only). Plans "
+        "made before the choice existed read 'causal', what they trained with.")
+    position_ids: PositionIds = Field(
+        "continuous", description="RoPE positions, as the RunSpec's stages[].position_ids: "
+        "'continuous' or 'per_document' (from 0 at each document).")
     rope: dict[str, Any] = Field(default_factory=dict, description="transformers' "
                                  "rope_parameters of the stage as its RunSpec resolves them (a "
                                  "base model with its own rule, e.g. Llama 3.1's llama3, keeps "

@@ -18,9 +18,11 @@ from specs.degrees import (
     MAX_GPUS,
     MAX_SEQ_LEN,
     MAX_STEPS,
+    AttentionMasking,
     CheckpointPolicy,
     DegreeError,
     ParallelDims,
+    PositionIds,
     degree_options,
     divisors,
     shard_problem,
@@ -192,6 +194,14 @@ def describe_rope(params: dict[str, Any]) -> str:
     if kind == "default":
         return f"theta {params['rope_theta']:,.0f}"
     return f"{METHOD_OF_TYPE.get(kind, kind)} x{params.get('factor', 1):g}"
+
+
+def describe_attention(attention: str, position_ids: str) -> str:
+    """A stage's attention over packed documents in a few words, for tables and logs:
+    'causal', 'document', 'document, positions per document'."""
+    if position_ids == "per_document":
+        return f"{attention}, positions per document"
+    return attention
 
 
 # The architectures ring attention, the exact-RoPE patch, parallelize() and the memory model
@@ -397,6 +407,30 @@ class StageSpec(_Spec):
         "the fastest policy whose memory fits the GPU with its reserve (plan.json and the report "
         "give each policy's time and memory); 'full' when planned without a cluster.",
     )
+    attention: AttentionMasking = Field(
+        "causal", description="What a token of a packed training sequence attends to. "
+        "'causal': every earlier token of the sequence, whichever document it came from (as "
+        "pretraining packed them; the default, so existing runs train as before). 'document': "
+        "only the earlier tokens of its own document, nothing across documents (the boundaries "
+        "come from the data: data.prepared's document starts, an EOS in data.documents; a "
+        "synthetic retrieval sample is one document). Ring blocks no query may see are skipped. "
+        "CPU only: the masked blocks have no CUDA kernel yet, and the trainer refuses "
+        "'document' on resources.device gpu. docs/training.md, 'Packed documents'.")
+    position_ids: PositionIds = Field(
+        "continuous", description="RoPE positions of a packed sequence. 'continuous': 0 .. "
+        "seq_len - 1 along the sequence (the default). 'per_document': from 0 again at each "
+        "document's first token, so every document is positioned as if it stood alone; needs "
+        "attention: document.")
+
+    @model_validator(mode="after")
+    def _positions_need_documents(self) -> StageSpec:
+        if self.position_ids == "per_document" and self.attention != "document":
+            raise ValueError(
+                "position_ids per_document needs attention: document: with causal attention a "
+                "token also sees the earlier documents, whose keys would then sit at negative "
+                "RoPE distances (positions restarted), which no model was trained on; set "
+                "attention: document, or position_ids: continuous")
+        return self
 
     @model_validator(mode="after")
     def _one_rope(self) -> StageSpec:
@@ -1039,6 +1073,13 @@ class RunSpec(_Spec):
             lines.append(f"ring {auto.ring_degree}u?: ulysses_degree auto; on a cluster "
                          "description the planner splits a ring's GPUs between Ulysses and "
                          "the ring")
+        masked = [s for s in self.stages
+                  if (s.attention, s.position_ids) != ("causal", "continuous")]
+        if masked:  # only then: the default (causal) needs no line
+            words = "; ".join(f"{s.name} {describe_attention(s.attention, s.position_ids)}"
+                              for s in masked)
+            rest = " (the other stages: causal)" if len(masked) < len(self.stages) else ""
+            lines.append(f"attention over packed documents: {words}{rest}")
         lines.append(f"storage {self.storage.path}; eval {'on' if self.eval.enabled else 'off'} "
                      f"({', '.join(self.eval.tasks)})")
         return "\n".join(lines)

@@ -265,8 +265,8 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
     stage layout tried; `base_rope`: the base model's RoPE rule (RunSpec.base_rope), which
     each stage's `rope` is resolved against."""
     planner = Planner(spec, graph, profile, search_seconds=search_seconds)
-    stages = with_rope(run, [plan_stage(planner, run, i, relax=relax)
-                             for i in range(len(run.stages))], base_rope)
+    stages = with_attention(run, with_rope(run, [plan_stage(planner, run, i, relax=relax)
+                                                 for i in range(len(run.stages))], base_rope))
     p = planner.profile
     assumptions = list(notes or [])
     assumptions += [f"{k}: {p.sources.get(k, '')}" for k in p.assumptions]
@@ -316,6 +316,14 @@ def with_rope(run: RunSpec, stages: list[StagePlan],
             for i, s in enumerate(stages)]
 
 
+def with_attention(run: RunSpec, stages: list[StagePlan]) -> list[StagePlan]:
+    """The stage plans with each stage's attention over packed documents and its RoPE
+    positions (stages[].attention, stages[].position_ids), recorded as the RunSpec sets them."""
+    return [s.model_copy(update={"attention": stage.attention,
+                                 "position_ids": stage.position_ids})
+            for s, stage in zip(stages, run.stages)]
+
+
 def plan_from_workers(workers: dict[str, int], run: RunSpec,
                       base_rope: dict[str, Any] | None = None) -> Plan:
     """A Plan for plain Ray nodes without a cluster description: rings filled node by node (in
@@ -348,4 +356,4 @@ def plan_from_workers(workers: dict[str, int], run: RunSpec,
                                 + ["planned from Ray nodes: rings filled node by node, no "
                                    "cluster description"]))
     return Plan(run=run.name, cluster=None, profile=None,
-                stages=with_rope(run, stages, base_rope))
+                stages=with_attention(run, with_rope(run, stages, base_rope)))

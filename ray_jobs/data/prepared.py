@@ -181,8 +181,20 @@ class PreparedCorpus:
         offset = j * n
         tokens = self.read(offset, n).astype(np.int64)
         mask = self.read(offset, n, "mask").astype(bool) if self.has_mask else None
+        return Window(tokens, mask, self._starts_within(offset, n))
+
+    def document_starts(self, seq_len: int, j: int) -> np.ndarray:
+        """Where documents begin among the seq_len inputs of packed sequence j: int64 positions
+        0 .. seq_len - 1, 0 first (a sequence that begins inside a document starts one there),
+        strictly increasing. Reads doc_starts.npy alone (a binary search in its memory map),
+        no token: every rank of a ring asks it for the whole sequence."""
+        inside = self._starts_within(j * (seq_len + 1), seq_len)
+        return np.concatenate([[0], inside[inside > 0]]).astype(np.int64)
+
+    def _starts_within(self, offset: int, n: int) -> np.ndarray:
+        # Document starts in the stream's [offset, offset + n), as offsets from `offset`.
         if self._doc_starts is None:
             self._doc_starts = np.load(self.path / "doc_starts.npy", mmap_mode="r")
         lo, hi = np.searchsorted(self._doc_starts, [offset, offset + n])
-        return Window(tokens, mask, np.asarray(self._doc_starts[lo:hi]) - offset)
+        return np.asarray(self._doc_starts[lo:hi]) - offset
 

@@ -18,6 +18,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +59,24 @@ class Sample:
     input_ids: list[int] | np.ndarray
     labels: list[int] | np.ndarray
     answer: str = ""
+
+
+class Batch(NamedTuple):
+    """Rows of a micro-step as one rank reads them (SampleStream.batch)."""
+
+    inputs: torch.Tensor  # (B, S) int64: this rank's positions of each row
+    labels: torch.Tensor  # (B, S) int64, IGNORE where not scored
+    sample_ids: list[str]
+    # per row, where the WHOLE sequence's documents begin: int64 global positions, 0 first,
+    # strictly increasing (ring_attention's doc_starts; the same on every rank of a ring)
+    doc_starts: list[torch.Tensor]
+
+
+def starts_after_eos(inputs, eos: int) -> np.ndarray:
+    """Where documents begin among a sequence's inputs when documents are joined by EOS: 0, and
+    every position right after an EOS (int64)."""
+    tokens = np.asarray(inputs)
+    return np.concatenate([[0], np.flatnonzero(tokens[:-1] == eos) + 1]).astype(np.int64)
 
 
 def sample_seed(seed: int, *parts: object) -> int:
@@ -306,27 +325,51 @@ class SampleStream:
         return np.concatenate(inputs), np.concatenate(labels)
 
     def batch(self, step: int, micro: int, indices: range, positions: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(inputs (B, S), labels (B, S), sample ids) for the given global-batch indices; with
-        `positions` (this rank's token positions, e.g. its zigzag shard) only those columns,
-        and a prepared document sample reads only them."""
-        rows_in, rows_lab, ids = [], [], []
+              ) -> Batch:
+        """Inputs (B, S), labels (B, S), sample ids and each row's document starts for the
+        given global-batch indices; with `positions` (this rank's token positions, e.g. its
+        zigzag shard) only those columns, and a prepared document sample reads only them. The
+        document starts are always the whole sequence's (document_starts)."""
+        rows_in, rows_lab, ids, starts = [], [], [], []
         pos = None if positions is None else positions.cpu().numpy()
         for i in indices:
             sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{i}"
             if pos is not None and self.corpus is not None and self.kind(step, micro, i) \
                     == "documents":
                 x, y = self._document_piece(step, micro, i, pos)
+                row_starts = self.document_starts(step, micro, i)
             else:
                 s = self.sample(step, micro, i)
                 x, y = (np.asarray(s.input_ids, dtype=np.int64),
                         np.asarray(s.labels, dtype=np.int64))
+                row_starts = self._starts_of(s, step, micro, i)
                 if pos is not None:
                     x, y = x[pos], y[pos]
             rows_in.append(x)
             rows_lab.append(y)
             ids.append(sid)
-        return (torch.from_numpy(np.stack(rows_in)), torch.from_numpy(np.stack(rows_lab)), ids)
+            starts.append(torch.from_numpy(row_starts))
+        return Batch(torch.from_numpy(np.stack(rows_in)), torch.from_numpy(np.stack(rows_lab)),
+                     ids, starts)
+
+    def document_starts(self, step: int, micro: int, index: int) -> np.ndarray:
+        """Where the documents of sample (step, micro, index) begin: int64 global positions of
+        its inputs (0 .. seq_len - 1), 0 first. Prepared documents: from the corpus's document
+        starts alone, no token read; data.documents: after each EOS of the window (one that
+        begins inside a document starts one at 0); a synthetic retrieval prompt is one
+        document, [0]."""
+        if self.kind(step, micro, index) != "documents":
+            return np.zeros(1, np.int64)  # one document, beginning at 0
+        if self.corpus is not None:
+            return self.corpus.document_starts(self.stage.seq_len,
+                                               self.document_sequence(step, micro, index))
+        return starts_after_eos(self.sample(step, micro, index).input_ids, self.ids.eos)
+
+    def _starts_of(self, sample: Sample, step: int, micro: int, index: int) -> np.ndarray:
+        # document_starts of a sample already built (its small-corpus window is not drawn again)
+        if sample.kind == "documents" and self.corpus is None:
+            return starts_after_eos(sample.input_ids, self.ids.eos)
+        return self.document_starts(step, micro, index)
 
     def kind(self, step: int, micro: int, index: int) -> str:
         """The source of sample (step, micro, index) (its rng's first draw, as in sample())."""

@@ -21,6 +21,7 @@ One layout serves the whole batch (packed rows share their document starts).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,28 @@ def _positions(ranges: list[tuple[int, int]]) -> torch.Tensor:
 
 def _documents(positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(starts, positions, right=True) - 1
+
+
+def document_index(positions: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
+    """The document (0, 1, ...) each of `positions` lies in, for any global positions of the
+    sequence (a rank's zigzag or Ulysses shard): the segment ids of those tokens."""
+    starts = doc_starts.to(positions.device, torch.int64)
+    return torch.searchsorted(starts, positions, right=True) - 1
+
+
+def document_position_ids(positions: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at each document (position_ids: per_document): each global
+    position minus the start of its document, for any positions of the sequence, so a rank
+    computes its own shard's without the others'."""
+    starts = doc_starts.to(positions.device, torch.int64)
+    return positions - starts[document_index(positions, starts)]
+
+
+def document_position_rows(positions: torch.Tensor,
+                           doc_starts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, S_local) RoPE positions of a batch under position_ids per_document: this rank's
+    global `positions`, restarted at the documents of each row (doc_starts: one per row)."""
+    return torch.stack([document_position_ids(positions, starts) for starts in doc_starts])
 
 
 def _count_pairs(q_pos: torch.Tensor, kv_ranges, lo: torch.Tensor, hi: torch.Tensor) -> int:

@@ -3,6 +3,9 @@ modules with the ring (or the Ulysses x ring sequence mesh) each of them runs ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -48,6 +51,9 @@ def ring_attention_forward(
 
     Causality comes from the module (`is_causal`, True for Llama); transformers passes no mask
     to custom functions, and any other mask (padding) cannot be honoured and is refused.
+    Document masking: `doc_starts`, a keyword the model's forward passes down to its attention
+    (`model(..., doc_starts=rows)`), holds one int64 tensor per row of the batch, the WHOLE
+    sequence's document starts (ring_attention's doc_starts); see `attention_by_layout`.
     """
     group = getattr(module, RING_ATTRIBUTE, None)
     if group is None:
@@ -79,11 +85,53 @@ def ring_attention_forward(
     q, k, v = (query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype),
                value.transpose(1, 2))
     causal = getattr(module, "is_causal", True)
+    doc_starts = kwargs.get("doc_starts")
+    if doc_starts is None:
+        return _attend(q, k, v, group, causal, scaling), None
+    return attention_by_layout(q, k, v, group, causal, scaling, doc_starts), None
+
+
+def _attend(q, k, v, group: "Ring | SequenceMesh", causal: bool, scale: float | None,
+            doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(group, SequenceMesh):
-        out = sequence_parallel_attention(q, k, v, mesh=group, causal=causal, scale=scaling)
-    else:
-        out = ring_attention(q, k, v, group=group, causal=causal, scale=scaling)
-    return out, None
+        return sequence_parallel_attention(q, k, v, mesh=group, causal=causal, scale=scale,
+                                           doc_starts=doc_starts)
+    return ring_attention(q, k, v, group=group, causal=causal, scale=scale,
+                          doc_starts=doc_starts)
+
+
+def attention_by_layout(q, k, v, group: "Ring | SequenceMesh", causal: bool,
+                        scale: float | None, doc_starts: Sequence[torch.Tensor]
+                        ) -> torch.Tensor:
+    """Document-masked attention of a batch whose rows may pack different documents.
+
+    q, k, v: (B, S_local, heads, D), this rank's shards; doc_starts: B int64 tensors, row b's
+    whole-sequence document starts. One doc_starts serves all rows of a ring_attention call,
+    so rows are run a document layout at a time: the rows sharing a layout together, layouts
+    in the order of their first row. Every rank of the ring holds the same rows with the same
+    layouts, so all take the same calls in the same order and the ring stays in lock-step
+    (backward too: autograd orders the calls' backward by their creation). A batch of one
+    layout is a single call, exactly the unbatched one.
+    """
+    if len(doc_starts) != q.shape[0]:
+        raise ValueError(f"doc_starts holds {len(doc_starts)} rows' document starts for a "
+                         f"batch of {q.shape[0]} rows; give one int64 tensor per row")
+    layouts: dict[tuple[int, ...], list[int]] = {}
+    for row, starts in enumerate(doc_starts):
+        layouts.setdefault(tuple(starts.tolist()), []).append(row)
+    if len(layouts) == 1:
+        return _attend(q, k, v, group, causal, scale, doc_starts[0])
+    outs, order = [], []
+    for rows in layouts.values():
+        index = torch.tensor(rows, device=q.device)
+        outs.append(_attend(q.index_select(0, index), k.index_select(0, index),
+                            v.index_select(0, index), group, causal, scale,
+                            doc_starts[rows[0]]))
+        order += rows
+    # the rows back in batch order: position of row b among the concatenated groups
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(outs).index_select(0, back.to(q.device))
 
 
 def _register() -> None:

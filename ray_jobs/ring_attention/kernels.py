@@ -317,6 +317,19 @@ def kernel_problems(device: str, dtype: str, head_dim: int) -> list[str]:
     return problems
 
 
+def document_masking_problems(device: str, stages: list[str]) -> list[str]:
+    """Why stages that mask attention by document (`stages`: their labels, 'stages[2] (s1k)')
+    cannot train on `device` ("cpu", "gpu"): their masked blocks have CPU kernels only (no
+    variable-length CUDA path yet; ring_attention refuses CUDA tensors with doc_starts). One
+    line naming them all and the fix; empty when they can run."""
+    if device != "gpu" or not stages:
+        return []
+    return [f"{', '.join(stages)}: attention 'document' runs on CPU kernels only so far (the "
+            "masked ring blocks have no CUDA kernel: no variable-length flash path yet), and "
+            "resources.device is gpu; set attention: causal (and position_ids: continuous) "
+            "for GPUs, or train on CPUs (resources.device: cpu)"]
+
+
 _MERGE_CHUNK_BYTES = 64 * 2**20  # fp32 temporaries of one merge chunk
 
 

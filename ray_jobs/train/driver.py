@@ -36,7 +36,7 @@ from ray_jobs.data.samples import read_documents
 from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.families import checkpoint_problems
-from ray_jobs.ring_attention.kernels import kernel_problems
+from ray_jobs.ring_attention.kernels import document_masking_problems, kernel_problems
 from ray_jobs.train.config import StepInfo, WorkerConfig
 from ray_jobs.train.heartbeat import FLIGHT_RECORDER_PREFIX, flight_recorder_env, health_dir
 from ray_jobs.train.placement import (
@@ -51,7 +51,7 @@ from specs.checkpoint import CheckpointError, final_checkpoint
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
-from specs.run import RunSpec
+from specs.run import RunSpec, describe_attention
 from specs.trust import check_checkpoint_is_data
 from topology.eval_plan import eval_gpus_beside
 from topology.planner import PlanError
@@ -154,6 +154,8 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
             problems.append(f"model.path: {e}")
     problems += rope_problems(run, spec_dir)
     problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
+    problems += document_masking_problems(run.resources.device, [
+        f"stages[{i}] ({s.name})" for i, s in enumerate(run.stages) if s.attention == "document"])
     try:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:
@@ -430,8 +432,11 @@ def main(argv: list[str] | None = None, *,
                 print(f"[{name}] done in the ledger; skipping", flush=True)
                 continue
             latest = ledger.latest_committed(name)
-            print(f"[{name}] seq_len {run.stages[index].seq_len:,}, rope "
-                  f"{run.stage_rope_words(index, base_rope)}; "
+            stage = run.stages[index]
+            masking = ("" if stage.attention == "causal" else  # the default goes unsaid
+                       f", attention {describe_attention(stage.attention, stage.position_ids)}")
+            print(f"[{name}] seq_len {stage.seq_len:,}, rope "
+                  f"{run.stage_rope_words(index, base_rope)}{masking}; "
                   f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
             if evaluator is not None:  # evaluations on this stage's GPUs finish first
                 evaluator.make_room(name)

@@ -29,6 +29,7 @@ from ray_jobs.data.samples import SampleStream, read_documents
 from ray_jobs.data.tokenizer import build_tokenizer
 from ray_jobs.ray_setup import quiet_worker_logs
 from ray_jobs.ring_attention import record_ring_timings, select_block_kernel
+from ray_jobs.ring_attention.documents import document_position_rows
 from ray_jobs.ring_attention.ulysses import sequence_position_ids
 from ray_jobs.train.checkpoint import load_checkpoint, on_rank0, save_checkpoint
 from ray_jobs.train.config import StepInfo, WorkerConfig
@@ -131,9 +132,10 @@ def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
     source = model_source(run, index, Path(init_from) if init_from else None, spec_dir)
     hf_model = build_meta_model(model_config(run, index, source, attn_implementation="sdpa"),
                                 getattr(torch, run.model.dtype))
+    documents = stage.attention == "document"
     model = parallelize(hf_model, layout, mixed_precision=compute_dtype_of(run),
                         activation_checkpointing=stage_plan.activation_checkpointing,
-                        loss_chunk_tokens=run.training.loss_chunk_tokens)
+                        loss_chunk_tokens=run.training.loss_chunk_tokens, documents=documents)
     rope = stage_rope(run, index, spec_dir)
     materialize(hf_model, device, rope, stage.seq_len, run.model.pretrain_seq_len)
     init_checksum = 0.0  # a resumed stage keeps the one its checkpoint recorded (step 4)
@@ -150,10 +152,11 @@ def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
         opt, lambda s: lr_factor(s, stage.warmup_steps, stage.steps))
     state = TrainerState(stage=stage.name, stage_index=index, step=0,
                          rope_theta=rope["rope_theta"], rope=rope, seq_len=stage.seq_len,
-                         world_size=world, dims=dims)
+                         world_size=world, dims=dims, attention=stage.attention,
+                         position_ids=stage.position_ids)
     state.init_from = os.path.relpath(init_from, run_dir) if init_from else None
     state.init_checksum = init_checksum
-    if dims.sequence > 1:
+    if dims.sequence > 1 or documents:  # documents: the ring runs, if only a ring of one
         kernel = select_block_kernel(device.type)
         state.attention_kernel = f"{kernel.name} ({kernel.reason})"
     else:
@@ -195,12 +198,16 @@ def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
             for micro in range(stage.grad_accum_steps):
                 # (B, S / (ring x ulysses)): only this rank's positions (prepared documents are
                 # read only there)
-                inputs, labels, sample_ids = stream.batch(step, micro, my_samples, my_positions)
-                ids += sample_ids
-                x, y = inputs.to(device), labels.to(device)
+                batch = stream.batch(step, micro, my_samples, my_positions)
+                ids += batch.sample_ids
+                x, y = batch.inputs.to(device), batch.labels.to(device)
+                rope_positions = positions if stage.position_ids == "continuous" else \
+                    document_position_rows(my_positions, batch.doc_starts).to(device)
                 clock.lap("data")
                 sync_gradients_in(model, micro, stage.grad_accum_steps)
-                loss = ring_mean_loss(*model(x, positions, y), layout.sequence)
+                loss = ring_mean_loss(*model(x, rope_positions, y,
+                                             batch.doc_starts if documents else None),
+                                      layout.sequence)
                 # FSDP averages gradients over all ranks; a sequence's ranks hold shares that add.
                 (loss * dims.sequence / stage.grad_accum_steps).backward()
                 loss_sum += loss.detach() / stage.grad_accum_steps

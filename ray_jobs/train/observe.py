@@ -241,8 +241,9 @@ class Observer:
 
     def _stage_params(self, name: str) -> dict[str, str]:
         index = next(i for i, s in enumerate(self.run.stages) if s.name == name)
-        params = {"seq_len": str(self.run.stages[index].seq_len),
-                  "rope_theta": str(self.run.stage_theta(index))}
+        stage = self.run.stages[index]
+        params = {"seq_len": str(stage.seq_len), "rope_theta": str(self.run.stage_theta(index)),
+                  "attention": stage.attention, "position_ids": stage.position_ids}
         try:
             plan = Plan.model_validate_json((self.run_dir / "plan.json").read_text())
             sp = plan.stage(name)

@@ -95,14 +95,20 @@ def build_mesh(dims: ParallelDims, rings: list[list[int]], device_type: str) -> 
 
 
 def parallelize(model: nn.Module, layout: Layout, *, activation_checkpointing: CheckpointPolicy,
-                mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
-                ) -> CausalLMWithLoss:
+                mixed_precision: torch.dtype | None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                documents: bool = False) -> CausalLMWithLoss:
     """Apply the stage's layout in place to a Hugging Face causal LM of a supported family
     (ray_jobs/ring_attention/families.py; its decoder layers found from the model); return the
     FSDP root that computes the loss. `mixed_precision`: the dtype layers compute in (gradients
-    are reduced in fp32), or None to compute in the parameters' own dtype."""
+    are reduced in fp32), or None to compute in the parameters' own dtype. `documents`: the
+    stage masks attention by document (attention: document), so the attention runs the ring
+    even where the layout splits no sequence (a ring of one), whose block table skips and masks
+    what the documents hide; the root's forward then takes each row's doc_starts."""
     root = CausalLMWithLoss(model, loss_chunk_tokens)
-    apply_layout(root, decoder_layers(model), attention=layout.attention_group,
+    attention = layout.attention_group
+    if documents and attention is None:
+        attention = layout.ring  # a ring of one: its own shard, the whole sequence
+    apply_layout(root, decoder_layers(model), attention=attention,
                  fsdp_mesh=layout.fsdp_mesh, activation_checkpointing=activation_checkpointing,
                  mixed_precision=mixed_precision)
     return root
@@ -170,9 +176,14 @@ class CausalLMWithLoss(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                labels: torch.Tensor, doc_starts: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # doc_starts (attention: document): each row's whole-sequence document starts, passed
+        # down to every layer's ring attention (ring_attention/hf.py); None: plain causal.
+        documents = {} if doc_starts is None else {"doc_starts": doc_starts}
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state  # (B, S_local, H)
+                                       use_cache=False, **documents
+                                       ).last_hidden_state  # (B, S_local, H)
         head = self.model.get_output_embeddings().weight  # the embedding's, when tied
         loss_sum = chunked_cross_entropy(hidden, head, labels, self.loss_chunk_tokens)
         return loss_sum, (labels != IGNORE).sum()

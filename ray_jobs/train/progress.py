@@ -17,7 +17,7 @@ from ray_jobs.train.sheet import Sheet
 from specs.checkpoint import read_state
 from specs.ledger import Ledger
 from specs.plan import Plan
-from specs.run import RunSpec, describe_rope
+from specs.run import RunSpec, describe_attention, describe_rope
 
 
 def _eta(seconds: float) -> str:
@@ -112,11 +112,14 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
                      f"the context lengths shown and {len(run.eval.depths)} needle depths "
                      "(niah_lite: first number exact; the others: share of the expected answers "
                      "found, as RULER's string_match_all)")
-    kernels = sorted({read_state(c).attention_kernel for c in
-                      (ledger.latest_committed(s.name) for s in run.stages) if c is not None}
-                     - {""})
+    states = {s.name: read_state(c) for s in run.stages
+              if (c := ledger.latest_committed(s.name)) is not None}
+    kernels = sorted({st.attention_kernel for st in states.values()} - {""})
     if kernels:
         table.caption += "\nattention kernel: " + "; ".join(kernels)
+    masked = attention_words(run, states)
+    if masked:
+        table.caption += "\nattention over packed documents: " + masked
     # The terminal's width where the launcher passed it (COLUMNS), else rich's default.
     console = console or Console(highlight=False)
     console.print(table)
@@ -129,6 +132,19 @@ def render_summary(run: RunSpec, run_dir: Path, wall: dict[str, float],
     if health is not None:
         console.print(health)
     return table
+
+
+def attention_words(run: RunSpec, states: dict) -> str:
+    """Each stage's attention over packed documents as it trained (its checkpoint's state),
+    else as the RunSpec sets it: 's64 causal; s256 document, positions per document'. Empty
+    when every stage is causal (the default goes unsaid)."""
+    choices = [(s.name, states[s.name].attention, states[s.name].position_ids)
+               if s.name in states else (s.name, s.attention, s.position_ids)
+               for s in run.stages]
+    if all(attention == "causal" for _, attention, _ in choices):
+        return ""
+    return "; ".join(f"{name} {describe_attention(attention, positions)}"
+                     for name, attention, positions in choices)
 
 
 def health_table(run: RunSpec, doc) -> Sheet | None:

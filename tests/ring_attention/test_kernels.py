@@ -16,6 +16,7 @@ from ray_jobs.ring_attention.kernels import (
     CpuFlashKernel,
     FlashAttnKernel,
     TorchCudaFlashKernel,
+    document_masking_problems,
     kernel_problems,
     merge_block,
     select_block_kernel,
@@ -123,3 +124,11 @@ def test_merge_in_chunks_equals_one_pass(monkeypatch):
     # Equal up to an ulp: vectorised bodies and scalar tails of a chunk round differently.
     torch.testing.assert_close(out, whole_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, whole_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_document_masking_is_refused_on_gpus_only():
+    assert document_masking_problems("cpu", ["stages[0] (s64)"]) == []
+    assert document_masking_problems("gpu", []) == []
+    (line,) = document_masking_problems("gpu", ["stages[0] (s64)", "stages[2] (s1k)"])
+    assert line.startswith("stages[0] (s64), stages[2] (s1k): attention 'document' runs on "
+                           "CPU kernels only")

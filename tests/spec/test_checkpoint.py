@@ -108,3 +108,19 @@ def test_evaluable_folders_are_committed_checkpoints_or_plain_hf_models(tmp_path
     (ours / "config.json").unlink()
     with pytest.raises(CheckpointError, match="lacks config.json; it must be a Hugging Face"):
         check_checkpoint(ours)
+
+
+def test_trainer_state_records_the_attention_and_old_states_read_causal(tmp_path):
+    """state.json says what a stage trained with; one written before the choice existed
+    (no attention key) reads causal and continuous, as it trained."""
+    _written(tmp_path / "new", stage="s1k", stage_index=2, step=5, attention="document",
+             position_ids="per_document")
+    back = read_state(tmp_path / "new")
+    assert (back.attention, back.position_ids) == ("document", "per_document")
+    doc = json.loads((tmp_path / "new" / STATE_DIR / "state.json").read_text())
+    assert (doc["attention"], doc["position_ids"]) == ("document", "per_document")
+    (tmp_path / "old" / STATE_DIR).mkdir(parents=True)
+    (tmp_path / "old" / STATE_DIR / "state.json").write_text(
+        '{"stage": "s64", "stage_index": 0, "step": 3}')
+    old = read_state(tmp_path / "old")
+    assert (old.attention, old.position_ids) == ("causal", "continuous")

@@ -67,3 +67,25 @@ def test_bad_degrees_name_the_field(change, message):
     change(doc)
     with pytest.raises(ValidationError, match=message):
         StagePlan.model_validate(doc)
+
+
+def test_plans_record_each_stages_attention_and_old_plans_read_causal():
+    """plan.json carries stages[].attention and position_ids as the RunSpec sets them; a plan
+    written before they existed reads today's behaviour (causal, continuous)."""
+    from specs.run import RunSpec
+    from tests.spec.test_runspec import run_with
+    from topology.run_plan import plan_from_workers
+
+    old = Plan.model_validate_json(json.dumps(OLD_PLAN)).stage("s64")
+    assert (old.attention, old.position_ids) == ("causal", "continuous")
+    run = RunSpec.model_validate(run_with(**{"stages.2.attention": "document",
+                                             "stages.2.position_ids": "per_document"}))
+    plan = plan_from_workers({"local": 2}, run)
+    doc = json.loads(plan.model_dump_json())
+    assert [(s["name"], s["attention"], s["position_ids"]) for s in doc["stages"]] == [
+        ("s64", "causal", "continuous"), ("s256", "causal", "continuous"),
+        ("s1k", "document", "per_document"), ("s4k", "causal", "continuous")]
+    assert Plan.model_validate(doc).stage("s1k").attention == "document"
+    with pytest.raises(ValidationError, match=r"attention\n  Input should be 'causal' or "
+                                              r"'document'"):
+        StagePlan.model_validate({**OLD_STAGES[0], "attention": "full"})

@@ -266,3 +266,39 @@ def test_observability_defaults_to_tensorboard_only_and_bad_sinks_name_the_field
     assert line.startswith("observability.wandb.mode: ") and "'offline' or 'online'" in line
     [line] = errors_of(run_with(observability={"grafana": True}))
     assert "observability.grafana" in line
+
+
+def test_stages_default_to_causal_attention_and_continuous_positions():
+    """Existing runs keep their meaning: no stage of a shipped config masks documents."""
+    for name in ("tiny.yaml", "tiny-prepared.yaml", "llama3-8b-1m.yaml"):
+        run = load_model(ROOT / "configs" / name, RunSpec)
+        assert {(s.attention, s.position_ids) for s in run.stages} == {("causal", "continuous")}
+        assert "packed documents" not in run.summary()
+
+
+def test_document_attention_is_a_stage_choice_shown_in_the_summary():
+    run = RunSpec.model_validate(run_with(**{
+        "stages.1.attention": "document", "stages.2.attention": "document",
+        "stages.2.position_ids": "per_document"}))
+    assert [(s.attention, s.position_ids) for s in run.stages] == [
+        ("causal", "continuous"), ("document", "continuous"), ("document", "per_document"),
+        ("causal", "continuous")]
+    assert ("attention over packed documents: s256 document; s1k document, positions per "
+            "document (the other stages: causal)") in run.summary()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stages.1.position_ids": "per_document"},
+     r"^stages\[1\]: position_ids per_document needs attention: document: with causal "
+     r"attention a token also sees the earlier documents, .*; set attention: document, or "
+     r"position_ids: continuous"),
+    ({"stages.0.attention": "varlen"},
+     r"^stages\[0\]\.attention: Input should be 'causal' or 'document' \(got 'varlen'"),
+    ({"stages.0.position_ids": "reset"},
+     r"^stages\[0\]\.position_ids: Input should be 'continuous' or 'per_document' \(got "
+     r"'reset'"),
+])
+def test_attention_choices_that_cannot_work_are_one_clear_error(changes, message):
+    lines = errors_of(run_with(**changes))
+    assert len(lines) == 1, lines
+    assert __import__("re").search(message, lines[0]), lines[0]

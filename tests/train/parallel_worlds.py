@@ -326,3 +326,109 @@ def mesh_from_one_plan(rank, world, run, planned_json):
     return {"plan": plan.model_dump_json(), "dims": layout.dims, "mesh": layout.mesh.mesh.tolist(),
             "fsdp": layout.fsdp_mesh.mesh.tolist(), "ring": list(layout.ring.ranks),
             "ulysses": list(layout.sequence.ulysses_ranks), "dp_rank": layout.dp_rank}
+
+
+# Packed documents (attention: document): rows of DOC_SEQ tokens with their own layouts, two
+# rows sharing one, so a batch runs a layout at a time and the grouping is exercised too.
+DOC_SEQ = 32
+DOC_LAYOUTS = [
+    [0, 5, 6, 7, 20],  # tiny documents, and ones crossing every rank's chunk boundaries
+    [0, 13],           # a document longer than a shard of a ring of 2 (16 tokens)
+    [0, 5, 6, 7, 20],  # the first row's layout again
+    [0],               # one document filling the row
+]
+
+
+def document_batch(rows: int):
+    """(ids, labels, doc_starts per row) of a packed batch, the same on every rank; labels
+    of the last token are ignored (its next token is not in the row)."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (rows, DOC_SEQ), generator=gen)
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return ids, labels, [torch.tensor(DOC_LAYOUTS[i % len(DOC_LAYOUTS)]) for i in range(rows)]
+
+
+def document_positions(starts: torch.Tensor, per_document: bool) -> torch.Tensor:
+    """RoPE positions of a whole row: 0 .. DOC_SEQ - 1, or from 0 at each document start."""
+    from ray_jobs.ring_attention.documents import document_position_ids
+
+    pos = torch.arange(DOC_SEQ)
+    return document_position_ids(pos, starts) if per_document else pos
+
+
+def train_documents(rank, world, ring, dp, ulysses, ac, per_document, rows_per_ring):
+    """One forward and backward of a packed batch under `attention: document` on the layout
+    (the trainer's calls: parallelize(documents=True), the rows' doc_starts to the root, RoPE
+    positions of this rank's shard); returns the loss and the full gradients."""
+    from ray_jobs.ring_attention.documents import document_position_rows
+
+    dims = ParallelDims.of(ring, dp, ring * ulysses * dp, ulysses)
+    n = dims.sequence
+    layout = build_mesh(dims, [list(range(i * n, (i + 1) * n))[::-1] for i in range(dp)], "cpu")
+    model = tiny_llama(0)
+    model.set_attn_implementation("sdpa")
+    root = parallelize(model, layout, activation_checkpointing=ac, mixed_precision=None,
+                       loss_chunk_tokens=8, documents=True)
+    ids, labels, starts = document_batch(dp * rows_per_ring)
+    mine = slice(layout.dp_rank * rows_per_ring, (layout.dp_rank + 1) * rows_per_ring)
+    place = (layout.ring_rank, dims.ring, layout.ulysses_rank, dims.ulysses)
+    x, y = (sequence_shard(t[mine], 1, *place) for t in (ids, labels))
+    shard = sequence_position_ids(DOC_SEQ, *place)
+    rows = starts[mine]
+    pos = (document_position_rows(shard, rows) if per_document
+           else shard.unsqueeze(0).expand(len(rows), -1))
+    seen = []  # the positions RoPE is given (under document masking the loss alone cannot
+    # tell them apart: attention inside a document sees only distances, which both keep)
+    model.model.rotary_emb.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
+    loss = ring_mean_loss(*root(x, pos, y, rows), layout.sequence)
+    (loss * dims.sequence).backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return {"loss": mean.item() / world, "grads": _full_grads(root), "rope_positions": seen[0],
+            "shard": shard.tolist(), "rows": list(range(mine.start, mine.stop))}
+
+
+def documents_reference(rows: int, per_document: bool) -> dict:
+    """The same batch in one process with attention masked document by document: each
+    document of each row runs alone through the unsharded model (SDPA, causal), at its RoPE
+    positions; the loss is the mean over every scored token of the batch."""
+    model = tiny_llama(0)
+    model.set_attn_implementation("sdpa")
+    ids, labels, starts = document_batch(rows)
+    total = torch.zeros(())
+    for row in range(rows):
+        pos = document_positions(starts[row], per_document)
+        bounds = starts[row].tolist() + [DOC_SEQ]
+        for a, b in zip(bounds, bounds[1:]):
+            logits = model(input_ids=ids[row:row + 1, a:b],
+                           position_ids=pos[None, a:b]).logits
+            total = total + torch.nn.functional.cross_entropy(
+                logits[0], labels[row, a:b], ignore_index=-100, reduction="sum")
+    loss = total / (labels != -100).sum()
+    loss.backward()
+    return {"loss": loss.item(),
+            "grads": {n: p.grad.numpy().copy() for n, p in model.named_parameters()}}
+
+
+def one_document_against_causal(rank, world, ring):
+    """A batch whose every row is one document, once as `causal` (no doc_starts) and once as
+    `document`: both results, for a bit-for-bit comparison."""
+    out = {}
+    for documents in (False, True):
+        dims = ParallelDims.of(ring, 1, ring)
+        layout = build_mesh(dims, [list(range(ring))], "cpu")
+        model = tiny_llama(0)
+        model.set_attn_implementation("sdpa")
+        root = parallelize(model, layout, activation_checkpointing="full", mixed_precision=None,
+                           loss_chunk_tokens=8, documents=documents)
+        ids, labels = next(batches(1, 1))
+        place = (layout.ring_rank, ring, 0, 1)
+        x, y = (sequence_shard(t, 1, *place) for t in (ids, labels))
+        pos = sequence_position_ids(SEQ, *place).unsqueeze(0).expand(PER_RING, -1)
+        rows = [torch.tensor([0])] * PER_RING if documents else None
+        loss = ring_mean_loss(*root(x, pos, y, rows), layout.sequence)
+        (loss * dims.sequence).backward()
+        out["document" if documents else "causal"] = (loss.item(), _full_grads(root))
+    return out

@@ -197,3 +197,42 @@ def test_checkpoint_loads_optimizer_state_by_shard_onto_the_ranks_device(tmp_pat
     assert got["weights_equal"] and got["state_entries"] > 0 and got["scheduler_step"] == 1
     assert got["state_devices"] == ["cpu"]
     assert got["loads"] == ["cpu"]  # the scheduler's state
+
+
+@pytest.mark.parametrize("world,ring,dp,ulysses,ac,per_document", [
+    (2, 2, 1, 1, "full", False),       # a ring of 2, positions along the sequence
+    (2, 2, 1, 1, "attention", True),   # a ring of 2, RoPE restarting at each document
+    (2, 1, 2, 1, "none", True),        # rings of one (no sequence split): the ring still masks
+    (4, 2, 1, 2, "full", True),        # Ulysses 2 x ring 2
+])
+def test_document_attention_trains_like_documents_run_one_by_one(world, ring, dp, ulysses, ac,
+                                                                 per_document):
+    """attention: document on a layout: rows with different document layouts (documents
+    crossing rank boundaries, one longer than a shard, tiny ones, one filling the row) give the
+    loss and gradients of each document run alone through one unsharded model."""
+    rows = 4 // dp  # the batch holds every layout of parallel_worlds.DOC_LAYOUTS
+    results = run_world(world, worlds.train_documents, ring, dp, ulysses, ac, per_document,
+                        rows, timeout_s=180)
+    want = worlds.documents_reference(dp * rows, per_document)
+    _, _, starts = worlds.document_batch(dp * rows)
+    for rank, got in enumerate(results):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5,
+                                   err_msg=f"rank {rank} loss")
+        _close(got["grads"], want["grads"], f"rank {rank} gradients", atol=1e-6)
+        # RoPE got the row's positions (from 0 at each document, or along it) at this rank's
+        # shard: with document masking the loss is the same either way up to rounding
+        whole = [worlds.document_positions(starts[r], per_document) for r in got["rows"]]
+        assert got["rope_positions"] == [[int(w[p]) for p in got["shard"]] for w in whole]
+
+
+def test_one_document_per_row_is_the_causal_ring_bit_for_bit():
+    """attention: document on rows that are each one document changes nothing: the same loss
+    and gradients, bit for bit, as causal attention (the default path, no doc_starts)."""
+    for rank, got in enumerate(run_world(2, worlds.one_document_against_causal, 2,
+                                         timeout_s=120)):
+        (loss_c, grads_c), (loss_d, grads_d) = got["causal"], got["document"]
+        assert loss_d == loss_c, rank
+        assert sorted(grads_d) == sorted(grads_c)
+        for name in grads_c:
+            np.testing.assert_array_equal(grads_d[name], grads_c[name],
+                                          err_msg=f"rank {rank} document vs causal: {name}")

@@ -172,3 +172,18 @@ def test_failure_preflight_needs_a_cluster_description(tmp_path, capsys):
                       mini_spec(tmp_path / "runs", **{"failure.preflight": True}))
     assert main(["--run", str(spec)]) == 2
     assert "give resources.cluster (or --cluster CLUSTER.yaml)" in capsys.readouterr().err
+
+
+def test_gpu_run_with_document_attention_is_refused(tmp_path, capsys):
+    """Document masking has CPU block kernels only: a GPU run asking for it is refused before
+    any worker, once, naming the stages and the fix."""
+    err = _run(tmp_path, capsys, **{"resources.device": "gpu",
+                                    "training": {"mixed_precision": "bf16"},
+                                    "stages.0.attention": "document",
+                                    "stages.1.attention": "document",
+                                    "stages.1.position_ids": "per_document"})
+    assert ("stages[0] (s64), stages[1] (s128): attention 'document' runs on CPU kernels only "
+            "so far (the masked ring blocks have no CUDA kernel: no variable-length flash path "
+            "yet), and resources.device is gpu; set attention: causal (and position_ids: "
+            "continuous) for GPUs, or train on CPUs (resources.device: cpu)") in err
+    assert err.count("attention 'document'") == 1

@@ -179,3 +179,29 @@ def test_every_table_of_the_summary_keeps_its_headers_at_terminal_width(tmp_path
     console.print(wide)
     headers = " ".join(header_lines(console.file.getvalue()))
     assert all(f" {cell} " in headers for cell in RULER_COLUMNS), console.file.getvalue()
+
+
+def test_summary_names_each_stages_attention_over_packed_documents(tmp_path):
+    """As the stage trained (its checkpoint's state), else as the RunSpec sets it; nothing
+    when every stage is causal."""
+    spec = mini_spec(tmp_path / "runs", **{"stages.1.attention": "document",
+                                           "stages.1.position_ids": "per_document"})
+    run = RunSpec.model_validate(spec)
+    out = io.StringIO()
+    render_summary(run, run.run_dir, {}, Console(file=out, width=250))
+    assert ("attention over packed documents: s64 causal; s128 document, positions per "
+            "document") in " ".join(out.getvalue().split())
+    ledger = Ledger(run.run_dir, run.name)
+    path = checkpoint_dir(run.run_dir, "s64", 1)
+    (path / STATE_DIR).mkdir(parents=True)
+    write_state(path, TrainerState(stage="s64", stage_index=0, step=1, attention="document"))
+    mark_committed(path)
+    ledger.commit_checkpoint("s64", 1, path, final=True)
+    out = io.StringIO()
+    render_summary(run, run.run_dir, {}, Console(file=out, width=250))
+    assert "attention over packed documents: s64 document; s128 document" in " ".join(
+        out.getvalue().split())
+    out = io.StringIO()
+    render_summary(RunSpec.model_validate(mini_spec(tmp_path / "other")), tmp_path / "other",
+                   {}, Console(file=out, width=250))
+    assert "packed documents" not in out.getvalue()
