@@ -521,9 +521,10 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     parts["loss all-reduce"] = 2 * (world - 1) * max(ring.latency_s, dp.latency_s)
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len
-    allowed = documents.mean if documents is not None else 1.0  # of the causal pairs
-    model_flops = tokens * (6 * s.params
-                            + allowed * 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)
+    attention_flops = 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers
+    if documents is not None:  # the allowed pairs only
+        attention_flops *= documents.mean
+    model_flops = tokens * (6 * s.params + attention_flops)
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
                      ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),

@@ -53,7 +53,8 @@ def chunk_pairs(world: int, seq_len: int, doc_starts: np.ndarray) -> np.ndarray:
     A document's piece of m tokens in one chunk gives that chunk's diagonal m (m + 1) / 2 pairs;
     a document spanning chunks i > j gives P[i, j] the product of its pieces' lengths (every
     query sees every earlier key of its document). Only documents that cross a chunk boundary
-    (at most 2 * world - 1) reach off the diagonal. O(documents + world^2) time.
+    (at most 2 * world - 1) reach off the diagonal. O(documents + world^2) time. seq_len is a
+    multiple of 2 * world; doc_starts begins at 0 and increases (the kernel's check_doc_starts).
     """
     chunks = 2 * world
     size = seq_len // chunks
