@@ -78,3 +78,15 @@ def test_plan_prices_the_prepared_corpuss_histogram(tmp_path, capsys):
     assert any("the prepared corpus's" in a and "3 documents" in a for a in plan["assumptions"])
     document = plan["stages"][0]["attention_options"][1]
     assert document["work"] > 0.99  # the corpus's long documents, not the run file's short ones
+
+
+def test_a_stage_training_with_document_masking_is_planned_and_predicted_by_it():
+    run = with_histogram(small_run(ring=8, dp=1, seq_len=32768), SHORT_DOCUMENTS)
+    # as StageSpec.attention will set it (cost.stage_attention reads it)
+    stage = run.stages[0].model_copy(update={"attention": "document"})
+    plan = plan_run(build_l40s_server(), run.model_copy(update={"stages": [stage]}),
+                    search_seconds=0.02)
+    causal, document = plan.stages[0].attention_options
+    assert (causal.chosen, document.chosen) == (False, True)
+    assert document.step_seconds == plan.stages[0].prediction.step_seconds
+    assert any(n.startswith("attention document (the stage's)") for n in plan.stages[0].notes)
