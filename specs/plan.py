@@ -101,6 +101,29 @@ class CheckpointOption(_Spec):
     fits: bool = Field(description="Whether peak_gb fits the GPU's memory.")
 
 
+class AttentionOption(_Spec):
+    """One attention masking priced on a stage's planned layout and checkpointing policy."""
+
+    attention: Literal["causal", "document"] = Field(
+        description="'causal': every earlier token of the packed sequence; 'document': only "
+        "the earlier tokens of the token's own document.")
+    chosen: bool = Field(description="Whether the stage trains with it: the stage's prediction "
+                         "is this option's.")
+    step_seconds: float = Field(description="Predicted optimizer step (same rings, degrees and "
+                                "policy).")
+    attention_seconds: float = Field(description="Attention compute per optimizer step: the "
+                                     "busiest ring rank's under 'document'.")
+    exposed_ring_seconds: float = Field(description="Ring K/V transfer time per optimizer step "
+                                        "not hidden behind attention compute.")
+    work: float = Field(description="Allowed (query, key) pairs over the causal ones: 1 for "
+                        "'causal', the sum over documents of len (len + 1) / 2 over "
+                        "seq_len (seq_len + 1) / 2 for 'document' (sampled mean).")
+    imbalance: float = Field(description="The busiest ring rank's work over the mean rank's (1 "
+                             "for 'causal', which zigzag balances).")
+    skipped_blocks: float = Field(description="Share of ring blocks in which no query sees any "
+                                  "key: skipped, their K/V still passed on (0 for 'causal').")
+
+
 class StagePlan(_Spec):
     """Placement and prediction for one stage."""
 
@@ -129,6 +152,10 @@ class StagePlan(_Spec):
         default_factory=list, description="Every policy priced on the planned layout, in "
         "specs.degrees.CHECKPOINT_POLICIES order: what 'auto' chose from (empty when planned "
         "without a cluster description).")
+    attention_options: list[AttentionOption] = Field(
+        default_factory=list, description="'causal' and 'document' attention priced on the "
+        "planned layout (empty without a document-length histogram, data.document_lengths or "
+        "the prepared corpus's, or without a cluster description).")
     notes: list[str] = Field(default_factory=list, description="Choices made and why.")
     attention: AttentionMasking = Field(
         "causal", description="What a token attends to, as the RunSpec's stages[].attention: "

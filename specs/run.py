@@ -617,6 +617,23 @@ class PreparedSpec(_Spec):
         return self
 
 
+MAX_DOCUMENT_TOKENS = 1 << 40  # tokens of one document (as LengthBucket's bounds)
+MAX_LENGTH_BUCKETS = 64  # buckets of a document-length histogram: powers of two up to 2**40 fit
+
+
+class DocumentLengthBucket(_Spec):
+    """One bucket of a document-length histogram: the documents longer than the previous bucket's
+    max_tokens (0 before the first) and at most this one's, and their share of the tokens."""
+
+    max_tokens: int = Field(gt=0, le=MAX_DOCUMENT_TOKENS, description="Upper bound of the bucket "
+                            "(tokens of a document in the packed stream, its EOS included); at "
+                            "most 2**40.")
+    share: float = Field(ge=0, le=1e6, description="Share of the packed stream's tokens in "
+                         "documents of this bucket (not of the documents: long documents hold "
+                         "most tokens); normalised over the buckets, so fractions or percentages "
+                         "both work. Finite, at most 1e6.")
+
+
 class DataSpec(_Spec):
     """Training samples: a deterministic function of (seed, stage, step)."""
 
@@ -632,6 +649,26 @@ class DataSpec(_Spec):
         "of mix.documents for real corpora. Null: data.documents.")
     mix: DataMix = Field(default_factory=DataMix, description="Sample sources and their weights.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer source.")
+    document_lengths: list[DocumentLengthBucket] = Field(
+        default_factory=list, max_length=MAX_LENGTH_BUCKETS, description="Histogram of the "
+        "packed documents' lengths, for planning before the data exists: buckets by increasing "
+        "max_tokens, each with its share of the stream's TOKENS; a document's length is taken as "
+        "uniform between the previous bound and its bucket's. `ringpilot plan` prices attention "
+        "`document` (causal inside each document) with it. When data.prepared's manifest exists "
+        "the planner uses the corpus's own histogram instead (the prepare job writes it). Empty: "
+        "no histogram. At most 64 buckets.")
+
+    @field_validator("document_lengths")
+    @classmethod
+    def _histogram(cls, buckets: list[DocumentLengthBucket]) -> list[DocumentLengthBucket]:
+        bounds = [b.max_tokens for b in buckets]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"max_tokens must increase from bucket to bucket, got {bounds}; list "
+                             "the buckets shortest first, each bound once")
+        if buckets and not any(b.share > 0 for b in buckets):
+            raise ValueError("every share is 0; give the buckets that hold documents a positive "
+                             "share of the tokens (or drop document_lengths)")
+        return buckets
 
     @model_validator(mode="after")
     def _documents_given(self) -> DataSpec:

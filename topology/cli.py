@@ -16,6 +16,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from specs.loading import load_model
     from specs.run import RunSpec
     from topology.cost import StageDoesNotFit
+    from topology.documents import with_corpus_document_lengths
     from topology.exclusions import (
         Exclusions,
         apply_exclusions,
@@ -73,6 +74,9 @@ def run_plan(args: argparse.Namespace) -> int:
                 label.append(f"link {a} - {b} at {f:g}x bandwidth")
             label += [f"node {n} lost" for n in args.without_node]
         base_rope = run.base_rope(Path(args.run).parent)  # a base model's own rule, if any
+        # the prepared corpus's document lengths, when its manifest exists, over the run file's
+        run, lengths_notes = with_corpus_document_lengths(run, Path(args.run).parent)
+        notes = [*(notes or []), *lengths_notes] or None
         plan = plan_run(spec, run, graph=base_graph, excluded=ex.names, relax=bool(ex.names),
                         profile=profile, notes=notes,
                         search_seconds=args.search_seconds, base_rope=base_rope)

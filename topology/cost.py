@@ -10,6 +10,7 @@ import numpy as np
 
 from specs.degrees import CheckpointPolicy, ParallelDims
 from specs.run import RunSpec, StageSpec
+from topology.documents import DocumentWork, Histogram, document_work, histogram_of
 from topology.graph import Link, Router
 from topology.profile import HardwareProfile
 from topology.routes import route_table
@@ -46,6 +47,12 @@ class LinkLoads(Mapping):
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(link ids in Router numbering, transfers on each): the loads as arrays."""
         return self._used, self._counts
+
+
+def stage_attention(stage: StageSpec) -> str:
+    """The stage's attention masking, `causal` or `document` (StageSpec.attention). The one
+    place the planner reads it: a StageSpec without the field is `causal`."""
+    return getattr(stage, "attention", "causal")
 
 
 def policy_without_memory_model(stage: StageSpec) -> CheckpointPolicy:
@@ -155,6 +162,10 @@ class StageShape:
     o_bias: bool = False
     qk_norm: bool = False
     tied: bool = False
+    # attention masking (stage_attention) and the packed documents' lengths (data.
+    # document_lengths, normalised): `document` is priced by them, `causal` ignores them
+    attention: str = "causal"
+    document_lengths: Histogram | None = None
 
     @classmethod
     def of(cls, run: RunSpec, stage: StageSpec, dims: ParallelDims,
@@ -174,7 +185,22 @@ class StageShape:
                    elem_bytes=_bytes(run.compute_dtype), state_bytes=_bytes(model.dtype),
                    loss_chunk=run.training.loss_chunk_tokens,
                    checkpointing=policy, qkv_bias=model.qkv_bias, o_bias=model.o_bias,
-                   qk_norm=model.qk_norm, tied=model.tie_word_embeddings)
+                   qk_norm=model.qk_norm, tied=model.tie_word_embeddings,
+                   attention=stage_attention(stage),
+                   document_lengths=histogram_of(run.data.document_lengths))
+
+    def with_attention(self, attention: str) -> StageShape:
+        """The same stage under another attention masking."""
+        return StageShape(**{**self.__dict__, "attention": attention})
+
+    @property
+    def documents(self) -> DocumentWork | None:
+        """The sampled block work of `document` masking (topology.documents.document_work);
+        None under `causal`, or without a histogram to sample (priced as `causal` then: each
+        block's allowed pairs are a subset of the causal ones, so it is an upper bound)."""
+        if self.attention != "document" or self.document_lengths is None:
+            return None
+        return document_work(self.document_lengths, self.seq_len, self.ring)
 
     @property
     def shard_ways(self) -> int:
@@ -412,6 +438,20 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
       by `a2a` (all those flows together under contention); the sharding collectives run
       around the whole sequence group (`shard`: its ring x ulysses GPUs in order as one ring),
       not the K/V rings.
+    - attention `document` (causal inside each packed document, nothing across; s.documents):
+      a block of rank r at step k computes f[r, k] c, f its allowed pairs over a causal
+      block's mean (topology.documents: counted on packed sequences sampled from the
+      document-length histogram, a document straddling sequence boundaries as the packed
+      stream cuts it; a block of only allowed pairs and a mixed one cost alike per pair, the
+      kernel's mask not priced). Each rank's phase is sum_k f[r, k] c plus, for its R-1
+      steps with a transfer, t - overlap min(t, f[r, k] c): a skipped block (f = 0) still
+      passes its K/V, so that transfer shows whole. The rank with the longest phase sets the
+      ring's pace (the ranks meet every layer): its compute is the attention compute and its
+      exposed transfers the exposed ring K/V, averaged over the sampled sequences (the B
+      sequences of a micro-step share one layout, as the kernel's block table does). With
+      Ulysses the ring position is the unit (its group splits heads, not tokens). The model
+      FLOPs count the allowed pairs (the samples' mean). Dense compute, the other traffic and
+      memory are as under `causal`.
     """
     R, D, n, U, B = s.ring, s.dp, s.local_tokens, s.ulysses, s.seqs_per_ring
     # the layers' forward again (not under `none`)
@@ -430,6 +470,7 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
         return comm - overlap * min(comm, compute)
 
     attn_compute = exposed_ring = 0.0
+    documents = s.documents
     kv = B * s.kv_block_bytes
     headroom = float("inf")
     backward = (block * profile.attention_bwd_over_fwd, kv + B * s.kv_grad_bytes)
@@ -438,10 +479,14 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     phases = [(block, kv)] * (2 if s.checkpointing == "full" else 1) + [backward]
     for c, nbytes in phases:
         t = hop(nbytes, ring) if R > 1 else 0.0
-        if t > 0:
-            headroom = min(headroom, c / t)
-        attn_compute += R * c * s.layers
-        exposed_ring += (R - 1) * exposed(t, c) * s.layers
+        if documents is None:
+            compute, wait = R * c, (R - 1) * exposed(t, c)
+        else:
+            compute, wait = documents.phase_seconds(c, t, overlap)
+        if t > 0:  # against the busiest rank's mean block under `document`
+            headroom = min(headroom, (c if documents is None else compute / R) / t)
+        attn_compute += compute * s.layers
+        exposed_ring += wait * s.layers
     S = s.shard_ways
     reduced = s.grad_reduce_bytes * s.params / S
     shard_comm = 0.0
@@ -476,7 +521,10 @@ def predict_stage(s: StageShape, ring: FlowResult, dp: FlowResult,
     parts["loss all-reduce"] = 2 * (world - 1) * max(ring.latency_s, dp.latency_s)
     step = sum(parts.values())
     tokens = s.batch_size * s.grad_accum * s.seq_len
-    model_flops = tokens * (6 * s.params + 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers)
+    attention_flops = 3 * 2 * s.seq_len * s.heads * s.head_dim * s.layers
+    if documents is not None:  # the allowed pairs only
+        attention_flops *= documents.mean
+    model_flops = tokens * (6 * s.params + attention_flops)
     return StageCost(step_seconds=step, parts=parts, tokens_per_second=tokens / step,
                      wall_minutes=s.steps * step / 60, model_flops_per_step=model_flops,
                      ring_hop=ring, dp_hop=dp, memory=memory_per_gpu(s, profile),

@@ -18,6 +18,7 @@ from specs.degrees import (
 )
 from specs.plan import (
     Alternative,
+    AttentionOption,
     CheckpointOption,
     LinkLoad,
     Plan,
@@ -35,7 +36,7 @@ from topology.cost import (
     predict_stage,
 )
 from topology.eval_plan import ANSWER_TOKENS, plan_eval
-from topology.graph import split_gpu_vertex
+from topology.graph import gpu_vertex, split_gpu_vertex
 from topology.planner import SEARCH_SECONDS, TIE, Evaluated, PlanError, Planner
 from topology.profile import HardwareProfile
 
@@ -82,11 +83,12 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
     ulysses_degree 'auto': the ring-only layout's GPUs per sequence, split every legal way
     between Ulysses and the ring; the fastest predicted step wins (ring-only on a tie).
     Degrees and rings are searched under the stage's activation checkpointing policy ('full'
-    for 'auto'); every policy is then priced on the chosen layout (plan_checkpointing)."""
+    for 'auto'); every policy is then priced on the chosen layout (plan_checkpointing), and
+    with a document-length histogram both attention maskings (plan_attention)."""
     stage = run.stages[index]
     if stage.ulysses_degree != "auto":
-        return plan_checkpointing(planner, run, index, *_plan_fixed(planner, run, index, seed,
-                                                                    relax), seed)
+        return plan_attention(planner, run, index, plan_checkpointing(
+            planner, run, index, *_plan_fixed(planner, run, index, seed, relax), seed))
     ring_only = _plan_fixed(planner, _with_stage(run, index, ulysses_degree=1), index, seed,
                             relax)
     n, m = ring_only[0].dims.sequence, run.model
@@ -122,7 +124,8 @@ def plan_stage(planner: Planner, run: RunSpec, index: int, seed: int = 0,
     note = (f"ulysses auto: step time per split of the {n} GPUs of a sequence: {named}; "
             f"chose {_split_name(n // best, best)}: {why}")
     chosen = chosen.model_copy(update={"notes": [note, *chosen.notes]})
-    return plan_checkpointing(planner, run, index, chosen, placed, seed)
+    return plan_attention(planner, run, index,
+                          plan_checkpointing(planner, run, index, chosen, placed, seed))
 
 
 def _split_name(ring: int, ulysses: int) -> str:
@@ -254,6 +257,44 @@ def plan_checkpointing(planner: Planner, run: RunSpec, index: int, plan: StagePl
     return plan.model_copy(update=update)
 
 
+ATTENTIONS = ("causal", "document")
+
+
+def plan_attention(planner: Planner, run: RunSpec, index: int, plan: StagePlan) -> StagePlan:
+    """Both attention maskings priced on the planned layout and policy, when the run has a
+    document-length histogram (data.document_lengths, or the prepared corpus's put there by
+    topology.documents.with_corpus_document_lengths): step time, attention compute, exposed
+    K/V, the allowed pairs, the busiest rank over the mean and the blocks skipped. The stage's
+    own masking (cost.stage_attention) is what the plan predicts; the other is shown beside."""
+    shape = StageShape.of(run, run.stages[index], plan.dims, plan.activation_checkpointing)
+    if shape.document_lengths is None:
+        if shape.attention == "causal":
+            return plan
+        note = ("attention document without a document-length histogram: priced as causal, an "
+                "upper bound; give data.document_lengths or prepare the data")
+        return plan.model_copy(update={"notes": [*plan.notes, note]})
+    rings = [[gpu_vertex(w.node, w.gpu) for w in ring] for ring in plan.rings]
+    options = []
+    for attention in ATTENTIONS:
+        priced = shape.with_attention(attention)
+        cost = planner.evaluate(rings, priced).cost
+        work = priced.documents
+        options.append(AttentionOption(
+            attention=attention, chosen=attention == shape.attention,
+            step_seconds=cost.step_seconds, attention_seconds=cost.parts["attention compute"],
+            exposed_ring_seconds=cost.parts["exposed ring K/V"],
+            work=work.mean if work else 1.0, imbalance=work.imbalance if work else 1.0,
+            skipped_blocks=work.skipped if work else 0.0))
+    causal, document = options
+    note = (f"attention {shape.attention} (the stage's); per masking on this layout: causal "
+            f"{causal.step_seconds:,.1f} s, document {document.step_seconds:,.1f} s (allowed "
+            f"pairs {document.work:.0%} of causal, busiest rank {document.imbalance:.2f}x the "
+            f"mean, {document.skipped_blocks:.0%} of blocks skipped): document masking "
+            f"{causal.step_seconds / document.step_seconds:.2f}x the speed of causal")
+    return plan.model_copy(update={"attention_options": options,
+                                   "notes": [*plan.notes, note]})
+
+
 def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
              excluded: list[str] | None = None, relax: bool = False,
              profile: HardwareProfile | None = None, notes: list[str] | None = None,
@@ -283,6 +324,13 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
         "concurrent transfers share each link equally; ECMP spreads perfectly over a spine layer",
         "Ray discovery order is modelled as a seeded shuffle of the nodes",
     ]
+    if any(s.attention_options for s in stages):
+        assumptions.append(
+            "attention document: the allowed pairs of every ring block counted on packed "
+            "sequences drawn from the document-length histogram (documents back to back, cut "
+            "at random places; lengths uniform inside a bucket), the busiest rank setting each "
+            "phase's pace; a skipped block's K/V transfer is not hidden; a masked block costs "
+            "what its allowed pairs would cost dense (the mask itself is not priced)")
     if any(s.dims.ulysses > 1 for s in stages):
         assumptions.append("Ulysses stages: memory is the model's alone (the tracer does not "
                            "follow their all-to-alls yet); all-to-alls are not overlapped")

@@ -164,7 +164,25 @@ def _pack(run: RunSpec, files: list[dict], tokenizer: Path, template: str | None
     return {"format_version": FORMAT_VERSION, "total_tokens": total,
             "documents": int(len(doc_starts)), "raw_tokens": raw_tokens,
             "seconds": round(seconds, 3), "sources": packer.stats, "stages": stages,
-            "shards": packer.writer.shards, "has_mask": with_mask}
+            "shards": packer.writer.shards, "has_mask": with_mask,
+            "document_lengths": document_length_histogram(doc_starts, total)}
+
+
+def document_length_histogram(doc_starts: np.ndarray, total: int) -> list[dict]:
+    """The packed stream's documents by length (EOS included) in power-of-two buckets, as
+    data.document_lengths spells a histogram: [{max_tokens, share}], share the fraction of the
+    stream's tokens in the bucket's documents (lengths 2**(k-1) + 1 .. 2**k). Buckets from the
+    one below the shortest document's to the longest's; `ringpilot plan` reads it from the
+    manifest to price attention `document`."""
+    lengths = np.diff(np.append(doc_starts, total))
+    if total <= 0 or not len(lengths):
+        return []
+    bounds = 1 << np.arange(int(lengths.max() - 1).bit_length() + 1, dtype=np.int64)
+    tokens = np.bincount(np.searchsorted(bounds, lengths), weights=lengths,
+                         minlength=len(bounds))
+    first = max(0, int(np.flatnonzero(tokens)[0]) - 1)  # an empty bucket below: its lower bound
+    return [{"max_tokens": int(b), "share": round(float(t) / total, 6)}
+            for b, t in zip(bounds[first:], tokens[first:])]
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
