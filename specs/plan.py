@@ -104,7 +104,7 @@ class CheckpointOption(_Spec):
 class AttentionOption(_Spec):
     """One attention masking priced on a stage's planned layout and checkpointing policy."""
 
-    attention: Literal["causal", "document"] = Field(
+    attention: AttentionMasking = Field(
         description="'causal': every earlier token of the packed sequence; 'document': only "
         "the earlier tokens of the token's own document.")
     chosen: bool = Field(description="Whether the stage trains with it: the stage's prediction "

@@ -50,9 +50,9 @@ class LinkLoads(Mapping):
 
 
 def stage_attention(stage: StageSpec) -> str:
-    """The stage's attention masking, `causal` or `document` (StageSpec.attention). The one
-    place the planner reads it: a StageSpec without the field is `causal`."""
-    return getattr(stage, "attention", "causal")
+    """The stage's attention masking, `causal` or `document` (StageSpec.attention): the one
+    place the planner reads it."""
+    return stage.attention
 
 
 def policy_without_memory_model(stage: StageSpec) -> CheckpointPolicy:

@@ -192,7 +192,7 @@ def test_the_stage_attention_is_read_in_one_place():
     run = small_run(ring=4, dp=1)
     stage = run.stages[0]
     assert stage_attention(stage) == "causal"
-    document = stage.model_copy(update={"attention": "document"})  # as the field will set it
+    document = stage.model_copy(update={"attention": "document"})
     assert stage_attention(document) == "document"
     assert StageShape.of(run, document, ParallelDims(ring=4)).attention == "document"
 

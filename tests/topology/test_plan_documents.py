@@ -82,7 +82,6 @@ def test_plan_prices_the_prepared_corpuss_histogram(tmp_path, capsys):
 
 def test_a_stage_training_with_document_masking_is_planned_and_predicted_by_it():
     run = with_histogram(small_run(ring=8, dp=1, seq_len=32768), SHORT_DOCUMENTS)
-    # as StageSpec.attention will set it (cost.stage_attention reads it)
     stage = run.stages[0].model_copy(update={"attention": "document"})
     plan = plan_run(build_l40s_server(), run.model_copy(update={"stages": [stage]}),
                     search_seconds=0.02)
