@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lm-eval's RULER tasks stay off the network in every test (and in the Ray workers the tests
 # start, which inherit this environment): set before anything imports huggingface_hub or nltk.
 offline_environment()
+PLACEMENT_GROUP_GRACE_S = 30
 
 
 def _starts_ray(item: pytest.Item) -> bool:
@@ -34,6 +36,46 @@ def pytest_collection_modifyitems(config, items):
     ray_tests = [item for item in items if _starts_ray(item)]
     ray_ids = {id(item) for item in ray_tests}
     items[:] = ray_tests + [item for item in items if id(item) not in ray_ids]
+
+
+@pytest.fixture(autouse=True)
+def _placement_groups_released(request):
+    """A Ray test that fails midway can leave a placement group behind, holding CPUs: an
+    evaluation gang whose scheduler was still retrying when the test gave up, say. Every later
+    test that needs those CPUs then waits for them for ever, in a ray.get that pytest-timeout's
+    signal does not interrupt (a CI run once hung that way: a gang test failed on a loaded
+    machine, and the four-worker test after it never got its workers). After each test on the
+    session's cluster, the groups it created are given a moment to go (Ray Train removes its own
+    from an actor, just after fit returns) and then removed."""
+    if "local_ray" not in request.fixturenames:
+        yield
+        return
+    import ray
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    request.getfixturevalue("local_ray")
+    before = set(placement_group_table())
+    yield
+
+    def left() -> list[str]:
+        return [pg for pg, info in placement_group_table().items()
+                if pg not in before and info["state"] != "REMOVED"]
+
+    deadline = time.monotonic() + PLACEMENT_GROUP_GRACE_S
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    removed = left()
+    for pg in removed:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+    # the raylet returns a removed group's CPUs a moment later: the next test finds them free
+    deadline = time.monotonic() + PLACEMENT_GROUP_GRACE_S
+    while time.monotonic() < deadline and any(
+            name.endswith(pg) for name in ray.available_resources() for pg in removed):
+        time.sleep(0.2)
 
 
 @pytest.fixture(autouse=True)

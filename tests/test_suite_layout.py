@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SUITE = {
@@ -67,3 +69,39 @@ def test_the_ray_tests_run_first_and_on_one_worker(tmp_path):
     # the group went out first: its worker's first test is one of them
     first_on_its_worker = next(test for worker, test in ran if worker == ray[0][0])
     assert "test_cluster.py" in first_on_its_worker, out.stdout
+
+
+LEAKY_SUITE = {
+    "conftest.py": """
+        import tests.conftest as project
+        from tests.conftest import _placement_groups_released, local_ray  # noqa: F401
+
+        project.PLACEMENT_GROUP_GRACE_S = 1
+        """,
+    "test_leak.py": """
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        def test_fails_holding_a_group(local_ray):
+            group = placement_group([{"CPU": 1}, {"CPU": 1}])
+            ray.get(group.ready())
+            assert False, "failed midway, as a gang test did on a loaded machine"
+
+        def test_the_next_test_has_the_cpus(local_ray):
+            assert all(info["state"] == "REMOVED" for info in placement_group_table().values())
+            assert ray.available_resources().get("CPU") == 4
+        """,
+}
+
+
+@pytest.mark.ray
+def test_a_failed_ray_test_leaves_no_placement_group_to_the_next(tmp_path):
+    for name, text in LEAKY_SUITE.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--rootdir",
+         str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED": "0"})
+    assert "test_fails_holding_a_group FAILED" in out.stdout, out.stdout + out.stderr
+    assert "test_the_next_test_has_the_cpus PASSED" in out.stdout, out.stdout + out.stderr
