@@ -22,19 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = {
     "conftest.py": """
         import pytest
-        from tests.conftest import pytest_collection_modifyitems, pytest_itemcollected  # noqa: F401
+        from tests.conftest import (  # noqa: F401
+            pytest_collection_modifyitems,
+            pytest_itemcollected,
+            pytest_runtest_setup,
+        )
 
         @pytest.fixture(scope="session")
         def local_ray():
             yield "127.0.0.1:0"
         """,
     "test_plain.py": """
+        import os
+        import sys
+        import threading
         import time
         import pytest
 
         @pytest.mark.parametrize("i", range(6))
         def test_plain(i):
             time.sleep(0.2)
+            if sys.platform.startswith("linux"):  # below Ray's workers (nice 15)
+                assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 18
         """,
     "test_cluster.py": """
         import time
