@@ -58,8 +58,9 @@ demo: setup
 	$(VENV)/bin/ringpilot validate $(RUN)
 	$(PY) -m ringpilot.launch --run $(RUN) $(if $(CALIBRATE),--calibrate $(CALIBRATE),) $(DEMO_ARGS)
 
-# Two pytest-xdist workers: the tests that start Ray run in turn on one (they form one
-# xdist_group, tests/conftest.py), everything else on the other; TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers: the tests that start Ray or time the machine run in turn on one (the
+# xdist_group `front`, tests/conftest.py), everything else on the other at nice 18;
+# TEST_WORKERS=0 runs in one process.
 test: setup
 	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 

@@ -16,36 +16,43 @@ ROOT = Path(__file__).resolve().parents[1]
 # start, which inherit this environment): set before anything imports huggingface_hub or nltk.
 offline_environment()
 PLACEMENT_GROUP_GRACE_S = 30
+FRONT = "front"  # the xdist group of the tests that need the CPUs on time (below)
 
 
-def _starts_ray(item: pytest.Item) -> bool:
-    return item.get_closest_marker("ray") is not None or "local_ray" in item.fixturenames
+def _in_the_front_group(item: pytest.Item) -> bool:
+    """Tests that start Ray (marked `ray`, or on the session's cluster) or time the machine
+    (marked `timing`)."""
+    return (item.get_closest_marker("ray") is not None
+            or item.get_closest_marker("timing") is not None
+            or "local_ray" in item.fixturenames)
 
 
 def pytest_itemcollected(item):
     """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). The tests that
-    start Ray form one group, run in turn on one worker while the other takes everything else:
-    two Ray clusters at once on this machine's two cores would starve each other's heartbeats.
+    start Ray or time the machine form one group, `front`, run in turn on one worker at normal
+    priority while the other takes everything else at a low one: two Ray clusters at once on
+    this machine's two cores would starve each other's heartbeats, and a link timed while other
+    tests take the CPUs reads slow (a fabric test named an unthrottled hop 3x slow that way).
     (Marked here, as each test is collected: xdist reads the groups in its own
     pytest_collection_modifyitems, which can run before this file's.)"""
-    if _starts_ray(item):
-        item.add_marker(pytest.mark.xdist_group("ray"))
+    if _in_the_front_group(item):
+        item.add_marker(pytest.mark.xdist_group(FRONT))
 
 
-# The nice value of the worker that runs the tests without Ray: below Ray's workers (15, which
-# the raylet gives them) so that the Ray tests' training, health windows and gangs are not
-# starved by unit tests on the other worker; above 19, so that a test of code that lowers a
-# thread to 19 still sees it lowered.
+# The nice value of the worker that runs the tests outside the front group: below Ray's workers
+# (15, which the raylet gives them) so that the Ray tests' training, health windows and gangs
+# and the timing tests are not starved by unit tests on the other worker; above 19, so that a
+# test of code that lowers a thread to 19 still sees it lowered.
 UNIT_WORKER_NICE = 18
 
 
 def pytest_runtest_setup(item):
-    """On an xdist worker, before its first test without Ray, every thread of the worker drops
-    to UNIT_WORKER_NICE (Linux: nice is per thread; threads started later inherit it). A CI run
+    """On an xdist worker, before its first test outside the front group, every thread of the
+    worker drops to UNIT_WORKER_NICE (Linux: nice is per thread; later threads inherit it). A CI run
     without this took 75 minutes: the Ray tests' workers, at nice 15, got a sliver of the two
     cores beside the unit tests at nice 0, and a gang test ran out of its 300 s."""
     if (os.environ.get("PYTEST_XDIST_WORKER") and sys.platform.startswith("linux")
-            and not _starts_ray(item)):
+            and not _in_the_front_group(item)):
         for tid in os.listdir("/proc/self/task"):
             try:
                 if os.getpriority(os.PRIO_PROCESS, int(tid)) < UNIT_WORKER_NICE:
@@ -55,11 +62,11 @@ def pytest_runtest_setup(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The Ray group goes first, so that one worker starts on it at once (loadgroup hands out
-    work in collection order) and the long Ray tests overlap the many short ones."""
-    ray_tests = [item for item in items if _starts_ray(item)]
-    ray_ids = {id(item) for item in ray_tests}
-    items[:] = ray_tests + [item for item in items if id(item) not in ray_ids]
+    """The front group goes first, so that one worker starts on it at once (loadgroup hands
+    out work in collection order) and the long Ray tests overlap the many short ones."""
+    front = [item for item in items if _in_the_front_group(item)]
+    ids = {id(item) for item in front}
+    items[:] = front + [item for item in items if id(item) not in ids]
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,11 @@
 """How `make test` spreads the suite over two pytest-xdist workers.
 
-The tests that start Ray (marked `ray`, or using the `local_ray` fixture) must run one after
-another on one worker: two local Ray clusters on this machine's two cores starve each other's
-heartbeats and health windows. tests/conftest.py puts them in one xdist_group; this checks that
-the installed pytest and pytest-xdist honour it (pytest 9.2 silently stopped doing so:
+The tests that start Ray (marked `ray`, or using the `local_ray` fixture) and those that time
+the machine (marked `timing`) must run one after another on one worker, at normal priority: two
+local Ray clusters on this machine's two cores starve each other's heartbeats and health
+windows, and a link timed beside busy CPUs reads slow. tests/conftest.py puts them in one
+xdist_group, `front`, and lowers the other worker below Ray's workers; this checks that the
+installed pytest and pytest-xdist honour the group (pytest 9.2 silently stopped doing so:
 pytest-xdist#1386), on a small suite run the way the Makefile runs the real one.
 """
 
@@ -56,6 +58,10 @@ SUITE = {
         @pytest.mark.ray
         def test_starts_its_own_head():
             time.sleep(0.2)
+
+        @pytest.mark.timing
+        def test_times_a_link():
+            time.sleep(0.2)
         """,
 }
 
@@ -70,11 +76,12 @@ def test_the_ray_tests_run_first_and_on_one_worker(tmp_path):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout + out.stderr
     ran = re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED (\S+)", out.stdout)
-    assert len(ran) == 10, out.stdout
+    assert len(ran) == 11, out.stdout
     ray = [(worker, test) for worker, test in ran if "test_cluster.py" in test]
-    assert {worker for worker, _ in ray} == {ray[0][0]}, f"the Ray tests were split: {ray}"
-    assert all(test.endswith("@ray") for _, test in ray), ray
-    assert not any(test.endswith("@ray") for _, test in ran if "test_plain.py" in test), ran
+    assert len(ray) == 5 and {worker for worker, _ in ray} == {ray[0][0]}, \
+        f"the Ray and timing tests were split: {ray}"
+    assert all(test.endswith("@front") for _, test in ray), ray
+    assert not any(test.endswith("@front") for _, test in ran if "test_plain.py" in test), ran
     # the group went out first: its worker's first test is one of them
     first_on_its_worker = next(test for worker, test in ran if worker == ray[0][0])
     assert "test_cluster.py" in first_on_its_worker, out.stdout

@@ -30,7 +30,7 @@ from topology.graph import Router, build_graph
 from topology.sources import load_cluster
 from topology.tomography import HopTiming, explain
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timing]
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = 8 * 2**20
