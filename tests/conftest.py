@@ -63,7 +63,10 @@ def pytest_runtest_setup(item):
 
 def pytest_collection_modifyitems(config, items):
     """The front group goes first, so that one worker starts on it at once (loadgroup hands
-    out work in collection order) and the long Ray tests overlap the many short ones."""
+    out work in collection order) and the long Ray tests overlap the many short ones. In one
+    process the order stays the collection's."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     front = [item for item in items if _in_the_front_group(item)]
     ids = {id(item) for item in front}
     items[:] = front + [item for item in items if id(item) not in ids]
