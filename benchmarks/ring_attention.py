@@ -382,6 +382,8 @@ def merge_speedup(rows: int, reps: int = 5) -> float:
     out, lse = torch.randn(1, rows, HEADS, HEAD_DIM), torch.randn(1, rows, HEADS)
     block, block_lse = torch.randn(1, rows, HEADS, HEAD_DIM).bfloat16(), torch.randn(1, rows, HEADS)
     best = {merge_block: float("inf"), _unfused_merge: float("inf")}
+    for fn in best:  # untimed: a first call in the process paid for lazy set-up (0.31x once)
+        fn(out, lse, block, block_lse)
     for _ in range(reps):
         for fn in best:
             t0 = time.perf_counter()
