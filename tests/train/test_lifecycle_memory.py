@@ -41,8 +41,15 @@ CONSTANT = 750 << 20
 RANK0_EXTRA = 300 << 20
 # The cost model's peaks (topology.cost.lifecycle_memory) against these measured ones: the
 # model's host parts are read off torch's and safetensors' code, not traced, so this is where
-# they meet a measurement (measured: load +4%, save within 1%, export -4%).
+# they meet a measurement. The model prices tensors; what the process holds beyond them at a
+# phase's start (the runtime the first step builds, Python objects, heap fragmentation:
+# measured 0 before the load, 115-135 MB after the step) is measured and added to it. Measured
+# against model + residual: load +7%, save -7% (a CPU process writes its shards without the
+# staging copy the model prices for a GPU), export within 2%.
 MODEL_TOLERANCE = 0.10
+# The most the process may hold beyond its tensors at a phase's start: above this the residual
+# is no longer the runtime's but something the model should price.
+RESIDUAL_BOUND = 256 << 20
 
 
 @pytest.mark.multiprocess
@@ -72,6 +79,8 @@ def test_each_phase_of_the_lifecycle_stays_within_a_ranks_share_of_the_state(tmp
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
     peaks = [g["peaks"] for g in got]
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
+    print({"peaks": [{k: mb(v) for k, v in p.items()} for p in peaks],
+           "residual": [{k: mb(v) for k, v in g["residual"].items()} for g in got]})
     for rank, p in enumerate(peaks):
         assert p["load"] >= weights // 2, f"rank {rank}: the measurement missed the load"
         for phase, peak in p.items():
@@ -79,11 +88,16 @@ def test_each_phase_of_the_lifecycle_stays_within_a_ranks_share_of_the_state(tmp
                 f"rank {rank} peaked at {mb(peak)} during {phase}: more than its share of the "
                 f"full state ({mb(share)}) + {mb(CONSTANT)}")
     predicted = cpu_process_peaks(config, weights, file_bytes)
-    for rank, p in enumerate(peaks):
+    for rank, (p, g) in enumerate(zip(peaks, got)):
         for phase, want in predicted.items():
+            residual = g["residual"][phase]
+            assert residual < RESIDUAL_BOUND, (
+                f"rank {rank} held {mb(residual)} beyond its tensors as {phase} began: more "
+                f"than the runtime's {mb(RESIDUAL_BOUND)}")
+            want += residual
             assert abs(want - p[phase]) <= MODEL_TOLERANCE * p[phase], (
-                f"rank {rank}, {phase}: the cost model predicts {mb(want)}, measured "
-                f"{mb(p[phase])}")
+                f"rank {rank}, {phase}: the cost model predicts {mb(want)} (with the "
+                f"{mb(residual)} the process held beyond its tensors), measured {mb(p[phase])}")
     for phase in ("save", "export"):
         assert peaks[0][phase] < peaks[1][phase] + RANK0_EXTRA, (
             f"rank 0 peaked at {mb(peaks[0][phase])} during {phase}, rank 1 at "
