@@ -36,15 +36,21 @@ process pinned to one thread (torch.set_num_threads(1)), ring over gloo on 127.0
 - docmask_speedup_p2_16k: fwd+bwd time of the plain causal ring at P = 2 over the same ring
   with document masking (`doc_starts`), on one packed sequence of documents 1-4K tokens long
   (seeded; --quick: 128-512 in 2K), bf16, slowest rank, best of reps, the two alternating in one
-  run. The document plan is rebuilt every rep (a new sample every step in training).
+  run. The document plan is rebuilt every rep (a new sample every step in training). Masked
+  blocks run as rectangles of the flash kernel where they are large enough (block_rects).
   docmask_block_kinds: how many (rank, step) blocks are skip, dense and masked.
+  docmask_speedup_balanced_p2_16k: the same, the sequence sharded per document
+  (balanced_layout), as the trainer shards it. docmask_rects_vs_masked_by_piece: one block of
+  2K x 2K cut into documents of 16-256 tokens, fwd+bwd through the fp32 masked kernel over
+  through rectangles of the flash kernel, one thread: what documents.rects_cost's constants
+  are checked against.
 - docmask_exact_max_err: largest abs error of document-masked attention (output, dq, dk, dv)
   against SDPA with a block-diagonal causal mask on the whole sequence, fp32, 512 tokens of
   documents 16-96 long, on a ring of 2 and on Ulysses 2 x ring 2.
-- docmask_balance_max_over_mean_zigzag: the busiest rank's allowed (query, key) pairs over the
-  mean, zigzag sharding (no per-document sharding yet), documents 1-4K in 16K at P = 2 and 8,
-  and 1-64K in 1M at P = 16 (each the worst of 8 seeded sequences): the figure per-document
-  sharding would bring to about 1.
+- docmask_balance_max_over_mean: the busiest rank's allowed (query, key) pairs over the mean,
+  each sequence sharded per document (balanced_layout), documents 1-4K in 16K at P = 2 and 8,
+  and 1-64K in 1M at P = 16 (each the worst of 8 seeded sequences);
+  docmask_balance_max_over_mean_zigzag: the same with zigzag sharding alone.
 Timings on a shared 2-core machine are noisy; numbers are from one run.
 """
 
@@ -146,9 +152,10 @@ def document_starts(seq: int, low: int, high: int, seed: int) -> list[int]:
     return starts
 
 
-def ring_body(rank, world, seq, dtype, reps, memory, doc_starts=None):
+def ring_body(rank, world, seq, dtype, reps, memory, doc_starts=None, balanced=False):
     """Our ring on zigzag shards (random data: timing and memory do not depend on values);
-    with `doc_starts`, document-masked, its plan rebuilt every rep."""
+    with `doc_starts`, document-masked, its plan rebuilt every rep; `balanced`: sharded per
+    document (the layout is built inside the timing, as the trainer builds one per row)."""
     starts = None if doc_starts is None else torch.tensor(doc_starts, dtype=torch.int64)
     q, k, v, dout = _inputs(seq // world, dtype, rank)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -162,7 +169,9 @@ def ring_body(rank, world, seq, dtype, reps, memory, doc_starts=None):
         base = _reset_peak()
         with record_ring_timings() as timings:
             start, cpu_start = time.perf_counter(), time.process_time()
-            ring_attention(q, k, v, group=None, doc_starts=starts).backward(dout)
+            documents_arg = (documents.balanced_layout(starts, seq, world) if balanced
+                             else starts)
+            ring_attention(q, k, v, group=None, doc_starts=documents_arg).backward(dout)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
         peak = _rss()[1] - base
@@ -254,14 +263,57 @@ def zigzag_pairs(seq: int, world: int, starts: list[int]) -> list[int]:
     return [int(per_chunk[r] + per_chunk[2 * world - 1 - r]) for r in range(world)]
 
 
-def balance_max_over_mean(seq: int, world: int, low: int, high: int, samples: int = 8) -> float:
-    """The busiest rank's allowed pairs over the mean under zigzag sharding, the worst of
-    `samples` seeded packed sequences."""
+def balance_max_over_mean(seq: int, world: int, low: int, high: int, samples: int = 8,
+                          balanced: bool = False) -> float:
+    """The busiest rank's allowed pairs over the mean under zigzag sharding (or, `balanced`,
+    sharded per document first), the worst of `samples` seeded packed sequences."""
     worst = 1.0
     for seed in range(samples):
-        pairs = zigzag_pairs(seq, world, document_starts(seq, low, high, seed))
+        starts = document_starts(seq, low, high, seed)
+        pairs = (documents.balanced_layout(torch.tensor(starts), seq, world).pairs_per_rank(world)
+                 if balanced else zigzag_pairs(seq, world, starts))
         worst = max(worst, max(pairs) * world / sum(pairs))
     return worst
+
+
+def rects_speedup_by_piece(rows: int = 2048, pieces=(16, 32, 64, 128, 256), reps: int = 3
+                           ) -> dict[int, float]:
+    """Masked kernel over rectangles (documents.block_rects), fwd+bwd of one diagonal block of
+    `rows` queries and keys cut into documents of `piece` tokens, bf16, one thread: where a
+    flash call per piece beats the fp32 masked math over the whole block (what the costs of
+    documents.rects_cost are checked against). Best of `reps` each."""
+    from ray_jobs.ring_attention.kernels import (
+        CpuFlashKernel,
+        masked_block_backward,
+        masked_block_forward,
+        rects_block_backward,
+        rects_block_forward,
+    )
+
+    torch.set_num_threads(1)
+    kernel, out = CpuFlashKernel(), {}
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, rows, heads, 128, generator=gen).to(torch.bfloat16)
+                     for heads in (8, 2, 2, 8))
+    for piece in pieces:
+        layout = documents.plain_layout(torch.arange(0, rows, piece), rows)
+        pos = torch.arange(rows)
+        mask = documents.DocumentMask(pos, layout.documents, pos, layout.documents)
+        rects = documents.block_rects(mask)  # whatever they cost
+
+        def run(masked: bool) -> float:
+            start = time.perf_counter()
+            if masked:
+                o, lse = masked_block_forward(q, k, v, mask, 0.1)
+                masked_block_backward(dout, q, k, v, o, lse, mask, 0.1)
+            else:
+                o, lse = rects_block_forward(q, k, v, rects, 0.1, kernel)
+                rects_block_backward(dout, q, k, v, o, lse, rects, 0.1, kernel)
+            return time.perf_counter() - start
+
+        masked = min(run(True) for _ in range(reps))
+        out[piece] = masked / min(run(False) for _ in range(reps))
+    return out
 
 
 def documents_report(seq: int, reps: int) -> dict:
@@ -272,28 +324,36 @@ def documents_report(seq: int, reps: int) -> dict:
     table = documents.plan_document_table(2, seq, torch.tensor(starts))
     assert table.pairs == zigzag_pairs(seq, 2, starts), "the two counts of pairs disagree"
     kinds = [kind for row in table.kinds for kind in row]
-    plain, masked = [], []
-    for _ in range(reps):  # alternate, so that a busy spell of the machine hits both
+    plain, masked, balanced = [], [], []
+    for _ in range(reps):  # alternate, so that a busy spell of the machine hits all three
         plain.append(_ring_time(run_ranks(2, ring_body, seq, bf16, 1, False)))
         masked.append(_ring_time(run_ranks(2, ring_body, seq, bf16, 1, False, starts)))
+        balanced.append(_ring_time(run_ranks(2, ring_body, seq, bf16, 1, False, starts, True)))
     report = {"docmask_speedup_p2_16k": min(plain) / min(masked),
+              "docmask_speedup_balanced_p2_16k": min(plain) / min(balanced),
+              "t_docmask_balanced_s": min(balanced),
               "docmask_documents": len(starts), "docmask_doc_tokens": [low, high],
               "docmask_pairs_over_causal": sum(table.pairs) / (seq * (seq + 1) / 2),
               "docmask_block_kinds": {k: kinds.count(k) for k in (documents.SKIP,
                                                                 documents.DENSE,
                                                                 documents.MASKED)},
               "t_docmask_plain_s": min(plain), "t_docmask_masked_s": min(masked)}
+    report["docmask_rects_vs_masked_by_piece"] = rects_speedup_by_piece()
     report["docmask_exact_max_err"] = max(max(run_ranks(2, document_error_body, 1)),
                                           max(run_ranks(4, document_error_body, 2)))
+    mixes = {"16k_p2": (16384, 2, 1024, 4096), "16k_p8": (16384, 8, 1024, 4096),
+             "1m_p16": (1 << 20, 16, 1024, 65536)}
+    report["docmask_balance_max_over_mean"] = {
+        name: balance_max_over_mean(*mix, balanced=True) for name, mix in mixes.items()}
     report["docmask_balance_max_over_mean_zigzag"] = {
-        "16k_p2": balance_max_over_mean(16384, 2, 1024, 4096),
-        "16k_p8": balance_max_over_mean(16384, 8, 1024, 4096),
-        "1m_p16": balance_max_over_mean(1 << 20, 16, 1024, 65536)}
+        name: balance_max_over_mean(*mix) for name, mix in mixes.items()}
     print(f"S={seq} bf16 ring P=2, {len(starts)} documents of {low}-{high} tokens "
           f"({report['docmask_pairs_over_causal']:.2f} of the causal pairs; blocks "
           f"{report['docmask_block_kinds']}): causal {min(plain):.2f}s, document-masked "
-          f"{min(masked):.2f}s ({report['docmask_speedup_p2_16k']:.2f}x); max abs error vs "
-          f"SDPA {report['docmask_exact_max_err']:.1e}; busiest rank over mean (zigzag) "
+          f"{min(masked):.2f}s ({report['docmask_speedup_p2_16k']:.2f}x), sharded per document "
+          f"{min(balanced):.2f}s ({report['docmask_speedup_balanced_p2_16k']:.2f}x); max abs "
+          f"error vs SDPA {report['docmask_exact_max_err']:.1e}; busiest rank over mean: "
+          f"per document {report['docmask_balance_max_over_mean']}, zigzag "
           f"{report['docmask_balance_max_over_mean_zigzag']}", flush=True)
     return report
 

@@ -8,7 +8,9 @@ and 2R-1-r of 2R) that balances one causal sequence no longer balances it: a ran
 on where the documents fall. This module counts both from document starts, in numpy (topology
 may not import the kernel's own table, ray_jobs.ring_attention.documents; a test pins these
 counts against it), and estimates them for a stage from the histogram by sampling packed
-sequences with a fixed seed.
+sequences with a fixed seed. It also holds where sharding per document puts each document's
+tokens (balanced_slots: the kernel's balanced_layout is built from it, and the trainer shards
+every packed row on a ring that way), so the planner prices the layout the trainer runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ MANIFEST = "manifest.json"  # ray_jobs.data.prepared.MANIFEST (a test pins it)
 SAMPLES = 256  # packed sequences drawn per (histogram, seq_len, ring)
 MIN_SAMPLES = 4
 DOCUMENT_BUDGET = 1 << 22  # documents drawn in all, per estimate: fewer samples of many tiny ones
+BALANCED_SAMPLES = 32  # of those, sharded per document, per estimate on a ring
+PLACEMENT_BUDGET = 1 << 15  # documents placed in all, per estimate on a ring
 SEED = 0
 
 
@@ -74,18 +78,156 @@ def chunk_pairs(world: int, seq_len: int, doc_starts: np.ndarray) -> np.ndarray:
     return pairs + np.tril(spans.T @ spans, -1)
 
 
-def zigzag_block_pairs(world: int, seq_len: int, doc_starts: np.ndarray) -> np.ndarray:
+def zigzag_block_pairs(world: int, seq_len: int, doc_starts: np.ndarray, *,
+                       balanced: bool = False) -> np.ndarray:
     """Allowed pairs of ring rank r's block at ring step k, as [r, k] (step k visits rank
     (r - k) mod world's K/V): the queries of r's two chunks with the keys of the visitor's two
     chunks. Causal zigzag computes no other pairs (a visitor's other half lies after the
-    queries), so these are exactly the pairs the kernel's block table counts."""
-    pairs = chunk_pairs(world, seq_len, doc_starts)
+    queries), so these are exactly the pairs the kernel's block table counts. `balanced`: the
+    sequence sharded per document first (balanced_slots), as the trainer shards it on a ring."""
+    slots = balanced_slots(list(map(int, doc_starts)), seq_len, world) if balanced else None
+    pairs = (chunk_pairs(world, seq_len, doc_starts) if slots is None
+             else slot_pairs(world, slots))
     ranks = np.arange(world)
     held = np.zeros((world, 2 * world))  # rank r holds chunks r and 2 world - 1 - r
     held[ranks, ranks] = held[ranks, 2 * world - 1 - ranks] = 1
     by_rank = held @ pairs @ held.T  # [rank, visitor]
     steps = np.arange(world)
     return by_rank[ranks[:, None], (ranks[:, None] - steps[None, :]) % world]
+
+
+# ---------------------------------------------------------------------------------------------
+# Balancing per document: where each document's tokens go among the 2R zigzag slots.
+
+Run = tuple[int, int, int]  # (document, its first position in the sequence, length)
+# The busiest rank's allowed pairs over the mean that per-document sharding aims for.
+BALANCE_TARGET = 1.02
+
+
+def chunk_sizes(length: int, parts: int, rotate: int) -> list[int]:
+    """`length` cut into `parts` sizes differing by at most 1; the larger ones start at part
+    `rotate` (mod parts), so consecutive documents spread their remainders over all parts."""
+    base, extra = divmod(length, parts)
+    return [base + ((k - rotate) % parts < extra) for k in range(parts)]
+
+
+def piece_pairs(sizes: Sequence[int]) -> list[int]:
+    """Allowed pairs of each chunk of one document cut into consecutive chunks of `sizes`:
+    a chunk sees its own earlier tokens and every token of the chunks before it."""
+    pairs, before = [], 0
+    for n in sizes:
+        pairs.append(n * (n + 1) // 2 + n * before)
+        before += n
+    return pairs
+
+
+def _place(lengths: list[int], firsts: list[int], world: int, slot: int,
+           cut: set[int]) -> tuple[list[list[Run]], list[int]]:
+    """Fill the 2P zigzag slots of `slot` tokens each: documents in `cut` as 2P chunks of their
+    own (chunk k in slot k), then the others longest first, each whole on the rank with the
+    least work among those with room in its two slots (first slot first); a document no rank
+    has room for fills the free space of slots in slot order. Returns each slot's runs and the
+    allowed pairs per rank."""
+    slots = 2 * world
+    content: list[list[Run]] = [[] for _ in range(slots)]
+    free = [slot] * slots
+    work = [0] * world
+    owner = [min(k, slots - 1 - k) for k in range(slots)]
+    rotate = 0
+    for d in sorted(cut):
+        sizes = chunk_sizes(lengths[d], slots, rotate)
+        rotate = (rotate + lengths[d] % slots) % slots
+        offset = firsts[d]
+        for k, (n, pairs) in enumerate(zip(sizes, piece_pairs(sizes))):
+            if n:
+                content[k].append((d, offset, n))
+                free[k] -= n
+                work[owner[k]] += pairs
+            offset += n
+    whole = sorted((d for d in range(len(lengths)) if d not in cut),
+                   key=lambda d: (-lengths[d], d))
+    for d in whole:
+        n, offset = lengths[d], firsts[d]
+        roomy = [r for r in range(world) if free[r] + free[slots - 1 - r] >= n]
+        if roomy:
+            r = min(roomy, key=lambda r: (work[r], -(free[r] + free[slots - 1 - r]), r))
+            targets = [r, slots - 1 - r]
+            work[r] += n * (n + 1) // 2
+        else:
+            targets = list(range(slots))
+        pieces = []
+        for k in targets:
+            take = min(free[k], n - sum(pieces))
+            if take:
+                content[k].append((d, offset + sum(pieces), take))
+                free[k] -= take
+                pieces.append(take)
+                if not roomy:
+                    work[owner[k]] += piece_pairs(pieces)[-1]
+            if sum(pieces) == n:
+                break
+    return content, work
+
+
+def plain_rank_work(lengths: list[int], world: int, slot: int) -> list[int]:
+    """Allowed pairs per rank of the sequence as it is (zigzag sharding alone)."""
+    work, owner = [0] * world, [min(k, 2 * world - 1 - k) for k in range(2 * world)]
+    position = 0
+    for n in lengths:
+        pieces = []
+        while sum(pieces) < n:
+            k = position // slot
+            pieces.append(min(n - sum(pieces), (k + 1) * slot - position))
+            work[owner[k]] += piece_pairs(pieces)[-1]
+            position += pieces[-1]
+    return work
+
+
+def balanced_slots(starts: Sequence[int], seq_len: int, world: int, *,
+                   target: float = BALANCE_TARGET) -> list[list[Run]] | None:
+    """Each zigzag slot's runs (slot k: chunk k of 2 * world; ring rank r holds slots r and
+    2 world - 1 - r) of a sequence sharded per document, or None where the sequence as it is
+    balances as well.
+
+    Starts with every document whole (each on the rank with the least work that has room: no
+    document crosses ranks, blocks stay skipped or dense); while the busiest rank is over
+    `target` x the mean, cuts more documents, the longest first (one, then twice as many each
+    round), into 2 world chunks of their own (chunk k in slot k, as zigzag cuts one sequence),
+    which spreads each one's work evenly. Returns the most even placement tried. A document's
+    runs keep its order along the slots, so causality inside it holds in the layout's order.
+    seq_len is a multiple of 2 * world; starts begin at 0 and increase.
+    """
+    lengths = [b - a for a, b in zip(starts, [*starts[1:], seq_len])]
+    slot = seq_len // (2 * world)
+    plain = plain_rank_work(lengths, world, slot)
+    best, best_max = None, max(plain)
+    longest = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
+    cut: set[int] = set()
+    while best_max > target * sum(plain) / world:
+        content, work = _place(lengths, list(starts), world, slot, cut)
+        if max(work) < best_max:
+            best, best_max = content, max(work)
+        candidates = [d for d in longest if d not in cut and lengths[d] >= 2 * world]
+        if not candidates:
+            break
+        cut.update(candidates[:max(1, len(cut))])
+    return best
+
+
+def slot_pairs(world: int, slots: list[list[Run]]) -> np.ndarray:
+    """chunk_pairs of a sequence sharded per document: P[i, j] the allowed pairs of slot i's
+    queries with slot j's keys (a document's runs in slots i > j: the product of their
+    lengths; its run in slot i: m (m + 1) / 2 on the diagonal)."""
+    chunks = 2 * world
+    pairs = np.zeros((chunks, chunks))
+    where: dict[int, list[tuple[int, int]]] = {}
+    for k, runs in enumerate(slots):
+        for doc, _, n in runs:
+            pairs[k, k] += n * (n + 1) / 2
+            for j, m in where.get(doc, ()):
+                pairs[k, j] += n * m
+            where.setdefault(doc, []).append((k, n))
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,18 +335,30 @@ class DocumentWork:
 @functools.lru_cache(maxsize=64)
 def document_work(hist: Histogram, seq_len: int, ring: int) -> DocumentWork:
     """Sampled block work of packed sequences of `seq_len` on a causal zigzag ring of `ring`
-    ranks (with Ulysses, a ring position's group is the unit: it splits heads, not tokens).
+    ranks (with Ulysses, a ring position's group is the unit: it splits heads, not tokens),
+    each sequence sharded per document as the trainer shards it on a ring (balanced_slots).
+
     SAMPLES sequences with seed SEED, fewer (at least MIN_SAMPLES) when the documents are so
     short that a sequence holds more than DOCUMENT_BUDGET / SAMPLES of them: their work then
-    varies little from sequence to sequence. The sequence is cut to a multiple of 2 * ring."""
+    varies little from sequence to sequence. On a ring, placing documents is a Python loop, so
+    the first BALANCED_SAMPLES of them (fewer when they hold more than PLACEMENT_BUDGET
+    documents in all) are sharded per document and give the work's shape over ranks and steps;
+    its level, the allowed pairs, is that of all the sequences (a ratio estimate: a few long
+    documents make a small sample's level vary, balancing does not change a sequence's total).
+    The sequence is cut to a multiple of 2 * ring."""
     length = seq_len - seq_len % (2 * ring)
     lower, upper, _, docs = _buckets(hist)
-    per_sequence = length / float(docs @ ((lower + upper) / 2))
-    samples = int(max(MIN_SAMPLES, min(SAMPLES, DOCUMENT_BUDGET // max(per_sequence, 1))))
+    per_sequence = max(length / float(docs @ ((lower + upper) / 2)), 1)
+    samples = int(max(MIN_SAMPLES, min(SAMPLES, DOCUMENT_BUDGET // per_sequence)))
     rng = np.random.default_rng(SEED)
     causal_block = length * (length + 1) / 2 / ring**2
-    blocks = np.stack([zigzag_block_pairs(ring, length, sample_doc_starts(hist, length, rng))
-                       for _ in range(samples)])
+    starts = [sample_doc_starts(hist, length, rng) for _ in range(samples)]
+    blocks = np.stack([zigzag_block_pairs(ring, length, s) for s in starts])
+    if ring > 1:
+        few = int(max(MIN_SAMPLES, min(BALANCED_SAMPLES, PLACEMENT_BUDGET // per_sequence)))
+        shaped = np.stack([zigzag_block_pairs(ring, length, s, balanced=True)
+                           for s in starts[:few]])
+        blocks = shaped * (blocks.sum() / len(blocks)) / (shaped.sum() / len(shaped))
     return DocumentWork(blocks / causal_block)
 
 

@@ -468,9 +468,10 @@ def _attention_section(plan: Plan) -> list:
             "`document` only the earlier tokens of its own document, so its work is the sum "
             "over documents of len (len + 1) / 2 pairs, not seq_len (seq_len + 1) / 2. Priced "
             "on each stage's layout from the document-length histogram (packed sequences "
-            "sampled from it): zigzag balances one causal sequence, not its documents, so the "
-            "busiest ring rank sets the pace, and a block with no allowed pair is skipped but "
-            "still passes its K/V, a transfer nothing hides. Attention and exposed K/V are "
+            "sampled from it), each sharded per document as the trainer shards it on a ring "
+            "(zigzag alone balances one causal sequence, not its documents): the busiest ring "
+            "rank sets the pace, and a block with no allowed pair is skipped but still passes "
+            "its K/V, a transfer nothing hides. Attention and exposed K/V are "
             "seconds per optimizer step; the speed-up is causal over document.", rows]
 
 

@@ -328,8 +328,9 @@ def plan_run(spec: ClusterSpec, run: RunSpec, graph: nx.Graph | None = None,
         assumptions.append(
             "attention document: the allowed pairs of every ring block counted on packed "
             "sequences drawn from the document-length histogram (documents back to back, cut "
-            "at random places; lengths uniform inside a bucket), the busiest rank setting each "
-            "phase's pace; a skipped block's K/V transfer is not hidden; a masked block costs "
+            "at random places; lengths uniform inside a bucket) and sharded per document as the "
+            "trainer shards them on a ring, the busiest rank setting each phase's pace; a "
+            "skipped block's K/V transfer is not hidden; a masked block costs "
             "what its allowed pairs would cost dense (the mask itself is not priced)")
     if any(s.dims.ulysses > 1 for s in stages):
         assumptions.append("Ulysses stages: memory is the model's alone (the tracer does not "

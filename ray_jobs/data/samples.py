@@ -70,6 +70,10 @@ class Batch(NamedTuple):
     # per row, where the WHOLE sequence's documents begin: int64 global positions, 0 first,
     # strictly increasing (ring_attention's doc_starts; the same on every rank of a ring)
     doc_starts: list[torch.Tensor]
+    # sharded per document (batch(shard_of=...)): each row's positions (B, S) and its
+    # DocumentLayout (ring_attention's doc_starts for that row); else None
+    positions: torch.Tensor | None = None
+    layouts: list | None = None
 
 
 def starts_after_eos(inputs, eos: int) -> np.ndarray:
@@ -324,33 +328,47 @@ class SampleStream:
             labels.append(target)
         return np.concatenate(inputs), np.concatenate(labels)
 
-    def batch(self, step: int, micro: int, indices: range, positions: torch.Tensor | None = None
-              ) -> Batch:
+    def batch(self, step: int, micro: int, indices: range, positions: torch.Tensor | None = None,
+              shard_of=None) -> Batch:
         """Inputs (B, S), labels (B, S), sample ids and each row's document starts for the
         given global-batch indices; with `positions` (this rank's token positions, e.g. its
         zigzag shard) only those columns, and a prepared document sample reads only them. The
-        document starts are always the whole sequence's (document_starts)."""
-        rows_in, rows_lab, ids, starts = [], [], [], []
+        document starts are always the whole sequence's (document_starts). With `shard_of`
+        (a row's document starts -> (this rank's positions of that row, its DocumentLayout):
+        sharding per document) each row is read at its own positions, and the Batch carries
+        them and the layouts."""
+        rows_in, rows_lab, ids, starts, rows_pos, layouts = [], [], [], [], [], []
         pos = None if positions is None else positions.cpu().numpy()
+
+        def row_positions(row_starts: np.ndarray):
+            if shard_of is None:
+                return pos
+            mine, layout = shard_of(torch.from_numpy(row_starts))
+            rows_pos.append(mine)
+            layouts.append(layout)
+            return mine.numpy()
+
         for i in indices:
             sid = f"{self.run.data.seed}:{self.stage.name}:{step}:{micro}:{i}"
             if pos is not None and self.corpus is not None and self.kind(step, micro, i) \
                     == "documents":
-                x, y = self._document_piece(step, micro, i, pos)
                 row_starts = self.document_starts(step, micro, i)
+                x, y = self._document_piece(step, micro, i, row_positions(row_starts))
             else:
                 s = self.sample(step, micro, i)
                 x, y = (np.asarray(s.input_ids, dtype=np.int64),
                         np.asarray(s.labels, dtype=np.int64))
                 row_starts = self._starts_of(s, step, micro, i)
-                if pos is not None:
-                    x, y = x[pos], y[pos]
+                mine = row_positions(row_starts)
+                if mine is not None:
+                    x, y = x[mine], y[mine]
             rows_in.append(x)
             rows_lab.append(y)
             ids.append(sid)
             starts.append(torch.from_numpy(row_starts))
         return Batch(torch.from_numpy(np.stack(rows_in)), torch.from_numpy(np.stack(rows_lab)),
-                     ids, starts)
+                     ids, starts, torch.stack(rows_pos) if rows_pos else None,
+                     layouts or None)
 
     def document_starts(self, step: int, micro: int, index: int) -> np.ndarray:
         """Where the documents of sample (step, micro, index) begin: int64 global positions of

@@ -19,8 +19,10 @@ ring_attention(q, k, v, *, group, causal=True, scale=None, doc_starts=None) -> o
     sequence, the same on every rank) masks attention to causal within each document
     (`documents.py`: each ring block is skipped, run by the plain kernel, or run masked; nothing
     extra travels; sequence_parallel_attention passes it to its ring). Causal zigzag on CPU only
-    so far. Through the HF hook: model(..., doc_starts=[one tensor per row]) (hf.py
-    attention_by_layout runs the rows a document layout at a time).
+    so far. Or a DocumentLayout (documents.balanced_layout: the sequence permuted per document
+    before sharding, layout.shard, so every rank does about the same work). Through the HF
+    hook: model(..., doc_starts=[one tensor or layout per row]) (hf.py attention_by_layout runs
+    the rows a document layout at a time).
 zigzag_shard(x, dim, rank, world) / zigzag_unshard(x, dim, world, group=None)
     Ring rank r holds chunks r and 2*world-1-r of 2*world; unshard takes the list of all shards
     in ring order, or this rank's shard and all-gathers over `group`.

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_jobs.ring_attention.comm import Ring, resolve_ring
+from ray_jobs.ring_attention.documents import DocumentLayout
 from ray_jobs.ring_attention.ring import ring_attention
 from ray_jobs.ring_attention.ulysses import SequenceMesh, sequence_parallel_attention
 
@@ -106,7 +107,8 @@ def attention_by_layout(q, k, v, group: "Ring | SequenceMesh", causal: bool,
     """Document-masked attention of a batch whose rows may pack different documents.
 
     q, k, v: (B, S_local, heads, D), this rank's shards; doc_starts: B int64 tensors, row b's
-    whole-sequence document starts. One doc_starts serves all rows of a ring_attention call,
+    whole-sequence document starts, or B DocumentLayouts (rows sharded per document: each
+    row's tokens in its layout's order). One doc_starts serves all rows of a ring_attention call,
     so rows are run a document layout at a time: the rows sharing a layout together, layouts
     in the order of their first row. Every rank of the ring holds the same rows with the same
     layouts, so all take the same calls in the same order and the ring stays in lock-step
@@ -116,9 +118,10 @@ def attention_by_layout(q, k, v, group: "Ring | SequenceMesh", causal: bool,
     if len(doc_starts) != q.shape[0]:
         raise ValueError(f"doc_starts holds {len(doc_starts)} rows' document starts for a "
                          f"batch of {q.shape[0]} rows; give one int64 tensor per row")
-    layouts: dict[tuple[int, ...], list[int]] = {}
+    layouts: dict[object, list[int]] = {}
     for row, starts in enumerate(doc_starts):
-        layouts.setdefault(tuple(starts.tolist()), []).append(row)
+        key = starts if isinstance(starts, DocumentLayout) else tuple(starts.tolist())
+        layouts.setdefault(key, []).append(row)
     if len(layouts) == 1:
         return _attend(q, k, v, group, causal, scale, doc_starts[0])
     outs, order = [], []

@@ -168,6 +168,35 @@ def masked_block_backward(dout, q, k, v, out, lse, mask, scale):
     return dq, _reduce_kv(dk, groups).to(k.dtype), _reduce_kv(dv, groups).to(v.dtype)
 
 
+def rects_block_forward(q, k, v, rects, scale, kernel: BlockKernel):
+    """Attention of a block whose allowed pairs are the rectangles `rects` ((query rows, key
+    rows, causal), documents.block_rects): the plain kernel on each, merged by log-sum-exp in
+    fp32. (out in q's dtype, lse (B, Sq, H) fp32); a row no rectangle covers gets out 0 and
+    lse -inf, as masked_block_forward gives it."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    for rows, keys, causal in rects:
+        block_out, block_lse = kernel.forward(q[:, rows], k[:, keys], v[:, keys], causal, scale)
+        merge_block(out[:, rows], lse[:, rows], block_out, block_lse, empty_rows=True)
+    return out.to(q.dtype), lse
+
+
+def rects_block_backward(dout, q, k, v, out, lse, rects, scale, kernel: BlockKernel):
+    """(dq, dk, dv) of rects_block_forward's block given the GLOBAL out and lse: each
+    rectangle's plain backward (its probabilities are exp(S - lse) with the global lse, so the
+    rectangles' gradients add), summed in fp32; input dtypes."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for rows, keys, causal in rects:
+        bdq, bdk, bdv = kernel.backward(dout[:, rows], q[:, rows], k[:, keys], v[:, keys],
+                                        out[:, rows], lse[:, rows], causal, scale)
+        dq[:, rows] += bdq
+        dk[:, keys] += bdk
+        dv[:, keys] += bdv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # both CUDA flash kernels: head_dim a multiple of 8, at most 256
 

@@ -37,7 +37,8 @@ from ray_jobs.ring_attention.documents import (
     MASKED,
     SKIP,
     DocumentBlock,
-    check_doc_starts,
+    DocumentLayout,
+    as_layout,
     document_steps,
 )
 from ray_jobs.ring_attention.kernels import (
@@ -46,6 +47,8 @@ from ray_jobs.ring_attention.kernels import (
     masked_block_backward,
     masked_block_forward,
     merge_block,
+    rects_block_backward,
+    rects_block_forward,
 )
 from ray_jobs.ring_attention.saving import keep_result, kept_result
 from ray_jobs.ring_attention.zigzag import BlockPlan, plan_block  # noqa: F401 (its old home)
@@ -85,7 +88,10 @@ def _ring_forward(q, k, v, ring: Ring, causal: bool, scale: float, kernel: Block
                 block_q, block_k, block_v = (_rows(q, plan.q_rows),
                                              _rows(current[0], plan.kv_rows),
                                              _rows(current[1], plan.kv_rows))
-                if doc is not None and doc.kind == MASKED:
+                if doc is not None and doc.kind == MASKED and doc.rects is not None:
+                    block_out, block_lse = rects_block_forward(block_q, block_k, block_v,
+                                                               doc.rects, scale, kernel)
+                elif doc is not None and doc.kind == MASKED:
                     block_out, block_lse = masked_block_forward(block_q, block_k, block_v,
                                                                 doc.mask, scale)
                 else:
@@ -148,7 +154,9 @@ def _ring_backward(dout, q, k, v, out, lse, ring: Ring, causal: bool, scale: flo
                 args = (_rows(dout, plan.q_rows), _rows(q, plan.q_rows),
                         _rows(current[0], plan.kv_rows), _rows(current[1], plan.kv_rows),
                         _rows(out, plan.q_rows), _rows(lse, plan.q_rows))
-                if doc is not None and doc.kind == MASKED:
+                if doc is not None and doc.kind == MASKED and doc.rects is not None:
+                    bdq, bdk, bdv = rects_block_backward(*args, doc.rects, scale, kernel)
+                elif doc is not None and doc.kind == MASKED:
                     bdq, bdk, bdv = masked_block_backward(*args, doc.mask, scale)
                 else:
                     bdq, bdk, bdv = kernel.backward(*args, plan.causal, scale)
@@ -269,7 +277,7 @@ def ring_attention(
     group: "Ring | dist.ProcessGroup | None",
     causal: bool = True,
     scale: float | None = None,
-    doc_starts: torch.Tensor | None = None,
+    doc_starts: "torch.Tensor | DocumentLayout | None" = None,
 ) -> torch.Tensor:
     """Exact attention on a sequence sharded across a ring of processes; see the package docstring.
 
@@ -283,6 +291,8 @@ def ring_attention(
     j <= i and both lie in one document. Every rank derives the documents of every shard from
     them, so nothing extra travels. Causal zigzag only, CPU tensors only so far (the masked
     blocks have no CUDA kernel yet). A single document [0] is exactly the plain causal ring.
+    A DocumentLayout (documents.balanced_layout) in its place: the sequence was permuted by it
+    before zigzag sharding (layout.shard), so the ranks' work is balanced per document.
     """
     _check_inputs(q, k, v, causal)
     ring = resolve_ring(group)
@@ -295,8 +305,12 @@ def ring_attention(
             raise ValueError(
                 f"doc_starts: document masking runs on CPU kernels only so far, got {q.device} "
                 "tensors; drop doc_starts (plain causal attention across documents) on GPUs")
-        starts = check_doc_starts(doc_starts, q.shape[1] * ring.size)
-        blocks = document_steps(ring.rank, ring.size, q.shape[1], starts)
+        layout = as_layout(doc_starts, q.shape[1] * ring.size)
+        if layout.world not in (None, ring.size):
+            raise ValueError(f"doc_starts: the document layout was balanced for a ring of "
+                             f"{layout.world}, this ring has {ring.size}; build it with "
+                             f"balanced_layout(..., world={ring.size})")
+        blocks = document_steps(ring.rank, ring.size, q.shape[1], layout, q.dtype)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     # isend/irecv need contiguous buffers; q may stay a strided view (the kernels take strides).

@@ -106,6 +106,17 @@ def sequence_position_ids(seq_len: int, ring_rank: int, ring: int, ulysses_rank:
                           ulysses_rank, ulysses)
 
 
+def layout_position_ids(layout, ring_rank: int, ring: int, ulysses_rank: int,
+                        ulysses: int) -> torch.Tensor:
+    """Original positions of rank (ring_rank, ulysses_rank)'s shard of a sequence permuted by
+    a documents.DocumentLayout (balanced per document): the layout's order, then the causal
+    Ulysses x ring shard. The tokens, labels and RoPE positions a rank holds are the
+    sequence's at these positions."""
+    if layout.world is not None and layout.world != ring:
+        raise ValueError(f"this layout was balanced for a ring of {layout.world}, not {ring}")
+    return sequence_shard(layout.positions, 0, ring_rank, ring, ulysses_rank, ulysses)
+
+
 def kv_replication(kv_heads: int, ulysses: int) -> int:
     """How many times each K/V head is repeated so that U ranks each get a whole one (1 when U
     divides the K/V heads). Repeated heads cost U / Hk times the K/V bytes in the all-to-all and

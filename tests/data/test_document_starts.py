@@ -15,8 +15,12 @@ import torch
 from ray_jobs.data.prepare import prepare
 from ray_jobs.data.samples import SampleStream
 from ray_jobs.data.tokenizer import build_tokenizer
-from ray_jobs.ring_attention.documents import document_index, document_position_ids
-from ray_jobs.ring_attention.ulysses import sequence_position_ids
+from ray_jobs.ring_attention.documents import (
+    balanced_layout,
+    document_index,
+    document_position_ids,
+)
+from ray_jobs.ring_attention.ulysses import layout_position_ids, sequence_position_ids
 from specs.run import RunSpec
 from tests.data.corpus import conversations, documents, write_chat, write_jsonl
 from tests.train.conftest import mini_spec
@@ -51,7 +55,7 @@ def whole_sequence(inputs: np.ndarray, eos: int) -> tuple[list[int], list[int], 
 def _check_every_rank(stream: SampleStream, eos: int) -> int:
     """Every rank's rows, read by address, against the whole sequence; returns how many rows
     held more than one document (so a test can tell it checked boundaries at all)."""
-    packed = 0
+    packed = permuted = 0
     for step in range(STEPS):
         whole = stream.batch(step, 0, range(ROWS))
         refs = [whole_sequence(row.numpy(), eos) for row in whole.inputs]
@@ -71,7 +75,26 @@ def _check_every_rank(stream: SampleStream, eos: int) -> int:
                             [segments[p] for p in pos.tolist()]
                         assert document_position_ids(pos, got).tolist() == \
                             [positions[p] for p in pos.tolist()]
+                    # sharded per document (the trainer's shard_of on a ring): each row read
+                    # at its own layout's positions, the whole row's tokens there
+                    balanced = stream.batch(step, 0, range(ROWS), pos, _shard_of(r, ring, u, uly))
+                    for row, (starts, segments, _) in enumerate(refs):
+                        own = balanced.positions[row]
+                        assert balanced.layouts[row].world == ring
+                        assert torch.equal(balanced.inputs[row], whole.inputs[row][own])
+                        assert torch.equal(balanced.labels[row], whole.labels[row][own])
+                        assert document_index(own, balanced.doc_starts[row]).tolist() == \
+                            [segments[p] for p in own.tolist()]
+                        permuted += not balanced.layouts[row].is_plain
+    assert permuted or not packed, "no packed row was sharded other than by zigzag"
     return packed
+
+
+def _shard_of(r: int, ring: int, u: int, uly: int):
+    def shard_of(starts: torch.Tensor):
+        layout = balanced_layout(starts, SEQ, ring)
+        return layout_position_ids(layout, r, ring, u, uly), layout
+    return shard_of
 
 
 def test_prepared_chat_and_web_rows_read_their_segments_by_address(tmp_path):

@@ -11,10 +11,16 @@ from tests.support.worlds import run_world
 
 pytestmark = pytest.mark.multiprocess
 
-LAYOUTS = ("one", "crossing", "long", "tiny")
+LAYOUTS = ("one", "crossing", "long", "tiny", "mixed")
 CASES = [dict(dtype=dtype, heads=heads, layout=layout)
          for dtype, heads, layout in product((torch.float32, torch.bfloat16), ("gqa", "mha"),
                                              LAYOUTS)]
+# The same documents on shards of the sequence permuted by balanced_layout (per-document
+# balance): documents cut into 2P chunks of their own, short ones placed whole.
+BALANCED = [dict(c, balanced=True) for c in CASES if c["heads"] == "gqa"]
+# Masked blocks as rectangles of the plain kernel (documents.block_rects), forced at these
+# sizes: plain and balanced layouts, both dtypes.
+RECTS = [dict(c, rects=True) for c in CASES + BALANCED if c["heads"] == "gqa"]
 
 
 def test_documents_on_two_ranks():
@@ -30,8 +36,9 @@ def test_documents_on_three_ranks_gqa():
 
 def test_documents_on_four_ranks():
     # Every layout in both dtypes; the head layouts alternate.
-    cases = [c for i, c in enumerate(CASES) if (c["heads"] == "gqa") == (i % 2 == 0)]
-    assert {c["layout"] for c in cases} == set(LAYOUTS) and len(cases) == 8
+    cases = [c for c in CASES if (c["heads"] == "gqa") == (
+        (LAYOUTS.index(c["layout"]) + (c["dtype"] == torch.bfloat16)) % 2 == 0)]
+    assert {c["layout"] for c in cases} == set(LAYOUTS) and len(cases) == 10
     results = run_world(4, document_world, cases)
     assert [len(r) for r in results] == [len(cases)] * 4
 
@@ -41,5 +48,25 @@ def test_documents_through_ulysses_two_by_ring_two():
     # pass through unchanged. GQA 4:1 replicates the one K/V head over the Ulysses pair.
     cases = [dict(dtype=torch.float32, heads=heads, layout=layout)
              for heads, layout in (("gqa", "crossing"), ("mha", "tiny"), ("gqa", "long"))]
+    results = run_world(4, ulysses_document_world, 2, 2, cases, timeout_s=240)
+    assert [len(r) for r in results] == [len(cases)] * 4
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_balanced_layouts_match_the_reference(world):
+    results = run_world(world, document_world, BALANCED)
+    assert [len(r) for r in results] == [len(BALANCED)] * world
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_masked_blocks_as_rectangles_match_the_reference(world):
+    results = run_world(world, document_world, RECTS)
+    assert [len(r) for r in results] == [len(RECTS)] * world
+
+
+def test_balanced_layout_through_ulysses_two_by_ring_two():
+    cases = [dict(dtype=torch.float32, heads=heads, layout=layout, balanced=True, rects=rects)
+             for heads, layout, rects in (("gqa", "mixed", True), ("mha", "tiny", False),
+                                          ("gqa", "long", True))]
     results = run_world(4, ulysses_document_world, 2, 2, cases, timeout_s=240)
     assert [len(r) for r in results] == [len(cases)] * 4

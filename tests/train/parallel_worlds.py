@@ -357,11 +357,15 @@ def document_positions(starts: torch.Tensor, per_document: bool) -> torch.Tensor
     return document_position_ids(pos, starts) if per_document else pos
 
 
-def train_documents(rank, world, ring, dp, ulysses, ac, per_document, rows_per_ring):
+def train_documents(rank, world, ring, dp, ulysses, ac, per_document, rows_per_ring,
+                    balanced=False):
     """One forward and backward of a packed batch under `attention: document` on the layout
     (the trainer's calls: parallelize(documents=True), the rows' doc_starts to the root, RoPE
-    positions of this rank's shard); returns the loss and the full gradients."""
-    from ray_jobs.ring_attention.documents import document_position_rows
+    positions of this rank's shard); returns the loss and the full gradients. `balanced`: each
+    row sharded per document as the trainer does on a ring (balanced_layout, each row read at
+    its own positions, its layout to the root)."""
+    from ray_jobs.ring_attention.documents import balanced_layout, document_position_rows
+    from ray_jobs.ring_attention.ulysses import layout_position_ids
 
     dims = ParallelDims.of(ring, dp, ring * ulysses * dp, ulysses)
     n = dims.sequence
@@ -376,18 +380,27 @@ def train_documents(rank, world, ring, dp, ulysses, ac, per_document, rows_per_r
     x, y = (sequence_shard(t[mine], 1, *place) for t in (ids, labels))
     shard = sequence_position_ids(DOC_SEQ, *place)
     rows = starts[mine]
+    shards = [shard.tolist()] * len(rows)
+    documents = rows
+    if balanced:
+        documents = [balanced_layout(s, DOC_SEQ, dims.ring) for s in rows]
+        own = torch.stack([layout_position_ids(d, *place) for d in documents])
+        x, y = (torch.stack([t[r][p] for r, p in zip(range(mine.start, mine.stop), own)])
+                for t in (ids, labels))
+        shard, shards = own, own.tolist()
     pos = (document_position_rows(shard, rows) if per_document
-           else shard.unsqueeze(0).expand(len(rows), -1))
+           else shard if shard.dim() == 2 else shard.unsqueeze(0).expand(len(rows), -1))
     seen = []  # the positions RoPE is given (under document masking the loss alone cannot
     # tell them apart: attention inside a document sees only distances, which both keep)
     model.model.rotary_emb.register_forward_pre_hook(
         lambda _, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
-    loss = ring_mean_loss(*root(x, pos, y, rows), layout.sequence)
+    loss = ring_mean_loss(*root(x, pos, y, documents), layout.sequence)
     (loss * dims.sequence).backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     return {"loss": mean.item() / world, "grads": _full_grads(root), "rope_positions": seen[0],
-            "shard": shard.tolist(), "rows": list(range(mine.start, mine.stop))}
+            "shards": shards, "rows": list(range(mine.start, mine.stop)),
+            "permuted": balanced and any(not d.is_plain for d in documents)}
 
 
 def documents_reference(rows: int, per_document: bool) -> dict:

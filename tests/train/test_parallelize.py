@@ -199,20 +199,22 @@ def test_checkpoint_loads_optimizer_state_by_shard_onto_the_ranks_device(tmp_pat
     assert got["loads"] == ["cpu"]  # the scheduler's state
 
 
-@pytest.mark.parametrize("world,ring,dp,ulysses,ac,per_document", [
-    (2, 2, 1, 1, "full", False),       # a ring of 2, positions along the sequence
-    (2, 2, 1, 1, "attention", True),   # a ring of 2, RoPE restarting at each document
-    (2, 1, 2, 1, "none", True),        # rings of one (no sequence split): the ring still masks
-    (4, 2, 1, 2, "full", True),        # Ulysses 2 x ring 2
+@pytest.mark.parametrize("world,ring,dp,ulysses,ac,per_document,balanced", [
+    (2, 2, 1, 1, "full", False, False),     # a ring of 2, positions along the sequence
+    (2, 2, 1, 1, "attention", True, True),  # RoPE restarting at each document, sharded per
+    #                                         document (the trainer's way on a ring)
+    (2, 1, 2, 1, "none", True, False),      # rings of one (no sequence split): still masked
+    (4, 2, 1, 2, "full", True, True),       # Ulysses 2 x ring 2, sharded per document
 ])
 def test_document_attention_trains_like_documents_run_one_by_one(world, ring, dp, ulysses, ac,
-                                                                 per_document):
+                                                                 per_document, balanced):
     """attention: document on a layout: rows with different document layouts (documents
     crossing rank boundaries, one longer than a shard, tiny ones, one filling the row) give the
-    loss and gradients of each document run alone through one unsharded model."""
+    loss and gradients of each document run alone through one unsharded model; sharded per
+    document too, each row read at its own positions."""
     rows = 4 // dp  # the batch holds every layout of parallel_worlds.DOC_LAYOUTS
     results = run_world(world, worlds.train_documents, ring, dp, ulysses, ac, per_document,
-                        rows, timeout_s=180)
+                        rows, balanced, timeout_s=180)
     want = worlds.documents_reference(dp * rows, per_document)
     _, _, starts = worlds.document_batch(dp * rows)
     for rank, got in enumerate(results):
@@ -222,7 +224,9 @@ def test_document_attention_trains_like_documents_run_one_by_one(world, ring, dp
         # RoPE got the row's positions (from 0 at each document, or along it) at this rank's
         # shard: with document masking the loss is the same either way up to rounding
         whole = [worlds.document_positions(starts[r], per_document) for r in got["rows"]]
-        assert got["rope_positions"] == [[int(w[p]) for p in got["shard"]] for w in whole]
+        assert got["rope_positions"] == [[int(w[p]) for p in shard]
+                                         for w, shard in zip(whole, got["shards"])]
+        assert got["permuted"] == balanced, "no row's layout was permuted: nothing balanced"
 
 
 def test_one_document_per_row_is_the_causal_ring_bit_for_bit():
