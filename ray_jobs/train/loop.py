@@ -190,7 +190,7 @@ def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
         row_layout = balanced_layout(starts, stage.seq_len, dims.ring)
         return layout_position_ids(row_layout, *place), row_layout
 
-    per_document = shard_of if documents and dims.ring > 1 else None
+    shard_rows = shard_of if documents and dims.ring > 1 else None
     every = run.failure.report_every
     t_report, steps_since, pending = time.perf_counter(), 0, []
     clock = StepClock(device, state.parts_seconds)
@@ -208,7 +208,7 @@ def _train(config: WorkerConfig, heartbeat: Heartbeat) -> None:
             for micro in range(stage.grad_accum_steps):
                 # (B, S / (ring x ulysses)): only this rank's positions (prepared documents are
                 # read only there)
-                batch = stream.batch(step, micro, my_samples, my_positions, per_document)
+                batch = stream.batch(step, micro, my_samples, my_positions, shard_rows)
                 ids += batch.sample_ids
                 x, y = batch.inputs.to(device), batch.labels.to(device)
                 rows = batch.positions if batch.positions is not None else my_positions
