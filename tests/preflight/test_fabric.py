@@ -9,8 +9,12 @@ host, and that hop crosses two links no fast hop crosses: two explanations fit, 
 round must tell them apart.
 
 The messages are 8 MiB: about 30 ms a hop unthrottled here (eight ranks on two cores), 700 ms
-through the throttle. Slow is judged at 3x the round's median ratio (--slow-factor), not 2x:
-unthrottled hops spread to 1.6x of their median on this shared machine. The fabric-wide
+through the throttle (25-35x the round's median ratio). Slow is judged at 5x the round's median
+ratio (--slow-factor), not the default 2x: unthrottled hops spread to 1.6x of their median on
+this shared machine, and a throttled downlink also slows its host's own outgoing hop, whose
+ACKs queue behind the throttled data in the token bucket (this kernel has no fq or prio qdisc
+to let them pass): measured 2.4x its prediction, 3.4x the median, in a clean CI run, where a
+factor of 3 flagged it and the tomography then blamed the host's NIC. The fabric-wide
 check allows 4x (--fabric-factor): netns-4x2's link numbers are one measurement here, and
 the load of a CI run beside it moves the whole fabric by up to 2x.
 """
@@ -34,7 +38,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timing]
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = 8 * 2**20
-SLOW_FACTOR, FABRIC_FACTOR = 3.0, 4.0
+SLOW_FACTOR, FABRIC_FACTOR = 5.0, 4.0
 UPLINK, DOWNLINK = "host1/nic0->leaf0", "leaf0->host2/nic0"
 
 

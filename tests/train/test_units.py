@@ -35,7 +35,7 @@ def test_samples_are_a_pure_function_of_seed_stage_step(run, tok):
     assert a.sample(3, 0, 1) == b.sample(3, 0, 1)
     assert a.sample(3, 0, 1).input_ids != a.sample(4, 0, 1).input_ids
     assert a.sample(3, 0, 1).input_ids != SampleStream(run, 1, tok).sample(3, 0, 1).input_ids
-    x, y, ids, starts = a.batch(2, 0, range(2))
+    x, y, ids, starts, *_ = a.batch(2, 0, range(2))
     assert x.shape == y.shape == (2, run.stages[0].seq_len)
     assert ids == ["0:s64:2:0:0", "0:s64:2:0:1"]
     assert [s.tolist() for s in starts] == [[0], [0]]  # a retrieval prompt: one document
