@@ -19,6 +19,11 @@ the same (bf16-rounded) inputs:
 2. an emulated ring of P = 2, 3, 4 on one device: the zigzag block plan, the kernel and the
    log-sum-exp merge called directly (no process group, no autograd), forward and backward,
    against full attention.
+2b. document masking's mixed blocks: every mixed block of a zigzag ring of 4 over packed
+   documents of 1 to S/4 tokens (S = ring_seq), plain and balanced per document, as the ring
+   computes them (on CUDA: torch's variable-length flash op, kernels.varlen_rects_forward; on
+   CPU one flash call per rectangle), forward and backward, against the masked kernel's fp32
+   math on the same inputs.
 3. (CUDA only) the point-to-point exchange over NCCL on a ring of one rank sending to itself:
    what arrives is what was sent. gloo refuses a send to oneself, so on CPU this check is not
    part of the mode; the multi-rank mode checks the exchange between two ranks instead.
@@ -51,6 +56,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -73,10 +79,20 @@ from ray_jobs.ring_attention import (  # noqa: E402
     zigzag_unshard,
 )
 from ray_jobs.ring_attention.comm import Exchange  # noqa: E402
+from ray_jobs.ring_attention.documents import (  # noqa: E402
+    MASKED,
+    balanced_layout,
+    block_rects,
+    plan_document_steps,
+)
 from ray_jobs.ring_attention.kernels import (  # noqa: E402
     CpuFlashKernel,
     FlashAttnKernel,
     TorchCudaFlashKernel,
+    masked_block_backward,
+    masked_block_forward,
+    rects_block_backward,
+    rects_block_forward,
 )
 from ray_jobs.ring_attention.ring import plan_block  # noqa: E402
 
@@ -91,8 +107,8 @@ LAYER_QUICK = {"hidden": 256, "intermediate": 512, "heads": 8, "kv_heads": 2, "h
 # What the layer check compares, ring shard against the fp32 "sdpa" reference's shard.
 LAYER_QUANTITIES = ("out", "input_grad", "attn_out", "attn_input_grad")
 # The checks each mode must run and pass (on CUDA the one-device mode adds "self_exchange").
-SINGLE_CHECKS = ("kernel_parity", "emulated_ring", "llama_loss", "llama_grads",
-                 "policy_moves_every_weight")
+SINGLE_CHECKS = ("kernel_parity", "emulated_ring", "document_blocks", "llama_loss",
+                 "llama_grads", "policy_moves_every_weight")
 MULTI_CHECKS = ("ring_exchange", *(f"ring_vs_sdpa_{q}" for q in LAYER_QUANTITIES))
 
 
@@ -227,6 +243,52 @@ def emulated_ring(kernel, shape: dict, world: int, device) -> dict:
     return {name: rel_err(g, w) for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
 
 
+def document_blocks(shape: dict, device) -> dict:
+    """Check 2b (module docstring): the largest error over the mixed blocks, per quantity, and
+    how many blocks were checked."""
+    world, seq = 4, shape["ring_seq"]
+    rng, starts = random.Random(0), [0]
+    while (nxt := starts[-1] + rng.randint(1, seq // 4)) < seq:
+        starts.append(nxt)
+    starts = torch.tensor(starts)
+    kernel = select_block_kernel(device.type).kernel
+    scale = shape["head_dim"] ** -0.5
+    worst = dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 0.0)
+    scale_of = dict(worst)
+    blocks = 0
+    for layout in (starts, balanced_layout(starts, seq, world)):
+        for rank in range(world):
+            for block in plan_document_steps(rank, world, seq // world, layout):
+                if block.kind != MASKED:
+                    continue
+                sq, sk = block.mask.shape
+                q, _, _, dout = inputs(shape, sq, device, seed=blocks)
+                _, k, v, _ = inputs(shape, sk, device, seed=blocks + 1000)
+                want_out, want_lse = masked_block_forward(q.float(), k.float(), v.float(),
+                                                          block.mask, scale)
+                rects = block_rects(block.mask)
+                out, lse = rects_block_forward(q, k, v, rects, scale, kernel)
+                # The backward's statistics as a ring hands them over: out in the compute
+                # dtype (both sides: dq's rowsum(dO * O) cancels, on rows that see few keys,
+                # to the size of out's rounding), lse finite (in a ring a row sees itself).
+                out_ring = want_out.to(q.dtype)
+                lse_ring = want_lse.nan_to_num(neginf=0.0)
+                want = masked_block_backward(dout.float(), q.float(), k.float(), v.float(),
+                                             out_ring.float(), lse_ring, block.mask, scale)
+                got = rects_block_backward(dout, q, k, v, out_ring, lse_ring, rects, scale,
+                                           kernel)
+                seen = want_lse.isfinite()
+                pairs = [(out, want_out), (lse[seen], want_lse[seen]), *zip(got, want)]
+                for name, (g, w) in zip(worst, pairs):
+                    worst[name] = max(worst[name], float((g.float() - w).abs().max()))
+                    scale_of[name] = max(scale_of[name], float(w.abs().max()))
+                blocks += 1
+    # Relative to each quantity's largest value over all blocks: a block whose rows each see
+    # one key has dq = 0 up to rounding, which a per-block ratio would call a 100% error.
+    return {**{name: worst[name] / max(scale_of[name], 1e-30) for name in worst},
+            "blocks": blocks}
+
+
 def init_world_of_one(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -321,6 +383,7 @@ def single_device(device: torch.device, quick: bool) -> dict:
                          for name, kernel in available_kernels(device).items()}
     kernel = select_block_kernel(device.type).kernel
     report["emulated_ring"] = {f"p{p}": emulated_ring(kernel, shape, p, device) for p in (2, 3, 4)}
+    report["document_blocks"] = document_blocks(shape, device)
     init_world_of_one(device)
     try:
         if device.type == "cuda":
@@ -340,6 +403,9 @@ def single_device(device: torch.device, quick: bool) -> dict:
     checks = {
         "kernel_parity": bool(kernel_errors) and max(kernel_errors) <= KERNEL_BOUND,
         "emulated_ring": bool(ring_errors) and max(ring_errors) <= KERNEL_BOUND,
+        "document_blocks": report["document_blocks"]["blocks"] > 0 and max(
+            e for name, e in report["document_blocks"].items() if name != "blocks")
+        <= KERNEL_BOUND,
         "llama_loss": llama["loss_rel_err"] <= LLAMA_BOUND,
         "llama_grads": llama["grad_rel_err_max"] <= LLAMA_BOUND,
         "policy_moves_every_weight": fp32["share_changed"] == 1.0,

@@ -413,9 +413,9 @@ class StageSpec(_Spec):
         "pretraining packed them; the default, so existing runs train as before). 'document': "
         "only the earlier tokens of its own document, nothing across documents (the boundaries "
         "come from the data: data.prepared's document starts, an EOS in data.documents; a "
-        "synthetic retrieval sample is one document). Ring blocks no query may see are skipped. "
-        "CPU only: the masked blocks have no CUDA kernel yet, and the trainer refuses "
-        "'document' on resources.device gpu. docs/training.md, 'Packed documents'.")
+        "synthetic retrieval sample is one document). Ring blocks no query may see are skipped; "
+        "blocks that mix documents run only their documents' pairs (on GPUs in torch's "
+        "variable-length flash op). docs/training.md, 'Packed documents'.")
     position_ids: PositionIds = Field(
         "continuous", description="RoPE positions of a packed sequence. 'continuous': 0 .. "
         "seq_len - 1 along the sequence (the default). 'per_document': from 0 again at each "

@@ -36,12 +36,17 @@ def test_its_checks_pass_on_the_cpu_kernels():
     assert report["world_size"] == 1 and report["selected_kernel"]["kernel"] == "torch-cpu-flash"
     # every check of the mode ran and passed; gloo cannot send to itself, so no self-exchange
     assert report["checks"] == {name: True for name in (
-        "kernel_parity", "emulated_ring", "llama_loss", "llama_grads", "policy_moves_every_weight")}
+        "kernel_parity", "emulated_ring", "document_blocks", "llama_loss", "llama_grads",
+        "policy_moves_every_weight")}
     errors = report["kernels"]["torch-cpu-flash"]
     assert sorted(errors) == sorted(f"{m}_{t}" for m in ("causal", "full")
                                     for t in ("out", "lse", "dq", "dk", "dv"))
     assert all(0 < e < 2e-2 for e in errors.values())  # bf16 against fp32: small, not zero
     assert sorted(report["emulated_ring"]) == ["p2", "p3", "p4"]
+    documents = dict(report["document_blocks"])
+    assert documents.pop("blocks") >= 10  # mixed blocks of plain and balanced layouts
+    assert sorted(documents) == ["dk", "dq", "dv", "lse", "out"]
+    assert all(0 < e < 2e-2 for e in documents.values())
     assert report["llama_ring_vs_sdpa"]["grad_rel_err_max"] < 5e-2
     # fp32 master weights move everywhere at lr 2e-5; bf16 storage would lose most updates
     assert report["share_of_weights_changed_lr2e-5"] == 1.0

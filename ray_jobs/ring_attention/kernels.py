@@ -2,7 +2,9 @@
 
     cpu   torch's CPU flash op (`_scaled_dot_product_flash_attention_for_cpu`): fp32, bf16, fp16
     cuda  flash-attn 2 (>= 2.7) when it is installed and imports, else torch's own CUDA flash op
-          (`_scaled_dot_product_flash_attention`, no extra package): bf16 and fp16 only
+          (`_scaled_dot_product_flash_attention`, no extra package): bf16 and fp16 only;
+          document masking's mixed blocks in torch's variable-length flash op
+          (`_flash_attention_forward` with cumulative lengths: TorchVarlenOps)
 
 `select_block_kernel` makes the choice (and says why); `kernel_problems` says, without a GPU,
 what a run's device, compute dtype and head dim make impossible, so preflight can refuse it
@@ -113,7 +115,7 @@ def _masked_row_chunks(q: torch.Tensor, keys: int) -> list[slice]:
 def _masked_scores(q, k, mask, scale):
     """fp32 scores (B, H, Sq, Sk) with the pairs outside `mask` at -inf."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    return scores.masked_fill_(~mask, float("-inf"))
+    return scores.masked_fill_(~mask.to(q.device), float("-inf"))
 
 
 def masked_block_forward(q, k, v, mask, scale):
@@ -126,8 +128,8 @@ def masked_block_forward(q, k, v, mask, scale):
     Query rows go in chunks so the fp32 scores stay within _MASKED_CHUNK_BYTES; `mask` is
     anything whose [rows] gives those rows' (rows, Sk) bool mask (a tensor, or
     documents.DocumentMask, which builds them on demand). A row that sees no key gets out 0
-    and lse -inf, which merge_block folds in as nothing. Device-agnostic ops, but only ever
-    run on CPU: ring_attention refuses document masking on other devices.
+    and lse -inf, which merge_block folds in as nothing. Device-agnostic ops; on CUDA only
+    for a block the rectangles cannot cover (never in a zigzag ring: documents.block_rects).
     """
     groups = q.shape[2] // k.shape[2]
     kf, vf = _repeat_kv(k, groups).float(), _repeat_kv(v, groups).float()
@@ -172,7 +174,10 @@ def rects_block_forward(q, k, v, rects, scale, kernel: BlockKernel):
     """Attention of a block whose allowed pairs are the rectangles `rects` ((query rows, key
     rows, causal), documents.block_rects): the plain kernel on each, merged by log-sum-exp in
     fp32. (out in q's dtype, lse (B, Sq, H) fp32); a row no rectangle covers gets out 0 and
-    lse -inf, as masked_block_forward gives it."""
+    lse -inf, as masked_block_forward gives it. On CUDA: varlen_rects_forward, a few
+    variable-length calls instead of one call per rectangle."""
+    if q.is_cuda:
+        return varlen_rects_forward(q, k, v, rects, scale)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     for rows, keys, causal in rects:
@@ -184,7 +189,9 @@ def rects_block_forward(q, k, v, rects, scale, kernel: BlockKernel):
 def rects_block_backward(dout, q, k, v, out, lse, rects, scale, kernel: BlockKernel):
     """(dq, dk, dv) of rects_block_forward's block given the GLOBAL out and lse: each
     rectangle's plain backward (its probabilities are exp(S - lse) with the global lse, so the
-    rectangles' gradients add), summed in fp32; input dtypes."""
+    rectangles' gradients add), summed in fp32; input dtypes. On CUDA: varlen_rects_backward."""
+    if q.is_cuda:
+        return varlen_rects_backward(dout, q, k, v, out, lse, rects, scale)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
@@ -195,6 +202,147 @@ def rects_block_backward(dout, q, k, v, out, lse, rects, scale, kernel: BlockKer
         dk[:, keys] += bdk
         dv[:, keys] += bdv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- A masked block's rectangles on CUDA: a few variable-length flash calls -----------------
+#
+# Per-rectangle kernel calls (rects_block_forward) cost a launch each, and a block may cut
+# hundreds of documents. torch's variable-length flash op takes many (query, key) sequences of
+# a packed (tokens, heads, head_dim) tensor in one call, each with its own length
+# (cumulative lengths cu_q / cu_kv, int32), and returns the log-sum-exp per packed query row
+# ((heads, tokens) fp32), so partial results still merge exactly. One causal flag per call and
+# each query row at most once per call: a document's query stretch that meets its earlier key
+# stretches and itself goes into successive calls (at most 2-3 in a zigzag ring), merged by
+# log-sum-exp. Each row of the batch is one more sequence of the same call.
+
+
+@dataclass(frozen=True)
+class VarlenCall:
+    """One variable-length call of a masked block: the packed rows of the block's flattened
+    (B * Sq) queries and (B * Sk) keys, and the sequences' cumulative lengths (int32)."""
+
+    causal: bool
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_kv: torch.Tensor
+    max_q: int
+    max_kv: int
+
+
+def varlen_calls(rects, batch: int, q_len: int, kv_len: int,
+                 device: torch.device) -> tuple[VarlenCall, ...]:
+    """The calls covering `rects` (documents.block_rects) for a batch of `batch` rows."""
+    key = tuple((r.start, r.stop, c.start, c.stop, causal) for r, c, causal in rects)
+    return _varlen_calls(key, batch, q_len, kv_len, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)  # a sample's masked blocks, asked again by every layer
+def _varlen_calls(key, batch, q_len, kv_len, device) -> tuple[VarlenCall, ...]:
+    # Query stretches are equal or disjoint (documents' runs): the n-th rectangle of a stretch
+    # (per causal flag) goes to call n.
+    calls: dict[tuple[bool, int], list[tuple[int, int, int, int]]] = {}
+    seen: dict[tuple[bool, int], int] = {}
+    for r0, r1, c0, c1, causal in key:
+        n = seen.get((causal, r0), 0)
+        seen[(causal, r0)] = n + 1
+        calls.setdefault((causal, n), []).append((r0, r1, c0, c1))
+    built = []
+    for (causal, _), members in sorted(calls.items()):
+        q_index, kv_index, cu_q, cu_kv = [], [], [0], [0]
+        for b in range(batch):
+            for r0, r1, c0, c1 in members:
+                q_index.extend(range(b * q_len + r0, b * q_len + r1))
+                kv_index.extend(range(b * kv_len + c0, b * kv_len + c1))
+                cu_q.append(cu_q[-1] + r1 - r0)
+                cu_kv.append(cu_kv[-1] + c1 - c0)
+        # torch.tensor from lists: the one way to build them on a fake CUDA device too (tests)
+        built.append(VarlenCall(
+            causal, torch.tensor(q_index, dtype=torch.int64, device=device),
+            torch.tensor(kv_index, dtype=torch.int64, device=device),
+            torch.tensor(cu_q, dtype=torch.int32, device=device),
+            torch.tensor(cu_kv, dtype=torch.int32, device=device),
+            max(r1 - r0 for r0, r1, _, _ in members), max(c1 - c0 for _, _, c0, c1 in members)))
+    return tuple(built)
+
+
+class TorchVarlenOps:
+    """torch's variable-length CUDA flash op, `aten._flash_attention_forward/_backward` with
+    cumulative lengths: the op under torch.nn.attention.varlen, called directly for its
+    backward, which takes the GLOBAL out and log-sum-exp as the ring needs. Layout: q, k, v,
+    out (tokens, heads, head_dim), K/V heads repeated to the query heads (as for the dense
+    kernels); lse (heads, tokens) fp32. Causal rectangles are square, where the op's
+    bottom-right causal alignment is the ring's. Dropout 0: the RNG state is a placeholder.
+    Checked here only under FakeTensorMode (signatures, shapes, dtypes); benchmarks/gpu_smoke.py
+    checks its numbers on a GPU."""
+
+    name = "torch-cuda-varlen-flash"
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_kv, max_q, max_kv, 0.0, causal, False, scale=scale)
+        return out, lse
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv, causal, scale):
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = torch.empty(0, device=q.device)
+        return torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv, 0.0, causal, rng_state,
+            unused, scale=scale)
+
+
+def _packed(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """(B, S, h, D) as (B * S, h * groups, D): the flattened rows the calls index."""
+    x = _repeat_kv(x, groups)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def varlen_rects_forward(q, k, v, rects, scale, ops=TorchVarlenOps):
+    """rects_block_forward in variable-length calls (`ops`: TorchVarlenOps on CUDA; any
+    object with its two methods, e.g. a per-sequence loop on CPU in the tests): the same
+    (out in q's dtype, lse (B, Sq, H) fp32), a row no rectangle covers at 0 and -inf."""
+    b, sq, h, d = q.shape
+    groups = h // k.shape[2]
+    qf, kf, vf = _packed(q), _packed(k, groups), _packed(v, groups)
+    out = torch.zeros(b * sq, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b * sq, h), float("-inf"), dtype=torch.float32, device=q.device)
+    for call in varlen_calls(rects, b, sq, k.shape[1], q.device):
+        qi, ki = call.q_index, call.kv_index
+        block_out, block_lse = ops.forward(
+            qf.index_select(0, qi), kf.index_select(0, ki), vf.index_select(0, ki),
+            call.cu_q, call.cu_kv, call.max_q, call.max_kv, call.causal, scale)
+        rows_out, rows_lse = out.index_select(0, qi), lse.index_select(0, qi)
+        merge_block(rows_out[None], rows_lse[None], block_out[None], block_lse.t()[None],
+                    empty_rows=True)
+        out.index_copy_(0, qi, rows_out)
+        lse.index_copy_(0, qi, rows_lse)
+    return out.view(b, sq, h, d).to(q.dtype), lse.view(b, sq, h)
+
+
+def varlen_rects_backward(dout, q, k, v, out, lse, rects, scale, ops=TorchVarlenOps):
+    """rects_block_backward in variable-length calls: each call's backward with the GLOBAL out
+    and lse of its rows, the gradients added at their rows in fp32; input dtypes."""
+    b, sq, h, d = q.shape
+    sk, groups = k.shape[1], h // k.shape[2]
+    qf, kf, vf = _packed(q), _packed(k, groups), _packed(v, groups)
+    doutf, outf, lsef = _packed(dout), _packed(out), lse.reshape(b * sq, h)
+    dq = torch.zeros(b * sq, h, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(b * sk, h, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    for call in varlen_calls(rects, b, sq, sk, q.device):
+        qi, ki = call.q_index, call.kv_index
+        bdq, bdk, bdv = ops.backward(
+            doutf.index_select(0, qi), qf.index_select(0, qi), kf.index_select(0, ki),
+            vf.index_select(0, ki), outf.index_select(0, qi),
+            lsef.index_select(0, qi).t().contiguous(), call.cu_q, call.cu_kv, call.max_q,
+            call.max_kv, call.causal, scale)
+        dq.index_add_(0, qi, bdq.float())
+        dk.index_add_(0, ki, bdk.float())
+        dv.index_add_(0, ki, bdv.float())
+    dk, dv = (_reduce_kv(t.view(b, sk, h, d), groups) for t in (dk, dv))
+    return dq.view(b, sq, h, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -344,19 +492,6 @@ def kernel_problems(device: str, dtype: str, head_dim: int) -> list[str]:
             f"of 8 up to {MAX_HEAD_DIM} for the CUDA flash kernels; change hidden_size or "
             "num_attention_heads")
     return problems
-
-
-def document_masking_problems(device: str, stages: list[str]) -> list[str]:
-    """Why stages that mask attention by document (`stages`: their labels, 'stages[2] (s1k)')
-    cannot train on `device` ("cpu", "gpu"): their masked blocks have CPU kernels only (no
-    variable-length CUDA path yet; ring_attention refuses CUDA tensors with doc_starts). One
-    line naming them all and the fix; empty when they can run."""
-    if device != "gpu" or not stages:
-        return []
-    return [f"{', '.join(stages)}: attention 'document' runs on CPU kernels only so far (the "
-            "masked ring blocks have no CUDA kernel: no variable-length flash path yet), and "
-            "resources.device is gpu; set attention: causal (and position_ids: continuous) "
-            "for GPUs, or train on CPUs (resources.device: cpu)"]
 
 
 _MERGE_CHUNK_BYTES = 64 * 2**20  # fp32 temporaries of one merge chunk

@@ -21,8 +21,10 @@ half the work: every rank does the same work at every step, so none idles. Non-c
 uses contiguous shards and full blocks at every step.
 
 Document masking (doc_starts, documents.py) keeps these blocks and the lock-step exchange, and
-only changes what a block computes: nothing (skip), the plain kernel (dense), or the masked
-kernel (masked). Packed documents break the zigzag balance: ranks may then do unequal work.
+only changes what a block computes: nothing (skip), the plain kernel (dense), or only its
+documents' pairs (masked: the masked kernel, or rectangles of the plain kernel, on CUDA in
+variable-length calls). Packed documents break the zigzag balance; a layout balanced per
+document (documents.balanced_layout) restores it.
 """
 
 from __future__ import annotations
@@ -289,10 +291,11 @@ def ring_attention(
     documents of the WHOLE sequence (int64, first 0, strictly increasing; the same on every
     rank and for every row of the batch): the query at position i then sees the key at j iff
     j <= i and both lie in one document. Every rank derives the documents of every shard from
-    them, so nothing extra travels. Causal zigzag only, CPU tensors only so far (the masked
-    blocks have no CUDA kernel yet). A single document [0] is exactly the plain causal ring.
-    A DocumentLayout (documents.balanced_layout) in its place: the sequence was permuted by it
-    before zigzag sharding (layout.shard), so the ranks' work is balanced per document.
+    them, so nothing extra travels. Causal zigzag only. On CUDA a mixed block runs in torch's
+    variable-length flash op (kernels.varlen_rects_forward). A single document [0] is exactly
+    the plain causal ring. A DocumentLayout (documents.balanced_layout) in its place: the
+    sequence was permuted by it before zigzag sharding (layout.shard), so the ranks' work is
+    balanced per document.
     """
     _check_inputs(q, k, v, causal)
     ring = resolve_ring(group)
@@ -301,16 +304,16 @@ def ring_attention(
         if not causal:
             raise ValueError("doc_starts (document masking) needs causal=True: documents are "
                              "masked causally in zigzag shards; drop doc_starts or set causal")
-        if q.device.type != "cpu":
-            raise ValueError(
-                f"doc_starts: document masking runs on CPU kernels only so far, got {q.device} "
-                "tensors; drop doc_starts (plain causal attention across documents) on GPUs")
         layout = as_layout(doc_starts, q.shape[1] * ring.size)
         if layout.world not in (None, ring.size):
             raise ValueError(f"doc_starts: the document layout was balanced for a ring of "
                              f"{layout.world}, this ring has {ring.size}; build it with "
                              f"balanced_layout(..., world={ring.size})")
-        blocks = document_steps(ring.rank, ring.size, q.shape[1], layout, q.dtype)
+        # On CPU a mixed block runs as rectangles only where they cost less than the masked
+        # kernel (documents.rects_cost); on CUDA always (a few variable-length flash calls
+        # against fp32 math over the whole block).
+        blocks = document_steps(ring.rank, ring.size, q.shape[1], layout,
+                                q.dtype if q.device.type == "cpu" else None)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     # isend/irecv need contiguous buffers; q may stay a strided view (the kernels take strides).

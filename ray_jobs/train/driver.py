@@ -36,7 +36,7 @@ from ray_jobs.data.samples import read_documents
 from ray_jobs.data.tokenizer import TokenizerError, build_tokenizer, resolve_tokenizer_source
 from ray_jobs.ray_setup import connect_ray, quiet_run_config
 from ray_jobs.ring_attention.families import checkpoint_problems
-from ray_jobs.ring_attention.kernels import document_masking_problems, kernel_problems
+from ray_jobs.ring_attention.kernels import kernel_problems
 from ray_jobs.train.config import StepInfo, WorkerConfig
 from ray_jobs.train.heartbeat import FLIGHT_RECORDER_PREFIX, flight_recorder_env, health_dir
 from ray_jobs.train.placement import (
@@ -154,8 +154,6 @@ def preflight(run: RunSpec, spec_dir: Path, run_dir: Path,
             problems.append(f"model.path: {e}")
     problems += rope_problems(run, spec_dir)
     problems += kernel_problems(run.resources.device, run.compute_dtype, run.model.head_dim)
-    problems += document_masking_problems(run.resources.device, [
-        f"stages[{i}] ({s.name})" for i, s in enumerate(run.stages) if s.attention == "document"])
     try:
         documents = read_documents(run, spec_dir)
     except FileNotFoundError as e:

@@ -1,6 +1,8 @@
 """Per-document balance and sub-blocks without processes: balanced_layout keeps every token and
 each document's order, counts its ranks' work as the block table does, and evens it out on
-realistic mixes; masked blocks as rectangles of the plain kernel equal the masked kernel."""
+realistic mixes; masked blocks as rectangles of the plain kernel, one call each (CPU) or packed
+into variable-length calls (CUDA's path, its packing run here around a per-sequence CPU op),
+equal the masked kernel."""
 
 import random
 
@@ -25,7 +27,11 @@ from ray_jobs.ring_attention.kernels import (
     masked_block_forward,
     rects_block_backward,
     rects_block_forward,
+    varlen_calls,
+    varlen_rects_backward,
+    varlen_rects_forward,
 )
+from tests.support.varlen import LoopVarlenOps
 
 
 def packed(seq: int, low: int, high: int, seed: int) -> list[int]:
@@ -171,3 +177,39 @@ def test_rectangles_are_chosen_by_cost_and_refused_when_overlapping():
     assert block_rects(mask(2048, 1024), torch.bfloat16) is None
     assert len(block_rects(mask(2048, 1024), torch.float32)) == 2
     assert block_rects(mask(8, 8, shift=4)) is None  # overlapping, not the same stretch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtype):
+    """CUDA's path for a mixed block: its rectangles packed into a few variable-length calls
+    (one causal flag each, a query row at most once per call, every batch row a sequence),
+    merged by log-sum-exp, the gradients added back at their rows."""
+    world, seq = 4, 256
+    starts = packed(seq, 3, 70, 5)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    checked = several = 0
+    for layout in (torch.tensor(starts), balanced_layout(torch.tensor(starts), seq, world)):
+        for block in _masked_blocks(world, seq, layout):
+            rects = block_rects(block.mask)
+            sq, sk = block.mask.shape
+            calls = varlen_calls(rects, 2, sq, sk, torch.device("cpu"))
+            assert sum(len(c.cu_q) - 1 for c in calls) == 2 * len(rects)
+            for call in calls:
+                assert len(set(call.q_index.tolist())) == len(call.q_index), "a row twice"
+            several += len(calls) > 1
+            gen = torch.Generator().manual_seed(checked)
+            q = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
+            k, v = (torch.randn(2, sk, 2, 16, generator=gen).to(dtype) for _ in range(2))
+            dout = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
+            out, lse = masked_block_forward(q, k, v, block.mask, 0.25)
+            got_out, got_lse = varlen_rects_forward(q, k, v, rects, 0.25, LoopVarlenOps)
+            torch.testing.assert_close(got_out, out, **tol)
+            torch.testing.assert_close(got_lse, lse, atol=1e-4, rtol=1e-4)
+            lse = lse.nan_to_num(neginf=0.0)  # as in the test above
+            want = masked_block_backward(dout, q, k, v, out, lse, block.mask, 0.25)
+            got = varlen_rects_backward(dout, q, k, v, out, lse, rects, 0.25, LoopVarlenOps)
+            for name, g, w in zip(("dq", "dk", "dv"), got, want):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+            checked += 1
+    assert checked >= 10 and several >= 5  # blocks whose rows meet several key stretches

@@ -1,6 +1,6 @@
 """The block kernels: which one a device gets and why, the CUDA adapters' calls (checked under
 FakeTensorMode on a fake CUDA device: signatures, shapes, dtypes, not numbers), what preflight
-refuses, and the merge's chunking."""
+refuses, the variable-length calls of document masking on CUDA, and the merge's chunking."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ray_jobs.ring_attention import kernels
+from ray_jobs.ring_attention import kernels, ring_attention
 from ray_jobs.ring_attention.kernels import (
     CpuFlashKernel,
     FlashAttnKernel,
     TorchCudaFlashKernel,
-    document_masking_problems,
     kernel_problems,
     merge_block,
     select_block_kernel,
 )
+from tests.support.varlen import LoopVarlenOps
 
 
 @pytest.fixture
@@ -126,9 +126,95 @@ def test_merge_in_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(lse, whole_lse, atol=1e-6, rtol=1e-6)
 
 
-def test_document_masking_is_refused_on_gpus_only():
-    assert document_masking_problems("cpu", ["stages[0] (s64)"]) == []
-    assert document_masking_problems("gpu", []) == []
-    (line,) = document_masking_problems("gpu", ["stages[0] (s64)", "stages[2] (s1k)"])
-    assert line.startswith("stages[0] (s64), stages[2] (s1k): attention 'document' runs on "
-                           "CPU kernels only")
+class RecordingVarlenOps:
+    """Runs the variable-length op's contract on CPU one sequence at a time (the layouts test's
+    LoopVarlenOps) and keeps every call's arguments, to replay them on a fake CUDA device."""
+
+    def __init__(self):
+        self.inner, self.calls = LoopVarlenOps, []
+
+    def forward(self, *args):
+        self.calls.append(("forward", args))
+        return self.inner.forward(*args)
+
+    def backward(self, *args):
+        self.calls.append(("backward", args))
+        return self.inner.backward(*args)
+
+
+def _on_fake_cuda(x):
+    """A fake CUDA tensor of x's shape, dtype and strides (a plain value stays as it is)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cuda")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (32, 8, 128)])
+def test_cuda_document_blocks_hand_the_variable_length_op_what_it_takes(heads, kv_heads,
+                                                                        head_dim):
+    """On CUDA a mixed block's rectangles go to torch's variable-length flash op: every call
+    the packing makes (two documents, the second also seeing the first's earlier stretch:
+    one call per causal flag, forward and backward) is replayed on a fake CUDA device against
+    the op's own meta kernels, which check the argument lists, layouts and dtypes and give
+    the shapes the packing reads back. The numbers: benchmarks/gpu_smoke.py, on a GPU."""
+    rects = ((slice(0, 16), slice(0, 16), True), (slice(16, 48), slice(0, 16), False),
+             (slice(16, 48), slice(16, 48), True))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 48, heads, head_dim, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 48, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
+    ops = RecordingVarlenOps()
+    out, lse = kernels.varlen_rects_forward(q, k, v, rects, 0.1, ops)
+    kernels.varlen_rects_backward(torch.ones_like(out), q, k, v, out, lse, rects, 0.1, ops)
+    assert [(kind, args[-2]) for kind, args in ops.calls] == [
+        ("forward", False), ("forward", True), ("backward", False), ("backward", True)]
+    for kind, args in ops.calls:
+        with FakeTensorMode():
+            fake = [_on_fake_cuda(a) for a in args]
+            got = getattr(kernels.TorchVarlenOps, kind)(*fake)
+        if kind == "forward":  # (q, k, v, ...), q (tokens, heads, head_dim)
+            tokens = args[0].shape[0]
+            assert [(t.shape, t.dtype) for t in got] == [
+                (args[0].shape, torch.bfloat16), ((heads, tokens), torch.float32)]
+        else:
+            assert [t.shape for t in got] == [a.shape for a in args[1:4]]
+
+
+def test_cuda_masked_blocks_take_the_variable_length_path(monkeypatch):
+    """rects_block_forward/backward on CUDA tensors hand the block to the variable-length
+    path (its calls: the test above); on CPU they keep one kernel call per rectangle."""
+    taken = []
+    monkeypatch.setattr(kernels, "varlen_rects_forward", lambda *a: taken.append("fwd"))
+    monkeypatch.setattr(kernels, "varlen_rects_backward", lambda *a: taken.append("bwd"))
+    rects = ((slice(0, 8), slice(0, 8), True),)
+    with FakeTensorMode():
+        x = torch.empty(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        kernels.rects_block_forward(x, x, x, rects, 0.1, TorchCudaFlashKernel())
+        kernels.rects_block_backward(x, x, x, x, x, x, rects, 0.1, TorchCudaFlashKernel())
+    assert taken == ["fwd", "bwd"]
+
+
+def test_ring_attention_plans_cuda_document_blocks_as_rectangles(world_of_one, monkeypatch):
+    """ring_attention takes CUDA tensors with doc_starts and plans their mixed blocks as
+    rectangles whatever their cost (dtype None: the CPU cost model does not apply there)."""
+    from ray_jobs.ring_attention import ring as ring_module
+    from ray_jobs.ring_attention.documents import as_layout
+
+    asked = []
+
+    class Planned(Exception):
+        pass
+
+    def plan(rank, world, local_len, layout, dtype):
+        asked.append(dtype)
+        raise Planned  # enough: a fake CUDA device in a CPU-only torch cannot slice
+
+    monkeypatch.setattr(ring_module, "document_steps", plan)
+    layout = as_layout(torch.tensor([0, 5, 30]), 64)  # real: the fake mode has no values
+    with FakeTensorMode():
+        q = torch.empty(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(Planned):
+            ring_attention(q, q, q, group=None, doc_starts=layout)
+    cpu = torch.zeros(1, 64, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(Planned):
+        ring_attention(cpu, cpu, cpu, group=None, doc_starts=layout)
+    assert asked == [None, torch.bfloat16]

@@ -174,16 +174,16 @@ def test_failure_preflight_needs_a_cluster_description(tmp_path, capsys):
     assert "give resources.cluster (or --cluster CLUSTER.yaml)" in capsys.readouterr().err
 
 
-def test_gpu_run_with_document_attention_is_refused(tmp_path, capsys):
-    """Document masking has CPU block kernels only: a GPU run asking for it is refused before
-    any worker, once, naming the stages and the fix."""
+def test_gpu_run_with_document_attention_is_not_refused_for_it(tmp_path, capsys):
+    """Document masking runs on GPUs too (its mixed blocks in torch's variable-length flash
+    op): a GPU run asking for it is refused only for its other problem (a ring that does not
+    divide the workers), never for attention 'document'."""
     err = _run(tmp_path, capsys, **{"resources.device": "gpu",
                                     "training": {"mixed_precision": "bf16"},
                                     "stages.0.attention": "document",
                                     "stages.1.attention": "document",
-                                    "stages.1.position_ids": "per_document"})
-    assert ("stages[0] (s64), stages[1] (s128): attention 'document' runs on CPU kernels only "
-            "so far (the masked ring blocks have no CUDA kernel: no variable-length flash path "
-            "yet), and resources.device is gpu; set attention: causal (and position_ids: "
-            "continuous) for GPUs, or train on CPUs (resources.device: cpu)") in err
-    assert err.count("attention 'document'") == 1
+                                    "stages.1.position_ids": "per_document",
+                                    "stages.0.data_parallel_degree": "auto",
+                                    "resources.workers": 3})
+    assert "ring_degree 2 does not divide the 3 workers" in err
+    assert "run.yaml: 1 problem" in err and "attention" not in err.split("run.yaml")[-1]
