@@ -47,11 +47,11 @@ from ray_jobs.train.placement import (
     write_plan,
 )
 from specs.atomic import writable_dir_problem
-from specs.checkpoint import CheckpointError, final_checkpoint
+from specs.checkpoint import CheckpointError, TrainerState, final_checkpoint, read_state
 from specs.ledger import Fenced, Ledger, LedgerError
 from specs.loading import SpecError, load_or_report
 from specs.plan import Plan
-from specs.run import RunSpec, describe_attention
+from specs.run import RunSpec, StageSpec, describe_attention
 from specs.trust import check_checkpoint_is_data
 from topology.eval_plan import eval_gpus_beside
 from topology.planner import PlanError
@@ -436,6 +436,12 @@ def main(argv: list[str] | None = None, *,
             print(f"[{name}] seq_len {stage.seq_len:,}, rope "
                   f"{run.stage_rope_words(index, base_rope)}{masking}; "
                   f"{'resuming from ' + latest.name if latest else 'starting'}", flush=True)
+            try:
+                change = latest and attention_change(index, stage, read_state(latest))
+            except CheckpointError:
+                change = None  # the trainer's resume says what is wrong with the checkpoint
+            if change:
+                _warn(change)
             if evaluator is not None:  # evaluations on this stage's GPUs finish first
                 evaluator.make_room(name)
             ledger.start_stage(name)
@@ -475,6 +481,20 @@ def main(argv: list[str] | None = None, *,
     # 5. Summary.
     render_summary(run, run_dir, wall, predicted=predicted, base_rope=base_rope)
     return code
+
+
+def attention_change(index: int, stage: StageSpec, resumed: TrainerState) -> str | None:
+    """A warning when a stage resumes from a checkpoint that attended over packed documents
+    otherwise than the RunSpec now says (attention, position_ids): the stage goes on as the
+    RunSpec says, so its steps before and after differ. None when they agree."""
+    was = (resumed.attention, resumed.position_ids)
+    if was == (stage.attention, stage.position_ids):
+        return None
+    return (f"[{stage.name}] warning: its checkpoint at step {resumed.step} trained with "
+            f"attention {describe_attention(*was)}, and the stage goes on with "
+            f"{describe_attention(stage.attention, stage.position_ids)} as the RunSpec now says; "
+            f"to go on as before, set stages[{index}].attention: {resumed.attention} and "
+            f"position_ids: {resumed.position_ids}")
 
 
 def _warn(message: str) -> None:

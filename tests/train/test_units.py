@@ -224,3 +224,21 @@ def test_a_given_tokenizer_keeps_its_own_special_tokens(tmp_path):
         "tokenizer": {"path": str(tmp_path / "bare")}}))
     with pytest.raises(TokenizerError, match="no end-of-sequence token"):
         build_tokenizer(bare, tmp_path / "run")
+
+
+def test_a_resumed_stage_whose_attention_changed_is_warned_of(run):
+    """The driver warns, once, when a stage resumes from a checkpoint trained with another
+    attention over packed documents, naming both and the fields that would keep the old one."""
+    from ray_jobs.train.driver import attention_change
+    from specs.checkpoint import TrainerState
+
+    stage = run.stages[1].model_copy(update={"attention": "document",
+                                             "position_ids": "per_document"})
+    old = TrainerState(stage=stage.name, stage_index=1, step=7)  # causal, continuous
+    assert attention_change(1, stage, old) == (
+        f"[{stage.name}] warning: its checkpoint at step 7 trained with attention causal, and "
+        "the stage goes on with document, positions per document as the RunSpec now says; to "
+        "go on as before, set stages[1].attention: causal and position_ids: continuous")
+    same = TrainerState(stage=stage.name, stage_index=1, step=7, attention="document",
+                        position_ids="per_document")
+    assert attention_change(1, stage, same) is None
