@@ -337,11 +337,6 @@ class _DocumentCounts:
                 - torch.searchsorted(self.keys, base))
 
 
-@functools.lru_cache(maxsize=16)
-def _counts(layout: DocumentLayout) -> _DocumentCounts:
-    return _DocumentCounts.of(layout)
-
-
 def _count_pairs(q_pos: torch.Tensor, q_doc: torch.Tensor, kv_ranges,
                  counts: _DocumentCounts) -> int:
     # Keys of layout range [a, b) that the query at layout position p sees: its document's
@@ -364,7 +359,8 @@ def _plain_pairs(q_pos: torch.Tensor, kv_ranges, causal: bool) -> int:
 def plan_document_block(rank: int, src: int, world: int, local_len: int,
                         layout: "DocumentLayout | torch.Tensor",
                         build_mask: bool = True,
-                        dtype: torch.dtype | None = torch.float32) -> DocumentBlock:
+                        dtype: torch.dtype | None = torch.float32,
+                        counts: _DocumentCounts | None = None) -> DocumentBlock:
     """What rank `rank` computes against ring rank `src`'s K/V under document masking.
 
     The block is plan_block's (causal zigzag) over the layout's positions. Its allowed pairs
@@ -374,7 +370,7 @@ def plan_document_block(rank: int, src: int, world: int, local_len: int,
     plan's pairs allowed; masked: otherwise, with its DocumentMask (layout positions and their
     documents) when `build_mask` (the table needs only the kinds), and its rectangles where
     they cost less for `dtype` (block_rects). `layout` may be the documents' starts (the plain
-    layout).
+    layout); `counts`, its _DocumentCounts, when the caller plans several blocks of it.
     """
     layout = as_layout(layout, world * local_len)
     plan = plan_block(rank, src, local_len, causal=True)
@@ -382,7 +378,7 @@ def plan_document_block(rank: int, src: int, world: int, local_len: int,
     kv_ranges = shard_ranges(src, world, local_len, plan.kv_rows)
     docs = layout.documents
     q_doc = docs[q_pos]
-    pairs = _count_pairs(q_pos, q_doc, kv_ranges, _counts(layout))
+    pairs = _count_pairs(q_pos, q_doc, kv_ranges, counts or _DocumentCounts.of(layout))
     if pairs == 0:
         return DocumentBlock(plan, SKIP, 0, None)
     if pairs == _plain_pairs(q_pos, kv_ranges, plan.causal):
@@ -400,8 +396,9 @@ def plan_document_steps(rank: int, world: int, local_len: int,
                         dtype: torch.dtype | None = torch.float32) -> list[DocumentBlock]:
     """Rank `rank`'s blocks in ring-step order (step s visits rank (rank - s) mod world)."""
     layout = as_layout(layout, world * local_len)
+    counts = _DocumentCounts.of(layout)  # built once per plan, not kept with it
     return [plan_document_block(rank, (rank - step) % world, world, local_len, layout,
-                                dtype=dtype)
+                                dtype=dtype, counts=counts)
             for step in range(world)]
 
 
@@ -436,9 +433,10 @@ def plan_document_table(world: int, seq_len: int,
     layout = as_layout(doc_starts, seq_len)
     local_len = seq_len // world
     kinds, pairs = [], []
+    counts = _DocumentCounts.of(layout)
     for rank in range(world):
         blocks = [plan_document_block(rank, (rank - step) % world, world, local_len, layout,
-                                      build_mask=False) for step in range(world)]
+                                      build_mask=False, counts=counts) for step in range(world)]
         kinds.append([b.kind for b in blocks])
         pairs.append(sum(b.pairs for b in blocks))
     return DocumentTable(kinds, pairs)

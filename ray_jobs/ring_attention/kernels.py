@@ -219,7 +219,8 @@ def rects_block_backward(dout, q, k, v, out, lse, rects, scale, kernel: BlockKer
 @dataclass(frozen=True)
 class VarlenCall:
     """One variable-length call of a masked block: the packed rows of the block's flattened
-    (B * Sq) queries and (B * Sk) keys, and the sequences' cumulative lengths (int32)."""
+    (B * Sq) queries and (B * Sk) keys, the sequences' cumulative lengths (int32), and whether
+    no earlier call of the block wrote its query rows (`fresh`: its results need no merge)."""
 
     causal: bool
     q_index: torch.Tensor
@@ -228,6 +229,13 @@ class VarlenCall:
     cu_kv: torch.Tensor
     max_q: int
     max_kv: int
+    fresh: bool
+
+
+# Packed query and key rows per call, at most (a longer single sequence is one call): bounds
+# what a call copies (its rows of q, dout and out, its K/V rows repeated to the query heads, and
+# its results) to about 1.2 GB on the 8B's 32 heads of 128, in the backward.
+VARLEN_CALL_ROWS = 1 << 15
 
 
 def varlen_calls(rects, batch: int, q_len: int, kv_len: int,
@@ -237,32 +245,46 @@ def varlen_calls(rects, batch: int, q_len: int, kv_len: int,
     return _varlen_calls(key, batch, q_len, kv_len, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)  # a sample's masked blocks, asked again by every layer
+# A sample's masked blocks, asked again by every layer, forward and backward. Their index
+# tensors live on the GPU: 8 bytes per packed row, about 2 MB a block at 64K tokens a rank.
+@functools.lru_cache(maxsize=32)
 def _varlen_calls(key, batch, q_len, kv_len, device) -> tuple[VarlenCall, ...]:
     # Query stretches are equal or disjoint (documents' runs): the n-th rectangle of a stretch
-    # (per causal flag) goes to call n.
-    calls: dict[tuple[bool, int], list[tuple[int, int, int, int]]] = {}
+    # (per causal flag) goes to round n, and a round to as many calls as VARLEN_CALL_ROWS asks.
+    rounds: dict[tuple[bool, int], list[tuple[int, int, int, int]]] = {}
     seen: dict[tuple[bool, int], int] = {}
     for r0, r1, c0, c1, causal in key:
         n = seen.get((causal, r0), 0)
         seen[(causal, r0)] = n + 1
-        calls.setdefault((causal, n), []).append((r0, r1, c0, c1))
-    built = []
-    for (causal, _), members in sorted(calls.items()):
-        q_index, kv_index, cu_q, cu_kv = [], [], [0], [0]
-        for b in range(batch):
-            for r0, r1, c0, c1 in members:
-                q_index.extend(range(b * q_len + r0, b * q_len + r1))
-                kv_index.extend(range(b * kv_len + c0, b * kv_len + c1))
+        rounds.setdefault((causal, n), []).append((r0, r1, c0, c1))
+    built, written = [], set()
+    for (causal, _), members in sorted(rounds.items()):
+        sequences = [(b * q_len + r0, b * q_len + r1, b * kv_len + c0, b * kv_len + c1)
+                     for b in range(batch) for r0, r1, c0, c1 in members]
+        while sequences:
+            rows, take = 0, 0
+            for r0, r1, c0, c1 in sequences:
+                if take and rows + (r1 - r0) + (c1 - c0) > VARLEN_CALL_ROWS:
+                    break
+                rows += (r1 - r0) + (c1 - c0)
+                take += 1
+            part, sequences = sequences[:take], sequences[take:]
+            q_index, kv_index, cu_q, cu_kv = [], [], [0], [0]
+            for r0, r1, c0, c1 in part:
+                q_index.extend(range(r0, r1))
+                kv_index.extend(range(c0, c1))
                 cu_q.append(cu_q[-1] + r1 - r0)
                 cu_kv.append(cu_kv[-1] + c1 - c0)
-        # torch.tensor from lists: the one way to build them on a fake CUDA device too (tests)
-        built.append(VarlenCall(
-            causal, torch.tensor(q_index, dtype=torch.int64, device=device),
-            torch.tensor(kv_index, dtype=torch.int64, device=device),
-            torch.tensor(cu_q, dtype=torch.int32, device=device),
-            torch.tensor(cu_kv, dtype=torch.int32, device=device),
-            max(r1 - r0 for r0, r1, _, _ in members), max(c1 - c0 for _, _, c0, c1 in members)))
+            starts = {r0 for r0, _, _, _ in part}
+            # torch.tensor from lists: the one way to build them on a fake CUDA device (tests)
+            built.append(VarlenCall(
+                causal, torch.tensor(q_index, dtype=torch.int64, device=device),
+                torch.tensor(kv_index, dtype=torch.int64, device=device),
+                torch.tensor(cu_q, dtype=torch.int32, device=device),
+                torch.tensor(cu_kv, dtype=torch.int32, device=device),
+                max(r1 - r0 for r0, r1, _, _ in part), max(c1 - c0 for _, _, c0, c1 in part),
+                fresh=not starts & written))
+            written |= starts
     return tuple(built)
 
 
@@ -293,10 +315,16 @@ class TorchVarlenOps:
             unused, scale=scale)
 
 
-def _packed(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """(B, S, h, D) as (B * S, h * groups, D): the flattened rows the calls index."""
-    x = _repeat_kv(x, groups)
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, h, D) as (B * S, h, D): the flattened rows the calls index."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _gather_heads(x: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rows `index` of packed K or V, their heads repeated to the query heads (after the
+    gather: only the call's rows are copied `groups` times)."""
+    rows = x.index_select(0, index)
+    return rows if groups == 1 else rows.repeat_interleave(groups, dim=1)
 
 
 def varlen_rects_forward(q, k, v, rects, scale, ops=TorchVarlenOps):
@@ -305,14 +333,18 @@ def varlen_rects_forward(q, k, v, rects, scale, ops=TorchVarlenOps):
     (out in q's dtype, lse (B, Sq, H) fp32), a row no rectangle covers at 0 and -inf."""
     b, sq, h, d = q.shape
     groups = h // k.shape[2]
-    qf, kf, vf = _packed(q), _packed(k, groups), _packed(v, groups)
+    qf, kf, vf = _packed(q), _packed(k), _packed(v)
     out = torch.zeros(b * sq, h, d, dtype=torch.float32, device=q.device)
     lse = torch.full((b * sq, h), float("-inf"), dtype=torch.float32, device=q.device)
     for call in varlen_calls(rects, b, sq, k.shape[1], q.device):
         qi, ki = call.q_index, call.kv_index
         block_out, block_lse = ops.forward(
-            qf.index_select(0, qi), kf.index_select(0, ki), vf.index_select(0, ki),
+            qf.index_select(0, qi), _gather_heads(kf, ki, groups), _gather_heads(vf, ki, groups),
             call.cu_q, call.cu_kv, call.max_q, call.max_kv, call.causal, scale)
+        if call.fresh:  # nothing to merge with (each packed row sees at least one key)
+            out.index_copy_(0, qi, block_out.float())
+            lse.index_copy_(0, qi, block_lse.t().float())
+            continue
         rows_out, rows_lse = out.index_select(0, qi), lse.index_select(0, qi)
         merge_block(rows_out[None], rows_lse[None], block_out[None], block_lse.t()[None],
                     empty_rows=True)
@@ -323,27 +355,28 @@ def varlen_rects_forward(q, k, v, rects, scale, ops=TorchVarlenOps):
 
 def varlen_rects_backward(dout, q, k, v, out, lse, rects, scale, ops=TorchVarlenOps):
     """rects_block_backward in variable-length calls: each call's backward with the GLOBAL out
-    and lse of its rows, the gradients added at their rows in fp32; input dtypes."""
+    and lse of its rows, the gradients added at their rows in fp32 (dk, dv summed to the K/V
+    heads per call); input dtypes."""
     b, sq, h, d = q.shape
-    sk, groups = k.shape[1], h // k.shape[2]
-    qf, kf, vf = _packed(q), _packed(k, groups), _packed(v, groups)
+    sk, hk = k.shape[1], k.shape[2]
+    groups = h // hk
+    qf, kf, vf = _packed(q), _packed(k), _packed(v)
     doutf, outf, lsef = _packed(dout), _packed(out), lse.reshape(b * sq, h)
     dq = torch.zeros(b * sq, h, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(b * sk, h, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(b * sk, hk, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     for call in varlen_calls(rects, b, sq, sk, q.device):
         qi, ki = call.q_index, call.kv_index
         bdq, bdk, bdv = ops.backward(
-            doutf.index_select(0, qi), qf.index_select(0, qi), kf.index_select(0, ki),
-            vf.index_select(0, ki), outf.index_select(0, qi),
+            doutf.index_select(0, qi), qf.index_select(0, qi), _gather_heads(kf, ki, groups),
+            _gather_heads(vf, ki, groups), outf.index_select(0, qi),
             lsef.index_select(0, qi).t().contiguous(), call.cu_q, call.cu_kv, call.max_q,
             call.max_kv, call.causal, scale)
         dq.index_add_(0, qi, bdq.float())
-        dk.index_add_(0, ki, bdk.float())
-        dv.index_add_(0, ki, bdv.float())
-    dk, dv = (_reduce_kv(t.view(b, sk, h, d), groups) for t in (dk, dv))
-    return dq.view(b, sq, h, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
+        dk.index_add_(0, ki, _reduce_kv(bdk.float()[None], groups)[0])
+        dv.index_add_(0, ki, _reduce_kv(bdv.float()[None], groups)[0])
+    return (dq.view(b, sq, h, d).to(q.dtype), dk.view(b, sk, hk, d).to(k.dtype),
+            dv.view(b, sk, hk, d).to(v.dtype))
 
 HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # both CUDA flash kernels: head_dim a multiple of 8, at most 256

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ray_jobs.ring_attention import ring_attention
+from ray_jobs.ring_attention import kernels, ring_attention
 from ray_jobs.ring_attention.documents import (
     MASKED,
     DocumentLayout,
@@ -179,11 +179,18 @@ def test_rectangles_are_chosen_by_cost_and_refused_when_overlapping():
     assert block_rects(mask(8, 8, shift=4)) is None  # overlapping, not the same stretch
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtype):
+@pytest.mark.parametrize("dtype,call_rows", [(torch.float32, None), (torch.bfloat16, None),
+                                             (torch.float32, 24)])
+def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtype, call_rows,
+                                                                           monkeypatch, request):
     """CUDA's path for a mixed block: its rectangles packed into a few variable-length calls
-    (one causal flag each, a query row at most once per call, every batch row a sequence),
-    merged by log-sum-exp, the gradients added back at their rows."""
+    (one causal flag each, a query row at most once per call, every batch row a sequence; with
+    a small VARLEN_CALL_ROWS, a round cut into many calls), merged by log-sum-exp, the gradients
+    added back at their rows."""
+    if call_rows is not None:
+        monkeypatch.setattr(kernels, "VARLEN_CALL_ROWS", call_rows)
+    kernels._varlen_calls.cache_clear()  # the calls are cached without the budget
+    request.addfinalizer(kernels._varlen_calls.cache_clear)
     world, seq = 4, 256
     starts = packed(seq, 3, 70, 5)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -194,8 +201,14 @@ def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtyp
             sq, sk = block.mask.shape
             calls = varlen_calls(rects, 2, sq, sk, torch.device("cpu"))
             assert sum(len(c.cu_q) - 1 for c in calls) == 2 * len(rects)
+            written = set()
             for call in calls:
-                assert len(set(call.q_index.tolist())) == len(call.q_index), "a row twice"
+                rows = call.q_index.tolist()
+                assert len(set(rows)) == len(rows), "a row twice in one call"
+                assert call.fresh == written.isdisjoint(rows), "fresh says the wrong thing"
+                written.update(rows)
+                if call_rows is not None and len(call.cu_q) > 2:
+                    assert len(rows) + len(call.kv_index) <= call_rows
             several += len(calls) > 1
             gen = torch.Generator().manual_seed(checked)
             q = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
