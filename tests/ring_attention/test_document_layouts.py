@@ -128,12 +128,34 @@ def _masked_blocks(world: int, seq: int, layout):
                 yield block
 
 
+def _equals_the_masked_kernel(mask, seed: int, dtype, forward, backward) -> None:
+    """forward(q, k, v) -> (out, lse) and backward(dout, q, k, v, out, lse) -> (dq, dk, dv) of
+    a block equal the masked kernel's on the same seeded inputs (batch 2, GQA 4:2)."""
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    sq, sk = mask.shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(2, sk, 2, 16, generator=gen).to(dtype) for _ in range(2))
+    dout = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
+    out, lse = masked_block_forward(q, k, v, mask, 0.25)
+    got_out, got_lse = forward(q, k, v)
+    torch.testing.assert_close(got_out, out, **tol)
+    torch.testing.assert_close(got_lse, lse, atol=1e-4, rtol=1e-4)
+    # a row's global lse is finite in the ring (it sees itself); here the block's empty rows
+    # get a finite stand-in so both backwards see the same statistics
+    lse = lse.nan_to_num(neginf=0.0)
+    want = masked_block_backward(dout, q, k, v, out, lse, mask, 0.25)
+    got = backward(dout, q, k, v, out, lse)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rectangles_equal_the_masked_kernel_forward_and_backward(dtype):
     world, seq = 4, 256
     starts = packed(seq, 3, 70, 5)
     kernel, checked = CpuFlashKernel(), 0
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for layout in (torch.tensor(starts), balanced_layout(torch.tensor(starts), seq, world)):
         for block in _masked_blocks(world, seq, layout):
             rects = block_rects(block.mask)
@@ -144,22 +166,10 @@ def test_rectangles_equal_the_masked_kernel_forward_and_backward(dtype):
                                   dtype=torch.bool)
                 covered[rows, keys] = part.tril() if causal else part
             assert torch.equal(covered, block.mask[:]), "the rectangles are not the mask"
-            sq, sk = block.mask.shape
-            gen = torch.Generator().manual_seed(checked)
-            q = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
-            k, v = (torch.randn(2, sk, 2, 16, generator=gen).to(dtype) for _ in range(2))
-            dout = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
-            out, lse = masked_block_forward(q, k, v, block.mask, 0.25)
-            got_out, got_lse = rects_block_forward(q, k, v, rects, 0.25, kernel)
-            torch.testing.assert_close(got_out, out, **tol)
-            torch.testing.assert_close(got_lse, lse, atol=1e-4, rtol=1e-4)
-            # a row's global lse is finite in the ring (it sees itself); here the block's
-            # empty rows get a finite stand-in so both backwards see the same statistics
-            lse = lse.nan_to_num(neginf=0.0)
-            want = masked_block_backward(dout, q, k, v, out, lse, block.mask, 0.25)
-            got = rects_block_backward(dout, q, k, v, out, lse, rects, 0.25, kernel)
-            for name, g, w in zip(("dq", "dk", "dv"), got, want):
-                torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+            _equals_the_masked_kernel(
+                block.mask, checked, dtype,
+                lambda q, k, v: rects_block_forward(q, k, v, rects, 0.25, kernel),
+                lambda *a: rects_block_backward(*a, rects, 0.25, kernel))
             checked += 1
     assert checked >= 10
 
@@ -193,7 +203,6 @@ def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtyp
     request.addfinalizer(kernels._varlen_calls.cache_clear)
     world, seq = 4, 256
     starts = packed(seq, 3, 70, 5)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     checked = several = 0
     for layout in (torch.tensor(starts), balanced_layout(torch.tensor(starts), seq, world)):
         for block in _masked_blocks(world, seq, layout):
@@ -210,19 +219,9 @@ def test_variable_length_calls_equal_the_masked_kernel_forward_and_backward(dtyp
                 if call_rows is not None and len(call.cu_q) > 2:
                     assert len(rows) + len(call.kv_index) <= call_rows
             several += len(calls) > 1
-            gen = torch.Generator().manual_seed(checked)
-            q = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
-            k, v = (torch.randn(2, sk, 2, 16, generator=gen).to(dtype) for _ in range(2))
-            dout = torch.randn(2, sq, 4, 16, generator=gen).to(dtype)
-            out, lse = masked_block_forward(q, k, v, block.mask, 0.25)
-            got_out, got_lse = varlen_rects_forward(q, k, v, rects, 0.25, LoopVarlenOps)
-            torch.testing.assert_close(got_out, out, **tol)
-            torch.testing.assert_close(got_lse, lse, atol=1e-4, rtol=1e-4)
-            lse = lse.nan_to_num(neginf=0.0)  # as in the test above
-            want = masked_block_backward(dout, q, k, v, out, lse, block.mask, 0.25)
-            got = varlen_rects_backward(dout, q, k, v, out, lse, rects, 0.25, LoopVarlenOps)
-            for name, g, w in zip(("dq", "dk", "dv"), got, want):
-                assert g.dtype == w.dtype and g.shape == w.shape
-                torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+            _equals_the_masked_kernel(
+                block.mask, checked, dtype,
+                lambda q, k, v: varlen_rects_forward(q, k, v, rects, 0.25, LoopVarlenOps),
+                lambda *a: varlen_rects_backward(*a, rects, 0.25, LoopVarlenOps))
             checked += 1
     assert checked >= 10 and several >= 5  # blocks whose rows meet several key stretches
