@@ -46,7 +46,7 @@ PINNED_PORTS = {"port": str(RAY_HEAD_PORTS["gcs-server"]),
                 **build_ray_start_params()}
 _IMAGE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*(?::\d+(?=/))?(?:/[a-z0-9][a-z0-9._-]*)*)"
                     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
-                    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+                    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?\Z")
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ FIELD_REASONS = {
 }
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
 
 
 def _seg(key: Any) -> str:
