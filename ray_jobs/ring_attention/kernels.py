@@ -302,6 +302,7 @@ class TorchVarlenOps:
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale):
+        _check_cuda_shapes(q, "torch's variable-length flash")
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_kv, max_q, max_kv, 0.0, causal, False, scale=scale)
         return out, lse

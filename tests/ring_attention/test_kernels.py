@@ -103,6 +103,15 @@ def test_cuda_kernels_refuse_fp32_and_odd_head_dims(kernel):
                 kernel.forward(q, q, q, True, 1.0)
 
 
+def test_the_variable_length_op_refuses_fp32_and_odd_head_dims():
+    with FakeTensorMode():
+        cu = torch.tensor([0, 8], dtype=torch.int32, device="cuda")
+        for dtype, d in ((torch.float32, 64), (torch.bfloat16, 60), (torch.bfloat16, 320)):
+            q = torch.empty(8, 2, d, device="cuda", dtype=dtype)
+            with pytest.raises(ValueError, match="fp16/bf16 and head_dim a multiple of 8"):
+                kernels.TorchVarlenOps.forward(q, q, q, cu, cu, 8, 8, True, 1.0)
+
+
 def test_kernel_problems_name_the_field_and_the_fix():
     assert kernel_problems("cpu", "float32", 60) == []
     assert kernel_problems("gpu", "bfloat16", 128) == []
