@@ -137,8 +137,10 @@ def run_preflight(args: argparse.Namespace) -> int:
               f"--config {args.write_config}` per planned GPU")
         return 0
     for probe in config.stages:
-        print(f"[{probe.stage}] {len(probe.gpus)} workers: ring hops of "
-              f"{probe.kv_bytes / 2**20:.2f} MiB, {args.reps} repetitions", flush=True)
+        hops = (f"ring hops of {probe.kv_bytes / 2**20:.2f} MiB"
+                if any(len(ring) > 1 for ring in probe.rings) else "no ring hops (rings of one)")
+        print(f"[{probe.stage}] {len(probe.gpus)} workers: {hops}, {args.reps} repetitions",
+              flush=True)
     try:
         run_on_ray(config, run, args.address)
     except PlacementError as e:

@@ -337,9 +337,12 @@ def _report(out: Path, probe: StageProbe, router: Router, rounds: list[list[HopT
     wrong = numerics_finding(numerics)
     if explanation is None:  # a ring of one GPU: no hop to time
         out.mkdir(parents=True, exist_ok=True)
+        none = ("no finding: no ring hop to time (every ring is one GPU: the stage is "
+                "data-parallel only)")
         path = atomic_write(out / "preflight.json", json.dumps(
-            {"rounds": [], "findings": [], "numerics": numerics}, indent=1) + "\n")
-        result.lines.append("no ring hop to time: each ring is one GPU")
+            {"rounds": [], "findings": [{"kind": "none", "text": none, "suspects": []}],
+             "numerics": numerics}, indent=1) + "\n")
+        result.lines.append(none)
     else:
         path = write_report(out, rounds, explanation, numerics=numerics)
         atomic_write(out / "table.txt", render_table(explanation) + "\n")

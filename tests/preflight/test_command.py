@@ -53,7 +53,16 @@ def test_preflight_of_the_tiny_run_on_local_ray(tmp_path, local_ray, capsys):
                  "--reps", "2", "--slow-factor", "1000", "--fabric-factor", "1000"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    for stage in ("s64", "s256", "s1k", "s4k"):
+    for stage in ("s64", "s256"):  # data-parallel: two rings of one, nothing to send
+        doc = json.loads((tmp_path / stage / "preflight.json").read_text())
+        assert doc["exit_code"] == 0 and doc["stage"] == stage
+        assert doc["rings"] == [["local/gpu0"], ["local/gpu1"]]
+        assert doc["rounds"] == [] and doc["numerics"]["ok"]
+        assert [c["op"] for c in doc["collectives"]] == ["all_reduce"]  # replicas' gradients
+        assert f"[{stage}] 2 workers: no ring hops (rings of one), 2 repetitions" in printed
+        assert (f"[{stage}] no finding: no ring hop to time (every ring is one GPU: the stage "
+                "is data-parallel only)") in printed
+    for stage in ("s1k", "s4k"):
         doc = json.loads((tmp_path / stage / "preflight.json").read_text())
         assert doc["exit_code"] == 0 and doc["stage"] == stage
         assert doc["rings"] == [["local/gpu0", "local/gpu1"]]
