@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ray_jobs.preflight.run import PreflightConfig
 from ringpilot.cli import main
@@ -45,16 +46,23 @@ def test_write_config_plans_for_ranks_started_by_hand(tmp_path, capsys):
 
 @pytest.mark.ray
 def test_preflight_of_the_tiny_run_on_local_ray(tmp_path, local_ray, capsys):
-    """Every stage on one group of two Ray Train workers. The factors are set so high that no
-    timing of this shared machine can make a finding (local-cpu's loopback number is a
-    placeholder, several times off gloo here): exit 0 then says the command ran its rounds,
-    collectives and numerics and wrote each report."""
-    code = main(["preflight", *TINY, "--out", str(tmp_path), "--max-bytes", str(2**18),
-                 "--reps", "2", "--slow-factor", "1000", "--fabric-factor", "1000"])
+    """Every stage on one group of two Ray Train workers, the short ones data-parallel (1 x 2:
+    two rings of one). The factors are set so high that no timing of this shared machine can
+    make a finding (local-cpu's loopback number is a placeholder, several times off gloo
+    here): exit 0 then says the command ran its rounds, collectives and numerics and wrote
+    each report."""
+    run = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    for stage in run["stages"][:2]:
+        stage.update(ring_degree=1, data_parallel_degree=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    out = tmp_path / "out"
+    code = main(["preflight", "--run", str(path), *TINY[2:], "--out", str(out), "--max-bytes",
+                 str(2**18), "--reps", "2", "--slow-factor", "1000", "--fabric-factor", "1000"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     for stage in ("s64", "s256"):  # data-parallel: two rings of one, nothing to send
-        doc = json.loads((tmp_path / stage / "preflight.json").read_text())
+        doc = json.loads((out / stage / "preflight.json").read_text())
         assert doc["exit_code"] == 0 and doc["stage"] == stage
         assert doc["rings"] == [["local/gpu0"], ["local/gpu1"]]
         assert doc["rounds"] == [] and doc["numerics"]["ok"]
@@ -63,7 +71,7 @@ def test_preflight_of_the_tiny_run_on_local_ray(tmp_path, local_ray, capsys):
         assert (f"[{stage}] no finding: no ring hop to time (every ring is one GPU: the stage "
                 "is data-parallel only)") in printed
     for stage in ("s1k", "s4k"):
-        doc = json.loads((tmp_path / stage / "preflight.json").read_text())
+        doc = json.loads((out / stage / "preflight.json").read_text())
         assert doc["exit_code"] == 0 and doc["stage"] == stage
         assert doc["rings"] == [["local/gpu0", "local/gpu1"]]
         hops = doc["rounds"][0]["hops"]

@@ -15,10 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
 
 
-# the tiny run's first stage as a ring of 2 (it is data-parallel: 1 x 2)
-RING0 = {"stages.0.ring_degree": 2, "stages.0.data_parallel_degree": 1}
-
-
 def run_with(**changes) -> dict:
     """The tiny run with dotted-path changes, e.g. run_with(**{"stages.0.seq_len": 250})."""
     data = copy.deepcopy(TINY)
@@ -100,14 +96,13 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({**RING0, "stages.0.seq_len": 250},
-         r"stages\[0\]: seq_len \(250\) must be divisible by 2 x ring_degree \(4\) for zigzag "
-         r"sharding; use 252 or another ring_degree"),
+        ({"stages.0.seq_len": 250}, r"stages\[0\]: seq_len \(250\) must be divisible by 2 x "
+         r"ring_degree \(4\) for zigzag sharding; use 252 or another ring_degree"),
         ({"stages.0.batch_size": 3, "stages.0.data_parallel_degree": 2, "resources.workers": 4},
          r"stages\[0\]: batch_size \(3\) must be a multiple of data_parallel_degree \(2\); use "
          r"batch_size 4"),
-        ({"stages.2.data_parallel_degree": 2},
-         r"<top>: stages\[2\] \(s1k\): ring_degree x data_parallel_degree = 2 x 2 = 4 workers, "
+        ({"stages.1.data_parallel_degree": 2},
+         r"<top>: stages\[1\] \(s256\): ring_degree x data_parallel_degree = 2 x 2 = 4 workers, "
          r"but resources.workers is 2; lower the degrees or raise resources.workers"),
         ({"stages.1.name": "s64"}, r"stages: names must be unique, got \['s64'\] twice"),
         ({"stages.1.seq_len": 32}, r"seq_len must not decrease .* got \[64, 32, 1024, 4096\]; "
@@ -123,12 +118,10 @@ def test_auto_theta_grows_per_stage_and_explicit_theta_is_kept():
          r"data.prepared \(or text files under data.documents\) or set mix.documents: 0"),
         ({"data.mix": {"documents": 0, "passkey": 0, "kv_retrieval": 0}},
          r"data.mix: all weights are 0; give at least one source a positive weight"),
-        ({**RING0, "stages.0.shard_degree": 3},
-         r"stages\[0\]: shard_degree \(3\) must be a multiple of ring_degree \(2\): a ring's "
-         r"GPUs shard the model together"),
-        ({**RING0, "stages.0.shard_degree": 4},
-         r"stages\[0\]: shard_degree \(4\) must be ring_degree \(2\) times a divisor of "
-         r"data_parallel_degree \(1\); use one of \[2\]"),
+        ({"stages.0.shard_degree": 3}, r"stages\[0\]: shard_degree \(3\) must be a multiple of "
+         r"ring_degree \(2\): a ring's GPUs shard the model together"),
+        ({"stages.0.shard_degree": 4}, r"stages\[0\]: shard_degree \(4\) must be ring_degree "
+         r"\(2\) times a divisor of data_parallel_degree \(1\); use one of \[2\]"),
         ({"training": {"loss_chunk_tokens": 0}}, r"training.loss_chunk_tokens: Input should be "
          r"greater than 0"),
         ({"model.architecture": "gpt2"}, r"model.architecture: Input should be 'llama', "
@@ -206,7 +199,7 @@ def test_ulysses_degree_splits_each_ring_position():
     ring's 4 workers, one ring position's Ulysses group after the other."""
     from topology.run_plan import plan_from_workers
 
-    data = run_with(**{**RING0, "resources.workers": 4, "stages.0.ulysses_degree": 2})
+    data = run_with(**{"resources.workers": 4, "stages.0.ulysses_degree": 2})
     run = validate_data(data, RunSpec, source="run.yaml")
     stage = plan_from_workers({"n0": 4}, run).stage(run.stages[0].name)
     assert (stage.dims.ring, stage.dims.ulysses, stage.dims.dp) == (2, 2, 1)
@@ -218,11 +211,10 @@ def test_ulysses_degree_splits_each_ring_position():
 @pytest.mark.parametrize("changes,message", [
     ({"stages.0.ulysses_degree": 3, "stages.0.seq_len": 96}, "stages[0] (s64): ulysses_degree "
      "(3) must divide the 8 query heads; use one of [1, 2, 4, 8]"),
-    ({**RING0, "stages.0.ulysses_degree": 3}, "stages[0]: seq_len (64) must be divisible by 2 x "
+    ({"stages.0.ulysses_degree": 3}, "stages[0]: seq_len (64) must be divisible by 2 x "
      "ring_degree x ulysses_degree (12) for zigzag sharding and the Ulysses split; use 72"),
-    ({**RING0, "stages.0.ulysses_degree": 2},
-     "stages[0] (s64): ring_degree x data_parallel_degree x ulysses_degree = 2 x 1 x 2 = 4 "
-     "workers, but resources.workers is 2"),
+    ({"stages.0.ulysses_degree": 2}, "stages[0] (s64): ring_degree x data_parallel_degree x "
+     "ulysses_degree = 2 x 1 x 2 = 4 workers, but resources.workers is 2"),
 ])
 def test_ulysses_degrees_that_cannot_work_are_refused(changes, message):
     assert any(message in line for line in errors_of(run_with(**changes))), errors_of(
@@ -230,7 +222,7 @@ def test_ulysses_degrees_that_cannot_work_are_refused(changes, message):
 
 
 def test_auto_ulysses_validates_and_counts_as_one_until_planned():
-    data = run_with(**{**RING0, "stages.0.ulysses_degree": "auto"})
+    data = run_with(**{"stages.0.ulysses_degree": "auto"})
     run = validate_data(data, RunSpec, source="run.yaml")
     assert run.stages[0].ulysses_degree == "auto"
     assert "2u? x 1" in run.summary() and "ulysses_degree auto" in run.summary()

@@ -254,10 +254,8 @@ def test_verify_memory_reports_each_stage_as_it_starts_and_ends():
         start, end, phases = lines[3 * i], lines[3 * i + 1], lines[3 * i + 2]
         assert re.fullmatch(rf"stage {s.name} \({i + 1}/2\): traced load \d+\.\d GB in "
                             r"[\d.]+ s: fits, export \d+\.\d GB in [\d.]+ s: fits", phases), phases
-        # the tiny run's short stages are data-parallel: whole replicas, no ring
-        assert start == (f"stage {s.name} ({i + 1}/2): tracing ring 1 x dp 2, shard 1, 2 "
-                         "replicas (HSDP) as the planned ring, 1 and 2 of 3 layers, none "
-                         "checkpointing"), start
+        assert start == (f"stage {s.name} ({i + 1}/2): tracing ring 2 x dp 1, shard 2 as the "
+                         "planned ring, 1 and 2 of 3 layers, none checkpointing"), start
         assert end.startswith(f"stage {s.name} ({i + 1}/2): traced ") and " s: fits" in end, end
 
 
