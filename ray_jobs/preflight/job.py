@@ -137,8 +137,9 @@ def run_preflight(args: argparse.Namespace) -> int:
               f"--config {args.write_config}` per planned GPU")
         return 0
     for probe in config.stages:
-        hops = (f"ring hops of {probe.kv_bytes / 2**20:.2f} MiB"
-                if any(len(ring) > 1 for ring in probe.rings) else "no ring hops (rings of one)")
+        travels = any(len(ring) > 1 for ring in probe.kv_rings())
+        hops = (f"ring hops of {probe.kv_bytes / 2**20:.2f} MiB" if travels
+                else "no ring hops (ring_degree 1)")
         print(f"[{probe.stage}] {len(probe.gpus)} workers: {hops}, {args.reps} repetitions",
               flush=True)
     try:

@@ -337,8 +337,7 @@ def _report(out: Path, probe: StageProbe, router: Router, rounds: list[list[HopT
     wrong = numerics_finding(numerics)
     if explanation is None:  # a ring of one GPU: no hop to time
         out.mkdir(parents=True, exist_ok=True)
-        none = ("no finding: no ring hop to time (every ring is one GPU: the stage is "
-                "data-parallel only)")
+        none = "no finding: no ring hop to time (ring_degree 1: K/V never travels a ring)"
         path = atomic_write(out / "preflight.json", json.dumps(
             {"rounds": [], "findings": [{"kind": "none", "text": none, "suspects": []}],
              "numerics": numerics}, indent=1) + "\n")

@@ -67,9 +67,9 @@ def test_preflight_of_the_tiny_run_on_local_ray(tmp_path, local_ray, capsys):
         assert doc["rings"] == [["local/gpu0"], ["local/gpu1"]]
         assert doc["rounds"] == [] and doc["numerics"]["ok"]
         assert [c["op"] for c in doc["collectives"]] == ["all_reduce"]  # replicas' gradients
-        assert f"[{stage}] 2 workers: no ring hops (rings of one), 2 repetitions" in printed
-        assert (f"[{stage}] no finding: no ring hop to time (every ring is one GPU: the stage "
-                "is data-parallel only)") in printed
+        assert f"[{stage}] 2 workers: no ring hops (ring_degree 1), 2 repetitions" in printed
+        assert (f"[{stage}] no finding: no ring hop to time (ring_degree 1: K/V never travels "
+                "a ring)") in printed
     for stage in ("s1k", "s4k"):
         doc = json.loads((out / stage / "preflight.json").read_text())
         assert doc["exit_code"] == 0 and doc["stage"] == stage
