@@ -50,21 +50,16 @@ def apply_set(spec: dict, assignment: str) -> None:
 
 def split_scores(model, tok, seq_len: int, samples: int, seed: int = 20_000) -> dict:
     """Exact match, digits right, and exact match of keys with / without a repeated digit."""
-    from ray_jobs.data.samples import IGNORE, build_eval_prompt
+    from ray_jobs.eval.retrieval import prompt_results
 
     hits = {True: [0, 0], False: [0, 0]}  # repeated digit -> [right, prompts]
     digits = 0.0
-    with torch.no_grad():
-        for i in range(samples):
-            s = build_eval_prompt(tok, seq_len, seed + i, "passkey", depth=(i + 0.5) / samples)
-            y = torch.tensor([s.labels])
-            logits = model(input_ids=torch.tensor([s.input_ids])).logits
-            right = logits.argmax(-1)[y != IGNORE] == y[y != IGNORE]
-            key = s.answer.split()
-            repeat = len(set(key)) < len(key)
-            hits[repeat][0] += bool(right.all())
-            hits[repeat][1] += 1
-            digits += right.float().mean().item()
+    for s, right, _ in prompt_results(model, tok, seq_len, samples, seed):
+        key = s.answer.split()
+        repeat = len(set(key)) < len(key)
+        hits[repeat][0] += bool(right.all())
+        hits[repeat][1] += 1
+        digits += right.float().mean().item()
 
     def share(h):
         return round(h[0] / h[1], 3) if h[1] else None

@@ -30,16 +30,24 @@ def model_retrieval_scores(model, tok, seq_len: int, samples: int = 32, seed: in
     """retrieval_scores of a model in memory. Exact match of every answer token under teacher
     forcing equals greedy decoding's exact match; digit accuracy and the loss show partial
     retrieval."""
+    hits, digits, loss = 0, 0.0, 0.0
+    for _, right, prompt_loss in prompt_results(model, tok, seq_len, samples, seed, kind):
+        hits += bool(right.all())
+        digits += right.float().mean().item()
+        loss += prompt_loss
+    return RetrievalScores(hits / samples, digits / samples, loss / samples)
+
+
+def prompt_results(model, tok, seq_len: int, samples: int, seed: int, kind: str = "passkey"):
+    """Per held-out prompt (needles at evenly spread depths): the sample, which answer tokens
+    the model got right (teacher-forced), and its answer-token loss."""
     from ray_jobs.data.samples import IGNORE, build_eval_prompt
 
-    hits, digits, loss = 0, 0.0, 0.0
     with torch.no_grad():
         for i in range(samples):
             s = build_eval_prompt(tok, seq_len, seed + i, kind, depth=(i + 0.5) / samples)
             y = torch.tensor([s.labels])
             logits = model(input_ids=torch.tensor([s.input_ids])).logits
             right = logits.argmax(-1)[y != IGNORE] == y[y != IGNORE]
-            hits += bool(right.all())
-            digits += right.float().mean().item()
-            loss += torch.nn.functional.cross_entropy(logits[0], y[0], ignore_index=IGNORE).item()
-    return RetrievalScores(hits / samples, digits / samples, loss / samples)
+            yield s, right, torch.nn.functional.cross_entropy(
+                logits[0], y[0], ignore_index=IGNORE).item()
