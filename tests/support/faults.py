@@ -5,6 +5,7 @@ stops inside a step."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -35,6 +36,39 @@ class CrashOnce:
         marker.touch()
         print(f"[test] worker {info.rank} exits at {info.stage} step {info.step}", flush=True)
         os._exit(1)
+
+
+def process_started_at() -> float:
+    """This process's start as a Unix time, from the kernel's record (/proc/self/stat: clock
+    ticks since boot), to the tick (10 ms): when Ray spawned the worker, not when it first ran
+    Python code."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - since
+
+
+def worker_starts(run_dir: Path, stage: str) -> list[dict]:
+    """What `CrashOnceTimed` recorded: per worker process of `stage`, its rank, when it was
+    spawned (`spawned`) and when it first reached a step (`first_step`), oldest first."""
+    folder = Path(run_dir) / f".worker-starts-{stage}"
+    starts = [json.loads(f.read_text()) for f in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted(starts, key=lambda s: s["spawned"])
+
+
+@dataclass(frozen=True)
+class CrashOnceTimed(CrashOnce):
+    """`CrashOnce`, and each worker process records when it was spawned and when it first
+    reached a step: a restart's seconds split into Ray spawning new workers and the workers'
+    own start-up (imports, process group, model, checkpoint load) up to their first step."""
+
+    def __call__(self, info: StepInfo) -> None:
+        record = Path(info.run_dir) / f".worker-starts-{info.stage}" / f"{os.getpid()}.json"
+        if not record.exists():
+            record.parent.mkdir(exist_ok=True)
+            record.write_text(json.dumps({"rank": info.rank, "step": info.step,
+                                          "spawned": process_started_at(),
+                                          "first_step": time.time()}))
+        super().__call__(info)
 
 
 @dataclass(frozen=True)

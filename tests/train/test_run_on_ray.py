@@ -16,7 +16,14 @@ from ray_jobs.ray_setup import state_api_env
 from ray_jobs.train.driver import main
 from specs.checkpoint import checkpoint_dir, locate, read_state
 from specs.ledger import COMMITTED, Ledger
-from tests.support.faults import CrashOnce, StaleWriteOnce, TakeOverOnce, crash_marker
+from tests.support.faults import (
+    CrashOnce,
+    CrashOnceTimed,
+    StaleWriteOnce,
+    TakeOverOnce,
+    crash_marker,
+    worker_starts,
+)
 from tests.train.conftest import mini_spec, write_spec
 
 pytestmark = pytest.mark.ray
@@ -81,8 +88,18 @@ def test_stages_carry_weights_and_raise_theta(baseline):
 
 
 def test_worker_killed_mid_stage_matches_uninterrupted_run(baseline, tmp_path):
-    run_dir = _train(tmp_path, CrashOnce("s64", 3), **{"storage.checkpoint_every": 2})
+    run_dir = _train(tmp_path, CrashOnceTimed("s64", 3), **{"storage.checkpoint_every": 2})
     assert crash_marker(run_dir, "s64", 3).exists()  # the worker really died once
+    # a new pair of worker processes took the stage on from step 2
+    # (benchmarks/train.py splits recovery's seconds with these records)
+    crashed = crash_marker(run_dir, "s64", 3).stat().st_mtime
+    starts = worker_starts(run_dir, "s64")
+    assert sorted((s["rank"], s["step"]) for s in starts) == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    starts = [s for s in starts if s["step"] == 2]
+    # (Ray may hand an actor an idle worker process it started earlier: only the order of a
+    # process's own two times and the restart after the death are certain)
+    assert all(crashed < s["first_step"] and s["spawned"] < s["first_step"]
+               for s in starts[2:]), starts
     for stage in ("s64", "s128"):
         got, want = _trajectory(run_dir, stage), _trajectory(baseline, stage)
         assert sorted(got) == sorted(want)
