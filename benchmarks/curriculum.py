@@ -36,16 +36,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from specs.run import RunSpec  # noqa: E402
-
-
-def apply_set(spec: dict, assignment: str) -> None:
-    path, _, value = assignment.partition("=")
-    *parents, last = path.split(".")
-    node = spec
-    for p in parents:
-        node = node[int(p)] if p.isdigit() else node[p]
-    key = int(last) if last.isdigit() else last
-    node[key] = yaml.safe_load(value)
+from tests.support.specs import set_dotted  # noqa: E402
 
 
 def split_scores(model, tok, seq_len: int, samples: int, seed: int = 20_000) -> dict:
@@ -86,7 +77,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = yaml.safe_load(Path(args.run).read_text())
     for assignment in args.set:
-        apply_set(spec, assignment)
+        path, _, value = assignment.partition("=")
+        set_dotted(spec, path, yaml.safe_load(value))
     run = RunSpec.model_validate(spec)
     last = run.stages[-1].seq_len
     t0, stages = time.perf_counter(), {}

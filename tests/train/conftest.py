@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.specs import set_dotted
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -34,14 +36,7 @@ def mini_spec(storage: Path, name: str = "mini", **overrides) -> dict:
         "failure": {"max_failures": 2, "report_every": 2},
     }
     for dotted, value in overrides.items():
-        node = spec
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        set_dotted(spec, dotted, value)
     return spec
 
 
